@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Install what the test suite needs on Debian 12 (run as root): the end-to-end peers
+# (dcmtk, Orthanc, dicom3tools) and the project with its test extra. Safe to run again.
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+PEERS=(/usr/bin/storescu /usr/bin/echoscu /usr/bin/storescp /usr/sbin/Orthanc /usr/bin/dciodvfy)
+
+missing=()
+for tool in "${PEERS[@]}"; do
+    [[ -x "$tool" ]] || missing+=("$tool")
+done
+pip_missing=0
+"$PYTHON" -m pip --version >/dev/null 2>&1 || pip_missing=1
+
+if (( ${#missing[@]} > 0 || pip_missing )); then
+    packages=(dcmtk orthanc dicom3tools)
+    (( pip_missing )) && packages+=(python3-pip)
+    echo "installing ${packages[*]} (missing: ${missing[*]:-} $( (( pip_missing )) && echo "pip" ))"
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
+else
+    echo "dcmtk, Orthanc and dicom3tools already installed"
+fi
+
+# The orthanc package starts a system service on ports 4242/8042; the tests run their own.
+if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+    systemctl stop orthanc.service 2>/dev/null || true
+    systemctl disable orthanc.service 2>/dev/null || true
+elif [[ -x /etc/init.d/orthanc ]]; then
+    service orthanc stop >/dev/null 2>&1 || true
+fi
+if pgrep -x Orthanc >/dev/null 2>&1; then
+    echo "warning: an Orthanc process is still running:" >&2
+    pgrep -a -x Orthanc >&2 || true
+fi
+
+for tool in "${PEERS[@]}"; do
+    [[ -x "$tool" ]] || { echo "error: $tool missing after install" >&2; exit 1; }
+done
+
+# Debian's own python3 is "externally managed" (PEP 668); on a throw-away CI machine install anyway.
+pip_args=()
+externally_managed="$("$PYTHON" - <<'PY'
+import os, sys, sysconfig
+marker = os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
+print(int(sys.prefix == sys.base_prefix and os.path.isfile(marker)))
+PY
+)"
+if [[ "$externally_managed" == 1 ]]; then
+    pip_args+=(--break-system-packages)
+fi
+cd "$REPO_ROOT"
+"$PYTHON" -m pip install "${pip_args[@]}" -e '.[test]'

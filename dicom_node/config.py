@@ -1,0 +1,296 @@
+"""The node's configuration: one pydantic model of the whole TOML file.
+
+This module is the only place where defaults live. ``load_config`` reads a TOML file and
+returns a validated :class:`NodeConfig`; ``ConfigError`` carries messages that name the bad field
+(``rules[2].destinations: unknown destination 'PACS2'``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+#: Models shipped with the project (a source checkout or an editable install).
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "onnx_models"
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII but backslash, 1..16 chars
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
+    return stripped
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Strict):
+    """``[node]``: this node's own DICOM identity and storage."""
+
+    ae_title: str = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    data_dir: Path = Path("/var/lib/dicom-node")
+    #: Root for every UID the node creates (end it with a digit; a '.' is added). None: pydicom's root.
+    uid_root: str | None = None
+    #: Refuse associations whose called AE title is not ``ae_title``.
+    require_called_ae: bool = True
+    #: Largest P-DATA PDU the node accepts (0 = unlimited).
+    max_pdu_size: int = Field(default=0, ge=0)
+    max_associations: int = Field(default=16, ge=1)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    #: A series closes after this many seconds without a new instance, even if not whole.
+    idle_timeout_s: float = Field(default=60.0, gt=0)
+    #: How often the idle-timeout sweep runs.
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    #: Fsync each received file and the journal before acknowledging (keep on in production).
+    fsync: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        root = value.rstrip(".")
+        if not re.fullmatch(r"[12](\.(0|[1-9][0-9]*))+", root) or len(root) > 40:
+            raise ValueError(f"{value!r} is not a valid UID root (dotted digits, at most 40 characters)")
+        return root + "."
+
+
+class Peer(_Strict):
+    """``[[peers]]``: a scanner or PACS allowed to send to the node."""
+
+    ae_title: str
+    #: IP address or host name the association must come from; None accepts any host.
+    host: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+
+class Destination(_Strict):
+    """``[[destinations]]``: a C-STORE SCP that receives the node's results."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    #: Calling AE title used towards this destination (default: the node's).
+    calling_ae_title: str | None = None
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+
+class Rule(_Strict):
+    """``[[rules]]``: which series go to which model, and where the results are sent.
+
+    Rules are tried in order; the first whose every matcher holds wins.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    #: Case-insensitive regular expression searched in SeriesDescription.
+    series_description: str
+    #: ``synthesize``: run ``model`` to make a synthetic T1; ``volumetry``: the series is a real
+    #: 3D T1 (rT1), measured as it is.
+    action: Literal["synthesize", "volumetry"] = "synthesize"
+    model: str | None = None
+    #: SeriesDescription of the outputs, after the nomenclature (sT1AAH, sT13DFLAIR, sT1CorT2, rT1).
+    output_name: str = Field(pattern=r"^[A-Za-z0-9_ .-]{1,48}$")
+    #: Destination names; None sends to every configured destination.
+    destinations: list[str] | None = None
+    # Optional matchers on other tags.
+    modality: str | None = "MR"
+    #: Every value listed must be in ImageType (case-insensitive).
+    image_type: list[str] = Field(default_factory=list)
+    #: No value listed may be in ImageType.
+    image_type_excludes: list[str] = Field(default_factory=list)
+    mr_acquisition_type: Literal["2D", "3D"] | None = None
+    slice_thickness_min: float | None = None
+    slice_thickness_max: float | None = None
+    #: Case-insensitive regular expression searched in Manufacturer.
+    manufacturer: str | None = None
+    #: Calling AE titles this rule applies to (empty: any).
+    calling_ae: list[str] = Field(default_factory=list)
+
+    @field_validator("series_description", "manufacturer")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _model_needed(self) -> Rule:
+        if self.action == "synthesize" and not self.model:
+            raise ValueError("a rule with action 'synthesize' needs a model")
+        if (
+            self.slice_thickness_min is not None
+            and self.slice_thickness_max is not None
+            and self.slice_thickness_min > self.slice_thickness_max
+        ):
+            raise ValueError("slice_thickness_min is larger than slice_thickness_max")
+        return self
+
+
+class InferenceSettings(_Strict):
+    """``[inference]``: where models live and how onnxruntime runs them."""
+
+    models_dir: Path = BUNDLED_MODELS_DIR
+    providers: Literal["auto", "cpu", "cuda"] = "auto"
+    #: onnxruntime intra-op threads (0: onnxruntime's default, one per core).
+    threads: int = Field(default=0, ge=0)
+    #: Parallel jobs (each holds one volume in memory).
+    workers: int = Field(default=1, ge=1, le=8)
+
+
+class DispatchSettings(_Strict):
+    """``[dispatch]``: outbox retry policy."""
+
+    max_tries: int = Field(default=8, ge=1)
+    backoff_initial_s: float = Field(default=10.0, gt=0)
+    backoff_max_s: float = Field(default=900.0, gt=0)
+    #: How often the outbox is scanned for work that is due.
+    scan_interval_s: float = Field(default=2.0, gt=0)
+    max_pdu_size: int = Field(default=0, ge=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+def default_rules() -> list[Rule]:
+    """The rules used when the config file has no ``[[rules]]``.
+
+    Order matters: reformats and the node's own objects never reach them (loop guard), the scout
+    rule is the most specific, and the real 3D T1 rule comes before the 2D T1 one.
+    """
+    model = "synth-t1"
+    return [
+        Rule(
+            name="aahead-scout",
+            series_description=r"^aa_?head_?scout",
+            model=model,
+            output_name="sT1AAH",
+            mr_acquisition_type="3D",
+            image_type=["ORIGINAL"],
+        ),
+        Rule(
+            name="flair",
+            series_description=r"flair",
+            model=model,
+            output_name="sT13DFLAIR",
+            image_type=["ORIGINAL"],
+        ),
+        Rule(
+            name="coronal-t2",
+            series_description=r"(t2.*(cor|kor))|((cor|kor).*t2)",
+            model=model,
+            output_name="sT1CorT2",
+            image_type=["ORIGINAL"],
+        ),
+        Rule(
+            name="real-3d-t1",
+            series_description=r"mprage|mp-rage|mp2rage|t1.*(3d|tfl|spgr|bravo|vibe)|(3d|tfl|spgr|bravo).*t1",
+            action="volumetry",
+            output_name="rT1",
+            mr_acquisition_type="3D",
+            image_type=["ORIGINAL"],
+            slice_thickness_max=1.5,
+        ),
+        Rule(
+            name="t1-2d",
+            series_description=r"t1",
+            model=model,
+            output_name="sT12DT1",
+            mr_acquisition_type="2D",
+            image_type=["ORIGINAL"],
+            slice_thickness_min=2.0,
+            slice_thickness_max=8.0,
+        ),
+    ]
+
+
+class NodeConfig(_Strict):
+    """The whole configuration file."""
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    peers: list[Peer] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=default_rules)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> NodeConfig:
+        names = [d.name for d in self.destinations]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"destinations[{i}].name: duplicate destination name {name!r}")
+        rule_names = [r.name for r in self.rules]
+        for i, rule in enumerate(self.rules):
+            if rule.name in rule_names[:i]:
+                raise ValueError(f"rules[{i}].name: duplicate rule name {rule.name!r}")
+            for dest in rule.destinations or []:
+                if dest not in names:
+                    raise ValueError(
+                        f"rules[{i}].destinations: unknown destination {dest!r} "
+                        f"(defined: {', '.join(names) or 'none'})"
+                    )
+        return self
+
+    def destinations_for(self, rule: Rule) -> list[Destination]:
+        if rule.destinations is None:
+            return list(self.destinations)
+        return [d for d in self.destinations if d.name in rule.destinations]
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+
+class ConfigError(ValueError):
+    """The configuration file cannot be used; the message names the file and the bad fields."""
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid configuration ({exc.error_count()} problem(s))"]
+    for err in exc.errors():
+        loc = ""
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(text: str, source: str = "<config>") -> NodeConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_config(path: Path | None) -> NodeConfig:
+    """Read and validate ``path``; ``None`` gives the embedded defaults."""
+    if path is None:
+        return NodeConfig()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    return parse_config(text, str(path))

@@ -1,0 +1,149 @@
+"""Dispatch: C-STORE SCU from the journal's outbox to the destinations, with retries and backoff.
+
+Items are sent per destination over one association; each item's outcome is written to the
+journal right after its response, so a restart resumes exactly what was not yet acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from .config import Destination, NodeConfig
+from .journal import Journal, OutboxItem
+from .scp import set_nodelay
+
+log = logging.getLogger(__name__)
+
+_SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
+
+
+def _nodelay_handler(event: evt.Event) -> None:
+    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+
+
+def _make_ae(config: NodeConfig, dest: Destination) -> AE:
+    ae = AE(ae_title=dest.calling_ae_title or config.node.ae_title)
+    ae.maximum_pdu_size = config.dispatch.max_pdu_size
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = config.dispatch.timeout_s
+    ae.connection_timeout = config.dispatch.timeout_s
+    return ae
+
+
+def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
+    """C-ECHO a destination; (ok, message)."""
+    ae = _make_ae(config, dest)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler)])
+    if not assoc.is_established:
+        return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({_why_not(assoc)})"
+    status = assoc.send_c_echo()
+    assoc.release()
+    if status and status.Status == 0x0000:
+        return True, f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}: success"
+    return False, f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}: status {getattr(status, 'Status', 'none')}"
+
+
+def _why_not(assoc: object) -> str:
+    if getattr(assoc, "is_rejected", False):
+        return "association rejected"
+    if getattr(assoc, "is_aborted", False):
+        return "association aborted"
+    return "connection failed"
+
+
+class Dispatcher:
+    """Sends due outbox items; safe to call from the scheduler and from job completion."""
+
+    def __init__(self, config: NodeConfig, journal: Journal) -> None:
+        self.config = config
+        self.journal = journal
+        self._lock = threading.Lock()
+
+    def send_due(self) -> int:
+        """Try every item that is due; returns how many were acknowledged."""
+        if not self._lock.acquire(blocking=False):
+            return 0  # another thread is sending; it will pick these up
+        try:
+            by_dest: dict[str, list[OutboxItem]] = defaultdict(list)
+            for item in self.journal.due_items():
+                by_dest[item.destination].append(item)
+            sent = 0
+            for name, items in by_dest.items():
+                sent += self._send(name, items)
+            return sent
+        finally:
+            self._lock.release()
+
+    def _fail(self, items: list[OutboxItem], error: str) -> None:
+        d = self.config.dispatch
+        self.journal.mark_failed_try(
+            [i.id for i in items], error, max_tries=d.max_tries,
+            backoff_initial_s=d.backoff_initial_s, backoff_max_s=d.backoff_max_s,
+        )
+
+    def _send(self, name: str, items: list[OutboxItem]) -> int:
+        try:
+            dest = self.config.destination(name)
+        except KeyError:
+            log.error("outbox: destination %r is no longer configured; %d item(s) kept", name, len(items))
+            self._fail(items, f"destination {name!r} is not configured")
+            return 0
+        ae = _make_ae(self.config, dest)
+        contexts: set[tuple[str, str]] = set()
+        metas: dict[int, Dataset] = {}
+        for item in items:
+            try:
+                meta = dcmread(item.path, stop_before_pixels=True).file_meta
+            except (OSError, ValueError) as exc:
+                log.error("outbox: cannot read %s: %s", item.path, exc)
+                self._fail([item], f"cannot read file: {exc}")
+                continue
+            metas[item.id] = meta
+            contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+        for sop_class, ts in sorted(contexts):
+            ae.add_requested_context(sop_class, ts)
+        readable = [i for i in items if i.id in metas]
+        if not readable:
+            return 0
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler)])
+        if not assoc.is_established:
+            why = _why_not(assoc)
+            log.warning("outbox: %s (%s@%s:%d): %s; %d item(s) will be retried",
+                        name, dest.ae_title, dest.host, dest.port, why, len(readable))
+            self._fail(readable, why)
+            return 0
+        sent: list[int] = []
+        try:
+            for item in readable:
+                status = assoc.send_c_store(Path(item.path))
+                code = getattr(status, "Status", None)
+                if code in _SUCCESS_OR_WARNING:
+                    sent.append(item.id)
+                    continue
+                error = "no response" if code is None else f"status 0x{code:04X}"
+                comment = getattr(status, "ErrorComment", "") if status else ""
+                log.warning("outbox: %s refused %s: %s %s", name, item.sop_instance_uid, error, comment)
+                self._fail([item], f"{error} {comment}".strip())
+                if not assoc.is_established:
+                    rest = readable[readable.index(item) + 1:]
+                    if rest:
+                        self._fail(rest, "association lost")
+                    break
+        finally:
+            if sent:
+                self.journal.mark_sent(sent)
+            if assoc.is_established:
+                assoc.release()
+        if sent:
+            log.info("outbox: %d object(s) delivered to %s", len(sent), name)
+        return len(sent)

@@ -1,0 +1,483 @@
+"""The journal: a SQLite (WAL) store of instances, series, jobs and the outbox.
+
+This is the only module with SQL in it; the rest of the node talks to :class:`Journal`. One
+connection is shared by all threads behind a lock: SQLite serialises writers anyway, and the
+critical path (one INSERT per received instance) is short.
+
+State machines
+--------------
+series: ``receiving`` → ``complete`` (whole, or idle timeout) → ``routed`` | ``ignored``
+        (a new instance for a routed/ignored series sets it back to ``receiving``)
+job:    ``queued`` → ``running`` → ``written`` → ``sent`` | ``failed``
+outbox: ``pending`` → ``sent`` | ``failed`` (after the last try)
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid     TEXT PRIMARY KEY,
+    study_uid      TEXT NOT NULL,
+    patient_id     TEXT NOT NULL DEFAULT '',
+    description    TEXT NOT NULL DEFAULT '',
+    modality       TEXT NOT NULL DEFAULT '',
+    calling_ae     TEXT NOT NULL DEFAULT '',
+    attrs          TEXT NOT NULL DEFAULT '{}',
+    state          TEXT NOT NULL DEFAULT 'receiving',
+    version        INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL,
+    last_received  REAL NOT NULL,
+    note           TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_uid       TEXT NOT NULL REFERENCES series(series_uid),
+    sop_class_uid    TEXT NOT NULL,
+    transfer_syntax  TEXT NOT NULL,
+    path             TEXT NOT NULL,
+    geometry         TEXT NOT NULL DEFAULT '{}',
+    received_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid    TEXT NOT NULL REFERENCES series(series_uid),
+    version       INTEGER NOT NULL,
+    rule          TEXT NOT NULL,
+    action        TEXT NOT NULL,
+    model         TEXT,
+    state         TEXT NOT NULL DEFAULT 'queued',
+    reason        TEXT NOT NULL DEFAULT '',
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    timings       TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS produced (
+    series_uid TEXT PRIMARY KEY,
+    job_id     INTEGER NOT NULL REFERENCES jobs(id),
+    kind       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id           INTEGER NOT NULL REFERENCES jobs(id),
+    destination      TEXT NOT NULL,
+    path             TEXT NOT NULL,
+    sop_class_uid    TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    state            TEXT NOT NULL DEFAULT 'pending',
+    tries            INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL NOT NULL,
+    last_error       TEXT NOT NULL DEFAULT '',
+    UNIQUE (destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    sop_instance_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    geometry: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SeriesRecord:
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    description: str
+    modality: str
+    calling_ae: str
+    attrs: dict[str, Any]
+    state: str
+    version: int
+    first_received: float
+    last_received: float
+    note: str
+    n_instances: int = 0
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    series_uid: str
+    version: int
+    rule: str
+    action: str
+    model: str | None
+    state: str
+    reason: str
+    created_at: float
+    updated_at: float
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    job_id: int
+    destination: str
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    state: str
+    tries: int
+    next_attempt_at: float
+    last_error: str
+
+
+class Journal:
+    """Durable record of everything the node received, decided and sent."""
+
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before the call returns, which is what lets the SCP acknowledge.
+        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def add_instance(
+        self,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        transfer_syntax: str,
+        path: str,
+        geometry: dict[str, Any],
+        series_uid: str,
+        study_uid: str,
+        patient_id: str,
+        description: str,
+        modality: str,
+        calling_ae: str,
+        series_attrs: dict[str, Any],
+        now: float | None = None,
+    ) -> bool:
+        """Record a received instance; returns False when the SOP Instance UID was already known.
+
+        A new instance for a series that was already closed re-opens it (a late arrival), so the
+        series is assembled and processed again as a new version.
+        """
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO series(series_uid, study_uid, patient_id, description, modality,"
+                    " calling_ae, attrs, first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (series_uid, study_uid, patient_id, description, modality, calling_ae,
+                     json.dumps(series_attrs), now, now),
+                )
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances(sop_instance_uid, series_uid, sop_class_uid,"
+                " transfer_syntax, path, geometry, received_at) VALUES (?,?,?,?,?,?,?)",
+                (sop_instance_uid, series_uid, sop_class_uid, transfer_syntax, path,
+                 json.dumps(geometry), now),
+            )
+            is_new = cur.rowcount == 1
+            if is_new and row is not None:
+                db.execute(
+                    "UPDATE series SET last_received=?, state='receiving' WHERE series_uid=?",
+                    (now, series_uid),
+                )
+        return is_new
+
+    def instances(self, series_uid: str) -> list[InstanceRecord]:
+        rows = self._query(
+            "SELECT * FROM instances WHERE series_uid=? ORDER BY received_at, sop_instance_uid", (series_uid,)
+        )
+        return [
+            InstanceRecord(r["sop_instance_uid"], r["series_uid"], r["sop_class_uid"], r["transfer_syntax"],
+                           r["path"], json.loads(r["geometry"]))
+            for r in rows
+        ]
+
+    # -- series ----------------------------------------------------------------------------
+
+    def _series(self, row: sqlite3.Row) -> SeriesRecord:
+        keys = row.keys()
+        return SeriesRecord(
+            series_uid=row["series_uid"], study_uid=row["study_uid"], patient_id=row["patient_id"],
+            description=row["description"], modality=row["modality"], calling_ae=row["calling_ae"],
+            attrs=json.loads(row["attrs"]), state=row["state"], version=row["version"],
+            first_received=row["first_received"], last_received=row["last_received"], note=row["note"],
+            n_instances=row["n"] if "n" in keys else 0,
+        )
+
+    def series(self, series_uid: str) -> SeriesRecord | None:
+        rows = self._query(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid) AS n"
+            " FROM series s WHERE series_uid=?", (series_uid,)
+        )
+        return self._series(rows[0]) if rows else None
+
+    def all_series(self, limit: int = 200) -> list[SeriesRecord]:
+        rows = self._query(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid) AS n"
+            " FROM series s ORDER BY last_received DESC LIMIT ?", (limit,)
+        )
+        return [self._series(r) for r in rows]
+
+    def series_in_state(self, state: str, *, idle_before: float | None = None) -> list[SeriesRecord]:
+        sql = "SELECT * FROM series WHERE state=?"
+        params: list[Any] = [state]
+        if idle_before is not None:
+            sql += " AND last_received < ?"
+            params.append(idle_before)
+        return [self._series(r) for r in self._query(sql + " ORDER BY last_received", params)]
+
+    def close_series(self, series_uid: str, *, expected_last_received: float | None = None) -> int | None:
+        """Mark a receiving series complete and return its new version (1, 2, ...).
+
+        Returns None when the series is not receiving any more, or when an instance arrived after
+        ``expected_last_received`` (the caller's view is stale).
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state, version, last_received FROM series WHERE series_uid=?", (series_uid,)
+            ).fetchone()
+            if row is None or row["state"] != "receiving":
+                return None
+            if expected_last_received is not None and row["last_received"] > expected_last_received:
+                return None
+            version = row["version"] + 1
+            db.execute(
+                "UPDATE series SET state='complete', version=? WHERE series_uid=?", (version, series_uid)
+            )
+            return version
+
+    def set_series_state(self, series_uid: str, state: str, note: str = "") -> None:
+        with self._tx() as db:
+            db.execute("UPDATE series SET state=?, note=? WHERE series_uid=?", (state, note, series_uid))
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def _job(self, row: sqlite3.Row) -> JobRecord:
+        return JobRecord(
+            id=row["id"], series_uid=row["series_uid"], version=row["version"], rule=row["rule"],
+            action=row["action"], model=row["model"], state=row["state"], reason=row["reason"],
+            created_at=row["created_at"], updated_at=row["updated_at"], timings=json.loads(row["timings"]),
+        )
+
+    def add_job(self, *, series_uid: str, version: int, rule: str, action: str, model: str | None) -> int:
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO jobs(series_uid, version, rule, action, model, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (series_uid, version, rule, action, model, now, now),
+            )
+            db.execute("UPDATE series SET state='routed' WHERE series_uid=?", (series_uid,))
+            return int(cur.lastrowid)
+
+    def job(self, job_id: int) -> JobRecord:
+        rows = self._query("SELECT * FROM jobs WHERE id=?", (job_id,))
+        if not rows:
+            raise KeyError(job_id)
+        return self._job(rows[0])
+
+    def jobs(self, *, states: Sequence[str] | None = None, limit: int = 200) -> list[JobRecord]:
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", list(states))
+        else:
+            rows = self._query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
+        return [self._job(r) for r in rows]
+
+    def set_job_state(
+        self, job_id: int, state: str, reason: str = "", timings: dict[str, float] | None = None
+    ) -> None:
+        with self._tx() as db:
+            if timings is None:
+                db.execute(
+                    "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?",
+                    (state, reason, time.time(), job_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE jobs SET state=?, reason=?, updated_at=?, timings=? WHERE id=?",
+                    (state, reason, time.time(), json.dumps(timings), job_id),
+                )
+
+    def count_versions_sent(self, series_uid: str) -> int:
+        rows = self._query("SELECT COUNT(*) AS n FROM jobs WHERE series_uid=?", (series_uid,))
+        return int(rows[0]["n"])
+
+    # -- outputs and outbox ----------------------------------------------------------------
+
+    def record_outputs(
+        self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]]
+    ) -> None:
+        """In one transaction: the series the job produced ``(series_uid, kind)``, its outbox items
+        ``(destination, path, sop_class_uid, sop_instance_uid)`` and the job state ``written``."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO produced(series_uid, job_id, kind) VALUES (?,?,?)",
+                [(uid, job_id, kind) for uid, kind in produced],
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO outbox(job_id, destination, path, sop_class_uid, sop_instance_uid,"
+                " next_attempt_at) VALUES (?,?,?,?,?,?)",
+                [(job_id, dest, path, cls, uid, now) for dest, path, cls, uid in items],
+            )
+            state = "written" if items else "sent"
+            reason = "" if items else "no destination configured: outputs kept on disk only"
+            db.execute(
+                "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?", (state, reason, now, job_id)
+            )
+
+    def is_produced(self, series_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM produced WHERE series_uid=?", (series_uid,)))
+
+    def produced_by(self, job_id: int) -> list[tuple[str, str]]:
+        rows = self._query("SELECT series_uid, kind FROM produced WHERE job_id=?", (job_id,))
+        return [(r["series_uid"], r["kind"]) for r in rows]
+
+    def _item(self, row: sqlite3.Row) -> OutboxItem:
+        return OutboxItem(
+            id=row["id"], job_id=row["job_id"], destination=row["destination"], path=row["path"],
+            sop_class_uid=row["sop_class_uid"], sop_instance_uid=row["sop_instance_uid"], state=row["state"],
+            tries=row["tries"], next_attempt_at=row["next_attempt_at"], last_error=row["last_error"],
+        )
+
+    def due_items(self, now: float | None = None) -> list[OutboxItem]:
+        now = time.time() if now is None else now
+        rows = self._query(
+            "SELECT * FROM outbox WHERE state='pending' AND next_attempt_at <= ? ORDER BY job_id, id", (now,)
+        )
+        return [self._item(r) for r in rows]
+
+    def outbox(self, job_id: int | None = None) -> list[OutboxItem]:
+        if job_id is None:
+            rows = self._query("SELECT * FROM outbox ORDER BY id")
+        else:
+            rows = self._query("SELECT * FROM outbox WHERE job_id=? ORDER BY id", (job_id,))
+        return [self._item(r) for r in rows]
+
+    def mark_sent(self, item_ids: Sequence[int]) -> None:
+        with self._tx() as db:
+            db.executemany("UPDATE outbox SET state='sent', last_error='' WHERE id=?", [(i,) for i in item_ids])
+            self._settle_jobs(db, item_ids)
+
+    def mark_failed_try(
+        self, item_ids: Sequence[int], error: str, *, max_tries: int, backoff_initial_s: float,
+        backoff_max_s: float, now: float | None = None,
+    ) -> None:
+        """Count one failed try; schedule the next with exponential backoff, or fail for good."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            for item_id in item_ids:
+                row = db.execute("SELECT tries FROM outbox WHERE id=?", (item_id,)).fetchone()
+                tries = row["tries"] + 1
+                if tries >= max_tries:
+                    db.execute(
+                        "UPDATE outbox SET state='failed', tries=?, last_error=? WHERE id=?",
+                        (tries, error, item_id),
+                    )
+                else:
+                    delay = min(backoff_max_s, backoff_initial_s * 2 ** (tries - 1))
+                    db.execute(
+                        "UPDATE outbox SET tries=?, last_error=?, next_attempt_at=? WHERE id=?",
+                        (tries, error, now + delay, item_id),
+                    )
+            self._settle_jobs(db, item_ids)
+
+    def retry_failed(self, destination: str | None = None) -> int:
+        """Put permanently failed items back in the queue (an operator's decision)."""
+        with self._tx() as db:
+            sql = "UPDATE outbox SET state='pending', tries=0, next_attempt_at=? WHERE state='failed'"
+            params: list[Any] = [time.time()]
+            if destination:
+                sql += " AND destination=?"
+                params.append(destination)
+            n = db.execute(sql, params).rowcount
+            db.execute(
+                "UPDATE jobs SET state='written' WHERE state='failed' AND id IN"
+                " (SELECT job_id FROM outbox WHERE state='pending')"
+            )
+            return n
+
+    @staticmethod
+    def _settle_jobs(db: sqlite3.Connection, item_ids: Sequence[int]) -> None:
+        if not item_ids:
+            return
+        marks = ",".join("?" * len(item_ids))
+        job_ids = [r["job_id"] for r in db.execute(
+            f"SELECT DISTINCT job_id FROM outbox WHERE id IN ({marks})", list(item_ids)
+        )]
+        for job_id in job_ids:
+            states = {r["state"] for r in db.execute("SELECT state FROM outbox WHERE job_id=?", (job_id,))}
+            if states == {"sent"}:
+                db.execute("UPDATE jobs SET state='sent', reason='', updated_at=? WHERE id=?", (time.time(), job_id))
+            elif "pending" not in states and "failed" in states:
+                db.execute(
+                    "UPDATE jobs SET state='failed', reason='delivery failed after the last try',"
+                    " updated_at=? WHERE id=?",
+                    (time.time(), job_id),
+                )
+
+    def outbox_summary(self) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT destination, state, COUNT(*) AS n, MAX(tries) AS max_tries, MAX(last_error) AS last_error,"
+            " MIN(next_attempt_at) AS next_at FROM outbox GROUP BY destination, state ORDER BY destination, state"
+        )
+        return [dict(r) for r in rows]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for table in ("series", "jobs", "outbox"):
+            rows = self._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
+            out[table] = {r["state"]: r["n"] for r in rows}
+        out["instances"] = {"total": self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"]}
+        return out

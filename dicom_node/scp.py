@@ -1,0 +1,360 @@
+"""The node's DICOM SCP: admission (AE title and host), C-ECHO and C-STORE into the spool.
+
+A C-STORE is answered with Success only after the instance is in the spool (fsync'd) and in the
+journal (committed). The pixel data is never decoded here: the encoded dataset is written as it
+came, and only the header is parsed to file it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from .config import NodeConfig
+from .journal import Journal
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+#: Transfer syntaxes the SCP accepts: the ones a brain MR study arrives in and pydicom can decode.
+TRANSFER_SYNTAXES: list[UID] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+# Status codes (PS3.4 B.2.3 and Annex C of PS3.7)
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+class BadInstance(ValueError):
+    """A received object that cannot be filed; ``status`` is the DIMSE status to answer."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Disable Nagle's algorithm: small DIMSE responses otherwise wait ~40 ms for a delayed ACK."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _on_conn_open(event: evt.Event) -> None:
+    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+
+
+def _str(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A DICOM value as a list: multi-valued elements iterate, single values are wrapped."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return [value]
+    return list(value)
+
+
+def _floats(value: Any) -> list[float] | None:
+    try:
+        values = [float(v) for v in _as_list(value)]
+    except (TypeError, ValueError):
+        return None
+    return values or None
+
+
+def parse_instance(data: bytes) -> Dataset:
+    """Parse the encoded object (with file meta) and check its structure, without decoding pixels.
+
+    Raises :class:`BadInstance` for an object that is corrupt or cannot be filed.
+    """
+    try:
+        ds = dcmread(io.BytesIO(data), force=False)
+        # touch every top-level element so that a truncated or malformed encoding fails here
+        for _elem in ds:
+            pass
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError) as exc:
+        raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not _str(ds.get(keyword)):
+            raise BadInstance(STATUS_DATASET_MISMATCH, f"required attribute {keyword} is missing or empty")
+    if "PixelData" in ds:
+        _check_pixel_data(ds)
+    return ds
+
+
+def _check_pixel_data(ds: Dataset) -> None:
+    pixel = ds["PixelData"]
+    value = pixel.value
+    if value is None:
+        raise BadInstance(STATUS_CANNOT_UNDERSTAND, "PixelData has no value")
+    ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in ds.file_meta else ExplicitVRLittleEndian
+    if ts.is_encapsulated:
+        if not pixel.is_undefined_length and len(value) < 8:
+            raise BadInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated PixelData is too short")
+        return
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        bits = int(ds.BitsAllocated)
+        spp = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise BadInstance(STATUS_DATASET_MISMATCH, f"image pixel module incomplete: {exc}") from None
+    expected = rows * cols * spp * frames * bits // 8
+    if len(value) < expected:
+        raise BadInstance(
+            STATUS_CANNOT_UNDERSTAND,
+            f"PixelData is truncated: {len(value)} bytes, {rows}x{cols}x{frames} frames need {expected}",
+        )
+
+
+def header_summary(ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(per-instance geometry, per-series attributes) as JSON-able dicts."""
+    geometry = {
+        "ipp": _floats(ds.get("ImagePositionPatient")),
+        "iop": _floats(ds.get("ImageOrientationPatient")),
+        "ps": _floats(ds.get("PixelSpacing")),
+        "rows": int(ds.get("Rows") or 0),
+        "cols": int(ds.get("Columns") or 0),
+        "frames": int(ds.get("NumberOfFrames") or 1),
+        "instance": int(ds.get("InstanceNumber") or 0),
+        "images_in_acquisition": int(ds.get("ImagesInAcquisition") or 0),
+        "thickness": _floats(ds.get("SliceThickness")),
+    }
+    attrs = {
+        "SeriesDescription": _str(ds.get("SeriesDescription")),
+        "Modality": _str(ds.get("Modality")),
+        "ImageType": [str(v).strip().upper() for v in _as_list(ds.get("ImageType"))],
+        "MRAcquisitionType": _str(ds.get("MRAcquisitionType")),
+        "SliceThickness": (_floats(ds.get("SliceThickness")) or [None])[0],
+        "Manufacturer": _str(ds.get("Manufacturer")),
+        "ManufacturerModelName": _str(ds.get("ManufacturerModelName")),
+        "SoftwareVersions": _str(ds.get("SoftwareVersions")),
+        "ProtocolName": _str(ds.get("ProtocolName")),
+        "SeriesNumber": int(ds.get("SeriesNumber") or 0),
+        "SOPClassUID": _str(ds.get("SOPClassUID")),
+        "PatientPosition": _str(ds.get("PatientPosition")),
+        "SOPInstanceUID": _str(ds.get("SOPInstanceUID")),
+    }
+    return geometry, attrs
+
+
+@dataclass
+class Admission:
+    """Which calling AE titles may send from which hosts."""
+
+    peers: list[tuple[str, str | None]]
+
+    def allows(self, calling_ae: str, address: str) -> tuple[bool, str]:
+        if not self.peers:
+            return True, "no [[peers]] configured: any calling AE is accepted"
+        hosts_for_ae = [host for ae, host in self.peers if ae == calling_ae]
+        if not hosts_for_ae:
+            return False, f"calling AE title {calling_ae!r} is not a configured peer"
+        for host in hosts_for_ae:
+            if host is None or address in _resolve(host):
+                return True, "known peer"
+        return False, f"calling AE title {calling_ae!r} is a peer, but not from host {address}"
+
+
+def _resolve(host: str) -> set[str]:
+    try:
+        return {info[4][0] for info in socket.getaddrinfo(host, None)} | {host}
+    except OSError:
+        return {host}
+
+
+class StorageSCP:
+    """The listening side of the node."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        spool: Spool,
+        journal: Journal,
+        on_released: Callable[[set[str]], None],
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.journal = journal
+        self.on_released = on_released
+        self.admission = Admission([(p.ae_title, p.host) for p in config.peers])
+        self._touched: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        node = self.config.node
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_pdu_size = node.max_pdu_size
+        ae.maximum_associations = node.max_associations
+        ae.network_timeout = node.network_timeout_s
+        ae.require_called_aet = node.require_called_ae
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        node = self.config.node
+        handlers = [
+            (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_REQUESTED, self._handle_requested),
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_RELEASED, self._handle_released),
+            (evt.EVT_ABORTED, self._handle_aborted),
+        ]
+        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
+        if not self.config.peers:
+            log.warning("no [[peers]] configured: associations from any calling AE title are accepted")
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            return self.config.node.port
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def _handle_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
+        address = assoc.requestor.address
+        ok, why = self.admission.allows(calling, address)
+        if not ok:
+            log.warning("association from %s@%s rejected: %s", calling, address, why)
+            # rejected-permanent, service-user, calling-AE-title-not-recognized
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            return
+        called = assoc.requestor.primitive.called_ae_title.strip()
+        if self.config.node.require_called_ae and called != self.config.node.ae_title:
+            log.warning(
+                "association from %s@%s rejected: called AE title %r is not this node's %r",
+                calling, address, called, self.config.node.ae_title,
+            )
+
+    def _handle_echo(self, event: evt.Event) -> int:
+        log.info("C-ECHO from %s@%s", event.assoc.requestor.ae_title, event.assoc.requestor.address)
+        return STATUS_SUCCESS
+
+    def _handle_store(self, event: evt.Event) -> int | Dataset:
+        calling = event.assoc.requestor.ae_title.strip()
+        sop_uid = _str(event.request.AffectedSOPInstanceUID)
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            ds = parse_instance(data)
+            if _str(ds.SOPInstanceUID) != sop_uid:
+                raise BadInstance(
+                    STATUS_DATASET_MISMATCH,
+                    f"SOPInstanceUID {ds.SOPInstanceUID} differs from the request's {sop_uid}",
+                )
+            geometry, attrs = header_summary(ds)
+            study_uid, series_uid = _str(ds.StudyInstanceUID), _str(ds.SeriesInstanceUID)
+            path = self.spool.write(study_uid, series_uid, sop_uid, data)
+            self.journal.add_instance(
+                sop_instance_uid=sop_uid,
+                sop_class_uid=_str(ds.SOPClassUID),
+                transfer_syntax=str(event.context.transfer_syntax),
+                path=str(path),
+                geometry=geometry,
+                series_uid=series_uid,
+                study_uid=study_uid,
+                patient_id=_str(ds.get("PatientID")),
+                description=attrs["SeriesDescription"],
+                modality=attrs["Modality"],
+                calling_ae=calling,
+                series_attrs=attrs,
+            )
+        except BadInstance as exc:
+            log.error("C-STORE of %s from %s refused (status 0x%04X): %s", sop_uid or "?", calling, exc.status, exc)
+            return _failure(exc.status, str(exc))
+        except OSError as exc:
+            log.error("C-STORE of %s from %s failed, cannot store: %s", sop_uid, calling, exc)
+            return _failure(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}")
+        except Exception as exc:  # noqa: BLE001 - answer the peer, never crash the association
+            log.exception("C-STORE of %s from %s failed unexpectedly", sop_uid, calling)
+            return _failure(STATUS_CANNOT_UNDERSTAND, f"unexpected error: {exc}")
+        with self._lock:
+            self._touched.setdefault(id(event.assoc), set()).add(series_uid)
+        log.debug("stored %s (series %s) from %s", sop_uid, series_uid, calling)
+        return STATUS_SUCCESS
+
+    def _take_touched(self, event: evt.Event) -> set[str]:
+        with self._lock:
+            return self._touched.pop(id(event.assoc), set())
+
+    def _handle_released(self, event: evt.Event) -> None:
+        touched = self._take_touched(event)
+        if touched:
+            log.info(
+                "association from %s released: %d series received", event.assoc.requestor.ae_title, len(touched)
+            )
+            self.on_released(touched)
+
+    def _handle_aborted(self, event: evt.Event) -> None:
+        touched = self._take_touched(event)
+        if touched:
+            # Acknowledged instances are safe; the series close on their idle timeout.
+            log.warning(
+                "association from %s aborted after %d series: they close on their idle timeout",
+                event.assoc.requestor.ae_title, len(touched),
+            )
+
+
+def _failure(status: int, comment: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = status
+    rsp.ErrorComment = comment[:64]
+    return rsp

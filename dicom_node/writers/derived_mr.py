@@ -1,0 +1,343 @@
+"""Synthetic MR Image Storage series: one single-frame instance per slice of a SimpleITK image.
+
+Patient, study and frame of reference come from the source series; the equipment is this node, the source
+scanner is kept in the Contributing Equipment Sequence. Every instance says in ImageType, ImageComments
+and DerivationDescription that it was computed, not acquired.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom import config, dcmwrite
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.valuerep import DSfloat, PersonName, validate_value
+
+import dicom_node
+from dicom_node.uids import new_uid
+
+__all__ = ["Derivation", "write_derived_mr"]
+
+#: Window from these percentiles of the non-zero voxels.
+WINDOW_PERCENTILES = (1.0, 99.0)
+MAX_STORED = 65535
+
+# Attributes copied from the first source, by module. Type 2 ones are written empty when the source lacks them.
+_PATIENT_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+_PATIENT_OPTIONAL = (
+    "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "PatientBirthTime", "OtherPatientIDsSequence",
+    "EthnicGroup", "PatientComments", "PatientSpeciesDescription", "PatientBreedDescription",
+    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "QualityControlSubject",
+    # Clinical Trial Subject module
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName", "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName", "ClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+)
+_STUDY_TYPE2 = ("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_STUDY_OPTIONAL = (
+    "IssuerOfAccessionNumberSequence", "StudyDescription", "PhysiciansOfRecord", "ProcedureCodeSequence",
+    # Patient Study module
+    "PatientAge", "PatientSize", "PatientWeight", "AdditionalPatientHistory",
+    # Clinical Trial Study module
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
+)
+_SCANNER = ("Manufacturer", "InstitutionName", "InstitutionAddress", "StationName", "InstitutionalDepartmentName",
+            "ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions")
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """What computed the image: model id and version, and a one-line human description."""
+
+    model_id: str
+    model_version: str
+    description: str
+
+
+def _ds(value: float) -> DSfloat:
+    return DSfloat(round(float(value), 6), auto_format=True)
+
+
+def _code_item(code: object) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme_designator
+    item.CodeMeaning = code.meaning
+    return item
+
+
+def _check_image(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Validated (direction 3x3, voxel array [k, j, i] as float32)."""
+    if image.GetDimension() != 3:
+        raise ValueError(f"image must be 3D, got {image.GetDimension()}D")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("image must be scalar (one component per voxel)")
+    size = image.GetSize()
+    if min(size) < 1:
+        raise ValueError(f"image is empty (size {size})")
+    if size[0] > MAX_STORED or size[1] > MAX_STORED:
+        raise ValueError(f"slice size {size[:2]} exceeds DICOM Rows/Columns")
+    spacing = image.GetSpacing()
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be positive and finite, got {spacing}")
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    row, column = direction[:, 0], direction[:, 1]
+    if (abs(np.linalg.norm(row) - 1) > 1e-4 or abs(np.linalg.norm(column) - 1) > 1e-4
+            or abs(float(row @ column)) > 1e-4):
+        raise ValueError("the first two direction columns must be orthonormal (ImageOrientationPatient)")
+    if not np.all(np.isfinite(image.GetOrigin())):
+        raise ValueError("origin must be finite")
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    if not np.all(np.isfinite(array)):
+        raise ValueError("image contains NaN or infinite voxels")
+    return direction, array
+
+
+def _check_sources(sources: Sequence[Dataset]) -> Dataset:
+    if not sources:
+        raise ValueError("no source datasets: a derived series must reference what it was computed from")
+    first = sources[0]
+    for keyword in ("StudyInstanceUID", "FrameOfReferenceUID", "SeriesInstanceUID"):
+        if not first.get(keyword):
+            raise ValueError(f"source has no {keyword}")
+    for ds in sources:
+        if not ds.get("SOPClassUID") or not ds.get("SOPInstanceUID") or not ds.get("SeriesInstanceUID"):
+            raise ValueError("every source needs SOPClassUID, SOPInstanceUID and SeriesInstanceUID")
+        if ds.get("StudyInstanceUID") != first.StudyInstanceUID:
+            raise ValueError("sources belong to more than one study")
+        if ds.get("FrameOfReferenceUID") != first.FrameOfReferenceUID:
+            raise ValueError("sources have more than one frame of reference")
+    return first
+
+
+def _to_stored(array: np.ndarray) -> np.ndarray:
+    """Clip to 0..65535 and round to uint16."""
+    return np.rint(np.clip(array, 0, MAX_STORED)).astype(np.uint16)
+
+
+def _window(stored: np.ndarray) -> tuple[float, float, str]:
+    """WindowCenter, WindowWidth and explanation from percentiles of the non-zero voxels."""
+    nonzero = stored[stored > 0]
+    if nonzero.size == 0:
+        raise ValueError("image has no non-zero voxels: refusing to write a blank synthetic series")
+    low, high = np.percentile(nonzero, WINDOW_PERCENTILES)
+    width = max(float(high - low), 1.0)
+    centre = float(low) + width / 2.0
+    p_low, p_high = WINDOW_PERCENTILES
+    return centre, width, f"P{p_low:g}-P{p_high:g} of non-zero voxels"
+
+
+def _copy(target: Dataset, source: Dataset, keywords: Sequence[str], *, type2: bool) -> None:
+    for keyword in keywords:
+        if keyword in source:
+            value = source[keyword].value
+            if isinstance(value, PersonName):
+                value = str(value)
+            elif isinstance(value, (list, tuple)) and any(isinstance(v, PersonName) for v in value):
+                value = [str(v) for v in value]
+            setattr(target, keyword, value)
+        elif type2:
+            setattr(target, keyword, None)
+
+
+def _has_non_ascii(ds: Dataset) -> bool:
+    for element in ds.iterall():
+        values = element.value if element.VM > 1 else [element.value]
+        for value in values:
+            if isinstance(value, (str, PersonName)) and not str(value).isascii():
+                return True
+    return False
+
+
+def _check_values(ds: Dataset) -> None:
+    """Raise ValueError for any value its VR does not allow (too long, bad characters), nested ones too."""
+    for element in ds.iterall():
+        if element.VR == "SQ" or element.value is None:
+            continue
+        values = element.value if isinstance(element.value, (MultiValue, list, tuple)) else [element.value]
+        for value in values:
+            if element.VR in ("DS", "IS", "PN"):
+                value = str(value)  # the validators check the string form
+            try:
+                validate_value(element.VR, value, config.RAISE)
+            except ValueError as exc:
+                raise ValueError(f"{element.keyword or element.tag}: {exc}") from None
+
+
+def _source_series(sources: Sequence[Dataset]) -> dict[str, list[Dataset]]:
+    series: dict[str, list[Dataset]] = {}
+    for ds in sources:
+        series.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
+    return series
+
+
+def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_description: str, series_number: int,
+                     series_uid: str, derivation: Derivation, extra_comment: str, now: datetime) -> Dataset:
+    """Every attribute shared by the instances of the series."""
+    ds = Dataset()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+
+    # SOP Common
+    ds.SOPClassUID = MRImageStorage
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    # SyntheticData (0008,001C) is left out: dciodvfy 2022 rejects it as an unknown standard tag.
+    # Patient, Clinical Trial Subject
+    _copy(ds, first, _PATIENT_TYPE2, type2=True)
+    _copy(ds, first, _PATIENT_OPTIONAL, type2=False)
+    # General Study, Patient Study, Clinical Trial Study
+    ds.StudyInstanceUID = first.StudyInstanceUID
+    _copy(ds, first, _STUDY_TYPE2, type2=True)
+    _copy(ds, first, _STUDY_OPTIONAL, type2=False)
+    # General Series
+    ds.Modality = "MR"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.SeriesDescription = series_description
+    ds.PatientPosition = first.get("PatientPosition") or None  # Type 2C for MR: present, empty if unknown
+    _copy(ds, first, ("BodyPartExamined",), type2=False)
+    if not ds.get("BodyPartExamined"):
+        ds.Laterality = None  # Type 2C: a paired body part cannot be ruled out, so present and empty
+    # Frame of Reference
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator") or None
+    # General Equipment: this node; the scanner goes into Contributing Equipment
+    ds.Manufacturer = dicom_node.MANUFACTURER
+    ds.ManufacturerModelName = dicom_node.MODEL_NAME
+    ds.SoftwareVersions = [f"dicom-node {dicom_node.__version__}",
+                           f"{derivation.model_id} {derivation.model_version}"]
+    _copy(ds, first, ("InstitutionName",), type2=False)
+    if first.get("Manufacturer"):  # Type 1 in a Contributing Equipment item
+        scanner = Dataset()
+        _copy(scanner, first, _SCANNER, type2=False)
+        scanner.PurposeOfReferenceCodeSequence = [_code_item(codes.DCM.AcquisitionEquipment)]
+        ds.ContributingEquipmentSequence = [scanner]
+    # General Image, General Reference
+    ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
+    ds.ContentDate, ds.ContentTime = date, time
+    descriptions = [str(members[0].get("SeriesDescription") or uid)
+                    for uid, members in _source_series(sources).items()]
+    model = f"{derivation.model_id} {derivation.model_version}"
+    comment = (f"SYNTHETIC image computed by {model} from series "
+               f"{', '.join(repr(d) for d in descriptions)}; not acquired; not for lesion detection.")
+    ds.ImageComments = f"{comment} {extra_comment}".strip()
+    ds.DerivationDescription = (f"{derivation.description} (model {model}); synthetic image, not acquired")[:1024]
+    ds.DerivationCodeSequence = [_code_item(codes.DCM.SpatialResampling)]
+    purpose = _code_item(codes.DCM.SourceImageForImageProcessingOperation)
+    source_items = []
+    for sop_class, sop_instance in dict.fromkeys((src.SOPClassUID, src.SOPInstanceUID) for src in sources):
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        item.PurposeOfReferenceCodeSequence = [purpose]
+        source_items.append(item)
+    ds.SourceImageSequence = source_items
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    # Common Instance Reference (required when instances of this study are referenced)
+    referenced_series = []
+    for uid, members in _source_series(sources).items():
+        series_item = Dataset()
+        series_item.SeriesInstanceUID = uid
+        instances = []
+        for sop_class, sop_instance in dict.fromkeys((src.SOPClassUID, src.SOPInstanceUID) for src in members):
+            instance = Dataset()
+            instance.ReferencedSOPClassUID = sop_class
+            instance.ReferencedSOPInstanceUID = sop_instance
+            instances.append(instance)
+        series_item.ReferencedInstanceSequence = instances
+        referenced_series.append(series_item)
+    ds.ReferencedSeriesSequence = referenced_series
+    # Image Pixel
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    # MR Image: nothing was acquired, so no sequence is claimed (Research Mode, no variant)
+    ds.ScanningSequence = "RM"
+    ds.SequenceVariant = "NONE"
+    ds.ScanOptions = None
+    ds.MRAcquisitionType = "3D"
+    ds.RepetitionTime = None
+    ds.EchoTime = None
+    ds.EchoTrainLength = None
+
+    if _has_non_ascii(ds):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    elif first.get("SpecificCharacterSet"):
+        ds.SpecificCharacterSet = first.SpecificCharacterSet
+    return ds
+
+
+def write_derived_mr(image: sitk.Image, sources: Sequence[Dataset], *, out_dir: Path, series_description: str,
+                     series_number: int, derivation: Derivation, uid_prefix: str | None,
+                     series_uid: str | None = None, extra_comment: str = "") -> list[Path]:
+    """Write ``image`` as one MR Image Storage file per slice k (``<InstanceNumber:04d>.dcm``) into ``out_dir``.
+
+    Geometry: IPP of slice k = physical point of index (0, 0, k); IOP = first two direction columns.
+    Pixels are clipped to 0..65535 and rounded to uint16. ``out_dir`` must hold no ``*.dcm`` yet.
+    Raises ValueError for an image or sources that would give invalid or meaningless objects.
+    Returns the written paths in InstanceNumber order.
+    """
+    direction, array = _check_image(image)
+    first = _check_sources(sources)
+    if not 0 <= int(series_number) <= 2**31 - 1:
+        raise ValueError(f"series_number {series_number} out of range")
+    if not series_description.strip():
+        raise ValueError("series_description is empty")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.glob("*.dcm")):
+        raise FileExistsError(f"{out_dir} already holds DICOM files")
+
+    stored = _to_stored(array)
+    centre, width, explanation = _window(stored)
+    template = _series_template(
+        first, sources, series_description=series_description, series_number=int(series_number),
+        series_uid=series_uid or new_uid(uid_prefix), derivation=derivation, extra_comment=extra_comment,
+        now=datetime.now())
+    template.WindowCenter = _ds(centre)
+    template.WindowWidth = _ds(width)
+    template.WindowCenterWidthExplanation = explanation
+    _check_values(template)
+
+    size, spacing = image.GetSize(), image.GetSpacing()
+    iop = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
+    normal = np.cross(direction[:, 0], direction[:, 1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(size[2]):
+        ds = Dataset()
+        ds.update(template)
+        sop_uid = new_uid(uid_prefix)
+        ds.SOPInstanceUID = sop_uid
+        ds.InstanceNumber = k + 1
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        ds.ImagePositionPatient = [_ds(v) for v in position]
+        ds.ImageOrientationPatient = iop
+        ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
+        ds.SliceThickness = _ds(spacing[2])
+        ds.SpacingBetweenSlices = _ds(spacing[2])
+        ds.SliceLocation = _ds(float(np.dot(position, normal)))
+        ds.Rows, ds.Columns = size[1], size[0]
+        ds.PixelData = np.ascontiguousarray(stored[k]).astype("<u2").tobytes()
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        path = out_dir / f"{k + 1:04d}.dcm"
+        dcmwrite(path, ds, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,299 @@
+"""Model registry: ``onnx_models/<id>/manifest.toml`` + ``model.onnx``, warm onnxruntime sessions, providers."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import onnxruntime as ort
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "MANIFEST_FILE",
+    "MODEL_FILE",
+    "ImageOutputSpec",
+    "InputSpec",
+    "LoadedModel",
+    "ManifestError",
+    "ModelError",
+    "ModelManifest",
+    "ModelRegistry",
+    "OutputSpec",
+    "SegmentationOutputSpec",
+    "TilingSpec",
+    "load_manifest",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.toml"
+MODEL_FILE = "model.onnx"
+
+_AXIS_OF_LETTER = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
+
+
+class ManifestError(ValueError):
+    """A manifest.toml that cannot be read or does not match the schema (message names the field)."""
+
+
+class ModelError(RuntimeError):
+    """An ONNX model that does not match its manifest, or cannot be loaded."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    name: str = Field(min_length=1)
+    orientation: str = "LPS"
+    spacing_mm: float = Field(default=1.0, gt=0)
+    normalization: Literal["percentile", "minmax"] = "percentile"
+    p_low: float = Field(default=0.5, ge=0, le=100)
+    p_high: float = Field(default=99.5, ge=0, le=100)
+    clip_max: float = Field(default=1.5, gt=0)
+    divisible_by: int = Field(default=16, ge=1)
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation(cls, value: str) -> str:
+        value = value.upper()
+        if len(value) != 3 or any(c not in _AXIS_OF_LETTER for c in value) or \
+                len({_AXIS_OF_LETTER[c] for c in value}) != 3:
+            raise ValueError(f"{value!r} is not a 3-letter orientation with one of L/R, P/A, S/I each (e.g. 'LPS')")
+        return value
+
+    @model_validator(mode="after")
+    def _percentiles(self) -> InputSpec:
+        if self.p_low >= self.p_high:
+            raise ValueError(f"p_low ({self.p_low}) must be below p_high ({self.p_high})")
+        return self
+
+
+class TilingSpec(_Strict):
+    tile: tuple[int, int, int]
+    overlap: int = Field(default=0, ge=0)
+
+    @field_validator("tile")
+    @classmethod
+    def _positive(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(v <= 0 for v in value):
+            raise ValueError(f"tile sizes must be positive, got {list(value)}")
+        return value
+
+
+class ImageOutputSpec(_Strict):
+    name: str = Field(min_length=1)
+    scale: float = Field(default=1000.0, gt=0)
+
+
+class SegmentationOutputSpec(_Strict):
+    name: str = Field(min_length=1)
+    labels: list[int] = Field(min_length=2)
+
+    @field_validator("labels")
+    @classmethod
+    def _codes(cls, value: list[int]) -> list[int]:
+        if any(v < 0 or v > 65535 for v in value):
+            raise ValueError("label codes must be in 0..65535")
+        if len(set(value)) != len(value):
+            raise ValueError(f"label codes must be unique, got {value}")
+        return value
+
+
+class OutputSpec(_Strict):
+    image: ImageOutputSpec | None = None
+    segmentation: SegmentationOutputSpec | None = None
+
+
+class ModelManifest(_Strict):
+    """The schema of ``manifest.toml`` (docs/architecture.md)."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(min_length=1)
+    task: Literal["synthesis", "segmentation"]
+    input_kinds: list[str] = Field(default_factory=list)
+    licence: str = Field(min_length=1)
+    description: str = ""
+    input: InputSpec
+    tiling: TilingSpec
+    output: OutputSpec
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelManifest:
+        if self.task == "synthesis" and self.output.image is None:
+            raise ValueError("task 'synthesis' needs an [output.image] table")
+        if self.task == "segmentation":
+            if self.output.segmentation is None:
+                raise ValueError("task 'segmentation' needs an [output.segmentation] table")
+            if self.output.image is not None:
+                raise ValueError("task 'segmentation' must not have an [output.image] table")
+        bad = [t for t in self.tiling.tile if t % self.input.divisible_by]
+        if bad:
+            raise ValueError(
+                f"tiling.tile {list(self.tiling.tile)} must be multiples of "
+                f"input.divisible_by ({self.input.divisible_by})"
+            )
+        if self.tiling.overlap >= min(self.tiling.tile):
+            raise ValueError(f"tiling.overlap ({self.tiling.overlap}) must be smaller than every tile size")
+        return self
+
+
+def load_manifest(path: Path) -> ModelManifest:
+    """Parse and validate one manifest.toml; ManifestError names the file and the bad field."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: cannot read TOML: {exc}") from exc
+    try:
+        return ModelManifest.model_validate(data)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(manifest)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ManifestError(f"{path}: {details}") from exc
+
+
+@dataclass
+class LoadedModel:
+    """A manifest with its warm onnxruntime session."""
+
+    manifest: ModelManifest
+    session: ort.InferenceSession
+    path: Path                              # the model.onnx file
+    provider: str                           # execution provider the session really uses first
+    input_shape: tuple[int | None, ...]     # spatial dims of the ONNX input; int where the graph fixes it
+
+    @property
+    def fixed_spatial_shape(self) -> tuple[int, int, int] | None:
+        """The D, H, W the graph requires, when all three are fixed."""
+        if len(self.input_shape) == 3 and all(isinstance(v, int) for v in self.input_shape):
+            return tuple(self.input_shape)  # type: ignore[return-value]
+        return None
+
+
+def _dims(shape: Iterable[Any]) -> tuple[int | None, ...]:
+    return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
+
+
+class ModelRegistry:
+    """Installed models under ``models_dir``; sessions are created once and reused (thread-safe)."""
+
+    def __init__(self, models_dir: Path, *, providers: Literal["auto", "cpu", "cuda"] = "auto",
+                 threads: int = 0) -> None:
+        if providers not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"providers must be 'auto', 'cpu' or 'cuda', got {providers!r}")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, got {threads}")
+        self.models_dir = Path(models_dir)
+        self.providers = providers
+        self.threads = threads
+        self._sessions: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def available(self) -> dict[str, ModelManifest]:
+        """Valid manifests found under models_dir/*/manifest.toml; invalid ones are logged and skipped."""
+        found: dict[str, ModelManifest] = {}
+        if not self.models_dir.is_dir():
+            log.warning("models directory %s does not exist", self.models_dir)
+            return found
+        for manifest_path in sorted(self.models_dir.glob(f"*/{MANIFEST_FILE}")):
+            folder = manifest_path.parent
+            try:
+                manifest = load_manifest(manifest_path)
+            except ManifestError as exc:
+                log.warning("skipping model %s: %s", folder.name, exc)
+                continue
+            if manifest.id != folder.name:
+                log.warning("skipping model %s: manifest id %r differs from its folder name", folder.name, manifest.id)
+                continue
+            if not (folder / MODEL_FILE).is_file():
+                log.warning("skipping model %s: %s missing", folder.name, MODEL_FILE)
+                continue
+            found[manifest.id] = manifest
+        return found
+
+    def execution_providers(self) -> list[str]:
+        """onnxruntime provider list for the configured choice."""
+        available = ort.get_available_providers()
+        if self.providers == "cpu":
+            return ["CPUExecutionProvider"]
+        if self.providers == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise ModelError(f"providers='cuda' but onnxruntime offers only {available}")
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False  # the arena multiplies peak memory on 3D U-Nets
+        options.intra_op_num_threads = self.threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return options
+
+    def session(self, model_id: str) -> LoadedModel:
+        """The warm session of an installed model; KeyError if it is not installed (or invalid)."""
+        with self._lock:
+            loaded = self._sessions.get(model_id)
+            if loaded is not None:
+                return loaded
+            manifests = self.available()
+            if model_id not in manifests:
+                raise KeyError(f"model {model_id!r} is not installed in {self.models_dir} "
+                               f"(available: {sorted(manifests)})")
+            loaded = self._load(manifests[model_id], self.models_dir / model_id / MODEL_FILE)
+            self._sessions[model_id] = loaded
+            return loaded
+
+    def warm_up(self, model_ids: Iterable[str] | None = None) -> list[str]:
+        """Create the sessions now (all available models by default); returns the ids loaded."""
+        ids = list(model_ids) if model_ids is not None else list(self.available())
+        for model_id in ids:
+            self.session(model_id)
+        return ids
+
+    def _load(self, manifest: ModelManifest, path: Path) -> LoadedModel:
+        requested = self.execution_providers()
+        try:
+            session = ort.InferenceSession(str(path), sess_options=self.session_options(), providers=requested)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"model {manifest.id}: cannot load {path}: {exc}") from exc
+        inputs = {i.name: i for i in session.get_inputs()}
+        outputs = {o.name: o for o in session.get_outputs()}
+        if manifest.input.name not in inputs:
+            raise ModelError(f"model {manifest.id}: input.name {manifest.input.name!r} not in the ONNX graph "
+                             f"inputs {sorted(inputs)}")
+        shape = inputs[manifest.input.name].shape
+        if len(shape) != 5:
+            raise ModelError(f"model {manifest.id}: input {manifest.input.name!r} must be 5-D [N, 1, D, H, W], "
+                             f"graph says {shape}")
+        expected = []
+        if manifest.output.image is not None:
+            expected.append(("output.image.name", manifest.output.image.name))
+        if manifest.output.segmentation is not None:
+            expected.append(("output.segmentation.name", manifest.output.segmentation.name))
+        for field_name, name in expected:
+            if name not in outputs:
+                raise ModelError(f"model {manifest.id}: {field_name} {name!r} not in the ONNX graph outputs "
+                                 f"{sorted(outputs)}")
+        if manifest.output.segmentation is not None:
+            channels = outputs[manifest.output.segmentation.name].shape[1]
+            n_labels = len(manifest.output.segmentation.labels)
+            if isinstance(channels, int) and channels != n_labels:
+                raise ModelError(f"model {manifest.id}: output.segmentation.labels has {n_labels} codes but the "
+                                 f"graph output has {channels} channels")
+        provider = session.get_providers()[0]
+        if provider != requested[0]:
+            log.warning("model %s: requested %s, session runs on %s", manifest.id, requested[0], provider)
+        log.info("model %s %s loaded from %s on %s", manifest.id, manifest.version, path, provider)
+        return LoadedModel(manifest=manifest, session=session, path=path, provider=provider,
+                           input_shape=_dims(shape[2:]))
+

@@ -1,0 +1,64 @@
+"""inference.labels: the structure table, coded concepts and the left/right swap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.sr._cid_dict import cid_concepts
+from pydicom.sr.codedict import codes
+
+from inference.labels import BODY_SUBSTANCE, LR_SWAP, STRUCTURES, by_code, laterality_code, swap_left_right
+
+MEASURED = {2, 41, 3, 42, 4, 43, 5, 44, 7, 46, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 14, 15, 16,
+            17, 53, 18, 54, 24, 26, 58, 28, 60}
+
+
+def test_table_has_the_measured_structures() -> None:
+    assert set(STRUCTURES) == MEASURED
+    assert by_code(17).freesurfer_name == "Left-Hippocampus"
+    assert by_code(53).display_name == "Right hippocampus"
+    assert by_code(16).freesurfer_name == "Brain-Stem" and by_code(16).laterality is None
+    assert by_code(17).rgb == (220, 216, 20)
+    with pytest.raises(KeyError):
+        by_code(999)
+
+
+def test_laterality_matches_names() -> None:
+    for structure in STRUCTURES.values():
+        prefix = structure.freesurfer_name.split("-")[0]
+        expected = {"Left": "L", "Right": "R"}.get(prefix)
+        assert structure.laterality == expected, structure.freesurfer_name
+        assert laterality_code(structure) == {"L": codes.SCT.Left, "R": codes.SCT.Right}.get(expected or "")
+
+
+def test_concepts_come_from_cid_7140() -> None:
+    cid_7140 = {getattr(getattr(codes, scheme), name) for scheme, names in cid_concepts[7140].items()
+                for name in names}
+    for structure in STRUCTURES.values():
+        if structure.code == 24:
+            assert structure.snomed == ("65216001", "Cerebrospinal Fluid")
+            assert structure.category == BODY_SUBSTANCE
+        else:
+            assert structure.concept in cid_7140, structure.freesurfer_name
+    assert by_code(17).snomed == ("5366008", "Hippocampus")
+    assert by_code(28).concept.scheme_designator == "DCM"
+
+
+def test_pairs_share_concept_and_are_swapped() -> None:
+    for structure in STRUCTURES.values():
+        if structure.laterality is not None:
+            mirror = by_code(LR_SWAP[structure.code])
+            assert mirror.concept == structure.concept
+            assert mirror.freesurfer_name.split("-", 1)[1] == structure.freesurfer_name.split("-", 1)[1]
+            assert mirror.laterality != structure.laterality
+        else:
+            assert structure.code not in LR_SWAP
+
+
+def test_swap_left_right() -> None:
+    labels = np.array([[0, 2, 41], [17, 53, 16], [24, 137, 164]], dtype=np.uint16)
+    swapped = swap_left_right(labels)
+    np.testing.assert_array_equal(swapped, [[0, 41, 2], [53, 17, 16], [24, 164, 137]])
+    assert swapped.dtype == labels.dtype
+    np.testing.assert_array_equal(swap_left_right(swapped), labels)
+    assert all(LR_SWAP[LR_SWAP[c]] == c for c in LR_SWAP)

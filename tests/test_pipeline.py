@@ -1,0 +1,195 @@
+"""inference.pipeline: geometry round trip, tiling, normalization, label mapping with the fixture model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from inference.models import InputSpec, ModelRegistry
+from inference.pipeline import blend_window, normalize, pad_to_multiple, run_model, tile_starts
+from inference.volume import isotropic_grid
+from tests.onnx_fixtures import make_synthesis_model
+
+
+def _rotation(axis: int, degrees: float) -> np.ndarray:
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    i, j = [a for a in range(3) if a != axis]
+    m = np.eye(3)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    return m
+
+
+DIRECTION = _rotation(1, 20.0) @ _rotation(2, 15.0) @ np.column_stack([[0, 1, 0], [0, 0, -1], [-1, 0, 0]])
+ORIGIN = np.array([30.0, -40.0, 25.0])
+SPACING = np.array([1.3, 0.9, 2.5])
+SIZE = (40, 44, 18)  # i, j, k
+
+
+def _physical_points(image: sitk.Image) -> np.ndarray:
+    k, j, i = np.indices(sitk.GetArrayViewFromImage(image).shape)
+    matrix = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    index = np.stack([i, j, k], axis=-1).reshape(-1, 3).T
+    return (np.array(image.GetOrigin())[:, None] + matrix @ index).T.reshape((*k.shape, 3))
+
+
+def oblique_blob(center: np.ndarray, sigma_mm: float = 5.0) -> sitk.Image:
+    """Oblique, anisotropic volume holding a Gaussian blob centred at patient point ``center``."""
+    image = sitk.Image(list(SIZE), sitk.sitkFloat32)
+    image.SetSpacing(tuple(SPACING))
+    image.SetDirection(tuple(DIRECTION.ravel()))
+    image.SetOrigin(tuple(ORIGIN))
+    d2 = np.sum((_physical_points(image) - center) ** 2, axis=-1)
+    out = sitk.GetImageFromArray((1000.0 * np.exp(-d2 / (2 * sigma_mm**2))).astype(np.float32))
+    out.CopyInformation(image)
+    return out
+
+
+FOV_CENTER = ORIGIN + DIRECTION @ (SPACING * (np.array(SIZE) - 1) / 2)
+
+
+def _center_of(image: sitk.Image) -> np.ndarray:
+    return np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
+
+
+def centroid(image: sitk.Image, fraction: float = 0.3) -> np.ndarray:
+    array = sitk.GetArrayFromImage(image).astype(np.float64)
+    array[array < fraction * array.max()] = 0
+    points = _physical_points(image)
+    return (points * array[..., None]).sum(axis=(0, 1, 2)) / array.sum()
+
+
+def _model(tmp_path: Path, **kwargs):  # noqa: ANN202
+    kwargs.setdefault("p_high", 100.0)
+    model_id = kwargs.setdefault("model_id", "test-synth")
+    make_synthesis_model(tmp_path, **kwargs)
+    return ModelRegistry(tmp_path, providers="cpu", threads=1).session(model_id)
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "LIA", "RAS"])
+def test_identity_model_keeps_patient_geometry(tmp_path: Path, orientation: str) -> None:
+    center = FOV_CENTER + DIRECTION @ np.array([6.0, -5.0, 7.5])
+    image = oblique_blob(center)
+    model = _model(tmp_path, orientation=orientation)
+    result = run_model(model, image)
+    assert result.t1 is not None and result.labels is not None
+    t1 = result.t1
+    assert t1.GetSpacing() == (1.0, 1.0, 1.0)
+    np.testing.assert_allclose(t1.GetDirection(), image.GetDirection(), atol=1e-9)
+    reference = isotropic_grid(image, 1.0)
+    assert t1.GetSize() == reference.GetSize() == (52, 40, 45)
+    np.testing.assert_allclose(t1.GetOrigin(), reference.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(_center_of(t1), _center_of(image), atol=1e-6)  # same field of view
+    assert t1.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_allclose(centroid(t1), center, atol=1.0)
+    # identity model: t1 = normalized input x scale; the blob peak is the top percentile -> ~1000
+    assert 900 < sitk.GetArrayViewFromImage(t1).max() <= 1000.0 + 1e-3
+    assert result.labels.GetPixelID() == sitk.sitkUInt16
+    assert result.labels.GetSize() == t1.GetSize()
+    np.testing.assert_allclose(result.labels.GetDirection(), t1.GetDirection())
+    np.testing.assert_allclose(result.labels.GetOrigin(), t1.GetOrigin())
+    assert set(result.timings) == {"reorient", "resample", "normalize", "inference", "back"}
+    assert all(v >= 0 for v in result.timings.values())
+
+
+def test_labels_follow_intensity_and_declared_codes(tmp_path: Path) -> None:
+    image = oblique_blob(FOV_CENTER)
+    labels = [0, 17, 53, 4]
+    result = run_model(_model(tmp_path, labels=labels), image)
+    t1 = sitk.GetArrayFromImage(result.t1) / 1000.0
+    seg = sitk.GetArrayFromImage(result.labels)
+    assert set(np.unique(seg)) <= set(labels)
+    assert set(np.unique(seg)) == set(labels)  # the blob spans all intensity bands
+    # fixture: channel c wins for c/4 <= x < (c+1)/4; compare away from band edges (interpolation differs)
+    lut = np.array(labels)
+    expected = lut[np.clip(np.floor(t1 * 4), 0, 3).astype(int)]
+    away = np.abs(t1 * 4 - np.round(t1 * 4)) > 0.05
+    assert np.mean(seg[away] == expected[away]) > 0.98
+    peak = np.unravel_index(np.argmax(t1), t1.shape)
+    assert seg[peak] == 4 and seg[0, 0, 0] == 0
+
+
+def test_tiling_matches_single_tile(tmp_path: Path) -> None:
+    image = oblique_blob(FOV_CENTER + DIRECTION @ np.array([8.0, 0, 0]))
+    tiled = run_model(_model(tmp_path / "a", tile=(16, 16, 16), overlap=8, divisible_by=8), image)
+    whole = run_model(_model(tmp_path / "b", tile=(128, 128, 128), overlap=0, divisible_by=8), image)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(tiled.t1), sitk.GetArrayViewFromImage(whole.t1),
+                               atol=1e-4 * 1000.0, rtol=0)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(tiled.labels), sitk.GetArrayViewFromImage(whole.labels))
+
+
+def test_fixed_shape_model_gets_its_shape(tmp_path: Path) -> None:
+    image = oblique_blob(FOV_CENTER)
+    fixed = _model(tmp_path / "a", fixed_shape=(48, 64, 48), tile=(16, 16, 16), overlap=4)
+    assert fixed.fixed_spatial_shape == (48, 64, 48)
+    dynamic = _model(tmp_path / "b")
+    a, b = run_model(fixed, image), run_model(dynamic, image)
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(a.t1), sitk.GetArrayViewFromImage(b.t1), atol=0.1)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(a.labels), sitk.GetArrayViewFromImage(b.labels))
+
+
+def test_segmentation_only_model(tmp_path: Path) -> None:
+    result = run_model(_model(tmp_path, task="segmentation"), oblique_blob(FOV_CENTER))
+    assert result.t1 is None
+    assert result.labels is not None and result.labels.GetSpacing() == (1.0, 1.0, 1.0)
+
+
+def test_coarser_model_spacing_still_returns_1mm(tmp_path: Path) -> None:
+    center = FOV_CENTER + DIRECTION @ np.array([0, 4.0, -5.0])
+    image = oblique_blob(center)
+    result = run_model(_model(tmp_path, spacing_mm=2.0), image)
+    assert result.t1.GetSpacing() == (1.0, 1.0, 1.0)
+    assert result.t1.GetSize() == isotropic_grid(image, 1.0).GetSize()
+    np.testing.assert_allclose(centroid(result.t1), center, atol=1.0)
+
+
+def test_tile_starts_cover_with_overlap() -> None:
+    assert tile_starts(10, 16, 4) == [0]
+    assert tile_starts(64, 32, 8) == [0, 24, 32]
+    for size, tile, overlap in [(96, 32, 8), (100, 48, 16), (33, 16, 0)]:
+        starts = tile_starts(size, tile, overlap)
+        covered = np.zeros(size, bool)
+        for s in starts:
+            covered[s:s + tile] = True
+            assert s + tile <= size
+        assert covered.all()
+        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:], strict=False))
+
+
+def test_blend_window_is_positive_and_smooth() -> None:
+    window = blend_window((16, 16, 16), 4)
+    assert window.shape == (16, 16, 16) and window.dtype == np.float32
+    assert window.min() > 0 and window.max() == pytest.approx(1.0)
+    assert window[8, 8, 8] == 1.0
+    line = window[8, 8]
+    np.testing.assert_allclose(line, line[::-1])
+    assert np.all(np.diff(line[:5]) > 0)
+    assert np.all(blend_window((8, 8, 8), 0) == 1.0)
+
+
+def test_pad_to_multiple_and_crop() -> None:
+    array = np.arange(5 * 7 * 9, dtype=np.float32).reshape(5, 7, 9)
+    padded, crop = pad_to_multiple(array, 8)
+    assert padded.shape == (8, 8, 16)
+    np.testing.assert_array_equal(padded[crop], array)
+    padded, crop = pad_to_multiple(array, 4, minimum=(12, 4, 4))
+    assert padded.shape == (12, 8, 12)
+    np.testing.assert_array_equal(padded[crop], array)
+
+
+def test_normalize_percentile_over_foreground() -> None:
+    spec = InputSpec(name="image", p_low=0.0, p_high=100.0, clip_max=1.5)
+    array = np.zeros((4, 4, 4), np.float32)
+    array[1:3, 1:3, 1:3] = np.arange(8, dtype=np.float32).reshape(2, 2, 2) * 10 + 100  # 100..170
+    out = normalize(array, spec)
+    assert out.dtype == np.float32
+    assert out[0, 0, 0] == 0.0  # background below p_low clips to 0
+    np.testing.assert_allclose(out[1:3, 1:3, 1:3].ravel(), np.arange(8) / 7, atol=1e-6)
+    clipped = normalize(array, InputSpec(name="image", p_low=0.0, p_high=50.0, clip_max=1.2))
+    assert clipped.max() == pytest.approx(1.2)
+    minmax = normalize(array, InputSpec(name="image", normalization="minmax"))
+    assert minmax.min() == 0.0 and minmax.max() == pytest.approx(1.0)
+    assert not normalize(np.zeros((3, 3, 3), np.float32), spec).any()

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from pydicom.uid import PYDICOM_ROOT_UID, UID
+
+from dicom_node.uids import is_own_uid, new_uid
+
+
+def test_new_uid_lies_under_the_prefix_and_is_valid() -> None:
+    uid = new_uid("1.2.826.0.1.3680043.10.999")
+    assert uid.startswith("1.2.826.0.1.3680043.10.999.")
+    assert UID(uid).is_valid
+    assert uid == uid.strip() and len(uid) <= 64
+
+
+def test_new_uid_accepts_a_prefix_with_trailing_dot() -> None:
+    assert new_uid("1.2.3.").startswith("1.2.3.")
+    assert ".." not in new_uid("1.2.3.")
+
+
+def test_new_uid_without_prefix_uses_pydicom_root() -> None:
+    uid = new_uid(None)
+    assert uid.startswith(PYDICOM_ROOT_UID) and UID(uid).is_valid
+
+
+def test_new_uids_are_unique() -> None:
+    assert len({new_uid("1.2.3") for _ in range(500)}) == 500
+
+
+def test_is_own_uid() -> None:
+    assert is_own_uid(new_uid("1.2.3"), "1.2.3")
+    assert is_own_uid(new_uid("1.2.3"), "1.2.3.")
+    assert not is_own_uid("1.2.34.5", "1.2.3")      # a longer component is not under the root
+    assert not is_own_uid("1.2.4.5", "1.2.3")
+    assert not is_own_uid(new_uid(None), None)     # pydicom's root is everyone's
