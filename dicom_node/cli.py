@@ -1,0 +1,278 @@
+"""``dicom-node``: the command line hospital IT uses.
+
+    dicom-node serve [--config node.toml]
+    dicom-node config check --config node.toml
+    dicom-node route --config node.toml --dry-run DICOM_DIR
+    dicom-node status [--config node.toml]
+    dicom-node echo DEST [--config node.toml]        (DEST: a destination name or AE@host:port)
+    dicom-node retry [DEST] [--config node.toml]     (re-queue deliveries that failed for good)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import threading
+from collections import defaultdict
+from datetime import datetime
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from . import __version__
+from .config import ConfigError, Destination, NodeConfig, load_config
+
+log = logging.getLogger("dicom_node")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    return load_config(Path(args.config) if args.config else None)
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _setup_logging(config.node.log_level)
+    from .service import Node
+
+    node = Node(config)
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    node.start()
+    log.info("dicom-node %s ready (data in %s)", __version__, config.node.data_dir)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        node.stop()
+    return 0
+
+
+# -- config check ----------------------------------------------------------------------------
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from inference.models import ModelRegistry
+
+    installed = ModelRegistry(config.inference.models_dir).available()
+    n = config.node
+    print(f"node: {n.ae_title} on {n.host}:{n.port}, data in {n.data_dir}")
+    peers = ", ".join(f"{p.ae_title}@{p.host or 'any host'}" for p in config.peers)
+    print(f"peers: {peers or 'none (any AE accepted)'}")
+    for d in config.destinations:
+        print(f"destination {d.name}: {d.ae_title}@{d.host}:{d.port}")
+    print(f"models in {config.inference.models_dir}: {', '.join(sorted(installed)) or 'none'}")
+    problems = 0
+    for rule in config.rules:
+        dests = ", ".join(d.name for d in config.destinations_for(rule)) or "none (kept on disk)"
+        state = "ok"
+        if rule.model and rule.model not in installed:
+            state = f"DISABLED: model {rule.model!r} not installed"
+            problems += 1
+        print(f"rule {rule.name}: /{rule.series_description}/i → {rule.action} {rule.model or ''}"
+              f" as {rule.output_name}, to {dests} [{state}]")
+    print("configuration is valid" + (f"; {problems} rule(s) disabled" if problems else ""))
+    return 0
+
+
+# -- route --dry-run -------------------------------------------------------------------------
+
+def cmd_route(args: argparse.Namespace) -> int:
+    if not args.dry_run:
+        print("route only works with --dry-run (it never sends anything)", file=sys.stderr)
+        return 2
+    config = _config(args)
+    from inference.models import ModelRegistry
+
+    from .assembly import completeness
+    from .journal import InstanceRecord
+    from .routing import route
+    from .scp import header_summary
+
+    installed = set(ModelRegistry(config.inference.models_dir).available())
+    root = Path(args.dicom_dir)
+    if not root.is_dir():
+        print(f"{root}: not a directory", file=sys.stderr)
+        return 2
+    series: dict[str, list[InstanceRecord]] = defaultdict(list)
+    attrs_of: dict[str, dict] = {}
+    skipped = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            ds = dcmread(path, stop_before_pixels=True)
+            uid = str(ds.SeriesInstanceUID)
+        except (InvalidDicomError, AttributeError, OSError, ValueError):
+            skipped += 1
+            continue
+        geometry, attrs = header_summary(ds)
+        attrs_of.setdefault(uid, attrs)
+        series[uid].append(InstanceRecord(str(ds.SOPInstanceUID), uid, attrs["SOPClassUID"], "", str(path), geometry))
+    for uid, instances in series.items():
+        attrs = attrs_of[uid]
+        decision = route(config, attrs, uid, calling_ae=args.calling_ae, installed_models=installed)
+        whole = completeness(instances)
+        print(f"series {attrs['SeriesNumber']} {attrs['SeriesDescription']!r} ({len(instances)} instances, {uid})")
+        print(f"  assembly: {'whole' if whole.whole else 'NOT whole'}: {whole.reason}")
+        for line in decision.trace:
+            print(f"  {line}")
+        print(f"  → {decision.reason}")
+    if skipped:
+        print(f"({skipped} non-DICOM file(s) skipped)")
+    if not series:
+        print("no DICOM series found")
+    return 0
+
+
+# -- status ----------------------------------------------------------------------------------
+
+def _ts(value: float | None) -> str:
+    return "-" if not value else datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from .journal import Journal
+
+    path = config.node.data_dir / "journal.sqlite3"
+    if not path.exists():
+        print(f"no journal at {path}: the node has not run with this data_dir yet")
+        return 1
+    journal = Journal(path)
+    counts = journal.counts()
+    print(f"instances received: {counts['instances']['total']}")
+    print("series: " + (", ".join(f"{k} {v}" for k, v in sorted(counts['series'].items())) or "none"))
+    print("jobs:   " + (", ".join(f"{k} {v}" for k, v in sorted(counts['jobs'].items())) or "none"))
+    print("\nrecent series:")
+    for s in journal.all_series(limit=args.limit):
+        note = f" - {s.note}" if s.note else ""
+        print(f"  {_ts(s.last_received)} {s.description!r:32} {s.n_instances:4d} inst  {s.state}{note}")
+    print("\nrecent jobs:")
+    for j in journal.jobs(limit=args.limit):
+        reason = f" - {j.reason}" if j.reason else ""
+        total = j.timings.get("total")
+        took = f" ({total:.1f} s)" if total else ""
+        print(f"  #{j.id} {_ts(j.updated_at)} rule {j.rule} v{j.version}: {j.state}{took}{reason}")
+    print("\noutbox by destination:")
+    rows = journal.outbox_summary()
+    if not rows:
+        print("  empty")
+    for r in rows:
+        extra = ""
+        if r["state"] == "pending":
+            extra = f", next try {_ts(r['next_at'])}"
+        if r["last_error"]:
+            extra += f", last error: {r['last_error']}"
+        print(f"  {r['destination']}: {r['n']} {r['state']} (tries up to {r['max_tries']}{extra})")
+    journal.close()
+    return 0
+
+
+# -- echo ------------------------------------------------------------------------------------
+
+_ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from .dispatch import echo
+
+    match = _ADDRESS.match(args.dest)
+    if match:
+        dest = Destination(name="adhoc", ae_title=match["ae"], host=match["host"], port=int(match["port"]))
+    else:
+        try:
+            dest = config.destination(args.dest)
+        except KeyError:
+            names = ", ".join(d.name for d in config.destinations) or "none configured"
+            print(f"unknown destination {args.dest!r} (known: {names}; or give AE@host:port)", file=sys.stderr)
+            return 2
+    ok, message = echo(config, dest)
+    print(message)
+    return 0 if ok else 1
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from .journal import Journal
+
+    journal = Journal(config.node.data_dir / "journal.sqlite3")
+    n = journal.retry_failed(args.dest)
+    journal.close()
+    print(f"{n} delivery item(s) queued again; a running node sends them within "
+          f"{config.dispatch.scan_interval_s:.0f} s")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import format_report
+
+    print(format_report(Path(args.file)))
+    return 0
+
+
+# -- main ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_: str) -> argparse.ArgumentParser:  # noqa: ANN001
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", "-c", help="TOML configuration (default: embedded defaults)")
+        p.set_defaults(func=func)
+        return p
+
+    add("serve", cmd_serve, "run the node")
+    p = sub.add_parser("config", help="configuration commands")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    c = csub.add_parser("check", help="validate a configuration file and show what it means")
+    c.add_argument("--config", "-c", required=True)
+    c.set_defaults(func=cmd_config_check)
+    p = add("route", cmd_route, "show how the series in a folder would be routed")
+    p.add_argument("--dry-run", action="store_true", help="required: only explain, never process or send")
+    p.add_argument("--calling-ae", default="", help="calling AE title to assume for rules that match on it")
+    p.add_argument("dicom_dir")
+    p = add("status", cmd_status, "series, jobs and the outbox per destination")
+    p.add_argument("--limit", type=int, default=20)
+    p = add("echo", cmd_echo, "C-ECHO a destination")
+    p.add_argument("dest", help="destination name from the config, or AE@host:port")
+    p = add("retry", cmd_retry, "re-queue deliveries that failed for good")
+    p.add_argument("dest", nargs="?", default=None, help="only this destination")
+    p = add("report", cmd_report, "print the volumes of a volumetry SR as a table")
+    p.add_argument("file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Readable text of a volumetry SR written by ``dicom_node.writers.sr`` (``dicom-node report FILE``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import highdicom as hd
+from highdicom.sr.utils import find_content_items
+from pydicom.sr.codedict import codes
+
+from dicom_node.writers.sr import (
+    ASYMMETRY_INDEX,
+    FRACTION_OF_ICV,
+    GROUP_QC,
+    HIPPOCAMPAL_OCCUPANCY,
+    QC_CHECK_CODES,
+    QC_OVERALL,
+)
+from inference.labels import STRUCTURES
+
+__all__ = ["ReportError", "format_report"]
+
+_BY_FS_NAME = {s.freesurfer_name: s for s in STRUCTURES.values()}
+_OUTCOME = {"111222": "PASS", "111224": "FAIL", "111225": "n/a"}
+
+
+class ReportError(ValueError):
+    """The file is not a volumetry measurement report."""
+
+
+@dataclass
+class _Row:
+    name: str
+    concept: str
+    volume_ml: float | None = None
+    icv_percent: float | None = None
+    z: float | None = None
+    percentile: float | None = None
+
+
+@dataclass
+class _Report:
+    rows: list[_Row] = field(default_factory=list)
+    icv_ml: float | None = None
+    asymmetry: dict[str, float] = field(default_factory=dict)     # structure concept value -> AI %
+    hoc: dict[str, float] = field(default_factory=dict)           # 'L'/'R' -> ratio
+    age: float | None = None
+    sex: str | None = None
+    qc_overall: str | None = None
+    qc: list[tuple[str, str, str]] = field(default_factory=list)   # (outcome, check, reason)
+
+
+def _same(concept: object, code: object) -> bool:
+    return (getattr(concept, "value", None) == getattr(code, "value", None)
+            and getattr(concept, "scheme_designator", None) == getattr(code, "scheme_designator", None))
+
+
+def _side(site: object) -> str:
+    laterality = getattr(site, "laterality", None)
+    return {"7771000": "L", "24028007": "R"}.get(getattr(laterality, "value", ""), "")
+
+
+def _row(group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations) -> _Row:
+    identifier = group.tracking_identifier or ""
+    structure = _BY_FS_NAME.get(identifier)
+    finding = group.finding_type
+    if structure is not None:
+        name = structure.display_name
+    else:
+        side = _side(group.finding_sites[0]) if group.finding_sites else ""
+        name = f"{side} {finding.meaning if finding else identifier}".strip()
+    row = _Row(name=name, concept=finding.value if finding else "")
+    for measurement in group.get_measurements():
+        if _same(measurement.name, codes.SCT.Volume):
+            row.volume_ml = float(measurement.value)
+        elif _same(measurement.name, FRACTION_OF_ICV):
+            row.icv_percent = float(measurement.value)
+        elif _same(measurement.name, codes.DCM.ZScoreOfMeasurement):
+            row.z = float(measurement.value)
+        elif _same(measurement.name, codes.DCM.PercentileRankingOfMeasurement):
+            row.percentile = float(measurement.value)
+    return row
+
+
+def _read_groups(report: hd.sr.MeasurementReport, out: _Report) -> None:
+    for group in report.get_image_measurement_groups():
+        for measurement in group.get_measurements():
+            site = measurement.finding_sites[0] if measurement.finding_sites else None
+            if _same(measurement.name, codes.SCT.Volume) and site is not None and _same(
+                    site.value, codes.SCT.IntracranialStructure):
+                out.icv_ml = float(measurement.value)
+            elif _same(measurement.name, ASYMMETRY_INDEX) and site is not None:
+                out.asymmetry[site.value.value] = float(measurement.value)
+            elif _same(measurement.name, HIPPOCAMPAL_OCCUPANCY) and site is not None:
+                out.hoc[_side(site)] = float(measurement.value)
+            elif _same(measurement.name, codes.DCM.SubjectAge):
+                out.age = float(measurement.value)
+        for evaluation in group.get_qualitative_evaluations():
+            if _same(evaluation.name, codes.DCM.SubjectSex):
+                out.sex = evaluation.value.meaning
+            elif _same(evaluation.name, QC_OVERALL):
+                out.qc_overall = _OUTCOME.get(evaluation.value.value, evaluation.value.meaning)
+        if group.tracking_identifier == GROUP_QC:
+            for check in QC_CHECK_CODES.values():
+                outcome = [e for e in group.get_qualitative_evaluations() if _same(e.name, check)]
+                if not outcome:
+                    continue
+                texts = find_content_items(group[0], name=check, value_type=hd.sr.ValueTypeValues.TEXT)
+                out.qc.append((_OUTCOME.get(outcome[0].value.value, outcome[0].value.meaning), check.meaning,
+                               texts[0].value if texts else ""))
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def format_report(path: Path) -> str:
+    """A text table of the volumetry SR at ``path``: structures (volume ml, % ICV, asymmetry, normative
+    z-score and percentile where present), ICV, hippocampal occupancy, subject and quality control."""
+    try:
+        sr = hd.sr.srread(path)
+    except Exception as exc:  # highdicom raises several types for non-SR input
+        raise ReportError(f"{path}: not a structured report ({exc})") from exc
+    report = sr.content
+    if not isinstance(report, hd.sr.MeasurementReport):
+        raise ReportError(f"{path}: not a TID 1500 measurement report")
+    out = _Report(rows=[_row(group) for group in report.get_volumetric_roi_measurement_groups()])
+    _read_groups(report, out)
+    if not out.rows and out.icv_ml is None:
+        raise ReportError(f"{path}: the report holds no volumetry")
+
+    lines = [
+        f"{sr.get('SeriesDescription', '')}  (series {sr.get('SeriesNumber', '')}, {sr.SOPInstanceUID})",
+        f"Patient {sr.get('PatientName', '')}  ID {sr.get('PatientID', '')}  "
+        f"age {_number(out.age, '.0f') or '?'} y  sex {out.sex or '?'}  study date {sr.get('StudyDate', '')}",
+        f"Quality control: {out.qc_overall or '?'}",
+        f"Intracranial volume: {_number(out.icv_ml, '.1f')} ml",
+        "",
+    ]
+    with_norms = any(row.z is not None for row in out.rows)
+    header = f"{'Structure':<34}{'Volume ml':>10}{'% ICV':>8}{'Asym %':>8}"
+    if with_norms:
+        header += f"{'z':>7}{'pct':>6}"
+    lines += [header, "-" * len(header)]
+    for row in out.rows:
+        line = (f"{row.name:<34}{_number(row.volume_ml, '.2f'):>10}{_number(row.icv_percent, '.2f'):>8}"
+                f"{_number(out.asymmetry.get(row.concept), '+.1f'):>8}")
+        if with_norms:
+            line += f"{_number(row.z, '+.2f'):>7}{_number(row.percentile, '.0f'):>6}"
+        lines.append(line)
+    if out.hoc:
+        lines += ["", "Hippocampal occupancy: " + "  ".join(f"{side} {value:.3f}"
+                                                            for side, value in sorted(out.hoc.items()))]
+    if out.qc:
+        lines += ["", "Quality control checks:"]
+        lines += [f"  {outcome:<5}{check}: {reason}" for outcome, check, reason in out.qc]
+    return "\n".join(lines) + "\n"

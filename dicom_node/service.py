@@ -1,0 +1,147 @@
+"""The node as a service: wires SCP, journal, assembly, routing, jobs and dispatch; owns start/stop.
+
+Start-up also recovers from a crash: jobs that were queued or running are run again, series that
+were closed but not yet routed are routed, the outbox is resumed, and series still receiving close
+on their idle timeout as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from inference.models import ModelRegistry
+
+from .assembly import completeness
+from .config import NodeConfig
+from .dispatch import Dispatcher
+from .journal import Journal
+from .jobs import JobRunner, ThreadExecutor
+from .routing import route
+from .scp import StorageSCP
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        data_dir = config.node.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(data_dir / "journal.sqlite3", fsync=config.node.fsync)
+        self.spool = Spool(data_dir / "spool", fsync=config.node.fsync)
+        self.registry = ModelRegistry(
+            config.inference.models_dir, providers=config.inference.providers, threads=config.inference.threads
+        )
+        self.installed_models: set[str] = set()
+        self.dispatcher = Dispatcher(config, self.journal)
+        self.runner = JobRunner(config, self.journal, self.registry, on_written=self.kick_dispatch)
+        self.executor: ThreadExecutor | None = None
+        self.scheduler = BackgroundScheduler(daemon=True)
+        self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released)
+        self._close_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.installed_models = set(self.registry.available())
+        log.info("models installed in %s: %s", self.config.inference.models_dir,
+                 ", ".join(sorted(self.installed_models)) or "none")
+        for rule in self.config.rules:
+            if rule.model and rule.model not in self.installed_models:
+                log.warning("rule %r disabled: model %r is not installed in %s; its series are stored, "
+                            "not processed", rule.name, rule.model, self.config.inference.models_dir)
+        needed = {r.model for r in self.config.rules if r.model and r.model in self.installed_models}
+        for model_id in sorted(needed):
+            loaded = self.registry.session(model_id)  # warm: the first series does not pay for it
+            log.info("model %s %s ready on %s", model_id, loaded.manifest.version, loaded.provider)
+        self.executor = ThreadExecutor(self.runner.run, workers=self.config.inference.workers)
+        self._recover()
+        self.scheduler.add_job(self.sweep, "interval", seconds=self.config.node.sweep_interval_s,
+                               id="idle-sweep", max_instances=1, coalesce=True)
+        self.scheduler.add_job(self.dispatcher.send_due, "interval", seconds=self.config.dispatch.scan_interval_s,
+                               id="outbox", max_instances=1, coalesce=True)
+        self.scheduler.start()
+        self.scp.start()
+
+    def stop(self) -> None:
+        self.scp.stop()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if self.executor is not None:
+            self.executor.shutdown()
+        self.journal.close()
+
+    def _recover(self) -> None:
+        assert self.executor is not None
+        for job in self.journal.jobs(states=["queued", "running"]):
+            log.info("resuming job %d (%s) after restart", job.id, job.rule)
+            self.journal.set_job_state(job.id, "queued", "resumed after restart")
+            self.executor.submit(job.id)
+        for series in self.journal.series_in_state("complete"):
+            self._route(series.series_uid, series.version)
+        pending = self.journal.counts()["outbox"].get("pending", 0)
+        if pending:
+            log.info("outbox: %d object(s) still to deliver", pending)
+            self.kick_dispatch()
+
+    def kick_dispatch(self) -> None:
+        """Send what is due now rather than at the next scan."""
+        if self.scheduler.running:
+            self.scheduler.add_job(self.dispatcher.send_due, id="outbox-now", replace_existing=True)
+
+    # -- series completion -----------------------------------------------------------------
+
+    def on_released(self, series_uids: Iterable[str]) -> None:
+        """An association was released: close each of its series that is whole now."""
+        for uid in series_uids:
+            series = self.journal.series(uid)
+            if series is None or series.state != "receiving":
+                continue
+            verdict = completeness(self.journal.instances(uid))
+            if verdict.whole:
+                log.info("series %r (%s) is whole: %s", series.description, uid, verdict.reason)
+                self._close(uid, series.last_received)
+            else:
+                log.info("series %r (%s) not whole yet (%s): waiting up to %.0f s",
+                         series.description, uid, verdict.reason, self.config.node.idle_timeout_s)
+
+    def sweep(self) -> None:
+        """Close series that received nothing for ``idle_timeout_s``, whole or not."""
+        cutoff = time.time() - self.config.node.idle_timeout_s
+        for series in self.journal.series_in_state("receiving", idle_before=cutoff):
+            verdict = completeness(self.journal.instances(series.series_uid))
+            log.log(logging.INFO if verdict.whole else logging.WARNING,
+                    "series %r (%s) closed on idle timeout: %s", series.description, series.series_uid,
+                    verdict.reason)
+            self._close(series.series_uid, series.last_received)
+
+    def _close(self, series_uid: str, last_received: float) -> None:
+        with self._close_lock:
+            version = self.journal.close_series(series_uid, expected_last_received=last_received)
+        if version is not None:
+            self._route(series_uid, version)
+
+    def _route(self, series_uid: str, version: int) -> None:
+        series = self.journal.series(series_uid)
+        assert series is not None
+        decision = route(
+            self.config, series.attrs, series_uid, calling_ae=series.calling_ae,
+            installed_models=self.installed_models, is_produced=self.journal.is_produced,
+        )
+        if decision.rule is None:
+            log.info("series %r (%s): %s", series.description, series_uid, decision.reason)
+            self.journal.set_series_state(series_uid, "ignored", decision.reason)
+            return
+        rule = decision.rule
+        job_id = self.journal.add_job(series_uid=series_uid, version=version, rule=rule.name,
+                                      action=rule.action, model=rule.model)
+        log.info("series %r (%s) version %d: %s → job %d", series.description, series_uid, version,
+                 decision.reason, job_id)
+        assert self.executor is not None
+        self.executor.submit(job_id)

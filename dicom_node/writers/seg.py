@@ -1,0 +1,198 @@
+"""DICOM Segmentation (BINARY) of the measured brain structures, pixel-aligned with its source T1 series.
+
+One segment per structure of ``inference.labels.STRUCTURES`` present in the label volume, numbered in
+ascending FreeSurfer code order. Codes that are not measured structures (vessels, extra-cerebral classes)
+are not encoded. Each segment carries the structure's CID 7140 concept as SegmentedPropertyType, its side
+as SegmentedPropertyTypeModifier (SNOMED CT Left/Right), its FreeSurfer name as TrackingID, its
+FreeSurferColorLUT colour, and the model as algorithm (family: Artificial Intelligence).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import SimpleITK as sitk
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+import dicom_node
+from dicom_node.uids import new_uid
+from inference.labels import STRUCTURES, Structure, by_code, laterality_code
+
+__all__ = ["GridMismatchError", "segment_codes", "write_seg"]
+
+#: Largest distance (mm) between a source frame's position and the labels grid, and tolerance on cosines.
+POSITION_TOLERANCE_MM = 0.01
+ORIENTATION_TOLERANCE = 1e-4
+CONTENT_LABEL = "BRAIN_STRUCTURES"
+
+_FS_NAMES = {structure.freesurfer_name: code for code, structure in STRUCTURES.items()}
+
+
+class GridMismatchError(ValueError):
+    """The label volume is not on the grid of the source images."""
+
+
+@dataclass(frozen=True)
+class _Frame:
+    position: np.ndarray      # ImagePositionPatient
+    orientation: np.ndarray   # ImageOrientationPatient
+    spacing: tuple[float, float]  # PixelSpacing (row spacing, column spacing)
+    rows: int
+    columns: int
+
+
+def _plane(item: Dataset, keyword: str, sequence: str) -> Dataset | None:
+    """The first item of ``sequence`` holding ``keyword`` in a functional group item, if any."""
+    for group in item.get(sequence, []) or []:
+        if keyword in group:
+            return group
+    return None
+
+
+def _frames(sources: Sequence[Dataset]) -> list[_Frame]:
+    """Geometry of every source frame in the order highdicom expects pixel frames (sources, then frames)."""
+    frames: list[_Frame] = []
+    for ds in sources:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+            for item in ds.PerFrameFunctionalGroupsSequence:
+                position = _plane(item, "ImagePositionPatient", "PlanePositionSequence")
+                if position is None:
+                    raise GridMismatchError("an Enhanced source frame has no PlanePositionSequence")
+                position = position.ImagePositionPatient
+                orientation = (_plane(item, "ImageOrientationPatient", "PlaneOrientationSequence")
+                               or (shared.PlaneOrientationSequence[0] if "PlaneOrientationSequence" in shared
+                                   else None))
+                measures = (_plane(item, "PixelSpacing", "PixelMeasuresSequence")
+                            or (shared.PixelMeasuresSequence[0] if "PixelMeasuresSequence" in shared else None))
+                if orientation is None or measures is None:
+                    raise GridMismatchError("an Enhanced source frame has no orientation or pixel spacing")
+                frames.append(_Frame(np.array(position, float), np.array(orientation.ImageOrientationPatient, float),
+                                     (float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])),
+                                     rows, columns))
+        else:
+            for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+                if keyword not in ds:
+                    raise GridMismatchError(f"source {ds.get('SOPInstanceUID')} has no {keyword}")
+            frames.append(_Frame(np.array(ds.ImagePositionPatient, float), np.array(ds.ImageOrientationPatient, float),
+                                 (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), rows, columns))
+    return frames
+
+
+def _slice_indices(labels: sitk.Image, frames: Sequence[_Frame]) -> list[int]:
+    """Slice index k of the labels grid for each source frame; GridMismatchError unless one frame per slice."""
+    size, spacing = labels.GetSize(), labels.GetSpacing()
+    direction = np.array(labels.GetDirection()).reshape(3, 3)
+    indices = []
+    for n, frame in enumerate(frames):
+        if (frame.rows, frame.columns) != (size[1], size[0]):
+            raise GridMismatchError(f"source frame {n + 1} is {frame.rows}x{frame.columns}, "
+                                    f"labels slices are {size[1]}x{size[0]} (rows x columns)")
+        if not np.allclose(frame.orientation, [*direction[:, 0], *direction[:, 1]], atol=ORIENTATION_TOLERANCE):
+            raise GridMismatchError(f"source frame {n + 1} orientation {frame.orientation.tolist()} differs "
+                                    "from the labels direction")
+        if not np.allclose(frame.spacing, (spacing[1], spacing[0]), atol=POSITION_TOLERANCE_MM):
+            raise GridMismatchError(f"source frame {n + 1} pixel spacing {frame.spacing} differs from the labels "
+                                    f"spacing {(spacing[1], spacing[0])}")
+        index = np.array(labels.TransformPhysicalPointToContinuousIndex(tuple(frame.position)))
+        k = int(round(index[2]))
+        offset = np.abs(np.array([index[0], index[1], index[2] - k])) * np.array(spacing)
+        if not 0 <= k < size[2] or np.any(offset > POSITION_TOLERANCE_MM):
+            raise GridMismatchError(f"source frame {n + 1} at {frame.position.tolist()} is not a slice of the "
+                                    "labels grid")
+        indices.append(k)
+    if sorted(indices) != list(range(size[2])):
+        raise GridMismatchError(f"the {len(frames)} source frames do not cover the {size[2]} label slices once each")
+    return indices
+
+
+def _description(number: int, structure: Structure, algorithm: hd.AlgorithmIdentificationSequence,
+                 ) -> hd.seg.SegmentDescription:
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=structure.display_name,
+        segmented_property_category=structure.category,
+        segmented_property_type=structure.concept,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        tracking_uid=hd.UID(),
+        tracking_id=structure.freesurfer_name,
+        display_color=hd.color.CIELabColor.from_rgb(*structure.rgb),
+    )
+    side = laterality_code(structure)
+    if side is not None:
+        # nested in the property type item (Segment Description macro)
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept.from_code(side)]
+    return description
+
+
+def segment_codes(seg: Dataset) -> dict[int, int]:
+    """FreeSurfer code -> segment number of a SEG written by :func:`write_seg` (from each TrackingID)."""
+    mapping = {}
+    for item in seg.SegmentSequence:
+        code = _FS_NAMES.get(str(item.get("TrackingID", "")))
+        if code is not None:
+            mapping[code] = int(item.SegmentNumber)
+    return mapping
+
+
+def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path: Path, series_number: int,
+              series_description: str, algorithm_name: str, algorithm_version: str, uid_prefix: str | None,
+              device_serial_number: str | None = None) -> Path:
+    """Write the measured structures of ``labels`` as a BINARY Segmentation of ``source_images``.
+
+    ``labels`` (integer FreeSurfer codes) must lie on the grid of the source images: one source frame per
+    labels slice k with IPP = physical point of (0, 0, k), IOP = the first two direction columns, the same
+    rows, columns and pixel spacing; GridMismatchError otherwise. Empty frames are omitted.
+    """
+    if not source_images:
+        raise ValueError("no source images")
+    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("labels must be a scalar 3D image")
+    array = sitk.GetArrayFromImage(labels)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
+    indices = _slice_indices(labels, _frames(source_images))
+
+    present = [code for code in STRUCTURES if np.any(array == code)]
+    if not present:
+        raise ValueError("labels hold no measured structure: nothing to segment")
+    lut = np.zeros(int(array.max()) + 1, dtype=np.uint8 if len(present) < 256 else np.uint16)
+    for number, code in enumerate(present, start=1):
+        lut[code] = number
+    segments = lut[array][indices]  # frames in source order
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
+    descriptions = [_description(number, by_code(code), algorithm) for number, code in enumerate(present, start=1)]
+    seg = hd.seg.Segmentation(
+        source_images=list(source_images),
+        pixel_array=segments,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=new_uid(uid_prefix),
+        series_number=int(series_number),
+        sop_instance_uid=new_uid(uid_prefix),
+        instance_number=1,
+        manufacturer=dicom_node.MANUFACTURER,
+        manufacturer_model_name=dicom_node.MODEL_NAME,
+        software_versions=[f"dicom-node {dicom_node.__version__}", f"{algorithm_name} {algorithm_version}"],  # type: ignore[arg-type]
+        device_serial_number=device_serial_number or platform.node() or "unknown",
+        content_label=CONTENT_LABEL,
+        content_description=f"Brain structures by {algorithm_name} {algorithm_version}"[:64],
+        omit_empty_frames=True,
+        series_description=series_description[:64],
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    dcmwrite(out_path, seg, enforce_file_format=True)
+    return out_path

@@ -1,0 +1,254 @@
+"""Comprehensive 3D SR: a TID 1500 measurement report of one volumetry.
+
+Content (every group carries the model as algorithm identification):
+
+* one TID 1411 volumetric ROI group per structure, referencing its SEG segment: Volume (SCT 118565006, ml),
+  fraction of intracranial volume (%), and with a normative table Z-score (DCM 121416) and percentile
+  (DCM 121415);
+* TID 1501 groups, told apart by their tracking identifier: intracranial volume (Volume at the finding site
+  "Intracranial structure"), asymmetry indices (%, finding site = the structure), hippocampal occupancy
+  (ratio, per side), subject (Subject Age in years, Subject Sex) and quality control (one CODE per check,
+  Succeeded / Failed / Not Attempted, with a TEXT of the same concept giving the reason; plus the overall
+  outcome).
+
+Concepts that DICOM does not define are coded in the local scheme ``99DICOMNODE``, declared in the
+Coding Scheme Identification Sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.sr.codedict import codes
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+
+import dicom_node
+from dicom_node.uids import new_uid
+from dicom_node.writers.seg import segment_codes
+from inference.labels import by_code, laterality_code
+from inference.volumetry import Volumetry, with_qc_flag
+
+__all__ = [
+    "ASYMMETRY_INDEX",
+    "FRACTION_OF_ICV",
+    "GROUP_ASYMMETRY",
+    "GROUP_HOC",
+    "GROUP_ICV",
+    "GROUP_QC",
+    "GROUP_SUBJECT",
+    "HIPPOCAMPAL_OCCUPANCY",
+    "LOCAL_SCHEME",
+    "QC_CHECK_CODES",
+    "QC_OVERALL",
+    "UNIT_ML",
+    "device_uid",
+    "write_sr",
+]
+
+LOCAL_SCHEME = "99DICOMNODE"
+FRACTION_OF_ICV = Code("ICVF", LOCAL_SCHEME, "Fraction of intracranial volume")
+ASYMMETRY_INDEX = Code("AI", LOCAL_SCHEME, "Asymmetry index")
+HIPPOCAMPAL_OCCUPANCY = Code("HOC", LOCAL_SCHEME, "Hippocampal occupancy")
+QC_OVERALL = Code("QC", LOCAL_SCHEME, "Volumetry quality control")
+QC_CHECK_CODES = {
+    "icv_range": Code("QC-ICV", LOCAL_SCHEME, "Intracranial volume plausibility"),
+    "structures_present": Code("QC-PRESENT", LOCAL_SCHEME, "Measured structures present"),
+    "intensity_ordering": Code("QC-T1", LOCAL_SCHEME, "T1 intensity ordering"),
+}
+QC_OUTCOME = {True: codes.DCM.Succeeded, False: codes.DCM.Failed, None: codes.DCM.NotAttempted}
+SEX_CODES = {"M": codes.DCM.Male, "F": codes.DCM.Female, "O": codes.DCM.Other}
+
+UNIT_ML = Code("ml", "UCUM", "milliliter")
+UNIT_PERCENT = codes.UCUM.Percent
+UNIT_RATIO = codes.UCUM.Ratio
+UNIT_NONE = codes.UCUM.NoUnits
+UNIT_YEAR = codes.UCUM.Year
+
+GROUP_ICV = "Intracranial volume"
+GROUP_ASYMMETRY = "Asymmetry indices"
+GROUP_HOC = "Hippocampal occupancy"
+GROUP_SUBJECT = "Subject"
+GROUP_QC = "Quality control"
+
+_PROCEDURE = codes.LN.BrainMRI  # LOINC 24590-2
+
+
+def _tracking(identifier: str, uid_prefix: str | None) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=new_uid(uid_prefix), identifier=identifier)
+
+
+def _site(code: int) -> hd.sr.FindingSite:
+    structure = by_code(code)
+    return hd.sr.FindingSite(anatomic_location=structure.concept, laterality=laterality_code(structure))
+
+
+def _structure_groups(volumetry: Volumetry, seg: Dataset, source_series_uid: str,
+                      algorithm: hd.sr.AlgorithmIdentification, uid_prefix: str | None,
+                      ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    numbers = segment_codes(seg)
+    missing = [code for code in volumetry.structures if code not in numbers]
+    if missing:
+        raise ValueError(f"the SEG has no segment for structures {missing}: not the SEG of this volumetry")
+    groups = []
+    for code, entry in volumetry.structures.items():
+        structure = entry.structure
+        measurements = [
+            hd.sr.Measurement(name=codes.SCT.Volume, value=entry.volume_ml, unit=UNIT_ML, algorithm_id=algorithm),
+            hd.sr.Measurement(name=FRACTION_OF_ICV, value=entry.icv_percent, unit=UNIT_PERCENT,
+                              algorithm_id=algorithm),
+        ]
+        if entry.norm_score is not None:
+            measurements += [
+                hd.sr.Measurement(name=codes.DCM.ZScoreOfMeasurement, value=entry.norm_score.z, unit=UNIT_NONE),
+                hd.sr.Measurement(name=codes.DCM.PercentileRankingOfMeasurement, value=entry.norm_score.percentile,
+                                  unit=UNIT_PERCENT),
+            ]
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(structure.freesurfer_name, uid_prefix),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=numbers[code],
+                source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid)),
+            finding_type=structure.concept,
+            finding_category=structure.category,
+            finding_sites=[_site(code)],
+            algorithm_id=algorithm,
+            measurements=measurements,
+        ))
+    return groups
+
+
+def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification, uid_prefix: str | None,
+                  ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(GROUP_ICV, uid_prefix),
+        finding_type=codes.SCT.IntracranialStructure,
+        algorithm_id=algorithm,
+        measurements=[hd.sr.Measurement(
+            name=codes.SCT.Volume, value=volumetry.icv_ml, unit=UNIT_ML,
+            finding_sites=[hd.sr.FindingSite(codes.SCT.IntracranialStructure)])],
+    )]
+    if volumetry.asymmetry:
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(GROUP_ASYMMETRY, uid_prefix),
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(
+                name=ASYMMETRY_INDEX, value=pair.index_percent, unit=UNIT_PERCENT,
+                finding_sites=[hd.sr.FindingSite(by_code(pair.left_code).concept)])
+                for pair in volumetry.asymmetry],
+        ))
+    if volumetry.hoc:
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(GROUP_HOC, uid_prefix),
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(
+                name=HIPPOCAMPAL_OCCUPANCY, value=value, unit=UNIT_RATIO,
+                finding_sites=[_site(17 if side == "L" else 53)])
+                for side, value in sorted(volumetry.hoc.items())],
+        ))
+    return groups
+
+
+def _subject_group(volumetry: Volumetry, uid_prefix: str | None) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    measurements = ([hd.sr.Measurement(name=codes.DCM.SubjectAge, value=volumetry.age_years, unit=UNIT_YEAR)]
+                    if volumetry.age_years is not None else [])
+    evaluations = ([hd.sr.QualitativeEvaluation(codes.DCM.SubjectSex, SEX_CODES[volumetry.sex])]
+                   if volumetry.sex in SEX_CODES else [])
+    if not measurements and not evaluations:
+        return None
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(GROUP_SUBJECT, uid_prefix), measurements=measurements or None,
+        qualitative_evaluations=evaluations or None)
+
+
+def _qc_group(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification, uid_prefix: str | None,
+              ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    evaluations = [hd.sr.QualitativeEvaluation(QC_OVERALL, QC_OUTCOME[volumetry.qc_passed])]
+    evaluations += [hd.sr.QualitativeEvaluation(QC_CHECK_CODES[check.name], QC_OUTCOME[check.passed])
+                    for check in volumetry.qc]
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(GROUP_QC, uid_prefix), algorithm_id=algorithm,
+        qualitative_evaluations=evaluations)
+    for check in volumetry.qc:
+        group[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=QC_CHECK_CODES[check.name], value=check.reason[:1024],
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def _evidence(*groups: Sequence[Dataset]) -> list[Dataset]:
+    seen, evidence = set(), []
+    for group in groups:
+        for ds in group:
+            if ds.SOPInstanceUID not in seen:
+                seen.add(ds.SOPInstanceUID)
+                evidence.append(ds)
+    return evidence
+
+
+def device_uid(uid_prefix: str | None) -> str:
+    """A stable UID of this node as observing device (the same for every report under one root)."""
+    prefix = PYDICOM_ROOT_UID if not uid_prefix else uid_prefix if uid_prefix.endswith(".") else uid_prefix + "."
+    return str(generate_uid(prefix=prefix, entropy_srcs=[dicom_node.MANUFACTURER, dicom_node.MODEL_NAME]))
+
+
+def write_sr(volumetry: Volumetry, *, seg_dataset: Dataset, source_images: Sequence[Dataset],
+             input_series_datasets: Sequence[Dataset], out_path: Path, series_number: int, series_description: str,
+             uid_prefix: str | None, algorithm_name: str, algorithm_version: str,
+             institution_name: str | None = None) -> Path:
+    """Write the volumetry as a Comprehensive 3D SR in the study of ``source_images``.
+
+    ``seg_dataset`` is the SEG written by ``write_seg`` from the same labels; ``source_images`` the T1 it was
+    computed on; ``input_series_datasets`` the series the T1 was synthesized from (empty for a real T1).
+    All three are recorded as evidence. The series description gets ' QC FAILED' when QC failed.
+    """
+    if not source_images:
+        raise ValueError("no source images")
+    algorithm = hd.sr.AlgorithmIdentification(name=algorithm_name, version=algorithm_version)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(uid_prefix), name=dicom_node.MODEL_NAME, manufacturer_name=dicom_node.MANUFACTURER,
+            model_name=f"{algorithm_name} {algorithm_version}"[:64]))
+    groups: list = _structure_groups(volumetry, seg_dataset, str(source_images[0].SeriesInstanceUID), algorithm,
+                                     uid_prefix)
+    groups += _index_groups(volumetry, algorithm, uid_prefix)
+    subject = _subject_group(volumetry, uid_prefix)
+    if subject is not None:
+        groups.append(subject)
+    groups.append(_qc_group(volumetry, algorithm, uid_prefix))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    first = source_images[0]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=_evidence(source_images, input_series_datasets, [seg_dataset]),
+        content=report,
+        series_instance_uid=new_uid(uid_prefix),
+        series_number=int(series_number),
+        sop_instance_uid=new_uid(uid_prefix),
+        instance_number=1,
+        manufacturer=dicom_node.MANUFACTURER,
+        manufacturer_model_name=dicom_node.MODEL_NAME,
+        software_versions=[f"dicom-node {dicom_node.__version__}", f"{algorithm_name} {algorithm_version}"],
+        institution_name=institution_name or first.get("InstitutionName") or None,
+        series_description=with_qc_flag(series_description, volumetry),
+        is_complete=True,
+        is_final=False,
+        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
+            designator=LOCAL_SCHEME, name="dicom-node local codes",
+            responsible_organization=dicom_node.MANUFACTURER)],
+    )
+    for keyword in ("PatientAge", "PatientSize", "PatientWeight"):  # Patient Study module
+        if first.get(keyword) not in (None, ""):
+            setattr(sr, keyword, first[keyword].value)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    dcmwrite(out_path, sr, enforce_file_format=True)
+    return out_path

@@ -1,0 +1,250 @@
+"""One-page volumetry summary as an RGB Secondary Capture image.
+
+The page holds a banner (synthetic input: "SYNTHETIC - not for diagnosis of lesions"), patient and series
+lines, a table of key volumes (ICV, hippocampus, HOC, ventricles, amygdala, cortex, white matter; with
+normative z-scores when present), the quality-control outcome, and three coronal slices through the
+hippocampi with the labels in FreeSurfer colours (radiological convention: patient right on the left).
+Text is drawn with Pillow's built-in font; the page carries patient identification (BurnedInAnnotation YES).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import SimpleITK as sitk
+from PIL import Image, ImageDraw, ImageFont
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+
+import dicom_node
+from dicom_node.uids import new_uid
+from inference.labels import STRUCTURES
+from inference.volumetry import Volumetry, with_qc_flag
+
+__all__ = ["PAGE_SIZE", "render_page", "write_summary"]
+
+PAGE_SIZE = (1024, 1024)  # columns, rows
+SYNTHETIC_BANNER = "SYNTHETIC - not for diagnosis of lesions"
+REAL_BANNER = "Automated volumetry - verify before clinical use"
+SLICE_OFFSETS_MM = (-10.0, 0.0, 10.0)
+OVERLAY_ALPHA = 0.45
+
+_BG, _FG, _DIM = (0, 0, 0), (235, 235, 235), (150, 150, 150)
+_RED, _GREEN, _AMBER = (200, 30, 30), (40, 170, 60), (230, 160, 20)
+
+# Rows of the key-volume table: (label, left code, right code or None).
+_TABLE = (
+    ("Hippocampus", 17, 53),
+    ("Amygdala", 18, 54),
+    ("Lateral ventricle", 4, 43),
+    ("Inf. lateral ventricle", 5, 44),
+    ("Thalamus", 10, 49),
+    ("Cerebral cortex", 3, 42),
+    ("Cerebral white matter", 2, 41),
+    ("Third ventricle", 14, None),
+    ("Brainstem", 16, None),
+)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _window(t1: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    values = t1[mask] if mask.any() else t1.ravel()
+    low, high = np.percentile(values, (1.0, 99.0)) if values.size else (0.0, 1.0)
+    scaled = (t1 - low) / max(float(high - low), 1e-6)
+    return (np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _colour_lut(max_code: int) -> tuple[np.ndarray, np.ndarray]:
+    lut = np.zeros((max_code + 1, 3), dtype=np.float32)
+    shown = np.zeros(max_code + 1, dtype=bool)
+    for code, structure in STRUCTURES.items():
+        if code <= max_code:
+            lut[code] = structure.rgb
+            shown[code] = True
+    return lut, shown
+
+
+def _coronal_panels(t1: sitk.Image, labels: sitk.Image) -> list[tuple[Image.Image, float, float, float]]:
+    """(panel, physical width mm, physical height mm, offset mm) of coronal RGB panels (rows superior to inferior, columns patient right to left) at the hippocampi."""
+    if t1.GetSize() != labels.GetSize() or not np.allclose(t1.GetOrigin(), labels.GetOrigin(), atol=1e-3) \
+            or not np.allclose(t1.GetDirection(), labels.GetDirection(), atol=1e-4) \
+            or not np.allclose(t1.GetSpacing(), labels.GetSpacing(), atol=1e-4):
+        t1 = sitk.Resample(t1, labels, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    # index i -> patient left, j -> inferior, k -> posterior: array[k] is a coronal slice seen from the front
+    t1_lip = sitk.DICOMOrient(sitk.Cast(t1, sitk.sitkFloat32), "LIP")
+    labels_lip = sitk.DICOMOrient(labels, "LIP")
+    grey_all = sitk.GetArrayFromImage(t1_lip)
+    codes_all = sitk.GetArrayFromImage(labels_lip).astype(np.int64)
+    spacing = labels_lip.GetSpacing()
+    grey_all = _window(grey_all, codes_all > 0)
+    hippocampus = np.argwhere(np.isin(codes_all, (17, 53)))
+    foreground = np.argwhere(codes_all > 0)
+    centre = (hippocampus if hippocampus.size else foreground if foreground.size else
+              np.array([[s // 2 for s in codes_all.shape]])).mean(axis=0)
+    lut, shown = _colour_lut(int(codes_all.max()))
+    panels = []
+    for offset in SLICE_OFFSETS_MM:
+        k = int(np.clip(round(centre[0] + offset / spacing[2]), 0, codes_all.shape[0] - 1))
+        grey = grey_all[k].astype(np.float32)[..., None].repeat(3, axis=2)
+        codes = codes_all[k]
+        mask = shown[codes][..., None]
+        rgb = np.where(mask, (1 - OVERLAY_ALPHA) * grey + OVERLAY_ALPHA * lut[codes], grey)
+        panel = Image.fromarray(rgb.astype(np.uint8), "RGB")
+        # square pixels: physical width = columns x spacing[0], height = rows x spacing[1]
+        width, height = codes.shape[1] * spacing[0], codes.shape[0] * spacing[1]
+        panels.append((panel, width, height, offset))
+    return panels
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _table_rows(volumetry: Volumetry) -> list[tuple[tuple[str, ...], tuple[int, int, int]]]:
+    """Cells (name, left, right, AI) of the key-volume table, with their colour."""
+    rows = [((f"Intracranial volume {volumetry.icv_ml:.1f} ml", "", "", ""), _FG), (("", "", "", ""), _FG),
+            (("ml (% ICV)", "left", "right", "AI %"), _DIM)]
+    asymmetry = {pair.left_code: pair.index_percent for pair in volumetry.asymmetry}
+    for name, left, right in _TABLE:
+        cells = []
+        for code in (left, right):
+            entry = volumetry.structures.get(code) if code is not None else None
+            if code is None:
+                cells.append("")
+            elif entry is None:
+                cells.append("absent")
+            else:
+                z = f"  z {entry.norm_score.z:+.1f}" if entry.norm_score else ""
+                cells.append(f"{entry.volume_ml:.2f} ({entry.icv_percent:.2f}){z}")
+        ai = _fmt(asymmetry.get(left), "+.1f") if right is not None else ""
+        rows.append(((name, cells[0], cells[1], ai), _FG))
+    hoc = volumetry.hoc
+    rows += [(("", "", "", ""), _FG),
+             (("Hippocampal occupancy", _fmt(hoc.get("L"), ".3f"), _fmt(hoc.get("R"), ".3f"), ""), _FG)]
+    return rows
+
+
+def render_page(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, header_lines: Sequence[str],
+                synthetic: bool) -> np.ndarray:
+    """The summary page as a uint8 RGB array of PAGE_SIZE (rows, columns, 3)."""
+    width, height = PAGE_SIZE
+    page = Image.new("RGB", (width, height), _BG)
+    draw = ImageDraw.Draw(page)
+    big, normal, small = _font(26), _font(17), _font(14)
+
+    draw.rectangle((0, 0, width, 52), fill=_RED if synthetic else _AMBER)
+    draw.text((width // 2, 26), SYNTHETIC_BANNER if synthetic else REAL_BANNER, font=big, fill=(255, 255, 255),
+              anchor="mm")
+    y = 62
+    for line in header_lines:
+        draw.text((16, y), line, font=normal, fill=_FG)
+        y += 22
+
+    y += 8
+    table_top = y
+    right_edges = (None, 370, 520, 600)  # name left-aligned at 16, the other columns right-aligned
+    for cells, colour in _table_rows(volumetry):
+        for text, edge in zip(cells, right_edges, strict=True):
+            if edge is None:
+                draw.text((16, y), text, font=small, fill=colour)
+            elif text:
+                draw.text((edge, y), text, font=small, fill=colour, anchor="ra")
+        y += 19
+
+    qc_x, qc_y = 640, table_top
+    passed = volumetry.qc_passed
+    draw.rectangle((qc_x, qc_y, width - 16, qc_y + 34), fill=_GREEN if passed else _RED)
+    draw.text(((qc_x + width - 16) // 2, qc_y + 17), "QC PASSED" if passed else "QC FAILED", font=big,
+              fill=(255, 255, 255), anchor="mm")
+    qc_y += 44
+    for check in volumetry.qc:
+        mark = {True: "pass", False: "FAIL", None: "n/a"}[check.passed]
+        colour = {True: _FG, False: (255, 90, 90), None: _DIM}[check.passed]
+        draw.text((qc_x, qc_y), f"{mark:<5}{check.name}", font=small, fill=colour)
+        qc_y += 18
+        for chunk in _wrap(check.reason, 44):
+            draw.text((qc_x + 12, qc_y), chunk, font=small, fill=_DIM)
+            qc_y += 17
+        qc_y += 4
+
+    top = max(y, qc_y) + 16
+    box_w, box_h = (width - 4 * 16) // 3, height - top - 40
+    for n, (panel, phys_w, phys_h, offset) in enumerate(_coronal_panels(t1, labels)):
+        scale = min(box_w / phys_w, box_h / phys_h)
+        size = (max(1, int(phys_w * scale)), max(1, int(phys_h * scale)))
+        panel = panel.resize(size, Image.Resampling.NEAREST)
+        x0 = 16 + n * (box_w + 16) + (box_w - size[0]) // 2
+        page.paste(panel, (x0, top))
+        draw.text((x0 + 4, top + 4), "R", font=normal, fill=_FG)
+        draw.text((x0 + size[0] - 16, top + 4), "L", font=normal, fill=_FG)
+        draw.text((x0, top + size[1] + 4), f"coronal, hippocampus {offset:+.0f} mm", font=small, fill=_DIM)
+    return np.asarray(page, dtype=np.uint8).copy()
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        lines.append(line)
+    return lines[:4]
+
+
+def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, source_images: Sequence[Dataset],
+                  out_path: Path, series_number: int, series_description: str, uid_prefix: str | None,
+                  algorithm_name: str, algorithm_version: str, synthetic: bool = True) -> Path:
+    """Write the summary page of ``volumetry`` as an RGB Secondary Capture in the study of ``source_images``.
+
+    ``t1`` and ``labels`` are the image and label volume the volumetry was computed from; ``synthetic`` says
+    whether the T1 is synthetic (banner). The series description gets ' QC FAILED' when QC failed.
+    """
+    if not source_images:
+        raise ValueError("no source images")
+    first = source_images[0]
+    age = f"{volumetry.age_years:.0f} y" if volumetry.age_years is not None else "?"
+    header = [
+        f"{first.get('PatientName', '')}   ID {first.get('PatientID', '')}   age {age}   sex {volumetry.sex or '?'}"
+        f"   study {first.get('StudyDate', '')}",
+        f"T1: {first.get('SeriesDescription', '')} (series {first.get('SeriesNumber', '')})   "
+        f"model {algorithm_name} {algorithm_version}   dicom-node {dicom_node.__version__}",
+    ]
+    pixels = render_page(volumetry, t1=t1, labels=labels, header_lines=header, synthetic=synthetic)
+    image = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=first,
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=new_uid(uid_prefix),
+        series_number=int(series_number),
+        sop_instance_uid=new_uid(uid_prefix),
+        instance_number=1,
+        manufacturer=dicom_node.MANUFACTURER,
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
+        manufacturer_model_name=dicom_node.MODEL_NAME,
+        software_versions=[f"dicom-node {dicom_node.__version__}", f"{algorithm_name} {algorithm_version}"],
+        series_description=with_qc_flag(series_description, volumetry),
+    )
+    image.ConversionType = "WSD"  # rendered by a workstation, not digitized
+    image.BurnedInAnnotation = "YES"
+    image.BodyPartExamined = str(first.get("BodyPartExamined") or "BRAIN")  # unpaired: no Laterality needed
+    image.ImageComments = ("Volumetry summary; " + ("SYNTHETIC T1, not for diagnosis of lesions; " if synthetic
+                                                   else "") + ("QC passed" if volumetry.qc_passed else "QC FAILED"))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    dcmwrite(out_path, image, enforce_file_format=True)
+    return out_path
