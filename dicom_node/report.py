@@ -156,4 +156,4 @@ def format_report(path: Path) -> str:
     if out.qc:
         lines += ["", "Quality control checks:"]
         lines += [f"  {outcome:<5}{check}: {reason}" for outcome, check, reason in out.qc]
-    return "\n".join(lines) + "\n"
+    return "\n".join(line.rstrip() for line in lines) + "\n"

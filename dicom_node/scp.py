@@ -277,6 +277,8 @@ class StorageSCP:
             log.warning("association from %s@%s rejected: %s", calling, address, why)
             # rejected-permanent, service-user, calling-AE-title-not-recognized
             assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # as pynetdicom's own rejections do: let the DUL send the A-ASSOCIATE-RJ, then stop it
+            assoc.kill()
             return
         called = assoc.requestor.primitive.called_ae_title.strip()
         if self.config.node.require_called_ae and called != self.config.node.ae_title:

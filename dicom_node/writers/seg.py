@@ -9,6 +9,7 @@ FreeSurferColorLUT colour, and the model as algorithm (family: Artificial Intell
 
 from __future__ import annotations
 
+import copy
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,8 +115,34 @@ def _slice_indices(labels: sitk.Image, frames: Sequence[_Frame]) -> list[int]:
     return indices
 
 
+def _with_shared_geometry(ds: Dataset) -> Dataset:
+    """``ds``, or for an Enhanced source whose pixel measures or orientation are per frame only, a shallow
+    copy with the first frame's moved into the shared groups (highdicom reads them only there; the grid
+    check has already found them equal for every frame)."""
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        return ds
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    first = ds.PerFrameFunctionalGroupsSequence[0]
+    missing = [keyword for keyword in ("PixelMeasuresSequence", "PlaneOrientationSequence")
+               if keyword not in shared and keyword in first]
+    if not missing:
+        return ds
+    new_shared = copy.deepcopy(shared)
+    for keyword in missing:
+        setattr(new_shared, keyword, copy.deepcopy(first[keyword].value))
+    # a new dataset sharing the other elements; the caller's dataset is left as it is
+    patched = Dataset()
+    for element in ds:
+        if element.keyword != "SharedFunctionalGroupsSequence":
+            patched.add(element)
+    if hasattr(ds, "file_meta"):
+        patched.file_meta = ds.file_meta
+    patched.SharedFunctionalGroupsSequence = [new_shared]
+    return patched
+
+
 def _description(number: int, structure: Structure, algorithm: hd.AlgorithmIdentificationSequence,
-                 ) -> hd.seg.SegmentDescription:
+                 uid_prefix: str | None) -> hd.seg.SegmentDescription:
     description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=structure.display_name,
@@ -123,7 +150,7 @@ def _description(number: int, structure: Structure, algorithm: hd.AlgorithmIdent
         segmented_property_type=structure.concept,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
-        tracking_uid=hd.UID(),
+        tracking_uid=new_uid(uid_prefix),
         tracking_id=structure.freesurfer_name,
         display_color=hd.color.CIELabColor.from_rgb(*structure.rgb),
     )
@@ -161,9 +188,11 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
     array = sitk.GetArrayFromImage(labels)
     if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
-    indices = _slice_indices(labels, _frames(source_images))
+    frames = _frames(source_images)
+    indices = _slice_indices(labels, frames)
 
-    present = [code for code in STRUCTURES if np.any(array == code)]
+    values = set(np.unique(array).tolist())
+    present = [code for code in STRUCTURES if code in values]
     if not present:
         raise ValueError("labels hold no measured structure: nothing to segment")
     lut = np.zeros(int(array.max()) + 1, dtype=np.uint8 if len(present) < 256 else np.uint16)
@@ -173,9 +202,11 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
-    descriptions = [_description(number, by_code(code), algorithm) for number, code in enumerate(present, start=1)]
+    descriptions = [_description(number, by_code(code), algorithm, uid_prefix)
+                    for number, code in enumerate(present, start=1)]
+    software_versions = [f"dicom-node {dicom_node.__version__}", f"{algorithm_name} {algorithm_version}"]
     seg = hd.seg.Segmentation(
-        source_images=list(source_images),
+        source_images=[_with_shared_geometry(ds) for ds in source_images],
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -185,7 +216,7 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
         instance_number=1,
         manufacturer=dicom_node.MANUFACTURER,
         manufacturer_model_name=dicom_node.MODEL_NAME,
-        software_versions=[f"dicom-node {dicom_node.__version__}", f"{algorithm_name} {algorithm_version}"],  # type: ignore[arg-type]
+        software_versions=software_versions,  # type: ignore[arg-type]  # a list: pydicom rejects a tuple for LO
         device_serial_number=device_serial_number or platform.node() or "unknown",
         content_label=CONTENT_LABEL,
         content_description=f"Brain structures by {algorithm_name} {algorithm_version}"[:64],

@@ -74,10 +74,14 @@ def _colour_lut(max_code: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _coronal_panels(t1: sitk.Image, labels: sitk.Image) -> list[tuple[Image.Image, float, float, float]]:
-    """(panel, physical width mm, physical height mm, offset mm) of coronal RGB panels (rows superior to inferior, columns patient right to left) at the hippocampi."""
-    if t1.GetSize() != labels.GetSize() or not np.allclose(t1.GetOrigin(), labels.GetOrigin(), atol=1e-3) \
-            or not np.allclose(t1.GetDirection(), labels.GetDirection(), atol=1e-4) \
-            or not np.allclose(t1.GetSpacing(), labels.GetSpacing(), atol=1e-4):
+    """(panel, physical width mm, physical height mm, offset mm) of coronal RGB panels through the hippocampi.
+
+    Panel rows run superior to inferior, columns patient right to left.
+    """
+    same_grid = (t1.GetSize() == labels.GetSize() and np.allclose(t1.GetOrigin(), labels.GetOrigin(), atol=1e-3)
+                 and np.allclose(t1.GetDirection(), labels.GetDirection(), atol=1e-4)
+                 and np.allclose(t1.GetSpacing(), labels.GetSpacing(), atol=1e-4))
+    if not same_grid:
         t1 = sitk.Resample(t1, labels, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     # index i -> patient left, j -> inferior, k -> posterior: array[k] is a coronal slice seen from the front
     t1_lip = sitk.DICOMOrient(sitk.Cast(t1, sitk.sitkFloat32), "LIP")

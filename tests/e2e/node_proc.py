@@ -1,0 +1,150 @@
+"""The node as the tests run it: ``dicom-node serve`` in a subprocess with a generated config."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dicom_node.journal import Journal
+
+from .peers import LOCALHOST, echoscu, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def config_toml(sections: Mapping[str, Any]) -> str:
+    """TOML text for a dict of tables (dict) and arrays of tables (list of dicts)."""
+    lines: list[str] = []
+    for name, body in sections.items():
+        if isinstance(body, list):
+            for item in body:
+                lines.append(f"[[{name}]]")
+                lines += [f"{k} = {_toml(v)}" for k, v in item.items() if v is not None]
+                lines.append("")
+        else:
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in body.items() if v is not None]
+            lines.append("")
+    return "\n".join(lines)
+
+
+class NodeProcess:
+    """``dicom-node serve`` on a free loopback port; ``kill()`` is a real SIGKILL."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        models_dir: Path,
+        destinations: Sequence[Mapping[str, Any]] = (),
+        peers: Sequence[Mapping[str, Any]] = (),
+        rules: Sequence[Mapping[str, Any]] | None = None,
+        node: Mapping[str, Any] | None = None,
+        dispatch: Mapping[str, Any] | None = None,
+        ae_title: str = "DICOM_NODE",
+        port: int | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.ae_title = ae_title
+        self.port = port or free_port()
+        # the readiness probe must be an admitted peer
+        self.probe_ae = str(peers[0]["ae_title"]) if peers else "E2E_PROBE"
+        self.data_dir = self.workdir / "data"
+        sections: dict[str, Any] = {
+            "node": {
+                "ae_title": ae_title, "host": LOCALHOST, "port": self.port, "data_dir": str(self.data_dir),
+                "idle_timeout_s": 3.0, "sweep_interval_s": 0.5, "log_level": "INFO", **(node or {}),
+            },
+            "inference": {"models_dir": str(models_dir), "threads": 2},
+            "dispatch": {"backoff_initial_s": 1.0, "backoff_max_s": 2.0, "scan_interval_s": 0.5,
+                         **(dispatch or {})},
+        }
+        if peers:
+            sections["peers"] = list(peers)
+        if destinations:
+            sections["destinations"] = list(destinations)
+        if rules is not None:
+            sections["rules"] = list(rules)
+        self.config_path = self.workdir / "node.toml"
+        self.config_path.write_text(config_toml(sections))
+        self.log_path = self.workdir / "node.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> NodeProcess:
+        log = self.log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"node exited with {self._process.returncode}; log:\n{self.log()}")
+            if echoscu(self.port, called_ae=self.ae_title, calling_ae=self.probe_ae, timeout=5).returncode == 0:
+                return self
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"node did not answer C-ECHO within {timeout} s; log:\n{self.log()}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGKILL)
+            self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def journal(self) -> Journal:
+        return Journal(self.data_dir / "journal.sqlite3")
+
+    def wait_for(self, predicate, *, timeout: float = 120, what: str = "condition") -> Any:  # noqa: ANN001
+        """Poll ``predicate(journal)`` until it returns something truthy."""
+        deadline = time.monotonic() + timeout
+        while True:
+            journal = self.journal()
+            try:
+                result = predicate(journal)
+            finally:
+                journal.close()
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} not reached within {timeout} s; node log:\n{self.log()[-4000:]}")
+            time.sleep(0.25)
