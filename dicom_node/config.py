@@ -100,9 +100,12 @@ class Rule(_Strict):
     #: Case-insensitive regular expression searched in SeriesDescription.
     series_description: str
     #: ``synthesize``: run ``model`` to make a synthetic T1; ``volumetry``: the series is a real
-    #: 3D T1 (rT1), measured as it is.
+    #: 3D T1 (rT1), measured as it is (``model`` only segments it).
     action: Literal["synthesize", "volumetry"] = "synthesize"
-    model: str | None = None
+    model: str
+    #: Also send DICOM SEG, a TID 1500 SR of regional volumes and a summary page (needs a model
+    #: with a segmentation output).
+    volumetry: bool = True
     #: SeriesDescription of the outputs, after the nomenclature (sT1AAH, sT13DFLAIR, sT1CorT2, rT1).
     output_name: str = Field(pattern=r"^[A-Za-z0-9_ .-]{1,48}$")
     #: Destination names; None sends to every configured destination.
@@ -132,9 +135,9 @@ class Rule(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _model_needed(self) -> Rule:
-        if self.action == "synthesize" and not self.model:
-            raise ValueError("a rule with action 'synthesize' needs a model")
+    def _consistent(self) -> Rule:
+        if self.action == "volumetry" and not self.volumetry:
+            raise ValueError("a rule with action 'volumetry' needs volumetry = true (it produces nothing else)")
         if (
             self.slice_thickness_min is not None
             and self.slice_thickness_max is not None
@@ -201,6 +204,7 @@ def default_rules() -> list[Rule]:
             name="real-3d-t1",
             series_description=r"mprage|mp-rage|mp2rage|t1.*(3d|tfl|spgr|bravo|vibe)|(3d|tfl|spgr|bravo).*t1",
             action="volumetry",
+            model=model,
             output_name="rT1",
             mr_acquisition_type="3D",
             image_type=["ORIGINAL"],

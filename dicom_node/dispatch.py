@@ -14,6 +14,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from .config import Destination, NodeConfig
@@ -37,14 +38,25 @@ def _make_ae(config: NodeConfig, dest: Destination) -> AE:
     return ae
 
 
+def _associate(ae: AE, dest: Destination) -> tuple[Association, bool]:
+    """Request an association; (association, whether the TCP connection was made)."""
+    connected = threading.Event()
+
+    def on_open(event: evt.Event) -> None:
+        connected.set()
+        _nodelay_handler(event)
+
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
+    return assoc, connected.is_set()
+
+
 def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
     """C-ECHO a destination; (ok, message)."""
     ae = _make_ae(config, dest)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler)])
+    assoc, connected = _associate(ae, dest)
     if not assoc.is_established:
-        return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({_why_not(assoc)})"
+        return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({_why_not(assoc, connected)})"
     status = assoc.send_c_echo()
     assoc.release()
     if status and status.Status == 0x0000:
@@ -52,7 +64,9 @@ def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
     return False, f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}: status {getattr(status, 'Status', 'none')}"
 
 
-def _why_not(assoc: object) -> str:
+def _why_not(assoc: object, connected: bool) -> str:
+    if not connected:
+        return "connection failed"  # pynetdicom reports a refused connection as an abort
     if getattr(assoc, "is_rejected", False):
         return "association rejected"
     if getattr(assoc, "is_aborted", False):
@@ -114,10 +128,9 @@ class Dispatcher:
         readable = [i for i in items if i.id in metas]
         if not readable:
             return 0
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay_handler)])
+        assoc, connected = _associate(ae, dest)
         if not assoc.is_established:
-            why = _why_not(assoc)
+            why = _why_not(assoc, connected)
             log.warning("outbox: %s (%s@%s:%d): %s; %d item(s) will be retried",
                         name, dest.ae_title, dest.host, dest.port, why, len(readable))
             self._fail(readable, why)

@@ -17,15 +17,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import SimpleITK as sitk
 from pydicom import dcmread
 
 from inference.models import ModelRegistry
 from inference.pipeline import run_model
 from inference.volume import GeometryError, load_series
+from inference.volumetry import compute_volumetry, with_qc_flag
 
 from .config import NodeConfig, Rule
 from .journal import Journal, SeriesRecord
 from .writers.derived_mr import Derivation, write_derived_mr
+from .writers.seg import write_seg
+from .writers.sr import write_sr
+from .writers.summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +48,10 @@ def output_series_number(source_number: int, kind: str, version: int) -> int:
     return max(source_number, 0) * 100 + SERIES_NUMBER_OFFSETS[kind] + min(version, 9)
 
 
-def output_description(rule: Rule, version: int) -> str:
-    return rule.output_name if version <= 1 else f"{rule.output_name} v{version}"
+def output_description(rule: Rule, version: int, suffix: str = "") -> str:
+    """``sT1AAH``, ``sT1AAH SEG``; a re-run adds its version: ``sT1AAH v2``, ``sT1AAH SEG v2``."""
+    text = f"{rule.output_name}{suffix}"
+    return text if version <= 1 else f"{text} v{version}"
 
 
 class JobFailed(RuntimeError):
@@ -93,8 +100,7 @@ class JobRunner:
             self.journal.set_job_state(job_id, "failed", f"{type(exc).__name__}: {exc}")
             return
         timings["total"] = time.perf_counter() - started
-        job_now = self.journal.job(job_id)
-        self.journal.set_job_state(job_id, job_now.state, job_now.reason, timings)
+        self.journal.set_job_timings(job_id, timings)
         log.info("job %d (%s) written in %.1f s: %s", job_id, job.rule, timings["total"],
                  ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"))
         self.on_written()
@@ -109,38 +115,87 @@ class JobRunner:
         if out_dir.exists():  # a run interrupted by a crash: start it over with new UIDs
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-        produced: list[tuple[str, str]] = []
-        files: list[Path] = []
         source_number = int(series.attrs.get("SeriesNumber") or 0)
+        uid_prefix = self.config.node.uid_root
+
+        assert rule.model is not None
+        try:
+            model = self.registry.session(rule.model)
+        except KeyError:
+            raise JobFailed(f"not processed: model {rule.model!r} not installed") from None
+        manifest = model.manifest
+        result = run_model(model, loaded.image)
+        timings.update({f"model.{k}": v for k, v in result.timings.items()})
 
         if rule.action == "synthesize":
-            assert rule.model is not None
-            try:
-                model = self.registry.session(rule.model)
-            except KeyError:
-                raise JobFailed(f"not processed: model {rule.model!r} not installed") from None
-            result = run_model(model, loaded.image)
-            timings.update({f"model.{k}": v for k, v in result.timings.items()})
             if result.t1 is None:
                 raise JobFailed(f"model {rule.model!r} produced no image")
+            t1, labels = result.t1, result.labels
+        else:  # volumetry of the real T1, on its own grid
+            if result.labels is None:
+                raise JobFailed(f"model {rule.model!r} has no segmentation output: no volumetry")
+            t1 = loaded.image
+            labels = sitk.Resample(result.labels, loaded.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                   result.labels.GetPixelID())
+
+        volumetry = None
+        if rule.volumetry and labels is not None:
             t0 = time.perf_counter()
-            manifest = model.manifest
+            first = loaded.datasets[0]
+            volumetry = compute_volumetry(labels, t1, age=first.get("PatientAge"), sex=first.get("PatientSex"))
+            timings["volumetry"] = time.perf_counter() - t0
+            if not volumetry.qc_passed:
+                failed = "; ".join(c.reason for c in volumetry.qc if c.passed is False)
+                log.warning("job %d: volumetry quality control FAILED: %s", job_id, failed)
+
+        files: list[Path] = []
+        produced: list[tuple[str, str]] = []
+        t0 = time.perf_counter()
+        if rule.action == "synthesize":
             derivation = Derivation(
                 model_id=manifest.id, model_version=manifest.version,
                 description=(f"Synthetic MPRAGE-like T1 from {series.description!r} "
                              f"by model {manifest.id} {manifest.version}"),
             )
             written = write_derived_mr(
-                result.t1, loaded.datasets, out_dir=out_dir / "sT1",
-                series_description=output_description(rule, version),
+                t1, loaded.datasets, out_dir=out_dir / "sT1", series_description=output_description(rule, version),
                 series_number=output_series_number(source_number, "sT1", version),
-                derivation=derivation, uid_prefix=self.config.node.uid_root,
+                derivation=derivation, uid_prefix=uid_prefix,
             )
-            timings["write"] = time.perf_counter() - t0
+            t1_sources = [dcmread(p, stop_before_pixels=True) for p in written]
             files += written
-            produced.append((str(dcmread(written[0], stop_before_pixels=True).SeriesInstanceUID), "sT1"))
+            produced.append((str(t1_sources[0].SeriesInstanceUID), "sT1"))
         else:
-            raise JobFailed("volumetry of a real 3D T1 is not available in this version (stored only)")
+            t1_sources = loaded.datasets
+        timings["write"] = time.perf_counter() - t0
+
+        if volumetry is not None:
+            assert labels is not None
+            t0 = time.perf_counter()
+            algorithm = {"algorithm_name": manifest.id, "algorithm_version": manifest.version}
+            seg_path = write_seg(
+                labels, t1_sources, out_path=out_dir / "seg.dcm", uid_prefix=uid_prefix,
+                series_number=output_series_number(source_number, "SEG", version),
+                series_description=with_qc_flag(output_description(rule, version, " SEG"), volumetry),
+                **algorithm,
+            )
+            seg = dcmread(seg_path, stop_before_pixels=True)
+            sr_path = write_sr(
+                volumetry, seg_dataset=seg, source_images=t1_sources, input_series_datasets=loaded.datasets,
+                out_path=out_dir / "sr.dcm", uid_prefix=uid_prefix,
+                series_number=output_series_number(source_number, "SR", version),
+                series_description=output_description(rule, version, " volumes"), **algorithm,
+            )
+            summary_path = write_summary(
+                volumetry, t1=t1, labels=labels, source_images=t1_sources, out_path=out_dir / "summary.dcm",
+                uid_prefix=uid_prefix, synthetic=rule.action == "synthesize",
+                series_number=output_series_number(source_number, "SUMMARY", version),
+                series_description=output_description(rule, version, " summary"), **algorithm,
+            )
+            for path, kind in ((seg_path, "SEG"), (sr_path, "SR"), (summary_path, "SUMMARY")):
+                files.append(path)
+                produced.append((str(dcmread(path, stop_before_pixels=True).SeriesInstanceUID), kind))
+            timings["write.volumetry"] = time.perf_counter() - t0
 
         items: list[tuple[str, str, str, str]] = []
         headers = [dcmread(p, stop_before_pixels=True) for p in files]

@@ -349,6 +349,11 @@ class Journal:
                     (state, reason, time.time(), json.dumps(timings), job_id),
                 )
 
+    def set_job_timings(self, job_id: int, timings: dict[str, float]) -> None:
+        """Store a job's timings without touching its state (the dispatcher may be settling it)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET timings=? WHERE id=?", (json.dumps(timings), job_id))
+
     def count_versions_sent(self, series_uid: str) -> int:
         rows = self._query("SELECT COUNT(*) AS n FROM jobs WHERE series_uid=?", (series_uid,))
         return int(rows[0]["n"])

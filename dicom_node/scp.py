@@ -18,6 +18,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -66,6 +67,10 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
 class BadInstance(ValueError):
     """A received object that cannot be filed; ``status`` is the DIMSE status to answer."""
 
@@ -112,27 +117,30 @@ def parse_instance(data: bytes) -> Dataset:
     """
     try:
         ds = dcmread(io.BytesIO(data), force=False)
-        # touch every top-level element so that a truncated or malformed encoding fails here
-        for _elem in ds:
-            pass
+        # convert every top-level header element so that a truncated or malformed encoding fails
+        # here; the pixel data stays a raw element (its value is only measured, never converted)
+        for tag in list(ds.keys()):
+            if tag != PIXEL_DATA:
+                _ = ds[tag]
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError) as exc:
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not _str(ds.get(keyword)):
             raise BadInstance(STATUS_DATASET_MISMATCH, f"required attribute {keyword} is missing or empty")
-    if "PixelData" in ds:
+    if PIXEL_DATA in ds:
         _check_pixel_data(ds)
     return ds
 
 
 def _check_pixel_data(ds: Dataset) -> None:
-    pixel = ds["PixelData"]
+    pixel = ds.get_item(PIXEL_DATA)  # the raw element as read: no copy or conversion of the pixels
     value = pixel.value
     if value is None:
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, "PixelData has no value")
+    undefined_length = pixel.length == UNDEFINED_LENGTH if pixel.is_raw else pixel.is_undefined_length
     ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in ds.file_meta else ExplicitVRLittleEndian
     if ts.is_encapsulated:
-        if not pixel.is_undefined_length and len(value) < 8:
+        if not undefined_length and len(value) < 8:
             raise BadInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated PixelData is too short")
         return
     try:

@@ -17,6 +17,9 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom import config, dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
@@ -173,6 +176,20 @@ def _check_values(ds: Dataset) -> None:
                 raise ValueError(f"{element.keyword or element.tag}: {exc}") from None
 
 
+def _preencoded(template: Dataset) -> Dataset:
+    """``template`` encoded once (Explicit VR Little Endian) and read back as raw elements.
+
+    Every slice copies these raw elements, which pydicom writes byte for byte, so the shared
+    attributes (the Source Image and Referenced Series sequences grow with the source series) are
+    encoded once per series instead of once per slice.
+    """
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, template)
+    buffer.seek(0)
+    return read_dataset(buffer, is_implicit_VR=False, is_little_endian=True)
+
+
 def _source_series(sources: Sequence[Dataset]) -> dict[str, list[Dataset]]:
     series: dict[str, list[Dataset]] = {}
     for ds in sources:
@@ -310,6 +327,7 @@ def write_derived_mr(image: sitk.Image, sources: Sequence[Dataset], *, out_dir: 
     template.WindowWidth = _ds(width)
     template.WindowCenterWidthExplanation = explanation
     _check_values(template)
+    shared = _preencoded(template)
 
     size, spacing = image.GetSize(), image.GetSpacing()
     iop = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
@@ -318,7 +336,10 @@ def write_derived_mr(image: sitk.Image, sources: Sequence[Dataset], *, out_dir: 
     paths = []
     for k in range(size[2]):
         ds = Dataset()
-        ds.update(template)
+        ds.update(shared)
+        # Same encoding as the raw elements were read with: pydicom then writes them as they are
+        # instead of decoding every sequence to look for ambiguous VRs (none is left: see below).
+        ds.set_original_encoding(False, True, shared.original_character_set)
         sop_uid = new_uid(uid_prefix)
         ds.SOPInstanceUID = sop_uid
         ds.InstanceNumber = k + 1
@@ -330,7 +351,7 @@ def write_derived_mr(image: sitk.Image, sources: Sequence[Dataset], *, out_dir: 
         ds.SpacingBetweenSlices = _ds(spacing[2])
         ds.SliceLocation = _ds(float(np.dot(position, normal)))
         ds.Rows, ds.Columns = size[1], size[0]
-        ds.PixelData = np.ascontiguousarray(stored[k]).astype("<u2").tobytes()
+        ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(stored[k]).astype("<u2").tobytes())  # PixelData
 
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MRImageStorage

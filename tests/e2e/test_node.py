@@ -26,6 +26,7 @@ from .peers import assert_valid_dicom, echoscu, failed_stores, storescu
 SCOUT = SHARED_DATA / "dicom" / "phantom_siemens_xa30_aahead_scout" / "01001_AAHead_Scout"
 SCOUT_MPR = SHARED_DATA / "dicom" / "phantom_siemens_xa30_aahead_scout" / "02001_AAHead_Scout_MPR_sag"
 T1_2D = SHARED_DATA / "dicom" / "human_siemens_prisma_t1_2d_4mm"
+MPRAGE = SHARED_DATA / "dicom" / "human_siemens_skyra_mprage"
 PHANTOM_T1 = SHARED_DATA / "dicom" / "phantom_siemens_xa30_aahead_scout" / "05001_anat_T1w_acq_tfl"
 JPEG_DIR = SHARED_DATA / "dicom" / "phantom_siemens_xa30_t1_jpegll_j2k"
 ENHANCED_DIR = SHARED_DATA / "dicom" / "phantom_siemens_xa30_enhanced_mr"
@@ -112,6 +113,67 @@ def _check_derived_attributes(paths: list[Path], source_paths: list[Path], descr
     assert len(series_uids) == 1
 
 
+def _check_volumetry_objects(orthanc, out_dir: Path, name: str, *, t1_series_uid: str, study_uid: str) -> Path:  # noqa: ANN001
+    """SEG, SR and summary of ``name`` are in the PACS, valid, in the study, and agree with each other."""
+    import highdicom as hd
+
+    seg_series = orthanc.wait_for_series(rf"^{name} SEG( QC FAILED)?$", timeout=60)
+    sr_series = orthanc.wait_for_series(rf"^{name} volumes( QC FAILED)?$", timeout=60)
+    summary_series = orthanc.wait_for_series(rf"^{name} summary( QC FAILED)?$", timeout=60)
+    assert len(seg_series) == len(sr_series) == len(summary_series) == 1
+    seg_path = _download(orthanc, seg_series[0], out_dir / "seg")[0]
+    sr_path = _download(orthanc, sr_series[0], out_dir / "sr")[0]
+    summary_path = _download(orthanc, summary_series[0], out_dir / "summary")[0]
+    assert_valid_dicom([seg_path, sr_path, summary_path])
+    seg = hd.seg.segread(seg_path)
+    sr = hd.sr.srread(sr_path)
+    for ds in (seg, sr, pydicom.dcmread(summary_path, stop_before_pixels=True)):
+        assert ds.StudyInstanceUID == study_uid
+    # the SEG is computed on the T1 series it references
+    assert {str(r.SeriesInstanceUID) for r in seg.ReferencedSeriesSequence} == {str(t1_series_uid)}
+    # SR volumes = SEG voxel counts x voxel volume
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    voxel_ml = float(measures.PixelSpacing[0]) * float(measures.PixelSpacing[1]) * float(measures.SliceThickness) / 1000
+    pixels = seg.pixel_array.reshape(len(seg.PerFrameFunctionalGroupsSequence), -1)
+    counts: dict[int, int] = {}
+    for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        counts[number] = counts.get(number, 0) + int(frame.sum())
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert groups, "no volumetric ROI groups in the SR"
+    checked = 0
+    for group in groups:
+        reference = group.referenced_segment[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        number = int(reference.ReferencedSegmentNumber)
+        volume = [m for m in group.get_measurements() if m.name.meaning.lower() == "volume"][0]
+        assert abs(float(volume.value) - counts[number] * voxel_ml) < 1e-3 * max(1.0, float(volume.value))
+        checked += 1
+    assert checked == len(counts)
+    return sr_path
+
+
+@requires_shared_data
+def test_real_mprage_gives_seg_sr_and_summary(tmp_path: Path, orthanc, models_dir: Path) -> None:  # noqa: ANN001
+    src_dir = next(p for p in MPRAGE.iterdir() if p.is_dir())
+    sources = sorted(src_dir.glob("*.dcm"))
+    with NodeProcess(tmp_path / "node", models_dir=models_dir, destinations=[_pacs(orthanc)]) as node:
+        _send(node, src_dir)
+        job = node.wait_for(lambda j: [x for x in j.jobs() if x.state in ("sent", "failed")], what="job done",
+                            timeout=300)[0]
+        assert job.state == "sent", job.reason
+        assert job.rule == "real-3d-t1"
+        config_path = node.config_path
+    first = pydicom.dcmread(sources[0], stop_before_pixels=True)
+    assert not orthanc.find_series("^rT1$")  # a real T1 is not re-sent as an image series
+    sr_path = _check_volumetry_objects(orthanc, tmp_path / "volumetry", "rT1", t1_series_uid=first.SeriesInstanceUID,
+                                       study_uid=first.StudyInstanceUID)
+    report = subprocess.run(["python", "-m", "dicom_node.cli", "report", str(sr_path), "--config", str(config_path)],
+                            capture_output=True, text=True, check=False)
+    assert report.returncode == 0, report.stderr
+    assert "Intracranial volume" in report.stdout
+
+
 @requires_shared_data
 def test_autoalign_scout_gives_sT1AAH_in_the_pacs(tmp_path: Path, orthanc, models_dir: Path) -> None:  # noqa: ANN001
     assert echoscu(orthanc.dicom_port, called_ae=orthanc.aet).returncode == 0
@@ -137,6 +199,9 @@ def test_autoalign_scout_gives_sT1AAH_in_the_pacs(tmp_path: Path, orthanc, model
     _check_derived_attributes(outputs, sources, "sT1AAH")
     assert_valid_dicom([outputs[0], outputs[len(outputs) // 2], outputs[-1]])
     _check_geometry(load_series(sources).image, load_series(outputs).image)
+    sT1_uid = pydicom.dcmread(outputs[0], stop_before_pixels=True).SeriesInstanceUID
+    _check_volumetry_objects(orthanc, tmp_path / "volumetry", "sT1AAH", t1_series_uid=sT1_uid,
+                             study_uid=pydicom.dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID)
 
 
 def test_oblique_generated_series_geometry(tmp_path: Path, orthanc, models_dir: Path) -> None:  # noqa: ANN001

@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.sr.codedict import codes
+
+import dicom_node
+from dicom_node.writers.seg import GridMismatchError, segment_codes, write_seg
+from inference.labels import STRUCTURES, laterality_code
+from inference.volume import load_series
+from tests.conftest import SHARED_DATA, requires_shared_data
+from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, T1Series, dciodvfy_errors, make_t1_series
+
+
+ENHANCED_MR = SHARED_DATA / "dicom" / "phantom_siemens_xa30_enhanced_mr" / "00005_anat_T1w_acq_tfl"
+
+
+def _write(series: T1Series, out: Path, labels: sitk.Image | None = None, sources=None) -> Path:
+    return write_seg(labels if labels is not None else series.labels,
+                     series.t1_headers if sources is None else sources,
+                     out_path=out, series_number=1002, series_description="sT1AAH SEG", algorithm_name=MODEL_ID,
+                     algorithm_version=MODEL_VERSION, uid_prefix=UID_PREFIX)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("seg")
+    series = make_t1_series(folder)
+    shuffled = [series.t1_headers[i] for i in np.random.default_rng(1).permutation(len(series.t1_headers))]
+    path = _write(series, folder / "seg.dcm", sources=shuffled)  # sources in no particular order
+    return {"series": series, "path": path, "seg": hd.seg.segread(path)}
+
+
+def test_dciodvfy_reports_no_errors(written: dict) -> None:
+    assert dciodvfy_errors(written["path"]) == []
+
+
+def test_header_equipment_and_study(written: dict) -> None:
+    seg, source = written["seg"], written["series"].t1_headers[0]
+    assert seg.SegmentationType == "BINARY"
+    assert seg.Manufacturer == dicom_node.MANUFACTURER
+    assert seg.ManufacturerModelName == dicom_node.MODEL_NAME
+    assert f"dicom-node {dicom_node.__version__}" in list(seg.SoftwareVersions)
+    assert seg.SeriesDescription == "sT1AAH SEG" and seg.SeriesNumber == 1002
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert seg.PatientID == source.PatientID
+    assert seg.SeriesInstanceUID.startswith(UID_PREFIX) and seg.SOPInstanceUID.startswith(UID_PREFIX)
+    assert seg.SeriesInstanceUID != source.SeriesInstanceUID
+
+
+def test_one_segment_per_structure_with_codes_colour_and_algorithm(written: dict) -> None:
+    seg = written["seg"]
+    mapping = segment_codes(seg)
+    assert set(mapping) == set(STRUCTURES)
+    assert sorted(mapping.values()) == list(range(1, len(STRUCTURES) + 1))
+    assert [mapping[c] for c in sorted(mapping)] == list(range(1, len(STRUCTURES) + 1))  # code order
+    for code, number in mapping.items():
+        structure = STRUCTURES[code]
+        item = seg.SegmentSequence[number - 1]
+        assert item.SegmentNumber == number
+        assert item.SegmentLabel == structure.display_name
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        assert (prop.CodeValue, prop.CodingSchemeDesignator) == (structure.concept.value,
+                                                                 structure.concept.scheme_designator)
+        category = item.SegmentedPropertyCategoryCodeSequence[0]
+        assert category.CodeValue == structure.category.value
+        side = laterality_code(structure)
+        modifiers = prop.get("SegmentedPropertyTypeModifierCodeSequence", [])
+        assert [m.CodeValue for m in modifiers] == ([side.value] if side else [])
+        rgb = hd.color.CIELabColor.from_dicom_value(tuple(item.RecommendedDisplayCIELabValue)).to_rgb()
+        assert np.allclose(rgb, structure.rgb, atol=2)
+        algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert algorithm.AlgorithmName == MODEL_ID and algorithm.AlgorithmVersion == MODEL_VERSION
+        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == codes.cid7162.ArtificialIntelligence.value
+
+
+def test_pixel_aligned_with_source_series(written: dict) -> None:
+    seg, series = written["seg"], written["series"]
+    source = series.t1_headers[0]
+    assert (seg.Rows, seg.Columns) == (source.Rows, source.Columns)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert np.allclose([float(v) for v in measures.PixelSpacing], [float(v) for v in source.PixelSpacing])
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    assert np.allclose([float(v) for v in orientation], [float(v) for v in source.ImageOrientationPatient])
+    by_uid = {ds.SOPInstanceUID: ds for ds in series.t1_headers}
+    labels = sitk.GetArrayFromImage(series.labels)
+    code_of = {number: code for code, number in segment_codes(seg).items()}
+    pixels = seg.pixel_array
+    expected_frames = 0
+    for code in code_of.values():
+        expected_frames += int(np.count_nonzero((labels == code).any(axis=(1, 2))))
+    assert seg.NumberOfFrames == expected_frames  # empty frames omitted
+    for n, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        ipp = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        derivation = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        src = by_uid[derivation.ReferencedSOPInstanceUID]
+        assert np.allclose(ipp, [float(v) for v in src.ImagePositionPatient], atol=1e-4)
+        k = int(src.InstanceNumber) - 1   # the sT1 writer numbers slices k + 1
+        code = code_of[int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)]
+        assert np.array_equal(pixels[n].astype(bool), labels[k] == code)
+
+
+def test_codes_that_are_not_structures_are_not_encoded(tmp_path: Path, written: dict) -> None:
+    series = written["series"]
+    array = sitk.GetArrayFromImage(series.labels)
+    array[array == 24] = 507   # extra-cerebral class instead of CSF
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(series.labels)
+    seg = pydicom.dcmread(_write(series, tmp_path / "seg.dcm", labels=labels))
+    assert 24 not in segment_codes(seg) and len(seg.SegmentSequence) == len(STRUCTURES) - 1
+
+
+def test_grid_mismatch_is_refused(tmp_path: Path, written: dict) -> None:
+    series = written["series"]
+    shifted = sitk.Image(series.labels)
+    shifted.SetOrigin(tuple(np.array(series.labels.GetOrigin()) + 0.5))
+    with pytest.raises(GridMismatchError, match="not a slice"):
+        _write(series, tmp_path / "a.dcm", labels=shifted)
+    cropped = series.labels[:, :, 1:]
+    with pytest.raises(GridMismatchError):
+        _write(series, tmp_path / "b.dcm", labels=cropped)
+    with pytest.raises(GridMismatchError, match="cover"):
+        _write(series, tmp_path / "c.dcm", sources=series.t1_headers[:-1])
+    finer = sitk.Resample(series.labels, [2 * s for s in series.labels.GetSize()], sitk.Transform(),
+                          sitk.sitkNearestNeighbor, series.labels.GetOrigin(),
+                          [s / 2 for s in series.labels.GetSpacing()], series.labels.GetDirection())
+    with pytest.raises(GridMismatchError, match="rows x columns"):
+        _write(series, tmp_path / "d.dcm", labels=finer)
+    assert not any(tmp_path.glob("*.dcm"))
+
+
+def test_empty_labels_are_refused(tmp_path: Path, written: dict) -> None:
+    series = written["series"]
+    empty = sitk.Image(series.labels.GetSize(), sitk.sitkUInt16)
+    empty.CopyInformation(series.labels)
+    with pytest.raises(ValueError, match="no measured structure"):
+        _write(series, tmp_path / "e.dcm", labels=empty)
+
+
+@requires_shared_data
+@pytest.mark.filterwarnings("ignore:The string .* is unlikely to represent the intended person name")
+def test_enhanced_mr_source_with_per_frame_geometry(tmp_path: Path) -> None:
+    """A real Enhanced MR (pixel measures per frame only): frames reference the source frames."""
+    files = sorted(ENHANCED_MR.glob("*.dcm"))
+    image = load_series(files).image
+    array = sitk.GetArrayFromImage(image)
+    labels_array = np.where(array > np.percentile(array, 80), 2, 0).astype(np.uint16)
+    labels_array[array > np.percentile(array, 97)] = 17
+    labels = sitk.GetImageFromArray(labels_array)
+    labels.CopyInformation(image)
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    assert "PixelMeasuresSequence" not in sources[0].SharedFunctionalGroupsSequence[0]
+    path = write_seg(labels, sources, out_path=tmp_path / "seg.dcm", series_number=5, series_description="SEG",
+                     algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION, uid_prefix=UID_PREFIX)
+    assert "PixelMeasuresSequence" not in sources[0].SharedFunctionalGroupsSequence[0]  # caller's data untouched
+    assert dciodvfy_errors(path) == []
+    seg = hd.seg.segread(path)
+    source_positions = [[float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+                        for frame in sources[0].PerFrameFunctionalGroupsSequence]
+    code_of = {number: code for code, number in segment_codes(seg).items()}
+    pixels = seg.pixel_array
+    for n, frame in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        reference = frame.DerivationImageSequence[0].SourceImageSequence[0]
+        assert reference.ReferencedSOPInstanceUID == sources[0].SOPInstanceUID
+        source_frame = int(reference.ReferencedFrameNumber) - 1
+        ipp = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert np.allclose(ipp, source_positions[source_frame], atol=1e-4)
+        k = int(round(labels.TransformPhysicalPointToContinuousIndex(ipp)[2]))
+        code = code_of[int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)]
+        assert np.array_equal(pixels[n].astype(bool), labels_array[k] == code)

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+import dicom_node
+from dicom_node.writers.summary import PAGE_SIZE, write_summary
+from inference.volumetry import QC_FAILED_SUFFIX, QCLimits, compute_volumetry
+from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, dciodvfy_errors, make_t1_series
+
+BANNER_ROWS = slice(0, 50)
+
+
+def _write(build: dict, volumetry, out: Path, *, labels: sitk.Image | None = None, synthetic: bool = True) -> Path:
+    series = build["series"]
+    return write_summary(volumetry, t1=series.t1, labels=series.labels if labels is None else labels,
+                         source_images=series.t1_headers, out_path=out, series_number=1004,
+                         series_description="sT1AAH summary", uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID,
+                         algorithm_version=MODEL_VERSION, synthetic=synthetic)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("summary")
+    series = make_t1_series(folder)
+    build = {"series": series, "folder": folder}
+    build["volumetry"] = compute_volumetry(series.labels, series.t1, age="053Y", sex="F")
+    build["path"] = _write(build, build["volumetry"], folder / "summary.dcm")
+    build["ds"] = pydicom.dcmread(build["path"])
+    return build
+
+
+def _mostly(pixels: np.ndarray, rgb: tuple[int, int, int]) -> float:
+    """Fraction of pixels within 10 of ``rgb``."""
+    return float(np.mean(np.all(np.abs(pixels.astype(int) - rgb) <= 10, axis=-1)))
+
+
+def test_dciodvfy_reports_no_errors(build: dict) -> None:
+    assert dciodvfy_errors(build["path"]) == []
+
+
+def test_header(build: dict) -> None:
+    ds, source = build["ds"], build["series"].t1_headers[0]
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
+    assert (ds.Columns, ds.Rows) == PAGE_SIZE
+    assert ds.Manufacturer == dicom_node.MANUFACTURER and ds.ManufacturerModelName == dicom_node.MODEL_NAME
+    assert f"dicom-node {dicom_node.__version__}" in list(ds.SoftwareVersions)
+    assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+    assert ds.SeriesDescription == "sT1AAH summary"
+    assert ds.BurnedInAnnotation == "YES"
+    assert "SYNTHETIC" in ds.ImageComments
+
+
+def test_page_has_banner_qc_box_and_coloured_labels(build: dict) -> None:
+    pixels = build["ds"].pixel_array
+    assert pixels.shape == (PAGE_SIZE[1], PAGE_SIZE[0], 3)
+    assert _mostly(pixels[BANNER_ROWS], (200, 30, 30)) > 0.8           # red synthetic banner
+    assert _mostly(pixels[100:160, 640:], (40, 170, 60)) > 0.3            # green QC PASSED box
+    panels = pixels[400:]
+    # hippocampus overlay: grey blended with FreeSurfer yellow (220, 216, 20): red and green well above blue
+    yellow = (panels[..., 0].astype(int) - panels[..., 2] > 60) & (panels[..., 1].astype(int) - panels[..., 2] > 60)
+    assert yellow.sum() > 50
+
+
+def test_no_hippocampus_colour_without_hippocampus(tmp_path: Path, build: dict) -> None:
+    series = build["series"]
+    array = sitk.GetArrayFromImage(series.labels)
+    array[np.isin(array, (17, 53, 26, 58))] = 2     # hippocampi and (orange) accumbens become white matter
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(series.labels)
+    volumetry = compute_volumetry(labels, series.t1, age="053Y", sex="F")
+    panels = pydicom.dcmread(_write(build, volumetry, tmp_path / "s.dcm", labels=labels)).pixel_array[400:]
+    yellow = (panels[..., 0].astype(int) - panels[..., 2] > 60) & (panels[..., 1].astype(int) - panels[..., 2] > 60)
+    assert yellow.sum() == 0
+
+
+def test_qc_failure_is_visible(tmp_path: Path, build: dict) -> None:
+    series = build["series"]
+    failed = compute_volumetry(series.labels, series.t1, age="053Y", sex="F", limits=QCLimits(icv_max_ml=1100.0))
+    path = _write(build, failed, tmp_path / "failed.dcm")
+    assert dciodvfy_errors(path) == []
+    ds = pydicom.dcmread(path)
+    assert ds.SeriesDescription == "sT1AAH summary" + QC_FAILED_SUFFIX
+    assert "QC FAILED" in ds.ImageComments
+    assert _mostly(ds.pixel_array[100:160, 640:], (200, 30, 30)) > 0.3   # red QC FAILED box
+    assert _mostly(ds.pixel_array[100:160, 640:], (40, 170, 60)) == 0.0
+
+
+def test_real_t1_has_no_synthetic_banner(tmp_path: Path, build: dict) -> None:
+    ds = pydicom.dcmread(_write(build, build["volumetry"], tmp_path / "real.dcm", synthetic=False))
+    assert _mostly(ds.pixel_array[BANNER_ROWS], (200, 30, 30)) < 0.05
+    assert _mostly(ds.pixel_array[BANNER_ROWS], (230, 160, 20)) > 0.8
+    assert "SYNTHETIC" not in ds.ImageComments

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from inference.labels import STRUCTURES
+from inference.volumetry import (
+    QC_FAILED_SUFFIX,
+    Norm,
+    QCLimits,
+    compute_volumetry,
+    parse_age,
+    with_qc_flag,
+)
+from tests.volumetry_factory import SPACING, make_label_array, make_phantom
+
+
+def _image(array: np.ndarray, spacing=SPACING) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    return image
+
+
+def _qc(volumetry, name):
+    return next(check for check in volumetry.qc if check.name == name)
+
+
+def test_volumes_are_voxel_counts_times_voxel_volume() -> None:
+    labels, t1 = make_phantom()
+    array = sitk.GetArrayFromImage(labels)
+    result = compute_volumetry(labels, t1, age="053Y", sex="F")
+    voxel_mm3 = SPACING[0] * SPACING[1] * SPACING[2]
+    assert result.voxel_volume_mm3 == pytest.approx(voxel_mm3)
+    assert set(result.structures) == set(STRUCTURES)
+    for code, entry in result.structures.items():
+        count = int(np.count_nonzero(array == code))
+        assert entry.voxels == count
+        assert entry.volume_ml == pytest.approx(count * voxel_mm3 / 1000.0)
+    assert result.icv_voxels == int(np.count_nonzero(array))
+    assert sum(e.icv_percent for e in result.structures.values()) == pytest.approx(100.0)
+    assert result.qc_passed, result.qc
+
+
+def test_icv_counts_intracranial_codes_only() -> None:
+    array = make_label_array()
+    array[0, 0, :3] = 30      # vessel: intracranial, not a measured structure
+    array[0, 1, :5] = 507     # SynthSeg extra-cerebral soft tissue
+    array[0, 2, :2] = 136
+    result = compute_volumetry(_image(array), None, age=None, sex=None)
+    measured = sum(e.voxels for e in result.structures.values())
+    assert result.icv_voxels == measured + 3
+    assert 30 not in result.structures and 507 not in result.structures
+    assert result.icv_ml == pytest.approx(result.icv_voxels * np.prod(SPACING) / 1000.0)
+
+
+def test_asymmetry_and_hippocampal_occupancy() -> None:
+    array = make_label_array()
+    # shrink the right hippocampus: 27 -> 18 voxels; enlarge the left inferior lateral ventricle
+    layer = array[np.nonzero(array == 53)[0].max()]  # a view: its last slice of the block
+    layer[layer == 53] = 42
+    hv_l, hv_r = int((array == 17).sum()), int((array == 53).sum())
+    assert hv_r < hv_l
+    spare = np.argwhere(array == 2)[:5]
+    array[tuple(spare.T)] = 5
+    ilv_l, ilv_r = int((array == 5).sum()), int((array == 44).sum())
+    result = compute_volumetry(_image(array), None, age=70, sex="M")
+    pairs = {pair.left_code: pair for pair in result.asymmetry}
+    assert set(pairs) == {c for c, s in STRUCTURES.items() if s.laterality == "L"}
+    assert pairs[17].right_code == 53
+    assert pairs[17].index_percent == pytest.approx(200.0 * (hv_l - hv_r) / (hv_l + hv_r))
+    assert pairs[17].index_percent > 0
+    assert pairs[17].name == "hippocampus"
+    assert result.hoc["L"] == pytest.approx(hv_l / (hv_l + ilv_l))
+    assert result.hoc["R"] == pytest.approx(hv_r / (hv_r + ilv_r))
+
+
+def test_icv_out_of_range_fails_qc() -> None:
+    array = make_label_array()
+    small = compute_volumetry(_image(array, spacing=(1.0, 1.0, 1.0)), None, age="053Y", sex="F")
+    check = _qc(small, "icv_range")
+    assert check.passed is False and "outside" in check.reason
+    assert not small.qc_passed
+    relaxed = compute_volumetry(_image(array, spacing=(1.0, 1.0, 1.0)), None, age="053Y", sex="F",
+                                limits=QCLimits(icv_min_ml=10.0, icv_max_ml=100.0))
+    assert _qc(relaxed, "icv_range").passed is True
+
+
+def test_empty_structure_fails_qc_and_is_named() -> None:
+    array = make_label_array()
+    array[array == 53] = 42
+    result = compute_volumetry(_image(array), None, age=None, sex=None)
+    check = _qc(result, "structures_present")
+    assert check.passed is False
+    assert "Right hippocampus" in check.reason and "Left hippocampus" not in check.reason
+    assert 53 not in result.structures and "R" in result.hoc  # the ILV alone still gives HOC 0
+    assert result.hoc["R"] == 0.0
+    # a model that does not segment the hippocampus is not failed for it
+    expected = set(STRUCTURES) - {53}
+    assert _qc(compute_volumetry(_image(array), None, age=None, sex=None, expected_codes=expected),
+               "structures_present").passed
+    with pytest.raises(ValueError, match="not measured"):
+        compute_volumetry(_image(array), None, age=None, sex=None, expected_codes={999})
+
+
+def test_intensity_ordering_check() -> None:
+    labels, t1 = make_phantom()
+    assert _qc(compute_volumetry(labels, t1, age=None, sex=None), "intensity_ordering").passed is True
+    labels, t2_like = make_phantom(swap_contrast=True)
+    result = compute_volumetry(labels, t2_like, age=None, sex=None)
+    check = _qc(result, "intensity_ordering")
+    assert check.passed is False and "expected WM > cortex > ventricles" in check.reason
+    assert not result.qc_passed
+    without_t1 = compute_volumetry(labels, None, age=None, sex=None)
+    assert _qc(without_t1, "intensity_ordering").passed is None
+    assert without_t1.qc_passed
+
+
+def test_intensity_check_resamples_t1_onto_the_labels_grid() -> None:
+    labels, t1 = make_phantom()
+    finer = sitk.Resample(t1, [2 * s for s in t1.GetSize()], sitk.Transform(), sitk.sitkNearestNeighbor,
+                          t1.GetOrigin(), [s / 2 for s in t1.GetSpacing()], t1.GetDirection(), 0.0,
+                          sitk.sitkFloat32)
+    assert _qc(compute_volumetry(labels, finer, age=None, sex=None), "intensity_ordering").passed is True
+
+
+def test_norms_give_z_score_and_percentile() -> None:
+    labels, _ = make_phantom()
+    hv = int((sitk.GetArrayFromImage(labels) == 17).sum()) * np.prod(SPACING) / 1000.0
+    norms = [Norm(17, 40, 60, "F", mean_ml=hv + 0.5, sd_ml=0.25), Norm(17, 60, 80, None, mean_ml=hv, sd_ml=0.1)]
+    result = compute_volumetry(labels, None, age="053Y", sex="F", norms=norms)
+    score = result.structures[17].norm_score
+    assert score is not None and score.z == pytest.approx(-2.0)
+    assert score.percentile == pytest.approx(100 * 0.5 * (1 + math.erf(-2 / math.sqrt(2))))
+    assert result.structures[53].norm_score is None
+    assert compute_volumetry(labels, None, age="053Y", sex="M", norms=norms).structures[17].norm_score is None
+    older = compute_volumetry(labels, None, age=70.0, sex="M", norms=norms).structures[17].norm_score
+    assert older is not None and older.z == pytest.approx(0.0) and older.percentile == pytest.approx(50.0)
+    assert compute_volumetry(labels, None, age=None, sex="F", norms=norms).structures[17].norm_score is None
+
+
+def test_parse_age() -> None:
+    assert parse_age("053Y") == 53.0
+    assert parse_age("006M") == 0.5
+    assert parse_age("052W") == pytest.approx(52 * 7 / 365.25)
+    assert parse_age(" 030D") == pytest.approx(30 / 365.25)
+    assert parse_age(41) == 41.0
+    assert parse_age("") is None and parse_age("abc") is None and parse_age(None) is None
+    assert parse_age(-1.0) is None
+
+
+def test_qc_flag_on_series_description() -> None:
+    array = make_label_array()
+    passed = compute_volumetry(_image(array), None, age=None, sex=None)
+    failed = compute_volumetry(_image(array, spacing=(1.0, 1.0, 1.0)), None, age=None, sex=None)
+    assert with_qc_flag("sT1AAH volumetry", passed) == "sT1AAH volumetry"
+    assert with_qc_flag("sT1AAH volumetry", failed) == "sT1AAH volumetry" + QC_FAILED_SUFFIX
+    assert with_qc_flag(with_qc_flag("x", failed), failed) == "x" + QC_FAILED_SUFFIX
+    long = with_qc_flag("y" * 80, failed)
+    assert len(long) == 64 and long.endswith(QC_FAILED_SUFFIX)
+
+
+def test_rejects_non_integer_labels() -> None:
+    with pytest.raises(ValueError, match="integer"):
+        compute_volumetry(_image(make_label_array().astype(np.float32)), None, age=None, sex=None)
