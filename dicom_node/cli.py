@@ -216,7 +216,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
     config = _config(args)
     from .journal import Journal
 
-    journal = Journal(config.node.data_dir / "journal.sqlite3")
+    path = config.node.data_dir / "journal.sqlite3"
+    if not path.exists():
+        print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
+        return 1
+    journal = Journal(path)
     n = journal.retry_failed(args.dest)
     journal.close()
     print(f"{n} delivery item(s) queued again; a running node sends them within "

@@ -170,6 +170,10 @@ class DispatchSettings(_Strict):
     timeout_s: float = Field(default=30.0, gt=0)
 
 
+#: FLAIR, but not GE's "T1 FLAIR" (a T1-weighted 2D sequence).
+FLAIR_DESCRIPTION = r"^(?!.*t1).*flair"
+
+
 def default_rules() -> list[Rule]:
     """The rules used when the config file has no ``[[rules]]``.
 
@@ -187,10 +191,19 @@ def default_rules() -> list[Rule]:
             image_type=["ORIGINAL"],
         ),
         Rule(
-            name="flair",
-            series_description=r"flair",
+            name="flair-3d",
+            series_description=FLAIR_DESCRIPTION,
             model=model,
             output_name="sT13DFLAIR",
+            mr_acquisition_type="3D",
+            image_type=["ORIGINAL"],
+        ),
+        Rule(
+            name="flair-2d",
+            series_description=FLAIR_DESCRIPTION,
+            model=model,
+            output_name="sT12DFLAIR",
+            mr_acquisition_type="2D",
             image_type=["ORIGINAL"],
         ),
         Rule(

@@ -136,9 +136,22 @@ class Dispatcher:
             self._fail(readable, why)
             return 0
         sent: list[int] = []
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
         try:
             for item in readable:
-                status = assoc.send_c_store(Path(item.path))
+                meta = metas[item.id]
+                if (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)) not in accepted:
+                    error = (f"{meta.MediaStorageSOPClassUID.name} in {meta.TransferSyntaxUID.name} "
+                             f"not accepted by the destination")
+                    log.warning("outbox: %s: %s (%s)", name, error, item.sop_instance_uid)
+                    self._fail([item], error)
+                    continue
+                try:
+                    status = assoc.send_c_store(Path(item.path))
+                except (OSError, ValueError) as exc:  # the file changed or cannot be encoded any more
+                    log.error("outbox: cannot send %s to %s: %s", item.path, name, exc)
+                    self._fail([item], f"cannot send: {exc}")
+                    continue
                 code = getattr(status, "Status", None)
                 if code in _SUCCESS_OR_WARNING:
                     sent.append(item.id)

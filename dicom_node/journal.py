@@ -2,7 +2,9 @@
 
 This is the only module with SQL in it; the rest of the node talks to :class:`Journal`. One
 connection is shared by all threads behind a lock: SQLite serialises writers anyway, and the
-critical path (one INSERT per received instance) is short.
+critical path (one INSERT per received instance) is short. Instances that arrive on several
+associations at once are group-committed: one transaction (one fsync) for all that queued while
+the previous commit was on its way to disk.
 
 State machines
 --------------
@@ -145,6 +147,16 @@ class OutboxItem:
     last_error: str
 
 
+@dataclass
+class _PendingInstance:
+    """An instance waiting for the next group commit; ``done`` once its transaction has ended."""
+
+    fields: dict[str, Any]
+    done: bool = False
+    is_new: bool = False
+    error: BaseException | None = None
+
+
 class Journal:
     """Durable record of everything the node received, decided and sent."""
 
@@ -152,6 +164,8 @@ class Journal:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[_PendingInstance] = []
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -208,28 +222,67 @@ class Journal:
         A new instance for a series that was already closed re-opens it (a late arrival), so the
         series is assembled and processed again as a new version.
         """
-        now = time.time() if now is None else now
-        with self._tx() as db:
-            row = db.execute("SELECT state FROM series WHERE series_uid=?", (series_uid,)).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO series(series_uid, study_uid, patient_id, description, modality,"
-                    " calling_ae, attrs, first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (series_uid, study_uid, patient_id, description, modality, calling_ae,
-                     json.dumps(series_attrs), now, now),
-                )
-            cur = db.execute(
-                "INSERT OR IGNORE INTO instances(sop_instance_uid, series_uid, sop_class_uid,"
-                " transfer_syntax, path, geometry, received_at) VALUES (?,?,?,?,?,?,?)",
-                (sop_instance_uid, series_uid, sop_class_uid, transfer_syntax, path,
-                 json.dumps(geometry), now),
+        entry = _PendingInstance(dict(
+            sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
+            path=path, geometry=json.dumps(geometry), series_uid=series_uid, study_uid=study_uid,
+            patient_id=patient_id, description=description, modality=modality, calling_ae=calling_ae,
+            series_attrs=json.dumps(series_attrs),
+        ))
+        with self._pending_lock:
+            # stamped in queue order, so a batch never moves a series' last_received backwards
+            entry.fields["now"] = time.time() if now is None else now
+            self._pending.append(entry)
+        # Group commit: whoever holds the journal lock next commits every instance queued so far in
+        # one transaction (one WAL fsync). A caller returns only after the transaction holding its
+        # row has committed, so "returned" still means "durable".
+        with self._lock:
+            if not entry.done:
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                self._commit_instances(batch)
+        if entry.error is not None:
+            raise entry.error
+        return entry.is_new
+
+    def _commit_instances(self, batch: list[_PendingInstance]) -> None:
+        """Insert a batch in one transaction; if that fails, each alone (one bad row fails only its caller)."""
+        try:
+            with self._tx() as db:
+                results = [self._insert_instance(db, entry.fields) for entry in batch]
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error, batch[0].done = exc, True
+                return
+            for entry in batch:
+                self._commit_instances([entry])
+            return
+        for entry, is_new in zip(batch, results, strict=True):
+            entry.is_new, entry.done = is_new, True
+
+    @staticmethod
+    def _insert_instance(db: sqlite3.Connection, f: dict[str, Any]) -> bool:
+        if db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (f["sop_instance_uid"],)).fetchone():
+            return False  # a re-send: already filed (under whatever series it came with first)
+        row = db.execute("SELECT state FROM series WHERE series_uid=?", (f["series_uid"],)).fetchone()
+        if row is None:
+            db.execute(
+                "INSERT INTO series(series_uid, study_uid, patient_id, description, modality,"
+                " calling_ae, attrs, first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?)",
+                (f["series_uid"], f["study_uid"], f["patient_id"], f["description"], f["modality"],
+                 f["calling_ae"], f["series_attrs"], f["now"], f["now"]),
             )
-            is_new = cur.rowcount == 1
-            if is_new and row is not None:
-                db.execute(
-                    "UPDATE series SET last_received=?, state='receiving' WHERE series_uid=?",
-                    (now, series_uid),
-                )
+        cur = db.execute(
+            "INSERT OR IGNORE INTO instances(sop_instance_uid, series_uid, sop_class_uid,"
+            " transfer_syntax, path, geometry, received_at) VALUES (?,?,?,?,?,?,?)",
+            (f["sop_instance_uid"], f["series_uid"], f["sop_class_uid"], f["transfer_syntax"], f["path"],
+             f["geometry"], f["now"]),
+        )
+        is_new = cur.rowcount == 1
+        if is_new and row is not None:
+            db.execute(
+                "UPDATE series SET last_received=?, state='receiving' WHERE series_uid=?",
+                (f["now"], f["series_uid"]),
+            )
         return is_new
 
     def instances(self, series_uid: str) -> list[InstanceRecord]:

@@ -1,0 +1,115 @@
+"""Tests for dicom_node.assembly: whole, gap and missing slices from filed header geometry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.assembly import completeness
+from dicom_node.journal import InstanceRecord
+from dicom_node.scp import header_summary
+from tests.dicom_factory import AXIAL_IOP, make_mr_series, oblique_iop
+
+
+def records(paths: Sequence[Path]) -> list[InstanceRecord]:
+    """The journal rows the SCP would file for these files."""
+    out = []
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True)
+        geometry, attrs = header_summary(ds)
+        out.append(InstanceRecord(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), attrs["SOPClassUID"],
+                                  "1.2.840.10008.1.2.1", str(path), geometry))
+    return out
+
+
+def geometry(k: int, **overrides: Any) -> dict[str, Any]:
+    g: dict[str, Any] = {"ipp": [0.0, 0.0, 4.0 * k], "iop": list(AXIAL_IOP), "ps": [1.0, 1.0], "rows": 16,
+                         "cols": 16, "frames": 1, "instance": k + 1, "images_in_acquisition": 0, "thickness": [4.0]}
+    g.update(overrides)
+    return g
+
+
+def rec(k: int, **overrides: Any) -> InstanceRecord:
+    return InstanceRecord(f"1.2.{k}", "1.2", "1.2.840.10008.5.1.4.1.1.4", "", "", geometry(k, **overrides))
+
+
+SHAPE = (8, 16, 16)
+
+
+def test_whole_series(tmp_path: Path) -> None:
+    verdict = completeness(records(make_mr_series(tmp_path, shape=SHAPE, spacing=(1.0, 1.0, 4.0))))
+    assert verdict.whole and verdict.reason == "8 slices, evenly spaced, no gap"
+
+
+def test_whole_oblique_series_in_shuffled_order(tmp_path: Path) -> None:
+    recs = records(make_mr_series(tmp_path, shape=SHAPE, spacing=(0.9, 0.9, 3.3), iop=oblique_iop()))
+    verdict = completeness(recs[::-1][1::2] + recs[::-1][0::2])
+    assert verdict.whole, verdict.reason
+
+
+def test_gap_in_the_middle(tmp_path: Path) -> None:
+    verdict = completeness(records(make_mr_series(tmp_path, shape=SHAPE, spacing=(1.0, 1.0, 4.0), omit_slices=[4])))
+    assert not verdict.whole
+    assert "gap" in verdict.reason and "8" in verdict.reason  # 8 mm step where 4 mm is expected
+
+
+def test_missing_last_slices_found_by_images_in_acquisition(tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path, shape=SHAPE, spacing=(1.0, 1.0, 4.0), omit_slices=[6, 7],
+                           header={"ImagesInAcquisition": 8})
+    verdict = completeness(records(paths))
+    assert not verdict.whole and verdict.reason == "6 of 8 images (ImagesInAcquisition)"
+
+
+def test_missing_last_slices_without_images_in_acquisition_look_whole(tmp_path: Path) -> None:
+    # Nothing in the headers says the stack was longer: the series closes and the idle timeout is moot.
+    paths = make_mr_series(tmp_path, shape=SHAPE, spacing=(1.0, 1.0, 4.0), omit_slices=[6, 7])
+    assert completeness(records(paths)).whole
+
+
+def test_all_images_in_acquisition_present(tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path, shape=SHAPE, spacing=(1.0, 1.0, 4.0), header={"ImagesInAcquisition": 8})
+    assert completeness(records(paths)).whole
+
+
+def test_empty() -> None:
+    verdict = completeness([])
+    assert not verdict.whole and verdict.reason == "no instances"
+
+
+def test_multi_frame_instance_is_whole_by_itself() -> None:
+    verdict = completeness([rec(0, frames=176, ipp=None, iop=None)])
+    assert verdict.whole and verdict.reason == "1 multi-frame instance(s), 176 frames"
+
+
+def test_mixed_multi_and_single_frame() -> None:
+    verdict = completeness([rec(0, frames=10), rec(1)])
+    assert not verdict.whole and "mixes multi-frame and single-frame" in verdict.reason
+
+
+def test_instance_without_position() -> None:
+    verdict = completeness([rec(0), rec(1, ipp=None), rec(2)])
+    assert not verdict.whole and "no ImagePositionPatient" in verdict.reason
+
+
+def test_duplicate_positions() -> None:
+    verdict = completeness([rec(0), rec(1), rec(1), rec(2)])
+    assert not verdict.whole and "duplicate" in verdict.reason
+
+
+def test_mixed_orientation() -> None:
+    verdict = completeness([rec(0), rec(1), rec(2, iop=[0.0, 1.0, 0.0, 0.0, 0.0, -1.0])])
+    assert not verdict.whole
+
+
+def test_mixed_matrix_size() -> None:
+    verdict = completeness([rec(0), rec(1), rec(2, rows=32)])
+    assert not verdict.whole
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_short_stacks_are_whole(n: int) -> None:
+    assert completeness([rec(k) for k in range(n)]).whole

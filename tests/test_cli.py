@@ -1,0 +1,246 @@
+"""Tests for dicom_node.cli: config check, route --dry-run, status, echo, retry, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node import __version__
+from dicom_node.cli import main
+from dicom_node.journal import Journal
+from tests.dicom_factory import make_mr_series, make_study
+from tests.e2e.peers import free_port
+from tests.onnx_fixtures import make_synthesis_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    make_synthesis_model(folder, model_id="synth-t1")
+    return folder
+
+
+def write_config(tmp_path: Path, models_dir: Path, extra: str = "", port: int = 104) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        f"""
+[node]
+ae_title = "NODE"
+data_dir = "{tmp_path / 'data'}"
+
+[[peers]]
+ae_title = "MR1"
+
+[[destinations]]
+name = "PACS"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {port}
+
+[inference]
+models_dir = "{models_dir}"
+{extra}""",
+        encoding="utf-8",
+    )
+    return path
+
+
+# -- config check ------------------------------------------------------------------------------
+
+def test_config_check_good_file(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", "--config", str(write_config(tmp_path, models_dir))]) == 0
+    out = capsys.readouterr().out
+    assert f"node: NODE on 0.0.0.0:11112, data in {tmp_path / 'data'}" in out
+    assert "peers: MR1@any host" in out
+    assert "destination PACS: PACS@127.0.0.1:104" in out
+    assert f"models in {models_dir}: synth-t1" in out
+    assert "rule t1-2d: /t1/i → synthesize synth-t1 as sT12DT1, to PACS [ok]" in out
+    assert out.rstrip().endswith("configuration is valid")
+
+
+def test_config_check_reports_disabled_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    assert main(["config", "check", "--config", str(write_config(tmp_path, empty))]) == 0
+    out = capsys.readouterr().out
+    assert "rule flair-3d:" in out and "[DISABLED: model 'synth-t1' not installed]" in out
+    assert "configuration is valid; 6 rule(s) disabled" in out
+
+
+def test_config_check_example_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "check", "--config", str(REPO / "deploy" / "node.example.toml")]) == 0
+    assert "configuration is valid" in capsys.readouterr().out
+
+
+def test_config_check_bad_file_names_the_field(tmp_path: Path, models_dir: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    bad = write_config(tmp_path, models_dir, '[[rules]]\nname = "r"\nseries_description = "t1"\nmodel = "m"\n'
+                                             'output_name = "x"\ndestinations = ["PACS2"]\n')
+    assert main(["config", "check", "--config", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert str(bad) in captured.err and "rules[0].destinations: unknown destination 'PACS2'" in captured.err
+
+
+def test_config_check_wrong_type_and_syntax(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nport = "eleven"\n', encoding="utf-8")
+    assert main(["config", "check", "--config", str(path)]) == 2
+    assert "node.port" in capsys.readouterr().err
+    path.write_text("[node\n", encoding="utf-8")
+    assert main(["config", "check", "--config", str(path)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["config", "check", "--config", str(tmp_path / "absent.toml")]) == 2
+    assert "cannot read configuration" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_code(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nae_title = "' + "A" * 20 + '"\n', encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "config", "check", "--config", str(path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert "node.ae_title" in result.stderr
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dicom-node {__version__}"
+
+
+# -- route --dry-run ---------------------------------------------------------------------------
+
+def test_route_dry_run(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "dicom"
+    study = make_study()
+    t1 = make_mr_series(folder / "a", shape=(4, 16, 16), spacing=(1.0, 1.0, 4.0), series_number=2, study=study)
+    make_mr_series(folder / "b", shape=(4, 16, 16), spacing=(1.0, 1.0, 4.0), series_number=9, study=study,
+                   series_description="localizer")
+    (folder / "README.txt").write_text("not DICOM", encoding="utf-8")
+    config = write_config(tmp_path, models_dir)
+    assert main(["route", "--config", str(config), "--dry-run", str(folder)]) == 0
+    out = capsys.readouterr().out
+    uid = dcmread(t1[0], stop_before_pixels=True).SeriesInstanceUID
+    assert f"series 2 't1_fl2d_sag' (4 instances, {uid})" in out
+    assert "  assembly: whole: 4 slices, evenly spaced, no gap" in out
+    assert "  rule 'aahead-scout': no (SeriesDescription 't1_fl2d_sag' does not match /^aa_?head_?scout/i)" in out
+    assert "  rule 't1-2d': MATCH" in out
+    assert "  → rule 't1-2d': synthesize sT12DT1 with model synth-t1" in out
+    assert "series 9 'localizer'" in out and "  → not processed: no rule matches" in out
+    assert "(1 non-DICOM file(s) skipped)" in out
+
+
+def test_route_dry_run_explains_a_missing_model_and_a_gap(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "dicom"
+    make_mr_series(folder, shape=(6, 16, 16), spacing=(1.0, 1.0, 4.0), omit_slices=[2])
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    assert main(["route", "--config", str(write_config(tmp_path, empty)), "--dry-run", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "  assembly: NOT whole: " in out and "gap" in out
+    assert "  → not processed: model 'synth-t1' not installed (rule 't1-2d')" in out
+
+
+def test_route_needs_dry_run_and_a_folder(tmp_path: Path, models_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(write_config(tmp_path, models_dir))
+    assert main(["route", "--config", config, str(tmp_path)]) == 2
+    assert "--dry-run" in capsys.readouterr().err
+    assert main(["route", "--config", config, "--dry-run", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["route", "--config", config, "--dry-run", str(empty)]) == 0
+    assert "no DICOM series found" in capsys.readouterr().out
+
+
+# -- status and retry --------------------------------------------------------------------------
+
+def _journal_with_work(data_dir: Path) -> None:
+    journal = Journal(data_dir / "journal.sqlite3", fsync=False)
+    for k, series in enumerate(("1.1", "1.1", "1.2")):
+        journal.add_instance(sop_instance_uid=f"1.9.{k}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+                             transfer_syntax="", path="/x", geometry={}, series_uid=series, study_uid="1",
+                             patient_id="P", description=f"desc {series}", modality="MR", calling_ae="MR1",
+                             series_attrs={})
+    journal.close_series("1.1")
+    job = journal.add_job(series_uid="1.1", version=1, rule="t1-2d", action="synthesize", model="synth-t1")
+    journal.record_outputs(job, [("1.7", "sT1")], [("PACS", "/o/1.dcm", "1.2", "1.7.1"),
+                                                   ("PACS", "/o/2.dcm", "1.2", "1.7.2")])
+    ids = [i.id for i in journal.outbox(job)]
+    journal.mark_sent(ids[:1])
+    journal.mark_failed_try(ids[1:], "association rejected", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    journal.close()
+
+
+def test_status_prints_counts(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, models_dir)
+    _journal_with_work(tmp_path / "data")
+    assert main(["status", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "instances received: 3" in out
+    assert "series: receiving 1, routed 1" in out
+    assert "jobs:   failed 1" in out
+    assert "rule t1-2d v1: failed - delivery failed after the last try" in out
+    assert "'desc 1.1'" in out and "2 inst  routed" in out
+    assert "PACS: 1 failed (tries up to 1, last error: association rejected)" in out
+    assert "PACS: 1 sent" in out
+
+
+def test_status_without_journal(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--config", str(write_config(tmp_path, models_dir))]) == 1
+    assert "no journal at" in capsys.readouterr().out
+
+
+def test_retry_requeues_failed_deliveries(tmp_path: Path, models_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, models_dir)
+    _journal_with_work(tmp_path / "data")
+    assert main(["retry", "--config", str(config), "ARCHIVE"]) == 0
+    assert capsys.readouterr().out.startswith("0 delivery item(s) queued again")
+    assert main(["retry", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.startswith("1 delivery item(s) queued again")
+    journal = Journal(tmp_path / "data" / "journal.sqlite3")
+    assert journal.counts()["outbox"] == {"sent": 1, "pending": 1}
+    journal.close()
+
+
+# -- echo --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def verification_scp() -> Iterator[int]:
+    port = free_port()
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0x0000)])
+    yield port
+    server.shutdown()
+
+
+def test_echo_unknown_destination(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["echo", "--config", str(write_config(tmp_path, models_dir)), "ARCHIVE"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown destination 'ARCHIVE' (known: PACS; or give AE@host:port)" in err
+
+
+def test_echo_configured_and_adhoc(tmp_path: Path, models_dir: Path, verification_scp: int,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(write_config(tmp_path, models_dir, port=verification_scp))
+    assert main(["echo", "--config", config, "PACS"]) == 0
+    assert f"C-ECHO PACS@127.0.0.1:{verification_scp}: success" in capsys.readouterr().out
+    assert main(["echo", "--config", config, f"PACS@127.0.0.1:{verification_scp}"]) == 0
+    capsys.readouterr()
+    assert main(["echo", "--config", config, f"PACS@127.0.0.1:{free_port()}"]) == 1
+    assert "connection failed" in capsys.readouterr().out

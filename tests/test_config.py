@@ -1,0 +1,256 @@
+"""Tests for dicom_node.config: validation, error messages naming the field, and the shipped example."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from dicom_node.config import (
+    BUNDLED_MODELS_DIR,
+    ConfigError,
+    Destination,
+    DispatchSettings,
+    InferenceSettings,
+    NodeConfig,
+    NodeSettings,
+    Peer,
+    Rule,
+    default_rules,
+    load_config,
+    parse_config,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "node.example.toml"
+
+DEST = """
+[[destinations]]
+name = "PACS"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 104
+"""
+
+
+def _error(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "node.toml")
+    return str(info.value)
+
+
+# -- defaults ----------------------------------------------------------------------------------
+
+def test_empty_file_gives_the_defaults() -> None:
+    config = parse_config("")
+    assert config == NodeConfig()
+    assert config.node.ae_title == "DICOM_NODE"
+    assert config.node.port == 11112
+    assert config.node.uid_root is None
+    assert config.peers == [] and config.destinations == []
+    assert config.rules == default_rules()
+    assert config.inference.models_dir == BUNDLED_MODELS_DIR
+    assert config.dispatch.max_tries == 8
+
+
+def test_load_config_none_is_the_defaults() -> None:
+    assert load_config(None) == NodeConfig()
+
+
+def test_default_rules_are_valid_and_ordered() -> None:
+    rules = default_rules()
+    names = [r.name for r in rules]
+    assert names == ["aahead-scout", "flair-3d", "flair-2d", "coronal-t2", "real-3d-t1", "t1-2d"]
+    assert names.index("real-3d-t1") < names.index("t1-2d")
+    for rule in rules:
+        assert rule.model == "synth-t1" and rule.volumetry
+        assert "ORIGINAL" in rule.image_type
+    NodeConfig(rules=rules)  # passes the cross checks
+
+
+# -- the shipped example -----------------------------------------------------------------------
+
+def test_example_config_validates() -> None:
+    config = load_config(EXAMPLE)
+    assert config.destinations and config.peers
+
+
+def test_example_rules_are_the_default_rules() -> None:
+    assert load_config(EXAMPLE).rules == default_rules()
+
+
+def test_example_settings_are_the_defaults() -> None:
+    config = load_config(EXAMPLE)
+    assert config.node == NodeSettings()
+    assert config.inference == InferenceSettings()
+    assert config.dispatch == DispatchSettings()
+
+
+@pytest.mark.parametrize(
+    ("section", "model"),
+    [("node", NodeSettings), ("peers", Peer), ("destinations", Destination), ("rules", Rule),
+     ("inference", InferenceSettings), ("dispatch", DispatchSettings)],
+)
+def test_example_documents_every_field(section: str, model: type[BaseModel]) -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for field in model.model_fields:
+        # a setting (possibly commented out) or a line of the field list in the section's comment
+        pattern = rf"^#?\s*{re.escape(field)}\s*=|^#\s+{re.escape(field)}\s{{2,}}\S"
+        assert re.search(pattern, text, flags=re.MULTILINE), f"[{section}] {field} is not in {EXAMPLE.name}"
+
+
+# -- values ------------------------------------------------------------------------------------
+
+def test_valid_file_with_every_section(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        """
+[node]
+ae_title = " NODE1 "
+port = 11113
+data_dir = "/tmp/node-data"
+uid_root = "1.2.826.0.1.3680043.10.999."
+
+[[peers]]
+ae_title = "SCANNER"
+host = "10.0.0.5"
+
+[[peers]]
+ae_title = "PACS"
+"""
+        + DEST
+        + """
+[[destinations]]
+name = "archive"
+ae_title = "ARCH"
+host = "10.0.0.6"
+port = 11112
+calling_ae_title = "NODE_OUT"
+
+[[rules]]
+name = "only-pacs"
+series_description = "t1"
+model = "m"
+output_name = "sT1"
+destinations = ["PACS"]
+
+[[rules]]
+name = "everywhere"
+series_description = "t2"
+model = "m"
+output_name = "sT1T2"
+
+[inference]
+models_dir = "/opt/models"
+providers = "cpu"
+threads = 2
+workers = 2
+
+[dispatch]
+max_tries = 3
+backoff_initial_s = 1.5
+""",
+        encoding="utf-8",
+    )
+    config = load_config(path)
+    assert config.node.ae_title == "NODE1"  # padding stripped
+    assert config.node.uid_root == "1.2.826.0.1.3680043.10.999."
+    assert config.node.data_dir == Path("/tmp/node-data")
+    assert config.peers[1].host is None
+    assert [d.name for d in config.destinations_for(config.rules[0])] == ["PACS"]
+    assert [d.name for d in config.destinations_for(config.rules[1])] == ["PACS", "archive"]
+    assert config.destination("archive").calling_ae_title == "NODE_OUT"
+    with pytest.raises(KeyError):
+        config.destination("nope")
+    assert config.inference.models_dir == Path("/opt/models")
+    assert config.dispatch.max_tries == 3 and config.dispatch.backoff_max_s == 900.0
+
+
+def test_uid_root_gets_a_trailing_dot() -> None:
+    assert parse_config('[node]\nuid_root = "1.2.3"').node.uid_root == "1.2.3."
+
+
+@pytest.mark.parametrize("root", ["1.2.abc", "3.1.2", "1.02.3", "1." + "2" * 40, ""])
+def test_bad_uid_root_is_refused(root: str) -> None:
+    message = _error(f'[node]\nuid_root = "{root}"')
+    assert "node.uid_root" in message and "not a valid UID root" in message
+
+
+@pytest.mark.parametrize("ae", ["", "   ", "A" * 17, "BAD\\\\AE", "ÄE"])
+def test_bad_ae_titles_are_refused(ae: str) -> None:
+    message = _error(f'[node]\nae_title = "{ae}"')
+    assert "node.ae_title" in message and "AE title" in message
+
+
+def test_bad_peer_ae_names_its_index() -> None:
+    message = _error('[[peers]]\nae_title = "OK"\n[[peers]]\nae_title = "' + "X" * 20 + '"')
+    assert "peers[1].ae_title" in message
+
+
+def test_error_message_names_file_field_and_count() -> None:
+    message = _error('[node]\nport = 70000\nlog_level = "LOUD"')
+    assert message.startswith("node.toml: invalid configuration (2 problem(s))")
+    assert "node.port" in message and "node.log_level" in message
+
+
+def test_misspelt_key_is_refused() -> None:
+    message = _error('[node]\naetitle = "X"')
+    assert "node.aetitle" in message and "Extra inputs are not permitted" in message
+
+
+def test_unknown_section_is_refused() -> None:
+    assert "nodes" in _error('[nodes]\nport = 1')
+
+
+def test_rule_with_unknown_destination() -> None:
+    message = _error(DEST + '[[rules]]\nname = "r"\nseries_description = "t1"\nmodel = "m"\n'
+                     'output_name = "x"\ndestinations = ["PACS2"]')
+    assert "rules[0].destinations: unknown destination 'PACS2' (defined: PACS)" in message
+
+
+def test_duplicate_destination_and_rule_names() -> None:
+    assert "destinations[1].name: duplicate destination name 'PACS'" in _error(DEST + DEST)
+    rule = '[[rules]]\nname = "r"\nseries_description = "t1"\nmodel = "m"\noutput_name = "x"\n'
+    assert "rules[1].name: duplicate rule name 'r'" in _error(rule + rule)
+
+
+def test_rule_validation() -> None:
+    base = '[[rules]]\nname = "r"\noutput_name = "x"\n'
+    assert "rules[0].model: Field required" in _error(base + 'series_description = "t1"')
+    assert "invalid regular expression" in _error(base + 'series_description = "t1("\nmodel = "m"')
+    assert "rules[0].manufacturer" in _error(base + 'series_description = "t1"\nmodel = "m"\nmanufacturer = "[x"')
+    assert "slice_thickness_min is larger" in _error(
+        base + 'series_description = "t1"\nmodel = "m"\nslice_thickness_min = 5.0\nslice_thickness_max = 2.0'
+    )
+    assert "needs volumetry = true" in _error(
+        base + 'series_description = "t1"\nmodel = "m"\naction = "volumetry"\nvolumetry = false'
+    )
+    assert "rules[0].mr_acquisition_type" in _error(
+        base + 'series_description = "t1"\nmodel = "m"\nmr_acquisition_type = "4D"'
+    )
+    assert "rules[0].name" in _error('[[rules]]\nname = "bad name!"\noutput_name = "x"\n'
+                                     'series_description = "t1"\nmodel = "m"')
+
+
+def test_rule_defaults() -> None:
+    rule = parse_config('[[rules]]\nname = "r"\nseries_description = "mprage"\naction = "volumetry"\n'
+                        'model = "m"\noutput_name = "rT1"').rules[0]
+    assert rule.volumetry and rule.destinations is None and rule.modality == "MR"
+    assert rule.image_type == [] and rule.calling_ae == [] and rule.mr_acquisition_type is None
+
+
+def test_not_toml() -> None:
+    message = _error("[node\nport = 1")
+    assert message.startswith("node.toml: not valid TOML")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_config_is_frozen() -> None:
+    config = NodeConfig()
+    with pytest.raises(Exception):
+        config.node.port = 1  # type: ignore[misc]

@@ -1,0 +1,220 @@
+"""Tests for dicom_node.dispatch: outbox delivery to an in-process storage SCP, retries and backoff."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, SecondaryCaptureImageStorage
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import Destination, DispatchSettings, NodeConfig, NodeSettings
+from dicom_node.dispatch import Dispatcher, echo
+from dicom_node.journal import Journal
+from tests.dicom_factory import make_mr_series
+from tests.e2e.peers import free_port
+
+SERIES = "1.2.3.4.100"
+
+
+class DestinationSCP:
+    """A pynetdicom storage SCP that keeps what it receives and answers ``status``."""
+
+    def __init__(self, ae_title: str = "PACS", status: int = 0x0000) -> None:
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.status = status
+        self.received: list[Dataset] = []
+        self.calling: list[str] = []
+        ae = AE(ae_title=ae_title)
+        ae.require_called_aet = True
+        ae.add_supported_context(Verification)
+        ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
+        self._ae = ae
+        self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._store), (evt.EVT_C_ECHO, lambda event: 0x0000)])
+
+    def _store(self, event: evt.Event) -> int:
+        self.calling.append(event.assoc.requestor.ae_title)
+        if self.status == 0x0000:
+            self.received.append(event.dataset)
+        return self.status
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_mr_series(tmp_path_factory.mktemp("out"), shape=(3, 8, 8), spacing=(1.0, 1.0, 2.0))
+
+
+@pytest.fixture(scope="module")
+def pacs() -> Iterator[DestinationSCP]:
+    server = DestinationSCP()
+    yield server
+    server.stop()
+
+
+def make_config(tmp_path: Path, destinations: list[Destination], **dispatch: float) -> NodeConfig:
+    settings = dict(max_tries=3, backoff_initial_s=0.2, backoff_max_s=0.5, timeout_s=5.0)
+    settings.update(dispatch)
+    return NodeConfig(node=NodeSettings(ae_title="NODE", data_dir=tmp_path, fsync=False),
+                      destinations=destinations, dispatch=DispatchSettings(**settings))
+
+
+def dest_for(server: DestinationSCP, name: str = "PACS", **kwargs: str) -> Destination:
+    return Destination(name=name, ae_title=server.ae_title, host="127.0.0.1", port=server.port, **kwargs)
+
+
+def closed_destination(name: str = "DOWN") -> Destination:
+    return Destination(name=name, ae_title="DOWN", host="127.0.0.1", port=free_port())
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    j = Journal(tmp_path / "journal.sqlite3", fsync=False)
+    yield j
+    j.close()
+
+
+def queue_job(journal: Journal, files: list[Path], destinations: list[str]) -> int:
+    journal.add_instance(sop_instance_uid="1.9.1", sop_class_uid=MRImageStorage, transfer_syntax="",
+                         path="/x", geometry={}, series_uid=SERIES, study_uid="1.2.3", patient_id="P",
+                         description="t1", modality="MR", calling_ae="MR1", series_attrs={})
+    job = journal.add_job(series_uid=SERIES, version=1, rule="t1-2d", action="synthesize", model="m")
+    items = []
+    for name in destinations:
+        for path in files:
+            ds = dcmread(path, stop_before_pixels=True)
+            items.append((name, str(path), str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    journal.record_outputs(job, [("1.9.9", "sT1")], items)
+    return job
+
+
+def test_delivered_items_are_marked_sent(tmp_path: Path, journal: Journal, files: list[Path],
+                                         pacs: DestinationSCP) -> None:
+    before = len(pacs.received)
+    config = make_config(tmp_path, [dest_for(pacs, calling_ae_title="NODE_OUT")])
+    job = queue_job(journal, files, ["PACS"])
+    dispatcher = Dispatcher(config, journal)
+    assert dispatcher.send_due() == 3
+    assert {i.state for i in journal.outbox(job)} == {"sent"}
+    assert journal.job(job).state == "sent"
+    received = pacs.received[before:]
+    assert sorted(str(d.SOPInstanceUID) for d in received) == sorted(
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files)
+    assert set(pacs.calling[-3:]) == {"NODE_OUT"}
+    assert dispatcher.send_due() == 0  # nothing due any more
+
+
+def test_destination_down_backs_off_then_fails(tmp_path: Path, journal: Journal, files: list[Path]) -> None:
+    down = closed_destination()
+    config = make_config(tmp_path, [down])
+    job = queue_job(journal, files[:1], ["DOWN"])
+    dispatcher = Dispatcher(config, journal)
+    for tries, delay in [(1, 0.2), (2, 0.4)]:
+        started = time.time()
+        assert dispatcher.send_due() == 0
+        ended = time.time()
+        item = journal.outbox(job)[0]
+        assert (item.state, item.tries, item.last_error) == ("pending", tries, "connection failed")
+        assert started + delay <= item.next_attempt_at <= ended + delay
+        assert dispatcher.send_due() == 0  # not due yet: no new try
+        assert journal.outbox(job)[0].tries == tries
+        time.sleep(max(0.0, item.next_attempt_at - time.time()) + 0.01)
+    assert dispatcher.send_due() == 0
+    item = journal.outbox(job)[0]
+    assert (item.state, item.tries) == ("failed", 3)
+    record = journal.job(job)
+    assert record.state == "failed" and "delivery failed" in record.reason
+
+
+def test_retry_failed_requeues_and_delivers(tmp_path: Path, journal: Journal, files: list[Path],
+                                            pacs: DestinationSCP) -> None:
+    # the destination was down (wrong port) until it failed for good, then IT fixed the config
+    config = make_config(tmp_path, [closed_destination("PACS")], max_tries=1)
+    job = queue_job(journal, files, ["PACS"])
+    Dispatcher(config, journal).send_due()
+    assert journal.job(job).state == "failed"
+    assert journal.retry_failed("PACS") == 3
+    assert journal.job(job).state == "written"
+    fixed = make_config(tmp_path, [dest_for(pacs)])
+    assert Dispatcher(fixed, journal).send_due() == 3
+    assert journal.job(job).state == "sent"
+
+
+def test_refused_items_count_a_try_with_the_status(tmp_path: Path, journal: Journal, files: list[Path]) -> None:
+    refusing = DestinationSCP(ae_title="FULL", status=0xA700)
+    try:
+        config = make_config(tmp_path, [dest_for(refusing, name="FULL")])
+        job = queue_job(journal, files[:2], ["FULL"])
+        assert Dispatcher(config, journal).send_due() == 0
+    finally:
+        refusing.stop()
+    items = journal.outbox(job)
+    assert [(i.state, i.tries) for i in items] == [("pending", 1), ("pending", 1)]
+    assert all(i.last_error.startswith("status 0xA700") for i in items)
+    assert journal.job(job).state == "written"
+
+
+def test_one_destination_down_does_not_block_another(tmp_path: Path, journal: Journal, files: list[Path],
+                                                     pacs: DestinationSCP) -> None:
+    config = make_config(tmp_path, [dest_for(pacs), closed_destination()])
+    job = queue_job(journal, files[:1], ["PACS", "DOWN"])
+    assert Dispatcher(config, journal).send_due() == 1
+    states = {i.destination: i.state for i in journal.outbox(job)}
+    assert states == {"PACS": "sent", "DOWN": "pending"}
+    assert journal.job(job).state == "written"
+
+
+def test_wrong_called_ae_is_a_rejection(tmp_path: Path, journal: Journal, files: list[Path],
+                                        pacs: DestinationSCP) -> None:
+    wrong = Destination(name="PACS", ae_title="NOT_PACS", host="127.0.0.1", port=pacs.port)
+    job = queue_job(journal, files[:1], ["PACS"])
+    Dispatcher(make_config(tmp_path, [wrong]), journal).send_due()
+    assert journal.outbox(job)[0].last_error == "association rejected"
+
+
+def test_unconfigured_destination_and_missing_file(tmp_path: Path, journal: Journal, files: list[Path],
+                                                   pacs: DestinationSCP) -> None:
+    job = queue_job(journal, files[:1], ["GONE"])
+    config = make_config(tmp_path, [dest_for(pacs)])
+    Dispatcher(config, journal).send_due()
+    item = journal.outbox(job)[0]
+    assert item.tries == 1 and item.last_error == "destination 'GONE' is not configured"
+
+    journal.record_outputs(job, [], [("PACS", str(tmp_path / "deleted.dcm"), MRImageStorage, "1.9.9.77")])
+    Dispatcher(config, journal).send_due()
+    missing = [i for i in journal.outbox(job) if i.sop_instance_uid == "1.9.9.77"][0]
+    assert missing.tries == 1 and missing.last_error.startswith("cannot read file")
+
+
+def test_echo(pacs: DestinationSCP, tmp_path: Path) -> None:
+    config = make_config(tmp_path, [dest_for(pacs)])
+    ok, message = echo(config, dest_for(pacs))
+    assert ok and message == f"C-ECHO PACS@127.0.0.1:{pacs.port}: success"
+    ok, message = echo(config, closed_destination())
+    assert not ok and "no association" in message and "connection failed" in message
+
+
+def test_sop_class_the_destination_does_not_accept(tmp_path: Path, journal: Journal, files: list[Path],
+                                                   pacs: DestinationSCP) -> None:
+    """An object the destination refuses at association time counts a try; the others still go."""
+    ds = dcmread(files[0])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.9.9.55"
+    capture = tmp_path / "capture.dcm"
+    ds.save_as(capture, enforce_file_format=True)
+    job = queue_job(journal, [files[0], capture, files[1]], ["PACS"])
+    assert Dispatcher(make_config(tmp_path, [dest_for(pacs)]), journal).send_due() == 2
+    by_uid = {i.sop_instance_uid: i for i in journal.outbox(job)}
+    refused = by_uid.pop("1.9.9.55")
+    assert (refused.state, refused.tries) == ("pending", 1)
+    assert "not accepted" in refused.last_error
+    assert {i.state for i in by_uid.values()} == {"sent"}

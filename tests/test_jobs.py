@@ -1,0 +1,293 @@
+"""Tests for dicom_node.jobs: the job runner on a journaled factory series with a tiny ONNX model."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node import MANUFACTURER
+from dicom_node.config import Destination, InferenceSettings, NodeConfig, NodeSettings, Rule
+from dicom_node.jobs import JobRunner, ThreadExecutor, output_description, output_series_number
+from dicom_node.journal import Journal
+from dicom_node.scp import header_summary
+from inference.models import ModelRegistry
+from tests.dicom_factory import make_mr_series, make_study
+from tests.onnx_fixtures import make_synthesis_model
+
+MODEL = "test-synth"
+UID_ROOT = "1.2.826.0.1.3680043.10.999"
+SHAPE = (6, 24, 24)
+SPACING = (2.0, 2.0, 4.0)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    make_synthesis_model(folder, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def registry(models_dir: Path) -> ModelRegistry:
+    return ModelRegistry(models_dir, providers="cpu", threads=1)
+
+
+def make_config(data_dir: Path, models_dir: Path, rules: list[Rule],
+                destinations: Sequence[str] = ("PACS", "ARCHIVE")) -> NodeConfig:
+    return NodeConfig(
+        node=NodeSettings(data_dir=data_dir, uid_root=UID_ROOT, fsync=False),
+        destinations=[Destination(name=n, ae_title=n, host="127.0.0.1", port=104 + k)
+                      for k, n in enumerate(destinations)],
+        rules=rules,
+        inference=InferenceSettings(models_dir=models_dir),
+    )
+
+
+def rule(**overrides: Any) -> Rule:
+    fields: dict[str, Any] = dict(name="t1-2d", series_description="t1", model=MODEL, output_name="sT12DT1",
+                                  volumetry=False)
+    fields.update(overrides)
+    return Rule(**fields)
+
+
+def record_series(journal: Journal, paths: Sequence[Path]) -> str:
+    """File ``paths`` in the journal as the SCP would, and close the series."""
+    uid = ""
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True)
+        geometry, attrs = header_summary(ds)
+        uid = str(ds.SeriesInstanceUID)
+        journal.add_instance(
+            sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=attrs["SOPClassUID"],
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=str(path), geometry=geometry,
+            series_uid=uid, study_uid=str(ds.StudyInstanceUID), patient_id=str(ds.PatientID),
+            description=attrs["SeriesDescription"], modality=attrs["Modality"], calling_ae="MR1",
+            series_attrs=attrs,
+        )
+    return uid
+
+
+class Setup:
+    def __init__(self, tmp_path: Path, models_dir: Path, registry: ModelRegistry, rules: list[Rule],
+                 destinations: Sequence[str] = ("PACS", "ARCHIVE")) -> None:
+        self.config = make_config(tmp_path / "data", models_dir, rules, destinations)
+        self.journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
+        self.written = 0
+        self.runner = JobRunner(self.config, self.journal, registry, on_written=self._on_written)
+
+    def _on_written(self) -> None:
+        self.written += 1
+
+    def job_for(self, paths: Sequence[Path], rule_name: str = "t1-2d") -> int:
+        uid = record_series(self.journal, paths)
+        version = self.journal.close_series(uid)
+        assert version is not None
+        r = next(r for r in self.config.rules if r.name == rule_name)
+        return self.journal.add_job(series_uid=uid, version=version, rule=r.name, action=r.action, model=r.model)
+
+
+@pytest.fixture
+def setup(tmp_path: Path, models_dir: Path, registry: ModelRegistry) -> Iterator[Setup]:
+    s = Setup(tmp_path, models_dir, registry, [rule(), rule(name="absent", series_description="t2",
+                                                            model="not-installed", output_name="x"),
+                                                rule(name="real", series_description="mprage",
+                                                     action="volumetry", volumetry=True, output_name="rT1")])
+    yield s
+    s.journal.close()
+
+
+def test_synthesis_job_writes_outputs_and_outbox(setup: Setup, tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING, series_number=7,
+                           study=make_study(study_id="42"))
+    job_id = setup.job_for(paths)
+    setup.runner.run(job_id)
+
+    job = setup.journal.job(job_id)
+    assert job.state == "written", job.reason
+    assert setup.written == 1
+    assert {"load", "write", "total"} <= set(job.timings) and any(k.startswith("model.") for k in job.timings)
+    out_dir = setup.config.node.data_dir / "outputs" / f"job-{job_id:06d}" / "sT1"
+    files = sorted(out_dir.glob("*.dcm"))
+    assert files
+    headers = [dcmread(p, stop_before_pixels=True) for p in files]
+    source = dcmread(paths[0], stop_before_pixels=True)
+    series_uids = {str(h.SeriesInstanceUID) for h in headers}
+    assert len(series_uids) == 1
+    (series_uid,) = series_uids
+    assert series_uid.startswith(UID_ROOT + ".")
+    for h in headers:
+        assert h.SeriesDescription == "sT12DT1"
+        assert h.SeriesNumber == output_series_number(7, "sT1", 1) == 701
+        assert h.StudyInstanceUID == source.StudyInstanceUID and h.PatientID == source.PatientID
+        assert h.Manufacturer == MANUFACTURER
+    # 1-mm output: (SHAPE[0] * 4 mm) slices along the normal
+    assert len(files) == SHAPE[0] * SPACING[2]
+
+    # one outbox item per file and destination; the produced series is known to the loop guard
+    items = setup.journal.outbox(job_id)
+    assert len(items) == 2 * len(files)
+    assert {i.destination for i in items} == {"PACS", "ARCHIVE"}
+    assert {i.path for i in items} == {str(p) for p in files}
+    assert {i.sop_instance_uid for i in items} == {str(h.SOPInstanceUID) for h in headers}
+    assert all(i.state == "pending" for i in items)
+    assert setup.journal.produced_by(job_id) == [(series_uid, "sT1")]
+    assert setup.journal.is_produced(series_uid)
+
+
+def test_second_version_is_named_and_numbered(tmp_path: Path, models_dir: Path, registry: ModelRegistry) -> None:
+    s = Setup(tmp_path, models_dir, registry, [rule(destinations=["PACS"])])
+    try:
+        paths = make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING, series_number=3)
+        uid = record_series(s.journal, paths)
+        s.journal.close_series(uid)
+        job_id = s.journal.add_job(series_uid=uid, version=2, rule="t1-2d", action="synthesize", model=MODEL)
+        s.runner.run(job_id)
+        assert s.journal.job(job_id).state == "written"
+        files = sorted((s.config.node.data_dir / "outputs" / f"job-{job_id:06d}" / "sT1").glob("*.dcm"))
+        header = dcmread(files[0], stop_before_pixels=True)
+        assert header.SeriesDescription == "sT12DT1 v2" and header.SeriesNumber == 302
+        assert {i.destination for i in s.journal.outbox(job_id)} == {"PACS"}
+    finally:
+        s.journal.close()
+
+
+def test_no_destination_keeps_outputs_on_disk(tmp_path: Path, models_dir: Path, registry: ModelRegistry) -> None:
+    s = Setup(tmp_path, models_dir, registry, [rule()], destinations=())
+    try:
+        job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+        s.runner.run(job_id)
+        job = s.journal.job(job_id)
+        assert job.state == "sent" and "no destination" in job.reason
+        assert s.journal.outbox(job_id) == []
+    finally:
+        s.journal.close()
+
+
+def test_delivery_during_the_run_is_not_overwritten(tmp_path: Path, models_dir: Path,
+                                                    registry: ModelRegistry) -> None:
+    """The dispatcher may settle the job between record_outputs and the timings update."""
+    s = Setup(tmp_path, models_dir, registry, [rule()])
+    try:
+        job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+        record_outputs = s.journal.record_outputs
+
+        def record_then_deliver(job: int, produced: Any, items: Any) -> None:
+            record_outputs(job, produced, items)
+            s.journal.mark_sent([i.id for i in s.journal.outbox(job)])  # a concurrent outbox scan
+
+        s.journal.record_outputs = record_then_deliver  # type: ignore[method-assign]
+        s.runner.run(job_id)
+        job = s.journal.job(job_id)
+        assert job.state == "sent" and job.timings["total"] > 0
+    finally:
+        s.journal.close()
+
+
+def test_series_with_a_gap_fails_with_inconsistent_geometry(setup: Setup, tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING, omit_slices=[3])
+    job_id = setup.job_for(paths)
+    setup.runner.run(job_id)
+    job = setup.journal.job(job_id)
+    assert job.state == "failed"
+    assert job.reason.startswith("inconsistent geometry: ") and "gap" in job.reason
+    assert setup.journal.outbox(job_id) == [] and setup.written == 0
+
+
+def test_missing_model_fails_with_reason(setup: Setup, tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING, series_description="t2_tse_tra")
+    job_id = setup.job_for(paths, "absent")
+    setup.runner.run(job_id)
+    job = setup.journal.job(job_id)
+    assert (job.state, job.reason) == ("failed", "not processed: model 'not-installed' not installed")
+
+
+def _kinds(journal: Journal, job_id: int) -> dict[str, str]:
+    return {kind: uid for uid, kind in journal.produced_by(job_id)}
+
+
+def test_volumetry_of_a_real_t1_writes_seg_sr_summary(setup: Setup, tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING, series_description="mprage",
+                           series_number=4)
+    job_id = setup.job_for(paths, "real")
+    setup.runner.run(job_id)
+    job = setup.journal.job(job_id)
+    assert job.state == "written", job.reason
+    kinds = _kinds(setup.journal, job_id)
+    assert set(kinds) == {"SEG", "SR", "SUMMARY"}  # no synthetic T1 of a real T1
+    out_dir = setup.config.node.data_dir / "outputs" / f"job-{job_id:06d}"
+    seg = dcmread(out_dir / "seg.dcm", stop_before_pixels=True)
+    assert seg.Modality == "SEG" and seg.SeriesNumber == output_series_number(4, "SEG", 1)
+    assert seg.SeriesDescription.startswith("rT1 SEG")
+    sr = dcmread(out_dir / "sr.dcm", stop_before_pixels=True)
+    assert sr.Modality == "SR" and sr.SeriesNumber == 421
+    assert len(setup.journal.outbox(job_id)) == 2 * 3
+
+
+def test_synthesis_with_volumetry_writes_all_objects(tmp_path: Path, models_dir: Path,
+                                                     registry: ModelRegistry) -> None:
+    s = Setup(tmp_path, models_dir, registry, [rule(volumetry=True)], destinations=("PACS",))
+    try:
+        job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+        s.runner.run(job_id)
+        assert s.journal.job(job_id).state == "written", s.journal.job(job_id).reason
+        assert set(_kinds(s.journal, job_id)) == {"sT1", "SEG", "SR", "SUMMARY"}
+        n_t1 = len(list((s.config.node.data_dir / "outputs" / f"job-{job_id:06d}" / "sT1").glob("*.dcm")))
+        assert len(s.journal.outbox(job_id)) == n_t1 + 3
+    finally:
+        s.journal.close()
+
+
+def test_rule_removed_from_config(setup: Setup, tmp_path: Path) -> None:
+    uid = record_series(setup.journal, make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+    job_id = setup.journal.add_job(series_uid=uid, version=1, rule="gone", action="synthesize", model=MODEL)
+    setup.runner.run(job_id)
+    assert setup.journal.job(job_id).reason == "rule 'gone' is no longer configured"
+
+
+def test_missing_source_file_fails_the_job(setup: Setup, tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING)
+    job_id = setup.job_for(paths)
+    paths[2].unlink()
+    setup.runner.run(job_id)
+    job = setup.journal.job(job_id)
+    assert job.state == "failed" and job.reason
+
+
+def test_finished_jobs_are_not_run_again(setup: Setup, tmp_path: Path) -> None:
+    job_id = setup.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+    setup.journal.set_job_state(job_id, "failed", "earlier")
+    setup.runner.run(job_id)
+    assert setup.journal.job(job_id).reason == "earlier"
+
+
+def test_output_naming() -> None:
+    assert output_series_number(1001, "sT1", 1) == 100101
+    assert output_series_number(5, "SEG", 2) == 512
+    assert output_series_number(5, "SR", 12) == 529  # version digit capped at 9
+    assert output_series_number(-1, "SUMMARY", 1) == 31
+    r = rule()
+    assert output_description(r, 1) == "sT12DT1" and output_description(r, 3) == "sT12DT1 v3"
+
+
+def test_thread_executor_runs_and_survives_crashes() -> None:
+    done: list[int] = []
+    finished = threading.Event()
+
+    def run(job_id: int) -> None:
+        if job_id == 2:
+            raise RuntimeError("crash")
+        done.append(job_id)
+        if job_id == 3:
+            finished.set()
+
+    executor = ThreadExecutor(run, workers=1)
+    for job_id in (1, 2, 3):
+        executor.submit(job_id)
+    assert finished.wait(5)
+    executor.shutdown()
+    assert done == [1, 3]

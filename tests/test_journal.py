@@ -1,0 +1,278 @@
+"""Tests for dicom_node.journal: the series, job and outbox state machines, durability settings."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dicom_node.journal import Journal
+
+SERIES = "1.2.3.4.100"
+STUDY = "1.2.3.4"
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    j = Journal(tmp_path / "journal.sqlite3", fsync=False)
+    yield j
+    j.close()
+
+
+def add(journal: Journal, sop: str, *, series: str = SERIES, now: float | None = None, **extra: Any) -> bool:
+    fields: dict[str, Any] = dict(
+        sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax="1.2.840.10008.1.2.1",
+        path=f"/spool/{sop}.dcm", geometry={"ipp": [0.0, 0.0, float(len(sop))], "frames": 1},
+        series_uid=series, study_uid=STUDY, patient_id="PAT1", description="t1_fl2d_sag", modality="MR",
+        calling_ae="SCANNER", series_attrs={"SeriesDescription": "t1_fl2d_sag", "SeriesNumber": 2}, now=now,
+    )
+    fields.update(extra)
+    return journal.add_instance(**fields)
+
+
+def job_with_outbox(journal: Journal, destinations: tuple[str, ...] = ("PACS",), n: int = 2) -> tuple[int, list[int]]:
+    add(journal, "1.9.1")
+    version = journal.close_series(SERIES)
+    assert version is not None
+    job = journal.add_job(series_uid=SERIES, version=version, rule="t1-2d", action="synthesize", model="m")
+    items = [(d, f"/out/{k}.dcm", "1.2.840.10008.5.1.4.1.1.4", f"1.9.9.{k}") for d in destinations for k in range(n)]
+    journal.record_outputs(job, [("1.9.9", "sT1")], items)
+    return job, [i.id for i in journal.outbox(job)]
+
+
+# -- setup -------------------------------------------------------------------------------------
+
+def test_wal_mode_and_schema(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "j.sqlite3"
+    journal = Journal(path)
+    journal.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    db.close()
+
+
+def test_data_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    add(journal, "1.9.1")
+    journal.close()
+    again = Journal(path)
+    assert [i.sop_instance_uid for i in again.instances(SERIES)] == ["1.9.1"]
+    assert again.series(SERIES).n_instances == 1
+    again.close()
+
+
+# -- receiving ---------------------------------------------------------------------------------
+
+def test_add_instance_creates_series_with_attributes(journal: Journal) -> None:
+    assert add(journal, "1.9.1", now=100.0)
+    assert add(journal, "1.9.2", now=105.0)
+    series = journal.series(SERIES)
+    assert series is not None
+    assert series.state == "receiving" and series.version == 0
+    assert series.first_received == 100.0 and series.last_received == 105.0
+    assert series.n_instances == 2
+    assert series.attrs == {"SeriesDescription": "t1_fl2d_sag", "SeriesNumber": 2}
+    assert (series.study_uid, series.patient_id, series.calling_ae) == (STUDY, "PAT1", "SCANNER")
+    records = journal.instances(SERIES)
+    assert [r.sop_instance_uid for r in records] == ["1.9.1", "1.9.2"]
+    assert records[0].geometry == {"ipp": [0.0, 0.0, 5.0], "frames": 1}
+    assert records[0].path == "/spool/1.9.1.dcm"
+    assert journal.series("nope") is None
+
+
+def test_duplicate_instance_is_idempotent(journal: Journal) -> None:
+    assert add(journal, "1.9.1", now=100.0)
+    assert not add(journal, "1.9.1", now=200.0)
+    assert len(journal.instances(SERIES)) == 1
+    assert journal.series(SERIES).last_received == 100.0
+    assert journal.counts()["instances"] == {"total": 1}
+
+
+def test_duplicate_does_not_reopen_a_closed_series(journal: Journal) -> None:
+    add(journal, "1.9.1")
+    journal.close_series(SERIES)
+    assert not add(journal, "1.9.1")
+    assert journal.series(SERIES).state == "complete"
+
+
+# -- series state machine ----------------------------------------------------------------------
+
+def test_close_series_versions_and_late_arrival(journal: Journal) -> None:
+    add(journal, "1.9.1", now=100.0)
+    assert journal.close_series(SERIES, expected_last_received=100.0) == 1
+    assert journal.series(SERIES).state == "complete"
+    assert journal.close_series(SERIES) is None  # not receiving any more
+    journal.add_job(series_uid=SERIES, version=1, rule="t1-2d", action="synthesize", model="m")
+    assert journal.series(SERIES).state == "routed"
+    # a late arrival re-opens the routed series ...
+    assert add(journal, "1.9.2", now=300.0)
+    series = journal.series(SERIES)
+    assert series.state == "receiving" and series.last_received == 300.0 and series.version == 1
+    # ... and the next close gives version 2
+    assert journal.close_series(SERIES, expected_last_received=300.0) == 2
+    assert journal.series(SERIES).version == 2
+
+
+def test_late_arrival_reopens_an_ignored_series(journal: Journal) -> None:
+    add(journal, "1.9.1")
+    journal.close_series(SERIES)
+    journal.set_series_state(SERIES, "ignored", "not processed: no rule matches")
+    series = journal.series(SERIES)
+    assert series.state == "ignored" and series.note == "not processed: no rule matches"
+    add(journal, "1.9.2")
+    assert journal.series(SERIES).state == "receiving"
+
+
+def test_close_series_refuses_a_stale_view(journal: Journal) -> None:
+    add(journal, "1.9.1", now=100.0)
+    add(journal, "1.9.2", now=110.0)  # arrived after the caller looked at the series
+    assert journal.close_series(SERIES, expected_last_received=100.0) is None
+    assert journal.series(SERIES).state == "receiving"
+    assert journal.close_series(SERIES, expected_last_received=110.0) == 1
+
+
+def test_close_unknown_series(journal: Journal) -> None:
+    assert journal.close_series("9.9.9") is None
+
+
+def test_series_in_state_idle_before(journal: Journal) -> None:
+    add(journal, "1.9.1", series="1.1", now=100.0)
+    add(journal, "1.9.2", series="1.2", now=200.0)
+    add(journal, "1.9.3", series="1.3", now=300.0)
+    journal.close_series("1.3")
+    assert [s.series_uid for s in journal.series_in_state("receiving")] == ["1.1", "1.2"]
+    assert [s.series_uid for s in journal.series_in_state("receiving", idle_before=150.0)] == ["1.1"]
+    assert [s.series_uid for s in journal.series_in_state("complete")] == ["1.3"]
+    assert [s.series_uid for s in journal.all_series()] == ["1.3", "1.2", "1.1"]
+    assert [s.n_instances for s in journal.all_series(limit=1)] == [1]
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+def test_job_lifecycle(journal: Journal) -> None:
+    add(journal, "1.9.1")
+    version = journal.close_series(SERIES)
+    job_id = journal.add_job(series_uid=SERIES, version=version, rule="t1-2d", action="synthesize", model="m")
+    job = journal.job(job_id)
+    assert (job.state, job.version, job.rule, job.model, job.timings) == ("queued", 1, "t1-2d", "m", {})
+    journal.set_job_state(job_id, "running")
+    journal.set_job_state(job_id, "running", timings={"load": 0.5})
+    journal.set_job_state(job_id, "failed", "boom")
+    job = journal.job(job_id)
+    assert (job.state, job.reason, job.timings) == ("failed", "boom", {"load": 0.5})
+    assert [j.id for j in journal.jobs(states=["failed"])] == [job_id]
+    assert journal.jobs(states=["queued"]) == []
+    assert journal.count_versions_sent(SERIES) == 1
+    with pytest.raises(KeyError):
+        journal.job(9999)
+
+
+def test_set_job_timings_keeps_the_state(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=1)
+    journal.mark_sent(ids)
+    journal.set_job_timings(job, {"total": 1.5})
+    record = journal.job(job)
+    assert (record.state, record.timings) == ("sent", {"total": 1.5})
+
+
+def test_job_needs_an_existing_series(journal: Journal) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        journal.add_job(series_uid="no.such", version=1, rule="r", action="synthesize", model="m")
+
+
+def test_record_outputs_then_mark_sent_settles_the_job(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS", "ARCHIVE"), n=2)
+    assert journal.job(job).state == "written"
+    assert journal.is_produced("1.9.9") and not journal.is_produced(SERIES)
+    assert journal.produced_by(job) == [("1.9.9", "sT1")]
+    assert len(ids) == 4 and len(journal.due_items()) == 4
+    journal.mark_sent(ids[:3])
+    assert journal.job(job).state == "written"  # one item still pending
+    journal.mark_sent(ids[3:])
+    assert journal.job(job).state == "sent"
+    assert {i.state for i in journal.outbox(job)} == {"sent"}
+    assert journal.due_items() == []
+
+
+def test_record_outputs_without_destination_is_sent_at_once(journal: Journal) -> None:
+    add(journal, "1.9.1")
+    job = journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
+    journal.record_outputs(job, [("1.9.9", "sT1")], [])
+    record = journal.job(job)
+    assert record.state == "sent" and "no destination" in record.reason
+
+
+def test_outbox_item_is_unique_per_destination_and_instance(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=1)
+    journal.record_outputs(job, [("1.9.9", "sT1")], [("PACS", "/out/other.dcm", "1.2", "1.9.9.0")])
+    assert len(journal.outbox()) == 1
+
+
+# -- outbox retries ----------------------------------------------------------------------------
+
+def test_failed_tries_back_off_exponentially_then_fail(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=1)
+    policy = dict(max_tries=4, backoff_initial_s=10.0, backoff_max_s=25.0)
+    expected_delays = [10.0, 20.0, 25.0]  # capped by backoff_max_s
+    for tries, delay in enumerate(expected_delays, start=1):
+        journal.mark_failed_try(ids, "association rejected", now=1000.0, **policy)
+        item = journal.outbox(job)[0]
+        assert (item.state, item.tries, item.last_error) == ("pending", tries, "association rejected")
+        assert item.next_attempt_at == pytest.approx(1000.0 + delay)
+        assert journal.job(job).state == "written"
+    assert journal.due_items(now=1000.0 + 24.0) == []
+    assert [i.id for i in journal.due_items(now=1000.0 + 25.0)] == ids
+    journal.mark_failed_try(ids, "status 0xA700", now=1000.0, **policy)
+    item = journal.outbox(job)[0]
+    assert (item.state, item.tries, item.last_error) == ("failed", 4, "status 0xA700")
+    job_record = journal.job(job)
+    assert job_record.state == "failed" and "delivery failed" in job_record.reason
+    assert journal.due_items(now=1e12) == []
+
+
+def test_job_fails_only_when_no_item_is_pending(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS", "ARCHIVE"), n=1)
+    pacs = [i.id for i in journal.outbox(job) if i.destination == "PACS"]
+    journal.mark_failed_try(pacs, "down", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    assert journal.job(job).state == "written"  # ARCHIVE still pending
+    journal.mark_sent([i for i in ids if i not in pacs])
+    # sent + failed, nothing pending: the job has failed (until an operator retries)
+    assert journal.job(job).state == "failed"
+
+
+def test_retry_failed_requeues(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS", "ARCHIVE"), n=1)
+    journal.mark_failed_try(ids, "down", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    assert journal.job(job).state == "failed"
+    assert journal.retry_failed("NOWHERE") == 0
+    assert journal.retry_failed("PACS") == 1
+    states = {i.destination: (i.state, i.tries) for i in journal.outbox(job)}
+    assert states == {"PACS": ("pending", 0), "ARCHIVE": ("failed", 1)}
+    assert journal.job(job).state == "written"
+    assert journal.retry_failed() == 1
+    assert len(journal.due_items(now=time.time() + 1)) == 2
+    journal.mark_sent(ids)
+    assert journal.job(job).state == "sent"
+
+
+# -- summaries ---------------------------------------------------------------------------------
+
+def test_counts_and_outbox_summary(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=3)
+    add(journal, "1.9.5", series="2.2")
+    journal.mark_sent(ids[:1])
+    journal.mark_failed_try(ids[1:2], "refused", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    counts = journal.counts()
+    assert counts["instances"] == {"total": 2}
+    assert counts["series"] == {"routed": 1, "receiving": 1}
+    assert counts["jobs"] == {"written": 1}
+    assert counts["outbox"] == {"sent": 1, "failed": 1, "pending": 1}
+    summary = {(r["destination"], r["state"]): r for r in journal.outbox_summary()}
+    assert summary[("PACS", "failed")]["last_error"] == "refused"
+    assert summary[("PACS", "pending")]["n"] == 1

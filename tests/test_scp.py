@@ -1,0 +1,322 @@
+"""Tests for dicom_node.scp: admission, C-ECHO and C-STORE into spool + journal, in process on loopback."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import NodeConfig, NodeSettings, Peer
+from dicom_node.journal import Journal
+from dicom_node.scp import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    Admission,
+    BadInstance,
+    StorageSCP,
+    header_summary,
+    parse_instance,
+)
+from dicom_node.spool import Spool
+from tests.dicom_factory import make_mr_series
+from tests.e2e.peers import free_port
+
+NODE_AE = "TEST_NODE"
+
+
+class Node:
+    """A StorageSCP on a free loopback port with its spool, journal and released series."""
+
+    def __init__(self, tmp_path: Path, peers: list[Peer]) -> None:
+        config = NodeConfig(
+            node=NodeSettings(ae_title=NODE_AE, host="127.0.0.1", port=free_port(), data_dir=tmp_path / "data",
+                              fsync=False, network_timeout_s=10),
+            peers=peers,
+        )
+        self.journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
+        self.spool = Spool(tmp_path / "data" / "spool", fsync=False)
+        self.released: list[set[str]] = []
+        self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.released.append)
+        self.scp.start()
+
+    def associate(self, calling: str = "SCANNER", called: str = NODE_AE, **kwargs: Any) -> Association:
+        ae = AE(ae_title=calling)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        return ae.associate("127.0.0.1", self.scp.port, ae_title=called, **kwargs)
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.journal.close()
+
+
+NodeFactory = Callable[..., Node]
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    nodes: list[Node] = []
+
+    def make(peers: list[Peer] | None = None) -> Node:
+        node = Node(tmp_path / f"node{len(nodes)}", peers or [])
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def node(node_factory: NodeFactory) -> Node:
+    return node_factory()
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_mr_series(tmp_path_factory.mktemp("series"), shape=(3, 16, 16), spacing=(1.0, 1.0, 4.0))
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+# -- C-ECHO and C-STORE ------------------------------------------------------------------------
+
+def test_echo(node: Node) -> None:
+    assoc = node.associate()
+    assert assoc.is_established
+    status = assoc.send_c_echo()
+    assoc.release()
+    assert status.Status == 0x0000
+    assert node.released == []  # nothing stored, nothing to assemble
+
+
+def test_store_is_in_spool_and_journal_before_the_response(node: Node, series: list[Path]) -> None:
+    source = dcmread(series[0])
+    assoc = node.associate()
+    assert assoc.is_established
+    status = assoc.send_c_store(source)
+    assert status.Status == 0x0000
+    # the response has arrived: file and row must exist now, without waiting
+    rows = node.journal.instances(str(source.SeriesInstanceUID))
+    assert [r.sop_instance_uid for r in rows] == [str(source.SOPInstanceUID)]
+    stored_path = Path(rows[0].path)
+    assert stored_path.is_file() and node.spool.root in stored_path.parents
+    stored = dcmread(stored_path)
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert stored.PixelData == source.PixelData and stored.SOPInstanceUID == source.SOPInstanceUID
+    assert rows[0].transfer_syntax == ExplicitVRLittleEndian
+    assert rows[0].geometry["ipp"] == [float(v) for v in source.ImagePositionPatient]
+    record = node.journal.series(str(source.SeriesInstanceUID))
+    assert record.calling_ae == "SCANNER" and record.description == "t1_fl2d_sag" and record.modality == "MR"
+    assert record.attrs["SeriesNumber"] == 2 and record.attrs["ImageType"][0] == "ORIGINAL"
+    assoc.release()
+    assert _wait_for(lambda: node.released == [{str(source.SeriesInstanceUID)}])
+
+
+def test_whole_series_then_released(node: Node, series: list[Path]) -> None:
+    assoc = node.associate()
+    statuses = [assoc.send_c_store(dcmread(p)).Status for p in series]
+    assoc.release()
+    assert statuses == [0, 0, 0]
+    uid = str(dcmread(series[0], stop_before_pixels=True).SeriesInstanceUID)
+    assert node.journal.series(uid).n_instances == 3
+    assert _wait_for(lambda: node.released == [{uid}])
+
+
+def test_duplicate_instance_is_idempotent(node: Node, series: list[Path],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    results: list[bool] = []
+    add_instance = node.journal.add_instance
+
+    def spy(**kwargs: Any) -> bool:
+        results.append(add_instance(**kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(node.journal, "add_instance", spy)
+    source = dcmread(series[0])
+    assoc = node.associate()
+    first = assoc.send_c_store(source)
+    second = assoc.send_c_store(source)
+    assoc.release()
+    assert (first.Status, second.Status) == (0x0000, 0x0000)
+    assert results == [True, False]
+    assert len(node.journal.instances(str(source.SeriesInstanceUID))) == 1
+    assert node.journal.counts()["instances"] == {"total": 1}
+
+
+def test_aborted_association_does_not_trigger_assembly(node: Node, series: list[Path]) -> None:
+    assoc = node.associate()
+    assert assoc.send_c_store(dcmread(series[0])).Status == 0
+    assoc.abort()
+    time.sleep(0.3)
+    assert node.released == []
+    assert node.journal.counts()["instances"] == {"total": 1}  # acknowledged instance kept
+
+
+def test_truncated_file_gets_a_failure_status(node: Node, series: list[Path], tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    data = series[1].read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[:-100])  # the end of PixelData is missing
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # send the file's bytes as they are
+    caplog.set_level(logging.ERROR, logger="dicom_node.scp")
+    assoc = node.associate()
+    status = assoc.send_c_store(truncated)
+    assoc.release()
+    assert status.Status == STATUS_CANNOT_UNDERSTAND
+    assert "PixelData is truncated" in status.ErrorComment
+    assert any("refused (status 0xC000)" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    assert node.journal.counts()["instances"] == {"total": 0}
+    assert not any(node.spool.root.rglob("*.dcm"))
+
+
+def test_spool_failure_is_out_of_resources(node: Node, series: list[Path], monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    def full(*args: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(node.spool, "write", full)
+    caplog.set_level(logging.ERROR, logger="dicom_node.scp")
+    assoc = node.associate()
+    status = assoc.send_c_store(dcmread(series[0]))
+    assoc.release()
+    assert status.Status == STATUS_OUT_OF_RESOURCES
+    assert "No space left" in status.ErrorComment
+    assert node.journal.counts()["instances"] == {"total": 0}
+    assert node.released == []
+
+
+def test_journal_failure_is_not_acknowledged(node: Node, series: list[Path], monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    def broken(**kwargs: object) -> bool:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(node.journal, "add_instance", broken)
+    caplog.set_level(logging.ERROR, logger="dicom_node.scp")
+    assoc = node.associate()
+    status = assoc.send_c_store(dcmread(series[0]))
+    assoc.release()
+    assert status.Status == STATUS_CANNOT_UNDERSTAND
+    assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
+
+
+# -- admission ---------------------------------------------------------------------------------
+
+def test_unknown_calling_ae_is_rejected(node_factory: NodeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    node = node_factory([Peer(ae_title="SCANNER", host="127.0.0.1")])
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    assoc = node.associate(calling="INTRUDER")
+    assert assoc.is_rejected and not assoc.is_established
+    assert _wait_for(lambda: any("'INTRUDER' is not a configured peer" in r.getMessage() for r in caplog.records))
+    ok = node.associate(calling="SCANNER")
+    assert ok.is_established
+    ok.release()
+
+
+def test_known_ae_from_the_wrong_host_is_rejected(node_factory: NodeFactory,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    node = node_factory([Peer(ae_title="SCANNER", host="10.255.255.1"), Peer(ae_title="ANYWHERE")])
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    assoc = node.associate(calling="SCANNER")
+    assert assoc.is_rejected
+    assert _wait_for(lambda: any("is a peer, but not from host 127.0.0.1" in r.getMessage() for r in caplog.records))
+    anywhere = node.associate(calling="ANYWHERE")  # no host: any host
+    assert anywhere.is_established
+    anywhere.release()
+
+
+def test_peer_host_name_is_resolved(node_factory: NodeFactory) -> None:
+    node = node_factory([Peer(ae_title="SCANNER", host="localhost")])
+    assoc = node.associate(calling="SCANNER")
+    assert assoc.is_established
+    assoc.release()
+
+
+def test_called_ae_mismatch_is_rejected(node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    assoc = node.associate(called="OTHER_NODE")
+    assert assoc.is_rejected
+    assert _wait_for(lambda: any("called AE title 'OTHER_NODE'" in r.getMessage() for r in caplog.records))
+
+
+def test_tcp_nodelay_on_the_accepted_socket(node: Node) -> None:
+    assoc = node.associate()
+    assert assoc.is_established
+    try:
+        server_side = node.scp._server.active_associations
+        assert server_side
+        for acceptor in server_side:
+            sock = acceptor.dul.socket.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        assoc.release()
+
+
+def test_admission_rules() -> None:
+    assert Admission([]).allows("ANY", "10.0.0.1")[0]
+    admission = Admission([("MR1", "127.0.0.1"), ("MR1", "10.0.0.9"), ("PACS", None)])
+    assert admission.allows("MR1", "10.0.0.9") == (True, "known peer")
+    assert admission.allows("PACS", "192.168.1.1")[0]
+    assert not admission.allows("MR1", "10.0.0.8")[0]
+    assert not admission.allows("mr1", "127.0.0.1")[0]  # AE titles are case-sensitive
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+def test_parse_instance_checks_structure(series: list[Path]) -> None:
+    data = series[0].read_bytes()
+    ds = parse_instance(data)
+    assert ds.SOPInstanceUID == dcmread(series[0]).SOPInstanceUID
+    with pytest.raises(BadInstance) as info:
+        parse_instance(b"not dicom at all" * 20)
+    assert info.value.status == STATUS_CANNOT_UNDERSTAND
+    with pytest.raises(BadInstance) as info:
+        parse_instance(data[:-1])
+    assert info.value.status == STATUS_CANNOT_UNDERSTAND and "truncated" in str(info.value)
+
+
+def test_parse_instance_needs_the_uids(series: list[Path], tmp_path: Path) -> None:
+    ds = dcmread(series[0])
+    del ds.SeriesInstanceUID
+    path = tmp_path / "no-series.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(BadInstance) as info:
+        parse_instance(path.read_bytes())
+    assert info.value.status == STATUS_DATASET_MISMATCH and "SeriesInstanceUID" in str(info.value)
+
+
+def test_header_summary(series: list[Path]) -> None:
+    ds = dcmread(series[1], stop_before_pixels=True)
+    geometry, attrs = header_summary(ds)
+    assert geometry["iop"] == [float(v) for v in ds.ImageOrientationPatient]
+    assert (geometry["rows"], geometry["cols"], geometry["frames"], geometry["instance"]) == (16, 16, 1, 2)
+    assert geometry["thickness"] == [4.0] and geometry["images_in_acquisition"] == 0
+    assert attrs["ImageType"] == ["ORIGINAL", "PRIMARY", "M", "NORM", "DIS2D"]
+    assert attrs["SliceThickness"] == 4.0 and attrs["MRAcquisitionType"] == "2D"
+    assert attrs["Manufacturer"] == "SIEMENS" and attrs["SOPClassUID"] == MRImageStorage
+    ds.ImageType = "ORIGINAL"  # a single value is a list of one
+    assert header_summary(ds)[1]["ImageType"] == ["ORIGINAL"]
+    del ds.ImagePositionPatient, ds.SliceThickness
+    geometry, attrs = header_summary(ds)
+    assert geometry["ipp"] is None and attrs["SliceThickness"] is None

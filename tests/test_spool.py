@@ -1,0 +1,110 @@
+"""Tests for dicom_node.spool: layout, atomic replacement, fsync of file and directories."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from dicom_node import spool as spool_module
+from dicom_node.spool import Spool
+
+
+def test_write_files_under_study_series_sop(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    path = spool.write("1.2.3", "1.2.3.4", "1.2.3.4.5", b"DICM-data")
+    assert path == tmp_path / "spool" / "1.2.3" / "1.2.3.4" / "1.2.3.4.5.dcm"
+    assert path.read_bytes() == b"DICM-data"
+    assert path == spool.path_for("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["1.2.3.4.5.dcm"]  # no temporary left
+
+
+def test_unsafe_uid_characters_cannot_escape_the_root(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    path = spool.write("../../etc", "a/b", "", b"x")
+    assert tmp_path / "spool" in path.parents
+    assert path.relative_to(tmp_path / "spool").parts == (".._.._etc", "a_b", "_.dcm")
+    long_uid = "1." * 100
+    assert len(spool.path_for(long_uid, "1", "1").parts[-3]) == 128
+
+
+def test_rewrite_replaces_the_earlier_copy(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    first = spool.write("1", "2", "3", b"old content that is longer")
+    second = spool.write("1", "2", "3", b"new")
+    assert first == second and second.read_bytes() == b"new"
+    assert [p.name for p in second.parent.iterdir()] == ["3.dcm"]
+
+
+def test_large_payload_is_written_whole(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    path = Spool(tmp_path, fsync=False).write("1", "2", "3", data)
+    assert path.read_bytes() == data
+
+
+def test_fsync_file_and_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else str(fd))
+        real_fsync(fd)
+
+    monkeypatch.setattr(spool_module.os, "fsync", spy)
+    root = tmp_path / "spool"
+    spool = Spool(root, fsync=True)
+    path = spool.write("1", "2", "3", b"x")
+    if not os.path.exists("/proc/self/fd"):
+        assert len(synced) >= 2
+        return
+    # the new study and series directories are made durable in their parents, the file's data is
+    # synced before the rename, and the directory after it
+    assert str(root) in synced and str(root / "1") in synced
+    assert any(s.endswith(".tmp") for s in synced)
+    assert synced[-1] == str(path.parent)
+    synced.clear()
+    spool.write("1", "2", "4", b"y")  # known directory: only the file and its directory
+    assert len(synced) == 2 and synced[-1] == str(path.parent)
+
+
+def test_no_fsync_when_disabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(spool_module.os, "fsync", lambda fd: calls.append(fd))
+    Spool(tmp_path, fsync=False).write("1", "2", "3", b"x")
+    assert calls == []
+
+
+def test_failed_write_leaves_no_final_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path, fsync=False)
+
+    def full_disk(fd: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_module.os, "write", full_disk)
+    with pytest.raises(OSError):
+        spool.write("1", "2", "3", b"x")
+    assert not spool.path_for("1", "2", "3").exists()
+    assert list((tmp_path / "1" / "2").iterdir()) == []  # the temporary is removed too
+
+
+def test_concurrent_writers_to_one_series(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, fsync=False)
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            for n in range(20):
+                spool.write("1", "2", f"{k}.{n}", f"{k}-{n}".encode())
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    files = list((tmp_path / "1" / "2").iterdir())
+    assert len(files) == 80 and all(f.suffix == ".dcm" for f in files)
