@@ -320,17 +320,21 @@ def test_own_output_sent_back_is_not_reprocessed(tmp_path: Path, orthanc, models
         _send(node, SCOUT)
         node.wait_for(lambda j: [x for x in j.jobs() if x.state == "sent"], what="job sent")
         outputs = _download(orthanc, orthanc.find_series("^sT1AAH$")[0], tmp_path / "out")
-        # The PACS (or a user) sends the synthetic series back to the node
-        _send(node, outputs, calling_ae="PACS")
-        own_uid = str(pydicom.dcmread(outputs[0], stop_before_pixels=True).SeriesInstanceUID)
-        series = node.wait_for(lambda j: (s := j.series(own_uid)) and s.state == "ignored" and s,
-                               what="own output ignored")
+        seg = _download(orthanc, orthanc.find_series("^sT1AAH SEG")[0], tmp_path / "seg")
+        # The PACS (or a user) sends the synthetic series and the SEG back to the node
+        _send(node, outputs + seg, calling_ae="PACS")
+        own = [str(pydicom.dcmread(p[0], stop_before_pixels=True).SeriesInstanceUID) for p in (outputs, seg)]
+        notes = node.wait_for(
+            lambda j: all((s := j.series(uid)) and s.state == "ignored" for uid in own)
+            and [j.series(uid).note for uid in own],
+            what="own outputs ignored",
+        )
         journal = node.journal()
         n_jobs = len(journal.jobs())
         journal.close()
-    assert "written by this node" in series.note
+    assert all("written by this node" in note for note in notes), notes
     assert n_jobs == 1
-    assert len(orthanc.find_series("^sT1AAH")) == 1
+    assert len(orthanc.find_series("^sT1AAH$")) == 1
 
 
 def test_sigkill_after_ack_before_processing(tmp_path: Path, orthanc, models_dir: Path) -> None:  # noqa: ANN001
