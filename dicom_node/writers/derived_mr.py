@@ -27,6 +27,7 @@ from pydicom.valuerep import DSfloat, PersonName, validate_value
 
 import dicom_node
 from dicom_node.uids import new_uid
+from dicom_node.writers import software_versions
 
 __all__ = ["Derivation", "write_derived_mr"]
 
@@ -230,8 +231,7 @@ def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_descr
     # General Equipment: this node; the scanner goes into Contributing Equipment
     ds.Manufacturer = dicom_node.MANUFACTURER
     ds.ManufacturerModelName = dicom_node.MODEL_NAME
-    ds.SoftwareVersions = [f"dicom-node {dicom_node.__version__}",
-                           f"{derivation.model_id} {derivation.model_version}"]
+    ds.SoftwareVersions = software_versions(derivation.model_id, derivation.model_version)
     _copy(ds, first, ("InstitutionName",), type2=False)
     if first.get("Manufacturer"):  # Type 1 in a Contributing Equipment item
         scanner = Dataset()

@@ -22,8 +22,8 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-import dicom_node
 from dicom_node.uids import new_uid
+from dicom_node.writers import equipment
 from inference.labels import STRUCTURES, Structure, by_code, laterality_code
 
 __all__ = ["GridMismatchError", "segment_codes", "write_seg"]
@@ -204,7 +204,6 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
         name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
     descriptions = [_description(number, by_code(code), algorithm, uid_prefix)
                     for number, code in enumerate(present, start=1)]
-    software_versions = [f"dicom-node {dicom_node.__version__}", f"{algorithm_name} {algorithm_version}"]
     seg = hd.seg.Segmentation(
         source_images=[_with_shared_geometry(ds) for ds in source_images],
         pixel_array=segments,
@@ -214,9 +213,7 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
         series_number=int(series_number),
         sop_instance_uid=new_uid(uid_prefix),
         instance_number=1,
-        manufacturer=dicom_node.MANUFACTURER,
-        manufacturer_model_name=dicom_node.MODEL_NAME,
-        software_versions=software_versions,  # type: ignore[arg-type]  # a list: pydicom rejects a tuple for LO
+        **equipment(algorithm_name, algorithm_version),
         device_serial_number=device_serial_number or platform.node() or "unknown",
         content_label=CONTENT_LABEL,
         content_description=f"Brain structures by {algorithm_name} {algorithm_version}"[:64],

@@ -23,12 +23,13 @@ from pathlib import Path
 import highdicom as hd
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 import dicom_node
 from dicom_node.uids import new_uid
+from dicom_node.writers import equipment
 from dicom_node.writers.seg import segment_codes
 from inference.labels import by_code, laterality_code
 from inference.volumetry import Volumetry, with_qc_flag
@@ -234,9 +235,7 @@ def write_sr(volumetry: Volumetry, *, seg_dataset: Dataset, source_images: Seque
         series_number=int(series_number),
         sop_instance_uid=new_uid(uid_prefix),
         instance_number=1,
-        manufacturer=dicom_node.MANUFACTURER,
-        manufacturer_model_name=dicom_node.MODEL_NAME,
-        software_versions=[f"dicom-node {dicom_node.__version__}", f"{algorithm_name} {algorithm_version}"],
+        **equipment(algorithm_name, algorithm_version),
         institution_name=institution_name or first.get("InstitutionName") or None,
         series_description=with_qc_flag(series_description, volumetry),
         is_complete=True,

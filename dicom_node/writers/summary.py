@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 
 import dicom_node
 from dicom_node.uids import new_uid
+from dicom_node.writers import equipment
 from inference.labels import STRUCTURES
 from inference.volumetry import Volumetry, with_qc_flag
 
@@ -236,11 +237,9 @@ def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, s
         series_number=int(series_number),
         sop_instance_uid=new_uid(uid_prefix),
         instance_number=1,
-        manufacturer=dicom_node.MANUFACTURER,
         patient_orientation=("L", "F"),
         transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
-        manufacturer_model_name=dicom_node.MODEL_NAME,
-        software_versions=[f"dicom-node {dicom_node.__version__}", f"{algorithm_name} {algorithm_version}"],
+        **equipment(algorithm_name, algorithm_version),
         series_description=with_qc_flag(series_description, volumetry),
     )
     image.ConversionType = "WSD"  # rendered by a workstation, not digitized
