@@ -20,6 +20,7 @@ from typing import Protocol
 import SimpleITK as sitk
 from pydicom import dcmread
 
+from inference.agreement import compare
 from inference.models import ModelRegistry
 from inference.pipeline import run_model
 from inference.volume import GeometryError, load_series
@@ -27,6 +28,7 @@ from inference.volumetry import compute_volumetry, with_qc_flag
 
 from .config import NodeConfig, Rule
 from .journal import Journal, SeriesRecord
+from .writers.agreement_sr import write_agreement_sr
 from .writers.derived_mr import Derivation, write_derived_mr
 from .writers.seg import write_seg
 from .writers.sr import write_sr
@@ -34,8 +36,12 @@ from .writers.summary import write_summary
 
 log = logging.getLogger(__name__)
 
+#: What a volumetry job keeps in its output folder for a later agreement check.
+AGREEMENT_T1 = "t1.mha"
+AGREEMENT_LABELS = "labels.mha"
+
 #: Offsets added to ``source SeriesNumber × 100`` for each kind of output (+ version).
-SERIES_NUMBER_OFFSETS = {"sT1": 0, "SEG": 10, "SR": 20, "SUMMARY": 30}
+SERIES_NUMBER_OFFSETS = {"sT1": 0, "SEG": 10, "SR": 20, "SUMMARY": 30, "AGREEMENT": 40}
 
 
 class Executor(Protocol):
@@ -196,6 +202,16 @@ class JobRunner:
                 files.append(path)
                 produced.append((str(dcmread(path, stop_before_pixels=True).SeriesInstanceUID), kind))
             timings["write.volumetry"] = time.perf_counter() - t0
+            # kept for the agreement check with a counterpart (rT1 vs sT1) in the same study
+            sitk.WriteImage(t1, str(out_dir / AGREEMENT_T1), useCompression=True)
+            sitk.WriteImage(labels, str(out_dir / AGREEMENT_LABELS), useCompression=True)
+            t0 = time.perf_counter()
+            agreement_path = self._agreement(job_id, rule, version, series, out_dir, source_number)
+            if agreement_path is not None:
+                files.append(agreement_path)
+                produced.append((str(dcmread(agreement_path, stop_before_pixels=True).SeriesInstanceUID),
+                                 "AGREEMENT"))
+                timings["agreement"] = time.perf_counter() - t0
 
         items: list[tuple[str, str, str, str]] = []
         headers = [dcmread(p, stop_before_pixels=True) for p in files]
@@ -204,6 +220,48 @@ class JobRunner:
                 items.append((dest.name, str(path), str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
         self.journal.record_outputs(job_id, produced, items)
         return timings
+
+
+    def _agreement(self, job_id: int, rule: Rule, version: int, series: SeriesRecord, out_dir: Path,
+                   source_number: int) -> Path | None:
+        """When the study also holds the other side (a real T1 for an sT1, or an sT1 for a real T1),
+        compare the two and write an agreement SR; None when there is no counterpart."""
+        other_action = "volumetry" if rule.action == "synthesize" else "synthesize"
+        counterpart = None
+        for job in reversed(self.journal.jobs_in_study(series.study_uid)):
+            other_dir = self.outputs_dir / f"job-{job.id:06d}"
+            if (job.id != job_id and job.action == other_action and job.state in ("written", "sent")
+                    and (other_dir / AGREEMENT_LABELS).exists() and (other_dir / "seg.dcm").exists()):
+                counterpart = (job, other_dir)
+                break
+        if counterpart is None:
+            return None
+        other_job, other_dir = counterpart
+        if rule.action == "synthesize":
+            real_dir, synth_dir, synth_rule = other_dir, out_dir, rule
+            real_series_uid = other_job.series_uid
+        else:
+            real_dir, synth_dir, synth_rule = out_dir, other_dir, self._rule(other_job.rule)
+            real_series_uid = series.series_uid
+        real_images = [dcmread(i.path, stop_before_pixels=True) for i in self.journal.instances(real_series_uid)]
+        synthetic_images = [dcmread(p, stop_before_pixels=True) for p in sorted((synth_dir / "sT1").glob("*.dcm"))]
+        agreement = compare(
+            sitk.ReadImage(str(real_dir / AGREEMENT_T1)), sitk.ReadImage(str(real_dir / AGREEMENT_LABELS)),
+            sitk.ReadImage(str(synth_dir / AGREEMENT_T1)), sitk.ReadImage(str(synth_dir / AGREEMENT_LABELS)),
+        )
+        log.info("job %d: agreement of %s with the real T1: PSNR %.1f dB, SSIM %.3f, mean Dice %.3f, "
+                 "mean ASPC %.1f %%", job_id, synth_rule.output_name, agreement.psnr, agreement.ssim,
+                 agreement.mean_dice, agreement.mean_aspc)
+        manifest = self.registry.session(synth_rule.model).manifest
+        return write_agreement_sr(
+            agreement, real_t1_images=real_images, synthetic_t1_images=synthetic_images,
+            real_seg=dcmread(real_dir / "seg.dcm", stop_before_pixels=True),
+            synthetic_seg=dcmread(synth_dir / "seg.dcm", stop_before_pixels=True),
+            out_path=out_dir / "agreement.dcm", uid_prefix=self.config.node.uid_root,
+            series_number=output_series_number(source_number, "AGREEMENT", version),
+            series_description=f"{synth_rule.output_name} vs rT1 agreement",
+            algorithm_name=manifest.id, algorithm_version=manifest.version,
+        )
 
 
 class ThreadExecutor:

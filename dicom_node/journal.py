@@ -387,6 +387,14 @@ class Journal:
             rows = self._query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
         return [self._job(r) for r in rows]
 
+    def jobs_in_study(self, study_uid: str) -> list[JobRecord]:
+        """Every job of every series in a study, oldest first."""
+        rows = self._query(
+            "SELECT j.* FROM jobs j JOIN series s ON s.series_uid = j.series_uid WHERE s.study_uid=? ORDER BY j.id",
+            (study_uid,),
+        )
+        return [self._job(r) for r in rows]
+
     def set_job_state(
         self, job_id: int, state: str, reason: str = "", timings: dict[str, float] | None = None
     ) -> None:
