@@ -11,8 +11,9 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -116,8 +117,8 @@ class Dispatcher:
         metas: dict[int, Dataset] = {}
         for item in items:
             try:
-                meta = dcmread(item.path, stop_before_pixels=True).file_meta
-            except (OSError, ValueError) as exc:
+                meta = read_file_meta_info(item.path)  # group 0002 only: the header is not parsed twice
+            except (OSError, ValueError, InvalidDicomError) as exc:
                 log.error("outbox: cannot read %s: %s", item.path, exc)
                 self._fail([item], f"cannot read file: {exc}")
                 continue

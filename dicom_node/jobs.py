@@ -214,7 +214,9 @@ class JobRunner:
                 timings["agreement"] = time.perf_counter() - t0
 
         items: list[tuple[str, str, str, str]] = []
-        headers = [dcmread(p, stop_before_pixels=True) for p in files]
+        # the synthetic series' headers were read back above; the other objects are read once here
+        known = dict(zip(files, t1_sources, strict=False)) if rule.action == "synthesize" else {}
+        headers = [known[p] if p in known else dcmread(p, stop_before_pixels=True) for p in files]
         for dest in self.config.destinations_for(rule):
             for path, ds in zip(files, headers, strict=True):
                 items.append((dest.name, str(path), str(ds.SOPClassUID), str(ds.SOPInstanceUID)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +15,8 @@ from inference.volume import isotropic_grid, resample_isotropic
 __all__ = [
     "OUTPUT_SPACING_MM",
     "PipelineResult",
+    "argmax_channels",
+    "balanced_tile",
     "blend_window",
     "normalize",
     "pad_to_multiple",
@@ -87,6 +88,29 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
+def balanced_tile(size: int, tile: int, overlap: int, multiple: int) -> int:
+    """The tile extent to use along an axis of ``size`` voxels (a multiple of ``multiple``, at most ``tile``).
+
+    The manifest's tile is the largest the model allows, not a must: of the tilings that cover ``size``
+    with equal tiles of a multiple of ``multiple``, this takes the one that computes the fewest voxels
+    (tiles × extent), and of those the smallest tiles (less memory). E.g. 208 voxels with tile 192 and
+    overlap 16: 2 tiles of 112 instead of 2 of 192; 256 voxels: 3 tiles of 96 (288 voxels, like 2 of 144).
+    """
+    if tile >= size:
+        return size
+    fewest = -(-(size - overlap) // (tile - overlap))
+    best: tuple[int, int] | None = None
+    for n in range(fewest, fewest + 4):
+        extent = -(-(size + (n - 1) * overlap) // n)
+        extent = max(-(-extent // multiple) * multiple, min(tile, overlap + multiple))
+        if extent > tile:
+            continue
+        computed = len(tile_starts(size, extent, overlap)) * extent
+        if best is None or (computed, extent) < best:
+            best = (computed, extent)
+    return tile if best is None else best[1]
+
+
 def blend_window(tile: tuple[int, int, int], overlap: int) -> np.ndarray:
     """Separable raised-cosine window: 1 inside, ramping over ``overlap`` voxels at each face, always > 0."""
     axes = []
@@ -101,11 +125,23 @@ def blend_window(tile: tuple[int, int, int], overlap: int) -> np.ndarray:
     return (axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]).astype(np.float32)
 
 
-def _tiles(shape: tuple[int, ...], tile: tuple[int, int, int], overlap: int) -> Iterator[tuple[slice, ...]]:
-    for z in tile_starts(shape[0], tile[0], overlap):
-        for y in tile_starts(shape[1], tile[1], overlap):
-            for x in tile_starts(shape[2], tile[2], overlap):
-                yield (slice(z, z + tile[0]), slice(y, y + tile[1]), slice(x, x + tile[2]))
+def argmax_channels(logits: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = np.argmax(logits, axis=0)`` for finite logits (first maximum wins), in place.
+
+    One pass per channel over contiguous planes, with no channels-last copy of the logits (numpy's
+    argmax over axis 0 makes one) and no masked writes: ``out`` (an unsigned integer array) is
+    updated as ``out += higher * (c - out)``, exact in modular integer arithmetic.
+    """
+    best = logits[0].copy()
+    out[...] = 0
+    higher = np.empty(best.shape, dtype=bool)
+    step = np.empty(out.shape, dtype=out.dtype)
+    for c in range(1, logits.shape[0]):
+        np.greater(logits[c], best, out=higher)
+        np.maximum(best, logits[c], out=best)
+        np.subtract(out.dtype.type(c), out, out=step)
+        np.multiply(step, higher, out=step)
+        np.add(out, step, out=out)
 
 
 def sliding_window(model: LoadedModel, volume: np.ndarray,
@@ -114,6 +150,12 @@ def sliding_window(model: LoadedModel, volume: np.ndarray,
 
     Returns the blended image output [D, H, W] (or None) and the argmax channel index [D, H, W] (or None).
     Tiles are blended with ``blend_window``; accumulators are preallocated float32.
+
+    The segmentation logits never take C × D × H × W floats (33 channels of a 256³ volume would be 2.2 GB):
+    tiles run in rows along D, and within a row in rows along H; the logits are kept for the current
+    (D-row, H-row) window (C × tile_D × tile_H × W) plus the planes the next D-row shares with this one
+    (C × overlap_D × H × W). A region is reduced to its argmax as soon as no later tile reaches it. The
+    sums are added in the same order as over a whole-volume accumulator, so the result is the same bit for bit.
     """
     manifest = model.manifest
     overlap = manifest.tiling.overlap
@@ -126,34 +168,79 @@ def sliding_window(model: LoadedModel, volume: np.ndarray,
         names.append(seg_name)
     n_channels = len(manifest.output.segmentation.labels) if manifest.output.segmentation else 0
 
+    depth, height, width = volume.shape
+    tz, ty, tx = tile
+    zs, ys, xs = (tile_starts(n, t, overlap) for n, t in zip(volume.shape, tile, strict=True))
     weight = blend_window(tile, overlap)
-    weight_sum = np.zeros(volume.shape, dtype=np.float32)
-    image_sum = np.zeros(volume.shape, dtype=np.float32) if image_name else None
-    logit_sum = np.zeros((n_channels, *volume.shape), dtype=np.float32) if seg_name else None
+    weight_sum = image_sum = seg = window = carry = None
+    if image_name:
+        weight_sum = np.zeros(volume.shape, dtype=np.float32)
+        image_sum = np.zeros(volume.shape, dtype=np.float32)
+    if seg_name:
+        seg = np.zeros(volume.shape, dtype=np.uint8 if n_channels <= 256 else np.uint16)
+        window = np.zeros((n_channels, tz, ty, width), dtype=np.float32)  # planes [z, z+tz), rows [y, y+ty)
+        shared = max([z + tz - zn for z, zn in zip(zs, zs[1:], strict=False)], default=0)
+        if shared:  # partial sums of the planes the next D-row shares with this one, all rows
+            carry = np.zeros((n_channels, shared, height, width), dtype=np.float32)
+    carried = 0  # planes at the top of the current D-row that hold the previous D-row's partial sums
     count = 0
-    for region in _tiles(volume.shape, tile, overlap):
-        batch = np.ascontiguousarray(volume[region], dtype=np.float32)[np.newaxis, np.newaxis]
-        results = dict(zip(names, model.session.run(names, {manifest.input.name: batch}), strict=True))
-        if image_name:
-            out = np.asarray(results[image_name], dtype=np.float32)
-            if out.shape != (1, 1, *tile):
-                raise ModelError(f"model {manifest.id}: output {image_name!r} has shape {out.shape}, "
-                                 f"expected {(1, 1, *tile)}")
-            image_sum[region] += out[0, 0] * weight  # type: ignore[index]
-        if seg_name:
-            out = np.asarray(results[seg_name], dtype=np.float32)
-            if out.shape != (1, n_channels, *tile):
-                raise ModelError(f"model {manifest.id}: output {seg_name!r} has shape {out.shape}, "
-                                 f"expected {(1, n_channels, *tile)}")
-            logit_sum[(slice(None), *region)] += out[0] * weight  # type: ignore[index]
-        weight_sum[region] += weight
-        count += 1
+    for zi, z in enumerate(zs):
+        z_final = zs[zi + 1] if zi + 1 < len(zs) else depth  # planes [z, z_final) are final after this D-row
+        to_carry = z + tz - z_final
+        filled = 0  # rows [y, filled) of the window hold sums of this D-row
+        for yi, y in enumerate(ys):
+            y_final = ys[yi + 1] if yi + 1 < len(ys) else height  # rows [y, y_final) final after this H-row
+            if window is not None:
+                if yi:
+                    shift = y - ys[yi - 1]
+                    for channel in window:  # keep the rows shared with the previous H-row (small temporaries)
+                        channel[:, :ty - shift] = channel[:, shift:]
+                first_new = max(y, filled) - y
+                window[:, :, first_new:] = 0
+                if carried:
+                    window[:, :carried, first_new:] = carry[:, :carried, y + first_new:y + ty]  # type: ignore[index]
+                filled = y + ty
+            for x in xs:
+                region = (slice(z, z + tz), slice(y, y + ty), slice(x, x + tx))
+                batch = np.ascontiguousarray(volume[region], dtype=np.float32)[np.newaxis, np.newaxis]
+                results = dict(zip(names, model.session.run(names, {manifest.input.name: batch}), strict=True))
+                if image_name:
+                    out = np.asarray(results[image_name], dtype=np.float32)
+                    if out.shape != (1, 1, *tile):
+                        raise ModelError(f"model {manifest.id}: output {image_name!r} has shape {out.shape}, "
+                                         f"expected {(1, 1, *tile)}")
+                    image_sum[region] += out[0, 0] * weight  # type: ignore[index]
+                    weight_sum[region] += weight  # type: ignore[index]
+                if seg_name:
+                    out = np.asarray(results[seg_name], dtype=np.float32)
+                    if out.shape != (1, n_channels, *tile):
+                        raise ModelError(f"model {manifest.id}: output {seg_name!r} has shape {out.shape}, "
+                                         f"expected {(1, n_channels, *tile)}")
+                    logits = out[0]
+                    if logits.flags.writeable:
+                        np.multiply(logits, weight, out=logits)  # no C × tile temporary
+                    else:
+                        logits = logits * weight
+                    window[:, :, :, x:x + tx] += logits  # type: ignore[index]
+                count += 1
+            if window is not None:
+                rows = y_final - y
+                argmax_channels(window[:, :z_final - z, :rows], seg[z:z_final, y:y_final])  # type: ignore[index]
+                if to_carry:
+                    carry[:, :to_carry, y:y_final] = window[:, z_final - z:, :rows]  # type: ignore[index]
+        carried = to_carry
     log.debug("model %s: %d tiles of %s over %s", manifest.id, count, tile, volume.shape)
     image = None
     if image_sum is not None:
         image = image_sum / weight_sum
-    seg = np.argmax(logit_sum, axis=0) if logit_sum is not None else None  # weights are >0: argmax unchanged
     return image, seg
+
+
+def _set_geometry(image: sitk.Image, grid: tuple[tuple[float, ...], ...]) -> None:
+    origin, spacing, direction = grid
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
 
 
 def run_model(model: LoadedModel, image: sitk.Image) -> PipelineResult:
@@ -171,8 +258,12 @@ def run_model(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     oriented = sitk.DICOMOrient(sitk.Cast(image, sitk.sitkFloat32), manifest.input.orientation)
     lap("reorient")
     model_space = resample_isotropic(oriented, manifest.input.spacing_mm)
+    del oriented
     lap("resample")
     volume = normalize(sitk.GetArrayViewFromImage(model_space), manifest.input)
+    # keep only the model grid's geometry: the voxels are not needed any more (less peak memory)
+    grid = (model_space.GetOrigin(), model_space.GetSpacing(), model_space.GetDirection())
+    del model_space
     lap("normalize")
 
     fixed = model.fixed_spatial_shape
@@ -181,7 +272,8 @@ def run_model(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     if fixed is not None:
         tile = fixed
     else:
-        tile = tuple(min(t, s) for t, s in zip(manifest.tiling.tile, padded.shape, strict=True))
+        tile = tuple(balanced_tile(s, t, manifest.tiling.overlap, manifest.input.divisible_by)
+                     for t, s in zip(manifest.tiling.tile, padded.shape, strict=True))
     image_out, seg_out = sliding_window(model, padded, tile)  # type: ignore[arg-type]
     del padded
     lap("inference")
@@ -191,13 +283,13 @@ def run_model(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     if image_out is not None and manifest.output.image is not None:
         array = image_out[crop] * np.float32(manifest.output.image.scale)
         t1_model = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-        t1_model.CopyInformation(model_space)
+        _set_geometry(t1_model, grid)
         t1 = sitk.Resample(t1_model, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     if seg_out is not None and manifest.output.segmentation is not None:
         lut = np.asarray(manifest.output.segmentation.labels, dtype=np.uint16)
         codes = lut[seg_out[crop]]
         seg_model = sitk.GetImageFromArray(np.ascontiguousarray(codes))
-        seg_model.CopyInformation(model_space)
+        _set_geometry(seg_model, grid)
         labels = sitk.Resample(seg_model, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                                sitk.sitkUInt16)
     lap("back")

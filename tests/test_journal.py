@@ -276,3 +276,51 @@ def test_counts_and_outbox_summary(journal: Journal) -> None:
     summary = {(r["destination"], r["state"]): r for r in journal.outbox_summary()}
     assert summary[("PACS", "failed")]["last_error"] == "refused"
     assert summary[("PACS", "pending")]["n"] == 1
+
+
+# -- group commit ------------------------------------------------------------------------------
+
+def test_concurrent_instances_are_group_committed(journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    batches: list[int] = []
+    real_commit = Journal._commit_instances
+
+    def spy(self: Journal, batch: list) -> None:  # noqa: ANN001
+        batches.append(len(batch))
+        real_commit(self, batch)
+
+    monkeypatch.setattr(Journal, "_commit_instances", spy)
+    results: dict[str, bool] = {}
+    with journal._lock:  # a commit in progress: every caller queues behind it
+        threads = [threading.Thread(target=lambda k=k: results.update({k: add(journal, k)}))
+                   for k in (f"1.9.{i}" for i in range(6))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(journal._pending) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(journal._pending) == 6 and not results  # nobody returned before its commit
+    for t in threads:
+        t.join()
+    assert batches == [6]  # one transaction for all six
+    assert results == {f"1.9.{i}": True for i in range(6)}
+    assert len(journal.instances(SERIES)) == 6
+
+
+def test_a_bad_row_fails_only_its_own_caller(journal: Journal) -> None:
+    from dicom_node.journal import _PendingInstance
+
+    good = {"sop_instance_uid": "1.9.1", "sop_class_uid": "1.2", "transfer_syntax": "1.2.840.10008.1.2.1",
+            "path": "/spool/a.dcm", "geometry": "{}", "series_uid": SERIES, "study_uid": STUDY,
+            "patient_id": "", "description": "", "modality": "MR", "calling_ae": "A", "series_attrs": "{}",
+            "now": 100.0}
+    bad = {**good, "sop_instance_uid": "1.9.2", "series_uid": "1.2.3.4.999", "study_uid": None}  # NOT NULL
+    entries = [_PendingInstance(dict(good)), _PendingInstance(bad),
+               _PendingInstance({**good, "sop_instance_uid": "1.9.3"})]
+    with journal._lock:
+        journal._commit_instances(entries)
+    assert all(e.done for e in entries)
+    assert entries[0].is_new and entries[2].is_new and entries[0].error is None and entries[2].error is None
+    assert isinstance(entries[1].error, sqlite3.IntegrityError)
+    assert sorted(i.sop_instance_uid for i in journal.instances(SERIES)) == ["1.9.1", "1.9.3"]

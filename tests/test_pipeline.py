@@ -193,3 +193,60 @@ def test_normalize_percentile_over_foreground() -> None:
     minmax = normalize(array, InputSpec(name="image", normalization="minmax"))
     assert minmax.min() == 0.0 and minmax.max() == pytest.approx(1.0)
     assert not normalize(np.zeros((3, 3, 3), np.float32), spec).any()
+
+
+def test_argmax_channels_matches_numpy_with_ties() -> None:
+    from inference.pipeline import argmax_channels
+
+    rng = np.random.default_rng(1)
+    logits = np.round(rng.normal(size=(33, 5, 6, 7)) * 2).astype(np.float32)  # many ties: first one wins
+    for dtype in (np.uint8, np.uint16):
+        out = np.full(logits.shape[1:], 99, dtype=dtype)
+        argmax_channels(logits, out)
+        np.testing.assert_array_equal(out, np.argmax(logits, axis=0))
+
+
+def test_balanced_tile_computes_fewest_voxels() -> None:
+    from inference.pipeline import balanced_tile
+
+    assert balanced_tile(208, 192, 16, 16) == 112  # 2 tiles either way: 2 × 112 instead of 2 × 192
+    assert balanced_tile(256, 192, 16, 16) == 96   # 3 × 96 computes what 2 × 144 does, in less memory
+    assert balanced_tile(64, 128, 8, 8) == 64      # one tile holds it all
+    for size, tile, overlap, multiple in [(272, 192, 16, 16), (208, 96, 16, 16), (64, 32, 8, 8), (40, 16, 4, 4)]:
+        extent = balanced_tile(size, tile, overlap, multiple)
+        assert extent <= tile and extent % multiple == 0 and extent > overlap
+        starts = tile_starts(size, extent, overlap)
+        covered = np.zeros(size, bool)
+        for s in starts:
+            covered[s:s + extent] = True
+        assert covered.all()
+        assert len(starts) * extent <= len(tile_starts(size, tile, overlap)) * tile
+
+
+def test_sliding_window_equals_whole_volume_blend(tmp_path: Path) -> None:
+    """Streaming the logits row by row gives exactly the argmax of the whole volume's blended logits."""
+    from inference.pipeline import sliding_window
+
+    labels = tuple(range(0, 66, 2))  # 33 channels
+    folder = make_synthesis_model(tmp_path, model_id="m", labels=labels, tile=(16, 16, 16), overlap=4,
+                                  divisible_by=4)
+    model = ModelRegistry(folder.parent).session("m")
+    volume = np.random.default_rng(2).random((40, 28, 36), dtype=np.float32) * 1.2
+    tile = (16, 16, 16)
+    image, seg = sliding_window(model, volume, tile)
+    # reference: accumulate every tile into whole-volume sums, then one argmax
+    weight = blend_window(tile, 4)
+    logit_sum = np.zeros((len(labels), *volume.shape), np.float32)
+    image_sum = np.zeros(volume.shape, np.float32)
+    weight_sum = np.zeros(volume.shape, np.float32)
+    for z in tile_starts(40, 16, 4):
+        for y in tile_starts(28, 16, 4):
+            for x in tile_starts(36, 16, 4):
+                region = (slice(z, z + 16), slice(y, y + 16), slice(x, x + 16))
+                t1, logits = model.session.run(["t1", "seg"], {"image": volume[region][None, None]})
+                image_sum[region] += t1[0, 0] * weight
+                weight_sum[region] += weight
+                logit_sum[(slice(None), *region)] += logits[0] * weight
+    np.testing.assert_array_equal(seg, np.argmax(logit_sum, axis=0))
+    np.testing.assert_array_equal(image, image_sum / weight_sum)
+    assert len(np.unique(seg)) > 10

@@ -1,0 +1,1 @@
+"""Benchmarks of the node on this machine: ``python -m bench.run`` writes docs/benchmarks.md."""

@@ -1,0 +1,68 @@
+"""Timed sends with dcmtk /usr/bin/storescu (TCP_NODELAY=1), one association per sender."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.e2e.peers import (
+    DCMTK_ENV,
+    LOCALHOST,
+    STORESCU,
+    failed_stores,
+    storescu_profile,
+)
+
+_PROFILE = "E2E"  # the profile name tests.e2e.peers.storescu_profile writes
+
+
+@dataclass(frozen=True)
+class Send:
+    seconds: float
+    returncode: int
+    failures: list[str]
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.failures
+
+
+def _args(folder: Path, profile: Path, port: int, called_ae: str, calling_ae: str) -> list[str]:
+    return [str(STORESCU), "-aet", calling_ae, "-aec", called_ae, "-nh", "-xf", str(profile), _PROFILE,
+            "+sd", "+r", LOCALHOST, str(port), str(folder)]
+
+
+def write_profile(folder: Path, target: Path) -> Path:
+    """The storescu association profile for the files in ``folder`` (built once, outside the timing)."""
+    target.write_text(storescu_profile(sorted(p for p in folder.rglob("*") if p.is_file())))
+    return target
+
+
+def send(folder: Path, profile: Path, port: int, *, called_ae: str, calling_ae: str = "BENCH",
+         timeout: float = 600) -> Send:
+    """Send every file under ``folder`` in one association; wall time of the storescu process."""
+    args = _args(folder, profile, port, called_ae, calling_ae)
+    start = time.perf_counter()
+    result = subprocess.run(args, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout, check=False)
+    seconds = time.perf_counter() - start
+    return Send(seconds, result.returncode, failed_stores(result), result.stdout + result.stderr)
+
+
+def send_parallel(folders: list[Path], profile: Path, port: int, *, called_ae: str,
+                  timeout: float = 600) -> tuple[float, list[Send]]:
+    """One storescu per folder, all started at once; (wall time until the last ends, each result)."""
+    start = time.perf_counter()
+    procs = []
+    for i, folder in enumerate(folders):
+        args = _args(folder, profile, port, called_ae, f"BENCH{i}")
+        procs.append((subprocess.Popen(args, env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True), time.perf_counter()))
+    results = []
+    for proc, started in procs:
+        out, err = proc.communicate(timeout=timeout)
+        completed = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        results.append(Send(time.perf_counter() - started, proc.returncode, failed_stores(completed), out + err))
+    return time.perf_counter() - start, results

@@ -1,0 +1,76 @@
+"""P2 turnaround: last scout instance received → derived objects acknowledged by Orthanc, per stage.
+
+Every time comes from the node's own journal (one clock): instances.received_at, jobs.created_at,
+jobs.timings (the job runner's stages) and jobs.updated_at when the outbox settled the job as sent.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.journal import JobRecord, Journal
+from tests.e2e.peers import Orthanc
+
+from .node import BenchNode
+from .send import send, write_profile
+
+#: Stages measured around the job; the job's own stages (its timings keys) come in between.
+BEFORE_JOB, JOB_REST, AFTER_JOB = "assemble", "job (untimed: outbox rows, journal)", "queue+send"
+
+
+@dataclass(frozen=True)
+class Turnaround:
+    seconds: float
+    stages: dict[str, float]
+    outputs: int
+    orthanc_instances: int
+
+
+def _sent_job(journal: Journal) -> JobRecord | None:
+    jobs = journal.jobs()
+    if jobs and jobs[0].state in ("sent", "failed") and jobs[0].timings:
+        return jobs[0]
+    return None
+
+
+def breakdown(journal: Journal, job: JobRecord) -> tuple[float, dict[str, float], int]:
+    """(turnaround seconds, stage seconds, outbox items) of a job that was sent."""
+    series = journal.series(job.series_uid)
+    assert series is not None
+    last_received = series.last_received
+    stages = {BEFORE_JOB: job.created_at - last_received}
+    timed = {k: v for k, v in job.timings.items() if k != "total"}
+    stages.update(timed)
+    stages[JOB_REST] = job.timings["total"] - sum(timed.values())
+    stages[AFTER_JOB] = job.updated_at - job.created_at - job.timings["total"]
+    return job.updated_at - last_received, stages, len(journal.outbox(job.id))
+
+
+def turnaround(scout: Path, models_dir: Path, runs: int, log=print) -> list[Turnaround]:  # noqa: ANN001
+    """``runs`` times: fresh Orthanc and node (default rules), send the scout, wait until sent."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-p2-") as tmp:
+        tmp_path = Path(tmp)
+        profile = write_profile(scout, tmp_path / "storescu.cfg")
+        for r in range(runs):
+            with Orthanc(workdir=tmp_path / f"orthanc-{r}") as orthanc:
+                pacs = {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+                with BenchNode(tmp_path / f"node-{r}", models_dir=models_dir, destinations=[pacs]) as node:
+                    sent = send(scout, profile, node.port, called_ae=node.ae_title, calling_ae="SCANNER")
+                    if not sent.ok:
+                        raise RuntimeError(f"scout not accepted: {sent.failures or sent.output[-2000:]}")
+                    job = node.wait_for(_sent_job, timeout=600, poll=0.25, what="job sent")
+                    if job.state != "sent":
+                        raise RuntimeError(f"job {job.id} {job.state}: {job.reason}")
+                    journal = node.journal()
+                    try:
+                        seconds, stages, outputs = breakdown(journal, job)
+                    finally:
+                        journal.close()
+                    in_orthanc = int(orthanc.get("/statistics")["CountInstances"])
+            results.append(Turnaround(seconds, stages, outputs, in_orthanc))
+            log(f"P2 run {r + 1}/{runs}: {seconds:.1f} s, {outputs} objects, Orthanc holds {in_orthanc}; "
+                + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+    return results

@@ -1,0 +1,228 @@
+"""Train a synthesis model (synthetic T1 + segmentation) on generated data; CPU, resumable.
+
+python -m inference.training.train --model-id synth-t1 --steps N --seed 0
+Checkpoints, the CSV log and train.log live in ~/.cache/dicom-node-train/<model-id>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from inference.training.generator import (
+    SEG_LABELS,
+    SyntheticDataset,
+    label_map_paths,
+    pool_sample,
+    synthseg_dir,
+)
+from inference.training.networks import build_network, count_parameters
+
+DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+LOG_FIELDS = ["step", "loss", "l1", "ce", "dice", "lr", "seconds", "kind"]
+
+
+def train_dir(model_id: str) -> Path:
+    """Cache folder holding checkpoints and logs of one model."""
+    return Path.home() / ".cache" / "dicom-node-train" / model_id
+
+
+def losses(
+    t1_pred: torch.Tensor, logits: torch.Tensor, t1: torch.Tensor, seg: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(L1 on the image, 5x weight inside the brain; cross-entropy; soft Dice loss over all labels)."""
+    weight = 1.0 + 4.0 * (seg > 0).float()
+    l1 = (weight * (t1_pred[:, 0] - t1).abs()).sum() / weight.sum()
+    ce = F.cross_entropy(logits, seg)
+    prob = torch.softmax(logits, dim=1)
+    onehot = F.one_hot(seg, logits.shape[1]).permute(0, 4, 1, 2, 3).float()
+    dims = (0, 2, 3, 4)
+    inter = (prob * onehot).sum(dims)
+    denom = prob.sum(dims) + onehot.sum(dims)
+    dice = 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean()
+    return l1, ce, dice
+
+
+def soft_losses(
+    t1_pred: torch.Tensor, logits: torch.Tensor, t1: torch.Tensor, fractions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`losses` with soft segmentation targets (per-channel fractions [N, C, ...], e.g. of a 2 mm voxel)."""
+    weight = 1.0 + 4.0 * (1.0 - fractions[:, 0])
+    l1 = (weight * (t1_pred[:, 0] - t1).abs()).sum() / weight.sum()
+    log_prob = F.log_softmax(logits, dim=1)
+    ce = -(fractions * log_prob).sum(1).mean()
+    prob = log_prob.exp()
+    dims = (0, 2, 3, 4)
+    inter = (prob * fractions).sum(dims)
+    denom = prob.sum(dims) + fractions.sum(dims)
+    dice = 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean()
+    return l1, ce, dice
+
+
+class SampleStream(torch.utils.data.IterableDataset):
+    """Endless generated samples (pooled to 2 mm for the coarse network), made in a worker process so that
+    generation and training overlap. Seeded by (seed, first step): a resumed run draws a fresh, reproducible
+    stream."""
+
+    def __init__(self, root: Path, crop: int, seed: int, first_step: int, coarse: bool) -> None:
+        self.root, self.crop, self.seed, self.first_step, self.coarse = root, crop, seed, first_step, coarse
+
+    def __iter__(self):  # noqa: ANN204
+        torch.set_num_threads(1)
+        data = SyntheticDataset(self.root, crop=self.crop)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.first_step)
+        while True:
+            sample = data.sample(gen)
+            yield pool_sample(sample) if self.coarse else sample
+
+
+def learning_rate(step: int, steps: int, base_lr: float) -> float:
+    """Constant for the first 60 % of the steps, then linear decay to 10 %."""
+    frac = step / max(1, steps)
+    if frac < 0.6:
+        return base_lr
+    return base_lr * (1.0 - 0.9 * min(1.0, (frac - 0.6) / 0.4))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic torch.save (write to a temporary file, then rename)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model-id", required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--crop", type=int, default=128)
+    ap.add_argument("--arch", choices=["coarse", "unet"], default="coarse",
+                    help="coarse: U-Net at 2 mm inside a 1 mm graph (CPU-friendly); unet: U-Net at 1 mm")
+    ap.add_argument("--base", type=int, default=8)
+    ap.add_argument("--levels", type=int, default=4)
+    ap.add_argument("--max-channels", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--head-lr-scale", type=float, default=10.0,
+                    help="learning-rate factor of the 1x1x1 output heads: with 8 feature channels and Adam, the class "
+                         "logits otherwise move too slowly to learn the class priors in a CPU budget of steps")
+    ap.add_argument("--freeze-norm-at", type=float, default=0.6,
+                    help="fraction of the steps after which batch-norm statistics are frozen (inference's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    ap.add_argument("--workers", type=int, default=1, help="data generation processes (0: in-process)")
+    ap.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    ap.add_argument("--snapshot-every", type=int, default=500, help="keep a copy of the weights every N steps")
+    ap.add_argument("--deadline", default=None, help="UTC ISO time; save and stop when reached")
+    ap.add_argument("--data", type=Path, default=DEFAULT_SHARED_DATA, help="the shared data folder")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    out = args.out or train_dir(args.model_id)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = dt.datetime.fromisoformat(args.deadline).timestamp() if args.deadline else math.inf
+
+    config = {"arch": args.arch, "n_labels": len(SEG_LABELS), "base": args.base, "levels": args.levels,
+              "max_channels": args.max_channels}
+    crop = args.crop
+    step, elapsed = 0, 0.0
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if state is not None:  # the checkpoint's network and crop win over the command line
+        config, crop = state["config"], state["crop"]
+    model = build_network(config).to(memory_format=torch.channels_last_3d)
+    head_ids = {id(p) for p in model.heads()}
+    opt = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr_scale": 1.0},
+                            {"params": model.heads(), "lr_scale": args.head_lr_scale}], lr=args.lr)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["seconds"]
+        print(f"resumed from step {step}", flush=True)
+    coarse = config.get("arch") == "coarse"
+    train_maps = [p.name.removesuffix(".nii.gz") for p in label_map_paths(synthseg_dir(args.data), held_out=False)]
+    print(f"model {args.model_id}: {count_parameters(model)} parameters, config {config}, crop {crop}, "
+          f"train maps {train_maps}", flush=True)
+    stream = SampleStream(synthseg_dir(args.data), crop, args.seed, step, coarse)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
+                                              prefetch_factor=2 if args.workers else None))
+
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+
+    def state_dict() -> dict:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": elapsed,
+                "config": config, "crop": crop, "seed": args.seed, "steps_planned": args.steps,
+                "train_maps": train_maps, "freeze_norm_at": args.freeze_norm_at}
+
+    log_path = out / "training_log.csv"
+    if step and log_path.exists():  # drop rows logged after the checkpoint we resume from (they are redone)
+        with open(log_path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+        with open(log_path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    new_log = not log_path.exists()
+    with open(log_path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
+        if new_log:
+            writer.writeheader()
+        t_last_ckpt = time.time()
+        t_start = time.time() - elapsed
+        model.train()
+        while step < args.steps and not stop["now"] and time.time() < deadline:
+            if step >= args.freeze_norm_at * args.steps:
+                model.freeze_normalization()  # from here on the weights learn what inference computes
+            lr = learning_rate(step, args.steps, args.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            sample = next(loader)
+            if coarse:
+                x = sample.image[None].contiguous(memory_format=torch.channels_last_3d)
+                t1_pred, logits = model.forward_coarse(x)
+                l1, ce, dice = soft_losses(t1_pred, logits, sample.t1[None], sample.seg[None])
+            else:
+                t1_pred, logits = model(sample.image[None, None])
+                l1, ce, dice = losses(t1_pred, logits, sample.t1[None], sample.seg[None])
+            loss = 5.0 * l1 + ce + dice
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            elapsed = time.time() - t_start
+            writer.writerow({"step": step, "loss": f"{loss.item():.5f}", "l1": f"{l1.item():.5f}",
+                             "ce": f"{ce.item():.5f}", "dice": f"{dice.item():.5f}", "lr": f"{lr:.2e}",
+                             "seconds": f"{elapsed:.1f}", "kind": sample.kind})
+            if step % 20 == 0:
+                fh.flush()
+                print(f"step {step} loss {loss.item():.4f} l1 {l1.item():.4f} ce {ce.item():.4f} "
+                      f"dice {dice.item():.4f} lr {lr:.1e} {elapsed:.0f}s", flush=True)
+            if step % args.snapshot_every == 0:
+                torch.save({"model": model.state_dict(), "step": step, "config": config, "crop": crop},
+                           out / f"weights_step{step:06d}.pt")
+            if time.time() - t_last_ckpt > 60 * args.checkpoint_minutes:
+                fh.flush()
+                save_checkpoint(ckpt, state_dict())
+                t_last_ckpt = time.time()
+        fh.flush()
+    save_checkpoint(ckpt, state_dict())
+    print(f"stopped at step {step} after {elapsed:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
