@@ -40,6 +40,7 @@ from pynetdicom.sop_class import Verification
 
 from .config import NodeConfig
 from .journal import Journal
+from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,19 @@ def parse_instance(data: bytes) -> Dataset:
     """
     try:
         ds = dcmread(io.BytesIO(data), force=False)
-        # convert every top-level header element so that a truncated or malformed encoding fails
-        # here; the pixel data stays a raw element (its value is only measured, never converted)
-        for tag in list(ds.keys()):
-            if tag != PIXEL_DATA:
-                _ = ds[tag]
+        # pydicom reads a truncated encoding without complaint: the last element just gets fewer bytes
+        # than its header declares. Check every top-level element's length without converting any
+        # value (cheap; what the node uses is converted below and by header_summary).
+        for tag in ds.keys():
+            elem = ds.get_item(tag)
+            declared = getattr(elem, "length", UNDEFINED_LENGTH)
+            value = getattr(elem, "value", None)
+            if (getattr(elem, "is_raw", False) and declared != UNDEFINED_LENGTH
+                    and isinstance(value, bytes) and len(value) != declared):
+                raise BadInstance(
+                    STATUS_CANNOT_UNDERSTAND,
+                    f"{_truncated_name(tag)} is truncated: {len(value)} of {declared} bytes",
+                )
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError) as exc:
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
@@ -129,7 +138,13 @@ def parse_instance(data: bytes) -> Dataset:
             raise BadInstance(STATUS_DATASET_MISMATCH, f"required attribute {keyword} is missing or empty")
     if PIXEL_DATA in ds:
         _check_pixel_data(ds)
+    elif _str(ds.SOPClassUID) in ROUTABLE_SOP_CLASSES:
+        raise BadInstance(STATUS_CANNOT_UNDERSTAND, "MR image without PixelData (truncated?)")
     return ds
+
+
+def _truncated_name(tag: Any) -> str:
+    return "PixelData" if tag == PIXEL_DATA else f"element {Tag(tag)}"
 
 
 def _check_pixel_data(ds: Dataset) -> None:

@@ -320,3 +320,15 @@ def test_header_summary(series: list[Path]) -> None:
     del ds.ImagePositionPatient, ds.SliceThickness
     geometry, attrs = header_summary(ds)
     assert geometry["ipp"] is None and attrs["SliceThickness"] is None
+
+
+def test_parse_instance_finds_truncation_anywhere(series: list[Path]) -> None:
+    data = series[0].read_bytes()
+    pixel_start = data.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010) PixelData tag, little endian
+    failures = 0
+    for cut in range(400, pixel_start, 37):  # inside the header: an element or PixelData goes missing
+        with pytest.raises(BadInstance) as info:
+            parse_instance(data[:cut])
+        assert info.value.status in (STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH)
+        failures += 1
+    assert failures > 10

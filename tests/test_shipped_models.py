@@ -56,3 +56,65 @@ def test_shipped_model_runs(registry: ModelRegistry, model_id: str) -> None:
         labels = sitk.GetArrayFromImage(result.labels)
         assert labels.shape == (64, 64, 64)
         assert set(np.unique(labels).tolist()) <= set(manifest.output.segmentation.labels)
+
+
+def _metrics(model_id: str) -> dict:
+    import json
+
+    path = MODELS_DIR / model_id / "metrics.json"
+    if not path.is_file():
+        pytest.skip(f"{model_id} has no metrics.json")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("model_id", SHIPPED)
+def test_card_and_manifest_carry_the_measured_metrics(model_id: str) -> None:
+    manifest_text = (MODELS_DIR / model_id / MANIFEST_FILE).read_text()
+    card = (MODELS_DIR / model_id / "MODEL_CARD.md").read_text()
+    summary = _metrics(model_id)["summary"]
+    for key, row in summary.items():
+        assert f"[metrics.{key}]" in manifest_text
+        if key.startswith("held_out_") and row.get("dice_major") is not None:
+            assert f"| held-out maps: {key[9:]} |" in card and f"{row['dice_major']:.3f}" in card
+
+
+@pytest.mark.parametrize("model_id", SHIPPED)
+def test_evaluation_reproduces_the_card(registry: ModelRegistry, model_id: str) -> None:
+    """One held-out map, one input kind, through the evaluation command's own code: the numbers in
+    metrics.json (which the card and manifest are written from) come back within noise."""
+    from tests.conftest import SHARED_DATA
+
+    pytest.importorskip("torch")
+    root = SHARED_DATA / "labels" / "synthseg"
+    if not root.is_dir():
+        pytest.skip(f"SynthSeg label maps not found at {root} (../shared/data)")
+    from inference.training import evaluate
+
+    recorded = _metrics(model_id)
+    kind = "aahead_scout"
+    first_map = recorded["info"]["held_out_maps"][0]
+    expected = recorded["results"]["held_out"][first_map][kind]
+    got = evaluate.evaluate_held_out(registry.session(model_id), root, [kind], recorded["info"]["seed"], 1)
+    got = got[first_map][kind]
+    assert got["psnr_db"] == pytest.approx(expected["psnr_db"], abs=0.3)
+    assert got["ssim"] == pytest.approx(expected["ssim"], abs=0.01)
+    assert got["dice_major"] == pytest.approx(expected["dice_major"], abs=0.01)
+    for code, dice in expected["dice"].items():
+        if dice is not None and got["dice"][code] is not None:
+            assert got["dice"][code] == pytest.approx(dice, abs=0.03), f"label {code}"
+
+
+def test_default_rules_use_the_bundled_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fresh install: the embedded defaults point at onnx_models/, and every default rule's model is there."""
+    from dicom_node.cli import main
+    from dicom_node.config import BUNDLED_MODELS_DIR, load_config
+
+    config = load_config(None)
+    assert config.inference.models_dir == MODELS_DIR == BUNDLED_MODELS_DIR
+    wanted = {r.model for r in config.rules}
+    assert wanted and wanted <= set(SHIPPED)
+    path = tmp_path / "node.toml"
+    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n', encoding="utf-8")
+    assert main(["config", "check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "DISABLED" not in out and out.rstrip().endswith("configuration is valid")
