@@ -369,3 +369,12 @@ def test_train_two_steps_and_resume(tmp_path: Path) -> None:
     train.main([*args[:3], "3", *args[4:]])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
     assert len((tmp_path / "training_log.csv").read_text().splitlines()) == 4
+
+
+def test_warmup_curriculum_draws_only_the_warmup_kinds() -> None:
+    stream = train.SampleStream(SYNTHSEG, 32, 0, 0, True, ("aahead_scout", "t1_2d"), 10)
+    gen = torch.Generator().manual_seed(0)
+    early = {stream.kind_for(step, gen) for step in range(10)}
+    assert early == {"aahead_scout", "t1_2d"}
+    assert stream.kind_for(10, gen) is None  # afterwards: the generator's own mix of every kind
+    assert train.SampleStream(SYNTHSEG, 32, 0, 0, True).kind_for(0, gen) is None

@@ -47,6 +47,7 @@ from inference.training.train import DEFAULT_SHARED_DATA
 from inference.volume import load_series, resample_isotropic
 
 MPRAGE_DIR = ("dicom", "human_siemens_skyra_mprage")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CARD_START = "<!-- metrics:start (written by inference.training.evaluate) -->"
 CARD_END = "<!-- metrics:end -->"
 HIPPOCAMPUS = (17, 53)
@@ -230,29 +231,38 @@ def summarise(results: dict[str, Any], kinds: list[str]) -> dict[str, Any]:
     return summary
 
 
+def _num(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def summary_rows(summary: dict[str, Any], *, held_out_label: str, mprage_label: str,
+                 all_structures: bool) -> list[str]:
+    """Markdown rows of the summary: held-out kinds first, then the real-MPRAGE kinds ({kind} in the labels)."""
+    rows = []
+    for prefix, label in (("held_out_", held_out_label), ("mprage_", mprage_label)):
+        for key, row in summary.items():
+            if not key.startswith(prefix):
+                continue
+            image = [_num(row["psnr_db"], 2), _num(row["ssim"])] if prefix == "held_out_" else ["–", "–"]
+            dice = [_num(row["dice_major"])] + ([_num(row["dice_all_structures"])] if all_structures else [])
+            cells = [label.format(kind=key[len(prefix):]), *image, *dice, _num(row["hippocampus_dice"]),
+                     _num(row["hippocampus_aspc_pct"], 1)]
+            rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def card_table(summary: dict[str, Any], info: dict[str, Any], results: dict[str, Any] | None = None) -> str:
     """Markdown table of the summary (the generated part of MODEL_CARD.md)."""
-    def f(v: Any, nd: int = 3) -> str:
-        return "–" if v is None else f"{v:.{nd}f}"
-
     lines = [CARD_START, "",
              f"Evaluated {info['evaluated']} on checkpoint step {info.get('train_step', '?')}; "
              f"held-out maps {', '.join(info['held_out_maps'])}; seed {info['seed']}. "
-             f"192³ volume through the node pipeline: {f(info.get('seconds_192'), 1)} s "
+             f"192³ volume through the node pipeline: {_num(info.get('seconds_192'), 1)} s "
              f"({info.get('threads')} onnxruntime threads, shared 2-core machine).", "",
              "| input (simulated) | PSNR dB (brain) | SSIM (brain) | Dice major structures | Dice all 32 | "
              "hippocampus Dice | hippocampus ASPC % |",
-             "|---|---|---|---|---|---|---|"]
-    for key, row in summary.items():
-        if key.startswith("held_out_"):
-            lines.append(f"| held-out maps: {key[9:]} | {f(row['psnr_db'], 2)} | {f(row['ssim'])} | "
-                         f"{f(row['dice_major'])} | {f(row['dice_all_structures'])} | "
-                         f"{f(row['hippocampus_dice'])} | {f(row['hippocampus_aspc_pct'], 1)} |")
-    for key, row in summary.items():
-        if key.startswith("mprage_"):
-            lines.append(f"| real MPRAGE → {key[7:]} → synthetic T1 → seg, vs seg of real MPRAGE | – | – | "
-                         f"{f(row['dice_major'])} | {f(row['dice_all_structures'])} | "
-                         f"{f(row['hippocampus_dice'])} | {f(row['hippocampus_aspc_pct'], 1)} |")
+             "|---|---|---|---|---|---|---|",
+             *summary_rows(summary, held_out_label="held-out maps: {kind}", all_structures=True,
+                           mprage_label="real MPRAGE → {kind} → synthetic T1 → seg, vs seg of real MPRAGE")]
     lines += ["", *structure_table(results or {}, "aahead_scout"), "", CARD_END]
     return "\n".join(lines)
 
@@ -310,6 +320,32 @@ def update_outputs(model_dir: Path, results: dict[str, Any], summary: dict[str, 
     else:
         text = text.rstrip("\n") + "\n\n" + table + "\n"
     card.write_text(text, encoding="utf-8")
+    readme = REPO_ROOT / "README.md"
+    if model_dir.parent == REPO_ROOT / "onnx_models" and readme.is_file():
+        update_readme(readme, model_dir.name, summary, info)
+
+
+README_START = "<!-- model-metrics:start (written by inference.training.evaluate) -->"
+README_END = "<!-- model-metrics:end -->"
+PAPER = "AutoAlign paper (real patients, FreeSurfer): PSNR 35.4, SSIM 0.871, Dice 0.79–0.93, hippocampal ASPC 5.5–6.2 %"
+
+
+def update_readme(readme: Path, model_id: str, summary: dict[str, Any], info: dict[str, Any]) -> None:
+    """The README's table of a shipped model's measured quality, next to the AutoAlign paper's numbers."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return
+
+    lines = [README_START, "",
+             f"`{model_id}`, evaluated {info['evaluated']} (checkpoint step {info.get('train_step', '?')}) by "
+             f"`python -m inference.training.evaluate --model onnx_models/{model_id}`:", "",
+             "| input (simulated) | PSNR dB | SSIM | Dice major structures | hippocampus Dice | hippocampus ASPC % |",
+             "|---|---|---|---|---|---|",
+             *summary_rows(summary, held_out_label="held-out label maps, {kind}", all_structures=False,
+                           mprage_label="real MPRAGE (child) → {kind}, consistency")]
+    lines += [f"| {PAPER} | 35.4 | 0.871 | 0.79–0.93 | – | 5.5–6.2 |", "", README_END]
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + "\n".join(lines) + text[end:], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:

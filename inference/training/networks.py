@@ -72,7 +72,8 @@ class SynthUNet(nn.Module):
             if isinstance(m, nn.BatchNorm3d):
                 m.eval()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's last feature map (what the heads read), at the input's resolution."""
         skips = []
         for i, block in enumerate(self.down):
             if i > 0:
@@ -81,7 +82,11 @@ class SynthUNet(nn.Module):
             skips.append(x)
         for up, block, skip in zip(self.up_conv, self.up_block, reversed(skips[:-1]), strict=True):
             x = block(torch.cat([up(x), skip], dim=1))
-        return torch.sigmoid(self.image_head(x)), self.seg_head(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return torch.sigmoid(self.image_head(h)), self.seg_head(h)
 
 
 class CoarseSynthNet(nn.Module):
@@ -117,18 +122,9 @@ class CoarseSynthNet(nn.Module):
         return self.core(x2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        core = self.core
-        h = F.avg_pool3d(x, 2)
-        skips = []
-        for i, block in enumerate(core.down):
-            if i > 0:
-                h = F.max_pool3d(h, 2)
-            h = block(h)
-            skips.append(h)
-        for up, block, skip in zip(core.up_conv, core.up_block, reversed(skips[:-1]), strict=True):
-            h = block(torch.cat([up(h), skip], dim=1))
-        image_logit = F.interpolate(core.image_head(h), scale_factor=2, mode="trilinear", align_corners=False)
-        seg = F.interpolate(core.seg_head(h), scale_factor=2, mode="trilinear", align_corners=False)
+        h = self.core.features(F.avg_pool3d(x, 2))
+        image_logit = F.interpolate(self.core.image_head(h), scale_factor=2, mode="trilinear", align_corners=False)
+        seg = F.interpolate(self.core.seg_head(h), scale_factor=2, mode="trilinear", align_corners=False)
         return torch.sigmoid(image_logit), seg
 
 

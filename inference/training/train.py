@@ -21,6 +21,8 @@ import torch
 from torch.nn import functional as F
 
 from inference.training.generator import (
+    INPUT_KINDS,
+    KIND_WEIGHTS,
     SEG_LABELS,
     SyntheticDataset,
     label_map_paths,
@@ -75,15 +77,27 @@ class SampleStream(torch.utils.data.IterableDataset):
     generation and training overlap. Seeded by (seed, first step): a resumed run draws a fresh, reproducible
     stream."""
 
-    def __init__(self, root: Path, crop: int, seed: int, first_step: int, coarse: bool) -> None:
+    def __init__(self, root: Path, crop: int, seed: int, first_step: int, coarse: bool,
+                 warmup_kinds: tuple[str, ...] = (), warmup_steps: int = 0) -> None:
         self.root, self.crop, self.seed, self.first_step, self.coarse = root, crop, seed, first_step, coarse
+        self.warmup_kinds, self.warmup_steps = warmup_kinds, warmup_steps
+
+    def kind_for(self, step: int, gen: torch.Generator) -> str | None:
+        """The input kind of a step's sample: during warm-up one of `warmup_kinds` (weights as in training),
+        afterwards None (the generator's own mix)."""
+        if step >= self.warmup_steps or not self.warmup_kinds:
+            return None
+        weights = torch.tensor([KIND_WEIGHTS[INPUT_KINDS.index(k)] for k in self.warmup_kinds])
+        return self.warmup_kinds[int(torch.multinomial(weights, 1, generator=gen))]
 
     def __iter__(self):  # noqa: ANN204
         torch.set_num_threads(1)
         data = SyntheticDataset(self.root, crop=self.crop)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.first_step)
+        step = self.first_step  # samples are consumed in order, one per step
         while True:
-            sample = data.sample(gen)
+            sample = data.sample(gen, kind=self.kind_for(step, gen))
+            step += 1
             yield pool_sample(sample) if self.coarse else sample
 
 
@@ -119,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
                          "logits otherwise move too slowly to learn the class priors in a CPU budget of steps")
     ap.add_argument("--freeze-norm-at", type=float, default=0.6,
                     help="fraction of the steps after which batch-norm statistics are frozen (inference's)")
+    ap.add_argument("--warmup", type=float, default=0.2,
+                    help="fraction of the steps that see only --warmup-kinds (a curriculum: anatomy first, on T1 "
+                         "contrast, then every contrast)")
+    ap.add_argument("--warmup-kinds", default="aahead_scout,t1_2d")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     ap.add_argument("--workers", type=int, default=1, help="data generation processes (0: in-process)")
     ap.add_argument("--checkpoint-minutes", type=float, default=3.0)
@@ -157,7 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     train_maps = [p.name.removesuffix(".nii.gz") for p in label_map_paths(synthseg_dir(args.data), held_out=False)]
     print(f"model {args.model_id}: {count_parameters(model)} parameters, config {config}, crop {crop}, "
           f"train maps {train_maps}", flush=True)
-    stream = SampleStream(synthseg_dir(args.data), crop, args.seed, step, coarse)
+    warmup_kinds = tuple(k for k in args.warmup_kinds.split(",") if k)
+    unknown = set(warmup_kinds) - set(INPUT_KINDS)
+    if unknown:
+        ap.error(f"--warmup-kinds: unknown input kinds {sorted(unknown)}")
+    warmup_steps = int(args.warmup * args.steps)
+    stream = SampleStream(synthseg_dir(args.data), crop, args.seed, step, coarse, warmup_kinds, warmup_steps)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                               prefetch_factor=2 if args.workers else None))
 
@@ -167,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     def state_dict() -> dict:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": elapsed,
                 "config": config, "crop": crop, "seed": args.seed, "steps_planned": args.steps,
-                "train_maps": train_maps, "freeze_norm_at": args.freeze_norm_at}
+                "train_maps": train_maps, "freeze_norm_at": args.freeze_norm_at,
+                "warmup_steps": warmup_steps, "warmup_kinds": list(warmup_kinds)}
 
     log_path = out / "training_log.csv"
     if step and log_path.exists():  # drop rows logged after the checkpoint we resume from (they are redone)

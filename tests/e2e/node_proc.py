@@ -57,6 +57,7 @@ class NodeProcess:
         rules: Sequence[Mapping[str, Any]] | None = None,
         node: Mapping[str, Any] | None = None,
         dispatch: Mapping[str, Any] | None = None,
+        inference: Mapping[str, Any] | None = None,
         ae_title: str = "DICOM_NODE",
         port: int | None = None,
     ) -> None:
@@ -72,7 +73,7 @@ class NodeProcess:
                 "ae_title": ae_title, "host": LOCALHOST, "port": self.port, "data_dir": str(self.data_dir),
                 "idle_timeout_s": 3.0, "sweep_interval_s": 0.5, "log_level": "INFO", **(node or {}),
             },
-            "inference": {"models_dir": str(models_dir), "threads": 2},
+            "inference": {"models_dir": str(models_dir), "threads": 2, **(inference or {})},
             "dispatch": {"backoff_initial_s": 1.0, "backoff_max_s": 2.0, "scan_interval_s": 0.5,
                          **(dispatch or {})},
         }
@@ -106,6 +107,11 @@ class NodeProcess:
                 raise RuntimeError(f"node did not answer C-ECHO within {timeout} s; log:\n{self.log()}")
             time.sleep(0.2)
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "node not started"
+        return self._process.pid
+
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.send_signal(signal.SIGTERM)
@@ -134,8 +140,9 @@ class NodeProcess:
     def journal(self) -> Journal:
         return Journal(self.data_dir / "journal.sqlite3")
 
-    def wait_for(self, predicate, *, timeout: float = 120, what: str = "condition") -> Any:  # noqa: ANN001
-        """Poll ``predicate(journal)`` until it returns something truthy."""
+    def wait_for(self, predicate, *, timeout: float = 120, poll: float = 0.25,  # noqa: ANN001
+                 what: str = "condition") -> Any:
+        """Poll ``predicate(journal)`` until it returns something truthy (error if the node exits first)."""
         deadline = time.monotonic() + timeout
         while True:
             journal = self.journal()
@@ -145,6 +152,8 @@ class NodeProcess:
                 journal.close()
             if result:
                 return result
+            if self._process is not None and self._process.poll() is not None:
+                raise RuntimeError(f"node exited while waiting for {what}; log:\n{self.log()[-4000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{what} not reached within {timeout} s; node log:\n{self.log()[-4000:]}")
-            time.sleep(0.25)
+            time.sleep(poll)
