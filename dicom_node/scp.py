@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,12 +21,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -131,7 +132,8 @@ def parse_instance(data: bytes) -> Dataset:
                     STATUS_CANNOT_UNDERSTAND,
                     f"{_truncated_name(tag)} is truncated: {len(value)} of {declared} bytes",
                 )
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError,
+            struct.error) as exc:  # struct.error: an element header cut inside its length field
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
         if not _str(ds.get(keyword)):

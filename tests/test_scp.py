@@ -326,7 +326,8 @@ def test_parse_instance_finds_truncation_anywhere(series: list[Path]) -> None:
     data = series[0].read_bytes()
     pixel_start = data.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010) PixelData tag, little endian
     failures = 0
-    for cut in range(400, pixel_start, 37):  # inside the header: an element or PixelData goes missing
+    cuts = [*range(400, pixel_start, 37), *range(pixel_start, pixel_start + 12)]  # also inside PixelData's header
+    for cut in cuts:  # an element or PixelData goes missing, or an element header is cut
         with pytest.raises(BadInstance) as info:
             parse_instance(data[:cut])
         assert info.value.status in (STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH)

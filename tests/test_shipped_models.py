@@ -14,7 +14,7 @@ from inference.pipeline import run_model
 MODELS_DIR = Path(__file__).resolve().parents[1] / "onnx_models"
 SHIPPED = sorted(p.parent.name for p in MODELS_DIR.glob(f"*/{MANIFEST_FILE}")) if MODELS_DIR.is_dir() else []
 
-pytestmark = pytest.mark.skipif(not SHIPPED, reason=f"no models shipped in {MODELS_DIR}")
+requires_models = pytest.mark.skipif(not SHIPPED, reason=f"no models shipped in {MODELS_DIR}")
 
 
 def _head_phantom(size: int = 64) -> sitk.Image:
@@ -34,6 +34,7 @@ def registry() -> ModelRegistry:
     return ModelRegistry(MODELS_DIR, providers="cpu", threads=1)
 
 
+@requires_models
 @pytest.mark.parametrize("model_id", SHIPPED)
 def test_shipped_model_runs(registry: ModelRegistry, model_id: str) -> None:
     folder = MODELS_DIR / model_id
@@ -67,17 +68,24 @@ def _metrics(model_id: str) -> dict:
     return json.loads(path.read_text())
 
 
+@requires_models
 @pytest.mark.parametrize("model_id", SHIPPED)
 def test_card_and_manifest_carry_the_measured_metrics(model_id: str) -> None:
     manifest_text = (MODELS_DIR / model_id / MANIFEST_FILE).read_text()
     card = (MODELS_DIR / model_id / "MODEL_CARD.md").read_text()
-    summary = _metrics(model_id)["summary"]
+    recorded = _metrics(model_id)
+    summary = recorded["summary"]
+    assert summary, f"{model_id} was exported but not evaluated"
+    manifest = load_manifest(MODELS_DIR / model_id / MANIFEST_FILE)
+    assert manifest.metrics["info"].get("train_step") == recorded["info"].get("train_step")
+    assert "PLACEHOLDER" not in card
     for key, row in summary.items():
         assert f"[metrics.{key}]" in manifest_text
         if key.startswith("held_out_") and row.get("dice_major") is not None:
             assert f"| held-out maps: {key[9:]} |" in card and f"{row['dice_major']:.3f}" in card
 
 
+@requires_models
 @pytest.mark.parametrize("model_id", SHIPPED)
 def test_evaluation_reproduces_the_card(registry: ModelRegistry, model_id: str) -> None:
     """One held-out map, one input kind, through the evaluation command's own code: the numbers in
@@ -105,7 +113,8 @@ def test_evaluation_reproduces_the_card(registry: ModelRegistry, model_id: str) 
 
 
 def test_default_rules_use_the_bundled_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A fresh install: the embedded defaults point at onnx_models/, and every default rule's model is there."""
+    """A fresh install: the embedded defaults point at onnx_models/, and every default rule's model is there
+    (never skipped: a checkout without its bundled models must fail here)."""
     from dicom_node.cli import main
     from dicom_node.config import BUNDLED_MODELS_DIR, load_config
 

@@ -357,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-mprage", action="store_true")
-    ap.add_argument("--train-step", type=int, default=None, help="recorded in the metrics (checkpoint step)")
+    ap.add_argument("--train-step", type=int, default=None,
+                    help="recorded in the metrics (default: the step the export wrote into the manifest)")
     args = ap.parse_args(argv)
 
     kinds = [k for k in args.kinds.split(",") if k]
@@ -369,8 +370,10 @@ def main(argv: list[str] | None = None) -> None:
         "held_out_maps": list(HELD_OUT[: args.maps] if args.maps else HELD_OUT), "seed": args.seed,
         "kinds": kinds, "threads": args.threads, "pipeline": "inference.pipeline.run_model",
     }
-    if args.train_step is not None:
-        info["train_step"] = args.train_step
+    exported = load_manifest(model_dir / "manifest.toml").metrics.get("info", {}).get("train_step")
+    train_step = args.train_step if args.train_step is not None else exported
+    if train_step is not None:
+        info["train_step"] = train_step
     info["seconds_192"] = round(timing_192(model), 2)
     print(f"192^3 through the pipeline: {info['seconds_192']} s", flush=True)
     results: dict[str, Any] = {"held_out": evaluate_held_out(model, synthseg_dir(args.data), kinds, args.seed,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     model, state = load_network(checkpoint)
     dest = args.out / args.model_id
     export_onnx(model, dest / "model.onnx")
-    old = dest / "manifest.toml"
-    metrics = tomllib.loads(old.read_text()).get("metrics", {}) if old.exists() else {}
+    # metrics belong to the weights they were measured on: a new export starts without any (evaluate writes
+    # them), and says which training step it is so that evaluate records it
+    stale = dest / "metrics.json"
+    if stale.exists():
+        stale.unlink()
     manifest = manifest_dict(args.model_id, version=args.version, tile=args.tile,
-                             divisible_by=model.divisible_by, metrics=metrics)
+                             divisible_by=model.divisible_by, metrics={"info": {"train_step": int(state["step"])}})
     (dest / "manifest.toml").write_text(dump_toml(manifest), encoding="utf-8")
     log = src / "training_log.csv"
     if log.exists():

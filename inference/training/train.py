@@ -91,13 +91,18 @@ class SampleStream(torch.utils.data.IterableDataset):
         return self.warmup_kinds[int(torch.multinomial(weights, 1, generator=gen))]
 
     def __iter__(self):  # noqa: ANN204
-        torch.set_num_threads(1)
+        worker = torch.utils.data.get_worker_info()
+        worker_id, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        if worker is not None:
+            torch.set_num_threads(1)  # a data process; the training process keeps its --threads
         data = SyntheticDataset(self.root, crop=self.crop)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.first_step)
-        step = self.first_step  # samples are consumed in order, one per step
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.first_step) * 64 + worker_id)
+        # the DataLoader takes samples from its workers in turn, so worker w makes the samples of steps
+        # first_step + w, first_step + w + n_workers, ...
+        step = self.first_step + worker_id
         while True:
             sample = data.sample(gen, kind=self.kind_for(step, gen))
-            step += 1
+            step += n_workers
             yield pool_sample(sample) if self.coarse else sample
 
 
@@ -159,27 +164,40 @@ def main(argv: list[str] | None = None) -> None:
     crop = args.crop
     step, elapsed = 0, 0.0
     ckpt = out / "checkpoint.pt"
+    steps, freeze_norm_at, head_lr_scale = args.steps, args.freeze_norm_at, args.head_lr_scale
+    warmup_kinds = tuple(k for k in args.warmup_kinds.split(",") if k)
+    warmup_steps = int(args.warmup * args.steps)
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
-    if state is not None:  # the checkpoint's network and crop win over the command line
+    if state is not None:
+        # a resumed run keeps the network, crop and schedule it started with (the command line may only
+        # extend --steps, which moves the learning-rate decay, and say so in the log)
         config, crop = state["config"], state["crop"]
+        freeze_norm_at = state.get("freeze_norm_at", freeze_norm_at)
+        warmup_steps = state.get("warmup_steps", warmup_steps)
+        warmup_kinds = tuple(state.get("warmup_kinds", warmup_kinds))
+        head_lr_scale = state.get("head_lr_scale", head_lr_scale)
+        if steps != state.get("steps_planned", steps):
+            print(f"note: --steps {steps} differs from the {state['steps_planned']} planned at the start: the "
+                  f"learning-rate decay and the batch-norm freeze follow the new number", flush=True)
+    unknown = set(warmup_kinds) - set(INPUT_KINDS)
+    if unknown:
+        ap.error(f"--warmup-kinds: unknown input kinds {sorted(unknown)}")
     model = build_network(config).to(memory_format=torch.channels_last_3d)
     head_ids = {id(p) for p in model.heads()}
     opt = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr_scale": 1.0},
-                            {"params": model.heads(), "lr_scale": args.head_lr_scale}], lr=args.lr)
+                            {"params": model.heads(), "lr_scale": head_lr_scale}], lr=args.lr)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["seconds"]
         print(f"resumed from step {step}", flush=True)
     coarse = config.get("arch") == "coarse"
+    if crop % (2 * model.divisible_by if coarse else model.divisible_by):
+        ap.error(f"--crop {crop} must be a multiple of {2 * model.divisible_by if coarse else model.divisible_by}"
+                 f" for this network")
     train_maps = [p.name.removesuffix(".nii.gz") for p in label_map_paths(synthseg_dir(args.data), held_out=False)]
     print(f"model {args.model_id}: {count_parameters(model)} parameters, config {config}, crop {crop}, "
           f"train maps {train_maps}", flush=True)
-    warmup_kinds = tuple(k for k in args.warmup_kinds.split(",") if k)
-    unknown = set(warmup_kinds) - set(INPUT_KINDS)
-    if unknown:
-        ap.error(f"--warmup-kinds: unknown input kinds {sorted(unknown)}")
-    warmup_steps = int(args.warmup * args.steps)
     stream = SampleStream(synthseg_dir(args.data), crop, args.seed, step, coarse, warmup_kinds, warmup_steps)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                               prefetch_factor=2 if args.workers else None))
@@ -189,8 +207,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def state_dict() -> dict:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": elapsed,
-                "config": config, "crop": crop, "seed": args.seed, "steps_planned": args.steps,
-                "train_maps": train_maps, "freeze_norm_at": args.freeze_norm_at,
+                "config": config, "crop": crop, "seed": args.seed, "steps_planned": steps,
+                "train_maps": train_maps, "freeze_norm_at": freeze_norm_at, "head_lr_scale": head_lr_scale,
                 "warmup_steps": warmup_steps, "warmup_kinds": list(warmup_kinds)}
 
     log_path = out / "training_log.csv"
@@ -209,10 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         t_last_ckpt = time.time()
         t_start = time.time() - elapsed
         model.train()
-        while step < args.steps and not stop["now"] and time.time() < deadline:
-            if step >= args.freeze_norm_at * args.steps:
+        while step < steps and not stop["now"] and time.time() < deadline:
+            if step >= freeze_norm_at * steps:
                 model.freeze_normalization()  # from here on the weights learn what inference computes
-            lr = learning_rate(step, args.steps, args.lr)
+            lr = learning_rate(step, steps, args.lr)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             sample = next(loader)
