@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        opt.param_groups[1]["lr_scale"] = head_lr_scale  # the schedule kept above (older checkpoints: the flag)
         step, elapsed = state["step"], state["seconds"]
         print(f"resumed from step {step}", flush=True)
     coarse = config.get("arch") == "coarse"
