@@ -380,3 +380,22 @@ def test_warmup_curriculum_draws_only_the_warmup_kinds() -> None:
     assert early == {"aahead_scout", "t1_2d"}
     assert stream.kind_for(10, gen) is None  # afterwards: the generator's own mix of every kind
     assert train.SampleStream(SYNTHSEG, 32, 0, 0, True).kind_for(0, gen) is None
+
+
+def test_export_writes_a_fresh_bundle_without_stale_metrics(tmp_path: Path) -> None:
+    config = {"arch": "coarse", "n_labels": 33, "base": 4, "levels": 2}
+    ckpt = tmp_path / "weights.pt"
+    torch.save({"model": build_network(config).state_dict(), "step": 17, "config": config, "crop": 32}, ckpt)
+    dest = tmp_path / "models" / "synth-x"
+    dest.mkdir(parents=True)
+    (dest / "metrics.json").write_text("{}")  # from weights that are about to be replaced
+    export.main(["--model-id", "synth-x", "--checkpoint", str(ckpt), "--out", str(tmp_path / "models")])
+    manifest = load_manifest(dest / "manifest.toml")
+    assert manifest.id == "synth-x" and manifest.input.divisible_by == 4  # 2 levels at 2 mm
+    assert manifest.metrics == {"info": {"train_step": 17}}
+    assert not (dest / "metrics.json").exists()
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert card.startswith("# synth-x") and "checkpoint step 17" in card and "PLACEHOLDER" not in card
+    session = onnxruntime.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"])
+    t1, seg = session.run(["t1", "seg"], {"image": np.zeros((1, 1, 16, 16, 16), np.float32)})
+    assert t1.shape == (1, 1, 16, 16, 16) and seg.shape == (1, 33, 16, 16, 16)

@@ -22,6 +22,7 @@ INPUT_NAME = "image"
 IMAGE_OUTPUT = "t1"
 SEG_OUTPUT = "seg"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CARD_TEMPLATE = Path(__file__).with_name("MODEL_CARD.template.md")
 
 
 def load_network(checkpoint: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     if log.exists():
         copy_training_log(log, dest / "training_log.csv")
     card = dest / "MODEL_CARD.md"
+    if not card.exists():  # a first export: the recipe's card, to be completed by evaluate (and by hand)
+        card.write_text(CARD_TEMPLATE.read_text(encoding="utf-8").replace("# synth-t1", f"# {args.model_id}", 1),
+                        encoding="utf-8")
     if card.exists():
         block = training_summary(state, dest / "training_log.csv", count_parameters(model))
         card.write_text(replace_block(card.read_text(encoding="utf-8"), TRAINING_START, TRAINING_END, block),

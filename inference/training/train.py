@@ -95,6 +95,9 @@ class SampleStream(torch.utils.data.IterableDataset):
         worker_id, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         if worker is not None:
             torch.set_num_threads(1)  # a data process; the training process keeps its --threads
+            # `pkill -f` or a stop of the process group reaches the data processes too: leave the stop to the
+            # training process, which saves a checkpoint and then shuts its workers down
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         data = SyntheticDataset(self.root, crop=self.crop)
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.first_step) * 64 + worker_id)
         # the DataLoader takes samples from its workers in turn, so worker w makes the samples of steps
