@@ -19,6 +19,7 @@ from typing import Protocol
 
 import SimpleITK as sitk
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from inference.agreement import compare
 from inference.models import ModelRegistry
@@ -154,7 +155,7 @@ class JobRunner:
                 failed = "; ".join(c.reason for c in volumetry.qc if c.passed is False)
                 log.warning("job %d: volumetry quality control FAILED: %s", job_id, failed)
 
-        files: list[Path] = []
+        headers: dict[Path, Dataset] = {}  # every file to send, with its header (read once)
         produced: list[tuple[str, str]] = []
         t0 = time.perf_counter()
         if rule.action == "synthesize":
@@ -169,7 +170,7 @@ class JobRunner:
                 derivation=derivation, uid_prefix=uid_prefix,
             )
             t1_sources = [dcmread(p, stop_before_pixels=True) for p in written]
-            files += written
+            headers.update(zip(written, t1_sources, strict=True))
             produced.append((str(t1_sources[0].SeriesInstanceUID), "sT1"))
         else:
             t1_sources = loaded.datasets
@@ -198,9 +199,11 @@ class JobRunner:
                 series_number=output_series_number(source_number, "SUMMARY", version),
                 series_description=output_description(rule, version, " summary"), **algorithm,
             )
+            headers[seg_path] = seg
             for path, kind in ((seg_path, "SEG"), (sr_path, "SR"), (summary_path, "SUMMARY")):
-                files.append(path)
-                produced.append((str(dcmread(path, stop_before_pixels=True).SeriesInstanceUID), kind))
+                if path not in headers:
+                    headers[path] = dcmread(path, stop_before_pixels=True)
+                produced.append((str(headers[path].SeriesInstanceUID), kind))
             timings["write.volumetry"] = time.perf_counter() - t0
             # kept for the agreement check with a counterpart (rT1 vs sT1) in the same study
             sitk.WriteImage(t1, str(out_dir / AGREEMENT_T1), useCompression=True)
@@ -208,17 +211,13 @@ class JobRunner:
             t0 = time.perf_counter()
             agreement_path = self._agreement(job_id, rule, version, series, out_dir, source_number)
             if agreement_path is not None:
-                files.append(agreement_path)
-                produced.append((str(dcmread(agreement_path, stop_before_pixels=True).SeriesInstanceUID),
-                                 "AGREEMENT"))
+                headers[agreement_path] = dcmread(agreement_path, stop_before_pixels=True)
+                produced.append((str(headers[agreement_path].SeriesInstanceUID), "AGREEMENT"))
                 timings["agreement"] = time.perf_counter() - t0
 
         items: list[tuple[str, str, str, str]] = []
-        # the synthetic series' headers were read back above; the other objects are read once here
-        known = dict(zip(files, t1_sources, strict=False)) if rule.action == "synthesize" else {}
-        headers = [known[p] if p in known else dcmread(p, stop_before_pixels=True) for p in files]
         for dest in self.config.destinations_for(rule):
-            for path, ds in zip(files, headers, strict=True):
+            for path, ds in headers.items():
                 items.append((dest.name, str(path), str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
         self.journal.record_outputs(job_id, produced, items)
         return timings

@@ -30,7 +30,7 @@ from inference import metrics
 from inference.labels import LR_SWAP, by_code
 from inference.models import LoadedModel, ModelRegistry, load_manifest
 from inference.pipeline import run_model
-from inference.training.export import dump_toml
+from inference.training.export import REPO_ROOT, dump_toml
 from inference.training.generator import (
     HELD_OUT,
     INPUT_KINDS,
@@ -47,7 +47,6 @@ from inference.training.train import DEFAULT_SHARED_DATA
 from inference.volume import load_series, resample_isotropic
 
 MPRAGE_DIR = ("dicom", "human_siemens_skyra_mprage")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CARD_START = "<!-- metrics:start (written by inference.training.evaluate) -->"
 CARD_END = "<!-- metrics:end -->"
 HIPPOCAMPUS = (17, 53)
@@ -143,9 +142,9 @@ def evaluate_held_out(model: LoadedModel, root: Path, kinds: list[str], seed: in
             entry: dict[str, Any] = {**image_metrics(t1, target, brain), "seconds": seconds}
             entry.update(label_metrics(labels, truth))
             out[name][kind] = entry
-            print(f"held-out {name} {kind}: PSNR {_fmt(entry['psnr_db'])} SSIM {_fmt(entry['ssim'])} "
-                  f"Dice(major) {_fmt(entry['dice_major'])} "
-                  f"hippocampus ASPC {_fmt(entry['hippocampus_aspc_pct'])}% ({seconds:.1f} s)", flush=True)
+            print(f"held-out {name} {kind}: PSNR {_num(entry['psnr_db'])} SSIM {_num(entry['ssim'])} "
+                  f"Dice(major) {_num(entry['dice_major'])} "
+                  f"hippocampus ASPC {_num(entry['hippocampus_aspc_pct'])}% ({seconds:.1f} s)", flush=True)
     return out
 
 
@@ -176,13 +175,9 @@ def evaluate_mprage(model: LoadedModel, shared_data: Path, kinds: list[str], see
                  "direct_segmentation": label_metrics(direct_labels, ref_labels)}
         out[kind] = entry
         s = entry["synthetic_t1_segmented"]
-        print(f"MPRAGE {kind}: Dice(major) {_fmt(s['dice_major'])} "
-              f"hippocampus ASPC {_fmt(s['hippocampus_aspc_pct'])}%", flush=True)
+        print(f"MPRAGE {kind}: Dice(major) {_num(s['dice_major'])} "
+              f"hippocampus ASPC {_num(s['hippocampus_aspc_pct'])}%", flush=True)
     return out
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def timing_192(model: LoadedModel) -> float:

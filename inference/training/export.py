@@ -177,13 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     if log.exists():
         copy_training_log(log, dest / "training_log.csv")
     card = dest / "MODEL_CARD.md"
-    if not card.exists():  # a first export: the recipe's card, to be completed by evaluate (and by hand)
-        card.write_text(CARD_TEMPLATE.read_text(encoding="utf-8").replace("# synth-t1", f"# {args.model_id}", 1),
-                        encoding="utf-8")
-    if card.exists():
-        block = training_summary(state, dest / "training_log.csv", count_parameters(model))
-        card.write_text(replace_block(card.read_text(encoding="utf-8"), TRAINING_START, TRAINING_END, block),
-                        encoding="utf-8")
+    # a first export starts from the recipe's card, to be completed by evaluate (and by hand)
+    text = (card.read_text(encoding="utf-8") if card.exists()
+            else CARD_TEMPLATE.read_text(encoding="utf-8").replace("# synth-t1", f"# {args.model_id}", 1))
+    block = training_summary(state, dest / "training_log.csv", count_parameters(model))
+    card.write_text(replace_block(text, TRAINING_START, TRAINING_END, block), encoding="utf-8")
     print(f"exported {checkpoint} (step {state['step']}) to {dest}")
 
 

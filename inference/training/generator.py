@@ -422,8 +422,9 @@ class SyntheticDataset:
 
     def __init__(self, root: Path, *, crop: int = 80, held_out: bool = False) -> None:
         self.priors = load_priors(root)
-        self.names = [p.name.removesuffix(".nii.gz") for p in label_map_paths(root, held_out=held_out)]
-        self.maps = [load_label_map(p, self.priors) for p in label_map_paths(root, held_out=held_out)]
+        paths = label_map_paths(root, held_out=held_out)
+        self.names = [p.name.removesuffix(".nii.gz") for p in paths]
+        self.maps = [load_label_map(p, self.priors) for p in paths]
         self.crop = crop
         self.brain_boxes = [_shrunk(brain_box(m, self.priors), 0.15) for m in self.maps]
         # label maps are cropped to the head: add air around it so that crops also teach the background
