@@ -58,6 +58,10 @@ class InputSpec(_Strict):
     p_high: float = Field(default=99.5, ge=0, le=100)
     clip_max: float = Field(default=1.5, gt=0)
     divisible_by: int = Field(default=16, ge=1)
+    # run the network only on the box of the head (largest Otsu foreground component) plus this margin in
+    # voxels of the model grid, background elsewhere; None: the whole field of view. For networks whose
+    # output depends on the input's extent (instance normalisation): the box is what they were trained on.
+    foreground_margin: int | None = Field(default=None, ge=0)
 
     @field_validator("orientation")
     @classmethod
@@ -95,6 +99,8 @@ class ImageOutputSpec(_Strict):
 class SegmentationOutputSpec(_Strict):
     name: str = Field(min_length=1)
     labels: list[int] = Field(min_length=2)
+    # give left/right labels the side of the mid-sagittal plane fitted to the prediction (inference.hemispheres)
+    lateralize: bool = False
 
     @field_validator("labels")
     @classmethod

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
+from inference.hemispheres import lateralize
 from inference.models import InputSpec, LoadedModel, ModelError
 from inference.volume import isotropic_grid, resample_isotropic
 
@@ -18,6 +19,7 @@ __all__ = [
     "argmax_channels",
     "balanced_tile",
     "blend_window",
+    "foreground_box",
     "normalize",
     "pad_to_multiple",
     "run_model",
@@ -34,7 +36,8 @@ OUTPUT_SPACING_MM = 1.0
 class PipelineResult:
     t1: sitk.Image | None            # float32 x output.image.scale, 1 mm isotropic, input's direction and FOV
     labels: sitk.Image | None        # uint16 FreeSurfer codes on the same grid as t1
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: reorient/resample/normalize/inference/back
+    # seconds: reorient/resample/normalize/[foreground]/inference/back
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def normalize(array: np.ndarray, spec: InputSpec) -> np.ndarray:
@@ -57,6 +60,25 @@ def normalize(array: np.ndarray, spec: InputSpec) -> np.ndarray:
     out = (array - np.float32(low)) / np.float32(scale)
     np.clip(out, 0.0, spec.clip_max, out=out)
     return out
+
+
+def foreground_box(volume: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Box (numpy slices) of the largest connected component of the Otsu foreground of a normalised volume, grown
+    by `margin` voxels and kept inside the volume: the head, without noise specks or a second object in the field
+    of view. The whole volume where nothing is foreground."""
+    whole = tuple(slice(0, n) for n in volume.shape)
+    if not np.any(volume > 0):
+        return whole
+    mask = sitk.OtsuThreshold(sitk.GetImageFromArray(volume), 0, 1)
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(components)
+    if not stats.HasLabel(1):
+        return whole
+    x, y, z, sx, sy, sz = stats.GetBoundingBox(1)  # index order i, j, k
+    starts, sizes = (z, y, x), (sz, sy, sx)
+    return tuple(slice(max(0, a - margin), min(n, a + s + margin))
+                 for a, s, n in zip(starts, sizes, volume.shape, strict=True))
 
 
 def pad_to_multiple(array: np.ndarray, multiple: int,
@@ -243,6 +265,15 @@ def _set_geometry(image: sitk.Image, grid: tuple[tuple[float, ...], ...]) -> Non
     image.SetDirection(direction)
 
 
+def _embed(array: np.ndarray, shape: tuple[int, ...], box: tuple[slice, ...]) -> np.ndarray:
+    """`array` placed at `box` of a zero (background) array of `shape`; `array` itself if the box is everything."""
+    if array.shape == tuple(shape):
+        return array
+    out = np.zeros(shape, dtype=array.dtype)
+    out[box] = array
+    return out
+
+
 def run_model(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     """Run one model on one volume (LPS patient space); outputs on a 1 mm grid with the input's direction and FOV."""
     manifest = model.manifest
@@ -266,6 +297,12 @@ def run_model(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     del model_space
     lap("normalize")
 
+    full_shape = volume.shape
+    box = tuple(slice(0, n) for n in full_shape)
+    if manifest.input.foreground_margin is not None:
+        box = foreground_box(volume, manifest.input.foreground_margin)
+        volume = volume[box]
+        lap("foreground")
     fixed = model.fixed_spatial_shape
     padded, crop = pad_to_multiple(volume, manifest.input.divisible_by, minimum=fixed)
     del volume
@@ -277,17 +314,21 @@ def run_model(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     image_out, seg_out = sliding_window(model, padded, tile)  # type: ignore[arg-type]
     del padded
     lap("inference")
+    image_out, seg_out = (_embed(out[crop], full_shape, box) if out is not None else None
+                          for out in (image_out, seg_out))
 
     reference = isotropic_grid(image, OUTPUT_SPACING_MM)
     t1 = labels = None
     if image_out is not None and manifest.output.image is not None:
-        array = image_out[crop] * np.float32(manifest.output.image.scale)
+        array = image_out * np.float32(manifest.output.image.scale)
         t1_model = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
         _set_geometry(t1_model, grid)
         t1 = sitk.Resample(t1_model, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     if seg_out is not None and manifest.output.segmentation is not None:
         lut = np.asarray(manifest.output.segmentation.labels, dtype=np.uint16)
-        codes = lut[seg_out[crop]]
+        codes = lut[seg_out]
+        if manifest.output.segmentation.lateralize:
+            codes = lateralize(codes, manifest.input.orientation)
         seg_model = sitk.GetImageFromArray(np.ascontiguousarray(codes))
         _set_geometry(seg_model, grid)
         labels = sitk.Resample(seg_model, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,

@@ -93,6 +93,8 @@ def make_synthesis_model(
     seg_name: str = "seg",
     manifest_overrides: dict[str, str] | None = None,
     fixed_shape: Sequence[int] | None = None,
+    foreground_margin: int | None = None,
+    lateralize: bool = False,
 ) -> Path:
     """Write a test model folder ``parent/model_id`` (model.onnx + manifest.toml) and return the folder.
 
@@ -127,6 +129,7 @@ def make_synthesis_model(
         f"p_high = {float(p_high)!r}",
         f"clip_max = {float(clip_max)!r}",
         f"divisible_by = {int(divisible_by)}",
+        *([f"foreground_margin = {int(foreground_margin)}"] if foreground_margin is not None else []),
         "",
         "[tiling]",
         f"tile = {_toml_value([int(t) for t in tile])}",
@@ -136,7 +139,7 @@ def make_synthesis_model(
         lines += ["", "[output.image]", f"name = {_toml_value(image_name)}", f"scale = {float(scale)!r}"]
     if with_seg:
         lines += ["", "[output.segmentation]", f"name = {_toml_value(seg_name)}",
-                  f"labels = {_toml_value([int(v) for v in labels])}"]
+                  f"labels = {_toml_value([int(v) for v in labels])}", f"lateralize = {_toml_value(lateralize)}"]
     lines += ["", "[metrics]", ""]
     for prefix, replacement in (manifest_overrides or {}).items():
         lines = [replacement if line.split("=")[0].strip() == prefix else line for line in lines]

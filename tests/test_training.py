@@ -116,6 +116,21 @@ def test_deformed_crop_and_sample_ranges(priors: generator.Priors, label_map: np
 
 
 @requires_shared_data
+def test_cerebrum_box_is_inside_the_brain_box_and_holds_the_cerebrum(priors: generator.Priors,
+                                                                     label_map: np.ndarray) -> None:
+    cerebrum = generator.cerebrum_box(label_map, priors)
+    brain = generator.brain_box(label_map, priors)
+    for (ca, cb), (ba, bb) in zip(cerebrum, brain, strict=True):
+        assert ba <= ca < cb <= bb
+    # the brain box reaches down the spinal canal, the cerebrum box does not (axis 0 = S in LPS arrays)
+    assert cerebrum[0][1] - cerebrum[0][0] < 0.8 * (brain[0][1] - brain[0][0])
+    inside = np.zeros(label_map.shape, bool)
+    inside[tuple(slice(a, b) for a, b in cerebrum)] = True
+    wm_cortex = np.isin(priors.generation_labels[label_map], generator.CEREBRUM_CODES)
+    assert wm_cortex[inside].sum() == wm_cortex.sum()
+
+
+@requires_shared_data
 def test_target_t1_is_mprage_like(priors: generator.Priors) -> None:
     lut = priors.t1_target_lut
     wm, gm, csf = (lut[_code_index(priors, c)] for c in (2, 3, 4))
@@ -226,6 +241,27 @@ def test_build_network_by_arch() -> None:
         build_network({"arch": "vit"})
 
 
+def test_instance_normalization_is_the_same_in_training_and_inference() -> None:
+    torch.manual_seed(0)
+    net = build_network({"arch": "coarse", "n_labels": 3, "base": 4, "levels": 2, "norm": "instance"})
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    assert sum(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules()) == 6  # 2 per block
+    x = torch.rand(1, 1, 8, 8, 8)
+    net.train()
+    with torch.no_grad():
+        train_out = net.forward_coarse(x)
+        # per-input statistics absorb a global intensity scale of the input (up to the variance epsilon)
+        shifted = net.forward_coarse(3.0 * x)
+    net.eval()
+    with torch.no_grad():
+        eval_out = net.forward_coarse(x)
+    for a, b, c in zip(train_out, eval_out, shifted, strict=True):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c, atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        build_network({"arch": "unet", "n_labels": 3, "base": 4, "levels": 2, "norm": "group"})
+
+
 def test_frozen_normalization_uses_running_statistics_in_train_mode() -> None:
     torch.manual_seed(0)
     net = SynthUNet(n_labels=3, base=4, levels=2)
@@ -293,14 +329,17 @@ def test_learning_rate_schedule() -> None:
 # ---------------------------------------------------------------------------------------------- export
 
 
-@pytest.mark.parametrize("arch", ["unet", "coarse"])
-def test_onnx_export_matches_torch(tmp_path: Path, arch: str) -> None:
+@pytest.mark.parametrize(("arch", "norm"), [("unet", "batch"), ("coarse", "batch"), ("coarse", "instance")])
+def test_onnx_export_matches_torch(tmp_path: Path, arch: str, norm: str) -> None:
     torch.manual_seed(0)
-    net = build_network({"arch": arch, "n_labels": 33, "base": 4, "levels": 3})
-    for m in net.modules():  # non-trivial running statistics, as after training
+    net = build_network({"arch": arch, "n_labels": 33, "base": 4, "levels": 3, "norm": norm})
+    for m in net.modules():  # non-trivial running statistics and affine parameters, as after training
         if isinstance(m, torch.nn.BatchNorm3d):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(0.5, 2.0)
+        if isinstance(m, torch.nn.InstanceNorm3d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
     net.eval()
     path = tmp_path / "model.onnx"
     export.export_onnx(net, path, example_size=16)

@@ -83,9 +83,18 @@ def _key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() else toml_value(key)
 
 
+FOREGROUND_MARGIN = 8  # voxels around the head box (instance-normalised networks: inference.pipeline)
+
+
 def manifest_dict(model_id: str, *, version: str, tile: int, divisible_by: int,
-                  metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+                  metrics: dict[str, Any] | None = None, foreground_margin: int | None = None,
+                  lateralize: bool = False) -> dict[str, Any]:
     """The manifest.toml content (docs/architecture.md schema) of an exported synthesis model."""
+    spec: dict[str, Any] = {"name": INPUT_NAME, "orientation": "LPS", "spacing_mm": 1.0,
+                            "normalization": "percentile", "p_low": 0.5, "p_high": 99.5, "clip_max": 1.5,
+                            "divisible_by": divisible_by}
+    if foreground_margin is not None:
+        spec["foreground_margin"] = foreground_margin
     return {
         "id": model_id,
         "version": version,
@@ -96,11 +105,10 @@ def manifest_dict(model_id: str, *, version: str, tile: int, divisible_by: int,
                        "any brain MRI (AutoAlign scout, 2D FLASH/TSE, FLAIR, T2, any contrast/resolution) "
                        "resampled to 1 mm -> MPRAGE-like T1 + 33-label segmentation (the network works at 2 mm "
                        "inside the 1 mm graph). Trained on CPU; see MODEL_CARD.md.",
-        "input": {"name": INPUT_NAME, "orientation": "LPS", "spacing_mm": 1.0, "normalization": "percentile",
-                  "p_low": 0.5, "p_high": 99.5, "clip_max": 1.5, "divisible_by": divisible_by},
+        "input": spec,
         "tiling": {"tile": [tile, tile, tile], "overlap": 16},
         "output": {"image": {"name": IMAGE_OUTPUT, "scale": 1000.0},
-                   "segmentation": {"name": SEG_OUTPUT, "labels": list(SEG_LABELS)}},
+                   "segmentation": {"name": SEG_OUTPUT, "labels": list(SEG_LABELS), "lateralize": lateralize}},
         "metrics": metrics or {},
     }
 
@@ -158,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "onnx_models")
     ap.add_argument("--version", default="0.2.0")
     ap.add_argument("--tile", type=int, default=192)
+    ap.add_argument("--no-lateralize", action="store_true",
+                    help="keep the network's own left/right labels (default: sides from the mid-sagittal plane, "
+                         "inference.hemispheres)")
     args = ap.parse_args(argv)
 
     src = train_dir(args.model_id)
@@ -170,8 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     stale = dest / "metrics.json"
     if stale.exists():
         stale.unlink()
+    # an instance-normalised network's output depends on what the input contains: run it on the head's box,
+    # as it was trained on crops of the head, not on a field of view of mostly air
+    margin = FOREGROUND_MARGIN if state["config"].get("norm", "batch") == "instance" else None
     manifest = manifest_dict(args.model_id, version=args.version, tile=args.tile,
-                             divisible_by=model.divisible_by, metrics={"info": {"train_step": int(state["step"])}})
+                             divisible_by=model.divisible_by, metrics={"info": {"train_step": int(state["step"])}},
+                             foreground_margin=margin, lateralize=not args.no_lateralize)
     (dest / "manifest.toml").write_text(dump_toml(manifest), encoding="utf-8")
     log = src / "training_log.csv"
     if log.exists():

@@ -34,7 +34,11 @@ SEG_FOLD: dict[int, int] = {25: 2, 57: 41, 136: 4, 137: 5, 163: 43, 164: 44}
 # Label maps never trained on (evaluation only).
 HELD_OUT: tuple[str, ...] = ("training_seg_17", "training_seg_18", "training_seg_19", "training_seg_20")
 
-AIR_MARGIN = 24  # voxels of background padded around each (head-cropped) training label map
+AIR_MARGIN = 8  # voxels of background padded around each (head-cropped) training label map
+CEREBRUM_CODES = (2, 3, 41, 42)  # cerebral white matter and cortex: where training crops are centred
+# where crops are centred: 85 % in the middle of the cerebrum, 10 % anywhere in the brain box (which reaches
+# down the spinal CSF), 5 % anywhere in the padded head
+CENTRE_WEIGHTS = (0.85, 0.10, 0.05)
 T1_TARGET_DIVISOR = 200.0  # target T1 = fixed prior mean / 200, clipped to 0..1 (WM ≈ 0.80, cortex ≈ 0.48)
 
 # Fixed T2 / FLAIR class means for the brain classes of generation_classes_contrast_specific (index = class).
@@ -409,6 +413,13 @@ def brain_box(index_map: np.ndarray, priors: Priors) -> tuple[tuple[int, int], .
     return tuple((int(a.min()), int(a.max()) + 1) for a in nz)
 
 
+def cerebrum_box(index_map: np.ndarray, priors: Priors) -> tuple[tuple[int, int], ...]:
+    """Bounding box (start, stop) per axis of cerebral white matter and cortex (CEREBRUM_CODES)."""
+    wanted = np.isin(priors.generation_labels, CEREBRUM_CODES)
+    nz = np.nonzero(wanted[index_map])
+    return tuple((int(a.min()), int(a.max()) + 1) for a in nz)
+
+
 def _shrunk(box: tuple[tuple[int, int], ...], fraction: float) -> tuple[tuple[int, int], ...]:
     out = []
     for a, b in box:
@@ -426,17 +437,21 @@ class SyntheticDataset:
         self.names = [p.name.removesuffix(".nii.gz") for p in paths]
         self.maps = [load_label_map(p, self.priors) for p in paths]
         self.crop = crop
-        self.brain_boxes = [_shrunk(brain_box(m, self.priors), 0.15) for m in self.maps]
+        # why the cerebrum: the brain box reaches down the spinal canal, and crops centred in it were 80-90 %
+        # background, which the 2026-12-01 run learnt to predict almost everywhere (docs/training.md)
+        boxes = [(_shrunk(cerebrum_box(m, self.priors), 0.2), _shrunk(brain_box(m, self.priors), 0.1))
+                 for m in self.maps]
         # label maps are cropped to the head: add air around it so that crops also teach the background
         self.maps = [np.pad(m, AIR_MARGIN) for m in self.maps]
-        self.brain_boxes = [tuple((a + AIR_MARGIN, b + AIR_MARGIN) for a, b in box) for box in self.brain_boxes]
+        self.centre_boxes = [tuple(tuple((a + AIR_MARGIN, b + AIR_MARGIN) for a, b in box) for box in pair)
+                             for pair in boxes]
 
     def sample(self, gen: torch.Generator, kind: str | None = None) -> Sample:
         if kind is None:
             kind = INPUT_KINDS[int(torch.multinomial(torch.tensor(KIND_WEIGHTS), 1, generator=gen))]
         n = int(torch.randint(0, len(self.maps), (1,), generator=gen))
-        # 75 %: centred in the brain; 25 %: anywhere in the padded head volume (air, scalp, neck)
-        box = self.brain_boxes[n] if float(torch.rand((), generator=gen)) < 0.75 else None
+        where = int(torch.multinomial(torch.tensor(CENTRE_WEIGHTS), 1, generator=gen))
+        box = self.centre_boxes[n][where] if where < 2 else None
         crop = deformed_crop(self.maps[n], self.crop, gen, centre_box=box)
         if float(torch.rand((), generator=gen)) < 0.5:
             crop = flip_left_right(crop, self.priors)

@@ -6,16 +6,25 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def _conv(in_ch: int, out_ch: int) -> list[nn.Module]:
-    return [nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False), nn.BatchNorm3d(out_ch, momentum=0.05),
-            nn.LeakyReLU(0.1, inplace=True)]
+NORMS = ("instance", "batch")
 
 
-def _block(in_ch: int, out_ch: int, convs: int = 2) -> nn.Sequential:
-    layers = _conv(in_ch, out_ch)
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm3d(channels, momentum=0.05)
+    raise ValueError(f"unknown normalisation {kind!r} (one of {NORMS})")
+
+
+def _conv(in_ch: int, out_ch: int, norm: str) -> list[nn.Module]:
+    return [nn.Conv3d(in_ch, out_ch, 3, padding=1, bias=False), _norm(norm, out_ch), nn.LeakyReLU(0.1, inplace=True)]
+
+
+def _block(in_ch: int, out_ch: int, convs: int = 2, norm: str = "batch") -> nn.Sequential:
+    layers = _conv(in_ch, out_ch, norm)
     for _ in range(convs - 1):
-        layers += _conv(out_ch, out_ch)
+        layers += _conv(out_ch, out_ch, norm)
     return nn.Sequential(*layers)
 
 
@@ -27,13 +36,15 @@ class SynthUNet(nn.Module):
     Channels double per level up to `max_channels`. With `light_top` the full-resolution (1 mm) level has one
     convolution in the encoder and one in the decoder instead of two each: most of the cost of a 3D U-Net is at
     full resolution, and on CPUs the saved time buys larger crops (more context, e.g. to tell left from right).
-    Batch normalisation: in eval mode it uses running statistics, so the output does not depend on the tile
-    size, and the ONNX export folds it into the convolutions (training freezes the statistics for its last
-    part, so the weights are tuned to exactly what inference computes).
+    Normalisation (`norm`): "instance" normalises each feature map of each input by its own statistics, the
+    same in training and at inference; it absorbs the random contrast and intensity scale of the generated
+    inputs, at the price of a (small) dependence of the output on the tile extent. "batch" (older checkpoints)
+    uses running statistics in eval mode and the ONNX export folds it into the convolutions; with batch size 1
+    the running statistics of randomly contrasted samples fit no single input (docs/training.md).
     """
 
     def __init__(self, n_labels: int = 33, base: int = 8, levels: int = 4, max_channels: int = 64,
-                 light_top: bool = False) -> None:
+                 light_top: bool = False, norm: str = "batch") -> None:
         super().__init__()
         self.levels = levels
         chans = [min(max_channels, base * 2**i) for i in range(levels)]
@@ -41,13 +52,13 @@ class SynthUNet(nn.Module):
         self.down = nn.ModuleList()
         in_ch = 1
         for i, ch in enumerate(chans):
-            self.down.append(_block(in_ch, ch, top_convs if i == 0 else 2))
+            self.down.append(_block(in_ch, ch, top_convs if i == 0 else 2, norm))
             in_ch = ch
         self.up_conv = nn.ModuleList()
         self.up_block = nn.ModuleList()
         for i in range(levels - 1, 0, -1):
             self.up_conv.append(nn.ConvTranspose3d(chans[i], chans[i - 1], 2, stride=2))
-            self.up_block.append(_block(2 * chans[i - 1], chans[i - 1], top_convs if i == 1 else 2))
+            self.up_block.append(_block(2 * chans[i - 1], chans[i - 1], top_convs if i == 1 else 2, norm))
         self.image_head = nn.Conv3d(chans[0], 1, 1)
         self.seg_head = nn.Conv3d(chans[0], n_labels, 1)
         for m in self.modules():
@@ -103,9 +114,10 @@ class CoarseSynthNet(nn.Module):
     the 1 mm grid) and small structures have coarser boundaries; the model card states it.
     """
 
-    def __init__(self, n_labels: int = 33, base: int = 8, levels: int = 4, max_channels: int = 64) -> None:
+    def __init__(self, n_labels: int = 33, base: int = 8, levels: int = 4, max_channels: int = 64,
+                 norm: str = "batch") -> None:
         super().__init__()
-        self.core = SynthUNet(n_labels=n_labels, base=base, levels=levels, max_channels=max_channels)
+        self.core = SynthUNet(n_labels=n_labels, base=base, levels=levels, max_channels=max_channels, norm=norm)
 
     @property
     def divisible_by(self) -> int:

@@ -29,7 +29,7 @@ from inference.training.generator import (
     pool_sample,
     synthseg_dir,
 )
-from inference.training.networks import build_network, count_parameters
+from inference.training.networks import NORMS, build_network, count_parameters
 
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LOG_FIELDS = ["step", "loss", "l1", "ce", "dice", "lr", "seconds", "kind"]
@@ -139,8 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--head-lr-scale", type=float, default=10.0,
                     help="learning-rate factor of the 1x1x1 output heads: with 8 feature channels and Adam, the class "
                          "logits otherwise move too slowly to learn the class priors in a CPU budget of steps")
+    ap.add_argument("--norm", choices=list(NORMS), default="instance",
+                    help="instance: per-input statistics, the same in training and inference; batch: running "
+                         "statistics at inference (frozen for the last part of training, --freeze-norm-at)")
     ap.add_argument("--freeze-norm-at", type=float, default=0.6,
                     help="fraction of the steps after which batch-norm statistics are frozen (inference's)")
+    ap.add_argument("--dice-weight", type=float, default=2.0,
+                    help="weight of the soft Dice loss (mean over labels, so small structures count as much as "
+                         "background) against the cross-entropy")
     ap.add_argument("--warmup", type=float, default=0.2,
                     help="fraction of the steps that see only --warmup-kinds (a curriculum: anatomy first, on T1 "
                          "contrast, then every contrast)")
@@ -163,11 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     deadline = dt.datetime.fromisoformat(args.deadline).timestamp() if args.deadline else math.inf
 
     config = {"arch": args.arch, "n_labels": len(SEG_LABELS), "base": args.base, "levels": args.levels,
-              "max_channels": args.max_channels}
+              "max_channels": args.max_channels, "norm": args.norm}
     crop = args.crop
     step, elapsed = 0, 0.0
     ckpt = out / "checkpoint.pt"
     steps, freeze_norm_at, head_lr_scale = args.steps, args.freeze_norm_at, args.head_lr_scale
+    dice_weight = args.dice_weight
     warmup_kinds = tuple(k for k in args.warmup_kinds.split(",") if k)
     warmup_steps = int(args.warmup * args.steps)
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
@@ -179,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         warmup_steps = state.get("warmup_steps", warmup_steps)
         warmup_kinds = tuple(state.get("warmup_kinds", warmup_kinds))
         head_lr_scale = state.get("head_lr_scale", head_lr_scale)
+        dice_weight = state.get("dice_weight", 1.0)
         if steps != state.get("steps_planned", steps):
             print(f"note: --steps {steps} differs from the {state['steps_planned']} planned at the start: the "
                   f"learning-rate decay and the batch-norm freeze follow the new number", flush=True)
@@ -213,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "seconds": elapsed,
                 "config": config, "crop": crop, "seed": args.seed, "steps_planned": steps,
                 "train_maps": train_maps, "freeze_norm_at": freeze_norm_at, "head_lr_scale": head_lr_scale,
-                "warmup_steps": warmup_steps, "warmup_kinds": list(warmup_kinds)}
+                "warmup_steps": warmup_steps, "warmup_kinds": list(warmup_kinds),
+                "dice_weight": dice_weight}
 
     log_path = out / "training_log.csv"
     if step and log_path.exists():  # drop rows logged after the checkpoint we resume from (they are redone)
@@ -245,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 t1_pred, logits = model(sample.image[None, None])
                 l1, ce, dice = losses(t1_pred, logits, sample.t1[None], sample.seg[None])
-            loss = 5.0 * l1 + ce + dice
+            loss = 5.0 * l1 + ce + dice_weight * dice
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
