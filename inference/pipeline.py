@@ -62,23 +62,35 @@ def normalize(array: np.ndarray, spec: InputSpec) -> np.ndarray:
     return out
 
 
+FOREGROUND_SHRINK = 4  # foreground_box works on 4 x 4 x 4 block means: the same box to within a block, ~64x less work
+
+
 def foreground_box(volume: np.ndarray, margin: int) -> tuple[slice, ...]:
     """Box (numpy slices) of the largest connected component of the Otsu foreground of a normalised volume, grown
     by `margin` voxels and kept inside the volume: the head, without noise specks or a second object in the field
-    of view. The whole volume where nothing is foreground."""
+    of view. Computed on block means of FOREGROUND_SHRINK voxels, so the box is exact to within a block (a block
+    that the head fills only in part may be left out: the margin covers it).
+    The whole volume where nothing is foreground."""
     whole = tuple(slice(0, n) for n in volume.shape)
     if not np.any(volume > 0):
         return whole
-    mask = sitk.OtsuThreshold(sitk.GetImageFromArray(volume), 0, 1)
+    shrink = [min(FOREGROUND_SHRINK, n) for n in reversed(volume.shape)]  # sitk index order i, j, k
+    small = sitk.BinShrink(sitk.GetImageFromArray(volume), shrink)
+    mask = sitk.OtsuThreshold(small, 0, 1)
     components = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(components)
     if not stats.HasLabel(1):
         return whole
-    x, y, z, sx, sy, sz = stats.GetBoundingBox(1)  # index order i, j, k
-    starts, sizes = (z, y, x), (sz, sy, sx)
-    return tuple(slice(max(0, a - margin), min(n, a + s + margin))
-                 for a, s, n in zip(starts, sizes, volume.shape, strict=True))
+    x, y, z, sx, sy, sz = stats.GetBoundingBox(1)  # index order i, j, k, in blocks
+    block = tuple(reversed(shrink))
+    starts = (z * block[0], y * block[1], x * block[2])
+    stops = [(z + sz) * block[0], (y + sy) * block[1], (x + sx) * block[2]]
+    for axis, (stop, n_small) in enumerate(zip(stops, reversed(small.GetSize()), strict=True)):
+        if stop // block[axis] == n_small:  # the last whole block: the voxels after it belong to it too
+            stops[axis] = volume.shape[axis]
+    return tuple(slice(max(0, a - margin), min(n, b + margin))
+                 for a, b, n in zip(starts, stops, volume.shape, strict=True))
 
 
 def pad_to_multiple(array: np.ndarray, multiple: int,

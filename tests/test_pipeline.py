@@ -264,7 +264,12 @@ def test_foreground_box_is_the_largest_component_plus_margin() -> None:
     volume[10:20, 12:30, 5:45] = 1.0  # the head
     volume[35, 45, 58] = 1.0  # a bright speck far away: not part of the box
     volume += np.random.default_rng(0).uniform(0, 0.02, volume.shape).astype(np.float32)  # air noise
-    assert foreground_box(volume, 3) == (slice(7, 23), slice(9, 33), slice(2, 48))
+    # the head's box grown by the margin, to within a block of FOREGROUND_SHRINK voxels (the block 44..47 holds
+    # one head voxel of four: its mean is below Otsu's threshold)
+    assert foreground_box(volume, 3) == (slice(5, 23), slice(9, 35), slice(1, 47))
+    edge = np.zeros((41, 50, 60), np.float32)
+    edge[30:41, 12:30, 5:45] = 1.0  # the head reaches the last, partial block
+    assert foreground_box(edge, 0)[0] == slice(28, 41)
     assert foreground_box(volume, 100) == (slice(0, 40), slice(0, 50), slice(0, 60))  # kept inside
     assert foreground_box(np.zeros((4, 5, 6), np.float32), 3) == (slice(0, 4), slice(0, 5), slice(0, 6))
 
