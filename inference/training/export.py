@@ -133,7 +133,9 @@ def training_summary(state: dict[str, Any], log: Path | None, n_parameters: int)
         mean = {k: sum(float(r[k]) for r in last) / len(last) for k in ("loss", "l1", "ce", "dice")}
         first = rows[:100]
         mean0 = {k: sum(float(r[k]) for r in first) / len(first) for k in ("loss", "l1", "ce", "dice")}
-        lines.append(f"- training loss (5·L1 + CE + soft-Dice), mean of the first / last {len(last)} logged steps: "
+        dice_weight = state.get("dice_weight", 1.0)
+        lines.append(f"- training loss (5·L1 + CE + {dice_weight:g}·soft-Dice), mean of the first / last {len(last)} "
+                     f"logged steps: "
                      + "; ".join(f"{k} {mean0[k]:.4f} → {mean[k]:.4f}" for k in mean))
     lines += ["- full curve: `training_log.csv` (step, loss, l1, ce, dice, lr, seconds, kind)", "", TRAINING_END]
     return "\n".join(lines)
