@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inference.labels import LR_SWAP
+from inference.labels import LR_SWAP, swap_left_right
 
 __all__ = ["MidsagittalPlane", "fit_midsagittal_plane", "lateralize", "left_axis"]
 
@@ -104,21 +104,16 @@ def lateralize(codes: np.ndarray, orientation: str = "LPS", swap: Mapping[int, i
         log.warning("lateralize: mid-sagittal plane not supported (%.0f %% of sided voxels agree, tilt %.0f°); "
                     "sides kept as predicted", 100 * plane.agreement, plane.tilt_deg)
         return codes
-    size = max(int(codes.max()), max(swap)) + 1
-    to_left = np.arange(size, dtype=codes.dtype)
-    to_right = np.arange(size, dtype=codes.dtype)
-    for code, other in swap.items():
-        left, right = (code, other) if code < other else (other, code)
-        to_left[right] = left
-        to_right[left] = right
     sided = np.flatnonzero(np.isin(codes, list(swap)))
     points = np.stack(np.unravel_index(sided, codes.shape), axis=1).astype(np.float64)
-    on_left = plane.is_left(points)
+    values = codes.reshape(-1)[sided]
+    # FreeSurfer's left codes are the smaller of each pair: a voxel is on the wrong side when its code's side
+    # differs from the plane's
+    coded_left = values < swap_left_right(values, swap)
+    wrong = sided[coded_left != plane.is_left(points)]
     out = codes.copy()
     flat = out.reshape(-1)
-    values = flat[sided]
-    flat[sided] = np.where(on_left, to_left[values], to_right[values])
-    changed = int((flat[sided] != values).sum())
+    flat[wrong] = swap_left_right(flat[wrong], swap)
     log.info("lateralize: mid-sagittal plane tilt %.1f°, %.0f %% of sided voxels agreed, %d voxels changed side",
-             plane.tilt_deg, 100 * plane.agreement, changed)
+             plane.tilt_deg, 100 * plane.agreement, wrong.size)
     return out
