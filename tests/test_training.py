@@ -421,6 +421,47 @@ def test_warmup_curriculum_draws_only_the_warmup_kinds() -> None:
     assert train.SampleStream(SYNTHSEG, 32, 0, 0, True).kind_for(0, gen) is None
 
 
+def test_kinds_restrict_the_samples_after_the_warmup() -> None:
+    stream = train.SampleStream(SYNTHSEG, 32, 0, 0, True, ("aahead_scout",), 5, kinds=("flair", "cor_t2"))
+    gen = torch.Generator().manual_seed(0)
+    assert {stream.kind_for(step, gen) for step in range(5)} == {"aahead_scout"}
+    assert {stream.kind_for(step, gen) for step in range(5, 60)} == {"flair", "cor_t2"}
+    assert {train.SampleStream(SYNTHSEG, 32, 0, 0, True, kinds=("t1_2d",)).kind_for(0, gen)} == {"t1_2d"}
+
+
+def test_unknown_kinds_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        train.main(["--model-id", "t", "--steps", "1", "--kinds", "flair,dwi", "--out", str(tmp_path)])
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.heavy
+@requires_shared_data
+def test_fine_tune_from_another_run_on_one_kind(tmp_path: Path) -> None:
+    base = ["--steps", "1", "--workers", "0", "--data", str(SHARED_DATA), "--warmup", "0"]
+    train.main(["--model-id", "a", "--crop", "32", "--base", "4", "--levels", "3", "--out", str(tmp_path / "a"),
+                *base])
+    source = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    # the command line's network options are ignored: the fine-tune keeps the source's network and crop
+    train.main(["--model-id", "b", "--kinds", "flair", "--init-from", str(tmp_path / "a" / "checkpoint.pt"),
+                "--base", "8", "--crop", "64", "--out", str(tmp_path / "b"), *base])
+    state = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert state["config"] == source["config"] and state["crop"] == 32
+    assert state["step"] == 1 and state["kinds"] == ["flair"]
+    assert state["init_from"] == {"path": str(tmp_path / "a" / "checkpoint.pt"), "step": 1}
+    assert (tmp_path / "b" / "training_log.csv").read_text().splitlines()[1].endswith(",flair")
+    # started from the source's weights: one small step away from them, far closer than a fresh network
+    fresh = build_network(source["config"]).state_dict()
+    def distance(a: dict, b: dict) -> float:
+        return sum(float((a[k].float() - b[k].float()).abs().sum()) for k in a if a[k].is_floating_point())
+    assert distance(state["model"], source["model"]) < 0.2 * distance(fresh, source["model"])
+    dest = tmp_path / "models"
+    export.main(["--model-id", "b", "--checkpoint", str(tmp_path / "b" / "checkpoint.pt"), "--out", str(dest)])
+    assert load_manifest(dest / "b" / "manifest.toml").input_kinds == ["flair"]
+    card = (dest / "b" / "MODEL_CARD.md").read_text()
+    assert "fine-tuned from" in card and "input kinds flair only" in card
+
+
 def test_export_writes_a_fresh_bundle_without_stale_metrics(tmp_path: Path) -> None:
     config = {"arch": "coarse", "n_labels": 33, "base": 4, "levels": 2}
     ckpt = tmp_path / "weights.pt"

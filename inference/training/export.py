@@ -88,7 +88,7 @@ FOREGROUND_MARGIN = 8  # voxels around the head box (instance-normalised network
 
 def manifest_dict(model_id: str, *, version: str, tile: int, divisible_by: int,
                   metrics: dict[str, Any] | None = None, foreground_margin: int | None = None,
-                  lateralize: bool = False) -> dict[str, Any]:
+                  lateralize: bool = False, input_kinds: list[str] | None = None) -> dict[str, Any]:
     """The manifest.toml content (docs/architecture.md schema) of an exported synthesis model."""
     spec: dict[str, Any] = {"name": INPUT_NAME, "orientation": "LPS", "spacing_mm": 1.0,
                             "normalization": "percentile", "p_low": 0.5, "p_high": 99.5, "clip_max": 1.5,
@@ -99,7 +99,7 @@ def manifest_dict(model_id: str, *, version: str, tile: int, divisible_by: int,
         "id": model_id,
         "version": version,
         "task": "synthesis",
-        "input_kinds": list(INPUT_KINDS),
+        "input_kinds": list(input_kinds or INPUT_KINDS),
         "licence": "Apache-2.0",
         "description": "SynthSR-style 3D U-Net trained on synthetic scans generated from the SynthSeg label maps: "
                        "any brain MRI (AutoAlign scout, 2D FLASH/TSE, FLAIR, T2, any contrast/resolution) "
@@ -128,6 +128,12 @@ def training_summary(state: dict[str, Any], log: Path | None, n_parameters: int)
                  f"{float(state.get('seconds', 0)) / 3600:.2f} h of training wall time; "
                  f"crop {state.get('crop')}³; seed {state.get('seed')}; network {state['config']}, "
                  f"{n_parameters} parameters")
+    if state.get("init_from"):
+        init = state["init_from"]
+        lines.append(f"- fine-tuned from `{init['path']}` (step {init['step']} of that run): the steps above and the "
+                     f"log below are the fine-tuning's own")
+    if state.get("kinds"):
+        lines.append(f"- trained on the input kinds {', '.join(state['kinds'])} only")
     if rows:
         last = rows[-100:]
         mean = {k: sum(float(r[k]) for r in last) / len(last) for k in ("loss", "l1", "ce", "dice")}
@@ -188,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     margin = FOREGROUND_MARGIN if state["config"].get("norm", "batch") == "instance" else None
     manifest = manifest_dict(args.model_id, version=args.version, tile=args.tile,
                              divisible_by=model.divisible_by, metrics={"info": {"train_step": int(state["step"])}},
-                             foreground_margin=margin, lateralize=not args.no_lateralize)
+                             foreground_margin=margin, lateralize=not args.no_lateralize,
+                             input_kinds=state.get("kinds") or None)
     (dest / "manifest.toml").write_text(dump_toml(manifest), encoding="utf-8")
     log = src / "training_log.csv"
     if log.exists():

@@ -78,17 +78,18 @@ class SampleStream(torch.utils.data.IterableDataset):
     stream."""
 
     def __init__(self, root: Path, crop: int, seed: int, first_step: int, coarse: bool,
-                 warmup_kinds: tuple[str, ...] = (), warmup_steps: int = 0) -> None:
+                 warmup_kinds: tuple[str, ...] = (), warmup_steps: int = 0, kinds: tuple[str, ...] = ()) -> None:
         self.root, self.crop, self.seed, self.first_step, self.coarse = root, crop, seed, first_step, coarse
-        self.warmup_kinds, self.warmup_steps = warmup_kinds, warmup_steps
+        self.warmup_kinds, self.warmup_steps, self.kinds = warmup_kinds, warmup_steps, kinds
 
     def kind_for(self, step: int, gen: torch.Generator) -> str | None:
-        """The input kind of a step's sample: during warm-up one of `warmup_kinds` (weights as in training),
-        afterwards None (the generator's own mix)."""
-        if step >= self.warmup_steps or not self.warmup_kinds:
+        """The input kind of a step's sample: during warm-up one of `warmup_kinds`, afterwards one of `kinds`
+        (weights as in training), or None (the generator's own mix) when `kinds` is empty."""
+        choice = self.warmup_kinds if step < self.warmup_steps and self.warmup_kinds else self.kinds
+        if not choice:
             return None
-        weights = torch.tensor([KIND_WEIGHTS[INPUT_KINDS.index(k)] for k in self.warmup_kinds])
-        return self.warmup_kinds[int(torch.multinomial(weights, 1, generator=gen))]
+        weights = torch.tensor([KIND_WEIGHTS[INPUT_KINDS.index(k)] for k in choice])
+        return choice[int(torch.multinomial(weights, 1, generator=gen))]
 
     def __iter__(self):  # noqa: ANN204
         worker = torch.utils.data.get_worker_info()
@@ -151,6 +152,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="fraction of the steps that see only --warmup-kinds (a curriculum: anatomy first, on T1 "
                          "contrast, then every contrast)")
     ap.add_argument("--warmup-kinds", default="aahead_scout,t1_2d")
+    ap.add_argument("--kinds", default="",
+                    help="comma-separated input kinds the samples are drawn from after the warm-up (default: all, "
+                         "as the generator mixes them); one kind trains a per-kind model")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start a new run from the weights of another run (a checkpoint.pt or weights_step*.pt; "
+                         "its network and crop are kept, the optimizer and the schedule start afresh): "
+                         "fine-tuning, e.g. per input kind")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     ap.add_argument("--workers", type=int, default=1, help="data generation processes (0: in-process)")
     ap.add_argument("--checkpoint-minutes", type=float, default=3.0)
@@ -177,7 +185,14 @@ def main(argv: list[str] | None = None) -> None:
     dice_weight = args.dice_weight
     warmup_kinds = tuple(k for k in args.warmup_kinds.split(",") if k)
     warmup_steps = int(args.warmup * args.steps)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    init_from: dict | None = None
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+    if state is None and args.init_from is not None:
+        init = torch.load(args.init_from, weights_only=False)
+        config, crop = init["config"], init.get("crop", crop)
+        init_from = {"path": str(args.init_from), "step": int(init["step"])}
+        print(f"initialised from {args.init_from} (step {init['step']}): network {config}, crop {crop}", flush=True)
     if state is not None:
         # a resumed run keeps the network, crop and schedule it started with (the command line may only
         # extend --steps, which moves the learning-rate decay, and say so in the log)
@@ -187,12 +202,15 @@ def main(argv: list[str] | None = None) -> None:
         warmup_kinds = tuple(state.get("warmup_kinds", warmup_kinds))
         head_lr_scale = state.get("head_lr_scale", head_lr_scale)
         dice_weight = state.get("dice_weight", 1.0)
+        kinds = tuple(state.get("kinds", ()))
+        init_from = state.get("init_from")
         if steps != state.get("steps_planned", steps):
             print(f"note: --steps {steps} differs from the {state['steps_planned']} planned at the start: the "
                   f"learning-rate decay and the batch-norm freeze follow the new number", flush=True)
-    unknown = set(warmup_kinds) - set(INPUT_KINDS)
-    if unknown:
-        ap.error(f"--warmup-kinds: unknown input kinds {sorted(unknown)}")
+    for option, names in (("--warmup-kinds", warmup_kinds), ("--kinds", kinds)):
+        unknown = set(names) - set(INPUT_KINDS)
+        if unknown:
+            ap.error(f"{option}: unknown input kinds {sorted(unknown)} (known: {', '.join(INPUT_KINDS)})")
     model = build_network(config).to(memory_format=torch.channels_last_3d)
     head_ids = {id(p) for p in model.heads()}
     opt = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr_scale": 1.0},
@@ -203,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         opt.param_groups[1]["lr_scale"] = head_lr_scale  # the schedule kept above (older checkpoints: the flag)
         step, elapsed = state["step"], state["seconds"]
         print(f"resumed from step {step}", flush=True)
+    elif init_from is not None:
+        model.load_state_dict(init["model"])
     coarse = config.get("arch") == "coarse"
     if crop % (2 * model.divisible_by if coarse else model.divisible_by):
         ap.error(f"--crop {crop} must be a multiple of {2 * model.divisible_by if coarse else model.divisible_by}"
@@ -210,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     train_maps = [p.name.removesuffix(".nii.gz") for p in label_map_paths(synthseg_dir(args.data), held_out=False)]
     print(f"model {args.model_id}: {count_parameters(model)} parameters, config {config}, crop {crop}, "
           f"train maps {train_maps}", flush=True)
-    stream = SampleStream(synthseg_dir(args.data), crop, args.seed, step, coarse, warmup_kinds, warmup_steps)
+    stream = SampleStream(synthseg_dir(args.data), crop, args.seed, step, coarse, warmup_kinds, warmup_steps,
+                          kinds)
     loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.workers,
                                               prefetch_factor=2 if args.workers else None))
 
@@ -222,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                 "config": config, "crop": crop, "seed": args.seed, "steps_planned": steps,
                 "train_maps": train_maps, "freeze_norm_at": freeze_norm_at, "head_lr_scale": head_lr_scale,
                 "warmup_steps": warmup_steps, "warmup_kinds": list(warmup_kinds),
-                "dice_weight": dice_weight}
+                "dice_weight": dice_weight, "kinds": list(kinds), "init_from": init_from}
 
     log_path = out / "training_log.csv"
     if step and log_path.exists():  # drop rows logged after the checkpoint we resume from (they are redone)
