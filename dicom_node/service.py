@@ -19,8 +19,8 @@ from inference.models import ModelRegistry
 from .assembly import completeness
 from .config import NodeConfig
 from .dispatch import Dispatcher
-from .journal import Journal
 from .jobs import JobRunner, ThreadExecutor
+from .journal import Journal
 from .routing import route
 from .scp import StorageSCP
 from .spool import Spool

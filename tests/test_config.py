@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pydantic
 import pytest
 from pydantic import BaseModel
 
@@ -252,5 +253,5 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_config_is_frozen() -> None:
     config = NodeConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.node.port = 1  # type: ignore[misc]

@@ -107,7 +107,8 @@ def test_unmatched_series_has_a_full_trace() -> None:
     assert not decision.processed and decision.rule is None
     assert decision.reason == "not processed: no rule matches"
     assert len(decision.trace) == len(default_rules())
-    assert decision.trace[0] == "rule 'aahead-scout': no (SeriesDescription 'localizer' does not match /^aa_?head_?scout/i)"
+    assert decision.trace[0] == (
+        "rule 'aahead-scout': no (SeriesDescription 'localizer' does not match /^aa_?head_?scout/i)")
 
 
 # -- loop guard --------------------------------------------------------------------------------

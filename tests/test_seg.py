@@ -16,7 +16,6 @@ from inference.volume import load_series
 from tests.conftest import SHARED_DATA, requires_shared_data
 from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, T1Series, dciodvfy_errors, make_t1_series
 
-
 ENHANCED_MR = SHARED_DATA / "dicom" / "phantom_siemens_xa30_enhanced_mr" / "00005_anat_T1w_acq_tfl"
 
 
