@@ -462,6 +462,20 @@ def test_fine_tune_from_another_run_on_one_kind(tmp_path: Path) -> None:
     assert "fine-tuned from" in card and "input kinds flair only" in card
 
 
+def test_instance_normalised_export_runs_on_the_head_box_in_tiles_of_the_training_crop(tmp_path: Path) -> None:
+    config = {"arch": "coarse", "n_labels": 33, "base": 4, "levels": 2, "norm": "instance"}
+    ckpt = tmp_path / "weights.pt"
+    torch.save({"model": build_network(config).state_dict(), "step": 5, "config": config, "crop": 64}, ckpt)
+    export.main(["--model-id", "synth-x", "--checkpoint", str(ckpt), "--out", str(tmp_path / "models")])
+    manifest = load_manifest(tmp_path / "models" / "synth-x" / "manifest.toml")
+    assert manifest.tiling.tile == (64, 64, 64) and manifest.tiling.overlap == 16  # a quarter of the tile
+    assert manifest.input.foreground_margin == export.FOREGROUND_MARGIN
+    export.main(["--model-id", "synth-x", "--checkpoint", str(ckpt), "--out", str(tmp_path / "models"),
+                 "--tile", "96", "--overlap", "8"])
+    manifest = load_manifest(tmp_path / "models" / "synth-x" / "manifest.toml")
+    assert manifest.tiling.tile == (96, 96, 96) and manifest.tiling.overlap == 8
+
+
 def test_export_writes_a_fresh_bundle_without_stale_metrics(tmp_path: Path) -> None:
     config = {"arch": "coarse", "n_labels": 33, "base": 4, "levels": 2}
     ckpt = tmp_path / "weights.pt"
@@ -473,6 +487,8 @@ def test_export_writes_a_fresh_bundle_without_stale_metrics(tmp_path: Path) -> N
     manifest = load_manifest(dest / "manifest.toml")
     assert manifest.id == "synth-x" and manifest.input.divisible_by == 4  # 2 levels at 2 mm
     assert manifest.metrics == {"info": {"train_step": 17}}
+    assert manifest.tiling.tile == (192, 192, 192) and manifest.tiling.overlap == 16  # batch norm: any tile
+    assert manifest.input.foreground_margin is None
     assert not (dest / "metrics.json").exists()
     card = (dest / "MODEL_CARD.md").read_text()
     assert card.startswith("# synth-x") and "checkpoint step 17" in card and "PLACEHOLDER" not in card
