@@ -60,3 +60,10 @@ def test_missing_metrics_is_a_clear_error(tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(SystemExit):
         compare.main([str(ref), str(tmp_path / "not-evaluated")])
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_candidates_of_the_same_model_id_are_told_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ref = write(tmp_path / "shipped" / "synth-t1", metrics(["flair"], {"flair": (0.5, 0.6)}))
+    cand = write(tmp_path / "retiled" / "synth-t1", metrics(["flair"], {"flair": (0.6, 0.7)}))
+    compare.main([str(ref), str(cand)])
+    assert "| flair | Dice major | 0.550 | retiled/synth-t1 | 0.650 | +0.100;" in capsys.readouterr().out

@@ -105,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         reference = load_metrics(args.reference)
-        candidates = {c.name: load_metrics(c) for c in args.candidates}
+        # a candidate is named by its folder, or by parent/folder where that name is taken (e.g. two exports of
+        # one model id)
+        names = [c.name if [d.name for d in (args.reference, *args.candidates)].count(c.name) == 1
+                 else f"{c.parent.name}/{c.name}" for c in args.candidates]
+        candidates = {n: load_metrics(c) for n, c in zip(names, args.candidates, strict=True)}
     except FileNotFoundError as exc:
         ap.error(str(exc))
     rows = paired(reference, candidates) + mprage_differences(reference, candidates)
