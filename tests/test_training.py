@@ -357,6 +357,8 @@ def test_copy_training_log_keeps_the_redone_rows(tmp_path: Path) -> None:
     src.write_text("step,loss\n1,5.0\n2,4.0\n3,3.0\n2,3.5\n3,2.5\n4,2.0\n")
     export.copy_training_log(src, tmp_path / "out.csv")
     assert (tmp_path / "out.csv").read_text().split() == ["step,loss", "1,5.0", "2,3.5", "3,2.5", "4,2.0"]
+    export.copy_training_log(src, tmp_path / "snapshot.csv", last_step=2)  # a snapshot's export: its own steps
+    assert (tmp_path / "snapshot.csv").read_text().split() == ["step,loss", "1,5.0", "2,3.5"]
 
 
 def test_manifest_follows_schema(tmp_path: Path) -> None:
@@ -460,6 +462,9 @@ def test_fine_tune_from_another_run_on_one_kind(tmp_path: Path) -> None:
     assert load_manifest(dest / "b" / "manifest.toml").input_kinds == ["flair"]
     card = (dest / "b" / "MODEL_CARD.md").read_text()
     assert "fine-tuned from" in card and "input kinds flair only" in card
+    for log, kind in (("training_log.csv", "flair"), (export.INIT_LOG, None)):
+        rows = (dest / "b" / log).read_text().splitlines()
+        assert len(rows) == 2 and (kind is None or rows[1].endswith(f",{kind}"))
 
 
 def test_instance_normalised_export_runs_on_the_head_box_in_tiles_of_the_training_crop(tmp_path: Path) -> None:

@@ -84,6 +84,7 @@ def _key(key: str) -> str:
 
 
 FOREGROUND_MARGIN = 8  # voxels around the head box (instance-normalised networks: inference.pipeline)
+INIT_LOG = "training_log_init.csv"  # a fine-tune's bundle: the log of the run it started from
 INSTANCE_OVERLAP = 32  # voxels shared by neighbouring tiles of an instance-normalised network
 
 
@@ -131,8 +132,9 @@ def training_summary(state: dict[str, Any], log: Path | None, n_parameters: int)
                  f"{n_parameters} parameters")
     if state.get("init_from"):
         init = state["init_from"]
-        lines.append(f"- fine-tuned from `{init['path']}` (step {init['step']} of that run): the steps above and the "
-                     f"log below are the fine-tuning's own")
+        where = str(init["path"]).replace(str(Path.home()), "~", 1)
+        lines.append(f"- fine-tuned from `{where}` (step {init['step']} of that run): the steps above and the "
+                     f"losses below are the fine-tuning's own; the run it started from is in `{INIT_LOG}`")
     if state.get("kinds"):
         lines.append(f"- trained on the input kinds {', '.join(state['kinds'])} only")
     if rows:
@@ -155,13 +157,13 @@ def replace_block(text: str, start: str, end: str, block: str) -> str:
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
-def copy_training_log(src: Path, dest: Path) -> None:
+def copy_training_log(src: Path, dest: Path, last_step: int | None = None) -> None:
     """Copy the CSV log keeping, for a step logged twice (redone after resuming from an older checkpoint),
-    the later row."""
+    the later row; with `last_step`, only the rows up to that step (the weights exported)."""
     with open(src, newline="") as fh:
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
-        rows = {int(r["step"]): r for r in reader}
+        rows = {int(r["step"]): r for r in reader if last_step is None or int(r["step"]) <= last_step}
     with open(dest, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -208,9 +210,17 @@ def main(argv: list[str] | None = None) -> None:
                              foreground_margin=margin, lateralize=not args.no_lateralize,
                              input_kinds=state.get("kinds") or None)
     (dest / "manifest.toml").write_text(dump_toml(manifest), encoding="utf-8")
-    log = src / "training_log.csv"
-    if log.exists():
-        copy_training_log(log, dest / "training_log.csv")
+    # the log of the run the checkpoint belongs to (its folder; else the model's train folder), up to its step
+    log = next((p for p in (checkpoint.parent / "training_log.csv", src / "training_log.csv") if p.exists()), None)
+    if log is not None:
+        copy_training_log(log, dest / "training_log.csv", int(state["step"]))
+    init_log = dest / INIT_LOG
+    if init_log.exists():
+        init_log.unlink()
+    if state.get("init_from"):  # a fine-tune: the curve of the run it started from, up to the step it took
+        source = Path(state["init_from"]["path"]).parent / "training_log.csv"
+        if source.exists():
+            copy_training_log(source, init_log, int(state["init_from"]["step"]))
     card = dest / "MODEL_CARD.md"
     # a first export starts from the recipe's card, to be completed by evaluate (and by hand)
     text = (card.read_text(encoding="utf-8") if card.exists()
