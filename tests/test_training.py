@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 
@@ -500,3 +501,48 @@ def test_export_writes_a_fresh_bundle_without_stale_metrics(tmp_path: Path) -> N
     session = onnxruntime.InferenceSession(str(dest / "model.onnx"), providers=["CPUExecutionProvider"])
     t1, seg = session.run(["t1", "seg"], {"image": np.zeros((1, 1, 16, 16, 16), np.float32)})
     assert t1.shape == (1, 1, 16, 16, 16) and seg.shape == (1, 33, 16, 16, 16)
+
+
+def test_readme_table_lists_every_bundled_model_general_first(tmp_path: Path) -> None:
+    row = {"psnr_db": 20.0, "ssim": 0.7, "dice_major": 0.7, "dice_all_structures": 0.6, "hippocampus_dice": 0.6,
+           "hippocampus_aspc_pct": 12.0}
+    bundles = {"synth-t1-flair": (["flair"], "synth-t1", {"held_out_flair": row}),
+               "synth-t1": (["flair", "any"], None, {"held_out_flair": {**row, "dice_major": 0.65},
+                                                     "held_out_any": {**row, "dice_major": 0.45}})}
+    for name, (kinds, segmenter, summary) in bundles.items():
+        (tmp_path / "models" / name).mkdir(parents=True)
+        info = {"evaluated": "2026-12-01 22:00 UTC", "train_step": 200, "kinds": kinds}
+        if segmenter:
+            info["mprage_segmenter"] = segmenter
+        (tmp_path / "models" / name / "metrics.json").write_text(json.dumps({"info": info, "summary": summary}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{evaluate.README_START}\nold\n{evaluate.README_END}\n\nafter\n")
+    evaluate.update_readme(readme, tmp_path / "models")
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("\n\nafter\n")
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert [r.split(" | ")[0:2] for r in rows] == [["| `synth-t1`", "held-out label maps, flair"],
+                                                   ["| `synth-t1`", "held-out label maps, any"],
+                                                   ["| `synth-t1-flair`", "held-out label maps, flair"]]
+    assert "0.650" in rows[0] and "0.450" in rows[1] and "0.700" in rows[2]
+    assert ("`python -m inference.training.evaluate --model onnx_models/synth-t1-flair --kinds flair --segmenter "
+            "onnx_models/synth-t1`") in text
+    assert "| – | AutoAlign paper" in text
+
+
+@requires_shared_data
+def test_mprage_consistency_uses_the_given_segmenter(tmp_path: Path) -> None:
+    """A per-kind model is checked on T1 input: the reference and the synthetic T1 are segmented by the general
+    model, and the record says which model that was."""
+    from inference.models import ModelRegistry
+    from tests.onnx_fixtures import make_synthesis_model
+
+    make_synthesis_model(tmp_path, model_id="per-kind", tile=(64, 64, 64), divisible_by=8)
+    make_synthesis_model(tmp_path, model_id="general", tile=(64, 64, 64), divisible_by=8)
+    registry = ModelRegistry(tmp_path, providers="cpu", threads=1)
+    model, general = registry.session("per-kind"), registry.session("general")
+    out = evaluate.evaluate_mprage(model, SHARED_DATA, ["t1_2d"], 0, general)
+    assert out["reference"]["segmenter"] == "general"
+    assert set(out["t1_2d"]) == {"psnr_db_vs_reference_t1", "ssim_vs_reference_t1", "synthetic_t1_segmented",
+                                 "direct_segmentation"}
+    assert evaluate.evaluate_mprage(model, SHARED_DATA, [], 0)["reference"]["segmenter"] == "per-kind"

@@ -148,27 +148,31 @@ def evaluate_held_out(model: LoadedModel, root: Path, kinds: list[str], seed: in
     return out
 
 
-def evaluate_mprage(model: LoadedModel, shared_data: Path, kinds: list[str], seed: int) -> dict[str, Any]:
+def evaluate_mprage(model: LoadedModel, shared_data: Path, kinds: list[str], seed: int,
+                    segmenter: LoadedModel | None = None) -> dict[str, Any]:
     """Consistency on the real MPRAGE: segmentation of the synthetic T1 from each simulated kind vs. the
-    segmentation of the real MPRAGE by the same model."""
+    segmentation of the real MPRAGE, both by the same segmenter (`segmenter`, default the model itself: a
+    per-kind model is not made for T1 input, so its own segmentation of a T1 is no reference)."""
+    segmenter = segmenter or model
     folder = shared_data.joinpath(*MPRAGE_DIR)
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in ("", ".dcm")
                    and "LICENSE" not in p.name.upper())
     series = load_series(paths)
     iso = resample_isotropic(sitk.DICOMOrient(series.image, "LPS"), 1.0)
-    ref_t1, ref_labels, seconds = predict(model, iso)
+    ref_t1, ref_labels, seconds = predict(segmenter, iso)
     brain = ref_labels > 0
     arr = sitk.GetArrayFromImage(iso).astype(np.float32)
     nonzero = arr[arr > 0]
     raw = torch.from_numpy(np.clip(arr / np.percentile(nonzero, 99.5) * 200.0, 0, None))
-    out: dict[str, Any] = {"reference": {"seconds": seconds, "size": list(iso.GetSize()),
+    out: dict[str, Any] = {"reference": {"segmenter": segmenter.manifest.id, "seconds": seconds,
+                                         "size": list(iso.GetSize()),
                                          "structures_found": int(len(np.unique(ref_labels)) - 1)}}
     print(f"MPRAGE reference segmentation: {out['reference']}", flush=True)
     for kind in kinds:
         gen = torch.Generator().manual_seed(seed * 1000 + 500 + INPUT_KINDS.index(kind))
         sim = acquire(raw, kind, gen).numpy()
         t1, direct_labels, _ = predict(model, lps_image(sim, iso))
-        _, resynth_labels, _ = predict(model, lps_image(t1, iso))
+        _, resynth_labels, _ = predict(segmenter, lps_image(t1, iso))
         consistency = image_metrics(t1, ref_t1, brain)
         entry = {"psnr_db_vs_reference_t1": consistency["psnr_db"], "ssim_vs_reference_t1": consistency["ssim"],
                  "synthetic_t1_segmented": label_metrics(resynth_labels, ref_labels),
@@ -258,7 +262,12 @@ def card_table(summary: dict[str, Any], info: dict[str, Any], results: dict[str,
              "|---|---|---|---|---|---|---|",
              *summary_rows(summary, held_out_label="held-out maps: {kind}", all_structures=True,
                            mprage_label="real MPRAGE → {kind} → synthetic T1 → seg, vs seg of real MPRAGE")]
-    lines += ["", *structure_table(results or {}, "aahead_scout"), "", CARD_END]
+    if info.get("mprage_segmenter"):
+        lines += ["", f"Real MPRAGE rows: both segmentations by `{info['mprage_segmenter']}` (this model is made for "
+                      f"its input kind, not for the T1 it is checked on)."]
+    kinds = info.get("kinds") or ["aahead_scout"]
+    lines += ["", *structure_table(results or {}, "aahead_scout" if "aahead_scout" in kinds else kinds[0]), "",
+              CARD_END]
     return "\n".join(lines)
 
 
@@ -317,7 +326,7 @@ def update_outputs(model_dir: Path, results: dict[str, Any], summary: dict[str, 
     card.write_text(text, encoding="utf-8")
     readme = REPO_ROOT / "README.md"
     if model_dir.parent == REPO_ROOT / "onnx_models" and readme.is_file():
-        update_readme(readme, model_dir.name, summary, info)
+        update_readme(readme, model_dir.parent)
 
 
 README_START = "<!-- model-metrics:start (written by inference.training.evaluate) -->"
@@ -325,36 +334,59 @@ README_END = "<!-- model-metrics:end -->"
 PAPER = "AutoAlign paper (real patients, FreeSurfer): PSNR 35.4, SSIM 0.871, Dice 0.79–0.93, hippocampal ASPC 5.5–6.2 %"
 
 
-def update_readme(readme: Path, model_id: str, summary: dict[str, Any], info: dict[str, Any]) -> None:
-    """The README's table of a shipped model's measured quality, next to the AutoAlign paper's numbers."""
+def update_readme(readme: Path, models_dir: Path) -> None:
+    """The README's table of every bundled model's measured quality (from each bundle's metrics.json, the general
+    `synth-t1` first), next to the AutoAlign paper's numbers."""
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
         return
-
-    lines = [README_START, "",
-             f"`{model_id}`, evaluated {info['evaluated']} (checkpoint step {info.get('train_step', '?')}) by "
-             f"`python -m inference.training.evaluate --model onnx_models/{model_id}`:", "",
-             "| input (simulated) | PSNR dB | SSIM | Dice major structures | hippocampus Dice | hippocampus ASPC % |",
-             "|---|---|---|---|---|---|",
-             *summary_rows(summary, held_out_label="held-out label maps, {kind}", all_structures=False,
-                           mprage_label="real MPRAGE (child) → {kind}, consistency")]
-    lines += [f"| {PAPER} | 35.4 | 0.871 | 0.79–0.93 | – | 5.5–6.2 |", "", README_END]
+    bundles = sorted((p.parent for p in models_dir.glob("*/metrics.json")),
+                     key=lambda d: (d.name != "synth-t1", d.name))
+    lines = [README_START, ""]
+    rows: list[str] = []
+    for bundle in bundles:
+        recorded = json.loads((bundle / "metrics.json").read_text(encoding="utf-8"))
+        info, model_id = recorded["info"], bundle.name
+        command = f"python -m inference.training.evaluate --model onnx_models/{model_id}"
+        if len(info["kinds"]) == 1:
+            command += f" --kinds {info['kinds'][0]}"
+        if info.get("mprage_segmenter"):
+            command += f" --segmenter onnx_models/{info['mprage_segmenter']}"
+        lines.append(f"- `{model_id}`: evaluated {info['evaluated']} (checkpoint step {info.get('train_step', '?')}) "
+                     f"by `{command}`")
+        rows += summary_rows(recorded["summary"], held_out_label=f"`{model_id}` | held-out label maps, {{kind}}",
+                             all_structures=False, mprage_label=f"`{model_id}` | real MPRAGE (child) → {{kind}}, "
+                                                                "consistency")
+    lines += ["", "| model | input (simulated) | PSNR dB | SSIM | Dice major structures | hippocampus Dice | "
+                  "hippocampus ASPC % |",
+              "|---|---|---|---|---|---|---|", *rows,
+              f"| – | {PAPER} | 35.4 | 0.871 | 0.79–0.93 | – | 5.5–6.2 |", "", README_END]
     start, end = text.index(README_START), text.index(README_END) + len(README_END)
     readme.write_text(text[:start] + "\n".join(lines) + text[end:], encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", type=Path, required=True, help="onnx_models/<id>")
+    ap.add_argument("--model", type=Path, default=None, help="onnx_models/<id>")
+    ap.add_argument("--readme-only", action="store_true",
+                    help="evaluate nothing: rewrite the README's table from the bundled models' metrics.json")
     ap.add_argument("--data", type=Path, default=DEFAULT_SHARED_DATA, help="the shared data folder")
     ap.add_argument("--kinds", default=",".join(INPUT_KINDS))
     ap.add_argument("--maps", type=int, default=None, help="only the first N held-out maps (quick check)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-mprage", action="store_true")
+    ap.add_argument("--segmenter", type=Path, default=None,
+                    help="the model (onnx_models/<id>) that segments the real MPRAGE and the synthetic T1s for the "
+                         "consistency check (default: the evaluated model; give the general model for a per-kind one)")
     ap.add_argument("--train-step", type=int, default=None,
                     help="recorded in the metrics (default: the step the export wrote into the manifest)")
     args = ap.parse_args(argv)
+    if args.readme_only:
+        update_readme(REPO_ROOT / "README.md", REPO_ROOT / "onnx_models")
+        return
+    if args.model is None:
+        ap.error("--model is required (or --readme-only)")
 
     kinds = [k for k in args.kinds.split(",") if k]
     model_dir = args.model.resolve()
@@ -374,7 +406,12 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {"held_out": evaluate_held_out(model, synthseg_dir(args.data), kinds, args.seed,
                                                              args.maps)}
     if not args.no_mprage and args.data.joinpath(*MPRAGE_DIR).is_dir():
-        results["mprage"] = evaluate_mprage(model, args.data, kinds, args.seed)
+        segmenter = None
+        if args.segmenter is not None:
+            seg_dir = args.segmenter.resolve()
+            segmenter = ModelRegistry(seg_dir.parent, providers="cpu", threads=args.threads).session(seg_dir.name)
+            info["mprage_segmenter"] = segmenter.manifest.id
+        results["mprage"] = evaluate_mprage(model, args.data, kinds, args.seed, segmenter)
     summary = summarise(results, kinds)
     update_outputs(model_dir, results, summary, info)
     print(json.dumps(summary, indent=1))
