@@ -1,4 +1,7 @@
-"""Which model the processing benchmarks run: the shipped one when installed, else a test fixture."""
+"""Which model the processing benchmarks run: the shipped one when installed, else a test fixture.
+
+P3 runs `synth-t1`; P2 sends the scout through the built-in rules, so it runs `synth-t1-aahead-scout`, the same
+network fine-tuned on scouts (the report describes `synth-t1`)."""
 
 from __future__ import annotations
 
@@ -37,8 +40,11 @@ def choose_models_dir(scratch: Path, models_dir: Path | None = None) -> tuple[Pa
     # shaped like the shipped model's manifest: 33 segmentation channels (background + 32 structures),
     # tiles up to 192³ (the export's default), overlap 16
     labels = (0, *sorted(STRUCTURES))
-    make_synthesis_model(scratch, model_id=MODEL_ID, labels=labels, tile=(192, 192, 192), overlap=16,
-                         divisible_by=16)
+    from dicom_node.config import default_rules
+
+    for model_id in sorted({MODEL_ID} | {r.model for r in default_rules()}):  # P2 routes by the built-in rules
+        make_synthesis_model(scratch, model_id=model_id, labels=labels, tile=(192, 192, 192), overlap=16,
+                             divisible_by=16)
     return scratch, (f"test fixture `{MODEL_ID}` from tests/onnx_fixtures.py (1×1×1 convolutions with "
                      f"{len(labels)} segmentation channels, tiles up to 192³, overlap 16): onnx_models/ holds no "
                      "installed model yet, so model.inference is a lower bound (the network is trivial) while "

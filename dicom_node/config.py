@@ -174,18 +174,23 @@ class DispatchSettings(_Strict):
 FLAIR_DESCRIPTION = r"^(?!.*t1).*flair"
 
 
+#: the model for every input kind; the default rules use it where no per-kind model fits (docs/training.md)
+GENERAL_MODEL = "synth-t1"
+
+
 def default_rules() -> list[Rule]:
     """The rules used when the config file has no ``[[rules]]``.
 
     Order matters: reformats and the node's own objects never reach them (loop guard), the scout
-    rule is the most specific, and the real 3D T1 rule comes before the 2D T1 one.
+    rule is the most specific, and the real 3D T1 rule comes before the 2D T1 one. Each kind the
+    bundled models were fine-tuned for goes to its own model (on the held-out maps it beat the general
+    model on its kind); 3D FLAIR and the real 3D T1 go to the general model.
     """
-    model = "synth-t1"
     return [
         Rule(
             name="aahead-scout",
             series_description=r"^aa_?head_?scout",
-            model=model,
+            model="synth-t1-aahead-scout",
             output_name="sT1AAH",
             mr_acquisition_type="3D",
             image_type=["ORIGINAL"],
@@ -193,7 +198,7 @@ def default_rules() -> list[Rule]:
         Rule(
             name="flair-3d",
             series_description=FLAIR_DESCRIPTION,
-            model=model,
+            model=GENERAL_MODEL,  # the FLAIR model learnt 2D slices of 3-7 mm, not 1 mm 3D
             output_name="sT13DFLAIR",
             mr_acquisition_type="3D",
             image_type=["ORIGINAL"],
@@ -201,7 +206,7 @@ def default_rules() -> list[Rule]:
         Rule(
             name="flair-2d",
             series_description=FLAIR_DESCRIPTION,
-            model=model,
+            model="synth-t1-flair",
             output_name="sT12DFLAIR",
             mr_acquisition_type="2D",
             image_type=["ORIGINAL"],
@@ -209,7 +214,7 @@ def default_rules() -> list[Rule]:
         Rule(
             name="coronal-t2",
             series_description=r"(t2.*(cor|kor))|((cor|kor).*t2)",
-            model=model,
+            model="synth-t1-cor-t2",
             output_name="sT1CorT2",
             image_type=["ORIGINAL"],
         ),
@@ -217,7 +222,7 @@ def default_rules() -> list[Rule]:
             name="real-3d-t1",
             series_description=r"mprage|mp-rage|mp2rage|t1.*(3d|tfl|spgr|bravo|vibe)|(3d|tfl|spgr|bravo).*t1",
             action="volumetry",
-            model=model,
+            model=GENERAL_MODEL,
             output_name="rT1",
             mr_acquisition_type="3D",
             image_type=["ORIGINAL"],
@@ -226,7 +231,7 @@ def default_rules() -> list[Rule]:
         Rule(
             name="t1-2d",
             series_description=r"t1",
-            model=model,
+            model="synth-t1-t1-2d",
             output_name="sT12DT1",
             mr_acquisition_type="2D",
             image_type=["ORIGINAL"],

@@ -14,6 +14,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import __version__
 from dicom_node.cli import main
+from dicom_node.config import default_rules
 from dicom_node.journal import Journal
 from tests.dicom_factory import make_mr_series, make_study
 from tests.e2e.peers import free_port
@@ -25,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("models")
-    make_synthesis_model(folder, model_id="synth-t1")
+    for model_id in sorted({r.model for r in default_rules()}):  # every model the built-in rules use
+        make_synthesis_model(folder, model_id=model_id)
     return folder
 
 
@@ -62,8 +64,8 @@ def test_config_check_good_file(tmp_path: Path, models_dir: Path, capsys: pytest
     assert f"node: NODE on 0.0.0.0:11112, data in {tmp_path / 'data'}" in out
     assert "peers: MR1@any host" in out
     assert "destination PACS: PACS@127.0.0.1:104" in out
-    assert f"models in {models_dir}: synth-t1" in out
-    assert "rule t1-2d: /t1/i → synthesize synth-t1 as sT12DT1, to PACS [ok]" in out
+    assert f"models in {models_dir}: synth-t1, synth-t1-aahead-scout" in out
+    assert "rule t1-2d: /t1/i → synthesize synth-t1-t1-2d as sT12DT1, to PACS [ok]" in out
     assert out.rstrip().endswith("configuration is valid")
 
 
@@ -136,7 +138,7 @@ def test_route_dry_run(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureF
     assert "  assembly: whole: 4 slices, evenly spaced, no gap" in out
     assert "  rule 'aahead-scout': no (SeriesDescription 't1_fl2d_sag' does not match /^aa_?head_?scout/i)" in out
     assert "  rule 't1-2d': MATCH" in out
-    assert "  → rule 't1-2d': synthesize sT12DT1 with model synth-t1" in out
+    assert "  → rule 't1-2d': synthesize sT12DT1 with model synth-t1-t1-2d" in out
     assert "series 9 'localizer'" in out and "  → not processed: no rule matches" in out
     assert "(1 non-DICOM file(s) skipped)" in out
 
@@ -150,7 +152,7 @@ def test_route_dry_run_explains_a_missing_model_and_a_gap(tmp_path: Path,
     assert main(["route", "--config", str(write_config(tmp_path, empty)), "--dry-run", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "  assembly: NOT whole: " in out and "gap" in out
-    assert "  → not processed: model 'synth-t1' not installed (rule 't1-2d')" in out
+    assert "  → not processed: model 'synth-t1-t1-2d' not installed (rule 't1-2d')" in out
 
 
 def test_route_needs_dry_run_and_a_folder(tmp_path: Path, models_dir: Path,

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from dicom_node.config import (
     BUNDLED_MODELS_DIR,
+    GENERAL_MODEL,
     ConfigError,
     Destination,
     DispatchSettings,
@@ -64,8 +65,11 @@ def test_default_rules_are_valid_and_ordered() -> None:
     names = [r.name for r in rules]
     assert names == ["aahead-scout", "flair-3d", "flair-2d", "coronal-t2", "real-3d-t1", "t1-2d"]
     assert names.index("real-3d-t1") < names.index("t1-2d")
+    assert {r.name: r.model for r in rules} == {
+        "aahead-scout": "synth-t1-aahead-scout", "flair-3d": GENERAL_MODEL, "flair-2d": "synth-t1-flair",
+        "coronal-t2": "synth-t1-cor-t2", "real-3d-t1": GENERAL_MODEL, "t1-2d": "synth-t1-t1-2d"}
     for rule in rules:
-        assert rule.model == "synth-t1" and rule.volumetry
+        assert rule.volumetry
         assert "ORIGINAL" in rule.image_type
     NodeConfig(rules=rules)  # passes the cross checks
 

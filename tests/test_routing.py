@@ -14,7 +14,7 @@ MR = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.1234"
-ALL_MODELS = {"synth-t1"}
+ALL_MODELS = {r.model for r in default_rules()}
 
 
 def attrs(description: str, **overrides: Any) -> dict[str, Any]:
@@ -77,8 +77,8 @@ def test_real_3d_t1_is_volumetry_and_scout_is_synthesis() -> None:
     mprage = decide(attrs("SAG MPRAGE 220 FOV", MRAcquisitionType="3D", SliceThickness=0.9))
     assert mprage.rule.action == "volumetry" and "volumetry of the real 3D T1 (rT1)" in mprage.reason
     scout = decide(attrs("AAHead_Scout", MRAcquisitionType="3D", SliceThickness=1.6))
-    assert scout.rule.action == "synthesize" and scout.rule.model == "synth-t1"
-    assert scout.reason == "rule 'aahead-scout': synthesize sT1AAH with model synth-t1"
+    assert scout.rule.action == "synthesize" and scout.rule.model == "synth-t1-aahead-scout"
+    assert scout.reason == "rule 'aahead-scout': synthesize sT1AAH with model synth-t1-aahead-scout"
 
 
 def test_thick_3d_t1_is_not_real_3d() -> None:
@@ -177,8 +177,8 @@ def test_enhanced_mr_is_routed() -> None:
 def test_missing_model_is_not_installed() -> None:
     decision = decide(attrs("t1_fl2d_sag"), installed_models=set())
     assert not decision.processed
-    assert decision.reason == "not processed: model 'synth-t1' not installed (rule 't1-2d')"
-    assert decision.trace[-1] == "rule 't1-2d': matches, but model 'synth-t1' is not installed"
+    assert decision.reason == "not processed: model 'synth-t1-t1-2d' not installed (rule 't1-2d')"
+    assert decision.trace[-1] == "rule 't1-2d': matches, but model 'synth-t1-t1-2d' is not installed"
 
 
 def test_volumetry_needs_its_segmentation_model() -> None:

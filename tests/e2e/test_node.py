@@ -15,6 +15,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from dicom_node.config import default_rules
 from inference.volume import load_series
 from tests.conftest import SHARED_DATA, requires_shared_data
 from tests.dicom_factory import make_mr_series, make_study, oblique_iop
@@ -39,7 +40,8 @@ ANAT_RULE = {"name": "phantom-anat", "series_description": "anat", "model": "syn
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     parent = tmp_path_factory.mktemp("models")
-    make_synthesis_model(parent, model_id="synth-t1")
+    for model_id in sorted({r.model for r in default_rules()}):  # the built-in rules' models, as fixtures
+        make_synthesis_model(parent, model_id=model_id)
     return parent
 
 
