@@ -436,6 +436,9 @@ def test_unknown_kinds_are_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         train.main(["--model-id", "t", "--steps", "1", "--kinds", "flair,dwi", "--out", str(tmp_path)])
     assert not (tmp_path / "checkpoint.pt").exists()
+    with pytest.raises(SystemExit):
+        train.main(["--model-id", "t", "--steps", "1", "--init-from", str(tmp_path / "absent.pt"), "--out",
+                    str(tmp_path)])
 
 
 @pytest.mark.heavy

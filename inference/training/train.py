@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     init_from: dict | None = None
     state = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
     if state is None and args.init_from is not None:
+        if not args.init_from.is_file():
+            ap.error(f"--init-from {args.init_from}: no such file")
         init = torch.load(args.init_from, weights_only=False)
         config, crop = init["config"], init.get("crop", crop)
         init_from = {"path": str(args.init_from), "step": int(init["step"])}
