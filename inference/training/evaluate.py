@@ -409,7 +409,9 @@ def main(argv: list[str] | None = None) -> None:
         segmenter = None
         if args.segmenter is not None:
             seg_dir = args.segmenter.resolve()
-            segmenter = ModelRegistry(seg_dir.parent, providers="cpu", threads=args.threads).session(seg_dir.name)
+            seg_registry = (registry if seg_dir.parent == model_dir.parent
+                            else ModelRegistry(seg_dir.parent, providers="cpu", threads=args.threads))
+            segmenter = seg_registry.session(seg_dir.name)
             info["mprage_segmenter"] = segmenter.manifest.id
         results["mprage"] = evaluate_mprage(model, args.data, kinds, args.seed, segmenter)
     summary = summarise(results, kinds)
