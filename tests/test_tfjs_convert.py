@@ -35,7 +35,12 @@ def _reference(model: TfjsModel, x_channels_last: np.ndarray) -> np.ndarray:
                 pads += [total // 2, total - total // 2]
             t = F.pad(t, pads)
         bias = None if layer.bias is None else torch.from_numpy(layer.bias).double()
-        t = act[layer.activation](F.conv3d(t, weight, bias, dilation=layer.dilation))
+        t = F.conv3d(t, weight, bias, dilation=layer.dilation)
+        if layer.instance_norm:  # brainchop's GroupNorm(C, C): per channel over space, biased variance
+            mean = t.mean(dim=(2, 3, 4), keepdim=True)
+            var = t.var(dim=(2, 3, 4), keepdim=True, unbiased=False)
+            t = (t - mean) / torch.sqrt(var + 1e-5)
+        t = act[layer.activation](t)
     return t.numpy()
 
 
@@ -80,17 +85,17 @@ def small_model(tmp_path: Path) -> Path:
     layers = [
         _conv("c0", 4, 3, 1), {"class_name": "Activation", "name": "a0", "config": {"name": "a0", "activation": "relu"}},
         _conv("c1", 5, 3, 2, activation="elu"),
-        _conv("c2", 3, 2, 3, use_bias=False),
+        _conv("c2_gn", 3, 2, 3, use_bias=False),
         {"class_name": "Activation", "name": "a2", "config": {"name": "a2", "activation": "gelu"}},
         _conv("c3", 4, 3, 1, padding="valid", activation="tanh"),
         _conv("out", 6, 1, 1),
     ]
-    shapes = {"c0": (3, 3, 3, 1, 4), "c1": (3, 3, 3, 4, 5), "c2": (2, 2, 2, 5, 3), "c3": (3, 3, 3, 3, 4),
+    shapes = {"c0": (3, 3, 3, 1, 4), "c1": (3, 3, 3, 4, 5), "c2_gn": (2, 2, 2, 5, 3), "c3": (3, 3, 3, 3, 4),
               "out": (1, 1, 1, 4, 6)}
     weights = []
     for name, shape in shapes.items():
         weights.append((f"{name}/kernel", rng.normal(0, 0.5, shape)))
-        if name != "c2":
+        if name != "c2_gn":
             weights.append((f"{name}/bias", rng.normal(0, 0.2, shape[-1])))
     _write_tfjs(tmp_path, layers, weights, shards=3)
     return tmp_path
@@ -99,6 +104,8 @@ def small_model(tmp_path: Path) -> Path:
 def test_small_model_equals_reference(small_model: Path) -> None:
     model = load_tfjs_model(small_model)
     assert model.in_channels == 1 and model.out_channels == 6
+    assert [getattr(layer, "instance_norm", None) for layer in model.layers] == [
+        False, None, False, True, None, False, False]
     assert [type(layer).__name__ for layer in model.layers] == ["ConvLayer", "str", "ConvLayer", "ConvLayer",
                                                                   "str", "ConvLayer", "ConvLayer"]
     x = np.random.default_rng(0).normal(size=(2, 11, 9, 10, 1)).astype(np.float32)
@@ -147,3 +154,36 @@ def test_brainchop_meshnet_equals_reference(name: str) -> None:
     got = _run_onnx(model, x)
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4 * scale)
+
+
+def _serving(model: TfjsModel, x: np.ndarray, mirror: list[int] | None, chunks: int = 3) -> np.ndarray:
+    proto = to_onnx(model, class_index=True, mirror=mirror, chunks=chunks)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"image": np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))})[0]
+    assert out.dtype == np.uint8 and out.shape[1] == 1
+    return out[:, 0]
+
+
+def test_serving_graph_is_argmax_of_the_mirror_average(small_model: Path) -> None:
+    """class_index + mirror: argmax over classes of logits(x) + swap(flip(logits(flip(x)))), in slabs."""
+    model = load_tfjs_model(small_model)
+    mirror = [1, 0, 3, 2, 4, 5]  # classes 0/1 and 2/3 are left/right pairs
+    x = np.random.default_rng(5).normal(size=(1, 12, 9, 11, 1)).astype(np.float32)
+    direct = _reference(model, x)
+    flipped = _reference(model, np.ascontiguousarray(x[:, ::-1]))[:, :, ::-1]
+    expected = np.argmax(direct + flipped[:, mirror], axis=1)
+    np.testing.assert_array_equal(_serving(model, x, mirror), expected)
+    np.testing.assert_array_equal(_serving(model, x, None, chunks=1), np.argmax(direct, axis=1))
+
+
+def test_serving_graph_has_no_side_bias(small_model: Path) -> None:
+    """The labels of the mirrored input are the mirrored labels with left and right swapped, voxel for voxel."""
+    model = load_tfjs_model(small_model)
+    mirror = [1, 0, 3, 2, 4, 5]
+    x = np.random.default_rng(6).normal(size=(1, 14, 8, 10, 1)).astype(np.float32)
+    labels = _serving(model, x, mirror)
+    labels_of_mirror = _serving(model, np.ascontiguousarray(x[:, ::-1]), mirror)
+    np.testing.assert_array_equal(labels_of_mirror, np.asarray(mirror)[labels][:, ::-1])
+    plain = _serving(model, x, None)
+    plain_of_mirror = _serving(model, np.ascontiguousarray(x[:, ::-1]), None)
+    assert not np.array_equal(plain_of_mirror, np.asarray(mirror)[plain][:, ::-1])  # the network alone is biased
