@@ -1,5 +1,11 @@
 """The brain structures the project measures: FreeSurfer codes, names, colours and coded concepts.
 
+Besides FreeSurfer's aseg structures, the cortex of each hemisphere is measured by lobe: the Desikan-Killiany
+parcels of FreeSurfer's aparc+aseg (codes 1001-1035 left, 2001-2035 right) are grouped into frontal, parietal,
+temporal, occipital, cingulate and insula as FreeSurfer's ``mri_annotation2label --lobesStrict`` groups them; a
+lobe's cortex has a project code (1201-1206 left, 2201-2206 right; not FreeSurferColorLUT codes) and is coded
+as its SNOMED CT lobe. The corpus callosum (aparc+aseg 251-255) is measured whole as FreeSurfer's 192.
+
 Codes follow FreeSurfer's aseg (as SynthSeg 2.0 segments them); colours are FreeSurferColorLUT's.
 Coded concepts come from DICOM CID 7140 "Brain Structure for Volumetric Measurement" (pydicom's code
 dictionary): SNOMED CT, except ventral diencephalon, which CID 7140 codes as DCM 110700. CSF (label 24, the
@@ -19,6 +25,9 @@ from pydicom.sr.coding import Code
 
 __all__ = [
     "ANATOMICAL_STRUCTURE",
+    "APARC_ASEG_CODES",
+    "CORTEX",
+    "LOBES",
     "BODY_SUBSTANCE",
     "LEFT",
     "LR_SWAP",
@@ -26,6 +35,7 @@ __all__ = [
     "STRUCTURES",
     "Structure",
     "by_code",
+    "region_codes",
     "laterality_code",
     "swap_left_right",
 ]
@@ -81,14 +91,78 @@ _STRUCTURES: list[Structure] = [
     Structure(24, "CSF", "Cerebrospinal fluid", None, (60, 60, 60), _SCT.CerebrospinalFluid, BODY_SUBSTANCE),
     *_pair(26, 58, "Accumbens-area", "accumbens", (255, 165, 0), _SCT.NucleusAccumbens),
     *_pair(28, 60, "VentralDC", "ventral diencephalon", (165, 42, 42), codes.DCM.VentralDiencephalon),
+    Structure(192, "Corpus_Callosum", "Corpus callosum", None, (250, 255, 50), _SCT.CorpusCallosum),
 ]
 
+#: Desikan-Killiany parcels of aparc+aseg: name -> index (code 1000 + index left, 2000 + index right; 4, the
+#: corpus callosum parcel, is not used by aparc+aseg) and the lobe FreeSurfer's lobesStrict puts it in.
+DK_PARCELS: dict[str, tuple[int, str]] = {
+    "bankssts": (1, "temporal"), "caudalanteriorcingulate": (2, "cingulate"),
+    "caudalmiddlefrontal": (3, "frontal"), "cuneus": (5, "occipital"), "entorhinal": (6, "temporal"),
+    "fusiform": (7, "temporal"), "inferiorparietal": (8, "parietal"), "inferiortemporal": (9, "temporal"),
+    "isthmuscingulate": (10, "cingulate"), "lateraloccipital": (11, "occipital"),
+    "lateralorbitofrontal": (12, "frontal"), "lingual": (13, "occipital"), "medialorbitofrontal": (14, "frontal"),
+    "middletemporal": (15, "temporal"), "parahippocampal": (16, "temporal"), "paracentral": (17, "frontal"),
+    "parsopercularis": (18, "frontal"), "parsorbitalis": (19, "frontal"), "parstriangularis": (20, "frontal"),
+    "pericalcarine": (21, "occipital"), "postcentral": (22, "parietal"), "posteriorcingulate": (23, "cingulate"),
+    "precentral": (24, "frontal"), "precuneus": (25, "parietal"), "rostralanteriorcingulate": (26, "cingulate"),
+    "rostralmiddlefrontal": (27, "frontal"), "superiorfrontal": (28, "frontal"),
+    "superiorparietal": (29, "parietal"), "superiortemporal": (30, "temporal"), "supramarginal": (31, "parietal"),
+    "frontalpole": (32, "frontal"), "temporalpole": (33, "temporal"), "transversetemporal": (34, "temporal"),
+    "insula": (35, "insula"),
+}
+
+#: lobe -> (offset of its project code, SNOMED CT concept, FreeSurfer-style colour)
+LOBES: dict[str, tuple[int, Code, tuple[int, int, int]]] = {
+    "frontal": (1, _SCT.FrontalLobe, (100, 150, 230)),
+    "parietal": (2, _SCT.ParietalLobe, (20, 180, 140)),
+    "temporal": (3, _SCT.TemporalLobe, (220, 180, 140)),
+    "occipital": (4, _SCT.OccipitalLobe, (220, 20, 100)),
+    "cingulate": (5, Code("32849002", "SCT", "Cingulate gyrus"), (220, 20, 10)),
+    "insula": (6, _SCT.Insula, (255, 192, 32)),
+}
+_LOBE_BASE = {"L": 1200, "R": 2200}
+for _lobe, (_offset, _concept, _rgb) in LOBES.items():
+    for _side, _hemi, _word in (("L", "lh", "Left"), ("R", "rh", "Right")):
+        _STRUCTURES.append(Structure(_LOBE_BASE[_side] + _offset, f"ctx-{_hemi}-{_lobe}-lobe",
+                                     f"{_word} {_lobe} cortex", _side, _rgb, _concept))  # type: ignore[arg-type]
+
+#: every code of FreeSurfer's aparc+aseg the project reads, by FreeSurferColorLUT name
+APARC_ASEG_CODES: dict[str, int] = {
+    "Unknown": 0, "BG": 0, "Left-Thalamus-Proper": 10, "Right-Thalamus-Proper": 49,
+    "CC_Posterior": 251, "CC_Mid_Posterior": 252, "CC_Central": 253, "CC_Mid_Anterior": 254, "CC_Anterior": 255,
+    **{f"ctx-{hemi}-{name}": base + index for name, (index, _) in DK_PARCELS.items()
+       for hemi, base in (("lh", 1000), ("rh", 2000))},
+}
+
 STRUCTURES: dict[int, Structure] = {s.code: s for s in sorted(_STRUCTURES, key=lambda s: s.code)}
+APARC_ASEG_CODES.update({s.freesurfer_name: s.code for s in _STRUCTURES if s.code < 1000 and s.code != 192})
+
+#: cerebral cortex per side: the aseg code and the lobes' codes
+CORTEX: dict[str, tuple[int, ...]] = {
+    side: (aseg, *(_LOBE_BASE[side] + offset for offset, _, _ in LOBES.values())) for side, aseg in (("L", 3), ("R", 42))
+}
+
+
+def region_codes(codes_in: np.ndarray) -> np.ndarray:
+    """aparc+aseg codes -> measured codes: DK parcels to their lobe, corpus callosum 251-255 to 192; aseg
+    codes are kept (codes the project does not measure too, e.g. vessels)."""
+    codes_in = np.asarray(codes_in)
+    if codes_in.size == 0:
+        return codes_in.astype(np.uint16)
+    lut = np.arange(max(int(codes_in.max()) + 1, 2256), dtype=np.uint16)
+    for name, (index, lobe) in DK_PARCELS.items():
+        lut[1000 + index] = _LOBE_BASE["L"] + LOBES[lobe][0]
+        lut[2000 + index] = _LOBE_BASE["R"] + LOBES[lobe][0]
+    lut[251:256] = 192
+    return lut[codes_in]
 
 # SynthSeg's generation labels are ordered neutral, left, right; left[i] mirrors right[i]. This covers the
 # measured structures plus SynthSeg's extra labels (25/57 lesion, 30/62 vessel, 136/163 and 137/164 extra-cerebral).
-_LEFT = (2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 17, 18, 25, 26, 28, 30, 136, 137)
-_RIGHT = (41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 57, 58, 60, 62, 163, 164)
+_LEFT = (2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 17, 18, 25, 26, 28, 30, 136, 137,
+         *range(1201, 1207), *range(1001, 1036))
+_RIGHT = (41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 57, 58, 60, 62, 163, 164,
+          *range(2201, 2207), *range(2001, 2036))
 LR_SWAP: dict[int, int] = {**dict(zip(_LEFT, _RIGHT, strict=True)), **dict(zip(_RIGHT, _LEFT, strict=True))}
 
 

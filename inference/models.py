@@ -53,7 +53,7 @@ class InputSpec(_Strict):
     name: str = Field(min_length=1)
     orientation: str = "LPS"
     spacing_mm: float = Field(default=1.0, gt=0)
-    normalization: Literal["percentile", "minmax"] = "percentile"
+    normalization: Literal["percentile", "minmax", "conform_uint8"] = "percentile"
     p_low: float = Field(default=0.5, ge=0, le=100)
     p_high: float = Field(default=99.5, ge=0, le=100)
     clip_max: float = Field(default=1.5, gt=0)
@@ -62,6 +62,16 @@ class InputSpec(_Strict):
     # voxels of the model grid, background elsewhere; None: the whole field of view. For networks whose
     # output depends on the input's extent (instance normalisation): the box is what they were trained on.
     foreground_margin: int | None = Field(default=None, ge=0)
+    # "image": an isotropic grid with the input's own direction (inference.volume.isotropic_grid);
+    # "conform": FreeSurfer's conformed grid, conform_size voxels per axis, axis-aligned in `orientation`,
+    # centred on the input's field of view (segmentation models trained on FreeSurfer-conformed T1s)
+    grid: Literal["image", "conform"] = "image"
+    conform_size: int = Field(default=256, ge=16)
+    # tensor axes: "kji" = the numpy array of the oriented image (SimpleITK order); "ijk" = its transpose
+    # (nibabel's order, e.g. networks trained on FreeSurfer volumes read with nibabel)
+    axes: Literal["kji", "ijk"] = "kji"
+    # with foreground_margin: keep at most this many mm of the head box below its top (the brain, not the neck)
+    head_box_mm: float | None = Field(default=None, gt=0)
 
     @field_validator("orientation")
     @classmethod
@@ -99,6 +109,8 @@ class ImageOutputSpec(_Strict):
 class SegmentationOutputSpec(_Strict):
     name: str = Field(min_length=1)
     labels: list[int] = Field(min_length=2)
+    # "logits": [1, C, D, H, W] scores; "class_index": [1, 1, D, H, W] integer channel index (argmax in the graph)
+    encoding: Literal["logits", "class_index"] = "logits"
     # give left/right labels the side of the mid-sagittal plane fitted to the prediction (inference.hemispheres)
     lateralize: bool = False
 
@@ -293,6 +305,8 @@ class ModelRegistry:
         if manifest.output.segmentation is not None:
             channels = outputs[manifest.output.segmentation.name].shape[1]
             n_labels = len(manifest.output.segmentation.labels)
+            if manifest.output.segmentation.encoding == "class_index":
+                n_labels = 1
             if isinstance(channels, int) and channels != n_labels:
                 raise ModelError(f"model {manifest.id}: output.segmentation.labels has {n_labels} codes but the "
                                  f"graph output has {channels} channels")
