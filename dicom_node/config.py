@@ -158,6 +158,15 @@ class InferenceSettings(_Strict):
     workers: int = Field(default=1, ge=1, le=8)
 
 
+class JobSettings(_Strict):
+    """``[jobs]``: how often a job may be started before it is given up."""
+
+    #: Runs a job may start in all. A job found ``running`` at start-up was interrupted (the node
+    #: stopped or crashed during it); it is run again while it has started fewer than this many
+    #: times, otherwise failed as quarantined ("interrupted N times") so the queue moves on.
+    max_attempts: int = Field(default=3, ge=1)
+
+
 class DispatchSettings(_Strict):
     """``[dispatch]``: outbox retry policy."""
 
@@ -249,6 +258,7 @@ class NodeConfig(_Strict):
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=default_rules)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
 
     @model_validator(mode="after")

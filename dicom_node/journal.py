@@ -11,6 +11,8 @@ State machines
 series: ``receiving`` → ``complete`` (whole, or idle timeout) → ``routed`` | ``ignored``
         (a new instance for a routed/ignored series sets it back to ``receiving``)
 job:    ``queued`` → ``running`` → ``written`` → ``sent`` | ``failed``
+        (each start of a run counts one attempt; a job found ``running`` at start-up was interrupted
+        and is queued again, or failed as quarantined once it has used its attempts)
 outbox: ``pending`` → ``sent`` | ``failed`` (after the last try)
 """
 
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,7 +68,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason        TEXT NOT NULL DEFAULT '',
     created_at    REAL NOT NULL,
     updated_at    REAL NOT NULL,
-    timings       TEXT NOT NULL DEFAULT '{}'
+    timings       TEXT NOT NULL DEFAULT '{}',
+    attempts      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS produced (
@@ -89,6 +92,12 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 """
+
+#: Columns added since schema version 1, as (table, column, definition): a journal written by an
+#: older version gets them when it is opened (existing rows take the default).
+_ADDED_COLUMNS = [
+    ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+]
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,7 @@ class JobRecord:
     created_at: float
     updated_at: float
     timings: dict[str, float]
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,9 +184,19 @@ class Journal:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-        )
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a journal written by an older version up to :data:`SCHEMA_VERSION` (in place)."""
+        with self._tx() as db:
+            for table, column, definition in _ADDED_COLUMNS:
+                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),)
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -360,6 +380,7 @@ class Journal:
             id=row["id"], series_uid=row["series_uid"], version=row["version"], rule=row["rule"],
             action=row["action"], model=row["model"], state=row["state"], reason=row["reason"],
             created_at=row["created_at"], updated_at=row["updated_at"], timings=json.loads(row["timings"]),
+            attempts=row["attempts"],
         )
 
     def add_job(self, *, series_uid: str, version: int, rule: str, action: str, model: str | None) -> int:
@@ -409,6 +430,47 @@ class Journal:
                     "UPDATE jobs SET state=?, reason=?, updated_at=?, timings=? WHERE id=?",
                     (state, reason, time.time(), json.dumps(timings), job_id),
                 )
+
+    def start_job(self, job_id: int) -> int:
+        """Mark a job ``running`` and count the attempt; returns how many runs it has started."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state='running', reason='', attempts=attempts+1, updated_at=? WHERE id=?",
+                (time.time(), job_id),
+            )
+            row = db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            return int(row["attempts"])
+
+    def recover_jobs(self, max_attempts: int) -> tuple[list[JobRecord], list[JobRecord]]:
+        """At start-up: (jobs to run again, jobs quarantined now).
+
+        A ``queued`` job is run again as it is. A ``running`` job was interrupted (the node stopped
+        or crashed during it): it is queued again while it has started fewer than ``max_attempts``
+        runs, otherwise it is failed with the reason ``quarantined: interrupted N times``, so a job
+        that kills the node on every run cannot block the queue after each restart.
+        """
+        now = time.time()
+        quarantined: list[int] = []
+        with self._tx() as db:
+            for row in db.execute("SELECT id, attempts FROM jobs WHERE state='running'").fetchall():
+                if row["attempts"] >= max_attempts:
+                    reason = (f"quarantined: interrupted {row['attempts']} times while running (the node "
+                              f"stopped or crashed during each run); not run again")
+                    db.execute("UPDATE jobs SET state='failed', reason=?, updated_at=? WHERE id=?",
+                               (reason, now, row["id"]))
+                    quarantined.append(row["id"])
+                else:
+                    reason = f"interrupted during run {row['attempts']} of at most {max_attempts}: queued again"
+                    db.execute("UPDATE jobs SET state='queued', reason=?, updated_at=? WHERE id=?",
+                               (reason, now, row["id"]))
+            rows = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id").fetchall()
+            resumed = [self._job(r) for r in rows]
+            gone = [self._job(r) for r in db.execute(
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(quarantined))}) ORDER BY id", quarantined
+            )] if quarantined else []
+        return resumed, gone
 
     def set_job_timings(self, job_id: int, timings: dict[str, float]) -> None:
         """Store a job's timings without touching its state (the dispatcher may be settling it)."""

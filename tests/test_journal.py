@@ -52,7 +52,27 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    db.close()
+
+
+def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    add(journal, "1.9.1")
+    job = journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
+    journal.close()
+    db = sqlite3.connect(path)  # what schema version 1 had: no attempts column
+    db.execute("ALTER TABLE jobs DROP COLUMN attempts")
+    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    assert journal.job(job).attempts == 0 and journal.start_job(job) == 1
+    assert [i.sop_instance_uid for i in journal.instances(SERIES)] == ["1.9.1"]
+    journal.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
     db.close()
 
 
@@ -171,6 +191,29 @@ def test_job_lifecycle(journal: Journal) -> None:
     assert journal.count_versions_sent(SERIES) == 1
     with pytest.raises(KeyError):
         journal.job(9999)
+
+
+def test_recover_jobs_requeues_interrupted_runs_then_quarantines(journal: Journal) -> None:
+    add(journal, "1.9.1")
+    jobs = [journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
+            for _ in range(4)]
+    queued, once, twice, done = jobs
+    assert journal.start_job(once) == 1
+    journal.start_job(twice)
+    assert journal.start_job(twice) == 2
+    journal.start_job(done)
+    journal.set_job_state(done, "failed", "boom")
+    resumed, quarantined = journal.recover_jobs(max_attempts=2)
+    assert [j.id for j in resumed] == [queued, once]
+    assert journal.job(once).state == "queued" and journal.job(once).attempts == 1
+    assert journal.job(once).reason == "interrupted during run 1 of at most 2: queued again"
+    assert [j.id for j in quarantined] == [twice]
+    record = journal.job(twice)
+    assert record.state == "failed" and record.reason.startswith("quarantined: interrupted 2 times")
+    assert journal.job(done).reason == "boom"  # settled jobs are left alone
+    assert journal.jobs(states=["running"]) == []
+    with pytest.raises(KeyError):
+        journal.start_job(9999)
 
 
 def test_set_job_timings_keeps_the_state(journal: Journal) -> None:
