@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS instances (
     transfer_syntax  TEXT NOT NULL,
     path             TEXT NOT NULL,
     geometry         TEXT NOT NULL DEFAULT '{}',
-    received_at      REAL NOT NULL
+    received_at      REAL NOT NULL,
+    sha256           TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -97,6 +98,7 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 #: older version gets them when it is opened (existing rows take the default).
 _ADDED_COLUMNS = [
     ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("instances", "sha256", "TEXT NOT NULL DEFAULT ''"),  # '' for instances received before
 ]
 
 
@@ -108,6 +110,8 @@ class InstanceRecord:
     transfer_syntax: str
     path: str
     geometry: dict[str, Any]
+    #: SHA-256 (hex) of the data set as received (without the file meta the node adds); '' if unknown
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,7 @@ class Journal:
         modality: str,
         calling_ae: str,
         series_attrs: dict[str, Any],
+        sha256: str = "",
         now: float | None = None,
     ) -> bool:
         """Record a received instance; returns False when the SOP Instance UID was already known.
@@ -246,7 +251,7 @@ class Journal:
             sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
             path=path, geometry=json.dumps(geometry), series_uid=series_uid, study_uid=study_uid,
             patient_id=patient_id, description=description, modality=modality, calling_ae=calling_ae,
-            series_attrs=json.dumps(series_attrs),
+            series_attrs=json.dumps(series_attrs), sha256=sha256,
         ))
         with self._pending_lock:
             # stamped in queue order, so a batch never moves a series' last_received backwards
@@ -293,9 +298,9 @@ class Journal:
             )
         cur = db.execute(
             "INSERT OR IGNORE INTO instances(sop_instance_uid, series_uid, sop_class_uid,"
-            " transfer_syntax, path, geometry, received_at) VALUES (?,?,?,?,?,?,?)",
+            " transfer_syntax, path, geometry, received_at, sha256) VALUES (?,?,?,?,?,?,?,?)",
             (f["sop_instance_uid"], f["series_uid"], f["sop_class_uid"], f["transfer_syntax"], f["path"],
-             f["geometry"], f["now"]),
+             f["geometry"], f["now"], f.get("sha256", "")),
         )
         is_new = cur.rowcount == 1
         if is_new and row is not None:
@@ -305,15 +310,21 @@ class Journal:
             )
         return is_new
 
+    @staticmethod
+    def _instance(r: sqlite3.Row) -> InstanceRecord:
+        return InstanceRecord(r["sop_instance_uid"], r["series_uid"], r["sop_class_uid"], r["transfer_syntax"],
+                              r["path"], json.loads(r["geometry"]), r["sha256"])
+
     def instances(self, series_uid: str) -> list[InstanceRecord]:
         rows = self._query(
             "SELECT * FROM instances WHERE series_uid=? ORDER BY received_at, sop_instance_uid", (series_uid,)
         )
-        return [
-            InstanceRecord(r["sop_instance_uid"], r["series_uid"], r["sop_class_uid"], r["transfer_syntax"],
-                           r["path"], json.loads(r["geometry"]))
-            for r in rows
-        ]
+        return [self._instance(r) for r in rows]
+
+    def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        """The instance filed under ``sop_instance_uid`` (in whatever series it came with), or None."""
+        rows = self._query("SELECT * FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return self._instance(rows[0]) if rows else None
 
     # -- series ----------------------------------------------------------------------------
 

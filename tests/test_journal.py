@@ -62,14 +62,17 @@ def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     add(journal, "1.9.1")
     job = journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
     journal.close()
-    db = sqlite3.connect(path)  # what schema version 1 had: no attempts column
+    db = sqlite3.connect(path)  # what schema version 1 had: no attempts, no sha256 column
     db.execute("ALTER TABLE jobs DROP COLUMN attempts")
+    db.execute("ALTER TABLE instances DROP COLUMN sha256")
     db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     db.commit()
     db.close()
     journal = Journal(path)
     assert journal.job(job).attempts == 0 and journal.start_job(job) == 1
-    assert [i.sop_instance_uid for i in journal.instances(SERIES)] == ["1.9.1"]
+    assert [(i.sop_instance_uid, i.sha256) for i in journal.instances(SERIES)] == [("1.9.1", "")]
+    add(journal, "1.9.2", sha256="ab" * 32)
+    assert journal.instance("1.9.2").sha256 == "ab" * 32 and journal.instance("1.9.3") is None
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
