@@ -1,7 +1,9 @@
 """Dispatch: C-STORE SCU from the journal's outbox to the destinations, with retries and backoff.
 
 Items are sent per destination over one association; each item's outcome is written to the
-journal right after its response, so a restart resumes exactly what was not yet acknowledged.
+journal right after its response (one small transaction each), so a restart, even after SIGKILL in
+the middle of an association, resumes exactly what was not yet acknowledged: delivery is
+at-least-once, and duplicate-free except for the one object whose response was in flight.
 """
 
 from __future__ import annotations
@@ -155,6 +157,9 @@ class Dispatcher:
                     continue
                 code = getattr(status, "Status", None)
                 if code in _SUCCESS_OR_WARNING:
+                    # recorded now, in its own small transaction: a crash later in this association
+                    # (even SIGKILL) must not make the node send this object again
+                    self.journal.mark_sent([item.id])
                     sent.append(item.id)
                     continue
                 error = "no response" if code is None else f"status 0x{code:04X}"
@@ -167,8 +172,6 @@ class Dispatcher:
                         self._fail(rest, "association lost")
                     break
         finally:
-            if sent:
-                self.journal.mark_sent(sent)
             if assoc.is_established:
                 assoc.release()
         if sent:
