@@ -161,6 +161,11 @@ class OutboxItem:
     last_error: str
 
 
+class JournalError(RuntimeError):
+    """The journal file cannot be used (not a database, truncated, corrupt); the message says which
+    file and what to do."""
+
+
 @dataclass
 class _PendingInstance:
     """An instance waiting for the next group commit; ``done`` once its transaction has ended."""
@@ -180,15 +185,42 @@ class Journal:
         self._lock = threading.RLock()
         self._pending_lock = threading.Lock()
         self._pending: list[_PendingInstance] = []
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before the call returns, which is what lets the SCP acknowledge.
-        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._unusable(str(exc)) from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._check_integrity()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before the call returns, which is what lets the SCP acknowledge.
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise self._unusable(str(exc)) from None
+        except JournalError:
+            self._db.close()
+            raise
+
+    def _unusable(self, problem: str) -> JournalError:
+        return JournalError(
+            f"journal {self.path} cannot be used: {problem}. Stop the node and restore the file from a "
+            f"backup, or move it (with its -wal and -shm files) aside to start an empty journal (the node then "
+            f"no longer knows what it received, processed and sent before)"
+        )
+
+    def _check_integrity(self) -> None:
+        """A quick structural check of an existing file (SQLite's quick_check): a truncated or corrupt
+        journal is refused at start-up instead of failing on some later query."""
+        rows = self._db.execute("PRAGMA quick_check").fetchall()
+        problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise self._unusable(f"integrity check failed: {problems[0]}{more}")
 
     def _migrate(self) -> None:
         """Bring a journal written by an older version up to :data:`SCHEMA_VERSION` (in place)."""
