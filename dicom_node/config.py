@@ -168,9 +168,14 @@ class JobSettings(_Strict):
 
 
 class DispatchSettings(_Strict):
-    """``[dispatch]``: outbox retry policy."""
+    """``[dispatch]``: outbox retry policy (applied by ``dispatch.RetryPolicy``)."""
 
-    max_tries: int = Field(default=8, ge=1)
+    #: An item is failed for good once its first failed try is this long ago (default: a day), so a
+    #: long outage of a destination is outlasted.
+    retry_for_s: float = Field(default=86400.0, gt=0)
+    #: Also fail for good after this many tries (None: only ``retry_for_s`` limits the retries).
+    max_tries: int | None = Field(default=None, ge=1)
+    #: Wait before the 2nd try; each later wait doubles, up to ``backoff_max_s``.
     backoff_initial_s: float = Field(default=10.0, gt=0)
     backoff_max_s: float = Field(default=900.0, gt=0)
     #: How often the outbox is scanned for work that is due.

@@ -22,7 +22,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     tries            INTEGER NOT NULL DEFAULT 0,
     next_attempt_at  REAL NOT NULL,
     last_error       TEXT NOT NULL DEFAULT '',
+    first_failed_at  REAL NOT NULL DEFAULT 0,
     UNIQUE (destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
@@ -99,6 +100,7 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 _ADDED_COLUMNS = [
     ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
     ("instances", "sha256", "TEXT NOT NULL DEFAULT ''"),  # '' for instances received before
+    ("outbox", "first_failed_at", "REAL NOT NULL DEFAULT 0"),  # 0: no failed try yet
 ]
 
 
@@ -582,32 +584,35 @@ class Journal:
             self._settle_jobs(db, item_ids)
 
     def mark_failed_try(
-        self, item_ids: Sequence[int], error: str, *, max_tries: int, backoff_initial_s: float,
-        backoff_max_s: float, now: float | None = None,
+        self, item_ids: Sequence[int], error: str, *,
+        next_attempt: Callable[[int, float, float], float | None], now: float | None = None,
     ) -> None:
-        """Count one failed try; schedule the next with exponential backoff, or fail for good."""
+        """Count one failed try and ask the retry policy (the dispatcher's) when to try next:
+        ``next_attempt(tries, first_failed_at, now)`` gives a time, or None to fail for good."""
         now = time.time() if now is None else now
         with self._tx() as db:
             for item_id in item_ids:
-                row = db.execute("SELECT tries FROM outbox WHERE id=?", (item_id,)).fetchone()
+                row = db.execute("SELECT tries, first_failed_at FROM outbox WHERE id=?", (item_id,)).fetchone()
                 tries = row["tries"] + 1
-                if tries >= max_tries:
+                first = row["first_failed_at"] or now
+                when = next_attempt(tries, first, now)
+                if when is None:
                     db.execute(
-                        "UPDATE outbox SET state='failed', tries=?, last_error=? WHERE id=?",
-                        (tries, error, item_id),
+                        "UPDATE outbox SET state='failed', tries=?, last_error=?, first_failed_at=? WHERE id=?",
+                        (tries, error, first, item_id),
                     )
                 else:
-                    delay = min(backoff_max_s, backoff_initial_s * 2 ** (tries - 1))
                     db.execute(
-                        "UPDATE outbox SET tries=?, last_error=?, next_attempt_at=? WHERE id=?",
-                        (tries, error, now + delay, item_id),
+                        "UPDATE outbox SET tries=?, last_error=?, next_attempt_at=?, first_failed_at=? WHERE id=?",
+                        (tries, error, when, first, item_id),
                     )
             self._settle_jobs(db, item_ids)
 
     def retry_failed(self, destination: str | None = None) -> int:
         """Put permanently failed items back in the queue (an operator's decision)."""
         with self._tx() as db:
-            sql = "UPDATE outbox SET state='pending', tries=0, next_attempt_at=? WHERE state='failed'"
+            sql = ("UPDATE outbox SET state='pending', tries=0, first_failed_at=0, next_attempt_at=?"
+                   " WHERE state='failed'")
             params: list[Any] = [time.time()]
             if destination:
                 sql += " AND destination=?"

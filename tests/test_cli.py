@@ -15,6 +15,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node import __version__
 from dicom_node.cli import main
 from dicom_node.config import default_rules
+from dicom_node.dispatch import RetryPolicy
 from dicom_node.journal import Journal
 from tests.dicom_factory import make_mr_series, make_study
 from tests.e2e.peers import free_port
@@ -183,7 +184,8 @@ def _journal_with_work(data_dir: Path) -> None:
                                                    ("PACS", "/o/2.dcm", "1.2", "1.7.2")])
     ids = [i.id for i in journal.outbox(job)]
     journal.mark_sent(ids[:1])
-    journal.mark_failed_try(ids[1:], "association rejected", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    journal.mark_failed_try(ids[1:], "association rejected",
+                            next_attempt=RetryPolicy(max_tries=1, backoff_initial_s=1, backoff_max_s=1).next_attempt)
     journal.close()
 
 

@@ -54,7 +54,7 @@ def test_empty_file_gives_the_defaults() -> None:
     assert config.peers == [] and config.destinations == []
     assert config.rules == default_rules()
     assert config.inference.models_dir == BUNDLED_MODELS_DIR
-    assert config.dispatch.max_tries == 8
+    assert config.dispatch.max_tries is None and config.dispatch.retry_for_s == 86400.0  # outlast a day's outage
 
 
 def test_load_config_none_is_the_defaults() -> None:

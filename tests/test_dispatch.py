@@ -14,7 +14,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Destination, DispatchSettings, NodeConfig, NodeSettings
-from dicom_node.dispatch import Dispatcher, echo
+from dicom_node.dispatch import Dispatcher, RetryPolicy, echo
 from dicom_node.journal import Journal
 from tests.dicom_factory import make_mr_series
 from tests.e2e.peers import free_port
@@ -282,3 +282,18 @@ def test_each_success_is_journaled_before_the_association_ends(tmp_path: Path, f
         assert len(set(received)) == len(received) == 3  # no duplicate at the PACS
     finally:
         server.stop()
+
+
+def test_default_retry_policy_outlasts_a_day_long_outage() -> None:
+    policy = RetryPolicy.from_settings(DispatchSettings())
+    first = now = 1_000_000.0
+    tries = 0
+    while (when := policy.next_attempt(tries + 1, first, now)) is not None:
+        tries += 1
+        assert when - now <= DispatchSettings().backoff_max_s  # capped backoff
+        now = when
+    assert now - first >= 24 * 3600  # still trying a day after the first failure (was: failed after ~21 min)
+    assert now - first < 24 * 3600 + DispatchSettings().backoff_max_s
+    assert 90 < tries < 110
+    assert RetryPolicy(backoff_initial_s=1, backoff_max_s=1, max_tries=3).next_attempt(3, first, first) is None
+    assert RetryPolicy(backoff_initial_s=1, backoff_max_s=1e9).next_attempt(10_000, first, first) is not None

@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from dicom_node.dispatch import RetryPolicy
 from dicom_node.journal import Journal
 
 SERIES = "1.2.3.4.100"
+GIVE_UP = RetryPolicy(max_tries=1, backoff_initial_s=1, backoff_max_s=1).next_attempt
 STUDY = "1.2.3.4"
 
 
@@ -65,6 +67,7 @@ def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     db = sqlite3.connect(path)  # what schema version 1 had: no attempts, no sha256 column
     db.execute("ALTER TABLE jobs DROP COLUMN attempts")
     db.execute("ALTER TABLE instances DROP COLUMN sha256")
+    db.execute("ALTER TABLE outbox DROP COLUMN first_failed_at")
     db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     db.commit()
     db.close()
@@ -264,7 +267,7 @@ def test_outbox_item_is_unique_per_destination_and_instance(journal: Journal) ->
 
 def test_failed_tries_back_off_exponentially_then_fail(journal: Journal) -> None:
     job, ids = job_with_outbox(journal, ("PACS",), n=1)
-    policy = dict(max_tries=4, backoff_initial_s=10.0, backoff_max_s=25.0)
+    policy = dict(next_attempt=RetryPolicy(max_tries=4, backoff_initial_s=10.0, backoff_max_s=25.0).next_attempt)
     expected_delays = [10.0, 20.0, 25.0]  # capped by backoff_max_s
     for tries, delay in enumerate(expected_delays, start=1):
         journal.mark_failed_try(ids, "association rejected", now=1000.0, **policy)
@@ -282,10 +285,25 @@ def test_failed_tries_back_off_exponentially_then_fail(journal: Journal) -> None
     assert journal.due_items(now=1e12) == []
 
 
+def test_retries_go_on_for_the_policy_window_after_the_first_failure(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=1)
+    policy = RetryPolicy(backoff_initial_s=10.0, backoff_max_s=25.0, retry_for_s=100.0).next_attempt
+    for now in (1000.0, 1040.0, 1099.0):  # no max_tries: only the window counts
+        journal.mark_failed_try(ids, "down", next_attempt=policy, now=now)
+        assert journal.outbox(job)[0].state == "pending"
+    assert journal.outbox(job)[0].next_attempt_at == pytest.approx(1099.0 + 25.0)
+    journal.mark_failed_try(ids, "still down", next_attempt=policy, now=1100.0)  # 100 s after the first
+    item = journal.outbox(job)[0]
+    assert (item.state, item.tries, item.last_error) == ("failed", 4, "still down")
+    assert journal.retry_failed() == 1  # an operator's retry starts a new window
+    journal.mark_failed_try(ids, "down", next_attempt=policy, now=5000.0)
+    assert journal.outbox(job)[0].state == "pending"
+
+
 def test_job_fails_only_when_no_item_is_pending(journal: Journal) -> None:
     job, ids = job_with_outbox(journal, ("PACS", "ARCHIVE"), n=1)
     pacs = [i.id for i in journal.outbox(job) if i.destination == "PACS"]
-    journal.mark_failed_try(pacs, "down", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    journal.mark_failed_try(pacs, "down", next_attempt=GIVE_UP)
     assert journal.job(job).state == "written"  # ARCHIVE still pending
     journal.mark_sent([i for i in ids if i not in pacs])
     # sent + failed, nothing pending: the job has failed (until an operator retries)
@@ -294,7 +312,7 @@ def test_job_fails_only_when_no_item_is_pending(journal: Journal) -> None:
 
 def test_retry_failed_requeues(journal: Journal) -> None:
     job, ids = job_with_outbox(journal, ("PACS", "ARCHIVE"), n=1)
-    journal.mark_failed_try(ids, "down", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    journal.mark_failed_try(ids, "down", next_attempt=GIVE_UP)
     assert journal.job(job).state == "failed"
     assert journal.retry_failed("NOWHERE") == 0
     assert journal.retry_failed("PACS") == 1
@@ -313,7 +331,7 @@ def test_counts_and_outbox_summary(journal: Journal) -> None:
     job, ids = job_with_outbox(journal, ("PACS",), n=3)
     add(journal, "1.9.5", series="2.2")
     journal.mark_sent(ids[:1])
-    journal.mark_failed_try(ids[1:2], "refused", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    journal.mark_failed_try(ids[1:2], "refused", next_attempt=GIVE_UP)
     counts = journal.counts()
     assert counts["instances"] == {"total": 2}
     assert counts["series"] == {"routed": 1, "receiving": 1}
