@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 
 from . import __version__
 from .config import ConfigError, Destination, NodeConfig, load_config
+from .journal import JournalError
 
 log = logging.getLogger("dicom_node")
 
@@ -276,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except JournalError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -158,10 +158,24 @@ class InferenceSettings(_Strict):
     workers: int = Field(default=1, ge=1, le=8)
 
 
-class DispatchSettings(_Strict):
-    """``[dispatch]``: outbox retry policy."""
+class JobSettings(_Strict):
+    """``[jobs]``: how often a job may be started before it is given up."""
 
-    max_tries: int = Field(default=8, ge=1)
+    #: Runs a job may start in all. A job found ``running`` at start-up was interrupted (the node
+    #: stopped or crashed during it); it is run again while it has started fewer than this many
+    #: times, otherwise failed as quarantined ("interrupted N times") so the queue moves on.
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class DispatchSettings(_Strict):
+    """``[dispatch]``: outbox retry policy (applied by ``dispatch.RetryPolicy``)."""
+
+    #: An item is failed for good once its first failed try is this long ago (default: a day), so a
+    #: long outage of a destination is outlasted.
+    retry_for_s: float = Field(default=86400.0, gt=0)
+    #: Also fail for good after this many tries (None: only ``retry_for_s`` limits the retries).
+    max_tries: int | None = Field(default=None, ge=1)
+    #: Wait before the 2nd try; each later wait doubles, up to ``backoff_max_s``.
     backoff_initial_s: float = Field(default=10.0, gt=0)
     backoff_max_s: float = Field(default=900.0, gt=0)
     #: How often the outbox is scanned for work that is due.
@@ -249,6 +263,7 @@ class NodeConfig(_Strict):
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=default_rules)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
 
     @model_validator(mode="after")

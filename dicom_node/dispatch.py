@@ -1,7 +1,9 @@
 """Dispatch: C-STORE SCU from the journal's outbox to the destinations, with retries and backoff.
 
 Items are sent per destination over one association; each item's outcome is written to the
-journal right after its response, so a restart resumes exactly what was not yet acknowledged.
+journal right after its response (one small transaction each), so a restart, even after SIGKILL in
+the middle of an association, resumes exactly what was not yet acknowledged: delivery is
+at-least-once, and duplicate-free except for the one object whose response was in flight.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -18,13 +21,37 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from .config import Destination, NodeConfig
+from .config import Destination, DispatchSettings, NodeConfig
 from .journal import Journal, OutboxItem
 from .scp import set_nodelay
 
 log = logging.getLogger(__name__)
 
 _SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try an undelivered item again: capped exponential backoff, for ``retry_for_s`` after the
+    first failed try (and at most ``max_tries`` tries when set); then the item fails for good."""
+
+    backoff_initial_s: float
+    backoff_max_s: float
+    retry_for_s: float | None = None
+    max_tries: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: DispatchSettings) -> RetryPolicy:
+        return cls(backoff_initial_s=settings.backoff_initial_s, backoff_max_s=settings.backoff_max_s,
+                   retry_for_s=settings.retry_for_s, max_tries=settings.max_tries)
+
+    def next_attempt(self, tries: int, first_failed_at: float, now: float) -> float | None:
+        """The time of the next try after ``tries`` failed ones, or None: give up."""
+        if self.max_tries is not None and tries >= self.max_tries:
+            return None
+        if self.retry_for_s is not None and now - first_failed_at >= self.retry_for_s:
+            return None
+        return now + min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(tries - 1, 64))
 
 
 def _nodelay_handler(event: evt.Event) -> None:
@@ -81,6 +108,7 @@ class Dispatcher:
     def __init__(self, config: NodeConfig, journal: Journal) -> None:
         self.config = config
         self.journal = journal
+        self.policy = RetryPolicy.from_settings(config.dispatch)
         self._lock = threading.Lock()
 
     def send_due(self) -> int:
@@ -99,11 +127,7 @@ class Dispatcher:
             self._lock.release()
 
     def _fail(self, items: list[OutboxItem], error: str) -> None:
-        d = self.config.dispatch
-        self.journal.mark_failed_try(
-            [i.id for i in items], error, max_tries=d.max_tries,
-            backoff_initial_s=d.backoff_initial_s, backoff_max_s=d.backoff_max_s,
-        )
+        self.journal.mark_failed_try([i.id for i in items], error, next_attempt=self.policy.next_attempt)
 
     def _send(self, name: str, items: list[OutboxItem]) -> int:
         try:
@@ -155,6 +179,9 @@ class Dispatcher:
                     continue
                 code = getattr(status, "Status", None)
                 if code in _SUCCESS_OR_WARNING:
+                    # recorded now, in its own small transaction: a crash later in this association
+                    # (even SIGKILL) must not make the node send this object again
+                    self.journal.mark_sent([item.id])
                     sent.append(item.id)
                     continue
                 error = "no response" if code is None else f"status 0x{code:04X}"
@@ -167,8 +194,6 @@ class Dispatcher:
                         self._fail(rest, "association lost")
                     break
         finally:
-            if sent:
-                self.journal.mark_sent(sent)
             if assoc.is_established:
                 assoc.release()
         if sent:

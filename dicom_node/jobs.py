@@ -88,7 +88,7 @@ class JobRunner:
         if series is None:
             self.journal.set_job_state(job_id, "failed", "series no longer in the journal")
             return
-        self.journal.set_job_state(job_id, "running")
+        attempt = self.journal.start_job(job_id)
         started = time.perf_counter()
         try:
             rule = self._rule(job.rule)
@@ -102,9 +102,18 @@ class JobRunner:
             log.error("job %d (%s, series %r) failed: %s", job_id, job.rule, series.description, reason)
             self.journal.set_job_state(job_id, "failed", reason)
             return
-        except Exception as exc:  # noqa: BLE001 - a job failure must never stop the worker
-            log.exception("job %d (%s, series %r) failed unexpectedly", job_id, job.rule, series.description)
-            self.journal.set_job_state(job_id, "failed", f"{type(exc).__name__}: {exc}")
+        except KeyboardInterrupt:
+            # only the main thread gets these (a debugging session): the job stays 'running', so
+            # the next start counts it as interrupted
+            log.warning("job %d (%s) interrupted during run %d", job_id, job.rule, attempt)
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a job failure must never stop the worker
+            # Not only Exception: a Rust decoder's panic (pyo3_runtime.PanicException) and a library's
+            # sys.exit() are BaseExceptions; uncaught they end the worker thread with the job 'running'.
+            crashed = "" if isinstance(exc, Exception) else " (crashed: not an Exception)"
+            log.error("job %d (%s, series %r) failed unexpectedly%s", job_id, job.rule, series.description,
+                      crashed, exc_info=exc)
+            self.journal.set_job_state(job_id, "failed", f"{type(exc).__name__}: {exc}{crashed}")
             return
         timings["total"] = time.perf_counter() - started
         self.journal.set_job_timings(job_id, timings)
@@ -287,7 +296,9 @@ class ThreadExecutor:
                 return
             try:
                 self._run(job_id)
-            except Exception:  # noqa: BLE001 - keep the worker alive
+            except BaseException:  # noqa: BLE001 - keep the worker alive, whatever the job raised
+                # (JobRunner.run records the failure; this is the last line of defence, and the
+                # only way out of this loop is shutdown's None)
                 log.exception("job %d crashed its worker", job_id)
 
     def shutdown(self) -> None:

@@ -11,6 +11,8 @@ State machines
 series: ``receiving`` → ``complete`` (whole, or idle timeout) → ``routed`` | ``ignored``
         (a new instance for a routed/ignored series sets it back to ``receiving``)
 job:    ``queued`` → ``running`` → ``written`` → ``sent`` | ``failed``
+        (each start of a run counts one attempt; a job found ``running`` at start-up was interrupted
+        and is queued again, or failed as quarantined once it has used its attempts)
 outbox: ``pending`` → ``sent`` | ``failed`` (after the last try)
 """
 
@@ -20,13 +22,13 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -52,7 +54,8 @@ CREATE TABLE IF NOT EXISTS instances (
     transfer_syntax  TEXT NOT NULL,
     path             TEXT NOT NULL,
     geometry         TEXT NOT NULL DEFAULT '{}',
-    received_at      REAL NOT NULL
+    received_at      REAL NOT NULL,
+    sha256           TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -66,7 +69,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason        TEXT NOT NULL DEFAULT '',
     created_at    REAL NOT NULL,
     updated_at    REAL NOT NULL,
-    timings       TEXT NOT NULL DEFAULT '{}'
+    timings       TEXT NOT NULL DEFAULT '{}',
+    attempts      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS produced (
@@ -85,10 +89,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     tries            INTEGER NOT NULL DEFAULT 0,
     next_attempt_at  REAL NOT NULL,
     last_error       TEXT NOT NULL DEFAULT '',
+    first_failed_at  REAL NOT NULL DEFAULT 0,
     UNIQUE (destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 """
+
+#: Columns added since schema version 1, as (table, column, definition): a journal written by an
+#: older version gets them when it is opened (existing rows take the default).
+_ADDED_COLUMNS = [
+    ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("instances", "sha256", "TEXT NOT NULL DEFAULT ''"),  # '' for instances received before
+    ("outbox", "first_failed_at", "REAL NOT NULL DEFAULT 0"),  # 0: no failed try yet
+]
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,8 @@ class InstanceRecord:
     transfer_syntax: str
     path: str
     geometry: dict[str, Any]
+    #: SHA-256 (hex) of the data set as received (without the file meta the node adds); '' if unknown
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,7 @@ class JobRecord:
     created_at: float
     updated_at: float
     timings: dict[str, float]
+    attempts: int = 0
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,11 @@ class OutboxItem:
     tries: int
     next_attempt_at: float
     last_error: str
+
+
+class JournalError(RuntimeError):
+    """The journal file cannot be used (not a database, truncated, corrupt); the message says which
+    file and what to do."""
 
 
 @dataclass
@@ -166,17 +187,54 @@ class Journal:
         self._lock = threading.RLock()
         self._pending_lock = threading.Lock()
         self._pending: list[_PendingInstance] = []
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before the call returns, which is what lets the SCP acknowledge.
-        self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        try:
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._unusable(str(exc)) from None
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._check_integrity()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before the call returns, which is what lets the SCP acknowledge.
+            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise self._unusable(str(exc)) from None
+        except JournalError:
+            self._db.close()
+            raise
+
+    def _unusable(self, problem: str) -> JournalError:
+        return JournalError(
+            f"journal {self.path} cannot be used: {problem}. Stop the node and restore the file from a "
+            f"backup, or move it (with its -wal and -shm files) aside to start an empty journal (the node then "
+            f"no longer knows what it received, processed and sent before)"
         )
+
+    def _check_integrity(self) -> None:
+        """A quick structural check of an existing file (SQLite's quick_check): a truncated or corrupt
+        journal is refused at start-up instead of failing on some later query."""
+        rows = self._db.execute("PRAGMA quick_check").fetchall()
+        problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise self._unusable(f"integrity check failed: {problems[0]}{more}")
+
+    def _migrate(self) -> None:
+        """Bring a journal written by an older version up to :data:`SCHEMA_VERSION` (in place)."""
+        with self._tx() as db:
+            for table, column, definition in _ADDED_COLUMNS:
+                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),)
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -215,6 +273,7 @@ class Journal:
         modality: str,
         calling_ae: str,
         series_attrs: dict[str, Any],
+        sha256: str = "",
         now: float | None = None,
     ) -> bool:
         """Record a received instance; returns False when the SOP Instance UID was already known.
@@ -226,7 +285,7 @@ class Journal:
             sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
             path=path, geometry=json.dumps(geometry), series_uid=series_uid, study_uid=study_uid,
             patient_id=patient_id, description=description, modality=modality, calling_ae=calling_ae,
-            series_attrs=json.dumps(series_attrs),
+            series_attrs=json.dumps(series_attrs), sha256=sha256,
         ))
         with self._pending_lock:
             # stamped in queue order, so a batch never moves a series' last_received backwards
@@ -273,9 +332,9 @@ class Journal:
             )
         cur = db.execute(
             "INSERT OR IGNORE INTO instances(sop_instance_uid, series_uid, sop_class_uid,"
-            " transfer_syntax, path, geometry, received_at) VALUES (?,?,?,?,?,?,?)",
+            " transfer_syntax, path, geometry, received_at, sha256) VALUES (?,?,?,?,?,?,?,?)",
             (f["sop_instance_uid"], f["series_uid"], f["sop_class_uid"], f["transfer_syntax"], f["path"],
-             f["geometry"], f["now"]),
+             f["geometry"], f["now"], f.get("sha256", "")),
         )
         is_new = cur.rowcount == 1
         if is_new and row is not None:
@@ -285,15 +344,21 @@ class Journal:
             )
         return is_new
 
+    @staticmethod
+    def _instance(r: sqlite3.Row) -> InstanceRecord:
+        return InstanceRecord(r["sop_instance_uid"], r["series_uid"], r["sop_class_uid"], r["transfer_syntax"],
+                              r["path"], json.loads(r["geometry"]), r["sha256"])
+
     def instances(self, series_uid: str) -> list[InstanceRecord]:
         rows = self._query(
             "SELECT * FROM instances WHERE series_uid=? ORDER BY received_at, sop_instance_uid", (series_uid,)
         )
-        return [
-            InstanceRecord(r["sop_instance_uid"], r["series_uid"], r["sop_class_uid"], r["transfer_syntax"],
-                           r["path"], json.loads(r["geometry"]))
-            for r in rows
-        ]
+        return [self._instance(r) for r in rows]
+
+    def instance(self, sop_instance_uid: str) -> InstanceRecord | None:
+        """The instance filed under ``sop_instance_uid`` (in whatever series it came with), or None."""
+        rows = self._query("SELECT * FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return self._instance(rows[0]) if rows else None
 
     # -- series ----------------------------------------------------------------------------
 
@@ -360,6 +425,7 @@ class Journal:
             id=row["id"], series_uid=row["series_uid"], version=row["version"], rule=row["rule"],
             action=row["action"], model=row["model"], state=row["state"], reason=row["reason"],
             created_at=row["created_at"], updated_at=row["updated_at"], timings=json.loads(row["timings"]),
+            attempts=row["attempts"],
         )
 
     def add_job(self, *, series_uid: str, version: int, rule: str, action: str, model: str | None) -> int:
@@ -409,6 +475,47 @@ class Journal:
                     "UPDATE jobs SET state=?, reason=?, updated_at=?, timings=? WHERE id=?",
                     (state, reason, time.time(), json.dumps(timings), job_id),
                 )
+
+    def start_job(self, job_id: int) -> int:
+        """Mark a job ``running`` and count the attempt; returns how many runs it has started."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state='running', reason='', attempts=attempts+1, updated_at=? WHERE id=?",
+                (time.time(), job_id),
+            )
+            row = db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            return int(row["attempts"])
+
+    def recover_jobs(self, max_attempts: int) -> tuple[list[JobRecord], list[JobRecord]]:
+        """At start-up: (jobs to run again, jobs quarantined now).
+
+        A ``queued`` job is run again as it is. A ``running`` job was interrupted (the node stopped
+        or crashed during it): it is queued again while it has started fewer than ``max_attempts``
+        runs, otherwise it is failed with the reason ``quarantined: interrupted N times``, so a job
+        that kills the node on every run cannot block the queue after each restart.
+        """
+        now = time.time()
+        quarantined: list[int] = []
+        with self._tx() as db:
+            for row in db.execute("SELECT id, attempts FROM jobs WHERE state='running'").fetchall():
+                if row["attempts"] >= max_attempts:
+                    reason = (f"quarantined: interrupted {row['attempts']} times while running (the node "
+                              f"stopped or crashed during each run); not run again")
+                    db.execute("UPDATE jobs SET state='failed', reason=?, updated_at=? WHERE id=?",
+                               (reason, now, row["id"]))
+                    quarantined.append(row["id"])
+                else:
+                    reason = f"interrupted during run {row['attempts']} of at most {max_attempts}: queued again"
+                    db.execute("UPDATE jobs SET state='queued', reason=?, updated_at=? WHERE id=?",
+                               (reason, now, row["id"]))
+            rows = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id").fetchall()
+            resumed = [self._job(r) for r in rows]
+            gone = [self._job(r) for r in db.execute(
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(quarantined))}) ORDER BY id", quarantined
+            )] if quarantined else []
+        return resumed, gone
 
     def set_job_timings(self, job_id: int, timings: dict[str, float]) -> None:
         """Store a job's timings without touching its state (the dispatcher may be settling it)."""
@@ -477,32 +584,35 @@ class Journal:
             self._settle_jobs(db, item_ids)
 
     def mark_failed_try(
-        self, item_ids: Sequence[int], error: str, *, max_tries: int, backoff_initial_s: float,
-        backoff_max_s: float, now: float | None = None,
+        self, item_ids: Sequence[int], error: str, *,
+        next_attempt: Callable[[int, float, float], float | None], now: float | None = None,
     ) -> None:
-        """Count one failed try; schedule the next with exponential backoff, or fail for good."""
+        """Count one failed try and ask the retry policy (the dispatcher's) when to try next:
+        ``next_attempt(tries, first_failed_at, now)`` gives a time, or None to fail for good."""
         now = time.time() if now is None else now
         with self._tx() as db:
             for item_id in item_ids:
-                row = db.execute("SELECT tries FROM outbox WHERE id=?", (item_id,)).fetchone()
+                row = db.execute("SELECT tries, first_failed_at FROM outbox WHERE id=?", (item_id,)).fetchone()
                 tries = row["tries"] + 1
-                if tries >= max_tries:
+                first = row["first_failed_at"] or now
+                when = next_attempt(tries, first, now)
+                if when is None:
                     db.execute(
-                        "UPDATE outbox SET state='failed', tries=?, last_error=? WHERE id=?",
-                        (tries, error, item_id),
+                        "UPDATE outbox SET state='failed', tries=?, last_error=?, first_failed_at=? WHERE id=?",
+                        (tries, error, first, item_id),
                     )
                 else:
-                    delay = min(backoff_max_s, backoff_initial_s * 2 ** (tries - 1))
                     db.execute(
-                        "UPDATE outbox SET tries=?, last_error=?, next_attempt_at=? WHERE id=?",
-                        (tries, error, now + delay, item_id),
+                        "UPDATE outbox SET tries=?, last_error=?, next_attempt_at=?, first_failed_at=? WHERE id=?",
+                        (tries, error, when, first, item_id),
                     )
             self._settle_jobs(db, item_ids)
 
     def retry_failed(self, destination: str | None = None) -> int:
         """Put permanently failed items back in the queue (an operator's decision)."""
         with self._tx() as db:
-            sql = "UPDATE outbox SET state='pending', tries=0, next_attempt_at=? WHERE state='failed'"
+            sql = ("UPDATE outbox SET state='pending', tries=0, first_failed_at=0, next_attempt_at=?"
+                   " WHERE state='failed'")
             params: list[Any] = [time.time()]
             if destination:
                 sql += " AND destination=?"

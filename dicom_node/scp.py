@@ -3,22 +3,30 @@
 A C-STORE is answered with Success only after the instance is in the spool (fsync'd) and in the
 journal (committed). The pixel data is never decoded here: the encoded dataset is written as it
 came, and only the header is parsed to file it.
+
+One SOP Instance UID is one object: the journal keeps a SHA-256 of each data set as received; the
+same UID again with the same content is an idempotent success, with other content a failure
+(the stored object is kept, never replaced). UIDs that are not of UID form are refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
@@ -40,9 +48,10 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from .config import NodeConfig
-from .journal import Journal
+from .journal import InstanceRecord, Journal
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
+from .uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +88,14 @@ class BadInstance(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class DuplicateConflict(BadInstance):
+    """A SOP Instance UID the node already stored, sent again with other content."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(STATUS_CANNOT_UNDERSTAND, "SOP Instance UID already stored with other content")
+        self.detail = detail
 
 
 def set_nodelay(sock: socket.socket | None) -> None:
@@ -136,8 +153,11 @@ def parse_instance(data: bytes) -> Dataset:
             struct.error) as exc:  # struct.error: an element header cut inside its length field
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        if not _str(ds.get(keyword)):
+        value = _str(ds.get(keyword))
+        if not value:
             raise BadInstance(STATUS_DATASET_MISMATCH, f"required attribute {keyword} is missing or empty")
+        if not is_valid_uid(value):
+            raise BadInstance(STATUS_DATASET_MISMATCH, f"{keyword} {value[:20]!r} is not a valid UID")
     if PIXEL_DATA in ds:
         _check_pixel_data(ds)
     elif _str(ds.SOPClassUID) in ROUTABLE_SOP_CLASSES:
@@ -173,6 +193,25 @@ def _check_pixel_data(ds: Dataset) -> None:
             STATUS_CANNOT_UNDERSTAND,
             f"PixelData is truncated: {len(value)} bytes, {rows}x{cols}x{frames} frames need {expected}",
         )
+
+
+def content_digest(stream: bytes) -> str:
+    """SHA-256 (hex) of a data set as received, without the file meta (which the node itself adds)."""
+    return hashlib.sha256(stream).hexdigest()
+
+
+def stored_digest(path: Path) -> str | None:
+    """:func:`content_digest` of a spooled file (for instances journaled before digests were kept);
+    None if the file cannot be read."""
+    try:
+        meta = read_file_meta_info(path)
+        # preamble and prefix (132 bytes), the group length element (12 bytes, PS3.10 7.1), the group
+        start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+        with open(path, "rb") as f:
+            f.seek(start)
+            return content_digest(f.read())
+    except (OSError, ValueError, AttributeError, InvalidDicomError):
+        return None
 
 
 def header_summary(ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -248,6 +287,8 @@ class StorageSCP:
         self.admission = Admission([(p.ae_title, p.host) for p in config.peers])
         self._touched: dict[int, set[str]] = {}
         self._lock = threading.Lock()
+        self._claimed: set[str] = set()  # SOP Instance UIDs being filed right now
+        self._claims = threading.Condition()
         self._server: Any = None
         self.ae = self._make_ae()
 
@@ -316,10 +357,25 @@ class StorageSCP:
         log.info("C-ECHO from %s@%s", event.assoc.requestor.ae_title, event.assoc.requestor.address)
         return STATUS_SUCCESS
 
+    @contextmanager
+    def _claim(self, sop_uid: str) -> Iterator[None]:
+        """One association at a time files a given SOP Instance UID (look-up, write, journal)."""
+        with self._claims:
+            while sop_uid in self._claimed:
+                self._claims.wait()
+            self._claimed.add(sop_uid)
+        try:
+            yield
+        finally:
+            with self._claims:
+                self._claimed.discard(sop_uid)
+                self._claims.notify_all()
+
     def _handle_store(self, event: evt.Event) -> int | Dataset:
         calling = event.assoc.requestor.ae_title.strip()
         sop_uid = _str(event.request.AffectedSOPInstanceUID)
         try:
+            stream = event.encoded_dataset(include_meta=False)
             data = event.encoded_dataset(include_meta=True)
             ds = parse_instance(data)
             if _str(ds.SOPInstanceUID) != sop_uid:
@@ -329,21 +385,33 @@ class StorageSCP:
                 )
             geometry, attrs = header_summary(ds)
             study_uid, series_uid = _str(ds.StudyInstanceUID), _str(ds.SeriesInstanceUID)
-            path = self.spool.write(study_uid, series_uid, sop_uid, data)
-            self.journal.add_instance(
-                sop_instance_uid=sop_uid,
-                sop_class_uid=_str(ds.SOPClassUID),
-                transfer_syntax=str(event.context.transfer_syntax),
-                path=str(path),
-                geometry=geometry,
-                series_uid=series_uid,
-                study_uid=study_uid,
-                patient_id=_str(ds.get("PatientID")),
-                description=attrs["SeriesDescription"],
-                modality=attrs["Modality"],
-                calling_ae=calling,
-                series_attrs=attrs,
-            )
+            digest = content_digest(stream)
+            with self._claim(sop_uid):
+                known = self.journal.instance(sop_uid)
+                if known is not None:
+                    self._check_resend(known, digest, series_uid, calling)
+                    series_uid = known.series_uid
+                else:
+                    path = self.spool.write(study_uid, series_uid, sop_uid, data)
+                    self.journal.add_instance(
+                        sop_instance_uid=sop_uid,
+                        sop_class_uid=_str(ds.SOPClassUID),
+                        transfer_syntax=str(event.context.transfer_syntax),
+                        path=str(path),
+                        geometry=geometry,
+                        series_uid=series_uid,
+                        study_uid=study_uid,
+                        patient_id=_str(ds.get("PatientID")),
+                        description=attrs["SeriesDescription"],
+                        modality=attrs["Modality"],
+                        calling_ae=calling,
+                        series_attrs=attrs,
+                        sha256=digest,
+                    )
+        except DuplicateConflict as exc:
+            log.warning("C-STORE of %s from %s refused (status 0x%04X): %s", sop_uid, calling, exc.status,
+                        exc.detail)
+            return _failure(exc.status, str(exc))
         except BadInstance as exc:
             log.error("C-STORE of %s from %s refused (status 0x%04X): %s", sop_uid or "?", calling, exc.status, exc)
             return _failure(exc.status, str(exc))
@@ -357,6 +425,21 @@ class StorageSCP:
             self._touched.setdefault(id(event.assoc), set()).add(series_uid)
         log.debug("stored %s (series %s) from %s", sop_uid, series_uid, calling)
         return STATUS_SUCCESS
+
+    @staticmethod
+    def _check_resend(known: InstanceRecord, digest: str, series_uid: str, calling: str) -> None:
+        """A SOP Instance UID already filed: same content is fine (nothing is written again), other
+        content raises :class:`DuplicateConflict` (the stored object stays as it is)."""
+        stored = known.sha256 or stored_digest(Path(known.path))
+        if stored == digest:
+            log.info("C-STORE of %s from %s: already stored with the same content (idempotent)",
+                     known.sop_instance_uid, calling)
+            return
+        where = "" if series_uid == known.series_uid else f" in series {known.series_uid} (now sent in {series_uid})"
+        why = "cannot read the stored copy to compare" if stored is None else "content differs"
+        raise DuplicateConflict(
+            f"already stored{where}; {why}: the stored object {known.path} is kept, the new one is not stored"
+        )
 
     def _take_touched(self, event: evt.Event) -> set[str]:
         with self._lock:

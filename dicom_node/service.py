@@ -1,6 +1,7 @@
 """The node as a service: wires SCP, journal, assembly, routing, jobs and dispatch; owns start/stop.
 
-Start-up also recovers from a crash: jobs that were queued or running are run again, series that
+Start-up also recovers from a crash: jobs that were queued are run again, jobs that were running
+are run again while under ``jobs.max_attempts`` (else quarantined as failed), series that
 were closed but not yet routed are routed, the outbox is resumed, and series still receiving close
 on their idle timeout as usual.
 """
@@ -79,9 +80,12 @@ class Node:
 
     def _recover(self) -> None:
         assert self.executor is not None
-        for job in self.journal.jobs(states=["queued", "running"]):
-            log.info("resuming job %d (%s) after restart", job.id, job.rule)
-            self.journal.set_job_state(job.id, "queued", "resumed after restart")
+        resumed, quarantined = self.journal.recover_jobs(self.config.jobs.max_attempts)
+        for job in quarantined:
+            log.error("job %d (%s, series %s) quarantined: %s", job.id, job.rule, job.series_uid, job.reason)
+        for job in resumed:
+            log.info("resuming job %d (%s) after restart%s", job.id, job.rule,
+                     f": {job.reason}" if job.reason else "")
             self.executor.submit(job.id)
         for series in self.journal.series_in_state("complete"):
             self._route(series.series_uid, series.version)

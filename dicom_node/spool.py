@@ -2,20 +2,34 @@
 
 A file in the spool is complete or absent, never half-written, so a crash between the write and
 the journal row leaves at worst an orphan file (never a journal row pointing at a partial file).
+
+Paths are made of UIDs only when they have the form of a UID (digits and dots, see
+:func:`dicom_node.uids.is_valid_uid`); any other value is replaced by a hash of it, so a received
+``..``, ``a/b`` or ``1+1`` can neither leave the spool nor share a file with another value.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import re
 import threading
 from pathlib import Path
 
-_SAFE = re.compile(r"[^0-9A-Za-z._-]")
+from .uids import is_valid_uid
 
 
-def _safe(uid: str) -> str:
-    return _SAFE.sub("_", uid)[:128] or "_"
+def path_component(uid: str) -> str:
+    """``uid`` itself if it has the form of a UID, else ``h-`` and a SHA-256 prefix of it (never raw text).
+
+    A UID is digits and dots, so neither form can be ``.``/``..``, hold a separator, or equal the other.
+    """
+    if is_valid_uid(uid):
+        return uid
+    return "h-" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+class SpoolPathError(ValueError):
+    """A path for a received instance would lie outside the spool (never expected: a safety net)."""
 
 
 class Spool:
@@ -24,12 +38,17 @@ class Spool:
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._resolved_root = self.root.resolve()
         self.fsync = fsync
         self._known_dirs: set[Path] = set()
         self._lock = threading.Lock()
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
-        return self.root / _safe(study_uid) / _safe(series_uid) / f"{_safe(sop_instance_uid)}.dcm"
+        path = (self.root / path_component(study_uid) / path_component(series_uid)
+                / f"{path_component(sop_instance_uid)}.dcm")
+        if not path.resolve().is_relative_to(self._resolved_root):  # e.g. a symlink planted in the spool
+            raise SpoolPathError(f"{path} lies outside the spool {self._resolved_root}")
+        return path
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:

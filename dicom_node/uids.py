@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
+
+#: A UID's form (PS3.5 9.1): numeric components separated by dots, none empty, at most 64 characters.
+#: Leading zeros in a component are not allowed by the standard but harmless and seen in the wild
+#: (older devices), so they are accepted; anything else (letters, '/', '+', '..', spaces) is not.
+_UID_FORM = re.compile(r"[0-9]+(\.[0-9]+)*")
+MAX_UID_LENGTH = 64
+
+
+def is_valid_uid(value: str) -> bool:
+    """True if ``value`` has the form of a DICOM UID: digits and dots, no empty component, ≤ 64 chars."""
+    return len(value) <= MAX_UID_LENGTH and _UID_FORM.fullmatch(value) is not None
 
 
 def _root(prefix: str) -> str:

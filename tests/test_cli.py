@@ -15,6 +15,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node import __version__
 from dicom_node.cli import main
 from dicom_node.config import default_rules
+from dicom_node.dispatch import RetryPolicy
 from dicom_node.journal import Journal
 from tests.dicom_factory import make_mr_series, make_study
 from tests.e2e.peers import free_port
@@ -183,7 +184,8 @@ def _journal_with_work(data_dir: Path) -> None:
                                                    ("PACS", "/o/2.dcm", "1.2", "1.7.2")])
     ids = [i.id for i in journal.outbox(job)]
     journal.mark_sent(ids[:1])
-    journal.mark_failed_try(ids[1:], "association rejected", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    journal.mark_failed_try(ids[1:], "association rejected",
+                            next_attempt=RetryPolicy(max_tries=1, backoff_initial_s=1, backoff_max_s=1).next_attempt)
     journal.close()
 
 
@@ -246,3 +248,38 @@ def test_echo_configured_and_adhoc(tmp_path: Path, models_dir: Path, verificatio
     capsys.readouterr()
     assert main(["echo", "--config", config, f"PACS@127.0.0.1:{free_port()}"]) == 1
     assert "connection failed" in capsys.readouterr().out
+
+
+# -- an unusable journal -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unusable_journal_is_one_clear_line(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str],
+                                            damage: str) -> None:
+    config = write_config(tmp_path, models_dir)
+    path = tmp_path / "data" / "journal.sqlite3"
+    if damage == "garbage":
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"this is not a database " * 100)
+    else:
+        _journal_with_work(tmp_path / "data")
+        journal = Journal(path, fsync=False)  # enough rows for several pages, checkpointed into the file
+        for k in range(400):
+            journal.add_instance(sop_instance_uid=f"1.8.{k}", sop_class_uid="1.2", transfer_syntax="",
+                                 path="/x" * 40, geometry={"k": k}, series_uid="1.1", study_uid="1",
+                                 patient_id="P", description="d", modality="MR", calling_ae="MR1", series_attrs={})
+        journal.close()
+        size = path.stat().st_size
+        with path.open("r+b") as f:
+            f.truncate(size // 2)
+    assert main(["status", "--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith(f"dicom-node: journal {path} cannot be used: ")
+    assert "restore the file from a backup" in lines[0]
+    # serve refuses to start the same way: exit code 1, one line, no traceback
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"journal {path} cannot be used" in result.stderr.strip().splitlines()[-1]

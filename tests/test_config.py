@@ -16,6 +16,7 @@ from dicom_node.config import (
     Destination,
     DispatchSettings,
     InferenceSettings,
+    JobSettings,
     NodeConfig,
     NodeSettings,
     Peer,
@@ -53,7 +54,7 @@ def test_empty_file_gives_the_defaults() -> None:
     assert config.peers == [] and config.destinations == []
     assert config.rules == default_rules()
     assert config.inference.models_dir == BUNDLED_MODELS_DIR
-    assert config.dispatch.max_tries == 8
+    assert config.dispatch.max_tries is None and config.dispatch.retry_for_s == 86400.0  # outlast a day's outage
 
 
 def test_load_config_none_is_the_defaults() -> None:
@@ -90,12 +91,13 @@ def test_example_settings_are_the_defaults() -> None:
     assert config.node == NodeSettings()
     assert config.inference == InferenceSettings()
     assert config.dispatch == DispatchSettings()
+    assert config.jobs == JobSettings()
 
 
 @pytest.mark.parametrize(
     ("section", "model"),
     [("node", NodeSettings), ("peers", Peer), ("destinations", Destination), ("rules", Rule),
-     ("inference", InferenceSettings), ("dispatch", DispatchSettings)],
+     ("inference", InferenceSettings), ("jobs", JobSettings), ("dispatch", DispatchSettings)],
 )
 def test_example_documents_every_field(section: str, model: type[BaseModel]) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")

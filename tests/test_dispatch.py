@@ -14,7 +14,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Destination, DispatchSettings, NodeConfig, NodeSettings
-from dicom_node.dispatch import Dispatcher, echo
+from dicom_node.dispatch import Dispatcher, RetryPolicy, echo
 from dicom_node.journal import Journal
 from tests.dicom_factory import make_mr_series
 from tests.e2e.peers import free_port
@@ -218,3 +218,82 @@ def test_sop_class_the_destination_does_not_accept(tmp_path: Path, journal: Jour
     assert (refused.state, refused.tries) == ("pending", 1)
     assert "not accepted" in refused.last_error
     assert {i.state for i in by_uid.values()} == {"sent"}
+
+
+#: The dispatcher in a process that is SIGKILLed (os._exit) after the destination acknowledged N objects,
+#: in the middle of the association.
+KILLED_CHILD = r"""
+import os, sys
+from pathlib import Path
+
+from pynetdicom.association import Association
+
+from dicom_node.config import Destination, NodeConfig, NodeSettings
+from dicom_node.dispatch import Dispatcher
+from dicom_node.journal import Journal
+
+journal_path, port, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+real_send = Association.send_c_store
+acknowledged = 0
+
+def send_c_store(self, *args, **kwargs):
+    global acknowledged
+    if acknowledged == n:
+        os._exit(9)
+    status = real_send(self, *args, **kwargs)
+    acknowledged += 1
+    return status
+
+Association.send_c_store = send_c_store
+config = NodeConfig(node=NodeSettings(ae_title="NODE", data_dir=journal_path.parent, fsync=False),
+                    destinations=[Destination(name="PACS", ae_title="PACS", host="127.0.0.1", port=port)])
+Dispatcher(config, Journal(journal_path, fsync=False)).send_due()
+sys.exit(0)
+"""
+
+
+def test_each_success_is_journaled_before_the_association_ends(tmp_path: Path, files: list[Path]) -> None:
+    import subprocess
+    import sys
+
+    server = DestinationSCP()
+    try:
+        journal = Journal(tmp_path / "journal.sqlite3", fsync=False)
+        job = queue_job(journal, files, ["PACS"])
+        journal.close()
+        child = subprocess.run(
+            [sys.executable, "-c", KILLED_CHILD, str(tmp_path / "journal.sqlite3"), str(server.port), "2"],
+            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
+        assert child.returncode == 9, child.stderr[-2000:]
+        assert len(server.received) == 2
+
+        journal = Journal(tmp_path / "journal.sqlite3", fsync=False)
+        try:
+            # the two acknowledged objects were recorded as they happened, the third is still due
+            assert sorted(i.state for i in journal.outbox(job)) == ["pending", "sent", "sent"]
+            assert journal.job(job).state == "written"
+            config = make_config(tmp_path, [dest_for(server)])
+            assert Dispatcher(config, journal).send_due() == 1  # the restarted node sends only the rest
+            assert journal.job(job).state == "sent"
+        finally:
+            journal.close()
+        received = [str(d.SOPInstanceUID) for d in server.received]
+        assert sorted(received) == sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files)
+        assert len(set(received)) == len(received) == 3  # no duplicate at the PACS
+    finally:
+        server.stop()
+
+
+def test_default_retry_policy_outlasts_a_day_long_outage() -> None:
+    policy = RetryPolicy.from_settings(DispatchSettings())
+    first = now = 1_000_000.0
+    tries = 0
+    while (when := policy.next_attempt(tries + 1, first, now)) is not None:
+        tries += 1
+        assert when - now <= DispatchSettings().backoff_max_s  # capped backoff
+        now = when
+    assert now - first >= 24 * 3600  # still trying a day after the first failure (was: failed after ~21 min)
+    assert now - first < 24 * 3600 + DispatchSettings().backoff_max_s
+    assert 90 < tries < 110
+    assert RetryPolicy(backoff_initial_s=1, backoff_max_s=1, max_tries=3).next_attempt(3, first, first) is None
+    assert RetryPolicy(backoff_initial_s=1, backoff_max_s=1e9).next_attempt(10_000, first, first) is not None

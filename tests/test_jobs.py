@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -323,3 +324,76 @@ def test_real_and_synthetic_t1_in_one_study_give_an_agreement_sr(tmp_path: Path,
         assert job.timings["agreement"] > 0
     finally:
         s.journal.close()
+
+
+class FakePanic(BaseException):
+    """What a Rust decoder's panic looks like from Python (pyo3_runtime.PanicException): not an Exception."""
+
+
+def test_a_panicking_decoder_fails_its_job_alone_and_the_queue_moves_on(
+        setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicom_node.jobs as jobs_module
+
+    poison = make_mr_series(tmp_path / "poison", shape=SHAPE, spacing=SPACING)
+    good = make_mr_series(tmp_path / "good", shape=SHAPE, spacing=SPACING, series_number=5)
+    real_load = jobs_module.load_series
+
+    def load_series(paths: Sequence[Path]) -> Any:
+        if any("poison" in str(p) for p in paths):
+            raise FakePanic("called `Result::unwrap()` on an `Err` value: corrupt RLE segment")
+        return real_load(paths)
+
+    monkeypatch.setattr(jobs_module, "load_series", load_series)
+    poison_job, good_job = setup.job_for(poison), setup.job_for(good)
+    later_job = setup.job_for(make_mr_series(tmp_path / "later", shape=SHAPE, spacing=SPACING, series_number=6))
+    executor = ThreadExecutor(setup.runner.run, workers=1)
+    try:
+        for job_id in (poison_job, good_job, later_job):
+            executor.submit(job_id)
+        deadline = time.monotonic() + 60
+        while setup.journal.job(later_job).state in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        executor.shutdown()
+    failed = setup.journal.job(poison_job)
+    assert failed.state == "failed" and failed.attempts == 1
+    assert failed.reason.startswith("FakePanic: called `Result::unwrap()`") and "crashed" in failed.reason
+    assert setup.journal.outbox(poison_job) == []
+    for job_id in (good_job, later_job):  # the worker survived and went on with the queue
+        job = setup.journal.job(job_id)
+        assert (job.state, job.attempts) == ("written", 1), job.reason
+    assert setup.written == 2
+
+
+def test_keyboard_interrupt_leaves_the_job_running_for_recovery(
+        setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicom_node.jobs as jobs_module
+
+    def interrupted(paths: Sequence[Path]) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs_module, "load_series", interrupted)
+    job_id = setup.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+    with pytest.raises(KeyboardInterrupt):
+        setup.runner.run(job_id)
+    assert (setup.journal.job(job_id).state, setup.journal.job(job_id).attempts) == ("running", 1)
+
+
+def test_thread_executor_survives_base_exceptions() -> None:
+    done: list[int] = []
+    finished = threading.Event()
+
+    def run(job_id: int) -> None:
+        if job_id == 1:
+            raise FakePanic("panic")
+        if job_id == 2:
+            raise SystemExit(1)  # would end a worker thread silently
+        done.append(job_id)
+        finished.set()
+
+    executor = ThreadExecutor(run, workers=1)
+    for job_id in (1, 2, 3):
+        executor.submit(job_id)
+    assert finished.wait(5)
+    executor.shutdown()
+    assert done == [3]

@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from dicom_node.dispatch import RetryPolicy
 from dicom_node.journal import Journal
 
 SERIES = "1.2.3.4.100"
+GIVE_UP = RetryPolicy(max_tries=1, backoff_initial_s=1, backoff_max_s=1).next_attempt
 STUDY = "1.2.3.4"
 
 
@@ -52,7 +54,31 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    db.close()
+
+
+def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    add(journal, "1.9.1")
+    job = journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
+    journal.close()
+    db = sqlite3.connect(path)  # what schema version 1 had: no attempts, no sha256 column
+    db.execute("ALTER TABLE jobs DROP COLUMN attempts")
+    db.execute("ALTER TABLE instances DROP COLUMN sha256")
+    db.execute("ALTER TABLE outbox DROP COLUMN first_failed_at")
+    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    assert journal.job(job).attempts == 0 and journal.start_job(job) == 1
+    assert [(i.sop_instance_uid, i.sha256) for i in journal.instances(SERIES)] == [("1.9.1", "")]
+    add(journal, "1.9.2", sha256="ab" * 32)
+    assert journal.instance("1.9.2").sha256 == "ab" * 32 and journal.instance("1.9.3") is None
+    journal.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
     db.close()
 
 
@@ -173,6 +199,29 @@ def test_job_lifecycle(journal: Journal) -> None:
         journal.job(9999)
 
 
+def test_recover_jobs_requeues_interrupted_runs_then_quarantines(journal: Journal) -> None:
+    add(journal, "1.9.1")
+    jobs = [journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
+            for _ in range(4)]
+    queued, once, twice, done = jobs
+    assert journal.start_job(once) == 1
+    journal.start_job(twice)
+    assert journal.start_job(twice) == 2
+    journal.start_job(done)
+    journal.set_job_state(done, "failed", "boom")
+    resumed, quarantined = journal.recover_jobs(max_attempts=2)
+    assert [j.id for j in resumed] == [queued, once]
+    assert journal.job(once).state == "queued" and journal.job(once).attempts == 1
+    assert journal.job(once).reason == "interrupted during run 1 of at most 2: queued again"
+    assert [j.id for j in quarantined] == [twice]
+    record = journal.job(twice)
+    assert record.state == "failed" and record.reason.startswith("quarantined: interrupted 2 times")
+    assert journal.job(done).reason == "boom"  # settled jobs are left alone
+    assert journal.jobs(states=["running"]) == []
+    with pytest.raises(KeyError):
+        journal.start_job(9999)
+
+
 def test_set_job_timings_keeps_the_state(journal: Journal) -> None:
     job, ids = job_with_outbox(journal, ("PACS",), n=1)
     journal.mark_sent(ids)
@@ -218,7 +267,7 @@ def test_outbox_item_is_unique_per_destination_and_instance(journal: Journal) ->
 
 def test_failed_tries_back_off_exponentially_then_fail(journal: Journal) -> None:
     job, ids = job_with_outbox(journal, ("PACS",), n=1)
-    policy = dict(max_tries=4, backoff_initial_s=10.0, backoff_max_s=25.0)
+    policy = dict(next_attempt=RetryPolicy(max_tries=4, backoff_initial_s=10.0, backoff_max_s=25.0).next_attempt)
     expected_delays = [10.0, 20.0, 25.0]  # capped by backoff_max_s
     for tries, delay in enumerate(expected_delays, start=1):
         journal.mark_failed_try(ids, "association rejected", now=1000.0, **policy)
@@ -236,10 +285,25 @@ def test_failed_tries_back_off_exponentially_then_fail(journal: Journal) -> None
     assert journal.due_items(now=1e12) == []
 
 
+def test_retries_go_on_for_the_policy_window_after_the_first_failure(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=1)
+    policy = RetryPolicy(backoff_initial_s=10.0, backoff_max_s=25.0, retry_for_s=100.0).next_attempt
+    for now in (1000.0, 1040.0, 1099.0):  # no max_tries: only the window counts
+        journal.mark_failed_try(ids, "down", next_attempt=policy, now=now)
+        assert journal.outbox(job)[0].state == "pending"
+    assert journal.outbox(job)[0].next_attempt_at == pytest.approx(1099.0 + 25.0)
+    journal.mark_failed_try(ids, "still down", next_attempt=policy, now=1100.0)  # 100 s after the first
+    item = journal.outbox(job)[0]
+    assert (item.state, item.tries, item.last_error) == ("failed", 4, "still down")
+    assert journal.retry_failed() == 1  # an operator's retry starts a new window
+    journal.mark_failed_try(ids, "down", next_attempt=policy, now=5000.0)
+    assert journal.outbox(job)[0].state == "pending"
+
+
 def test_job_fails_only_when_no_item_is_pending(journal: Journal) -> None:
     job, ids = job_with_outbox(journal, ("PACS", "ARCHIVE"), n=1)
     pacs = [i.id for i in journal.outbox(job) if i.destination == "PACS"]
-    journal.mark_failed_try(pacs, "down", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    journal.mark_failed_try(pacs, "down", next_attempt=GIVE_UP)
     assert journal.job(job).state == "written"  # ARCHIVE still pending
     journal.mark_sent([i for i in ids if i not in pacs])
     # sent + failed, nothing pending: the job has failed (until an operator retries)
@@ -248,7 +312,7 @@ def test_job_fails_only_when_no_item_is_pending(journal: Journal) -> None:
 
 def test_retry_failed_requeues(journal: Journal) -> None:
     job, ids = job_with_outbox(journal, ("PACS", "ARCHIVE"), n=1)
-    journal.mark_failed_try(ids, "down", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    journal.mark_failed_try(ids, "down", next_attempt=GIVE_UP)
     assert journal.job(job).state == "failed"
     assert journal.retry_failed("NOWHERE") == 0
     assert journal.retry_failed("PACS") == 1
@@ -267,7 +331,7 @@ def test_counts_and_outbox_summary(journal: Journal) -> None:
     job, ids = job_with_outbox(journal, ("PACS",), n=3)
     add(journal, "1.9.5", series="2.2")
     journal.mark_sent(ids[:1])
-    journal.mark_failed_try(ids[1:2], "refused", max_tries=1, backoff_initial_s=1, backoff_max_s=1)
+    journal.mark_failed_try(ids[1:2], "refused", next_attempt=GIVE_UP)
     counts = journal.counts()
     assert counts["instances"] == {"total": 2}
     assert counts["series"] == {"routed": 1, "receiving": 1}

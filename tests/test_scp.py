@@ -152,14 +152,23 @@ def test_duplicate_instance_is_idempotent(node: Node, series: list[Path],
         results.append(add_instance(**kwargs))
         return results[-1]
 
+    writes: list[Path] = []
+    spool_write = node.spool.write
+
+    def spool_spy(*args: Any) -> Path:
+        writes.append(spool_write(*args))
+        return writes[-1]
+
     monkeypatch.setattr(node.journal, "add_instance", spy)
+    monkeypatch.setattr(node.spool, "write", spool_spy)
     source = dcmread(series[0])
     assoc = node.associate()
     first = assoc.send_c_store(source)
     second = assoc.send_c_store(source)
     assoc.release()
     assert (first.Status, second.Status) == (0x0000, 0x0000)
-    assert results == [True, False]
+    # the re-send is recognised by its content digest before anything is written or journaled again
+    assert results == [True] and len(writes) == 1
     assert len(node.journal.instances(str(source.SeriesInstanceUID))) == 1
     assert node.journal.counts()["instances"] == {"total": 1}
 
@@ -333,3 +342,139 @@ def test_parse_instance_finds_truncation_anywhere(series: list[Path]) -> None:
         assert info.value.status in (STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH)
         failures += 1
     assert failures > 10
+
+
+# -- one SOP Instance UID is one object; hostile UIDs ------------------------------------------
+
+def _stored_files(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.suffix == ".dcm"}
+
+
+@pytest.mark.parametrize(("keyword", "value"), [
+    ("StudyInstanceUID", ".."), ("StudyInstanceUID", "../../../../tmp"), ("SeriesInstanceUID", ".."),
+    ("SeriesInstanceUID", "a/b"), ("SOPInstanceUID", "1+1"), ("SOPInstanceUID", "1_1"), ("SOPInstanceUID", "/"),
+    ("SOPInstanceUID", "1.2..3"),
+])
+def test_invalid_uids_are_refused_and_nothing_is_written(node: Node, series: list[Path], tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture,
+                                                         keyword: str, value: str) -> None:
+    before = sorted(p for p in tmp_path.rglob("*"))
+    ds = dcmread(series[0])
+    setattr(ds, keyword, value)
+    caplog.set_level(logging.ERROR, logger="dicom_node.scp")
+    assoc = node.associate()
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == STATUS_DATASET_MISMATCH
+    assert status.ErrorComment.startswith(f"{keyword} ") and "is not a valid UID" in status.ErrorComment
+    assert any("refused (status 0xA900)" in r.getMessage() and "not a valid UID" in r.getMessage()
+               for r in caplog.records)
+    assert node.journal.counts()["instances"] == {"total": 0}
+    assert _stored_files(node.spool.root) == {}
+    after = sorted(p for p in tmp_path.rglob("*") if not p.name.startswith("journal.sqlite3"))
+    assert [p for p in after if p not in before] == [], "something was written"
+
+
+def test_hostile_uid_pairs_that_mapped_to_one_file_are_both_refused(node: Node, series: list[Path]) -> None:
+    statuses = []
+    assoc = node.associate()
+    for sop in ("1.2.3.1+1", "1.2.3.1_1", "1.2.3.1/1"):
+        ds = dcmread(series[0])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop
+        statuses.append(assoc.send_c_store(ds).Status)
+    assoc.release()
+    assert statuses == [STATUS_DATASET_MISMATCH] * 3  # never "both acknowledged, second overwrites first"
+    assert _stored_files(node.spool.root) == {}
+
+
+def test_resend_with_other_content_is_refused_and_the_original_kept(node: Node, series: list[Path],
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    source = dcmread(series[0])
+    assoc = node.associate()
+    assert assoc.send_c_store(source).Status == 0x0000
+    (stored,) = node.journal.instances(str(source.SeriesInstanceUID))
+    original = Path(stored.path).read_bytes()
+    assert len(stored.sha256) == 64
+
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    changed = dcmread(series[0])
+    changed.PatientName = "Other^Patient"
+    status = assoc.send_c_store(changed)
+    assert status.Status == STATUS_CANNOT_UNDERSTAND
+    assert status.ErrorComment == "SOP Instance UID already stored with other content"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "refused" in r.getMessage()]
+    assert warnings and "content differs" in warnings[0].getMessage() and str(source.SOPInstanceUID) in \
+        warnings[0].getMessage()
+
+    # the same UID in another series (of another study): refused too, nothing written there
+    elsewhere = dcmread(series[0])
+    elsewhere.SeriesInstanceUID = "1.2.3.4.5.6.7"
+    elsewhere.StudyInstanceUID = "1.2.3.4.5.6"
+    assert assoc.send_c_store(elsewhere).Status == STATUS_CANNOT_UNDERSTAND
+
+    assert assoc.send_c_store(source).Status == 0x0000  # the original again: still idempotent
+    assoc.release()
+    assert Path(stored.path).read_bytes() == original
+    assert _stored_files(node.spool.root) == {Path(stored.path): original}
+    assert node.journal.counts()["instances"] == {"total": 1}
+    assert node.journal.series("1.2.3.4.5.6.7") is None
+
+
+def test_instances_journaled_without_a_digest_are_compared_with_the_stored_file(
+        node: Node, series: list[Path]) -> None:
+    source = dcmread(series[1])
+    assoc = node.associate()
+    assert assoc.send_c_store(source).Status == 0x0000
+    db = sqlite3.connect(node.journal.path)  # as a journal from before digests were kept
+    db.execute("UPDATE instances SET sha256=''")
+    db.commit()
+    db.close()
+    assert node.journal.instance(str(source.SOPInstanceUID)).sha256 == ""
+    assert assoc.send_c_store(source).Status == 0x0000
+    changed = dcmread(series[1])
+    changed.PatientID = "OTHER"
+    assert assoc.send_c_store(changed).Status == STATUS_CANNOT_UNDERSTAND
+    assoc.release()
+
+
+def test_parse_instance_refuses_a_sop_class_uid_that_is_no_uid(series: list[Path], tmp_path: Path) -> None:
+    ds = dcmread(series[0])
+    ds.SOPClassUID = "MR/../x"
+    path = tmp_path / "bad-class.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(BadInstance) as info:
+        parse_instance(path.read_bytes())
+    assert info.value.status == STATUS_DATASET_MISMATCH and "SOPClassUID 'MR/../x' is not a valid UID" in str(
+        info.value)
+
+
+def test_concurrent_conflicting_sends_store_exactly_one(node: Node, series: list[Path]) -> None:
+    import threading
+
+    from dicom_node.scp import stored_digest
+
+    for round_ in range(4):
+        variants = []
+        for k in range(2):
+            ds = dcmread(series[2])
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.3.99.{round_}"
+            ds.PatientID = f"VARIANT{k}"
+            variants.append(ds)
+        statuses: list[int] = []
+        barrier = threading.Barrier(2)
+
+        def send(ds: Any) -> None:
+            assoc = node.associate()
+            barrier.wait()
+            statuses.append(assoc.send_c_store(ds).Status)
+            assoc.release()
+
+        threads = [threading.Thread(target=send, args=(v,)) for v in variants]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(statuses) == [0x0000, STATUS_CANNOT_UNDERSTAND]
+        record = node.journal.instance(f"1.2.3.99.{round_}")
+        assert record is not None and stored_digest(Path(record.path)) == record.sha256  # file == journal

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node import spool as spool_module
-from dicom_node.spool import Spool
+from dicom_node.spool import Spool, SpoolPathError, path_component
 
 
 def test_write_files_under_study_series_sop(tmp_path: Path) -> None:
@@ -22,12 +22,36 @@ def test_write_files_under_study_series_sop(tmp_path: Path) -> None:
 
 
 def test_unsafe_uid_characters_cannot_escape_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "data" / "spool"
+    spool = Spool(root, fsync=False)
+    hostile = ["..", "../../etc", "a/b", "/abs", ".", "", "1+1", "1_1", "1/1", "1.2.3\x00", "1..2", "x" * 300]
+    written: dict[str, Path] = {}
+    for k, uid in enumerate(hostile):
+        path = spool.write(uid, uid, uid, f"object {k}".encode())
+        assert path.resolve().is_relative_to(root.resolve()), (uid, path)
+        study, series, name = path.relative_to(root).parts
+        assert study == series == name.removesuffix(".dcm") == path_component(uid)
+        assert study.startswith("h-") and len(study) == 42 and study[2:].isalnum()
+        written[uid] = path
+    assert len(set(written.values())) == len(hostile)  # no two share a file (1+1, 1_1 and 1/1 included)
+    for k, uid in enumerate(hostile):
+        assert written[uid].read_bytes() == f"object {k}".encode()  # nothing overwritten
+    # nothing was written outside the spool
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["spool"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "data"]
+    # a UID is used as it is
+    assert spool.path_for("1.2.3", "1.2.3.4", "1.2.840.01.5").relative_to(root).parts == (
+        "1.2.3", "1.2.3.4", "1.2.840.01.5.dcm")
+    assert path_component("1." * 40) != "1." * 40  # too long (and an empty last component) for a UID
+
+
+def test_a_symlink_out_of_the_spool_is_refused(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", fsync=False)
-    path = spool.write("../../etc", "a/b", "", b"x")
-    assert tmp_path / "spool" in path.parents
-    assert path.relative_to(tmp_path / "spool").parts == (".._.._etc", "a_b", "_.dcm")
-    long_uid = "1." * 100
-    assert len(spool.path_for(long_uid, "1", "1").parts[-3]) == 128
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "spool" / "1.2").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SpoolPathError):
+        spool.write("1.2", "3", "4", b"x")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
 def test_rewrite_replaces_the_earlier_copy(tmp_path: Path) -> None:

@@ -32,3 +32,13 @@ def test_is_own_uid() -> None:
     assert not is_own_uid("1.2.34.5", "1.2.3")      # a longer component is not under the root
     assert not is_own_uid("1.2.4.5", "1.2.3")
     assert not is_own_uid(new_uid(None), None)     # pydicom's root is everyone's
+
+
+def test_is_valid_uid() -> None:
+    from dicom_node.uids import is_valid_uid
+
+    for good in ("1.2.3", "0", "1.2.840.10008.5.1.4.1.1.4", "1" * 64, "1.2.840.01"):  # leading zero: lenient
+        assert is_valid_uid(good), good
+    for bad in ("", "..", ".", "1..2", "1.2.", ".1", "1+1", "1_1", "a/b", "1.2.3 ", "1.2.3\x00", "１.２",
+                "1" * 65, "1.2.a"):
+        assert not is_valid_uid(bad), bad

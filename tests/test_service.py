@@ -1,0 +1,113 @@
+"""Tests for dicom_node.service: crash recovery of jobs, with the real node in child processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicom_node.journal import Journal
+from tests.dicom_factory import make_mr_series
+from tests.e2e.peers import free_port
+from tests.onnx_fixtures import make_synthesis_model
+from tests.test_jobs import MODEL, SHAPE, SPACING, record_series
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: The node as `dicom-node serve` runs it, except that reading a "poison" series kills the process
+#: (what a fatal crash in a decoder or the model does); exits 0 once every job has settled.
+CHILD = r"""
+import os, sys, time
+from pathlib import Path
+
+import dicom_node.jobs as jobs
+from dicom_node.config import load_config
+from dicom_node.service import Node
+
+real_load = jobs.load_series
+
+def load_series(paths):
+    paths = list(paths)
+    if any("poison" in str(p) for p in paths):
+        os._exit(3)
+    return real_load(paths)
+
+jobs.load_series = load_series
+node = Node(load_config(Path(sys.argv[1])))
+node.start()
+try:
+    deadline = time.monotonic() + 60
+    while {j.state for j in node.journal.jobs()} & {"queued", "running"}:
+        if time.monotonic() > deadline:
+            sys.exit(4)
+        time.sleep(0.05)
+finally:
+    node.stop()
+"""
+
+
+def _config(tmp_path: Path, models_dir: Path, max_attempts: int) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(f"""
+[node]
+host = "127.0.0.1"
+port = {free_port()}
+data_dir = "{tmp_path / 'data'}"
+fsync = false
+
+[inference]
+models_dir = "{models_dir}"
+threads = 1
+
+[jobs]
+max_attempts = {max_attempts}
+
+[[rules]]
+name = "t1-2d"
+series_description = "t1"
+model = "{MODEL}"
+output_name = "sT12DT1"
+volumetry = false
+""")
+    return path
+
+
+def _queue(journal: Journal, paths: list[Path]) -> int:
+    uid = record_series(journal, paths)
+    version = journal.close_series(uid)
+    assert version is not None
+    return journal.add_job(series_uid=uid, version=version, rule="t1-2d", action="synthesize", model=MODEL)
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+def test_a_job_that_kills_the_node_every_time_is_quarantined(tmp_path: Path, max_attempts: int) -> None:
+    models_dir = tmp_path / "models"
+    make_synthesis_model(models_dir, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
+    config = _config(tmp_path, models_dir, max_attempts)
+    journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
+    poison = _queue(journal, make_mr_series(tmp_path / "poison", shape=SHAPE, spacing=SPACING))
+    good = _queue(journal, make_mr_series(tmp_path / "good", shape=SHAPE, spacing=SPACING, series_number=5))
+    journal.close()
+
+    codes = []
+    for _ in range(max_attempts + 2):  # a node that never quarantines would crash every time
+        child = subprocess.run([sys.executable, "-c", CHILD, str(config)], cwd=REPO, capture_output=True,
+                               text=True, timeout=120)
+        codes.append(child.returncode)
+        if child.returncode != 3:
+            break
+    # the poison job crashed the node on each of its runs; the next start quarantined it and went on
+    assert codes == [3] * max_attempts + [0], child.stderr[-3000:]
+    assert f"quarantined: interrupted {max_attempts} times" in child.stderr
+
+    journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
+    try:
+        quarantined = journal.job(poison)
+        assert quarantined.state == "failed" and quarantined.attempts == max_attempts
+        assert quarantined.reason.startswith(f"quarantined: interrupted {max_attempts} times")
+        processed = journal.job(good)
+        assert processed.state == "sent" and processed.attempts == 1, processed.reason  # no destination
+    finally:
+        journal.close()
