@@ -84,12 +84,16 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     for d in config.destinations:
         print(f"destination {d.name}: {d.ae_title}@{d.host}:{d.port}")
     print(f"models in {config.inference.models_dir}: {', '.join(sorted(installed)) or 'none'}")
+    segmenter = config.inference.segmenter
+    print(f"segmenter: {segmenter or 'none (each rule model segments)'}"
+          + ("" if not segmenter or segmenter in installed else " [NOT INSTALLED: volumetry rules disabled]"))
     problems = 0
     for rule in config.rules:
         dests = ", ".join(d.name for d in config.destinations_for(rule)) or "none (kept on disk)"
         state = "ok"
-        if rule.model and rule.model not in installed:
-            state = f"DISABLED: model {rule.model!r} not installed"
+        missing = [m for m in config.models_for(rule) if m not in installed]
+        if missing:
+            state = f"DISABLED: model {missing[0]!r} not installed"
             problems += 1
         print(f"rule {rule.name}: /{rule.series_description}/i → {rule.action} {rule.model or ''}"
               f" as {rule.output_name}, to {dests} [{state}]")

@@ -100,9 +100,11 @@ class Rule(_Strict):
     #: Case-insensitive regular expression searched in SeriesDescription.
     series_description: str
     #: ``synthesize``: run ``model`` to make a synthetic T1; ``volumetry``: the series is a real
-    #: 3D T1 (rT1), measured as it is (``model`` only segments it).
+    #: 3D T1 (rT1), measured as it is (segmented by ``[inference] segmenter``).
     action: Literal["synthesize", "volumetry"] = "synthesize"
-    model: str
+    #: The synthesis model. For a volumetry rule, optional: a model whose own segmentation output
+    #: measures the real T1, used only when ``[inference] segmenter`` is empty.
+    model: str | None = None
     #: Also send DICOM SEG, a TID 1500 SR of regional volumes and a summary page (needs a model
     #: with a segmentation output).
     volumetry: bool = True
@@ -138,6 +140,8 @@ class Rule(_Strict):
     def _consistent(self) -> Rule:
         if self.action == "volumetry" and not self.volumetry:
             raise ValueError("a rule with action 'volumetry' needs volumetry = true (it produces nothing else)")
+        if self.action == "synthesize" and not self.model:
+            raise ValueError("a rule with action 'synthesize' needs a model")
         if (
             self.slice_thickness_min is not None
             and self.slice_thickness_max is not None
@@ -147,15 +151,31 @@ class Rule(_Strict):
         return self
 
 
+#: the bundled segmenter: brainchop's MeshNet (FreeSurfer aparc+aseg, real T1s), converted (onnx_models/README.md)
+DEFAULT_SEGMENTER = "brainchop-aparc-aseg"
+
+
 class InferenceSettings(_Strict):
     """``[inference]``: where models live and how onnxruntime runs them."""
 
     models_dir: Path = BUNDLED_MODELS_DIR
+    #: The segmentation model that measures every real 3D T1 and every synthetic sT1 (one segmenter for
+    #: both, so that their volumes compare). Empty: each rule's model segments with its own output.
+    segmenter: str | None = DEFAULT_SEGMENTER
+    #: Synthesize each sT1 also from the input mirrored left-right and average the two (the mirrored one
+    #: mirrored back), so that a mirrored head gives the mirrored sT1: no side bias from the synthesis
+    #: network. Doubles the synthesis time.
+    mirror_average: bool = True
     providers: Literal["auto", "cpu", "cuda"] = "auto"
     #: onnxruntime intra-op threads (0: onnxruntime's default, one per core).
     threads: int = Field(default=0, ge=0)
     #: Parallel jobs (each holds one volume in memory).
     workers: int = Field(default=1, ge=1, le=8)
+
+    @field_validator("segmenter")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
 
 
 class JobSettings(_Strict):
@@ -236,7 +256,6 @@ def default_rules() -> list[Rule]:
             name="real-3d-t1",
             series_description=r"mprage|mp-rage|mp2rage|t1.*(3d|tfl|spgr|bravo|vibe)|(3d|tfl|spgr|bravo).*t1",
             action="volumetry",
-            model=GENERAL_MODEL,
             output_name="rT1",
             mr_acquisition_type="3D",
             image_type=["ORIGINAL"],
@@ -276,6 +295,9 @@ class NodeConfig(_Strict):
         for i, rule in enumerate(self.rules):
             if rule.name in rule_names[:i]:
                 raise ValueError(f"rules[{i}].name: duplicate rule name {rule.name!r}")
+            if rule.action == "volumetry" and not rule.model and not self.inference.segmenter:
+                raise ValueError(f"rules[{i}].model: a volumetry rule needs a model when [inference] segmenter "
+                                 "is empty")
             for dest in rule.destinations or []:
                 if dest not in names:
                     raise ValueError(
@@ -283,6 +305,16 @@ class NodeConfig(_Strict):
                         f"(defined: {', '.join(names) or 'none'})"
                     )
         return self
+
+    def models_for(self, rule: Rule) -> list[str]:
+        """The model ids a rule needs: its synthesis model and, for volumetry, the segmenter (or, without a
+        segmenter, the rule's own model)."""
+        needed = [rule.model] if rule.action == "synthesize" and rule.model else []
+        if rule.volumetry:
+            segmenter = self.inference.segmenter or rule.model
+            if segmenter and segmenter not in needed:
+                needed.append(segmenter)
+        return needed
 
     def destinations_for(self, rule: Rule) -> list[Destination]:
         if rule.destinations is None:

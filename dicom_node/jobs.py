@@ -8,24 +8,29 @@ it later behind the same two methods (``submit``, ``shutdown``).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import queue
 import shutil
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import SimpleITK as sitk
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from inference.agreement import compare
-from inference.models import ModelRegistry
+from inference.labels import STRUCTURES, region_codes
+from inference.models import LoadedModel, ModelManifest, ModelRegistry
 from inference.pipeline import run_model
-from inference.volume import GeometryError, load_series
-from inference.volumetry import compute_volumetry, with_qc_flag
+from inference.segmentation import segment
+from inference.volume import GeometryError, LoadedSeries, load_series
+from inference.volumetry import OPTIONAL_STRUCTURES, Volumetry, compute_volumetry, with_qc_flag
 
 from .config import NodeConfig, Rule
 from .journal import Journal, SeriesRecord
@@ -59,6 +64,32 @@ def output_description(rule: Rule, version: int, suffix: str = "") -> str:
     """``sT1AAH``, ``sT1AAH SEG``; a re-run adds its version: ``sT1AAH v2``, ``sT1AAH SEG v2``."""
     text = f"{rule.output_name}{suffix}"
     return text if version <= 1 else f"{text} v{version}"
+
+
+@dataclass(frozen=True)
+class _Images:
+    t1: sitk.Image                          # the T1 measured: the sT1 or the real T1
+    labels: sitk.Image | None               # a model's own labels on t1's grid (without a segmenter)
+    synthesis: ModelManifest | None         # the synthesis model of a synthesize rule
+    own_labels_of: ModelManifest | None     # the model whose own labels are used (no segmenter)
+
+
+@dataclass(frozen=True)
+class _Measured:
+    volumetry: Volumetry | None
+    labels: sitk.Image | None
+    algorithm: ModelManifest                # who drew the labels (named in the SEG and SR)
+
+
+def _age_from_dates(ds: Dataset) -> float | None:
+    """Age in years from PatientBirthDate and the study (or series, acquisition) date, when PatientAge is absent."""
+    birth = str(ds.get("PatientBirthDate") or "")
+    when = str(ds.get("StudyDate") or ds.get("SeriesDate") or ds.get("AcquisitionDate") or "")
+    try:
+        born, seen = (datetime.datetime.strptime(v[:8], "%Y%m%d").date() for v in (birth, when))
+    except ValueError:
+        return None
+    return (seen - born).days / 365.25 if seen >= born else None
 
 
 class JobFailed(RuntimeError):
@@ -134,40 +165,16 @@ class JobRunner:
         source_number = int(series.attrs.get("SeriesNumber") or 0)
         uid_prefix = self.config.node.uid_root
 
-        assert rule.model is not None
-        try:
-            model = self.registry.session(rule.model)
-        except KeyError:
-            raise JobFailed(f"not processed: model {rule.model!r} not installed") from None
-        manifest = model.manifest
-        result = run_model(model, loaded.image)
-        timings.update({f"model.{k}": v for k, v in result.timings.items()})
-
-        if rule.action == "synthesize":
-            if result.t1 is None:
-                raise JobFailed(f"model {rule.model!r} produced no image")
-            t1, labels = result.t1, result.labels
-        else:  # volumetry of the real T1, on its own grid
-            if result.labels is None:
-                raise JobFailed(f"model {rule.model!r} has no segmentation output: no volumetry")
-            t1 = loaded.image
-            labels = sitk.Resample(result.labels, loaded.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                                   result.labels.GetPixelID())
-
-        volumetry = None
-        if rule.volumetry and labels is not None:
-            t0 = time.perf_counter()
-            first = loaded.datasets[0]
-            volumetry = compute_volumetry(labels, t1, age=first.get("PatientAge"), sex=first.get("PatientSex"))
-            timings["volumetry"] = time.perf_counter() - t0
-            if not volumetry.qc_passed:
-                failed = "; ".join(c.reason for c in volumetry.qc if c.passed is False)
-                log.warning("job %d: volumetry quality control FAILED: %s", job_id, failed)
+        images = self._images(rule, loaded, timings)
+        measured = self._measure(job_id, rule, loaded, images, timings)
+        volumetry, labels, t1 = measured.volumetry, measured.labels, images.t1
+        manifest = images.synthesis
 
         headers: dict[Path, Dataset] = {}  # every file to send, with its header (read once)
         produced: list[tuple[str, str]] = []
         t0 = time.perf_counter()
         if rule.action == "synthesize":
+            assert manifest is not None
             derivation = Derivation(
                 model_id=manifest.id, model_version=manifest.version,
                 description=(f"Synthetic MPRAGE-like T1 from {series.description!r} "
@@ -188,7 +195,7 @@ class JobRunner:
         if volumetry is not None:
             assert labels is not None
             t0 = time.perf_counter()
-            algorithm = {"algorithm_name": manifest.id, "algorithm_version": manifest.version}
+            algorithm = {"algorithm_name": measured.algorithm.id, "algorithm_version": measured.algorithm.version}
             seg_path = write_seg(
                 labels, t1_sources, out_path=out_dir / "seg.dcm", uid_prefix=uid_prefix,
                 series_number=output_series_number(source_number, "SEG", version),
@@ -231,6 +238,64 @@ class JobRunner:
         self.journal.record_outputs(job_id, produced, items)
         return timings
 
+
+    def _model(self, model_id: str | None) -> LoadedModel:
+        if not model_id:
+            raise JobFailed("not processed: the rule names no model")
+        try:
+            return self.registry.session(model_id)
+        except KeyError:
+            raise JobFailed(f"not processed: model {model_id!r} not installed") from None
+
+    def _images(self, rule: Rule, loaded: LoadedSeries, timings: dict[str, float]) -> _Images:
+        """The T1 to measure: the synthetic sT1 of a synthesis rule, or the real T1 itself. Labels come with it
+        only from a model's own segmentation output, when no segmenter is configured."""
+        segmenter = self.config.inference.segmenter
+        if rule.action == "volumetry" and segmenter:
+            return _Images(t1=loaded.image, labels=None, synthesis=None, own_labels_of=None)
+        model = self._model(rule.model)
+        result = run_model(model, loaded.image, mirror_average=self.config.inference.mirror_average)
+        timings.update({f"model.{k}": v for k, v in result.timings.items()})
+        own = None if segmenter else model.manifest
+        if rule.action == "synthesize":
+            if result.t1 is None:
+                raise JobFailed(f"model {rule.model!r} produced no image")
+            return _Images(t1=result.t1, labels=result.labels, synthesis=model.manifest, own_labels_of=own)
+        if result.labels is None:  # volumetry of the real T1 by the rule's model, on the T1's own grid
+            raise JobFailed(f"model {rule.model!r} has no segmentation output: no volumetry")
+        labels = sitk.Resample(result.labels, loaded.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                               result.labels.GetPixelID())
+        return _Images(t1=loaded.image, labels=labels, synthesis=None, own_labels_of=own)
+
+    def _measure(self, job_id: int, rule: Rule, loaded: LoadedSeries, images: _Images,
+                 timings: dict[str, float]) -> _Measured:
+        """Segment the T1 with the segmenter (or take the model's own labels) and measure it."""
+        if not rule.volumetry:
+            return _Measured(None, None, images.synthesis)  # type: ignore[arg-type]
+        icv_ml = outside_ml = None
+        if images.own_labels_of is not None:
+            labels, algorithm = images.labels, images.own_labels_of
+        else:
+            segmenter = self._model(self.config.inference.segmenter)
+            result = segment(segmenter, images.t1)
+            timings.update({f"segment.{k}": v for k, v in result.timings.items()})
+            labels, algorithm = result.labels, segmenter.manifest
+            icv_ml, outside_ml = result.icv_ml, result.outside_ml
+        if labels is None:
+            return _Measured(None, None, algorithm)
+        assert algorithm.output.segmentation is not None
+        segmented = set(region_codes(np.asarray(algorithm.output.segmentation.labels)).tolist())
+        expected = (segmented & set(STRUCTURES)) - OPTIONAL_STRUCTURES
+        t0 = time.perf_counter()
+        first = loaded.datasets[0]
+        volumetry = compute_volumetry(labels, images.t1, age=first.get("PatientAge") or _age_from_dates(first),
+                                      sex=first.get("PatientSex"), expected_codes=expected, icv_ml=icv_ml,
+                                      outside_ml=outside_ml)
+        timings["volumetry"] = time.perf_counter() - t0
+        if not volumetry.qc_passed:
+            failed = "; ".join(c.reason for c in volumetry.qc if c.passed is False)
+            log.warning("job %d: volumetry quality control FAILED: %s", job_id, failed)
+        return _Measured(volumetry, labels, algorithm)
 
     def _agreement(self, job_id: int, rule: Rule, version: int, series: SeriesRecord, out_dir: Path,
                    source_number: int) -> Path | None:

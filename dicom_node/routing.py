@@ -109,9 +109,10 @@ def route(
         if why_not:
             trace.append(f"rule {rule.name!r}: no ({why_not})")
             continue
-        if rule.model and installed_models is not None and rule.model not in installed_models:
-            trace.append(f"rule {rule.name!r}: matches, but model {rule.model!r} is not installed")
-            return Decision(None, f"not processed: model {rule.model!r} not installed (rule {rule.name!r})", trace)
+        missing = [m for m in config.models_for(rule) if installed_models is not None and m not in installed_models]
+        if missing:
+            trace.append(f"rule {rule.name!r}: matches, but model {missing[0]!r} is not installed")
+            return Decision(None, f"not processed: model {missing[0]!r} not installed (rule {rule.name!r})", trace)
         trace.append(f"rule {rule.name!r}: MATCH")
         what = f"synthesize {rule.output_name} with model {rule.model}" if rule.action == "synthesize" \
             else f"volumetry of the real 3D T1 ({rule.output_name})"

@@ -53,11 +53,15 @@ class Node:
         self.installed_models = set(self.registry.available())
         log.info("models installed in %s: %s", self.config.inference.models_dir,
                  ", ".join(sorted(self.installed_models)) or "none")
+        needed: set[str] = set()
         for rule in self.config.rules:
-            if rule.model and rule.model not in self.installed_models:
+            models = self.config.models_for(rule)
+            missing = [m for m in models if m not in self.installed_models]
+            if missing:
                 log.warning("rule %r disabled: model %r is not installed in %s; its series are stored, "
-                            "not processed", rule.name, rule.model, self.config.inference.models_dir)
-        needed = {r.model for r in self.config.rules if r.model and r.model in self.installed_models}
+                            "not processed", rule.name, missing[0], self.config.inference.models_dir)
+            else:
+                needed.update(models)
         for model_id in sorted(needed):
             loaded = self.registry.session(model_id)  # warm: the first series does not pay for it
             log.info("model %s %s ready on %s", model_id, loaded.manifest.version, loaded.provider)

@@ -91,7 +91,7 @@ _STRUCTURES: list[Structure] = [
     Structure(24, "CSF", "Cerebrospinal fluid", None, (60, 60, 60), _SCT.CerebrospinalFluid, BODY_SUBSTANCE),
     *_pair(26, 58, "Accumbens-area", "accumbens", (255, 165, 0), _SCT.NucleusAccumbens),
     *_pair(28, 60, "VentralDC", "ventral diencephalon", (165, 42, 42), codes.DCM.VentralDiencephalon),
-    Structure(192, "Corpus_Callosum", "Corpus callosum", None, (250, 255, 50), _SCT.CorpusCallosum),
+    Structure(192, "Corpus_Callosum", "Corpus callosum", None, (0, 0, 208), _SCT.CorpusCallosum),
 ]
 
 #: Desikan-Killiany parcels of aparc+aseg: name -> index (code 1000 + index left, 2000 + index right; 4, the
@@ -119,7 +119,7 @@ LOBES: dict[str, tuple[int, Code, tuple[int, int, int]]] = {
     "temporal": (3, _SCT.TemporalLobe, (220, 180, 140)),
     "occipital": (4, _SCT.OccipitalLobe, (220, 20, 100)),
     "cingulate": (5, Code("32849002", "SCT", "Cingulate gyrus"), (220, 20, 10)),
-    "insula": (6, _SCT.Insula, (255, 192, 32)),
+    "insula": (6, _SCT.Insula, (160, 100, 220)),
 }
 _LOBE_BASE = {"L": 1200, "R": 2200}
 for _lobe, (_offset, _concept, _rgb) in LOBES.items():

@@ -286,8 +286,11 @@ def _embed(array: np.ndarray, shape: tuple[int, ...], box: tuple[slice, ...]) ->
     return out
 
 
-def run_model(model: LoadedModel, image: sitk.Image) -> PipelineResult:
-    """Run one model on one volume (LPS patient space); outputs on a 1 mm grid with the input's direction and FOV."""
+def run_model(model: LoadedModel, image: sitk.Image, *, mirror_average: bool | None = None) -> PipelineResult:
+    """Run one model on one volume (LPS patient space); outputs on a 1 mm grid with the input's direction and FOV.
+
+    ``mirror_average``: average the image output with that of the left-right mirrored volume (default: the
+    manifest's ``input.mirror_average``); doubles the inference time."""
     manifest = model.manifest
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -324,6 +327,14 @@ def run_model(model: LoadedModel, image: sitk.Image) -> PipelineResult:
         tile = tuple(balanced_tile(s, t, manifest.tiling.overlap, manifest.input.divisible_by)
                      for t, s in zip(manifest.tiling.tile, padded.shape, strict=True))
     image_out, seg_out = sliding_window(model, padded, tile)  # type: ignore[arg-type]
+    if mirror_average is None:
+        mirror_average = manifest.input.mirror_average
+    if mirror_average and image_out is not None:
+        axis = 2 - next(n for n, c in enumerate(manifest.input.orientation) if c in "LR")  # numpy axis of L-R
+        mirrored, _ = sliding_window(model, np.flip(padded, axis), tile)  # type: ignore[arg-type]
+        assert mirrored is not None
+        image_out = (image_out + np.flip(mirrored, axis)) * np.float32(0.5)
+        del mirrored
     del padded
     lap("inference")
     image_out, seg_out = (_embed(out[crop], full_shape, box) if out is not None else None

@@ -3,12 +3,16 @@
 Definitions:
 
 * volume of a structure (ml) = voxel count x voxel volume (product of the spacing, mm^3) / 1000;
-* intracranial volume (ICV) = every voxel with a non-zero code below 100, i.e. FreeSurfer's aseg range: all
-  brain structures, ventricles, cerebrospinal fluid (label 24), vessels, lesions, optic chiasm. Codes of 100
-  and above (SynthSeg's extra-cerebral classes 136/137/163/164/5xx: skull, scalp, soft tissue) are outside;
+* intracranial volume (ICV): given by the segmenter (``inference.segmentation.intracranial_mask``: the brain
+  mask closed over sulci, holes filled, grown by the CSF layer); without it, every voxel with a non-zero code
+  below 100, i.e. FreeSurfer's aseg range (brain structures, ventricles, CSF 24, vessels, lesions, optic chiasm;
+  SynthSeg's extra-cerebral classes 136/137/163/164/5xx are outside);
+* cerebral cortex per side = the aseg cortex code plus the lobes' cortex (``inference.labels.CORTEX``);
 * fraction of ICV (%) = 100 x volume / ICV;
-* asymmetry index of a left/right pair (%) = 200 x (L - R) / (L + R);
-* hippocampal occupancy (HOC) per side = HV / (HV + inferior lateral ventricle volume);
+* asymmetry index of a left/right pair (%) = 200 x (L - R) / (L + R), defined when both sides are present
+  (otherwise "n/a": an absent structure is a segmentation failure, not an asymmetry);
+* hippocampal occupancy (HOC) per side = HV / (HV + inferior lateral ventricle volume), defined when both are
+  present (otherwise "n/a");
 * normative score: z = (volume - mean) / SD of the matching (structure, age band, sex) entry, percentile =
   100 x Phi(z) under a normal model. No normative table ships with the project.
 """
@@ -24,7 +28,7 @@ from typing import Literal
 import numpy as np
 import SimpleITK as sitk
 
-from inference.labels import LR_SWAP, STRUCTURES, Structure, by_code
+from inference.labels import CORTEX, LR_SWAP, STRUCTURES, Structure, by_code
 
 __all__ = [
     "Asymmetry",
@@ -32,7 +36,12 @@ __all__ = [
     "Norm",
     "NormScore",
     "QCCheck",
+    "ASYMMETRY_BOUND_PERCENT",
+    "ASYMMETRY_MIN_ML",
+    "OPTIONAL_STRUCTURES",
+    "OUTSIDE_BRAIN_MAX_ML",
     "QCLimits",
+    "icv_limits",
     "QC_FAILED_SUFFIX",
     "StructureVolume",
     "Volumetry",
@@ -41,7 +50,7 @@ __all__ = [
     "with_qc_flag",
 ]
 
-#: Codes below this (and above 0) are intracranial (FreeSurfer aseg range).
+#: Codes below this (and above 0) are intracranial (FreeSurfer aseg range), and so is every measured structure.
 ICV_CODE_LIMIT = 100
 #: Appended to the SeriesDescription of every object of a volumetry whose QC failed.
 QC_FAILED_SUFFIX = " QC FAILED"
@@ -49,10 +58,34 @@ QC_FAILED_SUFFIX = " QC FAILED"
 HIPPOCAMPUS = {"L": 17, "R": 53}
 INFERIOR_LATERAL_VENTRICLE = {"L": 5, "R": 44}
 WHITE_MATTER = (2, 41)
-CORTEX = (3, 42)
 LATERAL_VENTRICLES = (4, 43)
 
 Sex = Literal["M", "F", "O"]
+
+
+#: Structures that may be empty in a healthy head: the inferior horn of the lateral ventricle (collapsed in the
+#: young) and the CSF label (aparc+aseg's small, variable extra-ventricular CSF).
+OPTIONAL_STRUCTURES = frozenset({5, 44, 24})
+#: QC fails when a paired structure of at least ASYMMETRY_MIN_ML a side differs between sides by more than this
+#: (healthy adults: hippocampus, thalamus, caudate, putamen and lobes within about 10 %; FreeSurfer's test-retest
+#: asymmetry is below 5 %). Smaller structures are too noisy to judge.
+ASYMMETRY_BOUND_PERCENT = 30.0
+ASYMMETRY_MIN_ML = 1.0
+#: QC fails when more labelled volume than this lay apart from the brain (removed by the segmenter)
+OUTSIDE_BRAIN_MAX_ML = 10.0
+
+#: (age in years, ICV low ml, ICV high ml): plausible intracranial volume by age, from published growth curves
+#: (about 400-500 ml at birth, 75 % of the adult volume at 1 year, 85-90 % at 2-3, adult by adolescence; adult
+#: 1,100-1,900 ml), each widened by about 20 %; interpolated linearly between ages
+ICV_BY_AGE: tuple[tuple[float, float, float], ...] = (
+    (0.0, 250.0, 750.0),
+    (1.0, 600.0, 1250.0),
+    (2.0, 750.0, 1450.0),
+    (3.0, 800.0, 1550.0),
+    (6.0, 850.0, 1800.0),
+    (12.0, 900.0, 2100.0),
+    (18.0, 1000.0, 2200.0),
+)
 
 
 @dataclass(frozen=True)
@@ -61,13 +94,24 @@ class QCLimits:
 
     icv_min_ml: float = 1000.0
     icv_max_ml: float = 2200.0
+    basis: str = "adult"
+
+
+def icv_limits(age_years: float | None) -> QCLimits:
+    """ICV range for an age (the adult range when the age is unknown or 18 and over)."""
+    if age_years is None or age_years >= ICV_BY_AGE[-1][0]:
+        return QCLimits()
+    ages = [a for a, _, _ in ICV_BY_AGE]
+    low = float(np.interp(age_years, ages, [lo for _, lo, _ in ICV_BY_AGE]))
+    high = float(np.interp(age_years, ages, [hi for _, _, hi in ICV_BY_AGE]))
+    return QCLimits(icv_min_ml=low, icv_max_ml=high, basis=f"age {age_years:.1f} y")
 
 
 @dataclass(frozen=True)
 class QCCheck:
     """One plausibility check: ``passed`` is None when it could not be evaluated."""
 
-    name: Literal["icv_range", "structures_present", "intensity_ordering"]
+    name: Literal["icv_range", "structures_present", "intensity_ordering", "brain_mask", "asymmetry"]
     passed: bool | None
     reason: str
 
@@ -137,11 +181,13 @@ class Volumetry:
     icv_ml: float
     structures: dict[int, StructureVolume]   # measured structures present in the labels, by code
     asymmetry: tuple[Asymmetry, ...]
-    hoc: dict[str, float]                    # 'L'/'R' -> HOC (0..1), sides where HV + ILV > 0
+    hoc: dict[str, float]                    # 'L'/'R' -> HOC (0..1), sides where HV and ILV are present
     qc: tuple[QCCheck, ...]
     age_years: float | None
     sex: Sex | None
     norms_used: bool = field(default=False)
+    cortex_ml: dict[str, float] = field(default_factory=dict)  # 'L'/'R' -> cerebral cortex (aseg code + lobes)
+    icv_source: str = "labels"               # "labels" (aseg codes) or the segmenter's intracranial mask
 
     @property
     def qc_passed(self) -> bool:
@@ -207,7 +253,28 @@ def _check_icv(icv_ml: float, limits: QCLimits) -> QCCheck:
     ok = limits.icv_min_ml <= icv_ml <= limits.icv_max_ml
     relation = "within" if ok else "outside"
     return QCCheck("icv_range", ok, f"ICV {icv_ml:.0f} ml {relation} {limits.icv_min_ml:.0f}-"
-                                    f"{limits.icv_max_ml:.0f} ml")
+                                    f"{limits.icv_max_ml:.0f} ml ({limits.basis})")
+
+
+def _check_outside(outside_ml: float | None) -> QCCheck:
+    if outside_ml is None:
+        return QCCheck("brain_mask", None, "not evaluated: no brain mask")
+    ok = outside_ml <= OUTSIDE_BRAIN_MAX_ML
+    return QCCheck("brain_mask", ok, f"{outside_ml:.1f} ml of labels apart from the brain "
+                                     f"({'at most' if ok else 'more than'} {OUTSIDE_BRAIN_MAX_ML:.0f} ml)")
+
+
+def _check_asymmetry(pairs: Sequence[Asymmetry]) -> QCCheck:
+    judged = [p for p in pairs if min(p.left_ml, p.right_ml) >= ASYMMETRY_MIN_ML]
+    if not judged:
+        return QCCheck("asymmetry", None, f"not evaluated: no pair of {ASYMMETRY_MIN_ML:g} ml or more a side")
+    worst = max(judged, key=lambda p: abs(p.index_percent))
+    beyond = [p for p in judged if abs(p.index_percent) > ASYMMETRY_BOUND_PERCENT]
+    if beyond:
+        text = ", ".join(f"{p.name} {p.index_percent:+.0f} %" for p in beyond)
+        return QCCheck("asymmetry", False, f"beyond +/-{ASYMMETRY_BOUND_PERCENT:.0f} %: {text}")
+    return QCCheck("asymmetry", True, f"{len(judged)} pairs within +/-{ASYMMETRY_BOUND_PERCENT:.0f} % "
+                                      f"(largest {worst.name} {worst.index_percent:+.1f} %)")
 
 
 def _check_present(counts: dict[int, int], expected: Collection[int]) -> QCCheck:
@@ -219,7 +286,7 @@ def _check_present(counts: dict[int, int], expected: Collection[int]) -> QCCheck
 
 def _check_intensity(labels: np.ndarray, t1: np.ndarray) -> QCCheck:
     """Median T1 of white matter > cortex > lateral ventricles (T1-weighted contrast)."""
-    classes = {"WM": WHITE_MATTER, "cortex": CORTEX, "ventricles": LATERAL_VENTRICLES}
+    classes = {"WM": WHITE_MATTER, "cortex": CORTEX["L"] + CORTEX["R"], "ventricles": LATERAL_VENTRICLES}
     medians: dict[str, float] = {}
     for name, codes in classes.items():
         values = t1[np.isin(labels, codes)]
@@ -240,14 +307,17 @@ def _t1_on_labels_grid(t1: sitk.Image, labels: sitk.Image) -> np.ndarray:
 
 
 def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | float | None, sex: str | None,
-                      norms: Sequence[Norm] = (), limits: QCLimits = QCLimits(),
-                      expected_codes: Collection[int] | None = None) -> Volumetry:
+                      norms: Sequence[Norm] = (), limits: QCLimits | None = None,
+                      expected_codes: Collection[int] | None = None, icv_ml: float | None = None,
+                      outside_ml: float | None = None) -> Volumetry:
     """Volumes of every measured structure (``inference.labels.STRUCTURES``) present in ``labels``, ICV,
     asymmetry indices, HOC, normative scores (when ``norms`` has a matching row) and quality control.
 
     ``t1`` (the image the labels were computed on; resampled onto the labels grid if needed) enables the
     intensity-ordering check. ``expected_codes`` (default: every measured structure) must all be non-empty.
-    ``age``: years or DICOM AS; ``sex``: PatientSex ('M', 'F', 'O').
+    ``age``: years or DICOM AS; ``sex``: PatientSex ('M', 'F', 'O'). ``limits``: default by age (:func:`icv_limits`).
+    ``icv_ml``: the segmenter's intracranial volume (default: from the aseg codes); ``outside_ml``: labelled
+    volume the segmenter found apart from the brain (enables the brain-mask check).
     """
     if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("labels must be a scalar 3D image")
@@ -259,9 +329,16 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
     voxel_mm3 = _voxel_volume_mm3(labels)
     values, counts_array = np.unique(array, return_counts=True)
     counts = {int(v): int(n) for v, n in zip(values, counts_array, strict=True)}
-    icv_voxels = sum(n for code, n in counts.items() if 0 < code < ICV_CODE_LIMIT)
-    icv_ml = icv_voxels * voxel_mm3 / 1000.0
+    icv_source = "labels"
+    if icv_ml is None:
+        icv_voxels = sum(n for code, n in counts.items() if 0 < code < ICV_CODE_LIMIT or code in STRUCTURES)
+        icv_ml = icv_voxels * voxel_mm3 / 1000.0
+    else:
+        icv_voxels = int(round(icv_ml * 1000.0 / voxel_mm3))
+        icv_source = "intracranial mask"
     age_years, sex_value = parse_age(age), _parse_sex(sex)
+    if limits is None:
+        limits = icv_limits(age_years)
 
     structures: dict[int, StructureVolume] = {}
     for code in STRUCTURES:
@@ -281,7 +358,7 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
         right = LR_SWAP[code]
         left_ml = structures[code].volume_ml if code in structures else 0.0
         right_ml = structures[right].volume_ml if right in structures else 0.0
-        if left_ml + right_ml > 0:
+        if left_ml > 0 and right_ml > 0:
             index = 200.0 * (left_ml - right_ml) / (left_ml + right_ml)
             asymmetry.append(Asymmetry(code, right, left_ml, right_ml, index))
 
@@ -290,14 +367,17 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
         hv = structures[HIPPOCAMPUS[side]].volume_ml if HIPPOCAMPUS[side] in structures else 0.0
         ilv = (structures[INFERIOR_LATERAL_VENTRICLE[side]].volume_ml
                if INFERIOR_LATERAL_VENTRICLE[side] in structures else 0.0)
-        if hv + ilv > 0:
+        if hv > 0 and ilv > 0:
             hoc[side] = hv / (hv + ilv)
+    cortex_ml = {side: sum(structures[c].volume_ml for c in codes_of_side if c in structures)
+                 for side, codes_of_side in CORTEX.items()}
 
     expected = set(STRUCTURES) if expected_codes is None else {int(c) for c in expected_codes}
     unknown = expected - set(STRUCTURES)
     if unknown:
         raise ValueError(f"expected_codes holds codes that are not measured structures: {sorted(unknown)}")
-    checks = [_check_icv(icv_ml, limits), _check_present(counts, expected)]
+    checks = [_check_icv(icv_ml, limits), _check_present(counts, expected), _check_outside(outside_ml),
+              _check_asymmetry(asymmetry)]
     if t1 is None:
         checks.append(QCCheck("intensity_ordering", None, "not evaluated: no T1 image"))
     else:
@@ -305,4 +385,4 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
 
     return Volumetry(voxel_volume_mm3=voxel_mm3, icv_voxels=icv_voxels, icv_ml=icv_ml, structures=structures,
                      asymmetry=tuple(asymmetry), hoc=hoc, qc=tuple(checks), age_years=age_years, sex=sex_value,
-                     norms_used=bool(norms))
+                     norms_used=bool(norms), cortex_ml=cortex_ml, icv_source=icv_source)

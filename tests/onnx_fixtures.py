@@ -145,3 +145,17 @@ def make_synthesis_model(
         lines = [replacement if line.split("=")[0].strip() == prefix else line for line in lines]
     (folder / "manifest.toml").write_text("\n".join(lines), encoding="utf-8")
     return folder
+
+
+BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "onnx_models"
+
+
+def link_bundled_segmenter(folder: Path) -> str:
+    """Link the bundled segmenter (the converted brainchop MeshNet, a real model) into a fixture models folder;
+    returns its id. Fixture synthesis models are tiny graphs; the segmenter is what measures their output."""
+    from dicom_node.config import DEFAULT_SEGMENTER
+
+    target = folder / DEFAULT_SEGMENTER
+    if not target.exists():
+        target.symlink_to(BUNDLED_MODELS / DEFAULT_SEGMENTER, target_is_directory=True)
+    return DEFAULT_SEGMENTER

@@ -45,7 +45,9 @@ def test_identical_images_agree_perfectly(phantom) -> None:
     assert result.translation_mm == (0.0, 0.0, 0.0) and result.rotation_deg == (0.0, 0.0, 0.0)
     assert result.coverage == 1.0
     brain = sitk.GetArrayViewFromImage(labels)
-    assert result.mask_voxels == int(((brain > 0) & (brain < 100)).sum())
+    # the brain mask: aseg codes 1..99 and every measured structure (the cortex by lobe, the corpus callosum)
+    assert result.mask_voxels == int((((brain > 0) & (brain < 100)) | np.isin(brain, list(STRUCTURES))).sum())
+    assert result.mask_voxels > int(((brain > 0) & (brain < 100)).sum())
 
 
 def test_intensity_scale_does_not_matter(phantom) -> None:

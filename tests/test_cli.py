@@ -19,7 +19,7 @@ from dicom_node.dispatch import RetryPolicy
 from dicom_node.journal import Journal
 from tests.dicom_factory import make_mr_series, make_study
 from tests.e2e.peers import free_port
-from tests.onnx_fixtures import make_synthesis_model
+from tests.onnx_fixtures import link_bundled_segmenter, make_synthesis_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("models")
-    for model_id in sorted({r.model for r in default_rules()}):  # every model the built-in rules use
+    for model_id in sorted({r.model for r in default_rules() if r.model}):  # every model the built-in rules use
         make_synthesis_model(folder, model_id=model_id)
+    link_bundled_segmenter(folder)
     return folder
 
 
@@ -65,7 +66,8 @@ def test_config_check_good_file(tmp_path: Path, models_dir: Path, capsys: pytest
     assert f"node: NODE on 0.0.0.0:11112, data in {tmp_path / 'data'}" in out
     assert "peers: MR1@any host" in out
     assert "destination PACS: PACS@127.0.0.1:104" in out
-    assert f"models in {models_dir}: synth-t1, synth-t1-aahead-scout" in out
+    assert f"models in {models_dir}: brainchop-aparc-aseg, synth-t1, synth-t1-aahead-scout" in out
+    assert "segmenter: brainchop-aparc-aseg\n" in out
     assert "rule t1-2d: /t1/i → synthesize synth-t1-t1-2d as sT12DT1, to PACS [ok]" in out
     assert out.rstrip().endswith("configuration is valid")
 

@@ -68,7 +68,11 @@ def test_default_rules_are_valid_and_ordered() -> None:
     assert names.index("real-3d-t1") < names.index("t1-2d")
     assert {r.name: r.model for r in rules} == {
         "aahead-scout": "synth-t1-aahead-scout", "flair-3d": GENERAL_MODEL, "flair-2d": "synth-t1-flair",
-        "coronal-t2": "synth-t1-cor-t2", "real-3d-t1": GENERAL_MODEL, "t1-2d": "synth-t1-t1-2d"}
+        "coronal-t2": "synth-t1-cor-t2", "real-3d-t1": None, "t1-2d": "synth-t1-t1-2d"}
+    config = NodeConfig(rules=rules)
+    assert config.inference.segmenter == "brainchop-aparc-aseg"
+    assert config.models_for(rules[0]) == ["synth-t1-aahead-scout", "brainchop-aparc-aseg"]
+    assert config.models_for(rules[4]) == ["brainchop-aparc-aseg"]  # the real T1: the segmenter only
     for rule in rules:
         assert rule.volumetry
         assert "ORIGINAL" in rule.image_type
@@ -224,7 +228,12 @@ def test_duplicate_destination_and_rule_names() -> None:
 
 def test_rule_validation() -> None:
     base = '[[rules]]\nname = "r"\noutput_name = "x"\n'
-    assert "rules[0].model: Field required" in _error(base + 'series_description = "t1"')
+    assert "rules[0]: a rule with action 'synthesize' needs a model" in _error(base + 'series_description = "t1"')
+    # a volumetry rule needs no model: the segmenter measures the real T1 ...
+    assert parse_config(base + 'series_description = "t1"\naction = "volumetry"').rules[0].model is None
+    # ... unless there is no segmenter
+    assert "a volumetry rule needs a model when [inference] segmenter is empty" in _error(
+        base + 'series_description = "t1"\naction = "volumetry"\n[inference]\nsegmenter = ""')
     assert "invalid regular expression" in _error(base + 'series_description = "t1("\nmodel = "m"')
     assert "rules[0].manufacturer" in _error(base + 'series_description = "t1"\nmodel = "m"\nmanufacturer = "[x"')
     assert "slice_thickness_min is larger" in _error(

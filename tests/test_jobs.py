@@ -45,7 +45,7 @@ def make_config(data_dir: Path, models_dir: Path, rules: list[Rule],
         destinations=[Destination(name=n, ae_title=n, host="127.0.0.1", port=104 + k)
                       for k, n in enumerate(destinations)],
         rules=rules,
-        inference=InferenceSettings(models_dir=models_dir),
+        inference=InferenceSettings(models_dir=models_dir, segmenter=""),  # the fixture model's own labels
     )
 
 

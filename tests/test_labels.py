@@ -9,8 +9,24 @@ from pydicom.sr.codedict import codes
 
 from inference.labels import BODY_SUBSTANCE, LR_SWAP, STRUCTURES, by_code, laterality_code, swap_left_right
 
-MEASURED = {2, 41, 3, 42, 4, 43, 5, 44, 7, 46, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 14, 15, 16,
-            17, 53, 18, 54, 24, 26, 58, 28, 60}
+ASEG = {2, 41, 3, 42, 4, 43, 5, 44, 7, 46, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 14, 15, 16,
+        17, 53, 18, 54, 24, 26, 58, 28, 60}
+LOBE_CODES = {*range(1201, 1207), *range(2201, 2207)}
+MEASURED = ASEG | LOBE_CODES | {192}
+
+
+def _side(structure_name: str) -> str | None:
+    if structure_name.startswith(("Left-", "ctx-lh-")):
+        return "L"
+    if structure_name.startswith(("Right-", "ctx-rh-")):
+        return "R"
+    return None
+
+
+def _unsided(structure_name: str) -> str:
+    for prefix in ("Left-", "Right-", "ctx-lh-", "ctx-rh-"):
+        structure_name = structure_name.removeprefix(prefix)
+    return structure_name
 
 
 def test_table_has_the_measured_structures() -> None:
@@ -25,8 +41,7 @@ def test_table_has_the_measured_structures() -> None:
 
 def test_laterality_matches_names() -> None:
     for structure in STRUCTURES.values():
-        prefix = structure.freesurfer_name.split("-")[0]
-        expected = {"Left": "L", "Right": "R"}.get(prefix)
+        expected = _side(structure.freesurfer_name)
         assert structure.laterality == expected, structure.freesurfer_name
         assert laterality_code(structure) == {"L": codes.SCT.Left, "R": codes.SCT.Right}.get(expected or "")
 
@@ -38,6 +53,8 @@ def test_concepts_come_from_cid_7140() -> None:
         if structure.code == 24:
             assert structure.snomed == ("65216001", "Cerebrospinal Fluid")
             assert structure.category == BODY_SUBSTANCE
+        elif structure.code not in ASEG:  # lobes and the corpus callosum: SNOMED CT structures outside CID 7140
+            assert structure.concept.scheme_designator == "SCT" and structure.category == codes.SCT.AnatomicalStructure
         else:
             assert structure.concept in cid_7140, structure.freesurfer_name
     assert by_code(17).snomed == ("5366008", "Hippocampus")
@@ -49,7 +66,7 @@ def test_pairs_share_concept_and_are_swapped() -> None:
         if structure.laterality is not None:
             mirror = by_code(LR_SWAP[structure.code])
             assert mirror.concept == structure.concept
-            assert mirror.freesurfer_name.split("-", 1)[1] == structure.freesurfer_name.split("-", 1)[1]
+            assert _unsided(mirror.freesurfer_name) == _unsided(structure.freesurfer_name)
             assert mirror.laterality != structure.laterality
         else:
             assert structure.code not in LR_SWAP
@@ -62,3 +79,18 @@ def test_swap_left_right() -> None:
     assert swapped.dtype == labels.dtype
     np.testing.assert_array_equal(swap_left_right(swapped), labels)
     assert all(LR_SWAP[LR_SWAP[c]] == c for c in LR_SWAP)
+
+
+def test_lobes_group_the_desikan_killiany_parcels() -> None:
+    from inference.labels import APARC_ASEG_CODES, CORTEX, DK_PARCELS, region_codes
+
+    assert len(DK_PARCELS) == 34 and APARC_ASEG_CODES["ctx-lh-bankssts"] == 1001
+    assert APARC_ASEG_CODES["ctx-rh-insula"] == 2035 and APARC_ASEG_CODES["Left-Thalamus-Proper"] == 10
+    parcels = np.array([1028, 2028, 1017, 1030, 2006, 1011, 2026, 1035, 253, 17, 0, 42], dtype=np.uint16)
+    regions = region_codes(parcels)
+    names = [by_code(c).freesurfer_name if c else "0" for c in regions.tolist()]
+    assert names == ["ctx-lh-frontal-lobe", "ctx-rh-frontal-lobe", "ctx-lh-frontal-lobe", "ctx-lh-temporal-lobe",
+                     "ctx-rh-temporal-lobe", "ctx-lh-occipital-lobe", "ctx-rh-cingulate-lobe", "ctx-lh-insula-lobe",
+                     "Corpus_Callosum", "Left-Hippocampus", "0", "Right-Cerebral-Cortex"]
+    assert set(CORTEX["L"]) == {3, *range(1201, 1207)} and set(CORTEX["R"]) == {42, *range(2201, 2207)}
+    assert by_code(1203).concept == codes.SCT.TemporalLobe and by_code(2203).laterality == "R"

@@ -14,7 +14,7 @@ MR = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.1234"
-ALL_MODELS = {r.model for r in default_rules()}
+ALL_MODELS = {m for r in default_rules() for m in NodeConfig().models_for(r)}
 
 
 def attrs(description: str, **overrides: Any) -> dict[str, Any]:
@@ -183,7 +183,15 @@ def test_missing_model_is_not_installed() -> None:
 
 def test_volumetry_needs_its_segmentation_model() -> None:
     decision = decide(attrs("SAG MPRAGE", MRAcquisitionType="3D", SliceThickness=1.0), installed_models=set())
-    assert decision.reason == "not processed: model 'synth-t1' not installed (rule 'real-3d-t1')"
+    assert decision.reason == "not processed: model 'brainchop-aparc-aseg' not installed (rule 'real-3d-t1')"
+    # a synthesis rule with volumetry needs both its model and the segmenter
+    decision = decide(attrs("t1_fl2d_sag"), installed_models={"synth-t1-t1-2d"})
+    assert decision.reason == "not processed: model 'brainchop-aparc-aseg' not installed (rule 't1-2d')"
+    # without a segmenter, a volumetry rule is measured by its own model
+    legacy = NodeConfig(inference={"segmenter": ""}, rules=[Rule(
+        name="r", series_description="mprage", action="volumetry", model="synth-t1", output_name="rT1")])
+    assert legacy.models_for(legacy.rules[0]) == ["synth-t1"]
+    assert not route(legacy, attrs("MPRAGE"), SERIES_UID, installed_models={"brainchop-aparc-aseg"}).processed
 
 
 def test_installed_models_none_skips_the_check() -> None:
@@ -229,4 +237,5 @@ def test_first_matching_rule_wins() -> None:
         Rule(name="a", series_description="t1", model="m1", output_name="A"),
         Rule(name="b", series_description="t1", model="m2", output_name="B"),
     ])
-    assert route(config, attrs("t1"), SERIES_UID, installed_models={"m1", "m2"}).rule.name == "a"
+    installed = {"m1", "m2", "brainchop-aparc-aseg"}
+    assert route(config, attrs("t1"), SERIES_UID, installed_models=installed).rule.name == "a"

@@ -44,6 +44,17 @@ def test_shipped_model_runs(registry: ModelRegistry, model_id: str) -> None:
     assert (folder / "MODEL_CARD.md").is_file(), "every shipped model needs a model card"
     model = registry.session(model_id)
     image = _head_phantom()
+    if manifest.task == "segmentation":
+        from inference.labels import region_codes
+        from inference.segmentation import segment
+
+        seg = segment(model, image)
+        labels = sitk.GetArrayFromImage(seg.labels)
+        assert labels.shape == (64, 64, 64)
+        assert set(np.unique(labels).tolist()) <= {0, *region_codes(np.array(manifest.output.segmentation.labels))}
+        assert np.isfinite(seg.icv_ml) and seg.icv_ml >= 0
+        assert (MODELS_DIR / model_id / "LICENSE").is_file(), "a converted model carries its licence"
+        return
     result = run_model(model, image)
     if manifest.output.image is not None:
         assert result.t1 is not None
@@ -78,6 +89,7 @@ def test_card_and_manifest_carry_the_measured_metrics(model_id: str) -> None:
     assert summary, f"{model_id} was exported but not evaluated"
     manifest = load_manifest(MODELS_DIR / model_id / MANIFEST_FILE)
     assert manifest.metrics["info"].get("train_step") == recorded["info"].get("train_step")
+    assert manifest.metrics["info"].get("evaluated") == recorded["info"].get("evaluated")
     assert "PLACEHOLDER" not in card
     for key, row in summary.items():
         assert f"[metrics.{key}]" in manifest_text
@@ -85,8 +97,12 @@ def test_card_and_manifest_carry_the_measured_metrics(model_id: str) -> None:
             assert f"| held-out maps: {key[9:]} |" in card and f"{row['dice_major']:.3f}" in card
 
 
+SYNTHESIS = [m for m in SHIPPED if load_manifest(MODELS_DIR / m / MANIFEST_FILE).task == "synthesis"]
+SEGMENTERS = [m for m in SHIPPED if m not in SYNTHESIS]
+
+
 @requires_models
-@pytest.mark.parametrize("model_id", SHIPPED)
+@pytest.mark.parametrize("model_id", SYNTHESIS)
 def test_evaluation_reproduces_the_card(registry: ModelRegistry, model_id: str) -> None:
     """One held-out map, one input kind, through the evaluation command's own code: the numbers in
     metrics.json (which the card and manifest are written from) come back within noise."""
@@ -121,8 +137,9 @@ def test_default_rules_use_the_bundled_models(tmp_path: Path, capsys: pytest.Cap
 
     config = load_config(None)
     assert config.inference.models_dir == MODELS_DIR == BUNDLED_MODELS_DIR
-    wanted = {r.model for r in config.rules}
+    wanted = {m for r in config.rules for m in config.models_for(r)}
     assert wanted and wanted <= set(SHIPPED)
+    assert config.inference.segmenter in SEGMENTERS
     path = tmp_path / "node.toml"
     path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n', encoding="utf-8")
     assert main(["config", "check", "--config", str(path)]) == 0
@@ -137,11 +154,16 @@ def test_without_bundled_models_the_default_rules_are_disabled(tmp_path: Path,
     from dicom_node.cli import main
     from dicom_node.config import load_config
 
-    missing = sorted({r.model for r in load_config(None).rules} - set(SHIPPED))
-    if not missing:
-        pytest.skip("every default rule's model is bundled")
+    config = load_config(None)
+    empty = tmp_path / "no-models"
+    empty.mkdir()
     path = tmp_path / "node.toml"
-    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n', encoding="utf-8")
+    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[inference]\nmodels_dir = "{empty}"\n',
+                    encoding="utf-8")
     assert main(["config", "check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert f"[DISABLED: model '{missing[0]}' not installed]" in out
+    for rule in config.rules:
+        missing = config.models_for(rule)[0]
+        assert f"rule {rule.name}: " in out and f"[DISABLED: model '{missing}' not installed]" in out
+    assert "segmenter: brainchop-aparc-aseg [NOT INSTALLED: volumetry rules disabled]" in out
+    assert out.rstrip().endswith(f"{len(config.rules)} rule(s) disabled")

@@ -175,7 +175,8 @@ def test_qc_passed_is_recorded(build: dict) -> None:
     overall, checks = _qc(build["sr"])
     assert overall == "Succeeded"
     assert {name: outcome for name, (outcome, _) in checks.items()} == {
-        "icv_range": "Succeeded", "structures_present": "Succeeded", "intensity_ordering": "Succeeded"}
+        "icv_range": "Succeeded", "structures_present": "Succeeded", "intensity_ordering": "Succeeded",
+        "asymmetry": "Succeeded", "brain_mask": "Not Attempted"}
     assert "within" in checks["icv_range"][1]
 
 

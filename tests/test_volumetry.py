@@ -95,8 +95,9 @@ def test_empty_structure_fails_qc_and_is_named() -> None:
     check = _qc(result, "structures_present")
     assert check.passed is False
     assert "Right hippocampus" in check.reason and "Left hippocampus" not in check.reason
-    assert 53 not in result.structures and "R" in result.hoc  # the ILV alone still gives HOC 0
-    assert result.hoc["R"] == 0.0
+    # HOC without a hippocampus is undefined ("n/a"), not 0 (nor 1): an empty structure is a segmentation failure
+    assert 53 not in result.structures and "R" not in result.hoc and "L" in result.hoc
+    assert not any(pair.left_code == 17 for pair in result.asymmetry)  # no +200 % asymmetry either
     # a model that does not segment the hippocampus is not failed for it
     expected = set(STRUCTURES) - {53}
     assert _qc(compute_volumetry(_image(array), None, age=None, sex=None, expected_codes=expected),

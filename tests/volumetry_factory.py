@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from dicom_node.writers.derived_mr import Derivation, write_derived_mr
-from inference.labels import LR_SWAP, STRUCTURES
+from inference.labels import CORTEX, LOBES, LR_SWAP, STRUCTURES
 from tests.dicom_factory import AXIAL_IOP, direction_from_iop, make_mr_series, make_study, oblique_iop
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
@@ -66,6 +66,17 @@ def make_label_array(shape: Sequence[int] = SHAPE) -> np.ndarray:
     labels = np.zeros(shape, dtype=np.uint16)
     labels[radius < 0.98] = 24
     labels[radius < 0.88] = np.where(left, 3, 42)[radius < 0.88]
+    # the cortex by lobe (as the segmenter codes it), an aseg-coded band left over
+    sectors = {
+        "frontal": j < -0.35, "occipital": j > 0.5,
+        "parietal": (np.abs(j + 0.075) <= 0.425) & (k > 0.25), "temporal": (np.abs(j + 0.075) <= 0.425) & (k < -0.25),
+        "cingulate": (np.abs(j + 0.075) <= 0.425) & (k > 0.6) & (np.abs(i) < 0.25),
+        "insula": (j >= -0.35) & (j < 0.0) & (np.abs(k) <= 0.25) & (np.abs(i) >= 0.3),
+    }
+    cortex = (radius < 0.88) & (radius >= 0.72)
+    for lobe, sector in sectors.items():
+        offset = LOBES[lobe][0]
+        labels[cortex & sector] = np.where(left, 1200 + offset, 2200 + offset)[cortex & sector]
     labels[radius < 0.72] = np.where(left, 2, 41)[radius < 0.72]
     centre = np.array([slices // 2, rows // 2, columns // 2])
     for code, (di, dj, dk, size) in _LEFT_BLOCKS.items():
@@ -73,6 +84,7 @@ def make_label_array(shape: Sequence[int] = SHAPE) -> np.ndarray:
             start_i = centre[2] + di if sign > 0 else centre[2] - di - size
             start = (centre[0] + dk, centre[1] + dj, start_i)
             labels[start[0]:start[0] + size, start[1]:start[1] + size, start[2]:start[2] + size] = value
+    labels[centre[0] + 3:centre[0] + 5, centre[1] - 4:centre[1] + 4, centre[2] - 1:centre[2] + 1] = 192
     for code, (di, dj, dk, size) in _MIDLINE_BLOCKS.items():
         start = (centre[0] + dk, centre[1] + dj, centre[2] + di)
         labels[start[0]:start[0] + size, start[1]:start[1] + size, start[2]:start[2] + size] = code
@@ -90,7 +102,7 @@ def t1_array(labels: np.ndarray, *, seed: int = 0, swap_contrast: bool = False) 
     out = np.zeros(labels.shape, dtype=np.float32)
     out[labels > 0] = values["deep"]
     out[np.isin(labels, (24, 4, 43, 5, 44, 14, 15))] = values["csf"]
-    out[np.isin(labels, (3, 42, 8, 47))] = values["cortex"]
+    out[np.isin(labels, (*CORTEX["L"], *CORTEX["R"], 8, 47))] = values["cortex"]
     out[np.isin(labels, (2, 41, 7, 46))] = values["wm"]
     rng = np.random.default_rng(seed)
     out[labels > 0] += rng.normal(0.0, 10.0, int((labels > 0).sum())).astype(np.float32)

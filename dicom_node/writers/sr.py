@@ -60,6 +60,8 @@ QC_CHECK_CODES = {
     "icv_range": Code("QC-ICV", LOCAL_SCHEME, "Intracranial volume plausibility"),
     "structures_present": Code("QC-PRESENT", LOCAL_SCHEME, "Measured structures present"),
     "intensity_ordering": Code("QC-T1", LOCAL_SCHEME, "T1 intensity ordering"),
+    "brain_mask": Code("QC-MASK", LOCAL_SCHEME, "Labels within the brain mask"),
+    "asymmetry": Code("QC-AI", LOCAL_SCHEME, "Left-right asymmetry within bounds"),
 }
 QC_OUTCOME = {True: codes.DCM.Succeeded, False: codes.DCM.Failed, None: codes.DCM.NotAttempted}
 SEX_CODES = {"M": codes.DCM.Male, "F": codes.DCM.Female, "O": codes.DCM.Other}

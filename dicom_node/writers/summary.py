@@ -111,7 +111,8 @@ def _coronal_panels(t1: sitk.Image, labels: sitk.Image) -> list[tuple[Image.Imag
 
 
 def _fmt(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    """A number, or "n/a" where it is undefined (e.g. HOC without an inferior horn, AI of an absent side)."""
+    return "n/a" if value is None else format(value, fmt)
 
 
 def _table_rows(volumetry: Volumetry) -> list[tuple[tuple[str, ...], tuple[int, int, int]]]:

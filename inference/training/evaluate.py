@@ -340,7 +340,8 @@ def update_readme(readme: Path, models_dir: Path) -> None:
     text = readme.read_text(encoding="utf-8")
     if README_START not in text or README_END not in text:
         return
-    bundles = sorted((p.parent for p in models_dir.glob("*/metrics.json")),
+    bundles = sorted((p.parent for p in models_dir.glob("*/metrics.json")  # synthesis models (a segmenter's
+                      if "kinds" in json.loads(p.read_text(encoding="utf-8"))["info"]),  # metrics have no kinds)
                      key=lambda d: (d.name != "synth-t1", d.name))
     lines = [README_START, ""]
     rows: list[str] = []

@@ -19,7 +19,7 @@ from dicom_node.config import default_rules
 from inference.volume import load_series
 from tests.conftest import SHARED_DATA, requires_shared_data
 from tests.dicom_factory import make_mr_series, make_study, oblique_iop
-from tests.onnx_fixtures import make_synthesis_model
+from tests.onnx_fixtures import link_bundled_segmenter, make_synthesis_model
 
 from .node_proc import NodeProcess
 from .peers import assert_valid_dicom, echoscu, failed_stores, storescu
@@ -40,8 +40,9 @@ ANAT_RULE = {"name": "phantom-anat", "series_description": "anat", "model": "syn
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     parent = tmp_path_factory.mktemp("models")
-    for model_id in sorted({r.model for r in default_rules()}):  # the built-in rules' models, as fixtures
+    for model_id in sorted({r.model for r in default_rules() if r.model}):  # the built-in rules' models, as fixtures
         make_synthesis_model(parent, model_id=model_id)
+    link_bundled_segmenter(parent)  # the real segmenter measures every T1 and sT1
     return parent
 
 
