@@ -147,6 +147,11 @@ def test_icv_asymmetry_hoc_and_subject(build: dict) -> None:
     assert all(_same(m.name, HIPPOCAMPAL_OCCUPANCY) for m in hoc)
     sides = {m.finding_sites[0].laterality.meaning: float(m.value) for m in hoc}
     assert sides == pytest.approx({"Left": volumetry.hoc["L"], "Right": volumetry.hoc["R"]})
+    cortex = groups["Cerebral cortex"].get_measurements()
+    by_side = {m.finding_sites[0].laterality.meaning: float(m.value) for m in cortex}
+    assert by_side == pytest.approx({"Left": volumetry.cortex_ml["L"], "Right": volumetry.cortex_ml["R"]})
+    lobes_left = sum(v.volume_ml for c, v in volumetry.structures.items() if 1201 <= c <= 1206)
+    assert volumetry.cortex_ml["L"] == pytest.approx(lobes_left + volumetry.structures[3].volume_ml)
     subject = groups["Subject"]
     assert float(subject.get_measurements(name=codes.DCM.SubjectAge)[0].value) == 53.0
     assert subject.get_qualitative_evaluations(name=codes.DCM.SubjectSex)[0].value.value == codes.DCM.Female.value

@@ -31,7 +31,7 @@ import dicom_node
 from dicom_node.uids import new_uid
 from dicom_node.writers import equipment
 from dicom_node.writers.seg import segment_codes
-from inference.labels import by_code, laterality_code
+from inference.labels import LEFT, RIGHT, by_code, laterality_code
 from inference.volumetry import Volumetry, with_qc_flag
 
 __all__ = [
@@ -75,6 +75,7 @@ UNIT_YEAR = codes.UCUM.Year
 GROUP_ICV = "Intracranial volume"
 GROUP_ASYMMETRY = "Asymmetry indices"
 GROUP_HOC = "Hippocampal occupancy"
+GROUP_CORTEX = "Cerebral cortex"
 GROUP_SUBJECT = "Subject"
 GROUP_QC = "Quality control"
 
@@ -135,6 +136,16 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
             name=codes.SCT.Volume, value=volumetry.icv_ml, unit=UNIT_ML,
             finding_sites=[hd.sr.FindingSite(codes.SCT.IntracranialStructure)])],
     )]
+    if any(v > 0 for v in volumetry.cortex_ml.values()):  # the whole cortex of a side: its lobes (SEG segments) summed
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(GROUP_CORTEX, uid_prefix),
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(
+                name=codes.SCT.Volume, value=value, unit=UNIT_ML,
+                finding_sites=[hd.sr.FindingSite(codes.SCT.CerebralCortex,
+                                                 laterality=LEFT if side == "L" else RIGHT)])
+                for side, value in sorted(volumetry.cortex_ml.items()) if value > 0],
+        ))
     if volumetry.asymmetry:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(GROUP_ASYMMETRY, uid_prefix),

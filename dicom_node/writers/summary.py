@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 import dicom_node
 from dicom_node.uids import new_uid
 from dicom_node.writers import equipment
-from inference.labels import STRUCTURES
+from inference.labels import LOBES, STRUCTURES
 from inference.volumetry import Volumetry, with_qc_flag
 
 __all__ = ["PAGE_SIZE", "render_page", "write_summary"]
@@ -44,6 +44,8 @@ _TABLE = (
     ("Inf. lateral ventricle", 5, 44),
     ("Thalamus", 10, 49),
     ("Cerebral cortex", 3, 42),
+    *((f"  {lobe} cortex", 1200 + LOBES[lobe][0], 2200 + LOBES[lobe][0])
+      for lobe in ("frontal", "temporal", "parietal", "occipital", "cingulate", "insula")),
     ("Cerebral white matter", 2, 41),
     ("Third ventricle", 14, None),
     ("Brainstem", 16, None),
@@ -120,12 +122,17 @@ def _table_rows(volumetry: Volumetry) -> list[tuple[tuple[str, ...], tuple[int, 
     rows = [((f"Intracranial volume {volumetry.icv_ml:.1f} ml", "", "", ""), _FG), (("", "", "", ""), _FG),
             (("ml (% ICV)", "left", "right", "AI %"), _DIM)]
     asymmetry = {pair.left_code: pair.index_percent for pair in volumetry.asymmetry}
+    cortex = volumetry.cortex_ml
+    if 3 not in volumetry.structures and cortex.get("L", 0) > 0 and cortex.get("R", 0) > 0:  # the sum of the lobes
+        asymmetry[3] = 200.0 * (cortex["L"] - cortex["R"]) / (cortex["L"] + cortex["R"])
     for name, left, right in _TABLE:
         cells = []
-        for code in (left, right):
+        for code, side in ((left, "L"), (right, "R")):
             entry = volumetry.structures.get(code) if code is not None else None
             if code is None:
                 cells.append("")
+            elif entry is None and code in (3, 42) and cortex.get(side, 0) > 0:
+                cells.append(f"{cortex[side]:.2f} ({100 * cortex[side] / volumetry.icv_ml:.2f})")
             elif entry is None:
                 cells.append("absent")
             else:
