@@ -58,6 +58,7 @@ class NodeProcess:
         node: Mapping[str, Any] | None = None,
         dispatch: Mapping[str, Any] | None = None,
         inference: Mapping[str, Any] | None = None,
+        limits: Mapping[str, Any] | None = None,
         ae_title: str = "DICOM_NODE",
         port: int | None = None,
     ) -> None:
@@ -77,6 +78,8 @@ class NodeProcess:
             "dispatch": {"backoff_initial_s": 1.0, "backoff_max_s": 2.0, "scan_interval_s": 0.5,
                          **(dispatch or {})},
         }
+        if limits:
+            sections["limits"] = dict(limits)
         if peers:
             sections["peers"] = list(peers)
         if destinations:
