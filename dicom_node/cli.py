@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -38,6 +39,9 @@ def _setup_logging(level: str) -> None:
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    from .logsafe import install
+
+    install()  # no patient data in the log through library warnings
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
@@ -47,6 +51,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
 # -- serve -----------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    os.umask(0o077)  # spool, journal and outputs hold patient data: readable by the node's user only
     config = _config(args)
     _setup_logging(config.node.log_level)
     from .service import Node

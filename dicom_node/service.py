@@ -24,7 +24,7 @@ from .jobs import JobRunner, ThreadExecutor
 from .journal import Journal
 from .routing import route
 from .scp import StorageSCP
-from .spool import Spool
+from .spool import Spool, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,11 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         data_dir = config.node.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if private_dir(data_dir):
+            log.warning("data directory %s was readable by other users: now 0700 (it holds patient data)", data_dir)
+        (data_dir / "outputs").mkdir(mode=0o700, exist_ok=True)
+        private_dir(data_dir / "outputs")
         self.journal = Journal(data_dir / "journal.sqlite3", fsync=config.node.fsync)
         self.spool = Spool(data_dir / "spool", fsync=config.node.fsync)
         self.registry = ModelRegistry(
