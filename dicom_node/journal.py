@@ -357,6 +357,10 @@ class Journal:
             )
         return is_new
 
+    def known_paths(self) -> set[str]:
+        """The spool path of every journaled instance."""
+        return {r["path"] for r in self._query("SELECT path FROM instances")}
+
     @staticmethod
     def _instance(r: sqlite3.Row) -> InstanceRecord:
         return InstanceRecord(r["sop_instance_uid"], r["series_uid"], r["sop_class_uid"], r["transfer_syntax"],
