@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.tag import Tag
+from pydicom.valuerep import VR
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -82,6 +83,8 @@ STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
+_KNOWN_VRS = frozenset(VR.__members__)
+_BITS_ALLOCATED = frozenset({1, 8, 16, 24, 32, 40, 48, 56, 64})
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
@@ -152,6 +155,11 @@ def parse_instance(data: bytes) -> Dataset:
                     STATUS_CANNOT_UNDERSTAND,
                     f"{_truncated_name(tag)} is truncated: {len(value)} of {declared} bytes",
                 )
+            vr = getattr(elem, "VR", None)
+            if vr is not None and str(vr) not in _KNOWN_VRS:
+                raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"element {Tag(tag)} has an unknown VR {str(vr)[:4]!r}")
+            if tag == PIXEL_DATA and declared != UNDEFINED_LENGTH and declared % 2:
+                raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"PixelData has an odd length ({declared} bytes)")
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError,
             struct.error) as exc:  # struct.error: an element header cut inside its length field
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
@@ -161,6 +169,9 @@ def parse_instance(data: bytes) -> Dataset:
             raise BadInstance(STATUS_DATASET_MISMATCH, f"required attribute {keyword} is missing or empty")
         if not is_valid_uid(value):
             raise BadInstance(STATUS_DATASET_MISMATCH, f"{keyword} {value[:20]!r} is not a valid UID")
+    frame_of_reference = _str(ds.get("FrameOfReferenceUID"))
+    if frame_of_reference and not is_valid_uid(frame_of_reference):
+        raise BadInstance(STATUS_DATASET_MISMATCH, f"FrameOfReferenceUID {frame_of_reference[:20]!r} is not a valid UID")
     if PIXEL_DATA in ds:
         _check_pixel_data(ds)
     elif _str(ds.SOPClassUID) in ROUTABLE_SOP_CLASSES:
@@ -179,22 +190,34 @@ def _check_pixel_data(ds: Dataset) -> None:
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, "PixelData has no value")
     undefined_length = pixel.length == UNDEFINED_LENGTH if pixel.is_raw else pixel.is_undefined_length
     ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in ds.file_meta else ExplicitVRLittleEndian
-    if ts.is_encapsulated:
-        if not undefined_length and len(value) < 8:
-            raise BadInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated PixelData is too short")
-        return
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
         spp = int(ds.get("SamplesPerPixel", 1))
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames_value = ds.get("NumberOfFrames")
+        frames = 1 if frames_value in (None, "") else int(frames_value)
     except (AttributeError, TypeError, ValueError) as exc:
         raise BadInstance(STATUS_DATASET_MISMATCH, f"image pixel module incomplete: {exc}") from None
-    expected = rows * cols * spp * frames * bits // 8
+    for name, number in (("Rows", rows), ("Columns", cols), ("SamplesPerPixel", spp), ("NumberOfFrames", frames)):
+        if number < 1:
+            raise BadInstance(STATUS_DATASET_MISMATCH, f"{name} is {number}: an image needs at least 1")
+    if bits not in _BITS_ALLOCATED:
+        raise BadInstance(STATUS_DATASET_MISMATCH, f"BitsAllocated is {bits}: not 1 or a multiple of 8 up to 64")
+    if ts.is_encapsulated:
+        if not undefined_length and len(value) < 8:
+            raise BadInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated PixelData is too short")
+        return
+    expected = (rows * cols * spp * frames * bits + 7) // 8
     if len(value) < expected:
         raise BadInstance(
             STATUS_CANNOT_UNDERSTAND,
             f"PixelData is truncated: {len(value)} bytes, {rows}x{cols}x{frames} frames need {expected}",
+        )
+    if len(value) > expected + 1:  # one byte of padding to an even length
+        raise BadInstance(
+            STATUS_DATASET_MISMATCH,
+            f"PixelData has {len(value)} bytes; Rows, Columns, SamplesPerPixel, NumberOfFrames and "
+            f"BitsAllocated ({rows}x{cols}x{spp}x{frames}x{bits} bits) make {expected}",
         )
 
 
@@ -434,6 +457,12 @@ class StorageSCP:
                 raise BadInstance(
                     STATUS_DATASET_MISMATCH,
                     f"SOPInstanceUID {ds.SOPInstanceUID} differs from the request's {sop_uid}",
+                )
+            requested_class = _str(event.request.AffectedSOPClassUID)
+            if _str(ds.SOPClassUID) != requested_class:
+                raise BadInstance(
+                    STATUS_DATASET_MISMATCH,
+                    f"SOPClassUID {ds.SOPClassUID} differs from the request's {requested_class}",
                 )
             geometry, attrs = header_summary(ds)
             study_uid, series_uid = _str(ds.StudyInstanceUID), _str(ds.SeriesInstanceUID)
