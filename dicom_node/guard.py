@@ -35,6 +35,8 @@ MiB = 1024 * 1024
 #: A-ASSOCIATE, A-RELEASE and A-ABORT PDUs are small; none may be longer than this.
 MAX_CONTROL_PDU = MiB
 _P_DATA_TF = 0x04
+#: Receipts of data sets not yet taken by the C-STORE handler, per association.
+MAX_UNCLAIMED_RECEIPTS = 4
 # A-ABORT PDU: source 2 (service provider), reason 6 (invalid PDU parameter value)
 _ABORT_PDU = bytes([0x07, 0x00, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
 
@@ -284,6 +286,9 @@ class GuardedSocket(AssociationSocket):
                 if old is not None:
                     self.release(old)
                 self._receipts[receipt.message_id] = receipt
+                # a message no C-STORE handler takes (not a C-STORE) must not hold the budget
+                while len(self._receipts) > MAX_UNCLAIMED_RECEIPTS:
+                    self.release(self._receipts.pop(next(iter(self._receipts))))
             self._current = None
         return kept
 
