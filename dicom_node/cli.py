@@ -1,6 +1,7 @@
 """``dicom-node``: the command line hospital IT uses.
 
     dicom-node serve [--config node.toml]
+    dicom-node journal rebuild [--config node.toml] [--reprocess]
     dicom-node config check --config node.toml
     dicom-node route --config node.toml --dry-run DICOM_DIR
     dicom-node status [--config node.toml]
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -38,6 +40,9 @@ def _setup_logging(level: str) -> None:
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    from .logsafe import install
+
+    install()  # no patient data in the log through library warnings
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
@@ -47,6 +52,7 @@ def _config(args: argparse.Namespace) -> NodeConfig:
 # -- serve -----------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    os.umask(0o077)  # spool, journal and outputs hold patient data: readable by the node's user only
     config = _config(args)
     _setup_logging(config.node.log_level)
     from .service import Node
@@ -193,6 +199,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- journal rebuild -------------------------------------------------------------------------
+
+def cmd_journal_rebuild(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _setup_logging(config.node.log_level)
+    from .journal import Journal
+    from .rebuild import rebuild
+
+    spool = config.node.data_dir / "spool"
+    if not spool.is_dir():
+        print(f"no spool at {spool}: nothing to rebuild from", file=sys.stderr)
+        return 1
+    journal = Journal(config.node.data_dir / "journal.sqlite3", fsync=config.node.fsync)
+    try:
+        result = rebuild(journal, spool, reprocess=args.reprocess)
+    finally:
+        journal.close()
+    what = "left to close and be processed at the next start" if args.reprocess else "marked ignored (not processed again)"
+    print(f"journal rebuilt from {spool}: {result.added} instance(s) in {len(result.series)} series added, {what}")
+    for path, why in result.unreadable:
+        print(f"  not added: {path}: {why}", file=sys.stderr)
+    return 1 if result.unreadable else 0
+
+
 # -- echo ------------------------------------------------------------------------------------
 
 _ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
@@ -269,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="destination name from the config, or AE@host:port")
     p = add("retry", cmd_retry, "re-queue deliveries that failed for good")
     p.add_argument("dest", nargs="?", default=None, help="only this destination")
+    p = sub.add_parser("journal", help="journal commands (stop the node first)")
+    jsub = p.add_subparsers(dest="journal_command", required=True)
+    j = jsub.add_parser("rebuild", help="add every spooled object the journal does not know (after a lost journal)")
+    j.add_argument("--config", "-c", help="TOML configuration (default: embedded defaults)")
+    j.add_argument("--reprocess", action="store_true",
+                   help="process the rebuilt series again at the next start (default: mark them ignored)")
+    j.set_defaults(func=cmd_journal_rebuild)
     p = add("report", cmd_report, "print the volumes of a volumetry SR as a table")
     p.add_argument("file")
     return parser

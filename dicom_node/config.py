@@ -42,9 +42,13 @@ class NodeSettings(_Strict):
     uid_root: str | None = None
     #: Refuse associations whose called AE title is not ``ae_title``.
     require_called_ae: bool = True
-    #: Largest P-DATA PDU the node accepts (0 = unlimited).
-    max_pdu_size: int = Field(default=0, ge=0)
+    #: Largest P-DATA PDU the node accepts, bytes: advertised to the peer and enforced (a longer PDU
+    #: aborts the association). 0: none advertised; a PDU may then be as long as ``[limits] max_object_mb``.
+    max_pdu_size: int = Field(default=1048576, ge=0, le=0xFFFFFFFF)
+    #: Associations served at the same time (counted from their A-ASSOCIATE-RQ on; connections that
+    #: have not sent one yet do not take a slot, see ``[limits]``).
     max_associations: int = Field(default=16, ge=1)
+    #: An association with no PDU for this long is aborted.
     network_timeout_s: float = Field(default=60.0, gt=0)
     #: A series closes after this many seconds without a new instance, even if not whole.
     idle_timeout_s: float = Field(default=60.0, gt=0)
@@ -65,6 +69,29 @@ class NodeSettings(_Strict):
         if not re.fullmatch(r"[12](\.(0|[1-9][0-9]*))+", root) or len(root) > 40:
             raise ValueError(f"{value!r} is not a valid UID root (dotted digits, at most 40 characters)")
         return root + "."
+
+
+class LimitSettings(_Strict):
+    """``[limits]``: what one peer may cost the node while it sends (memory, time, connections)."""
+
+    #: Largest data set the node accepts, MB (as received, and once inflated for Deflate); a larger one
+    #: is answered 0xA700 and its fragments are dropped as they arrive.
+    max_object_mb: float = Field(default=512.0, gt=0)
+    #: Data sets being received (not yet answered) on all associations together, MB; an object that
+    #: would pass it is answered 0xA700 (the sender retries later).
+    receive_memory_mb: float = Field(default=2048.0, gt=0)
+    #: A connection must have sent its whole A-ASSOCIATE-RQ this many seconds after it opened.
+    acse_timeout_s: float = Field(default=10.0, gt=0)
+    #: A PDU must arrive whole this many seconds after its first byte (a slow sender is aborted).
+    pdu_timeout_s: float = Field(default=30.0, gt=0)
+    #: Open TCP connections, associated or not; another is closed at once.
+    max_connections: int = Field(default=64, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LimitSettings:
+        if self.receive_memory_mb < self.max_object_mb:
+            raise ValueError("receive_memory_mb is smaller than max_object_mb (no object that large could arrive)")
+        return self
 
 
 class Peer(_Strict):
@@ -278,6 +305,7 @@ class NodeConfig(_Strict):
     """The whole configuration file."""
 
     node: NodeSettings = Field(default_factory=NodeSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     peers: list[Peer] = Field(default_factory=list)
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=default_rules)
@@ -291,6 +319,8 @@ class NodeConfig(_Strict):
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise ValueError(f"destinations[{i}].name: duplicate destination name {name!r}")
+        if self.limits.max_connections < self.node.max_associations:
+            raise ValueError("limits.max_connections is smaller than node.max_associations")
         rule_names = [r.name for r in self.rules]
         for i, rule in enumerate(self.rules):
             if rule.name in rule_names[:i]:

@@ -198,6 +198,7 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before the call returns, which is what lets the SCP acknowledge.
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._private_files()
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             self._migrate()
@@ -207,6 +208,18 @@ class Journal:
         except JournalError:
             self._db.close()
             raise
+
+    def _private_files(self) -> None:
+        """The journal holds patient data (names of series, patient IDs): owner only, whatever the umask."""
+        for path in (self.path, self.path.with_name(self.path.name + "-wal"),
+                     self.path.with_name(self.path.name + "-shm")):
+            try:
+                if path.stat().st_mode & 0o077:
+                    path.chmod(0o600)
+            except FileNotFoundError:
+                pass
+            except PermissionError:  # e.g. a read-only copy opened for `status`
+                pass
 
     def _unusable(self, problem: str) -> JournalError:
         return JournalError(
@@ -343,6 +356,10 @@ class Journal:
                 (f["now"], f["series_uid"]),
             )
         return is_new
+
+    def known_paths(self) -> set[str]:
+        """The spool path of every journaled instance."""
+        return {r["path"] for r in self._query("SELECT path FROM instances")}
 
     @staticmethod
     def _instance(r: sqlite3.Row) -> InstanceRecord:

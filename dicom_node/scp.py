@@ -17,6 +17,7 @@ import logging
 import socket
 import struct
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.tag import Tag
+from pydicom.valuerep import VR
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -46,8 +48,10 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from .config import NodeConfig
+from .guard import MiB, GuardedRequestHandler, GuardedSocket, Limits, ReceiveBudget, inflated_size_exceeds
 from .journal import InstanceRecord, Journal
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
@@ -79,6 +83,8 @@ STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
+_KNOWN_VRS = frozenset(VR.__members__)
+_BITS_ALLOCATED = frozenset({1, 8, 16, 24, 32, 40, 48, 56, 64})
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
@@ -149,6 +155,11 @@ def parse_instance(data: bytes) -> Dataset:
                     STATUS_CANNOT_UNDERSTAND,
                     f"{_truncated_name(tag)} is truncated: {len(value)} of {declared} bytes",
                 )
+            vr = getattr(elem, "VR", None)
+            if vr is not None and str(vr) not in _KNOWN_VRS:
+                raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"element {Tag(tag)} has an unknown VR {str(vr)[:4]!r}")
+            if tag == PIXEL_DATA and declared != UNDEFINED_LENGTH and declared % 2:
+                raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"PixelData has an odd length ({declared} bytes)")
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError,
             struct.error) as exc:  # struct.error: an element header cut inside its length field
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
@@ -158,6 +169,9 @@ def parse_instance(data: bytes) -> Dataset:
             raise BadInstance(STATUS_DATASET_MISMATCH, f"required attribute {keyword} is missing or empty")
         if not is_valid_uid(value):
             raise BadInstance(STATUS_DATASET_MISMATCH, f"{keyword} {value[:20]!r} is not a valid UID")
+    frame_of_reference = _str(ds.get("FrameOfReferenceUID"))
+    if frame_of_reference and not is_valid_uid(frame_of_reference):
+        raise BadInstance(STATUS_DATASET_MISMATCH, f"FrameOfReferenceUID {frame_of_reference[:20]!r} is not a valid UID")
     if PIXEL_DATA in ds:
         _check_pixel_data(ds)
     elif _str(ds.SOPClassUID) in ROUTABLE_SOP_CLASSES:
@@ -176,26 +190,38 @@ def _check_pixel_data(ds: Dataset) -> None:
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, "PixelData has no value")
     undefined_length = pixel.length == UNDEFINED_LENGTH if pixel.is_raw else pixel.is_undefined_length
     ts = ds.file_meta.TransferSyntaxUID if "TransferSyntaxUID" in ds.file_meta else ExplicitVRLittleEndian
-    if ts.is_encapsulated:
-        if not undefined_length and len(value) < 8:
-            raise BadInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated PixelData is too short")
-        return
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         bits = int(ds.BitsAllocated)
         spp = int(ds.get("SamplesPerPixel", 1))
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames_value = ds.get("NumberOfFrames")
+        frames = 1 if frames_value in (None, "") else int(frames_value)
     except (AttributeError, TypeError, ValueError) as exc:
         raise BadInstance(STATUS_DATASET_MISMATCH, f"image pixel module incomplete: {exc}") from None
-    expected = rows * cols * spp * frames * bits // 8
+    for name, number in (("Rows", rows), ("Columns", cols), ("SamplesPerPixel", spp), ("NumberOfFrames", frames)):
+        if number < 1:
+            raise BadInstance(STATUS_DATASET_MISMATCH, f"{name} is {number}: an image needs at least 1")
+    if bits not in _BITS_ALLOCATED:
+        raise BadInstance(STATUS_DATASET_MISMATCH, f"BitsAllocated is {bits}: not 1 or a multiple of 8 up to 64")
+    if ts.is_encapsulated:
+        if not undefined_length and len(value) < 8:
+            raise BadInstance(STATUS_CANNOT_UNDERSTAND, "encapsulated PixelData is too short")
+        return
+    expected = (rows * cols * spp * frames * bits + 7) // 8
     if len(value) < expected:
         raise BadInstance(
             STATUS_CANNOT_UNDERSTAND,
             f"PixelData is truncated: {len(value)} bytes, {rows}x{cols}x{frames} frames need {expected}",
         )
+    if len(value) > expected + 1:  # one byte of padding to an even length
+        raise BadInstance(
+            STATUS_DATASET_MISMATCH,
+            f"PixelData has {len(value)} bytes; Rows, Columns, SamplesPerPixel, NumberOfFrames and "
+            f"BitsAllocated ({rows}x{cols}x{spp}x{frames}x{bits} bits) make {expected}",
+        )
 
 
-def content_digest(stream: bytes) -> str:
+def content_digest(stream: bytes | memoryview) -> str:
     """SHA-256 (hex) of a data set as received, without the file meta (which the node itself adds)."""
     return hashlib.sha256(stream).hexdigest()
 
@@ -290,13 +316,24 @@ class StorageSCP:
         self._claimed: set[str] = set()  # SOP Instance UIDs being filed right now
         self._claims = threading.Condition()
         self._server: Any = None
+        limits = config.limits
+        self.max_object = int(limits.max_object_mb * MiB)
+        # a peer that counts only the PDV value against the PDU length gets a little slack
+        max_pdu = config.node.max_pdu_size + 65536 if config.node.max_pdu_size else self.max_object + MiB
+        self.limits = Limits(max_pdu=max_pdu, max_object=self.max_object, acse_timeout_s=limits.acse_timeout_s,
+                             pdu_timeout_s=limits.pdu_timeout_s)
+        self.budget = ReceiveBudget(int(limits.receive_memory_mb * MiB))
+        self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()  # associations past their A-ASSOCIATE-RQ
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
         node = self.config.node
         ae = AE(ae_title=node.ae_title)
         ae.maximum_pdu_size = node.max_pdu_size
-        ae.maximum_associations = node.max_associations
+        # pynetdicom counts every open connection; the node's own admission counts associations
+        # (``_handle_requested``), so connections that never send an A-ASSOCIATE-RQ take no slot
+        ae.maximum_associations = self.config.limits.max_connections
+        ae.acse_timeout = self.config.limits.acse_timeout_s
         ae.network_timeout = node.network_timeout_s
         ae.require_called_aet = node.require_called_ae
         ae.add_supported_context(Verification)
@@ -316,7 +353,14 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._handle_released),
             (evt.EVT_ABORTED, self._handle_aborted),
         ]
-        self._server = self.ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        server = self.ae.make_server((node.host, node.port), evt_handlers=handlers,
+                                     server_class=ThreadedAssociationServer, request_handler=GuardedRequestHandler)
+        server.dn_limits = self.limits
+        server.dn_budget = self.budget
+        server.dn_max_connections = self.config.limits.max_connections
+        self.ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it
+        threading.Thread(target=server.serve_forever, name="dicom-node-listener", daemon=True).start()
+        self._server = server
         log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
         if not self.config.peers:
             log.warning("no [[peers]] configured: associations from any calling AE title are accepted")
@@ -352,6 +396,17 @@ class StorageSCP:
                 "association from %s@%s rejected: called AE title %r is not this node's %r",
                 calling, address, called, self.config.node.ae_title,
             )
+            return  # pynetdicom rejects it
+        with self._lock:
+            busy = sum(1 for a in list(self._admitted) if a.is_alive() and a is not assoc)
+            if busy >= self.config.node.max_associations:
+                log.warning("association from %s@%s rejected: %d associations are being served, the node's "
+                            "max_associations", calling, address, busy)
+                # rejected-transient, service-provider (presentation), local-limit-exceeded
+                assoc.acse.send_reject(0x02, 0x03, 0x02)
+                assoc.kill()
+                return
+            self._admitted.add(assoc)
 
     def _handle_echo(self, event: evt.Event) -> int:
         log.info("C-ECHO from %s@%s", event.assoc.requestor.ae_title, event.assoc.requestor.address)
@@ -372,10 +427,30 @@ class StorageSCP:
                 self._claims.notify_all()
 
     def _handle_store(self, event: evt.Event) -> int | Dataset:
+        sock = event.assoc.dul.socket
+        receipt = sock.take_receipt(int(event.request.MessageID)) if isinstance(sock, GuardedSocket) else None
+        try:
+            if receipt is not None and receipt.refused is not None:
+                log.error("C-STORE of %s from %s refused (status 0x%04X): %s (%d bytes arrived)",
+                          _str(event.request.AffectedSOPInstanceUID) or "?", event.assoc.requestor.ae_title.strip(),
+                          STATUS_OUT_OF_RESOURCES, receipt.refused, receipt.size)
+                return _failure(STATUS_OUT_OF_RESOURCES, receipt.refused)
+            return self._store(event)
+        finally:
+            if receipt is not None:
+                sock.release(receipt)
+
+    def _store(self, event: evt.Event) -> int | Dataset:
         calling = event.assoc.requestor.ae_title.strip()
         sop_uid = _str(event.request.AffectedSOPInstanceUID)
         try:
-            stream = event.encoded_dataset(include_meta=False)
+            with event.request.DataSet.getbuffer() as view:
+                if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+                    reached = inflated_size_exceeds(view, self.max_object)
+                    if reached is not None:
+                        raise BadInstance(STATUS_OUT_OF_RESOURCES,
+                                          f"Deflate data set inflates to more than {self.max_object // MiB} MB")
+                digest = content_digest(view)
             data = event.encoded_dataset(include_meta=True)
             ds = parse_instance(data)
             if _str(ds.SOPInstanceUID) != sop_uid:
@@ -383,9 +458,14 @@ class StorageSCP:
                     STATUS_DATASET_MISMATCH,
                     f"SOPInstanceUID {ds.SOPInstanceUID} differs from the request's {sop_uid}",
                 )
+            requested_class = _str(event.request.AffectedSOPClassUID)
+            if _str(ds.SOPClassUID) != requested_class:
+                raise BadInstance(
+                    STATUS_DATASET_MISMATCH,
+                    f"SOPClassUID {ds.SOPClassUID} differs from the request's {requested_class}",
+                )
             geometry, attrs = header_summary(ds)
             study_uid, series_uid = _str(ds.StudyInstanceUID), _str(ds.SeriesInstanceUID)
-            digest = content_digest(stream)
             with self._claim(sop_uid):
                 known = self.journal.instance(sop_uid)
                 if known is not None:

@@ -24,7 +24,8 @@ from .jobs import JobRunner, ThreadExecutor
 from .journal import Journal
 from .routing import route
 from .scp import StorageSCP
-from .spool import Spool
+from .rebuild import unknown_files
+from .spool import Spool, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         data_dir = config.node.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if private_dir(data_dir):
+            log.warning("data directory %s was readable by other users: now 0700 (it holds patient data)", data_dir)
+        (data_dir / "outputs").mkdir(mode=0o700, exist_ok=True)
+        private_dir(data_dir / "outputs")
         self.journal = Journal(data_dir / "journal.sqlite3", fsync=config.node.fsync)
         self.spool = Spool(data_dir / "spool", fsync=config.node.fsync)
         self.registry = ModelRegistry(
@@ -66,6 +71,7 @@ class Node:
             loaded = self.registry.session(model_id)  # warm: the first series does not pay for it
             log.info("model %s %s ready on %s", model_id, loaded.manifest.version, loaded.provider)
         self.executor = ThreadExecutor(self.runner.run, workers=self.config.inference.workers)
+        self._check_spool()
         self._recover()
         self.scheduler.add_job(self.sweep, "interval", seconds=self.config.node.sweep_interval_s,
                                id="idle-sweep", max_instances=1, coalesce=True)
@@ -81,6 +87,14 @@ class Node:
         if self.executor is not None:
             self.executor.shutdown()
         self.journal.close()
+
+    def _check_spool(self) -> None:
+        """Warn when the spool holds objects the journal does not know (a lost or replaced journal)."""
+        unknown = unknown_files(self.journal, self.spool.root)
+        if unknown:
+            log.warning("the spool holds %d file(s) the journal %s does not know (e.g. %s): they are not processed; "
+                        "stop the node and run `dicom-node journal rebuild` to add them", len(unknown),
+                        self.journal.path, unknown[0])
 
     def _recover(self) -> None:
         assert self.executor is not None

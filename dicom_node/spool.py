@@ -3,6 +3,8 @@
 A file in the spool is complete or absent, never half-written, so a crash between the write and
 the journal row leaves at worst an orphan file (never a journal row pointing at a partial file).
 
+Directories are created 0700 and files 0600: they hold patient data.
+
 Paths are made of UIDs only when they have the form of a UID (digits and dots, see
 :func:`dicom_node.uids.is_valid_uid`); any other value is replaced by a hash of it, so a received
 ``..``, ``a/b`` or ``1+1`` can neither leave the spool nor share a file with another value.
@@ -37,7 +39,8 @@ class Spool:
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.root)
         self._resolved_root = self.root.resolve()
         self.fsync = fsync
         self._known_dirs: set[Path] = set()
@@ -57,7 +60,7 @@ class Spool:
             if directory in self._known_dirs:
                 return
             created = not directory.exists()
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             if created and self.fsync:
                 # make the new directory entries themselves durable
                 for d in (directory.parent, directory.parent.parent):
@@ -69,7 +72,7 @@ class Spool:
         final = self.path_for(study_uid, series_uid, sop_instance_uid)
         self._ensure_dir(final.parent)
         tmp = final.with_name(f".{final.name}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             try:
                 view = memoryview(data)
@@ -87,6 +90,15 @@ class Spool:
         if self.fsync:
             _fsync_dir(final.parent)
         return final
+
+
+def private_dir(directory: Path) -> bool:
+    """Make ``directory`` (patient data) accessible to its owner only; True if its mode was changed."""
+    mode = directory.stat().st_mode & 0o777
+    if mode & 0o077:
+        directory.chmod(mode & 0o700)
+        return True
+    return False
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -17,6 +17,7 @@ from dicom_node.config import (
     DispatchSettings,
     InferenceSettings,
     JobSettings,
+    LimitSettings,
     NodeConfig,
     NodeSettings,
     Peer,
@@ -93,6 +94,7 @@ def test_example_rules_are_the_default_rules() -> None:
 def test_example_settings_are_the_defaults() -> None:
     config = load_config(EXAMPLE)
     assert config.node == NodeSettings()
+    assert config.limits == LimitSettings()
     assert config.inference == InferenceSettings()
     assert config.dispatch == DispatchSettings()
     assert config.jobs == JobSettings()
@@ -100,7 +102,7 @@ def test_example_settings_are_the_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("section", "model"),
-    [("node", NodeSettings), ("peers", Peer), ("destinations", Destination), ("rules", Rule),
+    [("node", NodeSettings), ("limits", LimitSettings), ("peers", Peer), ("destinations", Destination), ("rules", Rule),
      ("inference", InferenceSettings), ("jobs", JobSettings), ("dispatch", DispatchSettings)],
 )
 def test_example_documents_every_field(section: str, model: type[BaseModel]) -> None:

@@ -58,9 +58,12 @@ class NodeProcess:
         node: Mapping[str, Any] | None = None,
         dispatch: Mapping[str, Any] | None = None,
         inference: Mapping[str, Any] | None = None,
+        limits: Mapping[str, Any] | None = None,
         ae_title: str = "DICOM_NODE",
         port: int | None = None,
+        user: str | None = None,
     ) -> None:
+        self.user = user  # run as this user (setpriv; the test runs as root)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -77,6 +80,8 @@ class NodeProcess:
             "dispatch": {"backoff_initial_s": 1.0, "backoff_max_s": 2.0, "scan_interval_s": 0.5,
                          **(dispatch or {})},
         }
+        if limits:
+            sections["limits"] = dict(limits)
         if peers:
             sections["peers"] = list(peers)
         if destinations:
@@ -91,8 +96,13 @@ class NodeProcess:
     def start(self, timeout: float = 60) -> NodeProcess:
         log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)]
+        if self.user:
+            command = ["setpriv", f"--reuid={self.user}", "--regid=nogroup", "--clear-groups", *command]
+            self.workdir.chmod(0o755)
+            self.config_path.chmod(0o644)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)],
+            command,
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
