@@ -42,7 +42,8 @@ def choose_models_dir(scratch: Path, models_dir: Path | None = None) -> tuple[Pa
     labels = (0, *sorted(STRUCTURES))
     from dicom_node.config import default_rules
 
-    for model_id in sorted({MODEL_ID} | {r.model for r in default_rules() if r.model}):  # P2 routes by the built-in rules
+    # P2 routes by the built-in rules
+    for model_id in sorted({MODEL_ID} | {r.model for r in default_rules() if r.model}):
         make_synthesis_model(scratch, model_id=model_id, labels=labels, tile=(192, 192, 192), overlap=16,
                              divisible_by=16)
     return scratch, (f"test fixture `{MODEL_ID}` from tests/onnx_fixtures.py (1×1×1 convolutions with "

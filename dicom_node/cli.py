@@ -216,7 +216,8 @@ def cmd_journal_rebuild(args: argparse.Namespace) -> int:
         result = rebuild(journal, spool, reprocess=args.reprocess)
     finally:
         journal.close()
-    what = "left to close and be processed at the next start" if args.reprocess else "marked ignored (not processed again)"
+    what = ("left to close and be processed at the next start" if args.reprocess
+            else "marked ignored (not processed again)")
     print(f"journal rebuilt from {spool}: {result.added} instance(s) in {len(result.series)} series added, {what}")
     for path, why in result.unreadable:
         print(f"  not added: {path}: {why}", file=sys.stderr)

@@ -132,7 +132,7 @@ class GuardedSocket(AssociationSocket):
     @property
     def _peer(self) -> str:
         try:
-            return "%s:%s" % self.socket.getpeername()[:2] if self.socket else "?"
+            return "{}:{}".format(*self.socket.getpeername()[:2]) if self.socket else "?"
         except OSError:
             return "?"
 
@@ -206,7 +206,7 @@ class GuardedSocket(AssociationSocket):
             try:
                 sock.settimeout(remaining)
                 chunk = sock.recv(min(n - len(out), 65536))
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 break
             except OSError:
                 break

@@ -19,18 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import SimpleITK as sitk
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from inference.agreement import compare
-from inference.labels import STRUCTURES, region_codes
 from inference.models import LoadedModel, ModelManifest, ModelRegistry
 from inference.pipeline import run_model
 from inference.segmentation import segment
 from inference.volume import GeometryError, LoadedSeries, load_series
-from inference.volumetry import OPTIONAL_STRUCTURES, Volumetry, compute_volumetry, with_qc_flag
+from inference.volumetry import Volumetry, compute_volumetry, expected_structures, with_qc_flag
 
 from .config import NodeConfig, Rule
 from .journal import Journal, SeriesRecord
@@ -284,8 +282,7 @@ class JobRunner:
         if labels is None:
             return _Measured(None, None, algorithm)
         assert algorithm.output.segmentation is not None
-        segmented = set(region_codes(np.asarray(algorithm.output.segmentation.labels)).tolist())
-        expected = (segmented & set(STRUCTURES)) - OPTIONAL_STRUCTURES
+        expected = expected_structures(algorithm.output.segmentation.labels)
         t0 = time.perf_counter()
         first = loaded.datasets[0]
         volumetry = compute_volumetry(labels, images.t1, age=first.get("PatientAge") or _age_from_dates(first),

@@ -29,7 +29,6 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.tag import Tag
-from pydicom.valuerep import VR
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -46,12 +45,13 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pydicom.valuerep import VR
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .config import NodeConfig
-from .guard import MiB, GuardedRequestHandler, GuardedSocket, Limits, ReceiveBudget, inflated_size_exceeds
+from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBudget, inflated_size_exceeds
 from .journal import InstanceRecord, Journal
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
@@ -171,7 +171,8 @@ def parse_instance(data: bytes) -> Dataset:
             raise BadInstance(STATUS_DATASET_MISMATCH, f"{keyword} {value[:20]!r} is not a valid UID")
     frame_of_reference = _str(ds.get("FrameOfReferenceUID"))
     if frame_of_reference and not is_valid_uid(frame_of_reference):
-        raise BadInstance(STATUS_DATASET_MISMATCH, f"FrameOfReferenceUID {frame_of_reference[:20]!r} is not a valid UID")
+        raise BadInstance(STATUS_DATASET_MISMATCH,
+                          f"FrameOfReferenceUID {frame_of_reference[:20]!r} is not a valid UID")
     if PIXEL_DATA in ds:
         _check_pixel_data(ds)
     elif _str(ds.SOPClassUID) in ROUTABLE_SOP_CLASSES:

@@ -22,9 +22,9 @@ from .config import NodeConfig
 from .dispatch import Dispatcher
 from .jobs import JobRunner, ThreadExecutor
 from .journal import Journal
+from .rebuild import unknown_files
 from .routing import route
 from .scp import StorageSCP
-from .rebuild import unknown_files
 from .spool import Spool, private_dir
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,8 @@ Method (the metrics of the AutoAlign-localizer evaluation):
   it improves the metric over the initial alignment (evaluated on the 2 mm copies with the same samples),
   so identical images stay exactly aligned;
 * the synthetic T1 (linear) and its labels (nearest neighbour) are resampled onto the real T1's grid;
-* brain mask = real labels with a code in 1..99 or a measured structure (``inference.volumetry.ICV_CODE_LIMIT``: background and
+* brain mask = real labels with a code in 1..99 or a measured structure
+  (``inference.volumetry.ICV_CODE_LIMIT``: background and
   SynthSeg's extra-cerebral classes >= 100 excluded) and inside the synthetic field of view;
 * intensity matching: each image is divided by its own 99th percentile within the brain mask (a scale-only
   match: both are zero outside the head, and the percentile ignores a few bright vessels). PSNR (dB) and

@@ -140,7 +140,8 @@ APARC_ASEG_CODES.update({s.freesurfer_name: s.code for s in _STRUCTURES if s.cod
 
 #: cerebral cortex per side: the aseg code and the lobes' codes
 CORTEX: dict[str, tuple[int, ...]] = {
-    side: (aseg, *(_LOBE_BASE[side] + offset for offset, _, _ in LOBES.values())) for side, aseg in (("L", 3), ("R", 42))
+    side: (aseg, *(_LOBE_BASE[side] + offset for offset, _, _ in LOBES.values()))
+    for side, aseg in (("L", 3), ("R", 42))
 }
 
 
@@ -151,7 +152,7 @@ def region_codes(codes_in: np.ndarray) -> np.ndarray:
     if codes_in.size == 0:
         return codes_in.astype(np.uint16)
     lut = np.arange(max(int(codes_in.max()) + 1, 2256), dtype=np.uint16)
-    for name, (index, lobe) in DK_PARCELS.items():
+    for index, lobe in DK_PARCELS.values():
         lut[1000 + index] = _LOBE_BASE["L"] + LOBES[lobe][0]
         lut[2000 + index] = _LOBE_BASE["R"] + LOBES[lobe][0]
     lut[251:256] = 192

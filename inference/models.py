@@ -72,8 +72,8 @@ class InputSpec(_Strict):
     axes: Literal["kji", "ijk"] = "kji"
     # with foreground_margin: keep at most this many mm of the head box below its top (the brain, not the neck)
     head_box_mm: float | None = Field(default=None, gt=0)
-    # also run the network on the volume mirrored along its left-right axis and average the image outputs (the
-    # mirrored one mirrored back): a head mirrored in patient space then gets the mirrored image (no side bias)
+    # also run the model on the head mirrored left-right in patient space and average the image outputs (the
+    # mirrored one mirrored back): a mirrored head then gets exactly the mirrored image (no side bias)
     mirror_average: bool = False
 
     @field_validator("orientation")

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from inference.hemispheres import lateralize
 from inference.models import InputSpec, LoadedModel, ModelError
-from inference.volume import isotropic_grid, resample_isotropic
+from inference.volume import isotropic_grid, mirror_left_right, resample_isotropic
 
 __all__ = [
     "OUTPUT_SPACING_MM",
@@ -289,8 +289,27 @@ def _embed(array: np.ndarray, shape: tuple[int, ...], box: tuple[slice, ...]) ->
 def run_model(model: LoadedModel, image: sitk.Image, *, mirror_average: bool | None = None) -> PipelineResult:
     """Run one model on one volume (LPS patient space); outputs on a 1 mm grid with the input's direction and FOV.
 
-    ``mirror_average``: average the image output with that of the left-right mirrored volume (default: the
-    manifest's ``input.mirror_average``); doubles the inference time."""
+    ``mirror_average`` (default: the manifest's ``input.mirror_average``): also run the model on the head mirrored
+    left-right in patient space, mirror that image back and average the two. The result is then exactly
+    equivariant: the head mirrored gets the mirrored image, whatever the network, its tiles or its box do (both
+    inputs run the same two computations). Doubles the time. Labels (of a model's own output) are the direct run's.
+    """
+    if mirror_average is None:
+        mirror_average = model.manifest.input.mirror_average
+    if not mirror_average:
+        return _run_once(model, image)
+    direct = _run_once(model, image)
+    other = _run_once(model, mirror_left_right(image))
+    timings = {k: direct.timings.get(k, 0.0) + other.timings.get(k, 0.0) for k in direct.timings}
+    t1 = direct.t1
+    if t1 is not None and other.t1 is not None:
+        back = sitk.Resample(mirror_left_right(other.t1), t1, sitk.Transform(), sitk.sitkLinear, 0.0,
+                             sitk.sitkFloat32)
+        t1 = (t1 + back) * 0.5
+    return PipelineResult(t1=t1, labels=direct.labels, timings=timings)
+
+
+def _run_once(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     manifest = model.manifest
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -327,14 +346,6 @@ def run_model(model: LoadedModel, image: sitk.Image, *, mirror_average: bool | N
         tile = tuple(balanced_tile(s, t, manifest.tiling.overlap, manifest.input.divisible_by)
                      for t, s in zip(manifest.tiling.tile, padded.shape, strict=True))
     image_out, seg_out = sliding_window(model, padded, tile)  # type: ignore[arg-type]
-    if mirror_average is None:
-        mirror_average = manifest.input.mirror_average
-    if mirror_average and image_out is not None:
-        axis = 2 - next(n for n, c in enumerate(manifest.input.orientation) if c in "LR")  # numpy axis of L-R
-        mirrored, _ = sliding_window(model, np.flip(padded, axis), tile)  # type: ignore[arg-type]
-        assert mirrored is not None
-        image_out = (image_out + np.flip(mirrored, axis)) * np.float32(0.5)
-        del mirrored
     del padded
     lap("inference")
     image_out, seg_out = (_embed(out[crop], full_shape, box) if out is not None else None

@@ -371,3 +371,16 @@ def image_to_slices(image: sitk.Image) -> list[tuple[tuple[float, float, float],
         ipp = tuple(float(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
         slices.append((ipp, iop, np.array(array[k])))
     return slices
+
+
+def mirror_left_right(image: sitk.Image) -> sitk.Image:
+    """The same voxels mirrored left-right in patient space (x -> -x in LPS): origin and direction change, the
+    voxel array does not. Mirroring twice gives the image back exactly."""
+    out = sitk.Image(image)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    direction[0, :] *= -1
+    origin = np.array(image.GetOrigin())
+    origin[0] *= -1
+    out.SetDirection(tuple(direction.ravel()))
+    out.SetOrigin(tuple(origin))
+    return out

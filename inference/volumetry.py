@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import SimpleITK as sitk
 
-from inference.labels import CORTEX, LR_SWAP, STRUCTURES, Structure, by_code
+from inference.labels import CORTEX, LR_SWAP, STRUCTURES, Structure, by_code, region_codes
 
 __all__ = [
     "Asymmetry",
@@ -41,6 +41,7 @@ __all__ = [
     "OPTIONAL_STRUCTURES",
     "OUTSIDE_BRAIN_MAX_ML",
     "QCLimits",
+    "expected_structures",
     "icv_limits",
     "QC_FAILED_SUFFIX",
     "StructureVolume",
@@ -95,6 +96,13 @@ class QCLimits:
     icv_min_ml: float = 1000.0
     icv_max_ml: float = 2200.0
     basis: str = "adult"
+
+
+def expected_structures(segmenter_codes: Collection[int]) -> set[int]:
+    """The structures QC requires from a segmenter whose classes have these (aparc+aseg) codes: every measured
+    structure it can label, except those a healthy head may lack (OPTIONAL_STRUCTURES)."""
+    return ({int(c) for c in region_codes(np.asarray(list(segmenter_codes))).tolist()} & set(STRUCTURES)) \
+        - OPTIONAL_STRUCTURES
 
 
 def icv_limits(age_years: float | None) -> QCLimits:

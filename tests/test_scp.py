@@ -464,7 +464,7 @@ def test_concurrent_conflicting_sends_store_exactly_one(node: Node, series: list
         statuses: list[int] = []
         barrier = threading.Barrier(2)
 
-        def send(ds: Any) -> None:
+        def send(ds: Any, barrier: threading.Barrier = barrier, statuses: list[int] = statuses) -> None:
             assoc = node.associate()
             barrier.wait()
             statuses.append(assoc.send_c_store(ds).Status)

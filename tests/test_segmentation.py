@@ -9,12 +9,11 @@ import pytest
 import SimpleITK as sitk
 
 from dicom_node.config import DEFAULT_SEGMENTER
-from inference.labels import LR_SWAP, STRUCTURES, by_code, region_codes
+from inference.labels import LR_SWAP, STRUCTURES, by_code
 from inference.models import ModelRegistry
 from inference.segmentation import conform_grid, conform_intensities, intracranial_mask, largest_component, segment
-from inference.training.evaluate_segmenter import mirrored
-from inference.volume import load_series
-from inference.volumetry import OPTIONAL_STRUCTURES, compute_volumetry
+from inference.volume import load_series, mirror_left_right
+from inference.volumetry import OPTIONAL_STRUCTURES, compute_volumetry, expected_structures
 from tests.conftest import SHARED_DATA, requires_shared_data
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "onnx_models"
@@ -36,7 +35,7 @@ def segmenter():  # noqa: ANN201
 @pytest.fixture(scope="module")
 def mprage(segmenter):  # noqa: ANN001, ANN201
     series = _series(MPRAGE)
-    return series, segment(segmenter, series.image), segment(segmenter, mirrored(series.image))
+    return series, segment(segmenter, series.image), segment(segmenter, mirror_left_right(series.image))
 
 
 def _volumes(labels: sitk.Image) -> dict[int, int]:
@@ -110,8 +109,8 @@ def test_mirrored_head_gets_mirrored_labels(mprage) -> None:  # noqa: ANN001
 def test_mprage_volumetry_passes_qc_with_every_structure(mprage, segmenter) -> None:  # noqa: ANN001
     series, result, _ = mprage
     first = series.datasets[0]
-    expected = ((set(region_codes(np.array(segmenter.manifest.output.segmentation.labels)).tolist())
-                 & set(STRUCTURES)) - OPTIONAL_STRUCTURES)
+    expected = expected_structures(segmenter.manifest.output.segmentation.labels)
+    assert {17, 53, 18, 54, 1203, 2203, 192} <= expected and not expected & {5, 44, 24, 3, 42}
     volumetry = compute_volumetry(result.labels, series.image, age=first.get("PatientAge"),
                                   sex=first.get("PatientSex"), expected_codes=expected, icv_ml=result.icv_ml,
                                   outside_ml=result.outside_ml)
@@ -172,7 +171,7 @@ def _sT1_mirror_differences(segmenter, kind: str) -> dict[str, float]:  # noqa: 
         assert synthetic is not None
         return _volumes(segment(segmenter, synthetic).labels)
 
-    original, flipped = volumes(simulated), volumes(mirrored(simulated))
+    original, flipped = volumes(simulated), volumes(mirror_left_right(simulated))
     return {by_code(code).display_name: 100.0 * abs(flipped.get(LR_SWAP.get(code, code), 0) - n) / n
             for code, n in original.items() if code in STRUCTURES and n >= 100}
 

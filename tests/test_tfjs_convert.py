@@ -83,7 +83,8 @@ def small_model(tmp_path: Path) -> Path:
     fused and separate activations, a 'valid' layer, weights across shards."""
     rng = np.random.default_rng(3)
     layers = [
-        _conv("c0", 4, 3, 1), {"class_name": "Activation", "name": "a0", "config": {"name": "a0", "activation": "relu"}},
+        _conv("c0", 4, 3, 1),
+        {"class_name": "Activation", "name": "a0", "config": {"name": "a0", "activation": "relu"}},
         _conv("c1", 5, 3, 2, activation="elu"),
         _conv("c2_gn", 3, 2, 3, use_bias=False),
         {"class_name": "Activation", "name": "a2", "config": {"name": "a2", "activation": "gelu"}},

@@ -29,12 +29,12 @@ from inference import metrics
 from inference.labels import CORTEX, LR_SWAP, STRUCTURES, by_code
 from inference.models import LoadedModel, ModelRegistry
 from inference.segmentation import segment
-from inference.training.evaluate import CARD_END, CARD_START, HIPPOCAMPUS, HEAD_MARGIN, SUMMARY_STRUCTURES, _num
+from inference.training.evaluate import CARD_END, CARD_START, HEAD_MARGIN, HIPPOCAMPUS, SUMMARY_STRUCTURES, _num
 from inference.training.export import dump_toml
 from inference.training.generator import SEG_LABELS, label_map_paths, load_label_map, load_priors, target_t1
 from inference.training.train import DEFAULT_SHARED_DATA
-from inference.volume import load_series
-from inference.volumetry import compute_volumetry
+from inference.volume import load_series, mirror_left_right
+from inference.volumetry import compute_volumetry, expected_structures
 
 MPRAGE_DIR = ("dicom", "human_siemens_skyra_mprage")
 
@@ -48,18 +48,6 @@ def aseg_view(codes: np.ndarray) -> np.ndarray:
     return out
 
 
-def mirrored(image: sitk.Image) -> sitk.Image:
-    """The same voxels mirrored left-right in patient space (x -> -x)."""
-    out = sitk.Image(image)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    direction[0, :] *= -1
-    origin = np.array(image.GetOrigin())
-    origin[0] *= -1
-    out.SetDirection(tuple(direction.ravel()))
-    out.SetOrigin(tuple(origin))
-    return out
-
-
 def mirror_differences(model: LoadedModel, image: sitk.Image) -> dict[str, float]:
     """Per structure: |volume on the mirrored head of its counterpart - its volume| / its volume, in %."""
     def volumes(img: sitk.Image) -> dict[int, int]:
@@ -67,7 +55,7 @@ def mirror_differences(model: LoadedModel, image: sitk.Image) -> dict[str, float
         values, counts = np.unique(sitk.GetArrayFromImage(labels), return_counts=True)
         return {int(v): int(n) for v, n in zip(values, counts, strict=True) if v}
 
-    original, flipped = volumes(image), volumes(mirrored(image))
+    original, flipped = volumes(image), volumes(mirror_left_right(image))
     return {str(code): 100.0 * abs(flipped.get(LR_SWAP.get(code, code), 0) - n) / n
             for code, n in original.items()}
 
@@ -126,11 +114,14 @@ def evaluate_mprage(model: LoadedModel, shared_data: Path) -> dict[str, Any]:
     result = segment(model, series.image)
     seconds = time.perf_counter() - t0
     first = series.datasets[0]
+    assert model.manifest.output.segmentation is not None
     volumetry = compute_volumetry(result.labels, series.image, age=first.get("PatientAge"),
-                                  sex=first.get("PatientSex"), icv_ml=result.icv_ml, outside_ml=result.outside_ml)
+                                  sex=first.get("PatientSex"), icv_ml=result.icv_ml, outside_ml=result.outside_ml,
+                                  expected_codes=expected_structures(model.manifest.output.segmentation.labels))
     mirror = mirror_differences(model, series.image)
-    return {"seconds": seconds, "age": volumetry.age_years, "icv_ml": volumetry.icv_ml,
-            "volumes_ml": {str(c): v.volume_ml for c, v in volumetry.structures.items()},
+    volumes = {str(c): v.volume_ml for c, v in volumetry.structures.items()}
+    volumes.update({"3": volumetry.cortex_ml["L"], "42": volumetry.cortex_ml["R"]})  # the whole cortex: its lobes
+    return {"seconds": seconds, "age": volumetry.age_years, "icv_ml": volumetry.icv_ml, "volumes_ml": volumes,
             "qc": {c.name: [c.passed, c.reason] for c in volumetry.qc},
             "mirror_max_difference_pct": max(mirror.values()), "mirror_difference_pct": mirror}
 
