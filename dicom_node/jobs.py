@@ -194,36 +194,19 @@ class JobRunner:
             assert labels is not None
             t0 = time.perf_counter()
             algorithm = {"algorithm_name": measured.algorithm.id, "algorithm_version": measured.algorithm.version}
-            seg_path = write_seg(
-                labels, t1_sources, out_path=out_dir / "seg.dcm", uid_prefix=uid_prefix,
-                series_number=output_series_number(source_number, "SEG", version),
-                series_description=with_qc_flag(output_description(rule, version, " SEG"), volumetry),
-                **algorithm,
-            )
-            seg = dcmread(seg_path, stop_before_pixels=True)
-            sr_path = write_sr(
-                volumetry, seg_dataset=seg, source_images=t1_sources, input_series_datasets=loaded.datasets,
-                out_path=out_dir / "sr.dcm", uid_prefix=uid_prefix,
-                series_number=output_series_number(source_number, "SR", version),
-                series_description=output_description(rule, version, " volumes"), **algorithm,
-            )
-            summary_path = write_summary(
-                volumetry, t1=t1, labels=labels, source_images=t1_sources, out_path=out_dir / "summary.dcm",
-                uid_prefix=uid_prefix, synthetic=rule.action == "synthesize",
-                series_number=output_series_number(source_number, "SUMMARY", version),
-                series_description=output_description(rule, version, " summary"), **algorithm,
-            )
-            headers[seg_path] = seg
-            for path, kind in ((seg_path, "SEG"), (sr_path, "SR"), (summary_path, "SUMMARY")):
-                if path not in headers:
-                    headers[path] = dcmread(path, stop_before_pixels=True)
-                produced.append((str(headers[path].SeriesInstanceUID), kind))
+            written_objects = self._write_volumetry(volumetry, labels, t1, t1_sources, loaded, rule, version,
+                                                    out_dir, source_number, algorithm)
+            for path, (ds, kind) in written_objects.items():
+                headers[path] = ds
+                produced.append((str(ds.SeriesInstanceUID), kind))
             timings["write.volumetry"] = time.perf_counter() - t0
-            # kept for the agreement check with a counterpart (rT1 vs sT1) in the same study
-            sitk.WriteImage(t1, str(out_dir / AGREEMENT_T1), useCompression=True)
-            sitk.WriteImage(labels, str(out_dir / AGREEMENT_LABELS), useCompression=True)
-            t0 = time.perf_counter()
-            agreement_path = self._agreement(job_id, rule, version, series, out_dir, source_number)
+            agreement_path = None
+            if volumetry.structures:
+                # kept for the agreement check with a counterpart (rT1 vs sT1) in the same study
+                sitk.WriteImage(t1, str(out_dir / AGREEMENT_T1), useCompression=True)
+                sitk.WriteImage(labels, str(out_dir / AGREEMENT_LABELS), useCompression=True)
+                t0 = time.perf_counter()
+                agreement_path = self._agreement(job_id, rule, version, series, out_dir, source_number)
             if agreement_path is not None:
                 headers[agreement_path] = dcmread(agreement_path, stop_before_pixels=True)
                 produced.append((str(headers[agreement_path].SeriesInstanceUID), "AGREEMENT"))
@@ -293,6 +276,41 @@ class JobRunner:
             failed = "; ".join(c.reason for c in volumetry.qc if c.passed is False)
             log.warning("job %d: volumetry quality control FAILED: %s", job_id, failed)
         return _Measured(volumetry, labels, algorithm)
+
+    def _write_volumetry(self, volumetry: Volumetry, labels: sitk.Image, t1: sitk.Image,
+                         t1_sources: list[Dataset], loaded: LoadedSeries, rule: Rule, version: int, out_dir: Path,
+                         source_number: int, algorithm: dict[str, str]) -> dict[Path, tuple[Dataset, str]]:
+        """SEG (unless the segmenter found no structure), SR and summary page; each file with its header."""
+        uid_prefix = self.config.node.uid_root
+        out: dict[Path, tuple[Dataset, str]] = {}
+        seg = None
+        if volumetry.structures:
+            seg_path = write_seg(
+                labels, t1_sources, out_path=out_dir / "seg.dcm", uid_prefix=uid_prefix,
+                series_number=output_series_number(source_number, "SEG", version),
+                series_description=with_qc_flag(output_description(rule, version, " SEG"), volumetry),
+                **algorithm,
+            )
+            seg = dcmread(seg_path, stop_before_pixels=True)
+            out[seg_path] = (seg, "SEG")
+        else:
+            log.warning("segmenter %s found no brain structure: no SEG, the SR and summary say QC failed",
+                        algorithm["algorithm_name"])
+        sr_path = write_sr(
+            volumetry, seg_dataset=seg, source_images=t1_sources, input_series_datasets=loaded.datasets,
+            out_path=out_dir / "sr.dcm", uid_prefix=uid_prefix,
+            series_number=output_series_number(source_number, "SR", version),
+            series_description=output_description(rule, version, " volumes"), **algorithm,
+        )
+        summary_path = write_summary(
+            volumetry, t1=t1, labels=labels, source_images=t1_sources, out_path=out_dir / "summary.dcm",
+            uid_prefix=uid_prefix, synthetic=rule.action == "synthesize",
+            series_number=output_series_number(source_number, "SUMMARY", version),
+            series_description=output_description(rule, version, " summary"), **algorithm,
+        )
+        for path, kind in ((sr_path, "SR"), (summary_path, "SUMMARY")):
+            out[path] = (dcmread(path, stop_before_pixels=True), kind)
+        return out
 
     def _agreement(self, job_id: int, rule: Rule, version: int, series: SeriesRecord, out_dir: Path,
                    source_number: int) -> Path | None:

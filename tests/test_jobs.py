@@ -397,3 +397,32 @@ def test_thread_executor_survives_base_exceptions() -> None:
     assert finished.wait(5)
     executor.shutdown()
     assert done == [3]
+
+
+def test_the_segmenter_measures_and_no_brain_means_no_seg_but_a_failed_qc(tmp_path: Path, models_dir: Path) -> None:
+    """With the bundled segmenter configured, it (not the synthesis model's own output) measures the sT1. A small
+    generated series holds no brain: the sT1, an SR and a summary still go out, with QC failed; no empty SEG."""
+    from tests.onnx_fixtures import link_bundled_segmenter
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / MODEL).symlink_to(models_dir / MODEL, target_is_directory=True)
+    segmenter = link_bundled_segmenter(folder)
+    registry = ModelRegistry(folder, providers="cpu", threads=1)
+    s = Setup(tmp_path, folder, registry, [rule(volumetry=True)], destinations=("PACS",))
+    s.config = s.config.model_copy(update={"inference": InferenceSettings(models_dir=folder, segmenter=segmenter)})
+    s.runner.config = s.config
+    try:
+        job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+        s.runner.run(job_id)
+        job = s.journal.job(job_id)
+        assert job.state == "written", job.reason
+        assert set(_kinds(s.journal, job_id)) == {"sT1", "SR", "SUMMARY"}
+        out_dir = s.config.node.data_dir / "outputs" / f"job-{job_id:06d}"
+        assert not (out_dir / "seg.dcm").exists()
+        sr = dcmread(out_dir / "sr.dcm")
+        assert sr.SeriesDescription.endswith("QC FAILED")
+        assert segmenter.encode() in (out_dir / "sr.dcm").read_bytes()  # the SR names the segmenter as algorithm
+        assert any(k.startswith("segment.") for k in (job.timings or {}))
+    finally:
+        s.journal.close()

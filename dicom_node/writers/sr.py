@@ -210,13 +210,14 @@ def device_uid(uid_prefix: str | None) -> str:
     return str(generate_uid(prefix=prefix, entropy_srcs=[dicom_node.MANUFACTURER, dicom_node.MODEL_NAME]))
 
 
-def write_sr(volumetry: Volumetry, *, seg_dataset: Dataset, source_images: Sequence[Dataset],
+def write_sr(volumetry: Volumetry, *, seg_dataset: Dataset | None, source_images: Sequence[Dataset],
              input_series_datasets: Sequence[Dataset], out_path: Path, series_number: int, series_description: str,
              uid_prefix: str | None, algorithm_name: str, algorithm_version: str,
              institution_name: str | None = None) -> Path:
     """Write the volumetry as a Comprehensive 3D SR in the study of ``source_images``.
 
-    ``seg_dataset`` is the SEG written by ``write_seg`` from the same labels; ``source_images`` the T1 it was
+    ``seg_dataset`` is the SEG written by ``write_seg`` from the same labels (None when the segmenter found no
+    structure: the SR then carries ICV, QC and subject only, and QC has failed); ``source_images`` the T1 it was
     computed on; ``input_series_datasets`` the series the T1 was synthesized from (empty for a real T1).
     All three are recorded as evidence. The series description gets ' QC FAILED' when QC failed.
     """
@@ -228,8 +229,10 @@ def write_sr(volumetry: Volumetry, *, seg_dataset: Dataset, source_images: Seque
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=device_uid(uid_prefix), name=dicom_node.MODEL_NAME, manufacturer_name=dicom_node.MANUFACTURER,
             model_name=f"{algorithm_name} {algorithm_version}"[:64]))
-    groups: list = _structure_groups(volumetry, seg_dataset, str(source_images[0].SeriesInstanceUID), algorithm,
-                                     uid_prefix)
+    if seg_dataset is None and volumetry.structures:
+        raise ValueError("structures measured without their SEG")
+    groups: list = [] if seg_dataset is None else _structure_groups(
+        volumetry, seg_dataset, str(source_images[0].SeriesInstanceUID), algorithm, uid_prefix)
     groups += _index_groups(volumetry, algorithm, uid_prefix)
     subject = _subject_group(volumetry, uid_prefix)
     if subject is not None:
@@ -242,7 +245,7 @@ def write_sr(volumetry: Volumetry, *, seg_dataset: Dataset, source_images: Seque
     )
     first = source_images[0]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=_evidence(source_images, input_series_datasets, [seg_dataset]),
+        evidence=_evidence(source_images, input_series_datasets, [seg_dataset] if seg_dataset is not None else []),
         content=report,
         series_instance_uid=new_uid(uid_prefix),
         series_number=int(series_number),

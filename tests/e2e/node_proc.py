@@ -76,7 +76,8 @@ class NodeProcess:
                 "ae_title": ae_title, "host": LOCALHOST, "port": self.port, "data_dir": str(self.data_dir),
                 "idle_timeout_s": 3.0, "sweep_interval_s": 0.5, "log_level": "INFO", **(node or {}),
             },
-            "inference": {"models_dir": str(models_dir), "threads": 2, **(inference or {})},
+            # the segmenter takes 20-60 s a real head: off (each model's own labels) unless a test turns it on
+            "inference": {"models_dir": str(models_dir), "threads": 2, "segmenter": "", **(inference or {})},
             "dispatch": {"backoff_initial_s": 1.0, "backoff_max_s": 2.0, "scan_interval_s": 0.5,
                          **(dispatch or {})},
         }

@@ -34,6 +34,8 @@ ENHANCED_DIR = SHARED_DATA / "dicom" / "phantom_siemens_xa30_enhanced_mr"
 
 #: A rule for the phantom's 2 mm 3D T1 (which no default rule processes), to test assembly of the
 #: compressed and Enhanced MR encodings through the whole path.
+#: the product's path: the bundled segmenter measures the T1 (other tests run without it, for time)
+SEGMENTER = {"segmenter": "brainchop-aparc-aseg"}
 ANAT_RULE = {"name": "phantom-anat", "series_description": "anat", "model": "synth-t1", "output_name": "sT1TEST"}
 
 
@@ -160,7 +162,8 @@ def _check_volumetry_objects(orthanc, out_dir: Path, name: str, *, t1_series_uid
 def test_real_mprage_gives_seg_sr_and_summary(tmp_path: Path, orthanc, models_dir: Path) -> None:  # noqa: ANN001
     src_dir = next(p for p in MPRAGE.iterdir() if p.is_dir())
     sources = sorted(src_dir.glob("*.dcm"))
-    with NodeProcess(tmp_path / "node", models_dir=models_dir, destinations=[_pacs(orthanc)]) as node:
+    with NodeProcess(tmp_path / "node", models_dir=models_dir, destinations=[_pacs(orthanc)],
+                     inference=SEGMENTER) as node:
         _send(node, src_dir)
         job = node.wait_for(lambda j: [x for x in j.jobs() if x.state in ("sent", "failed")], what="job done",
                             timeout=300)[0]
@@ -175,12 +178,18 @@ def test_real_mprage_gives_seg_sr_and_summary(tmp_path: Path, orthanc, models_di
                             capture_output=True, text=True, check=False)
     assert report.returncode == 0, report.stderr
     assert "Intracranial volume" in report.stdout
+    # the real MPRAGE (a 3-year-old) passes QC with the ICV range of its age, every structure measured
+    assert "Quality control: PASS" in report.stdout, report.stdout
+    for name in ("Left hippocampus", "Right amygdala", "Left temporal cortex", "Right frontal cortex",
+                 "Corpus callosum"):
+        assert name in report.stdout
 
 
 @requires_shared_data
 def test_autoalign_scout_gives_sT1AAH_in_the_pacs(tmp_path: Path, orthanc, models_dir: Path) -> None:  # noqa: ANN001
     assert echoscu(orthanc.dicom_port, called_ae=orthanc.aet).returncode == 0
-    with NodeProcess(tmp_path / "node", models_dir=models_dir, destinations=[_pacs(orthanc)]) as node:
+    with NodeProcess(tmp_path / "node", models_dir=models_dir, destinations=[_pacs(orthanc)],
+                     inference=SEGMENTER) as node:
         assert echoscu(node.port, called_ae=node.ae_title, calling_ae="SCANNER").returncode == 0
         # the scanner forwards the scout and its scanner reformat (which must not be processed)
         _send(node, [SCOUT, SCOUT_MPR])
