@@ -283,6 +283,7 @@ def default_rules() -> list[Rule]:
             name="real-3d-t1",
             series_description=r"mprage|mp-rage|mp2rage|t1.*(3d|tfl|spgr|bravo|vibe)|(3d|tfl|spgr|bravo).*t1",
             action="volumetry",
+            model=GENERAL_MODEL,  # measures the real T1 only when [inference] segmenter is empty
             output_name="rT1",
             mr_acquisition_type="3D",
             image_type=["ORIGINAL"],

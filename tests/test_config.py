@@ -69,7 +69,7 @@ def test_default_rules_are_valid_and_ordered() -> None:
     assert names.index("real-3d-t1") < names.index("t1-2d")
     assert {r.name: r.model for r in rules} == {
         "aahead-scout": "synth-t1-aahead-scout", "flair-3d": GENERAL_MODEL, "flair-2d": "synth-t1-flair",
-        "coronal-t2": "synth-t1-cor-t2", "real-3d-t1": None, "t1-2d": "synth-t1-t1-2d"}
+        "coronal-t2": "synth-t1-cor-t2", "real-3d-t1": GENERAL_MODEL, "t1-2d": "synth-t1-t1-2d"}
     config = NodeConfig(rules=rules)
     assert config.inference.segmenter == "brainchop-aparc-aseg"
     assert config.models_for(rules[0]) == ["synth-t1-aahead-scout", "brainchop-aparc-aseg"]

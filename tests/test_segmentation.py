@@ -192,3 +192,22 @@ def test_sT1_of_every_input_kind_gives_mirrored_volumes(segmenter, kind: str) ->
     differences = _sT1_mirror_differences(segmenter, kind)
     worst = max(differences, key=differences.get)
     assert differences[worst] <= 3.0, f"{kind}, {worst}: {differences[worst]:.2f} %"
+
+
+@pytest.mark.heavy
+@requires_shared_data
+def test_real_t1_mode_scores_sT1_and_the_upsampling_baseline(tmp_path: Path) -> None:
+    """The real-T1 evaluation (README table) runs for a kind and scores both arms against the reference."""
+    pytest.importorskip("torch")
+    from inference.training import evaluate_real_t1
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{evaluate_real_t1.README_START}\n{evaluate_real_t1.README_END}\n")
+    evaluate_real_t1.main(["--kinds", "aahead_scout", "--readme", str(readme), "--out", str(tmp_path / "r.json")])
+    text = readme.read_text()
+    assert "| aahead_scout | real T1 at the kind's slices, upsampled |" in text
+    assert "| aahead_scout | sT1 by `synth-t1-aahead-scout` |" in text
+    import json
+
+    results = json.loads((tmp_path / "r.json").read_text())["results"]["aahead_scout"]
+    assert 0.3 < results["upsampled"]["dice_mean"] <= 1.0

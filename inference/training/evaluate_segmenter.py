@@ -147,10 +147,12 @@ def card_section(summary: dict[str, Any], info: dict[str, Any], maps: dict[str, 
     lines = [CARD_START, "",
              f"Evaluated {info['evaluated']} by `{info['command']}` ({info['threads']} onnxruntime threads, shared "
              "2-core machine).", "",
+             f"Held-out maps: the first {held['maps']} SynthSeg label maps (none seen by this network) rendered as "
+             "MPRAGE-like T1s (flat class intensities, cut-off neck), against the maps.", "",
              "| input | Dice major structures | hippocampus Dice | hippocampus ASPC % | ICV error % (mean, mean abs) | "
              "seconds |",
              "|---|---|---|---|---|---|",
-             f"| held-out maps: t1 (the {held['maps']} SynthSeg label maps as MPRAGE-like T1s) | "
+             f"| held-out maps: t1 | "
              f"{_num(held['dice_major'])} | {_num(held['hippocampus_dice'])} | "
              f"{_num(held['hippocampus_aspc_pct'], 1)} | {_num(held['icv_error_pct'], 1)}, "
              f"{_num(held['icv_abs_error_pct'], 1)} | {_num(held['seconds'], 1)} |", "",
