@@ -167,3 +167,26 @@ def test_without_bundled_models_the_default_rules_are_disabled(tmp_path: Path,
         assert f"rule {rule.name}: " in out and f"[DISABLED: model '{missing}' not installed]" in out
     assert "segmenter: brainchop-aparc-aseg [NOT INSTALLED: volumetry rules disabled]" in out
     assert out.rstrip().endswith(f"{len(config.rules)} rule(s) disabled")
+
+
+@requires_models
+@pytest.mark.parametrize("model_id", SEGMENTERS)
+def test_segmenter_evaluation_reproduces_the_card(registry: ModelRegistry, model_id: str) -> None:
+    """The first label map through the segmenter evaluation's own code gives back the numbers of metrics.json."""
+    from tests.conftest import SHARED_DATA
+
+    pytest.importorskip("torch")
+    root = SHARED_DATA / "labels" / "synthseg"
+    if not root.is_dir():
+        pytest.skip(f"SynthSeg label maps not found at {root} (../shared/data)")
+    from inference.training import evaluate_segmenter
+
+    recorded = _metrics(model_id)
+    first = recorded["info"]["label_maps"][0]
+    expected = recorded["results"]["label_maps"][first]
+    got = evaluate_segmenter.evaluate_label_maps(registry.session(model_id), root, 1)[first]
+    assert got["dice_major"] == pytest.approx(expected["dice_major"], abs=0.005)
+    assert got["icv_ml"] == pytest.approx(expected["icv_ml"], rel=0.005)
+    for code, dice in expected["dice"].items():
+        if dice is not None:
+            assert got["dice"][code] == pytest.approx(dice, abs=0.01), f"label {code}"
