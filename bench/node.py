@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dicom_node.config import DEFAULT_SEGMENTER
 from tests.e2e.node_proc import REPO, NodeProcess
 
 __all__ = ["REPO", "BenchNode"]
@@ -21,7 +22,8 @@ class BenchNode(NodeProcess):
         super().__init__(
             workdir, models_dir=models_dir, rules=rules, destinations=destinations, ae_title=ae_title,
             node={"fsync": True, "idle_timeout_s": 30.0, "sweep_interval_s": 1.0, **(node or {})},
-            inference={"threads": None, **(inference or {})},  # the node's own default, as in production
+            # the node's own defaults, as in production (the e2e harness turns the segmenter off for time)
+            inference={"threads": None, "segmenter": DEFAULT_SEGMENTER, **(inference or {})},
         )
 
     def start(self, timeout: float = 120) -> BenchNode:

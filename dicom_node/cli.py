@@ -91,8 +91,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"destination {d.name}: {d.ae_title}@{d.host}:{d.port}")
     print(f"models in {config.inference.models_dir}: {', '.join(sorted(installed)) or 'none'}")
     segmenter = config.inference.segmenter
-    print(f"segmenter: {segmenter or 'none (each rule model segments)'}"
-          + ("" if not segmenter or segmenter in installed else " [NOT INSTALLED: volumetry rules disabled]"))
+    note = ""
+    if segmenter and segmenter not in installed:
+        note = " [NOT INSTALLED: rules with volumetry disabled]"
+    elif segmenter and installed[segmenter].task != "segmentation":
+        note = " [NOT A SEGMENTATION MODEL: rules with volumetry disabled]"
+        installed = {k: v for k, v in installed.items() if k != segmenter}
+    print(f"segmenter: {segmenter or 'none (each rule model segments)'}{note}")
     problems = 0
     for rule in config.rules:
         dests = ", ".join(d.name for d in config.destinations_for(rule)) or "none (kept on disk)"

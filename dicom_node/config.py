@@ -132,8 +132,8 @@ class Rule(_Strict):
     #: The synthesis model. For a volumetry rule, optional: a model whose own segmentation output
     #: measures the real T1, used only when ``[inference] segmenter`` is empty.
     model: str | None = None
-    #: Also send DICOM SEG, a TID 1500 SR of regional volumes and a summary page (needs a model
-    #: with a segmentation output).
+    #: Also send DICOM SEG, a TID 1500 SR of regional volumes and a summary page (measured by
+    #: ``[inference] segmenter``, or without one by the model's own segmentation output).
     volumetry: bool = True
     #: SeriesDescription of the outputs, after the nomenclature (sT1AAH, sT13DFLAIR, sT1CorT2, rT1).
     output_name: str = Field(pattern=r"^[A-Za-z0-9_ .-]{1,48}$")
@@ -191,7 +191,8 @@ class InferenceSettings(_Strict):
     segmenter: str | None = DEFAULT_SEGMENTER
     #: Synthesize each sT1 also from the input mirrored left-right and average the two (the mirrored one
     #: mirrored back), so that a mirrored head gives the mirrored sT1: no side bias from the synthesis
-    #: network. Doubles the synthesis time.
+    #: network. Doubles the synthesis time. Overrides the manifests' ``input.mirror_average``; applies
+    #: with a segmenter (a model's own labels come from one pass and would not match an averaged image).
     mirror_average: bool = True
     providers: Literal["auto", "cpu", "cuda"] = "auto"
     #: onnxruntime intra-op threads (0: onnxruntime's default, one per core).

@@ -235,7 +235,8 @@ class JobRunner:
         if rule.action == "volumetry" and segmenter:
             return _Images(t1=loaded.image, labels=None, synthesis=None, own_labels_of=None)
         model = self._model(rule.model)
-        result = run_model(model, loaded.image, mirror_average=self.config.inference.mirror_average)
+        mirror = self.config.inference.mirror_average and rule.action == "synthesize" and bool(segmenter)
+        result = run_model(model, loaded.image, mirror_average=mirror)
         timings.update({f"model.{k}": v for k, v in result.timings.items()})
         own = None if segmenter else model.manifest
         if rule.action == "synthesize":

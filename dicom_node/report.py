@@ -145,14 +145,16 @@ def format_report(path: Path) -> str:
         header += f"{'z':>7}{'pct':>6}"
     lines += [header, "-" * len(header)]
     for row in out.rows:
+        paired = row.name.startswith(("Left ", "Right "))  # asymmetry undefined (a side absent): n/a
+        asymmetry = _number(out.asymmetry.get(row.concept), '+.1f') or ("n/a" if paired else "")
         line = (f"{row.name:<34}{_number(row.volume_ml, '.2f'):>10}{_number(row.icv_percent, '.2f'):>8}"
-                f"{_number(out.asymmetry.get(row.concept), '+.1f'):>8}")
+                f"{asymmetry:>8}")
         if with_norms:
             line += f"{_number(row.z, '+.2f'):>7}{_number(row.percentile, '.0f'):>6}"
         lines.append(line)
-    if out.hoc:
-        lines += ["", "Hippocampal occupancy: " + "  ".join(f"{side} {value:.3f}"
-                                                            for side, value in sorted(out.hoc.items()))]
+    if out.hoc or any("hippocampus" in row.name.lower() for row in out.rows):
+        lines += ["", "Hippocampal occupancy: " + "  ".join(
+            f"{side} {out.hoc[side]:.3f}" if side in out.hoc else f"{side} n/a" for side in ("L", "R"))]
     if out.qc:
         lines += ["", "Quality control checks:"]
         lines += [f"  {outcome:<5}{check}: {reason}" for outcome, check, reason in out.qc]

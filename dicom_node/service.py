@@ -55,7 +55,13 @@ class Node:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.installed_models = set(self.registry.available())
+        available = self.registry.available()
+        self.installed_models = set(available)
+        segmenter = self.config.inference.segmenter
+        if segmenter in available and available[segmenter].task != "segmentation":
+            log.error("[inference] segmenter %r is a %s model, not a segmentation model: volumetry disabled",
+                      segmenter, available[segmenter].task)
+            self.installed_models.discard(segmenter)
         log.info("models installed in %s: %s", self.config.inference.models_dir,
                  ", ".join(sorted(self.installed_models)) or "none")
         needed: set[str] = set()

@@ -311,6 +311,11 @@ def run_model(model: LoadedModel, image: sitk.Image, *, mirror_average: bool | N
 
 def _run_once(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     manifest = model.manifest
+    seg = manifest.output.segmentation
+    if manifest.input.grid != "image" or manifest.input.axes != "kji" or \
+            manifest.input.normalization == "conform_uint8" or (seg is not None and seg.encoding != "logits"):
+        raise ModelError(f"model {manifest.id} is made for inference.segmentation.segment (conformed grid, class "
+                         "index output), not for run_model")
     timings: dict[str, float] = {}
     start = time.perf_counter()
 

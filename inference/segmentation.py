@@ -52,6 +52,8 @@ ICV_CLOSING_MM = 8.0
 #: intracranial volume is known (docs/volumetry.md)
 ICV_CSF_MM = 2.0
 _ICV_GRID_MM = 2.0
+#: slabs the class-index graphs of inference.training.import_meshnet split the last tensor axis into
+SLABS = 8
 
 
 @dataclass
@@ -151,6 +153,9 @@ def _run(model: LoadedModel, volume: np.ndarray) -> np.ndarray:
     seg_spec = model.manifest.output.segmentation
     assert seg_spec is not None
     tensor = volume.transpose(2, 1, 0) if spec.axes == "ijk" else volume
+    width = tensor.shape[2]
+    if seg_spec.encoding == "class_index":  # the graph splits the last axis into SLABS equal slabs: pad it
+        tensor = np.pad(tensor, ((0, 0), (0, 0), (0, -width % SLABS)))
     batch = np.ascontiguousarray(tensor, dtype=np.float32)[np.newaxis, np.newaxis]
     out = model.session.run([seg_spec.name], {spec.name: batch})[0]
     n = len(seg_spec.labels)
@@ -158,7 +163,7 @@ def _run(model: LoadedModel, volume: np.ndarray) -> np.ndarray:
         if out.shape != (1, 1, *batch.shape[2:]):
             raise ModelError(f"model {model.manifest.id}: output has shape {out.shape}, expected "
                              f"{(1, 1, *batch.shape[2:])}")
-        index = out[0, 0]
+        index = out[0, 0, :, :, :width]
         if index.size and int(index.max()) >= n:
             raise ModelError(f"model {model.manifest.id}: class index {int(index.max())} beyond its {n} labels")
     else:
@@ -167,6 +172,7 @@ def _run(model: LoadedModel, volume: np.ndarray) -> np.ndarray:
                              f"{(1, n, *batch.shape[2:])}")
         index = np.zeros(batch.shape[2:], dtype=np.uint8 if n <= 256 else np.uint16)
         argmax_channels(out[0], index)
+        index = index[:, :, :width]
     return index.transpose(2, 1, 0) if spec.axes == "ijk" else index
 
 

@@ -11,8 +11,8 @@ Definitions:
 * fraction of ICV (%) = 100 x volume / ICV;
 * asymmetry index of a left/right pair (%) = 200 x (L - R) / (L + R), defined when both sides are present
   (otherwise "n/a": an absent structure is a segmentation failure, not an asymmetry);
-* hippocampal occupancy (HOC) per side = HV / (HV + inferior lateral ventricle volume), defined when both are
-  present (otherwise "n/a");
+* hippocampal occupancy (HOC) per side = HV / (HV + inferior lateral ventricle volume), defined when the
+  hippocampus is present (otherwise "n/a");
 * normative score: z = (volume - mean) / SD of the matching (structure, age band, sex) entry, percentile =
   100 x Phi(z) under a normal model. No normative table ships with the project.
 """
@@ -189,7 +189,7 @@ class Volumetry:
     icv_ml: float
     structures: dict[int, StructureVolume]   # measured structures present in the labels, by code
     asymmetry: tuple[Asymmetry, ...]
-    hoc: dict[str, float]                    # 'L'/'R' -> HOC (0..1), sides where HV and ILV are present
+    hoc: dict[str, float]                    # 'L'/'R' -> HOC (0..1), sides where the hippocampus is present
     qc: tuple[QCCheck, ...]
     age_years: float | None
     sex: Sex | None
@@ -322,7 +322,8 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
     asymmetry indices, HOC, normative scores (when ``norms`` has a matching row) and quality control.
 
     ``t1`` (the image the labels were computed on; resampled onto the labels grid if needed) enables the
-    intensity-ordering check. ``expected_codes`` (default: every measured structure) must all be non-empty.
+    intensity-ordering check. ``expected_codes`` must all be non-empty (default: the structures of the labels'
+    family, cortex by lobe or whole, without OPTIONAL_STRUCTURES).
     ``age``: years or DICOM AS; ``sex``: PatientSex ('M', 'F', 'O'). ``limits``: default by age (:func:`icv_limits`).
     ``icv_ml``: the segmenter's intracranial volume (default: from the aseg codes); ``outside_ml``: labelled
     volume the segmenter found apart from the brain (enables the brain-mask check).
@@ -375,12 +376,18 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
         hv = structures[HIPPOCAMPUS[side]].volume_ml if HIPPOCAMPUS[side] in structures else 0.0
         ilv = (structures[INFERIOR_LATERAL_VENTRICLE[side]].volume_ml
                if INFERIOR_LATERAL_VENTRICLE[side] in structures else 0.0)
-        if hv > 0 and ilv > 0:
+        if hv > 0:  # no inferior horn: HOC 1 (an empty horn is common in young, healthy heads)
             hoc[side] = hv / (hv + ilv)
     cortex_ml = {side: sum(structures[c].volume_ml for c in codes_of_side if c in structures)
                  for side, codes_of_side in CORTEX.items()}
 
-    expected = set(STRUCTURES) if expected_codes is None else {int(c) for c in expected_codes}
+    if expected_codes is None:  # the family of the labels: cortex by lobe (aparc) or whole (aseg)
+        by_lobe = any(c in counts for side in CORTEX.values() for c in side[1:])
+        cortex_codes = {c for side in CORTEX.values() for c in side}
+        family = (set(STRUCTURES) - {3, 42}) if by_lobe else (set(STRUCTURES) - (cortex_codes - {3, 42}) - {192})
+        expected = family - OPTIONAL_STRUCTURES
+    else:
+        expected = {int(c) for c in expected_codes}
     unknown = expected - set(STRUCTURES)
     if unknown:
         raise ValueError(f"expected_codes holds codes that are not measured structures: {sorted(unknown)}")

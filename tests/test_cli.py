@@ -285,3 +285,12 @@ def test_unusable_journal_is_one_clear_line(tmp_path: Path, models_dir: Path, ca
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"journal {path} cannot be used" in result.stderr.strip().splitlines()[-1]
+
+
+def test_config_check_refuses_a_synthesis_model_as_segmenter(tmp_path: Path, models_dir: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, models_dir, 'segmenter = "synth-t1"\n')
+    assert main(["config", "check", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "segmenter: synth-t1 [NOT A SEGMENTATION MODEL: rules with volumetry disabled]" in out
+    assert "rule aahead-scout: " in out and "[DISABLED: model 'synth-t1' not installed]" in out

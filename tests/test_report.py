@@ -90,3 +90,31 @@ def test_not_a_volumetry_report_is_refused(build: dict, tmp_path: Path) -> None:
     junk.write_bytes(b"not dicom")
     with pytest.raises(ReportError):
         format_report(junk)
+
+
+def test_undefined_hoc_and_asymmetry_read_n_a(tmp_path: Path, build: dict) -> None:
+    """Without a right hippocampus: its HOC and the hippocampal asymmetry read n/a (not 0, 1 or +200 %), on the
+    summary page and in the SR's report."""
+    from dicom_node.writers.summary import _table_rows
+
+    series = build["series"]
+    array = sitk.GetArrayFromImage(series.labels)
+    array[array == 53] = 2
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(series.labels)
+    volumetry = compute_volumetry(labels, series.t1, age="053Y", sex="F")
+    assert "R" not in volumetry.hoc and "L" in volumetry.hoc
+    rows = {cells[0]: cells for cells, _ in _table_rows(volumetry)}
+    assert rows["Hippocampus"][2] == "absent" and rows["Hippocampus"][3] == "n/a"
+    occupancy = rows["Hippocampal occupancy"]
+    assert occupancy[2] == "n/a" and occupancy[1] != "n/a"
+    seg_path = write_seg(labels, series.t1_headers, out_path=tmp_path / "seg.dcm", series_number=1002,
+                         series_description="SEG", algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
+                         uid_prefix=UID_PREFIX)
+    path = write_sr(volumetry, seg_dataset=pydicom.dcmread(seg_path), source_images=series.t1_headers,
+                    input_series_datasets=series.input_headers, out_path=tmp_path / "sr.dcm", series_number=1003,
+                    series_description="sT1AAH volumetry", uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID,
+                    algorithm_version=MODEL_VERSION)
+    text = format_report(path)
+    assert _row(text, "Left hippocampus")[-1] == "n/a"
+    assert "Hippocampal occupancy: L " in text and text.rstrip().count("R n/a") >= 1

@@ -211,3 +211,12 @@ def test_real_t1_mode_scores_sT1_and_the_upsampling_baseline(tmp_path: Path) -> 
 
     results = json.loads((tmp_path / "r.json").read_text())["results"]["aahead_scout"]
     assert 0.3 < results["upsampled"]["dice_mean"] <= 1.0
+
+
+def test_a_narrow_head_box_runs(segmenter) -> None:  # noqa: ANN001
+    """The graph splits the last tensor axis into equal slabs: a box of any width must run (padded)."""
+    z, y, x = np.mgrid[:40, :60, :50].astype(np.float32)
+    blob = (((z - 20) / 8) ** 2 + ((y - 30) / 5) ** 2 + ((x - 25) / 12) ** 2) < 1  # thin along A-P (y)
+    image = sitk.GetImageFromArray((blob * 100.0 + 1.0).astype(np.float32))
+    result = segment(segmenter, image)
+    assert sitk.GetArrayViewFromImage(result.labels).shape == (40, 60, 50)

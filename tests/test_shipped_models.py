@@ -165,7 +165,7 @@ def test_without_bundled_models_the_default_rules_are_disabled(tmp_path: Path,
     for rule in config.rules:
         missing = config.models_for(rule)[0]
         assert f"rule {rule.name}: " in out and f"[DISABLED: model '{missing}' not installed]" in out
-    assert "segmenter: brainchop-aparc-aseg [NOT INSTALLED: volumetry rules disabled]" in out
+    assert "segmenter: brainchop-aparc-aseg [NOT INSTALLED: rules with volumetry disabled]" in out
     assert out.rstrip().endswith(f"{len(config.rules)} rule(s) disabled")
 
 

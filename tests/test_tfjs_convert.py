@@ -188,3 +188,16 @@ def test_serving_graph_has_no_side_bias(small_model: Path) -> None:
     plain = _serving(model, x, None)
     plain_of_mirror = _serving(model, np.ascontiguousarray(x[:, ::-1]), None)
     assert not np.array_equal(plain_of_mirror, np.asarray(mirror)[plain][:, ::-1])  # the network alone is biased
+
+
+def test_brainchop_class_names_map_to_freesurfer_codes_and_mirror() -> None:
+    from inference.training.import_meshnet import class_codes, mirror_permutation
+
+    names = ["BG", "ctx-lh-bankssts", "ctx-rh-bankssts", "Left-Thalamus-Proper*", "Right-Thalamus-Proper*",
+             "Brain-Stem", "CC_Central", "Left-Hippocampus", "Right-Hippocampus"]
+    assert class_codes(names) == [0, 1001, 2001, 10, 49, 16, 253, 17, 53]
+    assert mirror_permutation(names) == [0, 2, 1, 4, 3, 5, 6, 8, 7]
+    with pytest.raises(ValueError, match="no counterpart"):
+        mirror_permutation(["BG", "Left-Hippocampus"])
+    with pytest.raises(ValueError, match="no FreeSurfer"):
+        class_codes(["BG", "Left-Nowhere"])

@@ -17,6 +17,7 @@ Coding Scheme Identification Sequence.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,10 +103,10 @@ def _structure_groups(volumetry: Volumetry, seg: Dataset, source_series_uid: str
     for code, entry in volumetry.structures.items():
         structure = entry.structure
         measurements = [
-            hd.sr.Measurement(name=codes.SCT.Volume, value=entry.volume_ml, unit=UNIT_ML, algorithm_id=algorithm),
-            hd.sr.Measurement(name=FRACTION_OF_ICV, value=entry.icv_percent, unit=UNIT_PERCENT,
-                              algorithm_id=algorithm),
-        ]
+            hd.sr.Measurement(name=codes.SCT.Volume, value=entry.volume_ml, unit=UNIT_ML, algorithm_id=algorithm)]
+        if math.isfinite(entry.icv_percent):  # no fraction of a zero ICV
+            measurements.append(hd.sr.Measurement(name=FRACTION_OF_ICV, value=entry.icv_percent, unit=UNIT_PERCENT,
+                                                  algorithm_id=algorithm))
         if entry.norm_score is not None:
             measurements += [
                 hd.sr.Measurement(name=codes.DCM.ZScoreOfMeasurement, value=entry.norm_score.z, unit=UNIT_NONE),

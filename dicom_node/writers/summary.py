@@ -9,6 +9,7 @@ Text is drawn with Pillow's built-in font; the page carries patient identificati
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -132,12 +133,14 @@ def _table_rows(volumetry: Volumetry) -> list[tuple[tuple[str, ...], tuple[int, 
             if code is None:
                 cells.append("")
             elif entry is None and code in (3, 42) and cortex.get(side, 0) > 0:
-                cells.append(f"{cortex[side]:.2f} ({100 * cortex[side] / volumetry.icv_ml:.2f})")
+                share = f"{100 * cortex[side] / volumetry.icv_ml:.2f}" if volumetry.icv_ml > 0 else "n/a"
+                cells.append(f"{cortex[side]:.2f} ({share})")
             elif entry is None:
                 cells.append("absent")
             else:
                 z = f"  z {entry.norm_score.z:+.1f}" if entry.norm_score else ""
-                cells.append(f"{entry.volume_ml:.2f} ({entry.icv_percent:.2f}){z}")
+                share = f"{entry.icv_percent:.2f}" if math.isfinite(entry.icv_percent) else "n/a"
+                cells.append(f"{entry.volume_ml:.2f} ({share}){z}")
         ai = _fmt(asymmetry.get(left), "+.1f") if right is not None else ""
         rows.append(((name, cells[0], cells[1], ai), _FG))
     hoc = volumetry.hoc

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from inference.labels import APARC_ASEG_CODES
+from inference.segmentation import SLABS
 from inference.training.tfjs_convert import load_tfjs_model, to_onnx
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +87,7 @@ def import_meshnet(source: Path, model_id: str, version: str, out_root: Path = M
     mirror = mirror_permutation(names)
     out = Path(out_root) / model_id
     out.mkdir(parents=True, exist_ok=True)
-    proto = to_onnx(model, output_name="labels", class_index=True, mirror=mirror, mirror_axis=2, chunks=8,
+    proto = to_onnx(model, output_name="labels", class_index=True, mirror=mirror, mirror_axis=2, chunks=SLABS,
                     doc=f"{source.name} (brainchop MeshNet, MIT) converted by inference.training.tfjs_convert")
     (out / "model.onnx").write_bytes(proto.SerializeToString())
     licence = source / "LICENSE" if (source / "LICENSE").is_file() else source.parent / "LICENSE"
