@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -270,6 +271,19 @@ def sliding_window(model: LoadedModel, volume: np.ndarray,
     return image, seg
 
 
+def stage_timer(timings: dict[str, float]) -> Callable[[str], None]:
+    """``lap(name)`` records in ``timings`` the seconds since the previous lap (or since this call)."""
+    start = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal start
+        now = time.perf_counter()
+        timings[name] = now - start
+        start = now
+
+    return lap
+
+
 def _set_geometry(image: sitk.Image, grid: tuple[tuple[float, ...], ...]) -> None:
     origin, spacing, direction = grid
     image.SetOrigin(origin)
@@ -317,13 +331,7 @@ def _run_once(model: LoadedModel, image: sitk.Image) -> PipelineResult:
         raise ModelError(f"model {manifest.id} is made for inference.segmentation.segment (conformed grid, class "
                          "index output), not for run_model")
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal start
-        now = time.perf_counter()
-        timings[name] = now - start
-        start = now
+    lap = stage_timer(timings)
 
     oriented = sitk.DICOMOrient(sitk.Cast(image, sitk.sitkFloat32), manifest.input.orientation)
     lap("reorient")

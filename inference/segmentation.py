@@ -23,7 +23,6 @@ mirror-averaged graph (``inference.training.tfjs_convert``) gives mirrored label
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +30,7 @@ import SimpleITK as sitk
 
 from inference.labels import region_codes
 from inference.models import InputSpec, LoadedModel, ModelError
-from inference.pipeline import argmax_channels, foreground_box, normalize
+from inference.pipeline import argmax_channels, foreground_box, normalize, stage_timer
 
 __all__ = [
     "ICV_CLOSING_MM",
@@ -184,13 +183,7 @@ def segment(model: LoadedModel, image: sitk.Image, reference: sitk.Image | None 
         raise ModelError(f"model {manifest.id} is not a segmentation model")
     spec = manifest.input
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal start
-        now = time.perf_counter()
-        timings[name] = now - start
-        start = now
+    lap = stage_timer(timings)
 
     image = sitk.Cast(image, sitk.sitkFloat32)
     if spec.grid == "conform":

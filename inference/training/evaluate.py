@@ -316,17 +316,21 @@ def update_outputs(model_dir: Path, results: dict[str, Any], summary: dict[str, 
                        **{k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in summary.items()}}
     manifest_path.write_text(dump_toml(data), encoding="utf-8")
     load_manifest(manifest_path)  # still valid
-    card = model_dir / "MODEL_CARD.md"
-    table = card_table(summary, info, results)
-    text = card.read_text(encoding="utf-8") if card.exists() else f"# {model_dir.name}\n\n## Metrics\n\n"
-    if CARD_START in text and CARD_END in text:
-        text = text[: text.index(CARD_START)] + table + text[text.index(CARD_END) + len(CARD_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + table + "\n"
-    card.write_text(text, encoding="utf-8")
+    replace_card_metrics(model_dir, card_table(summary, info, results))
     readme = REPO_ROOT / "README.md"
     if model_dir.parent == REPO_ROOT / "onnx_models" and readme.is_file():
         update_readme(readme, model_dir.parent)
+
+
+def replace_card_metrics(model_dir: Path, section: str) -> None:
+    """Put ``section`` between the metrics markers of the model's MODEL_CARD.md (appended when it has none)."""
+    card = model_dir / "MODEL_CARD.md"
+    text = card.read_text(encoding="utf-8") if card.exists() else f"# {model_dir.name}\n\n## Metrics\n\n"
+    if CARD_START in text and CARD_END in text:
+        text = text[: text.index(CARD_START)] + section + text[text.index(CARD_END) + len(CARD_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    card.write_text(text, encoding="utf-8")
 
 
 README_START = "<!-- model-metrics:start (written by inference.training.evaluate) -->"

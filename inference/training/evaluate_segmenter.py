@@ -29,7 +29,15 @@ from inference import metrics
 from inference.labels import CORTEX, LR_SWAP, STRUCTURES, by_code
 from inference.models import LoadedModel, ModelRegistry
 from inference.segmentation import segment
-from inference.training.evaluate import CARD_END, CARD_START, HEAD_MARGIN, HIPPOCAMPUS, SUMMARY_STRUCTURES, _num
+from inference.training.evaluate import (
+    CARD_END,
+    CARD_START,
+    HEAD_MARGIN,
+    HIPPOCAMPUS,
+    SUMMARY_STRUCTURES,
+    _num,
+    replace_card_metrics,
+)
 from inference.training.export import dump_toml
 from inference.training.generator import SEG_LABELS, label_map_paths, load_label_map, load_priors, target_t1
 from inference.training.train import DEFAULT_SHARED_DATA
@@ -199,14 +207,7 @@ def write_outputs(model_dir: Path, maps: dict[str, Any], mprage: dict[str, Any],
     data["metrics"] = {"info": {k: v for k, v in info.items() if v is not None},
                        **{k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in summary.items()}}
     manifest_path.write_text(dump_toml(data), encoding="utf-8")
-    card = model_dir / "MODEL_CARD.md"
-    section = card_section(summary, info, maps, mprage)
-    text = card.read_text(encoding="utf-8") if card.exists() else f"# {model_dir.name}\n\n## Metrics\n\n"
-    if CARD_START in text and CARD_END in text:
-        text = text[: text.index(CARD_START)] + section + text[text.index(CARD_END) + len(CARD_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    card.write_text(text, encoding="utf-8")
+    replace_card_metrics(model_dir, card_section(summary, info, maps, mprage))
 
 
 def main(argv: list[str] | None = None) -> None:
