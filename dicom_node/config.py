@@ -246,7 +246,8 @@ def default_rules() -> list[Rule]:
     Order matters: reformats and the node's own objects never reach them (loop guard), the scout
     rule is the most specific, and the real 3D T1 rule comes before the 2D T1 one. Each kind the
     bundled models were fine-tuned for goes to its own model (on the held-out maps it beat the general
-    model on its kind); 3D FLAIR and the real 3D T1 go to the general model.
+    model on its kind); 3D FLAIR goes to the general model. The real 3D T1 is measured by the segmenter
+    (the general model only when ``[inference] segmenter`` is empty).
     """
     return [
         Rule(
