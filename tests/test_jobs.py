@@ -426,3 +426,21 @@ def test_the_segmenter_measures_and_no_brain_means_no_seg_but_a_failed_qc(tmp_pa
         assert any(k.startswith("segment.") for k in (job.timings or {}))
     finally:
         s.journal.close()
+
+
+def test_age_from_birth_and_study_dates() -> None:
+    """Without PatientAge the QC's ICV range comes from the birth date and the study date."""
+    from pydicom.dataset import Dataset
+
+    from dicom_node.jobs import _age_from_dates
+
+    ds = Dataset()
+    ds.PatientBirthDate, ds.StudyDate = "20200615", "20231215"
+    assert _age_from_dates(ds) == pytest.approx(3.5, abs=0.01)
+    ds.StudyDate = ""
+    ds.SeriesDate = "20210615"
+    assert _age_from_dates(ds) == pytest.approx(1.0, abs=0.01)
+    ds.PatientBirthDate = "unknown"
+    assert _age_from_dates(ds) is None
+    ds.PatientBirthDate = "20250101"  # born after the scan: no age
+    assert _age_from_dates(ds) is None
