@@ -6,6 +6,7 @@ encoding the node cannot read (odd-length PixelData, an unknown VR)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -124,7 +125,8 @@ def test_sop_class_other_than_the_request_is_refused(node: Node, template: Path,
     path = _write(_fresh(template), tmp_path / "mr.dcm")
     # the request says CT Image Storage, the data set is an MR image
     ae = AE(ae_title="SCANNER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.dimse_timeout = 60  # the response is awaited by hand below: room for a loaded CI machine
     ae.add_requested_context(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=NODE_AE)
     assert assoc.is_established
@@ -145,8 +147,17 @@ def test_sop_class_other_than_the_request_is_refused(node: Node, template: Path,
 
         request.DataSet = BytesIO(raw[meta_end:])  # ... but sends the MR data set as it is
         request._context_id = context.context_id
-        assoc.dimse.send_msg(request, context.context_id)
-        _cx, rsp = assoc.dimse.get_msg(block=True)
+        # pause the association's reactor, as pynetdicom's own send_*() do, or it may take the response off the
+        # queue first ("unexpected C-STORE service message") and get_msg() below waits for nothing
+        assoc._reactor_checkpoint.clear()
+        deadline = time.monotonic() + 10
+        while not assoc._is_paused and time.monotonic() < deadline:
+            time.sleep(0.001)
+        try:
+            assoc.dimse.send_msg(request, context.context_id)
+            _cx, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
     finally:
         assoc.release()
     assert rsp is not None and rsp.Status == STATUS_DATASET_MISMATCH
