@@ -25,7 +25,6 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from inference import metrics
 from inference.labels import CORTEX, LR_SWAP, STRUCTURES, by_code
 from inference.models import LoadedModel, ModelRegistry
 from inference.segmentation import segment
@@ -33,9 +32,8 @@ from inference.training.evaluate import (
     CARD_END,
     CARD_START,
     HEAD_MARGIN,
-    HIPPOCAMPUS,
-    SUMMARY_STRUCTURES,
     _num,
+    label_metrics,
     replace_card_metrics,
 )
 from inference.training.export import dump_toml
@@ -66,23 +64,6 @@ def mirror_differences(model: LoadedModel, image: sitk.Image) -> dict[str, float
     original, flipped = volumes(image), volumes(mirror_left_right(image))
     return {str(code): 100.0 * abs(flipped.get(LR_SWAP.get(code, code), 0) - n) / n
             for code, n in original.items()}
-
-
-def label_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
-    """Dice and ASPC per aseg structure of SEG_LABELS."""
-    dice, aspc = {}, {}
-    for c in SEG_LABELS[1:]:
-        t, p = truth == c, pred == c
-        if not t.any() and not p.any():
-            dice[str(c)] = aspc[str(c)] = None
-            continue
-        dice[str(c)] = metrics.dice(truth, pred, c)
-        aspc[str(c)] = metrics.aspc(int(t.sum()), int(p.sum()))
-    major = [dice[str(c)] for c in SUMMARY_STRUCTURES if dice[str(c)] is not None]
-    hippo = [aspc[str(c)] for c in HIPPOCAMPUS if aspc[str(c)] is not None]
-    return {"dice": dice, "aspc_pct": aspc, "dice_major": float(np.mean(major)) if major else None,
-            "hippocampus_dice": float(np.mean([dice[str(c)] or 0.0 for c in HIPPOCAMPUS])),
-            "hippocampus_aspc_pct": float(np.mean(hippo)) if hippo else None}
 
 
 def evaluate_label_maps(model: LoadedModel, root: Path, n_maps: int | None = None) -> dict[str, Any]:
