@@ -205,12 +205,16 @@ def test_real_t1_mode_scores_sT1_and_the_upsampling_baseline(tmp_path: Path) -> 
     readme.write_text(f"x\n{evaluate_real_t1.README_START}\n{evaluate_real_t1.README_END}\n")
     evaluate_real_t1.main(["--kinds", "aahead_scout", "--readme", str(readme), "--out", str(tmp_path / "r.json")])
     text = readme.read_text()
-    assert "| aahead_scout | real T1 at the kind's slices, upsampled |" in text
-    assert "| aahead_scout | sT1 by `synth-t1-aahead-scout` |" in text
+    for contrast in ("T1", "kind"):
+        row = f"| aahead_scout ({contrast} contrast) |"
+        assert f"{row} segmenter on the input, upsampled (baseline) |" in text
+        assert f"{row} segmenter on the sT1 by `synth-t1-aahead-scout` |" in text
+        assert f"{row} own head of `synth-t1-aahead-scout` |" in text
     import json
 
-    results = json.loads((tmp_path / "r.json").read_text())["results"]["aahead_scout"]
-    assert 0.3 < results["upsampled"]["dice_mean"] <= 1.0
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert 0.3 < results["aahead_scout (T1 contrast)"]["upsampled"]["dice_mean"] <= 1.0
+    assert "psnr_db" not in results["aahead_scout (kind contrast)"]["upsampled"]  # not a T1: no PSNR against one
 
 
 def test_a_narrow_head_box_runs(segmenter) -> None:  # noqa: ANN001

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from torch.nn import functional as F
 
@@ -73,10 +72,18 @@ class Priors:
         return np.clip(self.t1_means[0][self.contrast_classes] / T1_TARGET_DIVISOR, 0.0, 1.0).astype(np.float32)
 
 
-def load_priors(root: Path) -> Priors:
-    """Read SynthSeg's label/class/prior arrays from `root` (the labels/synthseg folder)."""
-    d = root / "labels_classes_priors"
-    labels = np.load(d / "generation_labels.npy").astype(np.int64)
+PRIOR_FILES: dict[str, str] = {  # Priors field -> file in labels_classes_priors/ (and key in a pack)
+    "generation_labels": "generation_labels.npy",
+    "generation_classes": "generation_classes.npy",
+    "contrast_classes": "generation_classes_contrast_specific.npy",
+    "t1_means": "prior_means_t1.npy",
+    "t1_stds": "prior_stds_t1.npy",
+}
+
+
+def priors_from_arrays(arrays: dict[str, np.ndarray]) -> Priors:
+    """Priors from SynthSeg's five arrays (keys of PRIOR_FILES), with the derived segmentation and L/R tables."""
+    labels = np.asarray(arrays["generation_labels"]).astype(np.int64)
     seg_index = np.zeros(len(labels), dtype=np.int64)
     for n, lab in enumerate(labels):
         code = SEG_FOLD.get(int(lab), int(lab))
@@ -89,17 +96,25 @@ def load_priors(root: Path) -> Priors:
         lr_swap[pos[a]], lr_swap[pos[b]] = pos[b], pos[a]
     return Priors(
         generation_labels=labels,
-        generation_classes=np.load(d / "generation_classes.npy").astype(np.int64),
-        contrast_classes=np.load(d / "generation_classes_contrast_specific.npy").astype(np.int64),
-        t1_means=np.load(d / "prior_means_t1.npy"),
-        t1_stds=np.load(d / "prior_stds_t1.npy"),
+        generation_classes=np.asarray(arrays["generation_classes"]).astype(np.int64),
+        contrast_classes=np.asarray(arrays["contrast_classes"]).astype(np.int64),
+        t1_means=np.asarray(arrays["t1_means"]),
+        t1_stds=np.asarray(arrays["t1_stds"]),
         seg_index=seg_index,
         lr_swap=lr_swap,
     )
 
 
+def load_priors(root: Path) -> Priors:
+    """Read SynthSeg's label/class/prior arrays from `root` (the labels/synthseg folder)."""
+    d = root / "labels_classes_priors"
+    return priors_from_arrays({field: np.load(d / name) for field, name in PRIOR_FILES.items()})
+
+
 def load_label_map(path: Path, priors: Priors) -> np.ndarray:
     """Label map reoriented to LPS as uint8 generation indices [k, j, i], cropped to its non-zero box."""
+    import SimpleITK as sitk  # here, not at the top: a packed training set (pack_label_maps) needs no SimpleITK
+
     img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
     codes = sitk.GetArrayFromImage(img).astype(np.int64)
     lut = np.zeros(int(priors.generation_labels.max()) + 1, dtype=np.uint8)
@@ -114,6 +129,42 @@ def label_map_paths(root: Path, *, held_out: bool) -> list[Path]:
     """Training (held_out=False) or held-out (held_out=True) label map files, sorted by name."""
     paths = sorted((root / "training_label_maps").glob("*.nii.gz"))
     return [p for p in paths if (p.name.removesuffix(".nii.gz") in HELD_OUT) == held_out]
+
+
+def pack_label_maps(root: Path, out: Path, names: tuple[str, ...] = ()) -> None:
+    """Write the priors and every label map of `root` (or those in `names`), as `load_label_map` returns them,
+    into one compressed .npz: a training set that travels (~10 MB) and loads without SimpleITK or NIfTI."""
+    priors = load_priors(root)
+    arrays: dict[str, np.ndarray] = {f"priors/{field}": getattr(priors, field) for field in PRIOR_FILES}
+    for held_out in (False, True):
+        for path in label_map_paths(root, held_out=held_out):
+            name = path.name.removesuffix(".nii.gz")
+            if not names or name in names:
+                arrays[f"map/{name}"] = load_label_map(path, priors)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, **arrays)
+
+
+def label_map_names(source: Path, *, held_out: bool) -> list[str]:
+    """Names of the training (held_out=False) or held-out maps of a SynthSeg folder or pack, sorted, unread."""
+    if source.is_file():
+        with np.load(source) as pack:
+            names = sorted(k.removeprefix("map/") for k in pack.files if k.startswith("map/"))
+        return [n for n in names if (n in HELD_OUT) == held_out]
+    return [p.name.removesuffix(".nii.gz") for p in label_map_paths(source, held_out=held_out)]
+
+
+def load_label_maps(source: Path, *, held_out: bool) -> tuple[Priors, list[str], list[np.ndarray]]:
+    """(priors, names, index maps) of the training (held_out=False) or held-out maps, sorted by name, from the
+    SynthSeg folder or from a pack written by `pack_label_maps` (a file)."""
+    if source.is_file():
+        names = label_map_names(source, held_out=held_out)
+        with np.load(source) as pack:
+            priors = priors_from_arrays({field: pack[f"priors/{field}"] for field in PRIOR_FILES})
+            return priors, names, [pack[f"map/{n}"] for n in names]
+    priors = load_priors(source)
+    paths = label_map_paths(source, held_out=held_out)
+    return priors, [p.name.removesuffix(".nii.gz") for p in paths], [load_label_map(p, priors) for p in paths]
 
 
 # ---------------------------------------------------------------------------------------------- spatial
@@ -432,10 +483,8 @@ class SyntheticDataset:
     """Endless stream of training samples from a list of label maps."""
 
     def __init__(self, root: Path, *, crop: int = 80, held_out: bool = False) -> None:
-        self.priors = load_priors(root)
-        paths = label_map_paths(root, held_out=held_out)
-        self.names = [p.name.removesuffix(".nii.gz") for p in paths]
-        self.maps = [load_label_map(p, self.priors) for p in paths]
+        """`root`: the SynthSeg folder (synthseg_dir) or a pack of it (pack_label_maps)."""
+        self.priors, self.names, self.maps = load_label_maps(root, held_out=held_out)
         self.crop = crop
         # why the cerebrum: the brain box reaches down the spinal canal, and crops centred in it were 80-90 %
         # background, which the 2026-12-01 run learnt to predict almost everywhere (docs/training.md)
@@ -479,3 +528,19 @@ def pool_sample(sample: Sample, n_labels: int = len(SEG_LABELS)) -> CoarseSample
     flat = torch.zeros(n_labels * d * h * w, dtype=torch.float32)
     flat.index_add_(0, (sample.seg * (d * h * w) + block).reshape(-1), torch.full((8 * d * h * w,), 0.125))
     return CoarseSample(image=image, t1=t1, seg=flat.view(n_labels, d, h, w), kind=sample.kind)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m inference.training.generator --data ../shared/data --pack FILE: pack the training set."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Pack the SynthSeg label maps and priors into one .npz (pack_label_maps)")
+    ap.add_argument("--data", type=Path, required=True, help="the shared data folder")
+    ap.add_argument("--pack", type=Path, required=True, help="the .npz to write")
+    args = ap.parse_args(argv)
+    pack_label_maps(synthseg_dir(args.data), args.pack)
+    print(f"packed {synthseg_dir(args.data)} into {args.pack} ({args.pack.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
