@@ -69,7 +69,7 @@ class _Images:
     t1: sitk.Image                          # the T1 measured: the sT1 or the real T1
     labels: sitk.Image | None               # a model's own labels on t1's grid (without a segmenter)
     synthesis: ModelManifest | None         # the synthesis model of a synthesize rule
-    own_labels_of: ModelManifest | None     # the model whose own labels are used (no segmenter)
+    own_labels_of: ModelManifest | None     # the model whose own labels are used (no segmenter, or measures_synthetic)
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,8 @@ class JobRunner:
 
     def _images(self, rule: Rule, loaded: LoadedSeries, timings: dict[str, float]) -> _Images:
         """The T1 to measure: the synthetic sT1 of a synthesis rule, or the real T1 itself. Labels come with it
-        only from a model's own segmentation output, when no segmenter is configured."""
+        from a model's own segmentation output when no segmenter is configured, or for an sT1 when the model's
+        manifest says its labels measure it better (``measures_synthetic``, measured on real T1s)."""
         segmenter = self.config.inference.segmenter
         if rule.action == "volumetry" and segmenter:
             return _Images(t1=loaded.image, labels=None, synthesis=None, own_labels_of=None)
@@ -238,7 +239,9 @@ class JobRunner:
         mirror = self.config.inference.mirror_average and rule.action == "synthesize" and bool(segmenter)
         result = run_model(model, loaded.image, mirror_average=mirror)
         timings.update({f"model.{k}": v for k, v in result.timings.items()})
-        own = None if segmenter else model.manifest
+        seg_spec = model.manifest.output.segmentation
+        own_for_synthetic = rule.action == "synthesize" and seg_spec is not None and seg_spec.measures_synthetic
+        own = model.manifest if not segmenter or own_for_synthetic else None
         if rule.action == "synthesize":
             if result.t1 is None:
                 raise JobFailed(f"model {rule.model!r} produced no image")

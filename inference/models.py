@@ -116,6 +116,10 @@ class SegmentationOutputSpec(_Strict):
     encoding: Literal["logits", "class_index"] = "logits"
     # give left/right labels the side of the mid-sagittal plane fitted to the prediction (inference.hemispheres)
     lateralize: bool = False
+    # a synthesis model's labels measure its own sT1 even where [inference] segmenter is set: only where the real-T1
+    # evaluation (inference.training.evaluate_real_t1, docs/real-t1-evaluation.json) shows that they agree better
+    # with the segmenter on the real T1 than the segmenter on the sT1 does (tests/test_shipped_models.py holds it)
+    measures_synthetic: bool = False
 
     @field_validator("labels")
     @classmethod

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from inference.hemispheres import lateralize
+from inference.hemispheres import combine_mirrored_labels, lateralize
+from inference.labels import swap_left_right
 from inference.models import InputSpec, LoadedModel, ModelError
 from inference.volume import isotropic_grid, mirror_left_right, resample_isotropic
 
@@ -306,7 +307,8 @@ def run_model(model: LoadedModel, image: sitk.Image, *, mirror_average: bool | N
     ``mirror_average`` (default: the manifest's ``input.mirror_average``): also run the model on the head mirrored
     left-right in patient space, mirror that image back and average the two. The result is then exactly
     equivariant: the head mirrored gets the mirrored image, whatever the network, its tiles or its box do (both
-    inputs run the same two computations). Doubles the time. Labels (of a model's own output) are the direct run's.
+    inputs run the same two computations). Doubles the time. A model's own labels are made one from both runs by
+    a rule symmetric in the two and in left and right (``combine_mirrored_labels``): exactly mirrored too.
     """
     if mirror_average is None:
         mirror_average = model.manifest.input.mirror_average
@@ -320,7 +322,27 @@ def run_model(model: LoadedModel, image: sitk.Image, *, mirror_average: bool | N
         back = sitk.Resample(mirror_left_right(other.t1), t1, sitk.Transform(), sitk.sitkLinear, 0.0,
                              sitk.sitkFloat32)
         t1 = (t1 + back) * 0.5
-    return PipelineResult(t1=t1, labels=direct.labels, timings=timings)
+    labels = direct.labels
+    if labels is not None and other.labels is not None and t1 is not None:
+        labels = _mirror_averaged_labels(labels, other.labels, t1)
+    return PipelineResult(t1=t1, labels=labels, timings=timings)
+
+
+def _mirror_averaged_labels(direct: sitk.Image, mirrored: sitk.Image, t1: sitk.Image) -> sitk.Image:
+    """The labels of the direct run and of the mirrored head's run (mirrored back, sides exchanged) made one,
+    symmetrically (inference.hemispheres.combine_mirrored_labels), on the direct labels' grid."""
+    back = sitk.Resample(mirror_left_right(mirrored), direct, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                         direct.GetPixelID())
+    on_grid = sitk.Resample(t1, direct, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    a = sitk.GetArrayFromImage(direct)
+    b = swap_left_right(sitk.GetArrayFromImage(back))
+    axis = np.array(direct.GetDirection()).reshape(3, 3)[0] * np.array(direct.GetSpacing())  # x per index step
+    size = direct.GetSize()
+    x_mm = (direct.GetOrigin()[0] + axis[0] * np.arange(size[0])[None, None, :]
+            + axis[1] * np.arange(size[1])[None, :, None] + axis[2] * np.arange(size[2])[:, None, None])
+    combined = sitk.GetImageFromArray(combine_mirrored_labels(a, b, sitk.GetArrayFromImage(on_grid), x_mm))
+    combined.CopyInformation(direct)
+    return combined
 
 
 def _run_once(model: LoadedModel, image: sitk.Image) -> PipelineResult:

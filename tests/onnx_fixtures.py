@@ -95,6 +95,7 @@ def make_synthesis_model(
     fixed_shape: Sequence[int] | None = None,
     foreground_margin: int | None = None,
     lateralize: bool = False,
+    measures_synthetic: bool = False,
 ) -> Path:
     """Write a test model folder ``parent/model_id`` (model.onnx + manifest.toml) and return the folder.
 
@@ -139,7 +140,8 @@ def make_synthesis_model(
         lines += ["", "[output.image]", f"name = {_toml_value(image_name)}", f"scale = {float(scale)!r}"]
     if with_seg:
         lines += ["", "[output.segmentation]", f"name = {_toml_value(seg_name)}",
-                  f"labels = {_toml_value([int(v) for v in labels])}", f"lateralize = {_toml_value(lateralize)}"]
+                  f"labels = {_toml_value([int(v) for v in labels])}", f"lateralize = {_toml_value(lateralize)}",
+                  f"measures_synthetic = {_toml_value(measures_synthetic)}"]
     lines += ["", "[metrics]", ""]
     for prefix, replacement in (manifest_overrides or {}).items():
         lines = [replacement if line.split("=")[0].strip() == prefix else line for line in lines]

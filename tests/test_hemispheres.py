@@ -77,3 +77,37 @@ def test_sides_without_a_plane_are_kept(caplog: pytest.LogCaptureFixture) -> Non
     assert "not supported" in caplog.text
     only_left = np.where(np.isin(labels, [41, 42]), 0, labels).astype(np.uint16)  # one side only: no plane
     assert fit_midsagittal_plane(only_left) is None and lateralize(only_left) is only_left
+
+
+def test_combined_mirror_labels_are_exactly_equivariant() -> None:
+    """The head mirrored (direct and mirrored runs exchanged, sides swapped, x negated) gets exactly the mirrored
+    combination, on random label maps that disagree in a third of the voxels, ties included."""
+    from inference.hemispheres import combine_mirrored_labels
+    from inference.labels import swap_left_right
+
+    rng = np.random.default_rng(3)
+    codes = np.array([0, 2, 41, 3, 42, 17, 53, 14, 16, 24], dtype=np.uint16)
+    shape = (6, 7, 20)
+    a = codes[rng.integers(0, len(codes), shape)]
+    b = np.where(rng.random(shape) < 0.35, codes[rng.integers(0, len(codes), shape)], a)
+    intensity = rng.integers(0, 5, shape).astype(np.float32)  # few values: many exact ties
+    x_mm = (np.arange(shape[2]) - 8.3)[None, None, :] * 1.0
+    combined = combine_mirrored_labels(a, b, intensity, x_mm)
+    mirrored = combine_mirrored_labels(swap_left_right(b), swap_left_right(a), intensity, -x_mm)
+    np.testing.assert_array_equal(mirrored, swap_left_right(combined))
+    assert ((combined == a) | (combined == b) | (swap_left_right(combined) == a) |
+            (swap_left_right(combined) == b)).all()  # a label of one of the runs, up to its side
+    np.testing.assert_array_equal(combined[a == b], a[a == b])
+
+
+def test_combined_mirror_labels_follow_the_intensity_where_the_runs_differ() -> None:
+    from inference.hemispheres import combine_mirrored_labels
+
+    a = np.array([[[2, 2, 3, 3, 2]]], dtype=np.uint16)  # white matter 2 (bright), cortex 3 (darker)
+    b = np.array([[[2, 2, 3, 3, 3]]], dtype=np.uint16)
+    bright = np.array([[[100, 100, 60, 60, 95]]], dtype=np.float32)
+    dark = bright.copy()
+    dark[0, 0, 4] = 62
+    x_mm = np.arange(5, dtype=float)[None, None, :] + 10  # all on the left of the patient
+    assert combine_mirrored_labels(a, b, bright, x_mm)[0, 0, 4] == 2
+    assert combine_mirrored_labels(a, b, dark, x_mm)[0, 0, 4] == 3

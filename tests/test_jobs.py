@@ -428,6 +428,31 @@ def test_the_segmenter_measures_and_no_brain_means_no_seg_but_a_failed_qc(tmp_pa
         s.journal.close()
 
 
+def test_a_model_that_measures_its_own_sT1_better_is_used_despite_the_segmenter(tmp_path: Path) -> None:
+    """``measures_synthetic`` in a synthesis model's manifest: its own labels measure its sT1 (the SR names it as
+    the algorithm) and the configured segmenter is not run."""
+    from tests.onnx_fixtures import link_bundled_segmenter
+
+    folder = tmp_path / "models"
+    make_synthesis_model(folder, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8,
+                         measures_synthetic=True)
+    segmenter = link_bundled_segmenter(folder)
+    registry = ModelRegistry(folder, providers="cpu", threads=1)
+    s = Setup(tmp_path, folder, registry, [rule(volumetry=True)], destinations=("PACS",))
+    s.config = s.config.model_copy(update={"inference": InferenceSettings(models_dir=folder, segmenter=segmenter)})
+    s.runner.config = s.config
+    try:
+        job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+        s.runner.run(job_id)
+        job = s.journal.job(job_id)
+        assert job.state == "written", job.reason
+        sr = (s.config.node.data_dir / "outputs" / f"job-{job_id:06d}" / "sr.dcm").read_bytes()
+        assert MODEL.encode() in sr and segmenter.encode() not in sr
+        assert not any(k.startswith("segment.") for k in (job.timings or {}))
+    finally:
+        s.journal.close()
+
+
 def test_age_from_birth_and_study_dates() -> None:
     """Without PatientAge the QC's ICV range comes from the birth date and the study date."""
     from pydicom.dataset import Dataset

@@ -190,3 +190,20 @@ def test_segmenter_evaluation_reproduces_the_card(registry: ModelRegistry, model
     for code, dice in expected["dice"].items():
         if dice is not None:
             assert got["dice"][code] == pytest.approx(dice, abs=0.01), f"label {code}"
+
+
+def test_own_labels_measure_an_sT1_only_where_the_real_t1_evaluation_says_so() -> None:
+    """``measures_synthetic`` (a synthesis model's labels measure its sT1 instead of the segmenter) is a claim
+    about measured agreement: every row of docs/real-t1-evaluation.json that scores the model's own head must show
+    it above the segmenter on the model's sT1, and at least one row must exist."""
+    import json
+
+    results = json.loads((MODELS_DIR.parent / "docs" / "real-t1-evaluation.json").read_text())["results"]
+    claimed = [m for m in SHIPPED if (seg := load_manifest(MODELS_DIR / m / MANIFEST_FILE).output.segmentation)
+               is not None and seg.measures_synthetic]
+    for model_id in claimed:
+        rows = {key: entry for key, entry in results.items() if f"{model_id} (own head)" in entry and model_id in entry}
+        assert rows, f"{model_id}: measures_synthetic without a real-T1 evaluation of its own head"
+        for key, entry in rows.items():
+            own, segmented = entry[f"{model_id} (own head)"]["dice_mean"], entry[model_id]["dice_mean"]
+            assert own > segmented, f"{model_id}, {key}: own head {own:.3f} <= segmenter on the sT1 {segmented:.3f}"

@@ -132,7 +132,7 @@ def _score_models(entry: dict[str, Any], registry: ModelRegistry, segmenter: Loa
 
 
 def evaluate(registry: ModelRegistry, shared_data: Path, kinds: list[str], seed: int,
-             contrasts: tuple[str, ...] = CONTRASTS) -> dict[str, Any]:
+             contrasts: tuple[str, ...] = CONTRASTS, with_general: bool = True) -> dict[str, Any]:
     folder = shared_data / "dicom" / "human_siemens_skyra_mprage"
     series = load_series(sorted(p for p in folder.rglob("*") if p.is_file() and "LICENSE" not in p.name.upper()))
     iso = resample_isotropic(sitk.DICOMOrient(series.image, "LPS"), 1.0)
@@ -157,7 +157,8 @@ def evaluate(registry: ModelRegistry, shared_data: Path, kinds: list[str], seed:
             labels = sitk.GetArrayFromImage(segment(segmenter, acquired).labels)
             image = None if t1_real is None else _unit(sitk.GetArrayFromImage(acquired), brain)
             entry: dict[str, Any] = {"upsampled": score(labels, reference, image, t1_real)}
-            model_ids = list(dict.fromkeys([rules[KIND_RULE[kind]].model or GENERAL_MODEL, GENERAL_MODEL]))
+            model_ids = list(dict.fromkeys([rules[KIND_RULE[kind]].model or GENERAL_MODEL]
+                                           + ([GENERAL_MODEL] if with_general else [])))
             _score_models(entry, registry, segmenter, model_ids, acquired, iso, reference, brain, t1_real)
             results[f"{kind} ({contrast} contrast)"] = entry
             print(kind, contrast, json.dumps({k: {m: _num(v.get(m)) for m in ("dice_mean", "hippocampus_dice")}
@@ -165,15 +166,26 @@ def evaluate(registry: ModelRegistry, shared_data: Path, kinds: list[str], seed:
     return results
 
 
+def merged_rows(previous: dict[str, Any]) -> dict[str, Any]:
+    """The results of an earlier evaluation file, with their date on each row (files before the two contrasts
+    named a kind's T1-contrast rows by the kind alone)."""
+    date = previous.get("info", {}).get("evaluated")
+    out: dict[str, Any] = {}
+    for key, entry in previous.get("results", {}).items():
+        name = key if key.endswith(" contrast)") else f"{key} (T1 contrast)"
+        out[name] = {model: {**row, "evaluated": row.get("evaluated", date)} for model, row in entry.items()}
+    return out
+
+
 def table(results: dict[str, Any], info: dict[str, Any]) -> str:
     lines = [README_START, "",
-             f"Measured {info['evaluated']} by `{info['command']}` on the shared MPRAGE (a 3-year-old; the only real "
+             f"Last run {info['evaluated']}: `{info['command']}`, on the shared MPRAGE (a 3-year-old; the only real "
              "1 mm T1 here), each kind's slice geometry in T1 contrast (the real T1) and in the kind's contrast (the "
              f"reference labels through the generator); reference: the segmenter (`{DEFAULT_SEGMENTER}`) on the real "
              "T1. \"own head\": the synthesis model's own labels instead of the segmenter on its sT1.", "",
              "| input kind (contrast) | labels from | mean Dice (paper's structures) | hippocampus Dice | "
-             "hippocampal volume error % | PSNR dB | SSIM |",
-             "|---|---|---|---|---|---|---|"]
+             "hippocampal volume error % | PSNR dB | SSIM | measured |",
+             "|---|---|---|---|---|---|---|---|"]
     for kind, entry in results.items():
         for name, row in entry.items():
             if name == "upsampled":
@@ -184,8 +196,8 @@ def table(results: dict[str, Any], info: dict[str, Any]) -> str:
                 what = f"segmenter on the sT1 by `{name}`"
             lines.append(f"| {kind} | {what} | {_num(row['dice_mean'])} | {_num(row['hippocampus_dice'])} | "
                          f"{_num(row['hippocampus_volume_error_pct'], 1)} | {_num(row.get('psnr_db'), 1)} | "
-                         f"{_num(row.get('ssim'))} |")
-    lines += [f"| – | {PAPER} | 0.79–0.93 | – | – | 35.4 | 0.871 |", "", README_END]
+                         f"{_num(row.get('ssim'))} | {row.get('evaluated', info['evaluated'])} |")
+    lines += [f"| – | {PAPER} | 0.79–0.93 | – | – | 35.4 | 0.871 | – |", "", README_END]
     return "\n".join(lines)
 
 
@@ -196,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", default=",".join(INPUT_KINDS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--contrasts", default=",".join(CONTRASTS), help="T1, kind or both")
+    parser.add_argument("--no-general", action="store_true",
+                        help="only each kind's default model (without the general synth-t1 beside it)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of --out that this run does not measure (each row says when it was)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "real-t1-evaluation.json")
@@ -205,11 +221,17 @@ def main(argv: list[str] | None = None) -> None:
     contrasts = tuple(c for c in args.contrasts.split(",") if c)
     if set(contrasts) - set(CONTRASTS):
         parser.error(f"--contrasts: one or more of {', '.join(CONTRASTS)}")
-    results = evaluate(registry, args.shared_data, kinds, args.seed, contrasts)
+    results = evaluate(registry, args.shared_data, kinds, args.seed, contrasts, not args.no_general)
     info = {"evaluated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "seed": args.seed,
             "command": "python -m inference.training.evaluate_real_t1"
             + (f" --kinds {args.kinds}" if kinds != list(INPUT_KINDS) else "")
-            + (f" --contrasts {args.contrasts}" if contrasts != CONTRASTS else "")}
+            + (f" --contrasts {args.contrasts}" if contrasts != CONTRASTS else "")
+            + (" --no-general" if args.no_general else "") + (" --merge" if args.merge else "")}
+    for entry in results.values():
+        for row in entry.values():
+            row["evaluated"] = info["evaluated"]
+    if args.merge and args.out.exists():
+        results = {**merged_rows(json.loads(args.out.read_text())), **results}
     args.out.write_text(json.dumps({"info": info, "results": results}, indent=1, default=float) + "\n")
     text = args.readme.read_text(encoding="utf-8")
     if README_START in text and README_END in text:
