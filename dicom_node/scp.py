@@ -55,7 +55,7 @@ from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBud
 from .journal import InstanceRecord, Journal
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
-from .uids import is_valid_uid
+from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,12 @@ def set_nodelay(sock: socket.socket | None) -> None:
     """Disable Nagle's algorithm: small DIMSE responses otherwise wait ~40 ms for a delayed ACK."""
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def set_implementation(ae: AE) -> None:
+    """Announce the node's own Implementation Class UID and Version Name (not pynetdicom's)."""
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
 
 
 def _on_conn_open(event: evt.Event) -> None:
@@ -330,6 +336,7 @@ class StorageSCP:
     def _make_ae(self) -> AE:
         node = self.config.node
         ae = AE(ae_title=node.ae_title)
+        set_implementation(ae)
         ae.maximum_pdu_size = node.max_pdu_size
         # pynetdicom counts every open connection; the node's own admission counts associations
         # (``_handle_requested``), so connections that never send an A-ASSOCIATE-RQ take no slot
