@@ -113,6 +113,9 @@ class Destination(_Strict):
     port: int = Field(ge=1, le=65535)
     #: Calling AE title used towards this destination (default: the node's).
     calling_ae_title: str | None = None
+    #: Associations the node opens to this destination at the same time (the outbox is shared out
+    #: between them); many PACS limit associations per calling AE, so the default is one.
+    max_associations: int = Field(default=1, ge=1, le=16)
 
     _ae = field_validator("ae_title")(_check_ae)
 
