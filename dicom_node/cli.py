@@ -85,10 +85,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     installed = ModelRegistry(config.inference.models_dir).available()
     n = config.node
     print(f"node: {n.ae_title} on {n.host}:{n.port}, data in {n.data_dir}")
-    peers = ", ".join(f"{p.ae_title}@{p.host or 'any host'}" for p in config.peers)
+    tls = config.tls
+    if tls.port is not None:
+        mutual = "client certificate required" if tls.require_client_cert else (
+            "client certificates verified when presented" if tls.ca_file else "no client certificates")
+        print(f"TLS: port {tls.port}, TLS {tls.min_version} or newer, {mutual}")
+    peers = ", ".join(f"{p.ae_title}@{p.host or 'any host'}{' (TLS)' if p.tls or p.tls_common_name else ''}"
+                      for p in config.peers)
     print(f"peers: {peers or 'none (any AE accepted)'}")
     for d in config.destinations:
-        print(f"destination {d.name}: {d.ae_title}@{d.host}:{d.port}")
+        over = " over TLS" if d.tls else ""
+        print(f"destination {d.name}: {d.ae_title}@{d.host}:{d.port}{over}, up to {d.max_associations} association(s)")
     print(f"models in {config.inference.models_dir}: {', '.join(sorted(installed)) or 'none'}")
     segmenter = config.inference.segmenter
     note = ""

@@ -25,9 +25,10 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from .config import Destination, DispatchSettings, NodeConfig
+from .config import Destination, DispatchSettings, NodeConfig, TLSSettings
 from .journal import Journal, OutboxItem
 from .scp import set_implementation, set_nodelay
+from .tls import connect_failure, tls_args
 
 log = logging.getLogger(__name__)
 
@@ -147,23 +148,28 @@ def _make_ae(config: NodeConfig, dest: Destination) -> AE:
     return ae
 
 
-def _associate(ae: AE, dest: Destination) -> tuple[Association, bool]:
-    """Request an association; (association, whether the TCP connection was made)."""
+def _associate(ae: AE, dest: Destination, tls: TLSSettings) -> tuple[Association, bool | str]:
+    """Request an association (over DICOM TLS when ``dest.tls``); (association, True if the connection was
+    made, else False or, for TLS, why it failed)."""
     connected = threading.Event()
 
     def on_open(event: evt.Event) -> None:
         connected.set()
         _nodelay_handler(event)
 
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
-    return assoc, connected.is_set()
+    args = tls_args(dest, tls)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+                         tls_args=args)
+    if connected.is_set():
+        return assoc, True
+    return assoc, connect_failure(args[0]) if args else False
 
 
 def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
     """C-ECHO a destination; (ok, message)."""
     ae = _make_ae(config, dest)
     ae.add_requested_context(Verification)
-    assoc, connected = _associate(ae, dest)
+    assoc, connected = _associate(ae, dest, config.tls)
     if not assoc.is_established:
         return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({_why_not(assoc, connected)})"
     status = assoc.send_c_echo()
@@ -173,7 +179,9 @@ def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
     return False, f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}: status {getattr(status, 'Status', 'none')}"
 
 
-def _why_not(assoc: Association, connected: bool) -> str:
+def _why_not(assoc: Association, connected: bool | str) -> str:
+    if isinstance(connected, str):
+        return f"connection failed (TLS: {connected})"
     if not connected:
         return "connection failed"  # pynetdicom reports a refused connection as an abort
     if getattr(assoc, "is_rejected", False):
@@ -247,7 +255,7 @@ class Dispatcher:
         stored = [(str(metas[i.id].MediaStorageSOPClassUID), str(metas[i.id].TransferSyntaxUID)) for i in items]
         for sop_class, syntaxes in proposed_contexts(stored):
             ae.add_requested_context(sop_class, syntaxes)
-        assoc, connected = _associate(ae, dest)
+        assoc, connected = _associate(ae, dest, self.config.tls)
         if not assoc.is_established:
             why = _why_not(assoc, connected)
             log.warning("outbox: %s (%s@%s:%d): %s; %d item(s) will be retried",

@@ -59,6 +59,7 @@ class NodeProcess:
         dispatch: Mapping[str, Any] | None = None,
         inference: Mapping[str, Any] | None = None,
         limits: Mapping[str, Any] | None = None,
+        tls: Mapping[str, Any] | None = None,
         ae_title: str = "DICOM_NODE",
         port: int | None = None,
         user: str | None = None,
@@ -83,6 +84,8 @@ class NodeProcess:
         }
         if limits:
             sections["limits"] = dict(limits)
+        if tls:
+            sections["tls"] = dict(tls)
         if peers:
             sections["peers"] = list(peers)
         if destinations:
