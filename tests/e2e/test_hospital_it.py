@@ -13,6 +13,7 @@ from dicom_node.config import default_rules
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from tests.dicom_factory import make_mr_series
 from tests.onnx_fixtures import make_synthesis_model
+from tests.test_conformance import table as conformance_table
 
 from .node_proc import NodeProcess
 from .peers import ECHOSCU, StoreSCP, echoscu, failed_stores, free_port, storescu
@@ -47,9 +48,10 @@ def test_a_pacs_accepting_only_implicit_vr_receives_every_result(tmp_path: Path,
     received = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     assert {str(ds.SOPInstanceUID) for ds in received} == {i.sop_instance_uid for i in items}
     assert {str(ds.file_meta.TransferSyntaxUID) for ds in received} == {ImplicitVRLittleEndian}
-    # every kind of object the node writes went through: the synthetic series and its volumetry
+    # every kind of object the node writes went through (synthetic series, SEG, SR, summary), and they are the
+    # ones docs/conformance.md lists as created and sent
     classes = {str(ds.SOPClassUID) for ds in received}
-    assert "1.2.840.10008.5.1.4.1.1.4" in classes and len(classes) >= 3, classes
+    assert classes == {row["SOP Class UID"] for row in conformance_table("created-objects")}
 
 
 def test_the_node_announces_its_own_implementation(tmp_path: Path, models_dir: Path) -> None:
