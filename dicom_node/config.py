@@ -14,8 +14,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-#: Models shipped with the project (a source checkout or an editable install).
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "onnx_models"
+
+def bundled_models_dir() -> Path:
+    """Where the models shipped with the project are: ``onnx_models/`` of a source checkout (or an editable
+    install of one), else the package data of an installed wheel (``dicom_node/bundled_models/``)."""
+    checkout = Path(__file__).resolve().parents[1] / "onnx_models"
+    if checkout.is_dir():
+        return checkout
+    return Path(__file__).resolve().parent / "bundled_models"
+
+
+#: Models shipped with the project (see :func:`bundled_models_dir`).
+BUNDLED_MODELS_DIR = bundled_models_dir()
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII but backslash, 1..16 chars
 
