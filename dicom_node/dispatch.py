@@ -148,6 +148,10 @@ def _make_ae(config: NodeConfig, dest: Destination) -> AE:
     return ae
 
 
+class TLSSetupError(RuntimeError):
+    """The SSL context towards a destination cannot be made (its CA file, the node's certificate)."""
+
+
 def _associate(ae: AE, dest: Destination, tls: TLSSettings) -> tuple[Association, bool | str]:
     """Request an association (over DICOM TLS when ``dest.tls``); (association, True if the connection was
     made, else False or, for TLS, why it failed)."""
@@ -157,7 +161,10 @@ def _associate(ae: AE, dest: Destination, tls: TLSSettings) -> tuple[Association
         connected.set()
         _nodelay_handler(event)
 
-    args = tls_args(dest, tls)
+    try:
+        args = tls_args(dest, tls)
+    except (OSError, ValueError) as exc:  # a CA file or the node's certificate cannot be loaded
+        raise TLSSetupError(f"TLS set-up failed: {exc}") from None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
                          tls_args=args)
     if connected.is_set():
@@ -169,7 +176,10 @@ def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
     """C-ECHO a destination; (ok, message)."""
     ae = _make_ae(config, dest)
     ae.add_requested_context(Verification)
-    assoc, connected = _associate(ae, dest, config.tls)
+    try:
+        assoc, connected = _associate(ae, dest, config.tls)
+    except TLSSetupError as exc:
+        return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({exc})"
     if not assoc.is_established:
         return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({_why_not(assoc, connected)})"
     status = assoc.send_c_echo()
@@ -255,7 +265,12 @@ class Dispatcher:
         stored = [(str(metas[i.id].MediaStorageSOPClassUID), str(metas[i.id].TransferSyntaxUID)) for i in items]
         for sop_class, syntaxes in proposed_contexts(stored):
             ae.add_requested_context(sop_class, syntaxes)
-        assoc, connected = _associate(ae, dest, self.config.tls)
+        try:
+            assoc, connected = _associate(ae, dest, self.config.tls)
+        except TLSSetupError as exc:
+            log.error("outbox: %s: %s; %d item(s) will be retried", name, exc, len(items))
+            self._fail(items, str(exc))
+            return 0
         if not assoc.is_established:
             why = _why_not(assoc, connected)
             log.warning("outbox: %s (%s@%s:%d): %s; %d item(s) will be retried",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,11 @@ def client(pki: PKI, *, cert: Any = None, ca: Path | None = None, max_version: s
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or pki.ca)
     if cert is not None:
         context.load_cert_chain(cert.cert, cert.key)
-    if max_version is not None:
-        context.minimum_version = ssl.TLSVersion.TLSv1
-        context.maximum_version = max_version
+    if max_version is not None:  # an old client: TLS 1.0 up to max_version (Python warns that they are deprecated)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            context.minimum_version = ssl.TLSVersion.TLSv1
+            context.maximum_version = max_version
         context.set_ciphers("DEFAULT:@SECLEVEL=0")
     return context
 
@@ -197,6 +200,18 @@ def test_the_scu_sends_over_tls_and_presents_its_certificate(tmp_path: Path, tls
     wrong_ca = dest.model_copy(update={"tls_ca_file": pki.other_ca})
     ok, message = echo(config.model_copy(update={"destinations": [wrong_ca]}), wrong_ca)
     assert not ok and "TLS: CERTIFICATE_VERIFY_FAILED" in message, message
+    # a CA file that cannot be read: said, and the outbox item counts a failed try
+    unreadable = dest.model_copy(update={"tls_ca_file": tmp_path / "absent.pem"})
+    ok, message = echo(config.model_copy(update={"destinations": [unreadable]}), unreadable)
+    assert not ok and "TLS set-up failed" in message
+    journal = Journal(tmp_path / "journal2.sqlite3", fsync=False)
+    try:
+        job = _queue(journal, series[:1], "pacs")
+        assert Dispatcher(config.model_copy(update={"destinations": [unreadable]}), journal).send_due() == 0
+        item = journal.outbox(job)[0]
+        assert item.tries == 1 and item.last_error.startswith("TLS set-up failed")
+    finally:
+        journal.close()
     # a plain destination config against the TLS port fails too
     ok, _ = echo(config, dest.model_copy(update={"tls": False, "tls_client_cert": False}))
     assert not ok
