@@ -76,8 +76,13 @@ def test_the_node_announces_its_own_implementation(tmp_path: Path, models_dir: P
 def pki(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     from tests.tls_certs import OPENSSL, make_pki
 
+    from .peers import in_ci
+
     if OPENSSL is None:
-        pytest.skip("openssl command not installed (makes the test certificates)")
+        reason = "openssl command not installed (makes the test certificates; .ci/install-test-deps.sh installs it)"
+        if in_ci():
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
