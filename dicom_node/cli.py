@@ -2,7 +2,7 @@
 
     dicom-node serve [--config node.toml]
     dicom-node journal rebuild [--config node.toml] [--reprocess]
-    dicom-node config check --config node.toml
+    dicom-node config check --config node.toml [--allow-missing]
     dicom-node route --config node.toml --dry-run DICOM_DIR
     dicom-node status [--config node.toml]
     dicom-node echo DEST [--config node.toml]        (DEST: a destination name or AE@host:port)
@@ -85,10 +85,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     installed = ModelRegistry(config.inference.models_dir).available()
     n = config.node
     print(f"node: {n.ae_title} on {n.host}:{n.port}, data in {n.data_dir}")
-    peers = ", ".join(f"{p.ae_title}@{p.host or 'any host'}" for p in config.peers)
+    tls = config.tls
+    if tls.port is not None:
+        mutual = "client certificate required" if tls.require_client_cert else (
+            "client certificates verified when presented" if tls.ca_file else "no client certificates")
+        print(f"TLS: port {tls.port}, TLS {tls.min_version} or newer, {mutual}")
+    peers = ", ".join(f"{p.ae_title}@{p.host or 'any host'}{' (TLS)' if p.tls or p.tls_common_name else ''}"
+                      for p in config.peers)
     print(f"peers: {peers or 'none (any AE accepted)'}")
     for d in config.destinations:
-        print(f"destination {d.name}: {d.ae_title}@{d.host}:{d.port}")
+        over = " over TLS" if d.tls else ""
+        print(f"destination {d.name}: {d.ae_title}@{d.host}:{d.port}{over}, up to {d.max_associations} association(s)")
     print(f"models in {config.inference.models_dir}: {', '.join(sorted(installed)) or 'none'}")
     segmenter = config.inference.segmenter
     note = ""
@@ -98,18 +105,45 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         note = " [NOT A SEGMENTATION MODEL: rules with volumetry disabled]"
         installed = {k: v for k, v in installed.items() if k != segmenter}
     print(f"segmenter: {segmenter or 'none (each rule model segments)'}{note}")
-    problems = 0
+    disabled = 0
     for rule in config.rules:
         dests = ", ".join(d.name for d in config.destinations_for(rule)) or "none (kept on disk)"
         state = "ok"
         missing = [m for m in config.models_for(rule) if m not in installed]
         if missing:
             state = f"DISABLED: model {missing[0]!r} not installed"
-            problems += 1
+            disabled += 1
         print(f"rule {rule.name}: /{rule.series_description}/i → {rule.action} {rule.model or ''}"
               f" as {rule.output_name}, to {dests} [{state}]")
-    print("configuration is valid" + (f"; {problems} rule(s) disabled" if problems else ""))
+    print("configuration is valid" + (f"; {disabled} rule(s) disabled" if disabled else ""))
+    problems = readiness_problems(config, disabled)
+    if problems and not args.allow_missing:
+        print("NOT READY: " + "; ".join(problems) + " (--allow-missing accepts this)", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(f"accepted with --allow-missing: {problem}")
     return 0
+
+
+def readiness_problems(config: NodeConfig, disabled_rules: int) -> list[str]:
+    """What would make a valid configuration useless in service: rules without their models, nowhere to send
+    the results, TLS files that cannot be loaded."""
+    problems = []
+    if disabled_rules:
+        problems.append(f"{disabled_rules} rule(s) disabled: model not installed in {config.inference.models_dir}")
+    if not config.destinations:
+        problems.append("no [[destinations]]: results would only be kept on disk")
+    if config.tls.port is not None:
+        from .tls import server_context
+
+        try:
+            server_context(config.tls)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            problems.append(f"[tls] certificate or key cannot be loaded: {exc}")
+    for dest in config.destinations:
+        if dest.tls and dest.tls_ca_file is not None and not Path(dest.tls_ca_file).is_file():
+            problems.append(f"destination {dest.name}: tls_ca_file {dest.tls_ca_file} not found")
+    return problems
 
 
 # -- route --dry-run -------------------------------------------------------------------------
@@ -294,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="config_command", required=True)
     c = csub.add_parser("check", help="validate a configuration file and show what it means")
     c.add_argument("--config", "-c", required=True)
+    c.add_argument("--allow-missing", action="store_true",
+                   help="exit 0 even when a rule's model is not installed or no destination is configured")
     c.set_defaults(func=cmd_config_check)
     p = add("route", cmd_route, "show how the series in a folder would be routed")
     p.add_argument("--dry-run", action="store_true", help="required: only explain, never process or send")

@@ -14,8 +14,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-#: Models shipped with the project (a source checkout or an editable install).
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "onnx_models"
+
+def bundled_models_dir() -> Path:
+    """Where the models shipped with the project are: ``onnx_models/`` of a source checkout (or an editable
+    install of one), else the package data of an installed wheel (``dicom_node/bundled_models/``)."""
+    checkout = Path(__file__).resolve().parents[1] / "onnx_models"
+    if checkout.is_dir():
+        return checkout
+    return Path(__file__).resolve().parent / "bundled_models"
+
+
+#: Models shipped with the project (see :func:`bundled_models_dir`).
+BUNDLED_MODELS_DIR = bundled_models_dir()
 
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII but backslash, 1..16 chars
 
@@ -94,12 +104,48 @@ class LimitSettings(_Strict):
         return self
 
 
+class TLSSettings(_Strict):
+    """``[tls]``: DICOM TLS (PS3.15 B.1, BCP 195: TLS 1.2 or newer) on a port of its own, beside the plain one,
+    and the node's certificate for destinations that ask for one (mutual TLS)."""
+
+    #: Port of the TLS listener (2762 is DICOM's registered TLS port). None: no TLS listener.
+    port: int | None = Field(default=None, ge=1, le=65535)
+    #: The node's certificate (PEM; the chain after it) and its private key (PEM, not encrypted):
+    #: presented by the TLS listener, and to destinations with ``tls = true`` as the client certificate.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: CA certificates (PEM) that client certificates must chain to. Set: clients may present one
+    #: (verified); peers with ``tls_common_name`` must. Not set: client certificates are not asked for.
+    ca_file: Path | None = None
+    #: Mutual TLS: every association on the TLS port needs a client certificate chaining to ``ca_file``.
+    require_client_cert: bool = False
+    #: Oldest TLS version accepted and offered; TLS 1.0 and 1.1 are never allowed.
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    #: Seconds a client has for the TLS handshake (a slow one does not hold the listener).
+    handshake_timeout_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TLSSettings:
+        if self.port is not None and (self.cert_file is None or self.key_file is None):
+            raise ValueError("a TLS listener (port) needs cert_file and key_file")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA client certificates must chain to)")
+        return self
+
+
 class Peer(_Strict):
     """``[[peers]]``: a scanner or PACS allowed to send to the node."""
 
     ae_title: str
     #: IP address or host name the association must come from; None accepts any host.
     host: str | None = None
+    #: The peer must come over TLS (the ``[tls]`` port); on the plain port its associations are rejected.
+    tls: bool = False
+    #: Over TLS, the peer's verified client certificate must have this subject common name (mutual TLS
+    #: for this peer even when ``[tls] require_client_cert`` is off). Implies ``tls``.
+    tls_common_name: str | None = None
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -113,6 +159,17 @@ class Destination(_Strict):
     port: int = Field(ge=1, le=65535)
     #: Calling AE title used towards this destination (default: the node's).
     calling_ae_title: str | None = None
+    #: Associations the node opens to this destination at the same time (the outbox is shared out
+    #: between them); many PACS limit associations per calling AE, so the default is one.
+    max_associations: int = Field(default=1, ge=1, le=16)
+    #: Connect with DICOM TLS (TLS 1.2 or newer, ``[tls] min_version``); the destination's certificate is
+    #: verified against ``tls_ca_file`` (else the system's CAs) and its name against ``tls_server_name``.
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    #: Name the destination's certificate must carry (default: ``host``).
+    tls_server_name: str | None = None
+    #: Present ``[tls] cert_file`` as client certificate (for destinations that require mutual TLS).
+    tls_client_cert: bool = False
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -315,10 +372,23 @@ class NodeConfig(_Strict):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> NodeConfig:
         names = [d.name for d in self.destinations]
+        for i, peer in enumerate(self.peers):
+            if (peer.tls or peer.tls_common_name) and self.tls.port is None:
+                raise ValueError(f"peers[{i}].tls: the peer must use TLS, but [tls] has no port")
+            if peer.tls_common_name and self.tls.ca_file is None:
+                raise ValueError(f"peers[{i}].tls_common_name: needs [tls] ca_file to verify client certificates")
+        for i, dest in enumerate(self.destinations):
+            if dest.tls_client_cert and self.tls.cert_file is None:
+                raise ValueError(f"destinations[{i}].tls_client_cert: [tls] has no cert_file")
+            if dest.tls_client_cert and not dest.tls:
+                raise ValueError(f"destinations[{i}].tls_client_cert: needs tls = true")
+        if self.tls.port is not None and self.tls.port == self.node.port:
+            raise ValueError("tls.port: the TLS port and [node] port must differ")
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise ValueError(f"destinations[{i}].name: duplicate destination name {name!r}")

@@ -11,23 +11,104 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from .config import Destination, DispatchSettings, NodeConfig
+from .config import Destination, DispatchSettings, NodeConfig, TLSSettings
 from .journal import Journal, OutboxItem
-from .scp import set_nodelay
+from .scp import set_implementation, set_nodelay
+from .tls import connect_failure, tls_args
 
 log = logging.getLogger(__name__)
 
 _SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
+
+#: What every storage SCP accepts (Implicit VR Little Endian is the DICOM default transfer syntax,
+#: PS3.5 10.1): proposed besides each object's stored transfer syntax, and converted to when the
+#: destination accepted nothing else.
+FALLBACK_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+#: A-ASSOCIATE-RQ presentation context IDs are odd numbers 1..255 (PS3.8 9.3.2.2).
+MAX_PRESENTATION_CONTEXTS = 128
+
+
+def proposed_contexts(stored: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """The presentation contexts the SCU proposes for objects stored as (SOP Class UID, Transfer Syntax UID).
+
+    An object stored in Explicit or Implicit VR Little Endian gets one context offering both; any other
+    stored syntax (compressed, Deflate, Big Endian) gets a context of its own, so a destination that
+    accepts it receives the object as stored, and the SOP class gets a second context offering Explicit
+    and Implicit VR Little Endian, into which the object is converted when only that one is accepted.
+    """
+    contexts: list[tuple[str, list[str]]] = []
+    for sop_class, ts in sorted(set(stored)):
+        if ts in FALLBACK_SYNTAXES:
+            syntaxes = [ts, *(f for f in FALLBACK_SYNTAXES if f != ts)]
+        else:
+            syntaxes = [ts]
+        if (sop_class, syntaxes) not in contexts:
+            contexts.append((sop_class, syntaxes))
+    for sop_class in sorted({sop for sop, ts in stored if ts not in FALLBACK_SYNTAXES}):
+        fallback = (sop_class, list(FALLBACK_SYNTAXES))
+        if not any(sop == sop_class and ts[0] in FALLBACK_SYNTAXES for sop, ts in contexts):
+            contexts.append(fallback)
+    return contexts[:MAX_PRESENTATION_CONTEXTS]
+
+
+def sendable_syntax(accepted: Iterable[str], stored: str) -> UID | None:
+    """The transfer syntax to send an object stored in ``stored`` in, given the syntaxes the destination
+    accepted for its SOP class: the stored one, else Explicit then Implicit VR Little Endian; None if none."""
+    accepted = {str(ts) for ts in accepted}
+    if stored in accepted:
+        return UID(stored)
+    for fallback in FALLBACK_SYNTAXES:
+        if fallback in accepted:
+            return fallback
+    return None
+
+
+def converted(path: Path, stored: UID) -> Path | Dataset:
+    """What to hand pynetdicom to send a file stored in ``stored`` in Explicit or Implicit VR Little Endian.
+
+    The file itself when it is already in one of them (pynetdicom re-encodes between the two); otherwise
+    the data set read into memory, its pixel data decompressed (pydicom's decoders: JPEG, JPEG-LS,
+    JPEG 2000, RLE) or, for Deflate, inflated on reading, and marked Explicit VR Little Endian, which
+    pynetdicom encodes in the accepted syntax. Raises ValueError (or NotImplementedError) when pydicom
+    cannot convert it (Explicit VR Big Endian is not converted)."""
+    if stored in FALLBACK_SYNTAXES:
+        return path
+    ds = dcmread(path)
+    if stored.is_compressed:
+        # lossless: the same object, so the same SOP Instance UID (pydicom would make a new one)
+        ds.decompress(generate_instance_uid=False)  # TransferSyntaxUID becomes Explicit VR Little Endian
+    elif stored == DeflatedExplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.set_original_encoding(False, True)
+    else:
+        raise ValueError(f"cannot convert {stored.name} to a little endian transfer syntax")
+    return ds
+
+
+def rejection(assoc: Association) -> str | None:
+    """The A-ASSOCIATE-RJ's result, source and reason (PS3.8 9.3.4) in words, if the peer rejected."""
+    rsp = getattr(assoc.acceptor, "primitive", None)
+    if not getattr(assoc, "is_rejected", False) or rsp is None or getattr(rsp, "result", None) not in (1, 2):
+        return None
+    try:
+        return (f"{rsp.result_str.lower()}, source: {rsp.source_str.lower()}, reason: {rsp.reason_str.lower()} "
+                f"(result {rsp.result}, source {rsp.result_source}, reason {rsp.diagnostic})")
+    except (KeyError, ValueError, AttributeError):
+        return f"result {rsp.result}, source {rsp.result_source}, reason {rsp.diagnostic}"
 
 
 @dataclass(frozen=True)
@@ -60,29 +141,45 @@ def _nodelay_handler(event: evt.Event) -> None:
 
 def _make_ae(config: NodeConfig, dest: Destination) -> AE:
     ae = AE(ae_title=dest.calling_ae_title or config.node.ae_title)
+    set_implementation(ae)
     ae.maximum_pdu_size = config.dispatch.max_pdu_size
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = config.dispatch.timeout_s
     ae.connection_timeout = config.dispatch.timeout_s
     return ae
 
 
-def _associate(ae: AE, dest: Destination) -> tuple[Association, bool]:
-    """Request an association; (association, whether the TCP connection was made)."""
+class TLSSetupError(RuntimeError):
+    """The SSL context towards a destination cannot be made (its CA file, the node's certificate)."""
+
+
+def _associate(ae: AE, dest: Destination, tls: TLSSettings) -> tuple[Association, bool | str]:
+    """Request an association (over DICOM TLS when ``dest.tls``); (association, True if the connection was
+    made, else False or, for TLS, why it failed)."""
     connected = threading.Event()
 
     def on_open(event: evt.Event) -> None:
         connected.set()
         _nodelay_handler(event)
 
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)])
-    return assoc, connected.is_set()
+    try:
+        args = tls_args(dest, tls)
+    except (OSError, ValueError) as exc:  # a CA file or the node's certificate cannot be loaded
+        raise TLSSetupError(f"TLS set-up failed: {exc}") from None
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
+                         tls_args=args)
+    if connected.is_set():
+        return assoc, True
+    return assoc, connect_failure(args[0]) if args else False
 
 
 def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
     """C-ECHO a destination; (ok, message)."""
     ae = _make_ae(config, dest)
     ae.add_requested_context(Verification)
-    assoc, connected = _associate(ae, dest)
+    try:
+        assoc, connected = _associate(ae, dest, config.tls)
+    except TLSSetupError as exc:
+        return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({exc})"
     if not assoc.is_established:
         return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({_why_not(assoc, connected)})"
     status = assoc.send_c_echo()
@@ -92,12 +189,18 @@ def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
     return False, f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}: status {getattr(status, 'Status', 'none')}"
 
 
-def _why_not(assoc: object, connected: bool) -> str:
+def _why_not(assoc: Association, connected: bool | str) -> str:
+    if isinstance(connected, str):
+        return f"connection failed (TLS: {connected})"
     if not connected:
         return "connection failed"  # pynetdicom reports a refused connection as an abort
     if getattr(assoc, "is_rejected", False):
-        return "association rejected"
+        why = rejection(assoc)
+        return f"association rejected ({why})" if why else "association rejected"
     if getattr(assoc, "is_aborted", False):
+        rsp = getattr(assoc.acceptor, "primitive", None)
+        if getattr(rsp, "result", None) == 0:  # accepted, but none of the contexts: pynetdicom aborts
+            return "association aborted: the destination accepted none of the proposed presentation contexts"
         return "association aborted"
     return "connection failed"
 
@@ -136,8 +239,6 @@ class Dispatcher:
             log.error("outbox: destination %r is no longer configured; %d item(s) kept", name, len(items))
             self._fail(items, f"destination {name!r} is not configured")
             return 0
-        ae = _make_ae(self.config, dest)
-        contexts: set[tuple[str, str]] = set()
         metas: dict[int, Dataset] = {}
         for item in items:
             try:
@@ -147,33 +248,60 @@ class Dispatcher:
                 self._fail([item], f"cannot read file: {exc}")
                 continue
             metas[item.id] = meta
-            contexts.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
-        for sop_class, ts in sorted(contexts):
-            ae.add_requested_context(sop_class, ts)
         readable = [i for i in items if i.id in metas]
         if not readable:
             return 0
-        assoc, connected = _associate(ae, dest)
+        # up to [[destinations]] max_associations associations at once, each sending its share
+        n = min(dest.max_associations, len(readable))
+        shares = [readable[k::n] for k in range(n)]
+        if n == 1:
+            return self._send_share(name, dest, shares[0], metas)
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"outbox-{name}") as pool:
+            return sum(pool.map(lambda share: self._send_share(name, dest, share, metas), shares))
+
+    def _send_share(self, name: str, dest: Destination, items: list[OutboxItem], metas: dict[int, Dataset]) -> int:
+        """Send ``items`` to ``dest`` over one association; the number acknowledged."""
+        ae = _make_ae(self.config, dest)
+        stored = [(str(metas[i.id].MediaStorageSOPClassUID), str(metas[i.id].TransferSyntaxUID)) for i in items]
+        for sop_class, syntaxes in proposed_contexts(stored):
+            ae.add_requested_context(sop_class, syntaxes)
+        try:
+            assoc, connected = _associate(ae, dest, self.config.tls)
+        except TLSSetupError as exc:
+            log.error("outbox: %s: %s; %d item(s) will be retried", name, exc, len(items))
+            self._fail(items, str(exc))
+            return 0
         if not assoc.is_established:
             why = _why_not(assoc, connected)
             log.warning("outbox: %s (%s@%s:%d): %s; %d item(s) will be retried",
-                        name, dest.ae_title, dest.host, dest.port, why, len(readable))
-            self._fail(readable, why)
+                        name, dest.ae_title, dest.host, dest.port, why, len(items))
+            self._fail(items, why)
             return 0
         sent: list[int] = []
-        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+        accepted: dict[str, set[str]] = defaultdict(set)
+        for cx in assoc.accepted_contexts:
+            accepted[str(cx.abstract_syntax)].add(str(cx.transfer_syntax[0]))
         try:
-            for item in readable:
+            for index, item in enumerate(items):
+                if not assoc.is_established:
+                    self._fail(items[index:], "association lost")
+                    break
                 meta = metas[item.id]
-                if (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)) not in accepted:
-                    error = (f"{meta.MediaStorageSOPClassUID.name} in {meta.TransferSyntaxUID.name} "
-                             f"not accepted by the destination")
+                sop_class, stored_ts = str(meta.MediaStorageSOPClassUID), UID(str(meta.TransferSyntaxUID))
+                target = sendable_syntax(accepted[sop_class], stored_ts)
+                if target is None:
+                    error = f"{meta.MediaStorageSOPClassUID.name} in {stored_ts.name} not accepted by the destination"
                     log.warning("outbox: %s: %s (%s)", name, error, item.sop_instance_uid)
                     self._fail([item], error)
                     continue
                 try:
-                    status = assoc.send_c_store(Path(item.path))
-                except (OSError, ValueError) as exc:  # the file changed or cannot be encoded any more
+                    payload = Path(item.path) if target == stored_ts else converted(Path(item.path), stored_ts)
+                    if target != stored_ts:
+                        log.info("outbox: %s: %s converted from %s to %s", name, item.sop_instance_uid,
+                                 stored_ts.name, target.name)
+                    status = assoc.send_c_store(payload)
+                except (OSError, ValueError, NotImplementedError, RuntimeError) as exc:
+                    # the file changed, cannot be converted or encoded any more
                     log.error("outbox: cannot send %s to %s: %s", item.path, name, exc)
                     self._fail([item], f"cannot send: {exc}")
                     continue
@@ -188,11 +316,6 @@ class Dispatcher:
                 comment = getattr(status, "ErrorComment", "") if status else ""
                 log.warning("outbox: %s refused %s: %s %s", name, item.sop_instance_uid, error, comment)
                 self._fail([item], f"{error} {comment}".strip())
-                if not assoc.is_established:
-                    rest = readable[readable.index(item) + 1:]
-                    if rest:
-                        self._fail(rest, "association lost")
-                    break
         finally:
             if assoc.is_established:
                 assoc.release()

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pynetdicom.dsutils import decode
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from .tls import handshake
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
@@ -320,6 +322,10 @@ class GuardedRequestHandler(RequestHandler):
                 except OSError:
                     pass
                 return
+        failed = handshake(self.request, getattr(server, "dn_handshake_timeout_s", 10.0))
+        if failed is not None:
+            log.warning("connection from %s closed: TLS handshake failed: %s", self.client_address[0], failed)
+            return
         super().handle()
 
     def _create_association(self):  # type: ignore[no-untyped-def]

@@ -48,14 +48,14 @@ from pydicom.uid import (
 from pydicom.valuerep import VR
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from .config import NodeConfig
 from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBudget, inflated_size_exceeds
 from .journal import InstanceRecord, Journal
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
-from .uids import is_valid_uid
+from .tls import NodeAssociationServer, common_name, describe, server_context
+from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,12 @@ def set_nodelay(sock: socket.socket | None) -> None:
     """Disable Nagle's algorithm: small DIMSE responses otherwise wait ~40 ms for a delayed ACK."""
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def set_implementation(ae: AE) -> None:
+    """Announce the node's own Implementation Class UID and Version Name (not pynetdicom's)."""
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
 
 
 def _on_conn_open(event: evt.Event) -> None:
@@ -317,6 +323,7 @@ class StorageSCP:
         self._claimed: set[str] = set()  # SOP Instance UIDs being filed right now
         self._claims = threading.Condition()
         self._server: Any = None
+        self._tls_server: Any = None
         limits = config.limits
         self.max_object = int(limits.max_object_mb * MiB)
         # a peer that counts only the PDV value against the PDU length gets a little slack
@@ -330,6 +337,7 @@ class StorageSCP:
     def _make_ae(self) -> AE:
         node = self.config.node
         ae = AE(ae_title=node.ae_title)
+        set_implementation(ae)
         ae.maximum_pdu_size = node.max_pdu_size
         # pynetdicom counts every open connection; the node's own admission counts associations
         # (``_handle_requested``), so connections that never send an A-ASSOCIATE-RQ take no slot
@@ -354,17 +362,28 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._handle_released),
             (evt.EVT_ABORTED, self._handle_aborted),
         ]
-        server = self.ae.make_server((node.host, node.port), evt_handlers=handlers,
-                                     server_class=ThreadedAssociationServer, request_handler=GuardedRequestHandler)
+        self._server = self._listen(node.port, handlers)
+        log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
+        tls = self.config.tls
+        if tls.port is not None:
+            self._tls_server = self._listen(tls.port, handlers, server_context(tls))
+            log.info("listening as %s with DICOM TLS (TLS %s or newer%s) on %s:%d", node.ae_title, tls.min_version,
+                     ", client certificate required" if tls.require_client_cert else "", node.host, self.tls_port)
+        if not self.config.peers:
+            log.warning("no [[peers]] configured: associations from any calling AE title are accepted")
+
+    def _listen(self, port: int, handlers: list[Any], ssl_context: Any = None) -> Any:
+        """A listener on ``port`` (TLS when ``ssl_context``) sharing the node's handlers, admission and limits."""
+        server = self.ae.make_server((self.config.node.host, port), evt_handlers=handlers, ssl_context=ssl_context,
+                                     server_class=NodeAssociationServer, request_handler=GuardedRequestHandler)
         server.dn_limits = self.limits
         server.dn_budget = self.budget
         server.dn_max_connections = self.config.limits.max_connections
+        server.dn_handshake_timeout_s = self.config.tls.handshake_timeout_s
         self.ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it
-        threading.Thread(target=server.serve_forever, name="dicom-node-listener", daemon=True).start()
-        self._server = server
-        log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
-        if not self.config.peers:
-            log.warning("no [[peers]] configured: associations from any calling AE title are accepted")
+        name = "dicom-node-tls-listener" if ssl_context else "dicom-node-listener"
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+        return server
 
     @property
     def port(self) -> int:
@@ -372,10 +391,18 @@ class StorageSCP:
             return self.config.node.port
         return int(self._server.server_address[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS listener's port (None without one)."""
+        if self._tls_server is None:
+            return self.config.tls.port
+        return int(self._tls_server.server_address[1])
+
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -384,6 +411,8 @@ class StorageSCP:
         calling = assoc.requestor.primitive.calling_ae_title.strip()
         address = assoc.requestor.address
         ok, why = self.admission.allows(calling, address)
+        if ok:
+            ok, why = self._tls_allows(calling, assoc.dul.socket.socket if assoc.dul.socket else None)
         if not ok:
             log.warning("association from %s@%s rejected: %s", calling, address, why)
             # rejected-permanent, service-user, calling-AE-title-not-recognized
@@ -408,6 +437,21 @@ class StorageSCP:
                 assoc.kill()
                 return
             self._admitted.add(assoc)
+
+    def _tls_allows(self, calling: str, sock: Any) -> tuple[bool, str]:
+        """A peer with ``tls`` must come over TLS; one with ``tls_common_name`` with that verified client
+        certificate."""
+        peers = [p for p in self.config.peers if p.ae_title == calling]
+        over_tls = describe(sock)
+        if over_tls:
+            log.debug("association from %s over %s", calling, over_tls)
+        if any(p.tls or p.tls_common_name for p in peers) and over_tls is None:
+            return False, f"calling AE title {calling!r} must use DICOM TLS (port {self.tls_port})"
+        names = {p.tls_common_name for p in peers if p.tls_common_name}
+        if names and common_name(sock) not in names:
+            return False, (f"calling AE title {calling!r} needs a client certificate with CN "
+                           f"{' or '.join(sorted(names))} ({over_tls})")
+        return True, "TLS policy met"
 
     def _handle_echo(self, event: evt.Event) -> int:
         log.info("C-ECHO from %s@%s", event.assoc.requestor.ae_title, event.assoc.requestor.address)

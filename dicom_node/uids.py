@@ -6,6 +6,18 @@ import re
 
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
+from . import __version__
+
+#: The project's own OID arc: a UUID-derived OID (ISO/IEC 9834-8, PS3.5 B.2), UUID
+#: 8c62fdb5-fc54-4572-ac83-0ae2d8da51ed, drawn once for this project. Never change it.
+PROJECT_UID_ROOT = "2.25.186605910370043874471064860109160731117"
+#: Implementation Class UID (PS3.7 D.3.3.2) the node sends in every A-ASSOCIATE-RQ and -AC, as SCP and SCU:
+#: the project's arc, .1 (implementation), .1 (the first implementation class). A new one only when the
+#: network behaviour changes incompatibly; the version name tells releases apart.
+IMPLEMENTATION_CLASS_UID = f"{PROJECT_UID_ROOT}.1.1"
+#: Implementation Version Name (1-16 characters): the package version.
+IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
+
 #: A UID's form (PS3.5 9.1): numeric components separated by dots, none empty, at most 64 characters.
 #: Leading zeros in a component are not allowed by the standard but harmless and seen in the wild
 #: (older devices), so they are accepted; anything else (letters, '/', '+', '..', spaces) is not.

@@ -75,10 +75,33 @@ def test_config_check_good_file(tmp_path: Path, models_dir: Path, capsys: pytest
 def test_config_check_reports_disabled_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty = tmp_path / "no-models"
     empty.mkdir()
-    assert main(["config", "check", "--config", str(write_config(tmp_path, empty))]) == 0
-    out = capsys.readouterr().out
+    config = write_config(tmp_path, empty)
+    assert main(["config", "check", "--config", str(config)]) == 1  # valid, but not ready for service
+    captured = capsys.readouterr()
+    out = captured.out
     assert "rule flair-3d:" in out and "[DISABLED: model 'synth-t1' not installed]" in out
     assert "configuration is valid; 6 rule(s) disabled" in out
+    assert captured.err.startswith(f"NOT READY: 6 rule(s) disabled: model not installed in {empty}")
+    assert main(["config", "check", "--config", str(config), "--allow-missing"]) == 0
+    assert "accepted with --allow-missing: 6 rule(s) disabled" in capsys.readouterr().out
+
+
+def test_config_check_fails_without_a_destination(tmp_path: Path, models_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(f'[inference]\nmodels_dir = "{models_dir}"\n', encoding="utf-8")
+    assert main(["config", "check", "--config", str(path)]) == 1
+    assert "no [[destinations]]: results would only be kept on disk" in capsys.readouterr().err
+    assert main(["config", "check", "--config", str(path), "--allow-missing"]) == 0
+
+
+def test_config_check_loads_the_tls_certificate(tmp_path: Path, models_dir: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "absent.pem"
+    config = write_config(tmp_path, models_dir, f'\n[tls]\nport = 2762\ncert_file = "{missing}"\n'
+                                                f'key_file = "{missing}"\n')
+    assert main(["config", "check", "--config", str(config)]) == 1
+    assert "[tls] certificate or key cannot be loaded" in capsys.readouterr().err
 
 
 def test_config_check_example_file(capsys: pytest.CaptureFixture[str]) -> None:
@@ -290,7 +313,7 @@ def test_unusable_journal_is_one_clear_line(tmp_path: Path, models_dir: Path, ca
 def test_config_check_refuses_a_synthesis_model_as_segmenter(tmp_path: Path, models_dir: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, models_dir, 'segmenter = "synth-t1"\n')
-    assert main(["config", "check", "--config", str(config)]) == 0
+    assert main(["config", "check", "--config", str(config)]) == 1  # rules disabled: not ready
     out = capsys.readouterr().out
     assert "segmenter: synth-t1 [NOT A SEGMENTATION MODEL: rules with volumetry disabled]" in out
     assert "rule aahead-scout: " in out and "[DISABLED: model 'synth-t1' not installed]" in out

@@ -22,6 +22,7 @@ from dicom_node.config import (
     NodeSettings,
     Peer,
     Rule,
+    TLSSettings,
     default_rules,
     load_config,
     parse_config,
@@ -98,12 +99,13 @@ def test_example_settings_are_the_defaults() -> None:
     assert config.inference == InferenceSettings()
     assert config.dispatch == DispatchSettings()
     assert config.jobs == JobSettings()
+    assert config.tls == TLSSettings()
 
 
 @pytest.mark.parametrize(
     ("section", "model"),
     [("node", NodeSettings), ("limits", LimitSettings), ("peers", Peer), ("destinations", Destination), ("rules", Rule),
-     ("inference", InferenceSettings), ("jobs", JobSettings), ("dispatch", DispatchSettings)],
+     ("inference", InferenceSettings), ("jobs", JobSettings), ("dispatch", DispatchSettings), ("tls", TLSSettings)],
 )
 def test_example_documents_every_field(section: str, model: type[BaseModel]) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")

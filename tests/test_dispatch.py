@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, SecondaryCaptureImageStorage
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    MRImageStorage,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
+from dicom_node.cli import main as cli_main
 from dicom_node.config import Destination, DispatchSettings, NodeConfig, NodeSettings
-from dicom_node.dispatch import Dispatcher, RetryPolicy, echo
+from dicom_node.dispatch import Dispatcher, RetryPolicy, echo, proposed_contexts, sendable_syntax
 from dicom_node.journal import Journal
+from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from tests.dicom_factory import make_mr_series
 from tests.e2e.peers import free_port
 
@@ -23,26 +34,54 @@ SERIES = "1.2.3.4.100"
 
 
 class DestinationSCP:
-    """A pynetdicom storage SCP that keeps what it receives and answers ``status``."""
+    """A pynetdicom storage SCP that keeps what it receives and answers ``status``.
 
-    def __init__(self, ae_title: str = "PACS", status: int = 0x0000) -> None:
+    ``syntaxes``: the transfer syntaxes it accepts for MR Image Storage; ``delay_s``: time each C-STORE
+    takes; ``peak`` counts the associations it served at the same time."""
+
+    def __init__(self, ae_title: str = "PACS", status: int = 0x0000,
+                 syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian,), delay_s: float = 0.0) -> None:
         self.ae_title = ae_title
         self.port = free_port()
         self.status = status
+        self.delay_s = delay_s
         self.received: list[Dataset] = []
+        self.received_syntaxes: list[str] = []
         self.calling: list[str] = []
+        self.implementations: list[tuple[str, str]] = []
+        self.open = self.peak = 0
+        self._lock = threading.Lock()
         ae = AE(ae_title=ae_title)
         ae.require_called_aet = True
+        ae.maximum_associations = 16
         ae.add_supported_context(Verification)
-        ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
+        ae.add_supported_context(MRImageStorage, list(syntaxes))
         self._ae = ae
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
-            (evt.EVT_C_STORE, self._store), (evt.EVT_C_ECHO, lambda event: 0x0000)])
+            (evt.EVT_C_STORE, self._store), (evt.EVT_C_ECHO, lambda event: 0x0000),
+            (evt.EVT_ESTABLISHED, self._established), (evt.EVT_RELEASED, self._closed),
+            (evt.EVT_ABORTED, self._closed)])
+
+    def _established(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        with self._lock:
+            self.implementations.append((str(requestor.implementation_class_uid),
+                                         str(requestor.implementation_version_name)))
+            self.open += 1
+            self.peak = max(self.peak, self.open)
+
+    def _closed(self, event: evt.Event) -> None:
+        with self._lock:
+            self.open -= 1
 
     def _store(self, event: evt.Event) -> int:
+        time.sleep(self.delay_s)
         self.calling.append(event.assoc.requestor.ae_title)
         if self.status == 0x0000:
-            self.received.append(event.dataset)
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.received.append(ds)
+            self.received_syntaxes.append(str(event.context.transfer_syntax))
         return self.status
 
     def stop(self) -> None:
@@ -174,11 +213,23 @@ def test_one_destination_down_does_not_block_another(tmp_path: Path, journal: Jo
 
 
 def test_wrong_called_ae_is_a_rejection(tmp_path: Path, journal: Journal, files: list[Path],
-                                        pacs: DestinationSCP) -> None:
+                                        pacs: DestinationSCP, capsys: pytest.CaptureFixture[str]) -> None:
     wrong = Destination(name="PACS", ae_title="NOT_PACS", host="127.0.0.1", port=pacs.port)
     job = queue_job(journal, files[:1], ["PACS"])
     Dispatcher(make_config(tmp_path, [wrong]), journal).send_due()
-    assert journal.outbox(job)[0].last_error == "association rejected"
+    error = journal.outbox(job)[0].last_error
+    # the A-ASSOCIATE-RJ's result, source and reason, in words and as numbers (PS3.8 9.3.4)
+    assert error.startswith("association rejected (rejected permanent, source: service user, reason: "
+                            "called ae title not recognised"), error
+    assert "(result 1, source 1, reason 7)" in error
+    ok, message = echo(make_config(tmp_path, [wrong]), wrong)
+    assert not ok and "rejected permanent" in message and "called ae title not recognised" in message
+    # `dicom-node status` shows it with the outbox
+    config_file = tmp_path / "node.toml"
+    config_file.write_text(f'[node]\ndata_dir = "{tmp_path}"\n')
+    assert cli_main(["status", "--config", str(config_file)]) == 0
+    assert "last error: association rejected (rejected permanent, source: service user, reason: called ae title " \
+        "not recognised" in capsys.readouterr().out
 
 
 def test_unconfigured_destination_and_missing_file(tmp_path: Path, journal: Journal, files: list[Path],
@@ -228,6 +279,7 @@ from pathlib import Path
 
 from pynetdicom.association import Association
 
+from dicom_node.cli import main as cli_main
 from dicom_node.config import Destination, NodeConfig, NodeSettings
 from dicom_node.dispatch import Dispatcher
 from dicom_node.journal import Journal
@@ -297,3 +349,80 @@ def test_default_retry_policy_outlasts_a_day_long_outage() -> None:
     assert 90 < tries < 110
     assert RetryPolicy(backoff_initial_s=1, backoff_max_s=1, max_tries=3).next_attempt(3, first, first) is None
     assert RetryPolicy(backoff_initial_s=1, backoff_max_s=1e9).next_attempt(10_000, first, first) is not None
+
+
+# -- sending what any PACS accepts -------------------------------------------------------------------
+
+def compressed_copy(path: Path, out: Path, syntax: str, uid: str) -> Path:
+    """``path`` re-encoded in ``syntax`` (pydicom's encoders) as a new SOP instance."""
+    ds = dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.compress(syntax, generate_instance_uid=False)
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_proposed_contexts_offer_the_stored_syntax_and_both_little_endian_ones() -> None:
+    assert proposed_contexts([(MRImageStorage, ExplicitVRLittleEndian)]) == [
+        (MRImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    assert proposed_contexts([(MRImageStorage, RLELossless), (MRImageStorage, ExplicitVRLittleEndian)]) == [
+        (MRImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]), (MRImageStorage, [RLELossless])]
+    assert proposed_contexts([(MRImageStorage, RLELossless)]) == [
+        (MRImageStorage, [RLELossless]), (MRImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    assert sendable_syntax({ImplicitVRLittleEndian}, ExplicitVRLittleEndian) == ImplicitVRLittleEndian
+    assert sendable_syntax({RLELossless, ExplicitVRLittleEndian}, RLELossless) == RLELossless
+    assert sendable_syntax({JPEGLSLossless}, RLELossless) is None
+
+
+def test_a_destination_accepting_only_implicit_vr_receives_everything(tmp_path: Path, journal: Journal,
+                                                                      files: list[Path]) -> None:
+    rle = compressed_copy(files[0], tmp_path / "rle.dcm", RLELossless, "1.9.9.61")
+    implicit_only = DestinationSCP(ae_title="OLDPACS", syntaxes=(ImplicitVRLittleEndian,))
+    try:
+        job = queue_job(journal, [*files, rle], ["OLDPACS"])
+        assert Dispatcher(make_config(tmp_path, [dest_for(implicit_only, name="OLDPACS")]), journal).send_due() == 4
+    finally:
+        implicit_only.stop()
+    assert {i.state for i in journal.outbox(job)} == {"sent"}
+    assert implicit_only.received_syntaxes == [ImplicitVRLittleEndian] * 4
+    # the RLE object arrived decompressed, pixel for pixel
+    by_uid = {str(d.SOPInstanceUID): d for d in implicit_only.received}
+    original = dcmread(files[0]).pixel_array
+    assert np.array_equal(by_uid["1.9.9.61"].pixel_array, original)
+    assert np.array_equal(by_uid[str(dcmread(files[0]).SOPInstanceUID)].pixel_array, original)
+
+
+def test_a_destination_accepting_the_stored_syntax_gets_it_unchanged(tmp_path: Path, journal: Journal,
+                                                                     files: list[Path]) -> None:
+    rle = compressed_copy(files[0], tmp_path / "rle.dcm", RLELossless, "1.9.9.62")
+    server = DestinationSCP(ae_title="NEWPACS", syntaxes=(RLELossless, ExplicitVRLittleEndian))
+    try:
+        queue_job(journal, [rle, files[1]], ["NEWPACS"])
+        assert Dispatcher(make_config(tmp_path, [dest_for(server, name="NEWPACS")]), journal).send_due() == 2
+    finally:
+        server.stop()
+    assert sorted(server.received_syntaxes) == sorted([RLELossless, ExplicitVRLittleEndian])
+
+
+def test_associations_per_destination_are_capped(tmp_path: Path, files: list[Path]) -> None:
+    many = make_mr_series(tmp_path / "many", shape=(8, 8, 8), spacing=(1.0, 1.0, 2.0))
+    for cap in (1, 3):
+        server = DestinationSCP(ae_title="SLOW", delay_s=0.2)
+        journal = Journal(tmp_path / f"journal-{cap}.sqlite3", fsync=False)
+        try:
+            job = queue_job(journal, many, ["SLOW"])
+            config = make_config(tmp_path, [dest_for(server, name="SLOW", max_associations=cap)])
+            assert Dispatcher(config, journal).send_due() == 8
+            assert {i.state for i in journal.outbox(job)} == {"sent"}
+        finally:
+            journal.close()
+            server.stop()
+        assert server.peak == cap, (cap, server.peak)
+        assert len(server.implementations) == cap  # one association per share
+
+
+def test_the_scu_announces_the_nodes_implementation(tmp_path: Path, journal: Journal, files: list[Path],
+                                                    pacs: DestinationSCP) -> None:
+    queue_job(journal, files[:1], ["PACS"])
+    Dispatcher(make_config(tmp_path, [dest_for(pacs)]), journal).send_due()
+    assert pacs.implementations[-1] == (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)

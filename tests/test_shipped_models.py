@@ -141,7 +141,8 @@ def test_default_rules_use_the_bundled_models(tmp_path: Path, capsys: pytest.Cap
     assert wanted and wanted <= set(SHIPPED)
     assert config.inference.segmenter in SEGMENTERS
     path = tmp_path / "node.toml"
-    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n', encoding="utf-8")
+    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[[destinations]]\nname = "pacs"\nae_title = "PACS"\n'
+                    'host = "127.0.0.1"\nport = 104\n', encoding="utf-8")
     assert main(["config", "check", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "DISABLED" not in out and out.rstrip().endswith("configuration is valid")
@@ -149,8 +150,8 @@ def test_default_rules_use_the_bundled_models(tmp_path: Path, capsys: pytest.Cap
 
 def test_without_bundled_models_the_default_rules_are_disabled(tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    """What a fresh install does today (and whenever a rule's model is missing): it starts, says so, and
-    disables the rules rather than failing."""
+    """Whenever a rule's model is missing the node starts, says so, and disables the rules rather than failing;
+    ``config check`` exits 1 (not ready for service) unless told ``--allow-missing``."""
     from dicom_node.cli import main
     from dicom_node.config import load_config
 
@@ -160,13 +161,15 @@ def test_without_bundled_models_the_default_rules_are_disabled(tmp_path: Path,
     path = tmp_path / "node.toml"
     path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[inference]\nmodels_dir = "{empty}"\n',
                     encoding="utf-8")
-    assert main(["config", "check", "--config", str(path)]) == 0
+    assert main(["config", "check", "--config", str(path)]) == 1
+    capsys.readouterr()
+    assert main(["config", "check", "--config", str(path), "--allow-missing"]) == 0
     out = capsys.readouterr().out
     for rule in config.rules:
         missing = config.models_for(rule)[0]
         assert f"rule {rule.name}: " in out and f"[DISABLED: model '{missing}' not installed]" in out
     assert "segmenter: brainchop-aparc-aseg [NOT INSTALLED: rules with volumetry disabled]" in out
-    assert out.rstrip().endswith(f"{len(config.rules)} rule(s) disabled")
+    assert f"configuration is valid; {len(config.rules)} rule(s) disabled" in out
 
 
 @requires_models

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pydicom.uid import PYDICOM_ROOT_UID, UID
 
-from dicom_node.uids import is_own_uid, new_uid
+from dicom_node.uids import is_own_uid, is_valid_uid, new_uid
 
 
 def test_new_uid_lies_under_the_prefix_and_is_valid() -> None:
@@ -42,3 +42,15 @@ def test_is_valid_uid() -> None:
     for bad in ("", "..", ".", "1..2", "1.2.", ".1", "1+1", "1_1", "a/b", "1.2.3 ", "1.2.3\x00", "１.２",
                 "1" * 65, "1.2.a"):
         assert not is_valid_uid(bad), bad
+
+
+def test_the_implementation_identity_is_the_projects_own() -> None:
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
+
+    from dicom_node import __version__
+    from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, PROJECT_UID_ROOT
+
+    assert is_valid_uid(IMPLEMENTATION_CLASS_UID) and IMPLEMENTATION_CLASS_UID.startswith(PROJECT_UID_ROOT + ".")
+    assert IMPLEMENTATION_CLASS_UID not in (PYDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_UID)
+    assert 1 <= len(IMPLEMENTATION_VERSION_NAME) <= 16 and __version__ in IMPLEMENTATION_VERSION_NAME

@@ -59,11 +59,16 @@ class NodeProcess:
         dispatch: Mapping[str, Any] | None = None,
         inference: Mapping[str, Any] | None = None,
         limits: Mapping[str, Any] | None = None,
+        tls: Mapping[str, Any] | None = None,
         ae_title: str = "DICOM_NODE",
         port: int | None = None,
         user: str | None = None,
+        python: str | None = None,
     ) -> None:
         self.user = user  # run as this user (setpriv; the test runs as root)
+        # another interpreter (e.g. a virtual environment's, with the node installed from a wheel) runs outside the
+        # repository, so that it imports what is installed there
+        self.python = python
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -83,6 +88,8 @@ class NodeProcess:
         }
         if limits:
             sections["limits"] = dict(limits)
+        if tls:
+            sections["tls"] = dict(tls)
         if peers:
             sections["peers"] = list(peers)
         if destinations:
@@ -97,14 +104,14 @@ class NodeProcess:
     def start(self, timeout: float = 60) -> NodeProcess:
         log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)]
+        command = [self.python or sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)]
         if self.user:
             command = ["setpriv", f"--reuid={self.user}", "--regid=nogroup", "--clear-groups", *command]
             self.workdir.chmod(0o755)
             self.config_path.chmod(0o644)
         self._process = subprocess.Popen(
             command,
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=self.workdir if self.python else REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -170,10 +170,10 @@ def failed_stores(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 def echoscu(
-    port: int, *, called_ae: str, calling_ae: str = "ECHOSCU", timeout: float = 30
+    port: int, *, called_ae: str, calling_ae: str = "ECHOSCU", timeout: float = 30, extra_args: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """C-ECHO 127.0.0.1:port with dcmtk echoscu."""
-    args = [str(ECHOSCU), "-aet", calling_ae, "-aec", called_ae, LOCALHOST, str(port)]
+    """C-ECHO 127.0.0.1:port with dcmtk echoscu (``extra_args``: e.g. its TLS options)."""
+    args = [str(ECHOSCU), "-aet", calling_ae, "-aec", called_ae, *extra_args, LOCALHOST, str(port)]
     return subprocess.run(args, env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -472,7 +472,9 @@ class StoreSCP:
         port: int | None = None,
         extra_args: Sequence[str] = (),
         startup_timeout: float = 10.0,
+        echo_args: Sequence[str] = (),
     ) -> None:
+        self.echo_args = tuple(echo_args)  # echoscu options to reach it (e.g. TLS) while waiting for it
         self.directory = Path(directory)
         self.aet = aet
         self.port = port if port is not None else free_port()
@@ -497,7 +499,7 @@ class StoreSCP:
                 code = self._process.returncode
                 self.stop()
                 raise RuntimeError(f"storescp exited with {code} at start; log:\n{_tail(self.log_path)}")
-            if echoscu(self.port, called_ae=self.aet, timeout=5).returncode == 0:
+            if echoscu(self.port, called_ae=self.aet, timeout=5, extra_args=self.echo_args).returncode == 0:
                 return self
             if time.monotonic() > deadline:
                 self.stop()

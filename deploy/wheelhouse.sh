@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Build a wheelhouse for an offline installation: the node (with its bundled models) and every dependency as
+# wheels, in one folder. Run it on a machine with the same OS, CPU architecture and Python version as the
+# target (Debian 12, x86_64, Python 3.11) and access to PyPI:
+#
+#     bash deploy/wheelhouse.sh [WHEELHOUSE]          (default: ./wheelhouse)
+#
+# Copy the folder to the target, then install without any network access:
+#
+#     python3 -m venv /opt/dicom-node
+#     /opt/dicom-node/bin/pip install --no-index --find-links WHEELHOUSE dicom-node
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WHEELHOUSE="$(realpath -m "${1:-wheelhouse}")"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$WHEELHOUSE"
+"$PYTHON" -m pip wheel --wheel-dir "$WHEELHOUSE" "$REPO_ROOT"
+echo "wheelhouse: $WHEELHOUSE ($(ls "$WHEELHOUSE" | wc -l) wheels); install offline with:"
+echo "  python3 -m venv /opt/dicom-node && /opt/dicom-node/bin/pip install --no-index --find-links $WHEELHOUSE dicom-node"
