@@ -18,6 +18,7 @@ import socket
 import struct
 import threading
 import weakref
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -161,7 +162,8 @@ def parse_instance(data: bytes) -> Dataset:
             if tag == PIXEL_DATA and declared != UNDEFINED_LENGTH and declared % 2:
                 raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"PixelData has an odd length ({declared} bytes)")
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError,
-            struct.error) as exc:  # struct.error: an element header cut inside its length field
+            struct.error, zlib.error) as exc:  # struct.error: an element header cut inside its length field;
+        # zlib.error: a Deflate data set whose stream is broken
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = _str(ds.get(keyword))
@@ -465,7 +467,10 @@ class StorageSCP:
                     STATUS_DATASET_MISMATCH,
                     f"SOPClassUID {ds.SOPClassUID} differs from the request's {requested_class}",
                 )
-            geometry, attrs = header_summary(ds)
+            try:
+                geometry, attrs = header_summary(ds)
+            except (TypeError, ValueError, OverflowError) as exc:  # e.g. InstanceNumber "1e999", Rows "1\\2"
+                raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot read the header: {exc}") from None
             study_uid, series_uid = _str(ds.StudyInstanceUID), _str(ds.SeriesInstanceUID)
             with self._claim(sop_uid):
                 known = self.journal.instance(sop_uid)
