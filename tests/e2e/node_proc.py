@@ -63,7 +63,8 @@ class NodeProcess:
         port: int | None = None,
         user: str | None = None,
     ) -> None:
-        self.user = user  # run as this user (setpriv; the test runs as root)
+        # run as this user: started as root, the process drops to it after its imports (tests.e2e.as_user)
+        self.user = user
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -99,7 +100,8 @@ class NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         command = [sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)]
         if self.user:
-            command = ["setpriv", f"--reuid={self.user}", "--regid=nogroup", "--clear-groups", *command]
+            command = [sys.executable, "-m", "tests.e2e.as_user", self.user, "--",
+                       "serve", "--config", str(self.config_path)]
             self.workdir.chmod(0o755)
             self.config_path.chmod(0o644)
         self._process = subprocess.Popen(
@@ -122,6 +124,10 @@ class NodeProcess:
     def pid(self) -> int:
         assert self._process is not None, "node not started"
         return self._process.pid
+
+    def alive(self) -> bool:
+        """True while the started process runs."""
+        return self._process is not None and self._process.poll() is None
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
