@@ -432,7 +432,11 @@ def run_campaign(count: int, *, seed: int = 0, workdir: Path, shared_dicom: Path
             mutants, unencodable = build_case(rng, chosen, seed, case)
             report.unencodable += unencodable
             for m in mutants:
-                result = sender.store(m.encoded)
+                try:
+                    result = sender.store(m.encoded)
+                except ConnectionError as exc:  # the node no longer takes associations
+                    report.violations.append(f"case {case}: {exc}")
+                    break
                 if isinstance(result, str):
                     report.not_sent[f"{m.mutation}: {result}"] += 1
                     continue
@@ -451,6 +455,8 @@ def run_campaign(count: int, *, seed: int = 0, workdir: Path, shared_dicom: Path
             if not node.alive():
                 report.violations.append(f"the node died during case {case - 1}")
                 break
+            if report.violations and report.violations[-1].startswith(f"case {case - 1}: "):
+                break  # refused associations: no point going on
         report.cases = case
         not_sent = sum(report.not_sent.values())
         if not_sent > count // 10:
