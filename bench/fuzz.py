@@ -62,6 +62,21 @@ STALL_S = 90.0
 
 WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
 
+#: What fuzzing found in the node and what became of it (kept in the report; newest first)
+FINDINGS = (
+    "Fixed: a Deflate data set inflating to more than 1 MiB whose stream is padded to an even length (as pydicom "
+    "and dcmtk write it) was never answered: the size check (`guard.inflated_size_exceeds`) looped on the padding "
+    "byte with a thread at 100 % CPU. Regression tests in `tests/test_limits.py`; the 300-object CI campaign "
+    "also fails without the fix.",
+    "Fixed: a broken Deflate stream (`zlib.error`) and header values the node cannot convert (e.g. InstanceNumber "
+    "`1e999`, or several values where it expects one) were answered 0xC000 \"unexpected error\" with a traceback "
+    "in the log; they are plain 0xC000 refusals with their reason now (`tests/test_statuses.py`).",
+    "By design, not changed: a job fails (with its reason, the queue moves on) when the series' pixel data cannot "
+    "be decoded (broken RLE/JPEG fragments, offset tables), its geometry is inconsistent, or a patient or study "
+    "value the outputs copy is invalid for its VR (e.g. StudyDate `0x10`): the writers refuse to write invalid "
+    "DICOM rather than repair the input.",
+)
+
 
 def category(status: int | None) -> str:
     """The class of a C-STORE response status (PS3.4 B.2.3, PS3.7 C); 'invalid' for anything else."""
@@ -532,6 +547,7 @@ def markdown(report: Report) -> str:
         f"- Seeds: {len(report.seeds)} ({report.seeds_note}): " + ", ".join(f"`{s}`" for s in report.seeds) + ".",
         "",
     ]
+    lines += ["## What fuzzing found", ""] + [f"- {finding}" for finding in FINDINGS] + [""]
     if report.violations:
         lines += ["## Promises broken", ""] + [f"- {v}" for v in report.violations[:50]] + [""]
     lines += ["## Statuses by mutation", "",
