@@ -68,6 +68,9 @@ FINDINGS = (
     "and dcmtk write it) was never answered: the size check (`guard.inflated_size_exceeds`) looped on the padding "
     "byte with a thread at 100 % CPU. Regression tests in `tests/test_limits.py`; the 300-object CI campaign "
     "also fails without the fix.",
+    "Fixed after the 10,000-object run of 2026-12-02: an element whose VR was changed to a binary one (FL, FD) "
+    "while its value's length is not a multiple of that VR's size (pydicom's `BytesLengthException`) was "
+    "answered 0xC000 \"unexpected error\" with a traceback; a plain 0xC000 refusal now (`tests/test_statuses.py`).",
     "Fixed: a broken Deflate stream (`zlib.error`) and header values the node cannot convert (e.g. InstanceNumber "
     "`1e999`, or several values where it expects one) were answered 0xC000 \"unexpected error\" with a traceback "
     "in the log; they are plain 0xC000 refusals with their reason now (`tests/test_statuses.py`).",

@@ -14,7 +14,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pynetdicom import AE
+from pynetdicom import AE, _config
 
 from dicom_node.scp import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_SUCCESS
 from tests.dicom_factory import make_mr_series
@@ -47,9 +47,12 @@ def _send(node: Node, path: Path, *, sop_class: str = MRImageStorage) -> Dataset
     ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=NODE_AE)
     assert assoc.is_established
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's data set as it is (pynetdicom would read it)
     try:
         return assoc.send_c_store(path)
     finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
         assoc.release()
 
 
@@ -93,6 +96,12 @@ def _instance_number_1e999(data: bytes) -> bytes:
     return data[:at + 6] + (6).to_bytes(2, "little") + b"1e999 " + data[at + 8 + length:]
 
 
+def _text_as_doubles(data: bytes) -> bytes:
+    at = data.find(b"\x08\x00\x05\x00CS")  # SpecificCharacterSet "ISO_IR 100": 10 bytes, not n x 8
+    assert at > 0
+    return data[:at + 4] + b"FD" + data[at + 6:]
+
+
 CASES: dict[str, tuple[Callable[[Dataset], None], Callable[[bytes], bytes] | None, int, str]] = {
     "rows-zero": (lambda ds: setattr(ds, "Rows", 0), None, STATUS_DATASET_MISMATCH, "Rows"),
     "rows-and-columns-zero": (lambda ds: (setattr(ds, "Rows", 0), setattr(ds, "Columns", 0)), None,
@@ -112,6 +121,7 @@ CASES: dict[str, tuple[Callable[[Dataset], None], Callable[[bytes], bytes] | Non
     # found by the fuzzer: answered 0xC000 "unexpected error" with a traceback in the log
     "instance-number-not-a-number": (lambda ds: None, _instance_number_1e999, STATUS_CANNOT_UNDERSTAND,
                                      "cannot read the header"),
+    "text-element-with-a-binary-vr": (lambda ds: None, _text_as_doubles, STATUS_CANNOT_UNDERSTAND, "cannot parse"),
     "invalid-frame-of-reference-uid": (lambda ds: setattr(ds, "FrameOfReferenceUID", "1.2.abc"), None,
                                        STATUS_DATASET_MISMATCH, "FrameOfReferenceUID"),
 }
