@@ -68,7 +68,13 @@ FINDINGS = (
     "and dcmtk write it) was never answered: the size check (`guard.inflated_size_exceeds`) looped on the padding "
     "byte with a thread at 100 % CPU. Regression tests in `tests/test_limits.py`; the 300-object CI campaign "
     "also fails without the fix.",
-    "Fixed after the 10,000-object run of 2026-12-02: an element whose VR was changed to a binary one (FL, FD) "
+    "Fixed: an instance whose ImagePositionPatient had four values (or positions of mixed lengths, nan, inf) "
+    "made the series-completeness check raise; the idle sweep met that series first on every run, so no later "
+    "series ever closed on its idle timeout (processing of series not whole on release stopped, across restarts "
+    "too). The geometry check reports such values as a problem and the sweep handles each series on its own "
+    "(`tests/test_assembly.py`, `tests/test_service.py`). The campaign sees this as series still receiving "
+    "after the run.",
+    "Fixed: an element whose VR was changed to a binary one (FL, FD) "
     "while its value's length is not a multiple of that VR's size (pydicom's `BytesLengthException`) was "
     "answered 0xC000 \"unexpected error\" with a traceback; a plain 0xC000 refusal now (`tests/test_statuses.py`).",
     "Fixed: a broken Deflate stream (`zlib.error`) and header values the node cannot convert (e.g. InstanceNumber "
