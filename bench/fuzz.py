@@ -168,6 +168,7 @@ class Report:
     alive: bool = False
     echo_status: int | None = None
     unexpected_errors: Counter[str] = field(default_factory=Counter)
+    answered_on_retry: list[str] = field(default_factory=list)
 
     @property
     def crashes(self) -> int:
@@ -193,7 +194,7 @@ class Sender:
     """A pynetdicom SCU proposing every (SOP class, transfer syntax) pair the fuzzer may send, one
     presentation context each (a context settles on one transfer syntax)."""
 
-    def __init__(self, port: int, called_ae: str, scratch: Path, *, timeout: float = 60) -> None:
+    def __init__(self, port: int, called_ae: str, scratch: Path, *, timeout: float = 30) -> None:
         self.port, self.called_ae = port, called_ae
         self.scratch = scratch
         # send a file's data set as its bytes are (pynetdicom would otherwise decode it and encode it again)
@@ -461,6 +462,14 @@ def run_campaign(count: int, *, seed: int = 0, workdir: Path, shared_dicom: Path
                 except ConnectionError as exc:  # the node no longer takes associations
                     report.violations.append(f"case {case}: {exc}")
                     break
+                if not isinstance(result, str) and result[0] is None:
+                    # no response: once more on a new association. A node that never answers this object
+                    # fails again; a response lost once (seen once in 10,000 under heavy load, not
+                    # reproduced) is counted and reported, not taken for a broken promise
+                    retried = sender.store(m.encoded)
+                    if not isinstance(retried, str) and retried[0] is not None:
+                        report.answered_on_retry.append(f"case {case} {m.mutation} ({m.detail}): {result[1]}")
+                        result = retried
                 if isinstance(result, str):
                     report.not_sent[f"{m.mutation}: {result}"] += 1
                     continue
@@ -548,6 +557,8 @@ def markdown(report: Report) -> str:
                                                                "was stuck; memory stayed bounded."),
         f"- Time: {report.total_s:.0f} s in all ({report.send_s:.0f} s sending, {report.settle_s:.0f} s until "
         f"every series was closed and every job had ended), {sent / max(report.send_s, 1e-9):.0f} objects/s.",
+        f"- No response at the first try, answered when sent again on a new association: "
+        f"{len(report.answered_on_retry)} (an object the node never answers is a broken promise).",
         f"- Durable: {report.durable_checked} acknowledged instances each found in the journal and in the spool "
         "with the data set as sent.",
         f"- Memory: node RSS {report.rss_start_mb:.0f} MB at start, peak {report.rss_peak_mb:.0f} MB "
@@ -573,6 +584,9 @@ def markdown(report: Report) -> str:
         lines += ["| jobs failed because | jobs |", "|---|---:|"]
         lines += [f"| {reason} | {n} |" for reason, n in report.job_failures.most_common(15)]
         lines.append("")
+    if report.answered_on_retry:
+        lines += ["## No response at the first try, answered when sent again", ""]
+        lines += [f"- {line}" for line in report.answered_on_retry[:20]] + [""]
     if report.not_sent:
         lines += ["## Not sent (refused by the sending SCU)", "", "| reason | objects |", "|---|---:|"]
         lines += [f"| {reason} | {n} |" for reason, n in report.not_sent.most_common(10)]
@@ -598,7 +612,7 @@ def _counts(counter: Counter[str]) -> str:
 def summary(report: Report) -> str:
     return (f"{len(report.outcomes)} objects, {report.cases} cases, {report.total_s:.0f} s; crashes {report.crashes}; "
             f"statuses {dict(report.statuses())}; jobs {dict(report.jobs)}; peak RSS {report.rss_peak_mb:.0f} MB; "
-            f"{len(report.violations)} promises broken")
+            f"{len(report.violations)} promises broken, {len(report.answered_on_retry)} answered only when sent again")
 
 
 def main(argv: list[str] | None = None) -> int:
