@@ -546,8 +546,8 @@ def markdown(report: Report) -> str:
         "",
         f"Written by `{report.command}` on {report.started:%Y-%m-%d %H:%M} UTC "
         f"({os.cpu_count()} CPUs; see `bench/fuzz.py` for what is checked, `bench/mutate.py` for the mutations). "
-        "CI runs the same campaign with 300 objects (`tests/test_fuzz.py`); the heavy suite "
-        "(`python3 -m pytest -m heavy tests/test_fuzz.py`) runs this one and rewrites this page.",
+        "CI runs the same campaign with 300 objects and the real seeds up to 64 kB (`tests/test_fuzz.py`); the heavy "
+        "suite (`python3 -m pytest -m heavy tests/test_fuzz.py`) runs this one and rewrites this page.",
         "",
         "## Result",
         "",
