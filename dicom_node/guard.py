@@ -336,11 +336,15 @@ class GuardedRequestHandler(RequestHandler):
 
 def inflated_size_exceeds(deflated: bytes | memoryview, limit: int, chunk: int = MiB) -> int | None:
     """Inflate a Deflate data set in bounded steps; the number of bytes it reached if that is more
-    than ``limit`` (stopping there), else None. Memory: at most ``chunk`` of output at a time."""
+    than ``limit`` (stopping there), else None. Memory: at most ``chunk`` of output at a time.
+
+    The stream ends at its last block (``eof``), not where the bytes end: a data set padded to an even
+    length (PS3.5 A.5) leaves a byte after it, which must not keep the loop going.
+    """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
     data = memoryview(deflated)
-    while True:
+    while not inflater.eof:
         try:
             out = inflater.decompress(data, chunk)
         except zlib.error:
@@ -348,9 +352,11 @@ def inflated_size_exceeds(deflated: bytes | memoryview, limit: int, chunk: int =
         total += len(out)
         if total > limit:
             return total
-        data = memoryview(inflater.unconsumed_tail)
-        if not data and (inflater.eof or not out):
-            return None
+        tail = inflater.unconsumed_tail
+        if not out and len(tail) >= len(data):
+            return None  # no progress: a truncated stream, which the parser refuses
+        data = memoryview(tail)
+    return None
 
 
 def admitted_count(admitted: weakref.WeakSet) -> int:  # type: ignore[type-arg]

@@ -18,6 +18,7 @@ import socket
 import struct
 import threading
 import weakref
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -167,7 +168,9 @@ def parse_instance(data: bytes) -> Dataset:
             if tag == PIXEL_DATA and declared != UNDEFINED_LENGTH and declared % 2:
                 raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"PixelData has an odd length ({declared} bytes)")
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError,
-            struct.error) as exc:  # struct.error: an element header cut inside its length field
+            struct.error, zlib.error, BytesLengthException) as exc:
+        # struct.error: an element header cut inside its length field; zlib.error: a Deflate data set whose
+        # stream is broken; BytesLengthException: a binary VR (FL, FD, US...) on a value of another length
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = _str(ds.get(keyword))
@@ -509,7 +512,10 @@ class StorageSCP:
                     STATUS_DATASET_MISMATCH,
                     f"SOPClassUID {ds.SOPClassUID} differs from the request's {requested_class}",
                 )
-            geometry, attrs = header_summary(ds)
+            try:
+                geometry, attrs = header_summary(ds)
+            except (TypeError, ValueError, OverflowError, BytesLengthException) as exc:  # InstanceNumber "1e999"
+                raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot read the header: {exc}") from None
             study_uid, series_uid = _str(ds.StudyInstanceUID), _str(ds.SeriesInstanceUID)
             with self._claim(sop_uid):
                 known = self.journal.instance(sop_uid)

@@ -128,26 +128,36 @@ class Node:
     def on_released(self, series_uids: Iterable[str]) -> None:
         """An association was released: close each of its series that is whole now."""
         for uid in series_uids:
-            series = self.journal.series(uid)
-            if series is None or series.state != "receiving":
-                continue
-            verdict = completeness(self.journal.instances(uid))
-            if verdict.whole:
-                log.info("series %r (%s) is whole: %s", series.description, uid, verdict.reason)
-                self._close(uid, series.last_received)
-            else:
-                log.info("series %r (%s) not whole yet (%s): waiting up to %.0f s",
-                         series.description, uid, verdict.reason, self.config.node.idle_timeout_s)
+            try:
+                series = self.journal.series(uid)
+                if series is None or series.state != "receiving":
+                    continue
+                verdict = completeness(self.journal.instances(uid))
+                if verdict.whole:
+                    log.info("series %r (%s) is whole: %s", series.description, uid, verdict.reason)
+                    self._close(uid, series.last_received)
+                else:
+                    log.info("series %r (%s) not whole yet (%s): waiting up to %.0f s",
+                             series.description, uid, verdict.reason, self.config.node.idle_timeout_s)
+            except Exception:  # noqa: BLE001 - one series must not keep the others open; it closes when idle
+                log.exception("series %s: cannot tell whether it is whole; it closes on its idle timeout", uid)
 
     def sweep(self) -> None:
         """Close series that received nothing for ``idle_timeout_s``, whole or not."""
         cutoff = time.time() - self.config.node.idle_timeout_s
         for series in self.journal.series_in_state("receiving", idle_before=cutoff):
-            verdict = completeness(self.journal.instances(series.series_uid))
-            log.log(logging.INFO if verdict.whole else logging.WARNING,
-                    "series %r (%s) closed on idle timeout: %s", series.description, series.series_uid,
-                    verdict.reason)
-            self._close(series.series_uid, series.last_received)
+            try:
+                verdict = completeness(self.journal.instances(series.series_uid))
+                whole, reason = verdict.whole, verdict.reason
+            except Exception as exc:  # noqa: BLE001 - closed all the same: its job fails with the reason
+                log.exception("series %s: cannot tell whether it is whole", series.series_uid)
+                whole, reason = False, f"cannot tell whether it is whole: {exc}"
+            log.log(logging.INFO if whole else logging.WARNING, "series %r (%s) closed on idle timeout: %s",
+                    series.description, series.series_uid, reason)
+            try:
+                self._close(series.series_uid, series.last_received)
+            except Exception:  # noqa: BLE001 - one series must not stop the sweep of the others
+                log.exception("series %s: closing it failed; the next sweep tries again", series.series_uid)
 
     def _close(self, series_uid: str, last_received: float) -> None:
         with self._close_lock:

@@ -222,6 +222,16 @@ def series_geometry(headers: Sequence[Dataset]) -> SliceGeometry:
             problems.append(f"{name} missing in {len(missing)} of {len(frames)} frames (first: frame {missing[0]})")
     if problems:
         return empty
+    # a header may hold any number of values, and nan or inf: never a geometry, and never an exception
+    for name, attr, size in (("ImagePositionPatient", "position", 3), ("ImageOrientationPatient", "orientation", 6),
+                             ("PixelSpacing", "pixel_spacing", 2)):
+        wrong = [k + 1 for k, f in enumerate(frames)
+                 if len(getattr(f, attr)) != size or not all(math.isfinite(v) for v in getattr(f, attr))]
+        if wrong:
+            problems.append(f"{name} is not {size} finite numbers in {len(wrong)} of {len(frames)} frames "
+                            f"(first: frame {wrong[0]})")
+    if problems:
+        return empty
 
     iops = np.array([f.orientation for f in frames], dtype=float)
     if iops.shape[1] != 6:

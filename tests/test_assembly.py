@@ -95,6 +95,18 @@ def test_instance_without_position() -> None:
     assert not verdict.whole and "no ImagePositionPatient" in verdict.reason
 
 
+@pytest.mark.parametrize("overrides", [
+    {"ipp": [0.0, 0.0, 4.0, 1.0]},                 # four values: crashed the idle sweep (found by fuzzing)
+    {"ipp": [0.0, 4.0]},
+    {"iop": [1.0, 0.0, 0.0, 0.0, 1.0]},           # five, the others six
+    {"ipp": [0.0, float("nan"), 4.0]},
+    {"iop": [1.0, 0.0, 0.0, 0.0, float("inf"), 0.0]},
+])
+def test_positions_and_orientations_of_the_wrong_size_are_a_reason_not_an_error(overrides: dict[str, Any]) -> None:
+    verdict = completeness([rec(0), rec(1, **overrides), rec(2)])
+    assert not verdict.whole and "finite numbers" in verdict.reason
+
+
 def test_duplicate_positions() -> None:
     verdict = completeness([rec(0), rec(1), rec(1), rec(2)])
     assert not verdict.whole and "duplicate" in verdict.reason

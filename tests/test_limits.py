@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,6 +131,46 @@ def test_deflate_bomb_is_refused_without_inflating_it(nodes: list[LimitedNode], 
     assert "inflates to more than 4 MB" in refused.ErrorComment
     assert stored.Status == STATUS_SUCCESS
     assert len(spooled(node)) == 1
+
+
+def test_deflate_data_set_of_more_than_one_step_is_stored(nodes: list[LimitedNode], tmp_path: Path,
+                                                          template: Path) -> None:
+    """Found by the fuzzer: a Deflate data set that inflates to more than one 1 MiB step and whose stream
+    is padded to an even length (as pydicom and dcmtk write it) made the size check loop forever on the
+    padding byte: no response, a thread spinning at 100 % CPU."""
+    node = LimitedNode(tmp_path, max_object_mb=16, receive_memory_mb=32)
+    nodes.append(node)
+    ds = instance(template, 1024, fill=bytes(range(256)) * 2)  # 2 MiB of pixels
+    ds.add_new(0x00091010, "LO", "x")  # makes the deflated stream odd, so it is padded
+    path = deflate_file(ds, tmp_path / "big.dcm")
+    assoc = node.associate(transfer_syntax=DeflatedExplicitVRLittleEndian, timeout=20)
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    assert rsp.Status == STATUS_SUCCESS, rsp
+    assert len(spooled(node)) == 1
+
+
+def _bounded(call: Any, seconds: float = 10) -> Any:
+    """``call()`` in a thread: its result, or a test failure if it has not returned in time (a loop)."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"did not return within {seconds} s"
+    return result[0]
+
+
+def test_inflation_ends_at_the_end_of_the_stream() -> None:
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = compressor.compress(bytes(range(256)) * 12_288) + compressor.flush()  # 3 MiB: three steps
+    for padded in (stream, stream + b"\0", stream + b"\0\0\0"):
+        assert _bounded(lambda data=padded: inflated_size_exceeds(data, 64 * MiB)) is None
+        assert _bounded(lambda data=padded: inflated_size_exceeds(data, 2 * MiB)) == 3 * MiB
+    truncated = stream[: len(stream) // 2]  # the parser refuses it
+    assert _bounded(lambda: inflated_size_exceeds(truncated, 64 * MiB)) is None
 
 
 def test_inflation_is_bounded() -> None:

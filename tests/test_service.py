@@ -111,3 +111,49 @@ def test_a_job_that_kills_the_node_every_time_is_quarantined(tmp_path: Path, max
         assert processed.state == "sent" and processed.attempts == 1, processed.reason  # no destination
     finally:
         journal.close()
+
+
+def _idle_series(journal: Journal, series_uid: str, geometry: dict) -> None:
+    journal.add_instance(
+        sop_instance_uid=series_uid + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
+        transfer_syntax="1.2.840.10008.1.2.1", path="/nonexistent.dcm", geometry=geometry, series_uid=series_uid,
+        study_uid="1.2.3", patient_id="P", description="t1", modality="MR", calling_ae="MR1",
+        series_attrs={"SeriesDescription": "t1", "Modality": "MR"}, now=100.0,  # long idle
+    )
+
+
+@pytest.mark.parametrize("poison", ["geometry", "any error"])
+def test_one_series_cannot_stop_the_idle_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, poison: str) -> None:
+    """Found by fuzzing: an ImagePositionPatient of four values made the sweep raise on that series every
+    time, so no later series ever closed on its idle timeout. Every idle series closes, whatever one does."""
+    import dicom_node.service as service
+    from dicom_node.config import load_config
+    from tests.e2e.node_proc import config_toml
+
+    (tmp_path / "models").mkdir()
+    config = tmp_path / "node.toml"
+    config.write_text(config_toml({
+        "node": {"ae_title": "NODE", "port": free_port(), "data_dir": str(tmp_path / "data"), "fsync": False},
+        "inference": {"models_dir": str(tmp_path / "models")},
+        "rules": [],
+    }))
+    node = service.Node(load_config(config))
+    good = {"ipp": [0.0, 0.0, 0.0], "iop": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "ps": [1.0, 1.0], "rows": 8, "cols": 8}
+    _idle_series(node.journal, "1.2.1", {**good, "ipp": [0.0, 0.0, 0.0, 1.0]} if poison == "geometry" else good)
+    _idle_series(node.journal, "1.2.2", good)
+    if poison == "any error":
+        real = service.completeness
+
+        def failing(instances):  # noqa: ANN001, ANN202
+            if instances and instances[0].series_uid == "1.2.1":
+                raise RuntimeError("boom")
+            return real(instances)
+
+        monkeypatch.setattr(service, "completeness", failing)
+    try:
+        node.sweep()
+        node.on_released({"1.2.1"})  # nothing to close any more, and no error either
+        states = {uid: node.journal.series(uid).state for uid in ("1.2.1", "1.2.2")}
+    finally:
+        node.journal.close()
+    assert states == {"1.2.1": "ignored", "1.2.2": "ignored"}, states

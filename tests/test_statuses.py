@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pynetdicom import AE
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pynetdicom import AE, _config
 
 from dicom_node.scp import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_SUCCESS
 from tests.dicom_factory import make_mr_series
@@ -47,9 +47,12 @@ def _send(node: Node, path: Path, *, sop_class: str = MRImageStorage) -> Dataset
     ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=NODE_AE)
     assert assoc.is_established
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's data set as it is (pynetdicom would read it)
     try:
         return assoc.send_c_store(path)
     finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
         assoc.release()
 
 
@@ -86,6 +89,19 @@ def _unknown_vr(data: bytes) -> bytes:
     return data[:at + 4] + b"ZZ" + data[at + 6:]
 
 
+def _instance_number_1e999(data: bytes) -> bytes:
+    at = data.find(b"\x20\x00\x13\x00IS")  # InstanceNumber, "1 " as the factory writes it
+    assert at > 0
+    length = int.from_bytes(data[at + 6:at + 8], "little")
+    return data[:at + 6] + (6).to_bytes(2, "little") + b"1e999 " + data[at + 8 + length:]
+
+
+def _text_as_doubles(data: bytes) -> bytes:
+    at = data.find(b"\x08\x00\x05\x00CS")  # SpecificCharacterSet "ISO_IR 100": 10 bytes, not n x 8
+    assert at > 0
+    return data[:at + 4] + b"FD" + data[at + 6:]
+
+
 CASES: dict[str, tuple[Callable[[Dataset], None], Callable[[bytes], bytes] | None, int, str]] = {
     "rows-zero": (lambda ds: setattr(ds, "Rows", 0), None, STATUS_DATASET_MISMATCH, "Rows"),
     "rows-and-columns-zero": (lambda ds: (setattr(ds, "Rows", 0), setattr(ds, "Columns", 0)), None,
@@ -102,6 +118,10 @@ CASES: dict[str, tuple[Callable[[Dataset], None], Callable[[bytes], bytes] | Non
                         "NumberOfFrames"),
     "odd-length-pixel-data": (lambda ds: None, _odd_pixel_data, STATUS_CANNOT_UNDERSTAND, "odd length"),
     "unknown-vr": (lambda ds: None, _unknown_vr, STATUS_CANNOT_UNDERSTAND, "VR"),
+    # found by the fuzzer: answered 0xC000 "unexpected error" with a traceback in the log
+    "instance-number-not-a-number": (lambda ds: None, _instance_number_1e999, STATUS_CANNOT_UNDERSTAND,
+                                     "cannot read the header"),
+    "text-element-with-a-binary-vr": (lambda ds: None, _text_as_doubles, STATUS_CANNOT_UNDERSTAND, "cannot parse"),
     "invalid-frame-of-reference-uid": (lambda ds: setattr(ds, "FrameOfReferenceUID", "1.2.abc"), None,
                                        STATUS_DATASET_MISMATCH, "FrameOfReferenceUID"),
 }
@@ -163,6 +183,21 @@ def test_sop_class_other_than_the_request_is_refused(node: Node, template: Path,
     assert rsp is not None and rsp.Status == STATUS_DATASET_MISMATCH
     assert "SOPClassUID" in rsp.ErrorComment
     assert "refused (status 0xA900)" in caplog.text
+
+
+def test_broken_deflate_stream_cannot_be_parsed(template: Path, tmp_path: Path) -> None:
+    """Found by the fuzzer: zlib's error was not among the parse errors (0xC000 "unexpected error")."""
+    from dicom_node.scp import BadInstance, parse_instance
+
+    path = _write(_fresh(template), tmp_path / "deflated.dcm")
+    ds = dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    _write(ds, path)
+    data = path.read_bytes()
+    meta_end = 132 + 12 + int(dcmread(path, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength)
+    with pytest.raises(BadInstance, match="cannot parse") as refused:
+        parse_instance(data[:meta_end] + bytes(range(7, 255)) * 8)  # not a Deflate stream
+    assert refused.value.status == STATUS_CANNOT_UNDERSTAND
 
 
 def test_well_formed_image_is_still_stored(node: Node, template: Path, tmp_path: Path) -> None:

@@ -65,7 +65,8 @@ class NodeProcess:
         user: str | None = None,
         python: str | None = None,
     ) -> None:
-        self.user = user  # run as this user (setpriv; the test runs as root)
+        # run as this user: started as root, the process drops to it after its imports (tests.e2e.as_user)
+        self.user = user
         # another interpreter (e.g. a virtual environment's, with the node installed from a wheel) runs outside the
         # repository, so that it imports what is installed there
         self.python = python
@@ -106,7 +107,8 @@ class NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         command = [self.python or sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)]
         if self.user:
-            command = ["setpriv", f"--reuid={self.user}", "--regid=nogroup", "--clear-groups", *command]
+            command = [sys.executable, "-m", "tests.e2e.as_user", self.user, "--",
+                       "serve", "--config", str(self.config_path)]
             self.workdir.chmod(0o755)
             self.config_path.chmod(0o644)
         self._process = subprocess.Popen(
@@ -129,6 +131,10 @@ class NodeProcess:
     def pid(self) -> int:
         assert self._process is not None, "node not started"
         return self._process.pid
+
+    def alive(self) -> bool:
+        """True while the started process runs."""
+        return self._process is not None and self._process.poll() is None
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
