@@ -25,7 +25,9 @@ MODELS = sorted(p.parent.name for p in (REPO / "onnx_models").glob("*/manifest.t
 def test_the_package_list_is_complete() -> None:
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
     found = set(find_namespace_packages(where=str(REPO), include=["dicom_node*", "inference*"]))
-    found = {p for p in found if "__pycache__" not in p}
+    # folders of Python modules; data folders (e.g. inference/training/runs, the committed training state) are not
+    # packages and do not ship
+    found = {p for p in found if "__pycache__" not in p and any((REPO / p.replace(".", "/")).glob("*.py"))}
     assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
 
 
