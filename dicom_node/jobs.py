@@ -183,9 +183,9 @@ class JobRunner:
                 series_number=output_series_number(source_number, "sT1", version),
                 derivation=derivation, uid_prefix=uid_prefix,
             )
-            t1_sources = [dcmread(p, stop_before_pixels=True) for p in written]
-            headers.update(zip(written, t1_sources, strict=True))
-            produced.append((str(t1_sources[0].SeriesInstanceUID), "sT1"))
+            t1_sources = list(written.datasets)
+            headers.update(zip(written.paths, t1_sources, strict=True))
+            produced.append((written.series_instance_uid, "sT1"))
         else:
             t1_sources = loaded.datasets
         timings["write"] = time.perf_counter() - t0
@@ -286,31 +286,30 @@ class JobRunner:
         out: dict[Path, tuple[Dataset, str]] = {}
         seg = None
         if volumetry.structures:
-            seg_path = write_seg(
+            seg = write_seg(
                 labels, t1_sources, out_path=out_dir / "seg.dcm", uid_prefix=uid_prefix,
                 series_number=output_series_number(source_number, "SEG", version),
                 series_description=with_qc_flag(output_description(rule, version, " SEG"), volumetry),
                 **algorithm,
             )
-            seg = dcmread(seg_path, stop_before_pixels=True)
-            out[seg_path] = (seg, "SEG")
+            out[seg.path] = (seg.dataset, "SEG")
         else:
             log.warning("segmenter %s found no brain structure: no SEG, the SR and summary say QC failed",
                         algorithm["algorithm_name"])
-        sr_path = write_sr(
-            volumetry, seg_dataset=seg, source_images=t1_sources, input_series_datasets=loaded.datasets,
+        sr = write_sr(
+            volumetry, seg=seg, source_images=t1_sources, input_series_datasets=loaded.datasets,
             out_path=out_dir / "sr.dcm", uid_prefix=uid_prefix,
             series_number=output_series_number(source_number, "SR", version),
             series_description=output_description(rule, version, " volumes"), **algorithm,
         )
-        summary_path = write_summary(
+        summary = write_summary(
             volumetry, t1=t1, labels=labels, source_images=t1_sources, out_path=out_dir / "summary.dcm",
             uid_prefix=uid_prefix, synthetic=rule.action == "synthesize",
             series_number=output_series_number(source_number, "SUMMARY", version),
             series_description=output_description(rule, version, " summary"), **algorithm,
         )
-        for path, kind in ((sr_path, "SR"), (summary_path, "SUMMARY")):
-            out[path] = (dcmread(path, stop_before_pixels=True), kind)
+        for written, kind in ((sr, "SR"), (summary, "SUMMARY")):
+            out[written.path] = (written.dataset, kind)
         return out
 
     def _agreement(self, job_id: int, rule: Rule, version: int, series: SeriesRecord, out_dir: Path,
@@ -352,7 +351,7 @@ class JobRunner:
             series_number=output_series_number(source_number, "AGREEMENT", version),
             series_description=f"{synth_rule.output_name} vs rT1 agreement",
             algorithm_name=manifest.id, algorithm_version=manifest.version,
-        )
+        ).path
 
 
 class ThreadExecutor:

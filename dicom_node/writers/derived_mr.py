@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom import config, dcmwrite
+from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -27,7 +27,7 @@ from pydicom.valuerep import DSfloat, PersonName, validate_value
 
 import dicom_node
 from dicom_node.uids import new_uid
-from dicom_node.writers import software_versions
+from dicom_node.writers import WrittenSeries, header_of, series_of, software_versions, write_file
 
 __all__ = ["Derivation", "write_derived_mr"]
 
@@ -299,13 +299,13 @@ def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_descr
 
 def write_derived_mr(image: sitk.Image, sources: Sequence[Dataset], *, out_dir: Path, series_description: str,
                      series_number: int, derivation: Derivation, uid_prefix: str | None,
-                     series_uid: str | None = None, extra_comment: str = "") -> list[Path]:
+                     series_uid: str | None = None, extra_comment: str = "") -> WrittenSeries:
     """Write ``image`` as one MR Image Storage file per slice k (``<InstanceNumber:04d>.dcm``) into ``out_dir``.
 
     Geometry: IPP of slice k = physical point of index (0, 0, k); IOP = first two direction columns.
     Pixels are clipped to 0..65535 and rounded to uint16. ``out_dir`` must hold no ``*.dcm`` yet.
     Raises ValueError for an image or sources that would give invalid or meaningless objects.
-    Returns the written paths in InstanceNumber order.
+    Returns the written series: files and headers in InstanceNumber order.
     """
     direction, array = _check_image(image)
     first = _check_sources(sources)
@@ -333,7 +333,7 @@ def write_derived_mr(image: sitk.Image, sources: Sequence[Dataset], *, out_dir: 
     iop = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
     normal = np.cross(direction[:, 0], direction[:, 1])
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    files, headers = [], []
     for k in range(size[2]):
         ds = Dataset()
         ds.update(shared)
@@ -358,7 +358,6 @@ def write_derived_mr(image: sitk.Image, sources: Sequence[Dataset], *, out_dir: 
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta
-        path = out_dir / f"{k + 1:04d}.dcm"
-        dcmwrite(path, ds, enforce_file_format=True)
-        paths.append(path)
-    return paths
+        files.append(write_file(ds, out_dir / f"{k + 1:04d}.dcm"))
+        headers.append(header_of(ds))
+    return series_of(files, headers)

@@ -18,12 +18,11 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
-from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.uids import new_uid
-from dicom_node.writers import equipment
+from dicom_node.writers import WrittenSeries, equipment, write_single
 from inference.labels import STRUCTURES, Structure, by_code, laterality_code
 
 __all__ = ["GridMismatchError", "segment_codes", "write_seg"]
@@ -174,12 +173,13 @@ def segment_codes(seg: Dataset) -> dict[int, int]:
 
 def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path: Path, series_number: int,
               series_description: str, algorithm_name: str, algorithm_version: str, uid_prefix: str | None,
-              device_serial_number: str | None = None) -> Path:
+) -> WrittenSeries:
     """Write the measured structures of ``labels`` as a BINARY Segmentation of ``source_images``.
 
     ``labels`` (integer FreeSurfer codes) must lie on the grid of the source images: one source frame per
     labels slice k with IPP = physical point of (0, 0, k), IOP = the first two direction columns, the same
     rows, columns and pixel spacing; GridMismatchError otherwise. Empty frames are omitted.
+    The result names the segment number of each FreeSurfer code (``segment_numbers``).
     """
     if not source_images:
         raise ValueError("no source images")
@@ -214,13 +214,11 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
         sop_instance_uid=new_uid(uid_prefix),
         instance_number=1,
         **equipment(algorithm_name, algorithm_version),
-        device_serial_number=device_serial_number or platform.node() or "unknown",
+        device_serial_number=platform.node() or "unknown",
         content_label=CONTENT_LABEL,
         content_description=f"Brain structures by {algorithm_name} {algorithm_version}"[:64],
         omit_empty_frames=True,
         series_description=series_description[:64],
     )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(out_path, seg, enforce_file_format=True)
-    return out_path
+    return write_single(seg, out_path,
+                        segment_numbers={code: number for number, code in enumerate(present, start=1)})

@@ -17,12 +17,11 @@ import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
-from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 import dicom_node
 from dicom_node.uids import new_uid
-from dicom_node.writers import equipment
+from dicom_node.writers import WrittenSeries, equipment, write_single
 from inference.labels import LOBES, STRUCTURES
 from inference.volumetry import Volumetry, with_qc_flag
 
@@ -221,7 +220,7 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, source_images: Sequence[Dataset],
                   out_path: Path, series_number: int, series_description: str, uid_prefix: str | None,
-                  algorithm_name: str, algorithm_version: str, synthetic: bool = True) -> Path:
+                  algorithm_name: str, algorithm_version: str, synthetic: bool = True) -> WrittenSeries:
     """Write the summary page of ``volumetry`` as an RGB Secondary Capture in the study of ``source_images``.
 
     ``t1`` and ``labels`` are the image and label volume the volumetry was computed from; ``synthetic`` says
@@ -258,7 +257,4 @@ def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, s
     image.BodyPartExamined = str(first.get("BodyPartExamined") or "BRAIN")  # unpaired: no Laterality needed
     image.ImageComments = ("Volumetry summary; " + ("SYNTHETIC T1, not for diagnosis of lesions; " if synthetic
                                                    else "") + ("QC passed" if volumetry.qc_passed else "QC FAILED"))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(out_path, image, enforce_file_format=True)
-    return out_path
+    return write_single(image, out_path)
