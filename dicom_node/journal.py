@@ -26,9 +26,11 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 2
+#: Version of the schema below; :meth:`Journal._migrate` brings older journals up to it and a journal of a
+#: newer version is refused at open (it may hold what this version cannot read).
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,6 +95,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS output_files (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id           INTEGER NOT NULL REFERENCES jobs(id),
+    kind             TEXT NOT NULL,
+    path             TEXT NOT NULL,
+    series_uid       TEXT NOT NULL DEFAULT '',
+    sop_class_uid    TEXT NOT NULL DEFAULT '',
+    sop_instance_uid TEXT NOT NULL DEFAULT '',
+    UNIQUE (job_id, path)
+);
+CREATE INDEX IF NOT EXISTS output_files_job ON output_files(job_id);
 """
 
 #: Columns added since schema version 1, as (table, column, definition): a journal written by an
@@ -101,7 +114,9 @@ _ADDED_COLUMNS = [
     ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
     ("instances", "sha256", "TEXT NOT NULL DEFAULT ''"),  # '' for instances received before
     ("outbox", "first_failed_at", "REAL NOT NULL DEFAULT 0"),  # 0: no failed try yet
+    ("jobs", "output_name", "TEXT NOT NULL DEFAULT ''"),  # schema 3; '' for jobs recorded before
 ]
+# Schema 3 also added the table output_files (created by _SCHEMA; jobs recorded before have no rows there).
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,18 @@ class JobRecord:
     updated_at: float
     timings: dict[str, float]
     attempts: int = 0
+    #: the rule's output name (``sT1AAH``, ``rT1``) the job wrote under; '' until it recorded its outputs
+    output_name: str = ""
+
+
+class OutputFile(NamedTuple):
+    """One file a job wrote: a DICOM object (with its UIDs) or a volume it keeps for a later step."""
+
+    kind: str                 # sT1, SEG, SR, SUMMARY, AGREEMENT; T1_VOLUME, LABEL_VOLUME (kept, never sent)
+    path: str
+    series_uid: str = ""
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -238,7 +265,12 @@ class Journal:
             raise self._unusable(f"integrity check failed: {problems[0]}{more}")
 
     def _migrate(self) -> None:
-        """Bring a journal written by an older version up to :data:`SCHEMA_VERSION` (in place)."""
+        """Bring a journal written by an older version up to :data:`SCHEMA_VERSION` (in place); refuse one
+        written by a newer version."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is not None and int(row["value"]) > SCHEMA_VERSION:
+            raise self._unusable(f"it has schema version {row['value']}, written by a newer dicom-node (this one "
+                                 f"reads up to {SCHEMA_VERSION})")
         with self._tx() as db:
             for table, column, definition in _ADDED_COLUMNS:
                 have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
@@ -442,7 +474,7 @@ class Journal:
             id=row["id"], series_uid=row["series_uid"], version=row["version"], rule=row["rule"],
             action=row["action"], model=row["model"], state=row["state"], reason=row["reason"],
             created_at=row["created_at"], updated_at=row["updated_at"], timings=json.loads(row["timings"]),
-            attempts=row["attempts"],
+            attempts=row["attempts"], output_name=row["output_name"],
         )
 
     def add_job(self, *, series_uid: str, version: int, rule: str, action: str, model: str | None) -> int:
@@ -546,26 +578,62 @@ class Journal:
     # -- outputs and outbox ----------------------------------------------------------------
 
     def record_outputs(
-        self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]]
+        self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]], *,
+        files: Sequence[OutputFile] = (), output_name: str = "",
     ) -> None:
         """In one transaction: the series the job produced ``(series_uid, kind)``, its outbox items
-        ``(destination, path, sop_class_uid, sop_instance_uid)`` and the job state ``written``."""
+        ``(destination, path, sop_class_uid, sop_instance_uid)``, the files it wrote, the output name it
+        wrote under and the job state ``written``."""
         now = time.time()
         with self._tx() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO produced(series_uid, job_id, kind) VALUES (?,?,?)",
-                [(uid, job_id, kind) for uid, kind in produced],
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO outbox(job_id, destination, path, sop_class_uid, sop_instance_uid,"
-                " next_attempt_at) VALUES (?,?,?,?,?,?)",
-                [(job_id, dest, path, cls, uid, now) for dest, path, cls, uid in items],
-            )
+            self._insert_outputs(db, job_id, produced, items, files, now)
             state = "written" if items else "sent"
             reason = "" if items else "no destination configured: outputs kept on disk only"
             db.execute(
-                "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?", (state, reason, now, job_id)
+                "UPDATE jobs SET state=?, reason=?, updated_at=?, output_name=? WHERE id=?",
+                (state, reason, now, output_name, job_id),
             )
+
+    def add_outputs(
+        self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]], *,
+        files: Sequence[OutputFile] = (),
+    ) -> None:
+        """Outputs of a step that ran after :meth:`record_outputs` (an optional step): recorded like those;
+        a job already delivered becomes ``written`` again while the new items are pending."""
+        now = time.time()
+        with self._tx() as db:
+            self._insert_outputs(db, job_id, produced, items, files, now)
+            if items:
+                db.execute("UPDATE jobs SET state='written', reason='', updated_at=? WHERE id=? AND state='sent'",
+                           (now, job_id))
+
+    @staticmethod
+    def _insert_outputs(db: sqlite3.Connection, job_id: int, produced: Sequence[tuple[str, str]],
+                        items: Sequence[tuple[str, str, str, str]], files: Sequence[OutputFile], now: float) -> None:
+        db.executemany(
+            "INSERT OR IGNORE INTO produced(series_uid, job_id, kind) VALUES (?,?,?)",
+            [(uid, job_id, kind) for uid, kind in produced],
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO outbox(job_id, destination, path, sop_class_uid, sop_instance_uid,"
+            " next_attempt_at) VALUES (?,?,?,?,?,?)",
+            [(job_id, dest, path, cls, uid, now) for dest, path, cls, uid in items],
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO output_files(job_id, kind, path, series_uid, sop_class_uid, sop_instance_uid)"
+            " VALUES (?,?,?,?,?,?)",
+            [(job_id, *f) for f in files],
+        )
+
+    def output_files(self, job_id: int, kind: str | None = None) -> list[OutputFile]:
+        """The files a job recorded (of one kind), in the order written."""
+        sql, params = "SELECT * FROM output_files WHERE job_id=?", [job_id]
+        if kind is not None:
+            sql += " AND kind=?"
+            params.append(kind)
+        rows = self._query(sql + " ORDER BY id", params)
+        return [OutputFile(r["kind"], r["path"], r["series_uid"], r["sop_class_uid"], r["sop_instance_uid"])
+                for r in rows]
 
     def is_produced(self, series_uid: str) -> bool:
         return bool(self._query("SELECT 1 FROM produced WHERE series_uid=?", (series_uid,)))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dicom_node.dispatch import RetryPolicy
-from dicom_node.journal import Journal
+from dicom_node.journal import Journal, JournalError, OutputFile
 
 SERIES = "1.2.3.4.100"
 GIVE_UP = RetryPolicy(max_tries=1, backoff_initial_s=1, backoff_max_s=1).next_attempt
@@ -54,7 +54,7 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
     db.close()
 
 
@@ -78,7 +78,42 @@ def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     assert journal.instance("1.9.2").sha256 == "ab" * 32 and journal.instance("1.9.3") is None
     journal.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    db.close()
+
+
+def test_a_version_2_journal_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    add(journal, "1.9.1")
+    job = journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
+    journal.close()
+    db = sqlite3.connect(path)  # what schema version 2 had: no output files, no output name
+    db.execute("DROP TABLE output_files")
+    db.execute("ALTER TABLE jobs DROP COLUMN output_name")
+    db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    assert journal.job(job).output_name == "" and journal.output_files(job) == []
+    seg = OutputFile("SEG", "/o/seg.dcm", "1.9.9", "1.2", "1.9.9.1")
+    journal.record_outputs(job, [("1.9.9", "SEG")], [], files=[seg], output_name="rT1")
+    assert journal.output_files(job) == [("SEG", "/o/seg.dcm", "1.9.9", "1.2", "1.9.9.1")]
+    assert journal.job(job).output_name == "rT1"
+    journal.close()
+
+
+def test_a_journal_of_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    Journal(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="schema version 99, written by a newer dicom-node"):
+        Journal(path)
+    db = sqlite3.connect(path)  # left as it was
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "99"
     db.close()
 
 
@@ -247,6 +282,18 @@ def test_record_outputs_then_mark_sent_settles_the_job(journal: Journal) -> None
     assert journal.job(job).state == "sent"
     assert {i.state for i in journal.outbox(job)} == {"sent"}
     assert journal.due_items() == []
+
+
+def test_outputs_added_after_delivery_reopen_the_job(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), 1)
+    journal.mark_sent(ids)
+    assert journal.job(job).state == "sent"
+    journal.add_outputs(job, [("1.9.8", "AGREEMENT")], [("PACS", "/out/agreement.dcm", "1.2", "1.9.8.1")],
+                        files=[OutputFile("AGREEMENT", "/out/agreement.dcm", "1.9.8", "1.2", "1.9.8.1")])
+    assert journal.job(job).state == "written"
+    assert [f.kind for f in journal.output_files(job)] == ["AGREEMENT"]
+    journal.mark_sent([i.id for i in journal.outbox(job) if i.state == "pending"])
+    assert journal.job(job).state == "sent"
 
 
 def test_record_outputs_without_destination_is_sent_at_once(journal: Journal) -> None:
