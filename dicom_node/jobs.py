@@ -132,7 +132,7 @@ class JobRunner:
         if out_dir.exists():  # a run interrupted by a crash: start it over with new UIDs
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-        naming = SeriesNaming(rule.output_name, job.version, int(series.attrs.get("SeriesNumber") or 0))
+        naming = SeriesNaming(rule.output_name, job.version, series.attributes.series_number)
         return JobContext(job.id, rule, series, naming, out_dir, self.config.node.uid_root)
 
     def _destinations(self, rule: Rule) -> list[str]:

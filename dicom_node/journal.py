@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .headers import InstanceHeader, ReceivedInstance, SeriesAttributes
+
 #: Version of the schema below; :meth:`Journal._migrate` brings older journals up to it and a journal of a
 #: newer version is refused at open (it may hold what this version cannot read).
 SCHEMA_VERSION = 3
@@ -126,7 +128,7 @@ class InstanceRecord:
     sop_class_uid: str
     transfer_syntax: str
     path: str
-    geometry: dict[str, Any]
+    header: InstanceHeader
     #: SHA-256 (hex) of the data set as received (without the file meta the node adds); '' if unknown
     sha256: str = ""
 
@@ -139,7 +141,7 @@ class SeriesRecord:
     description: str
     modality: str
     calling_ae: str
-    attrs: dict[str, Any]
+    attributes: SeriesAttributes
     state: str
     version: int
     first_received: float
@@ -303,34 +305,19 @@ class Journal:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def add_instance(
-        self,
-        *,
-        sop_instance_uid: str,
-        sop_class_uid: str,
-        transfer_syntax: str,
-        path: str,
-        geometry: dict[str, Any],
-        series_uid: str,
-        study_uid: str,
-        patient_id: str,
-        description: str,
-        modality: str,
-        calling_ae: str,
-        series_attrs: dict[str, Any],
-        sha256: str = "",
-        now: float | None = None,
-    ) -> bool:
+    def add_instance(self, instance: ReceivedInstance, *, transfer_syntax: str, path: str, calling_ae: str,
+                     sha256: str = "", now: float | None = None) -> bool:
         """Record a received instance; returns False when the SOP Instance UID was already known.
 
         A new instance for a series that was already closed re-opens it (a late arrival), so the
         series is assembled and processed again as a new version.
         """
         entry = _PendingInstance(dict(
-            sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
-            path=path, geometry=json.dumps(geometry), series_uid=series_uid, study_uid=study_uid,
-            patient_id=patient_id, description=description, modality=modality, calling_ae=calling_ae,
-            series_attrs=json.dumps(series_attrs), sha256=sha256,
+            sop_instance_uid=instance.sop_instance_uid, sop_class_uid=instance.sop_class_uid,
+            transfer_syntax=transfer_syntax, path=path, geometry=json.dumps(instance.header.to_json()),
+            series_uid=instance.series_uid, study_uid=instance.study_uid, patient_id=instance.patient_id,
+            description=instance.series.series_description, modality=instance.series.modality,
+            calling_ae=calling_ae, series_attrs=json.dumps(instance.series.to_json()), sha256=sha256,
         ))
         with self._pending_lock:
             # stamped in queue order, so a batch never moves a series' last_received backwards
@@ -396,7 +383,7 @@ class Journal:
     @staticmethod
     def _instance(r: sqlite3.Row) -> InstanceRecord:
         return InstanceRecord(r["sop_instance_uid"], r["series_uid"], r["sop_class_uid"], r["transfer_syntax"],
-                              r["path"], json.loads(r["geometry"]), r["sha256"])
+                              r["path"], InstanceHeader.from_json(json.loads(r["geometry"])), r["sha256"])
 
     def instances(self, series_uid: str) -> list[InstanceRecord]:
         rows = self._query(
@@ -416,7 +403,7 @@ class Journal:
         return SeriesRecord(
             series_uid=row["series_uid"], study_uid=row["study_uid"], patient_id=row["patient_id"],
             description=row["description"], modality=row["modality"], calling_ae=row["calling_ae"],
-            attrs=json.loads(row["attrs"]), state=row["state"], version=row["version"],
+            attributes=SeriesAttributes.from_json(json.loads(row["attrs"])), state=row["state"], version=row["version"],
             first_received=row["first_received"], last_received=row["last_received"], note=row["note"],
             n_instances=row["n"] if "n" in keys else 0,
         )

@@ -159,7 +159,7 @@ class Node:
         series = self.journal.series(series_uid)
         assert series is not None
         decision = route(
-            self.config, series.attrs, series_uid, calling_ae=series.calling_ae,
+            self.config, series.attributes, series_uid, calling_ae=series.calling_ae,
             installed_models=self.installed_models, is_produced=self.journal.is_produced,
         )
         if decision.rule is None:

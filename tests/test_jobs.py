@@ -13,9 +13,9 @@ from pydicom import dcmread
 
 from dicom_node import MANUFACTURER
 from dicom_node.config import Destination, InferenceSettings, NodeConfig, NodeSettings, Rule
+from dicom_node.headers import describe
 from dicom_node.jobs import JobRunner, ThreadExecutor
 from dicom_node.journal import Journal
-from dicom_node.scp import header_summary
 from dicom_node.steps import output_description, output_series_number
 from inference.models import ModelRegistry
 from tests.dicom_factory import make_mr_series, make_study
@@ -62,15 +62,9 @@ def record_series(journal: Journal, paths: Sequence[Path]) -> str:
     uid = ""
     for path in paths:
         ds = dcmread(path, stop_before_pixels=True)
-        geometry, attrs = header_summary(ds)
         uid = str(ds.SeriesInstanceUID)
-        journal.add_instance(
-            sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=attrs["SOPClassUID"],
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=str(path), geometry=geometry,
-            series_uid=uid, study_uid=str(ds.StudyInstanceUID), patient_id=str(ds.PatientID),
-            description=attrs["SeriesDescription"], modality=attrs["Modality"], calling_ae="MR1",
-            series_attrs=attrs,
-        )
+        journal.add_instance(describe(ds), transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=str(path),
+                             calling_ae="MR1")
     return uid
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from dicom_node.dispatch import RetryPolicy
+from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 from dicom_node.journal import Journal, JournalError, OutputFile
 
 SERIES = "1.2.3.4.100"
@@ -25,15 +26,19 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
     j.close()
 
 
+ATTRIBUTES = SeriesAttributes(series_description="t1_fl2d_sag", modality="MR", series_number=2)
+
+
 def add(journal: Journal, sop: str, *, series: str = SERIES, now: float | None = None, **extra: Any) -> bool:
-    fields: dict[str, Any] = dict(
-        sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax="1.2.840.10008.1.2.1",
-        path=f"/spool/{sop}.dcm", geometry={"ipp": [0.0, 0.0, float(len(sop))], "frames": 1},
-        series_uid=series, study_uid=STUDY, patient_id="PAT1", description="t1_fl2d_sag", modality="MR",
-        calling_ae="SCANNER", series_attrs={"SeriesDescription": "t1_fl2d_sag", "SeriesNumber": 2}, now=now,
+    received = ReceivedInstance(
+        sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_uid=STUDY, series_uid=series,
+        patient_id="PAT1", header=InstanceHeader(image_position=(0.0, 0.0, float(len(sop))), number_of_frames=1),
+        series=ATTRIBUTES,
     )
+    fields: dict[str, Any] = dict(transfer_syntax="1.2.840.10008.1.2.1", path=f"/spool/{sop}.dcm",
+                                  calling_ae="SCANNER", now=now)
     fields.update(extra)
-    return journal.add_instance(**fields)
+    return journal.add_instance(received, **fields)
 
 
 def job_with_outbox(journal: Journal, destinations: tuple[str, ...] = ("PACS",), n: int = 2) -> tuple[int, list[int]]:
@@ -138,11 +143,11 @@ def test_add_instance_creates_series_with_attributes(journal: Journal) -> None:
     assert series.state == "receiving" and series.version == 0
     assert series.first_received == 100.0 and series.last_received == 105.0
     assert series.n_instances == 2
-    assert series.attrs == {"SeriesDescription": "t1_fl2d_sag", "SeriesNumber": 2}
+    assert series.attributes == SeriesAttributes(series_description="t1_fl2d_sag", modality="MR", series_number=2)
     assert (series.study_uid, series.patient_id, series.calling_ae) == (STUDY, "PAT1", "SCANNER")
     records = journal.instances(SERIES)
     assert [r.sop_instance_uid for r in records] == ["1.9.1", "1.9.2"]
-    assert records[0].geometry == {"ipp": [0.0, 0.0, 5.0], "frames": 1}
+    assert records[0].header == InstanceHeader(image_position=(0.0, 0.0, 5.0), number_of_frames=1)
     assert records[0].path == "/spool/1.9.1.dcm"
     assert journal.series("nope") is None
 
