@@ -150,9 +150,12 @@ class JobRunner:
         outputs = [] if synthetic is None else [synthetic]
         kept = []
         if measured.volumetry is not None:
-            t1_images = list(synthetic.written.datasets) if synthetic is not None else loaded.datasets
+            # the SEG, SR and summary reference the measured T1: the sT1 just written, or the received T1
+            # (whose frame geometry load_step computed already)
+            t1_images, t1_frames = ((list(synthetic.written.datasets), None) if synthetic is not None
+                                    else (loaded.datasets, loaded.source_frames()))
             with _timed(timings, "write.volumetry"):
-                seg = write_seg_step(ctx, measured, t1_images)
+                seg = write_seg_step(ctx, measured, t1_images, t1_frames)
                 outputs += [] if seg is None else [seg]
                 outputs.append(write_sr_step(ctx, measured, t1_images, seg, loaded))
                 outputs.append(write_summary_step(ctx, measured, images, t1_images))

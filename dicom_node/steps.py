@@ -35,7 +35,7 @@ from inference.agreement import compare
 from inference.models import LoadedModel, ModelManifest, ModelRegistry
 from inference.pipeline import run_model
 from inference.segmentation import segment
-from inference.volume import LoadedSeries, load_series
+from inference.volume import FrameGeometry, LoadedSeries, load_series
 from inference.volumetry import Volumetry, compute_volumetry, expected_structures, with_qc_flag
 
 from .config import NodeConfig, Rule
@@ -243,8 +243,10 @@ def write_t1_step(ctx: JobContext, images: Images, loaded: LoadedSeries) -> Outp
     return Output("sT1", written)
 
 
-def write_seg_step(ctx: JobContext, measured: Measured, t1_images: Sequence[Dataset]) -> Output | None:
-    """The labels as a SEG of the measured T1; None when the segmenter found no structure."""
+def write_seg_step(ctx: JobContext, measured: Measured, t1_images: Sequence[Dataset],
+                   t1_frames: Sequence[FrameGeometry] | None) -> Output | None:
+    """The labels as a SEG of the measured T1 (``t1_frames``: its frame geometry, when known already);
+    None when the segmenter found no structure."""
     volumetry, algorithm = measured.volumetry, measured.algorithm
     assert volumetry is not None and measured.labels is not None and algorithm is not None
     if not volumetry.structures:
@@ -254,7 +256,7 @@ def write_seg_step(ctx: JobContext, measured: Measured, t1_images: Sequence[Data
     written = write_seg(measured.labels, t1_images, out_path=ctx.out_dir / "seg.dcm", uid_prefix=ctx.uid_prefix,
                         series_number=ctx.naming.number("SEG"),
                         series_description=with_qc_flag(ctx.naming.description(" SEG"), volumetry),
-                        **algorithm.as_kwargs())
+                        source_frames=t1_frames, **algorithm.as_kwargs())
     return Output("SEG", written)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +95,17 @@ class LoadedSeries:
     datasets: list[Dataset]                # headers without pixel data, in slice order (one per file)
     source_refs: list[tuple[str, str]]     # (SOPClassUID, SOPInstanceUID) of every source instance
     geometry: SliceGeometry | None = None  # the stack geometry the image was built from
+
+    def source_frames(self) -> list[FrameGeometry] | None:
+        """The geometry of every frame of :attr:`datasets`, in their order (data set, then frame), with
+        ``dataset_index`` into :attr:`datasets`: what a writer of objects referencing the frames needs,
+        without computing it again. None without :attr:`geometry`."""
+        if self.geometry is None:
+            return None
+        file_order = list(dict.fromkeys(f.dataset_index for f in self.geometry.frames))
+        position = {index: n for n, index in enumerate(file_order)}
+        frames = [replace(f, dataset_index=position[f.dataset_index]) for f in self.geometry.frames]
+        return sorted(frames, key=lambda f: (f.dataset_index, f.frame_index))
 
 
 def _floats(value: object) -> tuple[float, ...] | None:

@@ -333,3 +333,18 @@ def test_every_transfer_syntax_decodes_identically(folder: str) -> None:
         _assert_same_geometry(image, reference)
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(reference),
                                       err_msg=path.name)
+
+
+def test_source_frames_follow_the_loaded_headers(tmp_path: Path) -> None:
+    """The geometry load_series computed, re-indexed to its headers' order, is what reading the headers gives."""
+    from inference.volume import frame_geometries
+    from tests.dicom_factory import make_mr_series
+
+    paths = make_mr_series(tmp_path, shape=(5, 8, 8), spacing=(1.0, 1.0, 3.0))
+    loaded = load_series(list(reversed(paths)))  # received in another order than the slices lie
+    frames = loaded.source_frames()
+    expected = [f for n, ds in enumerate(loaded.datasets) for f in frame_geometries(ds, n)]
+    assert frames is not None and len(frames) == len(expected) == 5
+    for got, want in zip(frames, expected, strict=True):
+        assert (got.dataset_index, got.frame_index) == (want.dataset_index, want.frame_index)
+        assert got.position == want.position and got.orientation == want.orientation

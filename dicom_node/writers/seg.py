@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -24,6 +23,7 @@ from pydicom.sr.codedict import codes
 from dicom_node.uids import new_uid
 from dicom_node.writers import WrittenSeries, equipment, write_single
 from inference.labels import STRUCTURES, Structure, by_code, laterality_code
+from inference.volume import FrameGeometry, frame_geometries
 
 __all__ = ["GridMismatchError", "segment_codes", "write_seg"]
 
@@ -39,55 +39,20 @@ class GridMismatchError(ValueError):
     """The label volume is not on the grid of the source images."""
 
 
-@dataclass(frozen=True)
-class _Frame:
-    position: np.ndarray      # ImagePositionPatient
-    orientation: np.ndarray   # ImageOrientationPatient
-    spacing: tuple[float, float]  # PixelSpacing (row spacing, column spacing)
-    rows: int
-    columns: int
-
-
-def _plane(item: Dataset, keyword: str, sequence: str) -> Dataset | None:
-    """The first item of ``sequence`` holding ``keyword`` in a functional group item, if any."""
-    for group in item.get(sequence, []) or []:
-        if keyword in group:
-            return group
-    return None
-
-
-def _frames(sources: Sequence[Dataset]) -> list[_Frame]:
+def _frames(sources: Sequence[Dataset]) -> list[FrameGeometry]:
     """Geometry of every source frame in the order highdicom expects pixel frames (sources, then frames)."""
-    frames: list[_Frame] = []
-    for ds in sources:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        if "PerFrameFunctionalGroupsSequence" in ds:
-            shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
-            for item in ds.PerFrameFunctionalGroupsSequence:
-                position = _plane(item, "ImagePositionPatient", "PlanePositionSequence")
-                if position is None:
-                    raise GridMismatchError("an Enhanced source frame has no PlanePositionSequence")
-                position = position.ImagePositionPatient
-                orientation = (_plane(item, "ImageOrientationPatient", "PlaneOrientationSequence")
-                               or (shared.PlaneOrientationSequence[0] if "PlaneOrientationSequence" in shared
-                                   else None))
-                measures = (_plane(item, "PixelSpacing", "PixelMeasuresSequence")
-                            or (shared.PixelMeasuresSequence[0] if "PixelMeasuresSequence" in shared else None))
-                if orientation is None or measures is None:
-                    raise GridMismatchError("an Enhanced source frame has no orientation or pixel spacing")
-                frames.append(_Frame(np.array(position, float), np.array(orientation.ImageOrientationPatient, float),
-                                     (float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])),
-                                     rows, columns))
-        else:
-            for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-                if keyword not in ds:
-                    raise GridMismatchError(f"source {ds.get('SOPInstanceUID')} has no {keyword}")
-            frames.append(_Frame(np.array(ds.ImagePositionPatient, float), np.array(ds.ImageOrientationPatient, float),
-                                 (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), rows, columns))
+    frames = [frame for n, ds in enumerate(sources) for frame in frame_geometries(ds, n)]
+    for frame in frames:
+        for keyword, value in (("ImagePositionPatient", frame.position), ("ImageOrientationPatient",
+                               frame.orientation), ("PixelSpacing", frame.pixel_spacing)):
+            if value is None:
+                ds = sources[frame.dataset_index]
+                raise GridMismatchError(f"source {ds.get('SOPInstanceUID')} frame {frame.frame_index + 1} "
+                                        f"has no {keyword}")
     return frames
 
 
-def _slice_indices(labels: sitk.Image, frames: Sequence[_Frame]) -> list[int]:
+def _slice_indices(labels: sitk.Image, frames: Sequence[FrameGeometry]) -> list[int]:
     """Slice index k of the labels grid for each source frame; GridMismatchError unless one frame per slice."""
     size, spacing = labels.GetSize(), labels.GetSpacing()
     direction = np.array(labels.GetDirection()).reshape(3, 3)
@@ -97,16 +62,16 @@ def _slice_indices(labels: sitk.Image, frames: Sequence[_Frame]) -> list[int]:
             raise GridMismatchError(f"source frame {n + 1} is {frame.rows}x{frame.columns}, "
                                     f"labels slices are {size[1]}x{size[0]} (rows x columns)")
         if not np.allclose(frame.orientation, [*direction[:, 0], *direction[:, 1]], atol=ORIENTATION_TOLERANCE):
-            raise GridMismatchError(f"source frame {n + 1} orientation {frame.orientation.tolist()} differs "
+            raise GridMismatchError(f"source frame {n + 1} orientation {list(frame.orientation)} differs "
                                     "from the labels direction")
-        if not np.allclose(frame.spacing, (spacing[1], spacing[0]), atol=POSITION_TOLERANCE_MM):
-            raise GridMismatchError(f"source frame {n + 1} pixel spacing {frame.spacing} differs from the labels "
+        if not np.allclose(frame.pixel_spacing, (spacing[1], spacing[0]), atol=POSITION_TOLERANCE_MM):
+            raise GridMismatchError(f"source frame {n + 1} pixel spacing {frame.pixel_spacing} differs from the labels "
                                     f"spacing {(spacing[1], spacing[0])}")
         index = np.array(labels.TransformPhysicalPointToContinuousIndex(tuple(frame.position)))
         k = int(round(index[2]))
         offset = np.abs(np.array([index[0], index[1], index[2] - k])) * np.array(spacing)
         if not 0 <= k < size[2] or np.any(offset > POSITION_TOLERANCE_MM):
-            raise GridMismatchError(f"source frame {n + 1} at {frame.position.tolist()} is not a slice of the "
+            raise GridMismatchError(f"source frame {n + 1} at {list(frame.position)} is not a slice of the "
                                     "labels grid")
         indices.append(k)
     if sorted(indices) != list(range(size[2])):
@@ -173,12 +138,14 @@ def segment_codes(seg: Dataset) -> dict[int, int]:
 
 def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path: Path, series_number: int,
               series_description: str, algorithm_name: str, algorithm_version: str, uid_prefix: str | None,
-) -> WrittenSeries:
+              source_frames: Sequence[FrameGeometry] | None = None) -> WrittenSeries:
     """Write the measured structures of ``labels`` as a BINARY Segmentation of ``source_images``.
 
     ``labels`` (integer FreeSurfer codes) must lie on the grid of the source images: one source frame per
     labels slice k with IPP = physical point of (0, 0, k), IOP = the first two direction columns, the same
     rows, columns and pixel spacing; GridMismatchError otherwise. Empty frames are omitted.
+    ``source_frames``: the geometry of the source frames in that order when the caller has it already
+    (``LoadedSeries.source_frames()``), else it is read from ``source_images``.
     The result names the segment number of each FreeSurfer code (``segment_numbers``).
     """
     if not source_images:
@@ -188,7 +155,7 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
     array = sitk.GetArrayFromImage(labels)
     if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
-    frames = _frames(source_images)
+    frames = _frames(source_images) if source_frames is None else source_frames
     indices = _slice_indices(labels, frames)
 
     values = set(np.unique(array).tolist())
