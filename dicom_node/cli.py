@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 
 from . import __version__
 from .config import ConfigError, Destination, NodeConfig, load_config
-from .journal import JournalError
+from .journal import JournalError, OutboxState
 
 log = logging.getLogger("dicom_node")
 
@@ -196,7 +196,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  empty")
     for r in rows:
         extra = ""
-        if r["state"] == "pending":
+        if r["state"] == OutboxState.PENDING:
             extra = f", next try {_ts(r['next_at'])}"
         if r["last_error"]:
             extra += f", last error: {r['last_error']}"

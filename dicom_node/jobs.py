@@ -23,7 +23,7 @@ from inference.models import ModelRegistry
 from inference.volume import GeometryError
 
 from .config import NodeConfig, Rule
-from .journal import JobRecord, Journal, SeriesRecord
+from .journal import JobRecord, JobState, Journal, SeriesRecord
 from .steps import (
     JobContext,
     JobFailed,
@@ -85,11 +85,11 @@ class JobRunner:
     def run(self, job_id: int) -> None:
         """Run a queued (or interrupted) job; every way it can end is recorded in the journal."""
         job = self.journal.job(job_id)
-        if job.state not in ("queued", "running"):
+        if job.state not in (JobState.QUEUED, JobState.RUNNING):
             return
         series = self.journal.series(job.series_uid)
         if series is None:
-            self.journal.set_job_state(job_id, "failed", "series no longer in the journal")
+            self.journal.set_job_state(job_id, JobState.FAILED, "series no longer in the journal")
             return
         attempt = self.journal.start_job(job_id)
         try:
@@ -118,7 +118,7 @@ class JobRunner:
             log.error("job %d (%s, series %r) failed unexpectedly%s", job.id, job.rule, series.description,
                       crashed, exc_info=exc)
             reason = f"{type(exc).__name__}: {exc}{crashed}"
-        self.journal.set_job_state(job.id, "failed", reason)
+        self.journal.set_job_state(job.id, JobState.FAILED, reason)
 
     def _finish(self, run: _Run) -> None:
         run.timings["total"] = time.perf_counter() - run.started

@@ -25,10 +25,39 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from .headers import InstanceHeader, ReceivedInstance, SeriesAttributes
+
+
+class SeriesState(StrEnum):
+    """Where a series stands (``series.state``)."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    ROUTED = "routed"
+    IGNORED = "ignored"
+
+
+class JobState(StrEnum):
+    """Where a job stands (``jobs.state``)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    WRITTEN = "written"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class OutboxState(StrEnum):
+    """Where one outbox item stands (``outbox.state``)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
 
 #: Version of the schema below; :meth:`Journal._migrate` brings older journals up to it and a journal of a
 #: newer version is refused at open (it may hold what this version cannot read).
@@ -142,7 +171,7 @@ class SeriesRecord:
     modality: str
     calling_ae: str
     attributes: SeriesAttributes
-    state: str
+    state: SeriesState
     version: int
     first_received: float
     last_received: float
@@ -158,7 +187,7 @@ class JobRecord:
     rule: str
     action: str
     model: str | None
-    state: str
+    state: JobState
     reason: str
     created_at: float
     updated_at: float
@@ -186,7 +215,7 @@ class OutboxItem:
     path: str
     sop_class_uid: str
     sop_instance_uid: str
-    state: str
+    state: OutboxState
     tries: int
     next_attempt_at: float
     last_error: str
@@ -403,7 +432,8 @@ class Journal:
         return SeriesRecord(
             series_uid=row["series_uid"], study_uid=row["study_uid"], patient_id=row["patient_id"],
             description=row["description"], modality=row["modality"], calling_ae=row["calling_ae"],
-            attributes=SeriesAttributes.from_json(json.loads(row["attrs"])), state=row["state"], version=row["version"],
+            attributes=SeriesAttributes.from_json(json.loads(row["attrs"])), state=SeriesState(row["state"]),
+            version=row["version"],
             first_received=row["first_received"], last_received=row["last_received"], note=row["note"],
             n_instances=row["n"] if "n" in keys else 0,
         )
@@ -422,7 +452,7 @@ class Journal:
         )
         return [self._series(r) for r in rows]
 
-    def series_in_state(self, state: str, *, idle_before: float | None = None) -> list[SeriesRecord]:
+    def series_in_state(self, state: SeriesState, *, idle_before: float | None = None) -> list[SeriesRecord]:
         sql = "SELECT * FROM series WHERE state=?"
         params: list[Any] = [state]
         if idle_before is not None:
@@ -440,7 +470,7 @@ class Journal:
             row = db.execute(
                 "SELECT state, version, last_received FROM series WHERE series_uid=?", (series_uid,)
             ).fetchone()
-            if row is None or row["state"] != "receiving":
+            if row is None or row["state"] != SeriesState.RECEIVING:
                 return None
             if expected_last_received is not None and row["last_received"] > expected_last_received:
                 return None
@@ -450,7 +480,7 @@ class Journal:
             )
             return version
 
-    def set_series_state(self, series_uid: str, state: str, note: str = "") -> None:
+    def set_series_state(self, series_uid: str, state: SeriesState, note: str = "") -> None:
         with self._tx() as db:
             db.execute("UPDATE series SET state=?, note=? WHERE series_uid=?", (state, note, series_uid))
 
@@ -459,7 +489,7 @@ class Journal:
     def _job(self, row: sqlite3.Row) -> JobRecord:
         return JobRecord(
             id=row["id"], series_uid=row["series_uid"], version=row["version"], rule=row["rule"],
-            action=row["action"], model=row["model"], state=row["state"], reason=row["reason"],
+            action=row["action"], model=row["model"], state=JobState(row["state"]), reason=row["reason"],
             created_at=row["created_at"], updated_at=row["updated_at"], timings=json.loads(row["timings"]),
             attempts=row["attempts"], output_name=row["output_name"],
         )
@@ -481,7 +511,7 @@ class Journal:
             raise KeyError(job_id)
         return self._job(rows[0])
 
-    def jobs(self, *, states: Sequence[str] | None = None, limit: int = 200) -> list[JobRecord]:
+    def jobs(self, *, states: Sequence[JobState] | None = None, limit: int = 200) -> list[JobRecord]:
         if states:
             marks = ",".join("?" * len(states))
             rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", list(states))
@@ -498,7 +528,7 @@ class Journal:
         return [self._job(r) for r in rows]
 
     def set_job_state(
-        self, job_id: int, state: str, reason: str = "", timings: dict[str, float] | None = None
+        self, job_id: int, state: JobState, reason: str = "", timings: dict[str, float] | None = None
     ) -> None:
         with self._tx() as db:
             if timings is None:
@@ -574,7 +604,7 @@ class Journal:
         now = time.time()
         with self._tx() as db:
             self._insert_outputs(db, job_id, produced, items, files, now)
-            state = "written" if items else "sent"
+            state = JobState.WRITTEN if items else JobState.SENT
             reason = "" if items else "no destination configured: outputs kept on disk only"
             db.execute(
                 "UPDATE jobs SET state=?, reason=?, updated_at=?, output_name=? WHERE id=?",
@@ -632,7 +662,8 @@ class Journal:
     def _item(self, row: sqlite3.Row) -> OutboxItem:
         return OutboxItem(
             id=row["id"], job_id=row["job_id"], destination=row["destination"], path=row["path"],
-            sop_class_uid=row["sop_class_uid"], sop_instance_uid=row["sop_instance_uid"], state=row["state"],
+            sop_class_uid=row["sop_class_uid"], sop_instance_uid=row["sop_instance_uid"],
+            state=OutboxState(row["state"]),
             tries=row["tries"], next_attempt_at=row["next_attempt_at"], last_error=row["last_error"],
         )
 
@@ -706,9 +737,9 @@ class Journal:
         )]
         for job_id in job_ids:
             states = {r["state"] for r in db.execute("SELECT state FROM outbox WHERE job_id=?", (job_id,))}
-            if states == {"sent"}:
+            if states == {OutboxState.SENT}:
                 db.execute("UPDATE jobs SET state='sent', reason='', updated_at=? WHERE id=?", (time.time(), job_id))
-            elif "pending" not in states and "failed" in states:
+            elif OutboxState.PENDING not in states and OutboxState.FAILED in states:
                 db.execute(
                     "UPDATE jobs SET state='failed', reason='delivery failed after the last try',"
                     " updated_at=? WHERE id=?",

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 
 from .headers import describe
-from .journal import Journal
+from .journal import Journal, SeriesState
 from .scp import BadInstance
 from .uids import is_valid_uid
 
@@ -94,5 +94,5 @@ def rebuild(journal: Journal, spool_root: Path, *, reprocess: bool = False) -> R
             new_series.add(uids["SeriesInstanceUID"])
     if not reprocess:
         for uid in sorted(new_series):
-            journal.set_series_state(uid, "ignored", REBUILT_NOTE)
+            journal.set_series_state(uid, SeriesState.IGNORED, REBUILT_NOTE)
     return result

@@ -39,7 +39,7 @@ from inference.volume import FrameGeometry, LoadedSeries, load_series
 from inference.volumetry import Volumetry, compute_volumetry, expected_structures, with_qc_flag
 
 from .config import NodeConfig, Rule
-from .journal import JobRecord, Journal, OutputFile, SeriesRecord
+from .journal import JobRecord, JobState, Journal, OutputFile, SeriesRecord
 from .writers import WrittenSeries
 from .writers.agreement_sr import write_agreement_sr
 from .writers.derived_mr import Derivation, write_derived_mr
@@ -349,7 +349,7 @@ def counterpart_side(journal: Journal, job: JobRecord, study_uid: str) -> Agreem
     that recorded what an agreement check needs."""
     other_action = "volumetry" if job.action == "synthesize" else "synthesize"
     for other in reversed(journal.jobs_in_study(study_uid)):
-        if other.id != job.id and other.action == other_action and other.state in ("written", "sent"):
+        if other.id != job.id and other.action == other_action and other.state in (JobState.WRITTEN, JobState.SENT):
             side = agreement_side(journal, other)
             if side is not None:
                 return side

@@ -12,7 +12,7 @@ import pytest
 
 from dicom_node.dispatch import RetryPolicy
 from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
-from dicom_node.journal import Journal, JournalError, OutputFile
+from dicom_node.journal import JobState, Journal, JournalError, OutboxState, OutputFile, SeriesState
 
 SERIES = "1.2.3.4.100"
 GIVE_UP = RetryPolicy(max_tries=1, backoff_initial_s=1, backoff_max_s=1).next_attempt
@@ -440,3 +440,18 @@ def test_a_bad_row_fails_only_its_own_caller(journal: Journal) -> None:
     assert entries[0].is_new and entries[2].is_new and entries[0].error is None and entries[2].error is None
     assert isinstance(entries[1].error, sqlite3.IntegrityError)
     assert sorted(i.sop_instance_uid for i in journal.instances(SERIES)) == ["1.9.1", "1.9.3"]
+
+
+def test_states_are_enums_stored_as_their_values(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    job, ids = job_with_outbox(journal, ("PACS",), 1)
+    assert journal.job(job).state is JobState.WRITTEN and journal.job(job).state == "written"
+    assert journal.series(SERIES).state is SeriesState.ROUTED
+    assert journal.outbox(job)[0].state is OutboxState.PENDING
+    journal.close()
+    db = sqlite3.connect(path)  # the values in the file are the plain words they always were
+    assert db.execute("SELECT state FROM jobs").fetchone()[0] == "written"
+    assert db.execute("SELECT state FROM series").fetchone()[0] == "routed"
+    assert db.execute("SELECT state FROM outbox").fetchone()[0] == "pending"
+    db.close()
