@@ -28,7 +28,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node.writers import WrittenSeries, write_single
 from dicom_node.writers.tid1500 import LOCAL_SCHEME, device_uid, evidence, finding_site, measurement_report_sr, tracking
-from inference.labels import LEFT, RIGHT, by_code
+from inference.labels import HIPPOCAMPUS, LEFT, RIGHT, by_code
 from inference.volumetry import Volumetry, with_qc_flag
 
 __all__ = [
@@ -150,7 +150,7 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
             algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(
                 name=HIPPOCAMPAL_OCCUPANCY, value=value, unit=UNIT_RATIO,
-                finding_sites=[finding_site(17 if side == "L" else 53)])
+                finding_sites=[finding_site(HIPPOCAMPUS[side])])
                 for side, value in sorted(volumetry.hoc.items())],
         ))
     return groups

@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 import dicom_node
 from dicom_node.uids import new_uid
 from dicom_node.writers import WrittenSeries, equipment, write_single
-from inference.labels import LOBES, STRUCTURES
+from inference.labels import HIPPOCAMPUS, LOBES, STRUCTURES
 from inference.volumetry import Volumetry, with_qc_flag
 
 __all__ = ["PAGE_SIZE", "render_page", "write_summary"]
@@ -38,7 +38,7 @@ _RED, _GREEN, _AMBER = (200, 30, 30), (40, 170, 60), (230, 160, 20)
 
 # Rows of the key-volume table: (label, left code, right code or None).
 _TABLE = (
-    ("Hippocampus", 17, 53),
+    ("Hippocampus", HIPPOCAMPUS["L"], HIPPOCAMPUS["R"]),
     ("Amygdala", 18, 54),
     ("Lateral ventricle", 4, 43),
     ("Inf. lateral ventricle", 5, 44),
@@ -93,7 +93,7 @@ def _coronal_panels(t1: sitk.Image, labels: sitk.Image) -> list[tuple[Image.Imag
     codes_all = sitk.GetArrayFromImage(labels_lip).astype(np.int64)
     spacing = labels_lip.GetSpacing()
     grey_all = _window(grey_all, codes_all > 0)
-    hippocampus = np.argwhere(np.isin(codes_all, (17, 53)))
+    hippocampus = np.argwhere(np.isin(codes_all, tuple(HIPPOCAMPUS.values())))
     foreground = np.argwhere(codes_all > 0)
     centre = (hippocampus if hippocampus.size else foreground if foreground.size else
               np.array([[s // 2 for s in codes_all.shape]])).mean(axis=0)
