@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from inference.models import ModelRegistry
+from inference.norms import load_norms
 from inference.volume import GeometryError
 
 from .config import NodeConfig, Rule
@@ -74,6 +75,8 @@ class JobRunner:
         self.registry = registry
         self.on_written = on_written
         self.outputs_dir = config.node.data_dir / "outputs"
+        table = config.volumetry.normative_table
+        self.norms = load_norms(table) if table is not None else ()
         self.optional_steps: list[tuple[str, OptionalStep]] = [("agreement", JobRunner._agreement)]
 
     def _rule(self, name: str) -> Rule:
@@ -144,7 +147,7 @@ class JobRunner:
         with _timed(timings, "load"):
             loaded = load_step(self.journal, ctx.series)
         images = synthesize_step(self.config, self.registry, ctx.rule, loaded, timings)
-        measured = measure_step(ctx, self.config, self.registry, loaded, images, timings)
+        measured = measure_step(ctx, self.config, self.registry, loaded, images, timings, self.norms)
         with _timed(timings, "write"):
             synthetic = write_t1_step(ctx, images, loaded)
         outputs = [] if synthetic is None else [synthetic]

@@ -36,7 +36,7 @@ from inference.models import LoadedModel, ModelManifest, ModelRegistry
 from inference.pipeline import run_model
 from inference.segmentation import segment
 from inference.volume import FrameGeometry, LoadedSeries, load_series
-from inference.volumetry import Volumetry, compute_volumetry, expected_structures, with_qc_flag
+from inference.volumetry import Norm, Volumetry, compute_volumetry, expected_structures, with_qc_flag
 
 from .config import NodeConfig, Rule
 from .journal import JobRecord, JobState, Journal, OutputFile, SeriesRecord
@@ -198,8 +198,9 @@ def synthesize_step(config: NodeConfig, registry: ModelRegistry, rule: Rule, loa
 
 
 def measure_step(ctx: JobContext, config: NodeConfig, registry: ModelRegistry, loaded: LoadedSeries,
-                 images: Images, timings: dict[str, float]) -> Measured:
-    """Segment the T1 with the segmenter (or take the model's own labels) and measure it."""
+                 images: Images, timings: dict[str, float], norms: Sequence[Norm] = ()) -> Measured:
+    """Segment the T1 with the segmenter (or take the model's own labels) and measure it (with z-scores
+    from ``norms``, the site's normative table)."""
     if not ctx.rule.volumetry:
         return Measured(None, None, None)
     icv_ml = outside_ml = None
@@ -219,7 +220,7 @@ def measure_step(ctx: JobContext, config: NodeConfig, registry: ModelRegistry, l
     volumetry = compute_volumetry(labels, images.t1, age=first.get("PatientAge") or age_from_dates(first),
                                   sex=first.get("PatientSex"),
                                   expected_codes=expected_structures(manifest.output.segmentation.labels),
-                                  icv_ml=icv_ml, outside_ml=outside_ml)
+                                  icv_ml=icv_ml, outside_ml=outside_ml, norms=norms)
     timings["volumetry"] = time.perf_counter() - t0
     if not volumetry.qc_passed:
         failed = "; ".join(c.reason for c in volumetry.qc if c.passed is False)

@@ -23,7 +23,6 @@ __all__ = [
     "LoadedSeries",
     "SliceGeometry",
     "frame_geometries",
-    "image_to_slices",
     "isotropic_grid",
     "load_series",
     "resample_isotropic",
@@ -370,18 +369,6 @@ def resample_isotropic(image: sitk.Image, spacing_mm: float = 1.0, *,
     reference = isotropic_grid(image, spacing_mm)
     output_type = image.GetPixelID() if interpolator == sitk.sitkNearestNeighbor else sitk.sitkFloat32
     return sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, output_type)
-
-
-def image_to_slices(image: sitk.Image) -> list[tuple[tuple[float, float, float], tuple[float, ...], np.ndarray]]:
-    """Split a 3D image into (IPP, IOP, 2D array [rows, columns]) per slice k, in index order."""
-    array = sitk.GetArrayViewFromImage(image)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    iop = tuple(float(v) for v in np.concatenate([direction[:, 0], direction[:, 1]]))
-    slices = []
-    for k in range(image.GetSize()[2]):
-        ipp = tuple(float(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
-        slices.append((ipp, iop, np.array(array[k])))
-    return slices
 
 
 def mirror_left_right(image: sitk.Image) -> sitk.Image:

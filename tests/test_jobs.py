@@ -224,6 +224,30 @@ def test_volumetry_of_a_real_t1_writes_seg_sr_summary(setup: Setup, tmp_path: Pa
     assert len(setup.journal.outbox(job_id)) == 2 * 3
 
 
+def test_a_normative_table_in_the_config_gives_z_scores(tmp_path: Path, models_dir: Path,
+                                                       registry: ModelRegistry) -> None:
+    """[volumetry] normative_table reaches the measurement: the SR holds z-scores and percentiles."""
+    from dicom_node.config import VolumetrySettings
+    from inference.labels import STRUCTURES
+
+    table = tmp_path / "norms.csv"
+    table.write_text("code,age_min,age_max,sex,mean_ml,sd_ml\n"
+                     + "".join(f"{code},0,200,,1.0,0.5\n" for code in STRUCTURES))
+    s = Setup(tmp_path, models_dir, registry, [rule(volumetry=True)], destinations=("PACS",))
+    s.config = s.config.model_copy(update={"volumetry": VolumetrySettings(normative_table=table)})
+    s.runner = JobRunner(s.config, s.journal, registry, on_written=s._on_written)
+    try:
+        job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING,
+                                          header={"PatientAge": "050Y"}))
+        s.runner.run(job_id)
+        assert s.journal.job(job_id).state == "written", s.journal.job(job_id).reason
+        (sr,) = s.journal.output_files(job_id, "SR")
+        data = Path(sr.path).read_bytes()
+        assert b"121416" in data and b"121415" in data  # Z-score, percentile ranking (DCM)
+    finally:
+        s.journal.close()
+
+
 def test_synthesis_with_volumetry_writes_all_objects(tmp_path: Path, models_dir: Path,
                                                      registry: ModelRegistry) -> None:
     s = Setup(tmp_path, models_dir, registry, [rule(volumetry=True)], destinations=("PACS",))
