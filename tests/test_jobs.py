@@ -313,38 +313,6 @@ def test_thread_executor_runs_and_survives_crashes() -> None:
     assert done == [1, 3]
 
 
-def test_real_and_synthetic_t1_in_one_study_give_an_agreement_sr(tmp_path: Path, models_dir: Path,
-                                                                  registry: ModelRegistry) -> None:
-    import highdicom as hd
-
-    study = make_study()
-    real = make_mr_series(tmp_path / "real", shape=(24, 32, 32), spacing=(2.0, 2.0, 2.0), study=study,
-                          series_description="t1_mprage_sag", series_number=3,
-                          header={"MRAcquisitionType": "3D"})
-    thick = make_mr_series(tmp_path / "thick", shape=(12, 32, 32), spacing=(2.0, 2.0, 4.0), study=study,
-                           series_description="t1_fl2d_sag", series_number=4)
-    rules = [rule(name="rt1", series_description="mprage", action="volumetry", output_name="rT1", volumetry=True),
-             rule(volumetry=True)]
-    s = Setup(tmp_path, models_dir, registry, rules)
-    try:
-        real_job = s.job_for(real, "rt1")
-        s.runner.run(real_job)
-        assert "AGREEMENT" not in _kinds(s.journal, real_job)  # nothing to compare with yet
-        synth_job = s.job_for(thick)
-        s.runner.run(synth_job)
-        job = s.journal.job(synth_job)
-        assert job.state == "written", job.reason
-        assert "AGREEMENT" in _kinds(s.journal, synth_job)
-        path = next(i.path for i in s.journal.outbox(synth_job) if i.path.endswith("agreement.dcm"))
-        sr = hd.sr.srread(path)
-        assert sr.SeriesDescription == "sT12DT1 vs rT1 agreement"
-        assert sr.StudyInstanceUID == study.study_uid
-        assert int(sr.SeriesNumber) == output_series_number(4, "AGREEMENT", 1)
-        assert job.timings["agreement"] > 0
-    finally:
-        s.journal.close()
-
-
 def _real_and_thick(tmp_path: Path) -> tuple[list[Path], list[Path]]:
     study = make_study()
     real = make_mr_series(tmp_path / "real", shape=(24, 32, 32), spacing=(2.0, 2.0, 2.0), study=study,
@@ -357,6 +325,32 @@ def _real_and_thick(tmp_path: Path) -> tuple[list[Path], list[Path]]:
 
 AGREEMENT_RULES = [rule(name="rt1", series_description="mprage", action="volumetry", output_name="rT1",
                         volumetry=True), rule(volumetry=True)]
+
+
+def test_real_and_synthetic_t1_in_one_study_give_an_agreement_sr(tmp_path: Path, models_dir: Path,
+                                                                  registry: ModelRegistry) -> None:
+    import highdicom as hd
+
+    real, thick = _real_and_thick(tmp_path)
+    study_uid = str(dcmread(real[0], stop_before_pixels=True).StudyInstanceUID)
+    s = Setup(tmp_path, models_dir, registry, AGREEMENT_RULES)
+    try:
+        real_job = s.job_for(real, "rt1")
+        s.runner.run(real_job)
+        assert "AGREEMENT" not in _kinds(s.journal, real_job)  # nothing to compare with yet
+        synth_job = s.job_for(thick)
+        s.runner.run(synth_job)
+        job = s.journal.job(synth_job)
+        assert job.state == "written", job.reason
+        assert "AGREEMENT" in _kinds(s.journal, synth_job)
+        path = next(i.path for i in s.journal.outbox(synth_job) if i.path.endswith("agreement.dcm"))
+        sr = hd.sr.srread(path)
+        assert sr.SeriesDescription == "sT12DT1 vs rT1 agreement"
+        assert sr.StudyInstanceUID == study_uid
+        assert int(sr.SeriesNumber) == output_series_number(4, "AGREEMENT", 1)
+        assert job.timings["agreement"] > 0
+    finally:
+        s.journal.close()
 
 
 @pytest.mark.parametrize("error", [RuntimeError("registration diverged"), SystemExit(1)])

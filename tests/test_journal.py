@@ -63,19 +63,25 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     db.close()
 
 
-def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "j.sqlite3"
+def _older_journal(path: Path, version: int, *statements: str) -> int:
+    """A journal with one instance and one job, then made what schema ``version`` had by ``statements``."""
     journal = Journal(path)
     add(journal, "1.9.1")
     job = journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
     journal.close()
-    db = sqlite3.connect(path)  # what schema version 1 had: no attempts, no sha256 column
-    db.execute("ALTER TABLE jobs DROP COLUMN attempts")
-    db.execute("ALTER TABLE instances DROP COLUMN sha256")
-    db.execute("ALTER TABLE outbox DROP COLUMN first_failed_at")
-    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    db = sqlite3.connect(path)
+    for statement in statements:
+        db.execute(statement)
+    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
     db.commit()
     db.close()
+    return job
+
+
+def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    job = _older_journal(path, 1, "ALTER TABLE jobs DROP COLUMN attempts",  # schema 1: no attempts, no sha256
+                         "ALTER TABLE instances DROP COLUMN sha256", "ALTER TABLE outbox DROP COLUMN first_failed_at")
     journal = Journal(path)
     assert journal.job(job).attempts == 0 and journal.start_job(job) == 1
     assert [(i.sop_instance_uid, i.sha256) for i in journal.instances(SERIES)] == [("1.9.1", "")]
@@ -89,16 +95,8 @@ def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
 
 def test_a_version_2_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
-    journal = Journal(path)
-    add(journal, "1.9.1")
-    job = journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
-    journal.close()
-    db = sqlite3.connect(path)  # what schema version 2 had: no output files, no output name
-    db.execute("DROP TABLE output_files")
-    db.execute("ALTER TABLE jobs DROP COLUMN output_name")
-    db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+    job = _older_journal(path, 2, "DROP TABLE output_files",  # schema 2: no output files, no output name
+                         "ALTER TABLE jobs DROP COLUMN output_name")
     journal = Journal(path)
     assert journal.job(job).output_name == "" and journal.output_files(job) == []
     seg = OutputFile("SEG", "/o/seg.dcm", "1.9.9", "1.2", "1.9.9.1")

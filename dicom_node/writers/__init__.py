@@ -10,21 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 import dicom_node
-
-
-@dataclass(frozen=True)
-class WrittenFile:
-    """One DICOM file the node wrote."""
-
-    path: Path
-    sop_class_uid: str
-    sop_instance_uid: str
 
 
 @dataclass(frozen=True)
@@ -52,6 +43,14 @@ class WrittenSeries:
         """The header of a single-object series (SEG, SR, summary)."""
         (only,) = self.datasets
         return only
+
+
+class WrittenFile(NamedTuple):
+    """One DICOM file the node wrote."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
 
 
 def header_of(ds: Dataset) -> Dataset:
