@@ -136,6 +136,28 @@ def segment_codes(seg: Dataset) -> dict[int, int]:
     return mapping
 
 
+def _label_array(labels: sitk.Image) -> np.ndarray:
+    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("labels must be a scalar 3D image")
+    array = sitk.GetArrayFromImage(labels)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
+    return array
+
+
+def _segment_frames(array: np.ndarray, indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+    """(the segment number of each pixel of each source frame, frames in source order; the codes present,
+    segment n being the n-th of them)."""
+    values = set(np.unique(array).tolist())
+    present = [code for code in STRUCTURES if code in values]
+    if not present:
+        raise ValueError("labels hold no measured structure: nothing to segment")
+    lut = np.zeros(int(array.max()) + 1, dtype=np.uint8 if len(present) < 256 else np.uint16)
+    for number, code in enumerate(present, start=1):
+        lut[code] = number
+    return lut[array][list(indices)], present
+
+
 def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path: Path, series_number: int,
               series_description: str, algorithm_name: str, algorithm_version: str, uid_prefix: str | None,
               source_frames: Sequence[FrameGeometry] | None = None) -> WrittenSeries:
@@ -150,22 +172,9 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
     """
     if not source_images:
         raise ValueError("no source images")
-    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError("labels must be a scalar 3D image")
-    array = sitk.GetArrayFromImage(labels)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
+    array = _label_array(labels)
     frames = _frames(source_images) if source_frames is None else source_frames
-    indices = _slice_indices(labels, frames)
-
-    values = set(np.unique(array).tolist())
-    present = [code for code in STRUCTURES if code in values]
-    if not present:
-        raise ValueError("labels hold no measured structure: nothing to segment")
-    lut = np.zeros(int(array.max()) + 1, dtype=np.uint8 if len(present) < 256 else np.uint16)
-    for number, code in enumerate(present, start=1):
-        lut[code] = number
-    segments = lut[array][indices]  # frames in source order
+    segments, present = _segment_frames(array, _slice_indices(labels, frames))
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)

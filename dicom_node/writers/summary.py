@@ -175,7 +175,26 @@ def render_page(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, hea
                 draw.text((edge, y), text, font=small, fill=colour, anchor="ra")
         y += 19
 
-    qc_x, qc_y = 640, table_top
+    qc_y = _draw_qc(draw, volumetry, 640, table_top, width, big, small)
+
+    top = max(y, qc_y) + 16
+    box_w, box_h = (width - 4 * 16) // 3, height - top - 40
+    for n, (panel, phys_w, phys_h, offset) in enumerate(_coronal_panels(t1, labels)):
+        scale = min(box_w / phys_w, box_h / phys_h)
+        size = (max(1, int(phys_w * scale)), max(1, int(phys_h * scale)))
+        panel = panel.resize(size, Image.Resampling.NEAREST)
+        x0 = 16 + n * (box_w + 16) + (box_w - size[0]) // 2
+        page.paste(panel, (x0, top))
+        draw.text((x0 + 4, top + 4), "R", font=normal, fill=_FG)
+        draw.text((x0 + size[0] - 16, top + 4), "L", font=normal, fill=_FG)
+        draw.text((x0, top + size[1] + 4), f"coronal, hippocampus {offset:+.0f} mm", font=small, fill=_DIM)
+    return np.asarray(page, dtype=np.uint8).copy()
+
+
+def _draw_qc(draw: ImageDraw.ImageDraw, volumetry: Volumetry, qc_x: int, qc_y: int, width: int,
+             big: ImageFont.ImageFont | ImageFont.FreeTypeFont, small: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+             ) -> int:
+    """The QC box and each check with its reason, from (qc_x, qc_y); returns the y below them."""
     passed = volumetry.qc_passed
     draw.rectangle((qc_x, qc_y, width - 16, qc_y + 34), fill=_GREEN if passed else _RED)
     draw.text(((qc_x + width - 16) // 2, qc_y + 17), "QC PASSED" if passed else "QC FAILED", font=big,
@@ -190,19 +209,7 @@ def render_page(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, hea
             draw.text((qc_x + 12, qc_y), chunk, font=small, fill=_DIM)
             qc_y += 17
         qc_y += 4
-
-    top = max(y, qc_y) + 16
-    box_w, box_h = (width - 4 * 16) // 3, height - top - 40
-    for n, (panel, phys_w, phys_h, offset) in enumerate(_coronal_panels(t1, labels)):
-        scale = min(box_w / phys_w, box_h / phys_h)
-        size = (max(1, int(phys_w * scale)), max(1, int(phys_h * scale)))
-        panel = panel.resize(size, Image.Resampling.NEAREST)
-        x0 = 16 + n * (box_w + 16) + (box_w - size[0]) // 2
-        page.paste(panel, (x0, top))
-        draw.text((x0 + 4, top + 4), "R", font=normal, fill=_FG)
-        draw.text((x0 + size[0] - 16, top + 4), "L", font=normal, fill=_FG)
-        draw.text((x0, top + size[1] + 4), f"coronal, hippocampus {offset:+.0f} mm", font=small, fill=_DIM)
-    return np.asarray(page, dtype=np.uint8).copy()
+    return qc_y
 
 
 def _wrap(text: str, width: int) -> list[str]:
