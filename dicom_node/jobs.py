@@ -24,7 +24,7 @@ from inference.norms import load_norms
 from inference.volume import GeometryError
 
 from .config import NodeConfig, Rule
-from .journal import JobRecord, JobState, Journal, SeriesRecord
+from .journal import JobRecord, JobState, Journal, OutputFile, SeriesRecord
 from .steps import (
     JobContext,
     JobFailed,
@@ -151,7 +151,7 @@ class JobRunner:
         with _timed(timings, "write"):
             synthetic = write_t1_step(ctx, images, loaded)
         outputs = [] if synthetic is None else [synthetic]
-        kept = []
+        kept: list[OutputFile] = []
         if measured.volumetry is not None:
             # the SEG, SR and summary reference the measured T1: the sT1 just written, or the received T1
             # (whose frame geometry load_step computed already)

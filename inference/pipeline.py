@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from inference.hemispheres import lateralize
-from inference.models import InputSpec, LoadedModel, ModelError
+from inference.models import InputSpec, LoadedModel, ModelError, ModelManifest
 from inference.volume import isotropic_grid, mirror_left_right, resample_isotropic
 
 __all__ = [
@@ -323,6 +323,29 @@ def run_model(model: LoadedModel, image: sitk.Image, *, mirror_average: bool | N
     return PipelineResult(t1=t1, labels=direct.labels, timings=timings)
 
 
+def _back_to_patient(manifest: ModelManifest, image_out: np.ndarray | None, seg_out: np.ndarray | None,
+                     grid: tuple[tuple[float, ...], ...], reference: sitk.Image,
+                     ) -> tuple[sitk.Image | None, sitk.Image | None]:
+    """The network's outputs on the model grid, back onto ``reference`` (1 mm, the input's direction):
+    the T1 scaled by the manifest (linear), the class indices as label codes (nearest neighbour)."""
+    t1 = labels = None
+    if image_out is not None and manifest.output.image is not None:
+        array = image_out * np.float32(manifest.output.image.scale)
+        t1_model = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+        _set_geometry(t1_model, grid)
+        t1 = sitk.Resample(t1_model, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    if seg_out is not None and manifest.output.segmentation is not None:
+        lut = np.asarray(manifest.output.segmentation.labels, dtype=np.uint16)
+        codes = lut[seg_out]
+        if manifest.output.segmentation.lateralize:
+            codes = lateralize(codes, manifest.input.orientation)
+        seg_model = sitk.GetImageFromArray(np.ascontiguousarray(codes))
+        _set_geometry(seg_model, grid)
+        labels = sitk.Resample(seg_model, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                               sitk.sitkUInt16)
+    return t1, labels
+
+
 def _run_once(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     manifest = model.manifest
     seg = manifest.output.segmentation
@@ -364,22 +387,7 @@ def _run_once(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     image_out, seg_out = (_embed(out[crop], full_shape, box) if out is not None else None
                           for out in (image_out, seg_out))
 
-    reference = isotropic_grid(image, OUTPUT_SPACING_MM)
-    t1 = labels = None
-    if image_out is not None and manifest.output.image is not None:
-        array = image_out * np.float32(manifest.output.image.scale)
-        t1_model = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-        _set_geometry(t1_model, grid)
-        t1 = sitk.Resample(t1_model, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    if seg_out is not None and manifest.output.segmentation is not None:
-        lut = np.asarray(manifest.output.segmentation.labels, dtype=np.uint16)
-        codes = lut[seg_out]
-        if manifest.output.segmentation.lateralize:
-            codes = lateralize(codes, manifest.input.orientation)
-        seg_model = sitk.GetImageFromArray(np.ascontiguousarray(codes))
-        _set_geometry(seg_model, grid)
-        labels = sitk.Resample(seg_model, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                               sitk.sitkUInt16)
+    t1, labels = _back_to_patient(manifest, image_out, seg_out, grid, isotropic_grid(image, OUTPUT_SPACING_MM))
     lap("back")
     log.info("model %s: %s", manifest.id, ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return PipelineResult(t1=t1, labels=labels, timings=timings)
