@@ -39,10 +39,8 @@ def _floats(value: Any) -> tuple[float, ...] | None:
 
 
 def _int(value: Any, default: int = 0) -> int:
-    try:
-        return int(value or default)
-    except (TypeError, ValueError):
-        return default
+    """An integer value, ``default`` when absent or empty; an unreadable one raises (the SCP refuses it)."""
+    return int(value or default)
 
 
 def _floats_of(data: Mapping[str, Any], key: str) -> tuple[float, ...] | None:
