@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 
 from . import __version__
 from .config import ConfigError, Destination, NodeConfig, load_config
-from .journal import JournalError
+from .journal import JournalError, OutboxState
 
 log = logging.getLogger("dicom_node")
 
@@ -156,9 +156,9 @@ def cmd_route(args: argparse.Namespace) -> int:
     from inference.models import ModelRegistry
 
     from .assembly import completeness
+    from .headers import SeriesAttributes, describe
     from .journal import InstanceRecord
     from .routing import route
-    from .scp import header_summary
 
     installed = set(ModelRegistry(config.inference.models_dir).available())
     root = Path(args.dicom_dir)
@@ -166,7 +166,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         print(f"{root}: not a directory", file=sys.stderr)
         return 2
     series: dict[str, list[InstanceRecord]] = defaultdict(list)
-    attrs_of: dict[str, dict] = {}
+    attrs_of: dict[str, SeriesAttributes] = {}
     skipped = 0
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         try:
@@ -175,14 +175,15 @@ def cmd_route(args: argparse.Namespace) -> int:
         except (InvalidDicomError, AttributeError, OSError, ValueError):
             skipped += 1
             continue
-        geometry, attrs = header_summary(ds)
-        attrs_of.setdefault(uid, attrs)
-        series[uid].append(InstanceRecord(str(ds.SOPInstanceUID), uid, attrs["SOPClassUID"], "", str(path), geometry))
+        received = describe(ds)
+        attrs_of.setdefault(uid, received.series)
+        series[uid].append(InstanceRecord(received.sop_instance_uid, uid, received.sop_class_uid, "", str(path),
+                                          received.header))
     for uid, instances in series.items():
         attrs = attrs_of[uid]
         decision = route(config, attrs, uid, calling_ae=args.calling_ae, installed_models=installed)
         whole = completeness(instances)
-        print(f"series {attrs['SeriesNumber']} {attrs['SeriesDescription']!r} ({len(instances)} instances, {uid})")
+        print(f"series {attrs.series_number} {attrs.series_description!r} ({len(instances)} instances, {uid})")
         print(f"  assembly: {'whole' if whole.whole else 'NOT whole'}: {whole.reason}")
         for line in decision.trace:
             print(f"  {line}")
@@ -229,7 +230,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  empty")
     for r in rows:
         extra = ""
-        if r["state"] == "pending":
+        if r["state"] == OutboxState.PENDING:
             extra = f", next try {_ts(r['next_at'])}"
         if r["last_error"]:
             extra += f", last error: {r['last_error']}"

@@ -263,6 +263,27 @@ class InferenceSettings(_Strict):
         return value or None
 
 
+class VolumetrySettings(_Strict):
+    """``[volumetry]``: what the measured volumes are compared with."""
+
+    #: A site's normative table (CSV: code, age_min, age_max, sex, mean_ml, sd_ml; ``inference.norms``):
+    #: the SR and ``report`` then give each structure with a matching row a z-score and percentile.
+    #: None: no z-scores (no table is shipped).
+    normative_table: Path | None = None
+
+    @field_validator("normative_table")
+    @classmethod
+    def _readable_table(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from inference.norms import load_norms
+
+            try:
+                load_norms(value)
+            except OSError as exc:
+                raise ValueError(f"cannot read normative table {value}: {exc.strerror}") from None
+        return value
+
+
 class JobSettings(_Strict):
     """``[jobs]``: how often a job may be started before it is given up."""
 
@@ -370,6 +391,7 @@ class NodeConfig(_Strict):
     destinations: list[Destination] = Field(default_factory=list)
     rules: list[Rule] = Field(default_factory=default_rules)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    volumetry: VolumetrySettings = Field(default_factory=VolumetrySettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)

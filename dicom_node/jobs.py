@@ -1,100 +1,73 @@
-"""Jobs: what runs for a routed series, and the executor seam that runs it.
+"""Jobs: what runs for a routed series, and the executor that runs it.
 
-:class:`JobRunner` turns one journal job into files and outbox rows (load the series with its
-patient geometry, run the model, write the derived objects, queue them per destination).
-:class:`ThreadExecutor` runs jobs on in-process worker threads; a distributed engine can replace
-it later behind the same two methods (``submit``, ``shutdown``).
+:class:`JobRunner` turns one journal job into files and outbox rows by running the steps of
+:mod:`dicom_node.steps` in order (load → synthesize → segment and measure → write each object →
+record and queue); the core outputs are recorded and queued before the optional steps (the agreement
+check) run, and an optional step that fails costs only its own output. :class:`ThreadExecutor` runs
+jobs on in-process worker threads; a distributed engine can replace it behind the same two methods
+(``submit``, ``shutdown``).
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
 import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
-import SimpleITK as sitk
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-
-from inference.agreement import compare
-from inference.models import LoadedModel, ModelManifest, ModelRegistry
-from inference.pipeline import run_model
-from inference.segmentation import segment
-from inference.volume import GeometryError, LoadedSeries, load_series
-from inference.volumetry import Volumetry, compute_volumetry, expected_structures, with_qc_flag
+from inference.models import ModelRegistry
+from inference.norms import load_norms
+from inference.volume import GeometryError
 
 from .config import NodeConfig, Rule
-from .journal import Journal, SeriesRecord
-from .writers.agreement_sr import write_agreement_sr
-from .writers.derived_mr import Derivation, write_derived_mr
-from .writers.seg import write_seg
-from .writers.sr import write_sr
-from .writers.summary import write_summary
+from .journal import JobRecord, JobState, Journal, OutputFile, SeriesRecord
+from .steps import (
+    JobContext,
+    JobFailed,
+    Output,
+    SeriesNaming,
+    agreement_step,
+    keep_volumes_step,
+    load_step,
+    measure_step,
+    queue_optional,
+    record_and_queue,
+    synthesize_step,
+    write_seg_step,
+    write_sr_step,
+    write_summary_step,
+    write_t1_step,
+)
 
 log = logging.getLogger(__name__)
 
-#: What a volumetry job keeps in its output folder for a later agreement check.
-AGREEMENT_T1 = "t1.mha"
-AGREEMENT_LABELS = "labels.mha"
-
-#: Offsets added to ``source SeriesNumber × 100`` for each kind of output (+ version).
-SERIES_NUMBER_OFFSETS = {"sT1": 0, "SEG": 10, "SR": 20, "SUMMARY": 30, "AGREEMENT": 40}
+#: Optional steps, run in this order after the core outputs are recorded and queued.
+OptionalStep = Callable[["JobRunner", JobContext], "Output | None"]
 
 
-class Executor(Protocol):
-    def submit(self, job_id: int) -> None: ...
-    def shutdown(self) -> None: ...
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t0
 
 
-def output_series_number(source_number: int, kind: str, version: int) -> int:
-    """Deterministic, sorted after the source: source 1001, sT1 version 1 → 100101."""
-    return max(source_number, 0) * 100 + SERIES_NUMBER_OFFSETS[kind] + min(version, 9)
+@dataclass
+class _Run:
+    """One run of a job: its context and timings so far."""
 
-
-def output_description(rule: Rule, version: int, suffix: str = "") -> str:
-    """``sT1AAH``, ``sT1AAH SEG``; a re-run adds its version: ``sT1AAH v2``, ``sT1AAH SEG v2``."""
-    text = f"{rule.output_name}{suffix}"
-    return text if version <= 1 else f"{text} v{version}"
-
-
-@dataclass(frozen=True)
-class _Images:
-    t1: sitk.Image                          # the T1 measured: the sT1 or the real T1
-    labels: sitk.Image | None               # a model's own labels on t1's grid (without a segmenter)
-    synthesis: ModelManifest | None         # the synthesis model of a synthesize rule
-    own_labels_of: ModelManifest | None     # the model whose own labels are used (no segmenter, or measures_synthetic)
-
-
-@dataclass(frozen=True)
-class _Measured:
-    volumetry: Volumetry | None
-    labels: sitk.Image | None
-    algorithm: ModelManifest                # who drew the labels (named in the SEG and SR)
-
-
-def _age_from_dates(ds: Dataset) -> float | None:
-    """Age in years from PatientBirthDate and the study (or series, acquisition) date, when PatientAge is absent."""
-    birth = str(ds.get("PatientBirthDate") or "")
-    when = str(ds.get("StudyDate") or ds.get("SeriesDate") or ds.get("AcquisitionDate") or "")
-    try:
-        born, seen = (datetime.datetime.strptime(v[:8], "%Y%m%d").date() for v in (birth, when))
-    except ValueError:
-        return None
-    return (seen - born).days / 365.25 if seen >= born else None
-
-
-class JobFailed(RuntimeError):
-    """A job that cannot succeed; the message is the reason shown by ``status``."""
+    ctx: JobContext
+    timings: dict[str, float]
+    started: float
 
 
 class JobRunner:
+    """Runs one journal job: the core steps, then the optional ones."""
+
     def __init__(self, config: NodeConfig, journal: Journal, registry: ModelRegistry,
                  on_written: Callable[[], object]) -> None:
         self.config = config
@@ -102,6 +75,9 @@ class JobRunner:
         self.registry = registry
         self.on_written = on_written
         self.outputs_dir = config.node.data_dir / "outputs"
+        table = config.volumetry.normative_table
+        self.norms = load_norms(table) if table is not None else ()
+        self.optional_steps: list[tuple[str, OptionalStep]] = [("agreement", JobRunner._agreement)]
 
     def _rule(self, name: str) -> Rule:
         for rule in self.config.rules:
@@ -110,252 +86,106 @@ class JobRunner:
         raise JobFailed(f"rule {name!r} is no longer configured")
 
     def run(self, job_id: int) -> None:
+        """Run a queued (or interrupted) job; every way it can end is recorded in the journal."""
         job = self.journal.job(job_id)
-        if job.state not in ("queued", "running"):
+        if job.state not in (JobState.QUEUED, JobState.RUNNING):
             return
         series = self.journal.series(job.series_uid)
         if series is None:
-            self.journal.set_job_state(job_id, "failed", "series no longer in the journal")
+            self.journal.set_job_state(job_id, JobState.FAILED, "series no longer in the journal")
             return
         attempt = self.journal.start_job(job_id)
-        started = time.perf_counter()
         try:
-            rule = self._rule(job.rule)
-            timings = self._run(job_id, job.version, rule, series)
-        except JobFailed as exc:
-            log.error("job %d (%s, series %r) failed: %s", job_id, job.rule, series.description, exc)
-            self.journal.set_job_state(job_id, "failed", str(exc))
-            return
-        except GeometryError as exc:
-            reason = f"inconsistent geometry: {exc}"
-            log.error("job %d (%s, series %r) failed: %s", job_id, job.rule, series.description, reason)
-            self.journal.set_job_state(job_id, "failed", reason)
-            return
+            run = _Run(self._context(job, series), {}, time.perf_counter())
+            self._core(run)
         except KeyboardInterrupt:
             # only the main thread gets these (a debugging session): the job stays 'running', so
             # the next start counts it as interrupted
             log.warning("job %d (%s) interrupted during run %d", job_id, job.rule, attempt)
             raise
         except BaseException as exc:  # noqa: BLE001 - a job failure must never stop the worker
-            # Not only Exception: a Rust decoder's panic (pyo3_runtime.PanicException) and a library's
-            # sys.exit() are BaseExceptions; uncaught they end the worker thread with the job 'running'.
-            crashed = "" if isinstance(exc, Exception) else " (crashed: not an Exception)"
-            log.error("job %d (%s, series %r) failed unexpectedly%s", job_id, job.rule, series.description,
-                      crashed, exc_info=exc)
-            self.journal.set_job_state(job_id, "failed", f"{type(exc).__name__}: {exc}{crashed}")
+            self._fail(job, series, exc)
             return
-        timings["total"] = time.perf_counter() - started
-        self.journal.set_job_timings(job_id, timings)
-        log.info("job %d (%s) written in %.1f s: %s", job_id, job.rule, timings["total"],
-                 ", ".join(f"{k} {v:.2f}s" for k, v in timings.items() if k != "total"))
+        self._finish(run)
         self.on_written()
+        self._optional(run)
 
-    def _run(self, job_id: int, version: int, rule: Rule, series: SeriesRecord) -> dict[str, float]:
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        paths = [Path(i.path) for i in self.journal.instances(series.series_uid)]
-        loaded = load_series(paths)
-        timings["load"] = time.perf_counter() - t0
-        out_dir = self.outputs_dir / f"job-{job_id:06d}"
+    def _fail(self, job: JobRecord, series: SeriesRecord, exc: BaseException) -> None:
+        """Record why a job failed. Not only Exceptions: a Rust decoder's panic (pyo3_runtime.PanicException)
+        and a library's sys.exit() are BaseExceptions; uncaught they end the worker with the job 'running'."""
+        if isinstance(exc, JobFailed | GeometryError):
+            reason = str(exc) if isinstance(exc, JobFailed) else f"inconsistent geometry: {exc}"
+            log.error("job %d (%s, series %r) failed: %s", job.id, job.rule, series.description, reason)
+        else:
+            crashed = "" if isinstance(exc, Exception) else " (crashed: not an Exception)"
+            log.error("job %d (%s, series %r) failed unexpectedly%s", job.id, job.rule, series.description,
+                      crashed, exc_info=exc)
+            reason = f"{type(exc).__name__}: {exc}{crashed}"
+        self.journal.set_job_state(job.id, JobState.FAILED, reason)
+
+    def _finish(self, run: _Run) -> None:
+        run.timings["total"] = time.perf_counter() - run.started
+        self.journal.set_job_timings(run.ctx.job_id, run.timings)
+        log.info("job %d (%s) written in %.1f s: %s", run.ctx.job_id, run.ctx.rule.name, run.timings["total"],
+                 ", ".join(f"{k} {v:.2f}s" for k, v in run.timings.items() if k != "total"))
+
+    def _context(self, job: JobRecord, series: SeriesRecord) -> JobContext:
+        rule = self._rule(job.rule)
+        out_dir = self.outputs_dir / f"job-{job.id:06d}"
         if out_dir.exists():  # a run interrupted by a crash: start it over with new UIDs
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True)
-        source_number = int(series.attrs.get("SeriesNumber") or 0)
-        uid_prefix = self.config.node.uid_root
+        naming = SeriesNaming(rule.output_name, job.version, series.attributes.series_number)
+        return JobContext(job.id, rule, series, naming, out_dir, self.config.node.uid_root)
 
-        images = self._images(rule, loaded, timings)
-        measured = self._measure(job_id, rule, loaded, images, timings)
-        volumetry, labels, t1 = measured.volumetry, measured.labels, images.t1
-        manifest = images.synthesis
+    def _destinations(self, rule: Rule) -> list[str]:
+        return [d.name for d in self.config.destinations_for(rule)]
 
-        headers: dict[Path, Dataset] = {}  # every file to send, with its header (read once)
-        produced: list[tuple[str, str]] = []
-        t0 = time.perf_counter()
-        if rule.action == "synthesize":
-            assert manifest is not None
-            derivation = Derivation(
-                model_id=manifest.id, model_version=manifest.version,
-                description=(f"Synthetic MPRAGE-like T1 from {series.description!r} "
-                             f"by model {manifest.id} {manifest.version}"),
-            )
-            written = write_derived_mr(
-                t1, loaded.datasets, out_dir=out_dir / "sT1", series_description=output_description(rule, version),
-                series_number=output_series_number(source_number, "sT1", version),
-                derivation=derivation, uid_prefix=uid_prefix,
-            )
-            t1_sources = [dcmread(p, stop_before_pixels=True) for p in written]
-            headers.update(zip(written, t1_sources, strict=True))
-            produced.append((str(t1_sources[0].SeriesInstanceUID), "sT1"))
-        else:
-            t1_sources = loaded.datasets
-        timings["write"] = time.perf_counter() - t0
+    def _core(self, run: _Run) -> None:
+        """load → synthesize → segment and measure → write each object → record and queue."""
+        ctx, timings = run.ctx, run.timings
+        with _timed(timings, "load"):
+            loaded = load_step(self.journal, ctx.series)
+        images = synthesize_step(self.config, self.registry, ctx.rule, loaded, timings)
+        measured = measure_step(ctx, self.config, self.registry, loaded, images, timings, self.norms)
+        with _timed(timings, "write"):
+            synthetic = write_t1_step(ctx, images, loaded)
+        outputs = [] if synthetic is None else [synthetic]
+        kept: list[OutputFile] = []
+        if measured.volumetry is not None:
+            # the SEG, SR and summary reference the measured T1: the sT1 just written, or the received T1
+            # (whose frame geometry load_step computed already)
+            t1_images, t1_frames = ((list(synthetic.written.datasets), None) if synthetic is not None
+                                    else (loaded.datasets, loaded.source_frames()))
+            with _timed(timings, "write.volumetry"):
+                seg = write_seg_step(ctx, measured, t1_images, t1_frames)
+                outputs += [] if seg is None else [seg]
+                outputs.append(write_sr_step(ctx, measured, t1_images, seg, loaded))
+                outputs.append(write_summary_step(ctx, measured, images, t1_images))
+            kept = keep_volumes_step(ctx, images, measured)
+        record_and_queue(self.journal, ctx, outputs, kept, self._destinations(ctx.rule))
 
-        if volumetry is not None:
-            assert labels is not None
+    def _optional(self, run: _Run) -> None:
+        """The optional steps, each on its own: one that fails is logged and costs only its own output."""
+        for name, step in self.optional_steps:
             t0 = time.perf_counter()
-            algorithm = {"algorithm_name": measured.algorithm.id, "algorithm_version": measured.algorithm.version}
-            written_objects = self._write_volumetry(volumetry, labels, t1, t1_sources, loaded, rule, version,
-                                                    out_dir, source_number, algorithm)
-            for path, (ds, kind) in written_objects.items():
-                headers[path] = ds
-                produced.append((str(ds.SeriesInstanceUID), kind))
-            timings["write.volumetry"] = time.perf_counter() - t0
-            agreement_path = None
-            if volumetry.structures:
-                # kept for the agreement check with a counterpart (rT1 vs sT1) in the same study
-                sitk.WriteImage(t1, str(out_dir / AGREEMENT_T1), useCompression=True)
-                sitk.WriteImage(labels, str(out_dir / AGREEMENT_LABELS), useCompression=True)
-                t0 = time.perf_counter()
-                agreement_path = self._agreement(job_id, rule, version, series, out_dir, source_number)
-            if agreement_path is not None:
-                headers[agreement_path] = dcmread(agreement_path, stop_before_pixels=True)
-                produced.append((str(headers[agreement_path].SeriesInstanceUID), "AGREEMENT"))
-                timings["agreement"] = time.perf_counter() - t0
+            try:
+                output = step(self, run.ctx)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - the core outputs are recorded and queued already
+                log.error("job %d (%s): optional step %s failed, the core outputs are delivered all the same: "
+                          "%s: %s", run.ctx.job_id, run.ctx.rule.name, name, type(exc).__name__, exc, exc_info=exc)
+                continue
+            if output is None:
+                continue
+            run.timings[name] = time.perf_counter() - t0
+            queue_optional(self.journal, run.ctx, output, self._destinations(run.ctx.rule))
+            self.journal.set_job_timings(run.ctx.job_id, run.timings)
+            self.on_written()
 
-        items: list[tuple[str, str, str, str]] = []
-        for dest in self.config.destinations_for(rule):
-            for path, ds in headers.items():
-                items.append((dest.name, str(path), str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
-        self.journal.record_outputs(job_id, produced, items)
-        return timings
-
-
-    def _model(self, model_id: str | None) -> LoadedModel:
-        if not model_id:
-            raise JobFailed("not processed: the rule names no model")
-        try:
-            return self.registry.session(model_id)
-        except KeyError:
-            raise JobFailed(f"not processed: model {model_id!r} not installed") from None
-
-    def _images(self, rule: Rule, loaded: LoadedSeries, timings: dict[str, float]) -> _Images:
-        """The T1 to measure: the synthetic sT1 of a synthesis rule, or the real T1 itself. Labels come with it
-        from a model's own segmentation output when no segmenter is configured, or for an sT1 when the model's
-        manifest says its labels measure it better (``measures_synthetic``, measured on real T1s)."""
-        segmenter = self.config.inference.segmenter
-        if rule.action == "volumetry" and segmenter:
-            return _Images(t1=loaded.image, labels=None, synthesis=None, own_labels_of=None)
-        model = self._model(rule.model)
-        mirror = self.config.inference.mirror_average and rule.action == "synthesize" and bool(segmenter)
-        result = run_model(model, loaded.image, mirror_average=mirror)
-        timings.update({f"model.{k}": v for k, v in result.timings.items()})
-        seg_spec = model.manifest.output.segmentation
-        own_for_synthetic = rule.action == "synthesize" and seg_spec is not None and seg_spec.measures_synthetic
-        own = model.manifest if not segmenter or own_for_synthetic else None
-        if rule.action == "synthesize":
-            if result.t1 is None:
-                raise JobFailed(f"model {rule.model!r} produced no image")
-            return _Images(t1=result.t1, labels=result.labels, synthesis=model.manifest, own_labels_of=own)
-        if result.labels is None:  # volumetry of the real T1 by the rule's model, on the T1's own grid
-            raise JobFailed(f"model {rule.model!r} has no segmentation output: no volumetry")
-        labels = sitk.Resample(result.labels, loaded.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                               result.labels.GetPixelID())
-        return _Images(t1=loaded.image, labels=labels, synthesis=None, own_labels_of=own)
-
-    def _measure(self, job_id: int, rule: Rule, loaded: LoadedSeries, images: _Images,
-                 timings: dict[str, float]) -> _Measured:
-        """Segment the T1 with the segmenter (or take the model's own labels) and measure it."""
-        if not rule.volumetry:
-            return _Measured(None, None, images.synthesis)  # type: ignore[arg-type]
-        icv_ml = outside_ml = None
-        if images.own_labels_of is not None:
-            labels, algorithm = images.labels, images.own_labels_of
-        else:
-            segmenter = self._model(self.config.inference.segmenter)
-            result = segment(segmenter, images.t1)
-            timings.update({f"segment.{k}": v for k, v in result.timings.items()})
-            labels, algorithm = result.labels, segmenter.manifest
-            icv_ml, outside_ml = result.icv_ml, result.outside_ml
-        if labels is None:
-            return _Measured(None, None, algorithm)
-        assert algorithm.output.segmentation is not None
-        expected = expected_structures(algorithm.output.segmentation.labels)
-        t0 = time.perf_counter()
-        first = loaded.datasets[0]
-        volumetry = compute_volumetry(labels, images.t1, age=first.get("PatientAge") or _age_from_dates(first),
-                                      sex=first.get("PatientSex"), expected_codes=expected, icv_ml=icv_ml,
-                                      outside_ml=outside_ml)
-        timings["volumetry"] = time.perf_counter() - t0
-        if not volumetry.qc_passed:
-            failed = "; ".join(c.reason for c in volumetry.qc if c.passed is False)
-            log.warning("job %d: volumetry quality control FAILED: %s", job_id, failed)
-        return _Measured(volumetry, labels, algorithm)
-
-    def _write_volumetry(self, volumetry: Volumetry, labels: sitk.Image, t1: sitk.Image,
-                         t1_sources: list[Dataset], loaded: LoadedSeries, rule: Rule, version: int, out_dir: Path,
-                         source_number: int, algorithm: dict[str, str]) -> dict[Path, tuple[Dataset, str]]:
-        """SEG (unless the segmenter found no structure), SR and summary page; each file with its header."""
-        uid_prefix = self.config.node.uid_root
-        out: dict[Path, tuple[Dataset, str]] = {}
-        seg = None
-        if volumetry.structures:
-            seg_path = write_seg(
-                labels, t1_sources, out_path=out_dir / "seg.dcm", uid_prefix=uid_prefix,
-                series_number=output_series_number(source_number, "SEG", version),
-                series_description=with_qc_flag(output_description(rule, version, " SEG"), volumetry),
-                **algorithm,
-            )
-            seg = dcmread(seg_path, stop_before_pixels=True)
-            out[seg_path] = (seg, "SEG")
-        else:
-            log.warning("segmenter %s found no brain structure: no SEG, the SR and summary say QC failed",
-                        algorithm["algorithm_name"])
-        sr_path = write_sr(
-            volumetry, seg_dataset=seg, source_images=t1_sources, input_series_datasets=loaded.datasets,
-            out_path=out_dir / "sr.dcm", uid_prefix=uid_prefix,
-            series_number=output_series_number(source_number, "SR", version),
-            series_description=output_description(rule, version, " volumes"), **algorithm,
-        )
-        summary_path = write_summary(
-            volumetry, t1=t1, labels=labels, source_images=t1_sources, out_path=out_dir / "summary.dcm",
-            uid_prefix=uid_prefix, synthetic=rule.action == "synthesize",
-            series_number=output_series_number(source_number, "SUMMARY", version),
-            series_description=output_description(rule, version, " summary"), **algorithm,
-        )
-        for path, kind in ((sr_path, "SR"), (summary_path, "SUMMARY")):
-            out[path] = (dcmread(path, stop_before_pixels=True), kind)
-        return out
-
-    def _agreement(self, job_id: int, rule: Rule, version: int, series: SeriesRecord, out_dir: Path,
-                   source_number: int) -> Path | None:
-        """When the study also holds the other side (a real T1 for an sT1, or an sT1 for a real T1),
-        compare the two and write an agreement SR; None when there is no counterpart."""
-        other_action = "volumetry" if rule.action == "synthesize" else "synthesize"
-        counterpart = None
-        for job in reversed(self.journal.jobs_in_study(series.study_uid)):
-            other_dir = self.outputs_dir / f"job-{job.id:06d}"
-            if (job.id != job_id and job.action == other_action and job.state in ("written", "sent")
-                    and (other_dir / AGREEMENT_LABELS).exists() and (other_dir / "seg.dcm").exists()):
-                counterpart = (job, other_dir)
-                break
-        if counterpart is None:
-            return None
-        other_job, other_dir = counterpart
-        if rule.action == "synthesize":
-            real_dir, synth_dir, synth_rule = other_dir, out_dir, rule
-            real_series_uid = other_job.series_uid
-        else:
-            real_dir, synth_dir, synth_rule = out_dir, other_dir, self._rule(other_job.rule)
-            real_series_uid = series.series_uid
-        real_images = [dcmread(i.path, stop_before_pixels=True) for i in self.journal.instances(real_series_uid)]
-        synthetic_images = [dcmread(p, stop_before_pixels=True) for p in sorted((synth_dir / "sT1").glob("*.dcm"))]
-        agreement = compare(
-            sitk.ReadImage(str(real_dir / AGREEMENT_T1)), sitk.ReadImage(str(real_dir / AGREEMENT_LABELS)),
-            sitk.ReadImage(str(synth_dir / AGREEMENT_T1)), sitk.ReadImage(str(synth_dir / AGREEMENT_LABELS)),
-        )
-        log.info("job %d: agreement of %s with the real T1: PSNR %.1f dB, SSIM %.3f, mean Dice %.3f, "
-                 "mean ASPC %.1f %%", job_id, synth_rule.output_name, agreement.psnr, agreement.ssim,
-                 agreement.mean_dice, agreement.mean_aspc)
-        manifest = self.registry.session(synth_rule.model).manifest
-        return write_agreement_sr(
-            agreement, real_t1_images=real_images, synthetic_t1_images=synthetic_images,
-            real_seg=dcmread(real_dir / "seg.dcm", stop_before_pixels=True),
-            synthetic_seg=dcmread(synth_dir / "seg.dcm", stop_before_pixels=True),
-            out_path=out_dir / "agreement.dcm", uid_prefix=self.config.node.uid_root,
-            series_number=output_series_number(source_number, "AGREEMENT", version),
-            series_description=f"{synth_rule.output_name} vs rT1 agreement",
-            algorithm_name=manifest.id, algorithm_version=manifest.version,
-        )
+    def _agreement(self, ctx: JobContext) -> Output | None:
+        return agreement_step(ctx, self.journal, self.config, self.registry)
 
 
 class ThreadExecutor:

@@ -25,10 +25,43 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-SCHEMA_VERSION = 2
+from .headers import InstanceHeader, ReceivedInstance, SeriesAttributes
+
+
+class SeriesState(StrEnum):
+    """Where a series stands (``series.state``)."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    ROUTED = "routed"
+    IGNORED = "ignored"
+
+
+class JobState(StrEnum):
+    """Where a job stands (``jobs.state``)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    WRITTEN = "written"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class OutboxState(StrEnum):
+    """Where one outbox item stands (``outbox.state``)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+#: Version of the schema below; :meth:`Journal._migrate` brings older journals up to it and a journal of a
+#: newer version is refused at open (it may hold what this version cannot read).
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,6 +126,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     UNIQUE (destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS output_files (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id           INTEGER NOT NULL REFERENCES jobs(id),
+    kind             TEXT NOT NULL,
+    path             TEXT NOT NULL,
+    series_uid       TEXT NOT NULL DEFAULT '',
+    sop_class_uid    TEXT NOT NULL DEFAULT '',
+    sop_instance_uid TEXT NOT NULL DEFAULT '',
+    UNIQUE (job_id, path)
+);
+CREATE INDEX IF NOT EXISTS output_files_job ON output_files(job_id);
 """
 
 #: Columns added since schema version 1, as (table, column, definition): a journal written by an
@@ -101,7 +145,9 @@ _ADDED_COLUMNS = [
     ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
     ("instances", "sha256", "TEXT NOT NULL DEFAULT ''"),  # '' for instances received before
     ("outbox", "first_failed_at", "REAL NOT NULL DEFAULT 0"),  # 0: no failed try yet
+    ("jobs", "output_name", "TEXT NOT NULL DEFAULT ''"),  # schema 3; '' for jobs recorded before
 ]
+# Schema 3 also added the table output_files (created by _SCHEMA; jobs recorded before have no rows there).
 
 
 @dataclass(frozen=True)
@@ -111,7 +157,7 @@ class InstanceRecord:
     sop_class_uid: str
     transfer_syntax: str
     path: str
-    geometry: dict[str, Any]
+    header: InstanceHeader
     #: SHA-256 (hex) of the data set as received (without the file meta the node adds); '' if unknown
     sha256: str = ""
 
@@ -124,8 +170,8 @@ class SeriesRecord:
     description: str
     modality: str
     calling_ae: str
-    attrs: dict[str, Any]
-    state: str
+    attributes: SeriesAttributes
+    state: SeriesState
     version: int
     first_received: float
     last_received: float
@@ -141,12 +187,24 @@ class JobRecord:
     rule: str
     action: str
     model: str | None
-    state: str
+    state: JobState
     reason: str
     created_at: float
     updated_at: float
     timings: dict[str, float]
     attempts: int = 0
+    #: the rule's output name (``sT1AAH``, ``rT1``) the job wrote under; '' until it recorded its outputs
+    output_name: str = ""
+
+
+class OutputFile(NamedTuple):
+    """One file a job wrote: a DICOM object (with its UIDs) or a volume it keeps for a later step."""
+
+    kind: str                 # sT1, SEG, SR, SUMMARY, AGREEMENT; T1_VOLUME, LABEL_VOLUME (kept, never sent)
+    path: str
+    series_uid: str = ""
+    sop_class_uid: str = ""
+    sop_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,7 +215,7 @@ class OutboxItem:
     path: str
     sop_class_uid: str
     sop_instance_uid: str
-    state: str
+    state: OutboxState
     tries: int
     next_attempt_at: float
     last_error: str
@@ -238,7 +296,12 @@ class Journal:
             raise self._unusable(f"integrity check failed: {problems[0]}{more}")
 
     def _migrate(self) -> None:
-        """Bring a journal written by an older version up to :data:`SCHEMA_VERSION` (in place)."""
+        """Bring a journal written by an older version up to :data:`SCHEMA_VERSION` (in place); refuse one
+        written by a newer version."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is not None and int(row["value"]) > SCHEMA_VERSION:
+            raise self._unusable(f"it has schema version {row['value']}, written by a newer dicom-node (this one "
+                                 f"reads up to {SCHEMA_VERSION})")
         with self._tx() as db:
             for table, column, definition in _ADDED_COLUMNS:
                 have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
@@ -271,34 +334,19 @@ class Journal:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def add_instance(
-        self,
-        *,
-        sop_instance_uid: str,
-        sop_class_uid: str,
-        transfer_syntax: str,
-        path: str,
-        geometry: dict[str, Any],
-        series_uid: str,
-        study_uid: str,
-        patient_id: str,
-        description: str,
-        modality: str,
-        calling_ae: str,
-        series_attrs: dict[str, Any],
-        sha256: str = "",
-        now: float | None = None,
-    ) -> bool:
+    def add_instance(self, instance: ReceivedInstance, *, transfer_syntax: str, path: str, calling_ae: str,
+                     sha256: str = "", now: float | None = None) -> bool:
         """Record a received instance; returns False when the SOP Instance UID was already known.
 
         A new instance for a series that was already closed re-opens it (a late arrival), so the
         series is assembled and processed again as a new version.
         """
         entry = _PendingInstance(dict(
-            sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid, transfer_syntax=transfer_syntax,
-            path=path, geometry=json.dumps(geometry), series_uid=series_uid, study_uid=study_uid,
-            patient_id=patient_id, description=description, modality=modality, calling_ae=calling_ae,
-            series_attrs=json.dumps(series_attrs), sha256=sha256,
+            sop_instance_uid=instance.sop_instance_uid, sop_class_uid=instance.sop_class_uid,
+            transfer_syntax=transfer_syntax, path=path, geometry=json.dumps(instance.header.to_json()),
+            series_uid=instance.series_uid, study_uid=instance.study_uid, patient_id=instance.patient_id,
+            description=instance.series.series_description, modality=instance.series.modality,
+            calling_ae=calling_ae, series_attrs=json.dumps(instance.series.to_json()), sha256=sha256,
         ))
         with self._pending_lock:
             # stamped in queue order, so a batch never moves a series' last_received backwards
@@ -364,7 +412,7 @@ class Journal:
     @staticmethod
     def _instance(r: sqlite3.Row) -> InstanceRecord:
         return InstanceRecord(r["sop_instance_uid"], r["series_uid"], r["sop_class_uid"], r["transfer_syntax"],
-                              r["path"], json.loads(r["geometry"]), r["sha256"])
+                              r["path"], InstanceHeader.from_json(json.loads(r["geometry"])), r["sha256"])
 
     def instances(self, series_uid: str) -> list[InstanceRecord]:
         rows = self._query(
@@ -384,7 +432,8 @@ class Journal:
         return SeriesRecord(
             series_uid=row["series_uid"], study_uid=row["study_uid"], patient_id=row["patient_id"],
             description=row["description"], modality=row["modality"], calling_ae=row["calling_ae"],
-            attrs=json.loads(row["attrs"]), state=row["state"], version=row["version"],
+            attributes=SeriesAttributes.from_json(json.loads(row["attrs"])), state=SeriesState(row["state"]),
+            version=row["version"],
             first_received=row["first_received"], last_received=row["last_received"], note=row["note"],
             n_instances=row["n"] if "n" in keys else 0,
         )
@@ -403,7 +452,7 @@ class Journal:
         )
         return [self._series(r) for r in rows]
 
-    def series_in_state(self, state: str, *, idle_before: float | None = None) -> list[SeriesRecord]:
+    def series_in_state(self, state: SeriesState, *, idle_before: float | None = None) -> list[SeriesRecord]:
         sql = "SELECT * FROM series WHERE state=?"
         params: list[Any] = [state]
         if idle_before is not None:
@@ -421,7 +470,7 @@ class Journal:
             row = db.execute(
                 "SELECT state, version, last_received FROM series WHERE series_uid=?", (series_uid,)
             ).fetchone()
-            if row is None or row["state"] != "receiving":
+            if row is None or row["state"] != SeriesState.RECEIVING:
                 return None
             if expected_last_received is not None and row["last_received"] > expected_last_received:
                 return None
@@ -431,7 +480,7 @@ class Journal:
             )
             return version
 
-    def set_series_state(self, series_uid: str, state: str, note: str = "") -> None:
+    def set_series_state(self, series_uid: str, state: SeriesState, note: str = "") -> None:
         with self._tx() as db:
             db.execute("UPDATE series SET state=?, note=? WHERE series_uid=?", (state, note, series_uid))
 
@@ -440,9 +489,9 @@ class Journal:
     def _job(self, row: sqlite3.Row) -> JobRecord:
         return JobRecord(
             id=row["id"], series_uid=row["series_uid"], version=row["version"], rule=row["rule"],
-            action=row["action"], model=row["model"], state=row["state"], reason=row["reason"],
+            action=row["action"], model=row["model"], state=JobState(row["state"]), reason=row["reason"],
             created_at=row["created_at"], updated_at=row["updated_at"], timings=json.loads(row["timings"]),
-            attempts=row["attempts"],
+            attempts=row["attempts"], output_name=row["output_name"],
         )
 
     def add_job(self, *, series_uid: str, version: int, rule: str, action: str, model: str | None) -> int:
@@ -462,7 +511,7 @@ class Journal:
             raise KeyError(job_id)
         return self._job(rows[0])
 
-    def jobs(self, *, states: Sequence[str] | None = None, limit: int = 200) -> list[JobRecord]:
+    def jobs(self, *, states: Sequence[JobState] | None = None, limit: int = 200) -> list[JobRecord]:
         if states:
             marks = ",".join("?" * len(states))
             rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", list(states))
@@ -479,7 +528,7 @@ class Journal:
         return [self._job(r) for r in rows]
 
     def set_job_state(
-        self, job_id: int, state: str, reason: str = "", timings: dict[str, float] | None = None
+        self, job_id: int, state: JobState, reason: str = "", timings: dict[str, float] | None = None
     ) -> None:
         with self._tx() as db:
             if timings is None:
@@ -546,26 +595,62 @@ class Journal:
     # -- outputs and outbox ----------------------------------------------------------------
 
     def record_outputs(
-        self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]]
+        self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]], *,
+        files: Sequence[OutputFile] = (), output_name: str = "",
     ) -> None:
         """In one transaction: the series the job produced ``(series_uid, kind)``, its outbox items
-        ``(destination, path, sop_class_uid, sop_instance_uid)`` and the job state ``written``."""
+        ``(destination, path, sop_class_uid, sop_instance_uid)``, the files it wrote, the output name it
+        wrote under and the job state ``written``."""
         now = time.time()
         with self._tx() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO produced(series_uid, job_id, kind) VALUES (?,?,?)",
-                [(uid, job_id, kind) for uid, kind in produced],
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO outbox(job_id, destination, path, sop_class_uid, sop_instance_uid,"
-                " next_attempt_at) VALUES (?,?,?,?,?,?)",
-                [(job_id, dest, path, cls, uid, now) for dest, path, cls, uid in items],
-            )
-            state = "written" if items else "sent"
+            self._insert_outputs(db, job_id, produced, items, files, now)
+            state = JobState.WRITTEN if items else JobState.SENT
             reason = "" if items else "no destination configured: outputs kept on disk only"
             db.execute(
-                "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE id=?", (state, reason, now, job_id)
+                "UPDATE jobs SET state=?, reason=?, updated_at=?, output_name=? WHERE id=?",
+                (state, reason, now, output_name, job_id),
             )
+
+    def add_outputs(
+        self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]], *,
+        files: Sequence[OutputFile] = (),
+    ) -> None:
+        """Outputs of a step that ran after :meth:`record_outputs` (an optional step): recorded like those;
+        a job already delivered becomes ``written`` again while the new items are pending."""
+        now = time.time()
+        with self._tx() as db:
+            self._insert_outputs(db, job_id, produced, items, files, now)
+            if items:
+                db.execute("UPDATE jobs SET state='written', reason='', updated_at=? WHERE id=? AND state='sent'",
+                           (now, job_id))
+
+    @staticmethod
+    def _insert_outputs(db: sqlite3.Connection, job_id: int, produced: Sequence[tuple[str, str]],
+                        items: Sequence[tuple[str, str, str, str]], files: Sequence[OutputFile], now: float) -> None:
+        db.executemany(
+            "INSERT OR IGNORE INTO produced(series_uid, job_id, kind) VALUES (?,?,?)",
+            [(uid, job_id, kind) for uid, kind in produced],
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO outbox(job_id, destination, path, sop_class_uid, sop_instance_uid,"
+            " next_attempt_at) VALUES (?,?,?,?,?,?)",
+            [(job_id, dest, path, cls, uid, now) for dest, path, cls, uid in items],
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO output_files(job_id, kind, path, series_uid, sop_class_uid, sop_instance_uid)"
+            " VALUES (?,?,?,?,?,?)",
+            [(job_id, *f) for f in files],
+        )
+
+    def output_files(self, job_id: int, kind: str | None = None) -> list[OutputFile]:
+        """The files a job recorded (of one kind), in the order written."""
+        sql, params = "SELECT * FROM output_files WHERE job_id=?", [job_id]
+        if kind is not None:
+            sql += " AND kind=?"
+            params.append(kind)
+        rows = self._query(sql + " ORDER BY id", params)
+        return [OutputFile(r["kind"], r["path"], r["series_uid"], r["sop_class_uid"], r["sop_instance_uid"])
+                for r in rows]
 
     def is_produced(self, series_uid: str) -> bool:
         return bool(self._query("SELECT 1 FROM produced WHERE series_uid=?", (series_uid,)))
@@ -577,7 +662,8 @@ class Journal:
     def _item(self, row: sqlite3.Row) -> OutboxItem:
         return OutboxItem(
             id=row["id"], job_id=row["job_id"], destination=row["destination"], path=row["path"],
-            sop_class_uid=row["sop_class_uid"], sop_instance_uid=row["sop_instance_uid"], state=row["state"],
+            sop_class_uid=row["sop_class_uid"], sop_instance_uid=row["sop_instance_uid"],
+            state=OutboxState(row["state"]),
             tries=row["tries"], next_attempt_at=row["next_attempt_at"], last_error=row["last_error"],
         )
 
@@ -651,9 +737,9 @@ class Journal:
         )]
         for job_id in job_ids:
             states = {r["state"] for r in db.execute("SELECT state FROM outbox WHERE job_id=?", (job_id,))}
-            if states == {"sent"}:
+            if states == {OutboxState.SENT}:
                 db.execute("UPDATE jobs SET state='sent', reason='', updated_at=? WHERE id=?", (time.time(), job_id))
-            elif "pending" not in states and "failed" in states:
+            elif OutboxState.PENDING not in states and OutboxState.FAILED in states:
                 db.execute(
                     "UPDATE jobs SET state='failed', reason='delivery failed after the last try',"
                     " updated_at=? WHERE id=?",

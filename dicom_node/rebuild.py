@@ -20,8 +20,9 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 
-from .journal import Journal
-from .scp import BadInstance, _str, header_summary
+from .headers import describe
+from .journal import Journal, SeriesState
+from .scp import BadInstance
 from .uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -71,22 +72,18 @@ def rebuild(journal: Journal, spool_root: Path, *, reprocess: bool = False) -> R
     for path in unknown:
         try:
             ds = dcmread(path, stop_before_pixels=True)
-            uids = {k: _str(ds.get(k)) for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID",
-                                                    "SeriesInstanceUID")}
+            received = describe(ds)
+            uids = {"SOPInstanceUID": received.sop_instance_uid, "SOPClassUID": received.sop_class_uid,
+                    "StudyInstanceUID": received.study_uid, "SeriesInstanceUID": received.series_uid}
             bad = [k for k, v in uids.items() if not is_valid_uid(v)]
             if bad:
                 raise BadInstance(0, f"{', '.join(bad)} missing or not a UID")
             if journal.instance(uids["SOPInstanceUID"]) is not None:
                 raise BadInstance(0, "its SOP Instance UID is already journaled with another file")
-            geometry, attrs = header_summary(ds)
-            series_known = journal.series(uids["SeriesInstanceUID"]) is not None
+            series_known = journal.series(received.series_uid) is not None
             journal.add_instance(
-                sop_instance_uid=uids["SOPInstanceUID"], sop_class_uid=uids["SOPClassUID"],
-                transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")), path=str(path),
-                geometry=geometry, series_uid=uids["SeriesInstanceUID"], study_uid=uids["StudyInstanceUID"],
-                patient_id=_str(ds.get("PatientID")), description=attrs["SeriesDescription"],
-                modality=attrs["Modality"], calling_ae="", series_attrs=attrs, sha256=_digest_after_meta(path),
-                now=path.stat().st_mtime,
+                received, transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")), path=str(path),
+                calling_ae="", sha256=_digest_after_meta(path), now=path.stat().st_mtime,
             )
         except Exception as exc:  # noqa: BLE001 - report the file, go on with the others
             result.unreadable.append((path, str(exc)))
@@ -97,5 +94,5 @@ def rebuild(journal: Journal, spool_root: Path, *, reprocess: bool = False) -> R
             new_series.add(uids["SeriesInstanceUID"])
     if not reprocess:
         for uid in sorted(new_series):
-            journal.set_series_state(uid, "ignored", REBUILT_NOTE)
+            journal.set_series_state(uid, SeriesState.IGNORED, REBUILT_NOTE)
     return result

@@ -6,12 +6,12 @@ Every decision carries a human-readable explanation; ``dicom-node route --dry-ru
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import MANUFACTURER, MODEL_NAME
 from .config import NodeConfig, Rule
+from .headers import SeriesAttributes
 
 #: Storage SOP classes that are routed (everything else is stored only).
 ROUTABLE_SOP_CLASSES = {
@@ -34,41 +34,41 @@ class Decision:
         return self.rule is not None
 
 
-def loop_guard(attrs: Mapping[str, Any], series_uid: str, *, uid_root: str | None,
+def loop_guard(attrs: SeriesAttributes, series_uid: str, *, uid_root: str | None,
                is_produced: Callable[[str], bool] | None = None) -> str | None:
     """Why a series must never be processed (the node's own output, a reformat), or None."""
-    if attrs.get("Manufacturer") == MANUFACTURER and attrs.get("ManufacturerModelName") == MODEL_NAME:
+    if attrs.manufacturer == MANUFACTURER and attrs.manufacturer_model_name == MODEL_NAME:
         return f"written by this node (Manufacturer {MANUFACTURER!r}, model {MODEL_NAME!r})"
-    if uid_root and (series_uid.startswith(uid_root) or str(attrs.get("SOPInstanceUID", "")).startswith(uid_root)):
+    if uid_root and (series_uid.startswith(uid_root) or attrs.sop_instance_uid.startswith(uid_root)):
         return f"UID under this node's root {uid_root}"
     if is_produced is not None and is_produced(series_uid):
         return "a series this node produced (journal)"
-    image_type = [str(v).upper() for v in attrs.get("ImageType") or []]
+    image_type = [v.upper() for v in attrs.image_type]
     if image_type and image_type[0] == "DERIVED":
         kind = "scanner reformat" if "MPR" in image_type or "PROJECTION IMAGE" in image_type else "derived image"
         return f"{kind} (ImageType {chr(92).join(image_type)}): only original acquisitions are processed"
     return None
 
 
-def _match_rule(rule: Rule, attrs: Mapping[str, Any], calling_ae: str) -> str | None:
+def _match_rule(rule: Rule, attrs: SeriesAttributes, calling_ae: str) -> str | None:
     """None when every matcher holds, else the first one that does not."""
-    description = str(attrs.get("SeriesDescription") or "")
+    description = attrs.series_description
     if not re.search(rule.series_description, description, flags=re.IGNORECASE):
         return f"SeriesDescription {description!r} does not match /{rule.series_description}/i"
-    modality = str(attrs.get("Modality") or "")
+    modality = attrs.modality
     if rule.modality and modality.upper() != rule.modality.upper():
         return f"Modality {modality!r} is not {rule.modality!r}"
-    image_type = {str(v).upper() for v in attrs.get("ImageType") or []}
+    image_type = {v.upper() for v in attrs.image_type}
     missing = [v for v in rule.image_type if v.upper() not in image_type]
     if missing:
         return f"ImageType {sorted(image_type)} lacks {missing}"
     present = [v for v in rule.image_type_excludes if v.upper() in image_type]
     if present:
         return f"ImageType has excluded {present}"
-    acq = str(attrs.get("MRAcquisitionType") or "")
+    acq = attrs.mr_acquisition_type
     if rule.mr_acquisition_type and acq.upper() != rule.mr_acquisition_type:
         return f"MRAcquisitionType {acq or '(absent)'!r} is not {rule.mr_acquisition_type!r}"
-    thickness = attrs.get("SliceThickness")
+    thickness = attrs.slice_thickness
     if rule.slice_thickness_min is not None or rule.slice_thickness_max is not None:
         if thickness is None:
             return "SliceThickness is absent"
@@ -76,7 +76,7 @@ def _match_rule(rule: Rule, attrs: Mapping[str, Any], calling_ae: str) -> str | 
             return f"SliceThickness {thickness} < {rule.slice_thickness_min}"
         if rule.slice_thickness_max is not None and thickness > rule.slice_thickness_max:
             return f"SliceThickness {thickness} > {rule.slice_thickness_max}"
-    manufacturer = str(attrs.get("Manufacturer") or "")
+    manufacturer = attrs.manufacturer
     if rule.manufacturer and not re.search(rule.manufacturer, manufacturer, flags=re.IGNORECASE):
         return f"Manufacturer {manufacturer!r} does not match /{rule.manufacturer}/i"
     if rule.calling_ae and calling_ae not in rule.calling_ae:
@@ -86,7 +86,7 @@ def _match_rule(rule: Rule, attrs: Mapping[str, Any], calling_ae: str) -> str | 
 
 def route(
     config: NodeConfig,
-    attrs: Mapping[str, Any],
+    attrs: SeriesAttributes,
     series_uid: str,
     *,
     calling_ae: str = "",
@@ -100,7 +100,7 @@ def route(
     guard = loop_guard(attrs, series_uid, uid_root=config.node.uid_root, is_produced=is_produced)
     if guard:
         return Decision(None, f"not processed: {guard}")
-    sop_class = str(attrs.get("SOPClassUID") or "")
+    sop_class = attrs.sop_class_uid
     if sop_class not in ROUTABLE_SOP_CLASSES:
         return Decision(None, f"stored only: SOP class {sop_class} is not routed (only MR images are)")
     trace: list[str] = []

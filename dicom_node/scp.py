@@ -52,10 +52,12 @@ from pynetdicom.sop_class import Verification
 
 from .config import NodeConfig
 from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBudget, inflated_size_exceeds
+from .headers import describe
+from .headers import text as _str
 from .journal import InstanceRecord, Journal
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
-from .tls import NodeAssociationServer, common_name, describe, server_context
+from .tls import NodeAssociationServer, common_name, describe_connection, server_context
 from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -121,27 +123,6 @@ def _on_conn_open(event: evt.Event) -> None:
     set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
 
 
-def _str(value: Any) -> str:
-    return "" if value is None else str(value).strip()
-
-
-def _as_list(value: Any) -> list[Any]:
-    """A DICOM value as a list: multi-valued elements iterate, single values are wrapped."""
-    if value is None or value == "":
-        return []
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        return [value]
-    return list(value)
-
-
-def _floats(value: Any) -> list[float] | None:
-    try:
-        values = [float(v) for v in _as_list(value)]
-    except (TypeError, ValueError):
-        return None
-    return values or None
-
-
 def parse_instance(data: bytes) -> Dataset:
     """Parse the encoded object (with file meta) and check its structure, without decoding pixels.
 
@@ -151,7 +132,7 @@ def parse_instance(data: bytes) -> Dataset:
         ds = dcmread(io.BytesIO(data), force=False)
         # pydicom reads a truncated encoding without complaint: the last element just gets fewer bytes
         # than its header declares. Check every top-level element's length without converting any
-        # value (cheap; what the node uses is converted below and by header_summary).
+        # value (cheap; what the node uses is converted below and by headers.describe).
         for tag in ds.keys():
             elem = ds.get_item(tag)
             declared = getattr(elem, "length", UNDEFINED_LENGTH)
@@ -248,37 +229,6 @@ def stored_digest(path: Path) -> str | None:
             return content_digest(f.read())
     except (OSError, ValueError, AttributeError, InvalidDicomError):
         return None
-
-
-def header_summary(ds: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(per-instance geometry, per-series attributes) as JSON-able dicts."""
-    geometry = {
-        "ipp": _floats(ds.get("ImagePositionPatient")),
-        "iop": _floats(ds.get("ImageOrientationPatient")),
-        "ps": _floats(ds.get("PixelSpacing")),
-        "rows": int(ds.get("Rows") or 0),
-        "cols": int(ds.get("Columns") or 0),
-        "frames": int(ds.get("NumberOfFrames") or 1),
-        "instance": int(ds.get("InstanceNumber") or 0),
-        "images_in_acquisition": int(ds.get("ImagesInAcquisition") or 0),
-        "thickness": _floats(ds.get("SliceThickness")),
-    }
-    attrs = {
-        "SeriesDescription": _str(ds.get("SeriesDescription")),
-        "Modality": _str(ds.get("Modality")),
-        "ImageType": [str(v).strip().upper() for v in _as_list(ds.get("ImageType"))],
-        "MRAcquisitionType": _str(ds.get("MRAcquisitionType")),
-        "SliceThickness": (_floats(ds.get("SliceThickness")) or [None])[0],
-        "Manufacturer": _str(ds.get("Manufacturer")),
-        "ManufacturerModelName": _str(ds.get("ManufacturerModelName")),
-        "SoftwareVersions": _str(ds.get("SoftwareVersions")),
-        "ProtocolName": _str(ds.get("ProtocolName")),
-        "SeriesNumber": int(ds.get("SeriesNumber") or 0),
-        "SOPClassUID": _str(ds.get("SOPClassUID")),
-        "PatientPosition": _str(ds.get("PatientPosition")),
-        "SOPInstanceUID": _str(ds.get("SOPInstanceUID")),
-    }
-    return geometry, attrs
 
 
 @dataclass
@@ -445,7 +395,7 @@ class StorageSCP:
         """A peer with ``tls`` must come over TLS; one with ``tls_common_name`` with that verified client
         certificate."""
         peers = [p for p in self.config.peers if p.ae_title == calling]
-        over_tls = describe(sock)
+        over_tls = describe_connection(sock)
         if over_tls:
             log.debug("association from %s over %s", calling, over_tls)
         if any(p.tls or p.tls_common_name for p in peers) and over_tls is None:
@@ -513,10 +463,10 @@ class StorageSCP:
                     f"SOPClassUID {ds.SOPClassUID} differs from the request's {requested_class}",
                 )
             try:
-                geometry, attrs = header_summary(ds)
+                received = describe(ds)
             except (TypeError, ValueError, OverflowError, BytesLengthException) as exc:  # InstanceNumber "1e999"
                 raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot read the header: {exc}") from None
-            study_uid, series_uid = _str(ds.StudyInstanceUID), _str(ds.SeriesInstanceUID)
+            study_uid, series_uid = received.study_uid, received.series_uid
             with self._claim(sop_uid):
                 known = self.journal.instance(sop_uid)
                 if known is not None:
@@ -524,21 +474,8 @@ class StorageSCP:
                     series_uid = known.series_uid
                 else:
                     path = self.spool.write(study_uid, series_uid, sop_uid, data)
-                    self.journal.add_instance(
-                        sop_instance_uid=sop_uid,
-                        sop_class_uid=_str(ds.SOPClassUID),
-                        transfer_syntax=str(event.context.transfer_syntax),
-                        path=str(path),
-                        geometry=geometry,
-                        series_uid=series_uid,
-                        study_uid=study_uid,
-                        patient_id=_str(ds.get("PatientID")),
-                        description=attrs["SeriesDescription"],
-                        modality=attrs["Modality"],
-                        calling_ae=calling,
-                        series_attrs=attrs,
-                        sha256=digest,
-                    )
+                    self.journal.add_instance(received, transfer_syntax=str(event.context.transfer_syntax),
+                                              path=str(path), calling_ae=calling, sha256=digest)
         except DuplicateConflict as exc:
             log.warning("C-STORE of %s from %s refused (status 0x%04X): %s", sop_uid, calling, exc.status,
                         exc.detail)

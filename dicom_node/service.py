@@ -21,7 +21,7 @@ from .assembly import completeness
 from .config import NodeConfig
 from .dispatch import Dispatcher
 from .jobs import JobRunner, ThreadExecutor
-from .journal import Journal
+from .journal import Journal, OutboxState, SeriesState
 from .rebuild import unknown_files
 from .routing import route
 from .scp import StorageSCP
@@ -111,9 +111,9 @@ class Node:
             log.info("resuming job %d (%s) after restart%s", job.id, job.rule,
                      f": {job.reason}" if job.reason else "")
             self.executor.submit(job.id)
-        for series in self.journal.series_in_state("complete"):
+        for series in self.journal.series_in_state(SeriesState.COMPLETE):
             self._route(series.series_uid, series.version)
-        pending = self.journal.counts()["outbox"].get("pending", 0)
+        pending = self.journal.counts()["outbox"].get(OutboxState.PENDING, 0)
         if pending:
             log.info("outbox: %d object(s) still to deliver", pending)
             self.kick_dispatch()
@@ -130,7 +130,7 @@ class Node:
         for uid in series_uids:
             try:
                 series = self.journal.series(uid)
-                if series is None or series.state != "receiving":
+                if series is None or series.state != SeriesState.RECEIVING:
                     continue
                 verdict = completeness(self.journal.instances(uid))
                 if verdict.whole:
@@ -145,7 +145,7 @@ class Node:
     def sweep(self) -> None:
         """Close series that received nothing for ``idle_timeout_s``, whole or not."""
         cutoff = time.time() - self.config.node.idle_timeout_s
-        for series in self.journal.series_in_state("receiving", idle_before=cutoff):
+        for series in self.journal.series_in_state(SeriesState.RECEIVING, idle_before=cutoff):
             try:
                 verdict = completeness(self.journal.instances(series.series_uid))
                 whole, reason = verdict.whole, verdict.reason
@@ -169,12 +169,12 @@ class Node:
         series = self.journal.series(series_uid)
         assert series is not None
         decision = route(
-            self.config, series.attrs, series_uid, calling_ae=series.calling_ae,
+            self.config, series.attributes, series_uid, calling_ae=series.calling_ae,
             installed_models=self.installed_models, is_produced=self.journal.is_produced,
         )
         if decision.rule is None:
             log.info("series %r (%s): %s", series.description, series_uid, decision.reason)
-            self.journal.set_series_state(series_uid, "ignored", decision.reason)
+            self.journal.set_series_state(series_uid, SeriesState.IGNORED, decision.reason)
             return
         rule = decision.rule
         job_id = self.journal.add_job(series_uid=series_uid, version=version, rule=rule.name,

@@ -95,7 +95,7 @@ def handshake(sock: Any, timeout_s: float) -> str | None:
         return str(why)
 
 
-def describe(sock: Any) -> str | None:
+def describe_connection(sock: Any) -> str | None:
     """"TLSv1.3, client certificate CN=..." for a TLS connection; None for a plain one."""
     if not isinstance(sock, ssl.SSLSocket):
         return None

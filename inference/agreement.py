@@ -218,13 +218,9 @@ def _normalised(values: np.ndarray, mask: np.ndarray, name: str) -> np.ndarray:
     return values / scale
 
 
-def compare(real_t1: sitk.Image, real_labels: sitk.Image, synth_t1: sitk.Image,
-            synth_labels: sitk.Image) -> Agreement:
-    """Register the synthetic T1 to the real T1 and measure their agreement (see the module docstring).
-
-    ``real_labels`` must be on the real T1's grid and ``synth_labels`` on the synthetic T1's (FreeSurfer
-    codes). ValueError for non-3D inputs, label maps off their image's grid or an empty real brain mask.
-    """
+def _check_inputs(real_t1: sitk.Image, real_labels: sitk.Image, synth_t1: sitk.Image,
+                  synth_labels: sitk.Image) -> None:
+    """ValueError for a non-3D input or a label map off its T1's grid."""
     for image, name in ((real_t1, "real T1"), (real_labels, "real labels"), (synth_t1, "synthetic T1"),
                         (synth_labels, "synthetic labels")):
         _check(image, name)
@@ -234,6 +230,33 @@ def compare(real_t1: sitk.Image, real_labels: sitk.Image, synth_t1: sitk.Image,
                 or not np.allclose(image.GetSpacing(), labels.GetSpacing(), atol=1e-4)
                 or not np.allclose(image.GetDirection(), labels.GetDirection(), atol=1e-4)):
             raise ValueError(f"the {name} labels are not on the {name} T1's grid")
+
+
+def _structure_agreement(real_labels: sitk.Image, labels_on_real: sitk.Image,
+                         synth_labels: sitk.Image) -> dict[int, StructureAgreement]:
+    """Dice (on the real grid, after registration) and volume ASPC of every structure either side has."""
+    real_codes = sitk.GetArrayViewFromImage(real_labels)
+    synth_codes = sitk.GetArrayViewFromImage(labels_on_real)
+    real_ml, synth_ml = volumes_ml(real_labels), volumes_ml(synth_labels)
+    structures = {}
+    for code in STRUCTURES:
+        a, b = real_ml.get(code, 0.0), synth_ml.get(code, 0.0)
+        if a == 0.0 and b == 0.0:
+            continue
+        overlap = dice(real_codes, synth_codes, code)  # nan: only in synthetic labels outside the real grid
+        structures[code] = StructureAgreement(code=code, dice=0.0 if math.isnan(overlap) else overlap, real_ml=a,
+                                              synthetic_ml=b, aspc=aspc(a, b))
+    return structures
+
+
+def compare(real_t1: sitk.Image, real_labels: sitk.Image, synth_t1: sitk.Image,
+            synth_labels: sitk.Image) -> Agreement:
+    """Register the synthetic T1 to the real T1 and measure their agreement (see the module docstring).
+
+    ``real_labels`` must be on the real T1's grid and ``synth_labels`` on the synthetic T1's (FreeSurfer
+    codes). ValueError for non-3D inputs, label maps off their image's grid or an empty real brain mask.
+    """
+    _check_inputs(real_t1, real_labels, synth_t1, synth_labels)
     brain = _brain_mask(real_labels)
     if not sitk.GetArrayViewFromImage(brain).any():
         raise ValueError("the real labels hold no brain (no code in 1..99)")
@@ -257,17 +280,7 @@ def compare(real_t1: sitk.Image, real_labels: sitk.Image, synth_t1: sitk.Image,
     synth = _normalised(sitk.GetArrayViewFromImage(synth_on_real)[box].astype(np.float64), covered[box],
                         "synthetic T1")
 
-    real_codes = sitk.GetArrayViewFromImage(real_labels)
-    synth_codes = sitk.GetArrayViewFromImage(labels_on_real)
-    real_ml, synth_ml = volumes_ml(real_labels), volumes_ml(synth_labels)
-    structures = {}
-    for code in STRUCTURES:
-        a, b = real_ml.get(code, 0.0), synth_ml.get(code, 0.0)
-        if a == 0.0 and b == 0.0:
-            continue
-        overlap = dice(real_codes, synth_codes, code)  # nan: only in synthetic labels outside the real grid
-        structures[code] = StructureAgreement(code=code, dice=0.0 if math.isnan(overlap) else overlap, real_ml=a,
-                                              synthetic_ml=b, aspc=aspc(a, b))
+    structures = _structure_agreement(real_labels, labels_on_real, synth_labels)
     return Agreement(
         translation_mm=registration.translation_mm, rotation_deg=registration.rotation_deg,
         center_mm=registration.center_mm, psnr=psnr(real, synth, covered[box]),

@@ -26,7 +26,10 @@ from pydicom.sr.coding import Code
 __all__ = [
     "ANATOMICAL_STRUCTURE",
     "APARC_ASEG_CODES",
+    "ASEG_LEFT",
+    "ASEG_RIGHT",
     "CORTEX",
+    "HIPPOCAMPUS",
     "LOBES",
     "BODY_SUBSTANCE",
     "LEFT",
@@ -160,10 +163,15 @@ def region_codes(codes_in: np.ndarray) -> np.ndarray:
 
 # SynthSeg's generation labels are ordered neutral, left, right; left[i] mirrors right[i]. This covers the
 # measured structures plus SynthSeg's extra labels (25/57 lesion, 30/62 vessel, 136/163 and 137/164 extra-cerebral).
-_LEFT = (2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 17, 18, 25, 26, 28, 30, 136, 137,
-         *range(1201, 1207), *range(1001, 1036))
-_RIGHT = (41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 57, 58, 60, 62, 163, 164,
-          *range(2201, 2207), *range(2001, 2036))
+#: SynthSeg's paired generation labels (aseg codes), left[i] mirroring right[i]: the training generator's
+#: left-right swap and the start of :data:`LR_SWAP`.
+ASEG_LEFT: tuple[int, ...] = (2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 17, 18, 25, 26, 28, 30, 136, 137)
+ASEG_RIGHT: tuple[int, ...] = (41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 57, 58, 60, 62, 163, 164)
+_LEFT = (*ASEG_LEFT, *range(1201, 1207), *range(1001, 1036))
+_RIGHT = (*ASEG_RIGHT, *range(2201, 2207), *range(2001, 2036))
+
+#: The hippocampus of each side (hippocampal occupancy, the summary page, evaluation summaries).
+HIPPOCAMPUS: dict[str, int] = {"L": 17, "R": 53}
 LR_SWAP: dict[int, int] = {**dict(zip(_LEFT, _RIGHT, strict=True)), **dict(zip(_RIGHT, _LEFT, strict=True))}
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from inference.normalization import SYNTHESIS_INPUT
+
 __all__ = [
     "MANIFEST_FILE",
     "MODEL_FILE",
@@ -54,9 +56,9 @@ class InputSpec(_Strict):
     orientation: str = "LPS"
     spacing_mm: float = Field(default=1.0, gt=0)
     normalization: Literal["percentile", "minmax", "conform_uint8"] = "percentile"
-    p_low: float = Field(default=0.5, ge=0, le=100)
-    p_high: float = Field(default=99.5, ge=0, le=100)
-    clip_max: float = Field(default=1.5, gt=0)
+    p_low: float = Field(default=SYNTHESIS_INPUT.p_low, ge=0, le=100)
+    p_high: float = Field(default=SYNTHESIS_INPUT.p_high, ge=0, le=100)
+    clip_max: float = Field(default=SYNTHESIS_INPUT.clip_max, gt=0)
     divisible_by: int = Field(default=16, ge=1)
     # run the network only on the box of the head (largest Otsu foreground component) plus this margin in
     # voxels of the model grid, background elsewhere; None: the whole field of view. For networks whose

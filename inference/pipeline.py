@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from inference.hemispheres import combine_mirrored_labels, lateralize
 from inference.labels import swap_left_right
-from inference.models import InputSpec, LoadedModel, ModelError
+from inference.models import InputSpec, LoadedModel, ModelError, ModelManifest
 from inference.volume import isotropic_grid, mirror_left_right, resample_isotropic
 
 __all__ = [
@@ -180,6 +180,64 @@ def argmax_channels(logits: np.ndarray, out: np.ndarray) -> None:
         np.add(out, step, out=out)
 
 
+def _run_tile(model: LoadedModel, tile_volume: np.ndarray,
+              n_channels: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One tile through the network: (its image output [tile] or None, its logits [C, tile] or None);
+    ModelError when an output does not have the tile's shape."""
+    manifest = model.manifest
+    tile = tile_volume.shape
+    names = [spec.name for spec in (manifest.output.image, manifest.output.segmentation) if spec is not None]
+    batch = np.ascontiguousarray(tile_volume, dtype=np.float32)[np.newaxis, np.newaxis]
+    results = dict(zip(names, model.session.run(names, {manifest.input.name: batch}), strict=True))
+    image = logits = None
+    for spec, channels in ((manifest.output.image, 1), (manifest.output.segmentation, n_channels)):
+        if spec is None:
+            continue
+        out = np.asarray(results[spec.name], dtype=np.float32)
+        if out.shape != (1, channels, *tile):
+            raise ModelError(f"model {manifest.id}: output {spec.name!r} has shape {out.shape}, "
+                             f"expected {(1, channels, *tile)}")
+        if spec is manifest.output.image:
+            image = out[0, 0]
+        else:
+            logits = out[0]
+    return image, logits
+
+
+def _accumulators(model: LoadedModel, shape: tuple[int, ...], tile: tuple[int, int, int], zs: Sequence[int],
+                  ) -> tuple[np.ndarray | None, ...]:
+    """(image sum, weight sum, argmax, logits window, carry) for :func:`sliding_window`, each None when the
+    model has no such output: the window holds planes [z, z+tz) and rows [y, y+ty) of the logits; the carry
+    the partial sums of the planes the next D-row shares with this one, all rows."""
+    manifest = model.manifest
+    image_sum = weight_sum = seg = window = carry = None
+    if manifest.output.image is not None:
+        weight_sum = np.zeros(shape, dtype=np.float32)
+        image_sum = np.zeros(shape, dtype=np.float32)
+    if manifest.output.segmentation is not None:
+        n_channels = len(manifest.output.segmentation.labels)
+        tz, ty, _ = tile
+        seg = np.zeros(shape, dtype=np.uint8 if n_channels <= 256 else np.uint16)
+        window = np.zeros((n_channels, tz, ty, shape[2]), dtype=np.float32)
+        shared = max([z + tz - zn for z, zn in zip(zs, zs[1:], strict=False)], default=0)
+        if shared:
+            carry = np.zeros((n_channels, shared, shape[1], shape[2]), dtype=np.float32)
+    return image_sum, weight_sum, seg, window, carry
+
+
+def _open_h_row(window: np.ndarray, carry: np.ndarray | None, carried: int, y: int, shift: int, filled: int) -> None:
+    """Make the window ready for the H-row at ``y``: keep the rows shared with the previous H-row (moved up by
+    ``shift``), zero the new ones, and put back the previous D-row's partial sums of the ``carried`` top planes."""
+    ty = window.shape[2]
+    if shift:
+        for channel in window:  # small temporaries
+            channel[:, :ty - shift] = channel[:, shift:]
+    first_new = max(y, filled) - y
+    window[:, :, first_new:] = 0
+    if carried:
+        window[:, :carried, first_new:] = carry[:, :carried, y + first_new:y + ty]  # type: ignore[index]
+
+
 def sliding_window(model: LoadedModel, volume: np.ndarray,
                    tile: tuple[int, int, int]) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Tiled inference on a normalized, padded [D, H, W] float32 volume.
@@ -194,30 +252,11 @@ def sliding_window(model: LoadedModel, volume: np.ndarray,
     sums are added in the same order as over a whole-volume accumulator, so the result is the same bit for bit.
     """
     manifest = model.manifest
-    overlap = manifest.tiling.overlap
-    names, image_name, seg_name = [], None, None
-    if manifest.output.image is not None:
-        image_name = manifest.output.image.name
-        names.append(image_name)
-    if manifest.output.segmentation is not None:
-        seg_name = manifest.output.segmentation.name
-        names.append(seg_name)
     n_channels = len(manifest.output.segmentation.labels) if manifest.output.segmentation else 0
-
-    depth, height, width = volume.shape
-    tz, ty, tx = tile
-    zs, ys, xs = (tile_starts(n, t, overlap) for n, t in zip(volume.shape, tile, strict=True))
-    weight = blend_window(tile, overlap)
-    weight_sum = image_sum = seg = window = carry = None
-    if image_name:
-        weight_sum = np.zeros(volume.shape, dtype=np.float32)
-        image_sum = np.zeros(volume.shape, dtype=np.float32)
-    if seg_name:
-        seg = np.zeros(volume.shape, dtype=np.uint8 if n_channels <= 256 else np.uint16)
-        window = np.zeros((n_channels, tz, ty, width), dtype=np.float32)  # planes [z, z+tz), rows [y, y+ty)
-        shared = max([z + tz - zn for z, zn in zip(zs, zs[1:], strict=False)], default=0)
-        if shared:  # partial sums of the planes the next D-row shares with this one, all rows
-            carry = np.zeros((n_channels, shared, height, width), dtype=np.float32)
+    (depth, height, _), (tz, ty, tx) = volume.shape, tile
+    zs, ys, xs = (tile_starts(n, t, manifest.tiling.overlap) for n, t in zip(volume.shape, tile, strict=True))
+    weight = blend_window(tile, manifest.tiling.overlap)
+    image_sum, weight_sum, seg, window, carry = _accumulators(model, volume.shape, tile, zs)
     carried = 0  # planes at the top of the current D-row that hold the previous D-row's partial sums
     count = 0
     for zi, z in enumerate(zs):
@@ -227,49 +266,28 @@ def sliding_window(model: LoadedModel, volume: np.ndarray,
         for yi, y in enumerate(ys):
             y_final = ys[yi + 1] if yi + 1 < len(ys) else height  # rows [y, y_final) final after this H-row
             if window is not None:
-                if yi:
-                    shift = y - ys[yi - 1]
-                    for channel in window:  # keep the rows shared with the previous H-row (small temporaries)
-                        channel[:, :ty - shift] = channel[:, shift:]
-                first_new = max(y, filled) - y
-                window[:, :, first_new:] = 0
-                if carried:
-                    window[:, :carried, first_new:] = carry[:, :carried, y + first_new:y + ty]  # type: ignore[index]
+                _open_h_row(window, carry, carried, y, y - ys[yi - 1] if yi else 0, filled)
                 filled = y + ty
             for x in xs:
                 region = (slice(z, z + tz), slice(y, y + ty), slice(x, x + tx))
-                batch = np.ascontiguousarray(volume[region], dtype=np.float32)[np.newaxis, np.newaxis]
-                results = dict(zip(names, model.session.run(names, {manifest.input.name: batch}), strict=True))
-                if image_name:
-                    out = np.asarray(results[image_name], dtype=np.float32)
-                    if out.shape != (1, 1, *tile):
-                        raise ModelError(f"model {manifest.id}: output {image_name!r} has shape {out.shape}, "
-                                         f"expected {(1, 1, *tile)}")
-                    image_sum[region] += out[0, 0] * weight  # type: ignore[index]
+                image_tile, logits = _run_tile(model, volume[region], n_channels)
+                if image_tile is not None:
+                    image_sum[region] += image_tile * weight  # type: ignore[index]
                     weight_sum[region] += weight  # type: ignore[index]
-                if seg_name:
-                    out = np.asarray(results[seg_name], dtype=np.float32)
-                    if out.shape != (1, n_channels, *tile):
-                        raise ModelError(f"model {manifest.id}: output {seg_name!r} has shape {out.shape}, "
-                                         f"expected {(1, n_channels, *tile)}")
-                    logits = out[0]
+                if logits is not None:
                     if logits.flags.writeable:
                         np.multiply(logits, weight, out=logits)  # no C × tile temporary
                     else:
                         logits = logits * weight
                     window[:, :, :, x:x + tx] += logits  # type: ignore[index]
                 count += 1
-            if window is not None:
-                rows = y_final - y
-                argmax_channels(window[:, :z_final - z, :rows], seg[z:z_final, y:y_final])  # type: ignore[index]
+            if window is not None:  # planes [z, z_final) and rows [y, y_final) are final: argmax; carry the rest
+                argmax_channels(window[:, :z_final - z, :y_final - y], seg[z:z_final, y:y_final])  # type: ignore[index]
                 if to_carry:
-                    carry[:, :to_carry, y:y_final] = window[:, z_final - z:, :rows]  # type: ignore[index]
+                    carry[:, :to_carry, y:y_final] = window[:, z_final - z:, :y_final - y]  # type: ignore[index]
         carried = to_carry
     log.debug("model %s: %d tiles of %s over %s", manifest.id, count, tile, volume.shape)
-    image = None
-    if image_sum is not None:
-        image = image_sum / weight_sum
-    return image, seg
+    return (None if image_sum is None else image_sum / weight_sum), seg
 
 
 def stage_timer(timings: dict[str, float]) -> Callable[[str], None]:
@@ -345,6 +363,29 @@ def _mirror_averaged_labels(direct: sitk.Image, mirrored: sitk.Image, t1: sitk.I
     return combined
 
 
+def _back_to_patient(manifest: ModelManifest, image_out: np.ndarray | None, seg_out: np.ndarray | None,
+                     grid: tuple[tuple[float, ...], ...], reference: sitk.Image,
+                     ) -> tuple[sitk.Image | None, sitk.Image | None]:
+    """The network's outputs on the model grid, back onto ``reference`` (1 mm, the input's direction):
+    the T1 scaled by the manifest (linear), the class indices as label codes (nearest neighbour)."""
+    t1 = labels = None
+    if image_out is not None and manifest.output.image is not None:
+        array = image_out * np.float32(manifest.output.image.scale)
+        t1_model = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+        _set_geometry(t1_model, grid)
+        t1 = sitk.Resample(t1_model, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    if seg_out is not None and manifest.output.segmentation is not None:
+        lut = np.asarray(manifest.output.segmentation.labels, dtype=np.uint16)
+        codes = lut[seg_out]
+        if manifest.output.segmentation.lateralize:
+            codes = lateralize(codes, manifest.input.orientation)
+        seg_model = sitk.GetImageFromArray(np.ascontiguousarray(codes))
+        _set_geometry(seg_model, grid)
+        labels = sitk.Resample(seg_model, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                               sitk.sitkUInt16)
+    return t1, labels
+
+
 def _run_once(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     manifest = model.manifest
     seg = manifest.output.segmentation
@@ -386,22 +427,7 @@ def _run_once(model: LoadedModel, image: sitk.Image) -> PipelineResult:
     image_out, seg_out = (_embed(out[crop], full_shape, box) if out is not None else None
                           for out in (image_out, seg_out))
 
-    reference = isotropic_grid(image, OUTPUT_SPACING_MM)
-    t1 = labels = None
-    if image_out is not None and manifest.output.image is not None:
-        array = image_out * np.float32(manifest.output.image.scale)
-        t1_model = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-        _set_geometry(t1_model, grid)
-        t1 = sitk.Resample(t1_model, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    if seg_out is not None and manifest.output.segmentation is not None:
-        lut = np.asarray(manifest.output.segmentation.labels, dtype=np.uint16)
-        codes = lut[seg_out]
-        if manifest.output.segmentation.lateralize:
-            codes = lateralize(codes, manifest.input.orientation)
-        seg_model = sitk.GetImageFromArray(np.ascontiguousarray(codes))
-        _set_geometry(seg_model, grid)
-        labels = sitk.Resample(seg_model, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                               sitk.sitkUInt16)
+    t1, labels = _back_to_patient(manifest, image_out, seg_out, grid, isotropic_grid(image, OUTPUT_SPACING_MM))
     lap("back")
     log.info("model %s: %s", manifest.id, ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     return PipelineResult(t1=t1, labels=labels, timings=timings)

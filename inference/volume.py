@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,6 @@ __all__ = [
     "LoadedSeries",
     "SliceGeometry",
     "frame_geometries",
-    "image_to_slices",
     "isotropic_grid",
     "load_series",
     "resample_isotropic",
@@ -95,6 +94,17 @@ class LoadedSeries:
     datasets: list[Dataset]                # headers without pixel data, in slice order (one per file)
     source_refs: list[tuple[str, str]]     # (SOPClassUID, SOPInstanceUID) of every source instance
     geometry: SliceGeometry | None = None  # the stack geometry the image was built from
+
+    def source_frames(self) -> list[FrameGeometry] | None:
+        """The geometry of every frame of :attr:`datasets`, in their order (data set, then frame), with
+        ``dataset_index`` into :attr:`datasets`: what a writer of objects referencing the frames needs,
+        without computing it again. None without :attr:`geometry`."""
+        if self.geometry is None:
+            return None
+        file_order = list(dict.fromkeys(f.dataset_index for f in self.geometry.frames))
+        position = {index: n for n, index in enumerate(file_order)}
+        frames = [replace(f, dataset_index=position[f.dataset_index]) for f in self.geometry.frames]
+        return sorted(frames, key=lambda f: (f.dataset_index, f.frame_index))
 
 
 def _floats(value: object) -> tuple[float, ...] | None:
@@ -191,14 +201,8 @@ def _orthonormal_cosines(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray, 
     return row, col, np.cross(row, col)
 
 
-def series_geometry(headers: Sequence[Dataset]) -> SliceGeometry:
-    """Stack geometry of a series from headers only (pixels not needed); never raises.
-
-    Frames are sorted by the projection of IPP on the slice normal (row cosine x column cosine).
-    Inconsistencies are listed in ``problems`` as sentences.
-    """
-    frames = [f for i, ds in enumerate(headers) for f in frame_geometries(ds, i)]
-    problems: list[str] = []
+def _frame_count_problems(headers: Sequence[Dataset]) -> list[str]:
+    problems = []
     for i, ds in enumerate(headers):
         n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         if n_frames > 1 and "PerFrameFunctionalGroupsSequence" not in ds:
@@ -206,22 +210,18 @@ def series_geometry(headers: Sequence[Dataset]) -> SliceGeometry:
         elif "PerFrameFunctionalGroupsSequence" in ds and len(ds.PerFrameFunctionalGroupsSequence) != n_frames:
             problems.append(f"file {i + 1}: NumberOfFrames {n_frames} differs from the "
                             f"{len(ds.PerFrameFunctionalGroupsSequence)} per-frame functional groups")
-    empty = SliceGeometry(
-        frames=frames, positions=np.zeros((0, 3)), row_cosine=np.array([1.0, 0, 0]),
-        column_cosine=np.array([0, 1.0, 0]), normal=np.array([0, 0, 1.0]), spacing=1.0,
-        pixel_spacing=(1.0, 1.0), rows=0, columns=0, problems=problems,
-    )
-    if not frames:
-        problems.append("no images in series")
-    if problems:
-        return empty
+    return problems
+
+
+def _missing_problems(frames: Sequence[FrameGeometry]) -> list[str]:
+    problems = []
     for name, attr in (("ImagePositionPatient", "position"), ("ImageOrientationPatient", "orientation"),
                        ("PixelSpacing", "pixel_spacing"), ("Rows", "rows"), ("Columns", "columns")):
         missing = [k + 1 for k, f in enumerate(frames) if getattr(f, attr) is None]
         if missing:
             problems.append(f"{name} missing in {len(missing)} of {len(frames)} frames (first: frame {missing[0]})")
     if problems:
-        return empty
+        return problems
     # a header may hold any number of values, and nan or inf: never a geometry, and never an exception
     for name, attr, size in (("ImagePositionPatient", "position", 3), ("ImageOrientationPatient", "orientation", 6),
                              ("PixelSpacing", "pixel_spacing", 2)):
@@ -230,22 +230,68 @@ def series_geometry(headers: Sequence[Dataset]) -> SliceGeometry:
         if wrong:
             problems.append(f"{name} is not {size} finite numbers in {len(wrong)} of {len(frames)} frames "
                             f"(first: frame {wrong[0]})")
-    if problems:
-        return empty
+    return problems
 
+
+def _cosines(frames: Sequence[FrameGeometry], problems: list[str]) -> tuple[np.ndarray, ...] | None:
+    """(row, column, normal) of the first frame's orientation; None (with the problem) when it is unusable.
+    A mix of orientations is added to ``problems`` too."""
     iops = np.array([f.orientation for f in frames], dtype=float)
     if iops.shape[1] != 6:
         problems.append("ImageOrientationPatient does not have 6 values")
-        return empty
+        return None
     if np.any(np.abs(iops - iops[0]) > IOP_TOLERANCE):
         distinct = {tuple(np.round(v, 3)) for v in iops}
         problems.append(f"mixed ImageOrientationPatient ({len(distinct)} different orientations)")
     row_norm, col_norm = np.linalg.norm(iops[0, :3]), np.linalg.norm(iops[0, 3:])
     if abs(row_norm - 1) > 0.01 or abs(col_norm - 1) > 0.01 or abs(iops[0, :3] @ iops[0, 3:]) > 0.01:
         problems.append(f"ImageOrientationPatient is not two orthogonal unit vectors: {list(iops[0])}")
-        return empty
-    row, col, normal = _orthonormal_cosines(iops[0])
+        return None
+    return _orthonormal_cosines(iops[0])
 
+
+def _stack_spacing(distances: np.ndarray, positions: np.ndarray, in_plane_axes: np.ndarray,
+                   pixel_spacing: np.ndarray, problems: list[str]) -> float:
+    """The median step between slice positions (sorted along the normal); duplicates, gaps, uneven steps and
+    slices shifted in-plane are added to ``problems``."""
+    steps = np.diff(distances)
+    duplicates = np.flatnonzero(steps < POSITION_TOLERANCE_MM)
+    for k in duplicates[:5]:
+        problems.append(f"duplicate position at slice {k + 1} and {k + 2} ({positions[k].round(3).tolist()})")
+    if len(duplicates) > 5:
+        problems.append(f"{len(duplicates)} duplicate positions in total")
+    distinct_steps = steps[steps >= POSITION_TOLERANCE_MM]
+    spacing = float(np.median(distinct_steps)) if distinct_steps.size else 1.0
+    tolerance = max(POSITION_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * spacing)
+    irregular = [k for k in range(len(steps)) if k not in set(duplicates) and abs(steps[k] - spacing) > tolerance]
+    for k in irregular[:5]:
+        kind = "gap" if steps[k] > spacing else "uneven spacing"
+        problems.append(f"{kind} between slice {k + 1} and {k + 2} ({steps[k]:.3g} mm, expected {spacing:.3g} mm)")
+    if len(irregular) > 5:
+        problems.append(f"{len(irregular)} irregular slice steps in total")
+    shift = float(np.abs((positions - positions[0]) @ in_plane_axes).max())
+    if shift > max(POSITION_TOLERANCE_MM, 0.1 * min(pixel_spacing)):
+        problems.append(f"slices are not stacked along the slice normal (in-plane shift up to {shift:.3g} mm)")
+    return spacing
+
+
+def series_geometry(headers: Sequence[Dataset]) -> SliceGeometry:
+    """Stack geometry of a series from headers only (pixels not needed); never raises.
+
+    Frames are sorted by the projection of IPP on the slice normal (row cosine x column cosine).
+    Inconsistencies are listed in ``problems`` as sentences.
+    """
+    frames = [f for i, ds in enumerate(headers) for f in frame_geometries(ds, i)]
+    problems = _frame_count_problems(headers) + ([] if frames else ["no images in series"])
+    problems += [] if problems else _missing_problems(frames)
+    cosines = None if problems else _cosines(frames, problems)
+    if cosines is None:
+        return SliceGeometry(
+            frames=frames, positions=np.zeros((0, 3)), row_cosine=np.array([1.0, 0, 0]),
+            column_cosine=np.array([0, 1.0, 0]), normal=np.array([0, 0, 1.0]), spacing=1.0,
+            pixel_spacing=(1.0, 1.0), rows=0, columns=0, problems=problems,
+        )
+    row, col, normal = cosines
     sizes = {(f.rows, f.columns) for f in frames}
     if len(sizes) > 1:
         problems.append(f"mixed Rows/Columns: {sorted(sizes)}")
@@ -254,38 +300,14 @@ def series_geometry(headers: Sequence[Dataset]) -> SliceGeometry:
         problems.append(f"mixed PixelSpacing: {sorted({tuple(s) for s in spacings.tolist()})}")
 
     raw_positions = np.array([f.position for f in frames], dtype=float)
-    distances = raw_positions @ normal
-    order = np.argsort(distances, kind="stable")
+    order = np.argsort(raw_positions @ normal, kind="stable")
     frames = [frames[i] for i in order]
     positions = raw_positions[order]
-    distances = distances[order]
-
-    thickness = frames[0].slice_thickness
     if len(frames) == 1:
+        thickness = frames[0].slice_thickness
         spacing = thickness if thickness and thickness > 0 else 1.0
     else:
-        steps = np.diff(distances)
-        duplicates = np.flatnonzero(steps < POSITION_TOLERANCE_MM)
-        for k in duplicates[:5]:
-            problems.append(f"duplicate position at slice {k + 1} and {k + 2} ({positions[k].round(3).tolist()})")
-        if len(duplicates) > 5:
-            problems.append(f"{len(duplicates)} duplicate positions in total")
-        distinct_steps = steps[steps >= POSITION_TOLERANCE_MM]
-        spacing = float(np.median(distinct_steps)) if distinct_steps.size else 1.0
-        tolerance = max(POSITION_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * spacing)
-        irregular = [k for k in range(len(steps)) if k not in set(duplicates) and abs(steps[k] - spacing) > tolerance]
-        for k in irregular[:5]:
-            kind = "gap" if steps[k] > spacing else "uneven spacing"
-            problems.append(
-                f"{kind} between slice {k + 1} and {k + 2} ({steps[k]:.3g} mm, expected {spacing:.3g} mm)"
-            )
-        if len(irregular) > 5:
-            problems.append(f"{len(irregular)} irregular slice steps in total")
-        in_plane = (positions - positions[0]) @ np.column_stack([row, col])
-        shift = float(np.abs(in_plane).max())
-        if shift > max(POSITION_TOLERANCE_MM, 0.1 * min(spacings[0])):
-            problems.append(f"slices are not stacked along the slice normal (in-plane shift up to {shift:.3g} mm)")
-
+        spacing = _stack_spacing(positions @ normal, positions, np.column_stack([row, col]), spacings[0], problems)
     return SliceGeometry(
         frames=frames, positions=positions, row_cosine=row, column_cosine=col, normal=normal,
         spacing=float(spacing), pixel_spacing=(float(spacings[0][0]), float(spacings[0][1])),
@@ -369,18 +391,6 @@ def resample_isotropic(image: sitk.Image, spacing_mm: float = 1.0, *,
     reference = isotropic_grid(image, spacing_mm)
     output_type = image.GetPixelID() if interpolator == sitk.sitkNearestNeighbor else sitk.sitkFloat32
     return sitk.Resample(image, reference, sitk.Transform(), interpolator, 0.0, output_type)
-
-
-def image_to_slices(image: sitk.Image) -> list[tuple[tuple[float, float, float], tuple[float, ...], np.ndarray]]:
-    """Split a 3D image into (IPP, IOP, 2D array [rows, columns]) per slice k, in index order."""
-    array = sitk.GetArrayViewFromImage(image)
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    iop = tuple(float(v) for v in np.concatenate([direction[:, 0], direction[:, 1]]))
-    slices = []
-    for k in range(image.GetSize()[2]):
-        ipp = tuple(float(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k)))
-        slices.append((ipp, iop, np.array(array[k])))
-    return slices
 
 
 def mirror_left_right(image: sitk.Image) -> sitk.Image:

@@ -202,11 +202,6 @@ class Volumetry:
         """False if any evaluated check failed."""
         return all(check.passed is not False for check in self.qc)
 
-    def volume_ml(self, code: int) -> float:
-        """Volume of a structure; 0.0 when absent from the labels."""
-        entry = self.structures.get(code)
-        return entry.volume_ml if entry else 0.0
-
 
 def parse_age(value: str | float | int | None) -> float | None:
     """Age in years from a number or a DICOM AS string ('053Y', '006M', '012W', '003D'); None if unknown."""

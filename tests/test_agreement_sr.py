@@ -44,7 +44,7 @@ def _write(agreement, build: dict, out: Path) -> Path:
         agreement, real_t1_images=build["real_headers"], synthetic_t1_images=build["series"].t1_headers,
         real_seg=build["real_seg"], synthetic_seg=build["synthetic_seg"], out_path=out, series_number=1004,
         series_description="sT1AAH agreement", uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID,
-        algorithm_version=MODEL_VERSION)
+        algorithm_version=MODEL_VERSION).path
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     series = make_t1_series(folder)
     real_paths = write_derived_mr(series.t1, series.input_headers, out_dir=folder / "real", series_description="T1 3D",
                                   series_number=5, uid_prefix=UID_PREFIX,
-                                  derivation=Derivation("real-stand-in", "1", "stand-in for a real 3D T1"))
+                                  derivation=Derivation("real-stand-in", "1", "stand-in for a real 3D T1")).paths
     real_headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in real_paths]
     array = sitk.GetArrayFromImage(series.labels)
     k = np.nonzero(np.any(array == 17, axis=(1, 2)))[0][-1]
@@ -67,7 +67,7 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                   ("synthetic", synthetic_labels, series.t1_headers)):
         path = write_seg(labels, headers, out_path=folder / f"{side}_seg.dcm", series_number=1002,
                          series_description=f"{side} SEG", algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
-                         uid_prefix=UID_PREFIX)
+                         uid_prefix=UID_PREFIX).path
         segs[side] = pydicom.dcmread(path, stop_before_pixels=True)
     agreement = compare(series.t1, series.labels, series.t1, synthetic_labels)
     build = {"folder": folder, "series": series, "real_headers": real_headers, "real_seg": segs["real"],

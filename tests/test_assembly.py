@@ -10,8 +10,8 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.assembly import completeness
+from dicom_node.headers import InstanceHeader, describe
 from dicom_node.journal import InstanceRecord
-from dicom_node.scp import header_summary
 from tests.dicom_factory import AXIAL_IOP, make_mr_series, oblique_iop
 
 
@@ -20,9 +20,9 @@ def records(paths: Sequence[Path]) -> list[InstanceRecord]:
     out = []
     for path in paths:
         ds = dcmread(path, stop_before_pixels=True)
-        geometry, attrs = header_summary(ds)
-        out.append(InstanceRecord(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), attrs["SOPClassUID"],
-                                  "1.2.840.10008.1.2.1", str(path), geometry))
+        received = describe(ds)
+        out.append(InstanceRecord(received.sop_instance_uid, received.series_uid, received.sop_class_uid,
+                                  "1.2.840.10008.1.2.1", str(path), received.header))
     return out
 
 
@@ -34,7 +34,8 @@ def geometry(k: int, **overrides: Any) -> dict[str, Any]:
 
 
 def rec(k: int, **overrides: Any) -> InstanceRecord:
-    return InstanceRecord(f"1.2.{k}", "1.2", "1.2.840.10008.5.1.4.1.1.4", "", "", geometry(k, **overrides))
+    return InstanceRecord(f"1.2.{k}", "1.2", "1.2.840.10008.5.1.4.1.1.4", "", "",
+                          InstanceHeader.from_json(geometry(k, **overrides)))
 
 
 SHAPE = (8, 16, 16)

@@ -16,6 +16,7 @@ from dicom_node import __version__
 from dicom_node.cli import main
 from dicom_node.config import default_rules
 from dicom_node.dispatch import RetryPolicy
+from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 from dicom_node.journal import Journal
 from tests.dicom_factory import make_mr_series, make_study
 from tests.e2e.peers import free_port
@@ -199,10 +200,9 @@ def test_route_needs_dry_run_and_a_folder(tmp_path: Path, models_dir: Path,
 def _journal_with_work(data_dir: Path) -> None:
     journal = Journal(data_dir / "journal.sqlite3", fsync=False)
     for k, series in enumerate(("1.1", "1.1", "1.2")):
-        journal.add_instance(sop_instance_uid=f"1.9.{k}", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-                             transfer_syntax="", path="/x", geometry={}, series_uid=series, study_uid="1",
-                             patient_id="P", description=f"desc {series}", modality="MR", calling_ae="MR1",
-                             series_attrs={})
+        received = ReceivedInstance(f"1.9.{k}", "1.2.840.10008.5.1.4.1.1.4", "1", series, "P", InstanceHeader(),
+                                    SeriesAttributes(series_description=f"desc {series}", modality="MR"))
+        journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
     journal.close_series("1.1")
     job = journal.add_job(series_uid="1.1", version=1, rule="t1-2d", action="synthesize", model="synth-t1")
     journal.record_outputs(job, [("1.7", "sT1")], [("PACS", "/o/1.dcm", "1.2", "1.7.1"),
@@ -289,9 +289,9 @@ def test_unusable_journal_is_one_clear_line(tmp_path: Path, models_dir: Path, ca
         _journal_with_work(tmp_path / "data")
         journal = Journal(path, fsync=False)  # enough rows for several pages, checkpointed into the file
         for k in range(400):
-            journal.add_instance(sop_instance_uid=f"1.8.{k}", sop_class_uid="1.2", transfer_syntax="",
-                                 path="/x" * 40, geometry={"k": k}, series_uid="1.1", study_uid="1",
-                                 patient_id="P", description="d", modality="MR", calling_ae="MR1", series_attrs={})
+            received = ReceivedInstance(f"1.8.{k}", "1.2", "1", "1.1", "P", InstanceHeader(instance_number=k),
+                                        SeriesAttributes(series_description="d", modality="MR"))
+            journal.add_instance(received, transfer_syntax="", path="/x" * 40, calling_ae="MR1")
         journal.close()
         size = path.stat().st_size
         with path.open("r+b") as f:

@@ -23,6 +23,7 @@ from dicom_node.config import (
     Peer,
     Rule,
     TLSSettings,
+    VolumetrySettings,
     default_rules,
     load_config,
     parse_config,
@@ -100,12 +101,14 @@ def test_example_settings_are_the_defaults() -> None:
     assert config.dispatch == DispatchSettings()
     assert config.jobs == JobSettings()
     assert config.tls == TLSSettings()
+    assert config.volumetry == VolumetrySettings()
 
 
 @pytest.mark.parametrize(
     ("section", "model"),
     [("node", NodeSettings), ("limits", LimitSettings), ("peers", Peer), ("destinations", Destination), ("rules", Rule),
-     ("inference", InferenceSettings), ("jobs", JobSettings), ("dispatch", DispatchSettings), ("tls", TLSSettings)],
+     ("inference", InferenceSettings), ("volumetry", VolumetrySettings), ("jobs", JobSettings),
+     ("dispatch", DispatchSettings), ("tls", TLSSettings)],
 )
 def test_example_documents_every_field(section: str, model: type[BaseModel]) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
@@ -116,6 +119,17 @@ def test_example_documents_every_field(section: str, model: type[BaseModel]) -> 
 
 
 # -- values ------------------------------------------------------------------------------------
+
+def test_normative_table_is_read_at_load(tmp_path: Path) -> None:
+    table = tmp_path / "norms.csv"
+    table.write_text("code,age_min,age_max,sex,mean_ml,sd_ml\n17,50,60,F,3.7,0.4\n17,50,60,,3.8,0.4\n")
+    config = parse_config(f'[volumetry]\nnormative_table = "{table}"\n', "node.toml")
+    assert config.volumetry.normative_table == table
+    table.write_text("code,age_min,age_max,sex,mean_ml,sd_ml\n17,50,60,F,3.7,0.4\n17,50,60,X,3.8,0.4\n")
+    message = _error(f'[volumetry]\nnormative_table = "{table}"\n')
+    assert "volumetry.normative_table" in message and "line 3" in message and "'X'" in message
+    assert "cannot read normative table" in _error(f'[volumetry]\nnormative_table = "{tmp_path / "none.csv"}"\n')
+
 
 def test_valid_file_with_every_section(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"

@@ -15,6 +15,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind, Verification
 
 from dicom_node.config import Destination, DispatchSettings, NodeConfig, NodeSettings
 from dicom_node.dispatch import Dispatcher, echo
+from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 from dicom_node.journal import Journal
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
@@ -149,9 +150,9 @@ def test_the_scu_proposes_exactly_the_documented_contexts(tmp_path: Path) -> Non
         config = NodeConfig(node=NodeSettings(ae_title="NODE", data_dir=tmp_path, fsync=False), destinations=[dest],
                             dispatch=DispatchSettings(timeout_s=5))
         assert echo(config, dest)[0]
-        journal.add_instance(sop_instance_uid="1.9.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax="",
-                             path="/x", geometry={}, series_uid="1.2.3.4", study_uid="1.2.3", patient_id="P",
-                             description="t1", modality="MR", calling_ae="MR1", series_attrs={})
+        received = ReceivedInstance("1.9.1", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", "1.2.3.4", "P", InstanceHeader(),
+                                    SeriesAttributes(series_description="t1", modality="MR"))
+        journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
         job = journal.add_job(series_uid="1.2.3.4", version=1, rule="r", action="synthesize", model="m")
         items = []
         for sop_class in storage:

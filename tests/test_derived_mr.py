@@ -82,7 +82,7 @@ def written(source: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out_dir = tmp_path_factory.mktemp("derived") / "series"
     paths = write_derived_mr(source["iso"], source["headers"], out_dir=out_dir, series_description="SYN T1 1mm",
                              series_number=1002, derivation=DERIVATION, uid_prefix=PREFIX,
-                             extra_comment="Research use.")
+                             extra_comment="Research use.").paths
     return {"dir": out_dir, "paths": paths, "datasets": [pydicom.dcmread(p) for p in paths]}
 
 
@@ -97,7 +97,7 @@ def write_small(source: dict, out_dir: Path, image: sitk.Image | None = None, **
     args = {"series_description": "SYN", "series_number": 7, "derivation": DERIVATION, "uid_prefix": PREFIX}
     args.update(kwargs)
     sources = args.pop("sources", source["headers"])
-    return write_derived_mr(image if image is not None else small_image(), sources, out_dir=out_dir, **args)
+    return write_derived_mr(image if image is not None else small_image(), sources, out_dir=out_dir, **args).paths
 
 
 def test_one_file_per_slice_named_by_instance_number(source: dict, written: dict) -> None:
@@ -299,7 +299,7 @@ def test_non_ascii_text_is_written_as_utf8(tmp_path: Path) -> None:
     src = make_mr_series(tmp_path / "src", shape=(3, 8, 8), study=study, marker_mm=None)
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in src]
     (path, *_) = write_derived_mr(small_image(), headers, out_dir=tmp_path / "out", series_description="SYN äöü",
-                                  series_number=3, derivation=DERIVATION, uid_prefix=None)
+                                  series_number=3, derivation=DERIVATION, uid_prefix=None).paths
     ds = pydicom.dcmread(path)
     assert ds.SpecificCharacterSet == "ISO_IR 192"
     assert str(ds.PatientName) == "Müller^Jürgen" and ds.SeriesDescription == "SYN äöü"
@@ -314,7 +314,8 @@ def test_sparse_source_headers_still_give_valid_objects(tmp_path: Path) -> None:
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in src]
     assert "PatientSex" not in headers[0] and "StudyID" not in headers[0]
     (path, *_) = write_derived_mr(small_image(), [*headers, headers[0]], out_dir=tmp_path / "out",
-                                  series_description="SYN", series_number=3, derivation=DERIVATION, uid_prefix=None)
+                                  series_description="SYN", series_number=3, derivation=DERIVATION,
+                                  uid_prefix=None).paths
     ds = pydicom.dcmread(path)
     assert "ContributingEquipmentSequence" not in ds and len(ds.SourceImageSequence) == 3
     assert ds.PatientPosition in (None, "") and ds.PatientSex in (None, "") and ds.StudyID in (None, "")
@@ -387,7 +388,7 @@ def test_aahead_scout_sources_give_valid_objects(tmp_path: Path) -> None:
     grid.SetOrigin(tuple(centre - np.array(scout.GetDirection()).reshape(3, 3) @ np.array([23.5, 23.5, 2.5])))
     image = sitk.Resample(scout, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32) + 1.0
     paths = write_derived_mr(image, headers, out_dir=tmp_path, series_description="SYN T1 from AAHead_Scout",
-                             series_number=1099, derivation=DERIVATION, uid_prefix=PREFIX)
+                             series_number=1099, derivation=DERIVATION, uid_prefix=PREFIX).paths
     assert len(paths) == 6
     for path in (paths[0], paths[-1]):
         errors, warnings = dciodvfy(path)
@@ -398,3 +399,16 @@ def test_aahead_scout_sources_give_valid_objects(tmp_path: Path) -> None:
     assert ds.FrameOfReferenceUID == headers[0].FrameOfReferenceUID
     assert len(ds.SourceImageSequence) == 128
     assert ds.ContributingEquipmentSequence[0].Manufacturer == headers[0].Manufacturer
+
+
+def test_write_derived_mr_says_what_it_wrote(tmp_path: Path) -> None:
+    """Files, UIDs and headers (without pixel data) in InstanceNumber order, as written."""
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in make_mr_series(tmp_path / "in", shape=(3, 8, 8))]
+    result = write_derived_mr(small_image(), headers, out_dir=tmp_path / "out", series_description="SYN",
+                              series_number=3, derivation=DERIVATION, uid_prefix=None)
+    assert result.paths == sorted((tmp_path / "out").glob("*.dcm"))
+    for file, header in zip(result.files, result.datasets, strict=True):
+        stored = pydicom.dcmread(file.path, stop_before_pixels=True)
+        assert (file.sop_class_uid, file.sop_instance_uid) == (stored.SOPClassUID, stored.SOPInstanceUID)
+        assert header.SOPInstanceUID == stored.SOPInstanceUID and "PixelData" not in header
+        assert stored.SeriesInstanceUID == result.series_instance_uid

@@ -25,6 +25,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node.cli import main as cli_main
 from dicom_node.config import Destination, DispatchSettings, NodeConfig, NodeSettings
 from dicom_node.dispatch import Dispatcher, RetryPolicy, echo, proposed_contexts, sendable_syntax
+from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 from dicom_node.journal import Journal
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from tests.dicom_factory import make_mr_series
@@ -123,9 +124,9 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
 
 
 def queue_job(journal: Journal, files: list[Path], destinations: list[str]) -> int:
-    journal.add_instance(sop_instance_uid="1.9.1", sop_class_uid=MRImageStorage, transfer_syntax="",
-                         path="/x", geometry={}, series_uid=SERIES, study_uid="1.2.3", patient_id="P",
-                         description="t1", modality="MR", calling_ae="MR1", series_attrs={})
+    received = ReceivedInstance("1.9.1", MRImageStorage, "1.2.3", SERIES, "P", InstanceHeader(),
+                                SeriesAttributes(series_description="t1", modality="MR"))
+    journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
     job = journal.add_job(series_uid=SERIES, version=1, rule="t1-2d", action="synthesize", model="m")
     items = []
     for name in destinations:

@@ -13,9 +13,10 @@ from pydicom import dcmread
 
 from dicom_node import MANUFACTURER
 from dicom_node.config import Destination, InferenceSettings, NodeConfig, NodeSettings, Rule
-from dicom_node.jobs import JobRunner, ThreadExecutor, output_description, output_series_number
+from dicom_node.headers import describe
+from dicom_node.jobs import JobRunner, ThreadExecutor
 from dicom_node.journal import Journal
-from dicom_node.scp import header_summary
+from dicom_node.steps import output_description, output_series_number
 from inference.models import ModelRegistry
 from tests.dicom_factory import make_mr_series, make_study
 from tests.onnx_fixtures import make_synthesis_model
@@ -61,15 +62,9 @@ def record_series(journal: Journal, paths: Sequence[Path]) -> str:
     uid = ""
     for path in paths:
         ds = dcmread(path, stop_before_pixels=True)
-        geometry, attrs = header_summary(ds)
         uid = str(ds.SeriesInstanceUID)
-        journal.add_instance(
-            sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=attrs["SOPClassUID"],
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=str(path), geometry=geometry,
-            series_uid=uid, study_uid=str(ds.StudyInstanceUID), patient_id=str(ds.PatientID),
-            description=attrs["SeriesDescription"], modality=attrs["Modality"], calling_ae="MR1",
-            series_attrs=attrs,
-        )
+        journal.add_instance(describe(ds), transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=str(path),
+                             calling_ae="MR1")
     return uid
 
 
@@ -177,8 +172,8 @@ def test_delivery_during_the_run_is_not_overwritten(tmp_path: Path, models_dir: 
         job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
         record_outputs = s.journal.record_outputs
 
-        def record_then_deliver(job: int, produced: Any, items: Any) -> None:
-            record_outputs(job, produced, items)
+        def record_then_deliver(job: int, produced: Any, items: Any, **kwargs: Any) -> None:
+            record_outputs(job, produced, items, **kwargs)
             s.journal.mark_sent([i.id for i in s.journal.outbox(job)])  # a concurrent outbox scan
 
         s.journal.record_outputs = record_then_deliver  # type: ignore[method-assign]
@@ -227,6 +222,30 @@ def test_volumetry_of_a_real_t1_writes_seg_sr_summary(setup: Setup, tmp_path: Pa
     sr = dcmread(out_dir / "sr.dcm", stop_before_pixels=True)
     assert sr.Modality == "SR" and sr.SeriesNumber == 421
     assert len(setup.journal.outbox(job_id)) == 2 * 3
+
+
+def test_a_normative_table_in_the_config_gives_z_scores(tmp_path: Path, models_dir: Path,
+                                                       registry: ModelRegistry) -> None:
+    """[volumetry] normative_table reaches the measurement: the SR holds z-scores and percentiles."""
+    from dicom_node.config import VolumetrySettings
+    from inference.labels import STRUCTURES
+
+    table = tmp_path / "norms.csv"
+    table.write_text("code,age_min,age_max,sex,mean_ml,sd_ml\n"
+                     + "".join(f"{code},0,200,,1.0,0.5\n" for code in STRUCTURES))
+    s = Setup(tmp_path, models_dir, registry, [rule(volumetry=True)], destinations=("PACS",))
+    s.config = s.config.model_copy(update={"volumetry": VolumetrySettings(normative_table=table)})
+    s.runner = JobRunner(s.config, s.journal, registry, on_written=s._on_written)
+    try:
+        job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING,
+                                          header={"PatientAge": "050Y"}))
+        s.runner.run(job_id)
+        assert s.journal.job(job_id).state == "written", s.journal.job(job_id).reason
+        (sr,) = s.journal.output_files(job_id, "SR")
+        data = Path(sr.path).read_bytes()
+        assert b"121416" in data and b"121415" in data  # Z-score, percentile ranking (DCM)
+    finally:
+        s.journal.close()
 
 
 def test_synthesis_with_volumetry_writes_all_objects(tmp_path: Path, models_dir: Path,
@@ -294,19 +313,27 @@ def test_thread_executor_runs_and_survives_crashes() -> None:
     assert done == [1, 3]
 
 
-def test_real_and_synthetic_t1_in_one_study_give_an_agreement_sr(tmp_path: Path, models_dir: Path,
-                                                                  registry: ModelRegistry) -> None:
-    import highdicom as hd
-
+def _real_and_thick(tmp_path: Path) -> tuple[list[Path], list[Path]]:
     study = make_study()
     real = make_mr_series(tmp_path / "real", shape=(24, 32, 32), spacing=(2.0, 2.0, 2.0), study=study,
                           series_description="t1_mprage_sag", series_number=3,
                           header={"MRAcquisitionType": "3D"})
     thick = make_mr_series(tmp_path / "thick", shape=(12, 32, 32), spacing=(2.0, 2.0, 4.0), study=study,
                            series_description="t1_fl2d_sag", series_number=4)
-    rules = [rule(name="rt1", series_description="mprage", action="volumetry", output_name="rT1", volumetry=True),
-             rule(volumetry=True)]
-    s = Setup(tmp_path, models_dir, registry, rules)
+    return real, thick
+
+
+AGREEMENT_RULES = [rule(name="rt1", series_description="mprage", action="volumetry", output_name="rT1",
+                        volumetry=True), rule(volumetry=True)]
+
+
+def test_real_and_synthetic_t1_in_one_study_give_an_agreement_sr(tmp_path: Path, models_dir: Path,
+                                                                  registry: ModelRegistry) -> None:
+    import highdicom as hd
+
+    real, thick = _real_and_thick(tmp_path)
+    study_uid = str(dcmread(real[0], stop_before_pixels=True).StudyInstanceUID)
+    s = Setup(tmp_path, models_dir, registry, AGREEMENT_RULES)
     try:
         real_job = s.job_for(real, "rt1")
         s.runner.run(real_job)
@@ -319,9 +346,70 @@ def test_real_and_synthetic_t1_in_one_study_give_an_agreement_sr(tmp_path: Path,
         path = next(i.path for i in s.journal.outbox(synth_job) if i.path.endswith("agreement.dcm"))
         sr = hd.sr.srread(path)
         assert sr.SeriesDescription == "sT12DT1 vs rT1 agreement"
-        assert sr.StudyInstanceUID == study.study_uid
+        assert sr.StudyInstanceUID == study_uid
         assert int(sr.SeriesNumber) == output_series_number(4, "AGREEMENT", 1)
         assert job.timings["agreement"] > 0
+    finally:
+        s.journal.close()
+
+
+@pytest.mark.parametrize("error", [RuntimeError("registration diverged"), SystemExit(1)])
+def test_a_failing_optional_step_costs_only_its_own_output(tmp_path: Path, models_dir: Path, registry: ModelRegistry,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          error: BaseException) -> None:
+    """The agreement check fails: the job stays written and its core outputs (sT1, SEG, SR, summary) are
+    queued; they were recorded and queued before the check ran."""
+    import dicom_node.steps as steps
+
+    real, thick = _real_and_thick(tmp_path)
+    s = Setup(tmp_path, models_dir, registry, AGREEMENT_RULES, destinations=("PACS",))
+    seen: dict[str, Any] = {}
+
+    def failing_compare(*args: Any) -> Any:
+        job = s.journal.job(synth_job)
+        seen.update(state=job.state, queued={i.path for i in s.journal.outbox(synth_job)})
+        raise error
+
+    monkeypatch.setattr(steps, "compare", failing_compare)
+    try:
+        s.runner.run(s.job_for(real, "rt1"))
+        synth_job = s.job_for(thick)
+        s.runner.run(synth_job)
+        job = s.journal.job(synth_job)
+        assert job.state == "written" and job.reason == ""
+        assert set(_kinds(s.journal, synth_job)) == {"sT1", "SEG", "SR", "SUMMARY"}
+        items = s.journal.outbox(synth_job)
+        assert seen["state"] == "written" and seen["queued"] == {i.path for i in items}
+        assert not any(i.path.endswith("agreement.dcm") for i in items)
+        n_t1 = len(s.journal.output_files(synth_job, "sT1"))
+        assert n_t1 > 0 and len(items) == n_t1 + 3
+        assert "agreement" not in job.timings and job.timings["total"] > 0
+        assert s.written == 2  # the dispatcher was woken for each job's core outputs
+    finally:
+        s.journal.close()
+
+
+def test_a_counterpart_whose_rule_is_gone_is_still_compared(tmp_path: Path, models_dir: Path,
+                                                           registry: ModelRegistry) -> None:
+    """The sT1 job's rule was removed from the config before the real T1 arrived: the real T1's job is
+    written and compared with the sT1 as the journal recorded it."""
+    real, thick = _real_and_thick(tmp_path)
+    s = Setup(tmp_path, models_dir, registry, AGREEMENT_RULES)
+    try:
+        synth_job = s.job_for(thick)
+        s.runner.run(synth_job)
+        assert s.journal.job(synth_job).state == "written"
+        s.runner.config = s.config.model_copy(update={"rules": [AGREEMENT_RULES[0]]})  # "t1-2d" is gone
+        real_job = s.job_for(real, "rt1")
+        s.runner.run(real_job)
+        job = s.journal.job(real_job)
+        assert job.state == "written", job.reason
+        assert set(_kinds(s.journal, real_job)) == {"SEG", "SR", "SUMMARY", "AGREEMENT"}
+        (agreement,) = s.journal.output_files(real_job, "AGREEMENT")
+        sr = dcmread(agreement.path, stop_before_pixels=True)
+        assert sr.SeriesDescription == "sT12DT1 vs rT1 agreement"
+        assert int(sr.SeriesNumber) == output_series_number(3, "AGREEMENT", 1)
+        assert {i.sop_instance_uid for i in s.journal.outbox(real_job)} >= {agreement.sop_instance_uid}
     finally:
         s.journal.close()
 
@@ -332,7 +420,7 @@ class FakePanic(BaseException):
 
 def test_a_panicking_decoder_fails_its_job_alone_and_the_queue_moves_on(
         setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dicom_node.jobs as jobs_module
+    import dicom_node.steps as jobs_module
 
     poison = make_mr_series(tmp_path / "poison", shape=SHAPE, spacing=SPACING)
     good = make_mr_series(tmp_path / "good", shape=SHAPE, spacing=SPACING, series_number=5)
@@ -367,7 +455,7 @@ def test_a_panicking_decoder_fails_its_job_alone_and_the_queue_moves_on(
 
 def test_keyboard_interrupt_leaves_the_job_running_for_recovery(
         setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dicom_node.jobs as jobs_module
+    import dicom_node.steps as jobs_module
 
     def interrupted(paths: Sequence[Path]) -> Any:
         raise KeyboardInterrupt
@@ -457,7 +545,7 @@ def test_age_from_birth_and_study_dates() -> None:
     """Without PatientAge the QC's ICV range comes from the birth date and the study date."""
     from pydicom.dataset import Dataset
 
-    from dicom_node.jobs import _age_from_dates
+    from dicom_node.steps import age_from_dates as _age_from_dates
 
     ds = Dataset()
     ds.PatientBirthDate, ds.StudyDate = "20200615", "20231215"

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from dicom_node.dispatch import RetryPolicy
-from dicom_node.journal import Journal
+from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
+from dicom_node.journal import JobState, Journal, JournalError, OutboxState, OutputFile, SeriesState
 
 SERIES = "1.2.3.4.100"
 GIVE_UP = RetryPolicy(max_tries=1, backoff_initial_s=1, backoff_max_s=1).next_attempt
@@ -25,15 +26,19 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
     j.close()
 
 
+ATTRIBUTES = SeriesAttributes(series_description="t1_fl2d_sag", modality="MR", series_number=2)
+
+
 def add(journal: Journal, sop: str, *, series: str = SERIES, now: float | None = None, **extra: Any) -> bool:
-    fields: dict[str, Any] = dict(
-        sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", transfer_syntax="1.2.840.10008.1.2.1",
-        path=f"/spool/{sop}.dcm", geometry={"ipp": [0.0, 0.0, float(len(sop))], "frames": 1},
-        series_uid=series, study_uid=STUDY, patient_id="PAT1", description="t1_fl2d_sag", modality="MR",
-        calling_ae="SCANNER", series_attrs={"SeriesDescription": "t1_fl2d_sag", "SeriesNumber": 2}, now=now,
+    received = ReceivedInstance(
+        sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_uid=STUDY, series_uid=series,
+        patient_id="PAT1", header=InstanceHeader(image_position=(0.0, 0.0, float(len(sop))), number_of_frames=1),
+        series=ATTRIBUTES,
     )
+    fields: dict[str, Any] = dict(transfer_syntax="1.2.840.10008.1.2.1", path=f"/spool/{sop}.dcm",
+                                  calling_ae="SCANNER", now=now)
     fields.update(extra)
-    return journal.add_instance(**fields)
+    return journal.add_instance(received, **fields)
 
 
 def job_with_outbox(journal: Journal, destinations: tuple[str, ...] = ("PACS",), n: int = 2) -> tuple[int, list[int]]:
@@ -54,23 +59,29 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
     db.close()
 
 
-def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "j.sqlite3"
+def _older_journal(path: Path, version: int, *statements: str) -> int:
+    """A journal with one instance and one job, then made what schema ``version`` had by ``statements``."""
     journal = Journal(path)
     add(journal, "1.9.1")
     job = journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
     journal.close()
-    db = sqlite3.connect(path)  # what schema version 1 had: no attempts, no sha256 column
-    db.execute("ALTER TABLE jobs DROP COLUMN attempts")
-    db.execute("ALTER TABLE instances DROP COLUMN sha256")
-    db.execute("ALTER TABLE outbox DROP COLUMN first_failed_at")
-    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    db = sqlite3.connect(path)
+    for statement in statements:
+        db.execute(statement)
+    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
     db.commit()
     db.close()
+    return job
+
+
+def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    job = _older_journal(path, 1, "ALTER TABLE jobs DROP COLUMN attempts",  # schema 1: no attempts, no sha256
+                         "ALTER TABLE instances DROP COLUMN sha256", "ALTER TABLE outbox DROP COLUMN first_failed_at")
     journal = Journal(path)
     assert journal.job(job).attempts == 0 and journal.start_job(job) == 1
     assert [(i.sop_instance_uid, i.sha256) for i in journal.instances(SERIES)] == [("1.9.1", "")]
@@ -78,7 +89,34 @@ def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     assert journal.instance("1.9.2").sha256 == "ab" * 32 and journal.instance("1.9.3") is None
     journal.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    db.close()
+
+
+def test_a_version_2_journal_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    job = _older_journal(path, 2, "DROP TABLE output_files",  # schema 2: no output files, no output name
+                         "ALTER TABLE jobs DROP COLUMN output_name")
+    journal = Journal(path)
+    assert journal.job(job).output_name == "" and journal.output_files(job) == []
+    seg = OutputFile("SEG", "/o/seg.dcm", "1.9.9", "1.2", "1.9.9.1")
+    journal.record_outputs(job, [("1.9.9", "SEG")], [], files=[seg], output_name="rT1")
+    assert journal.output_files(job) == [("SEG", "/o/seg.dcm", "1.9.9", "1.2", "1.9.9.1")]
+    assert journal.job(job).output_name == "rT1"
+    journal.close()
+
+
+def test_a_journal_of_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    Journal(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="schema version 99, written by a newer dicom-node"):
+        Journal(path)
+    db = sqlite3.connect(path)  # left as it was
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "99"
     db.close()
 
 
@@ -103,11 +141,11 @@ def test_add_instance_creates_series_with_attributes(journal: Journal) -> None:
     assert series.state == "receiving" and series.version == 0
     assert series.first_received == 100.0 and series.last_received == 105.0
     assert series.n_instances == 2
-    assert series.attrs == {"SeriesDescription": "t1_fl2d_sag", "SeriesNumber": 2}
+    assert series.attributes == SeriesAttributes(series_description="t1_fl2d_sag", modality="MR", series_number=2)
     assert (series.study_uid, series.patient_id, series.calling_ae) == (STUDY, "PAT1", "SCANNER")
     records = journal.instances(SERIES)
     assert [r.sop_instance_uid for r in records] == ["1.9.1", "1.9.2"]
-    assert records[0].geometry == {"ipp": [0.0, 0.0, 5.0], "frames": 1}
+    assert records[0].header == InstanceHeader(image_position=(0.0, 0.0, 5.0), number_of_frames=1)
     assert records[0].path == "/spool/1.9.1.dcm"
     assert journal.series("nope") is None
 
@@ -249,6 +287,18 @@ def test_record_outputs_then_mark_sent_settles_the_job(journal: Journal) -> None
     assert journal.due_items() == []
 
 
+def test_outputs_added_after_delivery_reopen_the_job(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), 1)
+    journal.mark_sent(ids)
+    assert journal.job(job).state == "sent"
+    journal.add_outputs(job, [("1.9.8", "AGREEMENT")], [("PACS", "/out/agreement.dcm", "1.2", "1.9.8.1")],
+                        files=[OutputFile("AGREEMENT", "/out/agreement.dcm", "1.9.8", "1.2", "1.9.8.1")])
+    assert journal.job(job).state == "written"
+    assert [f.kind for f in journal.output_files(job)] == ["AGREEMENT"]
+    journal.mark_sent([i.id for i in journal.outbox(job) if i.state == "pending"])
+    assert journal.job(job).state == "sent"
+
+
 def test_record_outputs_without_destination_is_sent_at_once(journal: Journal) -> None:
     add(journal, "1.9.1")
     job = journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
@@ -388,3 +438,18 @@ def test_a_bad_row_fails_only_its_own_caller(journal: Journal) -> None:
     assert entries[0].is_new and entries[2].is_new and entries[0].error is None and entries[2].error is None
     assert isinstance(entries[1].error, sqlite3.IntegrityError)
     assert sorted(i.sop_instance_uid for i in journal.instances(SERIES)) == ["1.9.1", "1.9.3"]
+
+
+def test_states_are_enums_stored_as_their_values(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    job, ids = job_with_outbox(journal, ("PACS",), 1)
+    assert journal.job(job).state is JobState.WRITTEN and journal.job(job).state == "written"
+    assert journal.series(SERIES).state is SeriesState.ROUTED
+    assert journal.outbox(job)[0].state is OutboxState.PENDING
+    journal.close()
+    db = sqlite3.connect(path)  # the values in the file are the plain words they always were
+    assert db.execute("SELECT state FROM jobs").fetchone()[0] == "written"
+    assert db.execute("SELECT state FROM series").fetchone()[0] == "routed"
+    assert db.execute("SELECT state FROM outbox").fetchone()[0] == "pending"
+    db.close()

@@ -94,3 +94,13 @@ def test_lobes_group_the_desikan_killiany_parcels() -> None:
                      "Corpus_Callosum", "Left-Hippocampus", "0", "Right-Cerebral-Cortex"]
     assert set(CORTEX["L"]) == {3, *range(1201, 1207)} and set(CORTEX["R"]) == {42, *range(2201, 2207)}
     assert by_code(1203).concept == codes.SCT.TemporalLobe and by_code(2203).laterality == "R"
+
+
+def test_one_left_right_table_for_runtime_and_training() -> None:
+    """The aseg pairs the training generator swaps are the start of the runtime's LR_SWAP."""
+    from inference.labels import ASEG_LEFT, ASEG_RIGHT, HIPPOCAMPUS
+
+    assert all(LR_SWAP[left] == right and LR_SWAP[right] == left
+               for left, right in zip(ASEG_LEFT, ASEG_RIGHT, strict=True))
+    assert LR_SWAP[HIPPOCAMPUS["L"]] == HIPPOCAMPUS["R"]
+    assert by_code(HIPPOCAMPUS["L"]).laterality == "L" and by_code(HIPPOCAMPUS["R"]).laterality == "R"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -17,20 +18,15 @@ from tests.e2e.node_proc import config_toml
 
 def _receive(journal: Journal, spool: Spool, paths: list[Path]) -> None:
     """File objects as the SCP does (through its own functions)."""
-    from dicom_node.scp import header_summary, parse_instance, stored_digest
+    from dicom_node.headers import describe
+    from dicom_node.scp import parse_instance, stored_digest
 
     for path in paths:
         data = path.read_bytes()
         ds = parse_instance(data)
-        geometry, attrs = header_summary(ds)
         stored = spool.write(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), data)
-        journal.add_instance(
-            sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=str(stored), geometry=geometry,
-            series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.StudyInstanceUID),
-            patient_id=str(ds.PatientID), description=attrs["SeriesDescription"], modality=attrs["Modality"],
-            calling_ae="SCANNER", series_attrs=attrs, sha256=stored_digest(stored) or "",
-        )
+        journal.add_instance(describe(ds), transfer_syntax=str(ds.file_meta.TransferSyntaxUID), path=str(stored),
+                             calling_ae="SCANNER", sha256=stored_digest(stored) or "")
 
 
 def _rows(journal: Journal) -> dict[str, tuple]:
@@ -38,9 +34,9 @@ def _rows(journal: Journal) -> dict[str, tuple]:
     for series in journal.all_series(limit=1000):
         for inst in journal.instances(series.series_uid):
             # the series' attributes come from its first instance (which one is first may differ)
-            attrs = {k: v for k, v in series.attrs.items() if k != "SOPInstanceUID"}
+            attrs = dataclasses.replace(series.attributes, sop_instance_uid="")
             rows[inst.sop_instance_uid] = (inst.series_uid, inst.sop_class_uid, inst.transfer_syntax, inst.path,
-                                           inst.sha256, inst.geometry, series.study_uid, series.patient_id,
+                                           inst.sha256, inst.header, series.study_uid, series.patient_id,
                                            series.description, attrs)
     return rows
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -24,19 +23,19 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     layer[layer == 53] = 42                        # right hippocampus smaller: positive asymmetry
     labels = sitk.GetImageFromArray(array)
     labels.CopyInformation(series.labels)
-    seg_path = write_seg(labels, series.t1_headers, out_path=folder / "seg.dcm", series_number=1002,
-                         series_description="SEG", algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
-                         uid_prefix=UID_PREFIX)
-    return {"folder": folder, "series": series, "labels": labels, "seg_path": seg_path,
-            "seg": pydicom.dcmread(seg_path)}
+    seg_written = write_seg(labels, series.t1_headers, out_path=folder / "seg.dcm", series_number=1002,
+                            series_description="SEG", algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
+                            uid_prefix=UID_PREFIX)
+    return {"folder": folder, "series": series, "labels": labels, "seg_path": seg_written.path,
+            "seg": seg_written}
 
 
 def _report(build: dict, volumetry, name: str) -> str:
     series = build["series"]
-    path = write_sr(volumetry, seg_dataset=build["seg"], source_images=series.t1_headers,
+    path = write_sr(volumetry, seg=build["seg"], source_images=series.t1_headers,
                     input_series_datasets=series.input_headers, out_path=build["folder"] / name,
                     series_number=1003, series_description="sT1AAH volumetry", uid_prefix=UID_PREFIX,
-                    algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION)
+                    algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION).path
     return format_report(path)
 
 
@@ -108,13 +107,13 @@ def test_undefined_hoc_and_asymmetry_read_n_a(tmp_path: Path, build: dict) -> No
     assert rows["Hippocampus"][2] == "absent" and rows["Hippocampus"][3] == "n/a"
     occupancy = rows["Hippocampal occupancy"]
     assert occupancy[2] == "n/a" and occupancy[1] != "n/a"
-    seg_path = write_seg(labels, series.t1_headers, out_path=tmp_path / "seg.dcm", series_number=1002,
-                         series_description="SEG", algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
-                         uid_prefix=UID_PREFIX)
-    path = write_sr(volumetry, seg_dataset=pydicom.dcmread(seg_path), source_images=series.t1_headers,
+    seg_written = write_seg(labels, series.t1_headers, out_path=tmp_path / "seg.dcm", series_number=1002,
+                            series_description="SEG", algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
+                            uid_prefix=UID_PREFIX)
+    path = write_sr(volumetry, seg=seg_written, source_images=series.t1_headers,
                     input_series_datasets=series.input_headers, out_path=tmp_path / "sr.dcm", series_number=1003,
                     series_description="sT1AAH volumetry", uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID,
-                    algorithm_version=MODEL_VERSION)
+                    algorithm_version=MODEL_VERSION).path
     text = format_report(path)
     assert _row(text, "Left hippocampus")[-1] == "n/a"
     assert "Hippocampal occupancy: L " in text and text.rstrip().count("R n/a") >= 1

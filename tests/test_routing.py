@@ -8,6 +8,7 @@ import pytest
 
 from dicom_node import MANUFACTURER, MODEL_NAME
 from dicom_node.config import NodeConfig, Rule, default_rules, parse_config
+from dicom_node.headers import SeriesAttributes
 from dicom_node.routing import Decision, loop_guard, route
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -17,8 +18,8 @@ SERIES_UID = "1.2.826.0.1.3680043.8.498.1234"
 ALL_MODELS = {m for r in default_rules() for m in NodeConfig().models_for(r)}
 
 
-def attrs(description: str, **overrides: Any) -> dict[str, Any]:
-    """Series attributes as the SCP files them (scp.header_summary), for a Siemens MR series."""
+def attrs(description: str, **overrides: Any) -> SeriesAttributes:
+    """Series attributes as the SCP files them (headers.describe), for a Siemens MR series."""
     base: dict[str, Any] = {
         "SeriesDescription": description,
         "Modality": "MR",
@@ -35,10 +36,10 @@ def attrs(description: str, **overrides: Any) -> dict[str, Any]:
         "SOPInstanceUID": "1.2.826.0.1.3680043.8.498.99",
     }
     base.update(overrides)
-    return base
+    return SeriesAttributes.from_json(base)
 
 
-def decide(a: dict[str, Any], config: NodeConfig | None = None, **kwargs: Any) -> Decision:
+def decide(a: SeriesAttributes, config: NodeConfig | None = None, **kwargs: Any) -> Decision:
     kwargs.setdefault("installed_models", ALL_MODELS)
     return route(config or NodeConfig(), a, SERIES_UID, **kwargs)
 
@@ -157,8 +158,9 @@ def test_journal_produced_is_guarded() -> None:
 
 def test_loop_guard_direct() -> None:
     assert loop_guard(attrs("x"), "1.2", uid_root=None) is None
-    assert loop_guard({"ImageType": []}, "1.2", uid_root=None) is None
-    assert loop_guard({"ImageType": ["derived", "primary"]}, "1.2", uid_root=None).startswith("derived image")
+    assert loop_guard(SeriesAttributes(image_type=()), "1.2", uid_root=None) is None
+    assert loop_guard(SeriesAttributes(image_type=("derived", "primary")), "1.2", uid_root=None).startswith(
+        "derived image")
 
 
 # -- not routed --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import NodeConfig, NodeSettings, Peer
+from dicom_node.headers import InstanceHeader, SeriesAttributes, describe
 from dicom_node.journal import Journal
 from dicom_node.scp import (
     STATUS_CANNOT_UNDERSTAND,
@@ -26,7 +27,6 @@ from dicom_node.scp import (
     Admission,
     BadInstance,
     StorageSCP,
-    header_summary,
     parse_instance,
 )
 from dicom_node.spool import Spool
@@ -125,10 +125,10 @@ def test_store_is_in_spool_and_journal_before_the_response(node: Node, series: l
     assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert stored.PixelData == source.PixelData and stored.SOPInstanceUID == source.SOPInstanceUID
     assert rows[0].transfer_syntax == ExplicitVRLittleEndian
-    assert rows[0].geometry["ipp"] == [float(v) for v in source.ImagePositionPatient]
+    assert rows[0].header.image_position == tuple(float(v) for v in source.ImagePositionPatient)
     record = node.journal.series(str(source.SeriesInstanceUID))
     assert record.calling_ae == "SCANNER" and record.description == "t1_fl2d_sag" and record.modality == "MR"
-    assert record.attrs["SeriesNumber"] == 2 and record.attrs["ImageType"][0] == "ORIGINAL"
+    assert record.attributes.series_number == 2 and record.attributes.image_type[0] == "ORIGINAL"
     assoc.release()
     assert _wait_for(lambda: node.released == [{str(source.SeriesInstanceUID)}])
 
@@ -148,8 +148,8 @@ def test_duplicate_instance_is_idempotent(node: Node, series: list[Path],
     results: list[bool] = []
     add_instance = node.journal.add_instance
 
-    def spy(**kwargs: Any) -> bool:
-        results.append(add_instance(**kwargs))
+    def spy(*args: Any, **kwargs: Any) -> bool:
+        results.append(add_instance(*args, **kwargs))
         return results[-1]
 
     writes: list[Path] = []
@@ -218,7 +218,7 @@ def test_spool_failure_is_out_of_resources(node: Node, series: list[Path], monke
 
 def test_journal_failure_is_not_acknowledged(node: Node, series: list[Path], monkeypatch: pytest.MonkeyPatch,
                                              caplog: pytest.LogCaptureFixture) -> None:
-    def broken(**kwargs: object) -> bool:
+    def broken(*args: object, **kwargs: object) -> bool:
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(node.journal, "add_instance", broken)
@@ -315,20 +315,26 @@ def test_parse_instance_needs_the_uids(series: list[Path], tmp_path: Path) -> No
     assert info.value.status == STATUS_DATASET_MISMATCH and "SeriesInstanceUID" in str(info.value)
 
 
-def test_header_summary(series: list[Path]) -> None:
+def test_describe(series: list[Path]) -> None:
     ds = dcmread(series[1], stop_before_pixels=True)
-    geometry, attrs = header_summary(ds)
-    assert geometry["iop"] == [float(v) for v in ds.ImageOrientationPatient]
-    assert (geometry["rows"], geometry["cols"], geometry["frames"], geometry["instance"]) == (16, 16, 1, 2)
-    assert geometry["thickness"] == [4.0] and geometry["images_in_acquisition"] == 0
-    assert attrs["ImageType"] == ["ORIGINAL", "PRIMARY", "M", "NORM", "DIS2D"]
-    assert attrs["SliceThickness"] == 4.0 and attrs["MRAcquisitionType"] == "2D"
-    assert attrs["Manufacturer"] == "SIEMENS" and attrs["SOPClassUID"] == MRImageStorage
+    received = describe(ds)
+    geometry, attrs = received.header, received.series
+    assert geometry.image_orientation == tuple(float(v) for v in ds.ImageOrientationPatient)
+    assert (geometry.rows, geometry.columns, geometry.number_of_frames, geometry.instance_number) == (16, 16, 1, 2)
+    assert geometry.slice_thickness == (4.0,) and geometry.images_in_acquisition == 0
+    assert attrs.image_type == ("ORIGINAL", "PRIMARY", "M", "NORM", "DIS2D")
+    assert attrs.slice_thickness == 4.0 and attrs.mr_acquisition_type == "2D"
+    assert attrs.manufacturer == "SIEMENS" and attrs.sop_class_uid == MRImageStorage
     ds.ImageType = "ORIGINAL"  # a single value is a list of one
-    assert header_summary(ds)[1]["ImageType"] == ["ORIGINAL"]
+    assert describe(ds).series.image_type == ("ORIGINAL",)
     del ds.ImagePositionPatient, ds.SliceThickness
-    geometry, attrs = header_summary(ds)
-    assert geometry["ipp"] is None and attrs["SliceThickness"] is None
+    received = describe(ds)
+    geometry, attrs = received.header, received.series
+    assert geometry.image_position is None and attrs.slice_thickness is None
+    # filed as JSON with the journal's keys, read back the same
+    assert InstanceHeader.from_json(geometry.to_json()) == geometry
+    assert SeriesAttributes.from_json(attrs.to_json()) == attrs
+    assert geometry.to_json()["cols"] == 16 and attrs.to_json()["SeriesNumber"] == 2
 
 
 def test_parse_instance_finds_truncation_anywhere(series: list[Path]) -> None:

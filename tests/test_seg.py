@@ -23,7 +23,7 @@ def _write(series: T1Series, out: Path, labels: sitk.Image | None = None, source
     return write_seg(labels if labels is not None else series.labels,
                      series.t1_headers if sources is None else sources,
                      out_path=out, series_number=1002, series_description="sT1AAH SEG", algorithm_name=MODEL_ID,
-                     algorithm_version=MODEL_VERSION, uid_prefix=UID_PREFIX)
+                     algorithm_version=MODEL_VERSION, uid_prefix=UID_PREFIX).path
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_enhanced_mr_source_with_per_frame_geometry(tmp_path: Path) -> None:
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     assert "PixelMeasuresSequence" not in sources[0].SharedFunctionalGroupsSequence[0]
     path = write_seg(labels, sources, out_path=tmp_path / "seg.dcm", series_number=5, series_description="SEG",
-                     algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION, uid_prefix=UID_PREFIX)
+                     algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION, uid_prefix=UID_PREFIX).path
     assert "PixelMeasuresSequence" not in sources[0].SharedFunctionalGroupsSequence[0]  # caller's data untouched
     assert dciodvfy_errors(path) == []
     seg = hd.seg.segread(path)
@@ -174,3 +174,17 @@ def test_enhanced_mr_source_with_per_frame_geometry(tmp_path: Path) -> None:
         k = int(round(labels.TransformPhysicalPointToContinuousIndex(ipp)[2]))
         code = code_of[int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)]
         assert np.array_equal(pixels[n].astype(bool), labels_array[k] == code)
+
+
+def test_write_seg_says_what_it_wrote(tmp_path: Path) -> None:
+    """The writer returns the file, its UIDs and the segment number of each code (no need to read it back)."""
+    series = make_t1_series(tmp_path)
+    result = write_seg(series.labels, series.t1_headers, out_path=tmp_path / "seg.dcm", series_number=1002,
+                       series_description="SEG", algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
+                       uid_prefix=UID_PREFIX)
+    stored = hd.seg.segread(result.path)
+    (file,) = result.files
+    assert (file.sop_class_uid, file.sop_instance_uid) == (stored.SOPClassUID, stored.SOPInstanceUID)
+    assert result.series_instance_uid == stored.SeriesInstanceUID
+    assert dict(result.segment_numbers) == segment_codes(stored)
+    assert "PixelData" not in result.dataset

@@ -22,7 +22,7 @@ CHILD = r"""
 import os, sys, time
 from pathlib import Path
 
-import dicom_node.jobs as jobs
+import dicom_node.steps as jobs
 from dicom_node.config import load_config
 from dicom_node.service import Node
 

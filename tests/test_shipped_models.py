@@ -14,7 +14,6 @@ from inference.pipeline import run_model
 MODELS_DIR = Path(__file__).resolve().parents[1] / "onnx_models"
 SHIPPED = sorted(p.parent.name for p in MODELS_DIR.glob(f"*/{MANIFEST_FILE}")) if MODELS_DIR.is_dir() else []
 
-requires_models = pytest.mark.skipif(not SHIPPED, reason=f"no models shipped in {MODELS_DIR}")
 
 
 def _head_phantom(size: int = 64) -> sitk.Image:
@@ -34,7 +33,6 @@ def registry() -> ModelRegistry:
     return ModelRegistry(MODELS_DIR, providers="cpu", threads=1)
 
 
-@requires_models
 @pytest.mark.parametrize("model_id", SHIPPED)
 def test_shipped_model_runs(registry: ModelRegistry, model_id: str) -> None:
     folder = MODELS_DIR / model_id
@@ -79,7 +77,6 @@ def _metrics(model_id: str) -> dict:
     return json.loads(path.read_text())
 
 
-@requires_models
 @pytest.mark.parametrize("model_id", SHIPPED)
 def test_card_and_manifest_carry_the_measured_metrics(model_id: str) -> None:
     manifest_text = (MODELS_DIR / model_id / MANIFEST_FILE).read_text()
@@ -101,7 +98,6 @@ SYNTHESIS = [m for m in SHIPPED if load_manifest(MODELS_DIR / m / MANIFEST_FILE)
 SEGMENTERS = [m for m in SHIPPED if m not in SYNTHESIS]
 
 
-@requires_models
 @pytest.mark.parametrize("model_id", SYNTHESIS)
 def test_evaluation_reproduces_the_card(registry: ModelRegistry, model_id: str) -> None:
     """One held-out map, one input kind, through the evaluation command's own code: the numbers in
@@ -129,9 +125,9 @@ def test_evaluation_reproduces_the_card(registry: ModelRegistry, model_id: str) 
             assert got["dice"][code] == pytest.approx(dice, abs=0.03), f"label {code}"
 
 
-@pytest.mark.skipif("synth-t1" not in SHIPPED, reason="no synth-t1 bundled yet (docs/training.md)")
 def test_default_rules_use_the_bundled_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A fresh install: the embedded defaults point at onnx_models/, and every default rule's model is there."""
+    """A fresh install: the embedded defaults point at onnx_models/, and every default rule's model is there.
+    Never skipped: a bundle without the default models fails here (the per-model tests would have nothing to run)."""
     from dicom_node.cli import main
     from dicom_node.config import BUNDLED_MODELS_DIR, load_config
 
@@ -172,7 +168,6 @@ def test_without_bundled_models_the_default_rules_are_disabled(tmp_path: Path,
     assert f"configuration is valid; {len(config.rules)} rule(s) disabled" in out
 
 
-@requires_models
 @pytest.mark.parametrize("model_id", SEGMENTERS)
 def test_segmenter_evaluation_reproduces_the_card(registry: ModelRegistry, model_id: str) -> None:
     """The first label map through the segmenter evaluation's own code gives back the numbers of metrics.json."""

@@ -33,24 +33,26 @@ def _same(concept, code) -> bool:
 
 
 def _write_sr(volumetry, build: dict, out: Path, **kwargs) -> Path:
-    return write_sr(volumetry, seg_dataset=build["seg"], source_images=build["series"].t1_headers,
+    return write_sr(volumetry, seg=build["seg_written"], source_images=build["series"].t1_headers,
                     input_series_datasets=build["series"].input_headers, out_path=out, series_number=1003,
                     series_description="sT1AAH volumetry", uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID,
-                    algorithm_version=MODEL_VERSION, **kwargs)
+                    algorithm_version=MODEL_VERSION, **kwargs).path
 
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("sr")
     series = make_t1_series(folder)
-    seg_path = write_seg(series.labels, series.t1_headers, out_path=folder / "seg.dcm", series_number=1002,
+    seg_written = write_seg(series.labels, series.t1_headers, out_path=folder / "seg.dcm", series_number=1002,
                          series_description="sT1AAH SEG", algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
                          uid_prefix=UID_PREFIX)
+    seg_path = seg_written.path
     seg = pydicom.dcmread(seg_path)
     hv = float((sitk.GetArrayFromImage(series.labels) == 17).sum() * np.prod(series.labels.GetSpacing()) / 1000)
     volumetry = compute_volumetry(series.labels, series.t1, age="053Y", sex="F",
                                   norms=[Norm(17, 50, 60, "F", mean_ml=hv - 0.1, sd_ml=0.2)])
-    build = {"folder": folder, "series": series, "seg": seg, "seg_path": seg_path, "volumetry": volumetry}
+    build = {"folder": folder, "series": series, "seg": seg, "seg_written": seg_written, "seg_path": seg_path,
+             "volumetry": volumetry}
     build["path"] = _write_sr(volumetry, build, folder / "sr.dcm")
     build["sr"] = hd.sr.srread(build["path"])
     return build
@@ -204,11 +206,11 @@ def test_seg_of_other_labels_is_refused(tmp_path: Path, build: dict) -> None:
     array[array == 17] = 2
     fewer = sitk.GetImageFromArray(array)
     fewer.CopyInformation(series.labels)
-    seg_path = write_seg(fewer, series.t1_headers, out_path=tmp_path / "seg.dcm", series_number=1002,
-                         series_description="SEG", algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
-                         uid_prefix=UID_PREFIX)
+    seg_written = write_seg(fewer, series.t1_headers, out_path=tmp_path / "seg.dcm", series_number=1002,
+                            series_description="SEG", algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
+                            uid_prefix=UID_PREFIX)
     with pytest.raises(ValueError, match="no segment"):
-        write_sr(build["volumetry"], seg_dataset=pydicom.dcmread(seg_path), source_images=series.t1_headers,
+        write_sr(build["volumetry"], seg=seg_written, source_images=series.t1_headers,
                  input_series_datasets=series.input_headers, out_path=tmp_path / "sr.dcm", series_number=1003,
                  series_description="x", uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID,
                  algorithm_version=MODEL_VERSION)

@@ -20,7 +20,7 @@ def _write(build: dict, volumetry, out: Path, *, labels: sitk.Image | None = Non
     return write_summary(volumetry, t1=series.t1, labels=series.labels if labels is None else labels,
                          source_images=series.t1_headers, out_path=out, series_number=1004,
                          series_description="sT1AAH summary", uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID,
-                         algorithm_version=MODEL_VERSION, synthetic=synthetic)
+                         algorithm_version=MODEL_VERSION, synthetic=synthetic).path
 
 
 @pytest.fixture(scope="module")

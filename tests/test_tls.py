@@ -20,6 +20,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.config import ConfigError, Destination, NodeConfig, NodeSettings, Peer, TLSSettings, parse_config
 from dicom_node.dispatch import Dispatcher, echo
+from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 from dicom_node.journal import Journal
 from dicom_node.scp import StorageSCP
 from dicom_node.spool import Spool
@@ -168,9 +169,9 @@ def test_per_peer_tls_and_client_certificate_name(tls_node: Callable[..., TLSNod
 
 
 def _queue(journal: Journal, files: list[Path], destination: str) -> int:
-    journal.add_instance(sop_instance_uid="1.9.1", sop_class_uid=MRImageStorage, transfer_syntax="", path="/x",
-                         geometry={}, series_uid="1.2.3.4.100", study_uid="1.2.3", patient_id="P", description="t1",
-                         modality="MR", calling_ae="MR1", series_attrs={})
+    received = ReceivedInstance("1.9.1", MRImageStorage, "1.2.3", "1.2.3.4.100", "P", InstanceHeader(),
+                                SeriesAttributes(series_description="t1", modality="MR"))
+    journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
     job = journal.add_job(series_uid="1.2.3.4.100", version=1, rule="t1-2d", action="synthesize", model="m")
     items = [(destination, str(p), MRImageStorage, str(dcmread(p).SOPInstanceUID)) for p in files]
     journal.record_outputs(job, [("1.9.9", "sT1")], items)

@@ -549,3 +549,17 @@ def test_mprage_consistency_uses_the_given_segmenter(tmp_path: Path) -> None:
     assert set(out["t1_2d"]) == {"psnr_db_vs_reference_t1", "ssim_vs_reference_t1", "synthetic_t1_segmented",
                                  "direct_segmentation"}
     assert evaluate.evaluate_mprage(model, SHARED_DATA, [], 0)["reference"]["segmenter"] == "per-kind"
+
+
+def test_one_input_normalisation_for_training_export_and_serving() -> None:
+    """The generator, the exported manifest and the manifest's defaults normalise the same way."""
+    from inference.normalization import SYNTHESIS_INPUT
+
+    exported = InputSpec(**export.manifest_dict("synth-test", version="0.0.1", tile=96, divisible_by=8)["input"])
+    default = InputSpec(name="image")
+    for spec in (exported, default):
+        assert (spec.normalization, spec.p_low, spec.p_high, spec.clip_max) == (
+            "percentile", SYNTHESIS_INPUT.p_low, SYNTHESIS_INPUT.p_high, SYNTHESIS_INPUT.clip_max)
+    vol = np.random.default_rng(0).gamma(2.0, 50.0, size=(12, 12, 12)).astype(np.float32)
+    ours = generator.normalize_percentile(torch.from_numpy(vol)).numpy()  # the generator's defaults
+    np.testing.assert_allclose(ours, normalize(vol, default), atol=1e-3)

@@ -14,7 +14,6 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from inference.volume import (
     GeometryError,
-    image_to_slices,
     isotropic_grid,
     load_series,
     resample_isotropic,
@@ -186,15 +185,19 @@ def test_single_slice_uses_slice_thickness(tmp_path: Path) -> None:
     assert series.image.GetSpacing()[2] == pytest.approx(2.5)
 
 
-def test_image_to_slices_inverts_load(tmp_path: Path) -> None:
+def test_load_puts_slice_k_at_its_position(tmp_path: Path) -> None:
+    """Slice k of the loaded image lies at the IPP of source slice k, with the source IOP (what the writers
+    of derived objects rely on)."""
     image = load_series(write_series(tmp_path)).image
-    slices = image_to_slices(image)
-    assert len(slices) == SLICES
-    for k, (ipp, iop, pixels) in enumerate(slices):
-        np.testing.assert_allclose(ipp, patient_point(0, 0, k), atol=1e-4)
-        np.testing.assert_allclose(iop, np.concatenate([ROW, COL]), atol=1e-6)
-        assert pixels.shape == (ROWS, COLUMNS)
-    assert slices[MARKER[2]][2][MARKER[0], MARKER[1]] == 3000
+    array = sitk.GetArrayFromImage(image)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    assert image.GetSize()[2] == SLICES
+    for k in range(SLICES):
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((0, 0, k)), patient_point(0, 0, k), atol=1e-4)
+        np.testing.assert_allclose(np.concatenate([direction[:, 0], direction[:, 1]]), np.concatenate([ROW, COL]),
+                                   atol=1e-6)
+        assert array[k].shape == (ROWS, COLUMNS)
+    assert array[MARKER[2]][MARKER[0], MARKER[1]] == 3000
 
 
 def _blob_image(center: np.ndarray) -> sitk.Image:
@@ -333,3 +336,18 @@ def test_every_transfer_syntax_decodes_identically(folder: str) -> None:
         _assert_same_geometry(image, reference)
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(reference),
                                       err_msg=path.name)
+
+
+def test_source_frames_follow_the_loaded_headers(tmp_path: Path) -> None:
+    """The geometry load_series computed, re-indexed to its headers' order, is what reading the headers gives."""
+    from inference.volume import frame_geometries
+    from tests.dicom_factory import make_mr_series
+
+    paths = make_mr_series(tmp_path, shape=(5, 8, 8), spacing=(1.0, 1.0, 3.0))
+    loaded = load_series(list(reversed(paths)))  # received in another order than the slices lie
+    frames = loaded.source_frames()
+    expected = [f for n, ds in enumerate(loaded.datasets) for f in frame_geometries(ds, n)]
+    assert frames is not None and len(frames) == len(expected) == 5
+    for got, want in zip(frames, expected, strict=True):
+        assert (got.dataset_index, got.frame_index) == (want.dataset_index, want.frame_index)
+        assert got.position == want.position and got.orientation == want.orientation

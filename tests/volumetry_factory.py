@@ -143,7 +143,7 @@ def make_t1_series(out_dir: Path, *, swap_contrast: bool = False, patient_age: s
     labels, t1 = make_phantom(direction=direction_from_iop(PHANTOM_IOP), swap_contrast=swap_contrast)
     t1_paths = write_derived_mr(t1, input_headers, out_dir=out_dir / "st1", series_description="sT1AAH",
                                 series_number=1001, uid_prefix=UID_PREFIX,
-                                derivation=Derivation(MODEL_ID, MODEL_VERSION, "Synthetic T1 (test phantom)"))
+                                derivation=Derivation(MODEL_ID, MODEL_VERSION, "Synthetic T1 (test phantom)")).paths
     t1_headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in t1_paths]
     return T1Series(labels, t1, t1_paths, t1_headers, input_headers)
 

@@ -1,10 +1,86 @@
-"""Writers: one module per DICOM object type the node creates (derived MR, SEG, SR, summary)."""
+"""Writers: one module per DICOM object type the node creates (derived MR, SEG, SR, summary).
+
+Every writer returns what it wrote (:class:`WrittenSeries`): the files with their SOP Class and SOP
+Instance UIDs, the Series Instance UID and the data sets as written (without pixel data), so the
+caller never reads back a file it has just written.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
 
 import dicom_node
+
+
+@dataclass(frozen=True)
+class WrittenSeries:
+    """One series the node wrote: its files in InstanceNumber order and their headers (no pixel data)."""
+
+    series_instance_uid: str
+    files: tuple[WrittenFile, ...]
+    datasets: tuple[Dataset, ...]
+    #: SEG only: FreeSurfer code -> SegmentNumber of each segment written
+    segment_numbers: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [f.path for f in self.files]
+
+    @property
+    def path(self) -> Path:
+        """The file of a single-object series (SEG, SR, summary)."""
+        (only,) = self.files
+        return only.path
+
+    @property
+    def dataset(self) -> Dataset:
+        """The header of a single-object series (SEG, SR, summary)."""
+        (only,) = self.datasets
+        return only
+
+
+class WrittenFile(NamedTuple):
+    """One DICOM file the node wrote."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+def header_of(ds: Dataset) -> Dataset:
+    """``ds`` without its pixel data (a shallow copy sharing the other elements and the file meta)."""
+    header = Dataset()
+    for element in ds:
+        if element.tag != 0x7FE00010:
+            header.add(element)
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
+
+
+def write_file(ds: Dataset, out_path: Path) -> WrittenFile:
+    """Write ``ds`` as a DICOM file (creating the folder) and say what was written."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    dcmwrite(out_path, ds, enforce_file_format=True)
+    return WrittenFile(out_path, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+
+
+def write_single(ds: Dataset, out_path: Path, *, segment_numbers: Mapping[int, int] | None = None) -> WrittenSeries:
+    """Write the one object of a new series (SEG, SR, summary)."""
+    written = write_file(ds, out_path)
+    return WrittenSeries(str(ds.SeriesInstanceUID), (written,), (header_of(ds),), dict(segment_numbers or {}))
+
+
+def series_of(files: Sequence[WrittenFile], datasets: Sequence[Dataset]) -> WrittenSeries:
+    """The series made of ``files`` (all of one Series Instance UID)."""
+    return WrittenSeries(str(datasets[0].SeriesInstanceUID), tuple(files), tuple(datasets))
 
 
 def software_versions(algorithm_name: str, algorithm_version: str) -> list[str]:

@@ -23,15 +23,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
-from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-import dicom_node
-from dicom_node.uids import new_uid
-from dicom_node.writers import equipment
-from dicom_node.writers.sr import LOCAL_SCHEME, _evidence, _site, _tracking, device_uid
+from dicom_node.writers import WrittenSeries, write_single
+from dicom_node.writers.tid1500 import LOCAL_SCHEME, evidence, finding_site, measurement_report_sr, tracking
 from inference.agreement import Agreement
 from inference.labels import by_code
 
@@ -96,7 +93,7 @@ def _image_group(agreement: Agreement, algorithm: hd.sr.AlgorithmIdentification,
                               algorithm_id=algorithm),
         ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(GROUP_IMAGE, uid_prefix), algorithm_id=algorithm,
+        tracking_identifier=tracking(GROUP_IMAGE, uid_prefix), algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(codes.SCT.Brain)], measurements=measurements)
     if not math.isfinite(agreement.psnr):  # a NUM needs a finite value
         group[0].ContentSequence.append(hd.sr.TextContentItem(
@@ -111,7 +108,7 @@ def _registration_group(agreement: Agreement, algorithm: hd.sr.AlgorithmIdentifi
     measurements += [hd.sr.Measurement(name=name, value=float(value), unit=UNIT_DEGREE, algorithm_id=algorithm)
                      for name, value in zip(ROTATION, agreement.rotation_deg, strict=True)]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(GROUP_REGISTRATION, uid_prefix), algorithm_id=algorithm,
+        tracking_identifier=tracking(GROUP_REGISTRATION, uid_prefix), algorithm_id=algorithm,
         measurements=measurements)
     registration = agreement.registration
     centre = ", ".join(f"{v:.1f}" for v in agreement.center_mm)
@@ -129,8 +126,8 @@ def _structure_groups(agreement: Agreement, algorithm: hd.sr.AlgorithmIdentifica
     for code, entry in agreement.structures.items():
         structure = by_code(code)
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(structure.freesurfer_name, uid_prefix),
-            finding_type=structure.concept, finding_category=structure.category, finding_sites=[_site(code)],
+            tracking_identifier=tracking(structure.freesurfer_name, uid_prefix),
+            finding_type=structure.concept, finding_category=structure.category, finding_sites=[finding_site(code)],
             algorithm_id=algorithm,
             measurements=[
                 hd.sr.Measurement(name=DICE, value=entry.dice, unit=UNIT_NONE, algorithm_id=algorithm),
@@ -142,7 +139,7 @@ def _structure_groups(agreement: Agreement, algorithm: hd.sr.AlgorithmIdentifica
 def write_agreement_sr(agreement: Agreement, *, real_t1_images: Sequence[Dataset],
                        synthetic_t1_images: Sequence[Dataset], real_seg: Dataset, synthetic_seg: Dataset,
                        out_path: Path, series_number: int, series_description: str, uid_prefix: str | None,
-                       algorithm_name: str, algorithm_version: str, institution_name: str | None = None) -> Path:
+                       algorithm_name: str, algorithm_version: str) -> WrittenSeries:
     """Write ``agreement`` as a Comprehensive 3D SR in the study of ``real_t1_images``.
 
     ``real_t1_images`` / ``synthetic_t1_images``: headers of the two T1 series compared; ``real_seg`` /
@@ -151,40 +148,11 @@ def write_agreement_sr(agreement: Agreement, *, real_t1_images: Sequence[Dataset
     if not real_t1_images or not synthetic_t1_images:
         raise ValueError("both the real and the synthetic T1 images are required")
     algorithm = hd.sr.AlgorithmIdentification(name=algorithm_name, version=algorithm_version)
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(uid_prefix), name=dicom_node.MODEL_NAME, manufacturer_name=dicom_node.MANUFACTURER,
-            model_name=f"{algorithm_name} {algorithm_version}"[:64]))
     groups: list = [_image_group(agreement, algorithm, uid_prefix),
                     _registration_group(agreement, algorithm, uid_prefix)]
     groups += _structure_groups(agreement, algorithm, uid_prefix)
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=codes.LN.BrainMRI,
-        imaging_measurements=groups,
-    )
-    first = real_t1_images[0]
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=_evidence(real_t1_images, synthetic_t1_images, [real_seg, synthetic_seg]),
-        content=report,
-        series_instance_uid=new_uid(uid_prefix),
-        series_number=int(series_number),
-        sop_instance_uid=new_uid(uid_prefix),
-        instance_number=1,
-        **equipment(algorithm_name, algorithm_version),
-        institution_name=institution_name or first.get("InstitutionName") or None,
-        series_description=series_description,
-        is_complete=True,
-        is_final=False,
-        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
-            designator=LOCAL_SCHEME, name="dicom-node local codes",
-            responsible_organization=dicom_node.MANUFACTURER)],
-    )
-    for keyword in ("PatientAge", "PatientSize", "PatientWeight"):  # Patient Study module
-        if first.get(keyword) not in (None, ""):
-            setattr(sr, keyword, first[keyword].value)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(out_path, sr, enforce_file_format=True)
-    return out_path
+    sr = measurement_report_sr(
+        groups, evidence_images=evidence(real_t1_images, synthetic_t1_images, [real_seg, synthetic_seg]),
+        procedure=codes.LN.BrainMRI, series_number=series_number, series_description=series_description,
+        uid_prefix=uid_prefix, algorithm_name=algorithm_name, algorithm_version=algorithm_version)
+    return write_single(sr, out_path)

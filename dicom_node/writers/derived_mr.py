@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom import config, dcmwrite
+from pydicom import config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -27,7 +27,7 @@ from pydicom.valuerep import DSfloat, PersonName, validate_value
 
 import dicom_node
 from dicom_node.uids import new_uid
-from dicom_node.writers import software_versions
+from dicom_node.writers import WrittenSeries, header_of, series_of, software_versions, write_file
 
 __all__ = ["Derivation", "write_derived_mr"]
 
@@ -198,24 +198,18 @@ def _source_series(sources: Sequence[Dataset]) -> dict[str, list[Dataset]]:
     return series
 
 
-def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_description: str, series_number: int,
-                     series_uid: str, derivation: Derivation, extra_comment: str, now: datetime) -> Dataset:
-    """Every attribute shared by the instances of the series."""
-    ds = Dataset()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
-
-    # SOP Common
-    ds.SOPClassUID = MRImageStorage
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    # SyntheticData (0008,001C) is left out: dciodvfy 2022 rejects it as an unknown standard tag.
-    # Patient, Clinical Trial Subject
+def _patient_and_study(ds: Dataset, first: Dataset) -> None:
+    """Patient, Clinical Trial Subject, General Study, Patient Study, Clinical Trial Study: the source's."""
     _copy(ds, first, _PATIENT_TYPE2, type2=True)
     _copy(ds, first, _PATIENT_OPTIONAL, type2=False)
-    # General Study, Patient Study, Clinical Trial Study
     ds.StudyInstanceUID = first.StudyInstanceUID
     _copy(ds, first, _STUDY_TYPE2, type2=True)
     _copy(ds, first, _STUDY_OPTIONAL, type2=False)
-    # General Series
+
+
+def _series_and_equipment(ds: Dataset, first: Dataset, *, series_description: str, series_number: int,
+                          series_uid: str, derivation: Derivation, date: str, time: str) -> None:
+    """General Series, Frame of Reference, General Equipment (this node; the scanner as Contributing Equipment)."""
     ds.Modality = "MR"
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
@@ -225,10 +219,8 @@ def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_descr
     _copy(ds, first, ("BodyPartExamined",), type2=False)
     if not ds.get("BodyPartExamined"):
         ds.Laterality = None  # Type 2C: a paired body part cannot be ruled out, so present and empty
-    # Frame of Reference
     ds.FrameOfReferenceUID = first.FrameOfReferenceUID
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator") or None
-    # General Equipment: this node; the scanner goes into Contributing Equipment
     ds.Manufacturer = dicom_node.MANUFACTURER
     ds.ManufacturerModelName = dicom_node.MODEL_NAME
     ds.SoftwareVersions = software_versions(derivation.model_id, derivation.model_version)
@@ -238,9 +230,24 @@ def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_descr
         _copy(scanner, first, _SCANNER, type2=False)
         scanner.PurposeOfReferenceCodeSequence = [_code_item(codes.DCM.AcquisitionEquipment)]
         ds.ContributingEquipmentSequence = [scanner]
-    # General Image, General Reference
+
+
+def _references(sources: Sequence[Dataset], purpose: Dataset | None = None) -> list[Dataset]:
+    """One Referenced SOP Class/Instance item per distinct source (with a purpose of reference if given)."""
+    items = []
+    for sop_class, sop_instance in dict.fromkeys((src.SOPClassUID, src.SOPInstanceUID) for src in sources):
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        if purpose is not None:
+            item.PurposeOfReferenceCodeSequence = [purpose]
+        items.append(item)
+    return items
+
+
+def _derivation(ds: Dataset, sources: Sequence[Dataset], *, derivation: Derivation, extra_comment: str) -> None:
+    """General Image, General Reference and Common Instance Reference: how the image was made, from what."""
     ds.ImageType = ["DERIVED", "SECONDARY", "OTHER"]
-    ds.ContentDate, ds.ContentTime = date, time
     descriptions = [str(members[0].get("SeriesDescription") or uid)
                     for uid, members in _source_series(sources).items()]
     model = f"{derivation.model_id} {derivation.model_version}"
@@ -249,15 +256,7 @@ def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_descr
     ds.ImageComments = f"{comment} {extra_comment}".strip()
     ds.DerivationDescription = (f"{derivation.description} (model {model}); synthetic image, not acquired")[:1024]
     ds.DerivationCodeSequence = [_code_item(codes.DCM.SpatialResampling)]
-    purpose = _code_item(codes.DCM.SourceImageForImageProcessingOperation)
-    source_items = []
-    for sop_class, sop_instance in dict.fromkeys((src.SOPClassUID, src.SOPInstanceUID) for src in sources):
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop_instance
-        item.PurposeOfReferenceCodeSequence = [purpose]
-        source_items.append(item)
-    ds.SourceImageSequence = source_items
+    ds.SourceImageSequence = _references(sources, _code_item(codes.DCM.SourceImageForImageProcessingOperation))
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
     # Common Instance Reference (required when instances of this study are referenced)
@@ -265,23 +264,20 @@ def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_descr
     for uid, members in _source_series(sources).items():
         series_item = Dataset()
         series_item.SeriesInstanceUID = uid
-        instances = []
-        for sop_class, sop_instance in dict.fromkeys((src.SOPClassUID, src.SOPInstanceUID) for src in members):
-            instance = Dataset()
-            instance.ReferencedSOPClassUID = sop_class
-            instance.ReferencedSOPInstanceUID = sop_instance
-            instances.append(instance)
-        series_item.ReferencedInstanceSequence = instances
+        series_item.ReferencedInstanceSequence = _references(members)
         referenced_series.append(series_item)
     ds.ReferencedSeriesSequence = referenced_series
-    # Image Pixel
+
+
+def _pixel_and_mr(ds: Dataset) -> None:
+    """Image Pixel (16-bit unsigned grey) and MR Image: nothing was acquired, so no sequence is claimed
+    (Research Mode, no variant)."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
-    # MR Image: nothing was acquired, so no sequence is claimed (Research Mode, no variant)
     ds.ScanningSequence = "RM"
     ds.SequenceVariant = "NONE"
     ds.ScanOptions = None
@@ -290,6 +286,21 @@ def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_descr
     ds.EchoTime = None
     ds.EchoTrainLength = None
 
+
+def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_description: str, series_number: int,
+                     series_uid: str, derivation: Derivation, extra_comment: str, now: datetime) -> Dataset:
+    """Every attribute shared by the instances of the series."""
+    ds = Dataset()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
+    # SOP Common. SyntheticData (0008,001C) is left out: dciodvfy 2022 rejects it as an unknown standard tag.
+    ds.SOPClassUID = MRImageStorage
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    _patient_and_study(ds, first)
+    _series_and_equipment(ds, first, series_description=series_description, series_number=series_number,
+                          series_uid=series_uid, derivation=derivation, date=date, time=time)
+    ds.ContentDate, ds.ContentTime = date, time
+    _derivation(ds, sources, derivation=derivation, extra_comment=extra_comment)
+    _pixel_and_mr(ds)
     if _has_non_ascii(ds):
         ds.SpecificCharacterSet = "ISO_IR 192"
     elif first.get("SpecificCharacterSet"):
@@ -299,13 +310,13 @@ def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_descr
 
 def write_derived_mr(image: sitk.Image, sources: Sequence[Dataset], *, out_dir: Path, series_description: str,
                      series_number: int, derivation: Derivation, uid_prefix: str | None,
-                     series_uid: str | None = None, extra_comment: str = "") -> list[Path]:
+                     series_uid: str | None = None, extra_comment: str = "") -> WrittenSeries:
     """Write ``image`` as one MR Image Storage file per slice k (``<InstanceNumber:04d>.dcm``) into ``out_dir``.
 
     Geometry: IPP of slice k = physical point of index (0, 0, k); IOP = first two direction columns.
     Pixels are clipped to 0..65535 and rounded to uint16. ``out_dir`` must hold no ``*.dcm`` yet.
     Raises ValueError for an image or sources that would give invalid or meaningless objects.
-    Returns the written paths in InstanceNumber order.
+    Returns the written series: files and headers in InstanceNumber order.
     """
     direction, array = _check_image(image)
     first = _check_sources(sources)
@@ -329,36 +340,39 @@ def write_derived_mr(image: sitk.Image, sources: Sequence[Dataset], *, out_dir: 
     _check_values(template)
     shared = _preencoded(template)
 
-    size, spacing = image.GetSize(), image.GetSpacing()
-    iop = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
-    normal = np.cross(direction[:, 0], direction[:, 1])
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k in range(size[2]):
-        ds = Dataset()
-        ds.update(shared)
-        # Same encoding as the raw elements were read with: pydicom then writes them as they are
-        # instead of decoding every sequence to look for ambiguous VRs (none is left: see below).
-        ds.set_original_encoding(False, True, shared.original_character_set)
-        sop_uid = new_uid(uid_prefix)
-        ds.SOPInstanceUID = sop_uid
-        ds.InstanceNumber = k + 1
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        ds.ImagePositionPatient = [_ds(v) for v in position]
-        ds.ImageOrientationPatient = iop
-        ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
-        ds.SliceThickness = _ds(spacing[2])
-        ds.SpacingBetweenSlices = _ds(spacing[2])
-        ds.SliceLocation = _ds(float(np.dot(position, normal)))
-        ds.Rows, ds.Columns = size[1], size[0]
-        ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(stored[k]).astype("<u2").tobytes())  # PixelData
+    files, headers = [], []
+    for k in range(image.GetSize()[2]):
+        ds = _slice(shared, image, direction, k, stored[k], new_uid(uid_prefix))
+        files.append(write_file(ds, out_dir / f"{k + 1:04d}.dcm"))
+        headers.append(header_of(ds))
+    return series_of(files, headers)
 
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta = meta
-        path = out_dir / f"{k + 1:04d}.dcm"
-        dcmwrite(path, ds, enforce_file_format=True)
-        paths.append(path)
-    return paths
+
+def _slice(shared: Dataset, image: sitk.Image, direction: np.ndarray, k: int, pixels: np.ndarray,
+           sop_uid: str) -> Dataset:
+    """Instance k of the series: the shared attributes, slice k's plane (IPP = physical point of index
+    (0, 0, k), IOP = the first two direction columns) and its pixels."""
+    size, spacing = image.GetSize(), image.GetSpacing()
+    ds = Dataset()
+    ds.update(shared)
+    # Same encoding as the raw elements were read with: pydicom then writes them as they are
+    # instead of decoding every sequence to look for ambiguous VRs (none is left: see _preencoded).
+    ds.set_original_encoding(False, True, shared.original_character_set)
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = k + 1
+    position = image.TransformIndexToPhysicalPoint((0, 0, k))
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.ImageOrientationPatient = [_ds(v) for v in (*direction[:, 0], *direction[:, 1])]
+    ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[0])]
+    ds.SliceThickness = _ds(spacing[2])
+    ds.SpacingBetweenSlices = _ds(spacing[2])
+    ds.SliceLocation = _ds(float(np.dot(position, np.cross(direction[:, 0], direction[:, 1]))))
+    ds.Rows, ds.Columns = size[1], size[0]
+    ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(pixels).astype("<u2").tobytes())  # PixelData
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds

@@ -12,19 +12,18 @@ from __future__ import annotations
 import copy
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
-from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.uids import new_uid
-from dicom_node.writers import equipment
+from dicom_node.writers import WrittenSeries, equipment, write_single
 from inference.labels import STRUCTURES, Structure, by_code, laterality_code
+from inference.volume import FrameGeometry, frame_geometries
 
 __all__ = ["GridMismatchError", "segment_codes", "write_seg"]
 
@@ -40,55 +39,20 @@ class GridMismatchError(ValueError):
     """The label volume is not on the grid of the source images."""
 
 
-@dataclass(frozen=True)
-class _Frame:
-    position: np.ndarray      # ImagePositionPatient
-    orientation: np.ndarray   # ImageOrientationPatient
-    spacing: tuple[float, float]  # PixelSpacing (row spacing, column spacing)
-    rows: int
-    columns: int
-
-
-def _plane(item: Dataset, keyword: str, sequence: str) -> Dataset | None:
-    """The first item of ``sequence`` holding ``keyword`` in a functional group item, if any."""
-    for group in item.get(sequence, []) or []:
-        if keyword in group:
-            return group
-    return None
-
-
-def _frames(sources: Sequence[Dataset]) -> list[_Frame]:
+def _frames(sources: Sequence[Dataset]) -> list[FrameGeometry]:
     """Geometry of every source frame in the order highdicom expects pixel frames (sources, then frames)."""
-    frames: list[_Frame] = []
-    for ds in sources:
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        if "PerFrameFunctionalGroupsSequence" in ds:
-            shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
-            for item in ds.PerFrameFunctionalGroupsSequence:
-                position = _plane(item, "ImagePositionPatient", "PlanePositionSequence")
-                if position is None:
-                    raise GridMismatchError("an Enhanced source frame has no PlanePositionSequence")
-                position = position.ImagePositionPatient
-                orientation = (_plane(item, "ImageOrientationPatient", "PlaneOrientationSequence")
-                               or (shared.PlaneOrientationSequence[0] if "PlaneOrientationSequence" in shared
-                                   else None))
-                measures = (_plane(item, "PixelSpacing", "PixelMeasuresSequence")
-                            or (shared.PixelMeasuresSequence[0] if "PixelMeasuresSequence" in shared else None))
-                if orientation is None or measures is None:
-                    raise GridMismatchError("an Enhanced source frame has no orientation or pixel spacing")
-                frames.append(_Frame(np.array(position, float), np.array(orientation.ImageOrientationPatient, float),
-                                     (float(measures.PixelSpacing[0]), float(measures.PixelSpacing[1])),
-                                     rows, columns))
-        else:
-            for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-                if keyword not in ds:
-                    raise GridMismatchError(f"source {ds.get('SOPInstanceUID')} has no {keyword}")
-            frames.append(_Frame(np.array(ds.ImagePositionPatient, float), np.array(ds.ImageOrientationPatient, float),
-                                 (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), rows, columns))
+    frames = [frame for n, ds in enumerate(sources) for frame in frame_geometries(ds, n)]
+    for frame in frames:
+        for keyword, value in (("ImagePositionPatient", frame.position), ("ImageOrientationPatient",
+                               frame.orientation), ("PixelSpacing", frame.pixel_spacing)):
+            if value is None:
+                ds = sources[frame.dataset_index]
+                raise GridMismatchError(f"source {ds.get('SOPInstanceUID')} frame {frame.frame_index + 1} "
+                                        f"has no {keyword}")
     return frames
 
 
-def _slice_indices(labels: sitk.Image, frames: Sequence[_Frame]) -> list[int]:
+def _slice_indices(labels: sitk.Image, frames: Sequence[FrameGeometry]) -> list[int]:
     """Slice index k of the labels grid for each source frame; GridMismatchError unless one frame per slice."""
     size, spacing = labels.GetSize(), labels.GetSpacing()
     direction = np.array(labels.GetDirection()).reshape(3, 3)
@@ -98,16 +62,16 @@ def _slice_indices(labels: sitk.Image, frames: Sequence[_Frame]) -> list[int]:
             raise GridMismatchError(f"source frame {n + 1} is {frame.rows}x{frame.columns}, "
                                     f"labels slices are {size[1]}x{size[0]} (rows x columns)")
         if not np.allclose(frame.orientation, [*direction[:, 0], *direction[:, 1]], atol=ORIENTATION_TOLERANCE):
-            raise GridMismatchError(f"source frame {n + 1} orientation {frame.orientation.tolist()} differs "
+            raise GridMismatchError(f"source frame {n + 1} orientation {list(frame.orientation)} differs "
                                     "from the labels direction")
-        if not np.allclose(frame.spacing, (spacing[1], spacing[0]), atol=POSITION_TOLERANCE_MM):
-            raise GridMismatchError(f"source frame {n + 1} pixel spacing {frame.spacing} differs from the labels "
+        if not np.allclose(frame.pixel_spacing, (spacing[1], spacing[0]), atol=POSITION_TOLERANCE_MM):
+            raise GridMismatchError(f"source frame {n + 1} pixel spacing {frame.pixel_spacing} differs from the labels "
                                     f"spacing {(spacing[1], spacing[0])}")
         index = np.array(labels.TransformPhysicalPointToContinuousIndex(tuple(frame.position)))
         k = int(round(index[2]))
         offset = np.abs(np.array([index[0], index[1], index[2] - k])) * np.array(spacing)
         if not 0 <= k < size[2] or np.any(offset > POSITION_TOLERANCE_MM):
-            raise GridMismatchError(f"source frame {n + 1} at {frame.position.tolist()} is not a slice of the "
+            raise GridMismatchError(f"source frame {n + 1} at {list(frame.position)} is not a slice of the "
                                     "labels grid")
         indices.append(k)
     if sorted(indices) != list(range(size[2])):
@@ -172,25 +136,18 @@ def segment_codes(seg: Dataset) -> dict[int, int]:
     return mapping
 
 
-def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path: Path, series_number: int,
-              series_description: str, algorithm_name: str, algorithm_version: str, uid_prefix: str | None,
-              device_serial_number: str | None = None) -> Path:
-    """Write the measured structures of ``labels`` as a BINARY Segmentation of ``source_images``.
-
-    ``labels`` (integer FreeSurfer codes) must lie on the grid of the source images: one source frame per
-    labels slice k with IPP = physical point of (0, 0, k), IOP = the first two direction columns, the same
-    rows, columns and pixel spacing; GridMismatchError otherwise. Empty frames are omitted.
-    """
-    if not source_images:
-        raise ValueError("no source images")
+def _label_array(labels: sitk.Image) -> np.ndarray:
     if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("labels must be a scalar 3D image")
     array = sitk.GetArrayFromImage(labels)
     if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
-    frames = _frames(source_images)
-    indices = _slice_indices(labels, frames)
+    return array
 
+
+def _segment_frames(array: np.ndarray, indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+    """(the segment number of each pixel of each source frame, frames in source order; the codes present,
+    segment n being the n-th of them)."""
     values = set(np.unique(array).tolist())
     present = [code for code in STRUCTURES if code in values]
     if not present:
@@ -198,7 +155,26 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
     lut = np.zeros(int(array.max()) + 1, dtype=np.uint8 if len(present) < 256 else np.uint16)
     for number, code in enumerate(present, start=1):
         lut[code] = number
-    segments = lut[array][indices]  # frames in source order
+    return lut[array][list(indices)], present
+
+
+def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path: Path, series_number: int,
+              series_description: str, algorithm_name: str, algorithm_version: str, uid_prefix: str | None,
+              source_frames: Sequence[FrameGeometry] | None = None) -> WrittenSeries:
+    """Write the measured structures of ``labels`` as a BINARY Segmentation of ``source_images``.
+
+    ``labels`` (integer FreeSurfer codes) must lie on the grid of the source images: one source frame per
+    labels slice k with IPP = physical point of (0, 0, k), IOP = the first two direction columns, the same
+    rows, columns and pixel spacing; GridMismatchError otherwise. Empty frames are omitted.
+    ``source_frames``: the geometry of the source frames in that order when the caller has it already
+    (``LoadedSeries.source_frames()``), else it is read from ``source_images``.
+    The result names the segment number of each FreeSurfer code (``segment_numbers``).
+    """
+    if not source_images:
+        raise ValueError("no source images")
+    array = _label_array(labels)
+    frames = _frames(source_images) if source_frames is None else source_frames
+    segments, present = _segment_frames(array, _slice_indices(labels, frames))
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
@@ -214,13 +190,11 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
         sop_instance_uid=new_uid(uid_prefix),
         instance_number=1,
         **equipment(algorithm_name, algorithm_version),
-        device_serial_number=device_serial_number or platform.node() or "unknown",
+        device_serial_number=platform.node() or "unknown",
         content_label=CONTENT_LABEL,
         content_description=f"Brain structures by {algorithm_name} {algorithm_version}"[:64],
         omit_empty_frames=True,
         series_description=series_description[:64],
     )
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(out_path, seg, enforce_file_format=True)
-    return out_path
+    return write_single(seg, out_path,
+                        segment_numbers={code: number for number, code in enumerate(present, start=1)})

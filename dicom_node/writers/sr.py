@@ -22,17 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
-from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
-import dicom_node
-from dicom_node.uids import new_uid
-from dicom_node.writers import equipment
-from dicom_node.writers.seg import segment_codes
-from inference.labels import LEFT, RIGHT, by_code, laterality_code
+from dicom_node.writers import WrittenSeries, write_single
+from dicom_node.writers.tid1500 import LOCAL_SCHEME, device_uid, evidence, finding_site, measurement_report_sr, tracking
+from inference.labels import HIPPOCAMPUS, LEFT, RIGHT, by_code
 from inference.volumetry import Volumetry, with_qc_flag
 
 __all__ = [
@@ -52,7 +48,6 @@ __all__ = [
     "write_sr",
 ]
 
-LOCAL_SCHEME = "99DICOMNODE"
 FRACTION_OF_ICV = Code("ICVF", LOCAL_SCHEME, "Fraction of intracranial volume")
 ASYMMETRY_INDEX = Code("AI", LOCAL_SCHEME, "Asymmetry index")
 HIPPOCAMPAL_OCCUPANCY = Code("HOC", LOCAL_SCHEME, "Hippocampal occupancy")
@@ -83,19 +78,11 @@ GROUP_QC = "Quality control"
 _PROCEDURE = codes.LN.BrainMRI  # LOINC 24590-2
 
 
-def _tracking(identifier: str, uid_prefix: str | None) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=new_uid(uid_prefix), identifier=identifier)
-
-
-def _site(code: int) -> hd.sr.FindingSite:
-    structure = by_code(code)
-    return hd.sr.FindingSite(anatomic_location=structure.concept, laterality=laterality_code(structure))
-
-
-def _structure_groups(volumetry: Volumetry, seg: Dataset, source_series_uid: str,
+def _structure_groups(volumetry: Volumetry, seg: WrittenSeries, source_series_uid: str,
                       algorithm: hd.sr.AlgorithmIdentification, uid_prefix: str | None,
                       ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
-    numbers = segment_codes(seg)
+    numbers = seg.segment_numbers
+    (seg_file,) = seg.files
     missing = [code for code in volumetry.structures if code not in numbers]
     if missing:
         raise ValueError(f"the SEG has no segment for structures {missing}: not the SEG of this volumetry")
@@ -114,13 +101,14 @@ def _structure_groups(volumetry: Volumetry, seg: Dataset, source_series_uid: str
                                   unit=UNIT_PERCENT),
             ]
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(structure.freesurfer_name, uid_prefix),
+            tracking_identifier=tracking(structure.freesurfer_name, uid_prefix),
             referenced_segment=hd.sr.ReferencedSegment(
-                sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=numbers[code],
+                sop_class_uid=seg_file.sop_class_uid, sop_instance_uid=seg_file.sop_instance_uid,
+                segment_number=numbers[code],
                 source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid)),
             finding_type=structure.concept,
             finding_category=structure.category,
-            finding_sites=[_site(code)],
+            finding_sites=[finding_site(code)],
             algorithm_id=algorithm,
             measurements=measurements,
         ))
@@ -130,7 +118,7 @@ def _structure_groups(volumetry: Volumetry, seg: Dataset, source_series_uid: str
 def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification, uid_prefix: str | None,
                   ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     groups = [hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(GROUP_ICV, uid_prefix),
+        tracking_identifier=tracking(GROUP_ICV, uid_prefix),
         finding_type=codes.SCT.IntracranialStructure,
         algorithm_id=algorithm,
         measurements=[hd.sr.Measurement(
@@ -139,7 +127,7 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
     )]
     if any(v > 0 for v in volumetry.cortex_ml.values()):  # the whole cortex of a side: its lobes (SEG segments) summed
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(GROUP_CORTEX, uid_prefix),
+            tracking_identifier=tracking(GROUP_CORTEX, uid_prefix),
             algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(
                 name=codes.SCT.Volume, value=value, unit=UNIT_ML,
@@ -149,7 +137,7 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
         ))
     if volumetry.asymmetry:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(GROUP_ASYMMETRY, uid_prefix),
+            tracking_identifier=tracking(GROUP_ASYMMETRY, uid_prefix),
             algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(
                 name=ASYMMETRY_INDEX, value=pair.index_percent, unit=UNIT_PERCENT,
@@ -158,11 +146,11 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
         ))
     if volumetry.hoc:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(GROUP_HOC, uid_prefix),
+            tracking_identifier=tracking(GROUP_HOC, uid_prefix),
             algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(
                 name=HIPPOCAMPAL_OCCUPANCY, value=value, unit=UNIT_RATIO,
-                finding_sites=[_site(17 if side == "L" else 53)])
+                finding_sites=[finding_site(HIPPOCAMPUS[side])])
                 for side, value in sorted(volumetry.hoc.items())],
         ))
     return groups
@@ -176,7 +164,7 @@ def _subject_group(volumetry: Volumetry, uid_prefix: str | None) -> hd.sr.Measur
     if not measurements and not evaluations:
         return None
     return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(GROUP_SUBJECT, uid_prefix), measurements=measurements or None,
+        tracking_identifier=tracking(GROUP_SUBJECT, uid_prefix), measurements=measurements or None,
         qualitative_evaluations=evaluations or None)
 
 
@@ -186,7 +174,7 @@ def _qc_group(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification, ui
     evaluations += [hd.sr.QualitativeEvaluation(QC_CHECK_CODES[check.name], QC_OUTCOME[check.passed])
                     for check in volumetry.qc]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(GROUP_QC, uid_prefix), algorithm_id=algorithm,
+        tracking_identifier=tracking(GROUP_QC, uid_prefix), algorithm_id=algorithm,
         qualitative_evaluations=evaluations)
     for check in volumetry.qc:
         group[0].ContentSequence.append(hd.sr.TextContentItem(
@@ -195,29 +183,12 @@ def _qc_group(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification, ui
     return group
 
 
-def _evidence(*groups: Sequence[Dataset]) -> list[Dataset]:
-    seen, evidence = set(), []
-    for group in groups:
-        for ds in group:
-            if ds.SOPInstanceUID not in seen:
-                seen.add(ds.SOPInstanceUID)
-                evidence.append(ds)
-    return evidence
-
-
-def device_uid(uid_prefix: str | None) -> str:
-    """A stable UID of this node as observing device (the same for every report under one root)."""
-    prefix = PYDICOM_ROOT_UID if not uid_prefix else uid_prefix if uid_prefix.endswith(".") else uid_prefix + "."
-    return str(generate_uid(prefix=prefix, entropy_srcs=[dicom_node.MANUFACTURER, dicom_node.MODEL_NAME]))
-
-
-def write_sr(volumetry: Volumetry, *, seg_dataset: Dataset | None, source_images: Sequence[Dataset],
+def write_sr(volumetry: Volumetry, *, seg: WrittenSeries | None, source_images: Sequence[Dataset],
              input_series_datasets: Sequence[Dataset], out_path: Path, series_number: int, series_description: str,
-             uid_prefix: str | None, algorithm_name: str, algorithm_version: str,
-             institution_name: str | None = None) -> Path:
+             uid_prefix: str | None, algorithm_name: str, algorithm_version: str) -> WrittenSeries:
     """Write the volumetry as a Comprehensive 3D SR in the study of ``source_images``.
 
-    ``seg_dataset`` is the SEG written by ``write_seg`` from the same labels (None when the segmenter found no
+    ``seg`` is the SEG written by ``write_seg`` from the same labels (None when the segmenter found no
     structure: the SR then carries ICV, QC and subject only, and QC has failed); ``source_images`` the T1 it was
     computed on; ``input_series_datasets`` the series the T1 was synthesized from (empty for a real T1).
     All three are recorded as evidence. The series description gets ' QC FAILED' when QC failed.
@@ -225,46 +196,18 @@ def write_sr(volumetry: Volumetry, *, seg_dataset: Dataset | None, source_images
     if not source_images:
         raise ValueError("no source images")
     algorithm = hd.sr.AlgorithmIdentification(name=algorithm_name, version=algorithm_version)
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(uid_prefix), name=dicom_node.MODEL_NAME, manufacturer_name=dicom_node.MANUFACTURER,
-            model_name=f"{algorithm_name} {algorithm_version}"[:64]))
-    if seg_dataset is None and volumetry.structures:
+    if seg is None and volumetry.structures:
         raise ValueError("structures measured without their SEG")
-    groups: list = [] if seg_dataset is None else _structure_groups(
-        volumetry, seg_dataset, str(source_images[0].SeriesInstanceUID), algorithm, uid_prefix)
+    groups: list = [] if seg is None else _structure_groups(
+        volumetry, seg, str(source_images[0].SeriesInstanceUID), algorithm, uid_prefix)
     groups += _index_groups(volumetry, algorithm, uid_prefix)
     subject = _subject_group(volumetry, uid_prefix)
     if subject is not None:
         groups.append(subject)
     groups.append(_qc_group(volumetry, algorithm, uid_prefix))
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=_PROCEDURE,
-        imaging_measurements=groups,
-    )
-    first = source_images[0]
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=_evidence(source_images, input_series_datasets, [seg_dataset] if seg_dataset is not None else []),
-        content=report,
-        series_instance_uid=new_uid(uid_prefix),
-        series_number=int(series_number),
-        sop_instance_uid=new_uid(uid_prefix),
-        instance_number=1,
-        **equipment(algorithm_name, algorithm_version),
-        institution_name=institution_name or first.get("InstitutionName") or None,
-        series_description=with_qc_flag(series_description, volumetry),
-        is_complete=True,
-        is_final=False,
-        coding_schemes=[hd.coding_schemes.CodingSchemeIdentificationItem(
-            designator=LOCAL_SCHEME, name="dicom-node local codes",
-            responsible_organization=dicom_node.MANUFACTURER)],
-    )
-    for keyword in ("PatientAge", "PatientSize", "PatientWeight"):  # Patient Study module
-        if first.get(keyword) not in (None, ""):
-            setattr(sr, keyword, first[keyword].value)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(out_path, sr, enforce_file_format=True)
-    return out_path
+    sr = measurement_report_sr(
+        groups, evidence_images=evidence(source_images, input_series_datasets, [] if seg is None else seg.datasets),
+        procedure=_PROCEDURE, series_number=series_number,
+        series_description=with_qc_flag(series_description, volumetry), uid_prefix=uid_prefix,
+        algorithm_name=algorithm_name, algorithm_version=algorithm_version)
+    return write_single(sr, out_path)

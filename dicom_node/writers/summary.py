@@ -17,13 +17,12 @@ import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
-from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 import dicom_node
 from dicom_node.uids import new_uid
-from dicom_node.writers import equipment
-from inference.labels import LOBES, STRUCTURES
+from dicom_node.writers import WrittenSeries, equipment, write_single
+from inference.labels import HIPPOCAMPUS, LOBES, STRUCTURES
 from inference.volumetry import Volumetry, with_qc_flag
 
 __all__ = ["PAGE_SIZE", "render_page", "write_summary"]
@@ -39,7 +38,7 @@ _RED, _GREEN, _AMBER = (200, 30, 30), (40, 170, 60), (230, 160, 20)
 
 # Rows of the key-volume table: (label, left code, right code or None).
 _TABLE = (
-    ("Hippocampus", 17, 53),
+    ("Hippocampus", HIPPOCAMPUS["L"], HIPPOCAMPUS["R"]),
     ("Amygdala", 18, 54),
     ("Lateral ventricle", 4, 43),
     ("Inf. lateral ventricle", 5, 44),
@@ -94,7 +93,7 @@ def _coronal_panels(t1: sitk.Image, labels: sitk.Image) -> list[tuple[Image.Imag
     codes_all = sitk.GetArrayFromImage(labels_lip).astype(np.int64)
     spacing = labels_lip.GetSpacing()
     grey_all = _window(grey_all, codes_all > 0)
-    hippocampus = np.argwhere(np.isin(codes_all, (17, 53)))
+    hippocampus = np.argwhere(np.isin(codes_all, tuple(HIPPOCAMPUS.values())))
     foreground = np.argwhere(codes_all > 0)
     centre = (hippocampus if hippocampus.size else foreground if foreground.size else
               np.array([[s // 2 for s in codes_all.shape]])).mean(axis=0)
@@ -176,7 +175,26 @@ def render_page(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, hea
                 draw.text((edge, y), text, font=small, fill=colour, anchor="ra")
         y += 19
 
-    qc_x, qc_y = 640, table_top
+    qc_y = _draw_qc(draw, volumetry, 640, table_top, width, big, small)
+
+    top = max(y, qc_y) + 16
+    box_w, box_h = (width - 4 * 16) // 3, height - top - 40
+    for n, (panel, phys_w, phys_h, offset) in enumerate(_coronal_panels(t1, labels)):
+        scale = min(box_w / phys_w, box_h / phys_h)
+        size = (max(1, int(phys_w * scale)), max(1, int(phys_h * scale)))
+        panel = panel.resize(size, Image.Resampling.NEAREST)
+        x0 = 16 + n * (box_w + 16) + (box_w - size[0]) // 2
+        page.paste(panel, (x0, top))
+        draw.text((x0 + 4, top + 4), "R", font=normal, fill=_FG)
+        draw.text((x0 + size[0] - 16, top + 4), "L", font=normal, fill=_FG)
+        draw.text((x0, top + size[1] + 4), f"coronal, hippocampus {offset:+.0f} mm", font=small, fill=_DIM)
+    return np.asarray(page, dtype=np.uint8).copy()
+
+
+def _draw_qc(draw: ImageDraw.ImageDraw, volumetry: Volumetry, qc_x: int, qc_y: int, width: int,
+             big: ImageFont.ImageFont | ImageFont.FreeTypeFont, small: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+             ) -> int:
+    """The QC box and each check with its reason, from (qc_x, qc_y); returns the y below them."""
     passed = volumetry.qc_passed
     draw.rectangle((qc_x, qc_y, width - 16, qc_y + 34), fill=_GREEN if passed else _RED)
     draw.text(((qc_x + width - 16) // 2, qc_y + 17), "QC PASSED" if passed else "QC FAILED", font=big,
@@ -191,19 +209,7 @@ def render_page(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, hea
             draw.text((qc_x + 12, qc_y), chunk, font=small, fill=_DIM)
             qc_y += 17
         qc_y += 4
-
-    top = max(y, qc_y) + 16
-    box_w, box_h = (width - 4 * 16) // 3, height - top - 40
-    for n, (panel, phys_w, phys_h, offset) in enumerate(_coronal_panels(t1, labels)):
-        scale = min(box_w / phys_w, box_h / phys_h)
-        size = (max(1, int(phys_w * scale)), max(1, int(phys_h * scale)))
-        panel = panel.resize(size, Image.Resampling.NEAREST)
-        x0 = 16 + n * (box_w + 16) + (box_w - size[0]) // 2
-        page.paste(panel, (x0, top))
-        draw.text((x0 + 4, top + 4), "R", font=normal, fill=_FG)
-        draw.text((x0 + size[0] - 16, top + 4), "L", font=normal, fill=_FG)
-        draw.text((x0, top + size[1] + 4), f"coronal, hippocampus {offset:+.0f} mm", font=small, fill=_DIM)
-    return np.asarray(page, dtype=np.uint8).copy()
+    return qc_y
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -221,7 +227,7 @@ def _wrap(text: str, width: int) -> list[str]:
 
 def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, source_images: Sequence[Dataset],
                   out_path: Path, series_number: int, series_description: str, uid_prefix: str | None,
-                  algorithm_name: str, algorithm_version: str, synthetic: bool = True) -> Path:
+                  algorithm_name: str, algorithm_version: str, synthetic: bool = True) -> WrittenSeries:
     """Write the summary page of ``volumetry`` as an RGB Secondary Capture in the study of ``source_images``.
 
     ``t1`` and ``labels`` are the image and label volume the volumetry was computed from; ``synthetic`` says
@@ -258,7 +264,4 @@ def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, s
     image.BodyPartExamined = str(first.get("BodyPartExamined") or "BRAIN")  # unpaired: no Laterality needed
     image.ImageComments = ("Volumetry summary; " + ("SYNTHETIC T1, not for diagnosis of lesions; " if synthetic
                                                    else "") + ("QC passed" if volumetry.qc_passed else "QC FAILED"))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    dcmwrite(out_path, image, enforce_file_format=True)
-    return out_path
+    return write_single(image, out_path)

@@ -26,7 +26,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from inference import metrics
+from inference import labels, metrics
 from inference.labels import LR_SWAP, by_code
 from inference.models import LoadedModel, ModelRegistry, load_manifest
 from inference.pipeline import run_model
@@ -49,7 +49,7 @@ from inference.volume import load_series, resample_isotropic
 MPRAGE_DIR = ("dicom", "human_siemens_skyra_mprage")
 CARD_START = "<!-- metrics:start (written by inference.training.evaluate) -->"
 CARD_END = "<!-- metrics:end -->"
-HIPPOCAMPUS = (17, 53)
+HIPPOCAMPUS = tuple(labels.HIPPOCAMPUS.values())  # (left, right)
 HEAD_MARGIN = 8  # voxels of background added around the held-out head
 # The "major structures" of the AutoAlign paper's Table 2 (thalamus, caudate, putamen, pallidum, hippocampus,
 # amygdala, cerebral WM, cortex, lateral ventricle L/R; 3rd and 4th ventricle): the summary Dice.

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from inference.normalization import SYNTHESIS_INPUT
 from inference.training.generator import INPUT_KINDS, SEG_LABELS
 from inference.training.networks import build_network, count_parameters
 from inference.training.train import train_dir
@@ -93,8 +94,7 @@ def manifest_dict(model_id: str, *, version: str, tile: int, divisible_by: int, 
                   lateralize: bool = False, input_kinds: list[str] | None = None) -> dict[str, Any]:
     """The manifest.toml content (docs/architecture.md schema) of an exported synthesis model."""
     spec: dict[str, Any] = {"name": INPUT_NAME, "orientation": "LPS", "spacing_mm": 1.0,
-                            "normalization": "percentile", "p_low": 0.5, "p_high": 99.5, "clip_max": 1.5,
-                            "divisible_by": divisible_by}
+                            **SYNTHESIS_INPUT.manifest_fields(), "divisible_by": divisible_by}
     if foreground_margin is not None:
         spec["foreground_margin"] = foreground_margin
     return {

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from inference.labels import ASEG_LEFT, ASEG_RIGHT
+from inference.normalization import SYNTHESIS_INPUT
+
 INPUT_KINDS: tuple[str, ...] = ("aahead_scout", "flair", "cor_t2", "t1_2d", "any")
 KIND_WEIGHTS: tuple[float, ...] = (0.3, 0.15, 0.15, 0.2, 0.2)
 
@@ -88,11 +91,9 @@ def priors_from_arrays(arrays: dict[str, np.ndarray]) -> Priors:
     for n, lab in enumerate(labels):
         code = SEG_FOLD.get(int(lab), int(lab))
         seg_index[n] = SEG_LABELS.index(code) if code in SEG_LABELS else 0
-    left = [2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 17, 18, 25, 26, 28, 30, 136, 137]
-    right = [41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 57, 58, 60, 62, 163, 164]
     pos = {int(v): n for n, v in enumerate(labels)}
     lr_swap = np.arange(len(labels))
-    for a, b in zip(left, right, strict=True):
+    for a, b in zip(ASEG_LEFT, ASEG_RIGHT, strict=True):
         lr_swap[pos[a]], lr_swap[pos[b]] = pos[b], pos[a]
     return Priors(
         generation_labels=labels,
@@ -403,7 +404,8 @@ def acquire(image: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tenso
 
 
 def normalize_percentile(
-    x: torch.Tensor, p_low: float = 0.5, p_high: float = 99.5, clip_max: float = 1.5
+    x: torch.Tensor, p_low: float = SYNTHESIS_INPUT.p_low, p_high: float = SYNTHESIS_INPUT.p_high,
+    clip_max: float = SYNTHESIS_INPUT.clip_max,
 ) -> torch.Tensor:
     """(x - P_low) / (P_high - P_low), clipped to [0, clip_max], percentiles over the non-zero voxels —
     the manifest's normalisation as inference.pipeline.normalize applies it."""

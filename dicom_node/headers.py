@@ -1,0 +1,193 @@
+"""What the node keeps of a received instance's header, from receipt to routing.
+
+:class:`InstanceHeader` is the per-instance part assembly decides on (Image Plane and Image Pixel
+module values, frame and image counts); :class:`SeriesAttributes` the per-series part routing matches
+on (General Series, MR Image and General Equipment values of the series' first instance). Both are
+parsed once from the received data set (:func:`describe`), filed in the journal as JSON (with the keys
+the journal has always used, so older journals read the same) and read back typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+
+def text(value: Any) -> str:
+    """A DICOM value as stripped text ('' when absent)."""
+    return "" if value is None else str(value).strip()
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A DICOM value as a list: multi-valued elements iterate, single values are wrapped."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return [value]
+    return list(value)
+
+
+def _floats(value: Any) -> tuple[float, ...] | None:
+    try:
+        values = tuple(float(v) for v in _as_list(value))
+    except (TypeError, ValueError):
+        return None
+    return values or None
+
+
+def _int(value: Any, default: int = 0) -> int:
+    """An integer value, ``default`` when absent or empty; an unreadable one raises (the SCP refuses it)."""
+    return int(value or default)
+
+
+def _floats_of(data: Mapping[str, Any], key: str) -> tuple[float, ...] | None:
+    value = data.get(key)
+    return tuple(float(v) for v in value) if value else None
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The geometry and counts of one instance, as assembly needs them (no pixel data)."""
+
+    image_position: tuple[float, ...] | None = None      # ImagePositionPatient
+    image_orientation: tuple[float, ...] | None = None   # ImageOrientationPatient
+    pixel_spacing: tuple[float, ...] | None = None       # PixelSpacing (row, column)
+    rows: int = 0
+    columns: int = 0
+    number_of_frames: int = 1
+    instance_number: int = 0
+    images_in_acquisition: int = 0                       # ImagesInAcquisition (0: not said)
+    slice_thickness: tuple[float, ...] | None = None     # SliceThickness
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> InstanceHeader:
+        return cls(
+            image_position=_floats(ds.get("ImagePositionPatient")),
+            image_orientation=_floats(ds.get("ImageOrientationPatient")),
+            pixel_spacing=_floats(ds.get("PixelSpacing")),
+            rows=_int(ds.get("Rows")),
+            columns=_int(ds.get("Columns")),
+            number_of_frames=_int(ds.get("NumberOfFrames"), 1),
+            instance_number=_int(ds.get("InstanceNumber")),
+            images_in_acquisition=_int(ds.get("ImagesInAcquisition")),
+            slice_thickness=_floats(ds.get("SliceThickness")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The journal's ``instances.geometry`` (keys unchanged since schema 1)."""
+        def listed(values: tuple[float, ...] | None) -> list[float] | None:
+            return None if values is None else list(values)
+        return {"ipp": listed(self.image_position), "iop": listed(self.image_orientation),
+                "ps": listed(self.pixel_spacing), "rows": self.rows, "cols": self.columns,
+                "frames": self.number_of_frames, "instance": self.instance_number,
+                "images_in_acquisition": self.images_in_acquisition, "thickness": listed(self.slice_thickness)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> InstanceHeader:
+        return cls(
+            image_position=_floats_of(data, "ipp"), image_orientation=_floats_of(data, "iop"),
+            pixel_spacing=_floats_of(data, "ps"), rows=_int(data.get("rows")), columns=_int(data.get("cols")),
+            number_of_frames=_int(data.get("frames"), 1), instance_number=_int(data.get("instance")),
+            images_in_acquisition=_int(data.get("images_in_acquisition")),
+            slice_thickness=_floats_of(data, "thickness"),
+        )
+
+    def as_dataset(self) -> Dataset:
+        """A header-only data set with these values (what :func:`inference.volume.series_geometry` reads)."""
+        ds = Dataset()
+        if self.image_position:
+            ds.ImagePositionPatient = list(self.image_position)
+        if self.image_orientation:
+            ds.ImageOrientationPatient = list(self.image_orientation)
+        if self.pixel_spacing:
+            ds.PixelSpacing = list(self.pixel_spacing)
+        if self.slice_thickness:
+            ds.SliceThickness = self.slice_thickness[0]
+        ds.Rows = self.rows
+        ds.Columns = self.columns
+        ds.InstanceNumber = self.instance_number
+        return ds
+
+
+#: SeriesAttributes field -> the DICOM keyword it holds (and its key in the journal's ``series.attrs``).
+_KEYWORDS = {
+    "series_description": "SeriesDescription", "modality": "Modality", "image_type": "ImageType",
+    "mr_acquisition_type": "MRAcquisitionType", "slice_thickness": "SliceThickness",
+    "manufacturer": "Manufacturer", "manufacturer_model_name": "ManufacturerModelName",
+    "software_versions": "SoftwareVersions", "protocol_name": "ProtocolName", "series_number": "SeriesNumber",
+    "sop_class_uid": "SOPClassUID", "patient_position": "PatientPosition", "sop_instance_uid": "SOPInstanceUID",
+}
+
+
+@dataclass(frozen=True)
+class SeriesAttributes:
+    """What routing matches on, from the series' first instance (each field holds the DICOM keyword's value)."""
+
+    series_description: str = ""
+    modality: str = ""
+    image_type: tuple[str, ...] = field(default_factory=tuple)   # upper case
+    mr_acquisition_type: str = ""
+    slice_thickness: float | None = None
+    manufacturer: str = ""
+    manufacturer_model_name: str = ""
+    software_versions: str = ""
+    protocol_name: str = ""
+    series_number: int = 0
+    sop_class_uid: str = ""
+    patient_position: str = ""
+    sop_instance_uid: str = ""                                  # of the instance they were taken from
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> SeriesAttributes:
+        return cls(
+            series_description=text(ds.get("SeriesDescription")), modality=text(ds.get("Modality")),
+            image_type=tuple(str(v).strip().upper() for v in _as_list(ds.get("ImageType"))),
+            mr_acquisition_type=text(ds.get("MRAcquisitionType")),
+            slice_thickness=(_floats(ds.get("SliceThickness")) or (None,))[0],
+            manufacturer=text(ds.get("Manufacturer")), manufacturer_model_name=text(ds.get("ManufacturerModelName")),
+            software_versions=text(ds.get("SoftwareVersions")), protocol_name=text(ds.get("ProtocolName")),
+            series_number=_int(ds.get("SeriesNumber")), sop_class_uid=text(ds.get("SOPClassUID")),
+            patient_position=text(ds.get("PatientPosition")), sop_instance_uid=text(ds.get("SOPInstanceUID")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The journal's ``series.attrs``: DICOM keywords as keys (unchanged since schema 1)."""
+        data = {keyword: getattr(self, name) for name, keyword in _KEYWORDS.items()}
+        data["ImageType"] = list(self.image_type)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SeriesAttributes:
+        values: dict[str, Any] = {name: data[keyword] for name, keyword in _KEYWORDS.items()
+                                  if data.get(keyword) is not None}
+        values["image_type"] = tuple(str(v) for v in values.get("image_type") or ())
+        values["series_number"] = _int(values.get("series_number"))
+        if values.get("slice_thickness") is not None:
+            values["slice_thickness"] = float(values["slice_thickness"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """What the node files in the journal for one received instance (besides where and how it came)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    header: InstanceHeader
+    series: SeriesAttributes
+
+
+def describe(ds: Dataset) -> ReceivedInstance:
+    """Parse what the node keeps of a received data set's header (never its pixels)."""
+    return ReceivedInstance(
+        sop_instance_uid=text(ds.get("SOPInstanceUID")), sop_class_uid=text(ds.get("SOPClassUID")),
+        study_uid=text(ds.get("StudyInstanceUID")), series_uid=text(ds.get("SeriesInstanceUID")),
+        patient_id=text(ds.get("PatientID")), header=InstanceHeader.from_dataset(ds),
+        series=SeriesAttributes.from_dataset(ds),
+    )

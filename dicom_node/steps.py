@@ -1,0 +1,395 @@
+"""The steps of one job: a routed series' journey from its spooled files to queued outputs.
+
+Each step is a function with typed inputs and outputs; :class:`dicom_node.jobs.JobRunner` runs them in
+this order::
+
+    load_step         journal instances ──▶ LoadedSeries (volume in patient geometry + headers)
+    synthesize_step   LoadedSeries ──▶ Images (the T1 to measure: the sT1 or the real T1)
+    measure_step      Images ──▶ Measured (labels of the segmenter, volumetry and QC)
+    write_t1_step, write_seg_step, write_sr_step, write_summary_step
+                      ──▶ Output (what each writer wrote: files, UIDs, SEG segment numbers)
+    keep_volumes_step Images + Measured ──▶ OutputFile (the T1 and labels a later step compares)
+    record_and_queue  Outputs ──▶ journal (produced series, output files, outbox rows per destination)
+    ─── the core outputs are recorded and queued for delivery ───
+    agreement_step    (optional) journal ──▶ Output | None: takes every input from the journal's record
+                      of outputs, so it can run as a follow-up job anywhere the journal is
+
+A new output object is one more ``write_*_step`` returning an :class:`Output`; a new optional step is
+a function ``(JobContext) -> Output | None`` in :data:`dicom_node.jobs.JobRunner.optional_steps`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from inference.agreement import compare
+from inference.models import LoadedModel, ModelManifest, ModelRegistry
+from inference.pipeline import run_model
+from inference.segmentation import segment
+from inference.volume import FrameGeometry, LoadedSeries, load_series
+from inference.volumetry import Norm, Volumetry, compute_volumetry, expected_structures, with_qc_flag
+
+from .config import NodeConfig, Rule
+from .journal import JobRecord, JobState, Journal, OutputFile, SeriesRecord
+from .writers import WrittenSeries
+from .writers.agreement_sr import write_agreement_sr
+from .writers.derived_mr import Derivation, write_derived_mr
+from .writers.seg import write_seg
+from .writers.sr import write_sr
+from .writers.summary import write_summary
+
+log = logging.getLogger(__name__)
+
+#: Offsets added to ``source SeriesNumber × 100`` for each kind of output (+ version).
+SERIES_NUMBER_OFFSETS = {"sT1": 0, "SEG": 10, "SR": 20, "SUMMARY": 30, "AGREEMENT": 40}
+
+#: The volumes a measuring job keeps for a later agreement check, by output file kind.
+T1_VOLUME, LABEL_VOLUME = "T1_VOLUME", "LABEL_VOLUME"
+VOLUME_FILES = {T1_VOLUME: "t1.mha", LABEL_VOLUME: "labels.mha"}
+
+
+class JobFailed(RuntimeError):
+    """A job that cannot succeed; the message is the reason shown by ``status``."""
+
+
+def output_series_number(source_number: int, kind: str, version: int) -> int:
+    """Deterministic, sorted after the source: source 1001, sT1 version 1 → 100101."""
+    return max(source_number, 0) * 100 + SERIES_NUMBER_OFFSETS[kind] + min(version, 9)
+
+
+def output_description(rule: Rule, version: int, suffix: str = "") -> str:
+    """``sT1AAH``, ``sT1AAH SEG``; a re-run adds its version: ``sT1AAH v2``, ``sT1AAH SEG v2``."""
+    return SeriesNaming(rule.output_name, version, 0).description(suffix)
+
+
+@dataclass(frozen=True)
+class SeriesNaming:
+    """How a job names and numbers the series it writes (the one owner of both)."""
+
+    output_name: str        # the rule's: sT1AAH, rT1
+    version: int            # of the source series (1, 2, ... for each time it was processed)
+    source_number: int      # SeriesNumber of the source series
+
+    def description(self, suffix: str = "") -> str:
+        text = f"{self.output_name}{suffix}"
+        return text if self.version <= 1 else f"{text} v{self.version}"
+
+    def number(self, kind: str) -> int:
+        return output_series_number(self.source_number, kind, self.version)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Who made an object: named in its SoftwareVersions and in the SEG's and SR's algorithm identification."""
+
+    name: str
+    version: str
+
+    @classmethod
+    def of(cls, manifest: ModelManifest) -> Algorithm:
+        return cls(manifest.id, manifest.version)
+
+    def as_kwargs(self) -> dict[str, str]:
+        return {"algorithm_name": self.name, "algorithm_version": self.version}
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What every step of one job knows."""
+
+    job_id: int
+    rule: Rule
+    series: SeriesRecord
+    naming: SeriesNaming
+    out_dir: Path
+    uid_prefix: str | None
+
+
+@dataclass(frozen=True)
+class Images:
+    """The T1 to measure: the synthetic sT1 of a synthesis rule, or the real T1 itself."""
+
+    t1: sitk.Image
+    labels: sitk.Image | None               # a model's own labels on t1's grid (without a segmenter)
+    synthesis: ModelManifest | None         # the synthesis model of a synthesize rule
+    own_labels_of: ModelManifest | None     # whose own labels are used (no segmenter, or measures_synthetic)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """The labels of the T1 and what was measured on them; ``volumetry`` None when nothing was."""
+
+    volumetry: Volumetry | None
+    labels: sitk.Image | None
+    algorithm: Algorithm | None             # who drew the labels (named in the SEG and SR)
+
+
+@dataclass(frozen=True)
+class Output:
+    """One series a step wrote, with its kind (sT1, SEG, SR, SUMMARY, AGREEMENT)."""
+
+    kind: str
+    written: WrittenSeries
+
+    def files(self) -> list[OutputFile]:
+        uid = self.written.series_instance_uid
+        return [OutputFile(self.kind, str(f.path), uid, f.sop_class_uid, f.sop_instance_uid)
+                for f in self.written.files]
+
+
+def age_from_dates(ds: Dataset) -> float | None:
+    """Age in years from PatientBirthDate and the study (or series, acquisition) date, when PatientAge is absent."""
+    birth = str(ds.get("PatientBirthDate") or "")
+    when = str(ds.get("StudyDate") or ds.get("SeriesDate") or ds.get("AcquisitionDate") or "")
+    try:
+        born, seen = (datetime.datetime.strptime(v[:8], "%Y%m%d").date() for v in (birth, when))
+    except ValueError:
+        return None
+    return (seen - born).days / 365.25 if seen >= born else None
+
+
+def model_session(registry: ModelRegistry, model_id: str | None) -> LoadedModel:
+    """The warm session of a model, or :class:`JobFailed` saying why there is none."""
+    if not model_id:
+        raise JobFailed("not processed: the rule names no model")
+    try:
+        return registry.session(model_id)
+    except KeyError:
+        raise JobFailed(f"not processed: model {model_id!r} not installed") from None
+
+
+# -- core steps --------------------------------------------------------------------------------
+
+def load_step(journal: Journal, series: SeriesRecord) -> LoadedSeries:
+    """The series' spooled instances as one volume in patient geometry, with their headers."""
+    return load_series([Path(i.path) for i in journal.instances(series.series_uid)])
+
+
+def synthesize_step(config: NodeConfig, registry: ModelRegistry, rule: Rule, loaded: LoadedSeries,
+                    timings: dict[str, float]) -> Images:
+    """The T1 to measure: the synthetic sT1 of a synthesis rule, or the real T1 itself. Labels come with it
+    from a model's own segmentation output when no segmenter is configured, or for an sT1 when the model's manifest
+    says its labels measure it better (``measures_synthetic``, measured on real T1s)."""
+    segmenter = config.inference.segmenter
+    if rule.action == "volumetry" and segmenter:
+        return Images(t1=loaded.image, labels=None, synthesis=None, own_labels_of=None)
+    model = model_session(registry, rule.model)
+    mirror = config.inference.mirror_average and rule.action == "synthesize" and bool(segmenter)
+    result = run_model(model, loaded.image, mirror_average=mirror)
+    timings.update({f"model.{k}": v for k, v in result.timings.items()})
+    seg_spec = model.manifest.output.segmentation
+    own_for_synthetic = rule.action == "synthesize" and seg_spec is not None and seg_spec.measures_synthetic
+    own = model.manifest if not segmenter or own_for_synthetic else None
+    if rule.action == "synthesize":
+        if result.t1 is None:
+            raise JobFailed(f"model {rule.model!r} produced no image")
+        return Images(t1=result.t1, labels=result.labels, synthesis=model.manifest, own_labels_of=own)
+    if result.labels is None:  # volumetry of the real T1 by the rule's model, on the T1's own grid
+        raise JobFailed(f"model {rule.model!r} has no segmentation output: no volumetry")
+    labels = sitk.Resample(result.labels, loaded.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                           result.labels.GetPixelID())
+    return Images(t1=loaded.image, labels=labels, synthesis=None, own_labels_of=own)
+
+
+def measure_step(ctx: JobContext, config: NodeConfig, registry: ModelRegistry, loaded: LoadedSeries,
+                 images: Images, timings: dict[str, float], norms: Sequence[Norm] = ()) -> Measured:
+    """Segment the T1 with the segmenter (or take the model's own labels) and measure it (with z-scores
+    from ``norms``, the site's normative table)."""
+    if not ctx.rule.volumetry:
+        return Measured(None, None, None)
+    icv_ml = outside_ml = None
+    if images.own_labels_of is not None:
+        labels, manifest = images.labels, images.own_labels_of
+    else:
+        segmenter = model_session(registry, config.inference.segmenter)
+        result = segment(segmenter, images.t1)
+        timings.update({f"segment.{k}": v for k, v in result.timings.items()})
+        labels, manifest = result.labels, segmenter.manifest
+        icv_ml, outside_ml = result.icv_ml, result.outside_ml
+    if labels is None:
+        return Measured(None, None, Algorithm.of(manifest))
+    assert manifest.output.segmentation is not None
+    t0 = time.perf_counter()
+    first = loaded.datasets[0]
+    volumetry = compute_volumetry(labels, images.t1, age=first.get("PatientAge") or age_from_dates(first),
+                                  sex=first.get("PatientSex"),
+                                  expected_codes=expected_structures(manifest.output.segmentation.labels),
+                                  icv_ml=icv_ml, outside_ml=outside_ml, norms=norms)
+    timings["volumetry"] = time.perf_counter() - t0
+    if not volumetry.qc_passed:
+        failed = "; ".join(c.reason for c in volumetry.qc if c.passed is False)
+        log.warning("job %d: volumetry quality control FAILED: %s", ctx.job_id, failed)
+    return Measured(volumetry, labels, Algorithm.of(manifest))
+
+
+def write_t1_step(ctx: JobContext, images: Images, loaded: LoadedSeries) -> Output | None:
+    """The synthetic T1 as an MR series in the source's study (synthesis rules only)."""
+    manifest = images.synthesis
+    if ctx.rule.action != "synthesize" or manifest is None:
+        return None
+    derivation = Derivation(
+        model_id=manifest.id, model_version=manifest.version,
+        description=(f"Synthetic MPRAGE-like T1 from {ctx.series.description!r} "
+                     f"by model {manifest.id} {manifest.version}"),
+    )
+    written = write_derived_mr(images.t1, loaded.datasets, out_dir=ctx.out_dir / "sT1",
+                               series_description=ctx.naming.description(), series_number=ctx.naming.number("sT1"),
+                               derivation=derivation, uid_prefix=ctx.uid_prefix)
+    return Output("sT1", written)
+
+
+def write_seg_step(ctx: JobContext, measured: Measured, t1_images: Sequence[Dataset],
+                   t1_frames: Sequence[FrameGeometry] | None) -> Output | None:
+    """The labels as a SEG of the measured T1 (``t1_frames``: its frame geometry, when known already);
+    None when the segmenter found no structure."""
+    volumetry, algorithm = measured.volumetry, measured.algorithm
+    assert volumetry is not None and measured.labels is not None and algorithm is not None
+    if not volumetry.structures:
+        log.warning("segmenter %s found no brain structure: no SEG, the SR and summary say QC failed",
+                    algorithm.name)
+        return None
+    written = write_seg(measured.labels, t1_images, out_path=ctx.out_dir / "seg.dcm", uid_prefix=ctx.uid_prefix,
+                        series_number=ctx.naming.number("SEG"),
+                        series_description=with_qc_flag(ctx.naming.description(" SEG"), volumetry),
+                        source_frames=t1_frames, **algorithm.as_kwargs())
+    return Output("SEG", written)
+
+
+def write_sr_step(ctx: JobContext, measured: Measured, t1_images: Sequence[Dataset], seg: Output | None,
+                  loaded: LoadedSeries) -> Output:
+    """The volumetry as a TID 1500 SR referencing the SEG's segments."""
+    assert measured.volumetry is not None and measured.algorithm is not None
+    written = write_sr(measured.volumetry, seg=None if seg is None else seg.written, source_images=t1_images,
+                       input_series_datasets=loaded.datasets, out_path=ctx.out_dir / "sr.dcm",
+                       uid_prefix=ctx.uid_prefix, series_number=ctx.naming.number("SR"),
+                       series_description=ctx.naming.description(" volumes"), **measured.algorithm.as_kwargs())
+    return Output("SR", written)
+
+
+def write_summary_step(ctx: JobContext, measured: Measured, images: Images,
+                       t1_images: Sequence[Dataset]) -> Output:
+    """The summary page (coronal views, volume table, QC) as a Secondary Capture."""
+    assert measured.volumetry is not None and measured.labels is not None and measured.algorithm is not None
+    written = write_summary(measured.volumetry, t1=images.t1, labels=measured.labels, source_images=t1_images,
+                            out_path=ctx.out_dir / "summary.dcm", uid_prefix=ctx.uid_prefix,
+                            synthetic=ctx.rule.action == "synthesize", series_number=ctx.naming.number("SUMMARY"),
+                            series_description=ctx.naming.description(" summary"), **measured.algorithm.as_kwargs())
+    return Output("SUMMARY", written)
+
+
+def keep_volumes_step(ctx: JobContext, images: Images, measured: Measured) -> list[OutputFile]:
+    """Keep the measured T1 and its labels for an agreement check with a counterpart (rT1 vs sT1) of the
+    same study; nothing when no structure was measured."""
+    if measured.volumetry is None or not measured.volumetry.structures or measured.labels is None:
+        return []
+    kept = []
+    for kind, image in ((T1_VOLUME, images.t1), (LABEL_VOLUME, measured.labels)):
+        path = ctx.out_dir / VOLUME_FILES[kind]
+        sitk.WriteImage(image, str(path), useCompression=True)
+        kept.append(OutputFile(kind, str(path)))
+    return kept
+
+
+def outbox_items(outputs: Sequence[Output], destinations: Sequence[str]) -> list[tuple[str, str, str, str]]:
+    """One outbox row ``(destination, path, SOP Class UID, SOP Instance UID)`` per file and destination."""
+    return [(dest, str(f.path), f.sop_class_uid, f.sop_instance_uid)
+            for dest in destinations for output in outputs for f in output.written.files]
+
+
+def record_and_queue(journal: Journal, ctx: JobContext, outputs: Sequence[Output], kept: Sequence[OutputFile],
+                     destinations: Sequence[str]) -> None:
+    """Record the job's outputs and queue them per destination, in one transaction (the job is then
+    ``written``, or ``sent`` when there is no destination)."""
+    produced = [(o.written.series_instance_uid, o.kind) for o in outputs]
+    files = [f for o in outputs for f in o.files()] + list(kept)
+    journal.record_outputs(ctx.job_id, produced, outbox_items(outputs, destinations), files=files,
+                           output_name=ctx.rule.output_name)
+
+
+def queue_optional(journal: Journal, ctx: JobContext, output: Output, destinations: Sequence[str]) -> None:
+    """Record and queue the output of an optional step, after the core outputs."""
+    journal.add_outputs(ctx.job_id, [(output.written.series_instance_uid, output.kind)],
+                        outbox_items([output], destinations), files=output.files())
+
+
+# -- optional step: agreement of an sT1 with the real T1 of the same study ---------------------
+
+@dataclass(frozen=True)
+class AgreementSide:
+    """One of the two T1s compared, as the journal recorded it."""
+
+    job: JobRecord
+    t1_volume: Path
+    label_volume: Path
+    seg: Path
+    t1_images: list[Path]       # the real T1's received instances, or the sT1's written files
+
+
+def agreement_side(journal: Journal, job: JobRecord) -> AgreementSide | None:
+    """What ``job`` recorded for an agreement check, or None when it kept no volumes or wrote no SEG."""
+    files = {}
+    for f in journal.output_files(job.id):
+        files.setdefault(f.kind, []).append(Path(f.path))
+    if not all(kind in files for kind in (T1_VOLUME, LABEL_VOLUME, "SEG")):
+        return None
+    if job.action == "synthesize":
+        images = sorted(files.get("sT1", []))
+    else:
+        images = [Path(i.path) for i in journal.instances(job.series_uid)]
+    return AgreementSide(job, files[T1_VOLUME][0], files[LABEL_VOLUME][0], files["SEG"][0], images)
+
+
+def counterpart_side(journal: Journal, job: JobRecord, study_uid: str) -> AgreementSide | None:
+    """The latest other side of ``job`` in the study (a real T1 for an sT1, or an sT1 for a real T1)
+    that recorded what an agreement check needs."""
+    other_action = "volumetry" if job.action == "synthesize" else "synthesize"
+    for other in reversed(journal.jobs_in_study(study_uid)):
+        if other.id != job.id and other.action == other_action and other.state in (JobState.WRITTEN, JobState.SENT):
+            side = agreement_side(journal, other)
+            if side is not None:
+                return side
+    return None
+
+
+def synthetic_output_name(config: NodeConfig, job: JobRecord) -> str:
+    """The output name the synthesis job wrote under (from the journal; its rule may be gone since)."""
+    if job.output_name:
+        return job.output_name
+    return next((r.output_name for r in config.rules if r.name == job.rule), "sT1")
+
+
+def agreement_step(ctx: JobContext, journal: Journal, config: NodeConfig, registry: ModelRegistry) -> Output | None:
+    """When the study also holds the other side, compare the two T1s and write an agreement SR; None when
+    there is no counterpart. Every input comes from the journal's record of the two jobs."""
+    job = journal.job(ctx.job_id)
+    mine = agreement_side(journal, job)
+    other = None if mine is None else counterpart_side(journal, job, ctx.series.study_uid)
+    if mine is None or other is None:
+        return None
+    real, synthetic = (other, mine) if job.action == "synthesize" else (mine, other)
+    agreement = compare(*(sitk.ReadImage(str(p)) for p in (real.t1_volume, real.label_volume,
+                                                           synthetic.t1_volume, synthetic.label_volume)))
+    output_name = synthetic_output_name(config, synthetic.job)
+    log.info("job %d: agreement of %s with the real T1: PSNR %.1f dB, SSIM %.3f, mean Dice %.3f, "
+             "mean ASPC %.1f %%", ctx.job_id, output_name, agreement.psnr, agreement.ssim,
+             agreement.mean_dice, agreement.mean_aspc)
+    manifest = model_session(registry, synthetic.job.model).manifest
+    written = write_agreement_sr(
+        agreement, real_t1_images=[dcmread(p, stop_before_pixels=True) for p in real.t1_images],
+        synthetic_t1_images=[dcmread(p, stop_before_pixels=True) for p in synthetic.t1_images],
+        real_seg=dcmread(real.seg, stop_before_pixels=True),
+        synthetic_seg=dcmread(synthetic.seg, stop_before_pixels=True),
+        out_path=ctx.out_dir / "agreement.dcm", uid_prefix=ctx.uid_prefix,
+        series_number=ctx.naming.number("AGREEMENT"), series_description=f"{output_name} vs rT1 agreement",
+        **Algorithm.of(manifest).as_kwargs(),
+    )
+    return Output("AGREEMENT", written)
