@@ -114,12 +114,13 @@ def test_a_job_that_kills_the_node_every_time_is_quarantined(tmp_path: Path, max
 
 
 def _idle_series(journal: Journal, series_uid: str, geometry: dict) -> None:
-    journal.add_instance(
-        sop_instance_uid=series_uid + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.4",
-        transfer_syntax="1.2.840.10008.1.2.1", path="/nonexistent.dcm", geometry=geometry, series_uid=series_uid,
-        study_uid="1.2.3", patient_id="P", description="t1", modality="MR", calling_ae="MR1",
-        series_attrs={"SeriesDescription": "t1", "Modality": "MR"}, now=100.0,  # long idle
-    )
+    from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
+
+    received = ReceivedInstance(series_uid + ".1", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", series_uid, "P",
+                                InstanceHeader.from_json(geometry),
+                                SeriesAttributes(series_description="t1", modality="MR"))
+    journal.add_instance(received, transfer_syntax="1.2.840.10008.1.2.1", path="/nonexistent.dcm",
+                         calling_ae="MR1", now=100.0)  # long idle
 
 
 @pytest.mark.parametrize("poison", ["geometry", "any error"])
