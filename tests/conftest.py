@@ -11,3 +11,16 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 requires_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"shared test data not found at {SHARED_DATA} (../shared/data)"
 )
+
+SYNTHSEG = SHARED_DATA / "labels" / "synthseg"
+
+
+@pytest.fixture(scope="module")
+def priors():  # noqa: ANN201 - inference.training.generator.Priors (torch is imported only where it is used)
+    """SynthSeg's generation labels, classes and T1 priors (skips without ../shared/data or torch)."""
+    pytest.importorskip("torch")
+    from inference.training import generator
+
+    if not SYNTHSEG.is_dir():
+        pytest.skip(f"SynthSeg label maps not found at {SYNTHSEG} (../shared/data)")
+    return generator.load_priors(SYNTHSEG)

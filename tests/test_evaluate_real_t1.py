@@ -8,16 +8,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from inference.training import evaluate_real_t1, generator  # noqa: E402
-from tests.conftest import SHARED_DATA  # noqa: E402
-
-SYNTHSEG = SHARED_DATA / "labels" / "synthseg"
-
-
-@pytest.fixture(scope="module")
-def priors() -> generator.Priors:
-    if not SYNTHSEG.is_dir():
-        pytest.skip(f"SynthSeg priors not found at {SYNTHSEG} (../shared/data)")
-    return generator.load_priors(SYNTHSEG)
 
 
 def _head() -> tuple[np.ndarray, torch.Tensor]:

@@ -16,7 +16,7 @@ import pytest
 from bench import fuzz, mutate
 from bench.fuzz import Outcome, Report
 from dicom_node.scp import STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_SUCCESS
-from tests.e2e.peers import missing_tools, tools_verdict
+from tests.e2e.peers import require_tools
 
 REPO = Path(__file__).resolve().parents[1]
 CI_COUNT = 300
@@ -88,12 +88,7 @@ def test_journal_and_containment_checks_can_fail(tmp_path: Path) -> None:
 
 def _campaign(count: int, tmp_path: Path, **kwargs: object) -> Report:
     """Run a campaign (the node's readiness probe is dcmtk's echoscu: skip without it, fail in CI)."""
-    verdict = tools_verdict(missing_tools())
-    if verdict is not None:
-        action, reason = verdict
-        if action == "fail":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+    require_tools()
     return fuzz.run_campaign(count, seed=0, workdir=tmp_path / "fuzz", **kwargs)  # type: ignore[arg-type]
 
 

@@ -487,19 +487,26 @@ def test_thread_executor_survives_base_exceptions() -> None:
     assert done == [3]
 
 
-def test_the_segmenter_measures_and_no_brain_means_no_seg_but_a_failed_qc(tmp_path: Path, models_dir: Path) -> None:
-    """With the bundled segmenter configured, it (not the synthesis model's own output) measures the sT1. A small
-    generated series holds no brain: the sT1, an SR and a summary still go out, with QC failed; no empty SEG."""
+def _with_segmenter(tmp_path: Path, folder: Path) -> tuple[Setup, str]:
+    """A Setup whose models folder (holding the synthesis fixture MODEL) also has the bundled segmenter, configured
+    as ``[inference] segmenter``; and the segmenter's id."""
     from tests.onnx_fixtures import link_bundled_segmenter
 
-    folder = tmp_path / "models"
-    folder.mkdir()
-    (folder / MODEL).symlink_to(models_dir / MODEL, target_is_directory=True)
     segmenter = link_bundled_segmenter(folder)
     registry = ModelRegistry(folder, providers="cpu", threads=1)
     s = Setup(tmp_path, folder, registry, [rule(volumetry=True)], destinations=("PACS",))
     s.config = s.config.model_copy(update={"inference": InferenceSettings(models_dir=folder, segmenter=segmenter)})
     s.runner.config = s.config
+    return s, segmenter
+
+
+def test_the_segmenter_measures_and_no_brain_means_no_seg_but_a_failed_qc(tmp_path: Path, models_dir: Path) -> None:
+    """With the bundled segmenter configured, it (not the synthesis model's own output) measures the sT1. A small
+    generated series holds no brain: the sT1, an SR and a summary still go out, with QC failed; no empty SEG."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / MODEL).symlink_to(models_dir / MODEL, target_is_directory=True)
+    s, segmenter = _with_segmenter(tmp_path, folder)
     try:
         job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
         s.runner.run(job_id)
@@ -519,16 +526,10 @@ def test_the_segmenter_measures_and_no_brain_means_no_seg_but_a_failed_qc(tmp_pa
 def test_a_model_that_measures_its_own_sT1_better_is_used_despite_the_segmenter(tmp_path: Path) -> None:
     """``measures_synthetic`` in a synthesis model's manifest: its own labels measure its sT1 (the SR names it as
     the algorithm) and the configured segmenter is not run."""
-    from tests.onnx_fixtures import link_bundled_segmenter
-
     folder = tmp_path / "models"
     make_synthesis_model(folder, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8,
                          measures_synthetic=True)
-    segmenter = link_bundled_segmenter(folder)
-    registry = ModelRegistry(folder, providers="cpu", threads=1)
-    s = Setup(tmp_path, folder, registry, [rule(volumetry=True)], destinations=("PACS",))
-    s.config = s.config.model_copy(update={"inference": InferenceSettings(models_dir=folder, segmenter=segmenter)})
-    s.runner.config = s.config
+    s, segmenter = _with_segmenter(tmp_path, folder)
     try:
         job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
         s.runner.run(job_id)

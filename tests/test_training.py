@@ -16,16 +16,7 @@ from inference.models import InputSpec, load_manifest  # noqa: E402
 from inference.pipeline import normalize  # noqa: E402
 from inference.training import evaluate, export, generator, train  # noqa: E402
 from inference.training.networks import CoarseSynthNet, SynthUNet, build_network  # noqa: E402
-from tests.conftest import SHARED_DATA, requires_shared_data  # noqa: E402
-
-SYNTHSEG = SHARED_DATA / "labels" / "synthseg"
-
-
-@pytest.fixture(scope="module")
-def priors() -> generator.Priors:
-    if not SYNTHSEG.is_dir():
-        pytest.skip(f"SynthSeg label maps not found at {SYNTHSEG} (../shared/data)")
-    return generator.load_priors(SYNTHSEG)
+from tests.conftest import SHARED_DATA, SYNTHSEG, requires_shared_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.peers import Orthanc, StoreSCP, missing_tools, tools_verdict
+from tests.e2e.peers import Orthanc, StoreSCP, require_tools
 
 E2E_DIR = Path(__file__).resolve().parent
 
@@ -25,12 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _e2e_tools_installed() -> None:
     """Skip (locally) or fail (CI) when a peer executable is missing."""
-    verdict = tools_verdict(missing_tools())
-    if verdict is not None:
-        action, reason = verdict
-        if action == "fail":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+    require_tools()
 
 
 @pytest.fixture

@@ -63,6 +63,18 @@ def tools_verdict(missing: Sequence[Path], environ: Mapping[str, str] = os.envir
     return "skip", reason
 
 
+def require_tools() -> None:
+    """In a test: skip (locally) or fail (CI) when a peer executable is missing."""
+    import pytest
+
+    verdict = tools_verdict(missing_tools())
+    if verdict is not None:
+        action, reason = verdict
+        if action == "fail":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
