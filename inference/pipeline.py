@@ -348,17 +348,19 @@ def run_model(model: LoadedModel, image: sitk.Image, *, mirror_average: bool | N
 
 def _mirror_averaged_labels(direct: sitk.Image, mirrored: sitk.Image, t1: sitk.Image) -> sitk.Image:
     """The labels of the direct run and of the mirrored head's run (mirrored back, sides exchanged) made one,
-    symmetrically (inference.hemispheres.combine_mirrored_labels), on the direct labels' grid."""
+    symmetrically (inference.hemispheres.combine_mirrored_labels), on the direct labels' grid, which is the
+    averaged t1's (both are made on the input's 1 mm output grid)."""
+    if t1.GetSize() != direct.GetSize() or t1.GetOrigin() != direct.GetOrigin():
+        raise ModelError("labels and image of a model run are on different grids")
     back = sitk.Resample(mirror_left_right(mirrored), direct, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
                          direct.GetPixelID())
-    on_grid = sitk.Resample(t1, direct, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     a = sitk.GetArrayFromImage(direct)
     b = swap_left_right(sitk.GetArrayFromImage(back))
     axis = np.array(direct.GetDirection()).reshape(3, 3)[0] * np.array(direct.GetSpacing())  # x per index step
     size = direct.GetSize()
     x_mm = (direct.GetOrigin()[0] + axis[0] * np.arange(size[0])[None, None, :]
             + axis[1] * np.arange(size[1])[None, :, None] + axis[2] * np.arange(size[2])[:, None, None])
-    combined = sitk.GetImageFromArray(combine_mirrored_labels(a, b, sitk.GetArrayFromImage(on_grid), x_mm))
+    combined = sitk.GetImageFromArray(combine_mirrored_labels(a, b, sitk.GetArrayViewFromImage(t1), x_mm))
     combined.CopyInformation(direct)
     return combined
 

@@ -500,6 +500,15 @@ def _with_segmenter(tmp_path: Path, folder: Path) -> tuple[Setup, str]:
     return s, segmenter
 
 
+def _run_written(s: Setup, tmp_path: Path):  # noqa: ANN202
+    """Run the job of a generated series; (job id, job), its state checked as written."""
+    job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+    s.runner.run(job_id)
+    job = s.journal.job(job_id)
+    assert job.state == "written", job.reason
+    return job_id, job
+
+
 def test_the_segmenter_measures_and_no_brain_means_no_seg_but_a_failed_qc(tmp_path: Path, models_dir: Path) -> None:
     """With the bundled segmenter configured, it (not the synthesis model's own output) measures the sT1. A small
     generated series holds no brain: the sT1, an SR and a summary still go out, with QC failed; no empty SEG."""
@@ -508,10 +517,7 @@ def test_the_segmenter_measures_and_no_brain_means_no_seg_but_a_failed_qc(tmp_pa
     (folder / MODEL).symlink_to(models_dir / MODEL, target_is_directory=True)
     s, segmenter = _with_segmenter(tmp_path, folder)
     try:
-        job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
-        s.runner.run(job_id)
-        job = s.journal.job(job_id)
-        assert job.state == "written", job.reason
+        job_id, job = _run_written(s, tmp_path)
         assert set(_kinds(s.journal, job_id)) == {"sT1", "SR", "SUMMARY"}
         out_dir = s.config.node.data_dir / "outputs" / f"job-{job_id:06d}"
         assert not (out_dir / "seg.dcm").exists()
@@ -531,10 +537,7 @@ def test_a_model_that_measures_its_own_sT1_better_is_used_despite_the_segmenter(
                          measures_synthetic=True)
     s, segmenter = _with_segmenter(tmp_path, folder)
     try:
-        job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
-        s.runner.run(job_id)
-        job = s.journal.job(job_id)
-        assert job.state == "written", job.reason
+        job_id, job = _run_written(s, tmp_path)
         sr = (s.config.node.data_dir / "outputs" / f"job-{job_id:06d}" / "sr.dcm").read_bytes()
         assert MODEL.encode() in sr and segmenter.encode() not in sr
         assert not any(k.startswith("segment.") for k in (job.timings or {}))
