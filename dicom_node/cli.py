@@ -2,77 +2,133 @@
 
     dicom-node serve [--config node.toml]
     dicom-node journal rebuild [--config node.toml] [--reprocess]
-    dicom-node config check --config node.toml [--allow-missing]
-    dicom-node route --config node.toml --dry-run DICOM_DIR
-    dicom-node status [--config node.toml]
+    dicom-node config check [--config node.toml] [--allow-missing]
+    dicom-node route [--config node.toml] --dry-run DICOM_DIR
+    dicom-node status [--config node.toml] [--json] [--since HOURS]
     dicom-node echo DEST [--config node.toml]        (DEST: a destination name or AE@host:port)
     dicom-node retry [DEST] [--config node.toml]     (re-queue deliveries that failed for good)
+    dicom-node report FILE                           (the volumes of a volumetry SR, or an agreement SR)
+
+Without ``--config`` the node reads ``$DICOM_NODE_CONFIG``, else ``/etc/dicom-node/node.toml`` when it exists,
+else its embedded defaults. Every error is one line on stderr (exit code 1 or 2), never a traceback;
+``DICOM_NODE_DEBUG=1`` shows the traceback of an unexpected one.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
 import logging
 import os
 import re
 import signal
+import socket
 import sys
+import tempfile
 import threading
+import time
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from . import __version__
-from .config import ConfigError, Destination, NodeConfig, load_config
-from .journal import JournalError, OutboxState
+from .audit import AuditTrail
+from .config import ConfigError, Destination, NodeConfig, config_path, load_config
+from .journal import JobRecord, JournalError, OutboxState
+from .lock import NodeLock, NodeRunning, probe
+from .logs import setup_logging
 
 log = logging.getLogger("dicom_node")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    from .logsafe import install
+class CommandError(RuntimeError):
+    """A command cannot do what was asked; the message is the one line the user sees (exit code 1)."""
 
-    install()  # no patient data in the log through library warnings
+
+def _setup_logging(config: NodeConfig) -> None:
+    setup_logging(config.node.log_level, config.node.log_format, config.node.library_log_level)
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
-    return load_config(Path(args.config) if args.config else None)
+    return load_config(config_path(args.config))
+
+
+def _audit(config: NodeConfig, action: str, **fields: object) -> None:
+    """Record an operator's action in the audit trail (as the OS user who ran the command)."""
+    path = config.audit_path()
+    if path is None or not path.parent.is_dir():
+        return
+    trail = AuditTrail(path, config.node.ae_title)
+    trail.record("operator", action=action, by=getpass.getuser(), **fields)
+    trail.close()
 
 
 # -- serve -----------------------------------------------------------------------------------
 
+def preflight(config: NodeConfig) -> None:
+    """What makes ``serve`` fail, checked before the models are loaded (seconds to minutes): a data directory
+    the node cannot write, a port another program listens on. Raises :class:`CommandError`."""
+    data_dir = config.node.data_dir
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise CommandError(f"data_dir {data_dir} cannot be used: {exc.strerror or exc}") from None
+    ports = [("[node] port", config.node.port)]
+    if config.tls.port is not None:
+        ports.append(("[tls] port", config.tls.port))
+    for what, port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in config.node.host else socket.AF_INET) as probe_socket:
+            probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
+            try:
+                probe_socket.bind((config.node.host, port))
+            except OSError as exc:
+                raise CommandError(f"{what} {port} on {config.node.host} cannot be used: "
+                                   f"{exc.strerror or exc} (another program listens there?)") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     os.umask(0o077)  # spool, journal and outputs hold patient data: readable by the node's user only
     config = _config(args)
-    _setup_logging(config.node.log_level)
+    _setup_logging(config)
+    preflight(config)
+    lock = NodeLock(config.node.data_dir)
+    try:
+        lock.acquire(started=time.time())
+    except NodeRunning as exc:
+        raise CommandError(str(exc)) from None
     from .service import Node
 
-    node = Node(config)
-    stop = threading.Event()
-
-    def _stop(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    node.start()
-    log.info("dicom-node %s ready (data in %s)", __version__, config.node.data_dir)
     try:
-        while not stop.wait(1.0):
-            pass
+        node = Node(config)
+        stop = threading.Event()
+
+        def _stop(signum: int, _frame: object) -> None:
+            log.info("signal %d: stopping", signum)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        try:
+            node.start()
+        except OSError as exc:  # a port taken between the preflight and the bind
+            node.stop()
+            raise CommandError(f"cannot start: {exc.strerror or exc}") from None
+        lock.update(started=time.time(), ports={"dicom": node.scp.port, "tls": node.scp.tls_port})
+        log.info("dicom-node %s ready (data in %s)", __version__, config.node.data_dir)
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            node.stop()
     finally:
-        node.stop()
+        lock.release()
     return 0
 
 
@@ -201,49 +257,113 @@ def _ts(value: float | None) -> str:
     return "-" if not value else datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    config = _config(args)
-    from .journal import Journal
+#: ``status`` exit codes: failures to look at (failed jobs in the window, deliveries failed for good), and
+#: the node not running (as ``systemctl status`` and monitoring plugins read 3).
+STATUS_FAILURES = 1
+STATUS_NOT_RUNNING = 3
 
+
+def _job_json(j: JobRecord) -> dict[str, Any]:
+    return {"id": j.id, "series_uid": j.series_uid, "version": j.version, "rule": j.rule, "model": j.model,
+            "state": str(j.state), "reason": j.reason, "updated_at": j.updated_at, "timings": j.timings}
+
+
+def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, Any]:
+    """Everything ``status`` shows, as plain data (``--json`` prints it as it is)."""
+    from .journal import JobState, Journal
+
+    holder = probe(config.node.data_dir)
+    node = {"running": holder.running, "pid": holder.pid, "started": holder.started, "ports": holder.ports,
+            "data_dir": str(config.node.data_dir), "ae_title": config.node.ae_title}
     path = config.node.data_dir / "journal.sqlite3"
     if not path.exists():
-        print(f"no journal at {path}: the node has not run with this data_dir yet")
-        return 1
+        return {"node": node, "journal": None, "problems": [f"no journal at {path}: the node has not run with "
+                                                             "this data_dir yet"]}
     journal = Journal(path)
-    counts = journal.counts()
+    try:
+        cutoff = time.time() - since_h * 3600
+        failed_jobs = [j for j in journal.jobs(states=[JobState.FAILED], limit=1000) if j.updated_at >= cutoff]
+        counts = journal.counts()
+        report: dict[str, Any] = {
+            "node": node,
+            "journal": str(path),
+            "counts": counts,
+            "failures": {"since_hours": since_h, "jobs": [_job_json(j) for j in failed_jobs],
+                         "deliveries_failed": counts["outbox"].get(OutboxState.FAILED, 0)},
+            "series": [{"series_uid": s.series_uid, "description": s.description, "instances": s.n_instances,
+                        "state": str(s.state), "note": s.note, "last_received": s.last_received}
+                       for s in journal.all_series(limit=limit)],
+            "jobs": [_job_json(j) for j in journal.jobs(limit=limit)],
+            "outbox": journal.outbox_summary(),
+        }
+    finally:
+        journal.close()
+    problems = []
+    if failed_jobs:
+        problems.append(f"{len(failed_jobs)} job(s) failed in the last {since_h:g} h")
+    if report["failures"]["deliveries_failed"]:
+        problems.append(f"{report['failures']['deliveries_failed']} delivery item(s) failed for good "
+                        "(`dicom-node retry` queues them again)")
+    report["problems"] = problems
+    return report
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    node = report["node"]
+    if node["running"]:
+        ports = node.get("ports") or {}
+        where = f", DICOM port {ports['dicom']}" if ports.get("dicom") else ""
+        print(f"node: RUNNING (process {node['pid'] or '?'}{where}), data in {node['data_dir']}")
+    else:
+        print(f"node: NOT RUNNING (data in {node['data_dir']})")
+    if report["journal"] is None:
+        print(report["problems"][0])
+        return
+    counts = report["counts"]
     print(f"instances received: {counts['instances']['total']}")
     print("series: " + (", ".join(f"{k} {v}" for k, v in sorted(counts['series'].items())) or "none"))
     print("jobs:   " + (", ".join(f"{k} {v}" for k, v in sorted(counts['jobs'].items())) or "none"))
     print("\nrecent series:")
-    for s in journal.all_series(limit=args.limit):
-        note = f" - {s.note}" if s.note else ""
-        print(f"  {_ts(s.last_received)} {s.description!r:32} {s.n_instances:4d} inst  {s.state}{note}")
+    for s in report["series"]:
+        note = f" - {s['note']}" if s["note"] else ""
+        print(f"  {_ts(s['last_received'])} {s['description']!r:32} {s['instances']:4d} inst  {s['state']}{note}")
     print("\nrecent jobs:")
-    for j in journal.jobs(limit=args.limit):
-        reason = f" - {j.reason}" if j.reason else ""
-        total = j.timings.get("total")
+    for j in report["jobs"]:
+        reason = f" - {j['reason']}" if j["reason"] else ""
+        total = j["timings"].get("total")
         took = f" ({total:.1f} s)" if total else ""
-        print(f"  #{j.id} {_ts(j.updated_at)} rule {j.rule} v{j.version}: {j.state}{took}{reason}")
+        print(f"  #{j['id']} {_ts(j['updated_at'])} rule {j['rule']} v{j['version']}: {j['state']}{took}{reason}")
     print("\noutbox by destination:")
-    rows = journal.outbox_summary()
-    if not rows:
+    if not report["outbox"]:
         print("  empty")
-    for r in rows:
+    for r in report["outbox"]:
         extra = ""
         if r["state"] == OutboxState.PENDING:
             extra = f", next try {_ts(r['next_at'])}"
         if r["last_error"]:
             extra += f", last error: {r['last_error']}"
         print(f"  {r['destination']}: {r['n']} {r['state']} (tries up to {r['max_tries']}{extra})")
-    journal.close()
-    return 0
+    if report["problems"]:
+        print("\nNEEDS ATTENTION: " + "; ".join(report["problems"]))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    report = status_report(config, args.limit, args.since)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_status(report)
+    if report["journal"] is not None and report["problems"]:
+        return STATUS_FAILURES
+    return 0 if report["node"]["running"] else STATUS_NOT_RUNNING
 
 
 # -- journal rebuild -------------------------------------------------------------------------
 
 def cmd_journal_rebuild(args: argparse.Namespace) -> int:
     config = _config(args)
-    _setup_logging(config.node.log_level)
+    _setup_logging(config)
     from .journal import Journal
     from .rebuild import rebuild
 
@@ -299,58 +419,92 @@ def cmd_retry(args: argparse.Namespace) -> int:
     journal = Journal(path)
     n = journal.retry_failed(args.dest)
     journal.close()
+    _audit(config, "retry", destination=args.dest, items=n)
     print(f"{n} delivery item(s) queued again; a running node sends them within "
           f"{config.dispatch.scan_interval_s:.0f} s")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import format_report
+    from .report import ReportError, format_report
 
-    print(format_report(Path(args.file)))
+    path = Path(args.file)
+    if not path.is_file():
+        raise CommandError(f"{path}: no such file")
+    try:
+        print(format_report(path), end="")
+    except ReportError as exc:
+        raise CommandError(str(exc)) from None
     return 0
 
 
 # -- main ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dicom-node", description=__doc__.split("\n")[0].strip("`: ") or None,
+        epilog="Without --config: $DICOM_NODE_CONFIG, else /etc/dicom-node/node.toml when it exists, else the "
+               "embedded defaults.")
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func, help_: str) -> argparse.ArgumentParser:  # noqa: ANN001
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", "-c", help="TOML configuration (default: embedded defaults)")
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", metavar="TOML",
+                       help="configuration file (default: $DICOM_NODE_CONFIG, else /etc/dicom-node/node.toml, "
+                            "else the embedded defaults)")
+        return p
+
+    def add(name: str, func, help_: str, description: str | None = None) -> argparse.ArgumentParser:  # noqa: ANN001
+        p = with_config(sub.add_parser(name, help=help_, description=description or help_))
         p.set_defaults(func=func)
         return p
 
-    add("serve", cmd_serve, "run the node")
-    p = sub.add_parser("config", help="configuration commands")
-    csub = p.add_subparsers(dest="config_command", required=True)
-    c = csub.add_parser("check", help="validate a configuration file and show what it means")
-    c.add_argument("--config", "-c", required=True)
+    add("serve", cmd_serve, "run the node (DICOM listener, jobs, delivery)",
+        "Run the node in the foreground until SIGTERM or SIGINT. Refuses to start (one line, exit 1) when the "
+        "data directory cannot be written, a port is taken, or another node serves the same data directory.")
+    p = sub.add_parser("config", help="configuration commands", description="Configuration commands.")
+    csub = p.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    c = with_config(csub.add_parser(
+        "check", help="validate a configuration file and show what it means",
+        description="Validate the configuration and print what it means; exit 1 when a rule's model is "
+                    "missing or there is no destination (unless --allow-missing), 2 when it is invalid."))
     c.add_argument("--allow-missing", action="store_true",
                    help="exit 0 even when a rule's model is not installed or no destination is configured")
     c.set_defaults(func=cmd_config_check)
-    p = add("route", cmd_route, "show how the series in a folder would be routed")
+    p = add("route", cmd_route, "show how the series in a folder would be routed",
+            "Explain, for each series of DICOM files in a folder, whether it is whole and which rule it would "
+            "take. Never processes or sends anything.")
     p.add_argument("--dry-run", action="store_true", help="required: only explain, never process or send")
     p.add_argument("--calling-ae", default="", help="calling AE title to assume for rules that match on it")
-    p.add_argument("dicom_dir")
-    p = add("status", cmd_status, "series, jobs and the outbox per destination")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("dicom_dir", help="folder of DICOM files (searched recursively)")
+    p = add("status", cmd_status, "whether the node runs; series, jobs and the outbox per destination",
+            f"Whether the node runs, what it received, its jobs and deliveries. Exit code 0: running and "
+            f"nothing failed; {STATUS_FAILURES}: jobs failed in the last --since hours or deliveries failed for "
+            f"good; {STATUS_NOT_RUNNING}: the node is not running.")
+    p.add_argument("--limit", type=int, default=20, help="recent series and jobs to list (default 20)")
+    p.add_argument("--since", type=float, default=24.0, metavar="HOURS",
+                   help="failed jobs younger than this count as failures (default 24)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p = add("echo", cmd_echo, "C-ECHO a destination")
     p.add_argument("dest", help="destination name from the config, or AE@host:port")
-    p = add("retry", cmd_retry, "re-queue deliveries that failed for good")
+    p = add("retry", cmd_retry, "re-queue deliveries that failed for good",
+            "Queue again every delivery item that failed for good; a running node sends them at its next scan.")
     p.add_argument("dest", nargs="?", default=None, help="only this destination")
-    p = sub.add_parser("journal", help="journal commands (stop the node first)")
-    jsub = p.add_subparsers(dest="journal_command", required=True)
-    j = jsub.add_parser("rebuild", help="add every spooled object the journal does not know (after a lost journal)")
-    j.add_argument("--config", "-c", help="TOML configuration (default: embedded defaults)")
+    p = sub.add_parser("journal", help="journal commands (stop the node first)",
+                       description="Journal commands (stop the node first).")
+    jsub = p.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")
+    j = with_config(jsub.add_parser(
+        "rebuild", help="add every spooled object the journal does not know (after a lost journal)",
+        description="Add every spooled object the journal does not know, e.g. after the journal was lost or "
+                    "restored from an older backup."))
     j.add_argument("--reprocess", action="store_true",
                    help="process the rebuilt series again at the next start (default: mark them ignored)")
     j.set_defaults(func=cmd_journal_rebuild)
-    p = add("report", cmd_report, "print the volumes of a volumetry SR as a table")
-    p.add_argument("file")
+    p = sub.add_parser("report", help="print a volumetry or agreement SR as a table",
+                       description="Print the content of a volumetry SR (volumes, ICV, asymmetry, quality control) "
+                                   "or of an agreement SR (image agreement, registration, Dice and ASPC).")
+    p.add_argument("file", help="the SR file (DICOM)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -361,8 +515,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    except JournalError as exc:
+    except (JournalError, CommandError) as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dicom-node: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback on request
+        if os.environ.get("DICOM_NODE_DEBUG"):
+            raise
+        where = f"{args.command} " if getattr(args, "command", None) else ""
+        print(f"dicom-node: {where}failed: {type(exc).__name__}: {exc} (DICOM_NODE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -7,8 +7,10 @@ returns a validated :class:`NodeConfig`; ``ConfigError`` carries messages that n
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -67,6 +69,12 @@ class NodeSettings(_Strict):
     #: Fsync each received file and the journal before acknowledging (keep on in production).
     fsync: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: ``text``: one readable line per record; ``json``: one JSON object per line (time, level, logger,
+    #: message, thread; the traceback as ``exc``), for a log shipper.
+    log_format: Literal["text", "json"] = "text"
+    #: Loggers of libraries (pynetdicom, apscheduler, highdicom, PIL, onnxruntime) log at this level or above:
+    #: their INFO lines are noise in a hospital's log. DEBUG shows everything.
+    library_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -79,6 +87,17 @@ class NodeSettings(_Strict):
         if not re.fullmatch(r"[12](\.(0|[1-9][0-9]*))+", root) or len(root) > 40:
             raise ValueError(f"{value!r} is not a valid UID root (dotted digits, at most 40 characters)")
         return root + "."
+
+
+class AuditSettings(_Strict):
+    """``[audit]``: the audit trail, one JSON object per line: each association (calling AE title, host, TLS,
+    what it stored, per study and series, with the patient ID), each refusal, each delivery (destination,
+    objects, outcome) and each operator action (retry, reprocess, purge; by which user). Written apart from
+    the log so that a hospital can ship it to its log server; reopened when logrotate moves it."""
+
+    enabled: bool = True
+    #: The audit file; relative paths are under ``[node] data_dir``.
+    path: Path = Path("audit.jsonl")
 
 
 class LimitSettings(_Strict):
@@ -395,6 +414,7 @@ class NodeConfig(_Strict):
     jobs: JobSettings = Field(default_factory=JobSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> NodeConfig:
@@ -441,6 +461,12 @@ class NodeConfig(_Strict):
                 needed.append(segmenter)
         return needed
 
+    def audit_path(self) -> Path | None:
+        """The audit trail's file (None when ``[audit] enabled`` is false)."""
+        if not self.audit.enabled:
+            return None
+        return self.audit.path if self.audit.path.is_absolute() else self.node.data_dir / self.audit.path
+
     def destinations_for(self, rule: Rule) -> list[Destination]:
         if rule.destinations is None:
             return list(self.destinations)
@@ -477,6 +503,24 @@ def parse_config(text: str, source: str = "<config>") -> NodeConfig:
         return NodeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc)) from None
+
+
+#: Where the node looks for its configuration when no ``--config`` is given and ``DICOM_NODE_CONFIG`` is unset.
+DEFAULT_CONFIG_PATH = Path("/etc/dicom-node/node.toml")
+#: Environment variable naming the configuration file (a ``--config`` option wins over it).
+CONFIG_ENV = "DICOM_NODE_CONFIG"
+
+
+def config_path(option: str | None, environ: Mapping[str, str] = os.environ,
+                default: Path = DEFAULT_CONFIG_PATH) -> Path | None:
+    """The configuration file to read: ``--config``, else ``$DICOM_NODE_CONFIG``, else ``default`` when it
+    exists; ``None`` (the embedded defaults) when none applies. A file named by the option or the variable must
+    exist (:func:`load_config` says so); only the default location may be absent."""
+    if option:
+        return Path(option)
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    return default if default.is_file() else None
 
 
 def load_config(path: Path | None) -> NodeConfig:

@@ -25,6 +25,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
+from .audit import AuditTrail
 from .config import Destination, DispatchSettings, NodeConfig, TLSSettings
 from .journal import Journal, OutboxItem
 from .scp import set_implementation, set_nodelay
@@ -208,9 +209,10 @@ def _why_not(assoc: Association, connected: bool | str) -> str:
 class Dispatcher:
     """Sends due outbox items; safe to call from the scheduler and from job completion."""
 
-    def __init__(self, config: NodeConfig, journal: Journal) -> None:
+    def __init__(self, config: NodeConfig, journal: Journal, audit: AuditTrail | None = None) -> None:
         self.config = config
         self.journal = journal
+        self.audit = audit or AuditTrail(None, config.node.ae_title)
         self.policy = RetryPolicy.from_settings(config.dispatch)
         self._lock = threading.Lock()
 
@@ -231,6 +233,21 @@ class Dispatcher:
 
     def _fail(self, items: list[OutboxItem], error: str) -> None:
         self.journal.mark_failed_try([i.id for i in items], error, next_attempt=self.policy.next_attempt)
+
+    def _audit(self, dest: Destination, items: list[OutboxItem], sent: int, error: str | None) -> None:
+        """The ``delivery`` audit event of one association (or attempt) to ``dest``."""
+        studies: list[dict[str, object]] = []
+        try:
+            for job_id in sorted({i.job_id for i in items}):
+                series = self.journal.series(self.journal.job(job_id).series_uid)
+                studies.append({"job": job_id, "patient_id": series.patient_id if series else "",
+                                "study_uid": series.study_uid if series else "",
+                                "series_uid": series.series_uid if series else ""})
+        except Exception as exc:  # noqa: BLE001 - the event is recorded with what is known
+            log.error("outbox: cannot look up the studies of a delivery to %s: %s", dest.name, exc)
+        self.audit.record("delivery", destination=dest.name, ae_title=dest.ae_title, host=dest.host,
+                          port=dest.port, tls=dest.tls, sent=sent, failed=len(items) - sent, studies=studies,
+                          error=error)
 
     def _send(self, name: str, items: list[OutboxItem]) -> int:
         try:
@@ -270,21 +287,25 @@ class Dispatcher:
         except TLSSetupError as exc:
             log.error("outbox: %s: %s; %d item(s) will be retried", name, exc, len(items))
             self._fail(items, str(exc))
+            self._audit(dest, items, 0, str(exc))
             return 0
         if not assoc.is_established:
             why = _why_not(assoc, connected)
             log.warning("outbox: %s (%s@%s:%d): %s; %d item(s) will be retried",
                         name, dest.ae_title, dest.host, dest.port, why, len(items))
             self._fail(items, why)
+            self._audit(dest, items, 0, why)
             return 0
         sent: list[int] = []
+        last_error: str | None = None
         accepted: dict[str, set[str]] = defaultdict(set)
         for cx in assoc.accepted_contexts:
             accepted[str(cx.abstract_syntax)].add(str(cx.transfer_syntax[0]))
         try:
             for index, item in enumerate(items):
                 if not assoc.is_established:
-                    self._fail(items[index:], "association lost")
+                    last_error = "association lost"
+                    self._fail(items[index:], last_error)
                     break
                 meta = metas[item.id]
                 sop_class, stored_ts = str(meta.MediaStorageSOPClassUID), UID(str(meta.TransferSyntaxUID))
@@ -292,6 +313,7 @@ class Dispatcher:
                 if target is None:
                     error = f"{meta.MediaStorageSOPClassUID.name} in {stored_ts.name} not accepted by the destination"
                     log.warning("outbox: %s: %s (%s)", name, error, item.sop_instance_uid)
+                    last_error = error
                     self._fail([item], error)
                     continue
                 try:
@@ -303,7 +325,8 @@ class Dispatcher:
                 except (OSError, ValueError, NotImplementedError, RuntimeError) as exc:
                     # the file changed, cannot be converted or encoded any more
                     log.error("outbox: cannot send %s to %s: %s", item.path, name, exc)
-                    self._fail([item], f"cannot send: {exc}")
+                    last_error = f"cannot send: {exc}"
+                    self._fail([item], last_error)
                     continue
                 code = getattr(status, "Status", None)
                 if code in _SUCCESS_OR_WARNING:
@@ -315,10 +338,12 @@ class Dispatcher:
                 error = "no response" if code is None else f"status 0x{code:04X}"
                 comment = getattr(status, "ErrorComment", "") if status else ""
                 log.warning("outbox: %s refused %s: %s %s", name, item.sop_instance_uid, error, comment)
-                self._fail([item], f"{error} {comment}".strip())
+                last_error = f"{error} {comment}".strip()
+                self._fail([item], last_error)
         finally:
             if assoc.is_established:
                 assoc.release()
+            self._audit(dest, items, len(sent), last_error)
         if sent:
             log.info("outbox: %d object(s) delivered to %s", len(sent), name)
         return len(sent)

@@ -1,4 +1,5 @@
-"""Readable text of a volumetry SR written by ``dicom_node.writers.sr`` (``dicom-node report FILE``)."""
+"""Readable text of a volumetry SR (``dicom_node.writers.sr``) or an agreement SR
+(``dicom_node.writers.agreement_sr``): ``dicom-node report FILE``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ import highdicom as hd
 from highdicom.sr.utils import find_content_items
 from pydicom.sr.codedict import codes
 
+from dicom_node.writers.agreement_sr import (
+    ASPC,
+    BRAIN_COVERAGE,
+    DICE,
+    GROUP_IMAGE,
+    GROUP_REGISTRATION,
+    PSNR,
+    PSNR_INFINITE,
+    REGISTRATION,
+    ROTATION,
+    SSIM,
+    TRANSLATION,
+)
 from dicom_node.writers.sr import (
     ASYMMETRY_INDEX,
     FRACTION_OF_ICV,
@@ -116,16 +130,65 @@ def _number(value: float | None, fmt: str) -> str:
     return "" if value is None or not math.isfinite(value) else format(value, fmt)
 
 
+def _measured(group: hd.sr.MeasurementsAndQualitativeEvaluations, name: object) -> float | None:
+    for measurement in group.get_measurements():
+        if _same(measurement.name, name):
+            return float(measurement.value)
+    return None
+
+
+def _format_agreement(sr: hd.sr.Comprehensive3DSR, report: hd.sr.MeasurementReport) -> str | None:
+    """The text of an agreement SR (None when ``report`` is not one)."""
+    groups = {g.tracking_identifier: g for g in report.get_image_measurement_groups()}
+    image = groups.get(GROUP_IMAGE)
+    if image is None:
+        return None
+    psnr = _measured(image, PSNR)
+    if psnr is None and find_content_items(image[0], name=PSNR, value_type=hd.sr.ValueTypeValues.TEXT):
+        psnr_text = PSNR_INFINITE
+    else:
+        psnr_text = f"{_number(psnr, '.2f') or '?'} dB"
+    lines = [
+        f"{sr.get('SeriesDescription', '')}  (series {sr.get('SeriesNumber', '')}, {sr.SOPInstanceUID})",
+        f"Patient {sr.get('PatientName', '')}  ID {sr.get('PatientID', '')}  study date {sr.get('StudyDate', '')}",
+        "Agreement of the synthetic T1 with the real T1 (within the brain):",
+        f"  PSNR {psnr_text}   SSIM {_number(_measured(image, SSIM), '.3f') or '?'}   "
+        f"brain inside the synthetic field of view {_number(_measured(image, BRAIN_COVERAGE), '.1f') or '?'} %",
+        f"  mean Dice {_number(_measured(image, DICE), '.3f') or 'n/a'}   "
+        f"mean ASPC {_number(_measured(image, ASPC), '.1f') or 'n/a'} %",
+    ]
+    registration = groups.get(GROUP_REGISTRATION)
+    if registration is not None:
+        moves = [_measured(registration, code) for code in (*TRANSLATION, *ROTATION)]
+        lines.append("Registration: translation " + " ".join(_number(v, '+.2f') or '?' for v in moves[:3])
+                     + " mm, rotation " + " ".join(_number(v, '+.2f') or '?' for v in moves[3:]) + " degrees")
+        texts = find_content_items(registration[0], name=REGISTRATION, value_type=hd.sr.ValueTypeValues.TEXT)
+        if texts:
+            lines.append(f"  {texts[0].value}")
+    structures = [(name, g) for name, g in groups.items() if name in _BY_FS_NAME]
+    if structures:
+        header = f"{'Structure':<34}{'Dice':>8}{'ASPC %':>9}"
+        lines += ["", header, "-" * len(header)]
+        for name, group in structures:
+            lines.append(f"{_BY_FS_NAME[name].display_name:<34}{_number(_measured(group, DICE), '.3f'):>8}"
+                         f"{_number(_measured(group, ASPC), '.1f'):>9}")
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
 def format_report(path: Path) -> str:
-    """A text table of the volumetry SR at ``path``: structures (volume ml, % ICV, asymmetry, normative
-    z-score and percentile where present), ICV, hippocampal occupancy, subject and quality control."""
+    """A text table of the SR at ``path``. A volumetry SR: structures (volume ml, % ICV, asymmetry, normative
+    z-score and percentile where present), ICV, hippocampal occupancy, subject and quality control. An agreement
+    SR: PSNR, SSIM, coverage, mean Dice and ASPC, the registration, and Dice and ASPC per structure."""
     try:
         sr = hd.sr.srread(path)
     except Exception as exc:  # highdicom raises several types for non-SR input
-        raise ReportError(f"{path}: not a structured report ({exc})") from exc
+        raise ReportError(f"{path}: not a structured report ({type(exc).__name__}: {exc})") from exc
     report = sr.content
     if not isinstance(report, hd.sr.MeasurementReport):
         raise ReportError(f"{path}: not a TID 1500 measurement report")
+    agreement = _format_agreement(sr, report)
+    if agreement is not None:
+        return agreement
     out = _Report(rows=[_row(group) for group in report.get_volumetric_roi_measurement_groups()])
     _read_groups(report, out)
     if not out.rows and out.icv_ml is None:

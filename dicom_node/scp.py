@@ -50,6 +50,7 @@ from pydicom.valuerep import VR
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from .audit import AssociationLedger, AuditTrail
 from .config import NodeConfig
 from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBudget, inflated_size_exceeds
 from .headers import describe
@@ -265,8 +266,11 @@ class StorageSCP:
         spool: Spool,
         journal: Journal,
         on_released: Callable[[set[str]], None],
+        audit: AuditTrail | None = None,
     ) -> None:
         self.config = config
+        self.audit = audit or AuditTrail(None, config.node.ae_title)
+        self.ledger = AssociationLedger()
         self.spool = spool
         self.journal = journal
         self.on_released = on_released
@@ -368,6 +372,7 @@ class StorageSCP:
             ok, why = self._tls_allows(calling, assoc.dul.socket.socket if assoc.dul.socket else None)
         if not ok:
             log.warning("association from %s@%s rejected: %s", calling, address, why)
+            self.audit.record("association-rejected", calling_ae=calling, host=address, reason=why)
             # rejected-permanent, service-user, calling-AE-title-not-recognized
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             # as pynetdicom's own rejections do: let the DUL send the A-ASSOCIATE-RJ, then stop it
@@ -379,12 +384,16 @@ class StorageSCP:
                 "association from %s@%s rejected: called AE title %r is not this node's %r",
                 calling, address, called, self.config.node.ae_title,
             )
+            self.audit.record("association-rejected", calling_ae=calling, host=address,
+                              reason=f"called AE title {called!r} is not this node's")
             return  # pynetdicom rejects it
         with self._lock:
             busy = sum(1 for a in list(self._admitted) if a.is_alive() and a is not assoc)
             if busy >= self.config.node.max_associations:
                 log.warning("association from %s@%s rejected: %d associations are being served, the node's "
                             "max_associations", calling, address, busy)
+                self.audit.record("association-rejected", calling_ae=calling, host=address,
+                                  reason=f"{busy} associations are being served (max_associations)")
                 # rejected-transient, service-provider (presentation), local-limit-exceeded
                 assoc.acse.send_reject(0x02, 0x03, 0x02)
                 assoc.kill()
@@ -432,11 +441,15 @@ class StorageSCP:
                 log.error("C-STORE of %s from %s refused (status 0x%04X): %s (%d bytes arrived)",
                           _str(event.request.AffectedSOPInstanceUID) or "?", event.assoc.requestor.ae_title.strip(),
                           STATUS_OUT_OF_RESOURCES, receipt.refused, receipt.size)
-                return _failure(STATUS_OUT_OF_RESOURCES, receipt.refused)
-            return self._store(event)
+                status: int | Dataset = _failure(STATUS_OUT_OF_RESOURCES, receipt.refused)
+            else:
+                status = self._store(event)
         finally:
             if receipt is not None:
                 sock.release(receipt)
+        if isinstance(status, Dataset):
+            self.ledger.refused(id(event.assoc), int(status.Status))
+        return status
 
     def _store(self, event: evt.Event) -> int | Dataset:
         calling = event.assoc.requestor.ae_title.strip()
@@ -491,6 +504,7 @@ class StorageSCP:
             return _failure(STATUS_CANNOT_UNDERSTAND, f"unexpected error: {exc}")
         with self._lock:
             self._touched.setdefault(id(event.assoc), set()).add(series_uid)
+        self.ledger.stored(id(event.assoc), received.patient_id, study_uid, series_uid)
         log.debug("stored %s (series %s) from %s", sop_uid, series_uid, calling)
         return STATUS_SUCCESS
 
@@ -513,7 +527,15 @@ class StorageSCP:
         with self._lock:
             return self._touched.pop(id(event.assoc), set())
 
+    def _audit_association(self, event: evt.Event, outcome: str) -> None:
+        assoc = event.assoc
+        sock = assoc.dul.socket.socket if assoc.dul.socket else None
+        self.audit.record("association", outcome=outcome, calling_ae=assoc.requestor.ae_title.strip(),
+                          called_ae=assoc.acceptor.ae_title.strip(), host=assoc.requestor.address,
+                          tls=describe_connection(sock), **self.ledger.close(id(assoc)))
+
     def _handle_released(self, event: evt.Event) -> None:
+        self._audit_association(event, "released")
         touched = self._take_touched(event)
         if touched:
             log.info(
@@ -522,6 +544,7 @@ class StorageSCP:
             self.on_released(touched)
 
     def _handle_aborted(self, event: evt.Event) -> None:
+        self._audit_association(event, "aborted")
         touched = self._take_touched(event)
         if touched:
             # Acknowledged instances are safe; the series close on their idle timeout.

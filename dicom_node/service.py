@@ -18,6 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from inference.models import ModelRegistry
 
 from .assembly import completeness
+from .audit import AuditTrail
 from .config import NodeConfig
 from .dispatch import Dispatcher
 from .jobs import JobRunner, ThreadExecutor
@@ -45,11 +46,12 @@ class Node:
             config.inference.models_dir, providers=config.inference.providers, threads=config.inference.threads
         )
         self.installed_models: set[str] = set()
-        self.dispatcher = Dispatcher(config, self.journal)
+        self.audit = AuditTrail(config.audit_path(), config.node.ae_title)
+        self.dispatcher = Dispatcher(config, self.journal, self.audit)
         self.runner = JobRunner(config, self.journal, self.registry, on_written=self.kick_dispatch)
         self.executor: ThreadExecutor | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
-        self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released)
+        self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit)
         self._close_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -93,6 +95,7 @@ class Node:
         if self.executor is not None:
             self.executor.shutdown()
         self.journal.close()
+        self.audit.close()
 
     def _check_spool(self) -> None:
         """Warn when the spool holds objects the journal does not know (a lost or replaced journal)."""

@@ -175,3 +175,21 @@ def test_structures_round_trip(build: dict) -> None:
         assert _same(group.finding_sites[0].value, structure.concept)
         assert _value(group, DICE) == pytest.approx(entry.dice)
         assert _value(group, ASPC) == pytest.approx(entry.aspc)
+
+
+def test_report_reads_the_agreement_sr(build: dict) -> None:
+    """``dicom-node report`` prints what the agreement SR holds: the image agreement, the registration and Dice and
+    ASPC per structure (the left hippocampus, one slice short in the synthetic labels, below 1)."""
+    from dicom_node.report import format_report
+
+    agreement = build["agreement"]
+    text = format_report(build["path"])
+    assert text.startswith("sT1AAH agreement  (series 1004,")
+    assert f"SSIM {agreement.ssim:.3f}" in text
+    assert f"mean Dice {agreement.mean_dice:.3f}" in text and f"mean ASPC {agreement.mean_aspc:.1f} %" in text
+    assert "Registration: translation " in text and "Mattes mutual information" in text
+    rows = {line[:34].strip(): line[34:].split() for line in text.splitlines()[8:] if line[:1].isalpha()}
+    left = rows["Left hippocampus"]
+    assert float(left[0]) == pytest.approx(agreement.structures[17].dice, abs=1e-3) and float(left[0]) < 1
+    assert float(left[1]) > 0
+    assert float(rows["Right hippocampus"][0]) == 1.0

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import getpass
+import json
+import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,11 +18,12 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_node import __version__
-from dicom_node.cli import main
-from dicom_node.config import default_rules
+from dicom_node.cli import build_parser, main
+from dicom_node.config import config_path, default_rules
 from dicom_node.dispatch import RetryPolicy
 from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 from dicom_node.journal import Journal
+from dicom_node.lock import NodeLock
 from tests.dicom_factory import make_mr_series, make_study
 from tests.e2e.peers import free_port
 from tests.onnx_fixtures import link_bundled_segmenter, make_synthesis_model
@@ -217,8 +223,10 @@ def _journal_with_work(data_dir: Path) -> None:
 def test_status_prints_counts(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, models_dir)
     _journal_with_work(tmp_path / "data")
-    assert main(["status", "--config", str(config)]) == 0
+    assert main(["status", "--config", str(config)]) == 1  # a job and a delivery failed
     out = capsys.readouterr().out
+    assert "node: NOT RUNNING" in out
+    assert "NEEDS ATTENTION: 1 job(s) failed in the last 24 h; 1 delivery item(s) failed for good" in out
     assert "instances received: 3" in out
     assert "series: receiving 1, routed 1" in out
     assert "jobs:   failed 1" in out
@@ -229,7 +237,7 @@ def test_status_prints_counts(tmp_path: Path, models_dir: Path, capsys: pytest.C
 
 
 def test_status_without_journal(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["status", "--config", str(write_config(tmp_path, models_dir))]) == 1
+    assert main(["status", "--config", str(write_config(tmp_path, models_dir))]) == 3  # not running
     assert "no journal at" in capsys.readouterr().out
 
 
@@ -317,3 +325,175 @@ def test_config_check_refuses_a_synthesis_model_as_segmenter(tmp_path: Path, mod
     out = capsys.readouterr().out
     assert "segmenter: synth-t1 [NOT A SEGMENTATION MODEL: rules with volumetry disabled]" in out
     assert "rule aahead-scout: " in out and "[DISABLED: model 'synth-t1' not installed]" in out
+
+
+# -- status: running or not, --json, exit codes --------------------------------------------------
+
+def _journal_without_failures(data_dir: Path) -> None:
+    journal = Journal(data_dir / "journal.sqlite3", fsync=False)
+    received = ReceivedInstance("1.9.1", "1.2.840.10008.5.1.4.1.1.4", "1", "1.1", "P", InstanceHeader(),
+                                SeriesAttributes(series_description="desc", modality="MR"))
+    journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
+    journal.close()
+
+
+def test_status_tells_running_from_not_running_and_exits_accordingly(
+        tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(write_config(tmp_path, models_dir))
+    _journal_without_failures(tmp_path / "data")
+    assert main(["status", "--config", config]) == 3
+    assert capsys.readouterr().out.startswith("node: NOT RUNNING")
+    lock = NodeLock(tmp_path / "data")
+    lock.acquire(ports={"dicom": 11112, "tls": None})
+    try:
+        assert main(["status", "--config", config]) == 0
+        assert capsys.readouterr().out.startswith(f"node: RUNNING (process {os.getpid()}, DICOM port 11112)")
+        assert main(["status", "--config", config, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["node"]["running"] is True and report["node"]["pid"] == os.getpid()
+        assert report["counts"]["instances"] == {"total": 1} and report["problems"] == []
+        assert report["series"][0]["description"] == "desc"
+    finally:
+        lock.release()
+    assert main(["status", "--config", config, "--json"]) == 3
+    assert json.loads(capsys.readouterr().out)["node"]["running"] is False
+
+
+def test_status_json_lists_failures_within_the_window(tmp_path: Path, models_dir: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(write_config(tmp_path, models_dir))
+    _journal_with_work(tmp_path / "data")
+    assert main(["status", "--config", config, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    failed, = report["failures"]["jobs"]
+    assert failed["rule"] == "t1-2d" and failed["reason"] == "delivery failed after the last try"
+    assert report["failures"]["deliveries_failed"] == 1
+    assert main(["retry", "--config", config]) == 0
+    capsys.readouterr()
+    assert main(["status", "--config", config, "--json", "--since", "0"]) == 3  # none left; not running
+    assert json.loads(capsys.readouterr().out)["problems"] == []
+
+
+def test_retry_is_audited_with_the_user(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(write_config(tmp_path, models_dir))
+    _journal_with_work(tmp_path / "data")
+    assert main(["retry", "--config", config, "PACS"]) == 0
+    event, = [json.loads(line) for line in (tmp_path / "data" / "audit.jsonl").read_text().splitlines()]
+    assert event["event"] == "operator" and event["action"] == "retry"
+    assert event["by"] == getpass.getuser() and event["destination"] == "PACS" and event["items"] == 1
+
+
+# -- the configuration file: --config, $DICOM_NODE_CONFIG, /etc/dicom-node/node.toml -----------------
+
+def test_config_path_order(tmp_path: Path) -> None:
+    default = tmp_path / "etc" / "node.toml"
+    assert config_path(None, {}, default) is None  # embedded defaults
+    default.parent.mkdir()
+    default.write_text("")
+    assert config_path(None, {}, default) == default
+    assert config_path(None, {"DICOM_NODE_CONFIG": "/srv/node.toml"}, default) == Path("/srv/node.toml")
+    assert config_path("mine.toml", {"DICOM_NODE_CONFIG": "/srv/node.toml"}, default) == Path("mine.toml")
+
+
+def test_config_from_the_environment(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DICOM_NODE_CONFIG", str(write_config(tmp_path, models_dir)))
+    assert main(["config", "check"]) == 0
+    assert "node: NODE on 0.0.0.0:11112" in capsys.readouterr().out
+    monkeypatch.setenv("DICOM_NODE_CONFIG", str(tmp_path / "missing.toml"))
+    assert main(["status"]) == 2
+    assert "missing.toml: cannot read configuration: No such file or directory" in capsys.readouterr().err
+
+
+# -- errors are one line, before the models are loaded ---------------------------------------------
+
+def _serve(config: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def _one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_serve_on_a_busy_port_is_one_line(tmp_path: Path, models_dir: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = write_config(tmp_path, models_dir)
+        config.write_text(config.read_text().replace('ae_title = "NODE"\n', f'ae_title = "NODE"\nport = {port}\n'
+                                                                           'host = "127.0.0.1"\n', 1))
+        result = _serve(config)
+    assert result.returncode == 1
+    line = _one_line(result.stderr)
+    assert line == (f"dicom-node: [node] port {port} on 127.0.0.1 cannot be used: Address already in use "
+                    "(another program listens there?)")
+    assert not (tmp_path / "data" / "journal.sqlite3").exists()  # refused before anything was opened
+
+
+def test_serve_with_an_unusable_data_dir_is_one_line(tmp_path: Path, models_dir: Path) -> None:
+    (tmp_path / "data").write_text("a file where the data directory should be")
+    result = _serve(write_config(tmp_path, models_dir))
+    assert result.returncode == 1
+    assert _one_line(result.stderr) == f"dicom-node: data_dir {tmp_path / 'data'} cannot be used: File exists"
+
+
+def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path, models_dir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, models_dir)
+    config.write_text(config.read_text().replace('ae_title = "NODE"\n', f'ae_title = "NODE"\nport = {free_port()}\n'
+                                                                       'host = "127.0.0.1"\n', 1))
+    lock = NodeLock(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    lock.acquire()
+    try:
+        assert main(["serve", "--config", str(config)]) == 1
+    finally:
+        lock.release()
+    assert _one_line(capsys.readouterr().err) == (
+        f"dicom-node: another node (process {os.getpid()}) is serving data directory {tmp_path / 'data'}")
+
+
+def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "missing.dcm")]) == 1
+    assert _one_line(capsys.readouterr().err) == f"dicom-node: {tmp_path / 'missing.dcm'}: no such file"
+    image = make_mr_series(tmp_path, shape=(1, 8, 8))[0]
+    assert main(["report", str(image)]) == 1
+    assert _one_line(capsys.readouterr().err).startswith(f"dicom-node: {image}: not a structured report (")
+
+
+def test_an_unexpected_error_is_one_line(tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    def broken(_args: object) -> int:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("dicom_node.cli.cmd_status", broken)
+    monkeypatch.delenv("DICOM_NODE_DEBUG", raising=False)
+    assert main(["status", "--config", str(write_config(tmp_path, models_dir))]) == 1
+    assert _one_line(capsys.readouterr().err) == (
+        "dicom-node: status failed: RuntimeError: disk on fire (DICOM_NODE_DEBUG=1 shows the traceback)")
+    monkeypatch.setenv("DICOM_NODE_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["status", "--config", str(write_config(tmp_path, models_dir))])
+
+
+def test_every_command_and_option_has_help() -> None:
+    def walk(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {a.dest: a.help for a in action._choices_actions}
+                for name, sub in action.choices.items():
+                    assert helps.get(name), f"{path} {name}: no help"
+                    yield from walk(sub, f"{path} {name}")
+
+    commands = list(walk(build_parser(), "dicom-node"))
+    assert len(commands) >= 10
+    for path, parser in commands:
+        assert parser.description, f"{path}: no description"
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{path} {'/'.join(action.option_strings) or action.dest}: no help"

@@ -81,9 +81,9 @@ import io
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 import pydicom.config
-from dicom_node.cli import _setup_logging
+from dicom_node.logs import setup_logging
 
-_setup_logging("INFO")
+setup_logging("INFO")
 pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 ds = Dataset()
 ds.PatientName = "Doe^Jane"

@@ -1,0 +1,53 @@
+"""The node's log: readable lines or JSON lines on stderr, libraries quiet, no patient data from libraries.
+
+``[node] log_format = "json"`` writes one JSON object per record (``time`` ISO 8601 UTC, ``level``,
+``logger``, ``thread``, ``message`` and, when there is one, the traceback as ``exc``) for a log shipper;
+``[node] library_log_level`` keeps the INFO lines of pynetdicom, apscheduler, highdicom, PIL and onnxruntime
+out of a hospital's log. :mod:`dicom_node.logsafe` redacts the values libraries quote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import TextIO
+
+from .logsafe import install as install_redaction
+
+#: Libraries whose INFO lines are noise in the node's log (``[node] library_log_level`` applies to them).
+LIBRARY_LOGGERS = ("pynetdicom", "apscheduler", "highdicom", "PIL", "onnxruntime", "urllib3")
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "thread": record.threadName,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: str, fmt: str = "text", library_level: str = "WARNING",
+                  stream: TextIO | None = None) -> None:
+    """Configure the root logger once for a command (replacing handlers an earlier call installed)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level))
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(getattr(logging, library_level))
+    install_redaction()  # no patient data in the log through library warnings
