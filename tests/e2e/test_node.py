@@ -6,6 +6,7 @@ node's mechanics and geometry, not image quality (that is the model card's job).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -298,6 +299,9 @@ def test_unknown_calling_ae_is_refused(tmp_path: Path, models_dir: Path) -> None
         assert journal.counts()["instances"]["total"] == 0
         journal.close()
     assert "association from INTRUDER@127.0.0.1 rejected: calling AE title 'INTRUDER' is not a configured peer" in log
+    events = [json.loads(line) for line in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+    rejected = {(e["calling_ae"], e["host"]) for e in events if e["event"] == "association-rejected"}
+    assert ("INTRUDER", "127.0.0.1") in rejected and ("SCANNER", "127.0.0.1") in rejected  # wrong called AE
 
 
 def test_corrupt_object_gets_failure_status(tmp_path: Path, models_dir: Path) -> None:
@@ -434,6 +438,23 @@ def test_cli_status_echo_and_dry_run(tmp_path: Path, orthanc, models_dir: Path) 
         node.wait_for(lambda j: [x for x in j.jobs() if x.state == "sent"], what="job sent")
         status = subprocess.run([*cli, "status", "--config", str(node.config_path)],
                                 capture_output=True, text=True, check=False)
-    assert status.returncode == 0
+        as_json = subprocess.run([*cli, "status", "--json", "--config", str(node.config_path)],
+                                 capture_output=True, text=True, check=False)
+        pid = node.pid
+    assert status.returncode == 0  # running, nothing failed
+    assert status.stdout.startswith(f"node: RUNNING (process {pid}, DICOM port {node.port})")
     assert f"instances received: {len(src)}" in status.stdout
     assert "pacs:" in status.stdout and "sent" in status.stdout
+    report = json.loads(as_json.stdout)
+    assert as_json.returncode == 0 and report["node"]["running"] and report["problems"] == []
+    stopped = subprocess.run([*cli, "status", "--config", str(node.config_path)], capture_output=True, text=True,
+                             check=False)
+    assert stopped.returncode == 3 and stopped.stdout.startswith("node: NOT RUNNING")
+    # the audit trail: what the scanner stored (per series, with the patient) and what went to the PACS
+    events = [json.loads(line) for line in (node.data_dir / "audit.jsonl").read_text().splitlines()]
+    stored = [e for e in events if e["event"] == "association" and e["calling_ae"] == "SCANNER"]
+    assert [s["instances"] for e in stored for s in e["stored"]] == [len(src)]
+    assert stored[0]["stored"][0]["patient_id"] == pydicom.dcmread(src[0]).PatientID
+    delivered = [e for e in events if e["event"] == "delivery"]
+    assert delivered and all(e["destination"] == "pacs" and e["error"] is None for e in delivered)
+    assert sum(e["sent"] for e in delivered) == sum(o["n"] for o in report["outbox"] if o["state"] == "sent")
