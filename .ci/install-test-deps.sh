@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on Debian 12 (run as root): the end-to-end peers
-# (dcmtk, Orthanc, dicom3tools; openssl makes the TLS tests' certificates) and the project with its test extra.
+# (dcmtk, Orthanc with its DICOMweb plugin, dicom3tools; openssl makes the TLS tests' certificates) and the
+# project with its test extra.
 # Safe to run again.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-PEERS=(/usr/bin/storescu /usr/bin/echoscu /usr/bin/storescp /usr/sbin/Orthanc /usr/bin/dciodvfy /usr/bin/openssl)
+PEERS=(/usr/bin/storescu /usr/bin/echoscu /usr/bin/storescp /usr/sbin/Orthanc /usr/bin/dciodvfy /usr/bin/openssl
+       /usr/share/orthanc/plugins/libOrthancDicomWeb.so)
 
 missing=()
 for tool in "${PEERS[@]}"; do
-    [[ -x "$tool" ]] || missing+=("$tool")
+    [[ -e "$tool" ]] || missing+=("$tool")
 done
 pip_missing=0
 "$PYTHON" -m pip --version >/dev/null 2>&1 || pip_missing=1
 
 if (( ${#missing[@]} > 0 || pip_missing )); then
-    packages=(dcmtk orthanc dicom3tools openssl)
+    packages=(dcmtk orthanc orthanc-dicomweb dicom3tools openssl)
     (( pip_missing )) && packages+=(python3-pip)
     echo "installing ${packages[*]} (missing: ${missing[*]:-} $( (( pip_missing )) && echo "pip" ))"
     apt-get update

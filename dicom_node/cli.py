@@ -151,7 +151,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"peers: {peers or 'none (any AE accepted)'}")
     for d in config.destinations:
         over = " over TLS" if d.tls else ""
-        print(f"destination {d.name}: {d.ae_title}@{d.host}:{d.port}{over}, up to {d.max_associations} association(s)")
+        if d.protocol == "stow-rs":
+            print(f"destination {d.name}: STOW-RS {d.url}, {d.stow_batch} object(s) per request")
+        else:
+            print(f"destination {d.name}: {d.address}{over}, up to {d.max_associations} association(s)")
     print(f"models in {config.inference.models_dir}: {', '.join(sorted(installed)) or 'none'}")
     segmenter = config.inference.segmenter
     note = ""
@@ -394,14 +397,17 @@ def cmd_echo(args: argparse.Namespace) -> int:
     from .dispatch import echo
 
     match = _ADDRESS.match(args.dest)
-    if match:
+    if args.dest.startswith(("http://", "https://")):
+        dest = Destination(name="adhoc", protocol="stow-rs", url=args.dest)
+    elif match:
         dest = Destination(name="adhoc", ae_title=match["ae"], host=match["host"], port=int(match["port"]))
     else:
         try:
             dest = config.destination(args.dest)
         except KeyError:
             names = ", ".join(d.name for d in config.destinations) or "none configured"
-            print(f"unknown destination {args.dest!r} (known: {names}; or give AE@host:port)", file=sys.stderr)
+            print(f"unknown destination {args.dest!r} (known: {names}; or give AE@host:port or a DICOMweb URL)",
+                  file=sys.stderr)
             return 2
     ok, message = echo(config, dest)
     print(message)
@@ -485,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=float, default=24.0, metavar="HOURS",
                    help="failed jobs younger than this count as failures (default 24)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p = add("echo", cmd_echo, "C-ECHO a destination")
-    p.add_argument("dest", help="destination name from the config, or AE@host:port")
+    p = add("echo", cmd_echo, "C-ECHO a destination (a QIDO-RS search of a STOW-RS one)")
+    p.add_argument("dest", help="destination name from the config, AE@host:port, or a DICOMweb URL")
     p = add("retry", cmd_retry, "re-queue deliveries that failed for good",
             "Queue again every delivery item that failed for good; a running node sends them at its next scan.")
     p.add_argument("dest", nargs="?", default=None, help="only this destination")

@@ -170,12 +170,14 @@ class Peer(_Strict):
 
 
 class Destination(_Strict):
-    """``[[destinations]]``: a C-STORE SCP that receives the node's results."""
+    """``[[destinations]]``: where the node's results go, by DICOM C-STORE (``protocol = "dimse"``, the default:
+    ``ae_title``, ``host``, ``port``) or by DICOMweb STOW-RS (``protocol = "stow-rs"``: ``url``)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    protocol: Literal["dimse", "stow-rs"] = "dimse"
+    ae_title: str | None = None
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
     #: Calling AE title used towards this destination (default: the node's).
     calling_ae_title: str | None = None
     #: Associations the node opens to this destination at the same time (the outbox is shared out
@@ -184,13 +186,58 @@ class Destination(_Strict):
     #: Connect with DICOM TLS (TLS 1.2 or newer, ``[tls] min_version``); the destination's certificate is
     #: verified against ``tls_ca_file`` (else the system's CAs) and its name against ``tls_server_name``.
     tls: bool = False
+    #: CA certificates that verify the destination's certificate (DICOM TLS, or an https ``url``).
     tls_ca_file: Path | None = None
     #: Name the destination's certificate must carry (default: ``host``).
     tls_server_name: str | None = None
     #: Present ``[tls] cert_file`` as client certificate (for destinations that require mutual TLS).
     tls_client_cert: bool = False
+    #: STOW-RS: base URL of the DICOMweb service (``http://`` or ``https://``); objects are POSTed to
+    #: ``{url}/studies``.
+    url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    #: STOW-RS: HTTP basic authentication as this user, with the password read from ``password_file``.
+    username: str | None = None
+    password_file: Path | None = None
+    #: STOW-RS: an OAuth bearer token read from this file (instead of basic authentication).
+    token_file: Path | None = None
+    #: STOW-RS: objects per request.
+    stow_batch: int = Field(default=50, ge=1, le=1000)
 
-    _ae = field_validator("ae_title")(_check_ae)
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae(value)
+
+    @model_validator(mode="after")
+    def _protocol_fields(self) -> Destination:
+        dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
+        web = {"url": self.url, "username": self.username, "password_file": self.password_file,
+               "token_file": self.token_file}
+        if self.protocol == "dimse":
+            missing = [k for k, v in dimse.items() if v is None]
+            if missing:
+                raise ValueError(f"a DICOM (dimse) destination needs {', '.join(missing)}")
+            extra = [k for k, v in web.items() if v is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)}: only for protocol = \"stow-rs\"")
+            return self
+        if self.url is None:
+            raise ValueError("a stow-rs destination needs url")
+        extra = [k for k, v in dimse.items() if v is not None] + (["tls"] if self.tls else [])
+        if extra:
+            raise ValueError(f"{', '.join(extra)}: only for protocol = \"dimse\" (an https url is TLS)")
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together")
+        if self.username is not None and self.token_file is not None:
+            raise ValueError("give either username and password_file or token_file")
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where the destination is, as people write it: ``AE@host:port`` or the STOW-RS URL."""
+        if self.protocol == "stow-rs":
+            return str(self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class Rule(_Strict):
@@ -427,8 +474,8 @@ class NodeConfig(_Strict):
         for i, dest in enumerate(self.destinations):
             if dest.tls_client_cert and self.tls.cert_file is None:
                 raise ValueError(f"destinations[{i}].tls_client_cert: [tls] has no cert_file")
-            if dest.tls_client_cert and not dest.tls:
-                raise ValueError(f"destinations[{i}].tls_client_cert: needs tls = true")
+            if dest.tls_client_cert and not (dest.tls or (dest.url or "").startswith("https://")):
+                raise ValueError(f"destinations[{i}].tls_client_cert: needs tls = true (or an https url)")
         if self.tls.port is not None and self.tls.port == self.node.port:
             raise ValueError("tls.port: the TLS port and [node] port must differ")
         for i, name in enumerate(names):

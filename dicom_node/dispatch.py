@@ -25,6 +25,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
+from . import stow
 from .audit import AuditTrail
 from .config import Destination, DispatchSettings, NodeConfig, TLSSettings
 from .journal import Journal, OutboxItem
@@ -174,7 +175,9 @@ def _associate(ae: AE, dest: Destination, tls: TLSSettings) -> tuple[Association
 
 
 def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
-    """C-ECHO a destination; (ok, message)."""
+    """C-ECHO a destination (a QIDO-RS search of a STOW-RS one); (ok, message)."""
+    if dest.protocol == "stow-rs":
+        return stow.echo(dest, config.tls, config.dispatch.timeout_s)
     ae = _make_ae(config, dest)
     ae.add_requested_context(Verification)
     try:
@@ -245,9 +248,9 @@ class Dispatcher:
                                 "series_uid": series.series_uid if series else ""})
         except Exception as exc:  # noqa: BLE001 - the event is recorded with what is known
             log.error("outbox: cannot look up the studies of a delivery to %s: %s", dest.name, exc)
-        self.audit.record("delivery", destination=dest.name, ae_title=dest.ae_title, host=dest.host,
-                          port=dest.port, tls=dest.tls, sent=sent, failed=len(items) - sent, studies=studies,
-                          error=error)
+        self.audit.record("delivery", destination=dest.name, protocol=dest.protocol, address=dest.address,
+                          tls=dest.tls or (dest.url or "").startswith("https://"), sent=sent,
+                          failed=len(items) - sent, studies=studies, error=error)
 
     def _send(self, name: str, items: list[OutboxItem]) -> int:
         try:
@@ -256,6 +259,8 @@ class Dispatcher:
             log.error("outbox: destination %r is no longer configured; %d item(s) kept", name, len(items))
             self._fail(items, f"destination {name!r} is not configured")
             return 0
+        if dest.protocol == "stow-rs":
+            return self._send_stow(dest, items)
         metas: dict[int, Dataset] = {}
         for item in items:
             try:
@@ -275,6 +280,51 @@ class Dispatcher:
             return self._send_share(name, dest, shares[0], metas)
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"outbox-{name}") as pool:
             return sum(pool.map(lambda share: self._send_share(name, dest, share, metas), shares))
+
+    def _send_stow(self, dest: Destination, items: list[OutboxItem]) -> int:
+        """Send ``items`` to a DICOMweb destination, ``stow_batch`` objects per STOW-RS request; the number
+        stored."""
+        try:
+            web = stow.client(dest, self.config.tls, self.config.dispatch.timeout_s)
+        except OSError as exc:  # a password or token file that cannot be read
+            error = f"cannot set up STOW-RS: {exc.strerror or exc}"
+            log.error("outbox: %s: %s; %d item(s) will be retried", dest.name, error, len(items))
+            self._fail(items, error)
+            self._audit(dest, items, 0, error)
+            return 0
+        sent, last_error = 0, None
+        for start in range(0, len(items), dest.stow_batch):
+            batch, datasets = [], []
+            for item in items[start:start + dest.stow_batch]:
+                try:
+                    datasets.append(dcmread(item.path))
+                    batch.append(item)
+                except (OSError, ValueError, InvalidDicomError) as exc:
+                    log.error("outbox: cannot read %s: %s", item.path, exc)
+                    self._fail([item], f"cannot read file: {exc}")
+            if not batch:
+                continue
+            result = stow.store(web, datasets)
+            if result.error is not None:
+                last_error = result.error
+                remaining = batch + items[start + dest.stow_batch:]
+                log.warning("outbox: %s (%s): %s; %d item(s) will be retried", dest.name, dest.url, result.error,
+                            len(remaining))
+                self._fail(remaining, result.error)
+                break
+            stored = [i.id for i in batch if i.sop_instance_uid in result.stored]
+            self.journal.mark_sent(stored)
+            sent += len(stored)
+            for item in batch:
+                reason = result.failed.get(item.sop_instance_uid)
+                if reason is not None and item.id not in stored:
+                    last_error = reason
+                    log.warning("outbox: %s refused %s: %s", dest.name, item.sop_instance_uid, reason)
+                    self._fail([item], reason)
+        if sent:
+            log.info("outbox: %d object(s) delivered to %s by STOW-RS", sent, dest.name)
+        self._audit(dest, items, sent, last_error)
+        return sent
 
     def _send_share(self, name: str, dest: Destination, items: list[OutboxItem], metas: dict[int, Dataset]) -> int:
         """Send ``items`` to ``dest`` over one association; the number acknowledged."""

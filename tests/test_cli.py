@@ -269,7 +269,7 @@ def verification_scp() -> Iterator[int]:
 def test_echo_unknown_destination(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["echo", "--config", str(write_config(tmp_path, models_dir)), "ARCHIVE"]) == 2
     err = capsys.readouterr().err
-    assert "unknown destination 'ARCHIVE' (known: PACS; or give AE@host:port)" in err
+    assert "unknown destination 'ARCHIVE' (known: PACS; or give AE@host:port or a DICOMweb URL)" in err
 
 
 def test_echo_configured_and_adhoc(tmp_path: Path, models_dir: Path, verification_scp: int,

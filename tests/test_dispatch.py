@@ -228,7 +228,7 @@ def test_wrong_called_ae_is_a_rejection(tmp_path: Path, journal: Journal, files:
     # `dicom-node status` shows it with the outbox
     config_file = tmp_path / "node.toml"
     config_file.write_text(f'[node]\ndata_dir = "{tmp_path}"\n')
-    assert cli_main(["status", "--config", str(config_file)]) == 0
+    assert cli_main(["status", "--config", str(config_file)]) == 3  # the node is not running
     assert "last error: association rejected (rejected permanent, source: service user, reason: called ae title " \
         "not recognised" in capsys.readouterr().out
 

@@ -5,6 +5,7 @@ The dcmtk tools are called by absolute path: ``storescu`` on PATH may be pynetdi
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -27,8 +28,10 @@ STORESCU = Path("/usr/bin/storescu")
 ECHOSCU = Path("/usr/bin/echoscu")
 STORESCP = Path("/usr/bin/storescp")
 ORTHANC = Path("/usr/sbin/Orthanc")
+#: Orthanc's DICOMweb plugin (Debian's orthanc-dicomweb): STOW-RS, QIDO-RS and WADO-RS under /dicom-web/.
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DCIODVFY = Path("/usr/bin/dciodvfy")
-REQUIRED_TOOLS: tuple[Path, ...] = (STORESCU, ECHOSCU, STORESCP, ORTHANC, DCIODVFY)
+REQUIRED_TOOLS: tuple[Path, ...] = (STORESCU, ECHOSCU, STORESCP, ORTHANC, ORTHANC_DICOMWEB, DCIODVFY)
 
 LOCALHOST = "127.0.0.1"
 
@@ -44,8 +47,9 @@ _STORESCU_PROFILE = "E2E"
 
 
 def missing_tools() -> list[Path]:
-    """The required peer executables that are not installed."""
-    return [tool for tool in REQUIRED_TOOLS if not (tool.is_file() and os.access(tool, os.X_OK))]
+    """The required peer executables (and Orthanc's DICOMweb plugin) that are not installed."""
+    return [tool for tool in REQUIRED_TOOLS
+            if not (tool.is_file() and (tool.suffix == ".so" or os.access(tool, os.X_OK)))]
 
 
 def in_ci(environ: Mapping[str, str] = os.environ) -> bool:
@@ -253,8 +257,14 @@ class Orthanc:
         verbose: bool = False,
         startup_timeout: float = 30.0,
         graceful_stop: bool = False,
+        dicomweb: bool = False,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         self.aet = aet
+        self.dicomweb = dicomweb
+        #: HTTP basic authentication (user -> password) on the REST API and DICOMweb; the tests' own requests
+        #: use the first user.
+        self.users = dict(users or {})
         self.modalities = {name: list(entry) for name, entry in (modalities or {}).items()}
         self.stable_age = stable_age
         self.verbose = verbose
@@ -265,6 +275,8 @@ class Orthanc:
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.url = f"http://{LOCALHOST}:{self.http_port}"
+        #: The DICOMweb root (with ``dicomweb=True``).
+        self.dicomweb_url = f"{self.url}/dicom-web"
         self.log_path = self.workdir / "orthanc.log"
         self.config_path = self.workdir / "orthanc.json"
         self._process: subprocess.Popen[bytes] | None = None
@@ -277,11 +289,13 @@ class Orthanc:
             "Name": f"e2e-{self.aet}",
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
-            "Plugins": [],
+            "Plugins": [str(ORTHANC_DICOMWEB)] if self.dicomweb else [],
+            "DicomWeb": {"Enable": self.dicomweb, "Root": "/dicom-web/"},
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,  # Orthanc 1.10 binds all interfaces; this limits it to localhost
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "OrthancExplorerEnabled": False,
             "WebDavEnabled": False,
             "MetricsEnabled": False,
@@ -362,6 +376,9 @@ class Orthanc:
     def _request(self, method: str, path: str, body: Any = None, timeout: float = 30) -> bytes:
         data = None
         headers: dict[str, str] = {}
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         if isinstance(body, (bytes, bytearray)):
             data = bytes(body)
             headers["Content-Type"] = "application/dicom"

@@ -54,6 +54,38 @@ def test_a_pacs_accepting_only_implicit_vr_receives_every_result(tmp_path: Path,
     assert classes == {row["SOP Class UID"] for row in conformance_table("created-objects")}
 
 
+def test_a_dicomweb_pacs_receives_every_result_by_stow_rs(tmp_path: Path, models_dir: Path, orthanc_factory) -> None:  # noqa: ANN001
+    """The second way out: Orthanc with its DICOMweb plugin as a STOW-RS destination, behind HTTP basic
+    authentication; `echo` checks it by QIDO-RS; every object arrives, unchanged."""
+    import subprocess
+    import sys
+
+    vna = orthanc_factory(dicomweb=True, aet="VNA", users={"node": "s3cret"})
+    password = tmp_path / "vna.password"
+    password.write_text("s3cret\n")
+    dest = {"name": "vna", "protocol": "stow-rs", "url": vna.dicomweb_url, "username": "node",
+            "password_file": str(password), "stow_batch": 20}
+    with NodeProcess(tmp_path / "node", models_dir=models_dir, destinations=[dest]) as node:
+        cli = [sys.executable, "-m", "dicom_node.cli"]
+        echo = subprocess.run([*cli, "echo", "vna", "--config", str(node.config_path)],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert echo.returncode == 0 and "the DICOMweb service answers" in echo.stdout, echo.stdout + echo.stderr
+        anonymous = subprocess.run([*cli, "echo", vna.dicomweb_url, "--config", str(node.config_path)],
+                                   capture_output=True, text=True, timeout=60, check=False)
+        assert anonymous.returncode == 1 and "HTTP 401" in anonymous.stdout, anonymous.stdout + anonymous.stderr
+        result = storescu(node.port, _series(tmp_path), called_ae=node.ae_title)
+        assert result.returncode == 0 and not failed_stores(result), result.stderr
+        node.wait_for(lambda j: [x for x in j.jobs() if x.state == "sent"], what="results sent")
+        journal = node.journal()
+        items = journal.outbox()
+        journal.close()
+    assert items and {i.state for i in items} == {"sent"}, [(i.state, i.last_error) for i in items]
+    stored = {x["MainDicomTags"]["SOPInstanceUID"] for s in vna.all_series() for x in vna.instances_of_series(s["ID"])}
+    assert stored == {i.sop_instance_uid for i in items}
+    delivered = [line for line in (node.data_dir / "audit.jsonl").read_text().splitlines() if '"delivery"' in line]
+    assert delivered and all('"protocol":"stow-rs"' in line and '"error":null' in line for line in delivered)
+
+
 def test_the_node_announces_its_own_implementation(tmp_path: Path, models_dir: Path) -> None:
     import subprocess
 

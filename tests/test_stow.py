@@ -1,0 +1,141 @@
+"""Tests for dicom_node.stow (DICOMweb STOW-RS destinations): the Store Instances Response read per object, the
+outbox settled from it, and the destination's configuration. The real DICOMweb peer (Orthanc's plugin) is in
+tests/e2e/test_stow_orthanc.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from dicom_node.config import ConfigError, Destination, NodeConfig, NodeSettings, parse_config
+from dicom_node.dispatch import Dispatcher
+from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
+from dicom_node.journal import Journal
+from dicom_node.stow import read_response
+from tests.dicom_factory import make_mr_series
+
+
+def _item(uid: str, reason: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    item.ReferencedSOPInstanceUID = uid
+    if reason is not None:
+        item.FailureReason = reason
+    return item
+
+
+def test_response_read_per_object() -> None:
+    response = Dataset()
+    response.ReferencedSOPSequence = [_item("1.1")]
+    response.FailedSOPSequence = [_item("1.2", 0xA700)]
+    result = read_response(response, ["1.1", "1.2", "1.3"])
+    assert result.stored == {"1.1"}
+    assert result.failed == {"1.2": "FailureReason 0xA700 (out of resources)",
+                             "1.3": "not listed in the STOW-RS response"}
+    assert read_response(Dataset(), ["1.1", "1.2"]).stored == {"1.1", "1.2"}  # 200 without a body
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ('protocol = "stow-rs"', "a stow-rs destination needs url"),
+    ('protocol = "stow-rs"\nurl = "http://x/dicom-web"\nae_title = "A"', 'ae_title: only for protocol = "dimse"'),
+    ('url = "http://x/dicom-web"\nae_title = "A"\nhost = "h"\nport = 104', 'url: only for protocol = "stow-rs"'),
+    ('ae_title = "A"', "a DICOM (dimse) destination needs host, port"),
+    ('protocol = "stow-rs"\nurl = "ftp://x"', "should match pattern"),
+    ('protocol = "stow-rs"\nurl = "http://x"\nusername = "u"', "username and password_file go together"),
+])
+def test_destination_fields_by_protocol(fields: str, message: str) -> None:
+    with pytest.raises(ConfigError, match="destinations") as caught:
+        parse_config(f'[[destinations]]\nname = "D"\n{fields}\n')
+    assert message in str(caught.value)
+
+
+class _Server:
+    """A loopback HTTP server answering every STOW-RS POST with a fixed status and JSON body."""
+
+    def __init__(self, status: int, body: dict | None) -> None:
+        server = self
+        self.requests: list[tuple[str, str, int]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                length = int(self.headers.get("Content-Length", 0))
+                self.rfile.read(length)
+                server.requests.append((self.path, self.headers.get("Content-Type", ""), length))
+                payload = json.dumps(body).encode() if body is not None else b""
+                self.send_response(status)
+                if body is not None:
+                    self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[tuple[Journal, list[Path]]]:
+    journal = Journal(tmp_path / "journal.sqlite3", fsync=False)
+    received = ReceivedInstance("1.9.1", "1.2.840.10008.5.1.4.1.1.4", "1.7", "1.7.1", "PAT", InstanceHeader(),
+                                SeriesAttributes(series_description="t1", modality="MR"))
+    journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
+    job = journal.add_job(series_uid="1.7.1", version=1, rule="r", action="synthesize", model="m")
+    files = make_mr_series(tmp_path / "out", shape=(3, 8, 8))
+    uids = [str(dcmread(f).SOPInstanceUID) for f in files]
+    journal.record_outputs(job, [("1.8", "sT1")], [("VNA", str(f), "1.2.840.10008.5.1.4.1.1.4", uid)
+                                                   for f, uid in zip(files, uids, strict=True)])
+    yield journal, files
+    journal.close()
+
+
+def _dispatch(tmp_path: Path, journal: Journal, url: str, batch: int = 50) -> int:
+    config = NodeConfig(node=NodeSettings(data_dir=tmp_path, fsync=False),
+                        destinations=[Destination(name="VNA", protocol="stow-rs", url=url, stow_batch=batch)])
+    return Dispatcher(config, journal).send_due()
+
+
+def test_a_conflict_settles_each_object_by_the_response(tmp_path: Path, outbox: tuple[Journal, list[Path]]) -> None:
+    """409 with a Store Instances Response: the objects it lists as stored are sent, the failed ones keep their
+    reason for the next try."""
+    journal, files = outbox
+    uids = [str(dcmread(f).SOPInstanceUID) for f in files]
+    response = Dataset()
+    response.ReferencedSOPSequence = [_item(uids[0])]
+    response.FailedSOPSequence = [_item(uids[1], 0xC000), _item(uids[2], 0x0122)]
+    server = _Server(409, response.to_json_dict())
+    try:
+        assert _dispatch(tmp_path, journal, server.url, batch=2) == 1
+    finally:
+        server.stop()
+    assert [(path, kind.split(";")[0]) for path, kind, _ in server.requests] == [
+        ("/dicom-web/studies", "multipart/related")] * 2  # 3 objects, 2 per request
+    errors = {i.sop_instance_uid: (i.state, i.last_error) for i in journal.outbox()}
+    assert errors[uids[0]] == ("sent", "")
+    assert errors[uids[1]] == ("pending", "FailureReason 0xC000 (cannot understand)")
+    assert errors[uids[2]] == ("pending", "FailureReason 0x0122 (SOP class not supported)")
+
+
+def test_an_http_error_without_a_response_keeps_everything(tmp_path: Path,
+                                                          outbox: tuple[Journal, list[Path]]) -> None:
+    journal, _ = outbox
+    server = _Server(503, None)
+    try:
+        assert _dispatch(tmp_path, journal, server.url) == 0
+    finally:
+        server.stop()
+    assert {(i.state, i.last_error) for i in journal.outbox()} == {("pending", "HTTP 503 Service Unavailable")}
