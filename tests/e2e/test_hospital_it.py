@@ -32,18 +32,24 @@ def _series(tmp_path: Path) -> list[Path]:
                           header={"MRAcquisitionType": "2D"})
 
 
+def _send_and_deliver(node: NodeProcess, tmp_path: Path) -> list:
+    """Send the test series to the node; its outbox once the job's results were all delivered."""
+    result = storescu(node.port, _series(tmp_path), called_ae=node.ae_title)
+    assert result.returncode == 0 and not failed_stores(result), result.stderr
+    node.wait_for(lambda j: [x for x in j.jobs() if x.state == "sent"], what="results sent")
+    journal = node.journal()
+    items = journal.outbox()
+    journal.close()
+    assert items and {i.state for i in items} == {"sent"}, [(i.state, i.last_error) for i in items]
+    return items
+
+
 def test_a_pacs_accepting_only_implicit_vr_receives_every_result(tmp_path: Path, models_dir: Path) -> None:
     # dcmtk storescp restricted to Implicit VR Little Endian (+xi), as older PACS are
     with StoreSCP(tmp_path / "storescp", extra_args=["+xi"]) as old_pacs:
         dest = {"name": "old", "ae_title": old_pacs.aet, "host": "127.0.0.1", "port": old_pacs.port}
         with NodeProcess(tmp_path / "node", models_dir=models_dir, destinations=[dest]) as node:
-            result = storescu(node.port, _series(tmp_path), called_ae=node.ae_title)
-            assert result.returncode == 0 and not failed_stores(result), result.stderr
-            node.wait_for(lambda j: [x for x in j.jobs() if x.state == "sent"], what="results sent")
-            journal = node.journal()
-            items = journal.outbox()
-            journal.close()
-        assert items and {i.state for i in items} == {"sent"}, [(i.state, i.last_error) for i in items]
+            items = _send_and_deliver(node, tmp_path)
         files = old_pacs.wait_for_files(len(items))
     received = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     assert {str(ds.SOPInstanceUID) for ds in received} == {i.sop_instance_uid for i in items}
@@ -73,13 +79,7 @@ def test_a_dicomweb_pacs_receives_every_result_by_stow_rs(tmp_path: Path, models
         anonymous = subprocess.run([*cli, "echo", vna.dicomweb_url, "--config", str(node.config_path)],
                                    capture_output=True, text=True, timeout=60, check=False)
         assert anonymous.returncode == 1 and "HTTP 401" in anonymous.stdout, anonymous.stdout + anonymous.stderr
-        result = storescu(node.port, _series(tmp_path), called_ae=node.ae_title)
-        assert result.returncode == 0 and not failed_stores(result), result.stderr
-        node.wait_for(lambda j: [x for x in j.jobs() if x.state == "sent"], what="results sent")
-        journal = node.journal()
-        items = journal.outbox()
-        journal.close()
-    assert items and {i.state for i in items} == {"sent"}, [(i.state, i.last_error) for i in items]
+        items = _send_and_deliver(node, tmp_path)
     stored = {x["MainDicomTags"]["SOPInstanceUID"] for s in vna.all_series() for x in vna.instances_of_series(s["ID"])}
     assert stored == {i.sop_instance_uid for i in items}
     delivered = [line for line in (node.data_dir / "audit.jsonl").read_text().splitlines() if '"delivery"' in line]
