@@ -15,5 +15,8 @@ WHEELHOUSE="$(realpath -m "${1:-wheelhouse}")"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$WHEELHOUSE"
 "$PYTHON" -m pip wheel --wheel-dir "$WHEELHOUSE" "$REPO_ROOT"
+# what building the node from its source needs (pyproject's build-system), so that an offline
+# `pip install --no-index --find-links WHEELHOUSE /path/to/source` (deploy/Containerfile) works too
+"$PYTHON" -m pip download --dest "$WHEELHOUSE" --only-binary :all: "setuptools>=68" wheel
 echo "wheelhouse: $WHEELHOUSE ($(ls "$WHEELHOUSE" | wc -l) wheels); install offline with:"
 echo "  python3 -m venv /opt/dicom-node && /opt/dicom-node/bin/pip install --no-index --find-links $WHEELHOUSE dicom-node"
