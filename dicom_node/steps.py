@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 #: Offsets added to ``source SeriesNumber × 100`` for each kind of output (+ version).
 SERIES_NUMBER_OFFSETS = {"sT1": 0, "SEG": 10, "SR": 20, "SUMMARY": 30, "AGREEMENT": 40, "NOT_PROCESSED": 50}
 
+#: A series of fewer slices (frames) is no volume to synthesize or measure from (a localizer, a single slice).
+MIN_SLICES = 3
+
 #: The volumes a measuring job keeps for a later agreement check, by output file kind.
 T1_VOLUME, LABEL_VOLUME = "T1_VOLUME", "LABEL_VOLUME"
 VOLUME_FILES = {T1_VOLUME: "t1.mha", LABEL_VOLUME: "labels.mha"}
@@ -174,8 +177,13 @@ def model_session(registry: ModelRegistry, model_id: str | None) -> LoadedModel:
 # -- core steps --------------------------------------------------------------------------------
 
 def load_step(journal: Journal, series: SeriesRecord) -> LoadedSeries:
-    """The series' spooled instances as one volume in patient geometry, with their headers."""
-    return load_series([Path(i.path) for i in journal.instances(series.series_uid)])
+    """The series' spooled instances as one volume in patient geometry, with their headers; :class:`JobFailed`
+    for a stack of fewer than :data:`MIN_SLICES` slices (a localizer, a single slice: not a volume)."""
+    loaded = load_series([Path(i.path) for i in journal.instances(series.series_uid)])
+    n_slices = loaded.image.GetSize()[2]
+    if n_slices < MIN_SLICES:
+        raise JobFailed(f"not processed: too few slices ({n_slices}; a volume needs at least {MIN_SLICES})")
+    return loaded
 
 
 def synthesize_step(config: NodeConfig, registry: ModelRegistry, rule: Rule, loaded: LoadedSeries,

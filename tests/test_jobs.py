@@ -212,6 +212,17 @@ def test_series_with_a_gap_fails_and_leaves_a_not_processed_page_in_the_study(se
     assert (setup.journal.job(job_id).state, setup.journal.job(job_id).reason) == ("failed", job.reason)
 
 
+def test_too_few_slices_fail_with_reason_and_a_notice(setup: Setup, tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path / "in", shape=(2, 24, 24), spacing=SPACING)
+    job_id = setup.job_for(paths)
+    setup.runner.run(job_id)
+    job = setup.journal.job(job_id)
+    assert (job.state, job.reason) == ("failed", "not processed: too few slices (2; a volume needs at least 3)")
+    (notice,) = setup.journal.output_files(job_id, "NOT_PROCESSED")
+    assert dcmread(notice.path, stop_before_pixels=True).ImageComments == (
+        "NOT PROCESSED: too few slices (2; a volume needs at least 3)")
+
+
 def test_missing_model_fails_with_reason(setup: Setup, tmp_path: Path) -> None:
     paths = make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING, series_description="t2_tse_tra")
     job_id = setup.job_for(paths, "absent")
