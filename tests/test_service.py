@@ -50,8 +50,10 @@ finally:
 """
 
 
-def _config(tmp_path: Path, models_dir: Path, max_attempts: int) -> Path:
+def _config(tmp_path: Path, models_dir: Path, max_attempts: int, destination: bool = False) -> Path:
     path = tmp_path / "node.toml"
+    # a destination nobody listens on: outputs stay pending in the outbox
+    pacs = f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {free_port()}\n'
     path.write_text(f"""
 [node]
 host = "127.0.0.1"
@@ -72,7 +74,8 @@ series_description = "t1"
 model = "{MODEL}"
 output_name = "sT12DT1"
 volumetry = false
-""")
+
+{pacs if destination else ""}""")
     return path
 
 
@@ -87,7 +90,7 @@ def _queue(journal: Journal, paths: list[Path]) -> int:
 def test_a_job_that_kills_the_node_every_time_is_quarantined(tmp_path: Path, max_attempts: int) -> None:
     models_dir = tmp_path / "models"
     make_synthesis_model(models_dir, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
-    config = _config(tmp_path, models_dir, max_attempts)
+    config = _config(tmp_path, models_dir, max_attempts, destination=True)
     journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
     poison = _queue(journal, make_mr_series(tmp_path / "poison", shape=SHAPE, spacing=SPACING))
     good = _queue(journal, make_mr_series(tmp_path / "good", shape=SHAPE, spacing=SPACING, series_number=5))
@@ -110,7 +113,13 @@ def test_a_job_that_kills_the_node_every_time_is_quarantined(tmp_path: Path, max
         assert quarantined.state == "failed" and quarantined.attempts == max_attempts
         assert quarantined.reason.startswith(f"quarantined: interrupted {max_attempts} times")
         processed = journal.job(good)
-        assert processed.state == "sent" and processed.attempts == 1, processed.reason  # no destination
+        assert processed.state == "written" and processed.attempts == 1, processed.reason  # PACS down
+        # the reader gets a "not processed" page for the quarantined series (from its header only)
+        (notice,) = journal.output_files(poison, "NOT_PROCESSED")
+        assert dcmread(notice.path, stop_before_pixels=True).ImageComments.startswith(
+            f"NOT PROCESSED: quarantined: interrupted {max_attempts} times")
+        assert [(i.destination, i.sop_instance_uid) for i in journal.outbox(poison)] == [
+            ("pacs", notice.sop_instance_uid)]
     finally:
         journal.close()
 
