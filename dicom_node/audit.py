@@ -9,8 +9,9 @@ AE title) and the event's own fields:
   ``series_uid``, ``instances``) and ``refused`` (C-STOREs answered with a failure, per status);
 - ``association-rejected``: ``calling_ae``, ``host``, ``reason``;
 - ``delivery``: one association (or STOW-RS run) to a destination: ``destination``, ``protocol`` (dimse or
-  stow-rs), ``address`` (``AE@host:port`` or the URL), ``tls``, ``sent`` and ``failed`` (object counts), ``studies`` (per job: ``job``, ``patient_id``, ``study_uid``,
-  ``series_uid``), ``error`` (the last failure, if any);
+  stow-rs), ``address`` (``AE@host:port`` or the URL), ``tls``, ``sent`` and ``failed`` (object counts),
+  ``studies`` (per job: ``job``, ``patient_id``, ``study_uid``, ``series_uid``), ``error`` (the last failure,
+  if any);
 - ``operator``: a person's action (``action``: retry, reprocess, purge, ...), ``by`` (the OS user, or the
   dashboard's authenticated user) and what it applied to.
 """

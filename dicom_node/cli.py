@@ -7,6 +7,7 @@
     dicom-node status [--config node.toml] [--json] [--since HOURS]
     dicom-node echo DEST [--config node.toml]        (DEST: a destination name or AE@host:port)
     dicom-node retry [DEST] [--config node.toml]     (re-queue deliveries that failed for good)
+    dicom-node reprocess --series UID | --study UID | --patient ID [--config node.toml]
     dicom-node report FILE                           (the volumes of a volumetry SR, or an agreement SR)
 
 Without ``--config`` the node reads ``$DICOM_NODE_CONFIG``, else ``/etc/dicom-node/node.toml`` when it exists,
@@ -268,7 +269,8 @@ STATUS_NOT_RUNNING = 3
 
 def _job_json(j: JobRecord) -> dict[str, Any]:
     return {"id": j.id, "series_uid": j.series_uid, "version": j.version, "rule": j.rule, "model": j.model,
-            "state": str(j.state), "reason": j.reason, "updated_at": j.updated_at, "timings": j.timings}
+            "state": str(j.state), "reason": j.reason, "optional_failed": j.optional_failed,
+            "updated_at": j.updated_at, "timings": j.timings}
 
 
 def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, Any]:
@@ -333,6 +335,7 @@ def _print_status(report: dict[str, Any]) -> None:
     print("\nrecent jobs:")
     for j in report["jobs"]:
         reason = f" - {j['reason']}" if j["reason"] else ""
+        reason += f" (optional step failed: {j['optional_failed']})" if j["optional_failed"] else ""
         total = j["timings"].get("total")
         took = f" ({total:.1f} s)" if total else ""
         print(f"  #{j['id']} {_ts(j['updated_at'])} rule {j['rule']} v{j['version']}: {j['state']}{took}{reason}")
@@ -431,6 +434,34 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from .journal import Journal
+
+    path = config.node.data_dir / "journal.sqlite3"
+    if not path.exists():
+        print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
+        return 1
+    journal = Journal(path)
+    try:
+        marked = journal.request_reprocess(series_uid=args.series, study_uid=args.study, patient_id=args.patient)
+        described = [journal.series(uid) for uid in marked]
+    finally:
+        journal.close()
+    _audit(config, "reprocess", series_uid=args.series, study_uid=args.study, patient_id=args.patient,
+           series=marked)
+    if not marked:
+        print("no stored series to reprocess (not found, the node's own outputs, still receiving, or a job queued "
+              "or running)", file=sys.stderr)
+        return 1
+    for s in described:
+        if s is not None:
+            print(f"  {s.description!r} ({s.series_uid}): version {s.version}")
+    print(f"{len(marked)} series marked for reprocessing with the current rules; a running node routes them within "
+          f"{config.node.sweep_interval_s:.0f} s, a stopped one when it starts")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import ReportError, format_report
 
@@ -496,6 +527,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("retry", cmd_retry, "re-queue deliveries that failed for good",
             "Queue again every delivery item that failed for good; a running node sends them at its next scan.")
     p.add_argument("dest", nargs="?", default=None, help="only this destination")
+    p = add("reprocess", cmd_reprocess,
+            "route stored series again with the current rules; their outputs are a new version (v2, ...)",
+            "Route stored series again with the current rules (after a rule change, or a failure fixed); their "
+            "outputs are a new version. A running node picks them up at its next sweep, a stopped one at start. "
+            "Exit 1 when no series could be marked.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--series", metavar="UID", help="one series (SeriesInstanceUID)")
+    which.add_argument("--study", metavar="UID", help="every series of a study (StudyInstanceUID)")
+    which.add_argument("--patient", metavar="ID", help="every series of a patient (PatientID)")
     p = sub.add_parser("journal", help="journal commands (stop the node first)",
                        description="Journal commands (stop the node first).")
     jsub = p.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")

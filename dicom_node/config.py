@@ -357,6 +357,33 @@ class JobSettings(_Strict):
     #: stopped or crashed during it); it is run again while it has started fewer than this many
     #: times, otherwise failed as quarantined ("interrupted N times") so the queue moves on.
     max_attempts: int = Field(default=3, ge=1)
+    #: When a routed series cannot be processed (unsuitable input, a model error, a job given up), send a
+    #: "not processed" page (Secondary Capture, ``<output_name> NOT PROCESSED``) with the reason into the
+    #: series' study, to the rule's destinations, so that a reader waiting for the result sees why none
+    #: comes. Off: the failure shows only in ``status``, the log and the notifications.
+    notify_failures_in_study: bool = True
+
+
+#: Events a webhook can be told about (``[[notifications]] events``).
+NotificationEvent = Literal["job_failed", "delivery_failed", "disk_low"]
+NOTIFICATION_EVENTS: tuple[str, ...] = ("job_failed", "delivery_failed", "disk_low")
+
+
+class Notification(_Strict):
+    """``[[notifications]]``: a webhook the node POSTs a JSON body to when one of ``events`` happens (from a
+    background thread: a slow or failing webhook never holds the SCP or a job; its failure is logged once)."""
+
+    #: http:// or https:// URL the JSON body is POSTed to.
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    #: Which events: ``job_failed`` (a job could not be processed), ``delivery_failed`` (an output failed for
+    #: good after its last try), ``disk_low`` (free space below the watermark). Default: all of them.
+    events: list[NotificationEvent] = Field(default_factory=lambda: list(NOTIFICATION_EVENTS))
+    #: Extra HTTP headers (e.g. ``Authorization``); the body is always ``application/json``.
+    headers: dict[str, str] = Field(default_factory=dict)
+    #: Seconds one POST may take.
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+    #: POSTs tried in all before the event is dropped (with one log line); waits 1, 2, 4 ... s between.
+    tries: int = Field(default=3, ge=1, le=10)
 
 
 class DispatchSettings(_Strict):
@@ -462,6 +489,7 @@ class NodeConfig(_Strict):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    notifications: list[Notification] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> NodeConfig:

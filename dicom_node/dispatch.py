@@ -29,6 +29,7 @@ from . import stow
 from .audit import AuditTrail
 from .config import Destination, DispatchSettings, NodeConfig, TLSSettings
 from .journal import Journal, OutboxItem
+from .notify import notify
 from .scp import set_implementation, set_nodelay
 from .tls import connect_failure, tls_args
 
@@ -218,6 +219,8 @@ class Dispatcher:
         self.audit = audit or AuditTrail(None, config.node.ae_title)
         self.policy = RetryPolicy.from_settings(config.dispatch)
         self._lock = threading.Lock()
+        self._gone: list[OutboxItem] = []  # failed for good in this round, reported at its end
+        self._gone_lock = threading.Lock()
 
     def send_due(self) -> int:
         """Try every item that is due; returns how many were acknowledged."""
@@ -232,10 +235,35 @@ class Dispatcher:
                 sent += self._send(name, items)
             return sent
         finally:
-            self._lock.release()
+            try:
+                self._report_given_up()
+            finally:
+                self._lock.release()
 
     def _fail(self, items: list[OutboxItem], error: str) -> None:
-        self.journal.mark_failed_try([i.id for i in items], error, next_attempt=self.policy.next_attempt)
+        gone = self.journal.mark_failed_try([i.id for i in items], error, next_attempt=self.policy.next_attempt)
+        if gone:
+            with self._gone_lock:
+                self._gone.extend(gone)
+
+    def _report_given_up(self) -> None:
+        """One ERROR line and one ``delivery_failed`` notification per destination for the items that failed
+        for good in this round (not one per object: an sT1 has hundreds)."""
+        with self._gone_lock:
+            gone, self._gone = self._gone, []
+        by_dest: dict[str, list[OutboxItem]] = defaultdict(list)
+        for item in gone:
+            by_dest[item.destination].append(item)
+        for name, failed in by_dest.items():
+            jobs = sorted({i.job_id for i in failed})
+            errors = sorted({i.last_error for i in failed})
+            tries = max(i.tries for i in failed)
+            log.error("outbox: %d object(s) of job(s) %s failed for good to %s after %d tr%s (%s); "
+                      "`dicom-node retry %s` queues them again", len(failed), ", ".join(map(str, jobs)), name,
+                      tries, "y" if tries == 1 else "ies", "; ".join(errors), name)
+            notify("delivery_failed", {"destination": name, "jobs": jobs, "objects": len(failed), "tries": tries,
+                                       "error": "; ".join(errors),
+                                       "sop_instance_uids": [i.sop_instance_uid for i in failed][:100]})
 
     def _audit(self, dest: Destination, items: list[OutboxItem], sent: int, error: str | None) -> None:
         """The ``delivery`` audit event of one association (or attempt) to ``dest``."""

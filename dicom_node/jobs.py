@@ -3,7 +3,10 @@
 :class:`JobRunner` turns one journal job into files and outbox rows by running the steps of
 :mod:`dicom_node.steps` in order (load → synthesize → segment and measure → write each object →
 record and queue); the core outputs are recorded and queued before the optional steps (the agreement
-check) run, and an optional step that fails costs only its own output. :class:`ThreadExecutor` runs
+check) run, and an optional step that fails costs only its own output (noted beside the job's state). A job
+that fails is recorded with its reason, reported (``notify``: ``job_failed``) and, unless
+``[jobs] notify_failures_in_study`` is off, leaves a "not processed" page in the study for the reader.
+:class:`ThreadExecutor` runs
 jobs on in-process worker threads; a distributed engine can replace it behind the same two methods
 (``submit``, ``shutdown``).
 """
@@ -25,6 +28,7 @@ from inference.volume import GeometryError
 
 from .config import NodeConfig, Rule
 from .journal import JobRecord, JobState, Journal, OutputFile, SeriesRecord
+from .notify import notify
 from .steps import (
     JobContext,
     JobFailed,
@@ -34,6 +38,8 @@ from .steps import (
     keep_volumes_step,
     load_step,
     measure_step,
+    not_processed_step,
+    outbox_items,
     queue_optional,
     record_and_queue,
     synthesize_step,
@@ -122,6 +128,40 @@ class JobRunner:
                       crashed, exc_info=exc)
             reason = f"{type(exc).__name__}: {exc}{crashed}"
         self.journal.set_job_state(job.id, JobState.FAILED, reason)
+        self.report_failure(job, series, reason)
+
+    def report_failure(self, job: JobRecord, series: SeriesRecord, reason: str) -> None:
+        """Tell the webhooks and the reader (a "not processed" page in the study) that a job failed; also for a
+        job quarantined at start-up. Never raises: the failure itself is recorded already."""
+        notify("job_failed", {"job": job.id, "rule": job.rule, "version": job.version, "reason": reason,
+                              "series_uid": series.series_uid, "study_uid": series.study_uid,
+                              "series_description": series.description})
+        if not self.config.jobs.notify_failures_in_study:
+            return
+        try:
+            self._queue_notice(job, series, reason)
+        except Exception as exc:  # noqa: BLE001 - the notice is a courtesy; the job's failure stands as recorded
+            log.error("job %d: the 'not processed' notice could not be written or queued: %s: %s", job.id,
+                      type(exc).__name__, exc)
+
+    def _queue_notice(self, job: JobRecord, series: SeriesRecord, reason: str) -> None:
+        rule = next((r for r in self.config.rules if r.name == job.rule), None)
+        if rule is None:
+            log.info("job %d: no 'not processed' notice: rule %r is no longer configured", job.id, job.rule)
+            return
+        destinations = self._destinations(rule)
+        if not destinations:
+            return
+        out_dir = self.outputs_dir / f"job-{job.id:06d}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        output = not_processed_step(self.journal, job, series, rule, reason, out_dir, self.config.node.uid_root)
+        if output is None:
+            return
+        self.journal.record_notice(job.id, [(output.written.series_instance_uid, output.kind)],
+                                   outbox_items([output], destinations), files=output.files())
+        log.info("job %d: a %r page with the reason is queued for %s", job.id,
+                 output.written.dataset.SeriesDescription, ", ".join(destinations))
+        self.on_written()
 
     def _finish(self, run: _Run) -> None:
         run.timings["total"] = time.perf_counter() - run.started
@@ -176,6 +216,10 @@ class JobRunner:
             except BaseException as exc:  # noqa: BLE001 - the core outputs are recorded and queued already
                 log.error("job %d (%s): optional step %s failed, the core outputs are delivered all the same: "
                           "%s: %s", run.ctx.job_id, run.ctx.rule.name, name, type(exc).__name__, exc, exc_info=exc)
+                try:
+                    self.journal.note_optional_failure(run.ctx.job_id, name, f"{type(exc).__name__}: {exc}")
+                except Exception:  # noqa: BLE001 - logged above already
+                    log.exception("job %d: the failure of step %s could not be noted", run.ctx.job_id, name)
                 continue
             if output is None:
                 continue

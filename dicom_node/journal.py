@@ -12,8 +12,15 @@ series: ``receiving`` → ``complete`` (whole, or idle timeout) → ``routed`` |
         (a new instance for a routed/ignored series sets it back to ``receiving``)
 job:    ``queued`` → ``running`` → ``written`` → ``sent`` | ``failed``
         (each start of a run counts one attempt; a job found ``running`` at start-up was interrupted
-        and is queued again, or failed as quarantined once it has used its attempts)
+        and is queued again, or failed as quarantined once it has used its attempts). A job that failed
+        while running keeps ``failed`` and its reason for good: the "not processed" notice it may queue is
+        delivered on its own (:meth:`Journal.record_notice`); only a job failed by its delivery
+        (:data:`DELIVERY_FAILED`) is settled again by its outbox or an operator's retry.
 outbox: ``pending`` → ``sent`` | ``failed`` (after the last try)
+
+A stored series is routed again with the current rules (a new version) when an operator asks for it:
+:meth:`Journal.request_reprocess` sets it ``complete`` with its version bumped, and the node routes
+``complete`` series at start-up and on each sweep.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ class OutboxState(StrEnum):
 
 #: Version of the schema below; :meth:`Journal._migrate` brings older journals up to it and a journal of a
 #: newer version is refused at open (it may hold what this version cannot read).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -146,6 +153,7 @@ _ADDED_COLUMNS = [
     ("instances", "sha256", "TEXT NOT NULL DEFAULT ''"),  # '' for instances received before
     ("outbox", "first_failed_at", "REAL NOT NULL DEFAULT 0"),  # 0: no failed try yet
     ("jobs", "output_name", "TEXT NOT NULL DEFAULT ''"),  # schema 3; '' for jobs recorded before
+    ("jobs", "optional_failed", "TEXT NOT NULL DEFAULT ''"),  # schema 4: optional steps that failed, and why
 ]
 # Schema 3 also added the table output_files (created by _SCHEMA; jobs recorded before have no rows there).
 
@@ -195,12 +203,20 @@ class JobRecord:
     attempts: int = 0
     #: the rule's output name (``sT1AAH``, ``rT1``) the job wrote under; '' until it recorded its outputs
     output_name: str = ""
+    #: optional steps of the last run that failed (``agreement: RuntimeError: ...``; several joined by "; "):
+    #: the job's core outputs are delivered all the same, so this is reported beside its state, not as it
+    optional_failed: str = ""
+
+
+#: The reason of a job that failed by its delivery (an outbox item failed for good); any other reason of a
+#: ``failed`` job is a failure while it ran, which delivery or a retry of its notice never changes.
+DELIVERY_FAILED = "delivery failed after the last try"
 
 
 class OutputFile(NamedTuple):
     """One file a job wrote: a DICOM object (with its UIDs) or a volume it keeps for a later step."""
 
-    kind: str                 # sT1, SEG, SR, SUMMARY, AGREEMENT; T1_VOLUME, LABEL_VOLUME (kept, never sent)
+    kind: str                 # sT1, SEG, SR, SUMMARY, AGREEMENT, NOT_PROCESSED; T1_VOLUME, LABEL_VOLUME (never sent)
     path: str
     series_uid: str = ""
     sop_class_uid: str = ""
@@ -491,7 +507,7 @@ class Journal:
             id=row["id"], series_uid=row["series_uid"], version=row["version"], rule=row["rule"],
             action=row["action"], model=row["model"], state=JobState(row["state"]), reason=row["reason"],
             created_at=row["created_at"], updated_at=row["updated_at"], timings=json.loads(row["timings"]),
-            attempts=row["attempts"], output_name=row["output_name"],
+            attempts=row["attempts"], output_name=row["output_name"], optional_failed=row["optional_failed"],
         )
 
     def add_job(self, *, series_uid: str, version: int, rule: str, action: str, model: str | None) -> int:
@@ -546,7 +562,8 @@ class Journal:
         """Mark a job ``running`` and count the attempt; returns how many runs it has started."""
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state='running', reason='', attempts=attempts+1, updated_at=? WHERE id=?",
+                "UPDATE jobs SET state='running', reason='', optional_failed='', attempts=attempts+1, updated_at=?"
+                " WHERE id=?",
                 (time.time(), job_id),
             )
             row = db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -582,6 +599,15 @@ class Journal:
                 f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(quarantined))}) ORDER BY id", quarantined
             )] if quarantined else []
         return resumed, gone
+
+    def note_optional_failure(self, job_id: int, step: str, error: str) -> None:
+        """Record that an optional step of a job failed (``step: error``), leaving its state alone."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET optional_failed = optional_failed"
+                " || CASE WHEN optional_failed = '' THEN '' ELSE '; ' END || ?, updated_at=? WHERE id=?",
+                (f"{step}: {error}", time.time(), job_id),
+            )
 
     def set_job_timings(self, job_id: int, timings: dict[str, float]) -> None:
         """Store a job's timings without touching its state (the dispatcher may be settling it)."""
@@ -623,6 +649,15 @@ class Journal:
             if items:
                 db.execute("UPDATE jobs SET state='written', reason='', updated_at=? WHERE id=? AND state='sent'",
                            (now, job_id))
+
+    def record_notice(
+        self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]], *,
+        files: Sequence[OutputFile] = (),
+    ) -> None:
+        """The "not processed" notice of a job that failed: recorded (produced: the loop guard knows it) and queued
+        like any output, in one transaction; the job stays ``failed`` with its reason."""
+        with self._tx() as db:
+            self._insert_outputs(db, job_id, produced, items, files, time.time())
 
     @staticmethod
     def _insert_outputs(db: sqlite3.Connection, job_id: int, produced: Sequence[tuple[str, str]],
@@ -689,10 +724,12 @@ class Journal:
     def mark_failed_try(
         self, item_ids: Sequence[int], error: str, *,
         next_attempt: Callable[[int, float, float], float | None], now: float | None = None,
-    ) -> None:
+    ) -> list[OutboxItem]:
         """Count one failed try and ask the retry policy (the dispatcher's) when to try next:
-        ``next_attempt(tries, first_failed_at, now)`` gives a time, or None to fail for good."""
+        ``next_attempt(tries, first_failed_at, now)`` gives a time, or None to fail for good. Returns the
+        items that failed for good now."""
         now = time.time() if now is None else now
+        given_up: list[int] = []
         with self._tx() as db:
             for item_id in item_ids:
                 row = db.execute("SELECT tries, first_failed_at FROM outbox WHERE id=?", (item_id,)).fetchone()
@@ -704,12 +741,18 @@ class Journal:
                         "UPDATE outbox SET state='failed', tries=?, last_error=?, first_failed_at=? WHERE id=?",
                         (tries, error, first, item_id),
                     )
+                    given_up.append(item_id)
                 else:
                     db.execute(
                         "UPDATE outbox SET tries=?, last_error=?, next_attempt_at=?, first_failed_at=? WHERE id=?",
                         (tries, error, when, first, item_id),
                     )
             self._settle_jobs(db, item_ids)
+            if not given_up:
+                return []
+            rows = db.execute(f"SELECT * FROM outbox WHERE id IN ({','.join('?' * len(given_up))}) ORDER BY id",
+                              given_up).fetchall()
+            return [self._item(r) for r in rows]
 
     def retry_failed(self, destination: str | None = None) -> int:
         """Put permanently failed items back in the queue (an operator's decision)."""
@@ -722,8 +765,8 @@ class Journal:
                 params.append(destination)
             n = db.execute(sql, params).rowcount
             db.execute(
-                "UPDATE jobs SET state='written' WHERE state='failed' AND id IN"
-                " (SELECT job_id FROM outbox WHERE state='pending')"
+                "UPDATE jobs SET state='written' WHERE state='failed' AND reason=? AND id IN"
+                " (SELECT job_id FROM outbox WHERE state='pending')", (DELIVERY_FAILED,)
             )
             return n
 
@@ -736,15 +779,46 @@ class Journal:
             f"SELECT DISTINCT job_id FROM outbox WHERE id IN ({marks})", list(item_ids)
         )]
         for job_id in job_ids:
+            job = db.execute("SELECT state, reason FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if job is not None and job["state"] == JobState.FAILED and job["reason"] != DELIVERY_FAILED:
+                continue  # failed while it ran: its notice is delivered, the job stays failed with its reason
             states = {r["state"] for r in db.execute("SELECT state FROM outbox WHERE job_id=?", (job_id,))}
             if states == {OutboxState.SENT}:
                 db.execute("UPDATE jobs SET state='sent', reason='', updated_at=? WHERE id=?", (time.time(), job_id))
             elif OutboxState.PENDING not in states and OutboxState.FAILED in states:
-                db.execute(
-                    "UPDATE jobs SET state='failed', reason='delivery failed after the last try',"
-                    " updated_at=? WHERE id=?",
-                    (time.time(), job_id),
-                )
+                db.execute("UPDATE jobs SET state='failed', reason=?, updated_at=? WHERE id=?",
+                           (DELIVERY_FAILED, time.time(), job_id))
+
+    # -- reprocessing ----------------------------------------------------------------------
+
+    def request_reprocess(self, *, series_uid: str | None = None, study_uid: str | None = None,
+                          patient_id: str | None = None) -> list[str]:
+        """Mark stored series to be routed again with the current rules, as a new version; returns their UIDs.
+
+        Exactly one selector: a series, every series of a study, or of a patient (PatientID). A series that was
+        routed or ignored becomes ``complete`` with its version bumped (its outputs are then named ``v2``, ...),
+        and the node routes it on its next sweep (or at its next start). Left alone: the node's own outputs
+        (``produced``), series still receiving (they close and are routed by themselves), series already
+        waiting to be routed, and series with a job queued or running.
+        """
+        selectors = {"series_uid": series_uid, "study_uid": study_uid, "patient_id": patient_id}
+        given = {k: v for k, v in selectors.items() if v}
+        if len(given) != 1:
+            raise ValueError("request_reprocess needs exactly one of series_uid, study_uid, patient_id")
+        ((column, value),) = given.items()
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT series_uid FROM series WHERE {column}=? AND state IN ('routed', 'ignored')"
+                " AND series_uid NOT IN (SELECT series_uid FROM produced)"
+                " AND series_uid NOT IN (SELECT series_uid FROM jobs WHERE state IN ('queued', 'running'))"
+                " ORDER BY first_received, series_uid", (value,)
+            ).fetchall()
+            marked = [r["series_uid"] for r in rows]
+            db.executemany(
+                "UPDATE series SET state='complete', version=version+1, note=? WHERE series_uid=?",
+                [(f"reprocess requested {time.strftime('%Y-%m-%d %H:%M:%S')}", uid) for uid in marked],
+            )
+        return marked
 
     def outbox_summary(self) -> list[dict[str, Any]]:
         rows = self._query(

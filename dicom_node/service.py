@@ -3,7 +3,9 @@
 Start-up also recovers from a crash: jobs that were queued are run again, jobs that were running
 are run again while under ``jobs.max_attempts`` (else quarantined as failed), series that
 were closed but not yet routed are routed, the outbox is resumed, and series still receiving close
-on their idle timeout as usual.
+on their idle timeout as usual. The periodic sweep also routes ``complete`` series, which is how a
+``reprocess`` request (``Journal.request_reprocess``, from the CLI with the node running or not, or
+:meth:`Node.reprocess`) is picked up.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from .config import NodeConfig
 from .dispatch import Dispatcher
 from .jobs import JobRunner, ThreadExecutor
 from .journal import Journal, OutboxState, SeriesState
+from .notify import Notifier, install
 from .rebuild import unknown_files
 from .routing import route
 from .scp import StorageSCP
@@ -52,6 +55,8 @@ class Node:
         self.executor: ThreadExecutor | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit)
+        self.notifier = Notifier(config.notifications, node=config.node.ae_title)
+        # held while a series is closed and routed, so that the sweep never routes one twice
         self._close_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -64,6 +69,7 @@ class Node:
             log.error("[inference] segmenter %r is a %s model, not a segmentation model: volumetry disabled",
                       segmenter, available[segmenter].task)
             self.installed_models.discard(segmenter)
+        install(self.notifier.start())
         log.info("models installed in %s: %s", self.config.inference.models_dir,
                  ", ".join(sorted(self.installed_models)) or "none")
         needed: set[str] = set()
@@ -94,6 +100,8 @@ class Node:
             self.scheduler.shutdown(wait=True)
         if self.executor is not None:
             self.executor.shutdown()
+        install(None)
+        self.notifier.stop()
         self.journal.close()
         self.audit.close()
 
@@ -110,12 +118,14 @@ class Node:
         resumed, quarantined = self.journal.recover_jobs(self.config.jobs.max_attempts)
         for job in quarantined:
             log.error("job %d (%s, series %s) quarantined: %s", job.id, job.rule, job.series_uid, job.reason)
+            series = self.journal.series(job.series_uid)
+            if series is not None:
+                self.runner.report_failure(job, series, job.reason)
         for job in resumed:
             log.info("resuming job %d (%s) after restart%s", job.id, job.rule,
                      f": {job.reason}" if job.reason else "")
             self.executor.submit(job.id)
-        for series in self.journal.series_in_state(SeriesState.COMPLETE):
-            self._route(series.series_uid, series.version)
+        self.route_complete()  # closed before a stop but not routed, or marked for reprocessing
         pending = self.journal.counts()["outbox"].get(OutboxState.PENDING, 0)
         if pending:
             log.info("outbox: %d object(s) still to deliver", pending)
@@ -146,7 +156,9 @@ class Node:
                 log.exception("series %s: cannot tell whether it is whole; it closes on its idle timeout", uid)
 
     def sweep(self) -> None:
-        """Close series that received nothing for ``idle_timeout_s``, whole or not."""
+        """Close series that received nothing for ``idle_timeout_s``, whole or not; route ``complete`` ones (a
+        reprocess request)."""
+        self.route_complete()
         cutoff = time.time() - self.config.node.idle_timeout_s
         for series in self.journal.series_in_state(SeriesState.RECEIVING, idle_before=cutoff):
             try:
@@ -165,8 +177,35 @@ class Node:
     def _close(self, series_uid: str, last_received: float) -> None:
         with self._close_lock:
             version = self.journal.close_series(series_uid, expected_last_received=last_received)
-        if version is not None:
-            self._route(series_uid, version)
+            if version is not None:
+                self._route(series_uid, version)
+
+    def route_complete(self) -> list[str]:
+        """Route every ``complete`` series (closed, or marked for reprocessing) with the current rules; returns
+        their UIDs. One that fails to route stays ``complete`` and is tried again on the next sweep."""
+        routed = []
+        for series in self.journal.series_in_state(SeriesState.COMPLETE):
+            try:
+                with self._close_lock:
+                    current = self.journal.series(series.series_uid)
+                    if current is None or current.state != SeriesState.COMPLETE:
+                        continue  # routed meanwhile (closed by an association's release)
+                    self._route(current.series_uid, current.version)
+                routed.append(series.series_uid)
+            except Exception:  # noqa: BLE001 - one series must not keep the others from being routed
+                log.exception("series %s: routing failed; the next sweep tries again", series.series_uid)
+        return routed
+
+    def reprocess(self, *, series_uid: str | None = None, study_uid: str | None = None,
+                  patient_id: str | None = None) -> list[str]:
+        """Route stored series again with the current rules, as a new version (one selector: a series, a study,
+        or a PatientID); returns the UIDs of the series marked. The node's own outputs, series still receiving
+        and series with a job queued or running are left alone (``Journal.request_reprocess``)."""
+        marked = self.journal.request_reprocess(series_uid=series_uid, study_uid=study_uid, patient_id=patient_id)
+        log.info("reprocess requested for %d series%s", len(marked), f": {', '.join(marked)}" if marked else "")
+        if marked and self.executor is not None:
+            self.route_complete()
+        return marked
 
     def _route(self, series_uid: str, version: int) -> None:
         series = self.journal.series(series_uid)

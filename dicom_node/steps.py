@@ -14,6 +14,9 @@ this order::
     agreement_step    (optional) journal ──▶ Output | None: takes every input from the journal's record
                       of outputs, so it can run as a follow-up job anywhere the journal is
 
+    not_processed_step  (when a job fails) journal ──▶ Output | None: the "not processed" page with the reason,
+                      from the source series' journaled instances only (it runs whatever the job got to)
+
 A new output object is one more ``write_*_step`` returning an :class:`Output`; a new optional step is
 a function ``(JobContext) -> Output | None`` in :data:`dicom_node.jobs.JobRunner.optional_steps`.
 """
@@ -43,6 +46,7 @@ from .journal import JobRecord, JobState, Journal, OutputFile, SeriesRecord
 from .writers import WrittenSeries
 from .writers.agreement_sr import write_agreement_sr
 from .writers.derived_mr import Derivation, write_derived_mr
+from .writers.not_processed import write_not_processed
 from .writers.seg import write_seg
 from .writers.sr import write_sr
 from .writers.summary import write_summary
@@ -50,7 +54,10 @@ from .writers.summary import write_summary
 log = logging.getLogger(__name__)
 
 #: Offsets added to ``source SeriesNumber × 100`` for each kind of output (+ version).
-SERIES_NUMBER_OFFSETS = {"sT1": 0, "SEG": 10, "SR": 20, "SUMMARY": 30, "AGREEMENT": 40}
+SERIES_NUMBER_OFFSETS = {"sT1": 0, "SEG": 10, "SR": 20, "SUMMARY": 30, "AGREEMENT": 40, "NOT_PROCESSED": 50}
+
+#: A series of fewer slices (frames) is no volume to synthesize or measure from (a localizer, a single slice).
+MIN_SLICES = 3
 
 #: The volumes a measuring job keeps for a later agreement check, by output file kind.
 T1_VOLUME, LABEL_VOLUME = "T1_VOLUME", "LABEL_VOLUME"
@@ -170,8 +177,13 @@ def model_session(registry: ModelRegistry, model_id: str | None) -> LoadedModel:
 # -- core steps --------------------------------------------------------------------------------
 
 def load_step(journal: Journal, series: SeriesRecord) -> LoadedSeries:
-    """The series' spooled instances as one volume in patient geometry, with their headers."""
-    return load_series([Path(i.path) for i in journal.instances(series.series_uid)])
+    """The series' spooled instances as one volume in patient geometry, with their headers; :class:`JobFailed`
+    for a stack of fewer than :data:`MIN_SLICES` slices (a localizer, a single slice: not a volume)."""
+    loaded = load_series([Path(i.path) for i in journal.instances(series.series_uid)])
+    n_slices = loaded.image.GetSize()[2]
+    if n_slices < MIN_SLICES:
+        raise JobFailed(f"not processed: too few slices ({n_slices}; a volume needs at least {MIN_SLICES})")
+    return loaded
 
 
 def synthesize_step(config: NodeConfig, registry: ModelRegistry, rule: Rule, loaded: LoadedSeries,
@@ -393,3 +405,40 @@ def agreement_step(ctx: JobContext, journal: Journal, config: NodeConfig, regist
         **Algorithm.of(manifest).as_kwargs(),
     )
     return Output("AGREEMENT", written)
+
+
+# -- when a job fails: the "not processed" notice ----------------------------------------------
+
+def _expected_result(rule: Rule) -> str:
+    """What the reader waited for, in words: ``sT1AAH (synthetic T1 by model synth-t1, with volumetry)``."""
+    if rule.action == "synthesize":
+        volumetry = ", with volumetry" if rule.volumetry else ""
+        return f"{rule.output_name} (synthetic T1 by model {rule.model}{volumetry}; rule {rule.name})"
+    return f"{rule.output_name} volumetry (SEG, volumes, summary page; rule {rule.name})"
+
+
+def not_processed_step(journal: Journal, job: JobRecord, series: SeriesRecord, rule: Rule, reason: str,
+                       out_dir: Path, uid_prefix: str | None) -> Output | None:
+    """The "not processed" page of a failed job, in the source series' study, named after the rule's output
+    (``sT1AAH NOT PROCESSED``, ``... v2`` for a later version); None when no source header can be read (the
+    series' files are gone)."""
+    instances = journal.instances(series.series_uid)
+    source = None
+    for instance in instances:
+        try:
+            source = dcmread(instance.path, stop_before_pixels=True)
+            break
+        except Exception as exc:  # noqa: BLE001 - try the next file; the failure itself is recorded already
+            log.debug("job %d: %s not readable for the notice: %s", job.id, instance.path, exc)
+    if source is None:
+        log.warning("job %d: no 'not processed' notice: no file of series %s can be read", job.id, series.series_uid)
+        return None
+    naming = SeriesNaming(rule.output_name, job.version, series.attributes.series_number)
+    written = write_not_processed(
+        reason.removeprefix("not processed: "), source=source,
+        source_instances=[(i.sop_class_uid, i.sop_instance_uid) for i in instances],
+        out_path=out_dir / "not_processed.dcm", series_number=naming.number("NOT_PROCESSED"),
+        series_description=naming.description(" NOT PROCESSED"), uid_prefix=uid_prefix,
+        what=_expected_result(rule), job_id=job.id,
+    )
+    return Output("NOT_PROCESSED", written)

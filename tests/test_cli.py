@@ -254,6 +254,30 @@ def test_retry_requeues_failed_deliveries(tmp_path: Path, models_dir: Path,
     journal.close()
 
 
+def test_reprocess_marks_stored_series_and_says_what(tmp_path: Path, models_dir: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, models_dir)
+    _journal_with_work(tmp_path / "data")  # series 1.1 routed (its job's delivery failed), 1.2 still receiving
+    journal = Journal(tmp_path / "data" / "journal.sqlite3")
+    journal.note_optional_failure(1, "agreement", "RuntimeError: boom")
+    journal.close()
+    assert main(["status", "--config", str(config)]) == 1  # the job failed
+    assert "(optional step failed: agreement: RuntimeError: boom)" in capsys.readouterr().out
+    assert main(["reprocess", "--config", str(config), "--patient", "P"]) == 0
+    out = capsys.readouterr().out
+    assert "'desc 1.1' (1.1): version 2" in out and "1 series marked for reprocessing" in out
+    journal = Journal(tmp_path / "data" / "journal.sqlite3")
+    assert [(s.series_uid, s.state, s.version) for s in journal.all_series()] == [
+        ("1.2", "receiving", 0), ("1.1", "complete", 2)]
+    journal.close()
+    assert main(["reprocess", "--config", str(config), "--series", "1.1"]) == 1  # already waiting to be routed
+    assert "no stored series to reprocess" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one selector, not two
+        main(["reprocess", "--config", str(config), "--series", "1.1", "--study", "1"])
+    with pytest.raises(SystemExit):
+        main(["reprocess", "--config", str(config)])
+
+
 # -- echo --------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from dicom_node.config import (
     LimitSettings,
     NodeConfig,
     NodeSettings,
+    Notification,
     Peer,
     Rule,
     TLSSettings,
@@ -104,13 +105,15 @@ def test_example_settings_are_the_defaults() -> None:
     assert config.tls == TLSSettings()
     assert config.volumetry == VolumetrySettings()
     assert config.audit == AuditSettings()
+    assert config.notifications == []  # off unless configured
 
 
 @pytest.mark.parametrize(
     ("section", "model"),
     [("node", NodeSettings), ("limits", LimitSettings), ("peers", Peer), ("destinations", Destination), ("rules", Rule),
      ("inference", InferenceSettings), ("volumetry", VolumetrySettings), ("jobs", JobSettings),
-     ("dispatch", DispatchSettings), ("tls", TLSSettings), ("audit", AuditSettings)],
+     ("dispatch", DispatchSettings), ("tls", TLSSettings), ("audit", AuditSettings),
+     ("notifications", Notification)],
 )
 def test_example_documents_every_field(section: str, model: type[BaseModel]) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")

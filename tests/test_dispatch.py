@@ -203,6 +203,36 @@ def test_refused_items_count_a_try_with_the_status(tmp_path: Path, journal: Jour
     assert journal.job(job).state == "written"
 
 
+def test_an_item_given_up_is_logged_once_and_posted_to_the_webhook(tmp_path: Path, journal: Journal, files: list[Path],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from dicom_node import notify
+    from dicom_node.config import Notification
+    from tests.test_notify import Hook
+
+    refusing, hook = DestinationSCP(ae_title="FULL", status=0xA700), Hook()
+    notifier = notify.Notifier([Notification(url=hook.url, events=["delivery_failed"])], node="NODE").start()
+    notify.install(notifier)
+    try:
+        config = make_config(tmp_path, [dest_for(refusing, name="FULL")], max_tries=1)
+        job = queue_job(journal, files[:2], ["FULL"])
+        with caplog.at_level(logging.ERROR, logger="dicom_node.dispatch"):
+            assert Dispatcher(config, journal).send_due() == 0
+        (body,) = hook.wait(1)
+    finally:
+        notify.install(None)
+        notifier.stop()
+        refusing.stop()
+        hook.close()
+    assert [i.state for i in journal.outbox(job)] == ["failed", "failed"]
+    assert (body["event"], body["destination"], body["jobs"], body["objects"]) == ("delivery_failed", "FULL", [job], 2)
+    assert body["error"].startswith("status 0xA700")
+    assert sorted(body["sop_instance_uids"]) == sorted(i.sop_instance_uid for i in journal.outbox(job))
+    (line,) = [r.getMessage() for r in caplog.records]  # one line for the round, not one per object
+    assert "2 object(s) of job(s) 1 failed for good to FULL after 1 try" in line and "dicom-node retry FULL" in line
+
+
 def test_one_destination_down_does_not_block_another(tmp_path: Path, journal: Journal, files: list[Path],
                                                      pacs: DestinationSCP) -> None:
     config = make_config(tmp_path, [dest_for(pacs), closed_destination()])

@@ -184,14 +184,43 @@ def test_delivery_during_the_run_is_not_overwritten(tmp_path: Path, models_dir: 
         s.journal.close()
 
 
-def test_series_with_a_gap_fails_with_inconsistent_geometry(setup: Setup, tmp_path: Path) -> None:
-    paths = make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING, omit_slices=[3])
+def test_series_with_a_gap_fails_and_leaves_a_not_processed_page_in_the_study(setup: Setup, tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING, omit_slices=[3], series_number=7)
     job_id = setup.job_for(paths)
     setup.runner.run(job_id)
     job = setup.journal.job(job_id)
     assert job.state == "failed"
     assert job.reason.startswith("inconsistent geometry: ") and "gap" in job.reason
-    assert setup.journal.outbox(job_id) == [] and setup.written == 0
+    # the reader's side: one Secondary Capture per destination, in the source's study, named after the rule
+    (notice,) = setup.journal.output_files(job_id)
+    assert notice.kind == "NOT_PROCESSED" and notice.path.endswith("not_processed.dcm")
+    items = setup.journal.outbox(job_id)
+    assert {(i.destination, i.sop_instance_uid, i.state) for i in items} == {
+        ("PACS", notice.sop_instance_uid, "pending"), ("ARCHIVE", notice.sop_instance_uid, "pending")}
+    assert setup.written == 1  # the dispatcher was woken for it
+    assert setup.journal.is_produced(notice.series_uid)  # never processed by the node if sent back
+    ds = dcmread(notice.path)
+    source = dcmread(paths[0], stop_before_pixels=True)
+    assert ds.SOPClassUID == notice.sop_class_uid == "1.2.840.10008.5.1.4.1.1.7"
+    assert ds.SeriesDescription == "sT12DT1 NOT PROCESSED"
+    assert ds.SeriesNumber == output_series_number(7, "NOT_PROCESSED", 1) == 751
+    assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientID == source.PatientID
+    assert ds.ImageComments == "NOT PROCESSED: " + job.reason
+    assert len(ds.ReferencedImageSequence) == len(paths)
+    # delivered: the job stays failed with its reason
+    setup.journal.mark_sent([i.id for i in items])
+    assert (setup.journal.job(job_id).state, setup.journal.job(job_id).reason) == ("failed", job.reason)
+
+
+def test_too_few_slices_fail_with_reason_and_a_notice(setup: Setup, tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path / "in", shape=(2, 24, 24), spacing=SPACING)
+    job_id = setup.job_for(paths)
+    setup.runner.run(job_id)
+    job = setup.journal.job(job_id)
+    assert (job.state, job.reason) == ("failed", "not processed: too few slices (2; a volume needs at least 3)")
+    (notice,) = setup.journal.output_files(job_id, "NOT_PROCESSED")
+    assert dcmread(notice.path, stop_before_pixels=True).ImageComments == (
+        "NOT PROCESSED: too few slices (2; a volume needs at least 3)")
 
 
 def test_missing_model_fails_with_reason(setup: Setup, tmp_path: Path) -> None:
@@ -200,6 +229,42 @@ def test_missing_model_fails_with_reason(setup: Setup, tmp_path: Path) -> None:
     setup.runner.run(job_id)
     job = setup.journal.job(job_id)
     assert (job.state, job.reason) == ("failed", "not processed: model 'not-installed' not installed")
+    (notice,) = setup.journal.output_files(job_id, "NOT_PROCESSED")
+    ds = dcmread(notice.path, stop_before_pixels=True)
+    assert ds.SeriesDescription == "x NOT PROCESSED"
+    assert ds.ImageComments == "NOT PROCESSED: model 'not-installed' not installed"
+
+
+def test_no_notice_when_turned_off_or_without_destination(tmp_path: Path, models_dir: Path,
+                                                          registry: ModelRegistry) -> None:
+    from dicom_node.config import JobSettings
+
+    for n, (notify, destinations) in enumerate(((False, ("PACS",)), (True, ()))):
+        s = Setup(tmp_path / str(n), models_dir, registry, [rule()], destinations=destinations)
+        s.runner.config = s.config.model_copy(update={"jobs": JobSettings(notify_failures_in_study=notify)})
+        try:
+            job_id = s.job_for(make_mr_series(tmp_path / str(n) / "in", shape=SHAPE, spacing=SPACING,
+                                              omit_slices=[3]))
+            s.runner.run(job_id)
+            assert s.journal.job(job_id).state == "failed"
+            assert s.journal.outbox(job_id) == [] and s.journal.output_files(job_id) == [] and s.written == 0
+        finally:
+            s.journal.close()
+
+
+def test_a_notice_that_cannot_be_written_costs_nothing_but_itself(setup: Setup, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import dicom_node.steps as steps
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(steps, "write_not_processed", broken)
+    job_id = setup.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING, omit_slices=[3]))
+    setup.runner.run(job_id)
+    job = setup.journal.job(job_id)
+    assert job.state == "failed" and job.reason.startswith("inconsistent geometry")
+    assert setup.journal.outbox(job_id) == []
 
 
 def _kinds(journal: Journal, job_id: int) -> dict[str, str]:
@@ -276,6 +341,8 @@ def test_missing_source_file_fails_the_job(setup: Setup, tmp_path: Path) -> None
     setup.runner.run(job_id)
     job = setup.journal.job(job_id)
     assert job.state == "failed" and job.reason
+    (notice,) = setup.journal.output_files(job_id, "NOT_PROCESSED")  # from a file that is still there
+    assert len(dcmread(notice.path, stop_before_pixels=True).ReferencedImageSequence) == len(paths)
 
 
 def test_finished_jobs_are_not_run_again(setup: Setup, tmp_path: Path) -> None:
@@ -385,6 +452,8 @@ def test_a_failing_optional_step_costs_only_its_own_output(tmp_path: Path, model
         assert n_t1 > 0 and len(items) == n_t1 + 3
         assert "agreement" not in job.timings and job.timings["total"] > 0
         assert s.written == 2  # the dispatcher was woken for each job's core outputs
+        # reported on its own, beside the state
+        assert job.optional_failed == f"agreement: {type(error).__name__}: {error}"
     finally:
         s.journal.close()
 
@@ -446,11 +515,14 @@ def test_a_panicking_decoder_fails_its_job_alone_and_the_queue_moves_on(
     failed = setup.journal.job(poison_job)
     assert failed.state == "failed" and failed.attempts == 1
     assert failed.reason.startswith("FakePanic: called `Result::unwrap()`") and "crashed" in failed.reason
-    assert setup.journal.outbox(poison_job) == []
+    # only its "not processed" page is queued (from the header: the pixels that crashed are never read for it)
+    (notice,) = setup.journal.output_files(poison_job)
+    assert notice.kind == "NOT_PROCESSED"
+    assert {i.sop_instance_uid for i in setup.journal.outbox(poison_job)} == {notice.sop_instance_uid}
     for job_id in (good_job, later_job):  # the worker survived and went on with the queue
         job = setup.journal.job(job_id)
         assert (job.state, job.attempts) == ("written", 1), job.reason
-    assert setup.written == 2
+    assert setup.written == 3
 
 
 def test_keyboard_interrupt_leaves_the_job_running_for_recovery(

@@ -12,7 +12,16 @@ import pytest
 
 from dicom_node.dispatch import RetryPolicy
 from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
-from dicom_node.journal import JobState, Journal, JournalError, OutboxState, OutputFile, SeriesState
+from dicom_node.journal import (
+    DELIVERY_FAILED,
+    SCHEMA_VERSION,
+    JobState,
+    Journal,
+    JournalError,
+    OutboxState,
+    OutputFile,
+    SeriesState,
+)
 
 SERIES = "1.2.3.4.100"
 GIVE_UP = RetryPolicy(max_tries=1, backoff_initial_s=1, backoff_max_s=1).next_attempt
@@ -59,7 +68,7 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     db.close()
 
 
@@ -89,7 +98,7 @@ def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     assert journal.instance("1.9.2").sha256 == "ab" * 32 and journal.instance("1.9.3") is None
     journal.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     db.close()
 
 
@@ -104,6 +113,19 @@ def test_a_version_2_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     assert journal.output_files(job) == [("SEG", "/o/seg.dcm", "1.9.9", "1.2", "1.9.9.1")]
     assert journal.job(job).output_name == "rT1"
     journal.close()
+
+
+def test_a_version_3_journal_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    job = _older_journal(path, 3, "ALTER TABLE jobs DROP COLUMN optional_failed")  # schema 3: no optional_failed
+    journal = Journal(path)
+    assert journal.job(job).optional_failed == ""
+    journal.note_optional_failure(job, "agreement", "RuntimeError: boom")
+    assert journal.job(job).optional_failed == "agreement: RuntimeError: boom"
+    journal.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
+    db.close()
 
 
 def test_a_journal_of_a_newer_version_is_refused(tmp_path: Path) -> None:
@@ -373,6 +395,118 @@ def test_retry_failed_requeues(journal: Journal) -> None:
     assert len(journal.due_items(now=time.time() + 1)) == 2
     journal.mark_sent(ids)
     assert journal.job(job).state == "sent"
+
+
+def test_mark_failed_try_returns_the_items_given_up(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS", "ARCHIVE"), n=1)
+    keep_trying = RetryPolicy(max_tries=5, backoff_initial_s=1, backoff_max_s=1).next_attempt
+    assert journal.mark_failed_try(ids, "down", next_attempt=keep_trying) == []
+    gone = journal.mark_failed_try(ids[:1], "status 0xA700", next_attempt=GIVE_UP)
+    assert [(i.id, i.state, i.destination, i.last_error) for i in gone] == [(ids[0], "failed", "PACS",
+                                                                              "status 0xA700")]
+
+
+def test_an_optional_failure_is_noted_beside_the_state(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=1)
+    journal.note_optional_failure(job, "agreement", "RuntimeError: registration diverged")
+    journal.note_optional_failure(job, "other", "ValueError: x")
+    record = journal.job(job)
+    assert record.state == "written" and record.reason == ""
+    assert record.optional_failed == "agreement: RuntimeError: registration diverged; other: ValueError: x"
+    journal.mark_sent(ids)
+    assert journal.job(job).state == "sent" and journal.job(job).optional_failed.startswith("agreement")
+    journal.start_job(job)  # a new run starts with a clean slate
+    assert journal.job(job).optional_failed == ""
+
+
+# -- a job that failed while running: its "not processed" notice ---------------------------------
+
+def _failed_job_with_notice(journal: Journal, destinations: tuple[str, ...] = ("PACS",)) -> tuple[int, list[int]]:
+    add(journal, "1.9.1")
+    version = journal.close_series(SERIES)
+    job = journal.add_job(series_uid=SERIES, version=version, rule="t1-2d", action="synthesize", model="m")
+    journal.start_job(job)
+    journal.set_job_state(job, JobState.FAILED, "inconsistent geometry: gap")
+    notice = OutputFile("NOT_PROCESSED", "/out/not_processed.dcm", "1.9.7", "1.2.840.10008.5.1.4.1.1.7", "1.9.7.1")
+    journal.record_notice(job, [("1.9.7", "NOT_PROCESSED")],
+                          [(d, notice.path, notice.sop_class_uid, notice.sop_instance_uid) for d in destinations],
+                          files=[notice])
+    return job, [i.id for i in journal.outbox(job)]
+
+
+def test_a_failed_job_stays_failed_when_its_notice_is_delivered(journal: Journal) -> None:
+    job, ids = _failed_job_with_notice(journal)
+    assert journal.is_produced("1.9.7")  # the loop guard knows the notice
+    assert [f.kind for f in journal.output_files(job)] == ["NOT_PROCESSED"]
+    assert [i.state for i in journal.outbox(job)] == ["pending"]
+    journal.mark_sent(ids)
+    record = journal.job(job)
+    assert (record.state, record.reason) == ("failed", "inconsistent geometry: gap")
+    assert journal.outbox(job)[0].state == "sent"
+
+
+def test_a_failed_notice_and_its_retry_leave_the_job_failed_with_its_reason(journal: Journal) -> None:
+    job, ids = _failed_job_with_notice(journal)
+    (gone,) = journal.mark_failed_try(ids, "down", next_attempt=GIVE_UP)
+    assert gone.state == "failed"
+    assert journal.job(job).reason == "inconsistent geometry: gap"  # not "delivery failed"
+    assert journal.retry_failed() == 1
+    assert journal.outbox(job)[0].state == "pending"
+    assert (journal.job(job).state, journal.job(job).reason) == ("failed", "inconsistent geometry: gap")
+    # a job failed by its delivery is still put back by a retry
+    other = journal.add_job(series_uid=SERIES, version=2, rule="t1-2d", action="synthesize", model="m")
+    journal.record_outputs(other, [("1.9.9", "sT1")], [("PACS", "/out/o.dcm", "1.2", "1.9.9.1")])
+    journal.mark_failed_try([i.id for i in journal.outbox(other)], "down", next_attempt=GIVE_UP)
+    assert (journal.job(other).state, journal.job(other).reason) == ("failed", DELIVERY_FAILED)
+    journal.retry_failed()
+    assert journal.job(other).state == "written"
+
+
+# -- reprocessing ------------------------------------------------------------------------------
+
+def _routed(journal: Journal, series: str, sop: str, *, patient: str = "PAT1") -> int:
+    received = ReceivedInstance(
+        sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", study_uid=STUDY if patient == "PAT1"
+        else "1.2.3.5", series_uid=series, patient_id=patient,
+        header=InstanceHeader(image_position=(0.0, 0.0, 1.0), number_of_frames=1), series=ATTRIBUTES,
+    )
+    journal.add_instance(received, transfer_syntax="1.2.840.10008.1.2.1", path=f"/spool/{sop}.dcm", calling_ae="MR")
+    version = journal.close_series(series)
+    assert version is not None
+    return journal.add_job(series_uid=series, version=version, rule="r", action="synthesize", model="m")
+
+
+def test_request_reprocess_marks_stored_series_complete_with_a_new_version(journal: Journal) -> None:
+    done = _routed(journal, "1.5.1", "1.5.1.1")
+    journal.record_outputs(done, [("1.5.9", "sT1")], [])  # its output series: never reprocessed
+    journal.set_job_state(_routed(journal, "1.5.2", "1.5.2.1"), JobState.FAILED, "boom")
+    busy = _routed(journal, "1.5.3", "1.5.3.1")  # its job is still queued
+    add(journal, "1.5.4.1", series="1.5.4")
+    journal.close_series("1.5.4")
+    journal.set_series_state("1.5.4", SeriesState.IGNORED, "not processed: no rule matches")
+    add(journal, "1.5.5.1", series="1.5.5")  # still receiving
+    journal.set_job_state(_routed(journal, "1.6.1", "1.6.1.1", patient="PAT2"), JobState.SENT)  # another patient
+    add(journal, "1.5.9.1", series="1.5.9")  # the output, sent back to the node
+    journal.close_series("1.5.9")
+    journal.set_series_state("1.5.9", SeriesState.IGNORED, "not processed: a series this node produced")
+
+    assert journal.request_reprocess(study_uid=STUDY) == ["1.5.1", "1.5.2", "1.5.4"]
+    for uid, version in (("1.5.1", 2), ("1.5.2", 2), ("1.5.4", 2)):
+        series = journal.series(uid)
+        assert (series.state, series.version) == ("complete", version) and "reprocess requested" in series.note
+    assert journal.series("1.5.3").state == "routed" and journal.job(busy).state == "queued"
+    assert journal.series("1.5.5").state == "receiving"
+    assert journal.series("1.5.9").state == "ignored"
+    assert journal.series("1.6.1").state == "routed"
+    # already waiting to be routed: not bumped twice
+    assert journal.request_reprocess(series_uid="1.5.1") == []
+    assert journal.series("1.5.1").version == 2
+    assert journal.request_reprocess(patient_id="PAT2") == ["1.6.1"]
+    assert journal.request_reprocess(series_uid="9.9.9") == []
+    with pytest.raises(ValueError, match="exactly one"):
+        journal.request_reprocess(series_uid="1.5.1", study_uid=STUDY)
+    with pytest.raises(ValueError, match="exactly one"):
+        journal.request_reprocess()
 
 
 # -- summaries ---------------------------------------------------------------------------------

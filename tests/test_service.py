@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from dicom_node.journal import Journal
 from tests.dicom_factory import make_mr_series
@@ -48,8 +50,10 @@ finally:
 """
 
 
-def _config(tmp_path: Path, models_dir: Path, max_attempts: int) -> Path:
+def _config(tmp_path: Path, models_dir: Path, max_attempts: int, destination: bool = False) -> Path:
     path = tmp_path / "node.toml"
+    # a destination nobody listens on: outputs stay pending in the outbox
+    pacs = f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {free_port()}\n'
     path.write_text(f"""
 [node]
 host = "127.0.0.1"
@@ -70,7 +74,8 @@ series_description = "t1"
 model = "{MODEL}"
 output_name = "sT12DT1"
 volumetry = false
-""")
+
+{pacs if destination else ""}""")
     return path
 
 
@@ -85,7 +90,7 @@ def _queue(journal: Journal, paths: list[Path]) -> int:
 def test_a_job_that_kills_the_node_every_time_is_quarantined(tmp_path: Path, max_attempts: int) -> None:
     models_dir = tmp_path / "models"
     make_synthesis_model(models_dir, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
-    config = _config(tmp_path, models_dir, max_attempts)
+    config = _config(tmp_path, models_dir, max_attempts, destination=True)
     journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
     poison = _queue(journal, make_mr_series(tmp_path / "poison", shape=SHAPE, spacing=SPACING))
     good = _queue(journal, make_mr_series(tmp_path / "good", shape=SHAPE, spacing=SPACING, series_number=5))
@@ -108,7 +113,13 @@ def test_a_job_that_kills_the_node_every_time_is_quarantined(tmp_path: Path, max
         assert quarantined.state == "failed" and quarantined.attempts == max_attempts
         assert quarantined.reason.startswith(f"quarantined: interrupted {max_attempts} times")
         processed = journal.job(good)
-        assert processed.state == "sent" and processed.attempts == 1, processed.reason  # no destination
+        assert processed.state == "written" and processed.attempts == 1, processed.reason  # PACS down
+        # the reader gets a "not processed" page for the quarantined series (from its header only)
+        (notice,) = journal.output_files(poison, "NOT_PROCESSED")
+        assert dcmread(notice.path, stop_before_pixels=True).ImageComments.startswith(
+            f"NOT PROCESSED: quarantined: interrupted {max_attempts} times")
+        assert [(i.destination, i.sop_instance_uid) for i in journal.outbox(poison)] == [
+            ("pacs", notice.sop_instance_uid)]
     finally:
         journal.close()
 
@@ -158,3 +169,50 @@ def test_one_series_cannot_stop_the_idle_sweep(tmp_path: Path, monkeypatch: pyte
     finally:
         node.journal.close()
     assert states == {"1.2.1": "ignored", "1.2.2": "ignored"}, states
+
+
+def test_reprocess_routes_stored_series_again_as_a_new_version(tmp_path: Path) -> None:
+    """A series ignored under the old rules, and one processed under them, are routed again with the current rules
+    by Node.reprocess (the dashboard's way) and by the sweep (the CLI's way, the node running); their outputs are
+    version 2. The node's own output series is never among them."""
+    from dicom_node.config import load_config
+    from dicom_node.journal import SeriesState
+    from dicom_node.service import Node
+
+    models_dir = tmp_path / "models"
+    make_synthesis_model(models_dir, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
+    node = Node(load_config(_config(tmp_path, models_dir, max_attempts=1)))
+    ignored = record_series(node.journal, make_mr_series(tmp_path / "a", shape=SHAPE, spacing=SPACING,
+                                                         series_description="t1_a", series_number=3))
+    processed = record_series(node.journal, make_mr_series(tmp_path / "b", shape=SHAPE, spacing=SPACING,
+                                                           series_description="t1_b", series_number=4))
+    for uid in (ignored, processed):
+        node.journal.close_series(uid)
+    node.journal.set_series_state(ignored, SeriesState.IGNORED, "not processed: no rule matches")
+    done = node.journal.add_job(series_uid=processed, version=1, rule="t1-2d", action="synthesize", model=MODEL)
+    node.journal.record_outputs(done, [("1.2.826.0.1.3680043.10.999.7", "sT1")], [], output_name="sT12DT1")
+
+    def settled() -> list:
+        deadline = time.monotonic() + 60
+        while {j.state for j in node.journal.jobs()} & {"queued", "running"} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return node.journal.jobs()
+
+    node.start()
+    try:
+        assert node.reprocess(series_uid=ignored) == [ignored]
+        jobs = settled()
+        assert [(j.series_uid, j.version, j.state) for j in jobs if j.series_uid == ignored] == [(ignored, 2, "sent")]
+        # as the CLI does it: marked in the journal; the running node's sweep routes it
+        assert node.journal.request_reprocess(series_uid=processed) == [processed]
+        deadline = time.monotonic() + 30
+        while node.journal.series(processed).state == "complete" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        jobs = settled()
+        again = [j for j in jobs if j.series_uid == processed and j.id != done]
+        assert [(j.version, j.state) for j in again] == [(2, "sent")]
+        header = dcmread(node.journal.output_files(again[0].id, "sT1")[0].path, stop_before_pixels=True)
+        assert header.SeriesDescription == "sT12DT1 v2" and header.SeriesNumber == 402
+        assert node.reprocess(series_uid="1.2.826.0.1.3680043.10.999.7") == []  # an output: never
+    finally:
+        node.stop()

@@ -1,4 +1,4 @@
-"""Writers: one module per DICOM object type the node creates (derived MR, SEG, SR, summary).
+"""Writers: one module per DICOM object type the node creates (derived MR, SEG, SR, summary, "not processed").
 
 Every writer returns what it wrote (:class:`WrittenSeries`): the files with their SOP Class and SOP
 Instance UIDs, the Series Instance UID and the data sets as written (without pixel data), so the
@@ -83,12 +83,14 @@ def series_of(files: Sequence[WrittenFile], datasets: Sequence[Dataset]) -> Writ
     return WrittenSeries(str(datasets[0].SeriesInstanceUID), tuple(files), tuple(datasets))
 
 
-def software_versions(algorithm_name: str, algorithm_version: str) -> list[str]:
-    """SoftwareVersions of every object the node writes: the node's and the model's."""
-    return [f"dicom-node {dicom_node.__version__}", f"{algorithm_name} {algorithm_version}"]
+def software_versions(algorithm_name: str = "", algorithm_version: str = "") -> list[str]:
+    """SoftwareVersions of every object the node writes: the node's and the model's (none for an object no model
+    made, such as a "not processed" notice)."""
+    node = f"dicom-node {dicom_node.__version__}"
+    return [node, f"{algorithm_name} {algorithm_version}"] if algorithm_name else [node]
 
 
-def equipment(algorithm_name: str, algorithm_version: str) -> dict[str, Any]:
+def equipment(algorithm_name: str = "", algorithm_version: str = "") -> dict[str, Any]:
     """General Equipment keyword arguments for highdicom constructors (this node; the loop guard
     recognises its own objects by Manufacturer and ManufacturerModelName)."""
     return {

@@ -25,7 +25,7 @@ from dicom_node.writers import WrittenSeries, equipment, write_single
 from inference.labels import HIPPOCAMPUS, LOBES, STRUCTURES
 from inference.volumetry import Volumetry, with_qc_flag
 
-__all__ = ["PAGE_SIZE", "render_page", "write_summary"]
+__all__ = ["PAGE_SIZE", "font", "render_page", "secondary_capture", "wrap_text", "write_summary"]
 
 PAGE_SIZE = (1024, 1024)  # columns, rows
 SYNTHETIC_BANNER = "SYNTHETIC - not for diagnosis of lesions"
@@ -52,7 +52,8 @@ _TABLE = (
 )
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at ``size`` pixels (no font file needed at run time)."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, ValueError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
@@ -154,7 +155,7 @@ def render_page(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, hea
     width, height = PAGE_SIZE
     page = Image.new("RGB", (width, height), _BG)
     draw = ImageDraw.Draw(page)
-    big, normal, small = _font(26), _font(17), _font(14)
+    big, normal, small = font(26), font(17), font(14)
 
     draw.rectangle((0, 0, width, 52), fill=_RED if synthetic else _AMBER)
     draw.text((width // 2, 26), SYNTHETIC_BANNER if synthetic else REAL_BANNER, font=big, fill=(255, 255, 255),
@@ -205,14 +206,15 @@ def _draw_qc(draw: ImageDraw.ImageDraw, volumetry: Volumetry, qc_x: int, qc_y: i
         colour = {True: _FG, False: (255, 90, 90), None: _DIM}[check.passed]
         draw.text((qc_x, qc_y), f"{mark:<5}{check.name}", font=small, fill=colour)
         qc_y += 18
-        for chunk in _wrap(check.reason, 44):
+        for chunk in wrap_text(check.reason, 44):
             draw.text((qc_x + 12, qc_y), chunk, font=small, fill=_DIM)
             qc_y += 17
         qc_y += 4
     return qc_y
 
 
-def _wrap(text: str, width: int) -> list[str]:
+def wrap_text(text: str, width: int, max_lines: int = 4) -> list[str]:
+    """``text`` in lines of at most ``width`` characters (a longer word stays whole), the first ``max_lines``."""
     words, lines, line = text.split(), [], ""
     for word in words:
         if line and len(line) + 1 + len(word) > width:
@@ -222,7 +224,7 @@ def _wrap(text: str, width: int) -> list[str]:
             line = f"{line} {word}".strip()
     if line:
         lines.append(line)
-    return lines[:4]
+    return lines[:max_lines]
 
 
 def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, source_images: Sequence[Dataset],
@@ -244,6 +246,18 @@ def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, s
         f"model {algorithm_name} {algorithm_version}   dicom-node {dicom_node.__version__}",
     ]
     pixels = render_page(volumetry, t1=t1, labels=labels, header_lines=header, synthetic=synthetic)
+    image = secondary_capture(first, pixels, series_number=series_number,
+                              series_description=with_qc_flag(series_description, volumetry), uid_prefix=uid_prefix,
+                              **equipment(algorithm_name, algorithm_version))
+    image.ImageComments = ("Volumetry summary; " + ("SYNTHETIC T1, not for diagnosis of lesions; " if synthetic
+                                                   else "") + ("QC passed" if volumetry.qc_passed else "QC FAILED"))
+    return write_single(image, out_path)
+
+
+def secondary_capture(first: Dataset, pixels: np.ndarray, *, series_number: int, series_description: str,
+                      uid_prefix: str | None, **equipment_kwargs: object) -> hd.sc.SCImage:
+    """A rendered RGB page (``pixels``: uint8 rows x columns x 3) as a Secondary Capture of a new series in the
+    study of ``first`` (its patient and study attributes), with patient identification burnt in."""
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=first,
         pixel_array=pixels,
@@ -256,12 +270,10 @@ def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, s
         instance_number=1,
         patient_orientation=("L", "F"),
         transfer_syntax_uid=hd.UID("1.2.840.10008.1.2.1"),
-        **equipment(algorithm_name, algorithm_version),
-        series_description=with_qc_flag(series_description, volumetry),
+        series_description=series_description,
+        **equipment_kwargs,
     )
     image.ConversionType = "WSD"  # rendered by a workstation, not digitized
     image.BurnedInAnnotation = "YES"
     image.BodyPartExamined = str(first.get("BodyPartExamined") or "BRAIN")  # unpaired: no Laterality needed
-    image.ImageComments = ("Volumetry summary; " + ("SYNTHETIC T1, not for diagnosis of lesions; " if synthetic
-                                                   else "") + ("QC passed" if volumetry.qc_passed else "QC FAILED"))
-    return write_single(image, out_path)
+    return image

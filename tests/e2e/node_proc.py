@@ -60,6 +60,7 @@ class NodeProcess:
         inference: Mapping[str, Any] | None = None,
         limits: Mapping[str, Any] | None = None,
         tls: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,  # other tables of the config: {"jobs": {...}, "notifications": [...]}
         ae_title: str = "DICOM_NODE",
         port: int | None = None,
         user: str | None = None,
@@ -97,6 +98,7 @@ class NodeProcess:
             sections["destinations"] = list(destinations)
         if rules is not None:
             sections["rules"] = list(rules)
+        sections.update(extra or {})
         self.config_path = self.workdir / "node.toml"
         self.config_path.write_text(config_toml(sections))
         self.log_path = self.workdir / "node.log"
