@@ -7,6 +7,7 @@
     dicom-node status [--config node.toml]
     dicom-node echo DEST [--config node.toml]        (DEST: a destination name or AE@host:port)
     dicom-node retry [DEST] [--config node.toml]     (re-queue deliveries that failed for good)
+    dicom-node purge [--dry-run] [--config node.toml] (delete what [retention] says is no longer needed)
 """
 
 from __future__ import annotations
@@ -211,12 +212,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     journal = Journal(path)
     counts = journal.counts()
-    print(f"instances received: {counts['instances']['total']}")
+    purged = counts["purged"]
+    print(f"instances received: {counts['instances']['total'] + purged['instances']}"
+          + (f" ({purged['instances']} deleted by retention, from {purged['series']} series)"
+             if purged["series"] else ""))
     print("series: " + (", ".join(f"{k} {v}" for k, v in sorted(counts['series'].items())) or "none"))
     print("jobs:   " + (", ".join(f"{k} {v}" for k, v in sorted(counts['jobs'].items())) or "none"))
     print("\nrecent series:")
     for s in journal.all_series(limit=args.limit):
         note = f" - {s.note}" if s.note else ""
+        if s.purged_at:
+            note += f" [{s.purged_instances} inst deleted {_ts(s.purged_at)}]"
         print(f"  {_ts(s.last_received)} {s.description!r:32} {s.n_instances:4d} inst  {s.state}{note}")
     print("\nrecent jobs:")
     for j in journal.jobs(limit=args.limit):
@@ -304,6 +310,37 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _setup_logging(config.node.log_level)
+    from .journal import Journal
+    from .retention import Retention
+
+    path = config.node.data_dir / "journal.sqlite3"
+    if not path.exists():
+        print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
+        return 1
+    settings = config.retention
+    if not settings.enabled:
+        print("retention is disabled ([retention] enabled = false): nothing deleted")
+        return 0
+    journal = Journal(path, fsync=config.node.fsync)
+    try:
+        result = Retention(config, journal).sweep(dry_run=args.dry_run)
+    finally:
+        journal.close()
+    verb = "would delete" if args.dry_run else "deleted"
+    for c in result.series:
+        why = "delivered" if c.delivered else "not processed"
+        print(f"  {verb}: series {c.description!r} ({c.series_uid}), {c.state}, {why}, last change "
+              f"{_ts(c.settled_at)}: {c.instances} instance(s), outputs of {len(c.jobs)} job(s)")
+    print(f"{verb} {len(result.series)} series ({result.instances} instance(s), outputs of {result.jobs} job(s))"
+          + ("" if args.dry_run else f", {result.files} file(s) and folder(s), {result.bytes_freed / 1e6:.1f} MB")
+          + f"; policy: {settings.delivered_days:g} day(s) after delivery, {settings.not_processed_days:g} day(s)"
+          " when not processed")
+    return 1 if result.refused else 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import format_report
 
@@ -342,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="destination name from the config, or AE@host:port")
     p = add("retry", cmd_retry, "re-queue deliveries that failed for good")
     p.add_argument("dest", nargs="?", default=None, help="only this destination")
+    p = add("purge", cmd_purge, "delete received instances and outputs that [retention] no longer keeps "
+            "(safe while the node runs; the journal keeps what was received and sent)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p = sub.add_parser("journal", help="journal commands (stop the node first)")
     jsub = p.add_subparsers(dest="journal_command", required=True)
     j = jsub.add_parser("rebuild", help="add every spooled object the journal does not know (after a lost journal)")

@@ -3,7 +3,8 @@
 Start-up also recovers from a crash: jobs that were queued are run again, jobs that were running
 are run again while under ``jobs.max_attempts`` (else quarantined as failed), series that
 were closed but not yet routed are routed, the outbox is resumed, and series still receiving close
-on their idle timeout as usual.
+on their idle timeout as usual. A retention sweep that a crash interrupted is finished
+(``dicom_node.retention``), then the sweep runs every ``[retention] sweep_interval_s``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -23,6 +25,7 @@ from .dispatch import Dispatcher
 from .jobs import JobRunner, ThreadExecutor
 from .journal import Journal, OutboxState, SeriesState
 from .rebuild import unknown_files
+from .retention import Retention
 from .routing import route
 from .scp import StorageSCP
 from .spool import Spool, private_dir
@@ -50,6 +53,9 @@ class Node:
         self.executor: ThreadExecutor | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released)
+        #: the disk watermark of the SCP: ``disk.state()`` (free bytes, refusing or not) for /health and metrics
+        self.disk = self.scp.disk
+        self.retention = Retention(config, self.journal)
         self._close_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -77,12 +83,22 @@ class Node:
             loaded = self.registry.session(model_id)  # warm: the first series does not pay for it
             log.info("model %s %s ready on %s", model_id, loaded.manifest.version, loaded.provider)
         self.executor = ThreadExecutor(self.runner.run, workers=self.config.inference.workers)
+        self._finish_purge()
         self._check_spool()
         self._recover()
         self.scheduler.add_job(self.sweep, "interval", seconds=self.config.node.sweep_interval_s,
                                id="idle-sweep", max_instances=1, coalesce=True)
         self.scheduler.add_job(self.dispatcher.send_due, "interval", seconds=self.config.dispatch.scan_interval_s,
                                id="outbox", max_instances=1, coalesce=True)
+        retention = self.config.retention
+        if retention.enabled:
+            first = datetime.now() + timedelta(seconds=min(60.0, retention.sweep_interval_s))
+            self.scheduler.add_job(self.retention_sweep, "interval", seconds=retention.sweep_interval_s,
+                                   id="retention", max_instances=1, coalesce=True, next_run_time=first)
+            log.info("retention: series deleted %g day(s) after delivery, %g day(s) after their last instance when "
+                     "not processed", retention.delivered_days, retention.not_processed_days)
+        else:
+            log.info("retention disabled ([retention] enabled = false): received instances and outputs are kept")
         self.scheduler.start()
         self.scp.start()
 
@@ -93,6 +109,24 @@ class Node:
         if self.executor is not None:
             self.executor.shutdown()
         self.journal.close()
+
+    def _finish_purge(self) -> None:
+        """Delete what a retention sweep interrupted by a stop or crash had decided to delete."""
+        try:
+            done = self.retention.finish_pending()
+        except Exception:  # noqa: BLE001 - the files stay recorded; the next sweep deletes them
+            log.exception("retention: finishing an interrupted sweep failed; the next sweep tries again")
+            return
+        if done.files:
+            log.info("retention: finished an interrupted sweep: %d file(s) deleted", done.files)
+
+    def retention_sweep(self) -> None:
+        """The periodic retention sweep (``[retention]``); a failure is logged and the next sweep tries again."""
+        try:
+            self.retention.sweep()
+        except Exception:  # noqa: BLE001 - what was decided stays recorded (purge_files) for the next sweep
+            log.exception("retention sweep failed; the next sweep (in %.0f s) finishes it",
+                          self.config.retention.sweep_interval_s)
 
     def _check_spool(self) -> None:
         """Warn when the spool holds objects the journal does not know (a lost or replaced journal)."""

@@ -59,7 +59,7 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
     db.close()
 
 
@@ -89,7 +89,7 @@ def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     assert journal.instance("1.9.2").sha256 == "ab" * 32 and journal.instance("1.9.3") is None
     journal.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
     db.close()
 
 
@@ -103,6 +103,21 @@ def test_a_version_2_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     journal.record_outputs(job, [("1.9.9", "SEG")], [], files=[seg], output_name="rT1")
     assert journal.output_files(job) == [("SEG", "/o/seg.dcm", "1.9.9", "1.2", "1.9.9.1")]
     assert journal.job(job).output_name == "rT1"
+    journal.close()
+
+
+def test_a_version_3_journal_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    job = _older_journal(path, 3, "DROP TABLE purge_files",  # schema 3: no retention columns nor purge_files
+                         "ALTER TABLE series DROP COLUMN purged_at", "ALTER TABLE series DROP COLUMN purged_instances",
+                         "ALTER TABLE jobs DROP COLUMN purged_at", "ALTER TABLE outbox DROP COLUMN sent_at")
+    journal = Journal(path)
+    series = journal.series(SERIES)
+    assert (series.purged_at, series.purged_instances, journal.job(job).purged_at) == (0, 0, 0)
+    assert journal.pending_purges() == [] and journal.counts()["purged"] == {"series": 0, "instances": 0}
+    journal.record_outputs(job, [("1.9.9", "sT1")], [("PACS", "/o/1.dcm", "1.2", "1.9.9.1")])
+    journal.mark_sent([journal.outbox(job)[0].id])
+    assert journal.outbox(job)[0].sent_at > 0
     journal.close()
 
 
