@@ -60,6 +60,7 @@ class NodeProcess:
         inference: Mapping[str, Any] | None = None,
         limits: Mapping[str, Any] | None = None,
         tls: Mapping[str, Any] | None = None,
+        retention: Mapping[str, Any] | None = None,
         ae_title: str = "DICOM_NODE",
         port: int | None = None,
         user: str | None = None,
@@ -91,6 +92,8 @@ class NodeProcess:
             sections["limits"] = dict(limits)
         if tls:
             sections["tls"] = dict(tls)
+        if retention:
+            sections["retention"] = dict(retention)
         if peers:
             sections["peers"] = list(peers)
         if destinations:
