@@ -484,10 +484,15 @@ class StorageSCP:
                 known = self.journal.instance(sop_uid)
                 if known is not None:
                     self._check_resend(known, digest, series_uid, calling)
-                    if self.journal.confirm_instance(sop_uid):
+                    if not self.journal.confirm_instance(sop_uid):
+                        known = None  # a retention sweep purged it since the look-up: stored as new
+                    elif not Path(known.path).exists():  # same content, so the same UIDs and path
+                        log.warning("C-STORE of %s from %s: already journaled but its file %s is missing; "
+                                    "written again", sop_uid, calling, known.path)
+                        self.spool.write(study_uid, series_uid, sop_uid, data)
                         series_uid = known.series_uid
-                    else:  # a retention sweep purged it since the look-up: stored as new
-                        known = None
+                    else:
+                        series_uid = known.series_uid
                 if known is None:
                     path = self.spool.write(study_uid, series_uid, sop_uid, data)
                     self.journal.add_instance(received, transfer_syntax=str(event.context.transfer_syntax),

@@ -25,7 +25,7 @@ from dicom_node.headers import describe
 from dicom_node.journal import JobState, Journal, OutputFile, SeriesState
 from dicom_node.rebuild import unknown_files
 from dicom_node.retention import DAY, Retention
-from dicom_node.scp import StorageSCP
+from dicom_node.scp import StorageSCP, stored_digest
 from dicom_node.spool import Spool
 from dicom_node.steps import counterpart_side
 from tests.dicom_factory import make_mr_series, make_study
@@ -64,7 +64,7 @@ class Site:
             path = self.spool.write(received.study_uid, received.series_uid, received.sop_instance_uid,
                                     file.read_bytes())
             self.journal.add_instance(received, transfer_syntax=ExplicitVRLittleEndian, path=str(path),
-                                      calling_ae="MR1")
+                                      calling_ae="MR1", sha256=stored_digest(path))
             paths.append(path)
         return str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID), paths
 
@@ -415,6 +415,15 @@ def test_a_resend_racing_the_purge_is_stored(site: Site, scanner: Scanner, monke
     monkeypatch.setattr(site.journal, "add_instance", purge_in_between)
     assert scanner.send(_sources(site, 2)) == [0, 0, 0]
     assert all(on_disk(spooled2)) and len(site.journal.instances(uid2)) == 3
+
+
+def test_a_known_instance_whose_file_is_missing_is_written_again(site: Site, scanner: Scanner) -> None:
+    """E.g. the SCP's second write after a sweep took its file failed: the sender's retry restores it."""
+    uid, spooled = site.receive()
+    spooled[0].unlink()
+    assert scanner.send(_sources(site, 1)) == [0, 0, 0]
+    assert all(on_disk(spooled)) and len(site.journal.instances(uid)) == 3
+    assert stored_digest(spooled[0]) == site.journal.instance(str(dcmread(spooled[0]).SOPInstanceUID)).sha256
 
 
 def test_a_duplicate_keeps_its_series_from_this_sweep(site: Site, scanner: Scanner) -> None:
