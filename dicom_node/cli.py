@@ -8,6 +8,7 @@
     dicom-node echo DEST [--config node.toml]        (DEST: a destination name or AE@host:port)
     dicom-node retry [DEST] [--config node.toml]     (re-queue deliveries that failed for good)
     dicom-node reprocess --series UID | --study UID | --patient ID [--config node.toml]
+    dicom-node purge [--dry-run] [--config node.toml] (delete what [retention] says is no longer needed)
     dicom-node report FILE                           (the volumes of a volumetry SR, or an agreement SR)
 
 Without ``--config`` the node reads ``$DICOM_NODE_CONFIG``, else ``/etc/dicom-node/node.toml`` when it exists,
@@ -296,7 +297,8 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
             "failures": {"since_hours": since_h, "jobs": [_job_json(j) for j in failed_jobs],
                          "deliveries_failed": counts["outbox"].get(OutboxState.FAILED, 0)},
             "series": [{"series_uid": s.series_uid, "description": s.description, "instances": s.n_instances,
-                        "state": str(s.state), "note": s.note, "last_received": s.last_received}
+                        "state": str(s.state), "note": s.note, "last_received": s.last_received,
+                        "purged_at": s.purged_at, "purged_instances": s.purged_instances}
                        for s in journal.all_series(limit=limit)],
             "jobs": [_job_json(j) for j in journal.jobs(limit=limit)],
             "outbox": journal.outbox_summary(),
@@ -325,12 +327,17 @@ def _print_status(report: dict[str, Any]) -> None:
         print(report["problems"][0])
         return
     counts = report["counts"]
-    print(f"instances received: {counts['instances']['total']}")
+    purged = counts["purged"]
+    print(f"instances received: {counts['instances']['total'] + purged['instances']}"
+          + (f" ({purged['instances']} deleted by retention, from {purged['series']} series)"
+             if purged["series"] else ""))
     print("series: " + (", ".join(f"{k} {v}" for k, v in sorted(counts['series'].items())) or "none"))
     print("jobs:   " + (", ".join(f"{k} {v}" for k, v in sorted(counts['jobs'].items())) or "none"))
     print("\nrecent series:")
     for s in report["series"]:
         note = f" - {s['note']}" if s["note"] else ""
+        if s["purged_at"]:
+            note += f" [{s['purged_instances']} inst deleted {_ts(s['purged_at'])}]"
         print(f"  {_ts(s['last_received'])} {s['description']!r:32} {s['instances']:4d} inst  {s['state']}{note}")
     print("\nrecent jobs:")
     for j in report["jobs"]:
@@ -432,6 +439,39 @@ def cmd_retry(args: argparse.Namespace) -> int:
     print(f"{n} delivery item(s) queued again; a running node sends them within "
           f"{config.dispatch.scan_interval_s:.0f} s")
     return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    config = _config(args)
+    _setup_logging(config)
+    from .journal import Journal
+    from .retention import Retention
+
+    path = config.node.data_dir / "journal.sqlite3"
+    if not path.exists():
+        print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
+        return 1
+    settings = config.retention
+    if not settings.enabled:
+        print("retention is disabled ([retention] enabled = false): nothing deleted")
+        return 0
+    journal = Journal(path, fsync=config.node.fsync)
+    try:
+        result = Retention(config, journal).sweep(dry_run=args.dry_run)
+    finally:
+        journal.close()
+    if not args.dry_run:
+        _audit(config, "purge", series=[c.series_uid for c in result.series], instances=result.instances)
+    verb = "would delete" if args.dry_run else "deleted"
+    for c in result.series:
+        why = "delivered" if c.delivered else "not processed"
+        print(f"  {verb}: series {c.description!r} ({c.series_uid}), {c.state}, {why}, last change "
+              f"{_ts(c.settled_at)}: {c.instances} instance(s), outputs of {len(c.jobs)} job(s)")
+    print(f"{verb} {len(result.series)} series ({result.instances} instance(s), outputs of {result.jobs} job(s))"
+          + ("" if args.dry_run else f", {result.files} file(s) and folder(s), {result.bytes_freed / 1e6:.1f} MB")
+          + f"; policy: {settings.delivered_days:g} day(s) after delivery, {settings.not_processed_days:g} day(s)"
+          " when not processed")
+    return 1 if result.refused else 0
 
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
@@ -536,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--series", metavar="UID", help="one series (SeriesInstanceUID)")
     which.add_argument("--study", metavar="UID", help="every series of a study (StudyInstanceUID)")
     which.add_argument("--patient", metavar="ID", help="every series of a patient (PatientID)")
+    p = add("purge", cmd_purge, "delete received instances and outputs that [retention] no longer keeps",
+            "Run a retention sweep now ([retention]): delete the received instances and outputs of series no "
+            "longer needed. Safe while the node runs; the journal keeps what was received and sent.")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
     p = sub.add_parser("journal", help="journal commands (stop the node first)",
                        description="Journal commands (stop the node first).")
     jsub = p.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")

@@ -115,11 +115,20 @@ class LimitSettings(_Strict):
     pdu_timeout_s: float = Field(default=30.0, gt=0)
     #: Open TCP connections, associated or not; another is closed at once.
     max_connections: int = Field(default=64, ge=1)
+    #: Low disk watermark, MB: while the file system holding ``[node] data_dir`` has less free space than
+    #: this, every C-STORE is refused with 0xA700 (out of resources) before anything is written. 0: off.
+    min_free_mb: float = Field(default=1024.0, ge=0)
+    #: High disk watermark, MB: once refusing, C-STOREs are accepted again only when this much is free
+    #: (at least ``min_free_mb``, so the node does not flip between refusing and accepting).
+    resume_free_mb: float = Field(default=2048.0, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> LimitSettings:
         if self.receive_memory_mb < self.max_object_mb:
             raise ValueError("receive_memory_mb is smaller than max_object_mb (no object that large could arrive)")
+        if self.resume_free_mb < self.min_free_mb:
+            raise ValueError("resume_free_mb is smaller than min_free_mb (the node would accept again below the "
+                             "level it refuses at)")
         return self
 
 
@@ -386,6 +395,27 @@ class Notification(_Strict):
     tries: int = Field(default=3, ge=1, le=10)
 
 
+class RetentionSettings(_Strict):
+    """``[retention]``: when the node deletes what it received and produced (``dicom_node.retention``).
+
+    A series is deleted (its received instances and the outputs of its jobs) only once nothing of it is
+    still needed: not receiving, not waiting to be routed, no job queued, running or with outputs still to
+    deliver, no delivery that failed for good (``dicom-node retry`` may still send it). The journal keeps
+    what was received and sent, when and to whom; the files go.
+    """
+
+    #: Delete at all (the periodic sweep and ``dicom-node purge``). false: keep everything for good.
+    enabled: bool = True
+    #: Days after the last of a series' outputs was delivered (and its last instance was received)
+    #: before its instances and outputs are deleted.
+    delivered_days: float = Field(default=30.0, gt=0)
+    #: Days after the last instance (or the failure of its job) of a series the node did not process
+    #: (no rule matched, or its job failed) before its instances are deleted.
+    not_processed_days: float = Field(default=30.0, gt=0)
+    #: How often the retention sweep runs, seconds.
+    sweep_interval_s: float = Field(default=3600.0, gt=0)
+
+
 class DispatchSettings(_Strict):
     """``[dispatch]``: outbox retry policy (applied by ``dispatch.RetryPolicy``)."""
 
@@ -487,6 +517,7 @@ class NodeConfig(_Strict):
     volumetry: VolumetrySettings = Field(default_factory=VolumetrySettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     notifications: list[Notification] = Field(default_factory=list)

@@ -21,6 +21,12 @@ outbox: ``pending`` → ``sent`` | ``failed`` (after the last try)
 A stored series is routed again with the current rules (a new version) when an operator asks for it:
 :meth:`Journal.request_reprocess` sets it ``complete`` with its version bumped, and the node routes
 ``complete`` series at start-up and on each sweep.
+Retention (``dicom_node.retention``) deletes files in two steps: :meth:`Journal.begin_purge` records, in one
+transaction, the files to delete (``purge_files``), removes the series' instance rows (their count is kept
+in ``series.purged_instances``) and stamps ``purged_at`` on the series and its jobs; then
+:meth:`Journal.finish_purge` deletes each file and its ``purge_files`` row. A crash in between leaves the
+intent, which the next sweep (or the next start) finishes. The series, job, produced, output_files and
+outbox rows stay: what was received and sent, when and to whom.
 """
 
 from __future__ import annotations
@@ -144,6 +150,13 @@ CREATE TABLE IF NOT EXISTS output_files (
     UNIQUE (job_id, path)
 );
 CREATE INDEX IF NOT EXISTS output_files_job ON output_files(job_id);
+CREATE TABLE IF NOT EXISTS purge_files (
+    path             TEXT PRIMARY KEY,
+    kind             TEXT NOT NULL,
+    series_uid       TEXT NOT NULL DEFAULT '',
+    sop_instance_uid TEXT NOT NULL DEFAULT '',
+    recorded_at      REAL NOT NULL
+);
 """
 
 #: Columns added since schema version 1, as (table, column, definition): a journal written by an
@@ -154,8 +167,13 @@ _ADDED_COLUMNS = [
     ("outbox", "first_failed_at", "REAL NOT NULL DEFAULT 0"),  # 0: no failed try yet
     ("jobs", "output_name", "TEXT NOT NULL DEFAULT ''"),  # schema 3; '' for jobs recorded before
     ("jobs", "optional_failed", "TEXT NOT NULL DEFAULT ''"),  # schema 4: optional steps that failed, and why
+    ("series", "purged_at", "REAL NOT NULL DEFAULT 0"),  # schema 4: 0: its files were never purged
+    ("series", "purged_instances", "INTEGER NOT NULL DEFAULT 0"),  # schema 4: instance rows purged so far
+    ("jobs", "purged_at", "REAL NOT NULL DEFAULT 0"),  # schema 4: 0: its outputs are on disk
+    ("outbox", "sent_at", "REAL NOT NULL DEFAULT 0"),  # schema 4: 0: not sent (or sent before schema 4)
 ]
-# Schema 3 also added the table output_files (created by _SCHEMA; jobs recorded before have no rows there).
+# Schema 3 also added the table output_files (created by _SCHEMA; jobs recorded before have no rows there),
+# schema 4 the table purge_files (files a retention sweep decided to delete and has not deleted yet).
 
 
 @dataclass(frozen=True)
@@ -185,6 +203,10 @@ class SeriesRecord:
     last_received: float
     note: str
     n_instances: int = 0
+    #: when retention last deleted the series' files (0: never); its instance rows are then gone and
+    #: counted in ``purged_instances``
+    purged_at: float = 0.0
+    purged_instances: int = 0
 
 
 @dataclass(frozen=True)
@@ -206,6 +228,8 @@ class JobRecord:
     #: optional steps of the last run that failed (``agreement: RuntimeError: ...``; several joined by "; "):
     #: the job's core outputs are delivered all the same, so this is reported beside its state, not as it
     optional_failed: str = ""
+    #: when retention deleted the job's output files (0: they are on disk); its journal rows stay
+    purged_at: float = 0.0
 
 
 #: The reason of a job that failed by its delivery (an outbox item failed for good); any other reason of a
@@ -235,6 +259,53 @@ class OutboxItem:
     tries: int
     next_attempt_at: float
     last_error: str
+    #: when the destination accepted it (0: not sent, or sent before schema 4)
+    sent_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class PurgeCandidate:
+    """A series whose files a retention sweep may delete now (see :meth:`Journal.purge_candidates`)."""
+
+    series_uid: str
+    study_uid: str
+    description: str
+    state: SeriesState
+    #: its instance rows (files in the spool) and its jobs whose outputs are still on disk
+    instances: int
+    jobs: tuple[int, ...]
+    #: True: at least one of its jobs delivered its outputs (``[retention] delivered_days`` applies),
+    #: False: not processed (``not_processed_days``)
+    delivered: bool
+    #: when it last changed: its last instance received, or its last job settled (sent or failed)
+    settled_at: float
+
+
+class PurgeFile(NamedTuple):
+    """A file (or an output folder) a retention sweep decided to delete and has not deleted yet."""
+
+    path: str
+    kind: str  # "instance" (a spooled received object), "output" (a file a job wrote), "folder" (a job's)
+    series_uid: str
+    sop_instance_uid: str = ""  # of an instance
+
+
+#: A series may be purged when none of it is still needed: closed and routed or ignored, no job that may
+#: still write or deliver (queued, running, written), no delivery pending or failed for good (an operator's
+#: ``retry`` may still send it), something left on disk, and settled (last instance, last job update)
+#: before the cutoff of its kind (delivered: ``:delivered_before``, else ``:not_processed_before``).
+_PURGEABLE = """
+    s.state IN ('routed', 'ignored')
+    AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid
+                    AND j.state IN ('queued', 'running', 'written'))
+    AND NOT EXISTS (SELECT 1 FROM outbox o JOIN jobs j ON o.job_id = j.id
+                    WHERE j.series_uid = s.series_uid AND o.state IN ('pending', 'failed'))
+    AND (EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = s.series_uid)
+         OR EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.purged_at = 0))
+    AND MAX(s.last_received, COALESCE((SELECT MAX(j.updated_at) FROM jobs j WHERE j.series_uid = s.series_uid), 0))
+        < CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.state = 'sent')
+               THEN :delivered_before ELSE :not_processed_before END
+"""
 
 
 class JournalError(RuntimeError):
@@ -422,8 +493,23 @@ class Journal:
         return is_new
 
     def known_paths(self) -> set[str]:
-        """The spool path of every journaled instance."""
-        return {r["path"] for r in self._query("SELECT path FROM instances")}
+        """The spool path of every journaled instance, and of every file a retention sweep is deleting."""
+        return ({r["path"] for r in self._query("SELECT path FROM instances")}
+                | {r["path"] for r in self._query("SELECT path FROM purge_files")})
+
+    def confirm_instance(self, sop_instance_uid: str, now: float | None = None) -> bool:
+        """A re-send of a known instance is about to be acknowledged without being stored again: True if
+        its row is still there, and its series then counts as just received (so no retention sweep
+        deletes it now); False if a sweep purged it meanwhile (the caller stores it as new)."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute("SELECT series_uid FROM instances WHERE sop_instance_uid=?",
+                             (sop_instance_uid,)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE series SET last_received=MAX(last_received, ?) WHERE series_uid=?",
+                       (now, row["series_uid"]))
+            return True
 
     @staticmethod
     def _instance(r: sqlite3.Row) -> InstanceRecord:
@@ -451,7 +537,8 @@ class Journal:
             attributes=SeriesAttributes.from_json(json.loads(row["attrs"])), state=SeriesState(row["state"]),
             version=row["version"],
             first_received=row["first_received"], last_received=row["last_received"], note=row["note"],
-            n_instances=row["n"] if "n" in keys else 0,
+            n_instances=row["n"] if "n" in keys else 0, purged_at=row["purged_at"],
+            purged_instances=row["purged_instances"],
         )
 
     def series(self, series_uid: str) -> SeriesRecord | None:
@@ -508,6 +595,7 @@ class Journal:
             action=row["action"], model=row["model"], state=JobState(row["state"]), reason=row["reason"],
             created_at=row["created_at"], updated_at=row["updated_at"], timings=json.loads(row["timings"]),
             attempts=row["attempts"], output_name=row["output_name"], optional_failed=row["optional_failed"],
+            purged_at=row["purged_at"],
         )
 
     def add_job(self, *, series_uid: str, version: int, rule: str, action: str, model: str | None) -> int:
@@ -700,6 +788,7 @@ class Journal:
             sop_class_uid=row["sop_class_uid"], sop_instance_uid=row["sop_instance_uid"],
             state=OutboxState(row["state"]),
             tries=row["tries"], next_attempt_at=row["next_attempt_at"], last_error=row["last_error"],
+            sent_at=row["sent_at"],
         )
 
     def due_items(self, now: float | None = None) -> list[OutboxItem]:
@@ -718,7 +807,9 @@ class Journal:
 
     def mark_sent(self, item_ids: Sequence[int]) -> None:
         with self._tx() as db:
-            db.executemany("UPDATE outbox SET state='sent', last_error='' WHERE id=?", [(i,) for i in item_ids])
+            now = time.time()
+            db.executemany("UPDATE outbox SET state='sent', last_error='', sent_at=? WHERE id=?",
+                           [(now, i) for i in item_ids])
             self._settle_jobs(db, item_ids)
 
     def mark_failed_try(
@@ -799,7 +890,7 @@ class Journal:
         routed or ignored becomes ``complete`` with its version bumped (its outputs are then named ``v2``, ...),
         and the node routes it on its next sweep (or at its next start). Left alone: the node's own outputs
         (``produced``), series still receiving (they close and are routed by themselves), series already
-        waiting to be routed, and series with a job queued or running.
+        waiting to be routed, series with a job queued or running, and series whose instances retention deleted.
         """
         selectors = {"series_uid": series_uid, "study_uid": study_uid, "patient_id": patient_id}
         given = {k: v for k, v in selectors.items() if v}
@@ -808,7 +899,7 @@ class Journal:
         ((column, value),) = given.items()
         with self._tx() as db:
             rows = db.execute(
-                f"SELECT series_uid FROM series WHERE {column}=? AND state IN ('routed', 'ignored')"
+                f"SELECT series_uid FROM series WHERE {column}=? AND state IN ('routed', 'ignored') AND purged_at = 0"
                 " AND series_uid NOT IN (SELECT series_uid FROM produced)"
                 " AND series_uid NOT IN (SELECT series_uid FROM jobs WHERE state IN ('queued', 'running'))"
                 " ORDER BY first_received, series_uid", (value,)
@@ -819,6 +910,89 @@ class Journal:
                 [(f"reprocess requested {time.strftime('%Y-%m-%d %H:%M:%S')}", uid) for uid in marked],
             )
         return marked
+
+    # -- retention -------------------------------------------------------------------------
+
+    def purge_candidates(self, *, delivered_before: float, not_processed_before: float) -> list[PurgeCandidate]:
+        """Series whose files may be deleted now (the conditions: :data:`_PURGEABLE`), oldest first."""
+        rows = self._query(
+            "SELECT s.series_uid, s.study_uid, s.description, s.state,"
+            " (SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid) AS n,"
+            " (SELECT GROUP_CONCAT(j.id) FROM jobs j WHERE j.series_uid = s.series_uid AND j.purged_at = 0) AS jobs,"
+            " EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.state = 'sent') AS delivered,"
+            " MAX(s.last_received, COALESCE((SELECT MAX(j.updated_at) FROM jobs j"
+            "     WHERE j.series_uid = s.series_uid), 0)) AS settled"
+            f" FROM series s WHERE {_PURGEABLE} ORDER BY settled",
+            {"delivered_before": delivered_before, "not_processed_before": not_processed_before},
+        )
+        return [PurgeCandidate(r["series_uid"], r["study_uid"], r["description"], SeriesState(r["state"]), r["n"],
+                               tuple(int(j) for j in (r["jobs"] or "").split(",") if j), bool(r["delivered"]),
+                               r["settled"]) for r in rows]
+
+    def begin_purge(self, series_uid: str, *, delivered_before: float, not_processed_before: float,
+                    job_folder: Callable[[int], str], now: float | None = None) -> list[PurgeFile] | None:
+        """Decide to delete a series' files, in one transaction: checks again that it may be purged (None if
+        not any more: it was received again, reprocessed, ...), records every file to delete in
+        ``purge_files`` (its instances, and its jobs' output files and folders ``job_folder(job_id)``),
+        removes its instance rows (counted in ``series.purged_instances``) and stamps ``purged_at`` on it
+        and its jobs. The files are deleted afterwards by :meth:`finish_purge`."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            row = db.execute(f"SELECT 1 FROM series s WHERE s.series_uid = :uid AND {_PURGEABLE}",
+                             {"uid": series_uid, "delivered_before": delivered_before,
+                              "not_processed_before": not_processed_before}).fetchone()
+            if row is None:
+                return None
+            files = [PurgeFile(r["path"], "instance", series_uid, r["sop_instance_uid"]) for r in db.execute(
+                "SELECT path, sop_instance_uid FROM instances WHERE series_uid=?", (series_uid,))]
+            job_ids = [r["id"] for r in db.execute(
+                "SELECT id FROM jobs WHERE series_uid=? AND purged_at=0 ORDER BY id", (series_uid,))]
+            for job_id in job_ids:
+                folder = job_folder(job_id)
+                files.append(PurgeFile(folder, "folder", series_uid))
+                inside = folder.rstrip("/") + "/"
+                outputs = {r["path"] for r in db.execute(
+                    "SELECT path FROM output_files WHERE job_id=? UNION SELECT path FROM outbox WHERE job_id=?",
+                    (job_id, job_id))}
+                files += [PurgeFile(path, "output", series_uid) for path in sorted(outputs)
+                          if not path.startswith(inside)]
+            db.executemany(
+                "INSERT OR REPLACE INTO purge_files(path, kind, series_uid, sop_instance_uid, recorded_at)"
+                " VALUES (?,?,?,?,?)",
+                [(f.path, f.kind, f.series_uid, f.sop_instance_uid, now) for f in files],
+            )
+            n = db.execute("DELETE FROM instances WHERE series_uid=?", (series_uid,)).rowcount
+            db.execute("UPDATE series SET purged_at=?, purged_instances=purged_instances+? WHERE series_uid=?",
+                       (now, n, series_uid))
+            db.executemany("UPDATE jobs SET purged_at=? WHERE id=?", [(now, j) for j in job_ids])
+            return files
+
+    def pending_purges(self, limit: int = 1000) -> list[PurgeFile]:
+        """Files a sweep decided to delete and has not deleted yet (an interrupted sweep's, or the current one's)."""
+        rows = self._query("SELECT path, kind, series_uid, sop_instance_uid FROM purge_files"
+                           " ORDER BY recorded_at, path LIMIT ?", (limit,))
+        return [PurgeFile(r["path"], r["kind"], r["series_uid"], r["sop_instance_uid"]) for r in rows]
+
+    def finish_purge(self, files: Sequence[PurgeFile], remove: Callable[[PurgeFile], None]) -> list[PurgeFile]:
+        """Delete ``files`` (``remove`` each) and their ``purge_files`` rows, in one transaction; returns the
+        files kept because an instance row points at them again (the same SOP Instance UID was received
+        again after its series was purged: the file at that path is the new copy).
+
+        The file is removed while the transaction holds the journal's write lock: a C-STORE filing the same
+        path commits its row either before (the file is kept) or after (the SCP finds its file gone and
+        writes it again before it answers, see ``StorageSCP._store``). If ``remove`` raises, nothing of the
+        batch is forgotten: the next sweep removes what is left (``remove`` must accept a missing file)."""
+        kept: list[PurgeFile] = []
+        with self._tx() as db:
+            for f in files:
+                if f.kind == "instance" and db.execute(  # the path is made of the UIDs: same path, same UID
+                        "SELECT 1 FROM instances WHERE sop_instance_uid=? AND path=?",
+                        (f.sop_instance_uid, f.path)).fetchone():
+                    kept.append(f)
+                else:
+                    remove(f)
+                db.execute("DELETE FROM purge_files WHERE path=?", (f.path,))
+        return kept
 
     def outbox_summary(self) -> list[dict[str, Any]]:
         rows = self._query(
@@ -833,4 +1007,7 @@ class Journal:
             rows = self._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
             out[table] = {r["state"]: r["n"] for r in rows}
         out["instances"] = {"total": self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"]}
+        purged = self._query("SELECT COUNT(*) AS n, COALESCE(SUM(purged_instances), 0) AS i FROM series"
+                             " WHERE purged_at > 0")[0]
+        out["purged"] = {"series": purged["n"], "instances": purged["i"]}
         return out

@@ -7,6 +7,9 @@ came, and only the header is parsed to file it.
 One SOP Instance UID is one object: the journal keeps a SHA-256 of each data set as received; the
 same UID again with the same content is an idempotent success, with other content a failure
 (the stored object is kept, never replaced). UIDs that are not of UID form are refused.
+
+While the data directory's file system is below its low watermark (``dicom_node.disk``), every C-STORE
+is refused with 0xA700 before anything is written.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from pynetdicom.sop_class import Verification
 
 from .audit import AssociationLedger, AuditTrail
 from .config import NodeConfig
+from .disk import DiskGuard
 from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBudget, inflated_size_exceeds
 from .headers import describe
 from .headers import text as _str
@@ -288,6 +292,9 @@ class StorageSCP:
         self.limits = Limits(max_pdu=max_pdu, max_object=self.max_object, acse_timeout_s=limits.acse_timeout_s,
                              pdu_timeout_s=limits.pdu_timeout_s)
         self.budget = ReceiveBudget(int(limits.receive_memory_mb * MiB))
+        #: the disk watermark on ``[node] data_dir`` (its ``state()`` is what /health reads)
+        self.disk = DiskGuard(config.node.data_dir, min_free_mb=limits.min_free_mb,
+                              resume_free_mb=limits.resume_free_mb)
         self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()  # associations past their A-ASSOCIATE-RQ
         self.ae = self._make_ae()
 
@@ -442,6 +449,12 @@ class StorageSCP:
                           _str(event.request.AffectedSOPInstanceUID) or "?", event.assoc.requestor.ae_title.strip(),
                           STATUS_OUT_OF_RESOURCES, receipt.refused, receipt.size)
                 status: int | Dataset = _failure(STATUS_OUT_OF_RESOURCES, receipt.refused)
+            elif (low_disk := self.disk.refusal()) is not None:
+                # logged once when refusing began (dicom_node.disk), not per object
+                log.debug("C-STORE of %s from %s refused (status 0x%04X): %s",
+                          _str(event.request.AffectedSOPInstanceUID) or "?", event.assoc.requestor.ae_title.strip(),
+                          STATUS_OUT_OF_RESOURCES, low_disk)
+                status = _failure(STATUS_OUT_OF_RESOURCES, low_disk)
             else:
                 status = self._store(event)
         finally:
@@ -484,11 +497,25 @@ class StorageSCP:
                 known = self.journal.instance(sop_uid)
                 if known is not None:
                     self._check_resend(known, digest, series_uid, calling)
-                    series_uid = known.series_uid
-                else:
+                    if not self.journal.confirm_instance(sop_uid):
+                        known = None  # a retention sweep purged it since the look-up: stored as new
+                    elif not Path(known.path).exists():  # same content, so the same UIDs and path
+                        log.warning("C-STORE of %s from %s: already journaled but its file %s is missing; "
+                                    "written again", sop_uid, calling, known.path)
+                        self.spool.write(study_uid, series_uid, sop_uid, data)
+                        series_uid = known.series_uid
+                    else:
+                        series_uid = known.series_uid
+                if known is None:
                     path = self.spool.write(study_uid, series_uid, sop_uid, data)
                     self.journal.add_instance(received, transfer_syntax=str(event.context.transfer_syntax),
                                               path=str(path), calling_ae=calling, sha256=digest)
+                    if not path.exists():
+                        # a retention sweep deleted an earlier copy at this path between the write and the
+                        # journal row (Journal.finish_purge); the row is there now, so write it again
+                        log.info("C-STORE of %s from %s: a retention sweep removed the file being stored; "
+                                 "written again", sop_uid, calling)
+                        self.spool.write(study_uid, series_uid, sop_uid, data)
         except DuplicateConflict as exc:
             log.warning("C-STORE of %s from %s refused (status 0x%04X): %s", sop_uid, calling, exc.status,
                         exc.detail)

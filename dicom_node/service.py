@@ -5,7 +5,8 @@ are run again while under ``jobs.max_attempts`` (else quarantined as failed), se
 were closed but not yet routed are routed, the outbox is resumed, and series still receiving close
 on their idle timeout as usual. The periodic sweep also routes ``complete`` series, which is how a
 ``reprocess`` request (``Journal.request_reprocess``, from the CLI with the node running or not, or
-:meth:`Node.reprocess`) is picked up.
+:meth:`Node.reprocess`) is picked up. A retention sweep that a crash interrupted is finished
+(``dicom_node.retention``), then the sweep runs every ``[retention] sweep_interval_s``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -27,6 +29,7 @@ from .jobs import JobRunner, ThreadExecutor
 from .journal import Journal, OutboxState, SeriesState
 from .notify import Notifier, install
 from .rebuild import unknown_files
+from .retention import Retention
 from .routing import route
 from .scp import StorageSCP
 from .spool import Spool, private_dir
@@ -56,6 +59,9 @@ class Node:
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit)
         self.notifier = Notifier(config.notifications, node=config.node.ae_title)
+        #: the disk watermark of the SCP: ``disk.state()`` (free bytes, refusing or not) for /health and metrics
+        self.disk = self.scp.disk
+        self.retention = Retention(config, self.journal)
         # held while a series is closed and routed, so that the sweep never routes one twice
         self._close_lock = threading.Lock()
 
@@ -85,12 +91,22 @@ class Node:
             loaded = self.registry.session(model_id)  # warm: the first series does not pay for it
             log.info("model %s %s ready on %s", model_id, loaded.manifest.version, loaded.provider)
         self.executor = ThreadExecutor(self.runner.run, workers=self.config.inference.workers)
+        self._finish_purge()
         self._check_spool()
         self._recover()
         self.scheduler.add_job(self.sweep, "interval", seconds=self.config.node.sweep_interval_s,
                                id="idle-sweep", max_instances=1, coalesce=True)
         self.scheduler.add_job(self.dispatcher.send_due, "interval", seconds=self.config.dispatch.scan_interval_s,
                                id="outbox", max_instances=1, coalesce=True)
+        retention = self.config.retention
+        if retention.enabled:
+            first = datetime.now() + timedelta(seconds=min(60.0, retention.sweep_interval_s))
+            self.scheduler.add_job(self.retention_sweep, "interval", seconds=retention.sweep_interval_s,
+                                   id="retention", max_instances=1, coalesce=True, next_run_time=first)
+            log.info("retention: series deleted %g day(s) after delivery, %g day(s) after their last instance when "
+                     "not processed", retention.delivered_days, retention.not_processed_days)
+        else:
+            log.info("retention disabled ([retention] enabled = false): received instances and outputs are kept")
         self.scheduler.start()
         self.scp.start()
 
@@ -104,6 +120,24 @@ class Node:
         self.notifier.stop()
         self.journal.close()
         self.audit.close()
+
+    def _finish_purge(self) -> None:
+        """Delete what a retention sweep interrupted by a stop or crash had decided to delete."""
+        try:
+            done = self.retention.finish_pending()
+        except Exception:  # noqa: BLE001 - the files stay recorded; the next sweep deletes them
+            log.exception("retention: finishing an interrupted sweep failed; the next sweep tries again")
+            return
+        if done.files:
+            log.info("retention: finished an interrupted sweep: %d file(s) deleted", done.files)
+
+    def retention_sweep(self) -> None:
+        """The periodic retention sweep (``[retention]``); a failure is logged and the next sweep tries again."""
+        try:
+            self.retention.sweep()
+        except Exception:  # noqa: BLE001 - what was decided stays recorded (purge_files) for the next sweep
+            log.exception("retention sweep failed; the next sweep (in %.0f s) finishes it",
+                          self.config.retention.sweep_interval_s)
 
     def _check_spool(self) -> None:
         """Warn when the spool holds objects the journal does not know (a lost or replaced journal)."""

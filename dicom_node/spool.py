@@ -72,7 +72,13 @@ class Spool:
         final = self.path_for(study_uid, series_uid, sop_instance_uid)
         self._ensure_dir(final.parent)
         tmp = final.with_name(f".{final.name}.{threading.get_ident()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except FileNotFoundError:  # its (empty) directory was removed by a retention sweep: make it again
+            with self._lock:
+                self._known_dirs.discard(final.parent)
+            self._ensure_dir(final.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             try:
                 view = memoryview(data)

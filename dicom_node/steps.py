@@ -365,7 +365,8 @@ def counterpart_side(journal: Journal, job: JobRecord, study_uid: str) -> Agreem
     that recorded what an agreement check needs."""
     other_action = "volumetry" if job.action == "synthesize" else "synthesize"
     for other in reversed(journal.jobs_in_study(study_uid)):
-        if other.id != job.id and other.action == other_action and other.state in (JobState.WRITTEN, JobState.SENT):
+        if (other.id != job.id and other.action == other_action and not other.purged_at  # files deleted
+                and other.state in (JobState.WRITTEN, JobState.SENT)):
             side = agreement_side(journal, other)
             if side is not None:
                 return side

@@ -23,6 +23,7 @@ from dicom_node.config import (
     NodeSettings,
     Notification,
     Peer,
+    RetentionSettings,
     Rule,
     TLSSettings,
     VolumetrySettings,
@@ -106,6 +107,7 @@ def test_example_settings_are_the_defaults() -> None:
     assert config.volumetry == VolumetrySettings()
     assert config.audit == AuditSettings()
     assert config.notifications == []  # off unless configured
+    assert config.retention == RetentionSettings()
 
 
 @pytest.mark.parametrize(
@@ -113,7 +115,8 @@ def test_example_settings_are_the_defaults() -> None:
     [("node", NodeSettings), ("limits", LimitSettings), ("peers", Peer), ("destinations", Destination), ("rules", Rule),
      ("inference", InferenceSettings), ("volumetry", VolumetrySettings), ("jobs", JobSettings),
      ("dispatch", DispatchSettings), ("tls", TLSSettings), ("audit", AuditSettings),
-     ("notifications", Notification)],
+     ("notifications", Notification),
+     ("retention", RetentionSettings)],
 )
 def test_example_documents_every_field(section: str, model: type[BaseModel]) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
@@ -277,6 +280,18 @@ def test_rule_defaults() -> None:
                         'model = "m"\noutput_name = "rT1"').rules[0]
     assert rule.volumetry and rule.destinations is None and rule.modality == "MR"
     assert rule.image_type == [] and rule.calling_ae == [] and rule.mr_acquisition_type is None
+
+
+def test_retention_and_disk_watermark_defaults_and_checks() -> None:
+    config = NodeConfig()
+    # retention is on by default, conservatively: a month after delivery (README: Operations)
+    assert config.retention.enabled and config.retention.delivered_days == 30 == config.retention.not_processed_days
+    assert (config.limits.min_free_mb, config.limits.resume_free_mb) == (1024, 2048)
+    assert "limits: resume_free_mb is smaller than min_free_mb" in _error("[limits]\nmin_free_mb = 500\n"
+                                                                         "resume_free_mb = 100\n")
+    assert "retention.delivered_days" in _error("[retention]\ndelivered_days = 0\n")
+    off = parse_config("[retention]\nenabled = false\n[limits]\nmin_free_mb = 0\nresume_free_mb = 0\n")
+    assert not off.retention.enabled and off.limits.min_free_mb == 0
 
 
 def test_not_toml() -> None:

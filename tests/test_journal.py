@@ -128,6 +128,21 @@ def test_a_version_3_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     db.close()
 
 
+def test_a_version_3_journal_gets_the_retention_columns(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    job = _older_journal(path, 3, "DROP TABLE purge_files",  # schema 3: no retention columns nor purge_files
+                         "ALTER TABLE series DROP COLUMN purged_at", "ALTER TABLE series DROP COLUMN purged_instances",
+                         "ALTER TABLE jobs DROP COLUMN purged_at", "ALTER TABLE outbox DROP COLUMN sent_at")
+    journal = Journal(path)
+    series = journal.series(SERIES)
+    assert (series.purged_at, series.purged_instances, journal.job(job).purged_at) == (0, 0, 0)
+    assert journal.pending_purges() == [] and journal.counts()["purged"] == {"series": 0, "instances": 0}
+    journal.record_outputs(job, [("1.9.9", "sT1")], [("PACS", "/o/1.dcm", "1.2", "1.9.9.1")])
+    journal.mark_sent([journal.outbox(job)[0].id])
+    assert journal.outbox(job)[0].sent_at > 0
+    journal.close()
+
+
 def test_a_journal_of_a_newer_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     Journal(path).close()

@@ -216,6 +216,41 @@ def test_spool_failure_is_out_of_resources(node: Node, series: list[Path], monke
     assert node.released == []
 
 
+def test_low_disk_refuses_with_out_of_resources_and_recovers(node: Node, series: list[Path],
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    import dicom_node.disk as disk
+
+    free = {"mb": 5000}
+    monkeypatch.setattr(disk, "free_bytes", lambda path: free["mb"] * disk.MB)
+    node.scp.disk.cache_s = 0  # the test moves the free space between C-STOREs
+    caplog.set_level(logging.DEBUG, logger="dicom_node")
+    assoc = node.associate()
+    first = assoc.send_c_store(dcmread(series[0]))
+    free["mb"] = 1000  # below [limits] min_free_mb (1024 by default)
+    refused = [assoc.send_c_store(dcmread(p)) for p in series[1:]]
+    free["mb"] = 1500  # between the watermarks: still refused
+    again = assoc.send_c_store(dcmread(series[1]))
+    assert node.scp.disk.state().refusing and node.scp.disk.state().free_bytes == 1500 * disk.MB
+    free["mb"] = 2048  # [limits] resume_free_mb
+    resent = [assoc.send_c_store(dcmread(p)) for p in series[1:]]
+    assoc.release()
+    assert first.Status == 0x0000
+    assert [r.Status for r in refused + [again]] == [STATUS_OUT_OF_RESOURCES] * 3
+    assert refused[0].ErrorComment == "out of disk space: 1000 MB free, the node needs 1024 MB"
+    assert [r.Status for r in resent] == [0x0000, 0x0000]
+    # nothing refused was written; everything acknowledged is in the spool and the journal
+    uid = str(dcmread(series[0], stop_before_pixels=True).SeriesInstanceUID)
+    rows = node.journal.instances(uid)
+    assert len(rows) == 3 and all(Path(r.path).is_file() for r in rows)
+    assert len(list(node.spool.root.rglob("*.dcm"))) == 3
+    # one WARNING when refusing began and one INFO when it ended, not one per object
+    changes = [r for r in caplog.records if r.name == "dicom_node.disk"]
+    assert [r.levelname for r in changes] == ["WARNING", "INFO"]
+    assert "(3 refused meanwhile)" in changes[1].getMessage()
+    assert not [r for r in caplog.records if r.name == "dicom_node.scp" and r.levelno >= logging.WARNING]
+
+
 def test_journal_failure_is_not_acknowledged(node: Node, series: list[Path], monkeypatch: pytest.MonkeyPatch,
                                              caplog: pytest.LogCaptureFixture) -> None:
     def broken(*args: object, **kwargs: object) -> bool:

@@ -21,6 +21,16 @@ def test_write_files_under_study_series_sop(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["1.2.3.4.5.dcm"]  # no temporary left
 
 
+def test_a_folder_removed_by_retention_is_made_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", fsync=False)
+    first = spool.write("1.2.3", "1.2.3.4", "1.2.3.4.5", b"first")
+    first.unlink()  # a retention sweep deletes the series and its empty folders ...
+    first.parent.rmdir()
+    first.parent.parent.rmdir()
+    again = spool.write("1.2.3", "1.2.3.4", "1.2.3.4.5", b"again")  # ... while the spool remembers the folder
+    assert again == first and again.read_bytes() == b"again"
+
+
 def test_unsafe_uid_characters_cannot_escape_the_root(tmp_path: Path) -> None:
     root = tmp_path / "data" / "spool"
     spool = Spool(root, fsync=False)

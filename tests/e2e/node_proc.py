@@ -61,6 +61,7 @@ class NodeProcess:
         limits: Mapping[str, Any] | None = None,
         tls: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,  # other tables of the config: {"jobs": {...}, "notifications": [...]}
+        retention: Mapping[str, Any] | None = None,
         ae_title: str = "DICOM_NODE",
         port: int | None = None,
         user: str | None = None,
@@ -92,6 +93,8 @@ class NodeProcess:
             sections["limits"] = dict(limits)
         if tls:
             sections["tls"] = dict(tls)
+        if retention:
+            sections["retention"] = dict(retention)
         if peers:
             sections["peers"] = list(peers)
         if destinations:
