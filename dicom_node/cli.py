@@ -201,10 +201,25 @@ def _ts(value: float | None) -> str:
     return "-" if not value else datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def running_line(config: NodeConfig) -> str:
+    """Whether the configured node runs, in one line: its HTTP server's ``/health`` answers (1 s), or not."""
+    from .httpd import probe_health, probe_url
+
+    url = probe_url(config)
+    if url is None:
+        return "node: unknown whether it runs ([http] port = 0: no health endpoint)"
+    health = probe_health(config)
+    if health is None:
+        return f"node: NOT running (nothing answers {url})"
+    failing = [f"{name}: {c.get('detail', '')}" for name, c in health["checks"].items() if not c.get("ok")]
+    return "node: running, " + ("healthy" if not failing else "UNHEALTHY: " + "; ".join(failing))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
     from .journal import Journal
 
+    print(running_line(config))
     path = config.node.data_dir / "journal.sqlite3"
     if not path.exists():
         print(f"no journal at {path}: the node has not run with this data_dir yet")

@@ -317,3 +317,33 @@ def test_config_check_refuses_a_synthesis_model_as_segmenter(tmp_path: Path, mod
     out = capsys.readouterr().out
     assert "segmenter: synth-t1 [NOT A SEGMENTATION MODEL: rules with volumetry disabled]" in out
     assert "rule aahead-scout: " in out and "[DISABLED: model 'synth-t1' not installed]" in out
+
+
+def test_status_says_whether_the_node_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    from dicom_node.cli import running_line
+    from dicom_node.config import load_config
+    from dicom_node.service import Node
+    from tests.e2e.peers import free_port
+
+    models = tmp_path / "no-models"
+    models.mkdir()
+    config_path = write_config(tmp_path, models, f'\n[http]\nport = {free_port()}\n', port=free_port())
+    config = load_config(config_path)
+    assert running_line(config) == f"node: NOT running (nothing answers http://127.0.0.1:{config.http.port}/health)"
+    node = Node(config.model_copy(update={"node": config.node.model_copy(update={"port": free_port(),
+                                                                                   "host": "127.0.0.1"})}))
+    node.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not node.health().ok and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert main(["status", "--config", str(config_path)]) == 0
+        assert capsys.readouterr().out.startswith("node: running, healthy\n")
+        node.scp.stop()
+        assert running_line(config).startswith("node: running, UNHEALTHY: scp_listening: not listening on ")
+    finally:
+        node.stop()
+    off = load_config(write_config(tmp_path, models, "\n[http]\nport = 0\n"))
+    assert running_line(off) == "node: unknown whether it runs ([http] port = 0: no health endpoint)"
