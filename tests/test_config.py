@@ -15,6 +15,7 @@ from dicom_node.config import (
     ConfigError,
     Destination,
     DispatchSettings,
+    HTTPSettings,
     InferenceSettings,
     JobSettings,
     LimitSettings,
@@ -102,13 +103,14 @@ def test_example_settings_are_the_defaults() -> None:
     assert config.jobs == JobSettings()
     assert config.tls == TLSSettings()
     assert config.volumetry == VolumetrySettings()
+    assert config.http == HTTPSettings()
 
 
 @pytest.mark.parametrize(
     ("section", "model"),
     [("node", NodeSettings), ("limits", LimitSettings), ("peers", Peer), ("destinations", Destination), ("rules", Rule),
      ("inference", InferenceSettings), ("volumetry", VolumetrySettings), ("jobs", JobSettings),
-     ("dispatch", DispatchSettings), ("tls", TLSSettings)],
+     ("dispatch", DispatchSettings), ("tls", TLSSettings), ("http", HTTPSettings)],
 )
 def test_example_documents_every_field(section: str, model: type[BaseModel]) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")
