@@ -27,6 +27,7 @@ from pydicom.errors import InvalidDicomError
 
 from . import __version__
 from .config import ConfigError, Destination, NodeConfig, load_config
+from .httpd import HTTPListenError
 from .journal import JournalError, OutboxState
 
 log = logging.getLogger("dicom_node")
@@ -377,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc), file=sys.stderr)
         return 2
     except JournalError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    except HTTPListenError as exc:  # [http] port taken, password file unusable
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 1
 

@@ -150,6 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "dicom-node"
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    timeout = 30  # seconds a connection may stay silent (an idle keep-alive, a client that sends half a request)
 
     # -- plumbing ----------------------------------------------------------------------
 

@@ -514,10 +514,11 @@ class Journal:
 
     def reopen_for_routing(self, series_uid: str) -> int | None:
         """A stored series to be routed again with the current rules (reprocess): mark it complete with a new
-        version and return it; None when the series is unknown or still receiving (it is routed when it closes)."""
+        version and return it; None unless the series was routed or ignored (unknown, still receiving: it is
+        routed when it closes, or complete: being routed now)."""
         with self._tx() as db:
             row = db.execute("SELECT state, version FROM series WHERE series_uid=?", (series_uid,)).fetchone()
-            if row is None or row["state"] == SeriesState.RECEIVING:
+            if row is None or row["state"] not in (SeriesState.ROUTED, SeriesState.IGNORED):
                 return None
             version = row["version"] + 1
             db.execute("UPDATE series SET state='complete', version=?, note='' WHERE series_uid=?",

@@ -196,7 +196,7 @@ class Node:
             series = self.journal.series(series_uid)
             if series is None:
                 raise ActionError(f"series {series_uid} is not in the journal")
-            raise ActionError(f"series {series_uid} is still receiving: it is routed when it closes")
+            raise ActionError(f"series {series_uid} is {series.state}: it is routed when it has closed")
         self._route(series_uid, version)
         series = self.journal.series(series_uid)
         assert series is not None

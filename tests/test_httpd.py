@@ -233,3 +233,25 @@ def test_a_dashboard_off_loopback_needs_a_password(tmp_path: Path) -> None:
     assert parse_config('[http]\nport = 0\nhost = "0.0.0.0"\n').http.port == 0  # no server at all
     with pytest.raises(ConfigError, match="http.port: the HTTP port and the DICOM ports must differ"):
         parse_config("[node]\nport = 8080\n")
+
+
+def test_serve_with_the_http_port_taken_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.e2e.node_proc import REPO, config_toml
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "node.toml"
+        config.write_text(config_toml({
+            "node": {"host": "127.0.0.1", "port": free_port(), "data_dir": str(tmp_path / "data"), "fsync": False},
+            "http": {"port": port}, "inference": {"models_dir": str(tmp_path)}, "rules": [],
+        }))
+        result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                                capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dicom-node: cannot listen for HTTP on 127.0.0.1:{port} ([http] host and port): Address already in use")

@@ -432,6 +432,7 @@ def test_reopen_for_routing_gives_a_new_version(journal: Journal) -> None:
     assert journal.reopen_for_routing(SERIES) is None  # still receiving: it is routed when it closes
     assert journal.reopen_for_routing("9.9.9") is None
     assert journal.close_series(SERIES) == 1
+    assert journal.reopen_for_routing(SERIES) is None  # complete: being routed now
     journal.set_series_state(SERIES, SeriesState.IGNORED, "no rule matched")
     assert journal.reopen_for_routing(SERIES) == 2
     series = journal.series(SERIES)
