@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on Debian 12 (run as root): the end-to-end peers
-# (dcmtk, Orthanc with its DICOMweb plugin, dicom3tools; openssl makes the TLS tests' certificates) and the
-# project with its test extra.
+# (dcmtk, Orthanc with its DICOMweb plugin, dicom3tools; openssl makes the TLS tests' certificates; chromium shows
+# the dashboard headless) and the project with its test extra.
 # Safe to run again.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 PEERS=(/usr/bin/storescu /usr/bin/echoscu /usr/bin/storescp /usr/sbin/Orthanc /usr/bin/dciodvfy /usr/bin/openssl
-       /usr/share/orthanc/plugins/libOrthancDicomWeb.so)
+       /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/chromium)
 
 missing=()
 for tool in "${PEERS[@]}"; do
@@ -18,13 +18,13 @@ pip_missing=0
 "$PYTHON" -m pip --version >/dev/null 2>&1 || pip_missing=1
 
 if (( ${#missing[@]} > 0 || pip_missing )); then
-    packages=(dcmtk orthanc orthanc-dicomweb dicom3tools openssl)
+    packages=(dcmtk orthanc orthanc-dicomweb dicom3tools openssl chromium)
     (( pip_missing )) && packages+=(python3-pip)
     echo "installing ${packages[*]} (missing: ${missing[*]:-} $( (( pip_missing )) && echo "pip" ))"
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
 else
-    echo "dcmtk, Orthanc and dicom3tools already installed"
+    echo "dcmtk, Orthanc, dicom3tools, openssl and chromium already installed"
 fi
 
 # The orthanc package starts a system service on ports 4242/8042; the tests run their own.

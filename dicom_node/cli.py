@@ -41,6 +41,7 @@ from pydicom.errors import InvalidDicomError
 from . import __version__
 from .audit import AuditTrail
 from .config import ConfigError, Destination, NodeConfig, config_path, load_config
+from .httpd import HTTPListenError
 from .journal import JobRecord, JournalError, OutboxState
 from .lock import NodeLock, NodeRunning, probe
 from .logs import setup_logging
@@ -82,16 +83,18 @@ def preflight(config: NodeConfig) -> None:
             pass
     except OSError as exc:
         raise CommandError(f"data_dir {data_dir} cannot be used: {exc.strerror or exc}") from None
-    ports = [("[node] port", config.node.port)]
+    ports = [("[node] port", config.node.host, config.node.port)]
     if config.tls.port is not None:
-        ports.append(("[tls] port", config.tls.port))
-    for what, port in ports:
-        with socket.socket(socket.AF_INET6 if ":" in config.node.host else socket.AF_INET) as probe_socket:
+        ports.append(("[tls] port", config.node.host, config.tls.port))
+    if config.http.port:
+        ports.append(("[http] port", config.http.host, config.http.port))
+    for what, host, port in ports:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe_socket:
             probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
             try:
-                probe_socket.bind((config.node.host, port))
+                probe_socket.bind((host, port))
             except OSError as exc:
-                raise CommandError(f"{what} {port} on {config.node.host} cannot be used: "
+                raise CommandError(f"{what} {port} on {host} cannot be used: "
                                    f"{exc.strerror or exc} (another program listens there?)") from None
 
 
@@ -119,6 +122,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, _stop)
         try:
             node.start()
+        except HTTPListenError:  # [http] port taken meanwhile, password file unusable: its own one line
+            node.stop()
+            raise
         except OSError as exc:  # a port taken between the preflight and the bind
             node.stop()
             raise CommandError(f"cannot start: {exc.strerror or exc}") from None
@@ -276,11 +282,18 @@ def _job_json(j: JobRecord) -> dict[str, Any]:
 
 def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (``--json`` prints it as it is)."""
+    from .httpd import probe_health, probe_url
     from .journal import JobState, Journal
 
     holder = probe(config.node.data_dir)
-    node = {"running": holder.running, "pid": holder.pid, "started": holder.started, "ports": holder.ports,
-            "data_dir": str(config.node.data_dir), "ae_title": config.node.ae_title}
+    url = probe_url(config)
+    # the lock tells a node on this machine; its /health (when [http] is on) tells whether it is healthy
+    health = probe_health(config) if url is not None else None
+    failing = [f"{name}: {c.get('detail', '')}" for name, c in (health or {}).get("checks", {}).items()
+               if not c.get("ok")]
+    node = {"running": holder.running or health is not None, "pid": holder.pid, "started": holder.started,
+            "ports": holder.ports, "data_dir": str(config.node.data_dir), "ae_title": config.node.ae_title,
+            "health_url": url, "health": health, "unhealthy": failing}
     path = config.node.data_dir / "journal.sqlite3"
     if not path.exists():
         return {"node": node, "journal": None, "problems": [f"no journal at {path}: the node has not run with "
@@ -305,7 +318,9 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
         }
     finally:
         journal.close()
-    problems = []
+    problems = [f"UNHEALTHY: {'; '.join(failing)}"] if failing else []
+    if holder.running and url is not None and health is None:
+        problems.append(f"the node runs but {url} does not answer")
     if failed_jobs:
         problems.append(f"{len(failed_jobs)} job(s) failed in the last {since_h:g} h")
     if report["failures"]["deliveries_failed"]:
@@ -320,7 +335,13 @@ def _print_status(report: dict[str, Any]) -> None:
     if node["running"]:
         ports = node.get("ports") or {}
         where = f", DICOM port {ports['dicom']}" if ports.get("dicom") else ""
-        print(f"node: RUNNING (process {node['pid'] or '?'}{where}), data in {node['data_dir']}")
+        if node["health_url"] is None:
+            health = "health unknown ([http] port = 0)"
+        elif node["health"] is None:
+            health = f"NOT ANSWERING {node['health_url']}"
+        else:
+            health = "UNHEALTHY: " + "; ".join(node["unhealthy"]) if node["unhealthy"] else "healthy"
+        print(f"node: RUNNING (process {node['pid'] or '?'}{where}), {health}; data in {node['data_dir']}")
     else:
         print(f"node: NOT RUNNING (data in {node['data_dir']})")
     if report["journal"] is None:
@@ -608,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     except (JournalError, CommandError) as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 1
+    except HTTPListenError as exc:  # [http] port taken, password file unusable
+        print(f"dicom-node: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print("dicom-node: interrupted", file=sys.stderr)
         return 130

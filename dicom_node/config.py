@@ -163,6 +163,36 @@ class TLSSettings(_Strict):
         return self
 
 
+class HTTPSettings(_Strict):
+    """``[http]``: the node's HTTP server: ``/health``, ``/metrics`` (Prometheus) and the dashboard (``/``)."""
+
+    #: Address to listen on. The dashboard shows patient data: keep it on 127.0.0.1 (a reverse proxy with TLS in
+    #: front for remote readers); another address needs ``admin_password_file`` or ``dashboard = false``.
+    host: str = "127.0.0.1"
+    #: Port to listen on; 0: no HTTP server (no health, metrics or dashboard; `status` cannot tell whether the
+    #: node runs).
+    port: int = Field(default=8080, ge=0, le=65535)
+    #: Serve the dashboard at ``/`` (``/health`` and ``/metrics`` are served either way and hold no patient data).
+    dashboard: bool = True
+    #: A file holding the dashboard's password (one line, at least 8 characters; keep it 0600, owned by the node's
+    #: user; read when the node starts). Set: the dashboard asks for it (HTTP Basic, user ``admin_user``) and
+    #: offers the retry and reprocess actions. None: the dashboard is read-only and open to whoever reaches
+    #: ``host``:``port``.
+    admin_password_file: Path | None = None
+    #: User name that goes with the password.
+    admin_user: str = Field(default="admin", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    #: Studies shown on the dashboard (the most recent first).
+    dashboard_studies: int = Field(default=50, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _loopback_or_password(self) -> HTTPSettings:
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        if self.port and self.dashboard and not loopback and self.admin_password_file is None:
+            raise ValueError(f"host {self.host!r} is not a loopback address: the dashboard shows patient data, so "
+                             "set admin_password_file (or dashboard = false)")
+        return self
+
+
 class Peer(_Strict):
     """``[[peers]]``: a scanner or PACS allowed to send to the node."""
 
@@ -521,6 +551,7 @@ class NodeConfig(_Strict):
     tls: TLSSettings = Field(default_factory=TLSSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     notifications: list[Notification] = Field(default_factory=list)
+    http: HTTPSettings = Field(default_factory=HTTPSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> NodeConfig:
@@ -537,6 +568,8 @@ class NodeConfig(_Strict):
                 raise ValueError(f"destinations[{i}].tls_client_cert: needs tls = true (or an https url)")
         if self.tls.port is not None and self.tls.port == self.node.port:
             raise ValueError("tls.port: the TLS port and [node] port must differ")
+        if self.http.port and self.http.port in (self.node.port, self.tls.port):
+            raise ValueError("http.port: the HTTP port and the DICOM ports must differ")
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise ValueError(f"destinations[{i}].name: duplicate destination name {name!r}")

@@ -119,12 +119,14 @@ _KEYWORDS = {
     "manufacturer": "Manufacturer", "manufacturer_model_name": "ManufacturerModelName",
     "software_versions": "SoftwareVersions", "protocol_name": "ProtocolName", "series_number": "SeriesNumber",
     "sop_class_uid": "SOPClassUID", "patient_position": "PatientPosition", "sop_instance_uid": "SOPInstanceUID",
+    "accession_number": "AccessionNumber", "study_date": "StudyDate", "study_description": "StudyDescription",
 }
 
 
 @dataclass(frozen=True)
 class SeriesAttributes:
-    """What routing matches on, from the series' first instance (each field holds the DICOM keyword's value)."""
+    """What routing matches on, from the series' first instance (each field holds the DICOM keyword's value),
+    and the study's accession number, date and description the dashboard shows."""
 
     series_description: str = ""
     modality: str = ""
@@ -139,6 +141,10 @@ class SeriesAttributes:
     sop_class_uid: str = ""
     patient_position: str = ""
     sop_instance_uid: str = ""                                  # of the instance they were taken from
+    # the study's, for the dashboard and its search ('' in series journaled before they were kept)
+    accession_number: str = ""
+    study_date: str = ""                                        # DA, YYYYMMDD as received
+    study_description: str = ""
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> SeriesAttributes:
@@ -151,6 +157,8 @@ class SeriesAttributes:
             software_versions=text(ds.get("SoftwareVersions")), protocol_name=text(ds.get("ProtocolName")),
             series_number=_int(ds.get("SeriesNumber")), sop_class_uid=text(ds.get("SOPClassUID")),
             patient_position=text(ds.get("PatientPosition")), sop_instance_uid=text(ds.get("SOPInstanceUID")),
+            accession_number=text(ds.get("AccessionNumber")), study_date=text(ds.get("StudyDate")),
+            study_description=text(ds.get("StudyDescription")),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -75,11 +75,16 @@ class JobRunner:
     """Runs one journal job: the core steps, then the optional ones."""
 
     def __init__(self, config: NodeConfig, journal: Journal, registry: ModelRegistry,
-                 on_written: Callable[[], object]) -> None:
+                 on_written: Callable[[], object],
+                 on_timings: Callable[[Mapping[str, float]], object] | None = None) -> None:
         self.config = config
         self.journal = journal
         self.registry = registry
         self.on_written = on_written
+        #: told the step timings of each job that wrote its outputs, and of each optional step that ran (metrics)
+        self.on_timings = on_timings
+        #: the jobs running now: job id → (the step it runs, since when); for the dashboard
+        self.stages: dict[int, tuple[str, float]] = {}
         self.outputs_dir = config.node.data_dir / "outputs"
         table = config.volumetry.normative_table
         self.norms = load_norms(table) if table is not None else ()
@@ -101,6 +106,7 @@ class JobRunner:
             self.journal.set_job_state(job_id, JobState.FAILED, "series no longer in the journal")
             return
         attempt = self.journal.start_job(job_id)
+        self.stages[job_id] = ("starting", time.time())
         try:
             run = _Run(self._context(job, series), {}, time.perf_counter())
             self._core(run)
@@ -110,11 +116,16 @@ class JobRunner:
             log.warning("job %d (%s) interrupted during run %d", job_id, job.rule, attempt)
             raise
         except BaseException as exc:  # noqa: BLE001 - a job failure must never stop the worker
+            self.stages.pop(job_id, None)
             self._fail(job, series, exc)
             return
         self._finish(run)
         self.on_written()
         self._optional(run)
+        self.stages.pop(job_id, None)
+
+    def _stage(self, ctx: JobContext, step: str) -> None:
+        self.stages[ctx.job_id] = (step, time.time())
 
     def _fail(self, job: JobRecord, series: SeriesRecord, exc: BaseException) -> None:
         """Record why a job failed. Not only Exceptions: a Rust decoder's panic (pyo3_runtime.PanicException)
@@ -166,6 +177,8 @@ class JobRunner:
     def _finish(self, run: _Run) -> None:
         run.timings["total"] = time.perf_counter() - run.started
         self.journal.set_job_timings(run.ctx.job_id, run.timings)
+        if self.on_timings is not None:
+            self.on_timings(dict(run.timings))
         log.info("job %d (%s) written in %.1f s: %s", run.ctx.job_id, run.ctx.rule.name, run.timings["total"],
                  ", ".join(f"{k} {v:.2f}s" for k, v in run.timings.items() if k != "total"))
 
@@ -184,10 +197,14 @@ class JobRunner:
     def _core(self, run: _Run) -> None:
         """load → synthesize → segment and measure → write each object → record and queue."""
         ctx, timings = run.ctx, run.timings
+        self._stage(ctx, "load")
         with _timed(timings, "load"):
             loaded = load_step(self.journal, ctx.series)
+        self._stage(ctx, "synthesize")
         images = synthesize_step(self.config, self.registry, ctx.rule, loaded, timings)
+        self._stage(ctx, "measure")
         measured = measure_step(ctx, self.config, self.registry, loaded, images, timings, self.norms)
+        self._stage(ctx, "write")
         with _timed(timings, "write"):
             synthetic = write_t1_step(ctx, images, loaded)
         outputs = [] if synthetic is None else [synthetic]
@@ -203,11 +220,13 @@ class JobRunner:
                 outputs.append(write_sr_step(ctx, measured, t1_images, seg, loaded))
                 outputs.append(write_summary_step(ctx, measured, images, t1_images))
             kept = keep_volumes_step(ctx, images, measured)
+        self._stage(ctx, "record")
         record_and_queue(self.journal, ctx, outputs, kept, self._destinations(ctx.rule))
 
     def _optional(self, run: _Run) -> None:
         """The optional steps, each on its own: one that fails is logged and costs only its own output."""
         for name, step in self.optional_steps:
+            self._stage(run.ctx, name)
             t0 = time.perf_counter()
             try:
                 output = step(self, run.ctx)
@@ -224,6 +243,8 @@ class JobRunner:
             if output is None:
                 continue
             run.timings[name] = time.perf_counter() - t0
+            if self.on_timings is not None:
+                self.on_timings({name: run.timings[name]})
             queue_optional(self.journal, run.ctx, output, self._destinations(run.ctx.rule))
             self.journal.set_job_timings(run.ctx.job_id, run.timings)
             self.on_written()

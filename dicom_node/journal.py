@@ -136,6 +136,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at  REAL NOT NULL,
     last_error       TEXT NOT NULL DEFAULT '',
     first_failed_at  REAL NOT NULL DEFAULT 0,
+    queued_at        REAL NOT NULL DEFAULT 0,
     UNIQUE (destination, sop_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
@@ -171,6 +172,7 @@ _ADDED_COLUMNS = [
     ("series", "purged_instances", "INTEGER NOT NULL DEFAULT 0"),  # schema 4: instance rows purged so far
     ("jobs", "purged_at", "REAL NOT NULL DEFAULT 0"),  # schema 4: 0: its outputs are on disk
     ("outbox", "sent_at", "REAL NOT NULL DEFAULT 0"),  # schema 4: 0: not sent (or sent before schema 4)
+    ("outbox", "queued_at", "REAL NOT NULL DEFAULT 0"),  # schema 4; filled from next_attempt_at when added
 ]
 # Schema 3 also added the table output_files (created by _SCHEMA; jobs recorded before have no rows there),
 # schema 4 the table purge_files (files a retention sweep decided to delete and has not deleted yet).
@@ -261,6 +263,8 @@ class OutboxItem:
     last_error: str
     #: when the destination accepted it (0: not sent, or sent before schema 4)
     sent_at: float = 0.0
+    #: when the item was queued (or queued again by an operator's retry)
+    queued_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -394,6 +398,9 @@ class Journal:
                 have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    if (table, column) == ("outbox", "queued_at"):
+                        # the best a schema 3 row knows: its next try (its queueing time until a try failed)
+                        db.execute("UPDATE outbox SET queued_at = next_attempt_at")
             db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),)
@@ -402,6 +409,15 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def probe_write(self) -> float:
+        """Commit one small row (``meta.health_probe``): proves the journal takes writes now (the disk, the file
+        and the lock). Returns the seconds it took; raises ``sqlite3.Error`` when it cannot write."""
+        t0 = time.perf_counter()
+        with self._tx() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES ('health_probe', ?)"
+                       " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (repr(time.time()),))
+        return time.perf_counter() - t0
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -555,6 +571,22 @@ class Journal:
         )
         return [self._series(r) for r in rows]
 
+    def recent_studies(self, limit: int = 50, search: str | None = None) -> list[SeriesRecord]:
+        """Every series of the ``limit`` studies that received last (newest study first, its series in the order
+        they arrived); with ``search``, only studies with a series whose patient ID or accession number contains it
+        (case-insensitive)."""
+        needle = (search or "").strip().lower() or None
+        rows = self._query(
+            "WITH studies AS (SELECT study_uid, MAX(last_received) AS last FROM series"
+            " WHERE ? IS NULL OR instr(lower(patient_id), ?) > 0"
+            " OR instr(lower(COALESCE(json_extract(attrs, '$.AccessionNumber'), '')), ?) > 0"
+            " GROUP BY study_uid ORDER BY last DESC LIMIT ?)"
+            " SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid) AS n"
+            " FROM series s JOIN studies t ON t.study_uid = s.study_uid ORDER BY t.last DESC, s.first_received",
+            (needle, needle, needle, limit),
+        )
+        return [self._series(r) for r in rows]
+
     def series_in_state(self, state: SeriesState, *, idle_before: float | None = None) -> list[SeriesRecord]:
         sql = "SELECT * FROM series WHERE state=?"
         params: list[Any] = [state]
@@ -581,6 +613,19 @@ class Journal:
             db.execute(
                 "UPDATE series SET state='complete', version=? WHERE series_uid=?", (version, series_uid)
             )
+            return version
+
+    def reopen_for_routing(self, series_uid: str) -> int | None:
+        """A stored series to be routed again with the current rules (reprocess): mark it complete with a new
+        version and return it; None unless the series was routed or ignored (unknown, still receiving: it is
+        routed when it closes, or complete: being routed now)."""
+        with self._tx() as db:
+            row = db.execute("SELECT state, version FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+            if row is None or row["state"] not in (SeriesState.ROUTED, SeriesState.IGNORED):
+                return None
+            version = row["version"] + 1
+            db.execute("UPDATE series SET state='complete', version=?, note='' WHERE series_uid=?",
+                       (version, series_uid))
             return version
 
     def set_series_state(self, series_uid: str, state: SeriesState, note: str = "") -> None:
@@ -756,8 +801,8 @@ class Journal:
         )
         db.executemany(
             "INSERT OR IGNORE INTO outbox(job_id, destination, path, sop_class_uid, sop_instance_uid,"
-            " next_attempt_at) VALUES (?,?,?,?,?,?)",
-            [(job_id, dest, path, cls, uid, now) for dest, path, cls, uid in items],
+            " next_attempt_at, queued_at) VALUES (?,?,?,?,?,?,?)",
+            [(job_id, dest, path, cls, uid, now, now) for dest, path, cls, uid in items],
         )
         db.executemany(
             "INSERT OR REPLACE INTO output_files(job_id, kind, path, series_uid, sop_class_uid, sop_instance_uid)"
@@ -789,6 +834,7 @@ class Journal:
             state=OutboxState(row["state"]),
             tries=row["tries"], next_attempt_at=row["next_attempt_at"], last_error=row["last_error"],
             sent_at=row["sent_at"],
+            queued_at=row["queued_at"],
         )
 
     def due_items(self, now: float | None = None) -> list[OutboxItem]:
@@ -845,15 +891,20 @@ class Journal:
                               given_up).fetchall()
             return [self._item(r) for r in rows]
 
-    def retry_failed(self, destination: str | None = None) -> int:
-        """Put permanently failed items back in the queue (an operator's decision)."""
+    def retry_failed(self, destination: str | None = None, *, job_id: int | None = None) -> int:
+        """Put permanently failed items back in the queue (an operator's decision): all of them, those of one
+        destination and/or those of one job. Returns how many."""
         with self._tx() as db:
-            sql = ("UPDATE outbox SET state='pending', tries=0, first_failed_at=0, next_attempt_at=?"
+            now = time.time()
+            sql = ("UPDATE outbox SET state='pending', tries=0, first_failed_at=0, next_attempt_at=?, queued_at=?"
                    " WHERE state='failed'")
-            params: list[Any] = [time.time()]
+            params: list[Any] = [now, now]
             if destination:
                 sql += " AND destination=?"
                 params.append(destination)
+            if job_id is not None:
+                sql += " AND job_id=?"
+                params.append(job_id)
             n = db.execute(sql, params).rowcount
             db.execute(
                 "UPDATE jobs SET state='written' WHERE state='failed' AND reason=? AND id IN"
@@ -997,7 +1048,8 @@ class Journal:
     def outbox_summary(self) -> list[dict[str, Any]]:
         rows = self._query(
             "SELECT destination, state, COUNT(*) AS n, MAX(tries) AS max_tries, MAX(last_error) AS last_error,"
-            " MIN(next_attempt_at) AS next_at FROM outbox GROUP BY destination, state ORDER BY destination, state"
+            " MIN(next_attempt_at) AS next_at, MIN(queued_at) AS oldest_queued_at"
+            " FROM outbox GROUP BY destination, state ORDER BY destination, state"
         )
         return [dict(r) for r in rows]
 

@@ -271,6 +271,7 @@ class StorageSCP:
         journal: Journal,
         on_released: Callable[[set[str]], None],
         audit: AuditTrail | None = None,
+        on_store_status: Callable[[int], None] | None = None,
     ) -> None:
         self.config = config
         self.audit = audit or AuditTrail(None, config.node.ae_title)
@@ -278,6 +279,8 @@ class StorageSCP:
         self.spool = spool
         self.journal = journal
         self.on_released = on_released
+        #: told the status each C-STORE was answered with (the node's metrics count them)
+        self.on_store_status = on_store_status
         self.admission = Admission([(p.ae_title, p.host) for p in config.peers])
         self._touched: dict[int, set[str]] = {}
         self._lock = threading.Lock()
@@ -346,8 +349,16 @@ class StorageSCP:
         server.dn_handshake_timeout_s = self.config.tls.handshake_timeout_s
         self.ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it
         name = "dicom-node-tls-listener" if ssl_context else "dicom-node-listener"
-        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+        server.dn_thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+        server.dn_thread.start()
         return server
+
+    @property
+    def listening(self) -> bool:
+        """Every listener started (plain, and TLS when configured) still accepts: its socket is open and its
+        thread runs."""
+        servers = [self._server] + ([self._tls_server] if self.config.tls.port is not None else [])
+        return all(s is not None and s.socket.fileno() >= 0 and s.dn_thread.is_alive() for s in servers)
 
     @property
     def port(self) -> int:
@@ -460,8 +471,11 @@ class StorageSCP:
         finally:
             if receipt is not None:
                 sock.release(receipt)
+        code = status if isinstance(status, int) else int(status.Status)
         if isinstance(status, Dataset):
-            self.ledger.refused(id(event.assoc), int(status.Status))
+            self.ledger.refused(id(event.assoc), code)
+        if self.on_store_status is not None:
+            self.on_store_status(code)
         return status
 
     def _store(self, event: evt.Event) -> int | Dataset:

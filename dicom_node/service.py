@@ -14,17 +14,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from inference.models import ModelRegistry
 
+from . import systemd
 from .assembly import completeness
 from .audit import AuditTrail
 from .config import NodeConfig
 from .dispatch import Dispatcher
+from .exporter import NodeMetrics
+from .health import Check, Health, check_disk, check_dispatcher, check_journal
+from .httpd import ActionError, NodeHTTPServer
 from .jobs import JobRunner, ThreadExecutor
 from .journal import Journal, OutboxState, SeriesState
 from .notify import Notifier, install
@@ -53,21 +57,39 @@ class Node:
         )
         self.installed_models: set[str] = set()
         self.audit = AuditTrail(config.audit_path(), config.node.ae_title)
+        self.metrics = NodeMetrics(self.journal, data_dir, lambda: [d.name for d in config.destinations],
+                                   health=self.health)
         self.dispatcher = Dispatcher(config, self.journal, self.audit)
-        self.runner = JobRunner(config, self.journal, self.registry, on_written=self.kick_dispatch)
+        self.runner = JobRunner(config, self.journal, self.registry, on_written=self.kick_dispatch,
+                                on_timings=self.metrics.observe_job)
         self.executor: ThreadExecutor | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
-        self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit)
+        self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit,
+                              on_store_status=self.metrics.store_status)
+        self.http = NodeHTTPServer(config.http, self) if config.http.port else None
         self.notifier = Notifier(config.notifications, node=config.node.ae_title)
         #: the disk watermark of the SCP: ``disk.state()`` (free bytes, refusing or not) for /health and metrics
         self.disk = self.scp.disk
         self.retention = Retention(config, self.journal)
         # held while a series is closed and routed, so that the sweep never routes one twice
         self._close_lock = threading.Lock()
+        self._scan_lock = threading.Lock()
+        self._outbox_scans = 0  # outbox scans running now
+        self._outbox_scan_started: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.http is not None:
+            self.http.start()  # first: a taken port stops the start before the models load
+        try:
+            self._start()
+        except BaseException:
+            if self.http is not None:
+                self.http.stop()
+            raise
+
+    def _start(self) -> None:
         available = self.registry.available()
         self.installed_models = set(available)
         segmenter = self.config.inference.segmenter
@@ -96,7 +118,7 @@ class Node:
         self._recover()
         self.scheduler.add_job(self.sweep, "interval", seconds=self.config.node.sweep_interval_s,
                                id="idle-sweep", max_instances=1, coalesce=True)
-        self.scheduler.add_job(self.dispatcher.send_due, "interval", seconds=self.config.dispatch.scan_interval_s,
+        self.scheduler.add_job(self._scan_outbox, "interval", seconds=self.config.dispatch.scan_interval_s,
                                id="outbox", max_instances=1, coalesce=True)
         retention = self.config.retention
         if retention.enabled:
@@ -107,15 +129,25 @@ class Node:
                      "not processed", retention.delivered_days, retention.not_processed_days)
         else:
             log.info("retention disabled ([retention] enabled = false): received instances and outputs are kept")
+        watchdog = systemd.watchdog_interval_s()
+        if watchdog is not None:
+            self.scheduler.add_job(self.feed_watchdog, "interval", seconds=watchdog, id="watchdog",
+                                   max_instances=1, coalesce=True)
         self.scheduler.start()
         self.scp.start()
+        self.kick_dispatch()  # the first scan now, not an interval later
+        if systemd.notify(f"READY=1\nSTATUS=listening as {self.config.node.ae_title} on port {self.scp.port}"):
+            log.info("systemd notified: ready%s", f", watchdog every {watchdog:g} s" if watchdog else "")
 
     def stop(self) -> None:
+        systemd.notify("STOPPING=1")
         self.scp.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.executor is not None:
             self.executor.shutdown()
+        if self.http is not None:
+            self.http.stop()
         install(None)
         self.notifier.stop()
         self.journal.close()
@@ -138,6 +170,85 @@ class Node:
         except Exception:  # noqa: BLE001 - what was decided stays recorded (purge_files) for the next sweep
             log.exception("retention sweep failed; the next sweep (in %.0f s) finishes it",
                           self.config.retention.sweep_interval_s)
+
+    # -- health, metrics, watchdog -----------------------------------------------------------
+
+    def _scan_outbox(self) -> None:
+        """The dispatcher's scan of the outbox, timed for the health check."""
+        with self._scan_lock:
+            self._outbox_scans += 1
+            self._outbox_scan_started = time.time()
+        try:
+            self.dispatcher.send_due()
+        finally:
+            with self._scan_lock:
+                self._outbox_scans -= 1
+
+    def disk_watermark_bytes(self) -> int:
+        """Free space below which the data directory's disk counts as low (health check): for now one object of
+        the largest size the SCP accepts (``[limits] max_object_mb``), which may not fit any more."""
+        return int(self.config.limits.max_object_mb * 2**20)
+
+    def health(self) -> Health:
+        """The health checks (``/health``, the watchdog, ``dicom_node_health_check``)."""
+        node = self.config.node
+        port = f"{node.host}:{self.scp.port}" + (f" and TLS port {self.scp.tls_port}" if self.config.tls.port else "")
+        checks = {
+            "scp_listening": Check(True, f"listening on {port}") if self.scp.listening
+            else Check(False, f"not listening on {port}"),
+            "journal_writable": check_journal(self.journal.probe_write),
+            "disk_space": check_disk(node.data_dir, self.disk_watermark_bytes()),
+            "dispatcher_alive": check_dispatcher(
+                scheduler_running=self.scheduler.running, last_scan_started=self._outbox_scan_started,
+                scanning=self._outbox_scans > 0, interval_s=self.config.dispatch.scan_interval_s),
+        }
+        return Health(checks, time.time())
+
+    def feed_watchdog(self) -> None:
+        """``WATCHDOG=1`` to systemd while the checks a restart could cure pass; otherwise nothing (systemd
+        restarts the node after ``WatchdogSec``) and a warning that says which check fails."""
+        health = self.health()
+        if health.live:
+            systemd.notify("WATCHDOG=1")
+        else:
+            log.warning("not feeding the systemd watchdog: %s", "; ".join(health.failed()))
+
+    def metrics_exposition(self) -> bytes:
+        return self.metrics.exposition()
+
+    def job_stages(self) -> Mapping[int, tuple[str, float]]:
+        return dict(self.runner.stages)
+
+    # -- operator actions (dashboard) ---------------------------------------------------------
+
+    def retry_deliveries(self, job_id: int) -> str:
+        """Queue a job's deliveries that failed for good again, and send them now."""
+        try:
+            job = self.journal.job(job_id)
+        except KeyError:
+            raise ActionError(f"there is no job {job_id}") from None
+        n = self.journal.retry_failed(job_id=job.id)
+        if not n:
+            raise ActionError(f"job {job_id} has no delivery that failed for good")
+        self.kick_dispatch()
+        return f"job {job_id}: {n} delivery item(s) queued again"
+
+    def reprocess_series(self, series_uid: str) -> str:
+        """Route a stored series again with the current rules, as a new version (new outputs, new UIDs)."""
+        with self._close_lock:
+            version = self.journal.reopen_for_routing(series_uid)
+        if version is None:
+            series = self.journal.series(series_uid)
+            if series is None:
+                raise ActionError(f"series {series_uid} is not in the journal")
+            raise ActionError(f"series {series_uid} is {series.state}: it is routed when it has closed")
+        self._route(series_uid, version)
+        series = self.journal.series(series_uid)
+        assert series is not None
+        if series.state == SeriesState.IGNORED:
+            return f"series {series_uid} version {version}: not processed: {series.note}"
+        job = [j for j in self.journal.jobs_in_study(series.study_uid) if j.series_uid == series_uid][-1]
+        return f"series {series_uid} version {version}: job {job.id} ({job.rule}) queued"
 
     def _check_spool(self) -> None:
         """Warn when the spool holds objects the journal does not know (a lost or replaced journal)."""
@@ -168,7 +279,7 @@ class Node:
     def kick_dispatch(self) -> None:
         """Send what is due now rather than at the next scan."""
         if self.scheduler.running:
-            self.scheduler.add_job(self.dispatcher.send_due, id="outbox-now", replace_existing=True)
+            self.scheduler.add_job(self._scan_outbox, id="outbox-now", replace_existing=True)
 
     # -- series completion -----------------------------------------------------------------
 

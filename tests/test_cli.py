@@ -363,7 +363,7 @@ def _journal_without_failures(data_dir: Path) -> None:
 
 def test_status_tells_running_from_not_running_and_exits_accordingly(
         tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = str(write_config(tmp_path, models_dir))
+    config = str(write_config(tmp_path, models_dir, "\n[http]\nport = 0\n"))  # the lock alone tells it runs
     _journal_without_failures(tmp_path / "data")
     assert main(["status", "--config", config]) == 3
     assert capsys.readouterr().out.startswith("node: NOT RUNNING")
@@ -521,3 +521,38 @@ def test_every_command_and_option_has_help() -> None:
         for action in parser._actions:
             if not isinstance(action, argparse._SubParsersAction):
                 assert action.help, f"{path} {'/'.join(action.option_strings) or action.dest}: no help"
+
+
+def test_status_says_whether_the_node_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import time
+
+    from dicom_node.cli import status_report
+    from dicom_node.config import load_config
+    from dicom_node.service import Node
+    from tests.e2e.peers import free_port
+
+    models = tmp_path / "no-models"
+    models.mkdir()
+    config_path = write_config(tmp_path, models, f'\n[http]\nport = {free_port()}\n', port=free_port())
+    config = load_config(config_path)
+    assert main(["status", "--config", str(config_path)]) == 3
+    assert capsys.readouterr().out.startswith("node: NOT RUNNING")
+    node = Node(config.model_copy(update={"node": config.node.model_copy(update={"port": free_port(),
+                                                                                   "host": "127.0.0.1"})}))
+    node.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not node.health().ok and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert main(["status", "--config", str(config_path)]) == 0  # /health answers (no lock: not serve)
+        assert capsys.readouterr().out.startswith("node: RUNNING (process ?), healthy; data in ")
+        node.scp.stop()
+        assert main(["status", "--config", str(config_path)]) == 1
+        out = capsys.readouterr().out
+        assert "node: RUNNING (process ?), UNHEALTHY: scp_listening: not listening on " in out
+        assert "NEEDS ATTENTION: UNHEALTHY: scp_listening" in out
+    finally:
+        node.stop()
+    off = load_config(write_config(tmp_path, models, "\n[http]\nport = 0\n"))
+    report = status_report(off, 5, 24)
+    assert report["node"]["health_url"] is None and report["node"]["running"] is False

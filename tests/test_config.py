@@ -16,6 +16,7 @@ from dicom_node.config import (
     ConfigError,
     Destination,
     DispatchSettings,
+    HTTPSettings,
     InferenceSettings,
     JobSettings,
     LimitSettings,
@@ -108,6 +109,7 @@ def test_example_settings_are_the_defaults() -> None:
     assert config.audit == AuditSettings()
     assert config.notifications == []  # off unless configured
     assert config.retention == RetentionSettings()
+    assert config.http == HTTPSettings()
 
 
 @pytest.mark.parametrize(
@@ -116,7 +118,7 @@ def test_example_settings_are_the_defaults() -> None:
      ("inference", InferenceSettings), ("volumetry", VolumetrySettings), ("jobs", JobSettings),
      ("dispatch", DispatchSettings), ("tls", TLSSettings), ("audit", AuditSettings),
      ("notifications", Notification),
-     ("retention", RetentionSettings)],
+     ("retention", RetentionSettings), ("http", HTTPSettings)],
 )
 def test_example_documents_every_field(section: str, model: type[BaseModel]) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")

@@ -68,7 +68,7 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "4"
     db.close()
 
 
@@ -90,7 +90,8 @@ def _older_journal(path: Path, version: int, *statements: str) -> int:
 def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     job = _older_journal(path, 1, "ALTER TABLE jobs DROP COLUMN attempts",  # schema 1: no attempts, no sha256
-                         "ALTER TABLE instances DROP COLUMN sha256", "ALTER TABLE outbox DROP COLUMN first_failed_at")
+                         "ALTER TABLE instances DROP COLUMN sha256", "ALTER TABLE outbox DROP COLUMN first_failed_at",
+                         "ALTER TABLE outbox DROP COLUMN queued_at")
     journal = Journal(path)
     assert journal.job(job).attempts == 0 and journal.start_job(job) == 1
     assert [(i.sop_instance_uid, i.sha256) for i in journal.instances(SERIES)] == [("1.9.1", "")]
@@ -105,7 +106,7 @@ def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
 def test_a_version_2_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
     job = _older_journal(path, 2, "DROP TABLE output_files",  # schema 2: no output files, no output name
-                         "ALTER TABLE jobs DROP COLUMN output_name")
+                         "ALTER TABLE jobs DROP COLUMN output_name", "ALTER TABLE outbox DROP COLUMN queued_at")
     journal = Journal(path)
     assert journal.job(job).output_name == "" and journal.output_files(job) == []
     seg = OutputFile("SEG", "/o/seg.dcm", "1.9.9", "1.2", "1.9.9.1")
@@ -126,6 +127,26 @@ def test_a_version_3_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
     db.close()
+
+
+def test_a_version_3_outbox_gets_queued_at(tmp_path: Path) -> None:
+    """Schema 4 added outbox.queued_at: an item queued before takes its next try's time (the best it knows)."""
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    job, ids = job_with_outbox(journal, ("PACS",), n=2)
+    journal.mark_failed_try(ids[:1], "down", next_attempt=lambda tries, first, now: 5000.0, now=1000.0)
+    journal.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE outbox DROP COLUMN queued_at")
+    db.execute("UPDATE outbox SET next_attempt_at = 700.0 WHERE id = ?", (ids[1],))
+    db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    assert {i.id: i.queued_at for i in journal.outbox(job)} == {ids[0]: 5000.0, ids[1]: 700.0}
+    (pending,) = [r for r in journal.outbox_summary() if r["state"] == "pending"]
+    assert pending["oldest_queued_at"] == 700.0
+    journal.close()
 
 
 def test_a_version_3_journal_gets_the_retention_columns(tmp_path: Path) -> None:
@@ -522,6 +543,80 @@ def test_request_reprocess_marks_stored_series_complete_with_a_new_version(journ
         journal.request_reprocess(series_uid="1.5.1", study_uid=STUDY)
     with pytest.raises(ValueError, match="exactly one"):
         journal.request_reprocess()
+
+
+def test_retry_failed_of_one_job(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=1)
+    add(journal, "1.9.7", series="2.2")
+    other = journal.add_job(series_uid="2.2", version=1, rule="t1-2d", action="synthesize", model="m")
+    journal.record_outputs(other, [("2.9", "sT1")], [("PACS", "/out/o.dcm", "1.2", "2.9.1")])
+    everything = [i.id for i in journal.outbox()]
+    before = time.time()
+    journal.mark_failed_try(everything, "down", next_attempt=GIVE_UP)
+    assert journal.retry_failed(job_id=other) == 1
+    assert [(i.state, i.tries) for i in journal.outbox(other)] == [("pending", 0)]
+    assert journal.outbox(other)[0].queued_at >= before  # queued again now: its age counts from the retry
+    assert [i.state for i in journal.outbox(job)] == ["failed"]
+    assert journal.job(other).state == "written" and journal.job(job).state == "failed"
+    assert journal.retry_failed(job_id=other) == 0
+
+
+def test_an_items_age_counts_from_when_it_was_queued(journal: Journal) -> None:
+    before = time.time()
+    job, ids = job_with_outbox(journal, ("PACS",), n=2)
+    journal.mark_failed_try(ids, "down", next_attempt=lambda tries, first, now: now + 60)
+    (item, _) = journal.outbox(job)
+    assert before <= item.queued_at <= time.time() < item.next_attempt_at
+    (pending,) = journal.outbox_summary()
+    assert pending["oldest_queued_at"] == item.queued_at
+
+
+# -- reprocess, dashboard, health ----------------------------------------------------------------
+
+def test_reopen_for_routing_gives_a_new_version(journal: Journal) -> None:
+    add(journal, "1.9.1")
+    assert journal.reopen_for_routing(SERIES) is None  # still receiving: it is routed when it closes
+    assert journal.reopen_for_routing("9.9.9") is None
+    assert journal.close_series(SERIES) == 1
+    assert journal.reopen_for_routing(SERIES) is None  # complete: being routed now
+    journal.set_series_state(SERIES, SeriesState.IGNORED, "no rule matched")
+    assert journal.reopen_for_routing(SERIES) == 2
+    series = journal.series(SERIES)
+    assert (series.state, series.version, series.note) == ("complete", 2, "")
+    journal.add_job(series_uid=SERIES, version=2, rule="r", action="synthesize", model="m")
+    assert journal.reopen_for_routing(SERIES) == 3
+
+
+def _study(journal: Journal, study: str, patient: str, accession: str, series: list[str], now: float) -> None:
+    for k, uid in enumerate(series):
+        attrs = SeriesAttributes(series_description=f"s{k}", modality="MR", accession_number=accession,
+                                 study_date="20240315")
+        received = ReceivedInstance(f"{uid}.1", "1.2.840.10008.5.1.4.1.1.4", study, uid, patient,
+                                    InstanceHeader(), attrs)
+        journal.add_instance(received, transfer_syntax="", path=f"/s/{uid}", calling_ae="MR", now=now + k)
+
+
+def test_recent_studies_newest_first_and_searched(journal: Journal) -> None:
+    _study(journal, "1.1", "PAT-OLD", "ACC-100", ["1.1.1"], now=1000.0)
+    _study(journal, "1.2", "PAT-NEW", "ACC-200", ["1.2.1", "1.2.2"], now=2000.0)
+    _study(journal, "1.3", "other", "", ["1.3.1"], now=1500.0)
+    assert [s.series_uid for s in journal.recent_studies()] == ["1.2.1", "1.2.2", "1.3.1", "1.1.1"]
+    assert [s.series_uid for s in journal.recent_studies(limit=1)] == ["1.2.1", "1.2.2"]
+    assert [s.series_uid for s in journal.recent_studies(search="pat-old")] == ["1.1.1"]  # any case
+    assert [s.series_uid for s in journal.recent_studies(search="ACC-2")] == ["1.2.1", "1.2.2"]
+    assert [s.series_uid for s in journal.recent_studies(search="PAT")] == ["1.2.1", "1.2.2", "1.1.1"]
+    assert journal.recent_studies(search="%") == [] and journal.recent_studies(search="nobody") == []
+    assert journal.recent_studies(search="  ")[0].attributes.accession_number == "ACC-200"  # blank: all
+
+
+def test_probe_write_commits(journal: Journal, tmp_path: Path) -> None:
+    assert journal.probe_write() >= 0
+    db = sqlite3.connect(tmp_path / "journal.sqlite3")
+    assert float(db.execute("SELECT value FROM meta WHERE key='health_probe'").fetchone()[0]) > time.time() - 60
+    db.close()
+    journal.close()
+    with pytest.raises(sqlite3.Error):
+        journal.probe_write()
 
 
 # -- summaries ---------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ threads = 1
 [jobs]
 max_attempts = {max_attempts}
 
+[http]
+port = {free_port()}
+
 [[rules]]
 name = "t1-2d"
 series_description = "t1"

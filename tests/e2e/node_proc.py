@@ -62,6 +62,8 @@ class NodeProcess:
         tls: Mapping[str, Any] | None = None,
         extra: Mapping[str, Any] | None = None,  # other tables of the config: {"jobs": {...}, "notifications": [...]}
         retention: Mapping[str, Any] | None = None,
+        http: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
         ae_title: str = "DICOM_NODE",
         port: int | None = None,
         user: str | None = None,
@@ -79,6 +81,9 @@ class NodeProcess:
         # the readiness probe must be an admitted peer
         self.probe_ae = str(peers[0]["ae_title"]) if peers else "E2E_PROBE"
         self.data_dir = self.workdir / "data"
+        # the HTTP server on a free port of its own (never the default 8080 another node may hold)
+        self.http_port = int((http or {}).get("port", free_port()))
+        self.env = dict(env or {})
         sections: dict[str, Any] = {
             "node": {
                 "ae_title": ae_title, "host": LOCALHOST, "port": self.port, "data_dir": str(self.data_dir),
@@ -89,6 +94,7 @@ class NodeProcess:
             "dispatch": {"backoff_initial_s": 1.0, "backoff_max_s": 2.0, "scan_interval_s": 0.5,
                          **(dispatch or {})},
         }
+        sections["http"] = {"host": LOCALHOST, **(http or {}), "port": self.http_port}
         if limits:
             sections["limits"] = dict(limits)
         if tls:
@@ -109,7 +115,7 @@ class NodeProcess:
 
     def start(self, timeout: float = 60) -> NodeProcess:
         log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         command = [self.python or sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)]
         if self.user:
             command = [sys.executable, "-m", "tests.e2e.as_user", self.user, "--",
@@ -131,6 +137,11 @@ class NodeProcess:
                 self.kill()
                 raise RuntimeError(f"node did not answer C-ECHO within {timeout} s; log:\n{self.log()}")
             time.sleep(0.2)
+
+    @property
+    def http_url(self) -> str:
+        """The base URL of the node's HTTP server (``/health``, ``/metrics``, the dashboard)."""
+        return f"http://{LOCALHOST}:{self.http_port}"
 
     @property
     def pid(self) -> int:

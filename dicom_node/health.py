@@ -1,0 +1,95 @@
+"""The node's health: a few cheap checks that tell whether it can do its work now.
+
+``/health`` answers them as JSON (200 when every check passes, 503 otherwise), ``/metrics`` exports them, and
+the systemd watchdog is fed only while the checks that a restart could cure pass (:data:`LIVENESS`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: The checks whose failure a restart may cure (a stuck scheduler, a listener that died, a journal that no longer
+#: answers): the systemd watchdog is fed only while they pass. A disk below its watermark is not one of them: the
+#: node refuses new data itself until space is freed, and restarting it would not free any.
+LIVENESS = ("scp_listening", "journal_writable", "dispatcher_alive")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's verdict and what it saw."""
+
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Health:
+    """Every check by name."""
+
+    checks: Mapping[str, Check]
+    checked_at: float
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks.values())
+
+    @property
+    def live(self) -> bool:
+        """The checks a restart could cure pass (see :data:`LIVENESS`)."""
+        return all(self.checks[name].ok for name in LIVENESS if name in self.checks)
+
+    def failed(self) -> list[str]:
+        return [f"{name}: {c.detail}" for name, c in self.checks.items() if not c.ok]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": "ok" if self.ok else "failing", "checked_at": self.checked_at,
+                "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in self.checks.items()}}
+
+
+def disk_free_bytes(path: Path) -> int:
+    """Free bytes on the file system of ``path`` (for an unprivileged process: what it may still write)."""
+    return shutil.disk_usage(path).free
+
+
+def check_disk(path: Path, min_free_bytes: int, free_bytes: Callable[[Path], int] = disk_free_bytes) -> Check:
+    """The data directory's file system has at least ``min_free_bytes`` free."""
+    try:
+        free = free_bytes(path)
+    except OSError as exc:
+        return Check(False, f"cannot read the free space of {path}: {exc.strerror or exc}")
+    mb = free / 2**20
+    if free < min_free_bytes:
+        return Check(False, f"{mb:.0f} MB free in {path}, below the watermark of {min_free_bytes / 2**20:.0f} MB")
+    return Check(True, f"{mb:.0f} MB free in {path} (watermark {min_free_bytes / 2**20:.0f} MB)")
+
+
+def check_journal(probe: Callable[[], float]) -> Check:
+    """A write to the journal commits (``Journal.probe_write``)."""
+    try:
+        took = probe()
+    except Exception as exc:  # noqa: BLE001 - whatever the journal raises is the verdict
+        return Check(False, f"journal write failed: {type(exc).__name__}: {exc}")
+    return Check(True, f"a write committed in {took * 1000:.1f} ms")
+
+
+def check_dispatcher(*, scheduler_running: bool, last_scan_started: float | None, scanning: bool,
+                     interval_s: float, now: float | None = None) -> Check:
+    """The scheduler runs and the outbox scan started within a few of its intervals (or is running now: a long
+    delivery is progress, each of its C-STOREs has its own timeout)."""
+    now = time.time() if now is None else now
+    if not scheduler_running:
+        return Check(False, "the scheduler is not running")
+    if scanning:
+        return Check(True, "delivering now")
+    window = max(30.0, 5 * interval_s)
+    if last_scan_started is None:
+        return Check(False, "the outbox has not been scanned yet")
+    age = now - last_scan_started
+    if age > window:
+        return Check(False, f"the outbox was last scanned {age:.0f} s ago (every {interval_s:g} s expected)")
+    return Check(True, f"outbox scanned {age:.1f} s ago")

@@ -1,0 +1,119 @@
+"""Tests for dicom_node.health: each check's verdict, and the health of a real node in this process."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import HTTPSettings, NodeConfig, NodeSettings
+from dicom_node.health import LIVENESS, Check, Health, check_disk, check_dispatcher, check_journal, disk_free_bytes
+from dicom_node.journal import Journal
+from dicom_node.service import Node
+from tests.e2e.peers import free_port
+
+MB = 2**20
+
+
+def test_disk_free_bytes_is_the_file_systems() -> None:
+    assert abs(disk_free_bytes(Path("/")) - shutil.disk_usage("/").free) < 64 * MB
+
+
+def test_check_disk_against_the_watermark(tmp_path: Path) -> None:
+    assert check_disk(tmp_path, 100 * MB, lambda p: 300 * MB) == Check(True, f"300 MB free in {tmp_path} "
+                                                                              "(watermark 100 MB)")
+    low = check_disk(tmp_path, 100 * MB, lambda p: 99 * MB)
+    assert not low.ok and low.detail == f"99 MB free in {tmp_path}, below the watermark of 100 MB"
+
+    def unreadable(path: Path) -> int:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    gone = check_disk(tmp_path / "gone", 1, unreadable)
+    assert not gone.ok and "cannot read the free space" in gone.detail and "No such file" in gone.detail
+
+
+def test_check_journal_writes(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite3", fsync=False)
+    assert check_journal(journal.probe_write).ok
+    journal.close()
+    closed = check_journal(journal.probe_write)
+    assert not closed.ok and closed.detail.startswith("journal write failed: ProgrammingError")
+
+
+def test_check_dispatcher() -> None:
+    now = 10_000.0
+    assert check_dispatcher(scheduler_running=True, last_scan_started=now - 3, scanning=False, interval_s=2,
+                            now=now).ok
+    assert check_dispatcher(scheduler_running=True, last_scan_started=now - 3600, scanning=True, interval_s=2,
+                            now=now).ok  # a long delivery is progress
+    stale = check_dispatcher(scheduler_running=True, last_scan_started=now - 31, scanning=False, interval_s=2,
+                             now=now)
+    assert not stale.ok and "last scanned 31 s ago" in stale.detail
+    # the window grows with a long scan interval
+    assert check_dispatcher(scheduler_running=True, last_scan_started=now - 200, scanning=False, interval_s=60,
+                            now=now).ok
+    assert not check_dispatcher(scheduler_running=True, last_scan_started=None, scanning=False, interval_s=2).ok
+    stopped = check_dispatcher(scheduler_running=False, last_scan_started=now, scanning=True, interval_s=2, now=now)
+    assert stopped == Check(False, "the scheduler is not running")
+
+
+def test_health_verdicts() -> None:
+    good = {name: Check(True, "fine") for name in (*LIVENESS, "disk_space")}
+    assert Health(good, 1.0).ok and Health(good, 1.0).live
+    low_disk = Health({**good, "disk_space": Check(False, "1 MB free")}, 1.0)
+    assert not low_disk.ok and low_disk.live  # a restart would not free space: the watchdog is still fed
+    assert low_disk.failed() == ["disk_space: 1 MB free"]
+    stuck = Health({**good, "dispatcher_alive": Check(False, "stuck")}, 1.0)
+    assert not stuck.ok and not stuck.live
+    assert stuck.to_json()["status"] == "failing"
+    assert stuck.to_json()["checks"]["dispatcher_alive"] == {"ok": False, "detail": "stuck"}
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    config = NodeConfig(node=NodeSettings(data_dir=tmp_path / "data", fsync=False, host="127.0.0.1", port=free_port()),
+                        http=HTTPSettings(port=0), rules=[], inference={"models_dir": tmp_path})
+    node = Node(config)
+    node.start()
+    yield node
+    node.stop()
+
+
+def _wait_healthy(node: Node) -> Health:
+    import time
+
+    deadline = time.monotonic() + 10
+    while not (health := node.health()).ok and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return health
+
+
+def test_a_running_node_is_healthy_until_its_listener_stops(node: Node) -> None:
+    health = _wait_healthy(node)
+    assert health.ok, health.failed()
+    assert set(health.checks) == {"scp_listening", "journal_writable", "disk_space", "dispatcher_alive"}
+    assert f"127.0.0.1:{node.scp.port}" in health.checks["scp_listening"].detail
+    node.scp.stop()
+    health = node.health()
+    assert not health.ok and not health.live
+    assert health.failed() == [f"scp_listening: not listening on 127.0.0.1:{node.scp.port}"]
+
+
+def test_a_node_below_its_disk_watermark_is_unhealthy_but_live(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    _wait_healthy(node)
+    monkeypatch.setattr(node, "disk_watermark_bytes", lambda: 2**62)
+    health = node.health()
+    assert not health.ok and health.live
+    assert health.failed()[0].startswith("disk_space: ") and "below the watermark" in health.failed()[0]
+    assert node.disk_watermark_bytes() == 2**62
+    monkeypatch.undo()
+    assert node.disk_watermark_bytes() == node.config.limits.max_object_mb * MB
+
+
+def test_a_stopped_scheduler_is_a_dead_dispatcher(node: Node) -> None:
+    _wait_healthy(node)
+    node.scheduler.shutdown(wait=True)
+    check = node.health().checks["dispatcher_alive"]
+    assert check == Check(False, "the scheduler is not running")
