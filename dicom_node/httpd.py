@@ -72,9 +72,9 @@ class Operations(Protocol):
 
     def job_stages(self) -> Mapping[int, tuple[str, float]]: ...
 
-    def reprocess_series(self, series_uid: str) -> str: ...
+    def reprocess_series(self, series_uid: str, by: str = "") -> str: ...
 
-    def retry_deliveries(self, job_id: int) -> str: ...
+    def retry_deliveries(self, job_id: int, by: str = "") -> str: ...
 
 
 def load_password(path: Path) -> str:
@@ -255,12 +255,12 @@ class _Handler(BaseHTTPRequestHandler):
                     job_id = int(form.get("job_id", ""))
                 except ValueError:
                     raise ActionError("job_id must be a job number") from None
-                message = server.ops.retry_deliveries(job_id)
+                message = server.ops.retry_deliveries(job_id, by=f"{server.settings.admin_user}@{who} (dashboard)")
             else:
                 series_uid = form.get("series_uid", "").strip()
                 if not series_uid:
                     raise ActionError("series_uid is missing")
-                message = server.ops.reprocess_series(series_uid)
+                message = server.ops.reprocess_series(series_uid, by=f"{server.settings.admin_user}@{who} (dashboard)")
         except ActionError as exc:
             log.warning("dashboard: %s by %s from %s not done: %s", action, server.settings.admin_user, who, exc)
             self._message(HTTPStatus.CONFLICT, f"{action.capitalize()} not done", str(exc))

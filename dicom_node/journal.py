@@ -615,19 +615,6 @@ class Journal:
             )
             return version
 
-    def reopen_for_routing(self, series_uid: str) -> int | None:
-        """A stored series to be routed again with the current rules (reprocess): mark it complete with a new
-        version and return it; None unless the series was routed or ignored (unknown, still receiving: it is
-        routed when it closes, or complete: being routed now)."""
-        with self._tx() as db:
-            row = db.execute("SELECT state, version FROM series WHERE series_uid=?", (series_uid,)).fetchone()
-            if row is None or row["state"] not in (SeriesState.ROUTED, SeriesState.IGNORED):
-                return None
-            version = row["version"] + 1
-            db.execute("UPDATE series SET state='complete', version=?, note='' WHERE series_uid=?",
-                       (version, series_uid))
-            return version
-
     def set_series_state(self, series_uid: str, state: SeriesState, note: str = "") -> None:
         with self._tx() as db:
             db.execute("UPDATE series SET state=?, note=? WHERE series_uid=?", (state, note, series_uid))

@@ -221,8 +221,9 @@ class Node:
 
     # -- operator actions (dashboard) ---------------------------------------------------------
 
-    def retry_deliveries(self, job_id: int) -> str:
-        """Queue a job's deliveries that failed for good again, and send them now."""
+    def retry_deliveries(self, job_id: int, by: str = "") -> str:
+        """Queue a job's deliveries that failed for good again, and send them now (``by``: who asked, for the
+        audit trail)."""
         try:
             job = self.journal.job(job_id)
         except KeyError:
@@ -230,25 +231,28 @@ class Node:
         n = self.journal.retry_failed(job_id=job.id)
         if not n:
             raise ActionError(f"job {job_id} has no delivery that failed for good")
+        self.audit.record("operator", action="retry", by=by, job=job_id, items=n)
         self.kick_dispatch()
         return f"job {job_id}: {n} delivery item(s) queued again"
 
-    def reprocess_series(self, series_uid: str) -> str:
-        """Route a stored series again with the current rules, as a new version (new outputs, new UIDs)."""
-        with self._close_lock:
-            version = self.journal.reopen_for_routing(series_uid)
-        if version is None:
-            series = self.journal.series(series_uid)
-            if series is None:
-                raise ActionError(f"series {series_uid} is not in the journal")
-            raise ActionError(f"series {series_uid} is {series.state}: it is routed when it has closed")
-        self._route(series_uid, version)
+    def reprocess_series(self, series_uid: str, by: str = "") -> str:
+        """Route a stored series again with the current rules, as a new version (new outputs, new UIDs), now;
+        ``by``: who asked, for the audit trail."""
+        series = self.journal.series(series_uid)
+        if series is None:
+            raise ActionError(f"series {series_uid} is not in the journal")
+        if not self.reprocess(series_uid=series_uid, by=by):
+            raise ActionError(f"series {series_uid} ({series.state}) cannot be reprocessed now: still receiving, "
+                              "being routed, a job queued or running, its instances deleted by retention, or an "
+                              "output of this node")
         series = self.journal.series(series_uid)
         assert series is not None
         if series.state == SeriesState.IGNORED:
-            return f"series {series_uid} version {version}: not processed: {series.note}"
+            return f"series {series_uid} version {series.version}: not processed: {series.note}"
+        if series.state == SeriesState.COMPLETE:
+            return f"series {series_uid} version {series.version}: marked, routed at the next sweep"
         job = [j for j in self.journal.jobs_in_study(series.study_uid) if j.series_uid == series_uid][-1]
-        return f"series {series_uid} version {version}: job {job.id} ({job.rule}) queued"
+        return f"series {series_uid} version {series.version}: job {job.id} ({job.rule}) queued"
 
     def _check_spool(self) -> None:
         """Warn when the spool holds objects the journal does not know (a lost or replaced journal)."""
@@ -342,11 +346,13 @@ class Node:
         return routed
 
     def reprocess(self, *, series_uid: str | None = None, study_uid: str | None = None,
-                  patient_id: str | None = None) -> list[str]:
+                  patient_id: str | None = None, by: str = "") -> list[str]:
         """Route stored series again with the current rules, as a new version (one selector: a series, a study,
         or a PatientID); returns the UIDs of the series marked. The node's own outputs, series still receiving
         and series with a job queued or running are left alone (``Journal.request_reprocess``)."""
         marked = self.journal.request_reprocess(series_uid=series_uid, study_uid=study_uid, patient_id=patient_id)
+        self.audit.record("operator", action="reprocess", by=by, series_uid=series_uid, study_uid=study_uid,
+                          patient_id=patient_id, series=marked)
         log.info("reprocess requested for %d series%s", len(marked), f": {', '.join(marked)}" if marked else "")
         if marked and self.executor is not None:
             self.route_complete()

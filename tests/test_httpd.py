@@ -165,6 +165,11 @@ def test_actions_need_the_password_and_the_pages_token(make_node: Callable[..., 
                               auth=f"admin:{PASSWORD}")
     assert status == 409 and "series 9.9 is not in the journal" in body
     assert request(node, "/", data={"csrf": token}, auth=f"admin:{PASSWORD}")[0] == 404
+    # both actions are in the audit trail, with the dashboard's user
+    audit = [json.loads(line) for line in node.config.audit_path().read_text().splitlines()]
+    actions = [(e["action"], e["by"].split("@")[0], e["by"].endswith("(dashboard)")) for e in audit
+               if e["event"] == "operator"]
+    assert actions == [("retry", "admin", True), ("reprocess", "admin", True)]
 
 
 def test_without_a_password_the_dashboard_is_read_only(make_node: Callable[..., Node]) -> None:

@@ -573,20 +573,6 @@ def test_an_items_age_counts_from_when_it_was_queued(journal: Journal) -> None:
 
 # -- reprocess, dashboard, health ----------------------------------------------------------------
 
-def test_reopen_for_routing_gives_a_new_version(journal: Journal) -> None:
-    add(journal, "1.9.1")
-    assert journal.reopen_for_routing(SERIES) is None  # still receiving: it is routed when it closes
-    assert journal.reopen_for_routing("9.9.9") is None
-    assert journal.close_series(SERIES) == 1
-    assert journal.reopen_for_routing(SERIES) is None  # complete: being routed now
-    journal.set_series_state(SERIES, SeriesState.IGNORED, "no rule matched")
-    assert journal.reopen_for_routing(SERIES) == 2
-    series = journal.series(SERIES)
-    assert (series.state, series.version, series.note) == ("complete", 2, "")
-    journal.add_job(series_uid=SERIES, version=2, rule="r", action="synthesize", model="m")
-    assert journal.reopen_for_routing(SERIES) == 3
-
-
 def _study(journal: Journal, study: str, patient: str, accession: str, series: list[str], now: float) -> None:
     for k, uid in enumerate(series):
         attrs = SeriesAttributes(series_description=f"s{k}", modality="MR", accession_number=accession,
