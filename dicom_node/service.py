@@ -25,13 +25,14 @@ from . import systemd
 from .assembly import completeness
 from .audit import AuditTrail
 from .config import NodeConfig
+from .disk import DiskState
 from .dispatch import Dispatcher
 from .exporter import NodeMetrics
 from .health import Check, Health, check_disk, check_dispatcher, check_journal
 from .httpd import ActionError, NodeHTTPServer
 from .jobs import JobRunner, ThreadExecutor
 from .journal import Journal, OutboxState, SeriesState
-from .notify import Notifier, install
+from .notify import Notifier, install, notify
 from .rebuild import unknown_files
 from .retention import Retention
 from .routing import route
@@ -70,6 +71,7 @@ class Node:
         self.notifier = Notifier(config.notifications, node=config.node.ae_title)
         #: the disk watermark of the SCP: ``disk.state()`` (free bytes, refusing or not) for /health and metrics
         self.disk = self.scp.disk
+        self.disk.listeners.append(self._disk_changed)
         self.retention = Retention(config, self.journal)
         # held while a series is closed and routed, so that the sweep never routes one twice
         self._close_lock = threading.Lock()
@@ -185,9 +187,17 @@ class Node:
                 self._outbox_scans -= 1
 
     def disk_watermark_bytes(self) -> int:
-        """Free space below which the data directory's disk counts as low (health check): for now one object of
-        the largest size the SCP accepts (``[limits] max_object_mb``), which may not fit any more."""
-        return int(self.config.limits.max_object_mb * 2**20)
+        """Free space below which the data directory's disk counts as low (health check): the SCP's refusal
+        watermark (``[limits] min_free_mb``), and at least one object of the largest size the SCP accepts
+        (``[limits] max_object_mb``), which may not fit any more."""
+        return max(self.disk.min_free, int(self.config.limits.max_object_mb * 2**20))
+
+    def _disk_changed(self, state: DiskState) -> None:
+        """The disk guard started or stopped refusing: tell the webhooks that want ``disk_low``."""
+        if state.refusing:
+            notify("disk_low", {"path": state.path, "free_mb": max(state.free_bytes, 0) // 2**20,
+                                "min_free_mb": state.min_free_bytes // 2**20,
+                                "resume_free_mb": state.resume_free_bytes // 2**20})
 
     def health(self) -> Health:
         """The health checks (``/health``, the watchdog, ``dicom_node_health_check``)."""
@@ -197,7 +207,9 @@ class Node:
             "scp_listening": Check(True, f"listening on {port}") if self.scp.listening
             else Check(False, f"not listening on {port}"),
             "journal_writable": check_journal(self.journal.probe_write),
-            "disk_space": check_disk(node.data_dir, self.disk_watermark_bytes()),
+            "disk_space": check_disk(node.data_dir, self.disk_watermark_bytes()) if not self.disk.state().refusing
+            else Check(False, f"refusing C-STOREs until {self.disk.resume_free // 2**20} MB are free in "
+                              f"{node.data_dir}"),
             "dispatcher_alive": check_dispatcher(
                 scheduler_running=self.scheduler.running, last_scan_started=self._outbox_scan_started,
                 scanning=self._outbox_scans > 0, interval_s=self.config.dispatch.scan_interval_s),

@@ -109,7 +109,32 @@ def test_a_node_below_its_disk_watermark_is_unhealthy_but_live(node: Node, monke
     assert health.failed()[0].startswith("disk_space: ") and "below the watermark" in health.failed()[0]
     assert node.disk_watermark_bytes() == 2**62
     monkeypatch.undo()
-    assert node.disk_watermark_bytes() == node.config.limits.max_object_mb * MB
+    limits = node.config.limits
+    assert node.disk_watermark_bytes() == max(limits.min_free_mb, limits.max_object_mb) * MB
+
+
+def test_a_disk_guard_refusing_makes_the_node_unhealthy_and_tells_the_webhooks(
+        node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refusing C-STOREs below ``[limits] min_free_mb`` fails ``disk_space`` until ``resume_free_mb`` are free (the
+    guard's hysteresis, not the probe's), and posts ``disk_low`` once."""
+    from dicom_node import disk, notify
+
+    _wait_healthy(node)
+    posted: list[tuple[str, dict]] = []
+    monkeypatch.setattr(notify, "_current", type("Spy", (), {"notify": lambda self, e, p: posted.append((e, p))})())
+    guard = node.disk
+    free = {"bytes": guard.min_free - 1}
+    monkeypatch.setattr(disk, "free_bytes", lambda path: free["bytes"])
+    monkeypatch.setattr(guard, "cache_s", 0.0)
+    assert guard.refusal() is not None
+    check = node.health().checks["disk_space"]
+    assert not check.ok and check.detail.startswith("refusing C-STOREs until ")
+    free["bytes"] = guard.min_free + 1  # above the low watermark, below the high one: still refusing
+    assert not node.health().checks["disk_space"].ok
+    free["bytes"] = guard.resume_free + 1
+    guard.state()
+    assert node.health().checks["disk_space"].ok  # accepting again (the real disk has room)
+    assert [e for e, _ in posted] == ["disk_low"] and posted[0][1]["min_free_mb"] == guard.min_free // 2**20
 
 
 def test_a_stopped_scheduler_is_a_dead_dispatcher(node: Node) -> None:
