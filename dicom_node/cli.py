@@ -611,11 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--reprocess", action="store_true",
                    help="process the rebuilt series again at the next start (default: mark them ignored)")
     j.set_defaults(func=cmd_journal_rebuild)
-    p = sub.add_parser("report", help="print a volumetry or agreement SR as a table",
-                       description="Print the content of a volumetry SR (volumes, ICV, asymmetry, quality control) "
-                                   "or of an agreement SR (image agreement, registration, Dice and ASPC).")
+    p = add("report", cmd_report, "print a volumetry or agreement SR as a table",
+            "Print the content of a volumetry SR (volumes, ICV, asymmetry, quality control) or of an agreement SR "
+            "(image agreement, registration, Dice and ASPC). The configuration is not needed.")
     p.add_argument("file", help="the SR file (DICOM)")
-    p.set_defaults(func=cmd_report)
     return parser
 
 
