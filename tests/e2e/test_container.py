@@ -116,3 +116,54 @@ def test_the_image_runs_the_node_and_its_results_reach_the_pacs(image: str, orth
     finally:
         _podman("rm", "-f", name, check=False)
         _podman("volume", "rm", "-f", volume, check=False)
+
+
+COMPOSE = shutil.which("podman-compose")
+
+
+def _orthanc_series(url: str) -> list[str]:
+    import base64
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/series?expand", headers={
+        "Authorization": "Basic " + base64.b64encode(b"orthanc:orthanc").decode()})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=5) as response:
+            return [s["MainDicomTags"].get("SeriesDescription", "") for s in json.loads(response.read())]
+    except OSError:
+        return []
+
+
+@requires_shared_data
+def test_compose_runs_the_node_beside_orthanc(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """deploy/compose.yaml as written (ports 11112 and 8042 on this host, so not in CI): both images built, the
+    node sends a real 2D T1's results to the compose file's Orthanc over the compose network."""
+    if PODMAN is None or COMPOSE is None:
+        pytest.skip("podman and podman-compose are not installed (apt-get install podman podman-compose)")
+    context = _build_context(tmp_path_factory.mktemp("compose"))
+    env = {**os.environ, "BASE": BASE, "PIP_OPTIONS": "--no-index --find-links /src/wheelhouse" if WHEELHOUSE else ""}
+    compose = [COMPOSE, "-p", f"dn{secrets.token_hex(3)}", "-f", str(context / "deploy" / "compose.yaml")]
+
+    def run(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*compose, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False, cwd=context / "deploy")
+
+    up = run("up", "-d")
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        deadline = time.monotonic() + 300
+        while echoscu(11112, called_ae="DICOM_NODE", timeout=5).returncode != 0:
+            assert time.monotonic() < deadline, run("logs").stdout[-4000:]
+            time.sleep(1)
+        files = sorted(p for p in next((T1_2D / "HFS").iterdir()).rglob("*") if p.is_file())
+        sent = storescu(11112, files, called_ae="DICOM_NODE")
+        assert sent.returncode == 0 and not failed_stores(sent), sent.stderr
+        deadline = time.monotonic() + 900
+        while not any(d.startswith("sT12DT1 summary") for d in _orthanc_series("http://127.0.0.1:8042")):
+            assert time.monotonic() < deadline, run("logs").stdout[-4000:]
+            time.sleep(2)
+        described = {d.split(" QC")[0] for d in _orthanc_series("http://127.0.0.1:8042")}
+        assert {"sT12DT1", "sT12DT1 SEG", "sT12DT1 volumes", "sT12DT1 summary"} <= described, described
+    finally:
+        run("down", "-v", timeout=300)
