@@ -111,7 +111,6 @@ def test_the_installed_node_finds_its_models(installed: Path, tmp_path: Path) ->
 SCOUT = SHARED_DATA / "dicom" / "phantom_siemens_xa30_aahead_scout" / "01001_AAHead_Scout"
 
 
-@pytest.mark.heavy
 @requires_shared_data
 def test_the_installed_node_serves_the_scout(installed: Path, tmp_path: Path) -> None:
     """The wheel's node, its bundled models as installed, turns the AutoAlign scout into sT1AAH in Orthanc."""
