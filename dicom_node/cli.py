@@ -42,7 +42,7 @@ from . import __version__
 from .audit import AuditTrail
 from .config import ConfigError, Destination, NodeConfig, config_path, load_config
 from .httpd import HTTPListenError
-from .journal import JobRecord, JournalError, OutboxState
+from .journal import JobRecord, Journal, JournalError, OutboxState
 from .lock import NodeLock, NodeRunning, probe
 from .logs import setup_logging
 
@@ -59,6 +59,14 @@ def _setup_logging(config: NodeConfig) -> None:
 
 def _config(args: argparse.Namespace) -> NodeConfig:
     return load_config(config_path(args.config))
+
+
+def _journal(config: NodeConfig) -> Journal:
+    """The node's journal, for a command that changes it (:class:`CommandError` when the node never ran here)."""
+    path = config.node.data_dir / "journal.sqlite3"
+    if not path.exists():
+        raise CommandError(f"no journal at {path}: the node has not run with this data_dir yet")
+    return Journal(path, fsync=config.node.fsync)
 
 
 def _audit(config: NodeConfig, action: str, **fields: object) -> None:
@@ -447,13 +455,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     config = _config(args)
-    from .journal import Journal
 
-    path = config.node.data_dir / "journal.sqlite3"
-    if not path.exists():
-        print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
-        return 1
-    journal = Journal(path)
+    journal = _journal(config)
     n = journal.retry_failed(args.dest)
     journal.close()
     _audit(config, "retry", destination=args.dest, items=n)
@@ -465,18 +468,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config)
-    from .journal import Journal
     from .retention import Retention
 
-    path = config.node.data_dir / "journal.sqlite3"
-    if not path.exists():
-        print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
-        return 1
     settings = config.retention
+    journal = _journal(config)
     if not settings.enabled:
+        journal.close()
         print("retention is disabled ([retention] enabled = false): nothing deleted")
         return 0
-    journal = Journal(path, fsync=config.node.fsync)
     try:
         result = Retention(config, journal).sweep(dry_run=args.dry_run)
     finally:
@@ -497,13 +496,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
     config = _config(args)
-    from .journal import Journal
 
-    path = config.node.data_dir / "journal.sqlite3"
-    if not path.exists():
-        print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
-        return 1
-    journal = Journal(path)
+    journal = _journal(config)
     try:
         marked = journal.request_reprocess(series_uid=args.series, study_uid=args.study, patient_id=args.patient)
         described = [journal.series(uid) for uid in marked]
