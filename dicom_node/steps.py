@@ -55,6 +55,16 @@ log = logging.getLogger(__name__)
 
 #: Offsets added to ``source SeriesNumber × 100`` for each kind of output (+ version).
 SERIES_NUMBER_OFFSETS = {"sT1": 0, "SEG": 10, "SR": 20, "SUMMARY": 30, "AGREEMENT": 40, "NOT_PROCESSED": 50}
+#: The largest value of an IS (Integer String: a signed 32-bit integer).
+IS_MAX = 2**31 - 1
+#: Source SeriesNumbers are taken modulo this (so ``source × 100 + 59`` stays below :data:`LATER_VERSIONS_BASE`).
+SOURCE_NUMBERS = 10_000_000
+#: Versions 10 and later are numbered in a band of their own, above every number of a first nine versions:
+#: ``LATER_VERSIONS_BASE + ((source × kinds + kind) × LATER_VERSIONS_SPAN) + version``, each source (modulo
+#: :data:`LATER_SOURCES`) with its own block of versions 10 .. LATER_VERSIONS_SPAN - 1 per kind.
+LATER_VERSIONS_BASE = 1_000_000_000
+LATER_VERSIONS_SPAN = 1000
+LATER_SOURCES = (IS_MAX - LATER_VERSIONS_BASE) // (len(SERIES_NUMBER_OFFSETS) * LATER_VERSIONS_SPAN)
 
 #: A series of fewer slices (frames) is no volume to synthesize or measure from (a localizer, a single slice).
 MIN_SLICES = 3
@@ -69,8 +79,18 @@ class JobFailed(RuntimeError):
 
 
 def output_series_number(source_number: int, kind: str, version: int) -> int:
-    """Deterministic, sorted after the source: source 1001, sT1 version 1 → 100101."""
-    return max(source_number, 0) * 100 + SERIES_NUMBER_OFFSETS[kind] + min(version, 9)
+    """Deterministic, a number of its own for every source, kind and version, always within the IS range.
+
+    Versions 1 to 9 sort after the source: source 1001, sT1 version 1 → 100101, SEG version 2 → 100112.
+    Versions 10 and later (999 per kind; then they wrap) take numbers above 10⁹, grouped by source and kind
+    (:data:`LATER_VERSIONS_BASE`): every number of a first nine versions of any source below
+    :data:`SOURCE_NUMBERS` stays below that band."""
+    source = max(source_number, 0) % SOURCE_NUMBERS
+    if version < 10:
+        return source * 100 + SERIES_NUMBER_OFFSETS[kind] + max(version, 0)
+    block = (source % LATER_SOURCES) * len(SERIES_NUMBER_OFFSETS) + list(SERIES_NUMBER_OFFSETS).index(kind)
+    later = 10 + (version - 10) % (LATER_VERSIONS_SPAN - 10)
+    return LATER_VERSIONS_BASE + block * LATER_VERSIONS_SPAN + later
 
 
 def output_description(rule: Rule, version: int, suffix: str = "") -> str:

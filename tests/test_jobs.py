@@ -16,7 +16,7 @@ from dicom_node.config import Destination, InferenceSettings, NodeConfig, NodeSe
 from dicom_node.headers import describe
 from dicom_node.jobs import JobRunner, ThreadExecutor
 from dicom_node.journal import Journal
-from dicom_node.steps import output_description, output_series_number
+from dicom_node.steps import SERIES_NUMBER_OFFSETS, output_description, output_series_number
 from inference.models import ModelRegistry
 from tests.dicom_factory import make_mr_series, make_study
 from tests.onnx_fixtures import make_synthesis_model
@@ -355,10 +355,23 @@ def test_finished_jobs_are_not_run_again(setup: Setup, tmp_path: Path) -> None:
 def test_output_naming() -> None:
     assert output_series_number(1001, "sT1", 1) == 100101
     assert output_series_number(5, "SEG", 2) == 512
-    assert output_series_number(5, "SR", 12) == 529  # version digit capped at 9
+    assert output_series_number(5, "SR", 9) == 529
     assert output_series_number(-1, "SUMMARY", 1) == 31
     r = rule()
     assert output_description(r, 1) == "sT12DT1" and output_description(r, 3) == "sT12DT1 v3"
+
+
+def test_every_version_has_numbers_of_its_own_within_the_is_range() -> None:
+    """Version 10 and later once took version 9's numbers (the version digit was capped at 9)."""
+    assert output_series_number(5, "SR", 12) not in {output_series_number(5, "SR", v) for v in range(1, 12)}
+    kinds = list(SERIES_NUMBER_OFFSETS)
+    for sources in ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [101, 201, 301, 1001, 1101], [99999]):
+        numbers = [output_series_number(s, k, v) for s in sources for k in kinds for v in range(1, 1000)]
+        assert len(set(numbers)) == len(numbers)
+    for source in (0, 7, 99999, 10_000_000, 2**31 - 1):
+        for kind in kinds:
+            for version in (1, 9, 10, 11, 999, 1000, 10**6):
+                assert 0 <= output_series_number(source, kind, version) <= 2**31 - 1
 
 
 def test_thread_executor_runs_and_survives_crashes() -> None:
