@@ -14,7 +14,7 @@ from pydicom import dcmread
 from dicom_node import MANUFACTURER
 from dicom_node.config import Destination, InferenceSettings, NodeConfig, NodeSettings, Rule
 from dicom_node.headers import describe
-from dicom_node.jobs import JobRunner, ThreadExecutor
+from dicom_node.jobs import JobRunner, Task, ThreadExecutor
 from dicom_node.journal import Journal
 from dicom_node.steps import SERIES_NUMBER_OFFSETS, output_description, output_series_number
 from inference.models import ModelRegistry
@@ -492,6 +492,54 @@ def test_a_counterpart_whose_rule_is_gone_is_still_compared(tmp_path: Path, mode
         assert sr.SeriesDescription == "sT12DT1 vs rT1 agreement"
         assert int(sr.SeriesNumber) == output_series_number(3, "AGREEMENT", 1)
         assert {i.sop_instance_uid for i in s.journal.outbox(real_job)} >= {agreement.sop_instance_uid}
+    finally:
+        s.journal.close()
+
+
+def test_follow_ups_are_tasks_of_their_own_and_resume_after_a_crash(tmp_path: Path, models_dir: Path,
+                                                                   registry: ModelRegistry,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an executor, a job ends once its core outputs are recorded and queued; its agreement check is a task of
+    its own, queued in the journal in the same transaction. The two checks of a pair compare it once (the later
+    one). A check the node dies in is queued again at the next start and runs from the start."""
+    import dicom_node.steps as steps
+
+    real, thick = _real_and_thick(tmp_path)
+    s = Setup(tmp_path, models_dir, registry, AGREEMENT_RULES, destinations=("PACS",))
+    tasks: list[Task] = []
+    s.runner.submit = tasks.append  # the executor's queue
+    try:
+        real_job, synth_job = s.job_for(real, "rt1"), s.job_for(thick)
+        s.runner.perform(Task("job", real_job))
+        s.runner.perform(Task("job", synth_job))
+        (real_check,), (synth_check,) = s.journal.follow_ups(real_job), s.journal.follow_ups(synth_job)
+        assert tasks == [Task("follow_up", real_check.id), Task("follow_up", synth_check.id)]
+        assert (real_check.step, real_check.state, synth_check.state) == ("agreement", "queued", "queued")
+        assert s.journal.job(synth_job).state == "written" and "AGREEMENT" not in _kinds(s.journal, synth_job)
+
+        s.runner.perform(tasks[0])  # the real T1's check leaves the pair to the sT1's, queued after it
+        done = s.journal.follow_up(real_check.id)
+        assert (done.state, done.reason) == ("done", f"compared with job {synth_job} by that job's follow-up "
+                                                     f"({synth_check.id})")
+        real_compare = steps.compare
+
+        def dying(*args: Any) -> Any:
+            raise KeyboardInterrupt  # the node dies here
+
+        monkeypatch.setattr(steps, "compare", dying)
+        with pytest.raises(KeyboardInterrupt):
+            s.runner.perform(tasks[1])
+        assert s.journal.follow_up(synth_check.id).state == "running"
+        monkeypatch.setattr(steps, "compare", real_compare)
+        resumed, quarantined = s.journal.recover_follow_ups(max_attempts=3)  # the next start
+        assert [f.id for f in resumed] == [synth_check.id] and quarantined == []
+        s.runner.perform(Task("follow_up", synth_check.id))
+        check = s.journal.follow_up(synth_check.id)
+        assert (check.state, check.attempts, check.reason) == ("done", 2, "")
+        (agreement,) = s.journal.output_files(synth_job, "AGREEMENT")
+        assert "AGREEMENT" not in _kinds(s.journal, real_job)
+        assert {i.sop_instance_uid for i in s.journal.outbox(synth_job)} >= {agreement.sop_instance_uid}
+        assert s.journal.job(synth_job).timings["agreement"] > 0
     finally:
         s.journal.close()
 
