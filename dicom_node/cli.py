@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from . import __version__
 from .audit import AuditTrail
 from .config import ConfigError, Destination, NodeConfig, config_path, load_config
 from .httpd import HTTPListenError
-from .journal import JobRecord, JournalError, OutboxState
+from .journal import FollowUpRecord, JobRecord, JournalError, OutboxState
 from .lock import NodeLock, NodeRunning, probe
 from .logs import setup_logging
 
@@ -274,10 +275,12 @@ STATUS_FAILURES = 1
 STATUS_NOT_RUNNING = 3
 
 
-def _job_json(j: JobRecord) -> dict[str, Any]:
+def _job_json(j: JobRecord, follow_ups: Sequence[FollowUpRecord] = ()) -> dict[str, Any]:
     return {"id": j.id, "series_uid": j.series_uid, "version": j.version, "rule": j.rule, "model": j.model,
             "state": str(j.state), "reason": j.reason, "optional_failed": j.optional_failed,
-            "updated_at": j.updated_at, "timings": j.timings}
+            "updated_at": j.updated_at, "timings": j.timings,
+            "follow_ups": [{"id": f.id, "step": f.step, "state": str(f.state), "reason": f.reason,
+                            "attempts": f.attempts, "updated_at": f.updated_at} for f in follow_ups]}
 
 
 def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, Any]:
@@ -313,7 +316,7 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
                         "state": str(s.state), "note": s.note, "last_received": s.last_received,
                         "purged_at": s.purged_at, "purged_instances": s.purged_instances}
                        for s in journal.all_series(limit=limit)],
-            "jobs": [_job_json(j) for j in journal.jobs(limit=limit)],
+            "jobs": [_job_json(j, journal.follow_ups(j.id)) for j in journal.jobs(limit=limit)],
             "outbox": journal.outbox_summary(),
         }
     finally:
@@ -354,6 +357,9 @@ def _print_status(report: dict[str, Any]) -> None:
              if purged["series"] else ""))
     print("series: " + (", ".join(f"{k} {v}" for k, v in sorted(counts['series'].items())) or "none"))
     print("jobs:   " + (", ".join(f"{k} {v}" for k, v in sorted(counts['jobs'].items())) or "none"))
+    if counts.get("follow_ups"):
+        print("follow-ups (optional steps of written jobs): "
+              + ", ".join(f"{k} {v}" for k, v in sorted(counts["follow_ups"].items())))
     print("\nrecent series:")
     for s in report["series"]:
         note = f" - {s['note']}" if s["note"] else ""
@@ -367,6 +373,9 @@ def _print_status(report: dict[str, Any]) -> None:
         total = j["timings"].get("total")
         took = f" ({total:.1f} s)" if total else ""
         print(f"  #{j['id']} {_ts(j['updated_at'])} rule {j['rule']} v{j['version']}: {j['state']}{took}{reason}")
+        for f in j.get("follow_ups", ()):
+            note = f" - {f['reason']}" if f["reason"] else ""
+            print(f"      follow-up {f['step']}: {f['state'].upper() if f['state'] == 'failed' else f['state']}{note}")
     print("\noutbox by destination:")
     if not report["outbox"]:
         print("  empty")
