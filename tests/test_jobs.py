@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import SimpleITK as sitk
 from pydicom import dcmread
 
 from dicom_node import MANUFACTURER
@@ -16,7 +17,7 @@ from dicom_node.config import Destination, InferenceSettings, NodeConfig, NodeSe
 from dicom_node.headers import describe
 from dicom_node.jobs import JobRunner, Task, ThreadExecutor
 from dicom_node.journal import Journal
-from dicom_node.steps import SERIES_NUMBER_OFFSETS, output_description, output_series_number
+from dicom_node.steps import SERIES_NUMBER_OFFSETS, SeriesNaming, output_description, output_series_number
 from inference.models import ModelRegistry
 from tests.dicom_factory import make_mr_series, make_study
 from tests.onnx_fixtures import make_synthesis_model
@@ -287,6 +288,26 @@ def test_volumetry_of_a_real_t1_writes_seg_sr_summary(setup: Setup, tmp_path: Pa
     sr = dcmread(out_dir / "sr.dcm", stop_before_pixels=True)
     assert sr.Modality == "SR" and sr.SeriesNumber == 421
     assert len(setup.journal.outbox(job_id)) == 2 * 3
+    # a head of a few ml fails QC (ICV): every object that shows the volumetry says so (SeriesNaming flags them)
+    summary = dcmread(out_dir / "summary.dcm", stop_before_pixels=True)
+    assert [ds.SeriesDescription for ds in (seg, sr, summary)] == ["rT1 SEG QC FAILED", "rT1 volumes QC FAILED",
+                                                                  "rT1 summary QC FAILED"]
+
+
+def test_series_naming_flags_a_failed_quality_control_for_every_kind_that_shows_it() -> None:
+    from inference.volumetry import QCLimits, compute_volumetry
+
+    labels = sitk.Image(8, 8, 8, sitk.sitkUInt16)
+    labels[2:6, 2:6, 2:6] = 17  # a left hippocampus alone
+    failed = compute_volumetry(labels, None, age=None, sex=None, limits=QCLimits(icv_min_ml=1000.0))
+    passed = compute_volumetry(labels, None, age=None, sex=None, limits=QCLimits(icv_min_ml=0.0),
+                               expected_codes={17})
+    assert not failed.qc_passed and passed.qc_passed
+    naming = SeriesNaming("sT1AAH", 2, 7)
+    for kind, text in (("SEG", "sT1AAH SEG v2"), ("SR", "sT1AAH volumes v2"), ("SUMMARY", "sT1AAH summary v2")):
+        assert naming.description(kind, failed) == text + " QC FAILED"
+        assert naming.description(kind, passed) == naming.description(kind) == text
+    assert naming.description("sT1") == "sT1AAH v2" and naming.description("NOT_PROCESSED") == "sT1AAH NOT PROCESSED v2"
 
 
 def test_a_normative_table_in_the_config_gives_z_scores(tmp_path: Path, models_dir: Path,
