@@ -333,6 +333,18 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
     return report
 
 
+def _print_job(j: dict[str, Any]) -> None:
+    """One job of ``status``, and a line for each of its follow-ups."""
+    reason = f" - {j['reason']}" if j["reason"] else ""
+    reason += f" (optional step failed: {j['optional_failed']})" if j["optional_failed"] else ""
+    total = j["timings"].get("total")
+    took = f" ({total:.1f} s)" if total else ""
+    print(f"  #{j['id']} {_ts(j['updated_at'])} rule {j['rule']} v{j['version']}: {j['state']}{took}{reason}")
+    for f in j["follow_ups"]:
+        note = f" - {f['reason']}" if f["reason"] else ""
+        print(f"      follow-up {f['step']}: {f['state'].upper() if f['state'] == 'failed' else f['state']}{note}")
+
+
 def _print_status(report: dict[str, Any]) -> None:
     node = report["node"]
     if node["running"]:
@@ -368,14 +380,7 @@ def _print_status(report: dict[str, Any]) -> None:
         print(f"  {_ts(s['last_received'])} {s['description']!r:32} {s['instances']:4d} inst  {s['state']}{note}")
     print("\nrecent jobs:")
     for j in report["jobs"]:
-        reason = f" - {j['reason']}" if j["reason"] else ""
-        reason += f" (optional step failed: {j['optional_failed']})" if j["optional_failed"] else ""
-        total = j["timings"].get("total")
-        took = f" ({total:.1f} s)" if total else ""
-        print(f"  #{j['id']} {_ts(j['updated_at'])} rule {j['rule']} v{j['version']}: {j['state']}{took}{reason}")
-        for f in j.get("follow_ups", ()):
-            note = f" - {f['reason']}" if f["reason"] else ""
-            print(f"      follow-up {f['step']}: {f['state'].upper() if f['state'] == 'failed' else f['state']}{note}")
+        _print_job(j)
     print("\noutbox by destination:")
     if not report["outbox"]:
         print("  empty")
