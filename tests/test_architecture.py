@@ -15,23 +15,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: The modules of the job path whose every function must stay short.
-JOB_PATH = (
-    "dicom_node/headers.py",
-    "dicom_node/assembly.py",
-    "dicom_node/routing.py",
-    "dicom_node/service.py",
-    "dicom_node/jobs.py",
-    "dicom_node/steps.py",
-    "dicom_node/journal.py",
-    "dicom_node/config.py",
-    "dicom_node/dashboard.py",
-    "inference/pipeline.py",
-    "inference/segmentation.py",
-    "inference/volumetry.py",
-    "inference/agreement.py",
-    "inference/models.py",
-)
 #: The modules a received instance's header passes on its way from receipt to a job (receive → route → job):
 #: their public functions take and give typed values, never a bare dict or Any.
 TYPED_BOUNDARY = (
@@ -43,6 +26,9 @@ TYPED_BOUNDARY = (
     "dicom_node/steps.py",
     "dicom_node/journal.py",
 )
+#: The modules of the job path whose every function must stay short.
+JOB_PATH = (*TYPED_BOUNDARY, "dicom_node/config.py", "dicom_node/dashboard.py", "inference/pipeline.py",
+            "inference/segmentation.py", "inference/volumetry.py", "inference/agreement.py", "inference/models.py")
 #: Where a dict is the point: the typed records' JSON form in the journal's columns (read back typed at once),
 #: and the outbox summary `status` and the metrics print (not on the receive → route → job path).
 DICT_ALLOWED = {
