@@ -459,13 +459,21 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _journal_path(config: NodeConfig) -> Path | None:
+    """The journal's path, or None (said on stderr) when the node has not run with this data_dir yet."""
+    path = config.node.data_dir / "journal.sqlite3"
+    if path.exists():
+        return path
+    print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
+    return None
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     config = _config(args)
     from .journal import Journal
 
-    path = config.node.data_dir / "journal.sqlite3"
-    if not path.exists():
-        print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
+    path = _journal_path(config)
+    if path is None:
         return 1
     journal = Journal(path)
     n = journal.retry_failed(args.dest)
@@ -482,9 +490,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
     from .journal import Journal
     from .retention import Retention
 
-    path = config.node.data_dir / "journal.sqlite3"
-    if not path.exists():
-        print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
+    path = _journal_path(config)
+    if path is None:
         return 1
     settings = config.retention
     if not settings.enabled:
@@ -513,9 +520,8 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     config = _config(args)
     from .journal import Journal
 
-    path = config.node.data_dir / "journal.sqlite3"
-    if not path.exists():
-        print(f"no journal at {path}: the node has not run with this data_dir yet", file=sys.stderr)
+    path = _journal_path(config)
+    if path is None:
         return 1
     journal = Journal(path)
     try:
