@@ -43,7 +43,7 @@ from . import __version__
 from .audit import AuditTrail
 from .config import ConfigError, Destination, NodeConfig, config_path, load_config
 from .httpd import HTTPListenError
-from .journal import FollowUpRecord, JobRecord, JournalError, OutboxState
+from .journal import FollowUpRecord, JobRecord, Journal, JournalError, OutboxState
 from .lock import NodeLock, NodeRunning, probe
 from .logs import setup_logging
 
@@ -468,14 +468,17 @@ def _journal_path(config: NodeConfig) -> Path | None:
     return None
 
 
+def _open_journal(config: NodeConfig) -> Journal | None:
+    """The node's journal, or None (said on stderr) when the node has not run with this data_dir yet."""
+    path = _journal_path(config)
+    return None if path is None else Journal(path)
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     config = _config(args)
-    from .journal import Journal
-
-    path = _journal_path(config)
-    if path is None:
+    journal = _open_journal(config)
+    if journal is None:
         return 1
-    journal = Journal(path)
     n = journal.retry_failed(args.dest)
     journal.close()
     _audit(config, "retry", destination=args.dest, items=n)
@@ -518,12 +521,9 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
     config = _config(args)
-    from .journal import Journal
-
-    path = _journal_path(config)
-    if path is None:
+    journal = _open_journal(config)
+    if journal is None:
         return 1
-    journal = Journal(path)
     try:
         marked = journal.request_reprocess(series_uid=args.series, study_uid=args.study, patient_id=args.patient)
         described = [journal.series(uid) for uid in marked]
@@ -589,30 +589,35 @@ def build_parser() -> argparse.ArgumentParser:
     add("serve", cmd_serve, "run the node (DICOM listener, jobs, delivery)",
         "Run the node in the foreground until SIGTERM or SIGINT. Refuses to start (one line, exit 1) when the "
         "data directory cannot be written, a port is taken, or another node serves the same data directory.")
-    c = group("config", "configuration commands")(
+    group("config", "configuration commands")(
         "check", cmd_config_check, "validate a configuration file and show what it means",
         "Validate the configuration and print what it means; exit 1 when a rule's model is "
-        "missing or there is no destination (unless --allow-missing), 2 when it is invalid.")
-    c.add_argument("--allow-missing", action="store_true",
+        "missing or there is no destination (unless --allow-missing), 2 when it is invalid.",
+    ).add_argument("--allow-missing", action="store_true",
                    help="exit 0 even when a rule's model is not installed or no destination is configured")
+    _add_file_tools(add)
+    _add_operations(add)
+    rebuild = group("journal", "journal commands (stop the node first)")
+    rebuild("rebuild", cmd_journal_rebuild, "add every spooled object the journal does not know (after a lost "
+            "journal)", "Add every spooled object the journal does not know, e.g. after the journal was lost or "
+            "restored from an older backup.").add_argument(
+        "--reprocess", action="store_true",
+        help="process the rebuilt series again at the next start (default: mark them ignored)")
+    return parser
+
+
+def _add_file_tools(add: _AddCommand) -> None:
+    """The subcommands that read DICOM files, not the node's data: route --dry-run, report."""
     p = add("route", cmd_route, "show how the series in a folder would be routed",
             "Explain, for each series of DICOM files in a folder, whether it is whole and which rule it would "
             "take. Never processes or sends anything.")
     p.add_argument("--dry-run", action="store_true", help="required: only explain, never process or send")
     p.add_argument("--calling-ae", default="", help="calling AE title to assume for rules that match on it")
     p.add_argument("dicom_dir", help="folder of DICOM files (searched recursively)")
-    _add_operations(add)
-    j = group("journal", "journal commands (stop the node first)")(
-        "rebuild", cmd_journal_rebuild, "add every spooled object the journal does not know (after a lost journal)",
-        "Add every spooled object the journal does not know, e.g. after the journal was lost or "
-        "restored from an older backup.")
-    j.add_argument("--reprocess", action="store_true",
-                   help="process the rebuilt series again at the next start (default: mark them ignored)")
     p = add("report", cmd_report, "print a volumetry or agreement SR as a table",
             "Print the content of a volumetry SR (volumes, ICV, asymmetry, quality control) or of an agreement SR "
             "(image agreement, registration, Dice and ASPC). The configuration is not needed.")
     p.add_argument("file", help="the SR file (DICOM)")
-    return parser
 
 
 def _add_operations(add: _AddCommand) -> None:
