@@ -266,8 +266,8 @@ class JobRunner:
         except KeyboardInterrupt:
             raise  # the follow-up stays 'running': the next start runs it again
         except BaseException as exc:  # noqa: BLE001 - the job's core outputs are recorded and queued already
-            log.error("job %d (%s): follow-up %s failed, the core outputs are delivered all the same: %s: %s",
-                      record.job_id, record.step, record.step, type(exc).__name__, exc, exc_info=exc)
+            log.error("job %d: follow-up %s failed, the core outputs are delivered all the same: %s: %s",
+                      record.job_id, record.step, type(exc).__name__, exc, exc_info=exc)
             try:
                 self.journal.fail_follow_up(follow_up_id, f"{type(exc).__name__}: {exc}")
             except Exception:  # noqa: BLE001 - logged above already
