@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from . import __version__
 from .audit import AuditTrail
 from .config import ConfigError, Destination, NodeConfig, config_path, load_config
 from .httpd import HTTPListenError
-from .journal import JobRecord, Journal, JournalError, OutboxState
+from .journal import FollowUpRecord, JobRecord, Journal, JournalError, OutboxState
 from .lock import NodeLock, NodeRunning, probe
 from .logs import setup_logging
 
@@ -282,10 +283,12 @@ STATUS_FAILURES = 1
 STATUS_NOT_RUNNING = 3
 
 
-def _job_json(j: JobRecord) -> dict[str, Any]:
+def _job_json(j: JobRecord, follow_ups: Sequence[FollowUpRecord] = ()) -> dict[str, Any]:
     return {"id": j.id, "series_uid": j.series_uid, "version": j.version, "rule": j.rule, "model": j.model,
             "state": str(j.state), "reason": j.reason, "optional_failed": j.optional_failed,
-            "updated_at": j.updated_at, "timings": j.timings}
+            "updated_at": j.updated_at, "timings": j.timings,
+            "follow_ups": [{"id": f.id, "step": f.step, "state": str(f.state), "reason": f.reason,
+                            "attempts": f.attempts, "updated_at": f.updated_at} for f in follow_ups]}
 
 
 def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, Any]:
@@ -321,7 +324,7 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
                         "state": str(s.state), "note": s.note, "last_received": s.last_received,
                         "purged_at": s.purged_at, "purged_instances": s.purged_instances}
                        for s in journal.all_series(limit=limit)],
-            "jobs": [_job_json(j) for j in journal.jobs(limit=limit)],
+            "jobs": [_job_json(j, journal.follow_ups(j.id)) for j in journal.jobs(limit=limit)],
             "outbox": journal.outbox_summary(),
         }
     finally:
@@ -336,6 +339,18 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
                         "(`dicom-node retry` queues them again)")
     report["problems"] = problems
     return report
+
+
+def _print_job(j: dict[str, Any]) -> None:
+    """One job of ``status``, and a line for each of its follow-ups."""
+    reason = f" - {j['reason']}" if j["reason"] else ""
+    reason += f" (optional step failed: {j['optional_failed']})" if j["optional_failed"] else ""
+    total = j["timings"].get("total")
+    took = f" ({total:.1f} s)" if total else ""
+    print(f"  #{j['id']} {_ts(j['updated_at'])} rule {j['rule']} v{j['version']}: {j['state']}{took}{reason}")
+    for f in j["follow_ups"]:
+        note = f" - {f['reason']}" if f["reason"] else ""
+        print(f"      follow-up {f['step']}: {f['state'].upper() if f['state'] == 'failed' else f['state']}{note}")
 
 
 def _print_status(report: dict[str, Any]) -> None:
@@ -362,6 +377,9 @@ def _print_status(report: dict[str, Any]) -> None:
              if purged["series"] else ""))
     print("series: " + (", ".join(f"{k} {v}" for k, v in sorted(counts['series'].items())) or "none"))
     print("jobs:   " + (", ".join(f"{k} {v}" for k, v in sorted(counts['jobs'].items())) or "none"))
+    if counts.get("follow_ups"):
+        print("follow-ups (optional steps of written jobs): "
+              + ", ".join(f"{k} {v}" for k, v in sorted(counts["follow_ups"].items())))
     print("\nrecent series:")
     for s in report["series"]:
         note = f" - {s['note']}" if s["note"] else ""
@@ -370,11 +388,7 @@ def _print_status(report: dict[str, Any]) -> None:
         print(f"  {_ts(s['last_received'])} {s['description']!r:32} {s['instances']:4d} inst  {s['state']}{note}")
     print("\nrecent jobs:")
     for j in report["jobs"]:
-        reason = f" - {j['reason']}" if j["reason"] else ""
-        reason += f" (optional step failed: {j['optional_failed']})" if j["optional_failed"] else ""
-        total = j["timings"].get("total")
-        took = f" ({total:.1f} s)" if total else ""
-        print(f"  #{j['id']} {_ts(j['updated_at'])} rule {j['rule']} v{j['version']}: {j['state']}{took}{reason}")
+        _print_job(j)
     print("\noutbox by destination:")
     if not report["outbox"]:
         print("  empty")
@@ -455,7 +469,6 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     config = _config(args)
-
     journal = _journal(config)
     n = journal.retry_failed(args.dest)
     journal.close()
@@ -532,6 +545,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # -- main ------------------------------------------------------------------------------------
 
+#: What adds one subcommand: ``add(name, func, help, description)`` → its parser (with ``--config``).
+_AddCommand = Callable[..., argparse.ArgumentParser]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-node", description=__doc__.split("\n")[0].strip("`: ") or None,
@@ -540,35 +557,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", "-c", metavar="TOML",
-                       help="configuration file (default: $DICOM_NODE_CONFIG, else /etc/dicom-node/node.toml, "
-                            "else the embedded defaults)")
-        return p
+    def adder(subparsers: argparse._SubParsersAction) -> _AddCommand:  # type: ignore[type-arg]
+        def add(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+            p = subparsers.add_parser(name, help=help_, description=description or help_)
+            p.add_argument("--config", "-c", metavar="TOML",
+                           help="configuration file (default: $DICOM_NODE_CONFIG, else /etc/dicom-node/node.toml, "
+                                "else the embedded defaults)")
+            p.set_defaults(func=func)
+            return p
+        return add
 
-    def add(name: str, func, help_: str, description: str | None = None) -> argparse.ArgumentParser:  # noqa: ANN001
-        p = with_config(sub.add_parser(name, help=help_, description=description or help_))
-        p.set_defaults(func=func)
-        return p
+    def group(name: str, help_: str) -> _AddCommand:
+        p = sub.add_parser(name, help=help_, description=f"{help_[0].upper()}{help_[1:]}.")
+        return adder(p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND"))
 
+    add = adder(sub)
     add("serve", cmd_serve, "run the node (DICOM listener, jobs, delivery)",
         "Run the node in the foreground until SIGTERM or SIGINT. Refuses to start (one line, exit 1) when the "
         "data directory cannot be written, a port is taken, or another node serves the same data directory.")
-    p = sub.add_parser("config", help="configuration commands", description="Configuration commands.")
-    csub = p.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
-    c = with_config(csub.add_parser(
-        "check", help="validate a configuration file and show what it means",
-        description="Validate the configuration and print what it means; exit 1 when a rule's model is "
-                    "missing or there is no destination (unless --allow-missing), 2 when it is invalid."))
-    c.add_argument("--allow-missing", action="store_true",
+    group("config", "configuration commands")(
+        "check", cmd_config_check, "validate a configuration file and show what it means",
+        "Validate the configuration and print what it means; exit 1 when a rule's model is "
+        "missing or there is no destination (unless --allow-missing), 2 when it is invalid.",
+    ).add_argument("--allow-missing", action="store_true",
                    help="exit 0 even when a rule's model is not installed or no destination is configured")
-    c.set_defaults(func=cmd_config_check)
+    _add_file_tools(add)
+    _add_operations(add)
+    rebuild = group("journal", "journal commands (stop the node first)")
+    rebuild("rebuild", cmd_journal_rebuild, "add every spooled object the journal does not know (after a lost "
+            "journal)", "Add every spooled object the journal does not know, e.g. after the journal was lost or "
+            "restored from an older backup.").add_argument(
+        "--reprocess", action="store_true",
+        help="process the rebuilt series again at the next start (default: mark them ignored)")
+    return parser
+
+
+def _add_file_tools(add: _AddCommand) -> None:
+    """The subcommands that read DICOM files, not the node's data: route --dry-run, report."""
     p = add("route", cmd_route, "show how the series in a folder would be routed",
             "Explain, for each series of DICOM files in a folder, whether it is whole and which rule it would "
             "take. Never processes or sends anything.")
     p.add_argument("--dry-run", action="store_true", help="required: only explain, never process or send")
     p.add_argument("--calling-ae", default="", help="calling AE title to assume for rules that match on it")
     p.add_argument("dicom_dir", help="folder of DICOM files (searched recursively)")
+    p = add("report", cmd_report, "print a volumetry or agreement SR as a table",
+            "Print the content of a volumetry SR (volumes, ICV, asymmetry, quality control) or of an agreement SR "
+            "(image agreement, registration, Dice and ASPC). The configuration is not needed.")
+    p.add_argument("file", help="the SR file (DICOM)")
+
+
+def _add_operations(add: _AddCommand) -> None:
+    """The subcommands an operator runs on a node's data: status, echo, retry, reprocess, purge."""
     p = add("status", cmd_status, "whether the node runs; series, jobs and the outbox per destination",
             f"Whether the node runs, what it received, its jobs and deliveries. Exit code 0: running and "
             f"nothing failed; {STATUS_FAILURES}: jobs failed in the last --since hours or deliveries failed for "
@@ -595,21 +635,6 @@ def build_parser() -> argparse.ArgumentParser:
             "Run a retention sweep now ([retention]): delete the received instances and outputs of series no "
             "longer needed. Safe while the node runs; the journal keeps what was received and sent.")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
-    p = sub.add_parser("journal", help="journal commands (stop the node first)",
-                       description="Journal commands (stop the node first).")
-    jsub = p.add_subparsers(dest="journal_command", required=True, metavar="COMMAND")
-    j = with_config(jsub.add_parser(
-        "rebuild", help="add every spooled object the journal does not know (after a lost journal)",
-        description="Add every spooled object the journal does not know, e.g. after the journal was lost or "
-                    "restored from an older backup."))
-    j.add_argument("--reprocess", action="store_true",
-                   help="process the rebuilt series again at the next start (default: mark them ignored)")
-    j.set_defaults(func=cmd_journal_rebuild)
-    p = add("report", cmd_report, "print a volumetry or agreement SR as a table",
-            "Print the content of a volumetry SR (volumes, ICV, asymmetry, quality control) or of an agreement SR "
-            "(image agreement, registration, Dice and ASPC). The configuration is not needed.")
-    p.add_argument("file", help="the SR file (DICOM)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

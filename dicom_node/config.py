@@ -481,57 +481,21 @@ def default_rules() -> list[Rule]:
     (the general model only when ``[inference] segmenter`` is empty).
     """
     return [
-        Rule(
-            name="aahead-scout",
-            series_description=r"^aa_?head_?scout",
-            model="synth-t1-aahead-scout",
-            output_name="sT1AAH",
-            mr_acquisition_type="3D",
-            image_type=["ORIGINAL"],
-        ),
-        Rule(
-            name="flair-3d",
-            series_description=FLAIR_DESCRIPTION,
-            model=GENERAL_MODEL,  # the FLAIR model learnt 2D slices of 3-7 mm, not 1 mm 3D
-            output_name="sT13DFLAIR",
-            mr_acquisition_type="3D",
-            image_type=["ORIGINAL"],
-        ),
-        Rule(
-            name="flair-2d",
-            series_description=FLAIR_DESCRIPTION,
-            model="synth-t1-flair",
-            output_name="sT12DFLAIR",
-            mr_acquisition_type="2D",
-            image_type=["ORIGINAL"],
-        ),
-        Rule(
-            name="coronal-t2",
-            series_description=r"(t2.*(cor|kor))|((cor|kor).*t2)",
-            model="synth-t1-cor-t2",
-            output_name="sT1CorT2",
-            image_type=["ORIGINAL"],
-        ),
-        Rule(
-            name="real-3d-t1",
-            series_description=r"mprage|mp-rage|mp2rage|t1.*(3d|tfl|spgr|bravo|vibe)|(3d|tfl|spgr|bravo).*t1",
-            action="volumetry",
-            model=GENERAL_MODEL,  # measures the real T1 only when [inference] segmenter is empty
-            output_name="rT1",
-            mr_acquisition_type="3D",
-            image_type=["ORIGINAL"],
-            slice_thickness_max=1.5,
-        ),
-        Rule(
-            name="t1-2d",
-            series_description=r"t1",
-            model="synth-t1-t1-2d",
-            output_name="sT12DT1",
-            mr_acquisition_type="2D",
-            image_type=["ORIGINAL"],
-            slice_thickness_min=2.0,
-            slice_thickness_max=8.0,
-        ),
+        Rule(name="aahead-scout", series_description=r"^aa_?head_?scout", model="synth-t1-aahead-scout",
+             output_name="sT1AAH", mr_acquisition_type="3D", image_type=["ORIGINAL"]),
+        Rule(name="flair-3d", series_description=FLAIR_DESCRIPTION, output_name="sT13DFLAIR",
+             model=GENERAL_MODEL,  # the FLAIR model learnt 2D slices of 3-7 mm, not 1 mm 3D
+             mr_acquisition_type="3D", image_type=["ORIGINAL"]),
+        Rule(name="flair-2d", series_description=FLAIR_DESCRIPTION, model="synth-t1-flair", output_name="sT12DFLAIR",
+             mr_acquisition_type="2D", image_type=["ORIGINAL"]),
+        Rule(name="coronal-t2", series_description=r"(t2.*(cor|kor))|((cor|kor).*t2)", model="synth-t1-cor-t2",
+             output_name="sT1CorT2", image_type=["ORIGINAL"]),
+        Rule(name="real-3d-t1", action="volumetry", output_name="rT1",
+             series_description=r"mprage|mp-rage|mp2rage|t1.*(3d|tfl|spgr|bravo|vibe)|(3d|tfl|spgr|bravo).*t1",
+             model=GENERAL_MODEL,  # measures the real T1 only when [inference] segmenter is empty
+             mr_acquisition_type="3D", image_type=["ORIGINAL"], slice_thickness_max=1.5),
+        Rule(name="t1-2d", series_description=r"t1", model="synth-t1-t1-2d", output_name="sT12DT1",
+             mr_acquisition_type="2D", image_type=["ORIGINAL"], slice_thickness_min=2.0, slice_thickness_max=8.0),
     ]
 
 

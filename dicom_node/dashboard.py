@@ -1,4 +1,5 @@
-"""The dashboard page (``/``): recent studies, their series, each series' jobs, outputs and deliveries.
+"""The dashboard page (``/``): recent studies, their series, each series' jobs (with their follow-ups: optional
+steps run on their own), outputs and deliveries.
 
 Rendered from the journal on each request, as plain HTML with no script. Every value that came from a received
 object or from the journal is escaped (:func:`esc`): patient IDs, descriptions and error texts are untrusted input.
@@ -14,7 +15,17 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from .health import Health
-from .journal import JobRecord, JobState, Journal, OutboxItem, OutboxState, SeriesRecord, SeriesState
+from .journal import (
+    FollowUpRecord,
+    FollowUpState,
+    JobRecord,
+    JobState,
+    Journal,
+    OutboxItem,
+    OutboxState,
+    SeriesRecord,
+    SeriesState,
+)
 
 #: Output kinds a job keeps on disk for a later step, never sends (not listed as outputs).
 KEPT_KINDS = frozenset({"T1_VOLUME", "LABEL_VOLUME"})
@@ -82,7 +93,8 @@ table { border-collapse: collapse; width: 100%; margin: .3em 0; }
 th, td { border-bottom: 1px solid #ddd; padding: .2em .4em; text-align: left; vertical-align: top; font-size: .9em; }
 th { background: #f3f3f3; }
 .state-failed, .failed { color: #b00020; font-weight: bold; }
-.state-sent { color: #1b7a1b; } .state-running, .state-written, .state-queued { color: #8a5a00; }
+.state-sent, .state-done { color: #1b7a1b; } .state-running, .state-written, .state-queued { color: #8a5a00; }
+.follow-up { font-size: .85em; margin-top: .2em; }
 .reason { color: #b00020; }
 .muted { color: #777; }
 form.inline { display: inline; margin: 0; }
@@ -113,7 +125,10 @@ def render(journal: Journal, page: PageContext, now: float | None = None) -> str
         parts.append(f'<div class="health {state}" id="health">health: {state}'
                      f'{": " + esc(failed) if failed else ""}</div>')
     jobs_line = ", ".join(f"{esc(k)} {v}" for k, v in sorted(counts["jobs"].items())) or "none"
-    parts.append(f'<p class="muted">instances {counts["instances"]["total"]} · jobs: {jobs_line}</p>')
+    follow_ups = counts.get("follow_ups", {})
+    follow_ups_line = (" · follow-ups: " + ", ".join(f"{esc(k)} {v}" for k, v in sorted(follow_ups.items()))
+                       if follow_ups else "")
+    parts.append(f'<p class="muted">instances {counts["instances"]["total"]} · jobs: {jobs_line}{follow_ups_line}</p>')
     if page.notice:
         parts.append(f'<p class="notice">{esc(page.notice)}</p>')
     parts.append(
@@ -176,11 +191,22 @@ def _job_cells(journal: Journal, job: JobRecord, page: PageContext, stages: Mapp
     reason = f'<div class="reason">{esc(job.reason)}</div>' if job.reason and job.state == JobState.FAILED else (
         f'<div class="muted">{esc(job.reason)}</div>' if job.reason else "")
     attempts = f' <span class="muted">(run {job.attempts})</span>' if job.attempts > 1 else ""
+    follow_ups = "".join(_follow_up(f) for f in journal.follow_ups(job.id))
     return (f"<td>{esc(job.rule)}<br><span class=muted>{esc(job.model or '-')}</span></td>"
             f'<td>#{job.id} v{job.version}<br><span class="state-{esc(job.state)}">{esc(job.state)}</span>'
-            f"{attempts}{reason}</td>"
+            f"{attempts}{reason}{follow_ups}</td>"
             f"<td>{esc(stage)}</td><td>{esc(elapsed)}</td>"
             f"<td>{_outputs(journal, job, page)}</td>")
+
+
+def _follow_up(follow_up: FollowUpRecord) -> str:
+    """One follow-up of a job (an optional step run on its own): its state, and why it failed or wrote nothing.
+    A failed one is shown as such beside the job; the job's own state does not change."""
+    failed = follow_up.state == FollowUpState.FAILED
+    note = (f' <span class="{"reason" if failed else "muted"}">{esc(follow_up.reason)}</span>'
+            if follow_up.reason else "")
+    return (f'<div class="follow-up" data-follow-up="{esc(follow_up.step)}">{esc(follow_up.step)}: '
+            f'<span class="state-{esc(follow_up.state)}">{esc(follow_up.state)}</span>{note}</div>')
 
 
 def _outputs(journal: Journal, job: JobRecord, page: PageContext) -> str:

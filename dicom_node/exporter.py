@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .health import Health, disk_free_bytes
-from .journal import JobState, Journal, OutboxState, SeriesState
+from .journal import FollowUpState, JobState, Journal, OutboxState, SeriesState
 
 #: Content-Type of the exposition format written by :func:`prometheus_client.generate_latest`.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -56,6 +56,8 @@ class JournalCollector(Collector):
         counts = self.journal.counts()
         yield _by_state("dicom_node_series", "Series in the journal by state.", SeriesState, counts["series"])
         yield _by_state("dicom_node_jobs", "Jobs in the journal by state.", JobState, counts["jobs"])
+        yield _by_state("dicom_node_follow_ups", "Follow-ups (optional steps of written jobs) by state.",
+                        FollowUpState, counts["follow_ups"])
         instances = GaugeMetricFamily("dicom_node_instances_stored", "Received instances the journal holds.")
         instances.add_metric([], counts["instances"]["total"])
         yield instances

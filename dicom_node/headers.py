@@ -16,7 +16,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 
-def text(value: Any) -> str:
+def text(value: object) -> str:
     """A DICOM value as stripped text ('' when absent)."""
     return "" if value is None else str(value).strip()
 

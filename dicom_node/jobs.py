@@ -2,13 +2,14 @@
 
 :class:`JobRunner` turns one journal job into files and outbox rows by running the steps of
 :mod:`dicom_node.steps` in order (load → synthesize → segment and measure → write each object →
-record and queue); the core outputs are recorded and queued before the optional steps (the agreement
-check) run, and an optional step that fails costs only its own output (noted beside the job's state). A job
-that fails is recorded with its reason, reported (``notify``: ``job_failed``) and, unless
-``[jobs] notify_failures_in_study`` is off, leaves a "not processed" page in the study for the reader.
-:class:`ThreadExecutor` runs
-jobs on in-process worker threads; a distributed engine can replace it behind the same two methods
-(``submit``, ``shutdown``).
+record and queue). Recording the core outputs also queues the job's follow-ups (optional steps such as the
+agreement check, :data:`dicom_node.steps.FOLLOW_UPS`), in the same transaction; each is then its own
+:class:`Task` for the executor, takes its inputs from the journal, and a follow-up that fails costs only its
+own output (its failure is recorded on its own and noted beside the job's state). A job that fails is recorded
+with its reason, reported (``notify``: ``job_failed``) and, unless ``[jobs] notify_failures_in_study`` is off,
+leaves a "not processed" page in the study for the reader.
+:class:`ThreadExecutor` runs tasks on in-process worker threads; a distributed engine can replace it behind
+the same two methods (``submit``, ``shutdown``).
 """
 
 from __future__ import annotations
@@ -20,27 +21,30 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar
 
 from inference.models import ModelRegistry
 from inference.norms import load_norms
 from inference.volume import GeometryError
 
 from .config import NodeConfig, Rule
-from .journal import JobRecord, JobState, Journal, OutputFile, SeriesRecord
+from .journal import FollowUpRecord, FollowUpState, JobRecord, JobState, Journal, OutputFile, SeriesRecord
 from .notify import notify
 from .steps import (
+    FOLLOW_UPS,
+    FollowUp,
+    FollowUpContext,
     JobContext,
     JobFailed,
     Output,
     SeriesNaming,
-    agreement_step,
     keep_volumes_step,
     load_step,
     measure_step,
+    measured_t1,
     not_processed_step,
     outbox_items,
-    queue_optional,
     record_and_queue,
     synthesize_step,
     write_seg_step,
@@ -51,8 +55,16 @@ from .steps import (
 
 log = logging.getLogger(__name__)
 
-#: Optional steps, run in this order after the core outputs are recorded and queued.
-OptionalStep = Callable[["JobRunner", JobContext], "Output | None"]
+
+@dataclass(frozen=True)
+class Task:
+    """One piece of work for the executor: a job (``kind`` "job"), or a follow-up of a job ("follow_up")."""
+
+    kind: Literal["job", "follow_up"]
+    id: int
+
+    def __str__(self) -> str:
+        return f"{'job' if self.kind == 'job' else 'follow-up'} {self.id}"
 
 
 @contextmanager
@@ -64,15 +76,17 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
 
 @dataclass
 class _Run:
-    """One run of a job: its context and timings so far."""
+    """One run of a job: its context, timings and outputs so far."""
 
     ctx: JobContext
     timings: dict[str, float]
     started: float
+    outputs: list[Output] = field(default_factory=list)
+    kept: list[OutputFile] = field(default_factory=list)
 
 
 class JobRunner:
-    """Runs one journal job: the core steps, then the optional ones."""
+    """Runs journal jobs (the core steps) and their follow-ups (the optional steps), one :class:`Task` at a time."""
 
     def __init__(self, config: NodeConfig, journal: Journal, registry: ModelRegistry,
                  on_written: Callable[[], object],
@@ -81,14 +95,24 @@ class JobRunner:
         self.journal = journal
         self.registry = registry
         self.on_written = on_written
-        #: told the step timings of each job that wrote its outputs, and of each optional step that ran (metrics)
+        #: told the step timings of each job that wrote its outputs, and of each follow-up that wrote (metrics)
         self.on_timings = on_timings
         #: the jobs running now: job id → (the step it runs, since when); for the dashboard
         self.stages: dict[int, tuple[str, float]] = {}
         self.outputs_dir = config.node.data_dir / "outputs"
         table = config.volumetry.normative_table
         self.norms = load_norms(table) if table is not None else ()
-        self.optional_steps: list[tuple[str, OptionalStep]] = [("agreement", JobRunner._agreement)]
+        self.follow_ups: dict[str, FollowUp] = {f.name: f for f in FOLLOW_UPS}
+        #: hands a follow-up queued by a job to the executor (the node sets its executor's ``submit``); by
+        #: default it runs at once, in the caller's thread, after its job
+        self.submit: Callable[[Task], None] = self.perform
+
+    def perform(self, task: Task) -> None:
+        """Run one task of the executor: a job, or a follow-up."""
+        if task.kind == "job":
+            self.run(task.id)
+        else:
+            self.run_follow_up(task.id)
 
     def _rule(self, name: str) -> Rule:
         for rule in self.config.rules:
@@ -110,6 +134,7 @@ class JobRunner:
         try:
             run = _Run(self._context(job, series), {}, time.perf_counter())
             self._core(run)
+            follow_ups = self._record(run)
         except KeyboardInterrupt:
             # only the main thread gets these (a debugging session): the job stays 'running', so
             # the next start counts it as interrupted
@@ -120,9 +145,10 @@ class JobRunner:
             self._fail(job, series, exc)
             return
         self._finish(run)
-        self.on_written()
-        self._optional(run)
         self.stages.pop(job_id, None)
+        self.on_written()
+        for follow_up_id in follow_ups:
+            self.submit(Task("follow_up", follow_up_id))
 
     def _stage(self, ctx: JobContext, step: str) -> None:
         self.stages[ctx.job_id] = (step, time.time())
@@ -174,6 +200,12 @@ class JobRunner:
                  output.written.dataset.SeriesDescription, ", ".join(destinations))
         self.on_written()
 
+    def _record(self, run: _Run) -> list[int]:
+        """Record and queue the core outputs and the follow-ups they want; returns the follow-ups' ids."""
+        self._stage(run.ctx, "record")
+        return record_and_queue(self.journal, run.ctx, run.outputs, run.kept, self._destinations(run.ctx.rule),
+                                list(self.follow_ups.values()))
+
     def _finish(self, run: _Run) -> None:
         run.timings["total"] = time.perf_counter() - run.started
         self.journal.set_job_timings(run.ctx.job_id, run.timings)
@@ -195,7 +227,7 @@ class JobRunner:
         return [d.name for d in self.config.destinations_for(rule)]
 
     def _core(self, run: _Run) -> None:
-        """load → synthesize → segment and measure → write each object → record and queue."""
+        """load → synthesize → segment and measure → write each object (into ``run.outputs``, ``run.kept``)."""
         ctx, timings = run.ctx, run.timings
         self._stage(ctx, "load")
         with _timed(timings, "load"):
@@ -207,78 +239,107 @@ class JobRunner:
         self._stage(ctx, "write")
         with _timed(timings, "write"):
             synthetic = write_t1_step(ctx, images, loaded)
-        outputs = [] if synthetic is None else [synthetic]
-        kept: list[OutputFile] = []
-        if measured.volumetry is not None:
-            # the SEG, SR and summary reference the measured T1: the sT1 just written, or the received T1
-            # (whose frame geometry load_step computed already)
-            t1_images, t1_frames = ((list(synthetic.written.datasets), None) if synthetic is not None
-                                    else (loaded.datasets, loaded.source_frames()))
-            with _timed(timings, "write.volumetry"):
-                seg = write_seg_step(ctx, measured, t1_images, t1_frames)
-                outputs += [] if seg is None else [seg]
-                outputs.append(write_sr_step(ctx, measured, t1_images, seg, loaded))
-                outputs.append(write_summary_step(ctx, measured, images, t1_images))
-            kept = keep_volumes_step(ctx, images, measured)
-        self._stage(ctx, "record")
-        record_and_queue(self.journal, ctx, outputs, kept, self._destinations(ctx.rule))
+        run.outputs += [] if synthetic is None else [synthetic]
+        if measured.volumetry is None:
+            return
+        t1 = measured_t1(synthetic, images, loaded)  # what the SEG, SR and summary reference
+        with _timed(timings, "write.volumetry"):
+            seg = write_seg_step(ctx, measured, t1)
+            run.outputs += [] if seg is None else [seg]
+            run.outputs.append(write_sr_step(ctx, measured, t1, seg, loaded))
+            run.outputs.append(write_summary_step(ctx, measured, images, t1))
+        run.kept = keep_volumes_step(ctx, images, measured)
 
-    def _optional(self, run: _Run) -> None:
-        """The optional steps, each on its own: one that fails is logged and costs only its own output."""
-        for name, step in self.optional_steps:
-            self._stage(run.ctx, name)
-            t0 = time.perf_counter()
+    # -- follow-ups ------------------------------------------------------------------------
+
+    def run_follow_up(self, follow_up_id: int) -> None:
+        """Run a queued (or interrupted) follow-up; every way it can end is recorded in the journal, and none
+        changes its job's state (its outputs are the job's: the job is ``written`` again until they are sent)."""
+        record = self.journal.follow_up(follow_up_id)
+        if record.state not in (FollowUpState.QUEUED, FollowUpState.RUNNING):
+            return
+        self.journal.start_follow_up(follow_up_id)
+        t0 = time.perf_counter()
+        try:
+            follow_up, ctx = self._follow_up_context(record)
+            output = follow_up.step(ctx, self.journal, self.config, self.registry)
+        except KeyboardInterrupt:
+            raise  # the follow-up stays 'running': the next start runs it again
+        except BaseException as exc:  # noqa: BLE001 - the job's core outputs are recorded and queued already
+            log.error("job %d: follow-up %s failed, the core outputs are delivered all the same: %s: %s",
+                      record.job_id, record.step, type(exc).__name__, exc, exc_info=exc)
             try:
-                output = step(self, run.ctx)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - the core outputs are recorded and queued already
-                log.error("job %d (%s): optional step %s failed, the core outputs are delivered all the same: "
-                          "%s: %s", run.ctx.job_id, run.ctx.rule.name, name, type(exc).__name__, exc, exc_info=exc)
-                try:
-                    self.journal.note_optional_failure(run.ctx.job_id, name, f"{type(exc).__name__}: {exc}")
-                except Exception:  # noqa: BLE001 - logged above already
-                    log.exception("job %d: the failure of step %s could not be noted", run.ctx.job_id, name)
-                continue
-            if output is None:
-                continue
-            run.timings[name] = time.perf_counter() - t0
-            if self.on_timings is not None:
-                self.on_timings({name: run.timings[name]})
-            queue_optional(self.journal, run.ctx, output, self._destinations(run.ctx.rule))
-            self.journal.set_job_timings(run.ctx.job_id, run.timings)
-            self.on_written()
+                self.journal.fail_follow_up(follow_up_id, f"{type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001 - logged above already
+                log.exception("follow-up %d: its failure could not be recorded", follow_up_id)
+            return
+        self._finish_follow_up(record, ctx, output, time.perf_counter() - t0)
 
-    def _agreement(self, ctx: JobContext) -> Output | None:
-        return agreement_step(ctx, self.journal, self.config, self.registry)
+    def _follow_up_context(self, record: FollowUpRecord) -> tuple[FollowUp, FollowUpContext]:
+        follow_up = self.follow_ups.get(record.step)
+        if follow_up is None:
+            raise JobFailed(f"no follow-up {record.step!r} in this version")
+        job = self.journal.job(record.job_id)
+        series = self.journal.series(job.series_uid)
+        if series is None:
+            raise JobFailed("series no longer in the journal")
+        if job.purged_at:
+            raise JobFailed("the job's outputs were deleted by retention")
+        out_dir = self.outputs_dir / f"job-{job.id:06d}" / record.step
+        if out_dir.exists():  # a run interrupted by a crash: start it over
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        naming = SeriesNaming(job.output_name, job.version, series.attributes.series_number)
+        return follow_up, FollowUpContext(record.id, record.step, job, series, naming, out_dir,
+                                          self.config.node.uid_root)
+
+    def _finish_follow_up(self, record: FollowUpRecord, ctx: FollowUpContext, output: Output | str,
+                          seconds: float) -> None:
+        """Record and queue a follow-up's output, to the destinations its job's outputs went to (or the note of
+        why it wrote nothing)."""
+        if isinstance(output, str):
+            self.journal.finish_follow_up(record.id, [], [], seconds=seconds, note=output)
+            log.info("job %d: follow-up %s: %s", record.job_id, record.step, output)
+            return
+        destinations = self.journal.destinations_of(record.job_id)
+        self.journal.finish_follow_up(record.id, [(output.written.series_instance_uid, output.kind)],
+                                      outbox_items([output], destinations), files=output.files(), seconds=seconds)
+        if self.on_timings is not None:
+            self.on_timings({record.step: seconds})
+        log.info("job %d: follow-up %s wrote %r in %.1f s", ctx.job.id, record.step,
+                 output.written.dataset.SeriesDescription, seconds)
+        self.on_written()
 
 
-class ThreadExecutor:
-    """In-process workers pulling job ids from a queue."""
+T = TypeVar("T")
 
-    def __init__(self, run: Callable[[int], None], workers: int = 1) -> None:
+
+class ThreadExecutor(Generic[T]):
+    """In-process workers pulling tasks (a :class:`Task`, or a job id) from a queue."""
+
+    def __init__(self, run: Callable[[T], None], workers: int = 1) -> None:
         self._run = run
-        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._queue: queue.Queue[T | None] = queue.Queue()
         self._threads = [
             threading.Thread(target=self._loop, name=f"job-worker-{i}", daemon=True) for i in range(workers)
         ]
         for thread in self._threads:
             thread.start()
 
-    def submit(self, job_id: int) -> None:
-        self._queue.put(job_id)
+    def submit(self, task: T) -> None:
+        self._queue.put(task)
 
     def _loop(self) -> None:
         while True:
-            job_id = self._queue.get()
-            if job_id is None:
+            task = self._queue.get()
+            if task is None:
                 return
             try:
-                self._run(job_id)
+                self._run(task)
             except BaseException:  # noqa: BLE001 - keep the worker alive, whatever the job raised
                 # (JobRunner.run records the failure; this is the last line of defence, and the
                 # only way out of this loop is shutdown's None)
-                log.exception("job %d crashed its worker", job_id)
+                log.exception("%s crashed its worker", task if isinstance(task, Task) else f"job {task}")
 
     def shutdown(self) -> None:
         for _ in self._threads:

@@ -17,6 +17,9 @@ job:    ``queued`` → ``running`` → ``written`` → ``sent`` | ``failed``
         delivered on its own (:meth:`Journal.record_notice`); only a job failed by its delivery
         (:data:`DELIVERY_FAILED`) is settled again by its outbox or an operator's retry.
 outbox: ``pending`` → ``sent`` | ``failed`` (after the last try)
+follow-up: ``queued`` → ``running`` → ``done`` | ``failed`` (an optional step of a job that recorded its core
+        outputs, queued in the same transaction; its outputs are the job's, its failure is its own and noted
+        beside the job's state; interrupted ones are queued again at start-up like jobs)
 
 A stored series is routed again with the current rules (a new version) when an operator asks for it:
 :meth:`Journal.request_reprocess` sets it ``complete`` with its version bumped, and the node routes
@@ -64,6 +67,15 @@ class JobState(StrEnum):
     FAILED = "failed"
 
 
+class FollowUpState(StrEnum):
+    """Where a follow-up (an optional step of a job, run on its own) stands (``follow_ups.state``)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
 class OutboxState(StrEnum):
     """Where one outbox item stands (``outbox.state``)."""
 
@@ -74,7 +86,7 @@ class OutboxState(StrEnum):
 
 #: Version of the schema below; :meth:`Journal._migrate` brings older journals up to it and a journal of a
 #: newer version is refused at open (it may hold what this version cannot read).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -151,6 +163,19 @@ CREATE TABLE IF NOT EXISTS output_files (
     UNIQUE (job_id, path)
 );
 CREATE INDEX IF NOT EXISTS output_files_job ON output_files(job_id);
+CREATE TABLE IF NOT EXISTS follow_ups (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id     INTEGER NOT NULL REFERENCES jobs(id),
+    step       TEXT NOT NULL,
+    state      TEXT NOT NULL DEFAULT 'queued',
+    reason     TEXT NOT NULL DEFAULT '',
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    seconds    REAL NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    UNIQUE (job_id, step)
+);
+CREATE INDEX IF NOT EXISTS follow_ups_state ON follow_ups(state);
 CREATE TABLE IF NOT EXISTS purge_files (
     path             TEXT PRIMARY KEY,
     kind             TEXT NOT NULL,
@@ -175,7 +200,8 @@ _ADDED_COLUMNS = [
     ("outbox", "queued_at", "REAL NOT NULL DEFAULT 0"),  # schema 4; filled from next_attempt_at when added
 ]
 # Schema 3 also added the table output_files (created by _SCHEMA; jobs recorded before have no rows there),
-# schema 4 the table purge_files (files a retention sweep decided to delete and has not deleted yet).
+# schema 4 the table purge_files (files a retention sweep decided to delete and has not deleted yet), schema 5
+# the table follow_ups (optional steps run as their own work; jobs recorded before have none).
 
 
 @dataclass(frozen=True)
@@ -232,6 +258,21 @@ class JobRecord:
     optional_failed: str = ""
     #: when retention deleted the job's output files (0: they are on disk); its journal rows stay
     purged_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class FollowUpRecord:
+    """An optional step of a job, run on its own after the job recorded its core outputs (``follow_ups``)."""
+
+    id: int
+    job_id: int
+    step: str                 # agreement, ...
+    state: FollowUpState
+    reason: str               # why it failed; for one that is done: what it found ('' when it wrote its output)
+    attempts: int
+    seconds: float            # how long its last run took
+    created_at: float
+    updated_at: float
 
 
 #: The reason of a job that failed by its delivery (an outbox item failed for good); any other reason of a
@@ -296,7 +337,8 @@ class PurgeFile(NamedTuple):
 
 #: A series may be purged when none of it is still needed: closed and routed or ignored, no job that may
 #: still write or deliver (queued, running, written), no delivery pending or failed for good (an operator's
-#: ``retry`` may still send it), something left on disk, and settled (last instance, last job update)
+#: ``retry`` may still send it), no follow-up queued or running (it reads the job's files), something left on
+#: disk, and settled (last instance, last job update)
 #: before the cutoff of its kind (delivered: ``:delivered_before``, else ``:not_processed_before``).
 _PURGEABLE = """
     s.state IN ('routed', 'ignored')
@@ -304,6 +346,8 @@ _PURGEABLE = """
                     AND j.state IN ('queued', 'running', 'written'))
     AND NOT EXISTS (SELECT 1 FROM outbox o JOIN jobs j ON o.job_id = j.id
                     WHERE j.series_uid = s.series_uid AND o.state IN ('pending', 'failed'))
+    AND NOT EXISTS (SELECT 1 FROM follow_ups f JOIN jobs j ON f.job_id = j.id
+                    WHERE j.series_uid = s.series_uid AND f.state IN ('queued', 'running'))
     AND (EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = s.series_uid)
          OR EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.purged_at = 0))
     AND MAX(s.last_received, COALESCE((SELECT MAX(j.updated_at) FROM jobs j WHERE j.series_uid = s.series_uid), 0))
@@ -699,20 +743,8 @@ class Journal:
         runs, otherwise it is failed with the reason ``quarantined: interrupted N times``, so a job
         that kills the node on every run cannot block the queue after each restart.
         """
-        now = time.time()
-        quarantined: list[int] = []
         with self._tx() as db:
-            for row in db.execute("SELECT id, attempts FROM jobs WHERE state='running'").fetchall():
-                if row["attempts"] >= max_attempts:
-                    reason = (f"quarantined: interrupted {row['attempts']} times while running (the node "
-                              f"stopped or crashed during each run); not run again")
-                    db.execute("UPDATE jobs SET state='failed', reason=?, updated_at=? WHERE id=?",
-                               (reason, now, row["id"]))
-                    quarantined.append(row["id"])
-                else:
-                    reason = f"interrupted during run {row['attempts']} of at most {max_attempts}: queued again"
-                    db.execute("UPDATE jobs SET state='queued', reason=?, updated_at=? WHERE id=?",
-                               (reason, now, row["id"]))
+            quarantined = self._requeue_interrupted(db, "jobs", max_attempts)
             rows = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id").fetchall()
             resumed = [self._job(r) for r in rows]
             gone = [self._job(r) for r in db.execute(
@@ -720,14 +752,111 @@ class Journal:
             )] if quarantined else []
         return resumed, gone
 
+    @staticmethod
+    def _requeue_interrupted(db: sqlite3.Connection, table: str, max_attempts: int) -> list[int]:
+        """Queue the ``running`` rows of ``table`` (jobs, follow_ups) again, or fail those that used their
+        attempts (quarantined); returns the ids quarantined."""
+        now = time.time()
+        quarantined: list[int] = []
+        for row in db.execute(f"SELECT id, attempts FROM {table} WHERE state='running'").fetchall():
+            if row["attempts"] >= max_attempts:
+                reason = (f"quarantined: interrupted {row['attempts']} times while running (the node "
+                          f"stopped or crashed during each run); not run again")
+                db.execute(f"UPDATE {table} SET state='failed', reason=?, updated_at=? WHERE id=?",
+                           (reason, now, row["id"]))
+                quarantined.append(row["id"])
+            else:
+                reason = f"interrupted during run {row['attempts']} of at most {max_attempts}: queued again"
+                db.execute(f"UPDATE {table} SET state='queued', reason=?, updated_at=? WHERE id=?",
+                           (reason, now, row["id"]))
+        return quarantined
+
     def note_optional_failure(self, job_id: int, step: str, error: str) -> None:
         """Record that an optional step of a job failed (``step: error``), leaving its state alone."""
         with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET optional_failed = optional_failed"
-                " || CASE WHEN optional_failed = '' THEN '' ELSE '; ' END || ?, updated_at=? WHERE id=?",
-                (f"{step}: {error}", time.time(), job_id),
-            )
+            self._note_optional_failure(db, job_id, step, error)
+
+    @staticmethod
+    def _note_optional_failure(db: sqlite3.Connection, job_id: int, step: str, error: str) -> None:
+        db.execute(
+            "UPDATE jobs SET optional_failed = optional_failed"
+            " || CASE WHEN optional_failed = '' THEN '' ELSE '; ' END || ?, updated_at=? WHERE id=?",
+            (f"{step}: {error}", time.time(), job_id),
+        )
+
+    # -- follow-ups -------------------------------------------------------------------------
+
+    @staticmethod
+    def _follow_up(row: sqlite3.Row) -> FollowUpRecord:
+        return FollowUpRecord(row["id"], row["job_id"], row["step"], FollowUpState(row["state"]), row["reason"],
+                              row["attempts"], row["seconds"], row["created_at"], row["updated_at"])
+
+    def follow_up(self, follow_up_id: int) -> FollowUpRecord:
+        rows = self._query("SELECT * FROM follow_ups WHERE id=?", (follow_up_id,))
+        if not rows:
+            raise KeyError(follow_up_id)
+        return self._follow_up(rows[0])
+
+    def follow_ups(self, job_id: int | None = None) -> list[FollowUpRecord]:
+        """The follow-ups of one job (or of every job), oldest first."""
+        if job_id is None:
+            return [self._follow_up(r) for r in self._query("SELECT * FROM follow_ups ORDER BY id")]
+        return [self._follow_up(r) for r in self._query("SELECT * FROM follow_ups WHERE job_id=? ORDER BY id",
+                                                        (job_id,))]
+
+    def start_follow_up(self, follow_up_id: int) -> int:
+        """Mark a follow-up ``running`` and count the attempt; returns how many runs it has started."""
+        with self._tx() as db:
+            db.execute("UPDATE follow_ups SET state='running', reason='', attempts=attempts+1, updated_at=?"
+                       " WHERE id=?", (time.time(), follow_up_id))
+            row = db.execute("SELECT attempts FROM follow_ups WHERE id=?", (follow_up_id,)).fetchone()
+            if row is None:
+                raise KeyError(follow_up_id)
+            return int(row["attempts"])
+
+    def finish_follow_up(self, follow_up_id: int, produced: Sequence[tuple[str, str]],
+                         items: Sequence[tuple[str, str, str, str]], *, files: Sequence[OutputFile] = (),
+                         seconds: float = 0.0, note: str = "") -> None:
+        """In one transaction: a follow-up's outputs recorded and queued as its job's (:meth:`add_outputs`), its
+        time among the job's timings (when it wrote something), and the follow-up ``done`` (``note``: what it
+        found when it wrote nothing)."""
+        with self._tx() as db:
+            row = db.execute("SELECT job_id, step FROM follow_ups WHERE id=?", (follow_up_id,)).fetchone()
+            if row is None:
+                raise KeyError(follow_up_id)
+            self._add_outputs(db, row["job_id"], produced, items, files)
+            if produced:
+                timings = json.loads(db.execute("SELECT timings FROM jobs WHERE id=?",
+                                                (row["job_id"],)).fetchone()["timings"])
+                timings[row["step"]] = seconds
+                db.execute("UPDATE jobs SET timings=? WHERE id=?", (json.dumps(timings), row["job_id"]))
+            db.execute("UPDATE follow_ups SET state='done', reason=?, seconds=?, updated_at=? WHERE id=?",
+                       (note, seconds, time.time(), follow_up_id))
+
+    def fail_follow_up(self, follow_up_id: int, error: str) -> None:
+        """A follow-up failed: ``failed`` with its reason, and noted beside its job's state
+        (:attr:`JobRecord.optional_failed`); the job's state and its core outputs are left alone."""
+        with self._tx() as db:
+            row = db.execute("SELECT job_id, step FROM follow_ups WHERE id=?", (follow_up_id,)).fetchone()
+            if row is None:
+                raise KeyError(follow_up_id)
+            db.execute("UPDATE follow_ups SET state='failed', reason=?, updated_at=? WHERE id=?",
+                       (error, time.time(), follow_up_id))
+            self._note_optional_failure(db, row["job_id"], row["step"], error)
+
+    def recover_follow_ups(self, max_attempts: int) -> tuple[list[FollowUpRecord], list[FollowUpRecord]]:
+        """At start-up, as :meth:`recover_jobs` for jobs: (follow-ups to run again, follow-ups quarantined now;
+        noted beside their job's state)."""
+        with self._tx() as db:
+            quarantined = self._requeue_interrupted(db, "follow_ups", max_attempts)
+            rows = {r["id"]: self._follow_up(r) for r in db.execute(
+                "SELECT * FROM follow_ups WHERE state='queued' OR id IN"
+                f" ({','.join('?' * len(quarantined))}) ORDER BY id", quarantined)}
+            for follow_up_id in quarantined:
+                record = rows[follow_up_id]
+                self._note_optional_failure(db, record.job_id, record.step, record.reason)
+        resumed = [r for r in rows.values() if r.state == FollowUpState.QUEUED]
+        return resumed, [rows[i] for i in quarantined]
 
     def set_job_timings(self, job_id: int, timings: dict[str, float]) -> None:
         """Store a job's timings without touching its state (the dispatcher may be settling it)."""
@@ -742,11 +871,11 @@ class Journal:
 
     def record_outputs(
         self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]], *,
-        files: Sequence[OutputFile] = (), output_name: str = "",
+        files: Sequence[OutputFile] = (), output_name: str = "", follow_ups: Sequence[str] = (),
     ) -> None:
         """In one transaction: the series the job produced ``(series_uid, kind)``, its outbox items
         ``(destination, path, sop_class_uid, sop_instance_uid)``, the files it wrote, the output name it
-        wrote under and the job state ``written``."""
+        wrote under, the job state ``written`` and its ``follow_ups`` (the optional steps' names) queued."""
         now = time.time()
         with self._tx() as db:
             self._insert_outputs(db, job_id, produced, items, files, now)
@@ -756,6 +885,8 @@ class Journal:
                 "UPDATE jobs SET state=?, reason=?, updated_at=?, output_name=? WHERE id=?",
                 (state, reason, now, output_name, job_id),
             )
+            db.executemany("INSERT OR IGNORE INTO follow_ups(job_id, step, created_at, updated_at) VALUES (?,?,?,?)",
+                           [(job_id, step, now, now) for step in follow_ups])
 
     def add_outputs(
         self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]], *,
@@ -763,12 +894,16 @@ class Journal:
     ) -> None:
         """Outputs of a step that ran after :meth:`record_outputs` (an optional step): recorded like those;
         a job already delivered becomes ``written`` again while the new items are pending."""
-        now = time.time()
         with self._tx() as db:
-            self._insert_outputs(db, job_id, produced, items, files, now)
-            if items:
-                db.execute("UPDATE jobs SET state='written', reason='', updated_at=? WHERE id=? AND state='sent'",
-                           (now, job_id))
+            self._add_outputs(db, job_id, produced, items, files)
+
+    def _add_outputs(self, db: sqlite3.Connection, job_id: int, produced: Sequence[tuple[str, str]],
+                     items: Sequence[tuple[str, str, str, str]], files: Sequence[OutputFile]) -> None:
+        now = time.time()
+        self._insert_outputs(db, job_id, produced, items, files, now)
+        if items:
+            db.execute("UPDATE jobs SET state='written', reason='', updated_at=? WHERE id=? AND state='sent'",
+                       (now, job_id))
 
     def record_notice(
         self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]], *,
@@ -809,6 +944,12 @@ class Journal:
 
     def is_produced(self, series_uid: str) -> bool:
         return bool(self._query("SELECT 1 FROM produced WHERE series_uid=?", (series_uid,)))
+
+    def destinations_of(self, job_id: int) -> list[str]:
+        """The destinations a job's outputs were queued to, in the order they were."""
+        rows = self._query("SELECT destination FROM outbox WHERE job_id=? GROUP BY destination ORDER BY MIN(id)",
+                           (job_id,))
+        return [r["destination"] for r in rows]
 
     def produced_by(self, job_id: int) -> list[tuple[str, str]]:
         rows = self._query("SELECT series_uid, kind FROM produced WHERE job_id=?", (job_id,))
@@ -1042,7 +1183,7 @@ class Journal:
 
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
-        for table in ("series", "jobs", "outbox"):
+        for table in ("series", "jobs", "outbox", "follow_ups"):
             rows = self._query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
             out[table] = {r["state"]: r["n"] for r in rows}
         out["instances"] = {"total": self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"]}

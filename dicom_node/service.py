@@ -1,7 +1,8 @@
 """The node as a service: wires SCP, journal, assembly, routing, jobs and dispatch; owns start/stop.
 
-Start-up also recovers from a crash: jobs that were queued are run again, jobs that were running
-are run again while under ``jobs.max_attempts`` (else quarantined as failed), series that
+Start-up also recovers from a crash: jobs (and follow-ups, a job's optional steps) that were queued are run
+again, those that were running are run again while under ``jobs.max_attempts`` (else quarantined as failed;
+a follow-up's failure is noted beside its job's state and costs nothing else), series that
 were closed but not yet routed are routed, the outbox is resumed, and series still receiving close
 on their idle timeout as usual. The periodic sweep also routes ``complete`` series, which is how a
 ``reprocess`` request (``Journal.request_reprocess``, from the CLI with the node running or not, or
@@ -30,7 +31,7 @@ from .dispatch import Dispatcher
 from .exporter import NodeMetrics
 from .health import Check, Health, check_disk, check_dispatcher, check_journal
 from .httpd import ActionError, NodeHTTPServer
-from .jobs import JobRunner, ThreadExecutor
+from .jobs import JobRunner, Task, ThreadExecutor
 from .journal import Journal, OutboxState, SeriesState
 from .notify import Notifier, install, notify
 from .rebuild import unknown_files
@@ -63,7 +64,7 @@ class Node:
         self.dispatcher = Dispatcher(config, self.journal, self.audit)
         self.runner = JobRunner(config, self.journal, self.registry, on_written=self.kick_dispatch,
                                 on_timings=self.metrics.observe_job)
-        self.executor: ThreadExecutor | None = None
+        self.executor: ThreadExecutor[Task] | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit,
                               on_store_status=self.metrics.store_status)
@@ -114,7 +115,8 @@ class Node:
         for model_id in sorted(needed):
             loaded = self.registry.session(model_id)  # warm: the first series does not pay for it
             log.info("model %s %s ready on %s", model_id, loaded.manifest.version, loaded.provider)
-        self.executor = ThreadExecutor(self.runner.run, workers=self.config.inference.workers)
+        self.executor = ThreadExecutor(self.runner.perform, workers=self.config.inference.workers)
+        self.runner.submit = self.executor.submit  # a job's follow-ups are tasks of their own
         self._finish_purge()
         self._check_spool()
         self._recover()
@@ -285,7 +287,13 @@ class Node:
         for job in resumed:
             log.info("resuming job %d (%s) after restart%s", job.id, job.rule,
                      f": {job.reason}" if job.reason else "")
-            self.executor.submit(job.id)
+            self.executor.submit(Task("job", job.id))
+        follow_ups, stuck = self.journal.recover_follow_ups(self.config.jobs.max_attempts)
+        for follow_up in stuck:
+            log.error("follow-up %s of job %d quarantined: %s", follow_up.step, follow_up.job_id, follow_up.reason)
+        for follow_up in follow_ups:
+            log.info("resuming follow-up %s of job %d after restart", follow_up.step, follow_up.job_id)
+            self.executor.submit(Task("follow_up", follow_up.id))
         self.route_complete()  # closed before a stop but not routed, or marked for reprocessing
         pending = self.journal.counts()["outbox"].get(OutboxState.PENDING, 0)
         if pending:
@@ -387,4 +395,4 @@ class Node:
         log.info("series %r (%s) version %d: %s → job %d", series.description, series_uid, version,
                  decision.reason, job_id)
         assert self.executor is not None
-        self.executor.submit(job_id)
+        self.executor.submit(Task("job", job_id))

@@ -3,22 +3,29 @@
 Each step is a function with typed inputs and outputs; :class:`dicom_node.jobs.JobRunner` runs them in
 this order::
 
-    load_step         journal instances ──▶ LoadedSeries (volume in patient geometry + headers)
+    load_step         journal instances ──▶ LoadedSeries (volume in patient geometry + headers; the series'
+                      geometry computed once, here)
     synthesize_step   LoadedSeries ──▶ Images (the T1 to measure: the sT1 or the real T1)
     measure_step      Images ──▶ Measured (labels of the segmenter, volumetry and QC)
-    write_t1_step, write_seg_step, write_sr_step, write_summary_step
+    write_t1_step     Images ──▶ Output (the sT1 series)
+    measured_t1       ──▶ MeasuredT1 (headers and frame geometry of the T1 the next objects reference:
+                      the sT1's from its grid, or the received T1's from load_step)
+    write_seg_step, write_sr_step, write_summary_step
                       ──▶ Output (what each writer wrote: files, UIDs, SEG segment numbers)
-    keep_volumes_step Images + Measured ──▶ OutputFile (the T1 and labels a later step compares)
-    record_and_queue  Outputs ──▶ journal (produced series, output files, outbox rows per destination)
+    keep_volumes_step Images + Measured ──▶ OutputFile (the T1 and labels a follow-up compares)
+    record_and_queue  Outputs ──▶ journal (produced series, output files, outbox rows per destination, and the
+                      follow-ups wanted, in one transaction)
     ─── the core outputs are recorded and queued for delivery ───
-    agreement_step    (optional) journal ──▶ Output | None: takes every input from the journal's record
-                      of outputs, so it can run as a follow-up job anywhere the journal is
+    follow-ups        (optional, each its own task for the executor) FollowUpContext + journal ──▶ Output | str:
+      agreement_step  every input from the journal's record of outputs (output_files, jobs_in_study)
 
     not_processed_step  (when a job fails) journal ──▶ Output | None: the "not processed" page with the reason,
                       from the source series' journaled instances only (it runs whatever the job got to)
 
-A new output object is one more ``write_*_step`` returning an :class:`Output`; a new optional step is
-a function ``(JobContext) -> Output | None`` in :data:`dicom_node.jobs.JobRunner.optional_steps`.
+A new output object is one more ``write_*_step`` returning an :class:`Output`; a new follow-up is a
+:class:`FollowUp` (when it is wanted, and its step ``(FollowUpContext, Journal, NodeConfig, ModelRegistry) ->
+Output | str``, the str a note of why it wrote nothing) in :data:`FOLLOW_UPS`. Every SeriesDescription and
+SeriesNumber comes from :class:`SeriesNaming`.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +49,7 @@ from inference.volume import FrameGeometry, LoadedSeries, load_series
 from inference.volumetry import Norm, Volumetry, compute_volumetry, expected_structures, with_qc_flag
 
 from .config import NodeConfig, Rule
-from .journal import JobRecord, JobState, Journal, OutputFile, SeriesRecord
+from .journal import FollowUpState, JobRecord, JobState, Journal, OutputFile, SeriesRecord
 from .writers import WrittenSeries
 from .writers.agreement_sr import write_agreement_sr
 from .writers.derived_mr import Derivation, write_derived_mr
@@ -55,6 +62,16 @@ log = logging.getLogger(__name__)
 
 #: Offsets added to ``source SeriesNumber × 100`` for each kind of output (+ version).
 SERIES_NUMBER_OFFSETS = {"sT1": 0, "SEG": 10, "SR": 20, "SUMMARY": 30, "AGREEMENT": 40, "NOT_PROCESSED": 50}
+#: The largest value of an IS (Integer String: a signed 32-bit integer).
+IS_MAX = 2**31 - 1
+#: Source SeriesNumbers are taken modulo this (so ``source × 100 + 59`` stays below :data:`LATER_VERSIONS_BASE`).
+SOURCE_NUMBERS = 10_000_000
+#: Versions 10 and later are numbered in a band of their own, above every number of a first nine versions:
+#: ``LATER_VERSIONS_BASE + ((source × kinds + kind) × LATER_VERSIONS_SPAN) + version``, each source (modulo
+#: :data:`LATER_SOURCES`) with its own block of versions 10 .. LATER_VERSIONS_SPAN - 1 per kind.
+LATER_VERSIONS_BASE = 1_000_000_000
+LATER_VERSIONS_SPAN = 1000
+LATER_SOURCES = (IS_MAX - LATER_VERSIONS_BASE) // (len(SERIES_NUMBER_OFFSETS) * LATER_VERSIONS_SPAN)
 
 #: A series of fewer slices (frames) is no volume to synthesize or measure from (a localizer, a single slice).
 MIN_SLICES = 3
@@ -69,26 +86,50 @@ class JobFailed(RuntimeError):
 
 
 def output_series_number(source_number: int, kind: str, version: int) -> int:
-    """Deterministic, sorted after the source: source 1001, sT1 version 1 → 100101."""
-    return max(source_number, 0) * 100 + SERIES_NUMBER_OFFSETS[kind] + min(version, 9)
+    """Deterministic, a number of its own for every source, kind and version, always within the IS range.
+
+    Versions 1 to 9 sort after the source: source 1001, sT1 version 1 → 100101, SEG version 2 → 100112.
+    Versions 10 and later (999 per kind; then they wrap) take numbers above 10⁹, grouped by source and kind
+    (:data:`LATER_VERSIONS_BASE`): every number of a first nine versions of any source below
+    :data:`SOURCE_NUMBERS` stays below that band."""
+    source = max(source_number, 0) % SOURCE_NUMBERS
+    if version < 10:
+        return source * 100 + SERIES_NUMBER_OFFSETS[kind] + max(version, 0)
+    block = (source % LATER_SOURCES) * len(SERIES_NUMBER_OFFSETS) + list(SERIES_NUMBER_OFFSETS).index(kind)
+    later = 10 + (version - 10) % (LATER_VERSIONS_SPAN - 10)
+    return LATER_VERSIONS_BASE + block * LATER_VERSIONS_SPAN + later
 
 
-def output_description(rule: Rule, version: int, suffix: str = "") -> str:
+def output_description(rule: Rule, version: int, kind: str = "sT1") -> str:
     """``sT1AAH``, ``sT1AAH SEG``; a re-run adds its version: ``sT1AAH v2``, ``sT1AAH SEG v2``."""
-    return SeriesNaming(rule.output_name, version, 0).description(suffix)
+    return SeriesNaming(rule.output_name, version, 0).description(kind)
+
+
+#: What follows the output name in the SeriesDescription of each kind of output (``sT1AAH SEG``).
+DESCRIPTION_SUFFIXES = {"sT1": "", "SEG": " SEG", "SR": " volumes", "SUMMARY": " summary",
+                        "NOT_PROCESSED": " NOT PROCESSED"}
 
 
 @dataclass(frozen=True)
 class SeriesNaming:
-    """How a job names and numbers the series it writes (the one owner of both)."""
+    """How a job names and numbers the series it writes: the one owner of SeriesDescription (with its QC flag)
+    and SeriesNumber; writers write what they are given."""
 
     output_name: str        # the rule's: sT1AAH, rT1
     version: int            # of the source series (1, 2, ... for each time it was processed)
     source_number: int      # SeriesNumber of the source series
 
-    def description(self, suffix: str = "") -> str:
-        text = f"{self.output_name}{suffix}"
-        return text if self.version <= 1 else f"{text} v{self.version}"
+    def description(self, kind: str = "sT1", volumetry: Volumetry | None = None) -> str:
+        """The SeriesDescription of the ``kind`` output: ``sT1AAH SEG v2``; flagged `` QC FAILED`` when it shows
+        a ``volumetry`` whose quality control failed (SEG, SR and summary alike)."""
+        text = f"{self.output_name}{DESCRIPTION_SUFFIXES[kind]}"
+        text = text if self.version <= 1 else f"{text} v{self.version}"
+        return text if volumetry is None else with_qc_flag(text, volumetry)
+
+    @staticmethod
+    def agreement_description(synthetic_output_name: str) -> str:
+        """The agreement SR's: named after the synthetic T1 it compares with the real one."""
+        return f"{synthetic_output_name} vs rT1 agreement"
 
     def number(self, kind: str) -> int:
         return output_series_number(self.source_number, kind, self.version)
@@ -151,6 +192,34 @@ class Output:
         uid = self.written.series_instance_uid
         return [OutputFile(self.kind, str(f.path), uid, f.sop_class_uid, f.sop_instance_uid)
                 for f in self.written.files]
+
+
+@dataclass(frozen=True)
+class MeasuredT1:
+    """The T1 series the SEG, SR and summary reference, with the geometry of its frames (data set, then frame
+    order) computed once: where the received T1 was loaded, or from the grid the sT1 was written from."""
+
+    datasets: Sequence[Dataset]
+    frames: Sequence[FrameGeometry] | None
+
+
+def grid_frames(image: sitk.Image) -> list[FrameGeometry]:
+    """The frame geometry of a series written one slice k of ``image`` a file (``write_derived_mr``: IPP = the
+    physical point of (0, 0, k), IOP = the first two direction columns), file k holding slice k."""
+    size, spacing = image.GetSize(), image.GetSpacing()
+    direction = image.GetDirection()
+    orientation = (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7])
+    return [FrameGeometry(dataset_index=k, frame_index=0, position=image.TransformIndexToPhysicalPoint((0, 0, k)),
+                          orientation=orientation, pixel_spacing=(spacing[1], spacing[0]), slice_thickness=spacing[2],
+                          rows=size[1], columns=size[0], rescale_slope=1.0, rescale_intercept=0.0)
+            for k in range(size[2])]
+
+
+def measured_t1(synthetic: Output | None, images: Images, loaded: LoadedSeries) -> MeasuredT1:
+    """What the SEG, SR and summary reference: the sT1 just written, or the received T1."""
+    if synthetic is not None:
+        return MeasuredT1(list(synthetic.written.datasets), grid_frames(images.t1))
+    return MeasuredT1(loaded.datasets, loaded.source_frames())
 
 
 def age_from_dates(ds: Dataset) -> float | None:
@@ -259,42 +328,42 @@ def write_t1_step(ctx: JobContext, images: Images, loaded: LoadedSeries) -> Outp
     return Output("sT1", written)
 
 
-def write_seg_step(ctx: JobContext, measured: Measured, t1_images: Sequence[Dataset],
-                   t1_frames: Sequence[FrameGeometry] | None) -> Output | None:
-    """The labels as a SEG of the measured T1 (``t1_frames``: its frame geometry, when known already);
-    None when the segmenter found no structure."""
+def write_seg_step(ctx: JobContext, measured: Measured, t1: MeasuredT1) -> Output | None:
+    """The labels as a SEG of the measured T1 (whose frame geometry is known already); None when the segmenter
+    found no structure."""
     volumetry, algorithm = measured.volumetry, measured.algorithm
     assert volumetry is not None and measured.labels is not None and algorithm is not None
     if not volumetry.structures:
         log.warning("segmenter %s found no brain structure: no SEG, the SR and summary say QC failed",
                     algorithm.name)
         return None
-    written = write_seg(measured.labels, t1_images, out_path=ctx.out_dir / "seg.dcm", uid_prefix=ctx.uid_prefix,
+    written = write_seg(measured.labels, t1.datasets, out_path=ctx.out_dir / "seg.dcm", uid_prefix=ctx.uid_prefix,
                         series_number=ctx.naming.number("SEG"),
-                        series_description=with_qc_flag(ctx.naming.description(" SEG"), volumetry),
-                        source_frames=t1_frames, **algorithm.as_kwargs())
+                        series_description=ctx.naming.description("SEG", volumetry),
+                        source_frames=t1.frames, **algorithm.as_kwargs())
     return Output("SEG", written)
 
 
-def write_sr_step(ctx: JobContext, measured: Measured, t1_images: Sequence[Dataset], seg: Output | None,
+def write_sr_step(ctx: JobContext, measured: Measured, t1: MeasuredT1, seg: Output | None,
                   loaded: LoadedSeries) -> Output:
     """The volumetry as a TID 1500 SR referencing the SEG's segments."""
     assert measured.volumetry is not None and measured.algorithm is not None
-    written = write_sr(measured.volumetry, seg=None if seg is None else seg.written, source_images=t1_images,
+    written = write_sr(measured.volumetry, seg=None if seg is None else seg.written, source_images=t1.datasets,
                        input_series_datasets=loaded.datasets, out_path=ctx.out_dir / "sr.dcm",
                        uid_prefix=ctx.uid_prefix, series_number=ctx.naming.number("SR"),
-                       series_description=ctx.naming.description(" volumes"), **measured.algorithm.as_kwargs())
+                       series_description=ctx.naming.description("SR", measured.volumetry),
+                       **measured.algorithm.as_kwargs())
     return Output("SR", written)
 
 
-def write_summary_step(ctx: JobContext, measured: Measured, images: Images,
-                       t1_images: Sequence[Dataset]) -> Output:
+def write_summary_step(ctx: JobContext, measured: Measured, images: Images, t1: MeasuredT1) -> Output:
     """The summary page (coronal views, volume table, QC) as a Secondary Capture."""
     assert measured.volumetry is not None and measured.labels is not None and measured.algorithm is not None
-    written = write_summary(measured.volumetry, t1=images.t1, labels=measured.labels, source_images=t1_images,
+    written = write_summary(measured.volumetry, t1=images.t1, labels=measured.labels, source_images=t1.datasets,
                             out_path=ctx.out_dir / "summary.dcm", uid_prefix=ctx.uid_prefix,
                             synthetic=ctx.rule.action == "synthesize", series_number=ctx.naming.number("SUMMARY"),
-                            series_description=ctx.naming.description(" summary"), **measured.algorithm.as_kwargs())
+                            series_description=ctx.naming.description("SUMMARY", measured.volumetry),
+                            **measured.algorithm.as_kwargs())
     return Output("SUMMARY", written)
 
 
@@ -318,22 +387,49 @@ def outbox_items(outputs: Sequence[Output], destinations: Sequence[str]) -> list
 
 
 def record_and_queue(journal: Journal, ctx: JobContext, outputs: Sequence[Output], kept: Sequence[OutputFile],
-                     destinations: Sequence[str]) -> None:
-    """Record the job's outputs and queue them per destination, in one transaction (the job is then
-    ``written``, or ``sent`` when there is no destination)."""
+                     destinations: Sequence[str], follow_ups: Sequence[FollowUp] = ()) -> list[int]:
+    """Record the job's outputs, queue them per destination and queue the follow-ups that want them, in one
+    transaction (the job is then ``written``, or ``sent`` when there is no destination); returns the ids of the
+    follow-ups queued."""
     produced = [(o.written.series_instance_uid, o.kind) for o in outputs]
     files = [f for o in outputs for f in o.files()] + list(kept)
+    wanted = [f.name for f in follow_ups if f.wanted(files)]
     journal.record_outputs(ctx.job_id, produced, outbox_items(outputs, destinations), files=files,
-                           output_name=ctx.rule.output_name)
+                           output_name=ctx.rule.output_name, follow_ups=wanted)
+    return [f.id for f in journal.follow_ups(ctx.job_id) if f.state == FollowUpState.QUEUED]
 
 
-def queue_optional(journal: Journal, ctx: JobContext, output: Output, destinations: Sequence[str]) -> None:
-    """Record and queue the output of an optional step, after the core outputs."""
-    journal.add_outputs(ctx.job_id, [(output.written.series_instance_uid, output.kind)],
-                        outbox_items([output], destinations), files=output.files())
+# -- follow-ups: optional steps, each its own work, inputs from the journal -------------------
+
+@dataclass(frozen=True)
+class FollowUpContext:
+    """What a follow-up knows: the job whose core outputs are recorded, as the journal has it (its rule may be
+    gone from the config since), and where it writes."""
+
+    follow_up_id: int
+    step: str
+    job: JobRecord
+    series: SeriesRecord
+    naming: SeriesNaming
+    out_dir: Path
+    uid_prefix: str | None
 
 
-# -- optional step: agreement of an sT1 with the real T1 of the same study ---------------------
+#: A follow-up's step: what it wrote, or (a note) why it wrote nothing.
+FollowUpStep = Callable[[FollowUpContext, Journal, NodeConfig, ModelRegistry], "Output | str"]
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """An optional step run on its own after a job recorded its core outputs: queued when ``wanted`` by the files
+    the job recorded, its failure costs only its own output."""
+
+    name: str
+    wanted: Callable[[Sequence[OutputFile]], bool]
+    step: FollowUpStep
+
+
+# -- follow-up: agreement of an sT1 with the real T1 of the same study -------------------------
 
 @dataclass(frozen=True)
 class AgreementSide:
@@ -380,20 +476,37 @@ def synthetic_output_name(config: NodeConfig, job: JobRecord) -> str:
     return next((r.output_name for r in config.rules if r.name == job.rule), "sT1")
 
 
-def agreement_step(ctx: JobContext, journal: Journal, config: NodeConfig, registry: ModelRegistry) -> Output | None:
-    """When the study also holds the other side, compare the two T1s and write an agreement SR; None when
-    there is no counterpart. Every input comes from the journal's record of the two jobs."""
-    job = journal.job(ctx.job_id)
+def keeps_volumes(files: Sequence[OutputFile]) -> bool:
+    """Whether a job recorded what an agreement check needs (its T1 and labels volumes and a SEG)."""
+    kinds = {f.kind for f in files}
+    return {T1_VOLUME, LABEL_VOLUME, "SEG"} <= kinds
+
+
+def later_check(journal: Journal, ctx: FollowUpContext, other: JobRecord) -> int | None:
+    """The agreement follow-up of ``other`` when it was queued after this one (it compares the pair: each
+    pair is compared once, by the follow-up of the job that recorded its outputs last), else None."""
+    theirs = [f.id for f in journal.follow_ups(other.id) if f.step == ctx.step and f.id > ctx.follow_up_id]
+    return theirs[0] if theirs else None
+
+
+def agreement_step(ctx: FollowUpContext, journal: Journal, config: NodeConfig,
+                   registry: ModelRegistry) -> Output | str:
+    """When the study also holds the other side, compare the two T1s and write an agreement SR; otherwise why
+    not. Every input comes from the journal's record of the two jobs."""
+    job = ctx.job
     mine = agreement_side(journal, job)
     other = None if mine is None else counterpart_side(journal, job, ctx.series.study_uid)
     if mine is None or other is None:
-        return None
+        return "no other T1 of the study (real or synthetic) to compare with yet"
+    later = later_check(journal, ctx, other.job)
+    if later is not None:
+        return f"compared with job {other.job.id} by that job's follow-up ({later})"
     real, synthetic = (other, mine) if job.action == "synthesize" else (mine, other)
     agreement = compare(*(sitk.ReadImage(str(p)) for p in (real.t1_volume, real.label_volume,
                                                            synthetic.t1_volume, synthetic.label_volume)))
     output_name = synthetic_output_name(config, synthetic.job)
     log.info("job %d: agreement of %s with the real T1: PSNR %.1f dB, SSIM %.3f, mean Dice %.3f, "
-             "mean ASPC %.1f %%", ctx.job_id, output_name, agreement.psnr, agreement.ssim,
+             "mean ASPC %.1f %%", job.id, output_name, agreement.psnr, agreement.ssim,
              agreement.mean_dice, agreement.mean_aspc)
     manifest = model_session(registry, synthetic.job.model).manifest
     written = write_agreement_sr(
@@ -402,10 +515,14 @@ def agreement_step(ctx: JobContext, journal: Journal, config: NodeConfig, regist
         real_seg=dcmread(real.seg, stop_before_pixels=True),
         synthetic_seg=dcmread(synthetic.seg, stop_before_pixels=True),
         out_path=ctx.out_dir / "agreement.dcm", uid_prefix=ctx.uid_prefix,
-        series_number=ctx.naming.number("AGREEMENT"), series_description=f"{output_name} vs rT1 agreement",
-        **Algorithm.of(manifest).as_kwargs(),
+        series_number=ctx.naming.number("AGREEMENT"),
+        series_description=SeriesNaming.agreement_description(output_name), **Algorithm.of(manifest).as_kwargs(),
     )
     return Output("AGREEMENT", written)
+
+
+#: The follow-ups, in the order they are queued.
+FOLLOW_UPS = (FollowUp("agreement", keeps_volumes, agreement_step),)
 
 
 # -- when a job fails: the "not processed" notice ----------------------------------------------
@@ -439,7 +556,7 @@ def not_processed_step(journal: Journal, job: JobRecord, series: SeriesRecord, r
         reason.removeprefix("not processed: "), source=source,
         source_instances=[(i.sop_class_uid, i.sop_instance_uid) for i in instances],
         out_path=out_dir / "not_processed.dcm", series_number=naming.number("NOT_PROCESSED"),
-        series_description=naming.description(" NOT PROCESSED"), uid_prefix=uid_prefix,
+        series_description=naming.description("NOT_PROCESSED"), uid_prefix=uid_prefix,
         what=_expected_result(rule), job_id=job.id,
     )
     return Output("NOT_PROCESSED", written)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -323,13 +323,7 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
     ``icv_ml``: the segmenter's intracranial volume (default: from the aseg codes); ``outside_ml``: labelled
     volume the segmenter found apart from the brain (enables the brain-mask check).
     """
-    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError("labels must be a scalar 3D image")
-    array = sitk.GetArrayViewFromImage(labels)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
-    if array.size and array.min() < 0:
-        raise ValueError("label codes must be non-negative")
+    array = _label_codes(labels)
     voxel_mm3 = _voxel_volume_mm3(labels)
     values, counts_array = np.unique(array, return_counts=True)
     counts = {int(v): int(n) for v, n in zip(values, counts_array, strict=True)}
@@ -341,9 +335,36 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
         icv_voxels = int(round(icv_ml * 1000.0 / voxel_mm3))
         icv_source = "intracranial mask"
     age_years, sex_value = parse_age(age), _parse_sex(sex)
-    if limits is None:
-        limits = icv_limits(age_years)
+    structures = _structure_volumes(counts, voxel_mm3, icv_ml, age_years, sex_value, norms)
+    asymmetry = _asymmetry(structures)
+    checks = [_check_icv(icv_ml, limits or icv_limits(age_years)), _check_present(counts, _expected(counts,
+              expected_codes)), _check_outside(outside_ml), _check_asymmetry(asymmetry)]
+    if t1 is None:
+        checks.append(QCCheck("intensity_ordering", None, "not evaluated: no T1 image"))
+    else:
+        checks.append(_check_intensity(np.asarray(array), _t1_on_labels_grid(t1, labels)))
+    cortex_ml = {side: sum(structures[c].volume_ml for c in codes_of_side if c in structures)
+                 for side, codes_of_side in CORTEX.items()}
+    return Volumetry(voxel_volume_mm3=voxel_mm3, icv_voxels=icv_voxels, icv_ml=icv_ml, structures=structures,
+                     asymmetry=tuple(asymmetry), hoc=_hoc(structures), qc=tuple(checks), age_years=age_years,
+                     sex=sex_value, norms_used=bool(norms), cortex_ml=cortex_ml, icv_source=icv_source)
 
+
+def _label_codes(labels: sitk.Image) -> np.ndarray:
+    """The label volume's codes (a view); ValueError unless a scalar 3D image of non-negative integers."""
+    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("labels must be a scalar 3D image")
+    array = sitk.GetArrayViewFromImage(labels)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
+    if array.size and array.min() < 0:
+        raise ValueError("label codes must be non-negative")
+    return array
+
+
+def _structure_volumes(counts: Mapping[int, int], voxel_mm3: float, icv_ml: float, age_years: float | None,
+                       sex: str | None, norms: Sequence[Norm]) -> dict[int, StructureVolume]:
+    """Each measured structure present: its volume, fraction of the ICV and normative score."""
     structures: dict[int, StructureVolume] = {}
     for code in STRUCTURES:
         voxels = counts.get(code, 0)
@@ -353,8 +374,12 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
         structures[code] = StructureVolume(
             code=code, voxels=voxels, volume_ml=volume,
             icv_percent=100.0 * volume / icv_ml if icv_ml > 0 else float("nan"),
-            norm_score=_norm_score(code, volume, age_years, sex_value, norms))
+            norm_score=_norm_score(code, volume, age_years, sex, norms))
+    return structures
 
+
+def _asymmetry(structures: Mapping[int, StructureVolume]) -> list[Asymmetry]:
+    """The asymmetry index of each paired structure present on both sides."""
     asymmetry = []
     for code, structure in STRUCTURES.items():
         if structure.laterality != "L":
@@ -365,7 +390,11 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
         if left_ml > 0 and right_ml > 0:
             index = 200.0 * (left_ml - right_ml) / (left_ml + right_ml)
             asymmetry.append(Asymmetry(code, right, left_ml, right_ml, index))
+    return asymmetry
 
+
+def _hoc(structures: Mapping[int, StructureVolume]) -> dict[str, float]:
+    """Hippocampal occupancy per side where the hippocampus is present."""
     hoc = {}
     for side in ("L", "R"):
         hv = structures[HIPPOCAMPUS[side]].volume_ml if HIPPOCAMPUS[side] in structures else 0.0
@@ -373,26 +402,19 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
                if INFERIOR_LATERAL_VENTRICLE[side] in structures else 0.0)
         if hv > 0:  # no inferior horn: HOC 1 (an empty horn is common in young, healthy heads)
             hoc[side] = hv / (hv + ilv)
-    cortex_ml = {side: sum(structures[c].volume_ml for c in codes_of_side if c in structures)
-                 for side, codes_of_side in CORTEX.items()}
+    return hoc
 
-    if expected_codes is None:  # the family of the labels: cortex by lobe (aparc) or whole (aseg)
+
+def _expected(counts: Mapping[int, int], expected_codes: Collection[int] | None) -> set[int]:
+    """The structures QC requires: ``expected_codes``, or the family of the labels (cortex by lobe (aparc) or
+    whole (aseg)) without the optional ones."""
+    if expected_codes is None:
         by_lobe = any(c in counts for side in CORTEX.values() for c in side[1:])
         cortex_codes = {c for side in CORTEX.values() for c in side}
         family = (set(STRUCTURES) - {3, 42}) if by_lobe else (set(STRUCTURES) - (cortex_codes - {3, 42}) - {192})
-        expected = family - OPTIONAL_STRUCTURES
-    else:
-        expected = {int(c) for c in expected_codes}
+        return family - OPTIONAL_STRUCTURES
+    expected = {int(c) for c in expected_codes}
     unknown = expected - set(STRUCTURES)
     if unknown:
         raise ValueError(f"expected_codes holds codes that are not measured structures: {sorted(unknown)}")
-    checks = [_check_icv(icv_ml, limits), _check_present(counts, expected), _check_outside(outside_ml),
-              _check_asymmetry(asymmetry)]
-    if t1 is None:
-        checks.append(QCCheck("intensity_ordering", None, "not evaluated: no T1 image"))
-    else:
-        checks.append(_check_intensity(np.asarray(array), _t1_on_labels_grid(t1, labels)))
-
-    return Volumetry(voxel_volume_mm3=voxel_mm3, icv_voxels=icv_voxels, icv_ml=icv_ml, structures=structures,
-                     asymmetry=tuple(asymmetry), hoc=hoc, qc=tuple(checks), age_years=age_years, sex=sex_value,
-                     norms_used=bool(norms), cortex_ml=cortex_ml, icv_source=icv_source)
+    return expected

@@ -41,6 +41,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_config(tmp_path: Path, models_dir: Path, extra: str = "", port: int = 104) -> Path:
+    """A configuration for the commands; without an ``[http]`` table in ``extra`` the node has no HTTP server, so
+    that whatever listens on this machine's default port 8080 cannot make `status` think the node runs."""
+    if "[http]" not in extra:
+        extra += "\n[http]\nport = 0\n"
     path = tmp_path / "node.toml"
     path.write_text(
         f"""
@@ -234,6 +238,33 @@ def test_status_prints_counts(tmp_path: Path, models_dir: Path, capsys: pytest.C
     assert "'desc 1.1'" in out and "2 inst  routed" in out
     assert "PACS: 1 failed (tries up to 1, last error: association rejected)" in out
     assert "PACS: 1 sent" in out
+
+
+def test_status_shows_each_job_s_follow_ups(tmp_path: Path, models_dir: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, models_dir)
+    journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
+    received = ReceivedInstance("1.9.1", "1.2.840.10008.5.1.4.1.1.4", "1", "1.1", "P", InstanceHeader(),
+                                SeriesAttributes(series_description="t1", modality="MR"))
+    journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
+    journal.close_series("1.1")
+    job = journal.add_job(series_uid="1.1", version=1, rule="t1-2d", action="synthesize", model="synth-t1")
+    journal.record_outputs(job, [("1.7", "sT1")], [], follow_ups=["agreement", "other"])
+    first, second = journal.follow_ups(job)
+    journal.start_follow_up(first.id)
+    journal.fail_follow_up(first.id, "RuntimeError: registration diverged")
+    journal.close()
+    assert main(["status", "--config", str(config)]) == 3  # not running; a failed follow-up fails no job
+    out = capsys.readouterr().out
+    assert "follow-ups (optional steps of written jobs): failed 1, queued 1" in out
+    assert ("v1: sent - no destination configured: outputs kept on disk only (optional step failed: agreement: "
+            "RuntimeError: registration diverged)") in out
+    assert "      follow-up agreement: FAILED - RuntimeError: registration diverged\n" in out
+    assert "      follow-up other: queued\n" in out
+    assert main(["status", "--config", str(config), "--json"]) == 3
+    (listed,) = json.loads(capsys.readouterr().out)["jobs"]
+    assert [(f["step"], f["state"], f["attempts"]) for f in listed["follow_ups"]] == [("agreement", "failed", 1),
+                                                                                      ("other", "queued", 0)]
 
 
 def test_status_without_journal(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

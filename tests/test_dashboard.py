@@ -112,6 +112,23 @@ def test_a_processed_study_with_its_outputs_and_deliveries(journal: Journal) -> 
     assert '<div class="reason">' in failed_row
 
 
+def test_a_job_s_follow_ups_are_shown_beside_it(journal: Journal) -> None:
+    done, _ = _processed_and_failed(journal)
+    journal.record_outputs(done, [], [], follow_ups=["agreement", "other"])
+    agreement, other = journal.follow_ups(done)
+    journal.start_follow_up(agreement.id)
+    journal.fail_follow_up(agreement.id, f"RuntimeError: registration diverged {EVIL}")
+    page = render(journal, PageContext(), now=5000.0)
+    assert "<script" not in page
+    assert "follow-ups: failed 1, queued 1" in page
+    row = page[page.index(f'data-job="{done}"'):]
+    row = row[:row.index("</tr>")]
+    assert ('<div class="follow-up" data-follow-up="agreement">agreement: <span class="state-failed">failed</span> '
+            f'<span class="reason">RuntimeError: registration diverged {esc(EVIL)}</span></div>') in row
+    assert '<div class="follow-up" data-follow-up="other">other: <span class="state-queued">queued</span></div>' in row
+    assert f'#{done} v1<br><span class="state-sent">sent</span>' in row  # the job itself did not fail
+
+
 def test_actions_only_for_an_authenticated_reader(journal: Journal) -> None:
     done, _ = _processed_and_failed(journal)
     read_only = render(journal, PageContext())

@@ -79,6 +79,7 @@ def test_journal_states_outbox_and_disk_at_scrape_time(journal: Journal, tmp_pat
     assert values[("dicom_node_series", (("state", "ignored"),))] == 0
     assert values[("dicom_node_jobs", (("state", "written"),))] == 1
     assert values[("dicom_node_jobs", (("state", "failed"),))] == 0
+    assert values[("dicom_node_follow_ups", (("state", "failed"),))] == 0
     assert values[("dicom_node_instances_stored", ())] == 2
     items = {labels: v for (name, labels), v in values.items() if name == "dicom_node_outbox_items"}
     assert items[(("destination", "PACS"), ("state", "pending"))] == 1

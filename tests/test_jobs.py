@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import SimpleITK as sitk
 from pydicom import dcmread
 
 from dicom_node import MANUFACTURER
 from dicom_node.config import Destination, InferenceSettings, NodeConfig, NodeSettings, Rule
 from dicom_node.headers import describe
-from dicom_node.jobs import JobRunner, ThreadExecutor
+from dicom_node.jobs import JobRunner, Task, ThreadExecutor
 from dicom_node.journal import Journal
-from dicom_node.steps import output_description, output_series_number
+from dicom_node.steps import SERIES_NUMBER_OFFSETS, SeriesNaming, output_description, output_series_number
 from inference.models import ModelRegistry
 from tests.dicom_factory import make_mr_series, make_study
 from tests.onnx_fixtures import make_synthesis_model
@@ -287,6 +288,26 @@ def test_volumetry_of_a_real_t1_writes_seg_sr_summary(setup: Setup, tmp_path: Pa
     sr = dcmread(out_dir / "sr.dcm", stop_before_pixels=True)
     assert sr.Modality == "SR" and sr.SeriesNumber == 421
     assert len(setup.journal.outbox(job_id)) == 2 * 3
+    # a head of a few ml fails QC (ICV): every object that shows the volumetry says so (SeriesNaming flags them)
+    summary = dcmread(out_dir / "summary.dcm", stop_before_pixels=True)
+    assert [ds.SeriesDescription for ds in (seg, sr, summary)] == ["rT1 SEG QC FAILED", "rT1 volumes QC FAILED",
+                                                                  "rT1 summary QC FAILED"]
+
+
+def test_series_naming_flags_a_failed_quality_control_for_every_kind_that_shows_it() -> None:
+    from inference.volumetry import QCLimits, compute_volumetry
+
+    labels = sitk.Image(8, 8, 8, sitk.sitkUInt16)
+    labels[2:6, 2:6, 2:6] = 17  # a left hippocampus alone
+    failed = compute_volumetry(labels, None, age=None, sex=None, limits=QCLimits(icv_min_ml=1000.0))
+    passed = compute_volumetry(labels, None, age=None, sex=None, limits=QCLimits(icv_min_ml=0.0),
+                               expected_codes={17})
+    assert not failed.qc_passed and passed.qc_passed
+    naming = SeriesNaming("sT1AAH", 2, 7)
+    for kind, text in (("SEG", "sT1AAH SEG v2"), ("SR", "sT1AAH volumes v2"), ("SUMMARY", "sT1AAH summary v2")):
+        assert naming.description(kind, failed) == text + " QC FAILED"
+        assert naming.description(kind, passed) == naming.description(kind) == text
+    assert naming.description("sT1") == "sT1AAH v2" and naming.description("NOT_PROCESSED") == "sT1AAH NOT PROCESSED v2"
 
 
 def test_a_normative_table_in_the_config_gives_z_scores(tmp_path: Path, models_dir: Path,
@@ -355,10 +376,23 @@ def test_finished_jobs_are_not_run_again(setup: Setup, tmp_path: Path) -> None:
 def test_output_naming() -> None:
     assert output_series_number(1001, "sT1", 1) == 100101
     assert output_series_number(5, "SEG", 2) == 512
-    assert output_series_number(5, "SR", 12) == 529  # version digit capped at 9
+    assert output_series_number(5, "SR", 9) == 529
     assert output_series_number(-1, "SUMMARY", 1) == 31
     r = rule()
     assert output_description(r, 1) == "sT12DT1" and output_description(r, 3) == "sT12DT1 v3"
+
+
+def test_every_version_has_numbers_of_its_own_within_the_is_range() -> None:
+    """Version 10 and later once took version 9's numbers (the version digit was capped at 9)."""
+    assert output_series_number(5, "SR", 12) not in {output_series_number(5, "SR", v) for v in range(1, 12)}
+    kinds = list(SERIES_NUMBER_OFFSETS)
+    for sources in ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [101, 201, 301, 1001, 1101], [99999]):
+        numbers = [output_series_number(s, k, v) for s in sources for k in kinds for v in range(1, 1000)]
+        assert len(set(numbers)) == len(numbers)
+    for source in (0, 7, 99999, 10_000_000, 2**31 - 1):
+        for kind in kinds:
+            for version in (1, 9, 10, 11, 999, 1000, 10**6):
+                assert 0 <= output_series_number(source, kind, version) <= 2**31 - 1
 
 
 def test_thread_executor_runs_and_survives_crashes() -> None:
@@ -479,6 +513,54 @@ def test_a_counterpart_whose_rule_is_gone_is_still_compared(tmp_path: Path, mode
         assert sr.SeriesDescription == "sT12DT1 vs rT1 agreement"
         assert int(sr.SeriesNumber) == output_series_number(3, "AGREEMENT", 1)
         assert {i.sop_instance_uid for i in s.journal.outbox(real_job)} >= {agreement.sop_instance_uid}
+    finally:
+        s.journal.close()
+
+
+def test_follow_ups_are_tasks_of_their_own_and_resume_after_a_crash(tmp_path: Path, models_dir: Path,
+                                                                   registry: ModelRegistry,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an executor, a job ends once its core outputs are recorded and queued; its agreement check is a task of
+    its own, queued in the journal in the same transaction. The two checks of a pair compare it once (the later
+    one). A check the node dies in is queued again at the next start and runs from the start."""
+    import dicom_node.steps as steps
+
+    real, thick = _real_and_thick(tmp_path)
+    s = Setup(tmp_path, models_dir, registry, AGREEMENT_RULES, destinations=("PACS",))
+    tasks: list[Task] = []
+    s.runner.submit = tasks.append  # the executor's queue
+    try:
+        real_job, synth_job = s.job_for(real, "rt1"), s.job_for(thick)
+        s.runner.perform(Task("job", real_job))
+        s.runner.perform(Task("job", synth_job))
+        (real_check,), (synth_check,) = s.journal.follow_ups(real_job), s.journal.follow_ups(synth_job)
+        assert tasks == [Task("follow_up", real_check.id), Task("follow_up", synth_check.id)]
+        assert (real_check.step, real_check.state, synth_check.state) == ("agreement", "queued", "queued")
+        assert s.journal.job(synth_job).state == "written" and "AGREEMENT" not in _kinds(s.journal, synth_job)
+
+        s.runner.perform(tasks[0])  # the real T1's check leaves the pair to the sT1's, queued after it
+        done = s.journal.follow_up(real_check.id)
+        assert (done.state, done.reason) == ("done", f"compared with job {synth_job} by that job's follow-up "
+                                                     f"({synth_check.id})")
+        real_compare = steps.compare
+
+        def dying(*args: Any) -> Any:
+            raise KeyboardInterrupt  # the node dies here
+
+        monkeypatch.setattr(steps, "compare", dying)
+        with pytest.raises(KeyboardInterrupt):
+            s.runner.perform(tasks[1])
+        assert s.journal.follow_up(synth_check.id).state == "running"
+        monkeypatch.setattr(steps, "compare", real_compare)
+        resumed, quarantined = s.journal.recover_follow_ups(max_attempts=3)  # the next start
+        assert [f.id for f in resumed] == [synth_check.id] and quarantined == []
+        s.runner.perform(Task("follow_up", synth_check.id))
+        check = s.journal.follow_up(synth_check.id)
+        assert (check.state, check.attempts, check.reason) == ("done", 2, "")
+        (agreement,) = s.journal.output_files(synth_job, "AGREEMENT")
+        assert "AGREEMENT" not in _kinds(s.journal, real_job)
+        assert {i.sop_instance_uid for i in s.journal.outbox(synth_job)} >= {agreement.sop_instance_uid}
+        assert s.journal.job(synth_job).timings["agreement"] > 0
     finally:
         s.journal.close()
 

@@ -15,6 +15,7 @@ from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttribute
 from dicom_node.journal import (
     DELIVERY_FAILED,
     SCHEMA_VERSION,
+    FollowUpState,
     JobState,
     Journal,
     JournalError,
@@ -68,7 +69,7 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "4"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "5"
     db.close()
 
 
@@ -125,7 +126,7 @@ def test_a_version_3_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     assert journal.job(job).optional_failed == "agreement: RuntimeError: boom"
     journal.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "5"
     db.close()
 
 
@@ -453,6 +454,61 @@ def test_an_optional_failure_is_noted_beside_the_state(journal: Journal) -> None
     assert journal.job(job).state == "sent" and journal.job(job).optional_failed.startswith("agreement")
     journal.start_job(job)  # a new run starts with a clean slate
     assert journal.job(job).optional_failed == ""
+
+
+def _job_with_follow_ups(journal: Journal, *steps: str) -> tuple[int, list[int]]:
+    add(journal, "1.9.1")
+    version = journal.close_series(SERIES)
+    assert version is not None
+    job = journal.add_job(series_uid=SERIES, version=version, rule="t1-2d", action="synthesize", model="m")
+    journal.start_job(job)
+    journal.record_outputs(job, [("1.9.8", "sT1")], [("PACS", "/out/1.dcm", "1.2", "1.9.8.1")],
+                           files=[OutputFile("sT1", "/out/1.dcm", "1.9.8", "1.2", "1.9.8.1")], follow_ups=steps)
+    return job, [f.id for f in journal.follow_ups(job)]
+
+
+def test_follow_ups_are_queued_with_the_core_outputs_and_end_on_their_own(journal: Journal) -> None:
+    job, (agreement, other) = _job_with_follow_ups(journal, "agreement", "other")
+    assert [(f.step, f.state, f.attempts) for f in journal.follow_ups(job)] == [("agreement", "queued", 0),
+                                                                               ("other", "queued", 0)]
+    journal.mark_sent([i.id for i in journal.outbox(job)])
+    assert journal.start_follow_up(agreement) == 1 and journal.follow_up(agreement).state == "running"
+    journal.finish_follow_up(agreement, [("1.9.9", "AGREEMENT")], [("PACS", "/out/a.dcm", "1.2", "1.9.9.1")],
+                             files=[OutputFile("AGREEMENT", "/out/a.dcm", "1.9.9", "1.2", "1.9.9.1")], seconds=2.5)
+    record = journal.job(job)
+    # the follow-up's output is the job's: queued to be sent, the job 'written' again until it is
+    assert record.state == "written" and record.timings["agreement"] == 2.5
+    assert [f.kind for f in journal.output_files(job)] == ["sT1", "AGREEMENT"] and journal.is_produced("1.9.9")
+    assert journal.destinations_of(job) == ["PACS"]
+    journal.start_follow_up(other)
+    journal.fail_follow_up(other, "RuntimeError: boom")
+    assert (journal.follow_up(other).state, journal.follow_up(other).reason) == ("failed", "RuntimeError: boom")
+    record = journal.job(job)
+    assert record.state == "written" and record.reason == "" and record.optional_failed == "other: RuntimeError: boom"
+    assert journal.counts()["follow_ups"] == {"done": 1, "failed": 1}
+
+
+def test_a_follow_up_that_wrote_nothing_is_done_with_a_note(journal: Journal) -> None:
+    job, (follow_up,) = _job_with_follow_ups(journal, "agreement")
+    journal.start_follow_up(follow_up)
+    journal.finish_follow_up(follow_up, [], [], seconds=0.1, note="nothing to compare with")
+    record = journal.follow_up(follow_up)
+    assert (record.state, record.reason) == (FollowUpState.DONE, "nothing to compare with")
+    assert "agreement" not in journal.job(job).timings and journal.job(job).state == "written"
+
+
+def test_interrupted_follow_ups_are_queued_again_then_quarantined(journal: Journal) -> None:
+    job, (follow_up,) = _job_with_follow_ups(journal, "agreement")
+    journal.start_follow_up(follow_up)  # the node dies during the run
+    resumed, gone = journal.recover_follow_ups(max_attempts=2)
+    assert [f.id for f in resumed] == [follow_up] and gone == []
+    assert journal.follow_up(follow_up).reason.startswith("interrupted during run 1 of at most 2")
+    journal.start_follow_up(follow_up)  # and again
+    resumed, gone = journal.recover_follow_ups(max_attempts=2)
+    assert resumed == [] and [(f.id, f.state) for f in gone] == [(follow_up, "failed")]
+    assert gone[0].reason.startswith("quarantined: interrupted 2 times")
+    assert journal.job(job).state == "written" and journal.job(job).optional_failed.startswith("agreement: quarantined")
+    assert journal.recover_jobs(max_attempts=2) == ([], [])  # the job itself was never interrupted
 
 
 # -- a job that failed while running: its "not processed" notice ---------------------------------

@@ -10,7 +10,7 @@ from dicom_node.report import ReportError, format_report
 from dicom_node.writers.seg import write_seg
 from dicom_node.writers.sr import write_sr
 from inference.labels import STRUCTURES
-from inference.volumetry import Norm, QCLimits, compute_volumetry
+from inference.volumetry import Norm, QCLimits, compute_volumetry, with_qc_flag
 from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, make_t1_series
 
 
@@ -34,7 +34,8 @@ def _report(build: dict, volumetry, name: str) -> str:
     series = build["series"]
     path = write_sr(volumetry, seg=build["seg"], source_images=series.t1_headers,
                     input_series_datasets=series.input_headers, out_path=build["folder"] / name,
-                    series_number=1003, series_description="sT1AAH volumetry", uid_prefix=UID_PREFIX,
+                    series_number=1003, series_description=with_qc_flag("sT1AAH volumetry", volumetry),
+                    uid_prefix=UID_PREFIX,
                     algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION).path
     return format_report(path)
 

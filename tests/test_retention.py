@@ -216,6 +216,21 @@ def test_retention_measures_from_the_last_delivery(site: Site) -> None:
     assert [c.series_uid for c in site.retention.sweep(now=later(31)).series] == [uid]
 
 
+def test_a_series_waits_for_its_follow_ups(site: Site) -> None:
+    """A follow-up still to run reads the job's files: the series is kept until it has run."""
+    uid, files = site.receive()
+    job, folder = site.process(uid)
+    site.journal.record_outputs(job, [], [], follow_ups=["agreement"])  # queued with the core outputs
+    site.deliver(job)
+    assert site.retention.sweep(now=later(31)).series == []
+    (follow_up,) = site.journal.follow_ups(job)
+    site.journal.start_follow_up(follow_up.id)
+    assert site.retention.sweep(now=later(31)).series == []
+    site.journal.finish_follow_up(follow_up.id, [], [], note="nothing to compare with")
+    assert [c.series_uid for c in site.retention.sweep(now=later(31)).series] == [uid]
+    assert not any(on_disk(files)) and not folder.exists()
+
+
 def test_dry_run_deletes_nothing(site: Site) -> None:
     uid, files = site.receive()
     site.ignore(uid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -19,7 +20,8 @@ from tests.test_jobs import MODEL, SHAPE, SPACING, record_series
 REPO = Path(__file__).resolve().parents[1]
 
 #: The node as `dicom-node serve` runs it, except that reading a "poison" series kills the process
-#: (what a fatal crash in a decoder or the model does); exits 0 once every job has settled.
+#: (what a fatal crash in a decoder or the model does), and with $KILL_IN_AGREEMENT so does an agreement check;
+#: exits 0 once every job and follow-up has settled.
 CHILD = r"""
 import os, sys, time
 from pathlib import Path
@@ -36,12 +38,18 @@ def load_series(paths):
         os._exit(3)
     return real_load(paths)
 
+def compare(*args):
+    os._exit(3)
+
 jobs.load_series = load_series
+if os.environ.get("KILL_IN_AGREEMENT"):
+    jobs.compare = compare
 node = Node(load_config(Path(sys.argv[1])))
 node.start()
 try:
     deadline = time.monotonic() + 60
-    while {j.state for j in node.journal.jobs()} & {"queued", "running"}:
+    while ({j.state for j in node.journal.jobs()} | {f.state for f in node.journal.follow_ups()}) & {"queued",
+                                                                                                    "running"}:
         if time.monotonic() > deadline:
             sys.exit(4)
         time.sleep(0.05)
@@ -50,7 +58,18 @@ finally:
 """
 
 
-def _config(tmp_path: Path, models_dir: Path, max_attempts: int, destination: bool = False) -> Path:
+RULE = f"""
+[[rules]]
+name = "t1-2d"
+series_description = "t1"
+model = "{MODEL}"
+output_name = "sT12DT1"
+volumetry = false
+"""
+
+
+def _config(tmp_path: Path, models_dir: Path, max_attempts: int, destination: bool = False, rules: str = RULE,
+            segmenter: str = "") -> Path:
     path = tmp_path / "node.toml"
     # a destination nobody listens on: outputs stay pending in the outbox
     pacs = f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {free_port()}\n'
@@ -64,6 +83,7 @@ fsync = false
 [inference]
 models_dir = "{models_dir}"
 threads = 1
+{segmenter}
 
 [jobs]
 max_attempts = {max_attempts}
@@ -71,13 +91,7 @@ max_attempts = {max_attempts}
 [http]
 port = {free_port()}
 
-[[rules]]
-name = "t1-2d"
-series_description = "t1"
-model = "{MODEL}"
-output_name = "sT12DT1"
-volumetry = false
-
+{rules}
 {pacs if destination else ""}""")
     return path
 
@@ -123,6 +137,52 @@ def test_a_job_that_kills_the_node_every_time_is_quarantined(tmp_path: Path, max
             f"NOT PROCESSED: quarantined: interrupted {max_attempts} times")
         assert [(i.destination, i.sop_instance_uid) for i in journal.outbox(poison)] == [
             ("pacs", notice.sop_instance_uid)]
+    finally:
+        journal.close()
+
+
+def test_a_follow_up_that_kills_the_node_is_quarantined_and_costs_its_job_nothing(tmp_path: Path) -> None:
+    """The agreement check of a job kills the node: the job's core outputs were recorded and queued before, the
+    next start finds the check interrupted and (its attempts used) quarantines it; the job stays written."""
+    from tests.test_jobs import _real_and_thick
+
+    models_dir = tmp_path / "models"
+    make_synthesis_model(models_dir, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
+    rules = RULE.replace("volumetry = false", "volumetry = true") + f"""
+[[rules]]
+name = "rt1"
+series_description = "mprage"
+action = "volumetry"
+model = "{MODEL}"
+output_name = "rT1"
+"""
+    config = _config(tmp_path, models_dir, 1, destination=True, rules=rules, segmenter='segmenter = ""')
+    journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
+    real, thick = _real_and_thick(tmp_path)
+    synth_job = _queue(journal, thick)
+    uid = record_series(journal, real)
+    version = journal.close_series(uid)
+    assert version is not None
+    real_job = journal.add_job(series_uid=uid, version=version, rule="rt1", action="volumetry", model=MODEL)
+    journal.close()
+
+    env = {**os.environ, "KILL_IN_AGREEMENT": "1"}
+    codes = [subprocess.run([sys.executable, "-c", CHILD, str(config)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env=env) for _ in range(2)]
+    assert [c.returncode for c in codes] == [3, 0], codes[-1].stderr[-3000:]
+    assert "follow-up agreement of job" in codes[1].stderr and "quarantined" in codes[1].stderr
+
+    journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
+    try:
+        (check,) = journal.follow_ups(real_job)
+        assert check.state == "failed" and check.reason.startswith("quarantined: interrupted 1 times")
+        job = journal.job(real_job)
+        assert job.state == "written" and job.reason == "", job.reason  # PACS down: its outputs wait in the outbox
+        assert job.optional_failed.startswith("agreement: quarantined")
+        assert {f.kind for f in journal.output_files(real_job)} >= {"SEG", "SR", "SUMMARY"}
+        assert {i.path for i in journal.outbox(real_job)} == {f.path for f in journal.output_files(real_job)
+                                                               if f.kind in ("SEG", "SR", "SUMMARY")}
+        assert journal.job(synth_job).state == "written"
     finally:
         journal.close()
 

@@ -24,7 +24,7 @@ from dicom_node.writers.sr import (
     write_sr,
 )
 from inference.labels import STRUCTURES
-from inference.volumetry import QC_FAILED_SUFFIX, Norm, QCLimits, compute_volumetry
+from inference.volumetry import QC_FAILED_SUFFIX, Norm, QCLimits, compute_volumetry, with_qc_flag
 from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, dciodvfy_errors, make_t1_series
 
 
@@ -35,7 +35,9 @@ def _same(concept, code) -> bool:
 def _write_sr(volumetry, build: dict, out: Path, **kwargs) -> Path:
     return write_sr(volumetry, seg=build["seg_written"], source_images=build["series"].t1_headers,
                     input_series_datasets=build["series"].input_headers, out_path=out, series_number=1003,
-                    series_description="sT1AAH volumetry", uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID,
+                    # flagged as the job's SeriesNaming flags it (the writer writes the description it is given)
+                    series_description=with_qc_flag("sT1AAH volumetry", volumetry), uid_prefix=UID_PREFIX,
+                    algorithm_name=MODEL_ID,
                     algorithm_version=MODEL_VERSION, **kwargs).path
 
 

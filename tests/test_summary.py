@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 import dicom_node
 from dicom_node.writers.summary import PAGE_SIZE, write_summary
-from inference.volumetry import QC_FAILED_SUFFIX, QCLimits, compute_volumetry
+from inference.volumetry import QC_FAILED_SUFFIX, QCLimits, compute_volumetry, with_qc_flag
 from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, dciodvfy_errors, make_t1_series
 
 BANNER_ROWS = slice(0, 50)
@@ -19,7 +19,9 @@ def _write(build: dict, volumetry, out: Path, *, labels: sitk.Image | None = Non
     series = build["series"]
     return write_summary(volumetry, t1=series.t1, labels=series.labels if labels is None else labels,
                          source_images=series.t1_headers, out_path=out, series_number=1004,
-                         series_description="sT1AAH summary", uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID,
+                         # flagged as the job's SeriesNaming flags it (the writer writes the description it is given)
+                         series_description=with_qc_flag("sT1AAH summary", volumetry), uid_prefix=UID_PREFIX,
+                         algorithm_name=MODEL_ID,
                          algorithm_version=MODEL_VERSION, synthetic=synthetic).path
 
 

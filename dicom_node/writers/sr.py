@@ -29,7 +29,7 @@ from pydicom.sr.coding import Code
 from dicom_node.writers import WrittenSeries, write_single
 from dicom_node.writers.tid1500 import LOCAL_SCHEME, device_uid, evidence, finding_site, measurement_report_sr, tracking
 from inference.labels import HIPPOCAMPUS, LEFT, RIGHT, by_code
-from inference.volumetry import Volumetry, with_qc_flag
+from inference.volumetry import Volumetry
 
 __all__ = [
     "ASYMMETRY_INDEX",
@@ -191,7 +191,8 @@ def write_sr(volumetry: Volumetry, *, seg: WrittenSeries | None, source_images: 
     ``seg`` is the SEG written by ``write_seg`` from the same labels (None when the segmenter found no
     structure: the SR then carries ICV, QC and subject only, and QC has failed); ``source_images`` the T1 it was
     computed on; ``input_series_datasets`` the series the T1 was synthesized from (empty for a real T1).
-    All three are recorded as evidence. The series description gets ' QC FAILED' when QC failed.
+    All three are recorded as evidence. ``series_description`` is written as given (the job's ``SeriesNaming`` flags
+    ' QC FAILED').
     """
     if not source_images:
         raise ValueError("no source images")
@@ -208,6 +209,6 @@ def write_sr(volumetry: Volumetry, *, seg: WrittenSeries | None, source_images: 
     sr = measurement_report_sr(
         groups, evidence_images=evidence(source_images, input_series_datasets, [] if seg is None else seg.datasets),
         procedure=_PROCEDURE, series_number=series_number,
-        series_description=with_qc_flag(series_description, volumetry), uid_prefix=uid_prefix,
+        series_description=series_description, uid_prefix=uid_prefix,
         algorithm_name=algorithm_name, algorithm_version=algorithm_version)
     return write_single(sr, out_path)

@@ -23,7 +23,7 @@ import dicom_node
 from dicom_node.uids import new_uid
 from dicom_node.writers import WrittenSeries, equipment, write_single
 from inference.labels import HIPPOCAMPUS, LOBES, STRUCTURES
-from inference.volumetry import Volumetry, with_qc_flag
+from inference.volumetry import Volumetry
 
 __all__ = ["PAGE_SIZE", "font", "render_page", "secondary_capture", "wrap_text", "write_summary"]
 
@@ -233,7 +233,8 @@ def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, s
     """Write the summary page of ``volumetry`` as an RGB Secondary Capture in the study of ``source_images``.
 
     ``t1`` and ``labels`` are the image and label volume the volumetry was computed from; ``synthetic`` says
-    whether the T1 is synthetic (banner). The series description gets ' QC FAILED' when QC failed.
+    whether the T1 is synthetic (banner). ``series_description`` is written as given (the job's ``SeriesNaming``
+    flags ' QC FAILED').
     """
     if not source_images:
         raise ValueError("no source images")
@@ -247,7 +248,7 @@ def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, s
     ]
     pixels = render_page(volumetry, t1=t1, labels=labels, header_lines=header, synthetic=synthetic)
     image = secondary_capture(first, pixels, series_number=series_number,
-                              series_description=with_qc_flag(series_description, volumetry), uid_prefix=uid_prefix,
+                              series_description=series_description, uid_prefix=uid_prefix,
                               **equipment(algorithm_name, algorithm_version))
     image.ImageComments = ("Volumetry summary; " + ("SYNTHETIC T1, not for diagnosis of lesions; " if synthetic
                                                    else "") + ("QC passed" if volumetry.qc_passed else "QC FAILED"))
