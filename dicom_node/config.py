@@ -401,6 +401,12 @@ class JobSettings(_Strict):
     #: series' study, to the rule's destinations, so that a reader waiting for the result sees why none
     #: comes. Off: the failure shows only in ``status``, the log and the notifications.
     notify_failures_in_study: bool = True
+    #: A job or follow-up is claimed by one worker with a lease of this many seconds, renewed every third of it
+    #: while it runs; a claim whose lease expired (its worker died or stalled that long) is queued again and
+    #: taken over by another worker (``serve --role worker``), counting as an interrupted run.
+    lease_s: float = Field(default=60.0, ge=1.0)
+    #: How often a worker process (``serve --role worker``) looks in the journal for queued work when idle.
+    poll_interval_s: float = Field(default=1.0, gt=0)
 
 
 #: Events a webhook can be told about (``[[notifications]] events``).

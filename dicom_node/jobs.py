@@ -29,7 +29,19 @@ from inference.norms import load_norms
 from inference.volume import GeometryError
 
 from .config import NodeConfig, Rule
-from .journal import FollowUpRecord, FollowUpState, JobRecord, JobState, Journal, OutputFile, SeriesRecord
+from .journal import (
+    NODE_WORKER,
+    Claim,
+    ClaimLost,
+    FollowUpRecord,
+    FollowUpState,
+    JobRecord,
+    JobState,
+    Journal,
+    OutputFile,
+    SeriesRecord,
+)
+from .leases import LeaseKeeper
 from .notify import notify
 from .steps import (
     FOLLOW_UPS,
@@ -81,6 +93,7 @@ class _Run:
     ctx: JobContext
     timings: dict[str, float]
     started: float
+    claim: Claim | None = None
     outputs: list[Output] = field(default_factory=list)
     kept: list[OutputFile] = field(default_factory=list)
 
@@ -90,8 +103,12 @@ class JobRunner:
 
     def __init__(self, config: NodeConfig, journal: Journal, registry: ModelRegistry,
                  on_written: Callable[[], object],
-                 on_timings: Callable[[Mapping[str, float]], object] | None = None) -> None:
+                 on_timings: Callable[[Mapping[str, float]], object] | None = None, *,
+                 worker: str = NODE_WORKER) -> None:
         self.config = config
+        #: the id this process claims runs under (``Journal.claim``); the node's own, or a worker process's
+        self.worker = worker
+        self.leases = LeaseKeeper(journal, config.jobs.lease_s)
         self.journal = journal
         self.registry = registry
         self.on_written = on_written
@@ -120,30 +137,45 @@ class JobRunner:
                 return rule
         raise JobFailed(f"rule {name!r} is no longer configured")
 
+    def _claim(self, task: Task) -> Claim | None:
+        """Claim a queued task for this worker and keep its lease (None: another worker has it, or it is not
+        queued)."""
+        claim = self.journal.claim(task.kind, task.id, self.worker, self.leases.lease_s)
+        if claim is None:
+            log.debug("%s: not queued (done, or claimed by another worker)", task)
+        else:
+            self.leases.hold(task.kind, task.id, claim)
+        return claim
+
     def run(self, job_id: int) -> None:
-        """Run a queued (or interrupted) job; every way it can end is recorded in the journal."""
+        """Run a queued job, once it is claimed for this worker; every way it can end is recorded in the
+        journal (by this run only while it holds the claim)."""
         job = self.journal.job(job_id)
-        if job.state not in (JobState.QUEUED, JobState.RUNNING):
+        if job.state != JobState.QUEUED:
             return
         series = self.journal.series(job.series_uid)
         if series is None:
             self.journal.set_job_state(job_id, JobState.FAILED, "series no longer in the journal")
             return
-        attempt = self.journal.start_job(job_id)
+        claim = self._claim(Task("job", job_id))
+        if claim is None:
+            return
         self.stages[job_id] = ("starting", time.time())
         try:
-            run = _Run(self._context(job, series), {}, time.perf_counter())
+            run = _Run(self._context(job, series), {}, time.perf_counter(), claim)
             self._core(run)
             follow_ups = self._record(run)
         except KeyboardInterrupt:
             # only the main thread gets these (a debugging session): the job stays 'running', so
             # the next start counts it as interrupted
-            log.warning("job %d (%s) interrupted during run %d", job_id, job.rule, attempt)
+            log.warning("job %d (%s) interrupted during run %d", job_id, job.rule, claim.attempt)
             raise
         except BaseException as exc:  # noqa: BLE001 - a job failure must never stop the worker
             self.stages.pop(job_id, None)
-            self._fail(job, series, exc)
+            self._fail(job, series, exc, claim)
             return
+        finally:
+            self.leases.release("job", job_id)
         self._finish(run)
         self.stages.pop(job_id, None)
         self.on_written()
@@ -153,9 +185,13 @@ class JobRunner:
     def _stage(self, ctx: JobContext, step: str) -> None:
         self.stages[ctx.job_id] = (step, time.time())
 
-    def _fail(self, job: JobRecord, series: SeriesRecord, exc: BaseException) -> None:
+    def _fail(self, job: JobRecord, series: SeriesRecord, exc: BaseException, claim: Claim) -> None:
         """Record why a job failed. Not only Exceptions: a Rust decoder's panic (pyo3_runtime.PanicException)
-        and a library's sys.exit() are BaseExceptions; uncaught they end the worker with the job 'running'."""
+        and a library's sys.exit() are BaseExceptions; uncaught they end the worker with the job 'running'.
+        A run whose claim was taken over records nothing: the run that took it over decides."""
+        if isinstance(exc, ClaimLost):
+            log.warning("job %d (%s): %s", job.id, job.rule, exc)
+            return
         if isinstance(exc, JobFailed | GeometryError):
             reason = str(exc) if isinstance(exc, JobFailed) else f"inconsistent geometry: {exc}"
             log.error("job %d (%s, series %r) failed: %s", job.id, job.rule, series.description, reason)
@@ -164,7 +200,11 @@ class JobRunner:
             log.error("job %d (%s, series %r) failed unexpectedly%s", job.id, job.rule, series.description,
                       crashed, exc_info=exc)
             reason = f"{type(exc).__name__}: {exc}{crashed}"
-        self.journal.set_job_state(job.id, JobState.FAILED, reason)
+        try:
+            self.journal.fail_job(job.id, reason, claim)
+        except ClaimLost as lost:
+            log.warning("job %d (%s): its failure is not recorded: %s", job.id, job.rule, lost)
+            return
         self.report_failure(job, series, reason)
 
     def report_failure(self, job: JobRecord, series: SeriesRecord, reason: str) -> None:
@@ -204,7 +244,7 @@ class JobRunner:
         """Record and queue the core outputs and the follow-ups they want; returns the follow-ups' ids."""
         self._stage(run.ctx, "record")
         return record_and_queue(self.journal, run.ctx, run.outputs, run.kept, self._destinations(run.ctx.rule),
-                                list(self.follow_ups.values()))
+                                list(self.follow_ups.values()), claim=run.claim)
 
     def _finish(self, run: _Run) -> None:
         run.timings["total"] = time.perf_counter() - run.started
@@ -256,24 +296,29 @@ class JobRunner:
         """Run a queued (or interrupted) follow-up; every way it can end is recorded in the journal, and none
         changes its job's state (its outputs are the job's: the job is ``written`` again until they are sent)."""
         record = self.journal.follow_up(follow_up_id)
-        if record.state not in (FollowUpState.QUEUED, FollowUpState.RUNNING):
+        if record.state != FollowUpState.QUEUED:
             return
-        self.journal.start_follow_up(follow_up_id)
+        claim = self._claim(Task("follow_up", follow_up_id))
+        if claim is None:
+            return
         t0 = time.perf_counter()
         try:
             follow_up, ctx = self._follow_up_context(record)
             output = follow_up.step(ctx, self.journal, self.config, self.registry)
+            self._finish_follow_up(record, ctx, output, time.perf_counter() - t0, claim)
         except KeyboardInterrupt:
             raise  # the follow-up stays 'running': the next start runs it again
+        except ClaimLost as lost:
+            log.warning("job %d: follow-up %s: %s", record.job_id, record.step, lost)
         except BaseException as exc:  # noqa: BLE001 - the job's core outputs are recorded and queued already
             log.error("job %d: follow-up %s failed, the core outputs are delivered all the same: %s: %s",
                       record.job_id, record.step, type(exc).__name__, exc, exc_info=exc)
             try:
-                self.journal.fail_follow_up(follow_up_id, f"{type(exc).__name__}: {exc}")
+                self.journal.fail_follow_up(follow_up_id, f"{type(exc).__name__}: {exc}", claim)
             except Exception:  # noqa: BLE001 - logged above already
                 log.exception("follow-up %d: its failure could not be recorded", follow_up_id)
-            return
-        self._finish_follow_up(record, ctx, output, time.perf_counter() - t0)
+        finally:
+            self.leases.release("follow_up", follow_up_id)
 
     def _follow_up_context(self, record: FollowUpRecord) -> tuple[FollowUp, FollowUpContext]:
         follow_up = self.follow_ups.get(record.step)
@@ -294,16 +339,17 @@ class JobRunner:
                                           self.config.node.uid_root)
 
     def _finish_follow_up(self, record: FollowUpRecord, ctx: FollowUpContext, output: Output | str,
-                          seconds: float) -> None:
+                          seconds: float, claim: Claim) -> None:
         """Record and queue a follow-up's output, to the destinations its job's outputs went to (or the note of
         why it wrote nothing)."""
         if isinstance(output, str):
-            self.journal.finish_follow_up(record.id, [], [], seconds=seconds, note=output)
+            self.journal.finish_follow_up(record.id, [], [], seconds=seconds, note=output, claim=claim)
             log.info("job %d: follow-up %s: %s", record.job_id, record.step, output)
             return
         destinations = self.journal.destinations_of(record.job_id)
         self.journal.finish_follow_up(record.id, [(output.written.series_instance_uid, output.kind)],
-                                      outbox_items([output], destinations), files=output.files(), seconds=seconds)
+                                      outbox_items([output], destinations), files=output.files(), seconds=seconds,
+                                      claim=claim)
         if self.on_timings is not None:
             self.on_timings({record.step: seconds})
         log.info("job %d: follow-up %s wrote %r in %.1f s", ctx.job.id, record.step,

@@ -86,7 +86,12 @@ class OutboxState(StrEnum):
 
 #: Version of the schema below; :meth:`Journal._migrate` brings older journals up to it and a journal of a
 #: newer version is refused at open (it may hold what this version cannot read).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+
+#: The worker id of the jobs a receiving node (``serve --role all|receiver``) runs itself: there is one such node
+#: per data directory (its ``node.lock``), so a claim of this id found ``running`` at its start-up was its own,
+#: interrupted by a stop or crash. Worker processes (``serve --role worker``) have ids of their own.
+NODE_WORKER = "node"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -198,6 +203,12 @@ _ADDED_COLUMNS = [
     ("jobs", "purged_at", "REAL NOT NULL DEFAULT 0"),  # schema 4: 0: its outputs are on disk
     ("outbox", "sent_at", "REAL NOT NULL DEFAULT 0"),  # schema 4: 0: not sent (or sent before schema 4)
     ("outbox", "queued_at", "REAL NOT NULL DEFAULT 0"),  # schema 4; filled from next_attempt_at when added
+    # schema 6: the claim of a running job or follow-up: which worker runs it, and until when its lease holds
+    # ('' and 0 for rows started before: a node's own, taken back at its start-up)
+    ("jobs", "worker", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "lease_until", "REAL NOT NULL DEFAULT 0"),
+    ("follow_ups", "worker", "TEXT NOT NULL DEFAULT ''"),
+    ("follow_ups", "lease_until", "REAL NOT NULL DEFAULT 0"),
 ]
 # Schema 3 also added the table output_files (created by _SCHEMA; jobs recorded before have no rows there),
 # schema 4 the table purge_files (files a retention sweep decided to delete and has not deleted yet), schema 5
@@ -273,6 +284,22 @@ class FollowUpRecord:
     seconds: float            # how long its last run took
     created_at: float
     updated_at: float
+
+
+class Claim(NamedTuple):
+    """A worker's claim on one run of a job or follow-up: who runs it, and which run (its attempt number).
+    Recording the run's end is fenced by it: a worker whose claim was taken over records nothing."""
+
+    worker: str
+    attempt: int
+
+
+class ClaimLost(RuntimeError):
+    """The run's claim is no longer held (its lease expired and another worker took the job over)."""
+
+
+#: The tables of claimable work: a :class:`Task`'s kind → its table.
+_CLAIMABLE = {"job": "jobs", "follow_up": "follow_ups"}
 
 
 #: The reason of a job that failed by its delivery (an outbox item failed for good); any other reason of a
@@ -735,16 +762,19 @@ class Journal:
                 raise KeyError(job_id)
             return int(row["attempts"])
 
-    def recover_jobs(self, max_attempts: int) -> tuple[list[JobRecord], list[JobRecord]]:
-        """At start-up: (jobs to run again, jobs quarantined now).
+    def recover_jobs(self, max_attempts: int, *, own: str | None = NODE_WORKER,
+                     ) -> tuple[list[JobRecord], list[JobRecord]]:
+        """At start-up (and on each sweep): (jobs to run again, jobs quarantined now).
 
-        A ``queued`` job is run again as it is. A ``running`` job was interrupted (the node stopped
-        or crashed during it): it is queued again while it has started fewer than ``max_attempts``
-        runs, otherwise it is failed with the reason ``quarantined: interrupted N times``, so a job
-        that kills the node on every run cannot block the queue after each restart.
+        A ``queued`` job is run again as it is. A ``running`` job was interrupted when its claim is ``own``'s
+        (the caller's previous life: the node stopped or crashed during it; rows started before schema 6 count
+        as the node's) or its lease expired (its worker died or stalled); one claimed by a worker whose lease
+        still holds is left to it. An interrupted job is queued again while it has started fewer than
+        ``max_attempts`` runs, otherwise it is failed with the reason ``quarantined: interrupted N times``, so a
+        job that kills its worker on every run cannot block the queue. ``own=None``: expired leases only.
         """
         with self._tx() as db:
-            quarantined = self._requeue_interrupted(db, "jobs", max_attempts)
+            quarantined = self._requeue_interrupted(db, "jobs", max_attempts, own)
             rows = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id").fetchall()
             resumed = [self._job(r) for r in rows]
             gone = [self._job(r) for r in db.execute(
@@ -753,12 +783,15 @@ class Journal:
         return resumed, gone
 
     @staticmethod
-    def _requeue_interrupted(db: sqlite3.Connection, table: str, max_attempts: int) -> list[int]:
-        """Queue the ``running`` rows of ``table`` (jobs, follow_ups) again, or fail those that used their
-        attempts (quarantined); returns the ids quarantined."""
+    def _requeue_interrupted(db: sqlite3.Connection, table: str, max_attempts: int, own: str | None) -> list[int]:
+        """Queue the interrupted ``running`` rows of ``table`` (jobs, follow_ups: claimed by ``own`` or by no one,
+        or with an expired lease) again, or fail those that used their attempts (quarantined); returns the ids
+        quarantined."""
         now = time.time()
         quarantined: list[int] = []
-        for row in db.execute(f"SELECT id, attempts FROM {table} WHERE state='running'").fetchall():
+        mine = "" if own is None else "worker IN ('', ?) OR "
+        for row in db.execute(f"SELECT id, attempts FROM {table} WHERE state='running' AND ({mine}lease_until < ?)",
+                              ([] if own is None else [own]) + [now]).fetchall():
             if row["attempts"] >= max_attempts:
                 reason = (f"quarantined: interrupted {row['attempts']} times while running (the node "
                           f"stopped or crashed during each run); not run again")
@@ -770,6 +803,60 @@ class Journal:
                 db.execute(f"UPDATE {table} SET state='queued', reason=?, updated_at=? WHERE id=?",
                            (reason, now, row["id"]))
         return quarantined
+
+    # -- claims: one worker per run, with a lease -------------------------------------------
+
+    def claim(self, kind: str, task_id: int, worker: str, lease_s: float) -> Claim | None:
+        """Claim a ``queued`` job or follow-up (``kind``: "job", "follow_up") for ``worker``: it becomes
+        ``running`` with this run counted (a job's reason and optional failures cleared) and a lease until
+        ``lease_s`` from now. One atomic UPDATE: of workers racing for the same row exactly one gets it; the
+        others (and anyone asking for a row that is not queued) get None."""
+        table = _CLAIMABLE[kind]
+        clear = ", optional_failed=''" if table == "jobs" else ""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                f"UPDATE {table} SET state='running', reason=''{clear}, attempts=attempts+1, worker=?,"
+                " lease_until=?, updated_at=? WHERE id=? AND state='queued' RETURNING attempts",
+                (worker, now + lease_s, now, task_id),
+            ).fetchone()
+        return None if row is None else Claim(worker, int(row["attempts"]))
+
+    def renew(self, kind: str, task_id: int, claim: Claim, lease_s: float) -> bool:
+        """Extend a running claim's lease to ``lease_s`` from now; False when the claim is no longer held."""
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE {_CLAIMABLE[kind]} SET lease_until=? WHERE id=? AND state='running' AND worker=?"
+                " AND attempts=?", (time.time() + lease_s, task_id, claim.worker, claim.attempt))
+            return cur.rowcount == 1
+
+    @staticmethod
+    def _fence(db: sqlite3.Connection, table: str, task_id: int, claim: Claim | None) -> None:
+        """Raise :class:`ClaimLost` (rolling back the transaction) unless ``claim`` still holds the row
+        (no claim: the caller runs outside the claims, as the tests and the CLI may)."""
+        if claim is None:
+            return
+        held = db.execute(f"SELECT 1 FROM {table} WHERE id=? AND state='running' AND worker=? AND attempts=?",
+                          (task_id, claim.worker, claim.attempt)).fetchone()
+        if held is None:
+            raise ClaimLost(f"{table[:-1].replace('_', '-')} {task_id}: run {claim.attempt} of {claim.worker} "
+                            "is no longer its claim (its lease expired and another worker took it over)")
+
+    def next_queued(self) -> tuple[str, int] | None:
+        """The work a worker should claim next: the oldest queued follow-up (short, and its job's delivery waits
+        for it), else the oldest queued job; as (kind, id)."""
+        for kind, table in (("follow_up", "follow_ups"), ("job", "jobs")):
+            rows = self._query(f"SELECT id FROM {table} WHERE state='queued' ORDER BY id LIMIT 1")
+            if rows:
+                return kind, int(rows[0]["id"])
+        return None
+
+    def fail_job(self, job_id: int, reason: str, claim: Claim | None = None) -> None:
+        """A run of a job failed: ``failed`` with its reason (fenced by ``claim``: :class:`ClaimLost`)."""
+        with self._tx() as db:
+            self._fence(db, "jobs", job_id, claim)
+            db.execute("UPDATE jobs SET state='failed', reason=?, updated_at=? WHERE id=?",
+                       (reason, time.time(), job_id))
 
     def note_optional_failure(self, job_id: int, step: str, error: str) -> None:
         """Record that an optional step of a job failed (``step: error``), leaving its state alone."""
@@ -816,11 +903,12 @@ class Journal:
 
     def finish_follow_up(self, follow_up_id: int, produced: Sequence[tuple[str, str]],
                          items: Sequence[tuple[str, str, str, str]], *, files: Sequence[OutputFile] = (),
-                         seconds: float = 0.0, note: str = "") -> None:
+                         seconds: float = 0.0, note: str = "", claim: Claim | None = None) -> None:
         """In one transaction: a follow-up's outputs recorded and queued as its job's (:meth:`add_outputs`), its
         time among the job's timings (when it wrote something), and the follow-up ``done`` (``note``: what it
-        found when it wrote nothing)."""
+        found when it wrote nothing); fenced by ``claim`` (:class:`ClaimLost`: nothing recorded)."""
         with self._tx() as db:
+            self._fence(db, "follow_ups", follow_up_id, claim)
             row = db.execute("SELECT job_id, step FROM follow_ups WHERE id=?", (follow_up_id,)).fetchone()
             if row is None:
                 raise KeyError(follow_up_id)
@@ -833,10 +921,12 @@ class Journal:
             db.execute("UPDATE follow_ups SET state='done', reason=?, seconds=?, updated_at=? WHERE id=?",
                        (note, seconds, time.time(), follow_up_id))
 
-    def fail_follow_up(self, follow_up_id: int, error: str) -> None:
+    def fail_follow_up(self, follow_up_id: int, error: str, claim: Claim | None = None) -> None:
         """A follow-up failed: ``failed`` with its reason, and noted beside its job's state
-        (:attr:`JobRecord.optional_failed`); the job's state and its core outputs are left alone."""
+        (:attr:`JobRecord.optional_failed`); the job's state and its core outputs are left alone. Fenced by
+        ``claim`` (:class:`ClaimLost`)."""
         with self._tx() as db:
+            self._fence(db, "follow_ups", follow_up_id, claim)
             row = db.execute("SELECT job_id, step FROM follow_ups WHERE id=?", (follow_up_id,)).fetchone()
             if row is None:
                 raise KeyError(follow_up_id)
@@ -844,11 +934,12 @@ class Journal:
                        (error, time.time(), follow_up_id))
             self._note_optional_failure(db, row["job_id"], row["step"], error)
 
-    def recover_follow_ups(self, max_attempts: int) -> tuple[list[FollowUpRecord], list[FollowUpRecord]]:
-        """At start-up, as :meth:`recover_jobs` for jobs: (follow-ups to run again, follow-ups quarantined now;
-        noted beside their job's state)."""
+    def recover_follow_ups(self, max_attempts: int, *, own: str | None = NODE_WORKER,
+                           ) -> tuple[list[FollowUpRecord], list[FollowUpRecord]]:
+        """As :meth:`recover_jobs` for jobs: (follow-ups to run again, follow-ups quarantined now; noted beside
+        their job's state)."""
         with self._tx() as db:
-            quarantined = self._requeue_interrupted(db, "follow_ups", max_attempts)
+            quarantined = self._requeue_interrupted(db, "follow_ups", max_attempts, own)
             rows = {r["id"]: self._follow_up(r) for r in db.execute(
                 "SELECT * FROM follow_ups WHERE state='queued' OR id IN"
                 f" ({','.join('?' * len(quarantined))}) ORDER BY id", quarantined)}
@@ -872,12 +963,15 @@ class Journal:
     def record_outputs(
         self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]], *,
         files: Sequence[OutputFile] = (), output_name: str = "", follow_ups: Sequence[str] = (),
+        claim: Claim | None = None,
     ) -> None:
         """In one transaction: the series the job produced ``(series_uid, kind)``, its outbox items
         ``(destination, path, sop_class_uid, sop_instance_uid)``, the files it wrote, the output name it
-        wrote under, the job state ``written`` and its ``follow_ups`` (the optional steps' names) queued."""
+        wrote under, the job state ``written`` and its ``follow_ups`` (the optional steps' names) queued.
+        Fenced by ``claim``: a run whose claim was taken over records nothing (:class:`ClaimLost`)."""
         now = time.time()
         with self._tx() as db:
+            self._fence(db, "jobs", job_id, claim)
             self._insert_outputs(db, job_id, produced, items, files, now)
             state = JobState.WRITTEN if items else JobState.SENT
             reason = "" if items else "no destination configured: outputs kept on disk only"

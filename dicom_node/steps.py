@@ -49,7 +49,7 @@ from inference.volume import FrameGeometry, LoadedSeries, load_series
 from inference.volumetry import Norm, Volumetry, compute_volumetry, expected_structures, with_qc_flag
 
 from .config import NodeConfig, Rule
-from .journal import FollowUpState, JobRecord, JobState, Journal, OutputFile, SeriesRecord
+from .journal import Claim, FollowUpState, JobRecord, JobState, Journal, OutputFile, SeriesRecord
 from .writers import WrittenSeries
 from .writers.agreement_sr import write_agreement_sr
 from .writers.derived_mr import Derivation, write_derived_mr
@@ -387,15 +387,16 @@ def outbox_items(outputs: Sequence[Output], destinations: Sequence[str]) -> list
 
 
 def record_and_queue(journal: Journal, ctx: JobContext, outputs: Sequence[Output], kept: Sequence[OutputFile],
-                     destinations: Sequence[str], follow_ups: Sequence[FollowUp] = ()) -> list[int]:
+                     destinations: Sequence[str], follow_ups: Sequence[FollowUp] = (), *,
+                     claim: Claim | None = None) -> list[int]:
     """Record the job's outputs, queue them per destination and queue the follow-ups that want them, in one
-    transaction (the job is then ``written``, or ``sent`` when there is no destination); returns the ids of the
-    follow-ups queued."""
+    transaction (the job is then ``written``, or ``sent`` when there is no destination), while this run holds
+    the job's ``claim`` (else ``ClaimLost``, nothing recorded); returns the ids of the follow-ups queued."""
     produced = [(o.written.series_instance_uid, o.kind) for o in outputs]
     files = [f for o in outputs for f in o.files()] + list(kept)
     wanted = [f.name for f in follow_ups if f.wanted(files)]
     journal.record_outputs(ctx.job_id, produced, outbox_items(outputs, destinations), files=files,
-                           output_name=ctx.rule.output_name, follow_ups=wanted)
+                           output_name=ctx.rule.output_name, follow_ups=wanted, claim=claim)
     return [f.id for f in journal.follow_ups(ctx.job_id) if f.state == FollowUpState.QUEUED]
 
 

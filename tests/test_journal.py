@@ -14,7 +14,10 @@ from dicom_node.dispatch import RetryPolicy
 from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 from dicom_node.journal import (
     DELIVERY_FAILED,
+    NODE_WORKER,
     SCHEMA_VERSION,
+    Claim,
+    ClaimLost,
     FollowUpState,
     JobState,
     Journal,
@@ -69,7 +72,7 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "5"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "6"
     db.close()
 
 
@@ -126,7 +129,7 @@ def test_a_version_3_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     assert journal.job(job).optional_failed == "agreement: RuntimeError: boom"
     journal.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "5"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "6"
     db.close()
 
 
@@ -738,4 +741,118 @@ def test_states_are_enums_stored_as_their_values(tmp_path: Path) -> None:
     assert db.execute("SELECT state FROM jobs").fetchone()[0] == "written"
     assert db.execute("SELECT state FROM series").fetchone()[0] == "routed"
     assert db.execute("SELECT state FROM outbox").fetchone()[0] == "pending"
+    db.close()
+
+
+# -- claims and leases (schema 6): one worker per run, taken over when its worker died ----------
+
+def _queued_job(journal: Journal) -> int:
+    add(journal, "1.9.1")
+    version = journal.close_series(SERIES)
+    assert version is not None
+    return journal.add_job(series_uid=SERIES, version=version, rule="t1-2d", action="synthesize", model="m")
+
+
+def test_a_queued_job_is_claimed_by_exactly_one_worker(tmp_path: Path) -> None:
+    """Two journals (two processes' connections) race for the same job: exactly one claim wins."""
+    path = tmp_path / "j.sqlite3"
+    first, second = Journal(path), Journal(path)
+    try:
+        job = _queued_job(first)
+        assert first.next_queued() == ("job", job)
+        won = [j.claim("job", job, worker, 30) for j, worker in ((first, "w1"), (second, "w2"))]
+        assert won == [Claim("w1", 1), None]
+        record = second.job(job)
+        assert (record.state, record.attempts) == ("running", 1) and second.next_queued() is None
+        assert first.claim("job", job, "w1", 30) is None  # not queued any more, even for its holder
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_lease_is_renewed_while_held_and_only_by_its_holder(journal: Journal) -> None:
+    job = _queued_job(journal)
+    claim = journal.claim("job", job, "w1", 0.5)
+    assert claim is not None
+    lease = journal._query("SELECT lease_until FROM jobs WHERE id=?", (job,))[0][0]
+    assert journal.renew("job", job, claim, 30)
+    assert journal._query("SELECT lease_until FROM jobs WHERE id=?", (job,))[0][0] > lease + 20
+    assert not journal.renew("job", job, Claim("w2", 1), 30) and not journal.renew("job", job, Claim("w1", 2), 30)
+
+
+def test_an_expired_claim_is_taken_over_and_the_old_run_records_nothing(journal: Journal) -> None:
+    job = _queued_job(journal)
+    old = journal.claim("job", job, "w1", 0.2)
+    assert old is not None
+    # a live worker's claim is left alone, by another worker's pass and by a node starting beside it
+    assert journal.recover_jobs(max_attempts=3, own=None) == ([], [])
+    assert journal.recover_jobs(max_attempts=3) == ([], [])
+    assert journal.job(job).state == "running"
+    time.sleep(0.3)  # w1 died: its lease runs out
+    resumed, gone = journal.recover_jobs(max_attempts=3, own=None)
+    assert [j.id for j in resumed] == [job] and gone == []
+    assert journal.job(job).reason == "interrupted during run 1 of at most 3: queued again"
+    new = journal.claim("job", job, "w2", 30)
+    assert new == Claim("w2", 2)
+    assert not journal.renew("job", job, old, 30)
+    items = [("PACS", "/o/1.dcm", "1.2", "1.9.9.1")]
+    with pytest.raises(ClaimLost):  # w1 was only stalled: what it wrote is refused, in full
+        journal.record_outputs(job, [("1.9.9", "sT1")], items, claim=old, follow_ups=["agreement"])
+    with pytest.raises(ClaimLost):
+        journal.fail_job(job, "late", old)
+    assert journal.outbox(job) == [] and journal.follow_ups(job) == [] and not journal.is_produced("1.9.9")
+    journal.record_outputs(job, [("1.9.9", "sT1")], items, claim=new, follow_ups=["agreement"])
+    assert journal.job(job).state == "written" and len(journal.outbox(job)) == 1
+
+
+def test_an_expired_claim_out_of_attempts_is_quarantined(journal: Journal) -> None:
+    job = _queued_job(journal)
+    assert journal.claim("job", job, "w1", 0.0) is not None
+    time.sleep(0.01)
+    resumed, gone = journal.recover_jobs(max_attempts=1, own=None)
+    assert resumed == [] and [(j.id, j.state) for j in gone] == [(job, "failed")]
+    assert gone[0].reason.startswith("quarantined: interrupted 1 times")
+
+
+def test_a_node_takes_back_its_own_claims_at_once(journal: Journal) -> None:
+    """A receiving node restarting takes back the runs it (NODE_WORKER) held, without waiting for their lease;
+    a worker process's live claim stays with it."""
+    own, other = _queued_job(journal), journal.add_job(series_uid=SERIES, version=1, rule="r", action="a", model="m")
+    assert journal.claim("job", own, NODE_WORKER, 60) and journal.claim("job", other, "worker@h:1", 60)
+    resumed, gone = journal.recover_jobs(max_attempts=3)
+    assert [j.id for j in resumed] == [own] and gone == []
+    assert journal.job(other).state == "running"
+
+
+def test_follow_up_claims_are_fenced_too(journal: Journal) -> None:
+    job, (follow_up,) = _job_with_follow_ups(journal, "agreement")
+    assert journal.next_queued() == ("follow_up", follow_up)
+    old = journal.claim("follow_up", follow_up, "w1", 0.0)
+    assert old is not None and journal.claim("follow_up", follow_up, "w2", 30) is None
+    time.sleep(0.01)
+    resumed, _ = journal.recover_follow_ups(max_attempts=3, own=None)
+    assert [f.id for f in resumed] == [follow_up]
+    new = journal.claim("follow_up", follow_up, "w2", 30)
+    with pytest.raises(ClaimLost):
+        journal.finish_follow_up(follow_up, [], [], note="late", claim=old)
+    with pytest.raises(ClaimLost):
+        journal.fail_follow_up(follow_up, "late", old)
+    journal.finish_follow_up(follow_up, [], [], note="nothing to compare with", claim=new)
+    assert (journal.follow_up(follow_up).state, journal.job(job).optional_failed) == ("done", "")
+
+
+def test_a_version_5_journal_gets_claims(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    job = _older_journal(path, 5, "ALTER TABLE jobs DROP COLUMN worker", "ALTER TABLE jobs DROP COLUMN lease_until",
+                         "ALTER TABLE follow_ups DROP COLUMN worker", "ALTER TABLE follow_ups DROP COLUMN lease_until",
+                         "UPDATE jobs SET state='running', attempts=1")  # a run interrupted under schema 5
+    journal = Journal(path)
+    try:
+        resumed, _ = journal.recover_jobs(max_attempts=3)  # the node's own: taken back at once
+        assert [j.id for j in resumed] == [job]
+        assert journal.claim("job", job, "w1", 30) == Claim("w1", 2)
+    finally:
+        journal.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "6"
     db.close()
