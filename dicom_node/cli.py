@@ -44,7 +44,7 @@ from .audit import AuditTrail
 from .config import ConfigError, Destination, NodeConfig, config_path, load_config
 from .httpd import HTTPListenError
 from .journal import FollowUpRecord, JobRecord, Journal, JournalError, OutboxState
-from .lock import NodeLock, NodeRunning, probe
+from .lock import NodeLock, NodeRunning, ProcessLock, probe, processes
 from .logs import setup_logging
 
 log = logging.getLogger("dicom_node")
@@ -82,9 +82,10 @@ def _audit(config: NodeConfig, action: str, **fields: object) -> None:
 
 # -- serve -----------------------------------------------------------------------------------
 
-def preflight(config: NodeConfig) -> None:
+def preflight(config: NodeConfig, *, ports: bool = True) -> None:
     """What makes ``serve`` fail, checked before the models are loaded (seconds to minutes): a data directory
-    the node cannot write, a port another program listens on. Raises :class:`CommandError`."""
+    the node cannot write, a port another program listens on (``ports``: not for a worker, which listens on
+    none). Raises :class:`CommandError`."""
     data_dir = config.node.data_dir
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -92,12 +93,14 @@ def preflight(config: NodeConfig) -> None:
             pass
     except OSError as exc:
         raise CommandError(f"data_dir {data_dir} cannot be used: {exc.strerror or exc}") from None
-    ports = [("[node] port", config.node.host, config.node.port)]
+    if not ports:
+        return
+    listen = [("[node] port", config.node.host, config.node.port)]
     if config.tls.port is not None:
-        ports.append(("[tls] port", config.node.host, config.tls.port))
+        listen.append(("[tls] port", config.node.host, config.tls.port))
     if config.http.port:
-        ports.append(("[http] port", config.http.host, config.http.port))
-    for what, host, port in ports:
+        listen.append(("[http] port", config.http.host, config.http.port))
+    for what, host, port in listen:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe_socket:
             probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
             try:
@@ -107,28 +110,43 @@ def preflight(config: NodeConfig) -> None:
                                    f"{exc.strerror or exc} (another program listens there?)") from None
 
 
+def _stop_event() -> threading.Event:
+    """Set by SIGTERM or SIGINT."""
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    return stop
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     os.umask(0o077)  # spool, journal and outputs hold patient data: readable by the node's user only
     config = _config(args)
     _setup_logging(config)
-    preflight(config)
+    role = args.role
+    preflight(config, ports=role != "worker")
+    process_lock = ProcessLock(config.node.data_dir, role)
+    if role == "worker":
+        process_lock.acquire(role=role, started=time.time())
+        try:
+            return _serve_worker(config, process_lock)
+        finally:
+            process_lock.release()
     lock = NodeLock(config.node.data_dir)
     try:
-        lock.acquire(started=time.time())
+        lock.acquire(started=time.time(), role=role)
     except NodeRunning as exc:
         raise CommandError(str(exc)) from None
+    process_lock.acquire(role=role, started=time.time())
     from .service import Node
 
     try:
-        node = Node(config)
-        stop = threading.Event()
-
-        def _stop(signum: int, _frame: object) -> None:
-            log.info("signal %d: stopping", signum)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        node = Node(config, role=role)
+        stop = _stop_event()
         try:
             node.start()
         except HTTPListenError:  # [http] port taken meanwhile, password file unusable: its own one line
@@ -137,15 +155,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:  # a port taken between the preflight and the bind
             node.stop()
             raise CommandError(f"cannot start: {exc.strerror or exc}") from None
-        lock.update(started=time.time(), ports={"dicom": node.scp.port, "tls": node.scp.tls_port})
-        log.info("dicom-node %s ready (data in %s)", __version__, config.node.data_dir)
+        ports = {"dicom": node.scp.port, "tls": node.scp.tls_port}
+        lock.update(started=time.time(), role=role, ports=ports)
+        process_lock.update(started=time.time(), role=role, ports=ports)
+        log.info("dicom-node %s ready (data in %s%s)", __version__, config.node.data_dir,
+                 "" if role == "all" else f", role {role}")
         try:
             while not stop.wait(1.0):
                 pass
         finally:
             node.stop()
     finally:
+        process_lock.release()
         lock.release()
+    return 0
+
+
+def _serve_worker(config: NodeConfig, process_lock: ProcessLock) -> int:
+    """``serve --role worker``: claim and run queued jobs of the data directory until SIGTERM or SIGINT."""
+    from .worker import Worker
+
+    worker = Worker(config)
+    stop = _stop_event()
+    process_lock.update(role="worker", started=time.time(), worker=worker.id)
+    try:
+        worker.start()
+        log.info("dicom-node %s ready (data in %s, role worker)", __version__, config.node.data_dir)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        worker.stop()
     return 0
 
 
@@ -304,7 +343,8 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
                if not c.get("ok")]
     node = {"running": holder.running or health is not None, "pid": holder.pid, "started": holder.started,
             "ports": holder.ports, "data_dir": str(config.node.data_dir), "ae_title": config.node.ae_title,
-            "health_url": url, "health": health, "unhealthy": failing}
+            "health_url": url, "health": health, "unhealthy": failing,
+            "processes": processes(config.node.data_dir)}
     path = config.node.data_dir / "journal.sqlite3"
     if not path.exists():
         return {"node": node, "journal": None, "problems": [f"no journal at {path}: the node has not run with "
@@ -367,6 +407,9 @@ def _print_status(report: dict[str, Any]) -> None:
         print(f"node: RUNNING (process {node['pid'] or '?'}{where}), {health}; data in {node['data_dir']}")
     else:
         print(f"node: NOT RUNNING (data in {node['data_dir']})")
+    for process in node["processes"]:
+        worker = f" as {process['worker']}" if process.get("worker") else ""
+        print(f"  process {process.get('pid', '?')}: {process.get('role', '?')}{worker}")
     if report["journal"] is None:
         print(report["problems"][0])
         return
@@ -575,7 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = adder(sub)
     add("serve", cmd_serve, "run the node (DICOM listener, jobs, delivery)",
         "Run the node in the foreground until SIGTERM or SIGINT. Refuses to start (one line, exit 1) when the "
-        "data directory cannot be written, a port is taken, or another node serves the same data directory.")
+        "data directory cannot be written, a port is taken, or another node serves the same data directory.",
+        ).add_argument("--role", choices=("all", "receiver", "worker"), default="all",
+                       help="all (default): everything in one process; receiver: listener, routing, delivery, "
+                            "retention, jobs left queued for workers; worker: claims and runs the queued jobs of "
+                            "the same data_dir (any number, beside one receiver on this machine)")
     group("config", "configuration commands")(
         "check", cmd_config_check, "validate a configuration file and show what it means",
         "Validate the configuration and print what it means; exit 1 when a rule's model is "

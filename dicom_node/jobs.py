@@ -131,6 +131,26 @@ class JobRunner:
         else:
             self.run_follow_up(task.id)
 
+    def recover(self, own: str | None) -> list[Task]:
+        """Queue again the runs that were interrupted (``own``'s claims, and those whose lease expired: their
+        worker died), report those quarantined for it (``[jobs] max_attempts``); returns every queued task, to
+        hand to the executor."""
+        max_attempts = self.config.jobs.max_attempts
+        resumed, quarantined = self.journal.recover_jobs(max_attempts, own=own)
+        for job in quarantined:
+            log.error("job %d (%s, series %s) quarantined: %s", job.id, job.rule, job.series_uid, job.reason)
+            series = self.journal.series(job.series_uid)
+            if series is not None:
+                self.report_failure(job, series, job.reason)
+        for job in resumed:
+            log.info("resuming job %d (%s)%s", job.id, job.rule, f": {job.reason}" if job.reason else "")
+        follow_ups, stuck = self.journal.recover_follow_ups(max_attempts, own=own)
+        for follow_up in stuck:
+            log.error("follow-up %s of job %d quarantined: %s", follow_up.step, follow_up.job_id, follow_up.reason)
+        for follow_up in follow_ups:
+            log.info("resuming follow-up %s of job %d", follow_up.step, follow_up.job_id)
+        return [Task("job", j.id) for j in resumed] + [Task("follow_up", f.id) for f in follow_ups]
+
     def _rule(self, name: str) -> Rule:
         for rule in self.config.rules:
             if rule.name == name:
@@ -392,3 +412,15 @@ class ThreadExecutor(Generic[T]):
             self._queue.put(None)
         for thread in self._threads:
             thread.join(timeout=30)
+
+
+class JournalQueue:
+    """The executor of a receiver (``serve --role receiver``): the journal is the queue. A job or follow-up is
+    queued there when it is recorded; worker processes claim it (``Journal.claim``), so ``submit`` has nothing to
+    do. (An engine that wakes workers, Celery or Dask, would publish the task here: the claim keeps it once.)"""
+
+    def submit(self, task: Task) -> None:
+        log.debug("%s queued in the journal for a worker process", task)
+
+    def shutdown(self) -> None:
+        pass

@@ -842,6 +842,13 @@ class Journal:
             raise ClaimLost(f"{table[:-1].replace('_', '-')} {task_id}: run {claim.attempt} of {claim.worker} "
                             "is no longer its claim (its lease expired and another worker took it over)")
 
+    def expired_claims(self) -> bool:
+        """Whether a running job or follow-up has a claim whose lease expired (its worker died or stalled)."""
+        now = time.time()
+        return bool(self._query("SELECT 1 FROM jobs WHERE state='running' AND lease_until < ? UNION ALL"
+                                " SELECT 1 FROM follow_ups WHERE state='running' AND lease_until < ? LIMIT 1",
+                                (now, now)))
+
     def next_queued(self) -> tuple[str, int] | None:
         """The work a worker should claim next: the oldest queued follow-up (short, and its job's delivery waits
         for it), else the oldest queued job; as (kind, id)."""

@@ -1,10 +1,12 @@
-"""One node per data directory, and a way to tell whether it runs.
+"""One receiving node per data directory, any number of workers beside it, and a way to tell what runs.
 
-``dicom-node serve`` holds an exclusive ``flock`` on ``data_dir/node.lock`` for as long as it runs and writes
-its process id and listening ports into it. A second ``serve`` on the same data directory is refused at once
-(two nodes would share a spool and a journal); ``status`` reads the file and probes the lock to say whether the
-node runs. The kernel drops the lock when the process ends, however it ends (SIGKILL included): a stale file
-never blocks a restart.
+``dicom-node serve`` (``--role all`` or ``receiver``) holds an exclusive ``flock`` on ``data_dir/node.lock`` for
+as long as it runs and writes its process id and listening ports into it. A second one on the same data directory
+is refused at once (two receivers would close, route and deliver the same series); ``status`` reads the file and
+probes the lock to say whether the node runs. Every serving process, workers (``--role worker``) included, also
+holds a lock of its own, ``data_dir/processes/<role>-<pid>.lock`` (:class:`ProcessLock`), which ``status`` lists
+(:func:`processes`). The kernel drops a lock when its process ends, however it ends (SIGKILL included): a stale
+file never blocks a restart, and is not listed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 LOCK_NAME = "node.lock"
+PROCESSES_DIR = "processes"
 
 
 class NodeRunning(RuntimeError):
@@ -40,6 +43,10 @@ class NodeLock:
         self.path = data_dir / LOCK_NAME
         self._file: IO[str] | None = None
 
+    def _describe_holder(self) -> str:
+        return f"another node (process {probe(self.path.parent).pid or '?'}) is serving data directory " \
+               f"{self.path.parent}"
+
     def acquire(self, **details: Any) -> None:
         """Take the lock (or raise :class:`NodeRunning`) and record ``details`` beside the process id."""
         f = self.path.open("a+", encoding="utf-8")
@@ -47,9 +54,7 @@ class NodeLock:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            holder = probe(self.path.parent)
-            raise NodeRunning(f"another node (process {holder.pid or '?'}) is serving data directory "
-                              f"{self.path.parent}") from None
+            raise NodeRunning(self._describe_holder()) from None
         self._file = f
         self.update(**details)
 
@@ -71,13 +76,32 @@ class NodeLock:
             self._file = None
 
 
-def probe(data_dir: Path) -> Holder:
-    """Whether a node serves ``data_dir`` now, and what it recorded."""
-    path = data_dir / LOCK_NAME
+class ProcessLock(NodeLock):
+    """The lock every serving process holds on a file of its own (``processes/<role>-<pid>.lock``), with its role
+    and worker id: what :func:`processes` lists. Removed when the process stops; left (unlocked, not listed) when
+    it is killed."""
+
+    def __init__(self, data_dir: Path, role: str) -> None:
+        folder = data_dir / PROCESSES_DIR
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        super().__init__(data_dir)
+        self.path = folder / f"{role}-{os.getpid()}.lock"
+
+    def _describe_holder(self) -> str:
+        return f"{self.path} is held by another process"
+
+    def release(self) -> None:
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)
+        super().release()
+
+
+def _held(path: Path) -> dict[str, Any] | None:
+    """What the holder of the lock on ``path`` recorded, or None when no process holds it."""
     try:
         f = path.open("r", encoding="utf-8")
     except FileNotFoundError:
-        return Holder(running=False)
+        return None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -86,7 +110,22 @@ def probe(data_dir: Path) -> Holder:
                 details = json.loads(f.read() or "{}")
             except ValueError:
                 details = {}
-            return Holder(running=True, pid=details.get("pid"), started=details.get("started"),
-                          ports=details.get("ports"))
+            return details if isinstance(details, dict) else {}
         fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+def probe(data_dir: Path) -> Holder:
+    """Whether a node serves ``data_dir`` now, and what it recorded."""
+    details = _held(data_dir / LOCK_NAME)
+    if details is None:
         return Holder(running=False)
+    return Holder(running=True, pid=details.get("pid"), started=details.get("started"), ports=details.get("ports"))
+
+
+def processes(data_dir: Path) -> list[dict[str, Any]]:
+    """The serving processes of ``data_dir`` now (receiver or all, workers), each as it recorded itself (pid, role,
+    worker id, started), oldest first."""
+    folder = data_dir / PROCESSES_DIR
+    found = [d for d in (_held(p) for p in sorted(folder.glob("*.lock"))) if d is not None] if folder.is_dir() else []
+    return sorted(found, key=lambda d: float(d.get("started") or 0))

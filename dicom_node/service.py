@@ -31,8 +31,8 @@ from .dispatch import Dispatcher
 from .exporter import NodeMetrics
 from .health import Check, Health, check_disk, check_dispatcher, check_journal
 from .httpd import ActionError, NodeHTTPServer
-from .jobs import JobRunner, Task, ThreadExecutor
-from .journal import Journal, OutboxState, SeriesState
+from .jobs import JobRunner, JournalQueue, Task, ThreadExecutor
+from .journal import NODE_WORKER, Journal, OutboxState, SeriesState
 from .notify import Notifier, install, notify
 from .rebuild import unknown_files
 from .retention import Retention
@@ -42,10 +42,43 @@ from .spool import Spool, private_dir
 
 log = logging.getLogger(__name__)
 
+#: What one ``dicom-node serve`` process does (``--role``): ``all`` (the default: everything, one process),
+#: ``receiver`` (SCP, assembly, routing into the journal's queue, delivery, retention; jobs are left to worker
+#: processes) or ``worker`` (claims and runs queued jobs and follow-ups: :mod:`dicom_node.worker`).
+ROLES = ("all", "receiver", "worker")
+
+
+def prepare_models(config: NodeConfig, registry: ModelRegistry, *, warm: bool) -> set[str]:
+    """The models installed and usable (a segmenter that is not a segmentation model is not); with ``warm``, the
+    sessions of those the rules need are loaded now, so that the first series does not pay for them."""
+    available = registry.available()
+    installed = set(available)
+    segmenter = config.inference.segmenter
+    if segmenter in available and available[segmenter].task != "segmentation":
+        log.error("[inference] segmenter %r is a %s model, not a segmentation model: volumetry disabled",
+                  segmenter, available[segmenter].task)
+        installed.discard(segmenter)
+    log.info("models installed in %s: %s", config.inference.models_dir, ", ".join(sorted(installed)) or "none")
+    needed: set[str] = set()
+    for rule in config.rules:
+        models = config.models_for(rule)
+        missing = [m for m in models if m not in installed]
+        if missing:
+            log.warning("rule %r disabled: model %r is not installed in %s; its series are stored, "
+                        "not processed", rule.name, missing[0], config.inference.models_dir)
+        else:
+            needed.update(models)
+    for model_id in sorted(needed) if warm else ():
+        loaded = registry.session(model_id)
+        log.info("model %s %s ready on %s", model_id, loaded.manifest.version, loaded.provider)
+    return installed
+
 
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, role: str = "all") -> None:
         self.config = config
+        #: "all" runs the jobs in process; "receiver" leaves them queued in the journal for worker processes
+        self.role = role
         data_dir = config.node.data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if private_dir(data_dir):
@@ -64,7 +97,7 @@ class Node:
         self.dispatcher = Dispatcher(config, self.journal, self.audit)
         self.runner = JobRunner(config, self.journal, self.registry, on_written=self.kick_dispatch,
                                 on_timings=self.metrics.observe_job)
-        self.executor: ThreadExecutor[Task] | None = None
+        self.executor: ThreadExecutor[Task] | JournalQueue | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit,
                               on_store_status=self.metrics.store_status)
@@ -93,29 +126,15 @@ class Node:
             raise
 
     def _start(self) -> None:
-        available = self.registry.available()
-        self.installed_models = set(available)
-        segmenter = self.config.inference.segmenter
-        if segmenter in available and available[segmenter].task != "segmentation":
-            log.error("[inference] segmenter %r is a %s model, not a segmentation model: volumetry disabled",
-                      segmenter, available[segmenter].task)
-            self.installed_models.discard(segmenter)
         install(self.notifier.start())
-        log.info("models installed in %s: %s", self.config.inference.models_dir,
-                 ", ".join(sorted(self.installed_models)) or "none")
-        needed: set[str] = set()
-        for rule in self.config.rules:
-            models = self.config.models_for(rule)
-            missing = [m for m in models if m not in self.installed_models]
-            if missing:
-                log.warning("rule %r disabled: model %r is not installed in %s; its series are stored, "
-                            "not processed", rule.name, missing[0], self.config.inference.models_dir)
-            else:
-                needed.update(models)
-        for model_id in sorted(needed):
-            loaded = self.registry.session(model_id)  # warm: the first series does not pay for it
-            log.info("model %s %s ready on %s", model_id, loaded.manifest.version, loaded.provider)
-        self.executor = ThreadExecutor(self.runner.perform, workers=self.config.inference.workers)
+        # a receiver routes by the models installed (the workers, on this machine, read the same folder)
+        self.installed_models = prepare_models(self.config, self.registry, warm=self.role == "all")
+        if self.role == "all":
+            self.executor = ThreadExecutor(self.runner.perform, workers=self.config.inference.workers)
+        else:
+            self.executor = JournalQueue()
+            log.info("role receiver: jobs are queued in the journal for worker processes "
+                     "(`dicom-node serve --role worker`)")
         self.runner.submit = self.executor.submit  # a job's follow-ups are tasks of their own
         self._finish_purge()
         self._check_spool()
@@ -150,6 +169,7 @@ class Node:
             self.scheduler.shutdown(wait=True)
         if self.executor is not None:
             self.executor.shutdown()
+        self.runner.leases.stop()
         if self.http is not None:
             self.http.stop()
         install(None)
@@ -276,24 +296,14 @@ class Node:
                         "stop the node and run `dicom-node journal rebuild` to add them", len(unknown),
                         self.journal.path, unknown[0])
 
-    def _recover(self) -> None:
+    def _recover(self, own: str | None = NODE_WORKER) -> None:
+        """Queue again what was interrupted: at start-up (``own``: the node's own claims, taken back at once, and
+        expired ones), and on each sweep that finds an expired claim (``own=None``: a worker process died)."""
         assert self.executor is not None
-        resumed, quarantined = self.journal.recover_jobs(self.config.jobs.max_attempts)
-        for job in quarantined:
-            log.error("job %d (%s, series %s) quarantined: %s", job.id, job.rule, job.series_uid, job.reason)
-            series = self.journal.series(job.series_uid)
-            if series is not None:
-                self.runner.report_failure(job, series, job.reason)
-        for job in resumed:
-            log.info("resuming job %d (%s) after restart%s", job.id, job.rule,
-                     f": {job.reason}" if job.reason else "")
-            self.executor.submit(Task("job", job.id))
-        follow_ups, stuck = self.journal.recover_follow_ups(self.config.jobs.max_attempts)
-        for follow_up in stuck:
-            log.error("follow-up %s of job %d quarantined: %s", follow_up.step, follow_up.job_id, follow_up.reason)
-        for follow_up in follow_ups:
-            log.info("resuming follow-up %s of job %d after restart", follow_up.step, follow_up.job_id)
-            self.executor.submit(Task("follow_up", follow_up.id))
+        for task in self.runner.recover(own):
+            self.executor.submit(task)
+        if own is None:
+            return
         self.route_complete()  # closed before a stop but not routed, or marked for reprocessing
         pending = self.journal.counts()["outbox"].get(OutboxState.PENDING, 0)
         if pending:
@@ -326,7 +336,9 @@ class Node:
 
     def sweep(self) -> None:
         """Close series that received nothing for ``idle_timeout_s``, whole or not; route ``complete`` ones (a
-        reprocess request)."""
+        reprocess request); queue again the runs whose claim expired (a worker process died)."""
+        if self.journal.expired_claims():
+            self._recover(own=None)
         self.route_complete()
         cutoff = time.time() - self.config.node.idle_timeout_s
         for series in self.journal.series_in_state(SeriesState.RECEIVING, idle_before=cutoff):

@@ -68,7 +68,14 @@ class NodeProcess:
         port: int | None = None,
         user: str | None = None,
         python: str | None = None,
+        role: str = "all",
+        data_dir: Path | None = None,
+        module: str = "dicom_node.cli",
     ) -> None:
+        # serve --role: a worker listens on nothing and shares the receiver's data_dir (ready: its log says so)
+        self.role = role
+        # the module run as ``python -m``: a test's own entry point may patch a step first (tests.e2e.slow_serve)
+        self.module = module
         # run as this user: started as root, the process drops to it after its imports (tests.e2e.as_user)
         self.user = user
         # another interpreter (e.g. a virtual environment's, with the node installed from a wheel) runs outside the
@@ -80,7 +87,7 @@ class NodeProcess:
         self.port = port or free_port()
         # the readiness probe must be an admitted peer
         self.probe_ae = str(peers[0]["ae_title"]) if peers else "E2E_PROBE"
-        self.data_dir = self.workdir / "data"
+        self.data_dir = Path(data_dir) if data_dir is not None else self.workdir / "data"
         # the HTTP server on a free port of its own (never the default 8080 another node may hold)
         self.http_port = int((http or {}).get("port", free_port()))
         self.env = dict(env or {})
@@ -116,7 +123,8 @@ class NodeProcess:
     def start(self, timeout: float = 60) -> NodeProcess:
         log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        command = [self.python or sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(self.config_path)]
+        command = [self.python or sys.executable, "-m", self.module, "serve", "--config", str(self.config_path),
+                   *(["--role", self.role] if self.role != "all" else [])]
         if self.user:
             command = [sys.executable, "-m", "tests.e2e.as_user", self.user, "--",
                        "serve", "--config", str(self.config_path)]
@@ -131,7 +139,10 @@ class NodeProcess:
         while True:
             if self._process.poll() is not None:
                 raise RuntimeError(f"node exited with {self._process.returncode}; log:\n{self.log()}")
-            if echoscu(self.port, called_ae=self.ae_title, calling_ae=self.probe_ae, timeout=5).returncode == 0:
+            if self.role == "worker":
+                if "role worker)" in self.log():
+                    return self
+            elif echoscu(self.port, called_ae=self.ae_title, calling_ae=self.probe_ae, timeout=5).returncode == 0:
                 return self
             if time.monotonic() > deadline:
                 self.kill()

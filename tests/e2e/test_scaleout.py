@@ -1,0 +1,123 @@
+"""Beyond one process: one receiver and two worker processes (``serve --role receiver|worker``) sharing a data_dir
+on 127.0.0.1, a series sent with dcmtk's storescu, its outputs delivered to dcmtk's storescp. A job is claimed by
+exactly one worker; a worker SIGKILLed during a job leaves it to the other once its lease expired; nothing is lost
+or sent twice."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from dicom_node.journal import Journal
+from tests.dicom_factory import make_mr_series
+from tests.onnx_fixtures import make_synthesis_model
+from tests.test_jobs import MODEL, SHAPE, SPACING
+
+from .node_proc import NodeProcess
+from .peers import failed_stores, storescu
+
+RULE = {"name": "t1-2d", "series_description": "t1", "model": MODEL, "output_name": "sT12DT1", "volumetry": False}
+LEASE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    make_synthesis_model(folder, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
+    return folder
+
+
+@contextmanager
+def _site(tmp_path: Path, models_dir: Path, store_scp: Any, synth_delay_s: float) -> Iterator[list[NodeProcess]]:
+    """A receiver and two workers on one data_dir (the workers' synthesis slowed by ``synth_delay_s``)."""
+    common: dict[str, Any] = {
+        "models_dir": models_dir, "rules": [RULE],
+        "destinations": [{"name": "scp", "ae_title": store_scp.aet, "host": "127.0.0.1", "port": store_scp.port}],
+        "extra": {"jobs": {"lease_s": LEASE_S, "poll_interval_s": 0.2}},
+    }
+    receiver = NodeProcess(tmp_path / "receiver", role="receiver", **common)
+    workers = [NodeProcess(tmp_path / f"worker-{i}", role="worker", data_dir=receiver.data_dir,
+                           module="tests.e2e.slow_serve", env={"DICOM_NODE_TEST_SYNTH_DELAY_S": str(synth_delay_s)},
+                           **common) for i in (1, 2)]
+    started: list[NodeProcess] = []
+    try:
+        for process in (receiver, *workers):
+            started.append(process.start())
+        yield started
+    finally:
+        for process in started:
+            process.stop()
+
+
+def _send_series(receiver: NodeProcess, tmp_path: Path) -> list[Path]:
+    files = make_mr_series(tmp_path / "series", shape=SHAPE, spacing=SPACING)
+    result = storescu(receiver.port, files, called_ae=receiver.ae_title, calling_ae="SCANNER")
+    assert result.returncode == 0 and not failed_stores(result), result.stderr
+    return files
+
+
+def _claims(data_dir: Path) -> list[tuple[int, str, str, int]]:
+    """(id, state, worker, attempts) of every job, read as another process would."""
+    db = sqlite3.connect(data_dir / "journal.sqlite3")
+    try:
+        return db.execute("SELECT id, state, worker, attempts FROM jobs ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def _sent_job(journal: Journal) -> Any:
+    jobs = journal.jobs()
+    return jobs if jobs and all(j.state == "sent" for j in jobs) else None
+
+
+def _delivered_once(journal: Journal, store_scp: Any) -> None:
+    """One set of outputs: every outbox item sent once, and storescp got each object exactly once."""
+    (job,) = journal.jobs()
+    items = journal.outbox(job.id)
+    assert items and {i.state for i in items} == {"sent"}, items
+    received = sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+                      for p in store_scp.directory.rglob("*.dcm"))
+    assert received == sorted(i.sop_instance_uid for i in items)
+
+
+def test_a_series_is_processed_once_by_one_of_two_workers(tmp_path: Path, models_dir: Path, store_scp: Any) -> None:
+    with _site(tmp_path, models_dir, store_scp, 0.0) as (receiver, first, second):
+        _send_series(receiver, tmp_path)
+        (job,) = receiver.wait_for(_sent_job, timeout=90, what="the job sent")
+        assert job.attempts == 1 and job.rule == "t1-2d"
+        ((_, _, worker, _),) = _claims(receiver.data_dir)
+        assert worker in {f"worker@{socket.gethostname()}:{p.pid}" for p in (first, second)}
+        journal = receiver.journal()
+        try:
+            _delivered_once(journal, store_scp)
+            assert len(journal.instances(job.series_uid)) == SHAPE[0]
+        finally:
+            journal.close()
+
+
+def test_a_worker_killed_during_a_job_leaves_it_to_the_other(tmp_path: Path, models_dir: Path,
+                                                            store_scp: Any) -> None:
+    with _site(tmp_path, models_dir, store_scp, 6.0) as (receiver, first, second):
+        _send_series(receiver, tmp_path)
+        ((job_id, _, worker, _),) = receiver.wait_for(
+            lambda _j: [c for c in _claims(receiver.data_dir) if c[1] == "running"], timeout=60, what="a claim")
+        holder, other = (first, second) if worker.endswith(f":{first.pid}") else (second, first)
+        assert worker.endswith(f":{holder.pid}")
+        holder.kill()  # SIGKILL in the middle of the (slowed) synthesis
+        (job,) = receiver.wait_for(_sent_job, timeout=90, what="the job taken over and sent")
+        assert job.id == job_id and job.attempts == 2
+        ((_, _, taken_by, _),) = _claims(receiver.data_dir)
+        assert taken_by.endswith(f":{other.pid}")
+        assert "interrupted during run 1" in other.log() or "interrupted during run 1" in receiver.log()
+        journal = receiver.journal()
+        try:
+            _delivered_once(journal, store_scp)
+        finally:
+            journal.close()
