@@ -40,7 +40,7 @@ if pgrep -x Orthanc >/dev/null 2>&1; then
 fi
 
 for tool in "${PEERS[@]}"; do
-    [[ -x "$tool" ]] || { echo "error: $tool missing after install" >&2; exit 1; }
+    [[ -e "$tool" ]] || { echo "error: $tool missing after install" >&2; exit 1; }
 done
 
 # Debian's own python3 is "externally managed" (PEP 668); on a throw-away CI machine install anyway.
