@@ -18,7 +18,6 @@ accepted socket (:class:`GuardedSocket`) so that, before pynetdicom sees a PDU:
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import struct
 import threading
@@ -28,9 +27,9 @@ import zlib
 from dataclasses import dataclass
 
 from pynetdicom.dsutils import decode
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from .reactor import waking
 from .tls import handshake
 
 log = logging.getLogger(__name__)
@@ -308,76 +307,6 @@ class GuardedSocket(AssociationSocket):
         super().close()
 
 
-#: The longest a waiting DUL reactor sleeps before it checks its kill flag and ARTIM timer again.
-DUL_WAIT_S = 0.02
-
-
-class WakingDUL(DULServiceProvider):
-    """pynetdicom's DUL reactor, waiting for work instead of polling.
-
-    pynetdicom's loop sleeps 1 ms whenever it found nothing to do, so each PDU that arrives, and each C-STORE
-    response the association queues, waits for the end of that sleep: up to about 2 ms per C-STORE, a third of
-    what a bare pynetdicom SCP takes for one (bench P1). Here the loop runs without that sleep and waits in
-    ``select`` on the connection and on a wake-up socket that :meth:`send_pdu` writes to, at most
-    :data:`DUL_WAIT_S` (the kill flag and the ARTIM timer are checked at least that often). Set up by
-    :meth:`attach` on the DUL of an association pynetdicom made, before its thread starts.
-    """
-
-    _wake_r: socket.socket
-    _wake_w: socket.socket
-
-    @classmethod
-    def attach(cls, dul: DULServiceProvider) -> WakingDUL:
-        dul.__class__ = cls
-        waking = dul  # type: ignore[assignment]
-        assert isinstance(waking, WakingDUL)
-        waking._wake_r, waking._wake_w = socket.socketpair()
-        waking._wake_r.setblocking(False)
-        waking._wake_w.setblocking(False)
-        weakref.finalize(waking, _close_all, waking._wake_r, waking._wake_w)
-        waking._run_loop_delay = 0
-        return waking
-
-    def send_pdu(self, primitive) -> None:  # type: ignore[no-untyped-def]
-        super().send_pdu(primitive)
-        self._wake()
-
-    def kill_dul(self) -> None:
-        super().kill_dul()
-        self._wake()
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\x00")
-        except OSError:  # already woken (the buffer is full) or closed
-            pass
-
-    def _is_transport_event(self) -> bool:
-        self._wait_for_work()
-        return super()._is_transport_event()
-
-    def _wait_for_work(self) -> None:
-        """Return when the connection has data, a primitive was queued, or after :data:`DUL_WAIT_S`."""
-        sock = self.socket.socket if self.socket is not None else None
-        if (sock is None or self._kill_thread or not self.to_provider_queue.empty()
-                or not self.event_queue.empty()):
-            return
-        pending = getattr(sock, "pending", None)
-        if pending is not None and pending():  # TLS: decrypted bytes already buffered
-            return
-        try:
-            select.select([sock, self._wake_r], [], [], DUL_WAIT_S)
-            while self._wake_r.recv(4096):
-                pass
-        except (OSError, ValueError):  # closed meanwhile (the DUL finds out), or nothing to drain
-            pass
-
-
-def _close_all(*sockets: socket.socket) -> None:
-    for sock in sockets:
-        sock.close()
-
-
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler, with the accepted socket guarded and a cap on connections."""
 
@@ -403,7 +332,7 @@ class GuardedRequestHandler(RequestHandler):
     def _create_association(self):  # type: ignore[no-untyped-def]
         assoc = super()._create_association()
         GuardedSocket.attach(assoc.dul.socket, self.server.dn_limits, self.server.dn_budget)  # type: ignore[attr-defined]
-        WakingDUL.attach(assoc.dul)
+        waking(assoc)
         return assoc
 
 
