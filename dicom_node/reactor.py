@@ -55,13 +55,6 @@ class WakingDUL(DULServiceProvider):
     _wake_r: socket.socket
     _wake_w: socket.socket
 
-    def _attach(self) -> None:
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        weakref.finalize(self, _close_all, self._wake_r, self._wake_w)
-        self._run_loop_delay = 0
-
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
         self._wake()
@@ -175,12 +168,23 @@ class WakingAssociation(Association):
         return False
 
 
+def waking_dul(dul: DULServiceProvider) -> DULServiceProvider:
+    """Make a DUL reactor wait for work instead of polling; also one whose thread runs already (a requestor's,
+    after ``AE.associate``): its loop takes the new methods on its next turn."""
+    pair = socket.socketpair()
+    for end in pair:
+        end.setblocking(False)
+    weakref.finalize(dul, _close_all, *pair)
+    dul._wake_r, dul._wake_w = pair  # type: ignore[attr-defined]
+    dul._run_loop_delay = 0
+    dul.__class__ = WakingDUL
+    return dul
+
+
 def waking(assoc: Association) -> Association:
     """Make an acceptor's association (not yet started) wait for work instead of polling."""
     assoc.__class__ = WakingAssociation
-    dul = assoc.dul
-    dul.__class__ = WakingDUL
-    cast(WakingDUL, dul)._attach()
+    dul = waking_dul(assoc.dul)
     work = threading.Event()
     cast(WakingAssociation, assoc)._work = work
     assoc.dimse.msg_queue = SignallingQueue(work)
