@@ -325,10 +325,8 @@ def without_pixels(ds: Dataset) -> Dataset:
     The elements are taken as they are, not converted: a raw (still encoded) element stays raw, so a
     Source Image Sequence of hundreds of items, say, is not parsed just to be copied.
     """
-    header = Dataset()
-    for element in ds.elements():
-        if element.tag not in PIXEL_TAGS:
-            header[element.tag] = element
+    # built from the elements' dict as pydicom's reader does (its item assignment converts private elements)
+    header = Dataset({element.tag: element for element in ds.elements() if element.tag not in PIXEL_TAGS})
     if hasattr(ds, "file_meta"):
         header.file_meta = ds.file_meta
     return header
