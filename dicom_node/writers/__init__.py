@@ -67,9 +67,11 @@ def write_file(ds: Dataset, out_path: Path) -> WrittenFile:
     return WrittenFile(out_path, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
 
 
-def write_single(ds: Dataset, out_path: Path, *, segment_numbers: Mapping[int, int] | None = None) -> WrittenSeries:
-    """Write the one object of a new series (SEG, SR, summary)."""
-    written = write_file(ds, out_path)
+def write_single(ds: Dataset, out_path: Path, *, segment_numbers: Mapping[int, int] | None = None,
+                 encoded: Dataset | None = None) -> WrittenSeries:
+    """Write the one object of a new series (SEG, SR, summary); ``encoded``: the same object partly encoded
+    already, written in its place."""
+    written = write_file(ds if encoded is None else encoded, out_path)
     return WrittenSeries(str(ds.SeriesInstanceUID), (written,), (header_of(ds),), dict(segment_numbers or {}))
 
 
