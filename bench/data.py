@@ -15,6 +15,7 @@ from tests.dicom_factory import (
 )
 
 SHARED_SCOUT = SHARED_DATA / "dicom" / "phantom_siemens_xa30_aahead_scout" / "01001_AAHead_Scout"
+SHARED_MPRAGE = SHARED_DATA / "dicom" / "human_siemens_skyra_mprage" / "00005_SAG_MPRAGE_220_FOV"
 
 #: A description no default rule matches, so received series are stored only.
 UNROUTED_DESCRIPTION = "bench_ingest"

@@ -42,6 +42,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from dicom_node.journal import Journal
+from dicom_node.lock import LOCK_NAME
 from dicom_node.scp import TRANSFER_SYNTAXES, content_digest, set_nodelay, stored_digest
 from tests.e2e.node_proc import REPO, NodeProcess
 
@@ -304,12 +305,13 @@ def _files(root: Path, skip: Iterable[Path]) -> set[Path]:
 
 
 def _data_dir_problems(data_dir: Path) -> list[str]:
-    """Anything in the data directory but the journal, spool/<study>/<series>/<sop>.dcm and outputs/."""
+    """Anything in the data directory but the journal, the node's lock and audit trail, spool/<study>/<series>/<sop>.dcm
+    and outputs/."""
     problems = []
     for path in _files(data_dir, []):
         relative = path.relative_to(data_dir.resolve())
         top = relative.parts[0]
-        if top.startswith("journal.sqlite3") or top == "outputs":
+        if top.startswith(("journal.sqlite3", "audit.jsonl")) or top in ("outputs", LOCK_NAME):
             continue
         if top == "spool" and len(relative.parts) == 4 and relative.suffix in (".dcm", ".tmp"):
             continue

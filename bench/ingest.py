@@ -1,4 +1,4 @@
-"""P1 ingest (node vs dcmtk storescp vs Orthanc) and P4 concurrency (8 senders to the node)."""
+"""P1 ingest (node vs dcmtk storescp vs Orthanc, one sender and 4 at once) and P4 concurrency (8 senders)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,40 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.e2e.peers import Orthanc, StoreSCP, echoscu, free_port
 
 from .node import REPO, BenchNode
-from .send import send, send_parallel, write_profile
+from .send import Send, send, send_parallel, write_profile
 
-TARGETS = ("node", "storescp", "orthanc", "node-no-fsync", "pynetdicom-bare")
-#: The goal compares node and storescp; "node-no-fsync" (what durability costs) and "pynetdicom-bare" (a
-#: pynetdicom SCP that keeps nothing: the ceiling of the library the node is built on) are references.
+TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-no-fsync", "pynetdicom-bare")
+#: The goal compares node and Orthanc; "orthanc-sync" is Orthanc with its default SyncStorageArea (fsync of each
+#: file, as the node's fsync), "orthanc" without it (as the end-to-end tests run it); "node-no-fsync" (what
+#: durability costs) and "pynetdicom-bare" (a pynetdicom SCP that keeps nothing: the ceiling of the library the
+#: node is built on) are references.
+#: Senders at once in the concurrent part of P1.
+SENDERS = 4
 
 
 @dataclass
 class IngestResult:
-    images: int
+    images: int  # per run, all senders together
+    senders: int = 1
     seconds: dict[str, list[float]] = field(default_factory=lambda: {t: [] for t in TARGETS})
 
     def rates(self, target: str) -> list[float]:
         return [self.images / s for s in self.seconds[target]]
+
+
+class SyncOrthanc(Orthanc):
+    """Orthanc as it ships: ``SyncStorageArea`` true (each stored file fsync'd)."""
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "SyncStorageArea": True}
 
 
 def _check(ok: bool, what: str) -> None:
@@ -34,29 +48,47 @@ def _check(ok: bool, what: str) -> None:
         raise RuntimeError(what)
 
 
-def _node_run(folder: Path, profile: Path, work: Path, empty_models: Path, images: int, *,
-              fsync: bool = True) -> float:
+def _sent(results: list[Send], what: str) -> None:
+    for result in results:
+        _check(result.ok, f"{what}: storescu failed: {result.failures or result.output[-2000:]}")
+
+
+Sender = Callable[[int, str], float]  # (port, called AE title) -> seconds; raises when a send failed
+
+
+def _sender(folders: list[Path], profile: Path) -> Sender:
+    """One storescu for one folder, or one per folder at once (wall time until the last ends)."""
+    def run(port: int, ae_title: str) -> float:
+        if len(folders) == 1:
+            result = send(folders[0], profile, port, called_ae=ae_title)
+            _sent([result], ae_title)
+            return result.seconds
+        seconds, results = send_parallel(folders, profile, port, called_ae=ae_title)
+        _sent(results, ae_title)
+        return seconds
+    return run
+
+
+def _node_run(sender: Sender, work: Path, empty_models: Path, images: int, *, fsync: bool = True) -> float:
     with BenchNode(work / "node", models_dir=empty_models, node={"fsync": fsync}) as node:
-        result = send(folder, profile, node.port, called_ae=node.ae_title)
-        _check(result.ok, f"node: storescu failed: {result.failures or result.output[-2000:]}")
+        seconds = sender(node.port, node.ae_title)
         journal = node.journal()
         try:
             n = journal.counts()["instances"]["total"]
         finally:
             journal.close()
         _check(n == images, f"node journal holds {n} instances, {images} were sent")
-    return result.seconds
+    return seconds
 
 
-def _storescp_run(folder: Path, profile: Path, work: Path, images: int) -> float:
+def _storescp_run(sender: Sender, work: Path, images: int) -> float:
     with StoreSCP(work / "storescp") as scp:
-        result = send(folder, profile, scp.port, called_ae=scp.aet)
-        _check(result.ok, f"storescp: storescu failed: {result.failures or result.output[-2000:]}")
+        seconds = sender(scp.port, scp.aet)
         _check(len(scp.wait_for_files(images, timeout=30)) == images, "storescp file count")
-    return result.seconds
+    return seconds
 
 
-def _bare_run(folder: Path, profile: Path, images: int) -> float:
+def _bare_run(sender: Sender) -> float:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "bench.bare_scp", str(port), "BARE_SCP"], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -65,46 +97,46 @@ def _bare_run(folder: Path, profile: Path, images: int) -> float:
         while echoscu(port, called_ae="BARE_SCP", timeout=5).returncode != 0:
             _check(process.poll() is None and time.monotonic() < deadline, "bare pynetdicom SCP did not start")
             time.sleep(0.1)
-        result = send(folder, profile, port, called_ae="BARE_SCP")
-        _check(result.ok, f"bare SCP: storescu failed: {result.failures or result.output[-2000:]}")
+        return sender(port, "BARE_SCP")
     finally:
         process.terminate()
         process.wait(timeout=10)
-    return result.seconds
 
 
-def _orthanc_run(folder: Path, profile: Path, work: Path, images: int) -> float:
-    with Orthanc(workdir=work / "orthanc") as orthanc:
-        result = send(folder, profile, orthanc.dicom_port, called_ae=orthanc.aet)
-        _check(result.ok, f"orthanc: storescu failed: {result.failures or result.output[-2000:]}")
+def _orthanc_run(sender: Sender, work: Path, images: int, *, sync: bool) -> float:
+    with (SyncOrthanc if sync else Orthanc)(workdir=work / "orthanc") as orthanc:
+        seconds = sender(orthanc.dicom_port, orthanc.aet)
         n = int(orthanc.get("/statistics")["CountInstances"])
         _check(n == images, f"Orthanc holds {n} instances, {images} were sent")
-    return result.seconds
+    return seconds
 
 
-def ingest(folder: Path, images: int, runs: int, log=print) -> IngestResult:  # noqa: ANN001
-    """``runs`` interleaved rounds over ``TARGETS``, each receiver fresh and empty every run."""
-    out = IngestResult(images)
+def _run(target: str, sender: Sender, work: Path, empty_models: Path, images: int) -> float:
+    if target in ("node", "node-no-fsync"):
+        return _node_run(sender, work, empty_models, images, fsync=target == "node")
+    if target == "pynetdicom-bare":
+        return _bare_run(sender)
+    if target == "storescp":
+        return _storescp_run(sender, work, images)
+    return _orthanc_run(sender, work, images, sync=target == "orthanc-sync")
+
+
+def ingest(folders: list[Path], images_each: int, runs: int, log=print) -> IngestResult:  # noqa: ANN001
+    """``runs`` interleaved rounds over ``TARGETS``, each receiver fresh and empty every run; one storescu per
+    folder, all at once."""
+    out = IngestResult(images_each * len(folders), len(folders))
     with tempfile.TemporaryDirectory(prefix="bench-p1-") as tmp:
         tmp_path = Path(tmp)
-        profile = write_profile(folder, tmp_path / "storescu.cfg")
+        sender = _sender(folders, write_profile(folders[0], tmp_path / "storescu.cfg"))
         empty_models = tmp_path / "no-models"
         empty_models.mkdir()
         for r in range(runs):
             for target in TARGETS:
                 work = tmp_path / f"run-{r}-{target}"
-                if target == "node":
-                    seconds = _node_run(folder, profile, work, empty_models, images)
-                elif target == "node-no-fsync":
-                    seconds = _node_run(folder, profile, work, empty_models, images, fsync=False)
-                elif target == "pynetdicom-bare":
-                    seconds = _bare_run(folder, profile, images)
-                elif target == "storescp":
-                    seconds = _storescp_run(folder, profile, work, images)
-                else:
-                    seconds = _orthanc_run(folder, profile, work, images)
+                seconds = _run(target, sender, work, empty_models, out.images)
                 out.seconds[target].append(seconds)
-                log(f"P1 run {r + 1}/{runs} {target}: {seconds:.2f} s, {images / seconds:.0f} images/s")
+                log(f"P1 ({len(folders)} sender(s)) run {r + 1}/{runs} {target}: {seconds:.2f} s, "
+                    f"{out.images / seconds:.0f} images/s")
                 shutil.rmtree(work, ignore_errors=True)
     return out
 

@@ -1,6 +1,6 @@
 """``python -m bench.run [--quick] [--runs N] [--only P1,P2,...] [--out docs/benchmarks.md]``.
 
-Measures P1 ingest, P2 turnaround, P3 memory and P4 concurrency on this machine and writes the report.
+Measures P1 ingest, P2 turnaround, P3 memory, P4 concurrency and P5 throughput on this machine and writes the report.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from pathlib import Path
 from tests.e2e.peers import missing_tools
 
 from . import data, machine, report
-from .ingest import concurrency, ingest
+from .ingest import SENDERS, concurrency, ingest
 from .memory import memory
 from .models import choose_models_dir
+from .throughput import make_studies, throughput
 from .turnaround import turnaround
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("P1", "P2", "P3", "P4")
+PARTS = ("P1", "P2", "P3", "P4", "P5")
 
 
 def _log(message: str) -> None:
@@ -32,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs and smaller inputs (a smoke test)")
     parser.add_argument("--runs", type=int, default=None, help="P1 runs per receiver (default 5, quick 2)")
-    parser.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of P1,P2,P3,P4")
+    parser.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of P1,P2,P3,P4,P5")
+    parser.add_argument("--p5-studies", type=int, default=None,
+                        help="studies in the P5 stream (default 20, quick 2; about 1.5 min each on 2 cores)")
+    parser.add_argument("--p5-workers", default="1,2", help="[inference] workers settings P5 compares")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="models folder holding synth-t1 for P2/P3 (default: onnx_models/ when the shipped "
@@ -63,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         models_dir, model = choose_models_dir(tmp_path / "models", args.models_dir)
         if "P1" in parts or "P4" in parts:
             _log("generating ingest series")
-            count = 8 if "P4" in parts else 1
+            count = 8 if "P4" in parts else SENDERS
             folders = data.ingest_series(tmp_path / "ingest", slices=max(p1_images, p4_images), copies=count)
             inputs["P1/P4"] = (f"{count} generated series of {max(p1_images, p4_images)} axial 256 × 256 slices "
                                "(tests.dicom_factory)")
         if "P1" in parts:
             _log(f"P1 ingest: {runs} interleaved runs")
-            results["ingest"] = ingest(folders[0], p1_images, runs, log=_log)
+            results["ingest"] = ingest(folders[:1], p1_images, runs, log=_log)
+            _log(f"P1 ingest, {SENDERS} senders at once: {runs} interleaved runs")
+            results["ingest_concurrent"] = ingest(folders[:SENDERS], p1_images, runs, log=_log)
         if "P2" in parts:
             scout, what = data.scout_series(tmp_path / "scout")
             inputs["P2"] = what
@@ -83,12 +89,20 @@ def main(argv: list[str] | None = None) -> int:
         if "P4" in parts:
             _log("P4 concurrency")
             results["concurrency"] = concurrency(folders, p4_images, log=_log)
+        if "P5" in parts:
+            studies = args.p5_studies or (2 if args.quick else 20)
+            _log(f"P5 throughput: preparing {studies} studies")
+            study_folders, instances, per_study, what = make_studies(tmp_path / "p5", studies)
+            inputs["P5"] = f"{studies} studies of {per_study} series ({instances} instances): {what}"
+            results["throughput"] = [throughput(study_folders, instances, per_study, models_dir, int(w), log=_log)
+                                     for w in args.p5_workers.split(",")]
     load_end = machine.other_load()
     text = report.render(
         machine=machine.describe(), load=sorted(set(load) | set(load_end)),
         command="python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
         quick=args.quick, inputs=inputs, model=model,
-        ingest=results.get("ingest"), turnaround=results.get("turnaround"),  # type: ignore[arg-type]
+        ingest=results.get("ingest"), ingest_concurrent=results.get("ingest_concurrent"),  # type: ignore[arg-type]
+        turnaround=results.get("turnaround"), throughput=results.get("throughput"),  # type: ignore[arg-type]
         memory=results.get("memory"), concurrency=results.get("concurrency"),  # type: ignore[arg-type]
         notes=args.note,
     )

@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
@@ -30,6 +31,7 @@ from .audit import AuditTrail
 from .config import Destination, DispatchSettings, NodeConfig, TLSSettings
 from .journal import Journal, OutboxItem
 from .notify import notify
+from .reactor import waking_dul
 from .scp import set_implementation, set_nodelay
 from .tls import connect_failure, tls_args
 
@@ -80,17 +82,17 @@ def sendable_syntax(accepted: Iterable[str], stored: str) -> UID | None:
     return None
 
 
-def converted(path: Path, stored: UID) -> Path | Dataset:
+def converted(path: Path, stored: UID) -> Dataset:
     """What to hand pynetdicom to send a file stored in ``stored`` in Explicit or Implicit VR Little Endian.
 
-    The file itself when it is already in one of them (pynetdicom re-encodes between the two); otherwise
-    the data set read into memory, its pixel data decompressed (pydicom's decoders: JPEG, JPEG-LS,
+    The data set read into memory as it is when it is already in one of them (pynetdicom re-encodes between
+    the two); otherwise the data set read into memory, its pixel data decompressed (pydicom's decoders: JPEG, JPEG-LS,
     JPEG 2000, RLE) or, for Deflate, inflated on reading, and marked Explicit VR Little Endian, which
     pynetdicom encodes in the accepted syntax. Raises ValueError (or NotImplementedError) when pydicom
     cannot convert it (Explicit VR Big Endian is not converted)."""
-    if stored in FALLBACK_SYNTAXES:
-        return path
     ds = dcmread(path)
+    if stored in FALLBACK_SYNTAXES:
+        return ds
     if stored.is_compressed:
         # lossless: the same object, so the same SOP Instance UID (pydicom would make a new one)
         ds.decompress(generate_instance_uid=False)  # TransferSyntaxUID becomes Explicit VR Little Endian
@@ -100,6 +102,33 @@ def converted(path: Path, stored: UID) -> Path | Dataset:
     else:
         raise ValueError(f"cannot convert {stored.name} to a little endian transfer syntax")
     return ds
+
+
+_chunked_lock = threading.Lock()
+_chunked_users = 0
+_chunked_before = False
+
+
+@contextmanager
+def files_sent_as_stored() -> Iterator[None]:
+    """While inside, pynetdicom sends a file given as a path as it is stored, read in fragments as it goes out
+    (``_config.STORE_SEND_CHUNKED_DATASET``), instead of decoding it into a Dataset and encoding that again
+    (about 1 ms per 130 kB image). The file's transfer syntax must then be the context's: the dispatcher hands
+    pynetdicom a Dataset (:func:`converted`) whenever it is not. The setting is pynetdicom's, for the whole
+    process: on while any association of the dispatcher sends, back to what it was when none does."""
+    global _chunked_users, _chunked_before
+    with _chunked_lock:
+        if _chunked_users == 0:
+            _chunked_before = _config.STORE_SEND_CHUNKED_DATASET
+            _config.STORE_SEND_CHUNKED_DATASET = True
+        _chunked_users += 1
+    try:
+        yield
+    finally:
+        with _chunked_lock:
+            _chunked_users -= 1
+            if _chunked_users == 0:
+                _config.STORE_SEND_CHUNKED_DATASET = _chunked_before
 
 
 def rejection(assoc: Association) -> str | None:
@@ -356,6 +385,25 @@ class Dispatcher:
 
     def _send_share(self, name: str, dest: Destination, items: list[OutboxItem], metas: dict[int, Dataset]) -> int:
         """Send ``items`` to ``dest`` over one association; the number acknowledged."""
+        assoc = self._open(name, dest, items, metas)
+        if assoc is None:
+            return 0
+        sent: list[int] = []
+        last_error: str | None = None
+        try:
+            with files_sent_as_stored():
+                sent, last_error = self._store_all(name, assoc, items, metas)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+            self._audit(dest, items, len(sent), last_error)
+        if sent:
+            log.info("outbox: %d object(s) delivered to %s", len(sent), name)
+        return len(sent)
+
+    def _open(self, name: str, dest: Destination, items: list[OutboxItem],
+              metas: dict[int, Dataset]) -> Association | None:
+        """An association to ``dest`` proposing every context ``items`` need; None (items failed a try) if none."""
         ae = _make_ae(self.config, dest)
         stored = [(str(metas[i.id].MediaStorageSOPClassUID), str(metas[i.id].TransferSyntaxUID)) for i in items]
         for sop_class, syntaxes in proposed_contexts(stored):
@@ -366,62 +414,66 @@ class Dispatcher:
             log.error("outbox: %s: %s; %d item(s) will be retried", name, exc, len(items))
             self._fail(items, str(exc))
             self._audit(dest, items, 0, str(exc))
-            return 0
+            return None
         if not assoc.is_established:
             why = _why_not(assoc, connected)
             log.warning("outbox: %s (%s@%s:%d): %s; %d item(s) will be retried",
                         name, dest.ae_title, dest.host, dest.port, why, len(items))
             self._fail(items, why)
             self._audit(dest, items, 0, why)
-            return 0
+            return None
+        waking_dul(assoc.dul)
+        return assoc
+
+    def _store_all(self, name: str, assoc: Association, items: list[OutboxItem],
+                   metas: dict[int, Dataset]) -> tuple[list[int], str | None]:
+        """C-STORE ``items`` one after the other; (ids acknowledged, the last error)."""
         sent: list[int] = []
         last_error: str | None = None
         accepted: dict[str, set[str]] = defaultdict(set)
         for cx in assoc.accepted_contexts:
             accepted[str(cx.abstract_syntax)].add(str(cx.transfer_syntax[0]))
+        for index, item in enumerate(items):
+            if not assoc.is_established:
+                last_error = "association lost"
+                self._fail(items[index:], last_error)
+                break
+            error = self._store_one(name, assoc, accepted, item, metas[item.id])
+            if error is None:
+                # recorded now, in its own small transaction: a crash of the node later in this association
+                # (even SIGKILL) must not make it send this object again (not fsync'd: see Journal.mark_sent)
+                self.journal.mark_sent([item.id], durable=False)
+                sent.append(item.id)
+            else:
+                last_error = error
+                self._fail([item], error)
+        return sent, last_error
+
+    def _store_one(self, name: str, assoc: Association, accepted: dict[str, set[str]], item: OutboxItem,
+                   meta: Dataset) -> str | None:
+        """C-STORE one item; None when the destination acknowledged it, else why not."""
+        sop_class, stored_ts = str(meta.MediaStorageSOPClassUID), UID(str(meta.TransferSyntaxUID))
+        target = sendable_syntax(accepted[sop_class], stored_ts)
+        if target is None:
+            error = f"{meta.MediaStorageSOPClassUID.name} in {stored_ts.name} not accepted by the destination"
+            log.warning("outbox: %s: %s (%s)", name, error, item.sop_instance_uid)
+            return error
         try:
-            for index, item in enumerate(items):
-                if not assoc.is_established:
-                    last_error = "association lost"
-                    self._fail(items[index:], last_error)
-                    break
-                meta = metas[item.id]
-                sop_class, stored_ts = str(meta.MediaStorageSOPClassUID), UID(str(meta.TransferSyntaxUID))
-                target = sendable_syntax(accepted[sop_class], stored_ts)
-                if target is None:
-                    error = f"{meta.MediaStorageSOPClassUID.name} in {stored_ts.name} not accepted by the destination"
-                    log.warning("outbox: %s: %s (%s)", name, error, item.sop_instance_uid)
-                    last_error = error
-                    self._fail([item], error)
-                    continue
-                try:
-                    payload = Path(item.path) if target == stored_ts else converted(Path(item.path), stored_ts)
-                    if target != stored_ts:
-                        log.info("outbox: %s: %s converted from %s to %s", name, item.sop_instance_uid,
-                                 stored_ts.name, target.name)
-                    status = assoc.send_c_store(payload)
-                except (OSError, ValueError, NotImplementedError, RuntimeError) as exc:
-                    # the file changed, cannot be converted or encoded any more
-                    log.error("outbox: cannot send %s to %s: %s", item.path, name, exc)
-                    last_error = f"cannot send: {exc}"
-                    self._fail([item], last_error)
-                    continue
-                code = getattr(status, "Status", None)
-                if code in _SUCCESS_OR_WARNING:
-                    # recorded now, in its own small transaction: a crash later in this association
-                    # (even SIGKILL) must not make the node send this object again
-                    self.journal.mark_sent([item.id])
-                    sent.append(item.id)
-                    continue
-                error = "no response" if code is None else f"status 0x{code:04X}"
-                comment = getattr(status, "ErrorComment", "") if status else ""
-                log.warning("outbox: %s refused %s: %s %s", name, item.sop_instance_uid, error, comment)
-                last_error = f"{error} {comment}".strip()
-                self._fail([item], last_error)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-            self._audit(dest, items, len(sent), last_error)
-        if sent:
-            log.info("outbox: %d object(s) delivered to %s", len(sent), name)
-        return len(sent)
+            if target == stored_ts:
+                payload: Path | Dataset = Path(item.path)  # sent from the file as stored (files_sent_as_stored)
+            else:
+                payload = converted(Path(item.path), stored_ts)
+                log.info("outbox: %s: %s converted from %s to %s", name, item.sop_instance_uid,
+                         stored_ts.name, target.name)
+            status = assoc.send_c_store(payload)
+        except (OSError, ValueError, NotImplementedError, RuntimeError, AttributeError) as exc:
+            # the file changed, cannot be converted or encoded any more
+            log.error("outbox: cannot send %s to %s: %s", item.path, name, exc)
+            return f"cannot send: {exc}"
+        code = getattr(status, "Status", None)
+        if code in _SUCCESS_OR_WARNING:
+            return None
+        error = "no response" if code is None else f"status 0x{code:04X}"
+        comment = getattr(status, "ErrorComment", "") if status else ""
+        log.warning("outbox: %s refused %s: %s %s", name, item.sop_instance_uid, error, comment)
+        return f"{error} {comment}".strip()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pynetdicom.dsutils import decode
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from .reactor import waking
 from .tls import handshake
 
 log = logging.getLogger(__name__)
@@ -331,6 +332,7 @@ class GuardedRequestHandler(RequestHandler):
     def _create_association(self):  # type: ignore[no-untyped-def]
         assoc = super()._create_association()
         GuardedSocket.attach(assoc.dul.socket, self.server.dn_limits, self.server.dn_budget)  # type: ignore[attr-defined]
+        waking(assoc)
         return assoc
 
 

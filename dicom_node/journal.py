@@ -417,7 +417,8 @@ class Journal:
             self._check_integrity()
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before the call returns, which is what lets the SCP acknowledge.
-            self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+            self._synchronous = "FULL" if fsync else "NORMAL"
+            self._db.execute(f"PRAGMA synchronous={self._synchronous}")
             self._private_files()
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
@@ -491,16 +492,26 @@ class Journal:
         return time.perf_counter() - t0
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction. ``durable=False``: committed without waiting for the disk (synchronous NORMAL in WAL
+        mode): it survives a crash or SIGKILL of the node (the WAL is written before the commit returns), not a
+        power loss or kernel crash right after it."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            relaxed = not durable and self._synchronous != "NORMAL"
+            if relaxed:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
-                self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                else:
+                    self._db.execute("COMMIT")
+            finally:
+                if relaxed:
+                    self._db.execute(f"PRAGMA synchronous={self._synchronous}")
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -1080,8 +1091,11 @@ class Journal:
             rows = self._query("SELECT * FROM outbox WHERE job_id=? ORDER BY id", (job_id,))
         return [self._item(r) for r in rows]
 
-    def mark_sent(self, item_ids: Sequence[int]) -> None:
-        with self._tx() as db:
+    def mark_sent(self, item_ids: Sequence[int], *, durable: bool = True) -> None:
+        """Items acknowledged by their destination. ``durable=False`` (the C-STORE dispatcher, one commit per
+        object): not synced to disk, so a SIGKILL of the node never makes it send them again, but a power loss
+        right after may (the destination then gets the same SOP Instance again, which a PACS files once)."""
+        with self._tx(durable=durable) as db:
             now = time.time()
             db.executemany("UPDATE outbox SET state='sent', last_error='', sent_at=? WHERE id=?",
                            [(now, i) for i in item_ids])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from .uids import is_valid_uid
@@ -67,9 +68,19 @@ class Spool:
                     _fsync_dir(d)
             self._known_dirs.add(directory)
 
-    def write(self, study_uid: str, series_uid: str, sop_instance_uid: str, data: bytes) -> Path:
-        """Write ``data`` durably and return its final path (replacing an earlier copy atomically)."""
-        final = self.path_for(study_uid, series_uid, sop_instance_uid)
+    def _final_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        """:meth:`path_for`, resolving (checking) each directory once, not each file: the file's own name is a
+        UID or a hash, and the rename replaces whatever is at that name rather than following it."""
+        directory = self.root / path_component(study_uid) / path_component(series_uid)
+        if directory not in self._known_dirs:
+            return self.path_for(study_uid, series_uid, sop_instance_uid)
+        return directory / f"{path_component(sop_instance_uid)}.dcm"
+
+    def write(self, study_uid: str, series_uid: str, sop_instance_uid: str,
+              data: bytes | memoryview | Sequence[bytes | memoryview]) -> Path:
+        """Write ``data`` (or its parts one after the other, e.g. file meta and the data set as received, without
+        joining them) durably and return its final path (replacing an earlier copy atomically)."""
+        final = self._final_path(study_uid, series_uid, sop_instance_uid)
         self._ensure_dir(final.parent)
         tmp = final.with_name(f".{final.name}.{threading.get_ident()}.tmp")
         try:
@@ -81,10 +92,11 @@ class Spool:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                for part in (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data:
+                    view = memoryview(part)
+                    while view:
+                        written = os.write(fd, view)
+                        view = view[written:]
                 if self.fsync:
                     os.fsync(fd)
             finally:

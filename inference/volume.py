@@ -315,13 +315,28 @@ def series_geometry(headers: Sequence[Dataset]) -> SliceGeometry:
     )
 
 
+#: PixelData, FloatPixelData, DoubleFloatPixelData
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+def without_pixels(ds: Dataset) -> Dataset:
+    """``ds`` without its pixel data: a shallow copy sharing the other elements (and the file meta, if any).
+
+    The elements are taken as they are, not converted: a raw (still encoded) element stays raw, so a
+    Source Image Sequence of hundreds of items, say, is not parsed just to be copied.
+    """
+    # built from the elements' dict as pydicom's reader does (its item assignment converts private elements)
+    header = Dataset({element.tag: element for element in ds.elements() if element.tag not in PIXEL_TAGS})
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
+
+
 def _header(ds: Dataset) -> Dataset:
     """A copy of the dataset without its pixel data (file meta kept)."""
-    header = Dataset()
-    for element in ds:
-        if element.keyword not in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            header.add(element)
-    header.file_meta = ds.file_meta if hasattr(ds, "file_meta") else pydicom.dataset.FileMetaDataset()
+    header = without_pixels(ds)
+    if not hasattr(header, "file_meta"):
+        header.file_meta = pydicom.dataset.FileMetaDataset()
     return header
 
 

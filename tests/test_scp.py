@@ -340,6 +340,19 @@ def test_parse_instance_checks_structure(series: list[Path]) -> None:
     assert info.value.status == STATUS_CANNOT_UNDERSTAND and "truncated" in str(info.value)
 
 
+@pytest.mark.parametrize("sop_uid", ["1.2.3", "1.2.34", "2.25.123456789012345678901234567890"])
+@pytest.mark.parametrize("transfer_syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.91"])
+def test_file_meta_is_byte_for_byte_what_pynetdicom_writes(sop_uid: str, transfer_syntax: str) -> None:
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from dicom_node.scp import file_meta
+
+    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(create_file_meta(
+        sop_class_uid=UID(MRImageStorage), sop_instance_uid=UID(sop_uid), transfer_syntax=UID(transfer_syntax)))
+    assert file_meta(MRImageStorage, sop_uid, transfer_syntax) == expected
+
+
 def test_parse_instance_needs_the_uids(series: list[Path], tmp_path: Path) -> None:
     ds = dcmread(series[0])
     del ds.SeriesInstanceUID

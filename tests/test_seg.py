@@ -188,3 +188,26 @@ def test_write_seg_says_what_it_wrote(tmp_path: Path) -> None:
     assert result.series_instance_uid == stored.SeriesInstanceUID
     assert dict(result.segment_numbers) == segment_codes(stored)
     assert "PixelData" not in result.dataset
+
+
+def test_per_frame_items_encoded_once_write_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SEG written with its Per-frame Functional Groups encoded ahead is byte for byte pydicom's own."""
+    from pydicom.filebase import DicomBytesIO
+
+    from dicom_node.writers import seg as seg_module
+
+    captured: dict = {}
+    real = seg_module.write_single
+
+    def spy(ds, out_path, **kwargs):  # type: ignore[no-untyped-def]
+        captured["ds"], captured["encoded"] = ds, kwargs["encoded"]
+        return real(ds, out_path, **kwargs)
+
+    monkeypatch.setattr(seg_module, "write_single", spy)
+    series = make_t1_series(tmp_path)
+    _write(series, tmp_path / "seg.dcm")
+    assert captured["encoded"].get_item(seg_module.PER_FRAME_TAG).is_raw
+    written = (tmp_path / "seg.dcm").read_bytes()
+    plain = DicomBytesIO()
+    pydicom.dcmwrite(plain, captured["ds"], enforce_file_format=True)
+    assert plain.getvalue() == written

@@ -98,3 +98,29 @@ def test_real_t1_has_no_synthetic_banner(tmp_path: Path, build: dict) -> None:
     assert _mostly(ds.pixel_array[BANNER_ROWS], (200, 30, 30)) < 0.05
     assert _mostly(ds.pixel_array[BANNER_ROWS], (230, 160, 20)) > 0.8
     assert "SYNTHETIC" not in ds.ImageComments
+
+
+@pytest.mark.parametrize("direction", [
+    (1, 0, 0, 0, 1, 0, 0, 0, 1),      # axial, LPS
+    (-1, 0, 0, 0, -1, 0, 0, 0, 1),    # axial, RAS-like flips
+    (0, 0, -1, 1, 0, 0, 0, -1, 0),    # sagittal
+    (1, 0, 0, 0, 0, 1, 0, -1, 0),     # coronal
+    (0, 1, 0, 0, 0, -1, -1, 0, 0),    # permuted and flipped
+])
+def test_lip_view_is_dicomorient_without_a_copy(direction: tuple[int, ...]) -> None:
+
+    from dicom_node.writers.summary import _centre_k, _lip_view
+
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 60, size=(7, 9, 11)).astype(np.int16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.8, 1.1, 2.5))
+    image.SetDirection([float(v) for v in direction])
+    reoriented = sitk.DICOMOrient(image, "LIP")
+    view = _lip_view(image)
+    assert view is not None
+    expected = sitk.GetArrayFromImage(reoriented)
+    np.testing.assert_array_equal(view[0], expected)
+    assert view[1] == pytest.approx(reoriented.GetSpacing())
+    hippocampi = np.argwhere(np.isin(expected, (17, 53)))
+    assert _centre_k(view[0]) == pytest.approx(hippocampi.mean(axis=0)[0])

@@ -16,6 +16,7 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
 import dicom_node
+from inference.volume import without_pixels
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,8 @@ class WrittenFile(NamedTuple):
 
 
 def header_of(ds: Dataset) -> Dataset:
-    """``ds`` without its pixel data (a shallow copy sharing the other elements and the file meta)."""
-    header = Dataset()
-    for element in ds:
-        if element.tag != 0x7FE00010:
-            header.add(element)
-    if hasattr(ds, "file_meta"):
-        header.file_meta = ds.file_meta
-    return header
+    """``ds`` without its pixel data (a shallow copy sharing the other elements, unconverted, and the file meta)."""
+    return without_pixels(ds)
 
 
 def write_file(ds: Dataset, out_path: Path) -> WrittenFile:
@@ -72,9 +67,11 @@ def write_file(ds: Dataset, out_path: Path) -> WrittenFile:
     return WrittenFile(out_path, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
 
 
-def write_single(ds: Dataset, out_path: Path, *, segment_numbers: Mapping[int, int] | None = None) -> WrittenSeries:
-    """Write the one object of a new series (SEG, SR, summary)."""
-    written = write_file(ds, out_path)
+def write_single(ds: Dataset, out_path: Path, *, segment_numbers: Mapping[int, int] | None = None,
+                 encoded: Dataset | None = None) -> WrittenSeries:
+    """Write the one object of a new series (SEG, SR, summary); ``encoded``: the same object partly encoded
+    already, written in its place."""
+    written = write_file(ds if encoded is None else encoded, out_path)
     return WrittenSeries(str(ds.SeriesInstanceUID), (written,), (header_of(ds),), dict(segment_numbers or {}))
 
 

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import copy
 import platform
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, correct_ambiguous_vr_element, write_data_element
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import AMBIGUOUS_VR
 
 from dicom_node.uids import new_uid
 from dicom_node.writers import WrittenSeries, equipment, write_single
@@ -31,6 +37,7 @@ __all__ = ["GridMismatchError", "segment_codes", "write_seg"]
 POSITION_TOLERANCE_MM = 0.01
 ORIENTATION_TOLERANCE = 1e-4
 CONTENT_LABEL = "BRAIN_STRUCTURES"
+PER_FRAME_TAG = 0x52009230  # PerFrameFunctionalGroupsSequence
 
 _FS_NAMES = {structure.freesurfer_name: code for code, structure in STRUCTURES.items()}
 
@@ -196,5 +203,75 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
         omit_empty_frames=True,
         series_description=series_description[:64],
     )
-    return write_single(seg, out_path,
+    return write_single(seg, out_path, encoded=per_frame_encoded(seg),
                         segment_numbers={code: number for number, code in enumerate(present, start=1)})
+
+
+_ITEM = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+_ITEM_END = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+_SEQUENCE_END = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+
+
+def per_frame_encoded(ds: Dataset) -> Dataset:
+    """A shallow copy of ``ds`` that pydicom writes byte for byte as it writes ``ds`` (Explicit VR Little Endian),
+    with its Per-frame Functional Groups Sequence encoded here already.
+
+    That sequence holds an item per frame (a thousand and more for 30 structures) of a few small nested items,
+    most of which repeat (highdicom shares the source slice's Plane Position and Source Image items, and the
+    derivation code, between the frames of that slice): encoded once each, by pydicom, and joined, instead
+    of pydicom encoding every one again and checking each for ambiguous VRs (two thirds of writing the SEG).
+    """
+    out = Dataset({element.tag: element for element in ds.elements()})
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    element = out.get_item(PER_FRAME_TAG)
+    if element is None or element.is_raw:
+        return out
+    del out[PER_FRAME_TAG]
+    correct_ambiguous_vr(out, True)  # what pydicom does on writing; then nothing is left to correct
+    encodings = convert_encodings(out.get("SpecificCharacterSet", default_encoding))
+    value = _sequence_value(element, encodings, {})
+    out[PER_FRAME_TAG] = RawDataElement(PER_FRAME_TAG, "SQ", 0xFFFFFFFF if element.is_undefined_length else len(value),
+                                        value, 0, False, True)
+    out.set_original_encoding(False, True, out._character_set)
+    return out
+
+
+def _sequence_value(element: DataElement, encodings: list[str], memo: dict[int, bytes]) -> bytes:
+    """The items of a sequence element as pydicom's write_sequence writes them (without the element's header)."""
+    parts = []
+    for item in element.value:
+        content = _item_content(item, encodings, memo)
+        if getattr(item, "is_undefined_length_sequence_item", False):
+            parts += [_ITEM, content, _ITEM_END]
+        else:
+            parts += [struct.pack("<HHL", 0xFFFE, 0xE000, len(content)), content]
+    return b"".join(parts)
+
+
+def _item_content(item: Dataset, encodings: list[str], memo: dict[int, bytes]) -> bytes:
+    """An item's data set as pydicom's write_dataset encodes it; each item object is encoded once."""
+    cached = memo.get(id(item))
+    if cached is not None:
+        return cached
+    item_encodings = convert_encodings(item.get("SpecificCharacterSet", encodings))
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    for tag in sorted(item.keys()):
+        if tag.element == 0 and tag.group > 6:  # retired group lengths are not written
+            continue
+        element = item[tag]
+        if element.VR != "SQ":
+            if element.VR in AMBIGUOUS_VR:  # as pydicom's write_dataset corrects it
+                element = correct_ambiguous_vr_element(element, item, True)
+            write_data_element(fp, element, item_encodings)
+            continue
+        value = _sequence_value(element, item_encodings, memo)
+        fp.write_tag(tag)
+        fp.write(b"SQ\x00\x00")
+        fp.write_UL(0xFFFFFFFF if element.is_undefined_length else len(value))
+        fp.write(value)
+        if element.is_undefined_length:
+            fp.write(_SEQUENCE_END)
+    memo[id(item)] = fp.getvalue()
+    return memo[id(item)]

@@ -60,9 +60,14 @@ def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _window(t1: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def _window_range(t1: np.ndarray, mask: np.ndarray) -> tuple[np.floating | float, np.floating | float]:
+    """The grey window: the 1st and 99th percentiles of ``t1`` inside ``mask`` (everywhere if it is empty)."""
     values = t1[mask] if mask.any() else t1.ravel()
     low, high = np.percentile(values, (1.0, 99.0)) if values.size else (0.0, 1.0)
+    return low, high
+
+
+def _window(t1: np.ndarray, low: np.floating | float, high: np.floating | float) -> np.ndarray:
     scaled = (t1 - low) / max(float(high - low), 1e-6)
     return (np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -77,10 +82,54 @@ def _colour_lut(max_code: int) -> tuple[np.ndarray, np.ndarray]:
     return lut, shown
 
 
+#: DICOMOrient "LIP" as (patient axis in LPS, sign) of the array axes k, j, i: posterior, inferior, left.
+_LIP = ((1, 1.0), (2, -1.0), (0, 1.0))
+
+
+def _lip_view(image: sitk.Image) -> tuple[np.ndarray, tuple[float, float, float]] | None:
+    """A view of ``image``'s voxels as ``sitk.DICOMOrient(image, "LIP")`` would hold them (axes permuted and
+    flipped, nothing copied) and its spacing (i, j, k); None for a direction too oblique to tell its axes."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    dominant = [int(np.argmax(np.abs(direction[:, axis]))) for axis in range(3)]  # per index axis x, y, z
+    if sorted(dominant) != [0, 1, 2]:
+        return None
+    array = sitk.GetArrayViewFromImage(image)  # axes z, y, x: numpy axis n is index axis 2 - n
+    order, flips = [], []
+    for patient_axis, sign in _LIP:
+        axis = dominant.index(patient_axis)
+        order.append(2 - axis)
+        flips.append(np.sign(direction[patient_axis, axis]) != sign)
+    view = np.transpose(array, order)[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
+    spacing = image.GetSpacing()
+    return view, tuple(float(spacing[dominant.index(p)]) for p, _ in reversed(_LIP))  # type: ignore[return-value]
+
+
+def _lip_arrays(t1: sitk.Image, labels: sitk.Image) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], sitk.Image]:
+    """The T1 (float32) and labels in LIP array order, the spacing (i, j, k), and the image the views read."""
+    t1 = sitk.Cast(t1, sitk.sitkFloat32)
+    grey, codes = _lip_view(t1), _lip_view(labels)
+    if grey is None or codes is None:  # DICOMOrient itself (copies both volumes)
+        t1, labels = sitk.DICOMOrient(t1, "LIP"), sitk.DICOMOrient(labels, "LIP")
+        return (sitk.GetArrayViewFromImage(t1), sitk.GetArrayViewFromImage(labels), labels.GetSpacing(), t1)
+    return grey[0], codes[0], codes[1], t1
+
+
+def _centre_k(codes: np.ndarray) -> float:
+    """The mean k (posterior) index of the hippocampi's voxels (of the foreground without them, of the volume
+    without either)."""
+    for mask in (np.isin(codes, tuple(HIPPOCAMPUS.values())), codes > 0):
+        counts = mask.sum(axis=(1, 2), dtype=np.int64)
+        total = int(counts.sum())
+        if total:
+            return float(np.arange(codes.shape[0]) @ counts) / total
+    return float(codes.shape[0] // 2)
+
+
 def _coronal_panels(t1: sitk.Image, labels: sitk.Image) -> list[tuple[Image.Image, float, float, float]]:
     """(panel, physical width mm, physical height mm, offset mm) of coronal RGB panels through the hippocampi.
 
-    Panel rows run superior to inferior, columns patient right to left.
+    Panel rows run superior to inferior, columns patient right to left. Only the three slices shown are
+    scaled and coloured; the volumes are read through views, not reoriented copies.
     """
     same_grid = (t1.GetSize() == labels.GetSize() and np.allclose(t1.GetOrigin(), labels.GetOrigin(), atol=1e-3)
                  and np.allclose(t1.GetDirection(), labels.GetDirection(), atol=1e-4)
@@ -88,22 +137,15 @@ def _coronal_panels(t1: sitk.Image, labels: sitk.Image) -> list[tuple[Image.Imag
     if not same_grid:
         t1 = sitk.Resample(t1, labels, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     # index i -> patient left, j -> inferior, k -> posterior: array[k] is a coronal slice seen from the front
-    t1_lip = sitk.DICOMOrient(sitk.Cast(t1, sitk.sitkFloat32), "LIP")
-    labels_lip = sitk.DICOMOrient(labels, "LIP")
-    grey_all = sitk.GetArrayFromImage(t1_lip)
-    codes_all = sitk.GetArrayFromImage(labels_lip).astype(np.int64)
-    spacing = labels_lip.GetSpacing()
-    grey_all = _window(grey_all, codes_all > 0)
-    hippocampus = np.argwhere(np.isin(codes_all, tuple(HIPPOCAMPUS.values())))
-    foreground = np.argwhere(codes_all > 0)
-    centre = (hippocampus if hippocampus.size else foreground if foreground.size else
-              np.array([[s // 2 for s in codes_all.shape]])).mean(axis=0)
+    grey_all, codes_all, spacing, _kept = _lip_arrays(t1, labels)
+    low, high = _window_range(grey_all, codes_all > 0)
+    centre = _centre_k(codes_all)
     lut, shown = _colour_lut(int(codes_all.max()))
     panels = []
     for offset in SLICE_OFFSETS_MM:
-        k = int(np.clip(round(centre[0] + offset / spacing[2]), 0, codes_all.shape[0] - 1))
-        grey = grey_all[k].astype(np.float32)[..., None].repeat(3, axis=2)
-        codes = codes_all[k]
+        k = int(np.clip(round(centre + offset / spacing[2]), 0, codes_all.shape[0] - 1))
+        grey = _window(grey_all[k], low, high).astype(np.float32)[..., None].repeat(3, axis=2)
+        codes = codes_all[k].astype(np.int64)
         mask = shown[codes][..., None]
         rgb = np.where(mask, (1 - OVERLAY_ALPHA) * grey + OVERLAY_ALPHA * lut[codes], grey)
         panel = Image.fromarray(rgb.astype(np.uint8), "RGB")

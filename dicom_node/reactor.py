@@ -1,0 +1,192 @@
+"""pynetdicom's acceptor reactors, waiting for work instead of polling for it.
+
+pynetdicom 3 runs two threads per association, and both poll: the DUL reactor (network side) sleeps 1 ms
+whenever a loop found nothing to do, and the association reactor (DIMSE side) sleeps 1 ms before every look
+at its message queue. Each C-STORE crosses both twice (its request arrives, its response leaves), so a bare
+pynetdicom SCP spends about a third of its time per object asleep (bench P1, `pynetdicom-bare`).
+
+:func:`waking` changes an association pynetdicom made for an accepted connection, before its threads start:
+
+- its DUL (:class:`WakingDUL`) waits in ``select`` on the connection and on a wake-up socket that every
+  queued primitive (a C-STORE response) writes to;
+- its association reactor (:class:`WakingAssociation`) waits on an event that the DIMSE message queue and
+  the DUL's queue to the user (A-RELEASE, A-ABORT) set.
+
+Both wait at most :data:`WAIT_S`, so the kill flags, the ARTIM and network timers are checked as before.
+What each loop does is pynetdicom's own; only the sleeps are replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import socket
+import threading
+import time
+import weakref
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+
+log = logging.getLogger("pynetdicom.association")  # pynetdicom's own logger for these lines
+
+#: The longest a reactor waits before it checks its kill flag and timers again.
+WAIT_S = 0.02
+
+
+class SignallingQueue(queue.Queue):  # type: ignore[type-arg]
+    """A queue that sets ``signal`` on every put."""
+
+    def __init__(self, signal: threading.Event) -> None:
+        super().__init__()
+        self.signal = signal
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.signal.set()
+
+
+class WakingDUL(DULServiceProvider):
+    """The DUL reactor: pynetdicom's loop without its 1 ms sleep, waiting in ``select`` instead."""
+
+    _wake_r: socket.socket
+    _wake_w: socket.socket
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:
+        """As pynetdicom's: stop the reactor if the connection is closed (Sta1), waiting for its thread."""
+        if self.state_machine.current_state != "Sta1":
+            return False
+        self.kill_dul()
+        while self.is_alive():
+            time.sleep(0.001)
+        return True
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\x00")
+        except OSError:  # already woken (the buffer is full) or closed
+            pass
+
+    def _is_transport_event(self) -> bool:
+        self._wait_for_work()
+        return super()._is_transport_event()
+
+    def _wait_for_work(self) -> None:
+        """Return when the connection has data, a primitive was queued, or after :data:`WAIT_S`."""
+        sock = self.socket.socket if self.socket is not None else None
+        if (sock is None or self._kill_thread or not self.to_provider_queue.empty()
+                or not self.event_queue.empty()):
+            return
+        pending = getattr(sock, "pending", None)
+        if pending is not None and pending():  # TLS: decrypted bytes already buffered
+            return
+        try:
+            select.select([sock, self._wake_r], [], [], WAIT_S)
+            while self._wake_r.recv(4096):
+                pass
+        except (OSError, ValueError):  # closed meanwhile (the loop finds out), or nothing left to drain
+            pass
+
+
+def _close_all(*sockets: socket.socket) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+class WakingAssociation(Association):
+    """The acceptor's association reactor: pynetdicom's loop, waiting for a message instead of sleeping."""
+
+    _work: threading.Event
+
+    def _wait_for_work(self) -> None:
+        self._work.clear()
+        if not self.dimse.msg_queue.empty():
+            return
+        if not self.dul.to_user_queue.empty():
+            time.sleep(0.001)  # something for the checks below (or for no one): pynetdicom's own pace
+            return
+        self._work.wait(WAIT_S)
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            self._wait_for_work()
+            # paused while the acceptor itself sends (pynetdicom's checkpoint)
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+            if self._reactor_ends():
+                return
+
+    def _reactor_ends(self) -> bool:
+        """pynetdicom's end-of-loop checks: a release or abort from the peer, the DUL gone, the network
+        timeout. True when the association ended."""
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            log.info("Association Released")
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return True
+        if self.acse.is_aborted():
+            log.info("Association Aborted" + (" (A-P-ABORT)" if self.acse.is_aborted("a-p-abort") else ""))
+            self.dul.receive_pdu(wait=False)  # so that EVT_ACSE_RECV fires
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return True
+        if not self.dul.is_alive():
+            self.kill()
+            return True
+        if self.dul.idle_timer_expired():
+            log.error("Network timeout reached")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return True
+        return False
+
+
+def waking_dul(dul: DULServiceProvider) -> DULServiceProvider:
+    """Make a DUL reactor wait for work instead of polling; also one whose thread runs already (a requestor's,
+    after ``AE.associate``): its loop takes the new methods on its next turn."""
+    pair = socket.socketpair()
+    for end in pair:
+        end.setblocking(False)
+    weakref.finalize(dul, _close_all, *pair)
+    dul._wake_r, dul._wake_w = pair  # type: ignore[attr-defined]
+    dul._run_loop_delay = 0
+    dul.__class__ = WakingDUL
+    return dul
+
+
+def waking(assoc: Association) -> Association:
+    """Make an acceptor's association (not yet started) wait for work instead of polling."""
+    assoc.__class__ = WakingAssociation
+    dul = waking_dul(assoc.dul)
+    work = threading.Event()
+    cast(WakingAssociation, assoc)._work = work
+    assoc.dimse.msg_queue = SignallingQueue(work)
+    dul.to_user_queue = SignallingQueue(work)
+    return assoc
