@@ -1,8 +1,8 @@
 """The shape of the job path, held by reading the source (``ast``): short functions, typed boundaries.
 
 The job path is a series' journey after receipt: assembly, routing, the job and its steps, the journal they
-record in, and the inference they call. ``dicom_node/scp.py`` and ``dicom_node/dispatch.py`` (receipt and
-delivery) and the writers are not listed here yet: their long functions are being split on another branch.
+record in, and the inference they call, from receipt (``scp``, ``spool``) to delivery (``dispatch``, ``stow``),
+and the workers of several processes (``worker``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ TYPED_BOUNDARY = (
     "dicom_node/journal.py",
 )
 #: The modules of the job path whose every function must stay short.
-JOB_PATH = (*TYPED_BOUNDARY, "dicom_node/config.py", "dicom_node/dashboard.py", "inference/pipeline.py",
-            "inference/segmentation.py", "inference/volumetry.py", "inference/agreement.py", "inference/models.py")
+JOB_PATH = (*TYPED_BOUNDARY, "dicom_node/config.py", "dicom_node/dashboard.py", "dicom_node/scp.py",
+            "dicom_node/spool.py", "dicom_node/dispatch.py", "dicom_node/stow.py", "dicom_node/worker.py",
+            "inference/volume.py", "inference/pipeline.py", "inference/segmentation.py", "inference/volumetry.py",
+            "inference/agreement.py", "inference/models.py")
 #: Where a dict is the point: the typed records' JSON form in the journal's columns (read back typed at once),
 #: and the outbox summary `status` and the metrics print (not on the receive → route → job path).
 DICT_ALLOWED = {
