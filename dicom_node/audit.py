@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class AuditTrail:
         self._handler: WatchedFileHandler | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # created readable by its owner only (it holds patient IDs), whatever the umask of the command
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
             self._handler = WatchedFileHandler(path, encoding="utf-8")  # reopened after logrotate moves it
             self._handler.setFormatter(logging.Formatter("%(message)s"))
 

@@ -696,6 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except HTTPListenError as exc:  # [http] port taken, password file unusable
         print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("dicom-node: interrupted", file=sys.stderr)
         return 130

@@ -183,6 +183,10 @@ class HTTPSettings(_Strict):
     admin_user: str = Field(default="admin", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     #: Studies shown on the dashboard (the most recent first).
     dashboard_studies: int = Field(default=50, ge=1, le=1000)
+    #: Host names the dashboard answers besides ``host`` and the loopback names (the ``Host`` header of each
+    #: request must be one of them, so that a web page cannot read the dashboard by DNS rebinding): e.g. the
+    #: public name of a reverse proxy in front.
+    allowed_hosts: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _loopback_or_password(self) -> HTTPSettings:

@@ -343,8 +343,8 @@ class Dispatcher:
         stored."""
         try:
             web = stow.client(dest, self.config.tls, self.config.dispatch.timeout_s)
-        except OSError as exc:  # a password or token file that cannot be read
-            error = f"cannot set up STOW-RS: {exc.strerror or exc}"
+        except (OSError, UnicodeDecodeError) as exc:  # a password or token file that cannot be read
+            error = f"cannot set up STOW-RS: {getattr(exc, 'strerror', None) or exc}"
             log.error("outbox: %s: %s; %d item(s) will be retried", dest.name, error, len(items))
             self._fail(items, error)
             self._audit(dest, items, 0, error)

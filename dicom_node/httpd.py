@@ -181,8 +181,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routes ------------------------------------------------------------------------
 
+    def _host_allowed(self) -> bool:
+        """The request's ``Host`` names this server (DNS rebinding: a page from elsewhere whose name now points
+        at 127.0.0.1 sends its own name). A request without Host (HTTP/1.0 probes) is let through."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        if not host:
+            return True
+        name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+        settings = self.node_server.settings
+        allowed = {"localhost", "::1", settings.host.lower(), *(h.lower() for h in settings.allowed_hosts)}
+        return name in allowed or name.startswith("127.")
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         url = urlsplit(self.path)
+        if not self._host_allowed():
+            self._message(HTTPStatus.MISDIRECTED_REQUEST, "Refused", "Unknown Host ([http] allowed_hosts).")
+            return
         try:
             if url.path == "/health":
                 health = self.node_server.ops.health()
@@ -218,7 +232,15 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         server = self.node_server
         action = {"/actions/retry": "retry", "/actions/reprocess": "reprocess"}.get(url.path)
-        length = int(self.headers.get("Content-Length") or 0)
+        if not self._host_allowed():
+            self._message(HTTPStatus.MISDIRECTED_REQUEST, "Refused", "Unknown Host ([http] allowed_hosts).")
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            self._message(HTTPStatus.BAD_REQUEST, "Refused", "Content-Length is not a number.")
+            return
         if length > MAX_BODY:
             self.close_connection = True
             self._message(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "Refused", "The request is too large.")

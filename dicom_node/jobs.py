@@ -386,6 +386,7 @@ class ThreadExecutor(Generic[T]):
     def __init__(self, run: Callable[[T], None], workers: int = 1) -> None:
         self._run = run
         self._queue: queue.Queue[T | None] = queue.Queue()
+        self._stopping = threading.Event()
         self._threads = [
             threading.Thread(target=self._loop, name=f"job-worker-{i}", daemon=True) for i in range(workers)
         ]
@@ -398,8 +399,8 @@ class ThreadExecutor(Generic[T]):
     def _loop(self) -> None:
         while True:
             task = self._queue.get()
-            if task is None:
-                return
+            if task is None or self._stopping.is_set():
+                return  # a task not started stays queued in the journal: the next start runs it
             try:
                 self._run(task)
             except BaseException:  # noqa: BLE001 - keep the worker alive, whatever the job raised
@@ -407,11 +408,14 @@ class ThreadExecutor(Generic[T]):
                 # only way out of this loop is shutdown's None)
                 log.exception("%s crashed its worker", task if isinstance(task, Task) else f"job {task}")
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Start nothing more; wait up to ``timeout_s`` in all for the tasks running now."""
+        self._stopping.set()
         for _ in self._threads:
             self._queue.put(None)
+        deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 class JournalQueue:

@@ -1184,7 +1184,8 @@ class Journal:
         routed or ignored becomes ``complete`` with its version bumped (its outputs are then named ``v2``, ...),
         and the node routes it on its next sweep (or at its next start). Left alone: the node's own outputs
         (``produced``), series still receiving (they close and are routed by themselves), series already
-        waiting to be routed, series with a job queued or running, and series whose instances retention deleted.
+        waiting to be routed, series with a job queued or running, and series with no instance on disk (retention
+        deleted them; a series received again after that has its new instances and is reprocessed).
         """
         selectors = {"series_uid": series_uid, "study_uid": study_uid, "patient_id": patient_id}
         given = {k: v for k, v in selectors.items() if v}
@@ -1193,7 +1194,8 @@ class Journal:
         ((column, value),) = given.items()
         with self._tx() as db:
             rows = db.execute(
-                f"SELECT series_uid FROM series WHERE {column}=? AND state IN ('routed', 'ignored') AND purged_at = 0"
+                f"SELECT series_uid FROM series WHERE {column}=? AND state IN ('routed', 'ignored')"
+                " AND EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)"
                 " AND series_uid NOT IN (SELECT series_uid FROM produced)"
                 " AND series_uid NOT IN (SELECT series_uid FROM jobs WHERE state IN ('queued', 'running'))"
                 " ORDER BY first_received, series_uid", (value,)

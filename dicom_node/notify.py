@@ -118,8 +118,10 @@ class Notifier:
                 return
             except urllib.error.HTTPError as exc:
                 error = f"HTTP {exc.code} {exc.reason}"
-            except (urllib.error.URLError, OSError, HTTPException, ValueError) as exc:
+            except (urllib.error.URLError, OSError, HTTPException) as exc:
                 error = str(getattr(exc, "reason", None) or exc)
+            except ValueError as exc:  # its message may quote the URL, and with it a token
+                error = type(exc).__name__
             if attempt < hook.tries and self._stopping.wait(min(2.0 ** (attempt - 1), 30.0)):
                 break
         self.failed += 1

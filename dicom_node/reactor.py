@@ -50,10 +50,17 @@ class SignallingQueue(queue.Queue):  # type: ignore[type-arg]
 
 
 class WakingDUL(DULServiceProvider):
-    """The DUL reactor: pynetdicom's loop without its 1 ms sleep, waiting in ``select`` instead."""
+    """The DUL reactor: pynetdicom's loop without its 1 ms sleep, waiting in ``poll`` instead (``poll`` has no
+    limit on descriptor numbers, unlike ``select``'s 1024)."""
 
     _wake_r: socket.socket
     _wake_w: socket.socket
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:  # the wake-up pair goes with the thread, not at garbage collection (descriptors add up)
+            _close_all(self._wake_r, self._wake_w)
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -92,7 +99,10 @@ class WakingDUL(DULServiceProvider):
         if pending is not None and pending():  # TLS: decrypted bytes already buffered
             return
         try:
-            select.select([sock, self._wake_r], [], [], WAIT_S)
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+            poller.poll(WAIT_S * 1000)
             while self._wake_r.recv(4096):
                 pass
         except (OSError, ValueError):  # closed meanwhile (the loop finds out), or nothing left to drain

@@ -20,6 +20,7 @@ import time
 
 from inference.models import ModelRegistry
 
+from . import systemd
 from .config import NodeConfig
 from .jobs import JobRunner, Task
 from .journal import Journal
@@ -61,6 +62,7 @@ class Worker:
             thread.start()
         log.info("worker %s ready: %d thread(s) claiming jobs from %s", self.id, len(self._threads),
                  self.journal.path)
+        systemd.notify("READY=1")  # a Type=notify unit (no watchdog for workers yet: leave WatchdogSec out)
 
     def submit(self, task: Task) -> None:
         """The executor seam: the task is queued in the journal already; wake an idle thread to claim it."""

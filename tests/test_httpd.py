@@ -261,3 +261,39 @@ def test_serve_with_the_http_port_taken_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1] == (  # refused before the models are loaded
         f"dicom-node: [http] port {port} on 127.0.0.1 cannot be used: Address already in use "
         "(another program listens there?)")
+
+
+def test_a_foreign_host_name_is_refused(make_node: Callable[..., Node]) -> None:
+    """DNS rebinding: a page whose name now points at 127.0.0.1 sends its own Host; the dashboard and actions are
+    not answered to it. Loopback names and [http] allowed_hosts are; a broken Content-Length is a 400, not a
+    traceback."""
+    node = make_node(password=False)
+    assert request(node, "/", headers={"Host": "evil.example:8080"})[0] == 421
+    assert request(node, "/actions/retry", data={"job_id": "1"}, headers={"Host": "evil.example"})[0] == 421
+    for host in ("localhost:8080", f"127.0.0.1:{node.http.port}", "[::1]:8080"):
+        assert request(node, "/health", headers={"Host": host})[0] in (200, 503), host
+    status, _, body = request(node, "/actions/retry", data={"job_id": "1"}, headers={"Content-Length": "x"})
+    assert status == 400 and "Content-Length" in body
+
+
+def test_serve_with_an_unusable_password_file_exits_1(tmp_path: Path) -> None:
+    """The HTTP server refusing to start (here: a password shorter than 8 characters) is one line and exit code 1,
+    so that systemd's Restart=on-failure and scripts see the failure (review finding: it exited 0)."""
+    import subprocess
+    import sys
+
+    from tests.e2e.node_proc import REPO, config_toml
+
+    password = tmp_path / "password"
+    password.write_text("short\n")
+    password.chmod(0o600)
+    config = tmp_path / "node.toml"
+    config.write_text(config_toml({
+        "node": {"host": "127.0.0.1", "port": free_port(), "data_dir": str(tmp_path / "data"), "fsync": False},
+        "http": {"port": free_port(), "admin_password_file": str(password)},
+        "inference": {"models_dir": str(tmp_path)}, "rules": [],
+    }))
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "password" in result.stderr.strip().splitlines()[-1]

@@ -856,3 +856,18 @@ def test_a_version_5_journal_gets_claims(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "6"
     db.close()
+
+
+def test_a_series_purged_then_received_again_can_be_reprocessed(journal: Journal) -> None:
+    """Retention took its instances: nothing to reprocess. Received again: its new instances are (review finding:
+    the series' purged_at alone used to refuse it for good)."""
+    add(journal, "1.9.1", now=1000.0)
+    journal.close_series(SERIES)
+    journal.set_series_state(SERIES, SeriesState.IGNORED, "no rule matched")
+    assert journal.begin_purge(SERIES, delivered_before=2e9, not_processed_before=2e9,
+                               job_folder=lambda job: f"/out/job-{job}") is not None
+    assert journal.request_reprocess(series_uid=SERIES) == []
+    add(journal, "1.9.2")
+    journal.close_series(SERIES)
+    journal.set_series_state(SERIES, SeriesState.IGNORED, "no rule matched")
+    assert journal.request_reprocess(series_uid=SERIES) == [SERIES]
