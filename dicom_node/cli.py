@@ -349,7 +349,7 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
     if not path.exists():
         return {"node": node, "journal": None, "problems": [f"no journal at {path}: the node has not run with "
                                                              "this data_dir yet"]}
-    journal = Journal(path)
+    journal = Journal(path, read_only=True)  # status never creates, upgrades or locks the journal
     try:
         cutoff = time.time() - since_h * 3600
         failed_jobs = [j for j in journal.jobs(states=[JobState.FAILED], limit=1000) if j.updated_at >= cutoff]

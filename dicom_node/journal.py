@@ -401,20 +401,28 @@ class _PendingInstance:
 class Journal:
     """Durable record of everything the node received, decided and sent."""
 
-    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True, read_only: bool = False) -> None:
+        """Open (create, upgrade) the journal at ``path``. ``read_only``: open an existing journal for reading only
+        (``status``): nothing is created, upgraded or locked for writing; one of another schema version is
+        refused (the node upgrades it when it starts)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._pending_lock = threading.Lock()
         self._pending: list[_PendingInstance] = []
         try:
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            target = f"file:{self.path}?mode=ro" if read_only else str(self.path)
+            self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, uri=read_only)
         except sqlite3.Error as exc:
             raise self._unusable(str(exc)) from None
         try:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA busy_timeout=10000")
             self._check_integrity()
+            if read_only:
+                self._check_version()
+                return
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before the call returns, which is what lets the SCP acknowledge.
             self._synchronous = "FULL" if fsync else "NORMAL"
@@ -457,6 +465,17 @@ class Journal:
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
             raise self._unusable(f"integrity check failed: {problems[0]}{more}")
+
+    def _check_version(self) -> None:
+        """A journal opened read-only must be of this version's schema (it cannot be upgraded)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = int(row["value"]) if row is not None else 0
+        if version > SCHEMA_VERSION:
+            raise self._unusable(f"it has schema version {version}, written by a newer dicom-node (this one reads "
+                                 f"up to {SCHEMA_VERSION})")
+        if version < SCHEMA_VERSION:
+            raise JournalError(f"journal {self.path} has schema version {version}, written by an older dicom-node: "
+                               f"it is brought up to version {SCHEMA_VERSION} when this version's node starts")
 
     def _migrate(self) -> None:
         """Bring a journal written by an older version up to :data:`SCHEMA_VERSION` (in place); refuse one

@@ -587,3 +587,33 @@ def test_status_says_whether_the_node_runs(tmp_path: Path, capsys: pytest.Captur
     off = load_config(write_config(tmp_path, models, "\n[http]\nport = 0\n"))
     report = status_report(off, 5, 24)
     assert report["node"]["health_url"] is None and report["node"]["running"] is False
+
+
+def test_status_reads_the_journal_without_changing_it(tmp_path: Path, models_dir: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`status` opens the journal read-only: it neither upgrades an older one (review finding: it ran the
+    migrations, so an older node then refused its own journal) nor writes to a current one."""
+    import hashlib
+    import sqlite3
+
+    config = str(write_config(tmp_path, models_dir))
+    _journal_with_work(tmp_path / "data")
+    files = sorted((tmp_path / "data").glob("journal.sqlite3*"))
+
+    def digest() -> list[str]:
+        return [hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.exists()]
+
+    before = digest()
+    assert main(["status", "--config", config, "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["counts"]["instances"] == {"total": 3}
+    assert digest() == before
+    db = sqlite3.connect(tmp_path / "data" / "journal.sqlite3")
+    db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    assert main(["status", "--config", config]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "schema version 3, written by an older dicom-node" in err[0]
+    db = sqlite3.connect(tmp_path / "data" / "journal.sqlite3")
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"  # not upgraded
+    db.close()
