@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on Debian 12 (run as root): the end-to-end peers
 # (dcmtk, Orthanc with its DICOMweb plugin, dicom3tools; openssl makes the TLS tests' certificates; chromium shows
-# the dashboard headless) and the project with its test extra.
+# the dashboard headless; PostgreSQL and Redis for the scale-out tests: shared journal and Celery broker) and the project with its test extra.
 # Safe to run again.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 PEERS=(/usr/bin/storescu /usr/bin/echoscu /usr/bin/storescp /usr/sbin/Orthanc /usr/bin/dciodvfy /usr/bin/openssl
-       /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/chromium)
+       /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/chromium /usr/lib/postgresql/15/bin/postgres
+       /usr/bin/redis-server)
 
 missing=()
 for tool in "${PEERS[@]}"; do
@@ -18,7 +19,7 @@ pip_missing=0
 "$PYTHON" -m pip --version >/dev/null 2>&1 || pip_missing=1
 
 if (( ${#missing[@]} > 0 || pip_missing )); then
-    packages=(dcmtk orthanc orthanc-dicomweb dicom3tools openssl chromium)
+    packages=(dcmtk orthanc orthanc-dicomweb dicom3tools openssl chromium postgresql redis-server)
     (( pip_missing )) && packages+=(python3-pip)
     echo "installing ${packages[*]} (missing: ${missing[*]:-} $( (( pip_missing )) && echo "pip" ))"
     apt-get update
@@ -27,13 +28,16 @@ else
     echo "dcmtk, Orthanc, dicom3tools, openssl and chromium already installed"
 fi
 
-# The orthanc package starts a system service on ports 4242/8042; the tests run their own.
-if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
-    systemctl stop orthanc.service 2>/dev/null || true
-    systemctl disable orthanc.service 2>/dev/null || true
-elif [[ -x /etc/init.d/orthanc ]]; then
-    service orthanc stop >/dev/null 2>&1 || true
-fi
+# The orthanc, postgresql and redis-server packages start system services (4242/8042, 5432, 6379); the tests run
+# their own, each on a free port of 127.0.0.1.
+for service in orthanc postgresql redis-server; do
+    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+        systemctl stop "$service.service" 2>/dev/null || true
+        systemctl disable "$service.service" 2>/dev/null || true
+    elif [[ -x "/etc/init.d/$service" ]]; then
+        service "$service" stop >/dev/null 2>&1 || true
+    fi
+done
 if pgrep -x Orthanc >/dev/null 2>&1; then
     echo "warning: an Orthanc process is still running:" >&2
     pgrep -a -x Orthanc >&2 || true
