@@ -43,7 +43,7 @@ from . import __version__
 from .audit import AuditTrail
 from .config import ConfigError, Destination, NodeConfig, config_path, load_config
 from .httpd import HTTPListenError
-from .journal import FollowUpRecord, JobRecord, Journal, JournalError, OutboxState
+from .journal import FollowUpRecord, JobRecord, Journal, JournalError, OutboxState, journal_path, open_journal
 from .lock import NodeLock, NodeRunning, ProcessLock, probe, processes
 from .logs import setup_logging
 
@@ -64,10 +64,10 @@ def _config(args: argparse.Namespace) -> NodeConfig:
 
 def _journal(config: NodeConfig) -> Journal:
     """The node's journal, for a command that changes it (:class:`CommandError` when the node never ran here)."""
-    path = config.node.data_dir / "journal.sqlite3"
+    path = journal_path(config)
     if not path.exists():
         raise CommandError(f"no journal at {path}: the node has not run with this data_dir yet")
-    return Journal(path, fsync=config.node.fsync)
+    return open_journal(config)
 
 
 def _audit(config: NodeConfig, action: str, **fields: object) -> None:
@@ -333,7 +333,7 @@ def _job_json(j: JobRecord, follow_ups: Sequence[FollowUpRecord] = ()) -> dict[s
 def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (``--json`` prints it as it is)."""
     from .httpd import probe_health, probe_url
-    from .journal import JobState, Journal
+    from .journal import JobState
 
     holder = probe(config.node.data_dir)
     url = probe_url(config)
@@ -349,7 +349,7 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
     if not path.exists():
         return {"node": node, "journal": None, "problems": [f"no journal at {path}: the node has not run with "
                                                              "this data_dir yet"]}
-    journal = Journal(path, read_only=True)  # status never creates, upgrades or locks the journal
+    journal = open_journal(config, read_only=True)  # status never creates, upgrades or locks the journal
     try:
         cutoff = time.time() - since_h * 3600
         failed_jobs = [j for j in journal.jobs(states=[JobState.FAILED], limit=1000) if j.updated_at >= cutoff]
@@ -463,14 +463,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_journal_rebuild(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config)
-    from .journal import Journal
     from .rebuild import rebuild
 
     spool = config.node.data_dir / "spool"
     if not spool.is_dir():
         print(f"no spool at {spool}: nothing to rebuild from", file=sys.stderr)
         return 1
-    journal = Journal(config.node.data_dir / "journal.sqlite3", fsync=config.node.fsync)
+    journal = open_journal(config)
     try:
         result = rebuild(journal, spool, reprocess=args.reprocess)
     finally:

@@ -43,9 +43,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .headers import InstanceHeader, ReceivedInstance, SeriesAttributes
+
+if TYPE_CHECKING:
+    from .config import NodeConfig
 
 
 class SeriesState(StrEnum):
@@ -1327,3 +1330,15 @@ class Journal:
                              " WHERE purged_at > 0")[0]
         out["purged"] = {"series": purged["n"], "instances": purged["i"]}
         return out
+
+
+def journal_path(config: NodeConfig) -> Path:
+    """Where the embedded (SQLite) journal of this configuration lives."""
+    return config.node.data_dir / "journal.sqlite3"
+
+
+def open_journal(config: NodeConfig, *, read_only: bool = False) -> Journal:
+    """The journal this configuration names: every process (receiver, worker, command) opens it through here."""
+    if read_only:
+        return Journal(journal_path(config), read_only=True)
+    return Journal(journal_path(config), fsync=config.node.fsync)

@@ -32,7 +32,7 @@ from .exporter import NodeMetrics
 from .health import Check, Health, check_disk, check_dispatcher, check_journal
 from .httpd import ActionError, NodeHTTPServer
 from .jobs import JobRunner, JournalQueue, Task, ThreadExecutor
-from .journal import NODE_WORKER, Journal, OutboxState, SeriesState
+from .journal import NODE_WORKER, OutboxState, SeriesState, open_journal
 from .notify import Notifier, install, notify
 from .rebuild import unknown_files
 from .retention import Retention
@@ -85,7 +85,7 @@ class Node:
             log.warning("data directory %s was readable by other users: now 0700 (it holds patient data)", data_dir)
         (data_dir / "outputs").mkdir(mode=0o700, exist_ok=True)
         private_dir(data_dir / "outputs")
-        self.journal = Journal(data_dir / "journal.sqlite3", fsync=config.node.fsync)
+        self.journal = open_journal(config)
         self.spool = Spool(data_dir / "spool", fsync=config.node.fsync)
         self.registry = ModelRegistry(
             config.inference.models_dir, providers=config.inference.providers, threads=config.inference.threads

@@ -23,7 +23,7 @@ from inference.models import ModelRegistry
 from . import systemd
 from .config import NodeConfig
 from .jobs import JobRunner, Task
-from .journal import Journal
+from .journal import open_journal
 from .notify import Notifier, install
 from .service import prepare_models
 
@@ -41,8 +41,7 @@ class Worker:
     def __init__(self, config: NodeConfig, worker: str | None = None) -> None:
         self.config = config
         self.id = worker or worker_id()
-        data_dir = config.node.data_dir
-        self.journal = Journal(data_dir / "journal.sqlite3", fsync=config.node.fsync)
+        self.journal = open_journal(config)
         self.registry = ModelRegistry(config.inference.models_dir, providers=config.inference.providers,
                                       threads=config.inference.threads)
         self.runner = JobRunner(config, self.journal, self.registry, on_written=lambda: None, worker=self.id)
