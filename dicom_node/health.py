@@ -6,12 +6,13 @@ the systemd watchdog is fed only while the checks that a restart could cure pass
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .disk import free_bytes as disk_free_bytes  # one reader of free space for /health, /metrics and the guard
 
 #: The checks whose failure a restart may cure (a stuck scheduler, a listener that died, a journal that no longer
 #: answers): the systemd watchdog is fed only while they pass. A disk below its watermark is not one of them: the
@@ -49,11 +50,6 @@ class Health:
     def to_json(self) -> dict[str, Any]:
         return {"status": "ok" if self.ok else "failing", "checked_at": self.checked_at,
                 "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in self.checks.items()}}
-
-
-def disk_free_bytes(path: Path) -> int:
-    """Free bytes on the file system of ``path`` (for an unprivileged process: what it may still write)."""
-    return shutil.disk_usage(path).free
 
 
 def check_disk(path: Path, min_free_bytes: int, free_bytes: Callable[[Path], int] = disk_free_bytes) -> Check:

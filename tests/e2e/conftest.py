@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.node_proc import SYNTH_MODEL
 from tests.e2e.peers import Orthanc, StoreSCP, require_tools
+from tests.onnx_fixtures import make_synthesis_model
 
 E2E_DIR = Path(__file__).resolve().parent
 
@@ -71,3 +73,11 @@ def store_scp(tmp_path: Path) -> Iterator[StoreSCP]:
     scp.start()
     yield scp
     scp.stop()
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with one fixture synthesis model, ``SYNTH_MODEL`` (a module may define its own instead)."""
+    folder = tmp_path_factory.mktemp("models")
+    make_synthesis_model(folder, model_id=SYNTH_MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
+    return folder

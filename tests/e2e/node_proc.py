@@ -18,6 +18,16 @@ from .peers import LOCALHOST, echoscu, free_port
 REPO = Path(__file__).resolve().parents[2]
 
 
+#: The fixture synthesis model of the e2e ``models_dir`` fixture (tests/e2e/conftest.py).
+SYNTH_MODEL = "test-synth"
+
+
+def synthesis_rule(name: str, pattern: str, destination: str, *, output_name: str | None = None) -> dict[str, Any]:
+    """A routing rule (TOML table) sending series whose description matches ``pattern`` to ``SYNTH_MODEL``."""
+    return {"name": name, "series_description": pattern, "model": SYNTH_MODEL,
+            "output_name": output_name or f"s{name}", "volumetry": False, "destinations": [destination]}
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -11,27 +11,13 @@ import pytest
 
 from dicom_node import cli
 from tests.dicom_factory import make_mr_series, make_study
-from tests.onnx_fixtures import make_synthesis_model
 
-from .node_proc import NodeProcess
+from .node_proc import NodeProcess, synthesis_rule
 from .peers import failed_stores, free_port, storescu
 
-MODEL = "test-synth"
 SHAPE, SPACING = (8, 24, 24), (1.0, 1.0, 4.0)
 #: a few seconds instead of days
 RETENTION = {"delivered_days": 2.0 / 86400, "not_processed_days": 2.0 / 86400, "sweep_interval_s": 0.5}
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models")
-    make_synthesis_model(folder, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
-    return folder
-
-
-def _rule(name: str, description: str, destination: str) -> dict:
-    return {"name": name, "series_description": description, "model": MODEL, "output_name": f"s{name}",
-            "volumetry": False, "destinations": [destination]}
 
 
 def _send(node: NodeProcess, files: list[Path]) -> None:
@@ -53,7 +39,7 @@ def test_retention_deletes_what_was_delivered_keeps_what_was_not_and_a_resend_is
                                  series_description="flair", series_number=3)
     destinations = [{"name": "pacs", "ae_title": store_scp.aet, "host": "127.0.0.1", "port": store_scp.port},
                     {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()}]  # never up
-    rules = [_rule("T1", "^t1$", "pacs"), _rule("FLAIR", "^flair$", "down")]
+    rules = [synthesis_rule("T1", "^t1$", "pacs"), synthesis_rule("FLAIR", "^flair$", "down")]
     with NodeProcess(tmp_path / "node", models_dir=models_dir, destinations=destinations, rules=rules,
                      retention=RETENTION) as node:
         _send(node, delivered + ignored + undelivered)

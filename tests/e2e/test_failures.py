@@ -20,7 +20,6 @@ from dicom_node.jobs import JobRunner
 from dicom_node.journal import Journal
 from inference.models import ModelRegistry
 from tests.dicom_factory import make_mr_series, make_study
-from tests.onnx_fixtures import make_synthesis_model
 from tests.test_jobs import AGREEMENT_RULES, MODEL, SHAPE, SPACING, UID_ROOT, _real_and_thick
 from tests.test_notify import Hook
 
@@ -28,13 +27,6 @@ from .node_proc import REPO, NodeProcess
 from .peers import assert_valid_dicom, failed_stores, storescu
 
 RULE = {"name": "t1-2d", "series_description": "t1", "model": MODEL, "output_name": "sT12DT1", "volumetry": False}
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models")
-    make_synthesis_model(folder, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
-    return folder
 
 
 @pytest.fixture

@@ -25,29 +25,15 @@ from pydicom.uid import MRImageStorage
 from pynetdicom import AE
 
 from tests.dicom_factory import make_mr_series, make_study
-from tests.onnx_fixtures import make_synthesis_model
 
-from .node_proc import NodeProcess
+from .node_proc import SYNTH_MODEL, NodeProcess, synthesis_rule
 from .peers import StoreSCP, failed_stores, storescu, tools_verdict
 
-MODEL = "test-synth"
 PASSWORD = "dashboard-secret-42"
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("DICOM_NODE_ARTIFACTS") or Path(__file__).resolve().parents[1] / "artifacts")
 SHAPE, SPACING = (6, 24, 24), (2.0, 2.0, 4.0)
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models")
-    make_synthesis_model(folder, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
-    return folder
-
-
-def _rule(name: str, pattern: str, destination: str) -> dict:
-    return {"name": name, "series_description": pattern, "model": MODEL, "output_name": "sT1TEST",
-            "volumetry": False, "destinations": [destination]}
 
 
 def _http(node: NodeProcess, path: str, *, form: dict[str, str] | None = None,
@@ -106,7 +92,8 @@ def test_health_metrics_dashboard_and_its_actions(tmp_path: Path, orthanc, model
     archived = make_mr_series(tmp_path / "arch", shape=SHAPE, spacing=SPACING, series_description="t1_archive",
                               study=make_study(patient_id="PAT-ARCH", accession_number="ACC-ARCH"))
     node = NodeProcess(tmp_path / "node", models_dir=models_dir, destinations=[pacs, down],
-                       rules=[_rule("t1", "^t1_good", "pacs"), _rule("t1-archive", "^t1_archive", "archive")],
+                       rules=[synthesis_rule("t1", "^t1_good", "pacs", output_name="sT1TEST"),
+                              synthesis_rule("t1-archive", "^t1_archive", "archive", output_name="sT1TEST")],
                        dispatch={"max_tries": 1}, node={"fsync": False},
                        http={"admin_password_file": str(password_file)})
     with node:
@@ -161,7 +148,7 @@ def test_health_metrics_dashboard_and_its_actions(tmp_path: Path, orthanc, model
         assert set(studies) == {"PAT-GOOD", "PAT-FAIL", "PAT-ARCH"}
         done = studies["PAT-GOOD"]
         assert '<span class="accession">ACC-GOOD</span>' in done and "2024-03-15" in done
-        assert "t1_good" in done and MODEL in done and "done" in done
+        assert "t1_good" in done and SYNTH_MODEL in done and "done" in done
         output = re.search(r'<tr class="output" data-kind="sT1">(.*?)</tr>', done, re.S).group(1)
         assert f'<span class="sent">{len(outbox[processed.id])} sent</span>' in output
         assert "gap between slice 2 and 3" in studies["PAT-FAIL"] and 'class="reason"' in studies["PAT-FAIL"]
