@@ -103,6 +103,8 @@ def preflight(config: NodeConfig, *, ports: bool = True) -> None:
     for what, host, port in listen:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe_socket:
             probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
+            if config.node.reuse_port and what != "[http] port":  # receivers sharing their DICOM ports
+                probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 probe_socket.bind((host, port))
             except OSError as exc:
@@ -138,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             process_lock.release()
     lock = NodeLock(config.node.data_dir)
     try:
-        lock.acquire(started=time.time(), role=role)
+        lock.acquire(started=time.time(), role=role, shared=role == "receiver" and config.node.reuse_port)
     except NodeRunning as exc:
         raise CommandError(str(exc)) from None
     process_lock.acquire(role=role, started=time.time())

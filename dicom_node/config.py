@@ -68,6 +68,10 @@ class NodeSettings(_Strict):
     sweep_interval_s: float = Field(default=5.0, gt=0)
     #: Fsync each received file and the journal before acknowledging (keep on in production).
     fsync: bool = True
+    #: Several ``serve --role receiver`` processes of this data directory listen on the same ports
+    #: (``SO_REUSEPORT``: the kernel spreads the associations over them), to use more cores for receiving.
+    #: Only the receiver role may share; ``all`` keeps the data directory to itself.
+    reuse_port: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: ``text``: one readable line per record; ``json``: one JSON object per line (time, level, logger,
     #: message, thread; the traceback as ``exc``), for a log shipper.

@@ -1,9 +1,11 @@
-"""One receiving node per data directory, any number of workers beside it, and a way to tell what runs.
+"""One receiving node per data directory (or receivers that share it), any number of workers beside it, and a
+way to tell what runs.
 
 ``dicom-node serve`` (``--role all`` or ``receiver``) holds an exclusive ``flock`` on ``data_dir/node.lock`` for
 as long as it runs and writes its process id and listening ports into it. A second one on the same data directory
-is refused at once (two receivers would close, route and deliver the same series); ``status`` reads the file and
-probes the lock to say whether the node runs. Every serving process, workers (``--role worker``) included, also
+is refused at once; receivers configured to share their port (``[node] reuse_port``) hold the lock shared instead,
+so that they exclude an ``all`` node but not each other. ``status`` reads the file and probes the lock to say
+whether the node runs. Every serving process, workers (``--role worker``) included, also
 holds a lock of its own, ``data_dir/processes/<role>-<pid>.lock`` (:class:`ProcessLock`), which ``status`` lists
 (:func:`processes`). The kernel drops a lock when its process ends, however it ends (SIGKILL included): a stale
 file never blocks a restart, and is not listed.
@@ -42,25 +44,30 @@ class NodeLock:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / LOCK_NAME
         self._file: IO[str] | None = None
+        self._shared = False
 
     def _describe_holder(self) -> str:
         return f"another node (process {probe(self.path.parent).pid or '?'}) is serving data directory " \
                f"{self.path.parent}"
 
-    def acquire(self, **details: Any) -> None:
-        """Take the lock (or raise :class:`NodeRunning`) and record ``details`` beside the process id."""
+    def acquire(self, *, shared: bool = False, **details: Any) -> None:
+        """Take the lock (or raise :class:`NodeRunning`) and record ``details`` beside the process id.
+
+        ``shared``: one of several receivers sharing the data directory (``[node] reuse_port``); they hold the
+        lock together, exclude a node of role ``all``, and record nothing here (each has its process lock)."""
         f = self.path.open("a+", encoding="utf-8")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
             raise NodeRunning(self._describe_holder()) from None
         self._file = f
+        self._shared = shared
         self.update(**details)
 
     def update(self, **details: Any) -> None:
         """Rewrite the recorded details (e.g. the ports once they are bound)."""
-        if self._file is None:
+        if self._file is None or self._shared:
             return
         self._file.seek(0)
         self._file.truncate()
@@ -69,8 +76,9 @@ class NodeLock:
 
     def release(self) -> None:
         if self._file is not None:
-            self._file.seek(0)
-            self._file.truncate()
+            if not self._shared:
+                self._file.seek(0)
+                self._file.truncate()
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
@@ -103,8 +111,8 @@ def _held(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        try:  # exclusive: a lock held in either mode (an ``all`` node, or receivers sharing) is found
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
                 details = json.loads(f.read() or "{}")
@@ -120,6 +128,9 @@ def probe(data_dir: Path) -> Holder:
     details = _held(data_dir / LOCK_NAME)
     if details is None:
         return Holder(running=False)
+    if not details:  # receivers sharing the directory: the oldest one's process lock tells
+        receivers = [p for p in processes(data_dir) if p.get("role") == "receiver"]
+        details = receivers[0] if receivers else {}
     return Holder(running=True, pid=details.get("pid"), started=details.get("started"), ports=details.get("ports"))
 
 

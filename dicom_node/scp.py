@@ -68,7 +68,7 @@ from .headers import text as _str
 from .journal import InstanceRecord, Journal
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
-from .tls import NodeAssociationServer, common_name, describe_connection, server_context
+from .tls import NodeAssociationServer, SharedPortAssociationServer, common_name, describe_connection, server_context
 from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -402,7 +402,8 @@ class StorageSCP:
     def _listen(self, port: int, handlers: list[Any], ssl_context: Any = None) -> Any:
         """A listener on ``port`` (TLS when ``ssl_context``) sharing the node's handlers, admission and limits."""
         server = self.ae.make_server((self.config.node.host, port), evt_handlers=handlers, ssl_context=ssl_context,
-                                     server_class=NodeAssociationServer, request_handler=GuardedRequestHandler)
+                                     server_class=SharedPortAssociationServer if self.config.node.reuse_port
+                                     else NodeAssociationServer, request_handler=GuardedRequestHandler)
         server.dn_limits = self.limits
         server.dn_budget = self.budget
         server.dn_max_connections = self.config.limits.max_connections

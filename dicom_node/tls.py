@@ -120,7 +120,17 @@ def common_name(sock: Any) -> str | None:
 
 class NodeAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server, wrapping accepted connections in TLS without handshaking in the
-    listener's thread (pynetdicom handshakes there, where one silent client would stall every other)."""
+    listener's thread (pynetdicom handshakes there, where one silent client would stall every other).
+    :class:`SharedPortAssociationServer` also lets other receiver processes bind the same port."""
+
+    #: ``SO_REUSEPORT`` before the bind (pynetdicom's ``server_bind`` ignores ``allow_reuse_port``)
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -128,3 +138,9 @@ class NodeAssociationServer(ThreadedAssociationServer):
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
+
+
+class SharedPortAssociationServer(NodeAssociationServer):
+    """The listener of one of several receiver processes sharing a port (``[node] reuse_port``)."""
+
+    reuse_port = True

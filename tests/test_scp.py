@@ -39,10 +39,10 @@ NODE_AE = "TEST_NODE"
 class Node:
     """A StorageSCP on a free loopback port with its spool, journal and released series."""
 
-    def __init__(self, tmp_path: Path, peers: list[Peer]) -> None:
+    def __init__(self, tmp_path: Path, peers: list[Peer], port: int | None = None, reuse_port: bool = False) -> None:
         config = NodeConfig(
-            node=NodeSettings(ae_title=NODE_AE, host="127.0.0.1", port=free_port(), data_dir=tmp_path / "data",
-                              fsync=False, network_timeout_s=10),
+            node=NodeSettings(ae_title=NODE_AE, host="127.0.0.1", port=port or free_port(), data_dir=tmp_path / "data",
+                              fsync=False, network_timeout_s=10, reuse_port=reuse_port),
             peers=peers,
         )
         self.journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
@@ -70,8 +70,8 @@ NodeFactory = Callable[..., Node]
 def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
     nodes: list[Node] = []
 
-    def make(peers: list[Peer] | None = None) -> Node:
-        node = Node(tmp_path / f"node{len(nodes)}", peers or [])
+    def make(peers: list[Peer] | None = None, **kwargs: Any) -> Node:
+        node = Node(tmp_path / f"node{len(nodes)}", peers or [], **kwargs)
         nodes.append(node)
         return node
 
@@ -302,6 +302,26 @@ def test_called_ae_mismatch_is_rejected(node: Node, caplog: pytest.LogCaptureFix
     assoc = node.associate(called="OTHER_NODE")
     assert assoc.is_rejected
     assert _wait_for(lambda: any("called AE title 'OTHER_NODE'" in r.getMessage() for r in caplog.records))
+
+
+def test_receivers_sharing_a_port_each_take_associations(node_factory: NodeFactory, series: list[Path]) -> None:
+    port = free_port()
+    first = node_factory(port=port, reuse_port=True)
+    second = node_factory(port=port, reuse_port=True)  # binds: SO_REUSEPORT on both listeners
+    for _ in range(24):
+        assoc = first.associate()
+        assert assoc.is_established
+        assert assoc.send_c_store(series[0]).Status == 0x0000
+        assoc.release()
+    assert _wait_for(lambda: len(first.released) + len(second.released) == 24)
+    assert first.released and second.released  # the kernel spread them (all on one: p = 2**-23)
+
+
+def test_a_port_is_not_shared_without_reuse_port(node_factory: NodeFactory) -> None:
+    port = free_port()
+    node_factory(port=port)
+    with pytest.raises(OSError):
+        node_factory(port=port)
 
 
 def test_tcp_nodelay_on_the_accepted_socket(node: Node) -> None:

@@ -1,0 +1,54 @@
+"""dicom_node.lock: one node per data directory, receivers sharing it, and what ``status`` reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dicom_node.lock import NodeLock, NodeRunning, ProcessLock, probe, processes
+
+
+def test_a_second_node_is_refused_and_the_holder_is_probed(tmp_path: Path) -> None:
+    first = NodeLock(tmp_path)
+    first.acquire(started=1.0, ports={"dicom": 11112})
+    try:
+        with pytest.raises(NodeRunning, match="another node"):
+            NodeLock(tmp_path).acquire()
+        holder = probe(tmp_path)
+        assert holder.running and holder.pid == os.getpid() and holder.ports == {"dicom": 11112}
+    finally:
+        first.release()
+    assert not probe(tmp_path).running
+    NodeLock(tmp_path).acquire()  # free again
+
+
+def test_receivers_share_the_directory_and_exclude_a_node_of_role_all(tmp_path: Path) -> None:
+    receivers = [NodeLock(tmp_path), NodeLock(tmp_path)]
+    own = ProcessLock(tmp_path, "receiver")
+    for lock in receivers:
+        lock.acquire(shared=True, role="receiver")
+    own.acquire(role="receiver", started=2.0, ports={"dicom": 104})
+    try:
+        with pytest.raises(NodeRunning):
+            NodeLock(tmp_path).acquire(role="all")  # exclusive: refused while receivers share it
+        holder = probe(tmp_path)  # found although shared holders record nothing in node.lock
+        assert holder.running and holder.pid == os.getpid() and holder.ports == {"dicom": 104}
+        assert [p["role"] for p in processes(tmp_path)] == ["receiver"]
+        receivers[0].release()
+        assert probe(tmp_path).running  # the other receiver still holds it
+    finally:
+        receivers[1].release()
+        own.release()
+    assert not probe(tmp_path).running and processes(tmp_path) == []
+
+
+def test_an_all_node_excludes_a_receiver_that_would_share(tmp_path: Path) -> None:
+    node = NodeLock(tmp_path)
+    node.acquire(role="all")
+    try:
+        with pytest.raises(NodeRunning):
+            NodeLock(tmp_path).acquire(shared=True)
+    finally:
+        node.release()
