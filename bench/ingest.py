@@ -17,11 +17,12 @@ from tests.e2e.peers import Orthanc, StoreSCP, echoscu, free_port
 from .node import REPO, BenchNode
 from .send import Send, send, send_parallel, write_profile
 
-TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-no-fsync", "pynetdicom-bare")
+TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-no-fsync", "pynetdicom-bare", "node-2-receivers")
 #: The goal compares node and Orthanc; "orthanc-sync" is Orthanc with its default SyncStorageArea (fsync of each
 #: file, as the node's fsync), "orthanc" without it (as the end-to-end tests run it); "node-no-fsync" (what
 #: durability costs) and "pynetdicom-bare" (a pynetdicom SCP that keeps nothing: the ceiling of the library the
-#: node is built on) are references.
+#: node is built on) are references. "node-2-receivers": two ``serve --role receiver`` processes of one data
+#: directory sharing the port (``[node] reuse_port``), fsync on: what more receiving processes give.
 #: Senders at once in the concurrent part of P1.
 SENDERS = 4
 
@@ -81,6 +82,26 @@ def _node_run(sender: Sender, work: Path, empty_models: Path, images: int, *, fs
     return seconds
 
 
+def _receivers_run(sender: Sender, work: Path, empty_models: Path, images: int, n: int = 2) -> float:
+    port, data_dir = free_port(), work / "data"
+    nodes = [BenchNode(work / f"receiver-{i}", models_dir=empty_models, role="receiver", port=port,
+                       data_dir=data_dir, node={"reuse_port": True}) for i in range(n)]
+    try:
+        for node in nodes:
+            node.start()
+        seconds = sender(port, nodes[0].ae_title)
+        journal = nodes[0].journal()
+        try:
+            stored = journal.counts()["instances"]["total"]
+        finally:
+            journal.close()
+        _check(stored == images, f"the receivers' journal holds {stored} instances, {images} were sent")
+    finally:
+        for node in nodes:
+            node.stop()
+    return seconds
+
+
 def _storescp_run(sender: Sender, work: Path, images: int) -> float:
     with StoreSCP(work / "storescp") as scp:
         seconds = sender(scp.port, scp.aet)
@@ -114,6 +135,8 @@ def _orthanc_run(sender: Sender, work: Path, images: int, *, sync: bool) -> floa
 def _run(target: str, sender: Sender, work: Path, empty_models: Path, images: int) -> float:
     if target in ("node", "node-no-fsync"):
         return _node_run(sender, work, empty_models, images, fsync=target == "node")
+    if target == "node-2-receivers":
+        return _receivers_run(sender, work, empty_models, images)
     if target == "pynetdicom-bare":
         return _bare_run(sender)
     if target == "storescp":

@@ -18,9 +18,11 @@ class BenchNode(NodeProcess):
 
     def __init__(self, workdir: Path, *, models_dir: Path, rules: Sequence[Mapping[str, Any]] | None = None,
                  destinations: Sequence[Mapping[str, Any]] = (), node: Mapping[str, Any] | None = None,
-                 inference: Mapping[str, Any] | None = None, ae_title: str = "DICOM_NODE") -> None:
+                 inference: Mapping[str, Any] | None = None, ae_title: str = "DICOM_NODE", role: str = "all",
+                 port: int | None = None, data_dir: Path | None = None) -> None:
         super().__init__(
-            workdir, models_dir=models_dir, rules=rules, destinations=destinations, ae_title=ae_title,
+            workdir, models_dir=models_dir, rules=rules, destinations=destinations, ae_title=ae_title, role=role,
+            port=port, data_dir=data_dir,
             node={"fsync": True, "idle_timeout_s": 30.0, "sweep_interval_s": 1.0, **(node or {})},
             # the node's own defaults, as in production (the e2e harness turns the segmenter off for time)
             inference={"threads": None, "segmenter": DEFAULT_SEGMENTER, **(inference or {})},

@@ -153,7 +153,9 @@ class NodeProcess:
                 if "role worker)" in self.log():
                     return self
             elif echoscu(self.port, called_ae=self.ae_title, calling_ae=self.probe_ae, timeout=5).returncode == 0:
-                return self
+                # a receiver sharing its port with another: the echo may have been the other's answer
+                if self.role != "receiver" or "role receiver)" in self.log():
+                    return self
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"node did not answer C-ECHO within {timeout} s; log:\n{self.log()}")
