@@ -745,6 +745,29 @@ class Journal:
             db.execute("UPDATE series SET state='routed' WHERE series_uid=?", (series_uid,))
             return int(cur.lastrowid)
 
+    def route_series(self, series_uid: str, version: int, *, rule: str, action: str, model: str | None) -> int | None:
+        """Queue the job of a ``complete`` series at ``version`` and mark it routed, in one transaction; None when
+        the series is no longer complete at that version (another process routed it first: exactly one job)."""
+        now = time.time()
+        with self._tx() as db:
+            taken = db.execute("UPDATE series SET state='routed' WHERE series_uid=? AND state='complete' AND version=?",
+                               (series_uid, version)).rowcount
+            if taken != 1:
+                return None
+            cur = db.execute(
+                "INSERT INTO jobs(series_uid, version, rule, action, model, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (series_uid, version, rule, action, model, now, now),
+            )
+            return int(cur.lastrowid)
+
+    def ignore_series(self, series_uid: str, version: int, note: str) -> bool:
+        """Mark a ``complete`` series at ``version`` not processed (``note``: why); False when another process
+        routed it first."""
+        with self._tx() as db:
+            return db.execute("UPDATE series SET state='ignored', note=? WHERE series_uid=? AND state='complete'"
+                              " AND version=?", (note, series_uid, version)).rowcount == 1
+
     def job(self, job_id: int) -> JobRecord:
         rows = self._query("SELECT * FROM jobs WHERE id=?", (job_id,))
         if not rows:

@@ -398,12 +398,14 @@ class Node:
             installed_models=self.installed_models, is_produced=self.journal.is_produced,
         )
         if decision.rule is None:
-            log.info("series %r (%s): %s", series.description, series_uid, decision.reason)
-            self.journal.set_series_state(series_uid, SeriesState.IGNORED, decision.reason)
+            if self.journal.ignore_series(series_uid, version, decision.reason):
+                log.info("series %r (%s): %s", series.description, series_uid, decision.reason)
             return
         rule = decision.rule
-        job_id = self.journal.add_job(series_uid=series_uid, version=version, rule=rule.name,
-                                      action=rule.action, model=rule.model)
+        job_id = self.journal.route_series(series_uid, version, rule=rule.name, action=rule.action, model=rule.model)
+        if job_id is None:  # another receiver of this journal routed it first
+            log.debug("series %s version %d: routed by another process", series_uid, version)
+            return
         log.info("series %r (%s) version %d: %s → job %d", series.description, series_uid, version,
                  decision.reason, job_id)
         assert self.executor is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -871,3 +872,37 @@ def test_a_series_purged_then_received_again_can_be_reprocessed(journal: Journal
     journal.close_series(SERIES)
     journal.set_series_state(SERIES, SeriesState.IGNORED, "no rule matched")
     assert journal.request_reprocess(series_uid=SERIES) == [SERIES]
+
+
+def test_a_complete_series_is_routed_once_by_racing_receivers(journal: Journal) -> None:
+    """Receivers sharing the journal all sweep: of those routing one closed series, exactly one queues its job."""
+    add(journal, "1.2.3.4.100.1")
+    version = journal.close_series(SERIES)
+    assert version is not None
+    barrier = threading.Barrier(4)
+    results: list[int | None] = []
+
+    def route() -> None:
+        barrier.wait()
+        results.append(journal.route_series(SERIES, version, rule="r", action="synthesize", model="m"))
+
+    threads = [threading.Thread(target=route) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [job_id] = [r for r in results if r is not None]
+    assert results.count(None) == 3 and [j.id for j in journal.jobs()] == [job_id]
+    assert journal.series(SERIES).state == "routed"
+    assert not journal.ignore_series(SERIES, version, "no rule")  # routed already: not overwritten
+    assert journal.route_series(SERIES, version + 1, rule="r", action="synthesize", model="m") is None  # stale
+
+
+def test_a_series_no_rule_matches_is_ignored_once(journal: Journal) -> None:
+    add(journal, "1.2.3.4.100.1")
+    version = journal.close_series(SERIES)
+    assert version is not None
+    assert journal.ignore_series(SERIES, version, "not processed: no rule matches")
+    assert journal.series(SERIES).state == "ignored"
+    assert journal.route_series(SERIES, version, rule="r", action="synthesize", model="m") is None
+    assert journal.jobs() == []
