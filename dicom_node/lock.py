@@ -6,7 +6,7 @@ as long as it runs and writes its process id and listening ports into it. A seco
 is refused at once; receivers configured to share their port (``[node] reuse_port``) hold the lock shared instead,
 so that they exclude an ``all`` node but not each other. ``status`` reads the file and probes the lock to say
 whether the node runs. Every serving process, workers (``--role worker``) included, also
-holds a lock of its own, ``data_dir/processes/<role>-<pid>.lock`` (:class:`ProcessLock`), which ``status`` lists
+holds a lock of its own, ``data_dir/processes/<role>-<host>-<pid>.lock`` (:class:`ProcessLock`), which ``status`` lists
 (:func:`processes`). The kernel drops a lock when its process ends, however it ends (SIGKILL included): a stale
 file never blocks a restart, and is not listed.
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -71,7 +73,7 @@ class NodeLock:
             return
         self._file.seek(0)
         self._file.truncate()
-        self._file.write(json.dumps({"pid": os.getpid(), **details}))
+        self._file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), **details}))
         self._file.flush()
 
     def release(self) -> None:
@@ -85,7 +87,7 @@ class NodeLock:
 
 
 class ProcessLock(NodeLock):
-    """The lock every serving process holds on a file of its own (``processes/<role>-<pid>.lock``), with its role
+    """The lock every serving process holds on a file of its own (``processes/<role>-<host>-<pid>.lock``), with its role
     and worker id: what :func:`processes` lists. Removed when the process stops; left (unlocked, not listed) when
     it is killed."""
 
@@ -93,7 +95,9 @@ class ProcessLock(NodeLock):
         folder = data_dir / PROCESSES_DIR
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         super().__init__(data_dir)
-        self.path = folder / f"{role}-{os.getpid()}.lock"
+        # the host too: processes of several machines or containers (each its own pid 1) may share the folder
+        host = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+        self.path = folder / f"{role}-{host}-{os.getpid()}.lock"
 
     def _describe_holder(self) -> str:
         return f"{self.path} is held by another process"

@@ -52,3 +52,20 @@ def test_an_all_node_excludes_a_receiver_that_would_share(tmp_path: Path) -> Non
             NodeLock(tmp_path).acquire(shared=True)
     finally:
         node.release()
+
+
+def test_process_locks_of_other_hosts_with_the_same_pid_do_not_collide(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Containers sharing a data volume each run their node as pid 1: the host name keeps their locks apart."""
+    monkeypatch.setattr("dicom_node.lock.os.getpid", lambda: 1)
+    locks = []
+    for host in ("receiver-a", "receiver-b"):
+        monkeypatch.setattr("dicom_node.lock.socket.gethostname", lambda host=host: host)
+        lock = ProcessLock(tmp_path, "receiver")
+        lock.acquire(role="receiver", started=float(len(locks)))
+        locks.append(lock)
+    try:
+        assert [(p["host"], p["pid"]) for p in processes(tmp_path)] == [("receiver-a", 1), ("receiver-b", 1)]
+    finally:
+        for lock in locks:
+            lock.release()
