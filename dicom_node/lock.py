@@ -87,9 +87,9 @@ class NodeLock:
 
 
 class ProcessLock(NodeLock):
-    """The lock every serving process holds on a file of its own (``processes/<role>-<host>-<pid>.lock``), with its role
-    and worker id: what :func:`processes` lists. Removed when the process stops; left (unlocked, not listed) when
-    it is killed."""
+    """The lock every serving process holds on a file of its own (``processes/<role>-<host>-<pid>.lock``), with its
+    role and worker id: what :func:`processes` lists. Removed when the process stops; left (unlocked, not listed)
+    when it is killed."""
 
     def __init__(self, data_dir: Path, role: str) -> None:
         folder = data_dir / PROCESSES_DIR
