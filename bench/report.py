@@ -156,15 +156,22 @@ def _throughput_section(results: list[Throughput]) -> list[str]:
            "at once (one association per study) to a node with the default rules and Orthanc as destination; "
            "turnaround per study = its last instance received → its last job settled as sent (journal). "
            "Each run on a fresh node and Orthanc.", "",
-           "| `[inference] workers` | seconds | studies/hour | turnaround median | turnaround p95 | nothing lost |",
-           "|---|---|---|---|---|---|"]
+           "Layouts: *threads* is one `serve` process with `[inference] workers` = N; *processes* is a "
+           "`serve --role receiver` and N `serve --role worker` processes (one thread each) sharing its journal "
+           "and data directory (issue 16's scale-out, on one machine).", "",
+           "| layout | workers | seconds | studies/hour | turnaround median | turnaround p95 | nothing lost |",
+           "|---|---|---|---|---|---|---|"]
     for r in results:
         lost = (f"yes ({r.instances_journaled}/{r.instances_sent} instances journaled, {r.jobs_sent}/{r.jobs} jobs "
                 f"sent, Orthanc holds {r.orthanc_instances}/{r.outbox_items})")
-        out.append(f"| {r.workers} | {r.seconds:.0f} | {r.studies_per_hour:.0f} | {r.median:.1f} s | {r.p95:.1f} s | "
+        out.append(f"| {r.layout} | {r.workers} | {r.seconds:.0f} | {r.studies_per_hour:.0f} | {r.median:.1f} s | "
+                   f"{r.p95:.1f} s | "
                    f"{lost if r.lossless else '**NO**: ' + lost[5:-1]} |")
-    if len(results) > 1:
-        base = results[0].studies_per_hour
-        out += ["", "Scaling: " + ", ".join(f"{r.workers} worker(s) {r.studies_per_hour / base:.2f}×" for r in results)
-                + " the studies/hour of the first setting."]
+    for layout in dict.fromkeys(r.layout for r in results):
+        runs = [r for r in results if r.layout == layout]
+        if len(runs) > 1:
+            base = runs[0].studies_per_hour
+            out += ["", f"Scaling ({layout}): " + ", ".join(
+                f"{r.workers} worker(s) {r.studies_per_hour / base:.2f}×" for r in runs)
+                + f" the studies/hour of {runs[0].workers} worker(s)."]
     return out + [""]

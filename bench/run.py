@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--p5-studies", type=int, default=None,
                         help="studies in the P5 stream (default 20, quick 2; about 1.5 min each on 2 cores)")
     parser.add_argument("--p5-workers", default="1,2", help="[inference] workers settings P5 compares")
+    parser.add_argument("--p5-processes", default="1,2",
+                        help="worker-process counts P5 compares (a receiver and N `serve --role worker`); '' for none")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="models folder holding synth-t1 for P2/P3 (default: onnx_models/ when the shipped "
@@ -94,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"P5 throughput: preparing {studies} studies")
             study_folders, instances, per_study, what = make_studies(tmp_path / "p5", studies)
             inputs["P5"] = f"{studies} studies of {per_study} series ({instances} instances): {what}"
-            results["throughput"] = [throughput(study_folders, instances, per_study, models_dir, int(w), log=_log)
-                                     for w in args.p5_workers.split(",")]
+            settings = [("threads", int(w)) for w in args.p5_workers.split(",") if w.strip()]
+            settings += [("processes", int(w)) for w in args.p5_processes.split(",") if w.strip()]
+            results["throughput"] = [throughput(study_folders, instances, per_study, models_dir, n, log=_log,
+                                                layout=layout) for layout, n in settings]
     load_end = machine.other_load()
     text = report.render(
         machine=machine.describe(), load=sorted(set(load) | set(load_end)),

@@ -35,6 +35,8 @@ _UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Fra
 @dataclass(frozen=True)
 class Throughput:
     workers: int
+    layout: str                    # "threads": one node, ``workers`` threads; "processes": a receiver and ``workers``
+                                   # worker processes (``serve --role worker``, one thread each) sharing its journal
     studies: int
     seconds: float                 # first instance received -> last job settled
     turnarounds: list[float]       # per study: last instance received -> last job settled
@@ -161,31 +163,46 @@ def _measure(journal: Journal, workers: int, studies: int, sent: int) -> dict[st
                 jobs_sent=sum(j.state == "sent" for j in jobs), outbox_items=len(journal.outbox()))
 
 
+def _workers(tmp_path: Path, node: BenchNode, models_dir: Path, pacs: dict[str, object], n: int) -> list[BenchNode]:
+    """``n`` worker processes on the receiver's data directory, started (models warm) before anything is sent."""
+    workers = [BenchNode(tmp_path / f"worker-{i}", models_dir=models_dir, destinations=[pacs], role="worker",
+                         data_dir=node.data_dir, inference={"workers": 1}) for i in range(n)]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
 def throughput(folders: list[Path], instances: int, series_per_study: int, models_dir: Path, workers: int,
-               log: Callable[[str], None] = print) -> Throughput:
+               log: Callable[[str], None] = print, layout: str = "threads") -> Throughput:
     """Send every study folder (SENDERS at once) to a fresh node and Orthanc; wait until every job settled."""
     with tempfile.TemporaryDirectory(prefix="bench-p5-") as tmp:
         tmp_path = Path(tmp)
         profile = write_profile(folders[0], tmp_path / "storescu.cfg")
         with Orthanc(workdir=tmp_path / "orthanc") as orthanc:
             pacs = {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}
+            processes = layout == "processes"
             with BenchNode(tmp_path / "node", models_dir=models_dir, destinations=[pacs],
-                           inference={"workers": workers}) as node:
-                results = _send_all(folders, profile, node.port, node.ae_title)
+                           role="receiver" if processes else "all", inference={"workers": workers}) as node:
+                started = _workers(tmp_path, node, models_dir, pacs, workers) if processes else []
+                try:
+                    results = _send_all(folders, profile, node.port, node.ae_title)
+                    node.wait_for(_settled(series_per_study * len(folders)), timeout=7200, poll=1.0,
+                                  what="every job settled")
+                finally:
+                    for worker in started:
+                        worker.stop()
                 for r in results:
                     if not r.ok:
                         log(f"P5 sender failed (rc {r.returncode}): {(r.failures or [r.output[-500:]])[0]}")
-                node.wait_for(_settled(series_per_study * len(folders)), timeout=7200, poll=1.0,
-                              what="every job settled")
                 journal = node.journal()
                 try:
                     measured = _measure(journal, workers, len(folders), instances)
                 finally:
                     journal.close()
             in_orthanc = int(orthanc.get("/statistics")["CountInstances"])
-    result = Throughput(**measured, orthanc_instances=in_orthanc,  # type: ignore[arg-type]
+    result = Throughput(**measured, layout=layout, orthanc_instances=in_orthanc,  # type: ignore[arg-type]
                         failed_senders=sum(not r.ok for r in results))
-    log(f"P5 workers={workers}: {result.studies} studies in {result.seconds:.0f} s "
+    log(f"P5 {layout} workers={workers}: {result.studies} studies in {result.seconds:.0f} s "
         f"({result.studies_per_hour:.0f}/h), turnaround median {result.median:.1f} s, p95 {result.p95:.1f} s, "
         f"{result.jobs_sent}/{result.jobs} jobs sent, Orthanc holds {in_orthanc} of {result.outbox_items}")
     return result
