@@ -14,7 +14,8 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELHOUSE="$(realpath -m "${1:-wheelhouse}")"
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$WHEELHOUSE"
-"$PYTHON" -m pip wheel --wheel-dir "$WHEELHOUSE" "$REPO_ROOT"
+# the scale extra too (psycopg, celery[redis]: a PostgreSQL journal, Celery workers), for deploy/compose-scaleout.yaml
+"$PYTHON" -m pip wheel --wheel-dir "$WHEELHOUSE" "$REPO_ROOT[scale]"
 # what building the node from its source needs (pyproject's build-system), so that an offline
 # `pip install --no-index --find-links WHEELHOUSE /path/to/source` (deploy/Containerfile) works too
 "$PYTHON" -m pip download --dest "$WHEELHOUSE" --only-binary :all: "setuptools>=68" wheel
