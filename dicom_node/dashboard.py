@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from .health import Health
 from .journal import (
@@ -51,6 +52,8 @@ class PageContext:
     stages: Mapping[int, tuple[str, float]] | None = None
     #: a line shown on top (e.g. why the actions are off)
     notice: str = ""
+    #: the serving processes of the data directory (receivers, workers, ...), as :func:`dicom_node.lock.processes`
+    processes: Sequence[Mapping[str, Any]] = ()
 
 
 def _when(ts: float | None) -> str:
@@ -131,6 +134,8 @@ def render(journal: Journal, page: PageContext, now: float | None = None) -> str
     parts.append(f'<p class="muted">instances {counts["instances"]["total"]} · jobs: {jobs_line}{follow_ups_line}</p>')
     if page.notice:
         parts.append(f'<p class="notice">{esc(page.notice)}</p>')
+    if page.processes:
+        parts.append(_processes(page.processes, now))
     parts.append(
         '<form method="get" action="/" role="search">'
         '<label>Patient ID or accession number <input type="search" name="q" '
@@ -144,6 +149,21 @@ def render(journal: Journal, page: PageContext, now: float | None = None) -> str
         parts.append(_study(journal, study_uid, records, page, stages, now))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _processes(processes: Sequence[Mapping[str, Any]], now: float) -> str:
+    """The serving processes: role, where, since when, and a worker's claim id or a receiver's ports."""
+    rows = []
+    for p in processes:
+        ports = p.get("ports") or {}
+        what = p.get("worker") or ", ".join(f"{esc(k)} {esc(v)}" for k, v in sorted(ports.items()) if v) or "-"
+        started = p.get("started")
+        since = _seconds(max(now - float(started), 0.0)) if isinstance(started, (int, float)) else "-"
+        rows.append(f"<tr><td>{esc(p.get('role', '?'))}</td><td>{esc(p.get('host', '-'))}</td>"
+                    f"<td>{esc(p.get('pid', '-'))}</td><td>{esc(what)}</td><td>{since}</td></tr>")
+    return ('<details id="processes"><summary>processes: ' + str(len(rows)) + "</summary>"
+            "<table><tr><th>role</th><th>host</th><th>pid</th><th>worker id / ports</th><th>up</th></tr>"
+            + "".join(rows) + "</table></details>")
 
 
 def _study(journal: Journal, study_uid: str, records: Sequence[SeriesRecord], page: PageContext,

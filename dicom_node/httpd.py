@@ -72,6 +72,8 @@ class Operations(Protocol):
 
     def job_stages(self) -> Mapping[int, tuple[str, float]]: ...
 
+    def processes(self) -> list[dict[str, Any]]: ...
+
     def reprocess_series(self, series_uid: str, by: str = "") -> str: ...
 
     def retry_deliveries(self, job_id: int, by: str = "") -> str: ...
@@ -225,7 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
                                                     "(set [http] admin_password_file to turn them on).")
         page = PageContext(search=search, limit=server.settings.dashboard_studies, actions=authenticated,
                            csrf=server.csrf_token, health=server.ops.health(), stages=server.ops.job_stages(),
-                           notice=notice)
+                           notice=notice, processes=server.ops.processes())
         self._html(HTTPStatus.OK, render(server.ops.journal, page))
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name

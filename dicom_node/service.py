@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -33,6 +34,7 @@ from .health import Check, Health, check_disk, check_dispatcher, check_journal
 from .httpd import ActionError, NodeHTTPServer
 from .jobs import JobRunner, JournalQueue, Task, ThreadExecutor
 from .journal import NODE_WORKER, OutboxState, SeriesState, open_journal
+from .lock import processes
 from .notify import Notifier, install, notify
 from .rebuild import unknown_files
 from .retention import Retention
@@ -252,6 +254,10 @@ class Node:
 
     def job_stages(self) -> Mapping[int, tuple[str, float]]:
         return dict(self.runner.stages)
+
+    def processes(self) -> list[dict[str, Any]]:
+        """Every serving process of this data directory (this one, other receivers, workers), for the dashboard."""
+        return processes(self.config.node.data_dir)
 
     # -- operator actions (dashboard) ---------------------------------------------------------
 

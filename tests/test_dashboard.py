@@ -172,3 +172,22 @@ def test_stage_and_elapsed_of_each_state(journal: Journal) -> None:
     journal.set_job_timings(job, {"total": 400.0})
     journal.set_job_state(job, JobState.SENT)
     assert job_stage_and_elapsed(journal.job(job), {}, 0) == ("done", "6.7 min")
+
+
+def test_every_serving_process_is_listed(journal: Journal, tmp_path: Path) -> None:
+    """Receivers and workers sharing the data directory, as their process locks record them; values escaped."""
+    from dicom_node.lock import ProcessLock, processes
+
+    locks = [ProcessLock(tmp_path, "receiver"), ProcessLock(tmp_path, "worker")]
+    locks[0].acquire(role="receiver", started=4000.0, ports={"dicom": 11112, "tls": None})
+    locks[1].acquire(role="worker", started=4900.0, worker="worker@<host>:7")
+    try:
+        page = render(journal, PageContext(processes=processes(tmp_path)), now=5000.0)
+    finally:
+        for lock in locks:
+            lock.release()
+    section = page[page.index('<details id="processes">'):]
+    assert "processes: 2" in section
+    assert re.search(r"<td>receiver</td>.*<td>dicom 11112</td><td>16\.7 min</td>", section)
+    assert "<td>worker@&lt;host&gt;:7</td><td>100.0 s</td>" in section
+    assert 'id="processes"' not in render(journal, PageContext())  # none recorded: no section
