@@ -41,5 +41,15 @@ def postgres_server():  # noqa: ANN201 - tests.postgres.PostgresServer (psycopg 
 
 @pytest.fixture
 def postgres_dsn(postgres_server) -> str:  # noqa: ANN001
-    """The conninfo of a new, empty database of :func:`postgres_server` for one test."""
+    """The conninfo of a new, empty database of :func:`postgres_server` for one test (no password in it: the role
+    logs in with ``tests.postgres.PASSWORD``)."""
     return postgres_server.create_database()
+
+
+@pytest.fixture
+def postgres_journal(postgres_dsn: str):  # noqa: ANN201 - dicom_node.journal_sql.PostgresTarget
+    """A new, empty database as a journal's target (its conninfo and password)."""
+    from dicom_node.journal_sql import PostgresTarget
+    from tests.postgres import PASSWORD
+
+    return PostgresTarget(postgres_dsn, PASSWORD)

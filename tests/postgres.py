@@ -2,8 +2,9 @@
 
 One server per test session (:func:`tests.conftest.postgres_server`) on 127.0.0.1 and a free port, its data in a
 fresh folder under /tmp, ``fsync`` off (the tests never survive a power loss); each test gets a database of its
-own (:meth:`PostgresServer.create_database`). PostgreSQL refuses to run as root: as root the server runs as the
-user ``postgres`` (``runuser -u postgres --``).
+own (:meth:`PostgresServer.create_database`), owned by the role ``node`` which logs in over TCP with a password
+(SCRAM), as a node would; the tests' own administration goes over the server's Unix socket. PostgreSQL refuses to
+run as root: as root the server runs as the user ``postgres`` (``runuser -u postgres --``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 RUN_AS = "postgres"
+#: The role the journals log in as, and its password.
+ROLE, PASSWORD = "node", "s3cret-for-tests"
 
 
 def unavailable() -> str | None:
@@ -61,7 +64,8 @@ class PostgresServer:
         if self._as_root:
             user = pwd.getpwnam(RUN_AS)
             os.chown(self.root, user.pw_uid, user.pw_gid)
-        self._run([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+        self._run([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth-local=trust",
+                   "--auth-host=scram-sha-256", "-E", "UTF8",
                    "--locale=C", "--no-sync"], check=True)
         options = ["-c", "listen_addresses=127.0.0.1", "-p", str(self.port), "-k", str(self.root),
                    "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
@@ -70,6 +74,10 @@ class PostgresServer:
             self.process = subprocess.Popen(self._wrap([str(PG_BIN / "postgres"), "-D", str(self.data), *options]),
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready()
+        import psycopg
+
+        with psycopg.connect(self.admin_dsn, autocommit=True) as db:
+            db.execute(f"CREATE ROLE {ROLE} LOGIN PASSWORD '{PASSWORD}'")
 
     def _wrap(self, argv: list[str]) -> list[str]:
         return ["runuser", "-u", RUN_AS, "--", *argv] if self._as_root else argv
@@ -81,10 +89,12 @@ class PostgresServer:
 
     @property
     def admin_dsn(self) -> str:
-        return self.dsn("postgres")
+        """The superuser, over the Unix socket (trust)."""
+        return f"host={self.root} port={self.port} user=postgres dbname=postgres"
 
     def dsn(self, database: str) -> str:
-        return f"host=127.0.0.1 port={self.port} user=postgres dbname={database}"
+        """A journal's conninfo (TCP, the role ``node``; its password is :data:`PASSWORD`)."""
+        return f"host=127.0.0.1 port={self.port} user={ROLE} dbname={database}"
 
     def _wait_ready(self, timeout_s: float = 60.0) -> None:
         import psycopg
@@ -108,7 +118,7 @@ class PostgresServer:
 
         name = f"journal_{next(self._names)}"
         with psycopg.connect(self.admin_dsn, autocommit=True) as db:
-            db.execute(f"CREATE DATABASE {name}")
+            db.execute(f"CREATE DATABASE {name} OWNER {ROLE}")
         return self.dsn(name)
 
     def stop(self) -> None:

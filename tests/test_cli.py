@@ -290,8 +290,8 @@ def test_reprocess_marks_stored_series_and_says_what(tmp_path: Path, models_dir:
     config = write_config(tmp_path, models_dir)
     _journal_with_work(tmp_path / "data")  # series 1.1 routed (its job's delivery failed), 1.2 still receiving
     journal = Journal(tmp_path / "data" / "journal.sqlite3")
-    journal._query("INSERT INTO follow_ups(job_id, step, state, reason, created_at, updated_at)"
-                   " VALUES (1, 'agreement', 'failed', 'RuntimeError: boom', 0, 0) RETURNING id")  # an optional step failed
+    journal._query("INSERT INTO follow_ups(job_id, step, state, reason, created_at, updated_at)"  # an optional step
+                   " VALUES (1, 'agreement', 'failed', 'RuntimeError: boom', 0, 0) RETURNING id")  # that failed
     journal.close()
     assert main(["status", "--config", str(config)]) == 1  # the job failed
     assert "(optional step failed: agreement: RuntimeError: boom)" in capsys.readouterr().out

@@ -44,7 +44,7 @@ def open_journal(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
     """Opens another connection to the test's journal (another process's, as far as the database can tell)."""
     target: Path | PostgresTarget = tmp_path / "journal.sqlite3"
     if backend == "postgresql":
-        target = PostgresTarget(request.getfixturevalue("postgres_dsn"))
+        target = request.getfixturevalue("postgres_journal")
     opened: list[Journal] = []
 
     def make() -> Journal:
@@ -935,3 +935,60 @@ def test_a_series_purged_then_received_again_can_be_reprocessed(journal: Journal
     journal.close_series(SERIES)
     journal.set_series_state(SERIES, SeriesState.IGNORED, "no rule matched")
     assert journal.request_reprocess(series_uid=SERIES) == [SERIES]
+
+
+# -- outbox claims (schema 7): several dispatchers sharing one outbox --------------------------------
+
+def test_outbox_items_are_claimed_per_destination_by_one_dispatcher_each(open_journal: Callable[[], Journal]) -> None:
+    first, second = open_journal(), open_journal()
+    job, ids = job_with_outbox(first, ("PACS", "ARCHIVE"), n=3)  # PACS: ids[0:3], ARCHIVE: ids[3:6]
+    a = first.claim_outbox("d1", 30, limit=2)
+    assert a is not None and a.destination == "PACS" and [i.id for i in a.items] == ids[:2]
+    assert {i.worker for i in a.items} == {"d1"} and all(i.lease_until > time.time() + 20 for i in a.items)
+    b = second.claim_outbox("d2", 30)
+    assert b is not None and b.destination == "PACS" and [i.id for i in b.items] == ids[2:3]
+    c = second.claim_outbox("d2", 30, destination="ARCHIVE", limit=10)
+    assert c is not None and [i.id for i in c.items] == ids[3:]
+    assert first.claim_outbox("d1", 30) is None  # everything due is held
+    assert len({a.token, b.token, c.token}) == 3
+    # not due yet: a retry's next attempt lies ahead
+    first.mark_failed_try(ids[2:3], "refused", next_attempt=lambda tries, first_at, now: now + 100, claim=b)
+    assert first.claim_outbox("d1", 30) is None
+    first.mark_sent(ids[:2], claim=a)
+    later = first.claim_outbox("d1", 30, now=time.time() + 101)  # due again; the claims of 30 s have expired
+    assert later is not None and [i.id for i in later.items] == ids[2:3]
+
+
+def test_an_outbox_outcome_is_fenced_by_its_claim(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=2)
+    old = journal.claim_outbox("d1", 0.05)
+    assert old is not None and [i.id for i in old.items] == ids
+    assert journal.renew_outbox(old, 0.05) == ids
+    time.sleep(0.1)  # d1 stalled: its lease ran out
+    new = journal.claim_outbox("d2", 30)
+    assert new is not None and [i.id for i in new.items] == ids and new.token != old.token
+    assert journal.renew_outbox(old, 30) == []
+    with pytest.raises(ClaimLost, match="no longer claimed by d1"):
+        journal.mark_sent(ids[:1], claim=old)
+    with pytest.raises(ClaimLost):
+        journal.mark_failed_try(ids, "late", next_attempt=GIVE_UP, claim=old)
+    assert [(i.state, i.tries) for i in journal.outbox(job)] == [("pending", 0), ("pending", 0)]  # nothing recorded
+    journal.mark_sent(ids[:1], claim=new)
+    assert journal.renew_outbox(new, 30) == ids[1:]  # the sent one is no longer held
+    journal.mark_failed_try(ids[1:], "refused", next_attempt=GIVE_UP, claim=new)
+    assert [i.state for i in journal.outbox(job)] == ["sent", "failed"]
+    assert journal.job(job).state == JobState.FAILED and journal.job(job).reason == DELIVERY_FAILED
+    with pytest.raises(ClaimLost):  # settled: no claim holds it any more
+        journal.mark_sent(ids[1:], claim=new)
+
+
+def test_a_released_outbox_claim_is_taken_at_once(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=2)
+    claim = journal.claim_outbox("d1", 60)
+    assert claim is not None and journal.claim_outbox("d2", 60) is None
+    journal.mark_sent(ids[:1], claim=claim)
+    assert journal.release_outbox(claim) == 1
+    again = journal.claim_outbox("d2", 60)
+    assert again is not None and [i.id for i in again.items] == ids[1:]
+    journal.mark_sent(ids[1:], claim=again)
+    assert journal.job(job).state == JobState.SENT
