@@ -489,3 +489,54 @@ def test_purge_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     config.write_text(config_toml({"node": {"data_dir": str(site.data_dir)}, "retention": {"enabled": False}}))
     assert cli.main(["purge", "--config", str(config)]) == 0
     assert "retention is disabled" in capsys.readouterr().out
+
+
+def test_job_folders_are_deleted_outside_the_journal_transaction(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's folder may take long to delete: the journal's write lock is not held meanwhile (C-STORE acks and lease
+    renewals go on); an instance file is removed under it (a C-STORE of the same path waits, see finish_purge)."""
+    uid, files = site.receive()
+    job, folder = site.process(uid)
+    site.deliver(job)
+    other = Journal(site.data_dir / "journal.sqlite3", fsync=False)  # another process's connection
+    other._db.db.execute("PRAGMA busy_timeout=0")  # a held write lock fails it at once
+    real_remove = retention.remove
+    writable: dict[str, bool] = {}
+
+    def remove(path: Path) -> int | None:
+        try:
+            other.probe_write()
+            writable[path.name] = True
+        except sqlite3.OperationalError:  # database is locked
+            writable[path.name] = False
+        return real_remove(path)
+
+    monkeypatch.setattr(retention, "remove", remove)
+    try:
+        result = site.retention.sweep(now=later(31))
+    finally:
+        other.close()
+    assert [c.series_uid for c in result.series] == [uid] and not folder.exists() and not any(on_disk(files))
+    assert writable[folder.name]
+    assert [writable[p.name] for p in files] == [False] * len(files)
+    assert site.journal.pending_purges() == []
+
+
+def test_a_folder_that_cannot_be_deleted_stays_recorded(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    uid, files = site.receive()
+    job, folder = site.process(uid)
+    site.deliver(job)
+    real_remove = retention.remove
+
+    def refuse_folders(path: Path) -> int | None:
+        if path.is_dir():
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_remove(path)
+
+    monkeypatch.setattr(retention, "remove", refuse_folders)
+    with pytest.raises(PermissionError):
+        site.retention.sweep(now=later(31))
+    assert folder.is_dir() and str(folder) in {f.path for f in site.journal.pending_purges()}
+    assert all(on_disk(files))  # the batch stopped before its instance files: all of it is still recorded
+    monkeypatch.setattr(retention, "remove", real_remove)
+    site.retention.finish_pending()
+    assert not folder.exists() and not any(on_disk(files)) and site.journal.pending_purges() == []
