@@ -4,6 +4,7 @@ read-only, the password. A real PostgreSQL 15 (tests/postgres.py); every test of
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,6 +31,10 @@ WORKERS = 4
 
 
 def _config(tmp_path: Path, dsn: str, password: str | None = PASSWORD, **node: Any) -> Any:
+    return parse_config(_config_text(tmp_path, dsn, password, **node))
+
+
+def _config_text(tmp_path: Path, dsn: str, password: str | None = PASSWORD, **node: Any) -> str:
     lines = ["[node]", f'data_dir = "{tmp_path / "data"}"', "fsync = false"]
     lines += [f"{k} = {v!r}" for k, v in node.items()]
     lines += ["[journal]", 'backend = "postgresql"', f'dsn = "{dsn}"']
@@ -38,7 +43,7 @@ def _config(tmp_path: Path, dsn: str, password: str | None = PASSWORD, **node: A
         secret.write_text(password + "\n")
         secret.chmod(0o600)
         lines.append(f'password_file = "{secret}"')
-    return parse_config("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
@@ -145,6 +150,21 @@ def test_status_opens_it_read_only_and_never_creates_or_writes(postgres_dsn: str
     finally:
         status.close()
         node.close()
+
+
+def test_status_command_reads_a_postgresql_journal(postgres_dsn: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_node.cli import main
+
+    path = tmp_path / "node.toml"
+    path.write_text(_config_text(tmp_path, postgres_dsn))
+    node = open_journal(parse_config(path.read_text()))
+    job_with_outbox(node, ("PACS",), 1)
+    node.close()
+    assert main(["status", "--config", str(path), "--json"]) == 3  # no node running here
+    report = json.loads(capsys.readouterr().out)
+    assert report["journal"] == postgres_dsn and report["counts"]["outbox"] == {"pending": 1}
+    assert PASSWORD not in json.dumps(report)
 
 
 def test_a_journal_of_a_newer_version_is_refused(journals: Callable[[], Journal]) -> None:
