@@ -106,6 +106,14 @@ def test_bad_journal_sections_are_refused(section: str, problem: str) -> None:
     assert problem in str(caught.value) and "hunter2" not in str(caught.value)
 
 
+def test_the_example_documents_the_journal_section() -> None:
+    from dicom_node.config import JournalSettings, load_config
+    from tests.test_config import EXAMPLE, test_example_documents_every_field
+
+    assert load_config(EXAMPLE).journal == JournalSettings()
+    test_example_documents_every_field("journal", JournalSettings)
+
+
 def test_every_process_opens_the_same_journal_from_the_same_config(postgres_dsn: str, tmp_path: Path) -> None:
     config = _config(tmp_path, postgres_dsn)
     assert journal_exists(config) and journal_location(config) == postgres_dsn
