@@ -497,8 +497,9 @@ class Journal:
 
     def _open_postgresql(self, target: PostgresTarget, *, fsync: bool, read_only: bool) -> PostgresConnection:
         """Connect to a PostgreSQL journal; unless ``read_only``, create its schema when the database is empty
-        (a new shared journal starts at the current schema) under an advisory lock, so processes starting
-        together create it once."""
+        (a new shared journal starts at the current schema), or add what an older version's lacks, under an
+        advisory lock, so processes starting together do it once. A journal of the current version is left
+        alone (the role then needs no CREATE privilege)."""
         try:
             db = PostgresConnection(target, read_only=read_only, fsync=fsync)
         except ImportError:
@@ -511,7 +512,7 @@ class Journal:
         try:
             if read_only:
                 self._check_version()
-            else:
+            elif self._schema_version(db) != SCHEMA_VERSION:
                 with self._tx() as tx:
                     tx.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
                     self._refuse_newer(tx)

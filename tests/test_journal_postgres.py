@@ -275,3 +275,27 @@ def test_racing_receivers_file_each_instance_once(journals: Callable[[], Journal
     assert len(filed) == 15 and set(filed.values()) == {1}
     series = receivers[0].series(SERIES)
     assert series is not None and series.n_instances == 15 and series.state == "receiving"
+
+
+def test_a_role_without_create_uses_a_journal_another_role_made(postgres_server: Any, postgres_dsn: str) -> None:
+    """Production may keep DDL to the database's owner: a node whose role may only read and write the tables opens
+    the current journal without trying to create anything."""
+    import psycopg
+
+    owner = Journal(PostgresTarget(postgres_dsn, PASSWORD), fsync=False)
+    owner.close()
+    database = postgres_dsn.rsplit("dbname=", 1)[1]
+    with psycopg.connect(postgres_server.admin_dsn.replace("dbname=postgres", f"dbname={database}"),
+                         autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS dml_only")
+        admin.execute("CREATE ROLE dml_only LOGIN PASSWORD 'dml'")
+        admin.execute(f"GRANT CONNECT ON DATABASE {database} TO dml_only")
+        admin.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO dml_only")
+        admin.execute("GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO dml_only")
+    node = Journal(PostgresTarget(postgres_dsn.replace("user=node", "user=dml_only"), "dml"), fsync=False)
+    try:
+        job, ids = job_with_outbox(node, ("PACS",), 1)
+        node.mark_sent(ids)
+        assert node.job(job).state == JobState.SENT
+    finally:
+        node.close()
