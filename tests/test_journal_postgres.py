@@ -299,3 +299,51 @@ def test_a_role_without_create_uses_a_journal_another_role_made(postgres_server:
         assert node.job(job).state == JobState.SENT
     finally:
         node.close()
+
+
+CLAIMER = """
+import json, sys
+from dicom_node.config import load_config
+from dicom_node.journal import open_journal
+journal = open_journal(load_config(sys.argv[1]))
+print("ready", flush=True)
+sys.stdin.readline()  # start together
+won = []
+while (task := journal.next_queued()) is not None:
+    if journal.claim(task[0], task[1], sys.argv[2], 30) is not None:
+        won.append(task[1])
+claim = journal.claim_outbox(sys.argv[2], 30, limit=1000)
+journal.close()
+print(json.dumps({"jobs": won, "items": [i.id for i in claim.items] if claim else []}), flush=True)
+"""
+
+
+def test_two_processes_given_the_same_config_share_the_work(postgres_dsn: str, tmp_path: Path) -> None:
+    """Two processes opening the journal through open_journal(config), racing for the same jobs and outbox items."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "node.toml"
+    path.write_text(_config_text(tmp_path, postgres_dsn))
+    setup = open_journal(parse_config(path.read_text()))
+    job, items = job_with_outbox(setup, ("PACS",), 3)
+    jobs = [setup.add_job(series_uid=SERIES, version=2, rule="r", action="synthesize", model="m") for _ in range(30)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    processes = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(path), f"p{i}"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    try:
+        assert [p.stdout.readline().strip() for p in processes] == ["ready", "ready"]  # type: ignore[union-attr]
+        for p in processes:
+            p.stdin.write("go\n")  # type: ignore[union-attr]
+            p.stdin.flush()  # type: ignore[union-attr]
+        results = [json.loads(p.communicate(timeout=60)[0]) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+        setup.close()
+    assert [p.returncode for p in processes] == [0, 0]
+    claimed = Counter(j for r in results for j in r["jobs"])
+    assert sorted(claimed) == jobs and set(claimed.values()) == {1}
+    assert sorted(i for r in results for i in r["items"]) == items  # each item in one share only
