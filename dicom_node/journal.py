@@ -457,12 +457,11 @@ class Journal:
         self._lock = threading.RLock()
         self._pending_lock = threading.Lock()
         self._pending: list[_PendingInstance] = []
+        #: the SQLite file, or the PostgreSQL conninfo without its password (for messages)
+        self.path: Path | str = PostgresConnection.describe(path) if isinstance(path, PostgresTarget) else Path(path)
         if isinstance(path, PostgresTarget):
-            self.path: Path | str = path.dsn
             self._db: Connection = self._open_postgresql(path, fsync=fsync, read_only=read_only)
-            self.path = self._db.where
             return
-        self.path = Path(path)
         self._db = self._open_sqlite(self.path, fsync=fsync, read_only=read_only)
 
     def _open_sqlite(self, path: Path, *, fsync: bool, read_only: bool) -> SQLiteConnection:
