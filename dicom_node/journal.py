@@ -234,9 +234,10 @@ _SCHEMA_LOCK = 0x64636D6E  # "dcmn"
 
 
 def postgresql_schema() -> list[str]:
-    """The current schema's statements for PostgreSQL (a new shared journal starts there; it has no older
-    versions to upgrade): the SQLite schema with identity keys, double precision times, byte-wise ordered text
-    (``COLLATE "C"``, as SQLite compares), and every column added since."""
+    """The current schema's statements for PostgreSQL (a new shared journal starts there): the SQLite schema with
+    identity keys, double precision times, byte-wise ordered text (``COLLATE "C"``, as SQLite compares), and
+    every column added since (``IF NOT EXISTS``: run on a journal of an older version, they add what it lacks;
+    a column SQLite dropped, ``jobs.optional_failed``, is never made)."""
     def types(sql: str) -> str:
         return re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql))
 
