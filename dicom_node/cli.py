@@ -43,7 +43,16 @@ from . import __version__
 from .audit import AuditTrail
 from .config import ConfigError, Destination, NodeConfig, config_path, load_config
 from .httpd import HTTPListenError
-from .journal import FollowUpRecord, JobRecord, Journal, JournalError, OutboxState, journal_path, open_journal
+from .journal import (
+    FollowUpRecord,
+    JobRecord,
+    Journal,
+    JournalError,
+    OutboxState,
+    journal_exists,
+    journal_location,
+    open_journal,
+)
 from .lock import NodeLock, NodeRunning, ProcessLock, probe, processes
 from .logs import setup_logging
 
@@ -64,9 +73,8 @@ def _config(args: argparse.Namespace) -> NodeConfig:
 
 def _journal(config: NodeConfig) -> Journal:
     """The node's journal, for a command that changes it (:class:`CommandError` when the node never ran here)."""
-    path = journal_path(config)
-    if not path.exists():
-        raise CommandError(f"no journal at {path}: the node has not run with this data_dir yet")
+    if not journal_exists(config):
+        raise CommandError(f"no journal at {journal_location(config)}: the node has not run with this data_dir yet")
     return open_journal(config)
 
 
@@ -347,8 +355,8 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
             "ports": holder.ports, "data_dir": str(config.node.data_dir), "ae_title": config.node.ae_title,
             "health_url": url, "health": health, "unhealthy": failing,
             "processes": processes(config.node.data_dir)}
-    path = config.node.data_dir / "journal.sqlite3"
-    if not path.exists():
+    path = journal_location(config)
+    if not journal_exists(config):
         return {"node": node, "journal": None, "problems": [f"no journal at {path}: the node has not run with "
                                                              "this data_dir yet"]}
     journal = open_journal(config, read_only=True)  # status never creates, upgrades or locks the journal
@@ -358,7 +366,7 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
         counts = journal.counts()
         report: dict[str, Any] = {
             "node": node,
-            "journal": str(path),
+            "journal": path,
             "counts": counts,
             "failures": {"since_hours": since_h, "jobs": [_job_json(j) for j in failed_jobs],
                          "deliveries_failed": counts["outbox"].get(OutboxState.FAILED, 0)},

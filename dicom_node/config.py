@@ -460,6 +460,32 @@ class RetentionSettings(_Strict):
     sweep_interval_s: float = Field(default=3600.0, gt=0)
 
 
+class JournalSettings(_Strict):
+    """``[journal]``: where the journal is. ``sqlite`` (default): ``journal.sqlite3`` in ``[node] data_dir``, for the
+    processes of one machine. ``postgresql``: one database shared by every process (receivers, workers,
+    dispatchers) on any machine given the same ``[journal]``; the schema is created by the first process that
+    opens an empty database."""
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    #: libpq conninfo or URL of the database (``host=db port=5432 dbname=dicom_node user=node``,
+    #: ``postgresql://node@db/dicom_node``), without a password: give it in ``password_file`` or libpq's
+    #: environment (``PGPASSWORD``, ``PGPASSFILE``).
+    dsn: str | None = None
+    #: A file whose first line is the database password, read when a process opens the journal (never logged).
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> JournalSettings:
+        if self.backend == "postgresql" and not (self.dsn or "").strip():
+            raise ValueError('dsn: backend = "postgresql" needs a dsn (libpq conninfo or postgresql:// URL)')
+        if self.backend == "sqlite" and (self.dsn or self.password_file):
+            raise ValueError('dsn: only for backend = "postgresql" (the sqlite journal is in [node] data_dir)')
+        if self.dsn and re.search(r"(?i)(\bpassword\s*=|^postgres(ql)?://[^/@]*:[^/@]*@)", self.dsn):
+            raise ValueError("dsn: holds a password; put it in password_file (or PGPASSWORD) instead, the "
+                             "configuration is not a place for secrets")
+        return self
+
+
 class DispatchSettings(_Strict):
     """``[dispatch]``: outbox retry policy (applied by ``dispatch.RetryPolicy``)."""
 
@@ -525,6 +551,7 @@ class NodeConfig(_Strict):
     volumetry: VolumetrySettings = Field(default_factory=VolumetrySettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    journal: JournalSettings = Field(default_factory=JournalSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)

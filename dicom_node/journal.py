@@ -1,6 +1,8 @@
-"""The journal: a SQLite (WAL) store of instances, series, jobs and the outbox.
+"""The journal: a SQLite (WAL) or PostgreSQL store of instances, series, jobs and the outbox.
 
-This is the only module with SQL in it; the rest of the node talks to :class:`Journal`. One
+This is the only module with SQL in it (its database seam is :mod:`dicom_node.journal_sql`); the rest of the
+node talks to :class:`Journal`, opened by :func:`open_journal` from ``[journal]`` (the embedded SQLite file in
+``data_dir`` by default; a PostgreSQL database shared by several processes on several machines). One
 connection is shared by all threads behind a lock: SQLite serialises writers anyway, and the
 critical path (one INSERT per received instance) is short. Instances that arrive on several
 associations at once are group-committed: one transaction (one fsync) for all that queued while
@@ -16,7 +18,8 @@ job:    ``queued`` → ``running`` → ``written`` → ``sent`` | ``failed``
         while running keeps ``failed`` and its reason for good: the "not processed" notice it may queue is
         delivered on its own (:meth:`Journal.record_notice`); only a job failed by its delivery
         (:data:`DELIVERY_FAILED`) is settled again by its outbox or an operator's retry.
-outbox: ``pending`` → ``sent`` | ``failed`` (after the last try)
+outbox: ``pending`` → ``sent`` | ``failed`` (after the last try); a pending item may be claimed by one dispatcher
+        with a lease (:meth:`Journal.claim_outbox`), its outcome fenced by that claim
 follow-up: ``queued`` → ``running`` → ``done`` | ``failed`` (an optional step of a job that recorded its core
         outputs, queued in the same transaction; its outputs are the job's, its failure is its own and noted
         beside the job's state; interrupted ones are queued again at start-up like jobs)
@@ -27,7 +30,8 @@ A stored series is routed again with the current rules (a new version) when an o
 Retention (``dicom_node.retention``) deletes files in two steps: :meth:`Journal.begin_purge` records, in one
 transaction, the files to delete (``purge_files``), removes the series' instance rows (their count is kept
 in ``series.purged_instances``) and stamps ``purged_at`` on the series and its jobs; then
-:meth:`Journal.finish_purge` deletes each file and its ``purge_files`` row. A crash in between leaves the
+:meth:`Journal.finish_purge` deletes each file and its ``purge_files`` row (job folders and output files before
+its transaction, instance files inside it). A crash in between leaves the
 intent, which the next sweep (or the next start) finishes. The series, job, produced, output_files and
 outbox rows stay: what was received and sent, when and to whom.
 """
@@ -35,9 +39,11 @@ outbox rows stay: what was received and sent, when and to whom.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .headers import InstanceHeader, ReceivedInstance, SeriesAttributes
+from .journal_sql import Connection, PostgresConnection, PostgresTarget, SQLiteConnection, connection_errors
 
 if TYPE_CHECKING:
     from .config import NodeConfig
@@ -89,7 +96,7 @@ class OutboxState(StrEnum):
 
 #: Version of the schema below; :meth:`Journal._migrate` brings older journals up to it and a journal of a
 #: newer version is refused at open (it may hold what this version cannot read).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: The worker id of the jobs a receiving node (``serve --role all|receiver``) runs itself: there is one such node
 #: per data directory (its ``node.lock``), so a claim of this id found ``running`` at its start-up was its own,
@@ -200,7 +207,6 @@ _ADDED_COLUMNS = [
     ("instances", "sha256", "TEXT NOT NULL DEFAULT ''"),  # '' for instances received before
     ("outbox", "first_failed_at", "REAL NOT NULL DEFAULT 0"),  # 0: no failed try yet
     ("jobs", "output_name", "TEXT NOT NULL DEFAULT ''"),  # schema 3; '' for jobs recorded before
-    ("jobs", "optional_failed", "TEXT NOT NULL DEFAULT ''"),  # schema 4: optional steps that failed, and why
     ("series", "purged_at", "REAL NOT NULL DEFAULT 0"),  # schema 4: 0: its files were never purged
     ("series", "purged_instances", "INTEGER NOT NULL DEFAULT 0"),  # schema 4: instance rows purged so far
     ("jobs", "purged_at", "REAL NOT NULL DEFAULT 0"),  # schema 4: 0: its outputs are on disk
@@ -212,10 +218,36 @@ _ADDED_COLUMNS = [
     ("jobs", "lease_until", "REAL NOT NULL DEFAULT 0"),
     ("follow_ups", "worker", "TEXT NOT NULL DEFAULT ''"),
     ("follow_ups", "lease_until", "REAL NOT NULL DEFAULT 0"),
+    # schema 7: the claim of an outbox item by a dispatcher: who, until when, and which claim (fences its outcome)
+    ("outbox", "worker", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "lease_until", "REAL NOT NULL DEFAULT 0"),
+    ("outbox", "claim_token", "TEXT NOT NULL DEFAULT ''"),
 ]
+# Schema 4 also added jobs.optional_failed (optional steps that failed, and why), which schema 7 drops: it is
+# derived from the failed follow_ups (schema 5) where it is read; a schema 4-6 text is kept as a failed follow-up.
 # Schema 3 also added the table output_files (created by _SCHEMA; jobs recorded before have no rows there),
 # schema 4 the table purge_files (files a retention sweep decided to delete and has not deleted yet), schema 5
 # the table follow_ups (optional steps run as their own work; jobs recorded before have none).
+
+#: The advisory lock (a PostgreSQL journal) under which a process starting creates the schema.
+_SCHEMA_LOCK = 0x64636D6E  # "dcmn"
+
+
+def postgresql_schema() -> list[str]:
+    """The current schema's statements for PostgreSQL (a new shared journal starts there): the SQLite schema with
+    identity keys, double precision times, byte-wise ordered text (``COLLATE "C"``, as SQLite compares), and
+    every column added since (``IF NOT EXISTS``: run on a journal of an older version, they add what it lacks;
+    a column SQLite dropped, ``jobs.optional_failed``, is never made)."""
+    def types(sql: str) -> str:
+        return re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', re.sub(r"\bREAL\b", "DOUBLE PRECISION", sql))
+
+    ddl = types(_SCHEMA.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "INTEGER GENERATED BY DEFAULT AS IDENTITY"
+                                " PRIMARY KEY"))
+    statements = [s.strip() for s in ddl.split(";") if s.strip()]
+    for table, column, definition in _ADDED_COLUMNS:
+        definition = types(definition)
+        statements.append(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}")
+    return statements
 
 
 @dataclass(frozen=True)
@@ -336,6 +368,20 @@ class OutboxItem:
     sent_at: float = 0.0
     #: when the item was queued (or queued again by an operator's retry)
     queued_at: float = 0.0
+    #: the dispatcher that claimed it last ('' never claimed) and until when its lease holds (0: released)
+    worker: str = ""
+    lease_until: float = 0.0
+
+
+class OutboxClaim(NamedTuple):
+    """A dispatcher's claim on pending outbox items of one destination (:meth:`Journal.claim_outbox`): recording
+    their outcome is fenced by ``token`` (unique to this claim), so a dispatcher whose claim expired and was taken
+    over records nothing."""
+
+    worker: str
+    token: str
+    destination: str
+    items: list[OutboxItem]
 
 
 @dataclass(frozen=True)
@@ -380,7 +426,7 @@ _PURGEABLE = """
                     WHERE j.series_uid = s.series_uid AND f.state IN ('queued', 'running'))
     AND (EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = s.series_uid)
          OR EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.purged_at = 0))
-    AND MAX(s.last_received, COALESCE((SELECT MAX(j.updated_at) FROM jobs j WHERE j.series_uid = s.series_uid), 0))
+    AND GREATEST(s.last_received, COALESCE((SELECT MAX(j.updated_at) FROM jobs j WHERE j.series_uid = s.series_uid), 0))
         < CASE WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.state = 'sent')
                THEN :delivered_before ELSE :not_processed_before END
 """
@@ -404,47 +450,87 @@ class _PendingInstance:
 class Journal:
     """Durable record of everything the node received, decided and sent."""
 
-    def __init__(self, path: Path, *, fsync: bool = True, read_only: bool = False) -> None:
-        """Open (create, upgrade) the journal at ``path``. ``read_only``: open an existing journal for reading only
-        (``status``): nothing is created, upgraded or locked for writing; one of another schema version is
+    def __init__(self, path: Path | str | PostgresTarget, *, fsync: bool = True, read_only: bool = False) -> None:
+        """Open (create, upgrade) the journal at ``path``: a SQLite file, or a PostgreSQL database
+        (:class:`PostgresTarget`, see :func:`open_journal`). ``read_only``: open an existing journal for reading
+        only (``status``): nothing is created, upgraded or locked for writing; one of another schema version is
         refused (the node upgrades it when it starts)."""
-        self.path = Path(path)
-        if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._pending_lock = threading.Lock()
         self._pending: list[_PendingInstance] = []
+        #: the SQLite file, or the PostgreSQL conninfo without its password (for messages)
+        self.path: Path | str = PostgresConnection.describe(path) if isinstance(path, PostgresTarget) else Path(path)
+        if isinstance(path, PostgresTarget):
+            self._db: Connection = self._open_postgresql(path, fsync=fsync, read_only=read_only)
+            return
+        self._db = self._open_sqlite(self.path, fsync=fsync, read_only=read_only)
+
+    def _open_sqlite(self, path: Path, *, fsync: bool, read_only: bool) -> SQLiteConnection:
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            target = f"file:{self.path}?mode=ro" if read_only else str(self.path)
-            self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, uri=read_only)
+            db = SQLiteConnection(path, read_only=read_only)
         except sqlite3.Error as exc:
             raise self._unusable(str(exc)) from None
+        self._db = db
         try:
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA busy_timeout=10000")
+            db.db.execute("PRAGMA busy_timeout=10000")
             self._check_integrity()
             if read_only:
                 self._check_version()
-                return
-            self._db.execute("PRAGMA journal_mode=WAL")
+                return db
+            db.db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before the call returns, which is what lets the SCP acknowledge.
-            self._synchronous = "FULL" if fsync else "NORMAL"
-            self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+            db.synchronous = "FULL" if fsync else "NORMAL"
+            db.db.execute(f"PRAGMA synchronous={db.synchronous}")
             self._private_files()
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
+            db.db.execute("PRAGMA foreign_keys=ON")
+            db.db.executescript(_SCHEMA)
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            self._db.close()
+            db.close()
             raise self._unusable(str(exc)) from None
         except JournalError:
-            self._db.close()
+            db.close()
             raise
+        return db
+
+    def _open_postgresql(self, target: PostgresTarget, *, fsync: bool, read_only: bool) -> PostgresConnection:
+        """Connect to a PostgreSQL journal; unless ``read_only``, create its schema when the database is empty
+        (a new shared journal starts at the current schema), or add what an older version's lacks, under an
+        advisory lock, so processes starting together do it once. A journal of the current version is left
+        alone (the role then needs no CREATE privilege)."""
+        try:
+            db = PostgresConnection(target, read_only=read_only, fsync=fsync)
+        except ImportError:
+            raise JournalError("a PostgreSQL journal needs psycopg 3: install dicom-node[scale] "
+                               "(pip install 'psycopg[binary]')") from None
+        except connection_errors() as exc:
+            raise JournalError(f"journal {PostgresConnection.describe(target)} cannot be used: cannot connect: "
+                               f"{str(exc).strip()}") from None
+        self._db = db
+        try:
+            if read_only:
+                self._check_version()
+            elif self._schema_version(db) != SCHEMA_VERSION:
+                with self._tx() as tx:
+                    tx.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
+                    self._refuse_newer(tx)
+                    for statement in postgresql_schema():
+                        tx.execute(statement)
+                    self._store_version(tx)
+        except connection_errors() as exc:
+            db.close()
+            raise JournalError(f"journal {db.where} cannot be used: {str(exc).strip()}") from None
+        except JournalError:
+            db.close()
+            raise
+        return db
 
     def _private_files(self) -> None:
         """The journal holds patient data (names of series, patient IDs): owner only, whatever the umask."""
-        for path in (self.path, self.path.with_name(self.path.name + "-wal"),
-                     self.path.with_name(self.path.name + "-shm")):
+        main = Path(self.path)
+        for path in (main, main.with_name(main.name + "-wal"), main.with_name(main.name + "-shm")):
             try:
                 if path.stat().st_mode & 0o077:
                     path.chmod(0o600)
@@ -454,25 +540,49 @@ class Journal:
                 pass
 
     def _unusable(self, problem: str) -> JournalError:
+        if self._db_dialect() == "postgresql":
+            return JournalError(f"journal {self.path} cannot be used: {problem}")
         return JournalError(
             f"journal {self.path} cannot be used: {problem}. Stop the node and restore the file from a "
             f"backup, or move it (with its -wal and -shm files) aside to start an empty journal (the node then "
             f"no longer knows what it received, processed and sent before)"
         )
 
+    def _db_dialect(self) -> str:
+        db = getattr(self, "_db", None)
+        return "sqlite" if db is None else db.dialect
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._db.dialect
+
     def _check_integrity(self) -> None:
         """A quick structural check of an existing file (SQLite's quick_check): a truncated or corrupt
-        journal is refused at start-up instead of failing on some later query."""
+        journal is refused at start-up instead of failing on some later query. (A PostgreSQL server checks its
+        own pages; the node checks that it can connect and the schema version.)"""
         rows = self._db.execute("PRAGMA quick_check").fetchall()
         problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
         if problems:
             more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
             raise self._unusable(f"integrity check failed: {problems[0]}{more}")
 
+    def _schema_version(self, db: Connection) -> int | None:
+        """The stored schema version; None when the journal has no schema yet (a new PostgreSQL database)."""
+        if db.dialect == "postgresql" and db.execute("SELECT to_regclass('meta') AS t").fetchone()["t"] is None:
+            return None
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return None if row is None else int(row["value"])
+
+    def _refuse_newer(self, db: Connection) -> None:
+        version = self._schema_version(db)
+        if version is not None and version > SCHEMA_VERSION:
+            raise self._unusable(f"it has schema version {version}, written by a newer dicom-node (this one "
+                                 f"reads up to {SCHEMA_VERSION})")
+
     def _check_version(self) -> None:
         """A journal opened read-only must be of this version's schema (it cannot be upgraded)."""
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        version = int(row["value"]) if row is not None else 0
+        version = self._schema_version(self._db) or 0
         if version > SCHEMA_VERSION:
             raise self._unusable(f"it has schema version {version}, written by a newer dicom-node (this one reads "
                                  f"up to {SCHEMA_VERSION})")
@@ -481,12 +591,9 @@ class Journal:
                                f"it is brought up to version {SCHEMA_VERSION} when this version's node starts")
 
     def _migrate(self) -> None:
-        """Bring a journal written by an older version up to :data:`SCHEMA_VERSION` (in place); refuse one
+        """Bring a SQLite journal written by an older version up to :data:`SCHEMA_VERSION` (in place); refuse one
         written by a newer version."""
-        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        if row is not None and int(row["value"]) > SCHEMA_VERSION:
-            raise self._unusable(f"it has schema version {row['value']}, written by a newer dicom-node (this one "
-                                 f"reads up to {SCHEMA_VERSION})")
+        self._refuse_newer(self._db)
         with self._tx() as db:
             for table, column, definition in _ADDED_COLUMNS:
                 have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
@@ -495,10 +602,33 @@ class Journal:
                     if (table, column) == ("outbox", "queued_at"):
                         # the best a schema 3 row knows: its next try (its queueing time until a try failed)
                         db.execute("UPDATE outbox SET queued_at = next_attempt_at")
-            db.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),)
-            )
+            self._drop_optional_failed(db)
+            self._store_version(db)
+
+    @staticmethod
+    def _drop_optional_failed(db: Connection) -> None:
+        """Schema 7: ``jobs.optional_failed`` (schemas 4-6) is derived from the failed follow-ups now. A text that no
+        failed follow-up of its job holds (written before schema 5) is kept as one failed follow-up (``step``: the
+        text before its first ": ", ``reason``: the rest), which reads back as the same text; then the column goes
+        (SQLite 3.35 and later; an older SQLite keeps the column, unused)."""
+        if "optional_failed" not in {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}:
+            return
+        rows = db.execute("SELECT id, optional_failed, updated_at FROM jobs WHERE optional_failed != '' AND NOT EXISTS"
+                          " (SELECT 1 FROM follow_ups f WHERE f.job_id = jobs.id AND f.state = 'failed')").fetchall()
+        for row in rows:
+            step, _, reason = str(row["optional_failed"]).partition(": ")
+            db.execute("INSERT INTO follow_ups(job_id, step, state, reason, created_at, updated_at)"
+                       " VALUES (?,?,'failed',?,?,?) ON CONFLICT DO NOTHING",
+                       (row["id"], step, reason, row["updated_at"], row["updated_at"]))
+        if sqlite3.sqlite_version_info >= (3, 35):
+            db.execute("ALTER TABLE jobs DROP COLUMN optional_failed")
+
+    @staticmethod
+    def _store_version(db: Connection) -> None:
+        db.execute(
+            "INSERT INTO meta(key, value) VALUES ('schema_version', ?)"
+            " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (str(SCHEMA_VERSION),)
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -506,7 +636,9 @@ class Journal:
 
     def probe_write(self) -> float:
         """Commit one small row (``meta.health_probe``): proves the journal takes writes now (the disk, the file
-        and the lock). Returns the seconds it took; raises ``sqlite3.Error`` when it cannot write."""
+        and the lock, or the PostgreSQL server). Returns the seconds it took; raises the database's error
+        (``sqlite3.Error``, ``psycopg.Error``: :func:`dicom_node.journal_sql.connection_errors`) when it cannot
+        write."""
         t0 = time.perf_counter()
         with self._tx() as db:
             db.execute("INSERT INTO meta(key, value) VALUES ('health_probe', ?)"
@@ -514,28 +646,21 @@ class Journal:
         return time.perf_counter() - t0
 
     @contextmanager
-    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction. ``durable=False``: committed without waiting for the disk (synchronous NORMAL in WAL
-        mode): it survives a crash or SIGKILL of the node (the WAL is written before the commit returns), not a
-        power loss or kernel crash right after it."""
+    def _tx(self, *, durable: bool = True) -> Iterator[Connection]:
+        """One write transaction (SQLite: ``BEGIN IMMEDIATE``, one writer at a time; PostgreSQL: READ COMMITTED,
+        the rows read to decide a write locked ``FOR UPDATE``). ``durable=False``: committed without waiting for
+        the disk: it survives a crash or SIGKILL of the node, not a power loss or kernel crash right after it."""
         with self._lock:
-            relaxed = not durable and self._synchronous != "NORMAL"
-            if relaxed:
-                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.begin(durable=durable)
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                else:
-                    self._db.execute("COMMIT")
-            finally:
-                if relaxed:
-                    self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+                yield self._db
+            except BaseException:
+                self._db.rollback()
+                raise
+            else:
+                self._db.commit()
 
-    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    def _query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
@@ -587,27 +712,30 @@ class Journal:
             entry.is_new, entry.done = is_new, True
 
     @staticmethod
-    def _insert_instance(db: sqlite3.Connection, f: dict[str, Any]) -> bool:
+    def _insert_instance(db: Connection, f: dict[str, Any]) -> bool:
         if db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (f["sop_instance_uid"],)).fetchone():
             return False  # a re-send: already filed (under whatever series it came with first)
         row = db.execute("SELECT state FROM series WHERE series_uid=?", (f["series_uid"],)).fetchone()
-        if row is None:
-            db.execute(
+        created = False
+        if row is None:  # (another process may create it at the same time: PostgreSQL)
+            created = db.execute(
                 "INSERT INTO series(series_uid, study_uid, patient_id, description, modality,"
-                " calling_ae, attrs, first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?)",
+                " calling_ae, attrs, first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?)"
+                " ON CONFLICT (series_uid) DO NOTHING",
                 (f["series_uid"], f["study_uid"], f["patient_id"], f["description"], f["modality"],
                  f["calling_ae"], f["series_attrs"], f["now"], f["now"]),
-            )
+            ).rowcount == 1
         cur = db.execute(
-            "INSERT OR IGNORE INTO instances(sop_instance_uid, series_uid, sop_class_uid,"
-            " transfer_syntax, path, geometry, received_at, sha256) VALUES (?,?,?,?,?,?,?,?)",
+            "INSERT INTO instances(sop_instance_uid, series_uid, sop_class_uid,"
+            " transfer_syntax, path, geometry, received_at, sha256) VALUES (?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (sop_instance_uid) DO NOTHING",
             (f["sop_instance_uid"], f["series_uid"], f["sop_class_uid"], f["transfer_syntax"], f["path"],
              f["geometry"], f["now"], f.get("sha256", "")),
         )
         is_new = cur.rowcount == 1
-        if is_new and row is not None:
+        if is_new and not created:  # locks the series row: a retention sweep deciding now waits (PostgreSQL)
             db.execute(
-                "UPDATE series SET last_received=?, state='receiving' WHERE series_uid=?",
+                "UPDATE series SET last_received=GREATEST(last_received, ?), state='receiving' WHERE series_uid=?",
                 (f["now"], f["series_uid"]),
             )
         return is_new
@@ -627,12 +755,15 @@ class Journal:
                              (sop_instance_uid,)).fetchone()
             if row is None:
                 return False
-            db.execute("UPDATE series SET last_received=MAX(last_received, ?) WHERE series_uid=?",
+            db.execute("UPDATE series SET last_received=GREATEST(last_received, ?) WHERE series_uid=?",
                        (now, row["series_uid"]))
-            return True
+            # the series row is locked now: a retention sweep of it has either not decided yet (and sees the new
+            # last_received) or committed its purge before (PostgreSQL: the row is gone; SQLite: never here)
+            return db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?",
+                              (sop_instance_uid,)).fetchone() is not None
 
     @staticmethod
-    def _instance(r: sqlite3.Row) -> InstanceRecord:
+    def _instance(r: Any) -> InstanceRecord:
         return InstanceRecord(r["sop_instance_uid"], r["series_uid"], r["sop_class_uid"], r["transfer_syntax"],
                               r["path"], InstanceHeader.from_json(json.loads(r["geometry"])), r["sha256"])
 
@@ -649,7 +780,7 @@ class Journal:
 
     # -- series ----------------------------------------------------------------------------
 
-    def _series(self, row: sqlite3.Row) -> SeriesRecord:
+    def _series(self, row: Any) -> SeriesRecord:
         keys = row.keys()
         return SeriesRecord(
             series_uid=row["series_uid"], study_uid=row["study_uid"], patient_id=row["patient_id"],
@@ -682,8 +813,8 @@ class Journal:
         needle = (search or "").strip().lower() or None
         rows = self._query(
             "WITH studies AS (SELECT study_uid, MAX(last_received) AS last FROM series"
-            " WHERE ? IS NULL OR instr(lower(patient_id), ?) > 0"
-            " OR instr(lower(COALESCE(json_extract(attrs, '$.AccessionNumber'), '')), ?) > 0"
+            " WHERE CAST(? AS TEXT) IS NULL OR STRPOS(lower(patient_id), ?) > 0"
+            " OR STRPOS(lower(COALESCE(JSON_TEXT(attrs, 'AccessionNumber'), '')), ?) > 0"
             " GROUP BY study_uid ORDER BY last DESC LIMIT ?)"
             " SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_uid=s.series_uid) AS n"
             " FROM series s JOIN studies t ON t.study_uid = s.study_uid ORDER BY t.last DESC, s.first_received",
@@ -707,7 +838,7 @@ class Journal:
         """
         with self._tx() as db:
             row = db.execute(
-                "SELECT state, version, last_received FROM series WHERE series_uid=?", (series_uid,)
+                "SELECT state, version, last_received FROM series WHERE series_uid=? FOR UPDATE", (series_uid,)
             ).fetchone()
             if row is None or row["state"] != SeriesState.RECEIVING:
                 return None
@@ -725,25 +856,41 @@ class Journal:
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def _job(self, row: sqlite3.Row) -> JobRecord:
+    @staticmethod
+    def _job(row: Any, optional_failed: str = "") -> JobRecord:
         return JobRecord(
             id=row["id"], series_uid=row["series_uid"], version=row["version"], rule=row["rule"],
             action=row["action"], model=row["model"], state=JobState(row["state"]), reason=row["reason"],
             created_at=row["created_at"], updated_at=row["updated_at"], timings=json.loads(row["timings"]),
-            attempts=row["attempts"], output_name=row["output_name"], optional_failed=row["optional_failed"],
+            attempts=row["attempts"], output_name=row["output_name"], optional_failed=optional_failed,
             purged_at=row["purged_at"],
         )
+
+    def _jobs(self, rows: Sequence[Any], db: Connection | None = None) -> list[JobRecord]:
+        """Job records of ``rows``, each with its optional failures: its failed follow-ups as
+        ``step: reason``, joined by "; " in the order they were queued (read in ``db``'s transaction, if given)."""
+        notes: dict[int, list[str]] = {}
+        ids = [int(r["id"]) for r in rows]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            sql = (f"SELECT job_id, step, reason FROM follow_ups WHERE state='failed' AND job_id IN"
+                   f" ({','.join('?' * len(chunk))}) ORDER BY job_id, id")
+            found = db.execute(sql, chunk).fetchall() if db is not None else self._query(sql, chunk)
+            for f in found:
+                notes.setdefault(int(f["job_id"]), []).append(f"{f['step']}: {f['reason']}")
+        return [self._job(r, "; ".join(notes.get(int(r["id"]), []))) for r in rows]
 
     def add_job(self, *, series_uid: str, version: int, rule: str, action: str, model: str | None) -> int:
         now = time.time()
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO jobs(series_uid, version, rule, action, model, created_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?)",
-                (series_uid, version, rule, action, model, now, now),
-            )
+            # the series row first: a retention sweep deciding on it (PostgreSQL: its row lock) goes before or after
             db.execute("UPDATE series SET state='routed' WHERE series_uid=?", (series_uid,))
-            return int(cur.lastrowid)
+            row = db.execute(
+                "INSERT INTO jobs(series_uid, version, rule, action, model, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?) RETURNING id",
+                (series_uid, version, rule, action, model, now, now),
+            ).fetchone()
+            return int(row["id"])
 
     def route_series(self, series_uid: str, version: int, *, rule: str, action: str, model: str | None) -> int | None:
         """Queue the job of a ``complete`` series at ``version`` and mark it routed, in one transaction; None when
@@ -754,12 +901,12 @@ class Journal:
                                (series_uid, version)).rowcount
             if taken != 1:
                 return None
-            cur = db.execute(
+            row = db.execute(
                 "INSERT INTO jobs(series_uid, version, rule, action, model, created_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?,?) RETURNING id",
                 (series_uid, version, rule, action, model, now, now),
-            )
-            return int(cur.lastrowid)
+            ).fetchone()
+            return int(row["id"])
 
     def ignore_series(self, series_uid: str, version: int, note: str) -> bool:
         """Mark a ``complete`` series at ``version`` not processed (``note``: why); False when another process
@@ -772,7 +919,7 @@ class Journal:
         rows = self._query("SELECT * FROM jobs WHERE id=?", (job_id,))
         if not rows:
             raise KeyError(job_id)
-        return self._job(rows[0])
+        return self._jobs(rows)[0]
 
     def jobs(self, *, states: Sequence[JobState] | None = None, limit: int = 200) -> list[JobRecord]:
         if states:
@@ -780,7 +927,7 @@ class Journal:
             rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", list(states))
         else:
             rows = self._query("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
-        return [self._job(r) for r in rows]
+        return self._jobs(rows)
 
     def jobs_in_study(self, study_uid: str) -> list[JobRecord]:
         """Every job of every series in a study, oldest first."""
@@ -788,7 +935,7 @@ class Journal:
             "SELECT j.* FROM jobs j JOIN series s ON s.series_uid = j.series_uid WHERE s.study_uid=? ORDER BY j.id",
             (study_uid,),
         )
-        return [self._job(r) for r in rows]
+        return self._jobs(rows)
 
     def set_job_state(
         self, job_id: int, state: JobState, reason: str = "", timings: dict[str, float] | None = None
@@ -805,19 +952,6 @@ class Journal:
                     (state, reason, time.time(), json.dumps(timings), job_id),
                 )
 
-    def start_job(self, job_id: int) -> int:
-        """Mark a job ``running`` and count the attempt; returns how many runs it has started."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET state='running', reason='', optional_failed='', attempts=attempts+1, updated_at=?"
-                " WHERE id=?",
-                (time.time(), job_id),
-            )
-            row = db.execute("SELECT attempts FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None:
-                raise KeyError(job_id)
-            return int(row["attempts"])
-
     def recover_jobs(self, max_attempts: int, *, own: str | None = NODE_WORKER,
                      ) -> tuple[list[JobRecord], list[JobRecord]]:
         """At start-up (and on each sweep): (jobs to run again, jobs quarantined now).
@@ -832,22 +966,23 @@ class Journal:
         with self._tx() as db:
             quarantined = self._requeue_interrupted(db, "jobs", max_attempts, own)
             rows = db.execute("SELECT * FROM jobs WHERE state='queued' ORDER BY id").fetchall()
-            resumed = [self._job(r) for r in rows]
-            gone = [self._job(r) for r in db.execute(
+            resumed = self._jobs(rows, db)
+            gone = self._jobs(db.execute(
                 f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(quarantined))}) ORDER BY id", quarantined
-            )] if quarantined else []
+            ).fetchall(), db) if quarantined else []
         return resumed, gone
 
     @staticmethod
-    def _requeue_interrupted(db: sqlite3.Connection, table: str, max_attempts: int, own: str | None) -> list[int]:
+    def _requeue_interrupted(db: Connection, table: str, max_attempts: int, own: str | None) -> list[int]:
         """Queue the interrupted ``running`` rows of ``table`` (jobs, follow_ups: claimed by ``own`` or by no one,
         or with an expired lease) again, or fail those that used their attempts (quarantined); returns the ids
-        quarantined."""
+        quarantined. The rows are locked as they are read (PostgreSQL): a row claimed or renewed by another
+        process in between is read again and left alone when it no longer qualifies."""
         now = time.time()
         quarantined: list[int] = []
         mine = "" if own is None else "worker IN ('', ?) OR "
-        for row in db.execute(f"SELECT id, attempts FROM {table} WHERE state='running' AND ({mine}lease_until < ?)",
-                              ([] if own is None else [own]) + [now]).fetchall():
+        for row in db.execute(f"SELECT id, attempts FROM {table} WHERE state='running' AND ({mine}lease_until < ?)"
+                              " ORDER BY id FOR UPDATE", ([] if own is None else [own]) + [now]).fetchall():
             if row["attempts"] >= max_attempts:
                 reason = (f"quarantined: interrupted {row['attempts']} times while running (the node "
                           f"stopped or crashed during each run); not run again")
@@ -864,15 +999,15 @@ class Journal:
 
     def claim(self, kind: str, task_id: int, worker: str, lease_s: float) -> Claim | None:
         """Claim a ``queued`` job or follow-up (``kind``: "job", "follow_up") for ``worker``: it becomes
-        ``running`` with this run counted (a job's reason and optional failures cleared) and a lease until
-        ``lease_s`` from now. One atomic UPDATE: of workers racing for the same row exactly one gets it; the
-        others (and anyone asking for a row that is not queued) get None."""
+        ``running`` with this run counted (its reason cleared) and a lease until ``lease_s`` from now. One atomic
+        UPDATE (PostgreSQL: the row is re-checked after a concurrent change, READ COMMITTED): of workers racing
+        for the same row exactly one gets it; the others (and anyone asking for a row that is not queued) get
+        None."""
         table = _CLAIMABLE[kind]
-        clear = ", optional_failed=''" if table == "jobs" else ""
         now = time.time()
         with self._tx() as db:
             row = db.execute(
-                f"UPDATE {table} SET state='running', reason=''{clear}, attempts=attempts+1, worker=?,"
+                f"UPDATE {table} SET state='running', reason='', attempts=attempts+1, worker=?,"
                 " lease_until=?, updated_at=? WHERE id=? AND state='queued' RETURNING attempts",
                 (worker, now + lease_s, now, task_id),
             ).fetchone()
@@ -887,13 +1022,14 @@ class Journal:
             return cur.rowcount == 1
 
     @staticmethod
-    def _fence(db: sqlite3.Connection, table: str, task_id: int, claim: Claim | None) -> None:
+    def _fence(db: Connection, table: str, task_id: int, claim: Claim | None) -> None:
         """Raise :class:`ClaimLost` (rolling back the transaction) unless ``claim`` still holds the row
-        (no claim: the caller runs outside the claims, as the tests and the CLI may)."""
+        (no claim: the caller runs outside the claims, as the tests and the CLI may). The row stays locked until
+        the transaction ends (PostgreSQL), so no take-over slips in between the check and the record."""
         if claim is None:
             return
-        held = db.execute(f"SELECT 1 FROM {table} WHERE id=? AND state='running' AND worker=? AND attempts=?",
-                          (task_id, claim.worker, claim.attempt)).fetchone()
+        held = db.execute(f"SELECT 1 FROM {table} WHERE id=? AND state='running' AND worker=? AND attempts=?"
+                          " FOR UPDATE", (task_id, claim.worker, claim.attempt)).fetchone()
         if held is None:
             raise ClaimLost(f"{table[:-1].replace('_', '-')} {task_id}: run {claim.attempt} of {claim.worker} "
                             "is no longer its claim (its lease expired and another worker took it over)")
@@ -921,23 +1057,10 @@ class Journal:
             db.execute("UPDATE jobs SET state='failed', reason=?, updated_at=? WHERE id=?",
                        (reason, time.time(), job_id))
 
-    def note_optional_failure(self, job_id: int, step: str, error: str) -> None:
-        """Record that an optional step of a job failed (``step: error``), leaving its state alone."""
-        with self._tx() as db:
-            self._note_optional_failure(db, job_id, step, error)
-
-    @staticmethod
-    def _note_optional_failure(db: sqlite3.Connection, job_id: int, step: str, error: str) -> None:
-        db.execute(
-            "UPDATE jobs SET optional_failed = optional_failed"
-            " || CASE WHEN optional_failed = '' THEN '' ELSE '; ' END || ?, updated_at=? WHERE id=?",
-            (f"{step}: {error}", time.time(), job_id),
-        )
-
     # -- follow-ups -------------------------------------------------------------------------
 
     @staticmethod
-    def _follow_up(row: sqlite3.Row) -> FollowUpRecord:
+    def _follow_up(row: Any) -> FollowUpRecord:
         return FollowUpRecord(row["id"], row["job_id"], row["step"], FollowUpState(row["state"]), row["reason"],
                               row["attempts"], row["seconds"], row["created_at"], row["updated_at"])
 
@@ -954,20 +1077,11 @@ class Journal:
         return [self._follow_up(r) for r in self._query("SELECT * FROM follow_ups WHERE job_id=? ORDER BY id",
                                                         (job_id,))]
 
-    def start_follow_up(self, follow_up_id: int) -> int:
-        """Mark a follow-up ``running`` and count the attempt; returns how many runs it has started."""
-        with self._tx() as db:
-            db.execute("UPDATE follow_ups SET state='running', reason='', attempts=attempts+1, updated_at=?"
-                       " WHERE id=?", (time.time(), follow_up_id))
-            row = db.execute("SELECT attempts FROM follow_ups WHERE id=?", (follow_up_id,)).fetchone()
-            if row is None:
-                raise KeyError(follow_up_id)
-            return int(row["attempts"])
-
     def finish_follow_up(self, follow_up_id: int, produced: Sequence[tuple[str, str]],
                          items: Sequence[tuple[str, str, str, str]], *, files: Sequence[OutputFile] = (),
                          seconds: float = 0.0, note: str = "", claim: Claim | None = None) -> None:
-        """In one transaction: a follow-up's outputs recorded and queued as its job's (:meth:`add_outputs`), its
+        """In one transaction: a follow-up's outputs recorded and queued as its job's (a job already delivered
+        becomes ``written`` again while they are pending), its
         time among the job's timings (when it wrote something), and the follow-up ``done`` (``note``: what it
         found when it wrote nothing); fenced by ``claim`` (:class:`ClaimLost`: nothing recorded)."""
         with self._tx() as db:
@@ -977,7 +1091,7 @@ class Journal:
                 raise KeyError(follow_up_id)
             self._add_outputs(db, row["job_id"], produced, items, files)
             if produced:
-                timings = json.loads(db.execute("SELECT timings FROM jobs WHERE id=?",
+                timings = json.loads(db.execute("SELECT timings FROM jobs WHERE id=? FOR UPDATE",
                                                 (row["job_id"],)).fetchone()["timings"])
                 timings[row["step"]] = seconds
                 db.execute("UPDATE jobs SET timings=? WHERE id=?", (json.dumps(timings), row["job_id"]))
@@ -985,30 +1099,24 @@ class Journal:
                        (note, seconds, time.time(), follow_up_id))
 
     def fail_follow_up(self, follow_up_id: int, error: str, claim: Claim | None = None) -> None:
-        """A follow-up failed: ``failed`` with its reason, and noted beside its job's state
+        """A follow-up failed: ``failed`` with its reason, which is read beside its job's state
         (:attr:`JobRecord.optional_failed`); the job's state and its core outputs are left alone. Fenced by
         ``claim`` (:class:`ClaimLost`)."""
         with self._tx() as db:
             self._fence(db, "follow_ups", follow_up_id, claim)
-            row = db.execute("SELECT job_id, step FROM follow_ups WHERE id=?", (follow_up_id,)).fetchone()
-            if row is None:
+            if db.execute("UPDATE follow_ups SET state='failed', reason=?, updated_at=? WHERE id=?",
+                          (error, time.time(), follow_up_id)).rowcount == 0:
                 raise KeyError(follow_up_id)
-            db.execute("UPDATE follow_ups SET state='failed', reason=?, updated_at=? WHERE id=?",
-                       (error, time.time(), follow_up_id))
-            self._note_optional_failure(db, row["job_id"], row["step"], error)
 
     def recover_follow_ups(self, max_attempts: int, *, own: str | None = NODE_WORKER,
                            ) -> tuple[list[FollowUpRecord], list[FollowUpRecord]]:
-        """As :meth:`recover_jobs` for jobs: (follow-ups to run again, follow-ups quarantined now; noted beside
+        """As :meth:`recover_jobs` for jobs: (follow-ups to run again, follow-ups quarantined now; read beside
         their job's state)."""
         with self._tx() as db:
             quarantined = self._requeue_interrupted(db, "follow_ups", max_attempts, own)
+            also = f" OR id IN ({','.join('?' * len(quarantined))})" if quarantined else ""
             rows = {r["id"]: self._follow_up(r) for r in db.execute(
-                "SELECT * FROM follow_ups WHERE state='queued' OR id IN"
-                f" ({','.join('?' * len(quarantined))}) ORDER BY id", quarantined)}
-            for follow_up_id in quarantined:
-                record = rows[follow_up_id]
-                self._note_optional_failure(db, record.job_id, record.step, record.reason)
+                f"SELECT * FROM follow_ups WHERE state='queued'{also} ORDER BY id", quarantined)}
         resumed = [r for r in rows.values() if r.state == FollowUpState.QUEUED]
         return resumed, [rows[i] for i in quarantined]
 
@@ -1042,19 +1150,11 @@ class Journal:
                 "UPDATE jobs SET state=?, reason=?, updated_at=?, output_name=? WHERE id=?",
                 (state, reason, now, output_name, job_id),
             )
-            db.executemany("INSERT OR IGNORE INTO follow_ups(job_id, step, created_at, updated_at) VALUES (?,?,?,?)",
+            db.executemany("INSERT INTO follow_ups(job_id, step, created_at, updated_at) VALUES (?,?,?,?)"
+                           " ON CONFLICT DO NOTHING",
                            [(job_id, step, now, now) for step in follow_ups])
 
-    def add_outputs(
-        self, job_id: int, produced: Sequence[tuple[str, str]], items: Sequence[tuple[str, str, str, str]], *,
-        files: Sequence[OutputFile] = (),
-    ) -> None:
-        """Outputs of a step that ran after :meth:`record_outputs` (an optional step): recorded like those;
-        a job already delivered becomes ``written`` again while the new items are pending."""
-        with self._tx() as db:
-            self._add_outputs(db, job_id, produced, items, files)
-
-    def _add_outputs(self, db: sqlite3.Connection, job_id: int, produced: Sequence[tuple[str, str]],
+    def _add_outputs(self, db: Connection, job_id: int, produced: Sequence[tuple[str, str]],
                      items: Sequence[tuple[str, str, str, str]], files: Sequence[OutputFile]) -> None:
         now = time.time()
         self._insert_outputs(db, job_id, produced, items, files, now)
@@ -1072,19 +1172,21 @@ class Journal:
             self._insert_outputs(db, job_id, produced, items, files, time.time())
 
     @staticmethod
-    def _insert_outputs(db: sqlite3.Connection, job_id: int, produced: Sequence[tuple[str, str]],
+    def _insert_outputs(db: Connection, job_id: int, produced: Sequence[tuple[str, str]],
                         items: Sequence[tuple[str, str, str, str]], files: Sequence[OutputFile], now: float) -> None:
         db.executemany(
-            "INSERT OR IGNORE INTO produced(series_uid, job_id, kind) VALUES (?,?,?)",
+            "INSERT INTO produced(series_uid, job_id, kind) VALUES (?,?,?) ON CONFLICT DO NOTHING",
             [(uid, job_id, kind) for uid, kind in produced],
         )
         db.executemany(
-            "INSERT OR IGNORE INTO outbox(job_id, destination, path, sop_class_uid, sop_instance_uid,"
-            " next_attempt_at, queued_at) VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO outbox(job_id, destination, path, sop_class_uid, sop_instance_uid,"
+            " next_attempt_at, queued_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
             [(job_id, dest, path, cls, uid, now, now) for dest, path, cls, uid in items],
         )
+        # a file recorded again replaces its row (and goes last, in the order written)
+        db.executemany("DELETE FROM output_files WHERE job_id=? AND path=?", [(job_id, f.path) for f in files])
         db.executemany(
-            "INSERT OR REPLACE INTO output_files(job_id, kind, path, series_uid, sop_class_uid, sop_instance_uid)"
+            "INSERT INTO output_files(job_id, kind, path, series_uid, sop_class_uid, sop_instance_uid)"
             " VALUES (?,?,?,?,?,?)",
             [(job_id, *f) for f in files],
         )
@@ -1112,14 +1214,14 @@ class Journal:
         rows = self._query("SELECT series_uid, kind FROM produced WHERE job_id=?", (job_id,))
         return [(r["series_uid"], r["kind"]) for r in rows]
 
-    def _item(self, row: sqlite3.Row) -> OutboxItem:
+    def _item(self, row: Any) -> OutboxItem:
         return OutboxItem(
             id=row["id"], job_id=row["job_id"], destination=row["destination"], path=row["path"],
             sop_class_uid=row["sop_class_uid"], sop_instance_uid=row["sop_instance_uid"],
             state=OutboxState(row["state"]),
             tries=row["tries"], next_attempt_at=row["next_attempt_at"], last_error=row["last_error"],
             sent_at=row["sent_at"],
-            queued_at=row["queued_at"],
+            queued_at=row["queued_at"], worker=row["worker"], lease_until=row["lease_until"],
         )
 
     def due_items(self, now: float | None = None) -> list[OutboxItem]:
@@ -1136,41 +1238,48 @@ class Journal:
             rows = self._query("SELECT * FROM outbox WHERE job_id=? ORDER BY id", (job_id,))
         return [self._item(r) for r in rows]
 
-    def mark_sent(self, item_ids: Sequence[int], *, durable: bool = True) -> None:
+    def mark_sent(self, item_ids: Sequence[int], *, durable: bool = True, claim: OutboxClaim | None = None) -> None:
         """Items acknowledged by their destination. ``durable=False`` (the C-STORE dispatcher, one commit per
         object): not synced to disk, so a SIGKILL of the node never makes it send them again, but a power loss
-        right after may (the destination then gets the same SOP Instance again, which a PACS files once)."""
+        right after may (the destination then gets the same SOP Instance again, which a PACS files once).
+        Fenced by ``claim`` (:meth:`claim_outbox`): :class:`ClaimLost` and nothing recorded unless every item is
+        still pending under it; their lease is released."""
         with self._tx(durable=durable) as db:
+            self._fence_outbox(db, item_ids, claim)
             now = time.time()
-            db.executemany("UPDATE outbox SET state='sent', last_error='', sent_at=? WHERE id=?",
+            db.executemany("UPDATE outbox SET state='sent', last_error='', sent_at=?, lease_until=0 WHERE id=?",
                            [(now, i) for i in item_ids])
             self._settle_jobs(db, item_ids)
 
     def mark_failed_try(
         self, item_ids: Sequence[int], error: str, *,
         next_attempt: Callable[[int, float, float], float | None], now: float | None = None,
+        claim: OutboxClaim | None = None,
     ) -> list[OutboxItem]:
         """Count one failed try and ask the retry policy (the dispatcher's) when to try next:
         ``next_attempt(tries, first_failed_at, now)`` gives a time, or None to fail for good. Returns the
-        items that failed for good now."""
+        items that failed for good now. Fenced by ``claim`` as :meth:`mark_sent` is (the items' lease released:
+        any dispatcher takes them at their next try)."""
         now = time.time() if now is None else now
         given_up: list[int] = []
         with self._tx() as db:
+            self._fence_outbox(db, item_ids, claim)
             for item_id in item_ids:
-                row = db.execute("SELECT tries, first_failed_at FROM outbox WHERE id=?", (item_id,)).fetchone()
+                row = db.execute("SELECT tries, first_failed_at FROM outbox WHERE id=? FOR UPDATE",
+                                 (item_id,)).fetchone()
                 tries = row["tries"] + 1
                 first = row["first_failed_at"] or now
                 when = next_attempt(tries, first, now)
                 if when is None:
                     db.execute(
-                        "UPDATE outbox SET state='failed', tries=?, last_error=?, first_failed_at=? WHERE id=?",
-                        (tries, error, first, item_id),
+                        "UPDATE outbox SET state='failed', tries=?, last_error=?, first_failed_at=?, lease_until=0"
+                        " WHERE id=?", (tries, error, first, item_id),
                     )
                     given_up.append(item_id)
                 else:
                     db.execute(
-                        "UPDATE outbox SET tries=?, last_error=?, next_attempt_at=?, first_failed_at=? WHERE id=?",
-                        (tries, error, when, first, item_id),
+                        "UPDATE outbox SET tries=?, last_error=?, next_attempt_at=?, first_failed_at=?, lease_until=0"
+                        " WHERE id=?", (tries, error, when, first, item_id),
                     )
             self._settle_jobs(db, item_ids)
             if not given_up:
@@ -1200,16 +1309,80 @@ class Journal:
             )
             return n
 
+    # -- outbox claims: several dispatchers sharing one outbox -------------------------------------
+
+    def claim_outbox(self, worker: str, lease_s: float, *, limit: int = 50, destination: str | None = None,
+                     now: float | None = None) -> OutboxClaim | None:
+        """Claim due pending items for ``worker`` with a lease until ``lease_s`` from now: those of one destination
+        (``destination``, else the destination of the oldest due item), oldest first, at most ``limit``. Items
+        held by another dispatcher whose lease still holds are left to it; an expired claim is taken over (its
+        holder's outcome is then refused: :class:`ClaimLost`). None when nothing is due. Of dispatchers racing for
+        the same items each gets a distinct share (SQLite: one writer at a time; PostgreSQL: the rows are locked
+        ``FOR UPDATE SKIP LOCKED`` and re-checked after a concurrent claim)."""
+        now = time.time() if now is None else now
+        due = "state='pending' AND next_attempt_at <= ? AND lease_until < ?"
+        with self._tx() as db:
+            if destination is None:
+                first = db.execute(f"SELECT destination FROM outbox WHERE {due} ORDER BY job_id, id LIMIT 1"
+                                   " FOR UPDATE SKIP LOCKED", (now, now)).fetchone()
+                if first is None:
+                    return None
+                destination = str(first["destination"])
+            ids = [int(r["id"]) for r in db.execute(
+                f"SELECT id FROM outbox WHERE {due} AND destination=? ORDER BY job_id, id LIMIT ?"
+                " FOR UPDATE SKIP LOCKED", (now, now, destination, limit)).fetchall()]
+            if not ids:
+                return None
+            token = uuid.uuid4().hex
+            marks = ",".join("?" * len(ids))
+            db.execute(f"UPDATE outbox SET worker=?, claim_token=?, lease_until=? WHERE id IN ({marks})",
+                       [worker, token, now + lease_s, *ids])
+            rows = db.execute(f"SELECT * FROM outbox WHERE id IN ({marks}) ORDER BY job_id, id", ids).fetchall()
+        return OutboxClaim(worker, token, destination, [self._item(r) for r in rows])
+
+    def renew_outbox(self, claim: OutboxClaim, lease_s: float) -> list[int]:
+        """Extend the lease of the items ``claim`` still holds (pending, not taken over) to ``lease_s`` from now;
+        returns their ids (empty: the claim is lost or done)."""
+        with self._tx() as db:
+            rows = db.execute("UPDATE outbox SET lease_until=? WHERE claim_token=? AND state='pending'"
+                              " RETURNING id", (time.time() + lease_s, claim.token)).fetchall()
+        return sorted(int(r["id"]) for r in rows)
+
+    def release_outbox(self, claim: OutboxClaim) -> int:
+        """Give back the items ``claim`` still holds without an outcome (a dispatcher stopping): any dispatcher may
+        claim them at once. Returns how many."""
+        with self._tx() as db:
+            return int(db.execute("UPDATE outbox SET lease_until=0 WHERE claim_token=? AND state='pending'",
+                                  (claim.token,)).rowcount)
+
     @staticmethod
-    def _settle_jobs(db: sqlite3.Connection, item_ids: Sequence[int]) -> None:
+    def _fence_outbox(db: Connection, item_ids: Sequence[int], claim: OutboxClaim | None) -> None:
+        """Raise :class:`ClaimLost` (rolling back the transaction) unless ``claim`` still holds every item (pending,
+        under its token); no claim: the caller is the only dispatcher (a receiving node's own). The rows stay
+        locked until the transaction ends (PostgreSQL)."""
+        if claim is None or not item_ids:
+            return
+        marks = ",".join("?" * len(item_ids))
+        held = {int(r["id"]) for r in db.execute(
+            f"SELECT id FROM outbox WHERE id IN ({marks}) AND claim_token=? AND state='pending' ORDER BY id"
+            " FOR UPDATE", [*item_ids, claim.token]).fetchall()}
+        lost = sorted(set(item_ids) - held)
+        if lost:
+            raise ClaimLost(f"outbox item(s) {', '.join(map(str, lost))}: no longer claimed by {claim.worker} (the "
+                            "lease expired and another dispatcher took them over, or they are settled)")
+
+    @staticmethod
+    def _settle_jobs(db: Connection, item_ids: Sequence[int]) -> None:
         if not item_ids:
             return
         marks = ",".join("?" * len(item_ids))
         job_ids = [r["job_id"] for r in db.execute(
-            f"SELECT DISTINCT job_id FROM outbox WHERE id IN ({marks})", list(item_ids)
+            f"SELECT DISTINCT job_id FROM outbox WHERE id IN ({marks}) ORDER BY job_id", list(item_ids)
         )]
         for job_id in job_ids:
-            job = db.execute("SELECT state, reason FROM jobs WHERE id=?", (job_id,)).fetchone()
+            # the job's row locked first (PostgreSQL; in job order: no deadlock), then its items read: of two
+            # dispatchers settling items of one job at once, the second sees what the first committed
+            job = db.execute("SELECT state, reason FROM jobs WHERE id=? FOR UPDATE", (job_id,)).fetchone()
             if job is not None and job["state"] == JobState.FAILED and job["reason"] != DELIVERY_FAILED:
                 continue  # failed while it ran: its notice is delivered, the job stays failed with its reason
             states = {r["state"] for r in db.execute("SELECT state FROM outbox WHERE job_id=?", (job_id,))}
@@ -1243,11 +1416,12 @@ class Journal:
                 " AND EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid)"
                 " AND series_uid NOT IN (SELECT series_uid FROM produced)"
                 " AND series_uid NOT IN (SELECT series_uid FROM jobs WHERE state IN ('queued', 'running'))"
-                " ORDER BY first_received, series_uid", (value,)
+                " ORDER BY first_received, series_uid FOR UPDATE", (value,)
             ).fetchall()
             marked = [r["series_uid"] for r in rows]
             db.executemany(
-                "UPDATE series SET state='complete', version=version+1, note=? WHERE series_uid=?",
+                "UPDATE series SET state='complete', version=version+1, note=? WHERE series_uid=?"
+                " AND state IN ('routed', 'ignored')",
                 [(f"reprocess requested {time.strftime('%Y-%m-%d %H:%M:%S')}", uid) for uid in marked],
             )
         return marked
@@ -1259,15 +1433,16 @@ class Journal:
         rows = self._query(
             "SELECT s.series_uid, s.study_uid, s.description, s.state,"
             " (SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid) AS n,"
-            " (SELECT GROUP_CONCAT(j.id) FROM jobs j WHERE j.series_uid = s.series_uid AND j.purged_at = 0) AS jobs,"
+            " (SELECT STRING_AGG(CAST(j.id AS TEXT), ',') FROM jobs j WHERE j.series_uid = s.series_uid"
+            "  AND j.purged_at = 0) AS jobs,"
             " EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.state = 'sent') AS delivered,"
-            " MAX(s.last_received, COALESCE((SELECT MAX(j.updated_at) FROM jobs j"
+            " GREATEST(s.last_received, COALESCE((SELECT MAX(j.updated_at) FROM jobs j"
             "     WHERE j.series_uid = s.series_uid), 0)) AS settled"
             f" FROM series s WHERE {_PURGEABLE} ORDER BY settled",
             {"delivered_before": delivered_before, "not_processed_before": not_processed_before},
         )
         return [PurgeCandidate(r["series_uid"], r["study_uid"], r["description"], SeriesState(r["state"]), r["n"],
-                               tuple(int(j) for j in (r["jobs"] or "").split(",") if j), bool(r["delivered"]),
+                               tuple(sorted(int(j) for j in (r["jobs"] or "").split(",") if j)), bool(r["delivered"]),
                                r["settled"]) for r in rows]
 
     def begin_purge(self, series_uid: str, *, delivered_before: float, not_processed_before: float,
@@ -1279,7 +1454,7 @@ class Journal:
         and its jobs. The files are deleted afterwards by :meth:`finish_purge`."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            row = db.execute(f"SELECT 1 FROM series s WHERE s.series_uid = :uid AND {_PURGEABLE}",
+            row = db.execute(f"SELECT 1 FROM series s WHERE s.series_uid = :uid AND {_PURGEABLE} FOR UPDATE",
                              {"uid": series_uid, "delivered_before": delivered_before,
                               "not_processed_before": not_processed_before}).fetchone()
             if row is None:
@@ -1298,8 +1473,9 @@ class Journal:
                 files += [PurgeFile(path, "output", series_uid) for path in sorted(outputs)
                           if not path.startswith(inside)]
             db.executemany(
-                "INSERT OR REPLACE INTO purge_files(path, kind, series_uid, sop_instance_uid, recorded_at)"
-                " VALUES (?,?,?,?,?)",
+                "INSERT INTO purge_files(path, kind, series_uid, sop_instance_uid, recorded_at) VALUES (?,?,?,?,?)"
+                " ON CONFLICT (path) DO UPDATE SET kind=excluded.kind, series_uid=excluded.series_uid,"
+                " sop_instance_uid=excluded.sop_instance_uid, recorded_at=excluded.recorded_at",
                 [(f.path, f.kind, f.series_uid, f.sop_instance_uid, now) for f in files],
             )
             n = db.execute("DELETE FROM instances WHERE series_uid=?", (series_uid,)).rowcount
@@ -1315,24 +1491,36 @@ class Journal:
         return [PurgeFile(r["path"], r["kind"], r["series_uid"], r["sop_instance_uid"]) for r in rows]
 
     def finish_purge(self, files: Sequence[PurgeFile], remove: Callable[[PurgeFile], None]) -> list[PurgeFile]:
-        """Delete ``files`` (``remove`` each) and their ``purge_files`` rows, in one transaction; returns the
-        files kept because an instance row points at them again (the same SOP Instance UID was received
-        again after its series was purged: the file at that path is the new copy).
+        """Delete ``files`` (``remove`` each) and their ``purge_files`` rows; returns the files kept because an
+        instance row points at them again (the same SOP Instance UID was received again after its series was
+        purged: the file at that path is the new copy).
 
-        The file is removed while the transaction holds the journal's write lock: a C-STORE filing the same
-        path commits its row either before (the file is kept) or after (the SCP finds its file gone and
-        writes it again before it answers, see ``StorageSCP._store``). If ``remove`` raises, nothing of the
-        batch is forgotten: the next sweep removes what is left (``remove`` must accept a missing file)."""
+        Job folders and output files are removed first, outside any transaction (a folder may take long, and
+        nothing writes there any more: their jobs are settled); then one transaction removes each instance file
+        and forgets every row. An instance file is removed while the transaction holds the journal's write lock
+        (SQLite) or its series' row (PostgreSQL, which a C-STORE of the same path updates when it files its
+        row): that C-STORE commits its row either before (the file is kept) or after (the SCP finds its file
+        gone and writes it again before it answers, see ``StorageSCP._file``). Crash-safe: a row is forgotten
+        only after its file is gone; if ``remove`` raises, nothing of the batch is forgotten and the next sweep
+        removes what is left (``remove`` must accept a missing file)."""
+        for f in files:
+            if f.kind != "instance":
+                remove(f)
         kept: list[PurgeFile] = []
+        locked: set[str] = set()
         with self._tx() as db:
             for f in files:
-                if f.kind == "instance" and db.execute(  # the path is made of the UIDs: same path, same UID
-                        "SELECT 1 FROM instances WHERE sop_instance_uid=? AND path=?",
-                        (f.sop_instance_uid, f.path)).fetchone():
-                    kept.append(f)
-                else:
-                    remove(f)
-                db.execute("DELETE FROM purge_files WHERE path=?", (f.path,))
+                if f.kind == "instance":
+                    if f.series_uid not in locked:
+                        db.execute("SELECT 1 FROM series WHERE series_uid=? FOR UPDATE", (f.series_uid,))
+                        locked.add(f.series_uid)
+                    if db.execute(  # the path is made of the UIDs: same path, same UID
+                            "SELECT 1 FROM instances WHERE sop_instance_uid=? AND path=?",
+                            (f.sop_instance_uid, f.path)).fetchone():
+                        kept.append(f)
+                    else:
+                        remove(f)
+            db.executemany("DELETE FROM purge_files WHERE path=?", [(f.path,) for f in files])
         return kept
 
     def outbox_summary(self) -> list[dict[str, Any]]:
@@ -1360,8 +1548,41 @@ def journal_path(config: NodeConfig) -> Path:
     return config.node.data_dir / "journal.sqlite3"
 
 
+def journal_location(config: NodeConfig) -> str:
+    """The journal of this configuration, for messages: the SQLite file, or the PostgreSQL conninfo (without a
+    password)."""
+    if config.journal.backend == "postgresql":
+        return PostgresConnection.describe(PostgresTarget(config.journal.dsn or ""))
+    return str(journal_path(config))
+
+
+def journal_exists(config: NodeConfig) -> bool:
+    """Whether the node has run with this journal: the SQLite file exists; a PostgreSQL journal is taken to
+    exist (opening it read-only says when it has no schema yet)."""
+    return config.journal.backend == "postgresql" or journal_path(config).exists()
+
+
+def postgres_target(config: NodeConfig) -> PostgresTarget:
+    """The PostgreSQL journal of ``[journal]``: its dsn, and the password read from ``password_file`` (first line;
+    never logged) or None (libpq's ``PGPASSWORD``/``PGPASSFILE``, or no password)."""
+    settings = config.journal
+    password = None
+    if settings.password_file is not None:
+        try:
+            lines = settings.password_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise JournalError(f"[journal] password_file {settings.password_file}: cannot read it: "
+                               f"{getattr(exc, 'strerror', None) or type(exc).__name__}") from None
+        password = lines[0] if lines else ""
+    return PostgresTarget(settings.dsn or "", password)
+
+
 def open_journal(config: NodeConfig, *, read_only: bool = False) -> Journal:
-    """The journal this configuration names: every process (receiver, worker, command) opens it through here."""
+    """The journal this configuration names: every process (receiver, worker, dispatcher, command) opens it
+    through here. ``read_only`` (``status``): never creates, upgrades or writes it (PostgreSQL: every transaction
+    of the session is read-only, ``default_transaction_read_only``)."""
+    if config.journal.backend == "postgresql":
+        return Journal(postgres_target(config), fsync=config.node.fsync, read_only=read_only)
     if read_only:
         return Journal(journal_path(config), read_only=True)
     return Journal(journal_path(config), fsync=config.node.fsync)

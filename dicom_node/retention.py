@@ -15,9 +15,12 @@ so that the same objects sent again are received and processed as new.
 
 Crash safety: one sweep is, per series, (1) :meth:`Journal.begin_purge` — one transaction recording
 every file to delete and forgetting the instance rows — then (2) :meth:`Journal.finish_purge` — deleting
-the files in batches, each batch's records removed in the transaction that deleted them. A crash after
-(1) leaves the files recorded in ``purge_files``: the next sweep, and the next start of the node
-(:meth:`Retention.finish_pending`), deletes them. A crash during (1) changes nothing.
+the files in batches of :data:`BATCH`: a batch's job folders and output files first, outside any journal
+transaction (a big folder never holds up C-STORE acknowledgements or lease renewals), then its instance files and
+all its records in one transaction. A record goes only once its file is gone: a crash after (1), or during (2),
+leaves the files not yet deleted recorded in ``purge_files``, and the next sweep, and the next start of the node
+(:meth:`Retention.finish_pending`), deletes them (deleting a file already gone is no error). A crash during (1)
+changes nothing.
 """
 
 from __future__ import annotations

@@ -24,3 +24,32 @@ def priors():  # noqa: ANN201 - inference.training.generator.Priors (torch is im
     if not SYNTHSEG.is_dir():
         pytest.skip(f"SynthSeg label maps not found at {SYNTHSEG} (../shared/data)")
     return generator.load_priors(SYNTHSEG)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():  # noqa: ANN201 - tests.postgres.PostgresServer (psycopg is imported only where it is used)
+    """A PostgreSQL 15 server on 127.0.0.1 for the whole session (skips without Debian's postgresql-15 or psycopg)."""
+    from tests.postgres import PostgresServer, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server) -> str:  # noqa: ANN001
+    """The conninfo of a new, empty database of :func:`postgres_server` for one test (no password in it: the role
+    logs in with ``tests.postgres.PASSWORD``)."""
+    return postgres_server.create_database()
+
+
+@pytest.fixture
+def postgres_journal(postgres_dsn: str):  # noqa: ANN201 - dicom_node.journal_sql.PostgresTarget
+    """A new, empty database as a journal's target (its conninfo and password)."""
+    from dicom_node.journal_sql import PostgresTarget
+    from tests.postgres import PASSWORD
+
+    return PostgresTarget(postgres_dsn, PASSWORD)

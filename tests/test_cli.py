@@ -251,7 +251,7 @@ def test_status_shows_each_job_s_follow_ups(tmp_path: Path, models_dir: Path,
     job = journal.add_job(series_uid="1.1", version=1, rule="t1-2d", action="synthesize", model="synth-t1")
     journal.record_outputs(job, [("1.7", "sT1")], [], follow_ups=["agreement", "other"])
     first, second = journal.follow_ups(job)
-    journal.start_follow_up(first.id)
+    journal.claim("follow_up", first.id, "worker@test:1", 60)
     journal.fail_follow_up(first.id, "RuntimeError: registration diverged")
     journal.close()
     assert main(["status", "--config", str(config)]) == 3  # not running; a failed follow-up fails no job
@@ -290,7 +290,8 @@ def test_reprocess_marks_stored_series_and_says_what(tmp_path: Path, models_dir:
     config = write_config(tmp_path, models_dir)
     _journal_with_work(tmp_path / "data")  # series 1.1 routed (its job's delivery failed), 1.2 still receiving
     journal = Journal(tmp_path / "data" / "journal.sqlite3")
-    journal.note_optional_failure(1, "agreement", "RuntimeError: boom")
+    journal._query("INSERT INTO follow_ups(job_id, step, state, reason, created_at, updated_at)"  # an optional step
+                   " VALUES (1, 'agreement', 'failed', 'RuntimeError: boom', 0, 0) RETURNING id")  # that failed
     journal.close()
     assert main(["status", "--config", str(config)]) == 1  # the job failed
     assert "(optional step failed: agreement: RuntimeError: boom)" in capsys.readouterr().out

@@ -59,7 +59,7 @@ def _processed_and_failed(journal: Journal) -> tuple[int, int]:
     _series(journal, "1.1", "1.1.1", patient="PAT-A", accession="ACC-A", description="t1_tse_sag")
     version = journal.close_series("1.1.1")
     done = journal.add_job(series_uid="1.1.1", version=version, rule="t1-2d", action="synthesize", model="synth-t1")
-    journal.start_job(done)
+    journal.claim("job", done, "worker@test:1", 60)
     files = [OutputFile("sT1", f"/o/{k}.dcm", "1.9.1", "1.2", f"1.9.1.{k}") for k in range(3)]
     files.append(OutputFile("T1_VOLUME", "/o/t1.mha"))
     items = [(dest, f.path, f.sop_class_uid, f.sop_instance_uid) for dest in ("pacs", "archive") for f in files[:3]]
@@ -74,7 +74,7 @@ def _processed_and_failed(journal: Journal) -> tuple[int, int]:
     version = journal.close_series("2.1.1")
     failed = journal.add_job(series_uid="2.1.1", version=version, rule="t1-2d", action="synthesize",
                              model="synth-t1")
-    journal.start_job(failed)
+    journal.claim("job", failed, "worker@test:1", 60)
     journal.set_job_state(failed, JobState.FAILED, f"inconsistent geometry: gap between slice 2 and 3 {EVIL}")
     return done, failed
 
@@ -116,7 +116,7 @@ def test_a_job_s_follow_ups_are_shown_beside_it(journal: Journal) -> None:
     done, _ = _processed_and_failed(journal)
     journal.record_outputs(done, [], [], follow_ups=["agreement", "other"])
     agreement, other = journal.follow_ups(done)
-    journal.start_follow_up(agreement.id)
+    journal.claim("follow_up", agreement.id, "worker@test:1", 60)
     journal.fail_follow_up(agreement.id, f"RuntimeError: registration diverged {EVIL}")
     page = render(journal, PageContext(), now=5000.0)
     assert "<script" not in page
@@ -165,7 +165,7 @@ def test_stage_and_elapsed_of_each_state(journal: Journal) -> None:
     job = journal.add_job(series_uid="4.1.1", version=version, rule="r", action="synthesize", model="m")
     record = journal.job(job)
     assert job_stage_and_elapsed(record, {}, record.created_at + 5) == ("waiting for a worker", "5.0 s")
-    journal.start_job(job)
+    journal.claim("job", job, "worker@test:1", 60)
     record = journal.job(job)
     stage = job_stage_and_elapsed(record, {job: ("synthesize", record.updated_at + 60)}, record.updated_at + 90)
     assert stage == ("synthesize (30.0 s)", "90.0 s")

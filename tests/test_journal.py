@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +27,48 @@ from dicom_node.journal import (
     OutputFile,
     SeriesState,
 )
+from dicom_node.journal_sql import PostgresTarget, connection_errors
 
 SERIES = "1.2.3.4.100"
 GIVE_UP = RetryPolicy(max_tries=1, backoff_initial_s=1, backoff_max_s=1).next_attempt
 STUDY = "1.2.3.4"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every test of the journal's interface runs on both backends."""
+    return str(request.param)
+
+
 @pytest.fixture
-def journal(tmp_path: Path) -> Iterator[Journal]:
-    j = Journal(tmp_path / "journal.sqlite3", fsync=False)
-    yield j
-    j.close()
+def open_journal(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], Journal]]:
+    """Opens another connection to the test's journal (another process's, as far as the database can tell)."""
+    target: Path | PostgresTarget = tmp_path / "journal.sqlite3"
+    if backend == "postgresql":
+        target = request.getfixturevalue("postgres_journal")
+    opened: list[Journal] = []
+
+    def make() -> Journal:
+        opened.append(Journal(target, fsync=False))
+        return opened[-1]
+
+    yield make
+    for j in opened:
+        j.close()
+
+
+@pytest.fixture
+def journal(open_journal: Callable[[], Journal]) -> Journal:
+    return open_journal()
+
+
+@pytest.fixture
+def integrity_error(backend: str) -> type[Exception]:
+    if backend == "postgresql":
+        import psycopg
+
+        return psycopg.IntegrityError
+    return sqlite3.IntegrityError
 
 
 ATTRIBUTES = SeriesAttributes(series_description="t1_fl2d_sag", modality="MR", series_number=2)
@@ -73,7 +104,7 @@ def test_wal_mode_and_schema(tmp_path: Path) -> None:
     journal.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "6"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == str(SCHEMA_VERSION) == "7"
     db.close()
 
 
@@ -98,7 +129,7 @@ def test_a_version_1_journal_is_upgraded_in_place(tmp_path: Path) -> None:
                          "ALTER TABLE instances DROP COLUMN sha256", "ALTER TABLE outbox DROP COLUMN first_failed_at",
                          "ALTER TABLE outbox DROP COLUMN queued_at")
     journal = Journal(path)
-    assert journal.job(job).attempts == 0 and journal.start_job(job) == 1
+    assert journal.job(job).attempts == 0 and journal.claim("job", job, "w1", 30) == Claim("w1", 1)
     assert [(i.sop_instance_uid, i.sha256) for i in journal.instances(SERIES)] == [("1.9.1", "")]
     add(journal, "1.9.2", sha256="ab" * 32)
     assert journal.instance("1.9.2").sha256 == "ab" * 32 and journal.instance("1.9.3") is None
@@ -123,14 +154,48 @@ def test_a_version_2_journal_is_upgraded_in_place(tmp_path: Path) -> None:
 
 def test_a_version_3_journal_is_upgraded_in_place(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite3"
-    job = _older_journal(path, 3, "ALTER TABLE jobs DROP COLUMN optional_failed")  # schema 3: no optional_failed
+    job = _older_journal(path, 3)  # schema 3: no optional_failed (nor anything schema 7 drops)
     journal = Journal(path)
     assert journal.job(job).optional_failed == ""
-    journal.note_optional_failure(job, "agreement", "RuntimeError: boom")
-    assert journal.job(job).optional_failed == "agreement: RuntimeError: boom"
     journal.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "6"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "7"
+    db.close()
+
+
+def test_a_version_6_optional_failure_reads_the_same_after_schema_7(tmp_path: Path) -> None:
+    """Schema 7 drops jobs.optional_failed: the failed follow-ups are what it is read from. A text written before
+    follow-ups existed is kept as one failed follow-up that reads back as the same text; a job whose failed
+    follow-up holds it already gets nothing more."""
+    path = tmp_path / "j.sqlite3"
+    old = "agreement: RuntimeError: registration diverged; other: ValueError: x"
+    first = Journal(path)
+    add(first, "1.9.1")
+    job, twin = (first.add_job(series_uid=SERIES, version=v, rule="r", action="synthesize", model="m") for v in (1, 2))
+    first.close()
+    db = sqlite3.connect(path)
+    for statement in ("ALTER TABLE outbox DROP COLUMN worker", "ALTER TABLE outbox DROP COLUMN lease_until",
+                      "ALTER TABLE outbox DROP COLUMN claim_token",
+                      "ALTER TABLE jobs ADD COLUMN optional_failed TEXT NOT NULL DEFAULT ''",
+                      "UPDATE meta SET value='6' WHERE key='schema_version'"):
+        db.execute(statement)
+    db.execute("UPDATE jobs SET optional_failed = ?, state = 'sent' WHERE id = ?", (old, job))
+    db.execute("INSERT INTO follow_ups(job_id, step, state, reason, created_at, updated_at)"
+               " VALUES (?, 'agreement', 'failed', 'RuntimeError: boom', 1, 1)", (twin,))
+    db.execute("UPDATE jobs SET optional_failed = 'agreement: RuntimeError: boom' WHERE id = ?", (twin,))
+    db.commit()
+    db.close()
+    journal = Journal(path)
+    try:
+        assert journal.job(job).optional_failed == old and journal.job(job).state == "sent"
+        assert journal.job(twin).optional_failed == "agreement: RuntimeError: boom"
+        assert [(f.step, f.state) for f in journal.follow_ups(twin)] == [("agreement", "failed")]
+    finally:
+        journal.close()
+    db = sqlite3.connect(path)
+    columns = {r[1] for r in db.execute("PRAGMA table_info(jobs)")}
+    assert ("optional_failed" in columns) == (sqlite3.sqlite_version_info < (3, 35))
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "7"
     db.close()
 
 
@@ -305,10 +370,11 @@ def test_recover_jobs_requeues_interrupted_runs_then_quarantines(journal: Journa
     jobs = [journal.add_job(series_uid=SERIES, version=1, rule="r", action="synthesize", model="m")
             for _ in range(4)]
     queued, once, twice, done = jobs
-    assert journal.start_job(once) == 1
-    journal.start_job(twice)
-    assert journal.start_job(twice) == 2
-    journal.start_job(done)
+    assert journal.claim("job", once, NODE_WORKER, 60) == Claim(NODE_WORKER, 1)
+    journal.claim("job", twice, NODE_WORKER, 60)
+    journal.set_job_state(twice, "queued")
+    assert journal.claim("job", twice, NODE_WORKER, 60) == Claim(NODE_WORKER, 2)
+    journal.claim("job", done, NODE_WORKER, 60)
     journal.set_job_state(done, "failed", "boom")
     resumed, quarantined = journal.recover_jobs(max_attempts=2)
     assert [j.id for j in resumed] == [queued, once]
@@ -319,8 +385,7 @@ def test_recover_jobs_requeues_interrupted_runs_then_quarantines(journal: Journa
     assert record.state == "failed" and record.reason.startswith("quarantined: interrupted 2 times")
     assert journal.job(done).reason == "boom"  # settled jobs are left alone
     assert journal.jobs(states=["running"]) == []
-    with pytest.raises(KeyError):
-        journal.start_job(9999)
+    assert journal.claim("job", 9999, NODE_WORKER, 60) is None
 
 
 def test_set_job_timings_keeps_the_state(journal: Journal) -> None:
@@ -331,8 +396,8 @@ def test_set_job_timings_keeps_the_state(journal: Journal) -> None:
     assert (record.state, record.timings) == ("sent", {"total": 1.5})
 
 
-def test_job_needs_an_existing_series(journal: Journal) -> None:
-    with pytest.raises(sqlite3.IntegrityError):
+def test_job_needs_an_existing_series(journal: Journal, integrity_error: type[Exception]) -> None:
+    with pytest.raises(integrity_error):
         journal.add_job(series_uid="no.such", version=1, rule="r", action="synthesize", model="m")
 
 
@@ -351,13 +416,15 @@ def test_record_outputs_then_mark_sent_settles_the_job(journal: Journal) -> None
 
 
 def test_outputs_added_after_delivery_reopen_the_job(journal: Journal) -> None:
-    job, ids = job_with_outbox(journal, ("PACS",), 1)
-    journal.mark_sent(ids)
+    job, (follow_up,) = _job_with_follow_ups(journal, "agreement")
+    journal.mark_sent([i.id for i in journal.outbox(job)])
     assert journal.job(job).state == "sent"
-    journal.add_outputs(job, [("1.9.8", "AGREEMENT")], [("PACS", "/out/agreement.dcm", "1.2", "1.9.8.1")],
-                        files=[OutputFile("AGREEMENT", "/out/agreement.dcm", "1.9.8", "1.2", "1.9.8.1")])
+    claim = journal.claim("follow_up", follow_up, "w1", 30)
+    journal.finish_follow_up(follow_up, [("1.9.9", "AGREEMENT")], [("PACS", "/out/agreement.dcm", "1.2", "1.9.9.1")],
+                             files=[OutputFile("AGREEMENT", "/out/agreement.dcm", "1.9.9", "1.2", "1.9.9.1")],
+                             claim=claim)
     assert journal.job(job).state == "written"
-    assert [f.kind for f in journal.output_files(job)] == ["AGREEMENT"]
+    assert [f.kind for f in journal.output_files(job)] == ["sT1", "AGREEMENT"]
     journal.mark_sent([i.id for i in journal.outbox(job) if i.state == "pending"])
     assert journal.job(job).state == "sent"
 
@@ -448,16 +515,18 @@ def test_mark_failed_try_returns_the_items_given_up(journal: Journal) -> None:
 
 
 def test_an_optional_failure_is_noted_beside_the_state(journal: Journal) -> None:
-    job, ids = job_with_outbox(journal, ("PACS",), n=1)
-    journal.note_optional_failure(job, "agreement", "RuntimeError: registration diverged")
-    journal.note_optional_failure(job, "other", "ValueError: x")
+    job, (agreement, other) = _job_with_follow_ups(journal, "agreement", "other")
+    ids = [i.id for i in journal.outbox(job)]
+    assert journal.job(job).optional_failed == ""
+    journal.fail_follow_up(agreement, "RuntimeError: registration diverged", journal.claim("follow_up", agreement,
+                                                                                           "w1", 30))
+    journal.fail_follow_up(other, "ValueError: x", journal.claim("follow_up", other, "w1", 30))
     record = journal.job(job)
     assert record.state == "written" and record.reason == ""
     assert record.optional_failed == "agreement: RuntimeError: registration diverged; other: ValueError: x"
+    assert [j.optional_failed for j in journal.jobs()] == [record.optional_failed]
     journal.mark_sent(ids)
     assert journal.job(job).state == "sent" and journal.job(job).optional_failed.startswith("agreement")
-    journal.start_job(job)  # a new run starts with a clean slate
-    assert journal.job(job).optional_failed == ""
 
 
 def _job_with_follow_ups(journal: Journal, *steps: str) -> tuple[int, list[int]]:
@@ -465,9 +534,10 @@ def _job_with_follow_ups(journal: Journal, *steps: str) -> tuple[int, list[int]]
     version = journal.close_series(SERIES)
     assert version is not None
     job = journal.add_job(series_uid=SERIES, version=version, rule="t1-2d", action="synthesize", model="m")
-    journal.start_job(job)
+    claim = journal.claim("job", job, NODE_WORKER, 60)
     journal.record_outputs(job, [("1.9.8", "sT1")], [("PACS", "/out/1.dcm", "1.2", "1.9.8.1")],
-                           files=[OutputFile("sT1", "/out/1.dcm", "1.9.8", "1.2", "1.9.8.1")], follow_ups=steps)
+                           files=[OutputFile("sT1", "/out/1.dcm", "1.9.8", "1.2", "1.9.8.1")], follow_ups=steps,
+                           claim=claim)
     return job, [f.id for f in journal.follow_ups(job)]
 
 
@@ -476,7 +546,8 @@ def test_follow_ups_are_queued_with_the_core_outputs_and_end_on_their_own(journa
     assert [(f.step, f.state, f.attempts) for f in journal.follow_ups(job)] == [("agreement", "queued", 0),
                                                                                ("other", "queued", 0)]
     journal.mark_sent([i.id for i in journal.outbox(job)])
-    assert journal.start_follow_up(agreement) == 1 and journal.follow_up(agreement).state == "running"
+    assert journal.claim("follow_up", agreement, NODE_WORKER, 60) == Claim(NODE_WORKER, 1)
+    assert journal.follow_up(agreement).state == "running"
     journal.finish_follow_up(agreement, [("1.9.9", "AGREEMENT")], [("PACS", "/out/a.dcm", "1.2", "1.9.9.1")],
                              files=[OutputFile("AGREEMENT", "/out/a.dcm", "1.9.9", "1.2", "1.9.9.1")], seconds=2.5)
     record = journal.job(job)
@@ -484,7 +555,7 @@ def test_follow_ups_are_queued_with_the_core_outputs_and_end_on_their_own(journa
     assert record.state == "written" and record.timings["agreement"] == 2.5
     assert [f.kind for f in journal.output_files(job)] == ["sT1", "AGREEMENT"] and journal.is_produced("1.9.9")
     assert journal.destinations_of(job) == ["PACS"]
-    journal.start_follow_up(other)
+    journal.claim("follow_up", other, NODE_WORKER, 60)
     journal.fail_follow_up(other, "RuntimeError: boom")
     assert (journal.follow_up(other).state, journal.follow_up(other).reason) == ("failed", "RuntimeError: boom")
     record = journal.job(job)
@@ -494,7 +565,7 @@ def test_follow_ups_are_queued_with_the_core_outputs_and_end_on_their_own(journa
 
 def test_a_follow_up_that_wrote_nothing_is_done_with_a_note(journal: Journal) -> None:
     job, (follow_up,) = _job_with_follow_ups(journal, "agreement")
-    journal.start_follow_up(follow_up)
+    journal.claim("follow_up", follow_up, NODE_WORKER, 60)
     journal.finish_follow_up(follow_up, [], [], seconds=0.1, note="nothing to compare with")
     record = journal.follow_up(follow_up)
     assert (record.state, record.reason) == (FollowUpState.DONE, "nothing to compare with")
@@ -503,11 +574,11 @@ def test_a_follow_up_that_wrote_nothing_is_done_with_a_note(journal: Journal) ->
 
 def test_interrupted_follow_ups_are_queued_again_then_quarantined(journal: Journal) -> None:
     job, (follow_up,) = _job_with_follow_ups(journal, "agreement")
-    journal.start_follow_up(follow_up)  # the node dies during the run
+    journal.claim("follow_up", follow_up, NODE_WORKER, 60)  # the node dies during the run
     resumed, gone = journal.recover_follow_ups(max_attempts=2)
     assert [f.id for f in resumed] == [follow_up] and gone == []
     assert journal.follow_up(follow_up).reason.startswith("interrupted during run 1 of at most 2")
-    journal.start_follow_up(follow_up)  # and again
+    journal.claim("follow_up", follow_up, NODE_WORKER, 60)  # and again
     resumed, gone = journal.recover_follow_ups(max_attempts=2)
     assert resumed == [] and [(f.id, f.state) for f in gone] == [(follow_up, "failed")]
     assert gone[0].reason.startswith("quarantined: interrupted 2 times")
@@ -521,8 +592,7 @@ def _failed_job_with_notice(journal: Journal, destinations: tuple[str, ...] = ("
     add(journal, "1.9.1")
     version = journal.close_series(SERIES)
     job = journal.add_job(series_uid=SERIES, version=version, rule="t1-2d", action="synthesize", model="m")
-    journal.start_job(job)
-    journal.set_job_state(job, JobState.FAILED, "inconsistent geometry: gap")
+    journal.fail_job(job, "inconsistent geometry: gap", journal.claim("job", job, NODE_WORKER, 60))
     notice = OutputFile("NOT_PROCESSED", "/out/not_processed.dcm", "1.9.7", "1.2.840.10008.5.1.4.1.1.7", "1.9.7.1")
     journal.record_notice(job, [("1.9.7", "NOT_PROCESSED")],
                           [(d, notice.path, notice.sop_class_uid, notice.sop_instance_uid) for d in destinations],
@@ -655,13 +725,12 @@ def test_recent_studies_newest_first_and_searched(journal: Journal) -> None:
     assert journal.recent_studies(search="  ")[0].attributes.accession_number == "ACC-200"  # blank: all
 
 
-def test_probe_write_commits(journal: Journal, tmp_path: Path) -> None:
+def test_probe_write_commits(open_journal: Callable[[], Journal]) -> None:
+    journal, other = open_journal(), open_journal()
     assert journal.probe_write() >= 0
-    db = sqlite3.connect(tmp_path / "journal.sqlite3")
-    assert float(db.execute("SELECT value FROM meta WHERE key='health_probe'").fetchone()[0]) > time.time() - 60
-    db.close()
+    assert float(other._query("SELECT value FROM meta WHERE key='health_probe'")[0][0]) > time.time() - 60
     journal.close()
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises(connection_errors()):
         journal.probe_write()
 
 
@@ -712,7 +781,7 @@ def test_concurrent_instances_are_group_committed(journal: Journal, monkeypatch:
     assert len(journal.instances(SERIES)) == 6
 
 
-def test_a_bad_row_fails_only_its_own_caller(journal: Journal) -> None:
+def test_a_bad_row_fails_only_its_own_caller(journal: Journal, integrity_error: type[Exception]) -> None:
     from dicom_node.journal import _PendingInstance
 
     good = {"sop_instance_uid": "1.9.1", "sop_class_uid": "1.2", "transfer_syntax": "1.2.840.10008.1.2.1",
@@ -726,7 +795,7 @@ def test_a_bad_row_fails_only_its_own_caller(journal: Journal) -> None:
         journal._commit_instances(entries)
     assert all(e.done for e in entries)
     assert entries[0].is_new and entries[2].is_new and entries[0].error is None and entries[2].error is None
-    assert isinstance(entries[1].error, sqlite3.IntegrityError)
+    assert isinstance(entries[1].error, integrity_error)
     assert sorted(i.sop_instance_uid for i in journal.instances(SERIES)) == ["1.9.1", "1.9.3"]
 
 
@@ -754,21 +823,16 @@ def _queued_job(journal: Journal) -> int:
     return journal.add_job(series_uid=SERIES, version=version, rule="t1-2d", action="synthesize", model="m")
 
 
-def test_a_queued_job_is_claimed_by_exactly_one_worker(tmp_path: Path) -> None:
+def test_a_queued_job_is_claimed_by_exactly_one_worker(open_journal: Callable[[], Journal]) -> None:
     """Two journals (two processes' connections) race for the same job: exactly one claim wins."""
-    path = tmp_path / "j.sqlite3"
-    first, second = Journal(path), Journal(path)
-    try:
-        job = _queued_job(first)
-        assert first.next_queued() == ("job", job)
-        won = [j.claim("job", job, worker, 30) for j, worker in ((first, "w1"), (second, "w2"))]
-        assert won == [Claim("w1", 1), None]
-        record = second.job(job)
-        assert (record.state, record.attempts) == ("running", 1) and second.next_queued() is None
-        assert first.claim("job", job, "w1", 30) is None  # not queued any more, even for its holder
-    finally:
-        first.close()
-        second.close()
+    first, second = open_journal(), open_journal()
+    job = _queued_job(first)
+    assert first.next_queued() == ("job", job)
+    won = [j.claim("job", job, worker, 30) for j, worker in ((first, "w1"), (second, "w2"))]
+    assert won == [Claim("w1", 1), None]
+    record = second.job(job)
+    assert (record.state, record.attempts) == ("running", 1) and second.next_queued() is None
+    assert first.claim("job", job, "w1", 30) is None  # not queued any more, even for its holder
 
 
 def test_a_lease_is_renewed_while_held_and_only_by_its_holder(journal: Journal) -> None:
@@ -855,7 +919,7 @@ def test_a_version_5_journal_gets_claims(tmp_path: Path) -> None:
     finally:
         journal.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "6"
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "7"
     db.close()
 
 
@@ -906,3 +970,60 @@ def test_a_series_no_rule_matches_is_ignored_once(journal: Journal) -> None:
     assert journal.series(SERIES).state == "ignored"
     assert journal.route_series(SERIES, version, rule="r", action="synthesize", model="m") is None
     assert journal.jobs() == []
+
+
+# -- outbox claims (schema 7): several dispatchers sharing one outbox --------------------------------
+
+def test_outbox_items_are_claimed_per_destination_by_one_dispatcher_each(open_journal: Callable[[], Journal]) -> None:
+    first, second = open_journal(), open_journal()
+    job, ids = job_with_outbox(first, ("PACS", "ARCHIVE"), n=3)  # PACS: ids[0:3], ARCHIVE: ids[3:6]
+    a = first.claim_outbox("d1", 30, limit=2)
+    assert a is not None and a.destination == "PACS" and [i.id for i in a.items] == ids[:2]
+    assert {i.worker for i in a.items} == {"d1"} and all(i.lease_until > time.time() + 20 for i in a.items)
+    b = second.claim_outbox("d2", 30)
+    assert b is not None and b.destination == "PACS" and [i.id for i in b.items] == ids[2:3]
+    c = second.claim_outbox("d2", 30, destination="ARCHIVE", limit=10)
+    assert c is not None and [i.id for i in c.items] == ids[3:]
+    assert first.claim_outbox("d1", 30) is None  # everything due is held
+    assert len({a.token, b.token, c.token}) == 3
+    # not due yet: a retry's next attempt lies ahead
+    first.mark_failed_try(ids[2:3], "refused", next_attempt=lambda tries, first_at, now: now + 100, claim=b)
+    assert first.claim_outbox("d1", 30) is None
+    first.mark_sent(ids[:2], claim=a)
+    later = first.claim_outbox("d1", 30, now=time.time() + 101)  # due again; the claims of 30 s have expired
+    assert later is not None and [i.id for i in later.items] == ids[2:3]
+
+
+def test_an_outbox_outcome_is_fenced_by_its_claim(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=2)
+    old = journal.claim_outbox("d1", 0.05)
+    assert old is not None and [i.id for i in old.items] == ids
+    assert journal.renew_outbox(old, 0.05) == ids
+    time.sleep(0.1)  # d1 stalled: its lease ran out
+    new = journal.claim_outbox("d2", 30)
+    assert new is not None and [i.id for i in new.items] == ids and new.token != old.token
+    assert journal.renew_outbox(old, 30) == []
+    with pytest.raises(ClaimLost, match="no longer claimed by d1"):
+        journal.mark_sent(ids[:1], claim=old)
+    with pytest.raises(ClaimLost):
+        journal.mark_failed_try(ids, "late", next_attempt=GIVE_UP, claim=old)
+    assert [(i.state, i.tries) for i in journal.outbox(job)] == [("pending", 0), ("pending", 0)]  # nothing recorded
+    journal.mark_sent(ids[:1], claim=new)
+    assert journal.renew_outbox(new, 30) == ids[1:]  # the sent one is no longer held
+    journal.mark_failed_try(ids[1:], "refused", next_attempt=GIVE_UP, claim=new)
+    assert [i.state for i in journal.outbox(job)] == ["sent", "failed"]
+    assert journal.job(job).state == JobState.FAILED and journal.job(job).reason == DELIVERY_FAILED
+    with pytest.raises(ClaimLost):  # settled: no claim holds it any more
+        journal.mark_sent(ids[1:], claim=new)
+
+
+def test_a_released_outbox_claim_is_taken_at_once(journal: Journal) -> None:
+    job, ids = job_with_outbox(journal, ("PACS",), n=2)
+    claim = journal.claim_outbox("d1", 60)
+    assert claim is not None and journal.claim_outbox("d2", 60) is None
+    journal.mark_sent(ids[:1], claim=claim)
+    assert journal.release_outbox(claim) == 1
+    again = journal.claim_outbox("d2", 60)
+    assert again is not None and [i.id for i in again.items] == ids[1:]
+    journal.mark_sent(ids[1:], claim=again)
+    assert journal.job(job).state == JobState.SENT

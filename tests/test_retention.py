@@ -184,8 +184,8 @@ def test_what_is_still_needed_is_never_deleted(site: Site) -> None:
     site.journal.add_job(series_uid=queued, version=site.journal.close_series(queued), rule="r", action="a",
                          model=None)
     running, running_files = site.receive()
-    site.journal.start_job(site.journal.add_job(series_uid=running, version=site.journal.close_series(running),
-                                                rule="r", action="a", model=None))
+    site.journal.claim("job", site.journal.add_job(series_uid=running, version=site.journal.close_series(running),
+                                                   rule="r", action="a", model=None), "worker@h:1", 60)
     pending, pending_files = site.receive()
     pending_job, pending_folder = site.process(pending, destinations=("PACS", "ARCHIVE"))
     site.journal.mark_sent([i.id for i in site.journal.outbox(pending_job) if i.destination == "PACS"])
@@ -208,9 +208,14 @@ def test_what_is_still_needed_is_never_deleted(site: Site) -> None:
 def test_retention_measures_from_the_last_delivery(site: Site) -> None:
     uid, files = site.receive()
     job, _ = site.process(uid)
+    site.journal.record_outputs(job, [], [], follow_ups=["agreement"])  # queued with the core outputs
     site.deliver(job)
-    # an optional step's output queued later: the job is 'written' again, then delivered again
-    site.journal.add_outputs(job, [("1.9.99", "AGREEMENT")], [("PACS", "/nowhere/agreement.dcm", "1.2", "1.9.99.1")])
+    # the optional step's output queued later: the job is 'written' again, then delivered again
+    (follow_up,) = site.journal.follow_ups(job)
+    site.journal.finish_follow_up(follow_up.id, [("1.9.99", "AGREEMENT")],
+                                  [("PACS", "/nowhere/agreement.dcm", "1.2", "1.9.99.1")],
+                                  claim=site.journal.claim("follow_up", follow_up.id, "w1", 60))
+    assert site.journal.job(job).state == JobState.WRITTEN
     assert site.retention.sweep(now=later(31)).series == []
     site.deliver(job)
     assert [c.series_uid for c in site.retention.sweep(now=later(31)).series] == [uid]
@@ -224,7 +229,7 @@ def test_a_series_waits_for_its_follow_ups(site: Site) -> None:
     site.deliver(job)
     assert site.retention.sweep(now=later(31)).series == []
     (follow_up,) = site.journal.follow_ups(job)
-    site.journal.start_follow_up(follow_up.id)
+    site.journal.claim("follow_up", follow_up.id, "w1", 60)
     assert site.retention.sweep(now=later(31)).series == []
     site.journal.finish_follow_up(follow_up.id, [], [], note="nothing to compare with")
     assert [c.series_uid for c in site.retention.sweep(now=later(31)).series] == [uid]
@@ -247,7 +252,7 @@ def test_a_purged_job_is_no_counterpart_for_an_agreement_check(site: Site) -> No
     study = site.journal.series(uid).study_uid
     # a volumetry job of the same study looks for an sT1 to compare with: found while its files are there ...
     real_t1 = replace(site.journal.job(job), id=0, action="volumetry")
-    site.journal.add_outputs(job, [], [], files=[OutputFile("LABEL_VOLUME", "/l.mha"), OutputFile("SEG", "/s.dcm")])
+    site.journal.record_notice(job, [], [], files=[OutputFile("LABEL_VOLUME", "/l.mha"), OutputFile("SEG", "/s.dcm")])
     assert counterpart_side(site.journal, real_t1, study) is not None
     site.retention.sweep(now=later(31))
     assert counterpart_side(site.journal, real_t1, study) is None  # ... not once they are deleted
@@ -333,7 +338,7 @@ def test_a_recorded_path_outside_the_data_directory_is_never_deleted(site: Site,
     outside.write_bytes(b"not the node's")
     uid, files = site.receive()
     job, _ = site.process(uid)
-    site.journal.add_outputs(job, [], [("PACS", str(outside), "1.2", "1.9.77")])  # a corrupt or edited row
+    site.journal.record_notice(job, [], [("PACS", str(outside), "1.2", "1.9.77")])  # a corrupt or edited row
     site.deliver(job)
     result = site.retention.sweep(now=later(31))
     assert result.refused == [str(outside)] and outside.exists() and not any(on_disk(files))
@@ -484,3 +489,54 @@ def test_purge_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     config.write_text(config_toml({"node": {"data_dir": str(site.data_dir)}, "retention": {"enabled": False}}))
     assert cli.main(["purge", "--config", str(config)]) == 0
     assert "retention is disabled" in capsys.readouterr().out
+
+
+def test_job_folders_are_deleted_outside_the_journal_transaction(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's folder may take long to delete: the journal's write lock is not held meanwhile (C-STORE acks and lease
+    renewals go on); an instance file is removed under it (a C-STORE of the same path waits, see finish_purge)."""
+    uid, files = site.receive()
+    job, folder = site.process(uid)
+    site.deliver(job)
+    other = Journal(site.data_dir / "journal.sqlite3", fsync=False)  # another process's connection
+    other._db.db.execute("PRAGMA busy_timeout=0")  # a held write lock fails it at once
+    real_remove = retention.remove
+    writable: dict[str, bool] = {}
+
+    def remove(path: Path) -> int | None:
+        try:
+            other.probe_write()
+            writable[path.name] = True
+        except sqlite3.OperationalError:  # database is locked
+            writable[path.name] = False
+        return real_remove(path)
+
+    monkeypatch.setattr(retention, "remove", remove)
+    try:
+        result = site.retention.sweep(now=later(31))
+    finally:
+        other.close()
+    assert [c.series_uid for c in result.series] == [uid] and not folder.exists() and not any(on_disk(files))
+    assert writable[folder.name]
+    assert [writable[p.name] for p in files] == [False] * len(files)
+    assert site.journal.pending_purges() == []
+
+
+def test_a_folder_that_cannot_be_deleted_stays_recorded(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    uid, files = site.receive()
+    job, folder = site.process(uid)
+    site.deliver(job)
+    real_remove = retention.remove
+
+    def refuse_folders(path: Path) -> int | None:
+        if path.is_dir():
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_remove(path)
+
+    monkeypatch.setattr(retention, "remove", refuse_folders)
+    with pytest.raises(PermissionError):
+        site.retention.sweep(now=later(31))
+    assert folder.is_dir() and str(folder) in {f.path for f in site.journal.pending_purges()}
+    assert all(on_disk(files))  # the batch stopped before its instance files: all of it is still recorded
+    monkeypatch.setattr(retention, "remove", real_remove)
+    site.retention.finish_pending()
+    assert not folder.exists() and not any(on_disk(files)) and site.journal.pending_purges() == []
