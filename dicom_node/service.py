@@ -13,6 +13,8 @@ on their idle timeout as usual. The periodic sweep also routes ``complete`` seri
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -88,6 +90,12 @@ class Node:
         (data_dir / "outputs").mkdir(mode=0o700, exist_ok=True)
         private_dir(data_dir / "outputs")
         self.journal = open_journal(config)
+        #: the id this node's own runs claim under (``role all``). On the SQLite journal, ``NODE_WORKER``: only one
+        #: receiving node per data directory (node.lock), so at start-up it takes its interrupted runs back at once.
+        #: On a shared (PostgreSQL) journal, nodes of other machines run too: its host and pid, and a run of a dead
+        #: node is taken over when its lease expires.
+        self.shared_journal = config.journal.backend != "sqlite"
+        self.claim_id = f"node@{socket.gethostname()}:{os.getpid()}" if self.shared_journal else NODE_WORKER
         self.spool = Spool(data_dir / "spool", fsync=config.node.fsync)
         self.registry = ModelRegistry(
             config.inference.models_dir, providers=config.inference.providers, threads=config.inference.threads
@@ -98,7 +106,7 @@ class Node:
                                    health=self.health)
         self.dispatcher = Dispatcher(config, self.journal, self.audit)
         self.runner = JobRunner(config, self.journal, self.registry, on_written=self.kick_dispatch,
-                                on_timings=self.metrics.observe_job)
+                                on_timings=self.metrics.observe_job, worker=self.claim_id)
         self.executor: ThreadExecutor[Task] | JournalQueue | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit,
@@ -140,7 +148,7 @@ class Node:
         self.runner.submit = self.executor.submit  # a job's follow-ups are tasks of their own
         self._finish_purge()
         self._check_spool()
-        self._recover()
+        self._recover(own=None if self.shared_journal else NODE_WORKER)
         self.scheduler.add_job(self.sweep, "interval", seconds=self.config.node.sweep_interval_s,
                                id="idle-sweep", max_instances=1, coalesce=True)
         self.scheduler.add_job(self._scan_outbox, "interval", seconds=self.config.dispatch.scan_interval_s,
@@ -302,13 +310,13 @@ class Node:
                         "stop the node and run `dicom-node journal rebuild` to add them", len(unknown),
                         self.journal.path, unknown[0])
 
-    def _recover(self, own: str | None = NODE_WORKER) -> None:
+    def _recover(self, own: str | None, *, starting: bool = True) -> None:
         """Queue again what was interrupted: at start-up (``own``: the node's own claims, taken back at once, and
-        expired ones), and on each sweep that finds an expired claim (``own=None``: a worker process died)."""
+        expired ones), and on each sweep that finds an expired claim (``starting=False``: a worker process died)."""
         assert self.executor is not None
         for task in self.runner.recover(own):
             self.executor.submit(task)
-        if own is None:
+        if not starting:
             return
         self.route_complete()  # closed before a stop but not routed, or marked for reprocessing
         pending = self.journal.counts()["outbox"].get(OutboxState.PENDING, 0)
@@ -344,7 +352,7 @@ class Node:
         """Close series that received nothing for ``idle_timeout_s``, whole or not; route ``complete`` ones (a
         reprocess request); queue again the runs whose claim expired (a worker process died)."""
         if self.journal.expired_claims():
-            self._recover(own=None)
+            self._recover(own=None, starting=False)
         self.route_complete()
         cutoff = time.time() - self.config.node.idle_timeout_s
         for series in self.journal.series_in_state(SeriesState.RECEIVING, idle_before=cutoff):

@@ -5,6 +5,7 @@ read-only, the password. A real PostgreSQL 15 (tests/postgres.py); every test of
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from dicom_node.journal import (
     open_journal,
 )
 from dicom_node.journal_sql import PostgresTarget
+from tests.e2e.peers import free_port
 from tests.postgres import PASSWORD
 from tests.test_journal import SERIES, add, job_with_outbox
 
@@ -347,3 +349,22 @@ def test_two_processes_given_the_same_config_share_the_work(postgres_dsn: str, t
     claimed = Counter(j for r in results for j in r["jobs"])
     assert sorted(claimed) == jobs and set(claimed.values()) == {1}
     assert sorted(i for r in results for i in r["items"]) == items  # each item in one share only
+
+
+def test_a_node_on_a_shared_journal_claims_under_its_own_id(tmp_path: Path, postgres_dsn: str) -> None:
+    """On PostgreSQL, nodes of other machines share the journal: a node's runs are its own (host and pid), never
+    the SQLite node's ``NODE_WORKER``, which a node starting elsewhere would take back as its own at once."""
+    from dicom_node.journal import NODE_WORKER
+    from dicom_node.service import Node
+
+    node = Node(_config(tmp_path, postgres_dsn, port=free_port()))
+    try:
+        assert node.shared_journal and node.claim_id != NODE_WORKER
+        assert node.claim_id == node.runner.worker and f":{os.getpid()}" in node.claim_id
+    finally:
+        node.journal.close()
+    sqlite = Node(parse_config(f'[node]\ndata_dir = "{tmp_path / "other"}"\nfsync = false\nport = {free_port()}\n'))
+    try:
+        assert not sqlite.shared_journal and sqlite.claim_id == NODE_WORKER == sqlite.runner.worker
+    finally:
+        sqlite.journal.close()
