@@ -27,8 +27,8 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import AMBIGUOUS_VR
 
 from dicom_node.uids import new_uid
-from dicom_node.writers import WrittenSeries, equipment, write_single
-from inference.labels import STRUCTURES, Structure, by_code, laterality_code
+from dicom_node.writers import WrittenSeries, equipment, gc_paused, write_single
+from inference.labels import STRUCTURES, Structure, by_code, code_counts, label_codes, laterality_code
 from inference.volume import FrameGeometry, frame_geometries
 
 __all__ = ["GridMismatchError", "segment_codes", "write_seg"]
@@ -44,6 +44,15 @@ _FS_NAMES = {structure.freesurfer_name: code for code, structure in STRUCTURES.i
 
 class GridMismatchError(ValueError):
     """The label volume is not on the grid of the source images."""
+
+
+class _WrittenSegmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation, built to be written: without the look-up tables that highdicom builds at the end
+    of its constructor for reading frames back (an in-memory SQLite table of every frame, a tenth of building a
+    SEG of 30 structures). Nothing reads this object's frames: it is encoded and written, then dropped."""
+
+    def _build_luts(self) -> None:
+        return None
 
 
 def _frames(sources: Sequence[Dataset]) -> list[FrameGeometry]:
@@ -143,28 +152,20 @@ def segment_codes(seg: Dataset) -> dict[int, int]:
     return mapping
 
 
-def _label_array(labels: sitk.Image) -> np.ndarray:
-    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError("labels must be a scalar 3D image")
-    array = sitk.GetArrayFromImage(labels)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
-    return array
-
-
 def _segment_frames(array: np.ndarray, indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
     """(the segment number of each pixel of each source frame, frames in source order; the codes present,
     segment n being the n-th of them)."""
-    values = set(np.unique(array).tolist())
-    present = [code for code in STRUCTURES if code in values]
+    counts = code_counts(array)
+    present = [code for code in STRUCTURES if code in counts]
     if not present:
         raise ValueError("labels hold no measured structure: nothing to segment")
-    lut = np.zeros(int(array.max()) + 1, dtype=np.uint8 if len(present) < 256 else np.uint16)
+    lut = np.zeros(max(counts) + 1, dtype=np.uint8 if len(present) < 256 else np.uint16)
     for number, code in enumerate(present, start=1):
         lut[code] = number
-    return lut[array][list(indices)], present
+    return lut[array[list(indices)]], present
 
 
+@gc_paused()
 def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path: Path, series_number: int,
               series_description: str, algorithm_name: str, algorithm_version: str, uid_prefix: str | None,
               source_frames: Sequence[FrameGeometry] | None = None) -> WrittenSeries:
@@ -179,7 +180,7 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
     """
     if not source_images:
         raise ValueError("no source images")
-    array = _label_array(labels)
+    array = label_codes(labels)
     frames = _frames(source_images) if source_frames is None else source_frames
     segments, present = _segment_frames(array, _slice_indices(labels, frames))
 
@@ -187,7 +188,7 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
         name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
     descriptions = [_description(number, by_code(code), algorithm, uid_prefix)
                     for number, code in enumerate(present, start=1)]
-    seg = hd.seg.Segmentation(
+    seg = _WrittenSegmentation(
         source_images=[_with_shared_geometry(ds) for ds in source_images],
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
