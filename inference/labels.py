@@ -227,7 +227,10 @@ def code_counts(array: np.ndarray) -> dict[int, int]:
         return {}
     top = int(array.max())
     if top < BINCOUNT_MAX_CODE:
-        counts = np.bincount(array.ravel(), minlength=top + 1)
+        flat = array.ravel()
+        if not np.can_cast(flat.dtype, np.intp):  # uint64 (bincount takes what casts safely to intp)
+            flat = flat.astype(np.intp)
+        counts = np.bincount(flat, minlength=top + 1)
         present = np.flatnonzero(counts)
         return {int(code): int(counts[code]) for code in present}
     values, numbers = np.unique(array, return_counts=True)

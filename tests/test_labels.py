@@ -117,10 +117,11 @@ def test_one_left_right_table_for_runtime_and_training() -> None:
     assert by_code(HIPPOCAMPUS["L"]).laterality == "L" and by_code(HIPPOCAMPUS["R"]).laterality == "R"
 
 
-@pytest.mark.parametrize("top", [2035, BINCOUNT_MAX_CODE + 5])
-def test_code_counts_are_the_voxels_of_each_code_present(top: int) -> None:
+@pytest.mark.parametrize(("top", "dtype"), [(2035, np.int32), (2035, np.uint16), (2035, np.uint64),
+                                            (BINCOUNT_MAX_CODE + 5, np.int32), (BINCOUNT_MAX_CODE + 5, np.uint64)])
+def test_code_counts_are_the_voxels_of_each_code_present(top: int, dtype: type) -> None:
     rng = np.random.default_rng(4)
-    array = rng.choice(np.array([0, 2, 17, 41, 1201, top], dtype=np.int32), size=(6, 7, 8))
+    array = rng.choice(np.array([0, 2, 17, 41, 1201, top], dtype=dtype), size=(6, 7, 8))
     values, numbers = np.unique(array, return_counts=True)
     counts = code_counts(array)
     assert counts == {int(v): int(n) for v, n in zip(values, numbers, strict=True)}
