@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(PARTS), help="comma-separated subset of P1,P2,P3,P4,P5")
     parser.add_argument("--p5-studies", type=int, default=None,
                         help="studies in the P5 stream (default 20, quick 2; about 1.5 min each on 2 cores)")
+    parser.add_argument("--p2-runs", type=int, default=None, help="P2 runs (default 3, quick 1)")
+    parser.add_argument("--p2-associations", type=int, default=1,
+                        help="[[destinations]] max_associations of the P2 node towards Orthanc (default 1, as shipped)")
     parser.add_argument("--p5-workers", default="1,2", help="[inference] workers settings P5 compares")
     parser.add_argument("--p5-processes", default="1,2",
                         help="worker-process counts P5 compares (a receiver and N `serve --role worker`); '' for none")
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be at least 1")
     p1_images = 50 if args.quick else 200
     p4_images = 50 if args.quick else 200
-    p2_runs = 1 if args.quick else 3
+    p2_runs = args.p2_runs or (1 if args.quick else 3)
     memory_size = 128 if args.quick else 256
 
     load = machine.other_load()
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             scout, what = data.scout_series(tmp_path / "scout")
             inputs["P2"] = what
             _log(f"P2 turnaround: {p2_runs} run(s), {what}")
-            results["turnaround"] = turnaround(scout, models_dir, p2_runs, log=_log)
+            results["turnaround"] = turnaround(scout, models_dir, p2_runs, log=_log,
+                                               associations=args.p2_associations)
         if "P3" in parts:
             _log(f"P3 memory: generating {memory_size}³ series")
             series = data.memory_series(tmp_path / "memory", size=memory_size)

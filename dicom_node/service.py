@@ -25,7 +25,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from inference.models import ModelRegistry
 
-from . import systemd
+from . import systemd, writers
 from .assembly import completeness
 from .audit import AuditTrail
 from .config import NodeConfig
@@ -75,6 +75,8 @@ def prepare_models(config: NodeConfig, registry: ModelRegistry, *, warm: bool) -
     for model_id in sorted(needed) if warm else ():
         loaded = registry.session(model_id)
         log.info("model %s %s ready on %s", model_id, loaded.manifest.version, loaded.provider)
+    if warm and needed:
+        writers.warm_up()  # the DICOM writers' tables too, so that the first job does not load them
     return installed
 
 

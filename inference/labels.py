@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -38,6 +39,8 @@ __all__ = [
     "STRUCTURES",
     "Structure",
     "by_code",
+    "code_counts",
+    "label_codes",
     "region_codes",
     "laterality_code",
     "swap_left_right",
@@ -197,3 +200,38 @@ def swap_left_right(labels: np.ndarray, swap: Mapping[int, int] = LR_SWAP) -> np
     for source, target in swap.items():
         lut[source] = target
     return lut[labels]
+
+
+#: Label volumes whose largest code is below this are counted with ``np.bincount`` (linear time, one pass);
+#: above it (codes far beyond FreeSurfer's) with ``np.unique`` (a sort), so no huge count table is allocated.
+BINCOUNT_MAX_CODE = 1 << 16
+
+
+def label_codes(labels: sitk.Image) -> np.ndarray:
+    """The label volume's codes (a read-only view, z, y, x); ValueError unless a scalar 3D image of non-negative
+    integers."""
+    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError("labels must be a scalar 3D image")
+    array = sitk.GetArrayViewFromImage(labels)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
+    if array.size and array.min() < 0:
+        raise ValueError("label codes must be non-negative")
+    return array
+
+
+def code_counts(array: np.ndarray) -> dict[int, int]:
+    """The number of voxels of each code present in ``array`` (non-negative integer codes, as
+    :func:`label_codes` returns them), in ascending code order."""
+    if not array.size:
+        return {}
+    top = int(array.max())
+    if top < BINCOUNT_MAX_CODE:
+        flat = array.ravel()
+        if not np.can_cast(flat.dtype, np.intp):  # uint64 (bincount takes what casts safely to intp)
+            flat = flat.astype(np.intp)
+        counts = np.bincount(flat, minlength=top + 1)
+        present = np.flatnonzero(counts)
+        return {int(code): int(counts[code]) for code in present}
+    values, numbers = np.unique(array, return_counts=True)
+    return {int(v): int(n) for v, n in zip(values, numbers, strict=True)}

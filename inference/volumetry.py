@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import SimpleITK as sitk
 
-from inference.labels import CORTEX, LR_SWAP, STRUCTURES, Structure, by_code, region_codes
+from inference.labels import CORTEX, LR_SWAP, STRUCTURES, Structure, by_code, code_counts, label_codes, region_codes
 
 __all__ = [
     "Asymmetry",
@@ -323,10 +323,9 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
     ``icv_ml``: the segmenter's intracranial volume (default: from the aseg codes); ``outside_ml``: labelled
     volume the segmenter found apart from the brain (enables the brain-mask check).
     """
-    array = _label_codes(labels)
+    array = label_codes(labels)
     voxel_mm3 = _voxel_volume_mm3(labels)
-    values, counts_array = np.unique(array, return_counts=True)
-    counts = {int(v): int(n) for v, n in zip(values, counts_array, strict=True)}
+    counts = code_counts(array)
     icv_source = "labels"
     if icv_ml is None:
         icv_voxels = sum(n for code, n in counts.items() if 0 < code < ICV_CODE_LIMIT or code in STRUCTURES)
@@ -348,18 +347,6 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
     return Volumetry(voxel_volume_mm3=voxel_mm3, icv_voxels=icv_voxels, icv_ml=icv_ml, structures=structures,
                      asymmetry=tuple(asymmetry), hoc=_hoc(structures), qc=tuple(checks), age_years=age_years,
                      sex=sex_value, norms_used=bool(norms), cortex_ml=cortex_ml, icv_source=icv_source)
-
-
-def _label_codes(labels: sitk.Image) -> np.ndarray:
-    """The label volume's codes (a view); ValueError unless a scalar 3D image of non-negative integers."""
-    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError("labels must be a scalar 3D image")
-    array = sitk.GetArrayViewFromImage(labels)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
-    if array.size and array.min() < 0:
-        raise ValueError("label codes must be non-negative")
-    return array
 
 
 def _structure_volumes(counts: Mapping[int, int], voxel_mm3: float, icv_ml: float, age_years: float | None,

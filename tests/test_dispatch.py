@@ -457,3 +457,28 @@ def test_the_scu_announces_the_nodes_implementation(tmp_path: Path, journal: Jou
     queue_job(journal, files[:1], ["PACS"])
     Dispatcher(make_config(tmp_path, [dest_for(pacs)]), journal).send_due()
     assert pacs.implementations[-1] == (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)
+
+
+def test_the_scu_socket_sends_without_nagle(tmp_path: Path, journal: Journal, files: list[Path],
+                                            pacs: DestinationSCP) -> None:
+    """TCP_NODELAY on the dispatcher's own socket: each C-STORE's last P-DATA fragment leaves at once instead of
+    waiting for the peer's delayed ACK."""
+    import socket
+
+    from pydicom.filereader import read_file_meta_info
+
+    config = make_config(tmp_path, [dest_for(pacs)])
+    job = queue_job(journal, files, ["PACS"])
+    items = journal.outbox(job)
+    metas = {i.id: read_file_meta_info(i.path) for i in items}
+    dest = config.destination("PACS")
+    assoc = Dispatcher(config, journal)._open("PACS", dest, items, metas)
+    assert assoc is not None and assoc.is_established
+    try:
+        sock = assoc.dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        # one association proposes a context for every SOP class the items need
+        assert {str(cx.abstract_syntax) for cx in assoc.accepted_contexts} == {str(m.MediaStorageSOPClassUID)
+                                                                               for m in metas.values()}
+    finally:
+        assoc.release()

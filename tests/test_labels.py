@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from pydicom.sr._cid_dict import cid_concepts
 from pydicom.sr.codedict import codes
 
-from inference.labels import BODY_SUBSTANCE, LR_SWAP, STRUCTURES, by_code, laterality_code, swap_left_right
+from inference.labels import (
+    BINCOUNT_MAX_CODE,
+    BODY_SUBSTANCE,
+    LR_SWAP,
+    STRUCTURES,
+    by_code,
+    code_counts,
+    label_codes,
+    laterality_code,
+    swap_left_right,
+)
 
 ASEG = {2, 41, 3, 42, 4, 43, 5, 44, 7, 46, 8, 47, 10, 49, 11, 50, 12, 51, 13, 52, 14, 15, 16,
         17, 53, 18, 54, 24, 26, 58, 28, 60}
@@ -104,3 +115,25 @@ def test_one_left_right_table_for_runtime_and_training() -> None:
                for left, right in zip(ASEG_LEFT, ASEG_RIGHT, strict=True))
     assert LR_SWAP[HIPPOCAMPUS["L"]] == HIPPOCAMPUS["R"]
     assert by_code(HIPPOCAMPUS["L"]).laterality == "L" and by_code(HIPPOCAMPUS["R"]).laterality == "R"
+
+
+@pytest.mark.parametrize(("top", "dtype"), [(2035, np.int32), (2035, np.uint16), (2035, np.uint64),
+                                            (BINCOUNT_MAX_CODE + 5, np.int32), (BINCOUNT_MAX_CODE + 5, np.uint64)])
+def test_code_counts_are_the_voxels_of_each_code_present(top: int, dtype: type) -> None:
+    rng = np.random.default_rng(4)
+    array = rng.choice(np.array([0, 2, 17, 41, 1201, top], dtype=dtype), size=(6, 7, 8))
+    values, numbers = np.unique(array, return_counts=True)
+    counts = code_counts(array)
+    assert counts == {int(v): int(n) for v, n in zip(values, numbers, strict=True)}
+    assert list(counts) == sorted(counts)  # ascending codes, absent ones left out
+    assert code_counts(np.zeros((0, 2, 2), np.uint16)) == {}
+
+
+def test_label_codes_checks_the_image() -> None:
+    image = sitk.GetImageFromArray(np.array([[[0, 3], [41, 41]]], dtype=np.int16))
+    assert label_codes(image).tolist() == [[[0, 3], [41, 41]]]
+    for bad, why in ((sitk.GetImageFromArray(np.zeros((2, 2, 2), np.float32)), "integer pixel type"),
+                     (sitk.GetImageFromArray(np.full((2, 2, 2), -1, np.int16)), "non-negative"),
+                     (sitk.GetImageFromArray(np.zeros((2, 2), np.int16)), "scalar 3D")):
+        with pytest.raises(ValueError, match=why):
+            label_codes(bad)

@@ -211,3 +211,44 @@ def test_per_frame_items_encoded_once_write_the_same_bytes(tmp_path: Path, monke
     plain = DicomBytesIO()
     pydicom.dcmwrite(plain, captured["ds"], enforce_file_format=True)
     assert plain.getvalue() == written
+
+
+@pytest.mark.parametrize(("vr", "value"), [("US", 3), ("US", [1, 2, 65535]), ("UL", [7, 0, 4294967295]),
+                                           ("UL", None), ("US", []), ("UL", 12)])
+def test_integer_elements_encoded_as_pydicom_does(vr: str, value: object) -> None:
+    from pydicom.dataelem import DataElement
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_data_element
+
+    from dicom_node.writers.seg import _binary_integers
+
+    element = DataElement(0x00209157, vr, value)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, element)
+    assert _binary_integers(element) == fp.getvalue()
+
+
+def test_integer_elements_pydicom_would_refuse_are_left_to_it() -> None:
+    from pydicom.dataelem import DataElement
+
+    from dicom_node.writers.seg import _binary_integers
+
+    with pytest.warns(UserWarning, match="between 0 and 65535"):  # pydicom's own check, as it creates them
+        out_of_range = [DataElement(0x0062000B, "US", 70000), DataElement(0x0062000B, "US", -1)]
+    assert [_binary_integers(e) for e in out_of_range] == [None, None]  # left to pydicom's error on writing
+    assert _binary_integers(DataElement(0x00080018, "UI", "1.2.3")) is None  # not a binary integer VR
+
+
+def test_multiframe_check_per_sop_class_answers_as_highdicom() -> None:
+    import highdicom as hd
+    from highdicom._standard_utils import is_multiframe_image
+    from pydicom.uid import EnhancedMRImageStorage, MRImageStorage, SegmentationStorage
+
+    from dicom_node.writers import seg as seg_module
+
+    assert hd.utils.is_multiframe_image is seg_module._is_multiframe_image  # the cached one is in use
+    for sop_class in (MRImageStorage, EnhancedMRImageStorage, SegmentationStorage):
+        ds = pydicom.Dataset()
+        ds.SOPClassUID = sop_class
+        assert seg_module._is_multiframe_image(ds) == is_multiframe_image(ds)

@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_node.writers import WrittenSeries, write_single
+from dicom_node.writers import WrittenSeries, gc_paused, write_single
 from dicom_node.writers.tid1500 import LOCAL_SCHEME, evidence, finding_site, measurement_report_sr, tracking
 from inference.agreement import Agreement
 from inference.labels import by_code
@@ -136,6 +136,7 @@ def _structure_groups(agreement: Agreement, algorithm: hd.sr.AlgorithmIdentifica
     return groups
 
 
+@gc_paused()
 def write_agreement_sr(agreement: Agreement, *, real_t1_images: Sequence[Dataset],
                        synthetic_t1_images: Sequence[Dataset], real_seg: Dataset, synthetic_seg: Dataset,
                        out_path: Path, series_number: int, series_description: str, uid_prefix: str | None,

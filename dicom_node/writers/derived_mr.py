@@ -27,7 +27,7 @@ from pydicom.valuerep import DSfloat, PersonName, validate_value
 
 import dicom_node
 from dicom_node.uids import new_uid
-from dicom_node.writers import WrittenSeries, header_of, series_of, software_versions, write_file
+from dicom_node.writers import WrittenSeries, gc_paused, header_of, series_of, software_versions, write_file
 
 __all__ = ["Derivation", "write_derived_mr"]
 
@@ -308,6 +308,7 @@ def _series_template(first: Dataset, sources: Sequence[Dataset], *, series_descr
     return ds
 
 
+@gc_paused()
 def write_derived_mr(image: sitk.Image, sources: Sequence[Dataset], *, out_dir: Path, series_description: str,
                      series_number: int, derivation: Derivation, uid_prefix: str | None,
                      series_uid: str | None = None, extra_comment: str = "") -> WrittenSeries:

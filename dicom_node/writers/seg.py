@@ -10,6 +10,7 @@ FreeSurferColorLUT colour, and the model as algorithm (family: Artificial Intell
 from __future__ import annotations
 
 import copy
+import functools
 import platform
 import struct
 from collections.abc import Sequence
@@ -27,8 +28,8 @@ from pydicom.sr.codedict import codes
 from pydicom.valuerep import AMBIGUOUS_VR
 
 from dicom_node.uids import new_uid
-from dicom_node.writers import WrittenSeries, equipment, write_single
-from inference.labels import STRUCTURES, Structure, by_code, laterality_code
+from dicom_node.writers import WrittenSeries, equipment, gc_paused, write_single
+from inference.labels import STRUCTURES, Structure, by_code, code_counts, label_codes, laterality_code
 from inference.volume import FrameGeometry, frame_geometries
 
 __all__ = ["GridMismatchError", "segment_codes", "write_seg"]
@@ -44,6 +45,35 @@ _FS_NAMES = {structure.freesurfer_name: code for code, structure in STRUCTURES.i
 
 class GridMismatchError(ValueError):
     """The label volume is not on the grid of the source images."""
+
+
+_IS_MULTIFRAME_IMAGE = hd.utils.is_multiframe_image
+
+
+@functools.lru_cache(maxsize=64)
+def _multiframe_class(sop_class_uid: str) -> bool:
+    probe = Dataset()
+    probe.SOPClassUID = sop_class_uid
+    return bool(_IS_MULTIFRAME_IMAGE(probe))
+
+
+def _is_multiframe_image(dataset: Dataset) -> bool:
+    """highdicom's ``is_multiframe_image`` (whether the SOP class's IOD has Number of Frames), once per SOP class:
+    highdicom asks it of every source image of a SEG (a walk through the IOD's modules, 0.5 ms each)."""
+    return _multiframe_class(str(dataset.SOPClassUID))
+
+
+# the answer depends on the SOP Class UID only; highdicom.utils.get_plane_positions_of_series asks it per image
+hd.utils.is_multiframe_image = _is_multiframe_image
+
+
+class _WrittenSegmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation, built to be written: without the look-up tables that highdicom builds at the end
+    of its constructor for reading frames back (an in-memory SQLite table of every frame, a tenth of building a
+    SEG of 30 structures). Nothing reads this object's frames: it is encoded and written, then dropped."""
+
+    def _build_luts(self) -> None:
+        return None
 
 
 def _frames(sources: Sequence[Dataset]) -> list[FrameGeometry]:
@@ -143,28 +173,20 @@ def segment_codes(seg: Dataset) -> dict[int, int]:
     return mapping
 
 
-def _label_array(labels: sitk.Image) -> np.ndarray:
-    if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError("labels must be a scalar 3D image")
-    array = sitk.GetArrayFromImage(labels)
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"labels must have an integer pixel type, got {array.dtype}")
-    return array
-
-
 def _segment_frames(array: np.ndarray, indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
     """(the segment number of each pixel of each source frame, frames in source order; the codes present,
     segment n being the n-th of them)."""
-    values = set(np.unique(array).tolist())
-    present = [code for code in STRUCTURES if code in values]
+    counts = code_counts(array)
+    present = [code for code in STRUCTURES if code in counts]
     if not present:
         raise ValueError("labels hold no measured structure: nothing to segment")
-    lut = np.zeros(int(array.max()) + 1, dtype=np.uint8 if len(present) < 256 else np.uint16)
+    lut = np.zeros(max(counts) + 1, dtype=np.uint8 if len(present) < 256 else np.uint16)
     for number, code in enumerate(present, start=1):
         lut[code] = number
-    return lut[array][list(indices)], present
+    return lut[array[list(indices)]], present
 
 
+@gc_paused()
 def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path: Path, series_number: int,
               series_description: str, algorithm_name: str, algorithm_version: str, uid_prefix: str | None,
               source_frames: Sequence[FrameGeometry] | None = None) -> WrittenSeries:
@@ -179,7 +201,7 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
     """
     if not source_images:
         raise ValueError("no source images")
-    array = _label_array(labels)
+    array = label_codes(labels)
     frames = _frames(source_images) if source_frames is None else source_frames
     segments, present = _segment_frames(array, _slice_indices(labels, frames))
 
@@ -187,7 +209,7 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
         name=algorithm_name, family=codes.cid7162.ArtificialIntelligence, version=algorithm_version)
     descriptions = [_description(number, by_code(code), algorithm, uid_prefix)
                     for number, code in enumerate(present, start=1)]
-    seg = hd.seg.Segmentation(
+    seg = _WrittenSegmentation(
         source_images=[_with_shared_geometry(ds) for ds in source_images],
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -254,24 +276,52 @@ def _item_content(item: Dataset, encodings: list[str], memo: dict[int, bytes]) -
     cached = memo.get(id(item))
     if cached is not None:
         return cached
-    item_encodings = convert_encodings(item.get("SpecificCharacterSet", encodings))
+    charset = item.get("SpecificCharacterSet")
+    item_encodings = encodings if charset is None else convert_encodings(charset)
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     for tag in sorted(item.keys()):
         if tag.element == 0 and tag.group > 6:  # retired group lengths are not written
             continue
         element = item[tag]
-        if element.VR != "SQ":
+        fast = _binary_integers(element)
+        if fast is not None:
+            fp.write(fast)
+        elif element.VR == "SQ":
+            _write_sequence(fp, element, item_encodings, memo)
+        else:
             if element.VR in AMBIGUOUS_VR:  # as pydicom's write_dataset corrects it
                 element = correct_ambiguous_vr_element(element, item, True)
             write_data_element(fp, element, item_encodings)
-            continue
-        value = _sequence_value(element, item_encodings, memo)
-        fp.write_tag(tag)
-        fp.write(b"SQ\x00\x00")
-        fp.write_UL(0xFFFFFFFF if element.is_undefined_length else len(value))
-        fp.write(value)
-        if element.is_undefined_length:
-            fp.write(_SEQUENCE_END)
     memo[id(item)] = fp.getvalue()
     return memo[id(item)]
+
+
+def _write_sequence(fp: DicomBytesIO, element: DataElement, encodings: list[str], memo: dict[int, bytes]) -> None:
+    """A sequence element (Explicit VR Little Endian) as pydicom's write_data_element writes it."""
+    value = _sequence_value(element, encodings, memo)
+    fp.write_tag(element.tag)
+    fp.write(b"SQ\x00\x00")
+    fp.write_UL(0xFFFFFFFF if element.is_undefined_length else len(value))
+    fp.write(value)
+    if element.is_undefined_length:
+        fp.write(_SEQUENCE_END)
+
+
+#: Binary integer VRs encoded here (most of the per-frame items: Dimension Index Values, Referenced Segment
+#: Number): struct format and the largest value.
+_INTEGER_VRS = {"US": ("H", 0xFFFF), "UL": ("L", 0xFFFFFFFF)}
+
+
+def _binary_integers(element: DataElement) -> bytes | None:
+    """A US or UL element (Explicit VR Little Endian, 2-byte length) as pydicom writes it; None for any other
+    element, or one whose value pydicom would refuse or write otherwise (left to pydicom)."""
+    spec = _INTEGER_VRS.get(element.VR)
+    if spec is None or element.is_raw:
+        return None
+    value = element.value
+    values = [] if value is None else [value] if isinstance(value, int) else list(value)
+    if not all(type(v) is int and 0 <= v <= spec[1] for v in values) or len(values) * struct.calcsize(spec[0]) > 0xFFFF:
+        return None
+    body = struct.pack(f"<{len(values)}{spec[0]}", *values)
+    return struct.pack("<HH2sH", element.tag.group, element.tag.element, element.VR.encode(), len(body)) + body

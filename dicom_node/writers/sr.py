@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_node.writers import WrittenSeries, write_single
+from dicom_node.writers import WrittenSeries, gc_paused, write_single
 from dicom_node.writers.tid1500 import LOCAL_SCHEME, device_uid, evidence, finding_site, measurement_report_sr, tracking
 from inference.labels import HIPPOCAMPUS, LEFT, RIGHT, by_code
 from inference.volumetry import Volumetry
@@ -183,6 +183,7 @@ def _qc_group(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification, ui
     return group
 
 
+@gc_paused()
 def write_sr(volumetry: Volumetry, *, seg: WrittenSeries | None, source_images: Sequence[Dataset],
              input_series_datasets: Sequence[Dataset], out_path: Path, series_number: int, series_description: str,
              uid_prefix: str | None, algorithm_name: str, algorithm_version: str) -> WrittenSeries:

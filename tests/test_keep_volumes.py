@@ -1,0 +1,38 @@
+"""dicom_node.steps.keep_volumes_step: the T1 and labels an agreement check compares, kept losslessly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from dicom_node.config import Rule
+from dicom_node.steps import (
+    LABEL_VOLUME,
+    T1_VOLUME,
+    Images,
+    JobContext,
+    Measured,
+    SeriesNaming,
+    keep_volumes_step,
+)
+from inference.volumetry import compute_volumetry
+from tests.volumetry_factory import make_phantom
+
+
+def test_kept_volumes_are_compressed_and_read_back_unchanged(tmp_path: Path) -> None:
+    labels, t1 = make_phantom()
+    volumetry = compute_volumetry(labels, t1, age=None, sex=None)
+    assert volumetry.structures
+    rule = Rule(name="r", series_description="t1", model="m", output_name="sT1")
+    ctx = JobContext(1, rule, None, SeriesNaming("sT1", 1, 1), tmp_path, None)  # type: ignore[arg-type]
+    kept = keep_volumes_step(ctx, Images(t1, None, None, None), Measured(volumetry, labels, None))
+    assert [f.kind for f in kept] == [T1_VOLUME, LABEL_VOLUME]
+    for f, image in zip(kept, (t1, labels), strict=True):
+        back = sitk.ReadImage(f.path)
+        assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image))
+        assert back.GetSpacing() == image.GetSpacing() and back.GetOrigin() == image.GetOrigin()
+        raw = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent()
+        assert Path(f.path).stat().st_size < raw  # compressed
+        assert b"CompressedData = True" in Path(f.path).read_bytes()[:2000]
