@@ -501,6 +501,12 @@ class DispatchSettings(_Strict):
     scan_interval_s: float = Field(default=2.0, gt=0)
     max_pdu_size: int = Field(default=0, ge=0)
     timeout_s: float = Field(default=30.0, gt=0)
+    #: A dispatcher claims the items it sends (several receivers and dispatchers may share the outbox) for this
+    #: long, renewed every third of it while it sends; a dispatcher that died leaves its items to the others
+    #: after it. Keep it well above any pause of a process.
+    lease_s: float = Field(default=120.0, ge=10.0)
+    #: Items of one destination claimed (and sent over one association per ``max_associations``) at a time.
+    claim_batch: int = Field(default=1000, ge=1)
 
 
 #: FLAIR, but not GE's "T1 FLAIR" (a T1-weighted 2D sequence).

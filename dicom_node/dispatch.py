@@ -9,6 +9,8 @@ at-least-once, and duplicate-free except for the one object whose response was i
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -29,7 +31,7 @@ from pynetdicom.sop_class import Verification
 from . import stow
 from .audit import AuditTrail
 from .config import Destination, DispatchSettings, NodeConfig, TLSSettings
-from .journal import Journal, OutboxItem
+from .journal import ClaimLost, Journal, OutboxClaim, OutboxItem
 from .notify import notify
 from .reactor import waking_dul
 from .scp import set_implementation, set_nodelay
@@ -242,26 +244,35 @@ def _why_not(assoc: Association, connected: bool | str) -> str:
 class Dispatcher:
     """Sends due outbox items; safe to call from the scheduler and from job completion."""
 
-    def __init__(self, config: NodeConfig, journal: Journal, audit: AuditTrail | None = None) -> None:
+    def __init__(self, config: NodeConfig, journal: Journal, audit: AuditTrail | None = None,
+                 worker: str | None = None) -> None:
         self.config = config
         self.journal = journal
         self.audit = audit or AuditTrail(None, config.node.ae_title)
         self.policy = RetryPolicy.from_settings(config.dispatch)
+        #: the id this dispatcher's outbox claims are made under (unique among live processes)
+        self.worker = worker or f"dispatch@{socket.gethostname()}:{os.getpid()}"
         self._lock = threading.Lock()
         self._gone: list[OutboxItem] = []  # failed for good in this round, reported at its end
         self._gone_lock = threading.Lock()
+        self._claim: OutboxClaim | None = None  # the claim being sent (one at a time: ``_lock``)
 
     def send_due(self) -> int:
-        """Try every item that is due; returns how many were acknowledged."""
+        """Claim the due items, one destination's batch at a time, and send them; returns how many were
+        acknowledged. Other dispatchers of the journal (receivers, ``--role dispatcher``) claim other items."""
         if not self._lock.acquire(blocking=False):
             return 0  # another thread is sending; it will pick these up
         try:
-            by_dest: dict[str, list[OutboxItem]] = defaultdict(list)
-            for item in self.journal.due_items():
-                by_dest[item.destination].append(item)
-            sent = 0
-            for name, items in by_dest.items():
-                sent += self._send(name, items)
+            sent, seen = 0, set()
+            settings = self.config.dispatch
+            while (claim := self.journal.claim_outbox(self.worker, settings.lease_s,
+                                                      limit=settings.claim_batch)) is not None:
+                ids = {i.id for i in claim.items}
+                if ids <= seen:  # tried in this round already (e.g. due again at once): the next scan
+                    self.journal.release_outbox(claim)
+                    break
+                seen |= ids
+                sent += self._send_claimed(claim)
             return sent
         finally:
             try:
@@ -269,8 +280,47 @@ class Dispatcher:
             finally:
                 self._lock.release()
 
+    def take_back(self) -> int:
+        """Release the claims an earlier life of this dispatcher held (its id is the SQLite node's ``NODE_WORKER``,
+        which no other process uses): sent at once instead of after their lease. Returns how many items."""
+        n = self.journal.release_outbox_of(self.worker)
+        if n:
+            log.info("outbox: %d item(s) claimed before a stop or crash are due again", n)
+        return n
+
+    def _send_claimed(self, claim: OutboxClaim) -> int:
+        """Send one claim's items while a timer renews its lease; what it still holds at the end is released."""
+        self._claim = claim
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(claim, stop), name="outbox-lease", daemon=True)
+        renewer.start()
+        try:
+            return self._send(claim.destination, claim.items)
+        except ClaimLost:
+            log.warning("outbox: the claim on %d item(s) for %s was taken over by another dispatcher (lease "
+                        "expired); they are left to it", len(claim.items), claim.destination)
+            return 0
+        finally:
+            stop.set()
+            renewer.join()
+            self._claim = None
+            try:
+                self.journal.release_outbox(claim)
+            except Exception:  # noqa: BLE001 - the lease expires by itself
+                log.exception("outbox: releasing a claim failed; its items wait for the lease to expire")
+
+    def _renew(self, claim: OutboxClaim, stop: threading.Event) -> None:
+        interval = self.config.dispatch.lease_s / 3
+        while not stop.wait(interval):
+            try:
+                if not self.journal.renew_outbox(claim, self.config.dispatch.lease_s):
+                    return  # done, or taken over: its outcomes are refused (ClaimLost)
+            except Exception:  # noqa: BLE001 - tried again at the next interval
+                log.exception("outbox: renewing a claim's lease failed")
+
     def _fail(self, items: list[OutboxItem], error: str) -> None:
-        gone = self.journal.mark_failed_try([i.id for i in items], error, next_attempt=self.policy.next_attempt)
+        gone = self.journal.mark_failed_try([i.id for i in items], error, next_attempt=self.policy.next_attempt,
+                                            claim=self._claim)
         if gone:
             with self._gone_lock:
                 self._gone.extend(gone)
@@ -370,7 +420,7 @@ class Dispatcher:
                 self._fail(remaining, result.error)
                 break
             stored = [i.id for i in batch if i.sop_instance_uid in result.stored]
-            self.journal.mark_sent(stored)
+            self.journal.mark_sent(stored, claim=self._claim)
             sent += len(stored)
             for item in batch:
                 reason = result.failed.get(item.sop_instance_uid)
@@ -442,7 +492,7 @@ class Dispatcher:
             if error is None:
                 # recorded now, in its own small transaction: a crash of the node later in this association
                 # (even SIGKILL) must not make it send this object again (not fsync'd: see Journal.mark_sent)
-                self.journal.mark_sent([item.id], durable=False)
+                self.journal.mark_sent([item.id], durable=False, claim=self._claim)
                 sent.append(item.id)
             else:
                 last_error = error

@@ -1355,6 +1355,13 @@ class Journal:
             return int(db.execute("UPDATE outbox SET lease_until=0 WHERE claim_token=? AND state='pending'",
                                   (claim.token,)).rowcount)
 
+    def release_outbox_of(self, worker: str) -> int:
+        """Give back every pending item claimed under ``worker``: a node taking back, at its start, what its previous
+        life held (only for an id no live process uses: the SQLite node's ``NODE_WORKER``). Returns how many."""
+        with self._tx() as db:
+            return int(db.execute("UPDATE outbox SET lease_until=0, claim_token='' WHERE worker=? AND state='pending'"
+                                  " AND lease_until > 0", (worker,)).rowcount)
+
     @staticmethod
     def _fence_outbox(db: Connection, item_ids: Sequence[int], claim: OutboxClaim | None) -> None:
         """Raise :class:`ClaimLost` (rolling back the transaction) unless ``claim`` still holds every item (pending,

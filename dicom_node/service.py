@@ -96,8 +96,11 @@ class Node:
         #: receiving node per data directory (node.lock), so at start-up it takes its interrupted runs back at once.
         #: On a shared (PostgreSQL) journal, nodes of other machines run too: its host and pid, and a run of a dead
         #: node is taken over when its lease expires.
+        #: Receivers (which may share a SQLite journal, ``[node] reuse_port``) use their own id too: only the one
+        #: ``all`` node of a SQLite journal is ``NODE_WORKER`` (its outbox claims are taken back at start-up too).
         self.shared_journal = config.journal.backend != "sqlite"
-        self.claim_id = f"node@{socket.gethostname()}:{os.getpid()}" if self.shared_journal else NODE_WORKER
+        own = role == "all" and not self.shared_journal
+        self.claim_id = NODE_WORKER if own else f"{role}@{socket.gethostname()}:{os.getpid()}"
         self.spool = Spool(data_dir / "spool", fsync=config.node.fsync)
         self.registry = ModelRegistry(
             config.inference.models_dir, providers=config.inference.providers, threads=config.inference.threads
@@ -106,7 +109,7 @@ class Node:
         self.audit = AuditTrail(config.audit_path(), config.node.ae_title)
         self.metrics = NodeMetrics(self.journal, data_dir, lambda: [d.name for d in config.destinations],
                                    health=self.health)
-        self.dispatcher = Dispatcher(config, self.journal, self.audit)
+        self.dispatcher = Dispatcher(config, self.journal, self.audit, worker=self.claim_id)
         self.runner = JobRunner(config, self.journal, self.registry, on_written=self.kick_dispatch,
                                 on_timings=self.metrics.observe_job, worker=self.claim_id)
         self.executor: ThreadExecutor[Task] | JournalQueue | None = None
@@ -150,7 +153,7 @@ class Node:
         self.runner.submit = self.executor.submit  # a job's follow-ups are tasks of their own
         self._finish_purge()
         self._check_spool()
-        self._recover(own=None if self.shared_journal else NODE_WORKER)
+        self._recover(own=NODE_WORKER if self.claim_id == NODE_WORKER else None)
         self.scheduler.add_job(self.sweep, "interval", seconds=self.config.node.sweep_interval_s,
                                id="idle-sweep", max_instances=1, coalesce=True)
         self.scheduler.add_job(self._scan_outbox, "interval", seconds=self.config.dispatch.scan_interval_s,
@@ -320,6 +323,8 @@ class Node:
             self.executor.submit(task)
         if not starting:
             return
+        if own == NODE_WORKER:
+            self.dispatcher.take_back()  # its deliveries interrupted by the stop or crash: due now, not after a lease
         self.route_complete()  # closed before a stop but not routed, or marked for reprocessing
         pending = self.journal.counts()["outbox"].get(OutboxState.PENDING, 0)
         if pending:

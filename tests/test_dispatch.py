@@ -330,7 +330,7 @@ def send_c_store(self, *args, **kwargs):
 Association.send_c_store = send_c_store
 config = NodeConfig(node=NodeSettings(ae_title="NODE", data_dir=journal_path.parent, fsync=False),
                     destinations=[Destination(name="PACS", ae_title="PACS", host="127.0.0.1", port=port)])
-Dispatcher(config, Journal(journal_path, fsync=False)).send_due()
+Dispatcher(config, Journal(journal_path, fsync=False), worker="node").send_due()
 sys.exit(0)
 """
 
@@ -356,7 +356,11 @@ def test_each_success_is_journaled_before_the_association_ends(tmp_path: Path, f
             assert sorted(i.state for i in journal.outbox(job)) == ["pending", "sent", "sent"]
             assert journal.job(job).state == "written"
             config = make_config(tmp_path, [dest_for(server)])
-            assert Dispatcher(config, journal).send_due() == 1  # the restarted node sends only the rest
+            # another dispatcher leaves the killed one's claim alone until its lease expires
+            assert Dispatcher(config, journal).send_due() == 0
+            restarted = Dispatcher(config, journal, worker="node")  # the node itself, restarted (NODE_WORKER)
+            assert restarted.take_back() == 1
+            assert restarted.send_due() == 1  # the restarted node sends only the rest
             assert journal.job(job).state == "sent"
         finally:
             journal.close()
@@ -482,3 +486,45 @@ def test_the_scu_socket_sends_without_nagle(tmp_path: Path, journal: Journal, fi
                                                                                for m in metas.values()}
     finally:
         assoc.release()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_dispatchers_sharing_an_outbox_send_each_object_once(tmp_path: Path, files: list[Path], backend: str,
+                                                              request: pytest.FixtureRequest) -> None:
+    """Receivers and ``--role dispatcher`` processes share the outbox: each claims its own items, so three
+    dispatchers (each its own journal connection, as in its own process) racing over 4 jobs deliver every object
+    exactly once."""
+    target = tmp_path / "journal.sqlite3" if backend == "sqlite" else request.getfixturevalue("postgres_journal")
+    server = DestinationSCP(delay_s=0.01)
+    journals = [Journal(target, fsync=False) for _ in range(3)]
+    try:
+        jobs = []
+        for n in range(4):
+            uid = f"1.2.3.4.{n}"
+            received = ReceivedInstance(f"1.9.{n}", MRImageStorage, "1.2.3", uid, "P", InstanceHeader(),
+                                        SeriesAttributes(series_description="t1", modality="MR"))
+            journals[0].add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
+            jobs.append(journals[0].add_job(series_uid=uid, version=1, rule="r", action="synthesize", model="m"))
+            journals[0].record_outputs(jobs[-1], [(f"1.9.9.{n}", "sT1")], [
+                ("PACS", str(p), MRImageStorage, f"{dcmread(p, stop_before_pixels=True).SOPInstanceUID}.{n}")
+                for p in files])
+        config = make_config(tmp_path, [dest_for(server)], claim_batch=2)  # small claims: many rounds of racing
+        dispatchers = [Dispatcher(config, j) for j in journals]
+        barrier = threading.Barrier(len(dispatchers))
+
+        def run(dispatcher: Dispatcher) -> None:
+            barrier.wait()
+            dispatcher.send_due()
+
+        threads = [threading.Thread(target=run, args=(d,)) for d in dispatchers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert len({d.worker for d in dispatchers}) == 1  # one process here; the claims still keep them apart
+        assert {journals[0].job(j).state for j in jobs} == {"sent"}
+        assert len(server.received) == 4 * len(files)  # each object once (the SOP UIDs repeat across jobs)
+    finally:
+        server.stop()
+        for j in journals:
+            j.close()

@@ -359,7 +359,7 @@ def test_a_node_on_a_shared_journal_claims_under_its_own_id(tmp_path: Path, post
 
     node = Node(_config(tmp_path, postgres_dsn, port=free_port()))
     try:
-        assert node.shared_journal and node.claim_id != NODE_WORKER
+        assert node.shared_journal and node.claim_id != NODE_WORKER == "node"
         assert node.claim_id == node.runner.worker and f":{os.getpid()}" in node.claim_id
     finally:
         node.journal.close()
