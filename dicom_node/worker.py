@@ -138,9 +138,10 @@ class Worker:
 
     def _start_timers(self) -> None:
         if self.celery:
+            self.announce()  # before the worker says it is ready: the receiver routes to it from now on
             every = self.config.executor.announce_ttl_s / 3
             self.scheduler.add_job(self.announce, "interval", seconds=every, id="announce", max_instances=1,
-                                   coalesce=True, next_run_time=_now())
+                                   coalesce=True)
         watchdog = systemd.watchdog_interval_s()
         if watchdog is not None:
             self.scheduler.add_job(self.feed_watchdog, "interval", seconds=watchdog, id="watchdog",
@@ -302,12 +303,6 @@ class Worker:
             self._http.server_close()
         install(None)
         self.notifier.stop()
-
-
-def _now() -> Any:
-    from datetime import datetime
-
-    return datetime.now()
 
 
 def _quietly(action: Callable[[], object]) -> None:

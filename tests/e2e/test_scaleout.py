@@ -1,7 +1,9 @@
 """Beyond one process: one receiver and two worker processes (``serve --role receiver|worker``) sharing a data_dir
 on 127.0.0.1, a series sent with dcmtk's storescu, its outputs delivered to dcmtk's storescp. A job is claimed by
 exactly one worker; a worker SIGKILLed during a job leaves it to the other once its lease expired; nothing is lost
-or sent twice."""
+or sent twice. Each twice: with the workers polling the journal (``[executor] kind = "thread"``), and with Celery on
+a real Redis (``kind = "celery"``: the receiver publishes, the workers consume; their journal poll is set far
+apart, so that the messages, not the poll, carry the work)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 from dicom_node.journal import Journal
 from tests.dicom_factory import make_mr_series
 from tests.onnx_fixtures import make_synthesis_model
+from tests.redis_server import RedisServer, redis_server
 from tests.test_jobs import MODEL, SHAPE, SPACING
 
 from .node_proc import NodeProcess
@@ -34,13 +37,30 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=["thread", "celery"])
+def executor(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The ``[executor]`` table of the site: the journal poll, or Celery on a Redis of the module's own."""
+    if request.param == "thread":
+        return {"kind": "thread"}
+    server: RedisServer = request.getfixturevalue("redis")
+    prefix = f"scaleout{abs(hash(request.node.name)) % 10**6}"
+    return {"kind": "celery", "broker_url": server.url, "queue_prefix": prefix, "poll_interval_s": 60.0}
+
+
 @contextmanager
-def _site(tmp_path: Path, models_dir: Path, store_scp: Any, synth_delay_s: float) -> Iterator[list[NodeProcess]]:
+def _site(tmp_path: Path, models_dir: Path, store_scp: Any, synth_delay_s: float,
+          executor: dict[str, Any]) -> Iterator[list[NodeProcess]]:
     """A receiver and two workers on one data_dir (the workers' synthesis slowed by ``synth_delay_s``)."""
     common: dict[str, Any] = {
         "models_dir": models_dir, "rules": [RULE],
         "destinations": [{"name": "scp", "ae_title": store_scp.aet, "host": "127.0.0.1", "port": store_scp.port}],
-        "extra": {"jobs": {"lease_s": LEASE_S, "poll_interval_s": 0.2}},
+        "extra": {"jobs": {"lease_s": LEASE_S, "poll_interval_s": 0.2}, "executor": executor},
     }
     receiver = NodeProcess(tmp_path / "receiver", role="receiver", **common)
     workers = [NodeProcess(tmp_path / f"worker-{i}", role="worker", data_dir=receiver.data_dir,
@@ -87,13 +107,21 @@ def _delivered_once(journal: Journal, store_scp: Any) -> None:
     assert received == sorted(i.sop_instance_uid for i in items)
 
 
-def test_a_series_is_processed_once_by_one_of_two_workers(tmp_path: Path, models_dir: Path, store_scp: Any) -> None:
-    with _site(tmp_path, models_dir, store_scp, 0.0) as (receiver, first, second):
+def _published(receiver: NodeProcess, executor: dict[str, Any]) -> None:
+    """With Celery, the receiver published the job (to the queue of the workers holding its model)."""
+    if executor["kind"] == "celery":
+        assert f"job 1 published to queue {executor['queue_prefix']}.cpu.{MODEL}" in receiver.log()
+
+
+def test_a_series_is_processed_once_by_one_of_two_workers(tmp_path: Path, models_dir: Path, store_scp: Any,
+                                                          executor: dict[str, Any]) -> None:
+    with _site(tmp_path, models_dir, store_scp, 0.0, executor) as (receiver, first, second):
         _send_series(receiver, tmp_path)
         (job,) = receiver.wait_for(_sent_job, timeout=90, what="the job sent")
         assert job.attempts == 1 and job.rule == "t1-2d"
         ((_, _, worker, _),) = _claims(receiver.data_dir)
         assert worker in {f"worker@{socket.gethostname()}:{p.pid}" for p in (first, second)}
+        _published(receiver, executor)
         journal = receiver.journal()
         try:
             _delivered_once(journal, store_scp)
@@ -103,8 +131,8 @@ def test_a_series_is_processed_once_by_one_of_two_workers(tmp_path: Path, models
 
 
 def test_a_worker_killed_during_a_job_leaves_it_to_the_other(tmp_path: Path, models_dir: Path,
-                                                            store_scp: Any) -> None:
-    with _site(tmp_path, models_dir, store_scp, 6.0) as (receiver, first, second):
+                                                            store_scp: Any, executor: dict[str, Any]) -> None:
+    with _site(tmp_path, models_dir, store_scp, 6.0, executor) as (receiver, first, second):
         _send_series(receiver, tmp_path)
         ((job_id, _, worker, _),) = receiver.wait_for(
             lambda _j: [c for c in _claims(receiver.data_dir) if c[1] == "running"], timeout=60, what="a claim")
@@ -116,6 +144,9 @@ def test_a_worker_killed_during_a_job_leaves_it_to_the_other(tmp_path: Path, mod
         ((_, _, taken_by, _),) = _claims(receiver.data_dir)
         assert taken_by.endswith(f":{other.pid}")
         assert "interrupted during run 1" in other.log() or "interrupted during run 1" in receiver.log()
+        _published(receiver, executor)
+        if executor["kind"] == "celery":  # taken over by a message: the receiver's sweep published it again
+            assert receiver.log().count(f"job {job_id} published to queue") == 2
         journal = receiver.journal()
         try:
             _delivered_once(journal, store_scp)
