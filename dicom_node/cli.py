@@ -82,10 +82,10 @@ def _audit(config: NodeConfig, action: str, **fields: object) -> None:
 
 # -- serve -----------------------------------------------------------------------------------
 
-def preflight(config: NodeConfig, *, ports: bool = True) -> None:
+def preflight(config: NodeConfig, *, ports: bool = True, metrics_port: int = 0) -> None:
     """What makes ``serve`` fail, checked before the models are loaded (seconds to minutes): a data directory
     the node cannot write, a port another program listens on (``ports``: not for a worker, which listens on
-    none). Raises :class:`CommandError`."""
+    none but its ``metrics_port``, if any). Raises :class:`CommandError`."""
     data_dir = config.node.data_dir
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -93,13 +93,15 @@ def preflight(config: NodeConfig, *, ports: bool = True) -> None:
             pass
     except OSError as exc:
         raise CommandError(f"data_dir {data_dir} cannot be used: {exc.strerror or exc}") from None
-    if not ports:
-        return
-    listen = [("[node] port", config.node.host, config.node.port)]
-    if config.tls.port is not None:
-        listen.append(("[tls] port", config.node.host, config.tls.port))
-    if config.http.port:
-        listen.append(("[http] port", config.http.host, config.http.port))
+    listen = []
+    if ports:
+        listen.append(("[node] port", config.node.host, config.node.port))
+        if config.tls.port is not None:
+            listen.append(("[tls] port", config.node.host, config.tls.port))
+        if config.http.port:
+            listen.append(("[http] port", config.http.host, config.http.port))
+    if metrics_port:
+        listen.append(("the worker's metrics port", config.executor.worker_metrics_host, metrics_port))
     for what, host, port in listen:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe_socket:
             probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
@@ -128,13 +130,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config)
     role = args.role
-    preflight(config, ports=role != "worker")
+    metrics_port = getattr(args, "metrics_port", None)
+    if metrics_port is None:
+        metrics_port = config.executor.worker_metrics_port
+    preflight(config, ports=role != "worker", metrics_port=metrics_port if role == "worker" else 0)
     check_executor(config, role)
     process_lock = ProcessLock(config.node.data_dir, role)
     if role == "worker":
         process_lock.acquire(role=role, started=time.time())
         try:
-            clean = _serve_worker(config, process_lock, getattr(args, "metrics_port", None))
+            clean = _serve_worker(config, process_lock, metrics_port)
         finally:
             process_lock.release()
         if not clean:  # a run goes on past the wait (the Celery pool's threads would hold the exit): leave now
@@ -198,7 +203,7 @@ def check_executor(config: NodeConfig, role: str) -> None:
         raise CommandError(str(exc)) from None
 
 
-def _serve_worker(config: NodeConfig, process_lock: ProcessLock, metrics_port: int | None) -> bool:
+def _serve_worker(config: NodeConfig, process_lock: ProcessLock, metrics_port: int) -> bool:
     """``serve --role worker``: claim and run queued jobs of the data directory until SIGTERM or SIGINT; False
     when a run was abandoned at the stop (still going after the wait)."""
     from .worker import Worker
@@ -209,7 +214,7 @@ def _serve_worker(config: NodeConfig, process_lock: ProcessLock, metrics_port: i
     try:
         try:
             worker.start()
-        except OSError as exc:  # the metrics port taken
+        except OSError as exc:  # the metrics port taken since the preflight
             raise CommandError(f"cannot start the worker: {exc.strerror or exc}") from None
         log.info("dicom-node %s ready (data in %s, role worker)", __version__, config.node.data_dir)
         while not stop.wait(1.0):

@@ -277,7 +277,8 @@ class Worker:
         self._withdraw()
         stopped = self.consumer.stop(timeout_s) if self.consumer is not None else True
         for thread in self._threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if thread.ident is not None:  # started
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self.runner.leases.stop()
         busy = self._running or not stopped or any(t.is_alive() for t in self._threads)
         _quietly(self._close_services)
