@@ -289,3 +289,34 @@ def test_a_job_needs_its_rules_models_and_runs_a_network(site: Site) -> None:
     assert task_needs(site.config, site.journal, Task("job", job_id)) == Needs(frozenset({MODEL}), inference=True)
     gone = site.config.model_copy(update={"rules": []})  # its rule removed since: the model it recorded
     assert task_needs(gone, site.journal, Task("job", job_id)) == Needs(frozenset({MODEL}), inference=True)
+
+
+def test_a_celery_worker_stopped_during_a_run_abandons_it_to_its_lease(site: Site,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import dicom_node.jobs
+
+    started, release = threading.Event(), threading.Event()
+    synthesize = dicom_node.jobs.synthesize_step
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        release.wait(30)
+        return synthesize(*args, **kwargs)
+
+    monkeypatch.setattr(dicom_node.jobs, "synthesize_step", held)
+    worker = _worker(site.config)
+    try:
+        job_id = site.queue_job()
+        CeleryExecutor(site.config, site.journal).publish(Task("job", job_id))
+        assert started.wait(30)
+        t0 = time.monotonic()
+        assert worker.stop(timeout_s=1.0) is False  # not cut off, not waited for: abandoned
+        assert time.monotonic() - t0 < 5
+        assert not Announcements(site.config.executor).live()  # withdrawn: nothing more is routed to it
+    finally:
+        release.set()
+    # the journal stayed open under the run, which still records (its lease has not expired yet)
+    assert _wait(lambda: site.written(job_id), "the abandoned run recorded").attempts == 1
+    worker.journal.close()
