@@ -256,12 +256,13 @@ def test_broker_down_at_submit_is_one_log_line_and_the_job_still_runs_by_the_pol
         with caplog.at_level(logging.INFO, logger="dicom_node.celery_app"):
             receiver.submit(Task("job", first))
             receiver.submit(Task("job", second))
-            receiver.shutdown()  # publishes what was submitted (or gives up on it) first
+            receiver.shutdown(timeout_s=60)  # publishes what was submitted (or gives up on it) first
         unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
-        assert len(unreachable) == 1 and "stay queued in the journal" in unreachable[0].getMessage()
+        assert len(unreachable) == 1 and "stay queued in the journal" in unreachable[0].getMessage(), caplog.text
         assert receiver.published == []
         for job_id in (first, second):  # the worker's journal poll (every second here) takes them
-            assert _wait(lambda j=job_id: site.written(j), f"job {job_id} written by the poll").attempts == 1
+            job = _wait(lambda j=job_id: site.written(j), f"job {job_id} written by the poll", timeout=60)
+            assert job.attempts == 1
         assert _metric(worker, "dicom_node_worker_tasks_total", kind="job", outcome="done") == 2
     finally:
         receiver.shutdown()
