@@ -167,6 +167,7 @@ class CeleryExecutor:
         self.announcements = Announcements(self.settings)
         self._tasks: queue.Queue[Task | None] = queue.Queue()
         self._broker_down = False
+        self._retry_at = 0.0
         self._workers: list[Capabilities] = []
         self._workers_read = float("-inf")
         #: tasks published so far, and sent to which queue (the last ones; for tests and the log)
@@ -197,6 +198,9 @@ class CeleryExecutor:
             log.warning("%s: not published (%s: %s); it waits in the journal for a worker's poll", task,
                         type(exc).__name__, exc)
             return None
+        if self._broker_down and time.monotonic() < self._retry_at:
+            log.debug("%s not published: the broker was unreachable moments ago", task)
+            return None
         try:
             name = queue_for(needs, self._live_workers(), self.settings.queue_prefix)
             self.app.send_task(TASK_NAME, args=[task.kind, task.id], queue=name)
@@ -211,6 +215,9 @@ class CeleryExecutor:
         return name
 
     def _down(self, task: Task, exc: Exception) -> None:
+        """Log an outage once; while it lasts, try again at most every ``announce_ttl_s / 3`` (the tasks in
+        between are left to the journal poll at once, not each after a connection's timeout)."""
+        self._retry_at = time.monotonic() + self.settings.announce_ttl_s / 3
         if not self._broker_down:
             self._broker_down = True
             log.error("broker %s unreachable (%s: %s): %s and what follows stay queued in the journal, run by the "
