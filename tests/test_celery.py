@@ -47,8 +47,8 @@ P = "dicom_node"
 
 # -- routing ---------------------------------------------------------------------------------------
 
-def caps(worker: str, device: str, models: set[str], wanted: set[frozenset[str]]) -> Capabilities:
-    queues = worker_queues(P, device, models, wanted)  # type: ignore[arg-type]
+def caps(worker: str, device: str, models: set[str], wanted: set[frozenset[str]], prefix: str = P) -> Capabilities:
+    queues = worker_queues(prefix, device, models, wanted)  # type: ignore[arg-type]
     return Capabilities(worker, device, frozenset(models), frozenset(queues))  # type: ignore[arg-type]
 
 
@@ -321,3 +321,27 @@ def test_a_celery_worker_stopped_during_a_run_abandons_it_to_its_lease(site: Sit
     # the journal stayed open under the run, which still records (its lease has not expired yet)
     assert _wait(lambda: site.written(job_id), "the abandoned run recorded").attempts == 1
     worker.journal.close()
+
+
+def test_the_receiver_routes_by_the_live_announcements(site: Site, caplog: pytest.LogCaptureFixture) -> None:
+    settings = site.config.executor
+    prefix = settings.queue_prefix
+    announcements = Announcements(settings)
+    wanted = model_sets(site.config)
+    announcements.announce(caps("cpu-1", "cpu", {MODEL}, wanted, prefix))
+    announcements.client().set(f"{prefix}.worker.garbage", b"not json", ex=10)
+    job_id = site.queue_job()
+    receiver = CeleryExecutor(site.config, site.journal)
+    try:
+        assert receiver.publish(Task("job", job_id)) == f"{prefix}.cpu.{MODEL}"
+        assert "ignoring a malformed worker announcement" in caplog.text
+        announcements.announce(caps("gpu-1", "cuda", {MODEL}, wanted, prefix))  # a GPU worker comes up
+        receiver._workers_read = float("-inf")  # read the announcements again now, not in 5 s
+        assert receiver.publish(Task("job", job_id)) == f"{prefix}.cuda.{MODEL}"
+        announcements.withdraw("gpu-1")
+        announcements.withdraw("cpu-1")
+        receiver._workers_read = float("-inf")
+        assert receiver.publish(Task("job", job_id)) == f"{prefix}.any"  # nobody up: whoever comes first
+    finally:
+        receiver.shutdown()
+        announcements.close()
