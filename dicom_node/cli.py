@@ -210,7 +210,8 @@ def _serve_worker(config: NodeConfig, process_lock: ProcessLock, metrics_port: i
 
     worker = Worker(config, metrics_port=metrics_port)
     stop = _stop_event()
-    process_lock.update(role="worker", started=time.time(), worker=worker.id)
+    process_lock.update(role="worker", started=time.time(), worker=worker.id, metrics_port=metrics_port,
+                        executor=config.executor.kind)
     try:
         try:
             worker.start()
@@ -445,7 +446,8 @@ def _print_status(report: dict[str, Any]) -> None:
         print(f"node: NOT RUNNING (data in {node['data_dir']})")
     for process in node["processes"]:
         worker = f" as {process['worker']}" if process.get("worker") else ""
-        print(f"  process {process.get('pid', '?')}: {process.get('role', '?')}{worker}")
+        metrics = f", /metrics on port {process['metrics_port']}" if process.get("metrics_port") else ""
+        print(f"  process {process.get('pid', '?')}: {process.get('role', '?')}{worker}{metrics}")
     if report["journal"] is None:
         print(report["problems"][0])
         return

@@ -7,8 +7,12 @@ apart, so that the messages, not the poll, carry the work)."""
 
 from __future__ import annotations
 
+import re
 import socket
 import sqlite3
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +27,8 @@ from tests.onnx_fixtures import make_synthesis_model
 from tests.redis_server import RedisServer, redis_server
 from tests.test_jobs import MODEL, SHAPE, SPACING
 
-from .node_proc import NodeProcess
-from .peers import failed_stores, storescu
+from .node_proc import REPO, NodeProcess
+from .peers import failed_stores, free_port, storescu
 
 RULE = {"name": "t1-2d", "series_description": "t1", "model": MODEL, "output_name": "sT12DT1", "volumetry": False}
 LEASE_S = 2.0
@@ -63,9 +67,11 @@ def _site(tmp_path: Path, models_dir: Path, store_scp: Any, synth_delay_s: float
         "extra": {"jobs": {"lease_s": LEASE_S, "poll_interval_s": 0.2}, "executor": executor},
     }
     receiver = NodeProcess(tmp_path / "receiver", role="receiver", **common)
+    # each worker with its own /metrics port
     workers = [NodeProcess(tmp_path / f"worker-{i}", role="worker", data_dir=receiver.data_dir,
                            module="tests.e2e.slow_serve", env={"DICOM_NODE_TEST_SYNTH_DELAY_S": str(synth_delay_s)},
-                           **common) for i in (1, 2)]
+                           **{**common, "extra": {**common["extra"], "executor": {
+                               **executor, "worker_metrics_port": free_port()}}}) for i in (1, 2)]
     started: list[NodeProcess] = []
     try:
         for process in (receiver, *workers):
@@ -107,6 +113,17 @@ def _delivered_once(journal: Journal, store_scp: Any) -> None:
     assert received == sorted(i.sop_instance_uid for i in items)
 
 
+def _metrics_port(worker: NodeProcess) -> int:
+    match = re.search(r"^worker_metrics_port = (\d+)$", worker.config_path.read_text(), flags=re.MULTILINE)
+    assert match is not None
+    return int(match.group(1))
+
+
+def _scrape(worker: NodeProcess) -> str:
+    url = f"http://127.0.0.1:{_metrics_port(worker)}/metrics"
+    return urllib.request.urlopen(url, timeout=10).read().decode()
+
+
 def _published(receiver: NodeProcess, executor: dict[str, Any]) -> None:
     """With Celery, the receiver published the job (to the queue of the workers holding its model)."""
     if executor["kind"] == "celery":
@@ -128,6 +145,18 @@ def test_a_series_is_processed_once_by_one_of_two_workers(tmp_path: Path, models
             assert len(journal.instances(job.series_uid)) == SHAPE[0]
         finally:
             journal.close()
+        # every worker exports its own metrics: the one that ran the job counts it
+        done = {p.pid: _scrape(p) for p in (first, second)}
+        assert sorted(v.count('dicom_node_worker_tasks_total{kind="job",outcome="done"} 1.0') for v in done.values()) \
+            == [0, 1]
+        for process, body in done.items():
+            assert f'role="worker",worker="worker@{socket.gethostname()}:{process}"}} 1.0' in body
+        status = subprocess.run([sys.executable, "-m", "dicom_node.cli", "status", "--config",
+                                 str(receiver.config_path)], capture_output=True, text=True, timeout=60, cwd=REPO)
+        for process in (first, second):
+            port = _metrics_port(process)
+            assert f"process {process.pid}: worker as worker@{socket.gethostname()}:{process.pid}, /metrics on port " \
+                   f"{port}" in status.stdout, status.stdout
 
 
 def test_a_worker_killed_during_a_job_leaves_it_to_the_other(tmp_path: Path, models_dir: Path,
