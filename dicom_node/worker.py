@@ -299,6 +299,8 @@ class Worker:
     def _close_services(self) -> None:
         if self.publisher is not None:
             self.publisher.shutdown(timeout_s=5.0)
+        if self.announcements is not None:
+            self.announcements.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
