@@ -90,10 +90,10 @@ def _audit(config: NodeConfig, action: str, **fields: object) -> None:
 
 # -- serve -----------------------------------------------------------------------------------
 
-def preflight(config: NodeConfig, *, ports: bool = True) -> None:
+def preflight(config: NodeConfig, *, ports: bool = True, metrics_port: int = 0) -> None:
     """What makes ``serve`` fail, checked before the models are loaded (seconds to minutes): a data directory
     the node cannot write, a port another program listens on (``ports``: not for a worker, which listens on
-    none). Raises :class:`CommandError`."""
+    none but its ``metrics_port``, if any). Raises :class:`CommandError`."""
     data_dir = config.node.data_dir
     try:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -101,13 +101,15 @@ def preflight(config: NodeConfig, *, ports: bool = True) -> None:
             pass
     except OSError as exc:
         raise CommandError(f"data_dir {data_dir} cannot be used: {exc.strerror or exc}") from None
-    if not ports:
-        return
-    listen = [("[node] port", config.node.host, config.node.port)]
-    if config.tls.port is not None:
-        listen.append(("[tls] port", config.node.host, config.tls.port))
-    if config.http.port:
-        listen.append(("[http] port", config.http.host, config.http.port))
+    listen = []
+    if ports:
+        listen.append(("[node] port", config.node.host, config.node.port))
+        if config.tls.port is not None:
+            listen.append(("[tls] port", config.node.host, config.tls.port))
+        if config.http.port:
+            listen.append(("[http] port", config.http.host, config.http.port))
+    if metrics_port:
+        listen.append(("the worker's metrics port", config.executor.worker_metrics_host, metrics_port))
     for what, host, port in listen:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe_socket:
             probe_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
@@ -138,14 +140,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config)
     role = args.role
-    preflight(config, ports=role != "worker")
+    metrics_port = getattr(args, "metrics_port", None)
+    if metrics_port is None:
+        metrics_port = config.executor.worker_metrics_port
+    preflight(config, ports=role != "worker", metrics_port=metrics_port if role == "worker" else 0)
+    check_executor(config, role)
     process_lock = ProcessLock(config.node.data_dir, role)
     if role == "worker":
         process_lock.acquire(role=role, started=time.time())
         try:
-            return _serve_worker(config, process_lock)
+            clean = _serve_worker(config, process_lock, metrics_port)
         finally:
             process_lock.release()
+        if not clean:  # a run goes on past the wait (the Celery pool's threads would hold the exit): leave now
+            logging.shutdown()
+            os._exit(0)
+        return 0
     lock = NodeLock(config.node.data_dir)
     try:
         lock.acquire(started=time.time(), role=role, shared=role == "receiver" and config.node.reuse_port)
@@ -181,21 +191,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_worker(config: NodeConfig, process_lock: ProcessLock) -> int:
-    """``serve --role worker``: claim and run queued jobs of the data directory until SIGTERM or SIGINT."""
+def check_executor(config: NodeConfig, role: str) -> None:
+    """``[executor] kind = "celery"``: only with ``--role receiver|worker``, with celery installed (the ``scale``
+    extra) and the broker's password file readable; one line otherwise."""
+    if config.executor.kind != "celery":
+        return
+    if role == "all":
+        raise CommandError("[executor] kind = \"celery\" runs the jobs on worker processes: start this node with "
+                           "--role receiver, and the workers with --role worker (or set kind = \"thread\")")
+    try:
+        import celery  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError as exc:
+        raise CommandError(f"[executor] kind = \"celery\" needs the scale extra (pip install "
+                           f"'dicom-node[scale]'): {exc}") from None
+    from .celery_app import BrokerConfigError, broker_url
+
+    try:
+        broker_url(config.executor)
+    except BrokerConfigError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _serve_worker(config: NodeConfig, process_lock: ProcessLock, metrics_port: int) -> bool:
+    """``serve --role worker``: claim and run queued jobs of the data directory until SIGTERM or SIGINT; False
+    when a run was abandoned at the stop (still going after the wait)."""
     from .worker import Worker
 
-    worker = Worker(config)
+    worker = Worker(config, metrics_port=metrics_port)
     stop = _stop_event()
-    process_lock.update(role="worker", started=time.time(), worker=worker.id)
+    process_lock.update(role="worker", started=time.time(), worker=worker.id, metrics_port=metrics_port,
+                        executor=config.executor.kind)
     try:
-        worker.start()
+        try:
+            worker.start()
+        except OSError as exc:  # the metrics port taken since the preflight
+            raise CommandError(f"cannot start the worker: {exc.strerror or exc}") from None
         log.info("dicom-node %s ready (data in %s, role worker)", __version__, config.node.data_dir)
         while not stop.wait(1.0):
             pass
     finally:
-        worker.stop()
-    return 0
+        clean = worker.stop()
+    return clean
 
 
 # -- config check ----------------------------------------------------------------------------
@@ -419,7 +456,8 @@ def _print_status(report: dict[str, Any]) -> None:
         print(f"node: NOT RUNNING (data in {node['data_dir']})")
     for process in node["processes"]:
         worker = f" as {process['worker']}" if process.get("worker") else ""
-        print(f"  process {process.get('pid', '?')}: {process.get('role', '?')}{worker}")
+        metrics = f", /metrics on port {process['metrics_port']}" if process.get("metrics_port") else ""
+        print(f"  process {process.get('pid', '?')}: {process.get('role', '?')}{worker}{metrics}")
     if report["journal"] is None:
         print(report["problems"][0])
         return
@@ -625,13 +663,17 @@ def build_parser() -> argparse.ArgumentParser:
         return adder(p.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND"))
 
     add = adder(sub)
-    add("serve", cmd_serve, "run the node (DICOM listener, jobs, delivery)",
-        "Run the node in the foreground until SIGTERM or SIGINT. Refuses to start (one line, exit 1) when the "
-        "data directory cannot be written, a port is taken, or another node serves the same data directory.",
-        ).add_argument("--role", choices=("all", "receiver", "worker"), default="all",
+    serve = add("serve", cmd_serve, "run the node (DICOM listener, jobs, delivery)",
+                "Run the node in the foreground until SIGTERM or SIGINT. Refuses to start (one line, exit 1) when "
+                "the data directory cannot be written, a port is taken, or another node serves the same data "
+                "directory.")
+    serve.add_argument("--role", choices=("all", "receiver", "worker"), default="all",
                        help="all (default): everything in one process; receiver: listener, routing, delivery, "
-                            "retention, jobs left queued for workers; worker: claims and runs the queued jobs of "
-                            "the same data_dir (any number, beside one receiver on this machine)")
+                            "retention, jobs left queued (or, with [executor] kind = \"celery\", published) for "
+                            "workers; worker: claims and runs the queued jobs of the same data_dir (any number)")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help="a worker's own /metrics on this port (overrides [executor] worker_metrics_port; "
+                            "0: none)")
     group("config", "configuration commands")(
         "check", cmd_config_check, "validate a configuration file and show what it means",
         "Validate the configuration and print what it means; exit 1 when a rule's model is "

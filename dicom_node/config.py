@@ -417,6 +417,36 @@ class JobSettings(_Strict):
     poll_interval_s: float = Field(default=1.0, gt=0)
 
 
+class ExecutorSettings(_Strict):
+    """``[executor]``: what runs the jobs. ``thread`` (the default): the node's own threads (``serve --role all``)
+    or worker processes polling the journal (``--role receiver`` with ``--role worker``). ``celery``: the receiver
+    publishes each queued job and follow-up to a Celery queue on a Redis broker, and ``serve --role worker``
+    processes (on any machine that shares the journal and data directory) consume it
+    (:mod:`dicom_node.celery_app`); the journal's claims keep every run to one worker."""
+
+    kind: Literal["thread", "celery"] = "thread"
+    #: The Redis broker (``redis://host:port/db``, or ``rediss://`` for TLS); put no password here.
+    broker_url: str = Field(default="redis://127.0.0.1:6379/0", pattern=r"^rediss?://[^@\s]+$")
+    #: A file holding the broker's password (one line; keep it 0600), read when the process starts.
+    broker_password_file: Path | None = None
+    #: First part of every queue name (``<prefix>.cuda.<models>``, ``<prefix>.cpu``, ``<prefix>.any``) and of the
+    #: workers' announcements in Redis: sites sharing one broker use different prefixes.
+    queue_prefix: str = Field(default="dicom_node", pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    #: With ``celery``: how often a worker also looks in the journal for queued work (the safety net for a message
+    #: lost, or published while the broker was down) and requeues runs whose lease expired.
+    poll_interval_s: float = Field(default=30.0, gt=0)
+    #: A message taken by a worker that died unacknowledged is delivered again after this long (Redis'
+    #: ``visibility_timeout``); the journal's lease takes the run over long before, so this only tidies up.
+    visibility_timeout_s: float = Field(default=3600.0, ge=60.0)
+    #: A worker announces what it runs (device, models, queues) in Redis for this long, renewed every third of it;
+    #: the receiver routes by the announcements it finds (re-read at most every ``announce_ttl_s / 3``).
+    announce_ttl_s: float = Field(default=15.0, ge=3.0)
+    #: A worker process's own Prometheus ``/metrics`` (step timings, tasks run and failed, its role and worker
+    #: id) on this port of ``worker_metrics_host``; 0: none (``serve --metrics-port`` overrides it per process).
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+
+
 #: Events a webhook can be told about (``[[notifications]] events``).
 NotificationEvent = Literal["job_failed", "delivery_failed", "disk_low"]
 NOTIFICATION_EVENTS: tuple[str, ...] = ("job_failed", "delivery_failed", "disk_low")
@@ -563,6 +593,7 @@ class NodeConfig(_Strict):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     notifications: list[Notification] = Field(default_factory=list)
     http: HTTPSettings = Field(default_factory=HTTPSettings)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> NodeConfig:

@@ -13,7 +13,6 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from .health import Health
 from .journal import (
@@ -53,7 +52,7 @@ class PageContext:
     #: a line shown on top (e.g. why the actions are off)
     notice: str = ""
     #: the serving processes of the data directory (receivers, workers, ...), as :func:`dicom_node.lock.processes`
-    processes: Sequence[Mapping[str, Any]] = ()
+    processes: Sequence[Mapping[str, object]] = ()
 
 
 def _when(ts: float | None) -> str:
@@ -151,12 +150,13 @@ def render(journal: Journal, page: PageContext, now: float | None = None) -> str
     return "\n".join(parts)
 
 
-def _processes(processes: Sequence[Mapping[str, Any]], now: float) -> str:
+def _processes(processes: Sequence[Mapping[str, object]], now: float) -> str:
     """The serving processes: role, where, since when, and a worker's claim id or a receiver's ports."""
     rows = []
     for p in processes:
-        ports = p.get("ports") or {}
-        what = p.get("worker") or ", ".join(f"{esc(k)} {esc(v)}" for k, v in sorted(ports.items()) if v) or "-"
+        ports = p.get("ports")
+        listening = sorted(ports.items()) if isinstance(ports, Mapping) else []
+        what = p.get("worker") or ", ".join(f"{esc(k)} {esc(v)}" for k, v in listening if v) or "-"
         started = p.get("started")
         since = _seconds(max(now - float(started), 0.0)) if isinstance(started, (int, float)) else "-"
         rows.append(f"<tr><td>{esc(p.get('role', '?'))}</td><td>{esc(p.get('host', '-'))}</td>"

@@ -6,6 +6,10 @@ answered) and the duration of each step of a job that wrote its outputs (:meth:`
 Read from the journal at scrape time (:class:`JournalCollector`): series and jobs by state, the outbox by
 destination and state, the age of each destination's oldest pending item, free disk space and the health checks.
 Labels carry no patient data: states, step names, destination names, DICOM status meanings.
+
+A worker process (``serve --role worker``) exports :class:`WorkerMetrics` on a port of its own (``[executor]
+worker_metrics_port``, ``serve --metrics-port``): its step timings, the tasks it took by how they ended, the runs
+in progress, the models it holds, its health checks, and ``dicom_node_process_info`` with its role and worker id.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -136,4 +140,61 @@ class NodeMetrics:
 
     def exposition(self) -> bytes:
         """The metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+
+class HealthCollector(Collector):
+    """``dicom_node_health_check{check}``, from the health checks each time ``/metrics`` is read."""
+
+    def __init__(self, health: Callable[[], Health]) -> None:
+        self.health = health
+
+    def collect(self) -> Iterator[Metric]:
+        checks = GaugeMetricFamily("dicom_node_health_check", "1 when the health check passes, 0 when not.",
+                                   labels=["check"])
+        for name, check in self.health().checks.items():
+            checks.add_metric([name], 1.0 if check.ok else 0.0)
+        yield checks
+
+
+class WorkerMetrics:
+    """A worker process's metrics (``serve --role worker``): what it ran and how long each step took."""
+
+    def __init__(self, worker: str, executor: str, health: Callable[[], Health] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.worker = worker
+        self.executor = executor
+        self.step_seconds = Histogram("dicom_node_job_step_duration_seconds", "Duration of each step of the jobs "
+                                      "this worker wrote (total: the whole core of the job).",
+                                      labelnames=["step"], buckets=STEP_BUCKETS, registry=self.registry)
+        self.tasks = Counter("dicom_node_worker_tasks", "Tasks this worker took, by kind (job, follow_up) and how "
+                             "they ended: done, failed, lost (its claim taken over), skipped (claimed elsewhere or "
+                             "no longer queued).", labelnames=["kind", "outcome"], registry=self.registry)
+        for kind in ("job", "follow_up"):
+            for outcome in ("done", "failed"):
+                self.tasks.labels(kind=kind, outcome=outcome)  # exported as 0 before the first
+        self.running = Gauge("dicom_node_worker_tasks_running", "Tasks this worker runs now.",
+                             registry=self.registry)
+        self.info = Gauge("dicom_node_process_info", "This process (always 1): its role, worker id, executor "
+                          "(thread, celery) and device (cpu, cuda).", labelnames=["role", "worker", "executor",
+                                                                                  "device"], registry=self.registry)
+        self.models = Gauge("dicom_node_worker_models", "The models this worker holds (1 each).",
+                            labelnames=["model"], registry=self.registry)
+        if health is not None:
+            self.registry.register(HealthCollector(health))
+
+    def describe(self, device: str, models: Sequence[str]) -> None:
+        """What the worker runs on and holds (known once its models are loaded)."""
+        self.info.labels(role="worker", worker=self.worker, executor=self.executor, device=device).set(1)
+        for model in models:
+            self.models.labels(model=model).set(1)
+
+    def observe_job(self, timings: Mapping[str, float]) -> None:
+        for step, seconds in timings.items():
+            self.step_seconds.labels(step=step).observe(seconds)
+
+    def task_ended(self, kind: str, outcome: str) -> None:
+        self.tasks.labels(kind=kind, outcome=outcome).inc()
+
+    def exposition(self) -> bytes:
         return generate_latest(self.registry)

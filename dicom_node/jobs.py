@@ -8,8 +8,9 @@ agreement check, :data:`dicom_node.steps.FOLLOW_UPS`), in the same transaction; 
 own output (its failure is recorded on its own and noted beside the job's state). A job that fails is recorded
 with its reason, reported (``notify``: ``job_failed``) and, unless ``[jobs] notify_failures_in_study`` is off,
 leaves a "not processed" page in the study for the reader.
-:class:`ThreadExecutor` runs tasks on in-process worker threads; a distributed engine can replace it behind
-the same two methods (``submit``, ``shutdown``).
+:class:`ThreadExecutor` runs tasks on in-process worker threads; a distributed engine replaces it behind the same
+two methods (``submit``, ``shutdown``): :class:`JournalQueue` (worker processes poll the journal) or
+:class:`dicom_node.celery_app.CeleryExecutor` (Celery with Redis).
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ class Task:
         return f"{'job' if self.kind == 'job' else 'follow-up'} {self.id}"
 
 
+#: How one run of a task ended, for the worker's metrics: ``done`` (its outputs recorded, or a follow-up's note),
+#: ``failed`` (its failure recorded), ``lost`` (its claim was taken over: nothing recorded by this run),
+#: ``skipped`` (not queued, or claimed by another worker: not run here).
+Outcome = Literal["done", "failed", "lost", "skipped"]
+
+
 @contextmanager
 def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     t0 = time.perf_counter()
@@ -122,14 +129,13 @@ class JobRunner:
         self.follow_ups: dict[str, FollowUp] = {f.name: f for f in FOLLOW_UPS}
         #: hands a follow-up queued by a job to the executor (the node sets its executor's ``submit``); by
         #: default it runs at once, in the caller's thread, after its job
-        self.submit: Callable[[Task], None] = self.perform
+        self.submit: Callable[[Task], object] = self.perform
 
-    def perform(self, task: Task) -> None:
-        """Run one task of the executor: a job, or a follow-up."""
+    def perform(self, task: Task) -> Outcome:
+        """Run one task of the executor: a job, or a follow-up; returns how it ended."""
         if task.kind == "job":
-            self.run(task.id)
-        else:
-            self.run_follow_up(task.id)
+            return self.run(task.id)
+        return self.run_follow_up(task.id)
 
     def recover(self, own: str | None) -> list[Task]:
         """Queue again the runs that were interrupted (``own``'s claims, and those whose lease expired: their
@@ -167,19 +173,19 @@ class JobRunner:
             self.leases.hold(task.kind, task.id, claim)
         return claim
 
-    def run(self, job_id: int) -> None:
+    def run(self, job_id: int) -> Outcome:
         """Run a queued job, once it is claimed for this worker; every way it can end is recorded in the
         journal (by this run only while it holds the claim)."""
         job = self.journal.job(job_id)
         if job.state != JobState.QUEUED:
-            return
+            return "skipped"
         series = self.journal.series(job.series_uid)
         if series is None:
             self.journal.set_job_state(job_id, JobState.FAILED, "series no longer in the journal")
-            return
+            return "failed"
         claim = self._claim(Task("job", job_id))
         if claim is None:
-            return
+            return "skipped"
         self.stages[job_id] = ("starting", time.time())
         try:
             run = _Run(self._context(job, series), {}, time.perf_counter(), claim)
@@ -192,8 +198,7 @@ class JobRunner:
             raise
         except BaseException as exc:  # noqa: BLE001 - a job failure must never stop the worker
             self.stages.pop(job_id, None)
-            self._fail(job, series, exc, claim)
-            return
+            return self._fail(job, series, exc, claim)
         finally:
             self.leases.release("job", job_id)
         self._finish(run)
@@ -201,17 +206,18 @@ class JobRunner:
         self.on_written()
         for follow_up_id in follow_ups:
             self.submit(Task("follow_up", follow_up_id))
+        return "done"
 
     def _stage(self, ctx: JobContext, step: str) -> None:
         self.stages[ctx.job_id] = (step, time.time())
 
-    def _fail(self, job: JobRecord, series: SeriesRecord, exc: BaseException, claim: Claim) -> None:
+    def _fail(self, job: JobRecord, series: SeriesRecord, exc: BaseException, claim: Claim) -> Outcome:
         """Record why a job failed. Not only Exceptions: a Rust decoder's panic (pyo3_runtime.PanicException)
         and a library's sys.exit() are BaseExceptions; uncaught they end the worker with the job 'running'.
         A run whose claim was taken over records nothing: the run that took it over decides."""
         if isinstance(exc, ClaimLost):
             log.warning("job %d (%s): %s", job.id, job.rule, exc)
-            return
+            return "lost"
         if isinstance(exc, JobFailed | GeometryError):
             reason = str(exc) if isinstance(exc, JobFailed) else f"inconsistent geometry: {exc}"
             log.error("job %d (%s, series %r) failed: %s", job.id, job.rule, series.description, reason)
@@ -224,8 +230,9 @@ class JobRunner:
             self.journal.fail_job(job.id, reason, claim)
         except ClaimLost as lost:
             log.warning("job %d (%s): its failure is not recorded: %s", job.id, job.rule, lost)
-            return
+            return "lost"
         self.report_failure(job, series, reason)
+        return "failed"
 
     def report_failure(self, job: JobRecord, series: SeriesRecord, reason: str) -> None:
         """Tell the webhooks and the reader (a "not processed" page in the study) that a job failed; also for a
@@ -312,15 +319,15 @@ class JobRunner:
 
     # -- follow-ups ------------------------------------------------------------------------
 
-    def run_follow_up(self, follow_up_id: int) -> None:
+    def run_follow_up(self, follow_up_id: int) -> Outcome:
         """Run a queued (or interrupted) follow-up; every way it can end is recorded in the journal, and none
         changes its job's state (its outputs are the job's: the job is ``written`` again until they are sent)."""
         record = self.journal.follow_up(follow_up_id)
         if record.state != FollowUpState.QUEUED:
-            return
+            return "skipped"
         claim = self._claim(Task("follow_up", follow_up_id))
         if claim is None:
-            return
+            return "skipped"
         t0 = time.perf_counter()
         try:
             follow_up, ctx = self._follow_up_context(record)
@@ -330,6 +337,7 @@ class JobRunner:
             raise  # the follow-up stays 'running': the next start runs it again
         except ClaimLost as lost:
             log.warning("job %d: follow-up %s: %s", record.job_id, record.step, lost)
+            return "lost"
         except BaseException as exc:  # noqa: BLE001 - the job's core outputs are recorded and queued already
             log.error("job %d: follow-up %s failed, the core outputs are delivered all the same: %s: %s",
                       record.job_id, record.step, type(exc).__name__, exc, exc_info=exc)
@@ -337,8 +345,10 @@ class JobRunner:
                 self.journal.fail_follow_up(follow_up_id, f"{type(exc).__name__}: {exc}", claim)
             except Exception:  # noqa: BLE001 - logged above already
                 log.exception("follow-up %d: its failure could not be recorded", follow_up_id)
+            return "failed"
         finally:
             self.leases.release("follow_up", follow_up_id)
+        return "done"
 
     def _follow_up_context(self, record: FollowUpRecord) -> tuple[FollowUp, FollowUpContext]:
         follow_up = self.follow_ups.get(record.step)
@@ -383,7 +393,7 @@ T = TypeVar("T")
 class ThreadExecutor(Generic[T]):
     """In-process workers pulling tasks (a :class:`Task`, or a job id) from a queue."""
 
-    def __init__(self, run: Callable[[T], None], workers: int = 1) -> None:
+    def __init__(self, run: Callable[[T], object], workers: int = 1) -> None:
         self._run = run
         self._queue: queue.Queue[T | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -419,9 +429,10 @@ class ThreadExecutor(Generic[T]):
 
 
 class JournalQueue:
-    """The executor of a receiver (``serve --role receiver``): the journal is the queue. A job or follow-up is
-    queued there when it is recorded; worker processes claim it (``Journal.claim``), so ``submit`` has nothing to
-    do. (An engine that wakes workers, Celery or Dask, would publish the task here: the claim keeps it once.)"""
+    """The executor of a receiver (``serve --role receiver``) with ``[executor] kind = "thread"``: the journal is
+    the queue. A job or follow-up is queued there when it is recorded; worker processes claim it
+    (``Journal.claim``), so ``submit`` has nothing to do. (With ``kind = "celery"`` the receiver's executor is
+    :class:`dicom_node.celery_app.CeleryExecutor`, which publishes the task: the claim keeps it once.)"""
 
     def submit(self, task: Task) -> None:
         log.debug("%s queued in the journal for a worker process", task)

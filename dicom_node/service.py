@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -43,6 +43,9 @@ from .retention import Retention
 from .routing import route
 from .scp import StorageSCP
 from .spool import Spool, private_dir
+
+if TYPE_CHECKING:
+    from .celery_app import CeleryExecutor
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ class Node:
         self.dispatcher = Dispatcher(config, self.journal, self.audit, worker=self.claim_id)
         self.runner = JobRunner(config, self.journal, self.registry, on_written=self.kick_dispatch,
                                 on_timings=self.metrics.observe_job, worker=self.claim_id)
-        self.executor: ThreadExecutor[Task] | JournalQueue | None = None
+        self.executor: ThreadExecutor[Task] | JournalQueue | CeleryExecutor | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
         self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit,
                               on_store_status=self.metrics.store_status)
@@ -146,6 +149,10 @@ class Node:
         self.installed_models = prepare_models(self.config, self.registry, warm=self.role == "all")
         if self.role == "all":
             self.executor = ThreadExecutor(self.runner.perform, workers=self.config.inference.workers)
+        elif self.config.executor.kind == "celery":
+            from .celery_app import CeleryExecutor  # the scale extra: imported only when configured
+
+            self.executor = CeleryExecutor(self.config, self.journal)
         else:
             self.executor = JournalQueue()
             log.info("role receiver: jobs are queued in the journal for worker processes "
@@ -268,7 +275,7 @@ class Node:
     def job_stages(self) -> Mapping[int, tuple[str, float]]:
         return dict(self.runner.stages)
 
-    def processes(self) -> list[dict[str, Any]]:
+    def processes(self) -> list[dict[str, object]]:
         """Every serving process of this data directory (this one, other receivers, workers), for the dashboard."""
         return processes(self.config.node.data_dir)
 

@@ -25,11 +25,14 @@ TYPED_BOUNDARY = (
     "dicom_node/jobs.py",
     "dicom_node/steps.py",
     "dicom_node/journal.py",
+    "dicom_node/celery_routing.py",
+    "dicom_node/celery_app.py",
 )
 #: The modules of the job path whose every function must stay short.
 JOB_PATH = (*TYPED_BOUNDARY, "dicom_node/config.py", "dicom_node/dashboard.py", "dicom_node/scp.py",
             "dicom_node/spool.py", "dicom_node/dispatch.py", "dicom_node/stow.py", "dicom_node/worker.py",
-            "inference/volume.py", "inference/pipeline.py", "inference/segmentation.py", "inference/volumetry.py",
+            "dicom_node/celery_worker.py", "inference/volume.py", "inference/pipeline.py", "inference/segmentation.py",
+            "inference/volumetry.py",
             "inference/agreement.py", "inference/models.py")
 #: Where a dict is the point: the typed records' JSON form in the journal's columns (read back typed at once),
 #: and the outbox summary `status` and the metrics print (not on the receive → route → job path).

@@ -618,3 +618,38 @@ def test_status_reads_the_journal_without_changing_it(tmp_path: Path, models_dir
     db = sqlite3.connect(tmp_path / "data" / "journal.sqlite3")
     assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"  # not upgraded
     db.close()
+
+
+def _serve_args(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--config", str(config), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def test_serve_all_refuses_the_celery_executor_in_one_line(tmp_path: Path, models_dir: Path) -> None:
+    config = write_config(tmp_path, models_dir, extra='\n[executor]\nkind = "celery"\n')
+    result = _serve_args(config)
+    assert result.returncode == 1
+    assert _one_line(result.stderr) == ('dicom-node: [executor] kind = "celery" runs the jobs on worker processes: '
+                                        'start this node with --role receiver, and the workers with --role worker '
+                                        '(or set kind = "thread")')
+
+
+def test_a_celery_worker_without_its_broker_password_file_is_one_line(tmp_path: Path, models_dir: Path) -> None:
+    missing = tmp_path / "redis.password"
+    config = write_config(tmp_path, models_dir,
+                          extra=f'\n[executor]\nkind = "celery"\nbroker_password_file = "{missing}"\n')
+    result = _serve_args(config, "--role", "worker")
+    assert result.returncode == 1
+    assert _one_line(result.stderr) == (f"dicom-node: [executor] broker_password_file {missing}: cannot read it: "
+                                        "No such file or directory")
+
+
+def test_a_worker_whose_metrics_port_is_taken_is_one_line(tmp_path: Path, models_dir: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _serve_args(write_config(tmp_path, models_dir), "--role", "worker", "--metrics-port", str(port))
+    assert result.returncode == 1
+    assert _one_line(result.stderr) == (f"dicom-node: the worker's metrics port {port} on 127.0.0.1 cannot be used: "
+                                        "Address already in use (another program listens there?)")

@@ -16,6 +16,7 @@ from dicom_node.config import (
     ConfigError,
     Destination,
     DispatchSettings,
+    ExecutorSettings,
     HTTPSettings,
     InferenceSettings,
     JobSettings,
@@ -110,6 +111,7 @@ def test_example_settings_are_the_defaults() -> None:
     assert config.notifications == []  # off unless configured
     assert config.retention == RetentionSettings()
     assert config.http == HTTPSettings()
+    assert config.executor == ExecutorSettings()
 
 
 @pytest.mark.parametrize(
@@ -118,7 +120,7 @@ def test_example_settings_are_the_defaults() -> None:
      ("inference", InferenceSettings), ("volumetry", VolumetrySettings), ("jobs", JobSettings),
      ("dispatch", DispatchSettings), ("tls", TLSSettings), ("audit", AuditSettings),
      ("notifications", Notification),
-     ("retention", RetentionSettings), ("http", HTTPSettings)],
+     ("retention", RetentionSettings), ("http", HTTPSettings), ("executor", ExecutorSettings)],
 )
 def test_example_documents_every_field(section: str, model: type[BaseModel]) -> None:
     text = EXAMPLE.read_text(encoding="utf-8")

@@ -1,0 +1,132 @@
+"""The worker role in this process (``dicom_node.worker.Worker``, ``[executor] kind = "thread"``): it runs what is
+queued in the journal, exports its metrics, feeds the systemd watchdog while healthy, and a stop never closes the
+journal under a run still going after its wait (the run is abandoned to its lease instead)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import dicom_node.jobs
+from dicom_node.config import JobSettings, NodeConfig
+from dicom_node.journal import Journal
+from dicom_node.worker import Worker
+from tests.dicom_factory import make_mr_series
+from tests.redis_server import free_port
+from tests.test_jobs import MODEL, SHAPE, SPACING, make_config, record_series, rule
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.onnx_fixtures import make_synthesis_model
+
+    folder = tmp_path_factory.mktemp("models")
+    make_synthesis_model(folder, model_id=MODEL, tile=(16, 16, 16), overlap=4, divisible_by=8)
+    return folder
+
+
+@pytest.fixture
+def config(tmp_path: Path, models_dir: Path) -> NodeConfig:
+    base = make_config(tmp_path / "data", models_dir, [rule()])
+    return base.model_copy(update={"jobs": JobSettings(poll_interval_s=0.1, lease_s=30.0)})
+
+
+@pytest.fixture
+def journal(config: NodeConfig) -> Iterator[Journal]:
+    journal = Journal(config.node.data_dir / "journal.sqlite3", fsync=False)
+    yield journal
+    journal.close()
+
+
+def queue_job(journal: Journal, tmp_path: Path) -> int:
+    uid = record_series(journal, make_mr_series(tmp_path / "series", shape=SHAPE, spacing=SPACING))
+    version = journal.close_series(uid)
+    assert version is not None
+    return journal.add_job(series_uid=uid, version=version, rule="t1-2d", action="synthesize", model=MODEL)
+
+
+def _wait(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+    return result
+
+
+def test_a_worker_runs_a_queued_job_and_counts_it_in_its_metrics(config: NodeConfig, journal: Journal,
+                                                                 tmp_path: Path) -> None:
+    port = free_port()
+    worker = Worker(config, metrics_port=port)
+    worker.start()
+    try:
+        job_id = queue_job(journal, tmp_path)
+        _wait(lambda: journal.job(job_id).state == "written", "the job written")
+        def scrape() -> str | None:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            return body if 'dicom_node_worker_tasks_total{kind="job",outcome="done"} 1.0' in body else None
+
+        body = _wait(scrape, "the job counted")
+        assert f'dicom_node_process_info{{device="cpu",executor="thread",role="worker",worker="{worker.id}"}} 1.0' \
+            in body
+        assert 'dicom_node_job_step_duration_seconds_count{step="total"} 1.0' in body
+        assert 'dicom_node_health_check{check="journal_writable"} 1.0' in body
+    finally:
+        assert worker.stop()
+
+
+def test_a_stop_abandons_a_run_past_its_wait_and_leaves_the_journal_open_under_it(
+        config: NodeConfig, journal: Journal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    started, release = threading.Event(), threading.Event()
+    synthesize = dicom_node.jobs.synthesize_step
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        release.wait(30)
+        return synthesize(*args, **kwargs)
+
+    monkeypatch.setattr(dicom_node.jobs, "synthesize_step", held)
+    worker = Worker(config)
+    worker.start()
+    job_id = queue_job(journal, tmp_path)
+    assert started.wait(30)
+    t0 = time.monotonic()
+    assert worker.stop(timeout_s=0.5) is False  # the run goes on: abandoned, not cut off
+    assert time.monotonic() - t0 < 5
+    assert "1 run(s) still going after 0.5 s are abandoned" in caplog.text
+    release.set()
+    # the journal was left open under it: the run still records (its claim has not expired yet)
+    _wait(lambda: journal.job(job_id).state == "written", "the abandoned run recorded")
+    assert journal.job(job_id).attempts == 1
+    worker.journal.close()
+
+
+def test_a_worker_says_ready_feeds_the_watchdog_while_healthy_and_says_stopping(
+        config: NodeConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s
+        worker = Worker(config)
+        worker.start()
+        try:
+            assert sock.recv(4096).decode() == f"READY=1\nSTATUS=worker {worker.id} on cpu"
+            assert [sock.recv(4096) for _ in range(3)] == [b"WATCHDOG=1"] * 3
+            worker.journal.close()  # the journal takes no writes any more: no ping (systemd restarts it)
+            assert not worker.health().ok
+        finally:
+            worker.stop()
+        messages = []
+        while (message := sock.recv(4096)) != b"STOPPING=1":
+            messages.append(message)
+        assert messages.count(b"WATCHDOG=1") <= 1  # one in flight as the journal closed, then none
