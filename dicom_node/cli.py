@@ -143,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     metrics_port = getattr(args, "metrics_port", None)
     if metrics_port is None:
         metrics_port = config.executor.worker_metrics_port
-    preflight(config, ports=role != "worker", metrics_port=metrics_port if role == "worker" else 0)
+    preflight(config, ports=role in ("all", "receiver"), metrics_port=metrics_port if role == "worker" else 0)
     check_executor(config, role)
     process_lock = ProcessLock(config.node.data_dir, role)
     if role == "worker":
@@ -156,9 +156,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             logging.shutdown()
             os._exit(0)
         return 0
+    if role == "dispatcher":
+        process_lock.acquire(role=role, started=time.time())
+        try:
+            return _serve_dispatcher(config, process_lock)
+        finally:
+            process_lock.release()
     lock = NodeLock(config.node.data_dir)
-    try:
-        lock.acquire(started=time.time(), role=role, shared=role == "receiver" and config.node.reuse_port)
+    try:  # receivers share the data directory (claims keep their routing and delivery apart); all keeps it
+        lock.acquire(started=time.time(), role=role, shared=role == "receiver")
     except NodeRunning as exc:
         raise CommandError(str(exc)) from None
     process_lock.acquire(role=role, started=time.time())
@@ -233,6 +239,23 @@ def _serve_worker(config: NodeConfig, process_lock: ProcessLock, metrics_port: i
     finally:
         clean = worker.stop()
     return clean
+
+
+def _serve_dispatcher(config: NodeConfig, process_lock: ProcessLock) -> int:
+    """``serve --role dispatcher``: deliver the journal's outbox until SIGTERM or SIGINT."""
+    from .delivery import DeliveryProcess
+
+    process = DeliveryProcess(config)
+    stop = _stop_event()
+    process_lock.update(role="dispatcher", started=time.time(), worker=process.id)
+    try:
+        process.start()
+        log.info("dicom-node %s ready (data in %s, role dispatcher)", __version__, config.node.data_dir)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        process.stop()
+    return 0
 
 
 # -- config check ----------------------------------------------------------------------------
@@ -667,10 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "Run the node in the foreground until SIGTERM or SIGINT. Refuses to start (one line, exit 1) when "
                 "the data directory cannot be written, a port is taken, or another node serves the same data "
                 "directory.")
-    serve.add_argument("--role", choices=("all", "receiver", "worker"), default="all",
+    serve.add_argument("--role", choices=("all", "receiver", "worker", "dispatcher"), default="all",
                        help="all (default): everything in one process; receiver: listener, routing, delivery, "
                             "retention, jobs left queued (or, with [executor] kind = \"celery\", published) for "
-                            "workers; worker: claims and runs the queued jobs of the same data_dir (any number)")
+                            "workers (several receivers may share a data_dir); worker: claims and runs the queued "
+                            "jobs of the same data_dir (any number); dispatcher: delivers the outbox (any number)")
     serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                        help="a worker's own /metrics on this port (overrides [executor] worker_metrics_port; "
                             "0: none)")

@@ -51,8 +51,9 @@ log = logging.getLogger(__name__)
 
 #: What one ``dicom-node serve`` process does (``--role``): ``all`` (the default: everything, one process),
 #: ``receiver`` (SCP, assembly, routing into the journal's queue, delivery, retention; jobs are left to worker
-#: processes) or ``worker`` (claims and runs queued jobs and follow-ups: :mod:`dicom_node.worker`).
-ROLES = ("all", "receiver", "worker")
+#: processes; several may share a data directory or journal), ``worker`` (claims and runs queued jobs and
+#: follow-ups: :mod:`dicom_node.worker`) or ``dispatcher`` (delivers the outbox: :mod:`dicom_node.delivery`).
+ROLES = ("all", "receiver", "worker", "dispatcher")
 
 
 def prepare_models(config: NodeConfig, registry: ModelRegistry, *, warm: bool) -> set[str]:

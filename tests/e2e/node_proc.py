@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dicom_node.journal import Journal
+from dicom_node.config import load_config
+from dicom_node.journal import Journal, open_journal
 
 from .peers import LOCALHOST, echoscu, free_port
 
@@ -149,8 +150,8 @@ class NodeProcess:
         while True:
             if self._process.poll() is not None:
                 raise RuntimeError(f"node exited with {self._process.returncode}; log:\n{self.log()}")
-            if self.role == "worker":
-                if "role worker)" in self.log():
+            if self.role in ("worker", "dispatcher"):  # no listener: ready when its log says so
+                if f"role {self.role})" in self.log():
                     return self
             elif echoscu(self.port, called_ae=self.ae_title, calling_ae=self.probe_ae, timeout=5).returncode == 0:
                 # a receiver sharing its port with another: the echo may have been the other's answer
@@ -201,7 +202,8 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def journal(self) -> Journal:
-        return Journal(self.data_dir / "journal.sqlite3")
+        """The node's journal as its configuration names it (SQLite in data_dir, or PostgreSQL)."""
+        return open_journal(load_config(self.config_path))
 
     def wait_for(self, predicate, *, timeout: float = 120, poll: float = 0.25,  # noqa: ANN001
                  what: str = "condition") -> Any:
