@@ -70,7 +70,7 @@ class NodeSettings(_Strict):
     fsync: bool = True
     #: Several ``serve --role receiver`` processes of this data directory listen on the same ports
     #: (``SO_REUSEPORT``: the kernel spreads the associations over them), to use more cores for receiving.
-    #: Only the receiver role may share; ``all`` keeps the data directory to itself.
+    #: Only receivers share (``all`` keeps the data directory to itself); on other machines they need no port sharing.
     reuse_port: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: ``text``: one readable line per record; ``json``: one JSON object per line (time, level, logger,

@@ -3,9 +3,10 @@ way to tell what runs.
 
 ``dicom-node serve`` (``--role all`` or ``receiver``) holds an exclusive ``flock`` on ``data_dir/node.lock`` for
 as long as it runs and writes its process id and listening ports into it. A second one on the same data directory
-is refused at once; receivers configured to share their port (``[node] reuse_port``) hold the lock shared instead,
-so that they exclude an ``all`` node but not each other. ``status`` reads the file and probes the lock to say
-whether the node runs. Every serving process, workers (``--role worker``) included, also
+is refused at once. Receivers (``--role receiver``) hold the lock shared instead: several may serve one data
+directory (their routing and delivery are kept apart by the journal's claims; on one machine they may share the
+port, ``[node] reuse_port``), and they exclude an ``all`` node but not each other. ``status`` reads the file and
+probes the lock to say whether the node runs. Every serving process, workers (``--role worker``) included, also
 holds a lock of its own, ``data_dir/processes/<role>-<host>-<pid>.lock`` (:class:`ProcessLock`), which ``status`` lists
 (:func:`processes`). The kernel drops a lock when its process ends, however it ends (SIGKILL included): a stale
 file never blocks a restart, and is not listed.
@@ -55,8 +56,8 @@ class NodeLock:
     def acquire(self, *, shared: bool = False, **details: Any) -> None:
         """Take the lock (or raise :class:`NodeRunning`) and record ``details`` beside the process id.
 
-        ``shared``: one of several receivers sharing the data directory (``[node] reuse_port``); they hold the
-        lock together, exclude a node of role ``all``, and record nothing here (each has its process lock)."""
+        ``shared``: one of several receivers sharing the data directory; they hold the lock together, exclude a
+        node of role ``all``, and record nothing here (each has its process lock)."""
         f = self.path.open("a+", encoding="utf-8")
         try:
             fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
