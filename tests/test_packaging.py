@@ -16,6 +16,7 @@ import pytest
 from setuptools import find_namespace_packages
 
 from tests.conftest import SHARED_DATA, requires_shared_data
+from tests.e2e.node_proc import config_toml
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
@@ -152,3 +153,42 @@ def test_offline_install_from_a_wheelhouse(tmp_path: Path) -> None:
     check = _run([str(env_dir / "bin" / "dicom-node"), "config", "check", "--config", str(config)], cwd=tmp_path,
                  timeout=300)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_the_scaleout_compose_file_runs_receivers_workers_and_their_services(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """deploy/compose-scaleout.yaml (issue 16): two receivers, two workers, PostgreSQL, Redis and Orthanc, every node
+    on the one shared data volume and configuration, each service built from a file of deploy/; its node
+    configuration passes ``config check`` (once its secrets exist)."""
+    import yaml
+
+    from dicom_node.cli import main
+
+    deploy = REPO / "deploy"
+    compose = yaml.safe_load((deploy / "compose-scaleout.yaml").read_text())
+    services = compose["services"]
+    roles = {name: s.get("command", []) for name, s in services.items() if name.startswith(("receiver", "worker"))}
+    assert roles == {"receiver-1": ["--role", "receiver"], "receiver-2": ["--role", "receiver"],
+                     "worker-1": ["--role", "worker"], "worker-2": ["--role", "worker"]}
+    for name in roles:
+        node = services[name]
+        assert "node-data:/var/lib/dicom-node" in node["volumes"]
+        assert "./compose-scaleout.toml:/etc/dicom-node/node.toml:ro" in node["volumes"]
+        assert node["build"]["args"]["EXTRAS"] == "[scale]" and set(node["depends_on"]) >= {"postgres", "redis"}
+    for name in ("postgres", "redis", "orthanc"):
+        assert (deploy / services[name]["build"]["dockerfile"]).is_file()
+    assert (REPO / services["receiver-1"]["build"]["dockerfile"]).is_file()
+    assert {p.split(":")[0] for n in ("receiver-1", "receiver-2") for p in services[n]["ports"]} == {"11112", "11113"}
+    # the configuration, with the secrets where the compose file mounts them
+    config = tomllib.loads((deploy / "compose-scaleout.toml").read_text())
+    assert config["journal"]["backend"] == "postgresql" and config["executor"]["kind"] == "celery"
+    for section, key in (("journal", "password_file"), ("executor", "broker_password_file")):
+        secret = tmp_path / key
+        secret.write_text("s3cret-of-24-characters\n")
+        secret.chmod(0o600)
+        config[section][key] = str(secret)
+    config["node"]["data_dir"] = str(tmp_path / "data")
+    local = tmp_path / "node.toml"
+    local.write_text(config_toml(config))
+    assert main(["config", "check", "--config", str(local)]) == 0
+    assert "destination orthanc: ORTHANC@orthanc:4242" in capsys.readouterr().out
