@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from .health import Health, disk_free_bytes
 from .journal import FollowUpState, JobState, Journal, OutboxState, SeriesState
+from .lock import processes
 
 #: Content-Type of the exposition format written by :func:`prometheus_client.generate_latest`.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -44,6 +45,11 @@ def refusal_reason(status: int) -> str | None:
     if 0xC000 <= status <= 0xCFFF:
         return "cannot_understand"
     return f"status_0x{status:04X}"
+
+
+def _process_labels(record: Mapping[str, object]) -> list[str]:
+    return [str(record.get("role", "")), str(record.get("host", "")), str(record.get("pid", "")),
+            str(record.get("worker", "")), str(record.get("metrics_port", "") or "")]
 
 
 class JournalCollector(Collector):
@@ -84,6 +90,8 @@ class JournalCollector(Collector):
         yield items
         yield oldest
 
+        yield self._processes()
+
         free = GaugeMetricFamily("dicom_node_disk_free_bytes", "Free bytes on the file system of the data directory.")
         try:
             free.add_metric([], disk_free_bytes(self.data_dir))
@@ -99,6 +107,16 @@ class JournalCollector(Collector):
                 checks.add_metric([name], 1.0 if check.ok else 0.0)
             yield checks
 
+
+
+    def _processes(self) -> GaugeMetricFamily:
+        """Every serving process of the data directory (receivers, workers, dispatchers), from their process locks:
+        a worker's own metrics are on its ``metrics_port``."""
+        family = GaugeMetricFamily("dicom_node_process_up", "1 for each serving process of the data directory.",
+                                   labels=["role", "host", "pid", "worker", "metrics_port"])
+        for record in processes(self.data_dir):
+            family.add_metric(_process_labels(record), 1.0)
+        return family
 
 def _by_state(name: str, documentation: str, states: type[SeriesState] | type[JobState],
               counts: Mapping[str, int]) -> GaugeMetricFamily:

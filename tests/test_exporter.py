@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +131,22 @@ def test_the_scp_reports_each_answered_status(tmp_path: Path, journal: Journal) 
     assert values[("dicom_node_instances_received_total", ())] == 3  # a re-send is answered Success too
     assert values[("dicom_node_instances_refused_total", (("reason", "cannot_understand"),))] == 1
     assert values[("dicom_node_instances_refused_total", (("reason", "dataset_mismatch"),))] == 1
+
+
+def test_every_serving_process_of_the_data_directory_is_a_sample(journal: Journal, tmp_path: Path) -> None:
+    """The receiver's /metrics lists every process sharing its data directory (a worker's own /metrics port too)."""
+    from dicom_node.lock import ProcessLock
+
+    metrics = NodeMetrics(journal, tmp_path, list)
+    assert not [k for k in samples(metrics) if k[0] == "dicom_node_process_up"]
+    locks = [ProcessLock(tmp_path, "receiver"), ProcessLock(tmp_path, "worker")]
+    locks[0].acquire(role="receiver", started=1.0)
+    locks[1].acquire(role="worker", started=2.0, worker="worker@h:9", metrics_port=9101)
+    try:
+        up = {dict(labels)["role"]: dict(labels) for (name, labels), v in samples(metrics).items()
+              if name == "dicom_node_process_up" and v == 1}
+    finally:
+        for lock in locks:
+            lock.release()
+    assert up["worker"]["worker"] == "worker@h:9" and up["worker"]["metrics_port"] == "9101"
+    assert up["receiver"]["pid"] == str(os.getpid()) and up["receiver"]["worker"] == ""
