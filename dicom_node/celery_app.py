@@ -180,11 +180,13 @@ class CeleryExecutor:
     def submit(self, task: Task) -> None:
         self._tasks.put(task)
 
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Publish what was submitted (up to ``timeout_s``); what is left stays queued in the journal."""
+    def shutdown(self, timeout_s: float = 10.0) -> bool:
+        """Publish what was submitted (up to ``timeout_s``); what is left stays queued in the journal. False when
+        the publishing thread (which reads the journal to route) still runs."""
         self._tasks.put(None)
         self._thread.join(timeout=timeout_s)
         self.announcements.close()
+        return not self._thread.is_alive()
 
     def _loop(self) -> None:
         while (task := self._tasks.get()) is not None:

@@ -418,14 +418,16 @@ class ThreadExecutor(Generic[T]):
                 # only way out of this loop is shutdown's None)
                 log.exception("%s crashed its worker", task if isinstance(task, Task) else f"job {task}")
 
-    def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Start nothing more; wait up to ``timeout_s`` in all for the tasks running now."""
+    def shutdown(self, timeout_s: float = 30.0) -> bool:
+        """Start nothing more; wait up to ``timeout_s`` in all for the tasks running now. True when every thread
+        ended; False when a task still runs (the caller must not close what it uses)."""
         self._stopping.set()
         for _ in self._threads:
             self._queue.put(None)
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
 
 class JournalQueue:
@@ -437,5 +439,5 @@ class JournalQueue:
     def submit(self, task: Task) -> None:
         log.debug("%s queued in the journal for a worker process", task)
 
-    def shutdown(self) -> None:
-        pass
+    def shutdown(self) -> bool:
+        return True

@@ -190,13 +190,16 @@ class Node:
         self.scp.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
-        if self.executor is not None:
-            self.executor.shutdown()
+        clean = self.executor.shutdown() if self.executor is not None else True
         self.runner.leases.stop()
         if self.http is not None:
             self.http.stop()
         install(None)
         self.notifier.stop()
+        if not clean:  # a run goes on past the wait: its journal and audit trail stay open for the process's exit
+            log.warning("a job still runs after the 30 s wait: it is left to the next start, which runs it again "
+                        "(an interrupted run, [jobs] max_attempts)")
+            return
         self.journal.close()
         self.audit.close()
 

@@ -715,3 +715,15 @@ def test_age_from_birth_and_study_dates() -> None:
     assert _age_from_dates(ds) is None
     ds.PatientBirthDate = "20250101"  # born after the scan: no age
     assert _age_from_dates(ds) is None
+
+
+def test_thread_executor_shutdown_says_whether_a_task_still_runs() -> None:
+    """The node closes its journal only when no job runs any more (else the process's exit ends it)."""
+    release = threading.Event()
+    executor: ThreadExecutor[int] = ThreadExecutor(lambda _task: release.wait(5), workers=1)
+    executor.submit(1)
+    time.sleep(0.1)
+    assert executor.shutdown(timeout_s=0.2) is False
+    release.set()
+    idle: ThreadExecutor[int] = ThreadExecutor(lambda _task: None, workers=2)
+    assert idle.shutdown(timeout_s=5) is True
