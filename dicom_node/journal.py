@@ -885,12 +885,17 @@ class Journal:
         with self._tx() as db:
             # the series row first: a retention sweep deciding on it (PostgreSQL: its row lock) goes before or after
             db.execute("UPDATE series SET state='routed' WHERE series_uid=?", (series_uid,))
-            row = db.execute(
-                "INSERT INTO jobs(series_uid, version, rule, action, model, created_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?) RETURNING id",
-                (series_uid, version, rule, action, model, now, now),
-            ).fetchone()
-            return int(row["id"])
+            return self._insert_job(db, series_uid, version, rule, action, model, now)
+
+    @staticmethod
+    def _insert_job(db: Connection, series_uid: str, version: int, rule: str, action: str, model: str | None,
+                    now: float) -> int:
+        row = db.execute(
+            "INSERT INTO jobs(series_uid, version, rule, action, model, created_at, updated_at)"
+            " VALUES (?,?,?,?,?,?,?) RETURNING id",
+            (series_uid, version, rule, action, model, now, now),
+        ).fetchone()
+        return int(row["id"])
 
     def route_series(self, series_uid: str, version: int, *, rule: str, action: str, model: str | None) -> int | None:
         """Queue the job of a ``complete`` series at ``version`` and mark it routed, in one transaction; None when
@@ -901,12 +906,7 @@ class Journal:
                                (series_uid, version)).rowcount
             if taken != 1:
                 return None
-            row = db.execute(
-                "INSERT INTO jobs(series_uid, version, rule, action, model, created_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?) RETURNING id",
-                (series_uid, version, rule, action, model, now, now),
-            ).fetchone()
-            return int(row["id"])
+            return self._insert_job(db, series_uid, version, rule, action, model, now)
 
     def ignore_series(self, series_uid: str, version: int, note: str) -> bool:
         """Mark a ``complete`` series at ``version`` not processed (``note``: why); False when another process

@@ -53,3 +53,24 @@ def postgres_journal(postgres_dsn: str):  # noqa: ANN201 - dicom_node.journal_sq
     from tests.postgres import PASSWORD
 
     return PostgresTarget(postgres_dsn, PASSWORD)
+
+
+@pytest.fixture
+def held_synthesis(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - (started, release) threading.Events
+    """Every job's synthesis step waits (up to 30 s) until the test sets ``release``; ``started`` is set when one
+    begins: a run that is still going when the test stops its worker."""
+    import threading
+
+    import dicom_node.jobs
+
+    started, release = threading.Event(), threading.Event()
+    synthesize = dicom_node.jobs.synthesize_step
+
+    def held(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        started.set()
+        release.wait(30)
+        return synthesize(*args, **kwargs)
+
+    monkeypatch.setattr(dicom_node.jobs, "synthesize_step", held)
+    yield started, release
+    release.set()

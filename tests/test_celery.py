@@ -292,21 +292,8 @@ def test_a_job_needs_its_rules_models_and_runs_a_network(site: Site) -> None:
     assert task_needs(gone, site.journal, Task("job", job_id)) == Needs(frozenset({MODEL}), inference=True)
 
 
-def test_a_celery_worker_stopped_during_a_run_abandons_it_to_its_lease(site: Site,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
-    import dicom_node.jobs
-
-    started, release = threading.Event(), threading.Event()
-    synthesize = dicom_node.jobs.synthesize_step
-
-    def held(*args: Any, **kwargs: Any) -> Any:
-        started.set()
-        release.wait(30)
-        return synthesize(*args, **kwargs)
-
-    monkeypatch.setattr(dicom_node.jobs, "synthesize_step", held)
+def test_a_celery_worker_stopped_during_a_run_abandons_it_to_its_lease(site: Site, held_synthesis: Any) -> None:
+    started, release = held_synthesis
     worker = _worker(site.config)
     try:
         job_id = site.queue_job()

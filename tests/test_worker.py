@@ -5,7 +5,6 @@ journal under a run still going after its wait (the run is abandoned to its leas
 from __future__ import annotations
 
 import socket
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -14,7 +13,6 @@ from typing import Any
 
 import pytest
 
-import dicom_node.jobs
 from dicom_node.config import JobSettings, NodeConfig
 from dicom_node.journal import Journal
 from dicom_node.worker import Worker
@@ -83,17 +81,9 @@ def test_a_worker_runs_a_queued_job_and_counts_it_in_its_metrics(config: NodeCon
 
 
 def test_a_stop_abandons_a_run_past_its_wait_and_leaves_the_journal_open_under_it(
-        config: NodeConfig, journal: Journal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        config: NodeConfig, journal: Journal, tmp_path: Path, held_synthesis: Any,
         caplog: pytest.LogCaptureFixture) -> None:
-    started, release = threading.Event(), threading.Event()
-    synthesize = dicom_node.jobs.synthesize_step
-
-    def held(*args: Any, **kwargs: Any) -> Any:
-        started.set()
-        release.wait(30)
-        return synthesize(*args, **kwargs)
-
-    monkeypatch.setattr(dicom_node.jobs, "synthesize_step", held)
+    started, release = held_synthesis
     worker = Worker(config)
     worker.start()
     job_id = queue_job(journal, tmp_path)
