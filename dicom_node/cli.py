@@ -145,6 +145,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port = config.executor.worker_metrics_port
     preflight(config, ports=role in ("all", "receiver"), metrics_port=metrics_port if role == "worker" else 0)
     check_executor(config, role)
+    if config.node.reuse_port and role != "receiver":  # it turns off the port-taken check: receivers only
+        raise CommandError("[node] reuse_port lets receivers of one data directory share their DICOM ports: start "
+                           "this node with --role receiver, or set reuse_port = false")
     process_lock = ProcessLock(config.node.data_dir, role)
     if role == "worker":
         process_lock.acquire(role=role, started=time.time())

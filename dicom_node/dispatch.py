@@ -386,7 +386,17 @@ class Dispatcher:
         if n == 1:
             return self._send_share(name, dest, shares[0], metas)
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"outbox-{name}") as pool:
-            return sum(pool.map(lambda share: self._send_share(name, dest, share, metas), shares))
+            futures = [pool.submit(self._send_share, name, dest, share, metas) for share in shares]
+        sent, lost = 0, None
+        for future in futures:  # every share's count, whether or not another lost the claim
+            try:
+                sent += future.result()
+            except ClaimLost as exc:
+                lost = exc
+        if lost is not None:
+            log.info("outbox: %d object(s) delivered to %s before the claim was lost", sent, name)
+            raise lost
+        return sent
 
     def _send_stow(self, dest: Destination, items: list[OutboxItem]) -> int:
         """Send ``items`` to a DICOMweb destination, ``stow_batch`` objects per STOW-RS request; the number

@@ -19,11 +19,14 @@ import json
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 LOCK_NAME = "node.lock"
+#: Attempts (and the pause between them) to take a lock another process may only be probing for an instant.
+_TRIES, _RETRY_S = 5, 0.05
 PROCESSES_DIR = "processes"
 
 
@@ -59,11 +62,15 @@ class NodeLock:
         ``shared``: one of several receivers sharing the data directory; they hold the lock together, exclude a
         node of role ``all``, and record nothing here (each has its process lock)."""
         f = self.path.open("a+", encoding="utf-8")
-        try:
-            fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise NodeRunning(self._describe_holder()) from None
+        for attempt in range(_TRIES):  # a probe (``status``, a scrape) holds it for an instant: try again
+            try:
+                fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt + 1 == _TRIES:
+                    f.close()
+                    raise NodeRunning(self._describe_holder()) from None
+                time.sleep(_RETRY_S)
         self._file = f
         self._shared = shared
         self.update(**details)
@@ -133,9 +140,12 @@ def probe(data_dir: Path) -> Holder:
     details = _held(data_dir / LOCK_NAME)
     if details is None:
         return Holder(running=False)
-    if not details:  # receivers sharing the directory: the oldest one's process lock tells
-        receivers = [p for p in processes(data_dir) if p.get("role") == "receiver"]
-        details = receivers[0] if receivers else {}
+    live = processes(data_dir)
+    if not any(p.get("pid") == details.get("pid") and p.get("host") == details.get("host") for p in live):
+        # receivers sharing the directory record nothing in node.lock, and what is there may be a killed all
+        # node's: the oldest live receiver's process lock tells
+        receivers = [p for p in live if p.get("role") == "receiver"]
+        details = receivers[0] if receivers else details
     return Holder(running=True, pid=details.get("pid"), started=details.get("started"), ports=details.get("ports"))
 
 

@@ -321,7 +321,13 @@ class Node:
     def _check_spool(self) -> None:
         """Warn when the spool holds objects the journal does not know (a lost or replaced journal)."""
         unknown = unknown_files(self.journal, self.spool.root)
-        if unknown:
+        others = [p for p in processes(self.config.node.data_dir) if p.get("role") == "receiver"
+                  and (p.get("pid"), p.get("host")) != (os.getpid(), socket.gethostname())]
+        if unknown and others:  # another receiver's instances being filed now look unknown for an instant
+            log.info("the spool holds %d file(s) the journal does not know yet (other receivers are running: "
+                     "instances they are filing, or files a lost journal forgot; `dicom-node journal rebuild` with "
+                     "every process stopped adds the latter)", len(unknown))
+        elif unknown:
             log.warning("the spool holds %d file(s) the journal %s does not know (e.g. %s): they are not processed; "
                         "stop the node and run `dicom-node journal rebuild` to add them", len(unknown),
                         self.journal.path, unknown[0])
@@ -435,8 +441,9 @@ class Node:
             return
         rule = decision.rule
         job_id = self.journal.route_series(series_uid, version, rule=rule.name, action=rule.action, model=rule.model)
-        if job_id is None:  # another receiver of this journal routed it first
-            log.debug("series %s version %d: routed by another process", series_uid, version)
+        if job_id is None:  # routed meanwhile (by another receiver of this journal), or reopened by a late instance
+            log.debug("series %s version %d: no longer complete at this version; not routed here", series_uid,
+                      version)
             return
         log.info("series %r (%s) version %d: %s → job %d", series.description, series_uid, version,
                  decision.reason, job_id)

@@ -513,6 +513,17 @@ def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path, models_di
         f"dicom-node: another node (process {os.getpid()}) is serving data directory {tmp_path / 'data'}")
 
 
+def test_port_sharing_is_refused_outside_the_receiver_role(tmp_path: Path, models_dir: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """[node] reuse_port turns off the port-taken check: an all node (or a worker) with it would split a scanner's
+    associations with whatever else listens there."""
+    config = write_config(tmp_path, models_dir)
+    config.write_text(config.read_text().replace('ae_title = "NODE"\n', f'ae_title = "NODE"\nport = {free_port()}\n'
+                                                                       'host = "127.0.0.1"\nreuse_port = true\n', 1))
+    assert main(["serve", "--config", str(config)]) == 1
+    assert "[node] reuse_port lets receivers of one data directory share their DICOM ports" in capsys.readouterr().err
+
+
 def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "missing.dcm")]) == 1
     assert _one_line(capsys.readouterr().err) == f"dicom-node: {tmp_path / 'missing.dcm'}: no such file"

@@ -69,3 +69,33 @@ def test_process_locks_of_other_hosts_with_the_same_pid_do_not_collide(tmp_path:
     finally:
         for lock in locks:
             lock.release()
+
+
+def test_a_killed_all_node_s_details_are_not_reported_for_live_receivers(tmp_path: Path) -> None:
+    """An all node killed by SIGKILL leaves its pid and ports in node.lock (only a clean stop empties it);
+    receivers that started since hold the lock shared: status names a live receiver, not the dead node."""
+    (tmp_path / "node.lock").write_text('{"pid": 99999, "host": "gone", "ports": {"dicom": 104}}')
+    receiver, own = NodeLock(tmp_path), ProcessLock(tmp_path, "receiver")
+    receiver.acquire(shared=True)
+    own.acquire(role="receiver", started=1.0, ports={"dicom": 11112})
+    try:
+        holder = probe(tmp_path)
+        assert holder.running and holder.pid == os.getpid() and holder.ports == {"dicom": 11112}
+    finally:
+        own.release()
+        receiver.release()
+
+
+def test_a_lock_probed_for_an_instant_is_still_taken(tmp_path: Path) -> None:
+    """``status`` (or a /metrics scrape) probes the locks with a momentary exclusive flock: a process starting at
+    that instant tries again rather than taking the probe for a running node."""
+    import fcntl
+    import threading
+
+    probe_file = (tmp_path / "node.lock").open("a+")
+    fcntl.flock(probe_file, fcntl.LOCK_EX)
+    threading.Timer(0.08, lambda: fcntl.flock(probe_file, fcntl.LOCK_UN)).start()
+    lock = NodeLock(tmp_path)
+    lock.acquire(shared=True)  # refused at the first try, taken at a later one
+    lock.release()
+    probe_file.close()
