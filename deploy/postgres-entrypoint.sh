@@ -12,7 +12,10 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     [ -n "$password" ] || { echo "postgres: no password in $SECRET (missing, unreadable or empty)" >&2; exit 1; }
     staging="$PGDATA/.init"
     rm -rf "$staging"
-    "$BIN/initdb" -D "$staging" --auth-local=peer --auth-host=scram-sha-256 -U postgres >/dev/null
+    # UTF8 whatever the container's locale: initdb's default there (no LANG) is SQL_ASCII, for which psycopg
+    # returns bytes, not str, and the node cannot read its own journal
+    "$BIN/initdb" -D "$staging" --encoding=UTF8 --locale=C.UTF-8 --auth-local=peer --auth-host=scram-sha-256 \
+        -U postgres >/dev/null
     echo "host all all 0.0.0.0/0 scram-sha-256" >> "$staging/pg_hba.conf"
     "$BIN/pg_ctl" -D "$staging" -o "-c listen_addresses='' -k /run/postgresql" -w start >/dev/null
     quoted=$(printf '%s' "$password" | sed "s/'/''/g")
