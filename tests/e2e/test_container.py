@@ -167,3 +167,85 @@ def test_compose_runs_the_node_beside_orthanc(tmp_path_factory: pytest.TempPathF
         assert {"sT12DT1", "sT12DT1 SEG", "sT12DT1 volumes", "sT12DT1 summary"} <= described, described
     finally:
         run("down", "-v", timeout=300)
+
+
+SCALEOUT_PROJECT = "dnscale-e2e"  # fixed: the compose file's host ports are fixed too, and the images stay cached
+
+
+@requires_shared_data
+def test_compose_scaleout_processes_a_study_sent_half_to_each_receiver(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """deploy/compose-scaleout.yaml as written (ports 11112, 11113 and 8042 on this host, so not in CI): two
+    receivers, two workers, PostgreSQL, Redis and Orthanc built and started; a real 2D T1 sent half to each receiver
+    becomes one series in the journal, is processed by one job run once, and its results reach Orthanc once.
+
+    Container name resolution needs podman's DNS: netavark with aardvark-dns, or CNI with the dnsname plugin
+    (Debian: golang-github-containernetworking-plugin-dnsname)."""
+    if PODMAN is None or COMPOSE is None:
+        pytest.skip("podman and podman-compose are not installed (apt-get install podman podman-compose)")
+    context = _build_context(tmp_path_factory.mktemp("scaleout"))
+    secret_dir = context / "deploy" / "secrets"
+    secret_dir.mkdir(mode=0o700)
+    for name in ("journal_password", "broker_password"):
+        (secret_dir / name).write_text(secrets.token_hex(24) + "\n")
+        (secret_dir / name).chmod(0o644)  # read by the containers' own users
+    env = {**os.environ, "BASE": BASE, "PIP_OPTIONS": "--no-index --find-links /src/wheelhouse" if WHEELHOUSE else ""}
+    env.setdefault("BUILDAH_ISOLATION", "chroot")
+    compose = [COMPOSE, "-p", SCALEOUT_PROJECT, "-f", str(context / "deploy" / "compose-scaleout.yaml"),
+               "--podman-build-args=--isolation chroot --network host"]
+
+    def run(*args: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*compose, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False, cwd=context / "deploy")
+
+    def logs() -> str:
+        return "\n".join(f"== {service}\n" + service_logs(service)[-2000:] for service in (
+            "postgres", "redis", "orthanc", "receiver-1", "receiver-2", "worker-1", "worker-2"))
+
+    def service_logs(service: str) -> str:
+        result = run("logs", service, timeout=60)
+        return result.stdout + result.stderr
+
+    def journal(sql: str) -> list[list[str]]:
+        result = _podman("exec", f"{SCALEOUT_PROJECT}_postgres_1", "psql", "-X", "-q", "-A", "-t", "-F", "|",
+                         "-d", "dicom_node", "-c", sql)
+        return [line.split("|") for line in result.stdout.splitlines() if line]
+
+    run("down", "-v", timeout=300)  # what an interrupted earlier run left
+    built = run("build")
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    up = run("up", "-d")
+    try:
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        deadline = time.monotonic() + 300  # PostgreSQL's first start, then each node's `config check` and models
+        for port in (11112, 11113):
+            while echoscu(port, called_ae="DICOM_NODE", timeout=5).returncode != 0:
+                assert time.monotonic() < deadline, f"port {port} did not answer C-ECHO:\n{logs()}"
+                time.sleep(2)
+        files = sorted(p for p in next((T1_2D / "HFS").iterdir()).rglob("*") if p.is_file())  # in slice order
+        # each half is two slabs with a gap between them, so neither receiver finds the series whole on its own
+        # (a contiguous half would be: evenly spaced, and no ImagesInAcquisition to say otherwise, so it would be
+        # processed as version 1 and again, whole, as version 2); the second release finds all of it in the journal
+        quarter = len(files) // 4
+        halves = (files[:quarter] + files[2 * quarter:3 * quarter], files[quarter:2 * quarter] + files[3 * quarter:])
+        for port, part in zip((11112, 11113), halves, strict=True):
+            sent = storescu(port, part, called_ae="DICOM_NODE")
+            assert sent.returncode == 0 and not failed_stores(sent), sent.stderr
+        deadline = time.monotonic() + 900
+        while not any(d.startswith("sT12DT1 summary") for d in _orthanc_series("http://127.0.0.1:8042")):
+            assert time.monotonic() < deadline, logs()
+            time.sleep(2)
+        time.sleep(20)  # a second run of the job, if there were one, would deliver again meanwhile
+        described = sorted(d.split(" QC")[0] for d in _orthanc_series("http://127.0.0.1:8042"))
+        for expected in ("sT12DT1", "sT12DT1 SEG", "sT12DT1 volumes", "sT12DT1 summary"):
+            assert described.count(expected) == 1, described
+        received = journal("SELECT s.series_uid, count(i.sop_instance_uid) FROM series s"
+                           " JOIN instances i ON i.series_uid = s.series_uid GROUP BY s.series_uid")
+        assert [int(count) for _, count in received] == [len(files)], received  # one series, every instance
+        jobs = journal("SELECT series_uid, rule, action, state, attempts, version FROM jobs ORDER BY id")
+        assert jobs and len({tuple(j[:3]) for j in jobs}) == len(jobs), jobs  # each job made once
+        assert all(j[0] == received[0][0] and j[4] == "1" for j in jobs), jobs  # ... and run once
+        assert all(j[3] == "sent" for j in jobs), jobs  # its results delivered
+        tracebacks = [s for s in ("receiver-1", "receiver-2", "worker-1", "worker-2") if "Traceback" in service_logs(s)]
+        assert not tracebacks, logs()
+    finally:
+        run("down", "-v", timeout=300)
