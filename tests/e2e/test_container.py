@@ -173,13 +173,16 @@ SCALEOUT_PROJECT = "dnscale-e2e"  # fixed: the compose file's host ports are fix
 
 
 @requires_shared_data
-def test_compose_scaleout_processes_a_study_sent_half_to_each_receiver(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_compose_scaleout_processes_a_study_sent_half_to_each_receiver(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
     """deploy/compose-scaleout.yaml as written (ports 11112, 11113 and 8042 on this host, so not in CI): two
     receivers, two workers, PostgreSQL, Redis and Orthanc built and started; a real 2D T1 sent half to each receiver
     becomes one series in the journal, is processed by one job run once, and its results reach Orthanc once.
 
     Container name resolution needs podman's DNS: netavark with aardvark-dns, or CNI with the dnsname plugin
-    (Debian: golang-github-containernetworking-plugin-dnsname)."""
+    (Debian: golang-github-containernetworking-plugin-dnsname). Builds with ``--isolation chroot --network host``
+    (BUILDAH_ISOLATION=chroot unless set); a ``DICOM_NODE_WHEELHOUSE`` made with a newer Python than Debian's
+    3.11.2 needs async-timeout added (redis requires it below 3.11.3)."""
     if PODMAN is None or COMPOSE is None:
         pytest.skip("podman and podman-compose are not installed (apt-get install podman podman-compose)")
     context = _build_context(tmp_path_factory.mktemp("scaleout"))
@@ -249,3 +252,4 @@ def test_compose_scaleout_processes_a_study_sent_half_to_each_receiver(tmp_path_
         assert not tracebacks, logs()
     finally:
         run("down", "-v", timeout=300)
+        _podman("network", "rm", "-f", f"{SCALEOUT_PROJECT}_default", check=False)  # podman-compose 1.0 leaves it
