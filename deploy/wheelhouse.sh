@@ -19,5 +19,8 @@ mkdir -p "$WHEELHOUSE"
 # what building the node from its source needs (pyproject's build-system), so that an offline
 # `pip install --no-index --find-links WHEELHOUSE /path/to/source` (deploy/Containerfile) works too
 "$PYTHON" -m pip download --dest "$WHEELHOUSE" --only-binary :all: "setuptools>=68" wheel
+# redis (the scale extra) needs async-timeout on Python before 3.11.3, such as Debian 12's 3.11.2, which a
+# wheelhouse made with a newer Python would leave out
+"$PYTHON" -m pip download --dest "$WHEELHOUSE" --only-binary :all: "async-timeout>=4.0.3"
 echo "wheelhouse: $WHEELHOUSE ($(ls "$WHEELHOUSE" | wc -l) wheels); install offline with:"
 echo "  python3 -m venv /opt/dicom-node && /opt/dicom-node/bin/pip install --no-index --find-links $WHEELHOUSE dicom-node"

@@ -64,9 +64,13 @@ def _site(tmp_path: Path, models_dir: Path, orthanc: Any, dsn: str, redis: Redis
 
 
 def _send_half_to_each(receivers: list[NodeProcess], tmp_path: Path) -> list[Path]:
-    """The study's one series: its first half to one receiver, the second half to the other, at once."""
+    """The study's one series, half to each receiver at once. Neither half is evenly spaced by itself (slices 0, 2,
+    5 and 1, 3, 4 of 6): a contiguous half would be whole on its own, closed and processed when its association
+    ends, and the other half would then make a second version (the node's rule for series without
+    ImagesInAcquisition, one receiver or several)."""
     files = make_mr_series(tmp_path / "series", shape=SHAPE, spacing=SPACING, series_description="t1")
-    halves = [files[: len(files) // 2], files[len(files) // 2:]]
+    assert len(files) == 6
+    halves = [[files[i] for i in (0, 2, 5)], [files[i] for i in (1, 3, 4)]]
     results: list[Any] = []
 
     def send(receiver: NodeProcess, part: list[Path]) -> None:
