@@ -96,12 +96,11 @@ class Node:
         (data_dir / "outputs").mkdir(mode=0o700, exist_ok=True)
         private_dir(data_dir / "outputs")
         self.journal = open_journal(config)
-        #: the id this node's own runs claim under (``role all``). On the SQLite journal, ``NODE_WORKER``: only one
-        #: receiving node per data directory (node.lock), so at start-up it takes its interrupted runs back at once.
-        #: On a shared (PostgreSQL) journal, nodes of other machines run too: its host and pid, and a run of a dead
-        #: node is taken over when its lease expires.
-        #: Receivers (which may share a SQLite journal, ``[node] reuse_port``) use their own id too: only the one
-        #: ``all`` node of a SQLite journal is ``NODE_WORKER`` (its outbox claims are taken back at start-up too).
+        #: The id this process's runs and deliveries are claimed under. The ``all`` node of a SQLite journal is the
+        #: only one of its data directory (node.lock, exclusive): ``NODE_WORKER``, and at start-up it takes its
+        #: interrupted runs and outbox claims back at once. Any other (a receiver, which may share the directory,
+        #: or a node on a shared PostgreSQL journal): ``<role>@<host>:<pid>``, its claims taken over by the others
+        #: when their lease expires.
         self.shared_journal = config.journal.backend != "sqlite"
         own = role == "all" and not self.shared_journal
         self.claim_id = NODE_WORKER if own else f"{role}@{socket.gethostname()}:{os.getpid()}"
@@ -197,8 +196,8 @@ class Node:
         install(None)
         self.notifier.stop()
         if not clean:  # a run goes on past the wait: its journal and audit trail stay open for the process's exit
-            log.warning("a job still runs after the 30 s wait: it is left to the next start, which runs it again "
-                        "(an interrupted run, [jobs] max_attempts)")
+            log.warning("a job still runs after the 30 s wait: it is run again as an interrupted run ([jobs] "
+                        "max_attempts), at the next start or, on a shared journal, when its lease expires")
             return
         self.journal.close()
         self.audit.close()
