@@ -66,6 +66,10 @@ class NodeSettings(_Strict):
     idle_timeout_s: float = Field(default=60.0, gt=0)
     #: How often the idle-timeout sweep runs.
     sweep_interval_s: float = Field(default=5.0, gt=0)
+    #: A series found whole when an association ends is closed this long after, unless an instance arrived
+    #: meanwhile: a sender that splits a series over several associations (a contiguous part looks whole) gets
+    #: one series version, not one per part. 0: closed at once.
+    release_grace_s: float = Field(default=2.0, ge=0)
     #: Fsync each received file and the journal before acknowledging (keep on in production).
     fsync: bool = True
     #: Several ``serve --role receiver`` processes of this data directory listen on the same ports

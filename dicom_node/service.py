@@ -364,7 +364,7 @@ class Node:
                 verdict = completeness(self.journal.instances(uid))
                 if verdict.whole:
                     log.info("series %r (%s) is whole: %s", series.description, uid, verdict.reason)
-                    self._close(uid, series.last_received)
+                    self._close_after_grace(uid, series.last_received)
                 else:
                     log.info("series %r (%s) not whole yet (%s): waiting up to %.0f s",
                              series.description, uid, verdict.reason, self.config.node.idle_timeout_s)
@@ -391,6 +391,24 @@ class Node:
                 self._close(series.series_uid, series.last_received)
             except Exception:  # noqa: BLE001 - one series must not stop the sweep of the others
                 log.exception("series %s: closing it failed; the next sweep tries again", series.series_uid)
+
+    def _close_after_grace(self, series_uid: str, last_received: float) -> None:
+        """Close a series found whole at an association's release, ``[node] release_grace_s`` later: an instance
+        received meanwhile (the next part of a series split over associations) makes the close a no-op, and the
+        series closes when its last part's association ends, or on its idle timeout."""
+        grace = self.config.node.release_grace_s
+        if grace <= 0 or not self.scheduler.running:
+            self._close(series_uid, last_received)
+            return
+        self.scheduler.add_job(self._close_quietly, "date", run_date=datetime.now() + timedelta(seconds=grace),
+                               args=[series_uid, last_received], id=f"close-{series_uid}", replace_existing=True,
+                               misfire_grace_time=None)  # however late the scheduler gets to it
+
+    def _close_quietly(self, series_uid: str, last_received: float) -> None:
+        try:
+            self._close(series_uid, last_received)
+        except Exception:  # noqa: BLE001 - it closes on its idle timeout instead
+            log.exception("series %s: closing it failed; it closes on its idle timeout", series_uid)
 
     def _close(self, series_uid: str, last_received: float) -> None:
         with self._close_lock:

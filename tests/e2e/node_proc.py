@@ -105,7 +105,8 @@ class NodeProcess:
         sections: dict[str, Any] = {
             "node": {
                 "ae_title": ae_title, "host": LOCALHOST, "port": self.port, "data_dir": str(self.data_dir),
-                "idle_timeout_s": 3.0, "sweep_interval_s": 0.5, "log_level": "INFO", **(node or {}),
+                "idle_timeout_s": 3.0, "sweep_interval_s": 0.5, "release_grace_s": 0.5, "log_level": "INFO",
+                **(node or {}),
             },
             # the segmenter takes 20-60 s a real head: off (each model's own labels) unless a test turns it on
             "inference": {"models_dir": str(models_dir), "threads": 2, "segmenter": "", **(inference or {})},

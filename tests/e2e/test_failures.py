@@ -23,7 +23,7 @@ from tests.dicom_factory import make_mr_series, make_study
 from tests.test_jobs import AGREEMENT_RULES, MODEL, SHAPE, SPACING, UID_ROOT, _real_and_thick
 from tests.test_notify import Hook
 
-from .node_proc import REPO, NodeProcess
+from .node_proc import REPO, NodeProcess, synthesis_rule
 from .peers import assert_valid_dicom, failed_stores, storescu
 
 RULE = {"name": "t1-2d", "series_description": "t1", "model": MODEL, "output_name": "sT12DT1", "volumetry": False}
@@ -160,3 +160,24 @@ def test_an_agreement_failure_still_delivers_the_core_outputs(tmp_path: Path, st
     got = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received}
     assert {i.sop_instance_uid for i in outbox} <= got
     assert {kinds[uid] for uid in got if uid in kinds} == {"sT1", "SEG", "SR", "SUMMARY"}
+
+
+@pytest.mark.parametrize("grace_s", [2.0, 0.0])
+def test_a_series_split_over_two_associations_is_processed_once(tmp_path: Path, store_scp: Any, models_dir: Path,
+                                                                grace_s: float) -> None:
+    """A sender that splits a series over two associations (no ImagesInAcquisition): the first, contiguous part
+    looks whole at its release. With ``[node] release_grace_s`` the close waits, the second part arrives, and the
+    series is processed once; without it (0) the first part is processed alone and the second makes version 2."""
+    files = make_mr_series(tmp_path / "series", shape=SHAPE, spacing=SPACING, series_description="t1")
+    destination = {"name": "scp", "ae_title": store_scp.aet, "host": "127.0.0.1", "port": store_scp.port}
+    with NodeProcess(tmp_path / "node", models_dir=models_dir, destinations=[destination],
+                     rules=[synthesis_rule("t1", "t1", "scp")], node={"release_grace_s": grace_s}) as node:
+        for part in (files[:3], files[3:]):
+            _send(node, part)  # two associations, one after the other
+        jobs = node.wait_for(lambda j: (js := j.jobs()) and all(x.state == "sent" for x in js) and js,
+                             what="the jobs sent", timeout=60)
+        if grace_s:
+            (job,) = jobs
+            assert job.version == 1
+        else:
+            assert sorted(j.version for j in jobs) == [1, 2]
