@@ -11,23 +11,16 @@ the claim; the items of a dispatcher that died are taken over once its lease (``
 from __future__ import annotations
 
 import logging
-import os
-import socket
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import systemd
 from .audit import AuditTrail
 from .config import NodeConfig
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, dispatcher_id
 from .journal import open_journal
 
 log = logging.getLogger(__name__)
-
-
-def dispatcher_id() -> str:
-    """This process's id in the outbox claims: host and process id (unique among the live processes)."""
-    return f"dispatcher@{socket.gethostname()}:{os.getpid()}"
 
 
 class DeliveryProcess:

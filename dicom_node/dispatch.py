@@ -241,6 +241,11 @@ def _why_not(assoc: Association, connected: bool | str) -> str:
     return "connection failed"
 
 
+def dispatcher_id() -> str:
+    """A dispatcher's id in the outbox claims: host and process id (unique among the live processes)."""
+    return f"dispatcher@{socket.gethostname()}:{os.getpid()}"
+
+
 class Dispatcher:
     """Sends due outbox items; safe to call from the scheduler and from job completion."""
 
@@ -251,7 +256,7 @@ class Dispatcher:
         self.audit = audit or AuditTrail(None, config.node.ae_title)
         self.policy = RetryPolicy.from_settings(config.dispatch)
         #: the id this dispatcher's outbox claims are made under (unique among live processes)
-        self.worker = worker or f"dispatch@{socket.gethostname()}:{os.getpid()}"
+        self.worker = worker or dispatcher_id()
         self._lock = threading.Lock()
         self._gone: list[OutboxItem] = []  # failed for good in this round, reported at its end
         self._gone_lock = threading.Lock()

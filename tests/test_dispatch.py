@@ -528,3 +528,23 @@ def test_dispatchers_sharing_an_outbox_send_each_object_once(tmp_path: Path, fil
         server.stop()
         for j in journals:
             j.close()
+
+
+def test_the_dispatcher_role_delivers_the_outbox_under_its_own_id(tmp_path: Path, files: list[Path],
+                                                                  pacs: DestinationSCP) -> None:
+    """``serve --role dispatcher`` (dicom_node.delivery): a scan claims and sends what is due, nothing else."""
+    from dicom_node.delivery import DeliveryProcess
+
+    config = make_config(tmp_path, [dest_for(pacs)])
+    journal = Journal(tmp_path / "journal.sqlite3", fsync=False)
+    job = queue_job(journal, files, ["PACS"])
+    journal.close()
+    process = DeliveryProcess(config)
+    try:
+        assert process.id.startswith("dispatcher@") and process.dispatcher.worker == process.id
+        before = len(pacs.received)
+        process.scan()
+        assert len(pacs.received) - before == len(files)
+        assert process.journal.job(job).state == "sent"
+    finally:
+        process.stop()
