@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pynetdicom.dsutils import decode
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from .dimse import store_responder
 from .reactor import waking
 from .tls import handshake
 
@@ -333,6 +334,7 @@ class GuardedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         GuardedSocket.attach(assoc.dul.socket, self.server.dn_limits, self.server.dn_budget)  # type: ignore[attr-defined]
         waking(assoc)
+        store_responder(assoc)
         return assoc
 
 

@@ -191,11 +191,15 @@ class ReceivedInstance:
     series: SeriesAttributes
 
 
-def describe(ds: Dataset) -> ReceivedInstance:
-    """Parse what the node keeps of a received data set's header (never its pixels)."""
+def describe(ds: Dataset, series: SeriesAttributes | None = None) -> ReceivedInstance:
+    """Parse what the node keeps of a received data set's header (never its pixels).
+
+    ``series``: the attributes already read from another instance of the same series (the journal keeps
+    only the first instance's, so reading them again from each instance is wasted work).
+    """
     return ReceivedInstance(
         sop_instance_uid=text(ds.get("SOPInstanceUID")), sop_class_uid=text(ds.get("SOPClassUID")),
         study_uid=text(ds.get("StudyInstanceUID")), series_uid=text(ds.get("SeriesInstanceUID")),
         patient_id=text(ds.get("PatientID")), header=InstanceHeader.from_dataset(ds),
-        series=SeriesAttributes.from_dataset(ds),
+        series=SeriesAttributes.from_dataset(ds) if series is None else series,
     )

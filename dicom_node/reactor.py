@@ -55,6 +55,8 @@ class WakingDUL(DULServiceProvider):
 
     _wake_r: socket.socket
     _wake_w: socket.socket
+    _poller: Any = None  # select.poll of the connection and the wake-up socket
+    _polled: Any = None  # the connection it polls
 
     def run_reactor(self) -> None:
         try:
@@ -99,12 +101,16 @@ class WakingDUL(DULServiceProvider):
         if pending is not None and pending():  # TLS: decrypted bytes already buffered
             return
         try:
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            poller.register(self._wake_r, select.POLLIN)
-            poller.poll(WAIT_S * 1000)
-            while self._wake_r.recv(4096):
-                pass
+            poller = self._poller
+            if poller is None or self._polled is not sock:  # one poll object per connection, not per turn
+                poller = self._poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                poller.register(self._wake_r, select.POLLIN)
+                self._polled = sock
+            ready = poller.poll(WAIT_S * 1000)
+            if any(fd == self._wake_r.fileno() for fd, _ in ready):
+                while self._wake_r.recv(4096):
+                    pass
         except (OSError, ValueError):  # closed meanwhile (the loop finds out), or nothing left to drain
             pass
 

@@ -22,6 +22,7 @@ import struct
 import threading
 import weakref
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,9 +62,10 @@ from pynetdicom.sop_class import Verification
 
 from .audit import AssociationLedger, AuditTrail
 from .config import NodeConfig
+from .dimse import quiet_library_handlers
 from .disk import DiskGuard
 from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBudget, inflated_size_exceeds
-from .headers import ReceivedInstance, describe
+from .headers import ReceivedInstance, SeriesAttributes, describe
 from .headers import text as _str
 from .journal import InstanceRecord, Journal
 from .routing import ROUTABLE_SOP_CLASSES
@@ -100,6 +102,8 @@ PIXEL_DATA = Tag(0x7FE0, 0x0010)
 _KNOWN_VRS = frozenset(VR.__members__)
 _BITS_ALLOCATED = frozenset({1, 8, 16, 24, 32, 40, 48, 56, 64})
 UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Series whose attributes (routing's, read from their first instance) the receiver keeps for the next instance.
+SERIES_READ_KEPT = 64
 
 
 class BadInstance(ValueError):
@@ -345,6 +349,8 @@ class StorageSCP:
         self._touched: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self._claimed: set[str] = set()  # SOP Instance UIDs being filed right now
+        #: the series attributes read from the first instance of the latest series (headers.describe)
+        self._series_read: OrderedDict[str, SeriesAttributes] = OrderedDict()
         self._claims = threading.Condition()
         self._server: Any = None
         self._tls_server: Any = None
@@ -389,6 +395,7 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._handle_released),
             (evt.EVT_ABORTED, self._handle_aborted),
         ]
+        quiet_library_handlers()  # before the listeners bind pynetdicom's default handlers
         self._server = self._listen(node.port, handlers)
         log.info("listening as %s on %s:%d", node.ae_title, node.host, self.port)
         tls = self.config.tls
@@ -582,10 +589,19 @@ class StorageSCP:
         if _str(ds.SOPClassUID) != requested_class:
             raise BadInstance(STATUS_DATASET_MISMATCH,
                               f"SOPClassUID {ds.SOPClassUID} differs from the request's {requested_class}")
+        series_uid = _str(ds.SeriesInstanceUID)
+        with self._lock:
+            known_series = self._series_read.get(series_uid)
         try:
-            return describe(ds), digest
+            received = describe(ds, known_series)
         except (TypeError, ValueError, OverflowError, BytesLengthException) as exc:  # InstanceNumber "1e999"
             raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot read the header: {exc}") from None
+        if known_series is None:
+            with self._lock:
+                self._series_read[series_uid] = received.series
+                while len(self._series_read) > SERIES_READ_KEPT:
+                    self._series_read.popitem(last=False)
+        return received, digest
 
     def _file(self, event: evt.Event, view: memoryview, calling: str, sop_uid: str) -> tuple[ReceivedInstance, str]:
         """Spool and journal one received data set (unless it is a re-send of a stored one); (what was

@@ -552,3 +552,29 @@ def test_concurrent_conflicting_sends_store_exactly_one(node: Node, series: list
         assert sorted(statuses) == [0x0000, STATUS_CANNOT_UNDERSTAND]
         record = node.journal.instance(f"1.2.3.99.{round_}")
         assert record is not None and stored_digest(Path(record.path)) == record.sha256  # file == journal
+
+
+def test_series_attributes_are_read_from_one_instance_per_series(node: Node, series: list[Path],
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routing's series attributes are read from a series' first instance only (the journal keeps no other),
+    for the latest SERIES_READ_KEPT series."""
+    import dicom_node.scp as scp_module
+
+    read: list[str] = []
+    original = SeriesAttributes.from_dataset.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[SeriesAttributes], ds: Any) -> SeriesAttributes:
+        read.append(str(ds.SeriesInstanceUID))
+        return original(cls, ds)
+
+    monkeypatch.setattr(SeriesAttributes, "from_dataset", classmethod(counting))
+    monkeypatch.setattr(scp_module, "SERIES_READ_KEPT", 1)
+    other = make_mr_series(tmp_path / "other", shape=(1, 16, 16), spacing=(1.0, 1.0, 4.0))
+    assoc = node.associate()
+    for path in (series[0], series[1], other[0], series[2]):
+        assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+    assoc.release()
+    first, second = str(dcmread(series[0]).SeriesInstanceUID), str(dcmread(other[0]).SeriesInstanceUID)
+    assert read == [first, second, first]  # the other series pushed the first out of the one kept
+    assert node.journal.series(first).attributes.sop_instance_uid == str(dcmread(series[0]).SOPInstanceUID)
