@@ -232,8 +232,9 @@ class Destination(_Strict):
     #: Calling AE title used towards this destination (default: the node's).
     calling_ae_title: str | None = None
     #: Associations the node opens to this destination at the same time (the outbox is shared out
-    #: between them); many PACS limit associations per calling AE, so the default is one.
-    max_associations: int = Field(default=1, ge=1, le=16)
+    #: between them). Two file results in about 60 % of the time of one (bench P2, Orthanc); a destination that
+    #: refuses the second gets everything over the first, and none is tried again for 10 minutes.
+    max_associations: int = Field(default=2, ge=1, le=16)
     #: Connect with DICOM TLS (TLS 1.2 or newer, ``[tls] min_version``); the destination's certificate is
     #: verified against ``tls_ca_file`` (else the system's CAs) and its name against ``tls_server_name``.
     tls: bool = False

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,8 @@ _SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007}
 FALLBACK_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 #: A-ASSOCIATE-RQ presentation context IDs are odd numbers 1..255 (PS3.8 9.3.2.2).
 MAX_PRESENTATION_CONTEXTS = 128
+#: After a destination refused a further association, seconds it is sent to over one.
+SPARE_RETRY_S = 600.0
 
 
 def proposed_contexts(stored: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
@@ -261,6 +264,7 @@ class Dispatcher:
         self._gone: list[OutboxItem] = []  # failed for good in this round, reported at its end
         self._gone_lock = threading.Lock()
         self._claim: OutboxClaim | None = None  # the claim being sent (one at a time: ``_lock``)
+        self._spare_refused: dict[str, float] = {}  # destination -> when it last refused a further association
 
     def send_due(self) -> int:
         """Claim the due items, one destination's batch at a time, and send them; returns how many were
@@ -385,13 +389,29 @@ class Dispatcher:
         readable = [i for i in items if i.id in metas]
         if not readable:
             return 0
-        # up to [[destinations]] max_associations associations at once, each sending its share
-        n = min(dest.max_associations, len(readable))
+        # up to [[destinations]] max_associations associations at once, each sending its share; a destination
+        # that refuses a further association gets fewer (and no further one for SPARE_RETRY_S)
+        first = self._open(name, dest, readable, metas)
+        if first is None:
+            return 0
+        assocs = [first]
+        try:
+            while len(assocs) < min(self._associations_for(name, dest), len(readable)):
+                spare = self._open(name, dest, readable, metas, spare=True)
+                if spare is None:
+                    break
+                assocs.append(spare)
+        except BaseException:
+            for assoc in assocs:
+                assoc.release()
+            raise
+        n = len(assocs)
         shares = [readable[k::n] for k in range(n)]
         if n == 1:
-            return self._send_share(name, dest, shares[0], metas)
+            return self._send_share(name, dest, first, shares[0], metas)
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"outbox-{name}") as pool:
-            futures = [pool.submit(self._send_share, name, dest, share, metas) for share in shares]
+            futures = [pool.submit(self._send_share, name, dest, assoc, share, metas)
+                       for assoc, share in zip(assocs, shares, strict=True)]
         sent, lost = 0, None
         for future in futures:  # every share's count, whether or not another lost the claim
             try:
@@ -448,11 +468,16 @@ class Dispatcher:
         self._audit(dest, items, sent, last_error)
         return sent
 
-    def _send_share(self, name: str, dest: Destination, items: list[OutboxItem], metas: dict[int, Dataset]) -> int:
-        """Send ``items`` to ``dest`` over one association; the number acknowledged."""
-        assoc = self._open(name, dest, items, metas)
-        if assoc is None:
-            return 0
+    def _associations_for(self, name: str, dest: Destination) -> int:
+        """``max_associations``, or 1 while the destination recently refused a further association."""
+        refused = self._spare_refused.get(name)
+        if refused is not None and time.monotonic() - refused < SPARE_RETRY_S:
+            return 1
+        return dest.max_associations
+
+    def _send_share(self, name: str, dest: Destination, assoc: Association, items: list[OutboxItem],
+                    metas: dict[int, Dataset]) -> int:
+        """Send ``items`` to ``dest`` over ``assoc`` (released at the end); the number acknowledged."""
         sent: list[int] = []
         last_error: str | None = None
         try:
@@ -467,8 +492,12 @@ class Dispatcher:
         return len(sent)
 
     def _open(self, name: str, dest: Destination, items: list[OutboxItem],
-              metas: dict[int, Dataset]) -> Association | None:
-        """An association to ``dest`` proposing every context ``items`` need; None (items failed a try) if none."""
+              metas: dict[int, Dataset], *, spare: bool = False) -> Association | None:
+        """An association to ``dest`` proposing every context ``items`` need; None (items failed a try) if none.
+
+        ``spare``: a further association to a destination already associated: if it is refused, nothing failed
+        (the items go over the others) and none is tried for SPARE_RETRY_S.
+        """
         ae = _make_ae(self.config, dest)
         stored = [(str(metas[i.id].MediaStorageSOPClassUID), str(metas[i.id].TransferSyntaxUID)) for i in items]
         for sop_class, syntaxes in proposed_contexts(stored):
@@ -479,6 +508,12 @@ class Dispatcher:
             log.error("outbox: %s: %s; %d item(s) will be retried", name, exc, len(items))
             self._fail(items, str(exc))
             self._audit(dest, items, 0, str(exc))
+            return None
+        if not assoc.is_established and spare:
+            self._spare_refused[name] = time.monotonic()
+            log.info("outbox: %s (%s@%s:%d) refused a further association (%s): sending over fewer; "
+                     "none tried again for %.0f s ([[destinations]] max_associations = 1 stops trying)",
+                     name, dest.ae_title, dest.host, dest.port, _why_not(assoc, connected), SPARE_RETRY_S)
             return None
         if not assoc.is_established:
             why = _why_not(assoc, connected)

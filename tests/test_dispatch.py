@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -41,7 +42,8 @@ class DestinationSCP:
     takes; ``peak`` counts the associations it served at the same time."""
 
     def __init__(self, ae_title: str = "PACS", status: int = 0x0000,
-                 syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian,), delay_s: float = 0.0) -> None:
+                 syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian,), delay_s: float = 0.0,
+                 max_associations: int = 16) -> None:
         self.ae_title = ae_title
         self.port = free_port()
         self.status = status
@@ -50,18 +52,22 @@ class DestinationSCP:
         self.received_syntaxes: list[str] = []
         self.calling: list[str] = []
         self.implementations: list[tuple[str, str]] = []
-        self.open = self.peak = 0
+        self.open = self.peak = self.requested = 0
         self._lock = threading.Lock()
         ae = AE(ae_title=ae_title)
         ae.require_called_aet = True
-        ae.maximum_associations = 16
+        ae.maximum_associations = max_associations
         ae.add_supported_context(Verification)
         ae.add_supported_context(MRImageStorage, list(syntaxes))
         self._ae = ae
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
             (evt.EVT_C_STORE, self._store), (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_ESTABLISHED, self._established), (evt.EVT_RELEASED, self._closed),
-            (evt.EVT_ABORTED, self._closed)])
+            (evt.EVT_ABORTED, self._closed), (evt.EVT_REQUESTED, self._requested)])
+
+    def _requested(self, event: evt.Event) -> None:
+        with self._lock:
+            self.requested += 1
 
     def _established(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
@@ -454,6 +460,29 @@ def test_associations_per_destination_are_capped(tmp_path: Path, files: list[Pat
             server.stop()
         assert server.peak == cap, (cap, server.peak)
         assert len(server.implementations) == cap  # one association per share
+
+
+def test_a_destination_refusing_a_further_association_gets_everything_over_one(
+        tmp_path: Path, journal: Journal, files: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing fails when a PACS takes one association per calling AE and the node may open more: the refused
+    spare's share goes over the first, and no spare is tried again for SPARE_RETRY_S."""
+    many = make_mr_series(tmp_path / "many", shape=(6, 8, 8), spacing=(1.0, 1.0, 2.0))
+    server = DestinationSCP(ae_title="ONEONLY", max_associations=1)
+    try:
+        config = make_config(tmp_path, [dest_for(server, name="ONEONLY", max_associations=3)])
+        dispatcher = Dispatcher(config, journal)
+        job = queue_job(journal, many, ["ONEONLY"])
+        with caplog.at_level(logging.INFO, logger="dicom_node.dispatch"):
+            assert dispatcher.send_due() == 6
+        assert {(i.state, i.tries, i.last_error) for i in journal.outbox(job)} == {("sent", 0, "")}
+        assert server.requested == 2 and server.peak == 1  # the first, and one refused spare
+        assert "refused a further association" in caplog.text
+        again = queue_job(journal, files, ["ONEONLY"])
+        assert dispatcher.send_due() == len(files)
+        assert {i.state for i in journal.outbox(again)} == {"sent"}
+        assert server.requested == 3  # one association: no spare tried meanwhile
+    finally:
+        server.stop()
 
 
 def test_the_scu_announces_the_nodes_implementation(tmp_path: Path, journal: Journal, files: list[Path],
