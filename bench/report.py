@@ -17,6 +17,9 @@ TURNAROUND_GOAL_S = 30.0
 #: P2 stage targets (issue 15): loading the series, writing the volumetry objects, sending ~200 objects.
 STAGE_TARGETS_S = {"load": 0.5, "write.volumetry": 1.5, AFTER_JOB: 2.0}
 MEMORY_GOAL_KB = 3e9 / 1024  # 3 GB = 3·10⁹ bytes (2.79 GiB), the stricter reading
+#: P2 time outside model.inference when issue 15 was filed (docs/benchmarks.md of 2026-12-01: 27.6 s total,
+#: 7.7 s inference); the issue asks for half of it.
+NON_INFERENCE_BASELINE_S = 27.6 - 7.7
 
 
 def spread(values: Sequence[float], fmt: str = "{:.1f}") -> str:
@@ -83,6 +86,11 @@ def render(*, machine: dict[str, str], load: list[str], command: str, quick: boo
                 f"queue+send / storescu reference: {statistics.median(sends) / statistics.median(floors):.2f}", "",
                 f"Goal ≤ {TURNAROUND_GOAL_S:.0f} s on 2 cores: "
                 f"{_verdict(med <= TURNAROUND_GOAL_S, f'{med:.1f} s')}.", ""]
+        outside = [t.seconds - t.stages.get("model.inference", 0.0) for t in turnaround]
+        half = NON_INFERENCE_BASELINE_S / 2
+        out += [f"Goal: time outside `model.inference` at most half of the {NON_INFERENCE_BASELINE_S:.1f} s measured "
+                f"when issue 15 was filed (≤ {half:.1f} s): "
+                f"{_verdict(statistics.median(outside) <= half, spread(outside, '{:.1f}') + ' s')}.", ""]
 
     if memory is not None:
         out += ["## P3 memory", "",
@@ -151,9 +159,10 @@ def _ingest_section(single: IngestResult, concurrent: IngestResult | None) -> li
         ratio = statistics.median(result.rates("node")) / statistics.median(result.rates("orthanc"))
         synced = statistics.median(result.rates("node")) / statistics.median(result.rates("orthanc-sync"))
         scp = statistics.median(result.rates("node")) / statistics.median(result.rates("storescp"))
-        out.append(f"Goal node / Orthanc ≥ {INGEST_GOAL} ({label}): {_verdict(ratio >= INGEST_GOAL, f'{ratio:.2f}×')}; "
-                   f"against Orthanc with SyncStorageArea {synced:.2f}×; moonshot ≥ {INGEST_MOONSHOT} × storescp: "
-                   f"{_verdict(scp >= INGEST_MOONSHOT, f'{scp:.2f}×')}.")
+        out.append(f"Goal node / Orthanc ≥ {INGEST_GOAL} ({label}), both durable (Orthanc as it ships, "
+                   f"SyncStorageArea): {_verdict(synced >= INGEST_GOAL, f'{synced:.2f}×')}; against Orthanc not "
+                   f"syncing its files: {_verdict(ratio >= INGEST_GOAL, f'{ratio:.2f}×')}; moonshot ≥ "
+                   f"{INGEST_MOONSHOT} × storescp: {_verdict(scp >= INGEST_MOONSHOT, f'{scp:.2f}×')}.")
         out.append("")
     return out
 

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--p5-studies", type=int, default=None,
                         help="studies in the P5 stream (default 20, quick 2; about 1.5 min each on 2 cores)")
     parser.add_argument("--p2-runs", type=int, default=None, help="P2 runs (default 3, quick 1)")
-    parser.add_argument("--p2-associations", type=int, default=1,
-                        help="[[destinations]] max_associations of the P2 node towards Orthanc (default 1, as shipped)")
+    parser.add_argument("--p2-associations", type=int, default=2,
+                        help="[[destinations]] max_associations of the P2 node towards Orthanc (default 2, as shipped)")
     parser.add_argument("--p5-workers", default="1,2", help="[inference] workers settings P5 compares")
     parser.add_argument("--p5-processes", default="1,2",
                         help="worker-process counts P5 compares (a receiver and N `serve --role worker`); '' for none")

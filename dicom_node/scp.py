@@ -192,7 +192,7 @@ def _check_elements(ds: Dataset) -> None:
     """pydicom reads a truncated encoding without complaint: the last element just gets fewer bytes than its
     header declares. Compare every top-level element's length with its declared length and check its VR,
     without converting any value (what the node uses is converted later, by headers.describe)."""
-    for elem in ds.elements():
+    for elem in ds.values():  # as read: raw, unconverted (and in no particular order: none is needed here)
         if type(elem) is RawDataElement:
             declared, value, vr = elem.length, elem.value, elem.VR
             if declared != UNDEFINED_LENGTH and isinstance(value, bytes) and len(value) != declared:
