@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import DEFAULT_SEGMENTER
+from dicom_node.config import DEFAULT_SEGMENTER, NodeSettings
 from tests.e2e.node_proc import REPO, NodeProcess
 
 __all__ = ["REPO", "BenchNode"]
@@ -23,7 +23,9 @@ class BenchNode(NodeProcess):
         super().__init__(
             workdir, models_dir=models_dir, rules=rules, destinations=destinations, ae_title=ae_title, role=role,
             port=port, data_dir=data_dir,
-            node={"fsync": True, "idle_timeout_s": 30.0, "sweep_interval_s": 1.0, **(node or {})},
+            # the release grace as shipped (the end-to-end harness shortens it)
+            node={"fsync": True, "idle_timeout_s": 30.0, "sweep_interval_s": 1.0,
+                  "release_grace_s": NodeSettings.model_fields["release_grace_s"].default, **(node or {})},
             # the node's own defaults, as in production (the e2e harness turns the segmenter off for time)
             inference={"threads": None, "segmenter": DEFAULT_SEGMENTER, **(inference or {})},
         )
