@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
@@ -304,18 +305,21 @@ class JobRunner:
         self._stage(ctx, "measure")
         measured = measure_step(ctx, self.config, self.registry, loaded, images, timings, self.norms)
         self._stage(ctx, "write")
-        with _timed(timings, "write"):
-            synthetic = write_t1_step(ctx, images, loaded)
-        run.outputs += [] if synthetic is None else [synthetic]
-        if measured.volumetry is None:
-            return
-        t1 = measured_t1(synthetic, images, loaded)  # what the SEG, SR and summary reference
-        with _timed(timings, "write.volumetry"):
-            seg = write_seg_step(ctx, measured, t1)
-            run.outputs += [] if seg is None else [seg]
-            run.outputs.append(write_sr_step(ctx, measured, t1, seg, loaded))
-            run.outputs.append(write_summary_step(ctx, measured, images, t1))
-        run.kept = keep_volumes_step(ctx, images, measured)
+        # the kept volumes (NIfTI, compressed by SimpleITK without holding the GIL) are written beside the DICOM
+        # objects (pydicom and highdicom, in Python), not after them
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"job-{ctx.job_id}-keep") as keeping:
+            kept = keeping.submit(keep_volumes_step, ctx, images, measured)
+            with _timed(timings, "write"):
+                synthetic = write_t1_step(ctx, images, loaded)
+            run.outputs += [] if synthetic is None else [synthetic]
+            if measured.volumetry is not None:
+                t1 = measured_t1(synthetic, images, loaded)  # what the SEG, SR and summary reference
+                with _timed(timings, "write.volumetry"):
+                    seg = write_seg_step(ctx, measured, t1)
+                    run.outputs += [] if seg is None else [seg]
+                    run.outputs.append(write_sr_step(ctx, measured, t1, seg, loaded))
+                    run.outputs.append(write_summary_step(ctx, measured, images, t1))
+            run.kept = kept.result()
 
     # -- follow-ups ------------------------------------------------------------------------
 

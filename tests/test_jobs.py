@@ -348,6 +348,38 @@ def test_synthesis_with_volumetry_writes_all_objects(tmp_path: Path, models_dir:
         s.journal.close()
 
 
+def test_the_kept_volumes_written_beside_the_dicom_objects_are_recorded_and_their_failure_fails_the_job(
+        tmp_path: Path, models_dir: Path, registry: ModelRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept T1 and labels are written in a thread of their own while the DICOM objects are written; they are
+    recorded with the job, and a failure there fails the job with its reason (nothing recorded or queued)."""
+    import dicom_node.jobs as jobs_module
+
+    s = Setup(tmp_path, models_dir, registry, [rule(volumetry=True)], destinations=("PACS",))
+    real_keep = jobs_module.keep_volumes_step
+    threads: list[str] = []
+
+    def keep(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        if len(threads) > 1:
+            raise OSError(28, "No space left on device")
+        return real_keep(*args)
+
+    monkeypatch.setattr(jobs_module, "keep_volumes_step", keep)
+    try:
+        kept_job = s.job_for(make_mr_series(tmp_path / "a", shape=SHAPE, spacing=SPACING))
+        s.runner.run(kept_job)
+        assert s.journal.job(kept_job).state == "written", s.journal.job(kept_job).reason
+        assert {"T1_VOLUME", "LABEL_VOLUME"} <= {f.kind for f in s.journal.output_files(kept_job)}
+        failed_job = s.job_for(make_mr_series(tmp_path / "b", shape=SHAPE, spacing=SPACING, series_number=5))
+        s.runner.run(failed_job)
+        failed = s.journal.job(failed_job)
+        assert failed.state == "failed" and "No space left on device" in failed.reason
+        assert {f.kind for f in s.journal.output_files(failed_job)} <= {"NOT_PROCESSED"}
+    finally:
+        s.journal.close()
+    assert all(name.startswith("job-") and name.endswith("-keep_0") for name in threads), threads
+
+
 def test_rule_removed_from_config(setup: Setup, tmp_path: Path) -> None:
     uid = record_series(setup.journal, make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
     job_id = setup.journal.add_job(series_uid=uid, version=1, rule="gone", action="synthesize", model=MODEL)
