@@ -505,6 +505,9 @@ class Dispatcher:
         try:
             assoc, connected = _associate(ae, dest, self.config.tls)
         except TLSSetupError as exc:
+            if spare:  # (the first association had the same TLS set-up, and got through)
+                log.warning("outbox: %s: a further association: %s", name, exc)
+                return None
             log.error("outbox: %s: %s; %d item(s) will be retried", name, exc, len(items))
             self._fail(items, str(exc))
             self._audit(dest, items, 0, str(exc))
