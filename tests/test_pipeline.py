@@ -335,3 +335,5 @@ def test_mirror_average_gives_exactly_mirrored_image_and_labels(tmp_path: Path) 
     labels = sitk.GetArrayFromImage(direct.labels)
     assert len(np.unique(labels)) >= 4
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mirrored.labels), swap_left_right(labels))
+    # the two runs' stages summed, and making them one timed too (the job's breakdown leaves nothing out)
+    assert {"reorient", "inference", "back", "mirror"} <= set(direct.timings)
