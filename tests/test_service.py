@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from pydicom import dcmread
@@ -16,6 +17,9 @@ from tests.dicom_factory import make_mr_series
 from tests.e2e.peers import free_port
 from tests.onnx_fixtures import make_synthesis_model
 from tests.test_jobs import MODEL, SHAPE, SPACING, record_series
+
+if TYPE_CHECKING:
+    from dicom_node.service import Node
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,6 +191,25 @@ output_name = "rT1"
         journal.close()
 
 
+GOOD_GEOMETRY = {"ipp": [0.0, 0.0, 0.0], "iop": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "ps": [1.0, 1.0], "rows": 8, "cols": 8}
+
+
+def _ruleless_node(tmp_path: Path) -> Node:
+    """A node (not started) with no rules and no models, its journal in ``tmp_path``."""
+    from dicom_node.config import load_config
+    from dicom_node.service import Node
+    from tests.e2e.node_proc import config_toml
+
+    (tmp_path / "models").mkdir()
+    config = tmp_path / "node.toml"
+    config.write_text(config_toml({
+        "node": {"ae_title": "NODE", "port": free_port(), "data_dir": str(tmp_path / "data"), "fsync": False},
+        "inference": {"models_dir": str(tmp_path / "models")},
+        "rules": [],
+    }))
+    return Node(load_config(config))
+
+
 def _idle_series(journal: Journal, series_uid: str, geometry: dict) -> None:
     from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 
@@ -202,20 +225,11 @@ def test_one_series_cannot_stop_the_idle_sweep(tmp_path: Path, monkeypatch: pyte
     """Found by fuzzing: an ImagePositionPatient of four values made the sweep raise on that series every
     time, so no later series ever closed on its idle timeout. Every idle series closes, whatever one does."""
     import dicom_node.service as service
-    from dicom_node.config import load_config
-    from tests.e2e.node_proc import config_toml
 
-    (tmp_path / "models").mkdir()
-    config = tmp_path / "node.toml"
-    config.write_text(config_toml({
-        "node": {"ae_title": "NODE", "port": free_port(), "data_dir": str(tmp_path / "data"), "fsync": False},
-        "inference": {"models_dir": str(tmp_path / "models")},
-        "rules": [],
-    }))
-    node = service.Node(load_config(config))
-    good = {"ipp": [0.0, 0.0, 0.0], "iop": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "ps": [1.0, 1.0], "rows": 8, "cols": 8}
-    _idle_series(node.journal, "1.2.1", {**good, "ipp": [0.0, 0.0, 0.0, 1.0]} if poison == "geometry" else good)
-    _idle_series(node.journal, "1.2.2", good)
+    node = _ruleless_node(tmp_path)
+    poisoned = {**GOOD_GEOMETRY, "ipp": [0.0, 0.0, 0.0, 1.0]}  # four values
+    _idle_series(node.journal, "1.2.1", poisoned if poison == "geometry" else GOOD_GEOMETRY)
+    _idle_series(node.journal, "1.2.2", GOOD_GEOMETRY)
     if poison == "any error":
         real = service.completeness
 
@@ -237,21 +251,9 @@ def test_one_series_cannot_stop_the_idle_sweep(tmp_path: Path, monkeypatch: pyte
 def test_a_release_closes_a_series_at_once_only_when_its_images_in_acquisition_all_came(tmp_path: Path) -> None:
     """Found whole at a release: a series holding as many images as its ImagesInAcquisition closes now; one that
     merely looks whole waits for ``[node] release_grace_s`` (a sender may be splitting it over associations)."""
-    import dicom_node.service as service
-    from dicom_node.config import load_config
-    from tests.e2e.node_proc import config_toml
-
-    (tmp_path / "models").mkdir()
-    config = tmp_path / "node.toml"
-    config.write_text(config_toml({
-        "node": {"ae_title": "NODE", "port": free_port(), "data_dir": str(tmp_path / "data"), "fsync": False},
-        "inference": {"models_dir": str(tmp_path / "models")},
-        "rules": [],
-    }))
-    node = service.Node(load_config(config))
-    good = {"ipp": [0.0, 0.0, 0.0], "iop": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "ps": [1.0, 1.0], "rows": 8, "cols": 8}
-    _idle_series(node.journal, "1.2.1", {**good, "images_in_acquisition": 1})
-    _idle_series(node.journal, "1.2.2", good)
+    node = _ruleless_node(tmp_path)
+    _idle_series(node.journal, "1.2.1", {**GOOD_GEOMETRY, "images_in_acquisition": 1})
+    _idle_series(node.journal, "1.2.2", GOOD_GEOMETRY)
     now, later = [], []
     node._close = lambda uid, last: now.append(uid)  # type: ignore[method-assign]
     node._close_after_grace = lambda uid, last: later.append(uid)  # type: ignore[method-assign]
