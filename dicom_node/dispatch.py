@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -50,6 +50,26 @@ FALLBACK_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEn
 MAX_PRESENTATION_CONTEXTS = 128
 #: After a destination refused a further association, seconds it is sent to over one.
 SPARE_RETRY_S = 600.0
+#: Seconds a further association may take to connect and associate (the first waits, associated, meanwhile).
+SPARE_TIMEOUT_S = 5.0
+
+
+class _Work:
+    """One destination's batch, taken item by item by the associations sending it."""
+
+    def __init__(self, items: Iterable[OutboxItem]) -> None:
+        self._items = deque(items)
+        self._lock = threading.Lock()
+
+    def take(self) -> OutboxItem | None:
+        with self._lock:
+            return self._items.popleft() if self._items else None
+
+    def rest(self) -> list[OutboxItem]:
+        """What no association took; the batch is empty afterwards."""
+        with self._lock:
+            rest, self._items = list(self._items), deque()
+        return rest
 
 
 def proposed_contexts(stored: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
@@ -389,38 +409,37 @@ class Dispatcher:
         readable = [i for i in items if i.id in metas]
         if not readable:
             return 0
-        # up to [[destinations]] max_associations associations at once, each sending its share; a destination
-        # that refuses a further association gets fewer (and no further one for SPARE_RETRY_S)
+        # up to [[destinations]] max_associations associations at once, taking the items one by one from a shared
+        # queue: the first sends at once while the others are opened, and a further association that is refused,
+        # or slow to come (a PACS serving one association at a time), costs nothing but itself
         first = self._open(name, dest, readable, metas)
         if first is None:
             return 0
-        assocs = [first]
-        try:
-            while len(assocs) < min(self._associations_for(name, dest), len(readable)):
-                spare = self._open(name, dest, readable, metas, spare=True)
-                if spare is None:
-                    break
-                assocs.append(spare)
-        except BaseException:
-            for assoc in assocs:
-                assoc.release()
-            raise
-        n = len(assocs)
-        shares = [readable[k::n] for k in range(n)]
-        if n == 1:
-            return self._send_share(name, dest, first, shares[0], metas)
-        with ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"outbox-{name}") as pool:
-            futures = [pool.submit(self._send_share, name, dest, assoc, share, metas)
-                       for assoc, share in zip(assocs, shares, strict=True)]
+        work = _Work(readable)
+        wanted = min(self._associations_for(name, dest), len(readable))
+        if wanted == 1:
+            sent_alone = self._send_share(name, dest, first, work, metas)
+            self._fail_left(name, work)
+            return sent_alone
+        futures = []
+        with ThreadPoolExecutor(max_workers=wanted, thread_name_prefix=f"outbox-{name}") as pool:
+            try:
+                futures.append(pool.submit(self._send_share, name, dest, first, work, metas))
+            except BaseException:  # no thread for it: released unused
+                first.release()
+                raise
+            for _ in range(wanted - 1):
+                futures.append(pool.submit(self._send_spare, name, dest, work, readable, metas))
         sent, lost = 0, None
         for future in futures:  # every share's count, whether or not another lost the claim
             try:
                 sent += future.result()
             except ClaimLost as exc:
                 lost = exc
-        if lost is not None:
+        if lost is not None:  # what is left is the new claimant's
             log.info("outbox: %d object(s) delivered to %s before the claim was lost", sent, name)
             raise lost
+        self._fail_left(name, work)
         return sent
 
     def _send_stow(self, dest: Destination, items: list[OutboxItem]) -> int:
@@ -468,6 +487,28 @@ class Dispatcher:
         self._audit(dest, items, sent, last_error)
         return sent
 
+    def _send_spare(self, name: str, dest: Destination, work: _Work, items: list[OutboxItem],
+                    metas: dict[int, Dataset]) -> int:
+        """Open a further association (``_open(spare=True)``) and send what is left of ``work`` over it; 0 when it
+        cannot be had for any reason (the first association sends meanwhile, and nothing fails)."""
+        try:
+            assoc = self._open(name, dest, items, metas, spare=True)
+        except Exception as exc:  # noqa: BLE001 - a spare is an optimisation; the first association carries on
+            self._spare_refused[name] = time.monotonic()
+            log.warning("outbox: %s: a further association failed (%s: %s); sending over fewer, none tried again "
+                        "for %.0f s", name, type(exc).__name__, exc, SPARE_RETRY_S)
+            return 0
+        if assoc is None:
+            return 0
+        return self._send_share(name, dest, assoc, work, metas)
+
+    def _fail_left(self, name: str, work: _Work) -> None:
+        """Items no association took (every one was lost): failed a try."""
+        left = work.rest()
+        if left:
+            log.warning("outbox: %s: association lost; %d item(s) will be retried", name, len(left))
+            self._fail(left, "association lost")
+
     def _associations_for(self, name: str, dest: Destination) -> int:
         """``max_associations``, or 1 while the destination recently refused a further association."""
         refused = self._spare_refused.get(name)
@@ -475,18 +516,21 @@ class Dispatcher:
             return 1
         return dest.max_associations
 
-    def _send_share(self, name: str, dest: Destination, assoc: Association, items: list[OutboxItem],
+    def _send_share(self, name: str, dest: Destination, assoc: Association, work: _Work,
                     metas: dict[int, Dataset]) -> int:
-        """Send ``items`` to ``dest`` over ``assoc`` (released at the end); the number acknowledged."""
+        """Send items taken from ``work`` to ``dest`` over ``assoc`` (released at the end) until none is left or
+        the association is lost; the number acknowledged."""
+        items: list[OutboxItem] = []  # those this association took
         sent: list[int] = []
         last_error: str | None = None
         try:
             with files_sent_as_stored():
-                sent, last_error = self._store_all(name, assoc, items, metas)
+                sent, last_error = self._store_all(name, assoc, work, items, metas)
         finally:
             if assoc.is_established:
                 assoc.release()
-            self._audit(dest, items, len(sent), last_error)
+            if items or last_error:  # (a further association that came when nothing was left took nothing)
+                self._audit(dest, items, len(sent), last_error)
         if sent:
             log.info("outbox: %d object(s) delivered to %s", len(sent), name)
         return len(sent)
@@ -496,18 +540,20 @@ class Dispatcher:
         """An association to ``dest`` proposing every context ``items`` need; None (items failed a try) if none.
 
         ``spare``: a further association to a destination already associated: if it is refused, nothing failed
-        (the items go over the others) and none is tried for SPARE_RETRY_S.
+        (the items go over the others) and none is tried for SPARE_RETRY_S. It gets SPARE_TIMEOUT_S to connect
+        and associate, so that the first association (associated and waiting) is not left idle for long.
         """
         ae = _make_ae(self.config, dest)
+        if spare:
+            ae.connection_timeout = ae.acse_timeout = min(self.config.dispatch.timeout_s, SPARE_TIMEOUT_S)
         stored = [(str(metas[i.id].MediaStorageSOPClassUID), str(metas[i.id].TransferSyntaxUID)) for i in items]
         for sop_class, syntaxes in proposed_contexts(stored):
             ae.add_requested_context(sop_class, syntaxes)
         try:
             assoc, connected = _associate(ae, dest, self.config.tls)
         except TLSSetupError as exc:
-            if spare:  # (the first association had the same TLS set-up, and got through)
-                log.warning("outbox: %s: a further association: %s", name, exc)
-                return None
+            if spare:  # (the first association had the same TLS set-up, and got through): _open_spare reports it
+                raise
             log.error("outbox: %s: %s; %d item(s) will be retried", name, exc, len(items))
             self._fail(items, str(exc))
             self._audit(dest, items, 0, str(exc))
@@ -528,19 +574,23 @@ class Dispatcher:
         waking_dul(assoc.dul)
         return assoc
 
-    def _store_all(self, name: str, assoc: Association, items: list[OutboxItem],
+    def _store_all(self, name: str, assoc: Association, work: _Work, taken: list[OutboxItem],
                    metas: dict[int, Dataset]) -> tuple[list[int], str | None]:
-        """C-STORE ``items`` one after the other; (ids acknowledged, the last error)."""
+        """C-STORE items taken from ``work`` one after the other (each appended to ``taken``) while the association
+        holds; (ids acknowledged, the last error). What is left when it is lost stays in ``work`` for the others."""
         sent: list[int] = []
         last_error: str | None = None
         accepted: dict[str, set[str]] = defaultdict(set)
         for cx in assoc.accepted_contexts:
             accepted[str(cx.abstract_syntax)].add(str(cx.transfer_syntax[0]))
-        for index, item in enumerate(items):
+        while True:
             if not assoc.is_established:
                 last_error = "association lost"
-                self._fail(items[index:], last_error)
                 break
+            item = work.take()
+            if item is None:
+                break
+            taken.append(item)
             error = self._store_one(name, assoc, accepted, item, metas[item.id])
             if error is None:
                 # recorded now, in its own small transaction: a crash of the node later in this association

@@ -335,7 +335,8 @@ def send_c_store(self, *args, **kwargs):
 
 Association.send_c_store = send_c_store
 config = NodeConfig(node=NodeSettings(ae_title="NODE", data_dir=journal_path.parent, fsync=False),
-                    destinations=[Destination(name="PACS", ae_title="PACS", host="127.0.0.1", port=port)])
+                    destinations=[Destination(name="PACS", ae_title="PACS", host="127.0.0.1", port=port,
+                                              max_associations=1)])  # (N counted over one association)
 Dispatcher(config, Journal(journal_path, fsync=False), worker="node").send_due()
 sys.exit(0)
 """
@@ -475,14 +476,32 @@ def test_a_destination_refusing_a_further_association_gets_everything_over_one(
         with caplog.at_level(logging.INFO, logger="dicom_node.dispatch"):
             assert dispatcher.send_due() == 6
         assert {(i.state, i.tries, i.last_error) for i in journal.outbox(job)} == {("sent", 0, "")}
-        assert server.requested == 2 and server.peak == 1  # the first, and one refused spare
+        assert server.requested == 3 and server.peak == 1  # the first, and the two further ones (tried at once)
         assert "refused a further association" in caplog.text
         again = queue_job(journal, files, ["ONEONLY"])
         assert dispatcher.send_due() == len(files)
         assert {i.state for i in journal.outbox(again)} == {"sent"}
-        assert server.requested == 3  # one association: no spare tried meanwhile
+        assert server.requested == 4  # one association: no further one tried meanwhile
     finally:
         server.stop()
+
+
+def test_a_pacs_serving_one_association_at_a_time_gets_everything_over_the_first(
+        tmp_path: Path, journal: Journal) -> None:
+    """dcmtk's storescp (no --fork) takes a further connection but associates it only after the first association
+    ends: the first sends everything meanwhile, the further one finds nothing left, and nothing fails."""
+    from tests.e2e.peers import StoreSCP
+
+    many = make_mr_series(tmp_path / "many", shape=(6, 8, 8), spacing=(1.0, 1.0, 2.0))
+    with StoreSCP(tmp_path / "storescp") as scp:
+        config = make_config(tmp_path, [Destination(name="ONEATATIME", ae_title=scp.aet, host="127.0.0.1",
+                                                    port=scp.port, max_associations=2)])
+        job = queue_job(journal, many, ["ONEATATIME"])
+        # (the dispatch timeout here, 5 s, is the further association's too: had the first waited for it idle, as
+        # a first version did, its own network timeout would have aborted it, and its items failed a try)
+        assert Dispatcher(config, journal).send_due() == 6
+        assert len(scp.wait_for_files(6, timeout=10)) == 6
+    assert {(i.state, i.tries) for i in journal.outbox(job)} == {("sent", 0)}
 
 
 def test_the_scu_announces_the_nodes_implementation(tmp_path: Path, journal: Journal, files: list[Path],
