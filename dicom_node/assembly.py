@@ -21,9 +21,6 @@ from .journal import InstanceRecord
 class Completeness:
     whole: bool
     reason: str
-    #: whole beyond doubt: as many images as the sender's ImagesInAcquisition says (so no later part can follow,
-    #: and an association's release closes the series without ``[node] release_grace_s``)
-    certain: bool = False
 
 
 def completeness(instances: Sequence[InstanceRecord]) -> Completeness:
@@ -44,7 +41,4 @@ def completeness(instances: Sequence[InstanceRecord]) -> Completeness:
     geometry = series_geometry([i.header.as_dataset() for i in instances])
     if geometry.problems:
         return Completeness(False, "; ".join(geometry.problems))
-    if expected and len(instances) == expected:
-        return Completeness(True, f"{len(instances)} of {expected} images (ImagesInAcquisition), evenly spaced, "
-                                  "no gap", certain=True)
     return Completeness(True, f"{len(instances)} slices, evenly spaced, no gap")

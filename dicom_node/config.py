@@ -68,8 +68,7 @@ class NodeSettings(_Strict):
     sweep_interval_s: float = Field(default=5.0, gt=0)
     #: A series found whole when an association ends is closed this long after, unless an instance arrived
     #: meanwhile: a sender that splits a series over several associations (a contiguous part looks whole) gets
-    #: one series version, not one per part. 0: closed at once. A series holding as many images as its
-    #: ImagesInAcquisition says is closed at once (nothing more can follow).
+    #: one series version, not one per part. 0: closed at once.
     release_grace_s: float = Field(default=2.0, ge=0)
     #: Fsync each received file and the journal before acknowledging (keep on in production).
     fsync: bool = True

@@ -364,10 +364,7 @@ class Node:
                 verdict = completeness(self.journal.instances(uid))
                 if verdict.whole:
                     log.info("series %r (%s) is whole: %s", series.description, uid, verdict.reason)
-                    if verdict.certain:  # nothing more can follow
-                        self._close(uid, series.last_received)
-                    else:
-                        self._close_after_grace(uid, series.last_received)
+                    self._close_after_grace(uid, series.last_received)
                 else:
                     log.info("series %r (%s) not whole yet (%s): waiting up to %.0f s",
                              series.description, uid, verdict.reason, self.config.node.idle_timeout_s)

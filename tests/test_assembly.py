@@ -126,16 +126,3 @@ def test_mixed_matrix_size() -> None:
 @pytest.mark.parametrize("n", [1, 2])
 def test_short_stacks_are_whole(n: int) -> None:
     assert completeness([rec(k) for k in range(n)]).whole
-
-
-def test_only_a_count_matching_images_in_acquisition_is_certain(tmp_path: Path) -> None:
-    """Whole beyond doubt (no release grace) only when the sender said how many images there are and all came."""
-    stated = make_mr_series(tmp_path / "stated", shape=SHAPE, spacing=(1.0, 1.0, 4.0),
-                            header={"ImagesInAcquisition": 8})
-    verdict = completeness(records(stated))
-    assert verdict.whole and verdict.certain and "8 of 8 images" in verdict.reason
-    unstated = completeness(records(make_mr_series(tmp_path / "unstated", shape=SHAPE, spacing=(1.0, 1.0, 4.0))))
-    assert unstated.whole and not unstated.certain
-    gap = make_mr_series(tmp_path / "gap", shape=SHAPE, spacing=(1.0, 1.0, 4.0), omit_slices=[3],
-                         header={"ImagesInAcquisition": 7})  # the count matches, the geometry does not
-    assert not completeness(records(gap)).whole

@@ -248,22 +248,6 @@ def test_one_series_cannot_stop_the_idle_sweep(tmp_path: Path, monkeypatch: pyte
     assert states == {"1.2.1": "ignored", "1.2.2": "ignored"}, states
 
 
-def test_a_release_closes_a_series_at_once_only_when_its_images_in_acquisition_all_came(tmp_path: Path) -> None:
-    """Found whole at a release: a series holding as many images as its ImagesInAcquisition closes now; one that
-    merely looks whole waits for ``[node] release_grace_s`` (a sender may be splitting it over associations)."""
-    node = _ruleless_node(tmp_path)
-    _idle_series(node.journal, "1.2.1", {**GOOD_GEOMETRY, "images_in_acquisition": 1})
-    _idle_series(node.journal, "1.2.2", GOOD_GEOMETRY)
-    now, later = [], []
-    node._close = lambda uid, last: now.append(uid)  # type: ignore[method-assign]
-    node._close_after_grace = lambda uid, last: later.append(uid)  # type: ignore[method-assign]
-    try:
-        node.on_released({"1.2.1", "1.2.2"})
-    finally:
-        node.journal.close()
-    assert (now, later) == (["1.2.1"], ["1.2.2"])
-
-
 def test_reprocess_routes_stored_series_again_as_a_new_version(tmp_path: Path) -> None:
     """A series ignored under the old rules, and one processed under them, are routed again with the current rules
     by Node.reprocess (the dashboard's way) and by the sweep (the CLI's way, the node running); their outputs are
