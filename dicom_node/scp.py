@@ -349,7 +349,7 @@ class StorageSCP:
         self._touched: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self._claimed: set[str] = set()  # SOP Instance UIDs being filed right now
-        #: the series attributes read from the first instance of the latest series (headers.describe)
+        #: the series attributes of the latest series filed, read from their first instance (headers.describe)
         self._series_read: OrderedDict[str, SeriesAttributes] = OrderedDict()
         self._claims = threading.Condition()
         self._server: Any = None
@@ -565,6 +565,7 @@ class StorageSCP:
         except Exception as exc:  # noqa: BLE001 - answer the peer, never crash the association
             log.exception("C-STORE of %s from %s failed unexpectedly", sop_uid, calling)
             return _failure(STATUS_CANNOT_UNDERSTAND, f"unexpected error: {exc}")
+        self._remember_series(received)
         with self._lock:
             self._touched.setdefault(id(event.assoc), set()).add(series_uid)
         self.ledger.stored(id(event.assoc), received.patient_id, received.study_uid, series_uid)
@@ -592,16 +593,20 @@ class StorageSCP:
         series_uid = _str(ds.SeriesInstanceUID)
         with self._lock:
             known_series = self._series_read.get(series_uid)
+            if known_series is not None:
+                self._series_read.move_to_end(series_uid)
         try:
-            received = describe(ds, known_series)
+            return describe(ds, known_series), digest
         except (TypeError, ValueError, OverflowError, BytesLengthException) as exc:  # InstanceNumber "1e999"
             raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot read the header: {exc}") from None
-        if known_series is None:
-            with self._lock:
-                self._series_read[series_uid] = received.series
+
+    def _remember_series(self, received: ReceivedInstance) -> None:
+        """Keep the series attributes of an instance that was filed, for the series' next instances."""
+        with self._lock:
+            if received.series_uid not in self._series_read:
+                self._series_read[received.series_uid] = received.series
                 while len(self._series_read) > SERIES_READ_KEPT:
                     self._series_read.popitem(last=False)
-        return received, digest
 
     def _file(self, event: evt.Event, view: memoryview, calling: str, sop_uid: str) -> tuple[ReceivedInstance, str]:
         """Spool and journal one received data set (unless it is a re-send of a stored one); (what was

@@ -104,3 +104,41 @@ def test_responses_reach_the_sender_and_only_plain_ones_skip_pynetdicom(
     assert refused.Status == 0xC000 and "already stored with other content" in str(refused.ErrorComment)
     plain_by_node = pynetdicom_level > logging.INFO
     assert sent_by_pynetdicom == ([0xC000] if plain_by_node else [0x0000, 0xC000])
+
+
+class _StubAssociation:
+    def __init__(self, dimse_sent_handlers: list[Any], peer_max_pdu: int) -> None:
+        self._handlers = dimse_sent_handlers
+        self.is_requestor = False
+        self.requestor = type("Requestor", (), {"maximum_length": peer_max_pdu})()
+        self.dul = type("DUL", (), {"sent": [], "send_pdu": lambda self, pdata: self.sent.append(pdata)})()
+
+    def get_handlers(self, event: Any) -> list[Any]:
+        return self._handlers
+
+
+@pytest.mark.parametrize(("handlers", "peer_max_pdu", "by_node"), [
+    ([], 0, True),                       # no limit
+    ([], 16384, True),
+    ([], 64, False),                     # the command set does not fit one PDV: pynetdicom fragments it
+    ([(print, None)], 16384, False),     # someone listens to EVT_DIMSE_SENT: pynetdicom's message for them
+])
+def test_store_responder_leaves_to_pynetdicom_what_it_does_not_cover(
+        monkeypatch: pytest.MonkeyPatch, handlers: list[Any], peer_max_pdu: int, by_node: bool) -> None:
+    from dicom_node.dimse import StoreResponder
+
+    to_pynetdicom: list[Any] = []
+    monkeypatch.setattr(DIMSEServiceProvider, "send_msg", lambda self, primitive, cx: to_pynetdicom.append(primitive))
+    responder = StoreResponder.__new__(StoreResponder)
+    responder._assoc = _StubAssociation(handlers, peer_max_pdu)  # (DIMSEServiceProvider keeps it there)
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo, primitive.Status = 3, 0x0000
+    primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID = MRImageStorage, "1.2.3.4"
+    responder.send_msg(primitive, 5)
+    sent = responder.assoc.dul.sent
+    if by_node:
+        assert to_pynetdicom == [] and len(sent) == 1
+        ((context_id, pdv),) = sent[0].presentation_data_value_list
+        assert context_id == 5 and pdv == b"\x03" + encode_store_response(3, MRImageStorage, "1.2.3.4", 0)
+    else:
+        assert to_pynetdicom == [primitive] and sent == []

@@ -578,3 +578,30 @@ def test_series_attributes_are_read_from_one_instance_per_series(node: Node, ser
     first, second = str(dcmread(series[0]).SeriesInstanceUID), str(dcmread(other[0]).SeriesInstanceUID)
     assert read == [first, second, first]  # the other series pushed the first out of the one kept
     assert node.journal.series(first).attributes.sop_instance_uid == str(dcmread(series[0]).SOPInstanceUID)
+
+
+def test_a_refused_instance_lends_its_series_attributes_to_no_one(node: Node, series: list[Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only instances that were filed are remembered: the first instance of a series that is refused (here a
+    SOP Instance UID already stored with other content) does not become the series row's source."""
+    read: list[str] = []
+    original = SeriesAttributes.from_dataset.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[SeriesAttributes], ds: Any) -> SeriesAttributes:
+        read.append(str(ds.SeriesDescription))
+        return original(cls, ds)
+
+    monkeypatch.setattr(SeriesAttributes, "from_dataset", classmethod(counting))
+    stored = dcmread(series[0])
+    refused, kept = dcmread(series[1]), dcmread(series[2])
+    new_series = "1.2.826.0.1.3680043.8.498.424242"
+    refused.SOPInstanceUID, refused.SeriesInstanceUID, refused.SeriesDescription = \
+        stored.SOPInstanceUID, new_series, "refused"
+    kept.SeriesInstanceUID, kept.SeriesDescription = new_series, "kept"
+    assoc = node.associate()
+    statuses = [assoc.send_c_store(ds).Status for ds in (stored, refused, kept)]
+    assoc.release()
+    assert statuses == [0x0000, STATUS_CANNOT_UNDERSTAND, 0x0000]
+    assert read == ["t1_fl2d_sag", "refused", "kept"]
+    record = node.journal.series(new_series)
+    assert record.description == "kept" and record.attributes.sop_instance_uid == str(kept.SOPInstanceUID)
