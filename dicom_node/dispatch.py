@@ -409,14 +409,19 @@ class Dispatcher:
         readable = [i for i in items if i.id in metas]
         if not readable:
             return 0
-        # up to [[destinations]] max_associations associations at once, taking the items one by one from a shared
-        # queue: the first sends at once while the others are opened, and a further association that is refused,
-        # or slow to come (a PACS serving one association at a time), costs nothing but itself
         first = self._open(name, dest, readable, metas)
         if first is None:
             return 0
-        work = _Work(readable)
-        wanted = min(self._associations_for(name, dest), len(readable))
+        return self._send_over(name, dest, first, readable, metas)
+
+    def _send_over(self, name: str, dest: Destination, first: Association, items: list[OutboxItem],
+                   metas: dict[int, Dataset]) -> int:
+        """Send ``items`` over ``first`` and up to ``max_associations`` - 1 further associations at once, each
+        taking the items one by one from a shared queue: the first sends at once while the others are opened, so
+        a further one that is refused, or slow to come (a PACS serving one association at a time), costs nothing
+        but itself. The number acknowledged."""
+        work = _Work(items)
+        wanted = min(self._associations_for(name, dest), len(items))
         if wanted == 1:
             sent_alone = self._send_share(name, dest, first, work, metas)
             self._fail_left(name, work)
@@ -429,7 +434,7 @@ class Dispatcher:
                 first.release()
                 raise
             for _ in range(wanted - 1):
-                futures.append(pool.submit(self._send_spare, name, dest, work, readable, metas))
+                futures.append(pool.submit(self._send_spare, name, dest, work, items, metas))
         sent, lost = 0, None
         for future in futures:  # every share's count, whether or not another lost the claim
             try:

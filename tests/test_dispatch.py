@@ -468,7 +468,7 @@ def test_a_destination_refusing_a_further_association_gets_everything_over_one(
     """Nothing fails when a PACS takes one association per calling AE and the node may open more: the refused
     spare's share goes over the first, and no spare is tried again for SPARE_RETRY_S."""
     many = make_mr_series(tmp_path / "many", shape=(6, 8, 8), spacing=(1.0, 1.0, 2.0))
-    server = DestinationSCP(ae_title="ONEONLY", max_associations=1)
+    server = DestinationSCP(ae_title="ONEONLY", max_associations=1, delay_s=0.1)  # busy while the others ask
     try:
         config = make_config(tmp_path, [dest_for(server, name="ONEONLY", max_associations=3)])
         dispatcher = Dispatcher(config, journal)
@@ -478,6 +478,9 @@ def test_a_destination_refusing_a_further_association_gets_everything_over_one(
         assert {(i.state, i.tries, i.last_error) for i in journal.outbox(job)} == {("sent", 0, "")}
         assert server.requested == 3 and server.peak == 1  # the first, and the two further ones (tried at once)
         assert "refused a further association" in caplog.text
+        deadline = time.monotonic() + 10  # the PACS counts an association until its thread has ended
+        while server._server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
         again = queue_job(journal, files, ["ONEONLY"])
         assert dispatcher.send_due() == len(files)
         assert {i.state for i in journal.outbox(again)} == {"sent"}
