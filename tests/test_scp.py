@@ -554,21 +554,27 @@ def test_concurrent_conflicting_sends_store_exactly_one(node: Node, series: list
         assert record is not None and stored_digest(Path(record.path)) == record.sha256  # file == journal
 
 
+@pytest.fixture
+def series_reads(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The data sets SeriesAttributes.from_dataset reads from, in order."""
+    read: list[Any] = []
+    original = SeriesAttributes.from_dataset.__func__  # type: ignore[attr-defined]
+
+    def recording(cls: type[SeriesAttributes], ds: Any) -> SeriesAttributes:
+        read.append(ds)
+        return original(cls, ds)
+
+    monkeypatch.setattr(SeriesAttributes, "from_dataset", classmethod(recording))
+    return read
+
+
 def test_series_attributes_are_read_from_one_instance_per_series(node: Node, series: list[Path],
-                                                                 tmp_path: Path,
+                                                                 tmp_path: Path, series_reads: list[Any],
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Routing's series attributes are read from a series' first instance only (the journal keeps no other),
     for the latest SERIES_READ_KEPT series."""
     import dicom_node.scp as scp_module
 
-    read: list[str] = []
-    original = SeriesAttributes.from_dataset.__func__  # type: ignore[attr-defined]
-
-    def counting(cls: type[SeriesAttributes], ds: Any) -> SeriesAttributes:
-        read.append(str(ds.SeriesInstanceUID))
-        return original(cls, ds)
-
-    monkeypatch.setattr(SeriesAttributes, "from_dataset", classmethod(counting))
     monkeypatch.setattr(scp_module, "SERIES_READ_KEPT", 1)
     other = make_mr_series(tmp_path / "other", shape=(1, 16, 16), spacing=(1.0, 1.0, 4.0))
     assoc = node.associate()
@@ -576,22 +582,15 @@ def test_series_attributes_are_read_from_one_instance_per_series(node: Node, ser
         assert assoc.send_c_store(dcmread(path)).Status == 0x0000
     assoc.release()
     first, second = str(dcmread(series[0]).SeriesInstanceUID), str(dcmread(other[0]).SeriesInstanceUID)
+    read = [str(ds.SeriesInstanceUID) for ds in series_reads]
     assert read == [first, second, first]  # the other series pushed the first out of the one kept
     assert node.journal.series(first).attributes.sop_instance_uid == str(dcmread(series[0]).SOPInstanceUID)
 
 
 def test_a_refused_instance_lends_its_series_attributes_to_no_one(node: Node, series: list[Path],
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  series_reads: list[Any]) -> None:
     """Only instances that were filed are remembered: the first instance of a series that is refused (here a
     SOP Instance UID already stored with other content) does not become the series row's source."""
-    read: list[str] = []
-    original = SeriesAttributes.from_dataset.__func__  # type: ignore[attr-defined]
-
-    def counting(cls: type[SeriesAttributes], ds: Any) -> SeriesAttributes:
-        read.append(str(ds.SeriesDescription))
-        return original(cls, ds)
-
-    monkeypatch.setattr(SeriesAttributes, "from_dataset", classmethod(counting))
     stored = dcmread(series[0])
     refused, kept = dcmread(series[1]), dcmread(series[2])
     new_series = "1.2.826.0.1.3680043.8.498.424242"
@@ -602,6 +601,6 @@ def test_a_refused_instance_lends_its_series_attributes_to_no_one(node: Node, se
     statuses = [assoc.send_c_store(ds).Status for ds in (stored, refused, kept)]
     assoc.release()
     assert statuses == [0x0000, STATUS_CANNOT_UNDERSTAND, 0x0000]
-    assert read == ["t1_fl2d_sag", "refused", "kept"]
+    assert [str(ds.SeriesDescription) for ds in series_reads] == ["t1_fl2d_sag", "refused", "kept"]
     record = node.journal.series(new_series)
     assert record.description == "kept" and record.attributes.sop_instance_uid == str(kept.SOPInstanceUID)
