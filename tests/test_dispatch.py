@@ -493,6 +493,9 @@ def test_a_pacs_serving_one_association_at_a_time_gets_everything_over_the_first
         tmp_path: Path, journal: Journal) -> None:
     """dcmtk's storescp (no --fork) takes a further connection but associates it only after the first association
     ends: the first sends everything meanwhile, the further one finds nothing left, and nothing fails."""
+    import json
+
+    from dicom_node.audit import AuditTrail
     from tests.e2e.peers import StoreSCP
 
     many = make_mr_series(tmp_path / "many", shape=(6, 8, 8), spacing=(1.0, 1.0, 2.0))
@@ -502,9 +505,12 @@ def test_a_pacs_serving_one_association_at_a_time_gets_everything_over_the_first
         job = queue_job(journal, many, ["ONEATATIME"])
         # (the dispatch timeout here, 5 s, is the further association's too: had the first waited for it idle, as
         # a first version did, its own network timeout would have aborted it, and its items failed a try)
-        assert Dispatcher(config, journal).send_due() == 6
+        audit = tmp_path / "audit.jsonl"
+        assert Dispatcher(config, journal, AuditTrail(audit, "NODE")).send_due() == 6
         assert len(scp.wait_for_files(6, timeout=10)) == 6
     assert {(i.state, i.tries) for i in journal.outbox(job)} == {("sent", 0)}
+    deliveries = [e for e in map(json.loads, audit.read_text().splitlines()) if e["event"] == "delivery"]
+    assert [(e["sent"], e["failed"]) for e in deliveries] == [(6, 0)]  # all over the first; the other took none
 
 
 def test_the_scu_announces_the_nodes_implementation(tmp_path: Path, journal: Journal, files: list[Path],
