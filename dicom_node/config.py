@@ -70,8 +70,13 @@ class NodeSettings(_Strict):
     #: meanwhile: a sender that splits a series over several associations (a contiguous part looks whole) gets
     #: one series version, not one per part. 0: closed at once.
     release_grace_s: float = Field(default=2.0, ge=0)
-    #: Fsync each received file and the journal before acknowledging (keep on in production).
+    #: Make each received object durable before acknowledging it (keep on in production).
     fsync: bool = True
+    #: With ``fsync``: each received object is made durable by one synchronous append to the receipt log
+    #: (``data_dir/receipts``), written while the object is parsed; its spool file and journal row are synced in
+    #: batches later (dicom_node.receipts). ``false``: the spool file, its directory and the journal row are each
+    #: synced before the response, one after the other (slower; the same guarantee).
+    receipt_log: bool = True
     #: Several ``serve --role receiver`` processes of this data directory listen on the same ports
     #: (``SO_REUSEPORT``: the kernel spreads the associations over them), to use more cores for receiving.
     #: Only receivers share (``all`` keeps the data directory to itself); on other machines they need no port sharing.

@@ -442,6 +442,7 @@ class _PendingInstance:
     """An instance waiting for the next group commit; ``done`` once its transaction has ended."""
 
     fields: dict[str, Any]
+    durable: bool = True
     done: bool = False
     is_new: bool = False
     error: BaseException | None = None
@@ -645,6 +646,13 @@ class Journal:
                        " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (repr(time.time()),))
         return time.perf_counter() - t0
 
+    def sync(self) -> None:
+        """One durable commit (``meta.synced``): every transaction committed before it, durable or not, is on disk
+        when it returns (SQLite's WAL and PostgreSQL's WAL are written in commit order)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES ('synced', ?)"
+                       " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (repr(time.time()),))
+
     @contextmanager
     def _tx(self, *, durable: bool = True) -> Iterator[Connection]:
         """One write transaction (SQLite: ``BEGIN IMMEDIATE``, one writer at a time; PostgreSQL: READ COMMITTED,
@@ -667,8 +675,11 @@ class Journal:
     # -- receiving -------------------------------------------------------------------------
 
     def add_instance(self, instance: ReceivedInstance, *, transfer_syntax: str, path: str, calling_ae: str,
-                     sha256: str = "", now: float | None = None) -> bool:
+                     sha256: str = "", now: float | None = None, durable: bool = True) -> bool:
         """Record a received instance; returns False when the SOP Instance UID was already known.
+
+        ``durable=False``: the commit does not wait for the disk (the SCP's receipt log holds the object, and a
+        later :meth:`sync` makes the row durable; :mod:`dicom_node.receipts`).
 
         A new instance for a series that was already closed re-opens it (a late arrival), so the
         series is assembled and processed again as a new version.
@@ -679,14 +690,15 @@ class Journal:
             series_uid=instance.series_uid, study_uid=instance.study_uid, patient_id=instance.patient_id,
             description=instance.series.series_description, modality=instance.series.modality,
             calling_ae=calling_ae, series_attrs=json.dumps(instance.series.to_json()), sha256=sha256,
-        ))
+        ), durable=durable)
         with self._pending_lock:
             # stamped in queue order, so a batch never moves a series' last_received backwards
             entry.fields["now"] = time.time() if now is None else now
             self._pending.append(entry)
         # Group commit: whoever holds the journal lock next commits every instance queued so far in
-        # one transaction (one WAL fsync). A caller returns only after the transaction holding its
-        # row has committed, so "returned" still means "durable".
+        # one transaction (one WAL fsync, or none when no caller in it asked for durable). A caller returns
+        # only after the transaction holding its row has committed, so "returned" still means "durable" when
+        # it asked for that.
         with self._lock:
             if not entry.done:
                 with self._pending_lock:
@@ -699,7 +711,7 @@ class Journal:
     def _commit_instances(self, batch: list[_PendingInstance]) -> None:
         """Insert a batch in one transaction; if that fails, each alone (one bad row fails only its caller)."""
         try:
-            with self._tx() as db:
+            with self._tx(durable=any(entry.durable for entry in batch)) as db:
                 results = [self._insert_instance(db, entry.fields) for entry in batch]
         except Exception as exc:
             if len(batch) == 1:

@@ -1,8 +1,11 @@
 """The node's DICOM SCP: admission (AE title and host), C-ECHO and C-STORE into the spool.
 
-A C-STORE is answered with Success only after the instance is in the spool (fsync'd) and in the
-journal (committed). The pixel data is never decoded here: the encoded dataset is written as it
-came, and only the header is parsed to file it.
+A C-STORE is answered with Success only after the instance is durable and filed: in the spool and in
+the journal (committed). With the node's receipt log (:mod:`dicom_node.receipts`, what the node runs with
+``[node] fsync``) one ``fdatasync`` of the log makes it durable, taken while the instance is parsed, checked
+and filed (spool file and journal row not synced until the log's segment settles); without it, the spool
+file, its directory and the journal commit are each synced in turn. The pixel data is never decoded here:
+the encoded dataset is written as it came, and only the header is parsed to file it.
 
 One SOP Instance UID is one object: the journal keeps a SHA-256 of each data set as received; the
 same UID again with the same content is an idempotent success, with other content a failure
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import socket
 import struct
 import threading
@@ -24,6 +28,7 @@ import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +73,7 @@ from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBud
 from .headers import ReceivedInstance, SeriesAttributes, describe
 from .headers import text as _str
 from .journal import InstanceRecord, Journal
+from .receipts import Receipt, ReceiptLog, Segment, read_records
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
 from .tls import NodeAssociationServer, SharedPortAssociationServer, common_name, describe_connection, server_context
@@ -336,8 +342,13 @@ class StorageSCP:
         on_released: Callable[[set[str]], None],
         audit: AuditTrail | None = None,
         on_store_status: Callable[[int], None] | None = None,
+        receipts: ReceiptLog | None = None,
     ) -> None:
         self.config = config
+        #: where received objects are made durable before Success (None: each is synced where it is filed)
+        self.receipts = receipts if spool.fsync else None
+        #: write receipts while the received objects are parsed (one at a time per association)
+        self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scp-receipt")
         self.audit = audit or AuditTrail(None, config.node.ae_title)
         self.ledger = AssociationLedger()
         self.spool = spool
@@ -582,21 +593,24 @@ class StorageSCP:
         digest = content_digest(view)
         fp = event.request.DataSet
         fp.seek(0)
+        return self._read(fp, transfer_syntax, sop_uid, _str(event.request.AffectedSOPClassUID)), digest
+
+    def _read(self, fp: BinaryIO, transfer_syntax: UID, sop_uid: str, sop_class: str) -> ReceivedInstance:
+        """Parse, check and describe a data set announced as ``sop_uid`` of ``sop_class``; raises BadInstance."""
         ds = parse_dataset(fp, transfer_syntax)
         if _str(ds.SOPInstanceUID) != sop_uid:
             raise BadInstance(STATUS_DATASET_MISMATCH,
                               f"SOPInstanceUID {ds.SOPInstanceUID} differs from the request's {sop_uid}")
-        requested_class = _str(event.request.AffectedSOPClassUID)
-        if _str(ds.SOPClassUID) != requested_class:
+        if _str(ds.SOPClassUID) != sop_class:
             raise BadInstance(STATUS_DATASET_MISMATCH,
-                              f"SOPClassUID {ds.SOPClassUID} differs from the request's {requested_class}")
+                              f"SOPClassUID {ds.SOPClassUID} differs from the request's {sop_class}")
         series_uid = _str(ds.SeriesInstanceUID)
         with self._lock:
             known_series = self._series_read.get(series_uid)
             if known_series is not None:
                 self._series_read.move_to_end(series_uid)
         try:
-            return describe(ds, known_series), digest
+            return describe(ds, known_series)
         except (TypeError, ValueError, OverflowError, BytesLengthException) as exc:  # InstanceNumber "1e999"
             raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot read the header: {exc}") from None
 
@@ -611,33 +625,117 @@ class StorageSCP:
     def _file(self, event: evt.Event, view: memoryview, calling: str, sop_uid: str) -> tuple[ReceivedInstance, str]:
         """Spool and journal one received data set (unless it is a re-send of a stored one); (what was
         received, the series it is filed under)."""
-        received, digest = self._receive(event, view, sop_uid)
         transfer_syntax = str(event.context.transfer_syntax)
         # the file is the file meta (as pynetdicom's Event.encoded_dataset makes it) and the data set as received
-        parts = (file_meta(received.sop_class_uid, sop_uid, transfer_syntax), view)
-        study_uid, series_uid = received.study_uid, received.series_uid
+        sop_class = _str(event.request.AffectedSOPClassUID)
+        parts = (file_meta(sop_class, sop_uid, transfer_syntax), view)
+        with self._receipt(id(event.assoc), parts, calling, transfer_syntax, sop_class, sop_uid) as receipt:
+            if self.receipts is None:
+                received, digest = self._receive(event, view, sop_uid)
+            else:
+                # The record is written (one O_DSYNC writev) by a helper thread while this one parses: the sync
+                # costs no time of its own unless it outlasts the parse. The record is made here first, so that the
+                # helper needs the interpreter lock only for a moment before its system call (it gets it when the
+                # digest releases it); it needs it again only after this thread waits for it.
+                receipt.prepare()
+                writing = self._writers.submit(receipt.append)
+                try:
+                    received, digest = self._receive(event, view, sop_uid)
+                finally:
+                    writing.result()  # also when the object was refused: the record's buffers are the received ones
+            durable = receipt.segment is None  # the receipt log holds it, or (no log, or its write failed) not
+            study_uid, series_uid = received.study_uid, received.series_uid
+            with self._claim(sop_uid):
+                known = self.journal.instance(sop_uid)
+                if known is not None:
+                    self._check_resend(known, digest, series_uid, calling)
+                    if not self.journal.confirm_instance(sop_uid):
+                        known = None  # a retention sweep purged it since the look-up: stored as new
+                    elif not Path(known.path).exists():  # same content, so the same UIDs and path
+                        log.warning("C-STORE of %s from %s: already journaled but its file %s is missing; "
+                                    "written again", sop_uid, calling, known.path)
+                        self.spool.write(study_uid, series_uid, sop_uid, parts)
+                if known is not None:
+                    return received, known.series_uid
+                path = self.spool.write(study_uid, series_uid, sop_uid, parts, durable=durable)
+                receipt.path = path
+                self.journal.add_instance(received, transfer_syntax=transfer_syntax, path=str(path),
+                                          calling_ae=calling, sha256=digest, durable=durable)
+                if not path.exists():
+                    # a retention sweep deleted an earlier copy at this path between the write and the
+                    # journal row (Journal.finish_purge); the row is there now, so write it again
+                    log.info("C-STORE of %s from %s: a retention sweep removed the file being stored; "
+                             "written again", sop_uid, calling)
+                    self.spool.write(study_uid, series_uid, sop_uid, parts)
+        return received, series_uid
+
+    @contextmanager
+    def _receipt(self, key: int, parts: tuple[bytes, memoryview], calling: str, transfer_syntax: str,
+                 sop_class: str, sop_uid: str) -> Iterator[_Receipt]:
+        """The object's record in the receipt log (:meth:`_Receipt.append`); on the way out the log is told what
+        was filed for it (:meth:`ReceiptLog.filed`)."""
+        receipt = _Receipt(self.receipts, key, parts, calling, transfer_syntax, sop_class, sop_uid)
+        try:
+            yield receipt
+        finally:
+            if receipt.segment is not None:
+                assert self.receipts is not None
+                self.receipts.filed(key, receipt.segment, receipt.path)
+
+    # -- replay of the receipt log ----------------------------------------------------------
+
+    def replay_receipts(self) -> int:
+        """File again what segments left by a stopped process hold and the journal or spool lost (a crash or
+        power loss before they settled); returns how many objects were filed again. A segment that cannot be
+        replayed now stays for the next try."""
+        if self.receipts is None:
+            return 0
+        redone = 0
+        for path, fd in self.receipts.orphans():
+            try:
+                records = done = 0
+                for record in read_records(path):
+                    records += 1
+                    done += self._replay(record)
+                self.journal.sync()
+                path.unlink()
+                redone += done
+                log.info("receipt log %s replayed: %d object(s), %d filed again", path.name, records, done)
+            except Exception:  # noqa: BLE001 - kept for the next start or sweep
+                log.exception("receipt log %s: replay failed; it is kept and tried again", path)
+            finally:
+                os.close(fd)
+        if redone:
+            log.warning("%d acknowledged object(s) filed again from the receipt log (the node stopped before they "
+                        "were settled)", redone)
+        return redone
+
+    def _replay(self, record: Receipt) -> bool:
+        """File ``record`` again if its journal row or spool file is missing (or the file is not what was
+        received); True if anything was written."""
+        sop_uid = record.sop_instance_uid
+        try:
+            received = self._read(io.BytesIO(record.dataset), UID(record.transfer_syntax), sop_uid,
+                                  record.sop_class_uid)
+        except BadInstance as exc:  # refused when it came (the log holds objects before they are checked)
+            log.debug("receipt log: %s was refused when received (%s): not filed", sop_uid, exc)
+            return False
+        digest = content_digest(record.dataset)
         with self._claim(sop_uid):
             known = self.journal.instance(sop_uid)
-            if known is not None:
-                self._check_resend(known, digest, series_uid, calling)
-                if not self.journal.confirm_instance(sop_uid):
-                    known = None  # a retention sweep purged it since the look-up: stored as new
-                elif not Path(known.path).exists():  # same content, so the same UIDs and path
-                    log.warning("C-STORE of %s from %s: already journaled but its file %s is missing; "
-                                "written again", sop_uid, calling, known.path)
-                    self.spool.write(study_uid, series_uid, sop_uid, parts)
-            if known is not None:
-                return received, known.series_uid
-            path = self.spool.write(study_uid, series_uid, sop_uid, parts)
-            self.journal.add_instance(received, transfer_syntax=transfer_syntax, path=str(path), calling_ae=calling,
-                                      sha256=digest)
-            if not path.exists():
-                # a retention sweep deleted an earlier copy at this path between the write and the
-                # journal row (Journal.finish_purge); the row is there now, so write it again
-                log.info("C-STORE of %s from %s: a retention sweep removed the file being stored; "
-                         "written again", sop_uid, calling)
-                self.spool.write(study_uid, series_uid, sop_uid, parts)
-        return received, series_uid
+            if known is None:
+                path = self.spool.write(received.study_uid, received.series_uid, sop_uid, record.data)
+                self.journal.add_instance(received, transfer_syntax=record.transfer_syntax, path=str(path),
+                                          calling_ae=record.calling_ae, sha256=digest, now=record.received_at)
+                log.info("receipt log: %s from %s filed again (its journal row was lost)", sop_uid, record.calling_ae)
+                return True
+            on_disk = stored_digest(Path(known.path))
+            expected = known.sha256 or on_disk
+            if on_disk == digest or (expected is not None and expected != digest):
+                return False  # in place, or another object was kept under this UID (a conflicting re-send)
+            self.spool.write(received.study_uid, received.series_uid, sop_uid, record.data)
+            log.info("receipt log: %s written again to %s (the file was lost or cut short)", sop_uid, known.path)
+            return True
 
     @staticmethod
     def _check_resend(known: InstanceRecord, digest: str, series_uid: str, calling: str) -> None:
@@ -665,7 +763,12 @@ class StorageSCP:
                           called_ae=assoc.acceptor.ae_title.strip(), host=assoc.requestor.address,
                           tls=describe_connection(sock), **self.ledger.close(id(assoc)))
 
+    def _end_receipts(self, event: evt.Event) -> None:
+        if self.receipts is not None:
+            self.receipts.close(id(event.assoc))  # its segment settles in the background
+
     def _handle_released(self, event: evt.Event) -> None:
+        self._end_receipts(event)
         self._audit_association(event, "released")
         touched = self._take_touched(event)
         if touched:
@@ -675,6 +778,7 @@ class StorageSCP:
             self.on_released(touched)
 
     def _handle_aborted(self, event: evt.Event) -> None:
+        self._end_receipts(event)
         self._audit_association(event, "aborted")
         touched = self._take_touched(event)
         if touched:
@@ -683,6 +787,36 @@ class StorageSCP:
                 "association from %s aborted after %d series: they close on their idle timeout",
                 event.assoc.requestor.ae_title, len(touched),
             )
+
+
+class _Receipt:
+    """One object's record in the receipt log (none without a log), and the spool file filed for it."""
+
+    def __init__(self, log_: ReceiptLog | None, key: int, parts: tuple[bytes, memoryview], calling: str,
+                 transfer_syntax: str, sop_class: str, sop_uid: str) -> None:
+        self._log, self._key, self._parts = log_, key, parts
+        self._calling, self._transfer_syntax, self._sop_uid = calling, transfer_syntax, sop_uid
+        self._sop_class = sop_class
+        self.segment: Segment | None = None  #: the segment holding the record, once it is durable there
+        self.path: Path | None = None
+        self._record: list[bytes | memoryview] | None = None
+
+    def prepare(self) -> None:
+        """Make the record (:meth:`ReceiptLog.record`), before :meth:`append`."""
+        assert self._log is not None
+        self._record = self._log.record(self._parts, calling_ae=self._calling, transfer_syntax=self._transfer_syntax,
+                                        sop_class_uid=self._sop_class, sop_instance_uid=self._sop_uid)
+
+    def append(self) -> None:
+        """Append the record (durable on return). A failed append is logged, and the object is then made durable
+        where it is filed."""
+        assert self._log is not None and self._record is not None
+        try:
+            self.segment = self._log.append(self._key, self._record)
+        except OSError as exc:
+            log.error("receipt log: cannot append (%s): %s is synced where it is filed", exc, self._sop_uid)
+        finally:
+            self._record = None  # its views of the received buffer
 
 
 def _failure(status: int, comment: str) -> Dataset:

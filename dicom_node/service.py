@@ -39,6 +39,7 @@ from .journal import NODE_WORKER, OutboxState, SeriesState, open_journal
 from .lock import processes
 from .notify import Notifier, install, notify
 from .rebuild import unknown_files
+from .receipts import ReceiptLog
 from .retention import Retention
 from .routing import route
 from .scp import StorageSCP
@@ -117,8 +118,11 @@ class Node:
                                 on_timings=self.metrics.observe_job, worker=self.claim_id)
         self.executor: ThreadExecutor[Task] | JournalQueue | CeleryExecutor | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
+        #: received objects are durable here before Success, each with one sync (``[node] fsync``, ``receipt_log``)
+        logged = config.node.fsync and config.node.receipt_log
+        self.receipts = ReceiptLog(data_dir / "receipts", self.journal.sync) if logged else None
         self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit,
-                              on_store_status=self.metrics.store_status)
+                              on_store_status=self.metrics.store_status, receipts=self.receipts)
         self.http = NodeHTTPServer(config.http, self) if config.http.port else None
         self.notifier = Notifier(config.notifications, node=config.node.ae_title)
         #: the disk watermark of the SCP: ``disk.state()`` (free bytes, refusing or not) for /health and metrics
@@ -159,6 +163,7 @@ class Node:
                      "(`dicom-node serve --role worker`)")
         self.runner.submit = self.executor.submit  # a job's follow-ups are tasks of their own
         self._finish_purge()
+        self.scp.replay_receipts()  # before the spool check: what it files again is then known
         self._check_spool()
         self._recover(own=NODE_WORKER if self.claim_id == NODE_WORKER else None)
         self.scheduler.add_job(self.sweep, "interval", seconds=self.config.node.sweep_interval_s,
@@ -189,6 +194,8 @@ class Node:
         self.scp.stop()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
+        if self.receipts is not None:  # after the sweeps, which settle and replay too
+            self.receipts.shutdown()
         clean = self.executor.shutdown() if self.executor is not None else True
         self.runner.leases.stop()
         if self.http is not None:
@@ -374,6 +381,9 @@ class Node:
     def sweep(self) -> None:
         """Close series that received nothing for ``idle_timeout_s``, whole or not; route ``complete`` ones (a
         reprocess request); queue again the runs whose claim expired (a worker process died)."""
+        if self.receipts is not None:
+            self.receipts.settle_idle()  # an association kept open: what it sent is settled all the same
+            self.scp.replay_receipts()  # segments of a receiver that died beside this one (shared data_dir)
         if self.journal.expired_claims():
             self._recover(own=None, starting=False)
         self.route_complete()

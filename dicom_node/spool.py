@@ -77,9 +77,12 @@ class Spool:
         return directory / f"{path_component(sop_instance_uid)}.dcm"
 
     def write(self, study_uid: str, series_uid: str, sop_instance_uid: str,
-              data: bytes | memoryview | Sequence[bytes | memoryview]) -> Path:
+              data: bytes | memoryview | Sequence[bytes | memoryview], *, durable: bool = True) -> Path:
         """Write ``data`` (or its parts one after the other, e.g. file meta and the data set as received, without
-        joining them) durably and return its final path (replacing an earlier copy atomically)."""
+        joining them) and return its final path (replacing an earlier copy atomically). Durably (the file and its
+        directory fsync'd) unless ``durable=False``: the caller has made the bytes durable elsewhere (the receipt
+        log, :mod:`dicom_node.receipts`) and fsyncs the file later."""
+        sync = self.fsync and durable
         final = self._final_path(study_uid, series_uid, sop_instance_uid)
         self._ensure_dir(final.parent)
         tmp = final.with_name(f".{final.name}.{threading.get_ident()}.tmp")
@@ -97,7 +100,7 @@ class Spool:
                     while view:
                         written = os.write(fd, view)
                         view = view[written:]
-                if self.fsync:
+                if sync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
@@ -105,7 +108,7 @@ class Spool:
         except BaseException:
             tmp.unlink(missing_ok=True)  # e.g. disk full: leave no partial temporary behind
             raise
-        if self.fsync:
+        if sync:
             _fsync_dir(final.parent)
         return final
 

@@ -155,8 +155,8 @@ def test_duplicate_instance_is_idempotent(node: Node, series: list[Path],
     writes: list[Path] = []
     spool_write = node.spool.write
 
-    def spool_spy(*args: Any) -> Path:
-        writes.append(spool_write(*args))
+    def spool_spy(*args: Any, **kwargs: Any) -> Path:
+        writes.append(spool_write(*args, **kwargs))
         return writes[-1]
 
     monkeypatch.setattr(node.journal, "add_instance", spy)
@@ -202,7 +202,7 @@ def test_truncated_file_gets_a_failure_status(node: Node, series: list[Path], tm
 
 def test_spool_failure_is_out_of_resources(node: Node, series: list[Path], monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
-    def full(*args: object) -> Path:
+    def full(*args: object, **kwargs: object) -> Path:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(node.spool, "write", full)

@@ -1,0 +1,330 @@
+"""The receipt log: received objects made durable with one sync, taken while the SCP checks them.
+
+Before a C-STORE is answered with Success its object must be on disk. Made durable where it is filed, that
+takes three syncs one after the other (the spool file, its directory, the journal's commit), and one
+association waits for each. Instead, each association appends what it receives to a segment of this log
+(``data_dir/receipts/*.log``: the object's bytes as they are filed, with the calling AE title, the time and a
+CRC-32), written with ``O_DSYNC``: one synchronous write makes it durable. The SCP parses and checks the object
+in another thread during that write, then files it (spool file and journal row, neither synced), and answers
+Success after both.
+
+A segment is *settled* when its association ends, when it holds :data:`SEGMENT_RECORDS` objects or
+:data:`SEGMENT_BYTES`, and when no object was appended to it for :data:`SETTLE_IDLE_S` (the node's sweep):
+the spool files filed from it and their directories are fsync'd, then one durable journal commit makes every
+row before it durable, and the segment is deleted. After a crash or power loss, start-up (and, for a receiver
+that died beside others sharing the data directory, the next sweep) files again what the segments left
+behind hold (:meth:`ReceiptLog.orphans`, :func:`read_records`): an object whose journal row or spool file was
+lost is filed again from its bytes, with the same checks as a C-STORE. A record cut short (the node stopped
+while writing it, before any answer) ends its segment's replay.
+
+Each live segment is locked (``flock``) by the process writing it, so that a process replays only segments
+whose writer has gone. Segments are created under a temporary name, locked, then renamed, so that no one sees
+a segment unlocked while it is being created.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .spool import private_dir
+
+log = logging.getLogger(__name__)
+
+#: a segment is settled and a new one begun after this many objects, or bytes
+SEGMENT_RECORDS = 2000
+SEGMENT_BYTES = 512 * 2**20
+#: a segment no object was appended to for this long is settled by the next sweep (an association kept open)
+SETTLE_IDLE_S = 5.0
+
+_MAGIC = b"DNR1"
+#: magic, CRC-32 of what follows the header, length of the JSON description, length of the object's bytes
+_HEADER = struct.Struct("<4sIIQ")
+_SUFFIX = ".log"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """One received object as the log holds it: its Part 10 bytes as filed, and what the SCP knew of it."""
+
+    calling_ae: str
+    received_at: float
+    transfer_syntax: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    meta_length: int  #: bytes of file meta (preamble included) before the data set as received
+    data: bytes
+
+    @property
+    def dataset(self) -> memoryview:
+        """The data set as received (without the file meta the node put before it)."""
+        return memoryview(self.data)[self.meta_length:]
+
+
+@dataclass(eq=False)
+class Segment:
+    """One association's open segment and the spool files filed from it since it began."""
+
+    path: Path
+    fd: int
+    records: int = 0
+    size: int = 0
+    last_append: float = field(default_factory=time.monotonic)
+    files: list[Path] = field(default_factory=list)
+    broken: bool = False  #: a write failed: nothing more is appended (the next object begins a new segment)
+    pending: int = 0  #: objects appended whose filing has not ended (:meth:`ReceiptLog.filed`)
+    detached: bool = False  #: no longer any association's: settled once ``pending`` is 0
+
+
+class ReceiptLog:
+    """The segments of one process under ``directory``; ``settle`` makes a segment's spool files and journal rows
+    durable (fsync of the files and their directories, one durable journal commit) before it is deleted."""
+
+    def __init__(self, directory: Path, settle_rows: Callable[[], object]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.directory)
+        self._settle_rows = settle_rows
+        self._lock = threading.Lock()
+        self._open: dict[int, Segment] = {}  # association key -> its segment
+        self._settling: set[Future[None]] = set()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipts-settle")
+
+    # -- appending -------------------------------------------------------------------------
+
+    @staticmethod
+    def record(parts: Sequence[bytes | memoryview], *, calling_ae: str, transfer_syntax: str, sop_class_uid: str,
+               sop_instance_uid: str) -> list[bytes | memoryview]:
+        """One object's record (``parts``: file meta, then the data set): header, description, then ``parts``."""
+        description = json.dumps({"ae": calling_ae, "t": time.time(), "ts": transfer_syntax, "class": sop_class_uid,
+                                  "sop": sop_instance_uid, "meta": len(parts[0])}).encode()
+        crc = zlib.crc32(description)
+        length = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+            length += len(part)
+        return [_HEADER.pack(_MAGIC, crc, len(description), length), description, *parts]
+
+    def append(self, key: int, record: list[bytes | memoryview]) -> Segment:
+        """Append ``record`` (:meth:`record`) to association ``key``'s segment and return the segment once it is
+        durable (raises the ``OSError`` of the write). The write is one ``writev`` on a file opened ``O_DSYNC``:
+        one system call, so the interpreter lock is released once, for all of it (the SCP parses the object in
+        another thread meanwhile)."""
+        segment = self._segment(key)
+        try:
+            _write_all(segment.fd, record)
+        except OSError:
+            segment.broken = True
+            raise
+        with self._lock:
+            segment.records += 1
+            segment.pending += 1
+            segment.size += sum(len(part) for part in record)
+            segment.last_append = time.monotonic()
+        return segment
+
+    def filed(self, key: int, segment: Segment, path: Path | None) -> None:
+        """The SCP is done with an object appended to ``segment``: ``path`` is the spool file it wrote for it
+        (not synced: fsync'd when the segment settles), None when it wrote none (a re-send, a refusal). Called
+        once for every append that succeeded, whatever came of it."""
+        with self._lock:
+            if path is not None:
+                segment.files.append(path)
+            segment.pending -= 1
+            if segment.records >= SEGMENT_RECORDS or segment.size >= SEGMENT_BYTES:
+                self._detach(key, segment)
+            ready = segment.detached and segment.pending == 0
+        if ready:
+            self._settle_later(segment)
+
+    def _detach(self, key: int, segment: Segment) -> bool:
+        """(Lock held.) ``segment`` is no longer ``key``'s; True when it can be settled now."""
+        if self._open.get(key) is segment:
+            del self._open[key]
+        if segment.detached:
+            return False
+        segment.detached = True
+        return segment.pending == 0
+
+    def _segment(self, key: int) -> Segment:
+        with self._lock:
+            segment = self._open.get(key)
+            if segment is not None and not segment.broken:
+                return segment
+        new = self._create()
+        with self._lock:
+            old = self._open.get(key)
+            ready = old is not None and self._detach(key, old)  # broken: what was filed from it is settled all the same
+            self._open[key] = new
+        if ready:
+            assert old is not None
+            self._settle_later(old)
+        return new
+
+    def _create(self) -> Segment:
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        tmp = self.directory / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_DSYNC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # never contended: the file is new
+            final = self.directory / f"{name}{_SUFFIX}"
+            os.rename(tmp, final)
+            _fsync_dir(self.directory)  # the segment's name is durable before anything is acknowledged from it
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return Segment(final, fd)
+
+    # -- settling --------------------------------------------------------------------------
+
+    def close(self, key: int) -> None:
+        """Association ``key`` ended: its segment is settled in the background."""
+        with self._lock:
+            segment = self._open.get(key)
+            ready = segment is not None and self._detach(key, segment)
+        if ready:
+            assert segment is not None
+            self._settle_later(segment)
+
+    def settle_idle(self, idle_s: float = SETTLE_IDLE_S) -> int:
+        """Settle (in the background) the segments nothing was appended to for ``idle_s``; their associations
+        begin new ones. Returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [(k, s) for k, s in self._open.items() if now - s.last_append >= idle_s and s.records]
+            ready = [s for k, s in idle if self._detach(k, s)]
+        for segment in ready:
+            self._settle_later(segment)
+        return len(idle)
+
+    def _settle_later(self, segment: Segment) -> None:
+        try:
+            future = self._pool.submit(self.settle, segment)
+        except RuntimeError:  # shut down (an object filed after the stop): the segment is replayed at the next start
+            log.warning("receipt log %s: not settled before the stop; replayed at the next start", segment.path.name)
+            return
+        with self._lock:
+            self._settling.add(future)
+        future.add_done_callback(self._settled)
+
+    def _settled(self, future: Future[None]) -> None:
+        with self._lock:
+            self._settling.discard(future)
+        if future.exception() is not None:
+            log.error("receipt log: settling a segment failed (%s); it stays and is replayed at the next start",
+                      future.exception())
+
+    def settle(self, segment: Segment) -> None:
+        """Make what was filed from ``segment`` durable, then delete it. A failure leaves it for replay."""
+        directories: dict[Path, None] = {}
+        for path in segment.files:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # removed since (a retention sweep, or a re-send replaced it: synced then)
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            directories[path.parent] = None
+        for directory in directories:
+            _fsync_dir(directory)
+        self._settle_rows()  # one durable commit: every journal row committed before it is durable too
+        os.unlink(segment.path)
+        os.close(segment.fd)
+
+    def shutdown(self) -> None:
+        """Settle every open segment and wait for all settles (a clean stop leaves no segment behind)."""
+        with self._lock:
+            ready = [s for k, s in list(self._open.items()) if self._detach(k, s)]
+        for segment in ready:
+            self._settle_later(segment)
+        with self._lock:
+            pending = list(self._settling)
+        for future in pending:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - logged by _settled; the segment is replayed at the next start
+                pass
+        self._pool.shutdown(wait=True)
+
+    @property
+    def open_segments(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    # -- replay ----------------------------------------------------------------------------
+
+    def orphans(self) -> Iterator[tuple[Path, int]]:
+        """Segments whose writer has gone (``(path, fd)``, the fd holding the segment's lock; the caller closes
+        it), oldest first. A segment another live process writes is skipped."""
+        for path in sorted(self.directory.glob(f"*{_SUFFIX}")):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # settled meanwhile
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            if not path.exists():  # settled between the open and the lock
+                os.close(fd)
+                continue
+            yield path, fd
+
+
+def read_records(path: Path) -> Iterator[Receipt]:
+    """The whole records of a segment, in order; stops (with a log line) at one cut short or damaged."""
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+        end = offset + _HEADER.size
+        if end > len(data):
+            log.warning("receipt log %s: a record header cut short at byte %d (never acknowledged)", path, offset)
+            return
+        magic, crc, meta_length, length = _HEADER.unpack_from(data, offset)
+        body_end = end + meta_length + length
+        if magic != _MAGIC or body_end > len(data) or zlib.crc32(data[end:body_end]) != crc:
+            log.warning("receipt log %s: the record at byte %d is cut short or damaged (never acknowledged)",
+                        path, offset)
+            return
+        description = json.loads(data[end:end + meta_length])
+        yield Receipt(calling_ae=str(description["ae"]), received_at=float(description["t"]),
+                      transfer_syntax=str(description["ts"]), sop_class_uid=str(description["class"]),
+                      sop_instance_uid=str(description["sop"]),
+                      meta_length=int(description["meta"]), data=data[end + meta_length:body_end])
+        offset = body_end
+
+
+def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    views = [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
+    while views:
+        written = os.writev(fd, views[:64])
+        while written:
+            if written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

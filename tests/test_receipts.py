@@ -1,0 +1,311 @@
+"""The receipt log (dicom_node.receipts): one durable append per received object, settled in batches, replayed
+after a crash; and the SCP filing through it (objects not synced where they are filed, but in the log first)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, Association
+from pynetdicom.sop_class import Verification
+
+from dicom_node import receipts as receipts_module
+from dicom_node.config import NodeConfig, NodeSettings
+from dicom_node.headers import describe
+from dicom_node.journal import Journal
+from dicom_node.receipts import ReceiptLog, read_records
+from dicom_node.scp import StorageSCP, content_digest, file_meta, stored_digest
+from dicom_node.spool import Spool
+from tests.dicom_factory import make_mr_series
+from tests.e2e.peers import free_port
+
+NODE_AE = "RECEIPT_NODE"
+
+
+class LoggedNode:
+    """A StorageSCP with fsync on and a receipt log, on a free loopback port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        config = NodeConfig(node=NodeSettings(ae_title=NODE_AE, host="127.0.0.1", port=free_port(),
+                                              data_dir=data_dir, fsync=True, network_timeout_s=10))
+        self.journal = Journal(data_dir / "journal.sqlite3")
+        self.spool = Spool(data_dir / "spool")
+        self.syncs = 0
+        self.log = ReceiptLog(data_dir / "receipts", self._sync)
+        self.scp = StorageSCP(config, self.spool, self.journal, on_released=lambda _series: None,
+                              receipts=self.log)
+
+    def _sync(self) -> None:
+        self.syncs += 1
+        self.journal.sync()
+
+    def start(self) -> LoggedNode:
+        self.scp.start()
+        return self
+
+    def associate(self) -> Association:
+        ae = AE(ae_title="SCANNER")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+        return ae.associate("127.0.0.1", self.scp.port, ae_title=NODE_AE)
+
+    def segments(self) -> list[Path]:
+        return sorted(self.log.directory.glob("*.log"))
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.log.shutdown()
+        self.journal.close()
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., LoggedNode]]:
+    nodes: list[LoggedNode] = []
+
+    def make(data_dir: Path | None = None) -> LoggedNode:
+        node = LoggedNode(data_dir or tmp_path / f"data{len(nodes)}")
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_mr_series(tmp_path_factory.mktemp("series"), shape=(4, 16, 16), spacing=(1.0, 1.0, 4.0))
+
+
+def _wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.02)
+    return predicate()
+
+
+def _part10(path: Path) -> tuple[bytes, bytes, str, str]:
+    """(file meta as the SCP writes it, the data set as a sender encodes it, SOP Instance UID, transfer syntax)."""
+    ds = dcmread(path)
+    data = path.read_bytes()
+    meta_length = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+    uid, ts = str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID)
+    return file_meta(MRImageStorage, uid, ts), data[meta_length:], uid, ts
+
+
+def _record(log: ReceiptLog, meta: bytes, dataset: bytes, uid: str, ts: str, ae: str = "SCANNER") -> list[Any]:
+    return log.record((meta, dataset), calling_ae=ae, transfer_syntax=ts, sop_class_uid=MRImageStorage,
+                      sop_instance_uid=uid)
+
+
+def _leave_segment(directory: Path, files: list[Path], *, torn: bytes = b"") -> Path:
+    """A segment as a process that died before settling leaves it (its lock gone with its descriptor)."""
+    log = ReceiptLog(directory, lambda: None)
+    segment = None
+    for path in files:
+        meta, dataset, uid, ts = _part10(path)
+        segment = log.append(1, _record(log, meta, dataset, uid, ts))
+    assert segment is not None
+    if torn:
+        os.write(segment.fd, torn)
+    os.close(segment.fd)  # the process died: its flock is released, nothing was settled
+    return segment.path
+
+
+# -- the log itself -------------------------------------------------------------------------------------
+
+def test_records_read_back_as_written_and_a_cut_or_damaged_record_ends_the_replay(tmp_path: Path,
+                                                                                   series: list[Path]) -> None:
+    segment = _leave_segment(tmp_path / "receipts", series[:3])
+    records = list(read_records(segment))
+    assert [r.sop_instance_uid for r in records] == [str(dcmread(p).SOPInstanceUID) for p in series[:3]]
+    for record, path in zip(records, series[:3], strict=True):
+        meta, dataset, _uid, _ts = _part10(path)
+        assert record.data == meta + dataset and bytes(record.dataset) == dataset
+        assert record.calling_ae == "SCANNER" and abs(record.received_at - time.time()) < 60
+    whole = segment.read_bytes()
+    segment.write_bytes(whole[:-10])  # the last record cut short (the node stopped while writing it)
+    assert len(list(read_records(segment))) == 2
+    damaged = bytearray(whole)
+    damaged[len(whole) // 2] ^= 0xFF  # a flipped byte in the second record: it and what follows are not trusted
+    segment.write_bytes(bytes(damaged))
+    assert len(list(read_records(segment))) == 1
+
+
+def test_a_live_segment_is_not_an_orphan_and_a_dead_one_is(tmp_path: Path, series: list[Path]) -> None:
+    live = ReceiptLog(tmp_path / "receipts", lambda: None)
+    meta, dataset, uid, ts = _part10(series[0])
+    held = live.append(7, _record(live, meta, dataset, uid, ts))
+    dead = _leave_segment(tmp_path / "receipts", series[1:2])
+    other = ReceiptLog(tmp_path / "receipts", lambda: None)
+    found = list(other.orphans())
+    try:
+        assert [path for path, _fd in found] == [dead]  # the live one stays locked by its writer
+    finally:
+        for _path, fd in found:
+            os.close(fd)
+    live.filed(7, held, None)
+    live.shutdown()
+    other.shutdown()
+
+
+def test_a_segment_ended_while_an_object_is_being_filed_settles_when_it_is_filed(tmp_path: Path,
+                                                                                 series: list[Path]) -> None:
+    settled: list[int] = []
+    log = ReceiptLog(tmp_path / "receipts", lambda: settled.append(1))
+    meta, dataset, uid, ts = _part10(series[0])
+    segment = log.append(3, _record(log, meta, dataset, uid, ts))
+    spooled = tmp_path / "spooled.dcm"
+    spooled.write_bytes(meta + dataset)
+    log.close(3)  # the association ends while its last object is still being filed
+    time.sleep(0.2)
+    assert segment.path.exists() and not settled
+    log.filed(3, segment, spooled)
+    assert _wait_for(lambda: not segment.path.exists())
+    assert settled == [1]
+    log.shutdown()
+
+
+def test_a_full_or_idle_segment_is_settled_and_the_association_goes_on_in_a_new_one(
+        tmp_path: Path, series: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(receipts_module, "SEGMENT_RECORDS", 2)
+    settled: list[int] = []
+    log = ReceiptLog(tmp_path / "receipts", lambda: settled.append(1))
+    segments = []
+    for path in series[:3]:
+        meta, dataset, uid, ts = _part10(path)
+        segment = log.append(5, _record(log, meta, dataset, uid, ts))
+        log.filed(5, segment, None)
+        segments.append(segment)
+    assert segments[0] is segments[1] and segments[2] is not segments[0]
+    assert _wait_for(lambda: settled == [1]) and not segments[0].path.exists()
+    assert log.settle_idle(idle_s=60.0) == 0  # the open one is recent
+    assert log.settle_idle(idle_s=0.0) == 1
+    assert _wait_for(lambda: settled == [1, 1]) and not segments[2].path.exists()
+    assert log.open_segments == 0
+    log.shutdown()
+
+
+# -- the SCP through the log ----------------------------------------------------------------------------
+
+def test_a_store_is_durable_in_the_log_and_settled_when_the_association_ends(
+        make_node: Callable[..., LoggedNode], series: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    node = make_node().start()
+    spool_writes: list[bool] = []
+    rows: list[bool] = []
+    spool_write, add_instance = node.spool.write, node.journal.add_instance
+
+    def spy_write(*args: Any, **kwargs: Any) -> Path:
+        spool_writes.append(kwargs.get("durable", True))
+        return spool_write(*args, **kwargs)
+
+    def spy_add(*args: Any, **kwargs: Any) -> bool:
+        rows.append(kwargs.get("durable", True))
+        return add_instance(*args, **kwargs)
+
+    monkeypatch.setattr(node.spool, "write", spy_write)
+    monkeypatch.setattr(node.journal, "add_instance", spy_add)
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(receipts_module.os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd))[1])
+    assoc = node.associate()
+    for path in series:
+        assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+        # acknowledged: in the log (one record per object), filed in the spool and the journal, not yet synced
+        assert len(list(read_records(node.segments()[0]))) == series.index(path) + 1
+    assert spool_writes == [False] * len(series) and rows == [False] * len(series)
+    assert node.syncs == 0
+    fsynced.clear()
+    assoc.release()
+    assert _wait_for(lambda: not node.segments() and node.syncs == 1)
+    # settled: every spool file and its directory fsync'd, then one durable journal commit, then the segment deleted
+    assert len(fsynced) == len(series) + 1
+    assert node.journal.counts()["instances"]["total"] == len(series)
+
+
+def test_objects_lost_after_their_acknowledgement_are_filed_again_from_the_log(
+        make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path) -> None:
+    data_dir = tmp_path / "crashed"
+    node = make_node(data_dir)
+    # What a power loss can leave: the journal row of series[0] and the spool file of series[1] kept, but that
+    # file cut short; nothing of series[2] or series[3] (its record cut short: the node died before answering).
+    first = dcmread(series[0])
+    meta, dataset, uid, ts = _part10(series[0])
+    kept = node.spool.write(str(first.StudyInstanceUID), str(first.SeriesInstanceUID), uid, (meta, dataset))
+    node.journal.add_instance(describe(first), transfer_syntax=ts, path=str(kept), calling_ae="SCANNER",
+                              sha256=content_digest(dataset))
+    second = dcmread(series[1])
+    meta1, dataset1, uid1, ts1 = _part10(series[1])
+    cut = node.spool.write(str(second.StudyInstanceUID), str(second.SeriesInstanceUID), uid1, (meta1, dataset1))
+    node.journal.add_instance(describe(second), transfer_syntax=ts1, path=str(cut), calling_ae="SCANNER",
+                              sha256=content_digest(dataset1))
+    cut.write_bytes(cut.read_bytes()[:-100])
+    _, dataset3, _, _ = _part10(series[3])
+    segment = _leave_segment(data_dir / "receipts", series[:3], torn=b"DNR1" + dataset3[:50])
+
+    assert node.scp.replay_receipts() == 2  # series[1]'s file written again, series[2] filed again
+    assert not segment.exists()
+    journal = node.journal
+    assert journal.counts()["instances"]["total"] == 3
+    for path in series[:3]:
+        record = journal.instance(str(dcmread(path).SOPInstanceUID))
+        assert record is not None
+        assert stored_digest(Path(record.path)) == content_digest(_part10(path)[1]) == record.sha256
+    assert journal.instance(str(dcmread(series[3]).SOPInstanceUID)) is None
+    assert node.scp.replay_receipts() == 0  # nothing left
+
+
+def test_replay_keeps_a_conflicting_stored_object_and_refuses_what_was_refused(
+        make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path) -> None:
+    data_dir = tmp_path / "conflict"
+    node = make_node(data_dir)
+    ds = dcmread(series[0])
+    meta, dataset, uid, ts = _part10(series[0])
+    # another object was stored under this UID first (the log's record was refused as a conflicting re-send)
+    other = dataset.replace(b"\x00\x00", b"\x01\x00", 1) if b"\x00\x00" in dataset else dataset + b""
+    stored = node.spool.write(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), uid, (meta, other))
+    node.journal.add_instance(describe(ds), transfer_syntax=ts, path=str(stored), calling_ae="FIRST",
+                              sha256=content_digest(other))
+    log = ReceiptLog(data_dir / "receipts", lambda: None)
+    segment = log.append(1, _record(log, meta, dataset, uid, ts))
+    # and an object that is not DICOM (refused when it came: the log holds objects before they are checked)
+    log.append(1, _record(log, meta, b"not a data set", "1.2.3.4", ts))
+    os.close(segment.fd)
+    assert node.scp.replay_receipts() == 0
+    assert stored_digest(stored) == content_digest(other)
+    assert node.journal.counts()["instances"]["total"] == 1
+    assert not segment.path.exists()
+
+
+def test_a_failed_append_makes_the_object_durable_where_it_is_filed(
+        make_node: Callable[..., LoggedNode], series: list[Path], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    node = make_node().start()
+
+    def full(*_args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(receipts_module, "_write_all", full)
+    durable: list[bool] = []
+    spool_write = node.spool.write
+
+    def spy_write(*args: Any, **kwargs: Any) -> Path:
+        durable.append(kwargs.get("durable", True))
+        return spool_write(*args, **kwargs)
+
+    monkeypatch.setattr(node.spool, "write", spy_write)
+    assoc = node.associate()
+    assert assoc.send_c_store(dcmread(series[0])).Status == 0x0000
+    assoc.release()
+    assert durable == [True]
+    assert "receipt log: cannot append" in caplog.text
+    assert node.journal.counts()["instances"]["total"] == 1
