@@ -379,6 +379,64 @@ def test_sigkill_after_ack_before_processing(tmp_path: Path, orthanc, models_dir
     assert len(orthanc.find_series("^sT12DT1$")) == 1
 
 
+def test_acknowledged_instances_survive_losing_every_write_not_synced(tmp_path: Path, models_dir: Path) -> None:
+    """The node SIGKILLed with an association open (its receipt log segment not settled), then every write it had
+    not synced taken away (what a power loss may take: the journal rows and spool files of those instances). At
+    the next start the receipt log files them again: every acknowledged instance is there, byte for byte."""
+    import sqlite3
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    from dicom_node.scp import stored_digest
+
+    src = make_mr_series(tmp_path / "src", shape=(6, 32, 32), spacing=(1.0, 1.0, 4.0))
+    workdir = tmp_path / "node"
+    node = NodeProcess(workdir, models_dir=models_dir, node={"idle_timeout_s": 3600.0}).start()
+    sent = {}
+    try:
+        ae = AE(ae_title="SCANNER")
+        ae.add_requested_context(MRImageStorage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established
+        for path in src:
+            ds = pydicom.dcmread(path)
+            assert assoc.send_c_store(ds).Status == 0x0000
+            sent[str(ds.SOPInstanceUID)] = ds
+        node.kill()  # with the association open: nothing was settled
+        assoc.abort()
+    finally:
+        node.kill()
+    segments = list((node.data_dir / "receipts").glob("*.log"))
+    assert len(segments) == 1
+    db = sqlite3.connect(node.data_dir / "journal.sqlite3")
+    paths = [row[0] for row in db.execute("SELECT path FROM instances")]
+    assert len(paths) == len(src)
+    db.execute("DELETE FROM instances")
+    db.execute("DELETE FROM series")
+    db.commit()
+    db.close()
+    Path(paths[0]).write_bytes(Path(paths[0]).read_bytes()[:200])  # cut short
+    for path in paths[1:]:
+        Path(path).unlink()
+    restarted = NodeProcess(workdir, models_dir=models_dir, node={"idle_timeout_s": 3600.0}, port=node.port).start()
+    try:
+        journal = restarted.journal()
+        try:
+            records = {uid: journal.instance(uid) for uid in sent}
+        finally:
+            journal.close()
+    finally:
+        restarted.stop()
+    assert all(records.values()), records
+    for uid, ds in sent.items():
+        record = records[uid]
+        assert record is not None and record.sha256 == stored_digest(Path(record.path))
+        assert pydicom.dcmread(record.path).PixelData == ds.PixelData
+    assert not list((node.data_dir / "receipts").glob("*.log"))
+    assert "filed again from the receipt log" in restarted.log()
+
+
 def test_destination_down_then_up(tmp_path: Path, store_scp, models_dir: Path) -> None:  # noqa: ANN001
     store_scp.stop()  # the PACS is down when the results are ready
     src = make_mr_series(tmp_path / "src", shape=(12, 32, 32), spacing=(1.0, 1.0, 4.0),
