@@ -17,12 +17,15 @@ from tests.e2e.peers import Orthanc, StoreSCP, echoscu, free_port
 from .node import REPO, BenchNode
 from .send import Send, send, send_parallel, write_profile
 
-TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-no-fsync", "pynetdicom-bare", "node-2-receivers")
+TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-no-fsync", "node-synced-in-place", "pynetdicom-bare",
+           "node-2-receivers")
 #: The goal compares node and Orthanc; "orthanc-sync" is Orthanc with its default SyncStorageArea (fsync of each
-#: file, as the node's fsync), "orthanc" without it (as the end-to-end tests run it); "node-no-fsync" (what
-#: durability costs) and "pynetdicom-bare" (a pynetdicom SCP that keeps nothing: the ceiling of the library the
-#: node is built on) are references. "node-2-receivers": two ``serve --role receiver`` processes of one data
-#: directory sharing the port (``[node] reuse_port``), fsync on: what more receiving processes give.
+#: file, as the node's fsync), "orthanc" without it (as the end-to-end tests run it); references: "node-no-fsync"
+#: (what durability costs), "node-synced-in-place" (``[node] receipt_log = false``: the spool file, its directory
+#: and the journal row each synced before the response, as before the receipt log) and "pynetdicom-bare" (a
+#: pynetdicom SCP that keeps nothing: the ceiling of the library the node is built on). "node-2-receivers": two
+#: ``serve --role receiver`` processes of one data directory sharing the port (``[node] reuse_port``), fsync on:
+#: what more receiving processes give.
 #: Senders at once in the concurrent part of P1.
 SENDERS = 4
 
@@ -70,8 +73,9 @@ def _sender(folders: list[Path], profile: Path) -> Sender:
     return run
 
 
-def _node_run(sender: Sender, work: Path, empty_models: Path, images: int, *, fsync: bool = True) -> float:
-    with BenchNode(work / "node", models_dir=empty_models, node={"fsync": fsync}) as node:
+def _node_run(sender: Sender, work: Path, empty_models: Path, images: int, *, fsync: bool = True,
+              receipt_log: bool = True) -> float:
+    with BenchNode(work / "node", models_dir=empty_models, node={"fsync": fsync, "receipt_log": receipt_log}) as node:
         seconds = sender(node.port, node.ae_title)
         journal = node.journal()
         try:
@@ -133,8 +137,9 @@ def _orthanc_run(sender: Sender, work: Path, images: int, *, sync: bool) -> floa
 
 
 def _run(target: str, sender: Sender, work: Path, empty_models: Path, images: int) -> float:
-    if target in ("node", "node-no-fsync"):
-        return _node_run(sender, work, empty_models, images, fsync=target == "node")
+    if target in ("node", "node-no-fsync", "node-synced-in-place"):
+        return _node_run(sender, work, empty_models, images, fsync=target != "node-no-fsync",
+                         receipt_log=target != "node-synced-in-place")
     if target == "node-2-receivers":
         return _receivers_run(sender, work, empty_models, images)
     if target == "pynetdicom-bare":

@@ -128,7 +128,8 @@ def _ingest_table(result: IngestResult) -> list[str]:
     node = rates["node"]
     lines = []
     for other, what in (("orthanc", "Orthanc"), ("orthanc-sync", "Orthanc with SyncStorageArea"),
-                        ("storescp", "storescp"), ("pynetdicom-bare", "pynetdicom storing nothing")):
+                        ("storescp", "storescp"), ("pynetdicom-bare", "pynetdicom storing nothing"),
+                        ("node-synced-in-place", "node synced in place")):
         per_run = [n / o for n, o in zip(node, rates[other], strict=True)]
         lines.append(f"node / {what}: {statistics.median(node) / statistics.median(rates[other]):.2f} "
                      f"(per run {spread(per_run, '{:.2f}')})")
@@ -143,12 +144,15 @@ def _ingest_section(single: IngestResult, concurrent: IngestResult | None) -> li
     out = ["## P1 ingest", "",
            "Single-frame MR images (256 × 256, 16 bit, Explicit VR LE) sent by `/usr/bin/storescu` (TCP_NODELAY=1), "
            "one association per sender; wall time until the last storescu ended; "
-           f"{runs} interleaved runs, every receiver fresh and empty each run. The node runs with `fsync = true` "
-           "(file, directory and journal durable before each success response). `orthanc-sync` is Orthanc as it "
-           "ships (SyncStorageArea true: each file fsync'd), `orthanc` without it (as the end-to-end tests run it); "
-           "storescp does not fsync. References: `node-no-fsync` (`fsync = false`, not for production) separates "
-           "the cost of durability, and `pynetdicom-bare` (bench/bare_scp.py: a stock pynetdicom 3 SCP that "
-           "answers Success and keeps nothing) is the ceiling of the DICOM library the node is built on.", ""]
+           f"{runs} interleaved runs, every receiver fresh and empty each run. The node runs as shipped: "
+           "`fsync = true`, each object durable before its success response by one synchronous append to the "
+           "receipt log, written while the object is parsed (its spool file and journal row synced in batches "
+           "later). `orthanc-sync` is Orthanc as it ships (SyncStorageArea true: each file fsync'd), `orthanc` "
+           "without it (as the end-to-end tests run it); storescp does not fsync. References: `node-no-fsync` "
+           "(`fsync = false`, not for production) separates the cost of durability, `node-synced-in-place` "
+           "(`receipt_log = false`) syncs the spool file, its directory and the journal row one after the other "
+           "before each response, and `pynetdicom-bare` (bench/bare_scp.py: a stock pynetdicom 3 SCP that answers "
+           "Success and keeps nothing) is the ceiling of the DICOM library the node is built on.", ""]
     out += [f"### One sender, {single.images} images", ""] + _ingest_table(single)
     goal_rates = [("one sender", single)]
     if concurrent is not None:

@@ -348,7 +348,7 @@ class StorageSCP:
         #: where received objects are made durable before Success (None: each is synced where it is filed)
         self.receipts = receipts if spool.fsync else None
         #: write receipts while the received objects are parsed (one at a time per association)
-        self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="scp-receipt")
+        self._writers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="scp-receipt")
         self.audit = audit or AuditTrail(None, config.node.ae_title)
         self.ledger = AssociationLedger()
         self.spool = spool
