@@ -269,7 +269,20 @@ class ReceiptLog:
 
     def orphans(self) -> Iterator[tuple[Path, int]]:
         """Segments whose writer has gone (``(path, fd)``, the fd holding the segment's lock; the caller closes
-        it), oldest first. A segment another live process writes is skipped."""
+        it), oldest first. A segment another live process writes is skipped. A segment left under its temporary
+        name (its writer stopped before it was renamed, so before anything was appended) is deleted."""
+        for tmp in self.directory.glob(".*.tmp"):
+            try:
+                fd = os.open(tmp, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                tmp.unlink(missing_ok=True)  # unlocked: its writer has gone
+            except BlockingIOError:  # being created now
+                pass
+            finally:
+                os.close(fd)
         for path in sorted(self.directory.glob(f"*{_SUFFIX}")):
             try:
                 fd = os.open(path, os.O_RDONLY)

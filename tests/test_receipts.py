@@ -146,10 +146,13 @@ def test_a_live_segment_is_not_an_orphan_and_a_dead_one_is(tmp_path: Path, serie
     meta, dataset, uid, ts = _part10(series[0])
     held = live.append(7, _record(live, meta, dataset, uid, ts))
     dead = _leave_segment(tmp_path / "receipts", series[1:2])
+    unnamed = tmp_path / "receipts" / ".20261202T000000-1-abc.tmp"  # its writer stopped before renaming it
+    unnamed.write_bytes(b"")
     other = ReceiptLog(tmp_path / "receipts", lambda: None)
     found = list(other.orphans())
     try:
         assert [path for path, _fd in found] == [dead]  # the live one stays locked by its writer
+        assert not unnamed.exists()
     finally:
         for _path, fd in found:
             os.close(fd)
