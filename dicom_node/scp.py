@@ -2,10 +2,11 @@
 
 A C-STORE is answered with Success only after the instance is durable and filed: in the spool and in
 the journal (committed). With the node's receipt log (:mod:`dicom_node.receipts`, what the node runs with
-``[node] fsync``) one ``fdatasync`` of the log makes it durable, taken while the instance is parsed, checked
-and filed (spool file and journal row not synced until the log's segment settles); without it, the spool
-file, its directory and the journal commit are each synced in turn. The pixel data is never decoded here:
-the encoded dataset is written as it came, and only the header is parsed to file it.
+``[node] fsync``) one synchronous append to the log makes it durable, written by a helper thread while the
+instance is parsed and checked (then it is filed: spool file and journal row, not synced until the log's
+segment settles); without it, the spool file, its directory and the journal commit are each synced in turn.
+The pixel data is never decoded here: the encoded dataset is written as it came, and only the header is
+parsed to file it.
 
 One SOP Instance UID is one object: the journal keeps a SHA-256 of each data set as received; the
 same UID again with the same content is an idempotent success, with other content a failure
