@@ -33,10 +33,11 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from .spool import private_dir
 
@@ -83,7 +84,7 @@ class Segment:
     last_append: float = field(default_factory=time.monotonic)
     files: list[Path] = field(default_factory=list)
     broken: bool = False  #: a write failed: nothing more is appended (the next object begins a new segment)
-    pending: int = 0  #: objects appended whose filing has not ended (:meth:`ReceiptLog.filed`)
+    pending: int = 0  #: objects being appended, or appended and not yet filed (:meth:`ReceiptLog.filed`)
     detached: bool = False  #: no longer any association's: settled once ``pending`` is 0
 
 
@@ -98,7 +99,9 @@ class ReceiptLog:
         self._settle_rows = settle_rows
         self._lock = threading.Lock()
         self._open: dict[int, Segment] = {}  # association key -> its segment
-        self._settling: set[Future[None]] = set()
+        self._settling: dict[Future[None], Segment] = {}
+        self._failed: list[Segment] = []  # settles that failed, tried again by the next settle_idle
+        self._mine: set[Path] = set()  # segments this log created (never replayed by it, whatever the locks say)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipts-settle")
 
     # -- appending -------------------------------------------------------------------------
@@ -121,23 +124,34 @@ class ReceiptLog:
         durable (raises the ``OSError`` of the write). The write is one ``writev`` on a file opened ``O_DSYNC``:
         one system call, so the interpreter lock is released once, for all of it (the SCP parses the object in
         another thread meanwhile)."""
-        segment = self._segment(key)
+        segment = self._segment(key)  # counted in its ``pending`` from here: no settle can close it under the write
         try:
             _write_all(segment.fd, record)
         except OSError:
             segment.broken = True
+            self._release(segment)
+            raise
+        except BaseException:
+            self._release(segment)
             raise
         with self._lock:
             segment.records += 1
-            segment.pending += 1
             segment.size += sum(len(part) for part in record)
             segment.last_append = time.monotonic()
         return segment
 
+    def _release(self, segment: Segment) -> None:
+        """An append to ``segment`` that failed: it no longer holds the segment open."""
+        with self._lock:
+            segment.pending -= 1
+            ready = segment.detached and segment.pending == 0
+        if ready:
+            self._settle_later(segment)
+
     def filed(self, key: int, segment: Segment, path: Path | None) -> None:
         """The SCP is done with an object appended to ``segment``: ``path`` is the spool file it wrote for it
         (not synced: fsync'd when the segment settles), None when it wrote none (a re-send, a refusal). Called
-        once for every append that succeeded, whatever came of it."""
+        once for every append that succeeded, whatever came of it (a failed append releases its own count)."""
         with self._lock:
             if path is not None:
                 segment.files.append(path)
@@ -158,12 +172,15 @@ class ReceiptLog:
         return segment.pending == 0
 
     def _segment(self, key: int) -> Segment:
+        """Association ``key``'s segment (a new one if it has none, or a broken one), counted in ``pending``."""
         with self._lock:
             segment = self._open.get(key)
             if segment is not None and not segment.broken:
+                segment.pending += 1
                 return segment
         new = self._create()
         with self._lock:
+            new.pending += 1
             old = self._open.get(key)
             ready = old is not None and self._detach(key, old)  # broken: what was filed from it is settled all the same
             self._open[key] = new
@@ -179,6 +196,8 @@ class ReceiptLog:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # never contended: the file is new
             final = self.directory / f"{name}{_SUFFIX}"
+            with self._lock:
+                self._mine.add(final)
             os.rename(tmp, final)
             _fsync_dir(self.directory)  # the segment's name is durable before anything is acknowledged from it
         except BaseException:
@@ -199,12 +218,14 @@ class ReceiptLog:
             self._settle_later(segment)
 
     def settle_idle(self, idle_s: float = SETTLE_IDLE_S) -> int:
-        """Settle (in the background) the segments nothing was appended to for ``idle_s``; their associations
-        begin new ones. Returns how many."""
+        """Settle (in the background) the segments nothing was appended to for ``idle_s`` (their associations
+        begin new ones), and again those whose settle failed. Returns how many idle ones."""
         now = time.monotonic()
         with self._lock:
             idle = [(k, s) for k, s in self._open.items() if now - s.last_append >= idle_s and s.records]
             ready = [s for k, s in idle if self._detach(k, s)]
+            ready += self._failed  # settles that failed (e.g. the journal was unreachable): tried again
+            self._failed = []
         for segment in ready:
             self._settle_later(segment)
         return len(idle)
@@ -216,20 +237,34 @@ class ReceiptLog:
             log.warning("receipt log %s: not settled before the stop; replayed at the next start", segment.path.name)
             return
         with self._lock:
-            self._settling.add(future)
+            self._settling[future] = segment
         future.add_done_callback(self._settled)
 
     def _settled(self, future: Future[None]) -> None:
         with self._lock:
-            self._settling.discard(future)
-        if future.exception() is not None:
-            log.error("receipt log: settling a segment failed (%s); it stays and is replayed at the next start",
-                      future.exception())
+            segment = self._settling.pop(future, None)
+            failed = future.exception() is not None and segment is not None
+            if failed:
+                assert segment is not None
+                self._failed.append(segment)
+        if failed:
+            log.error("receipt log: settling %s failed (%s); the next sweep tries again (and a start replays it)",
+                      segment.path.name if segment else "?", future.exception())
 
     def settle(self, segment: Segment) -> None:
-        """Make what was filed from ``segment`` durable, then delete it. A failure leaves it for replay."""
+        """Make what was filed from ``segment`` durable, then delete it. A failure leaves it for a retry (the
+        sweep's :meth:`settle_idle`) or the next start's replay."""
+        self.sync_files(segment.files)
+        self._settle_rows()  # one durable commit: every journal row committed before it is durable too
+        os.unlink(segment.path)
+        os.close(segment.fd)
+        self.forget(segment.path)
+
+    @staticmethod
+    def sync_files(paths: Iterable[Path]) -> None:
+        """fsync each file that still exists, then each of their directories once."""
         directories: dict[Path, None] = {}
-        for path in segment.files:
+        for path in paths:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:  # removed since (a retention sweep, or a re-send replaced it: synced then)
@@ -241,9 +276,6 @@ class ReceiptLog:
             directories[path.parent] = None
         for directory in directories:
             _fsync_dir(directory)
-        self._settle_rows()  # one durable commit: every journal row committed before it is durable too
-        os.unlink(segment.path)
-        os.close(segment.fd)
 
     def shutdown(self) -> None:
         """Settle every open segment and wait for all settles (a clean stop leaves no segment behind)."""
@@ -269,57 +301,116 @@ class ReceiptLog:
 
     def orphans(self) -> Iterator[tuple[Path, int]]:
         """Segments whose writer has gone (``(path, fd)``, the fd holding the segment's lock; the caller closes
-        it), oldest first. A segment another live process writes is skipped. A segment left under its temporary
-        name (its writer stopped before it was renamed, so before anything was appended) is deleted."""
+        it), oldest first. A segment another live process writes is skipped (it holds the lock), and so is one
+        this log created. A segment left under its temporary name (its writer stopped before it was renamed, so
+        before anything was appended) is deleted. A segment that cannot be opened or locked is logged and skipped."""
         for tmp in self.directory.glob(".*.tmp"):
-            try:
-                fd = os.open(tmp, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                tmp.unlink(missing_ok=True)  # unlocked: its writer has gone
-            except BlockingIOError:  # being created now
-                pass
-            finally:
+            fd = self._lock_orphan(tmp)
+            if fd is not None:
+                tmp.unlink(missing_ok=True)
                 os.close(fd)
         for path in sorted(self.directory.glob(f"*{_SUFFIX}")):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # settled meanwhile
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            with self._lock:
+                if path in self._mine:
+                    continue
+            fd = self._lock_orphan(path)
+            if fd is None:
                 continue
             if not path.exists():  # settled between the open and the lock
                 os.close(fd)
                 continue
             yield path, fd
 
+    @staticmethod
+    def _lock_orphan(path: Path) -> int | None:
+        """``path`` opened and locked (its writer has gone), or None (it is gone, or a live writer holds it)."""
+        try:
+            # read-write: on NFS the Linux client maps flock onto POSIX locks, and an exclusive one needs it
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.error("receipt log %s: cannot open it to replay it (%s)", path, exc)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except OSError as exc:
+            os.close(fd)
+            log.error("receipt log %s: cannot lock it to replay it (%s)", path, exc)
+            return None
+        return fd
+
+    def forget(self, segment_path: Path) -> None:
+        with self._lock:
+            self._mine.discard(segment_path)
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    """Where one whole record of a segment lies (its CRC checked), and what its description says."""
+
+    segment: Path
+    offset: int  #: of the object's bytes (after the header and the description)
+    length: int
+    description: dict[str, object]
+
+    @property
+    def received_at(self) -> float:
+        return float(self.description["t"])  # type: ignore[arg-type]
+
+
+def index_records(path: Path) -> list[RecordRef]:
+    """The whole records of a segment, in order, each read once to check its CRC but not kept; stops (with a log
+    line) at one cut short or damaged (never acknowledged: its writer stopped while writing it)."""
+    refs: list[RecordRef] = []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        offset = 0
+        while offset < size:
+            head = f.read(_HEADER.size)
+            magic, crc, meta_length, length = _HEADER.unpack(head) if len(head) == _HEADER.size else (b"", 0, 0, 0)
+            end = offset + _HEADER.size + meta_length + length
+            if magic != _MAGIC or end > size or not _crc_matches(f, meta_length + length, crc):
+                log.warning("receipt log %s: the record at byte %d is cut short or damaged (never acknowledged)",
+                            path, offset)
+                break
+            f.seek(offset + _HEADER.size)
+            description = json.loads(f.read(meta_length))
+            refs.append(RecordRef(path, offset + _HEADER.size + meta_length, length, description))
+            offset = end
+            f.seek(offset)
+    return refs
+
+
+def _crc_matches(f: BinaryIO, length: int, crc: int) -> bool:
+    value = 0
+    while length:
+        chunk = f.read(min(length, 2**20))
+        if not chunk:
+            return False
+        value = zlib.crc32(chunk, value)
+        length -= len(chunk)
+    return value == crc
+
+
+def load_record(ref: RecordRef) -> Receipt:
+    """The record ``ref`` points at (checked by :func:`index_records`)."""
+    with open(ref.segment, "rb") as f:
+        f.seek(ref.offset)
+        data = f.read(ref.length)
+    d = ref.description
+    return Receipt(calling_ae=str(d["ae"]), received_at=ref.received_at, transfer_syntax=str(d["ts"]),
+                   sop_class_uid=str(d["class"]), sop_instance_uid=str(d["sop"]), meta_length=int(d["meta"]),  # type: ignore[call-overload]
+                   data=data)
+
 
 def read_records(path: Path) -> Iterator[Receipt]:
-    """The whole records of a segment, in order; stops (with a log line) at one cut short or damaged."""
-    data = path.read_bytes()
-    offset = 0
-    while offset < len(data):
-        end = offset + _HEADER.size
-        if end > len(data):
-            log.warning("receipt log %s: a record header cut short at byte %d (never acknowledged)", path, offset)
-            return
-        magic, crc, meta_length, length = _HEADER.unpack_from(data, offset)
-        body_end = end + meta_length + length
-        if magic != _MAGIC or body_end > len(data) or zlib.crc32(data[end:body_end]) != crc:
-            log.warning("receipt log %s: the record at byte %d is cut short or damaged (never acknowledged)",
-                        path, offset)
-            return
-        description = json.loads(data[end:end + meta_length])
-        yield Receipt(calling_ae=str(description["ae"]), received_at=float(description["t"]),
-                      transfer_syntax=str(description["ts"]), sop_class_uid=str(description["class"]),
-                      sop_instance_uid=str(description["sop"]),
-                      meta_length=int(description["meta"]), data=data[end + meta_length:body_end])
-        offset = body_end
+    """The whole records of a segment, in order (:func:`index_records`)."""
+    for ref in index_records(path):
+        yield load_record(ref)
 
 
 def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:

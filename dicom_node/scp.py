@@ -74,7 +74,7 @@ from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBud
 from .headers import ReceivedInstance, SeriesAttributes, describe
 from .headers import text as _str
 from .journal import InstanceRecord, Journal
-from .receipts import Receipt, ReceiptLog, Segment, read_records
+from .receipts import Receipt, ReceiptLog, Segment, index_records, load_record
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
 from .tls import NodeAssociationServer, SharedPortAssociationServer, common_name, describe_connection, server_context
@@ -587,14 +587,18 @@ class StorageSCP:
     def _receive(self, event: evt.Event, view: memoryview, sop_uid: str) -> tuple[ReceivedInstance, str]:
         """The received data set checked and described, and its content digest; raises BadInstance."""
         transfer_syntax = UID(str(event.context.transfer_syntax))
-        if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            if inflated_size_exceeds(view, self.max_object) is not None:
-                raise BadInstance(STATUS_OUT_OF_RESOURCES,
-                                  f"Deflate data set inflates to more than {self.max_object // MiB} MB")
+        self._check_inflated(view, transfer_syntax)
         digest = content_digest(view)
         fp = event.request.DataSet
         fp.seek(0)
         return self._read(fp, transfer_syntax, sop_uid, _str(event.request.AffectedSOPClassUID)), digest
+
+    def _check_inflated(self, view: memoryview, transfer_syntax: UID) -> None:
+        """A Deflate data set must not inflate beyond ``[limits] max_object_mb``; raises BadInstance."""
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            if inflated_size_exceeds(view, self.max_object) is not None:
+                raise BadInstance(STATUS_OUT_OF_RESOURCES,
+                                  f"Deflate data set inflates to more than {self.max_object // MiB} MB")
 
     def _read(self, fp: BinaryIO, transfer_syntax: UID, sop_uid: str, sop_class: str) -> ReceivedInstance:
         """Parse, check and describe a data set announced as ``sop_uid`` of ``sop_class``; raises BadInstance."""
@@ -687,40 +691,52 @@ class StorageSCP:
 
     def replay_receipts(self) -> int:
         """File again what segments left by a stopped process hold and the journal or spool lost (a crash or
-        power loss before they settled); returns how many objects were filed again. A segment that cannot be
-        replayed now stays for the next try."""
+        power loss before they settled); returns how many objects were filed again. The records of all such
+        segments are replayed in the order they were received (so that, of two objects sent under one UID, the
+        one acknowledged first is the one kept), then the files found in place are synced, and the segments are
+        deleted. Segments that cannot be replayed now stay for the next try."""
         if self.receipts is None:
             return 0
-        redone = 0
-        for path, fd in self.receipts.orphans():
-            try:
-                records = done = 0
-                for record in read_records(path):
-                    records += 1
-                    done += self._replay(record)
-                self.journal.sync()
+        orphans = list(self.receipts.orphans())
+        if not orphans:
+            return 0
+        try:
+            refs = [ref for path, _fd in orphans for ref in index_records(path)]
+            refs.sort(key=lambda ref: (ref.received_at, str(ref.segment), ref.offset))
+            redone, in_place = 0, []
+            for ref in refs:
+                filed_again, found = self._replay(load_record(ref))
+                redone += filed_again
+                if found is not None:
+                    in_place.append(found)
+            ReceiptLog.sync_files(in_place)  # written before the stop, maybe never synced
+            self.journal.sync()
+            for path, _fd in orphans:
                 path.unlink()
-                redone += done
-                log.info("receipt log %s replayed: %d object(s), %d filed again", path.name, records, done)
-            except Exception:  # noqa: BLE001 - kept for the next start or sweep
-                log.exception("receipt log %s: replay failed; it is kept and tried again", path)
-            finally:
+        except Exception:  # noqa: BLE001 - kept for the next start or sweep
+            log.exception("receipt log: replaying %s failed; kept and tried again",
+                          ", ".join(path.name for path, _fd in orphans))
+            return 0
+        finally:
+            for _path, fd in orphans:
                 os.close(fd)
-        if redone:
-            log.warning("%d acknowledged object(s) filed again from the receipt log (the node stopped before they "
-                        "were settled)", redone)
+        log.log(logging.WARNING if redone else logging.INFO,
+                "receipt log: %d segment(s) left by a stopped process replayed: %d object(s), %d filed again from "
+                "the receipt log", len(orphans), len(refs), redone)
         return redone
 
-    def _replay(self, record: Receipt) -> bool:
+    def _replay(self, record: Receipt) -> tuple[bool, Path | None]:
         """File ``record`` again if its journal row or spool file is missing (or the file is not what was
-        received); True if anything was written."""
+        received): (True, None). (False, the spool file) when it is in place; (False, None) when it was refused,
+        or another object is kept under its UID."""
         sop_uid = record.sop_instance_uid
         try:
+            self._check_inflated(record.dataset, UID(record.transfer_syntax))
             received = self._read(io.BytesIO(record.dataset), UID(record.transfer_syntax), sop_uid,
                                   record.sop_class_uid)
         except BadInstance as exc:  # refused when it came (the log holds objects before they are checked)
             log.debug("receipt log: %s was refused when received (%s): not filed", sop_uid, exc)
-            return False
+            return False, None
         digest = content_digest(record.dataset)
         with self._claim(sop_uid):
             known = self.journal.instance(sop_uid)
@@ -729,14 +745,16 @@ class StorageSCP:
                 self.journal.add_instance(received, transfer_syntax=record.transfer_syntax, path=str(path),
                                           calling_ae=record.calling_ae, sha256=digest, now=record.received_at)
                 log.info("receipt log: %s from %s filed again (its journal row was lost)", sop_uid, record.calling_ae)
-                return True
+                return True, None
             on_disk = stored_digest(Path(known.path))
             expected = known.sha256 or on_disk
-            if on_disk == digest or (expected is not None and expected != digest):
-                return False  # in place, or another object was kept under this UID (a conflicting re-send)
+            if expected is not None and expected != digest:
+                return False, None  # another object was kept under this UID (a conflicting re-send)
+            if on_disk == digest:
+                return False, Path(known.path)
             self.spool.write(received.study_uid, received.series_uid, sop_uid, record.data)
             log.info("receipt log: %s written again to %s (the file was lost or cut short)", sop_uid, known.path)
-            return True
+            return True, None
 
     @staticmethod
     def _check_resend(known: InstanceRecord, digest: str, series_uid: str, calling: str) -> None:

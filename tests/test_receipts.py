@@ -4,19 +4,23 @@ after a crash; and the SCP filing through it (objects not synced where they are 
 from __future__ import annotations
 
 import os
+import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, Association
 from pynetdicom.sop_class import Verification
 
 from dicom_node import receipts as receipts_module
-from dicom_node.config import NodeConfig, NodeSettings
+from dicom_node.config import LimitSettings, NodeConfig, NodeSettings
 from dicom_node.headers import describe
 from dicom_node.journal import Journal
 from dicom_node.receipts import ReceiptLog, read_records
@@ -31,9 +35,10 @@ NODE_AE = "RECEIPT_NODE"
 class LoggedNode:
     """A StorageSCP with fsync on and a receipt log, on a free loopback port."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, limits: LimitSettings | None = None) -> None:
         config = NodeConfig(node=NodeSettings(ae_title=NODE_AE, host="127.0.0.1", port=free_port(),
-                                              data_dir=data_dir, fsync=True, network_timeout_s=10))
+                                              data_dir=data_dir, fsync=True, network_timeout_s=10),
+                            limits=limits or LimitSettings())
         self.journal = Journal(data_dir / "journal.sqlite3")
         self.spool = Spool(data_dir / "spool")
         self.syncs = 0
@@ -69,8 +74,8 @@ class LoggedNode:
 def make_node(tmp_path: Path) -> Iterator[Callable[..., LoggedNode]]:
     nodes: list[LoggedNode] = []
 
-    def make(data_dir: Path | None = None) -> LoggedNode:
-        node = LoggedNode(data_dir or tmp_path / f"data{len(nodes)}")
+    def make(data_dir: Path | None = None, limits: LimitSettings | None = None) -> LoggedNode:
+        node = LoggedNode(data_dir or tmp_path / f"data{len(nodes)}", limits)
         nodes.append(node)
         return node
 
@@ -190,10 +195,10 @@ def test_a_full_or_idle_segment_is_settled_and_the_association_goes_on_in_a_new_
         log.filed(5, segment, None)
         segments.append(segment)
     assert segments[0] is segments[1] and segments[2] is not segments[0]
-    assert _wait_for(lambda: settled == [1]) and not segments[0].path.exists()
+    assert _wait_for(lambda: settled == [1] and not segments[0].path.exists())
     assert log.settle_idle(idle_s=60.0) == 0  # the open one is recent
     assert log.settle_idle(idle_s=0.0) == 1
-    assert _wait_for(lambda: settled == [1, 1]) and not segments[2].path.exists()
+    assert _wait_for(lambda: settled == [1, 1] and not segments[2].path.exists())
     assert log.open_segments == 0
     log.shutdown()
 
@@ -274,7 +279,7 @@ def test_replay_keeps_a_conflicting_stored_object_and_refuses_what_was_refused(
     ds = dcmread(series[0])
     meta, dataset, uid, ts = _part10(series[0])
     # another object was stored under this UID first (the log's record was refused as a conflicting re-send)
-    other = dataset.replace(b"\x00\x00", b"\x01\x00", 1) if b"\x00\x00" in dataset else dataset + b""
+    other = dataset[:-2] + bytes([(dataset[-2] + 1) % 256, dataset[-1]])  # another pixel value
     stored = node.spool.write(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), uid, (meta, other))
     node.journal.add_instance(describe(ds), transfer_syntax=ts, path=str(stored), calling_ae="FIRST",
                               sha256=content_digest(other))
@@ -312,3 +317,103 @@ def test_a_failed_append_makes_the_object_durable_where_it_is_filed(
     assert durable == [True]
     assert "receipt log: cannot append" in caplog.text
     assert node.journal.counts()["instances"]["total"] == 1
+
+
+def test_no_settle_closes_a_segment_while_an_object_is_being_appended(
+        tmp_path: Path, series: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: the count that keeps a segment open was taken after the write, so a sweep's idle settle
+    (or the association's end) could delete and close the segment under an append in progress."""
+    settled: list[int] = []
+    log = ReceiptLog(tmp_path / "receipts", lambda: settled.append(1))
+    meta, dataset, uid, ts = _part10(series[0])
+    first = log.append(9, _record(log, meta, dataset, uid, ts))
+    log.filed(9, first, None)
+    writing, go_on = threading.Event(), threading.Event()
+    real_write = receipts_module._write_all
+
+    def slow_write(fd: int, parts: list[Any]) -> None:
+        writing.set()
+        go_on.wait(10)
+        real_write(fd, parts)
+
+    monkeypatch.setattr(receipts_module, "_write_all", slow_write)
+    appended: list[Any] = []
+    thread = threading.Thread(target=lambda: appended.append(log.append(9, _record(log, meta, dataset, uid, ts))))
+    thread.start()
+    assert writing.wait(10)
+    log.settle_idle(idle_s=0.0)  # the sweep
+    log.close(9)  # and the association's end
+    time.sleep(0.2)
+    assert first.path.exists() and not settled  # still open: the record is being written into it
+    go_on.set()
+    thread.join(10)
+    assert appended == [first] and len(list(read_records(first.path))) == 2
+    log.filed(9, first, None)
+    assert _wait_for(lambda: settled == [1] and not first.path.exists())
+    log.shutdown()
+
+
+def test_replay_syncs_the_spool_files_it_finds_in_place(
+        make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: after a SIGKILL the page cache still holds the unsynced spool files, so the replay finds
+    them in place; they must be synced before the segment that could restore them is deleted."""
+    data_dir = tmp_path / "killed"
+    node = make_node(data_dir)
+    in_place = []
+    for path in series[:2]:
+        ds = dcmread(path)
+        meta, dataset, uid, ts = _part10(path)
+        spooled = node.spool.write(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), uid, (meta, dataset),
+                                   durable=False)
+        node.journal.add_instance(describe(ds), transfer_syntax=ts, path=str(spooled), calling_ae="SCANNER",
+                                  sha256=content_digest(dataset), durable=False)
+        in_place.append(spooled)
+    segment = _leave_segment(data_dir / "receipts", series[:2])
+    synced: list[Path] = []
+    real_sync = ReceiptLog.sync_files
+    monkeypatch.setattr(ReceiptLog, "sync_files", staticmethod(lambda paths: (synced.extend(paths), real_sync(paths))))
+    assert node.scp.replay_receipts() == 0
+    assert synced == in_place and not segment.exists()
+
+
+def test_replay_keeps_the_object_acknowledged_first_whatever_the_segment_names(
+        make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path) -> None:
+    """Found in review: two associations sent one UID with different content; the first was acknowledged, the
+    second refused as a conflict. With both rows lost, the replay must keep the first, even when the second's
+    segment sorts first by name."""
+    data_dir = tmp_path / "two"
+    node = make_node(data_dir)
+    meta, dataset, uid, ts = _part10(series[0])
+    other = dataset[:-2] + bytes([(dataset[-2] + 1) % 256, dataset[-1]])  # another pixel value: still valid
+    acknowledged = _leave_segment(data_dir / "receipts", series[:1])
+    time.sleep(0.01)
+    refused_log = ReceiptLog(data_dir / "receipts", lambda: None)
+    refused = refused_log.append(1, _record(refused_log, meta, other, uid, ts))
+    os.close(refused.fd)
+    refused.path.rename(refused.path.with_name("00000000T000000-1-first.log"))  # sorts before the other
+    assert node.scp.replay_receipts() == 1
+    record = node.journal.instance(uid)
+    assert record is not None and record.sha256 == content_digest(dataset) == stored_digest(Path(record.path))
+    assert not acknowledged.exists()
+
+
+def test_replay_refuses_a_deflate_bomb_as_the_c_store_did(
+        make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path) -> None:
+    data_dir = tmp_path / "bomb"
+    node = make_node(data_dir, LimitSettings(max_object_mb=1.0, receive_memory_mb=64.0))
+    meta, _dataset, uid, _ts = _part10(series[0])
+    ds = dcmread(series[0])  # a valid object of 2 MB that deflates to 3 kB: refused at 1 MB
+    ds.Rows = ds.Columns = 1024
+    ds.PixelData = bytes(1024 * 1024 * 2)
+    del ds.file_meta
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_dataset(encoded, ds)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = deflater.compress(encoded.getvalue()) + deflater.flush()
+    log = ReceiptLog(data_dir / "receipts", lambda: None)
+    segment = log.append(1, _record(log, meta, bomb, uid, "1.2.840.10008.1.2.1.99"))
+    os.close(segment.fd)
+    assert node.scp.replay_receipts() == 0
+    assert node.journal.instance(uid) is None and not segment.path.exists()
