@@ -379,10 +379,11 @@ def test_sigkill_after_ack_before_processing(tmp_path: Path, orthanc, models_dir
     assert len(orthanc.find_series("^sT12DT1$")) == 1
 
 
-def test_acknowledged_instances_survive_losing_every_write_not_synced(tmp_path: Path, models_dir: Path) -> None:
-    """The node SIGKILLed with an association open (its receipt log segment not settled), then every write it had
-    not synced taken away (what a power loss may take: the journal rows and spool files of those instances). At
-    the next start the receipt log files them again: every acknowledged instance is there, byte for byte."""
+def test_acknowledged_instances_survive_losing_their_unsynced_rows_and_files(tmp_path: Path, models_dir: Path) -> None:
+    """The node SIGKILLed with an association open (its receipt log segment not settled), then the journal rows and
+    spool files of those instances taken away (they were not synced: a power loss may take them). At the next start
+    the receipt log files them again: every acknowledged instance is there, byte for byte. (A SIGKILL keeps the page
+    cache, so this cannot show that the log's own write reached the disk: O_DSYNC is what promises that.)"""
     import sqlite3
 
     from pynetdicom import AE
