@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from .spool import private_dir
+from .spool import fsync_dir, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class ReceiptLog:
             with self._lock:
                 self._mine.add(final)
             os.rename(tmp, final)
-            _fsync_dir(self.directory)  # the segment's name is durable before anything is acknowledged from it
+            fsync_dir(self.directory)  # the segment's name is durable before anything is acknowledged from it
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
@@ -275,7 +275,7 @@ class ReceiptLog:
                 os.close(fd)
             directories[path.parent] = None
         for directory in directories:
-            _fsync_dir(directory)
+            fsync_dir(directory)
 
     def shutdown(self) -> None:
         """Settle every open segment and wait for all settles (a clean stop leaves no segment behind)."""
@@ -424,11 +424,3 @@ def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
             else:
                 views[0] = views[0][written:]
                 written = 0
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

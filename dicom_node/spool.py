@@ -65,7 +65,7 @@ class Spool:
             if created and self.fsync:
                 # make the new directory entries themselves durable
                 for d in (directory.parent, directory.parent.parent):
-                    _fsync_dir(d)
+                    fsync_dir(d)
             self._known_dirs.add(directory)
 
     def _final_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
@@ -109,7 +109,7 @@ class Spool:
             tmp.unlink(missing_ok=True)  # e.g. disk full: leave no partial temporary behind
             raise
         if sync:
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         return final
 
 
@@ -122,7 +122,8 @@ def private_dir(directory: Path) -> bool:
     return False
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """fsync a directory: its entries (new, renamed, removed files) are durable when it returns."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -112,6 +112,18 @@ def _record(log: ReceiptLog, meta: bytes, dataset: bytes, uid: str, ts: str, ae:
                       sop_instance_uid=uid)
 
 
+def _file_directly(node: LoggedNode, path: Path, dataset: bytes | None = None, *, durable: bool = True) -> Path:
+    """File ``path`` (or ``dataset`` under its UIDs) in the node's spool and journal, as a C-STORE would have."""
+    ds = dcmread(path)
+    meta, received, uid, ts = _part10(path)
+    data = received if dataset is None else dataset
+    spooled = node.spool.write(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), uid, (meta, data),
+                               durable=durable)
+    node.journal.add_instance(describe(ds), transfer_syntax=ts, path=str(spooled), calling_ae="SCANNER",
+                              sha256=content_digest(data), durable=durable)
+    return spooled
+
+
 def _leave_segment(directory: Path, files: list[Path], *, torn: bytes = b"") -> Path:
     """A segment as a process that died before settling leaves it (its lock gone with its descriptor)."""
     log = ReceiptLog(directory, lambda: None)
@@ -246,16 +258,8 @@ def test_objects_lost_after_their_acknowledgement_are_filed_again_from_the_log(
     node = make_node(data_dir)
     # What a power loss can leave: the journal row of series[0] and the spool file of series[1] kept, but that
     # file cut short; nothing of series[2] or series[3] (its record cut short: the node died before answering).
-    first = dcmread(series[0])
-    meta, dataset, uid, ts = _part10(series[0])
-    kept = node.spool.write(str(first.StudyInstanceUID), str(first.SeriesInstanceUID), uid, (meta, dataset))
-    node.journal.add_instance(describe(first), transfer_syntax=ts, path=str(kept), calling_ae="SCANNER",
-                              sha256=content_digest(dataset))
-    second = dcmread(series[1])
-    meta1, dataset1, uid1, ts1 = _part10(series[1])
-    cut = node.spool.write(str(second.StudyInstanceUID), str(second.SeriesInstanceUID), uid1, (meta1, dataset1))
-    node.journal.add_instance(describe(second), transfer_syntax=ts1, path=str(cut), calling_ae="SCANNER",
-                              sha256=content_digest(dataset1))
+    _file_directly(node, series[0])
+    cut = _file_directly(node, series[1])
     cut.write_bytes(cut.read_bytes()[:-100])
     _, dataset3, _, _ = _part10(series[3])
     segment = _leave_segment(data_dir / "receipts", series[:3], torn=b"DNR1" + dataset3[:50])
@@ -276,13 +280,10 @@ def test_replay_keeps_a_conflicting_stored_object_and_refuses_what_was_refused(
         make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path) -> None:
     data_dir = tmp_path / "conflict"
     node = make_node(data_dir)
-    ds = dcmread(series[0])
     meta, dataset, uid, ts = _part10(series[0])
     # another object was stored under this UID first (the log's record was refused as a conflicting re-send)
     other = dataset[:-2] + bytes([(dataset[-2] + 1) % 256, dataset[-1]])  # another pixel value
-    stored = node.spool.write(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), uid, (meta, other))
-    node.journal.add_instance(describe(ds), transfer_syntax=ts, path=str(stored), calling_ae="FIRST",
-                              sha256=content_digest(other))
+    stored = _file_directly(node, series[0], other)
     log = ReceiptLog(data_dir / "receipts", lambda: None)
     segment = log.append(1, _record(log, meta, dataset, uid, ts))
     # and an object that is not DICOM (refused when it came: the log holds objects before they are checked)
@@ -360,15 +361,7 @@ def test_replay_syncs_the_spool_files_it_finds_in_place(
     them in place; they must be synced before the segment that could restore them is deleted."""
     data_dir = tmp_path / "killed"
     node = make_node(data_dir)
-    in_place = []
-    for path in series[:2]:
-        ds = dcmread(path)
-        meta, dataset, uid, ts = _part10(path)
-        spooled = node.spool.write(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), uid, (meta, dataset),
-                                   durable=False)
-        node.journal.add_instance(describe(ds), transfer_syntax=ts, path=str(spooled), calling_ae="SCANNER",
-                                  sha256=content_digest(dataset), durable=False)
-        in_place.append(spooled)
+    in_place = [_file_directly(node, path, durable=False) for path in series[:2]]
     segment = _leave_segment(data_dir / "receipts", series[:2])
     synced: list[Path] = []
     real_sync = ReceiptLog.sync_files
