@@ -86,6 +86,7 @@ class Segment:
     broken: bool = False  #: a write failed: nothing more is appended (the next object begins a new segment)
     pending: int = 0  #: objects being appended, or appended and not yet filed (:meth:`ReceiptLog.filed`)
     detached: bool = False  #: no longer any association's: settled once ``pending`` is 0
+    closed: bool = False  #: its descriptor closed (settled)
 
 
 class ReceiptLog:
@@ -256,8 +257,10 @@ class ReceiptLog:
         sweep's :meth:`settle_idle`) or the next start's replay."""
         self.sync_files(segment.files)
         self._settle_rows()  # one durable commit: every journal row committed before it is durable too
-        os.unlink(segment.path)
-        os.close(segment.fd)
+        segment.path.unlink(missing_ok=True)  # (missing: a retry after a failure past this point)
+        if not segment.closed:
+            segment.closed = True
+            os.close(segment.fd)
         self.forget(segment.path)
 
     @staticmethod
