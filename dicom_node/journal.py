@@ -641,17 +641,19 @@ class Journal:
         (``sqlite3.Error``, ``psycopg.Error``: :func:`dicom_node.journal_sql.connection_errors`) when it cannot
         write."""
         t0 = time.perf_counter()
-        with self._tx() as db:
-            db.execute("INSERT INTO meta(key, value) VALUES ('health_probe', ?)"
-                       " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (repr(time.time()),))
+        self._stamp("health_probe")
         return time.perf_counter() - t0
 
     def sync(self) -> None:
         """One durable commit (``meta.synced``): every transaction committed before it, durable or not, is on disk
         when it returns (SQLite's WAL and PostgreSQL's WAL are written in commit order)."""
+        self._stamp("synced")
+
+    def _stamp(self, key: str) -> None:
+        """Commit the time under ``meta.key``, durably."""
         with self._tx() as db:
-            db.execute("INSERT INTO meta(key, value) VALUES ('synced', ?)"
-                       " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (repr(time.time()),))
+            db.execute("INSERT INTO meta(key, value) VALUES (?, ?)"
+                       " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, repr(time.time())))
 
     @contextmanager
     def _tx(self, *, durable: bool = True) -> Iterator[Connection]:

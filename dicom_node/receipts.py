@@ -13,7 +13,7 @@ A segment is *settled* when its association ends, when it holds :data:`SEGMENT_R
 the spool files filed from it and their directories are fsync'd, then one durable journal commit makes every
 row before it durable, and the segment is deleted. After a crash or power loss, start-up (and, for a receiver
 that died beside others sharing the data directory, the next sweep) files again what the segments left
-behind hold (:meth:`ReceiptLog.orphans`, :func:`read_records`): an object whose journal row or spool file was
+behind hold (:meth:`ReceiptLog.orphans`, :func:`index_records`): an object whose journal row or spool file was
 lost is filed again from its bytes, with the same checks as a C-STORE. A record cut short (the node stopped
 while writing it, before any answer) ends its segment's replay.
 

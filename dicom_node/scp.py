@@ -634,20 +634,8 @@ class StorageSCP:
         # the file is the file meta (as pynetdicom's Event.encoded_dataset makes it) and the data set as received
         sop_class = _str(event.request.AffectedSOPClassUID)
         parts = (file_meta(sop_class, sop_uid, transfer_syntax), view)
-        with self._receipt(id(event.assoc), parts, calling, transfer_syntax, sop_class, sop_uid) as receipt:
-            if self.receipts is None:
-                received, digest = self._receive(event, view, sop_uid)
-            else:
-                # The record is written (one O_DSYNC writev) by a helper thread while this one parses: the sync
-                # costs no time of its own unless it outlasts the parse. The record is made here first, so that the
-                # helper needs the interpreter lock only for a moment before its system call (it gets it when the
-                # digest releases it); it needs it again only after this thread waits for it.
-                receipt.prepare()
-                writing = self._writers.submit(receipt.append)
-                try:
-                    received, digest = self._receive(event, view, sop_uid)
-                finally:
-                    writing.result()  # also when the object was refused: the record's buffers are the received ones
+        with self._receipt(id(event.assoc)) as receipt:
+            received, digest = self._receive_logged(event, view, parts, calling, sop_class, sop_uid, receipt)
             durable = receipt.segment is None  # the receipt log holds it, or (no log, or its write failed) not
             study_uid, series_uid = received.study_uid, received.series_uid
             with self._claim(sop_uid):
@@ -674,12 +662,31 @@ class StorageSCP:
                     self.spool.write(study_uid, series_uid, sop_uid, parts)
         return received, series_uid
 
+    def _receive_logged(self, event: evt.Event, view: memoryview, parts: tuple[bytes, memoryview], calling: str,
+                        sop_class: str, sop_uid: str, receipt: _Receipt) -> tuple[ReceivedInstance, str]:
+        """:meth:`_receive`, the object appended to the receipt log meanwhile (``receipt.segment`` once it is durable
+        there; None without a log, or when the append failed: the object is then synced where it is filed)."""
+        if self.receipts is None:
+            return self._receive(event, view, sop_uid)
+        # The record is written (one O_DSYNC writev) by a helper thread while this one parses: the sync costs no
+        # time of its own unless it outlasts the parse. The record is made here first, so that the helper needs the
+        # interpreter lock only for a moment before its system call (it gets it when the digest releases it).
+        record = self.receipts.record(parts, calling_ae=calling, transfer_syntax=str(event.context.transfer_syntax),
+                                      sop_class_uid=sop_class, sop_instance_uid=sop_uid)
+        writing = self._writers.submit(self.receipts.append, receipt.key, record)
+        try:
+            return self._receive(event, view, sop_uid)
+        finally:  # waited for also when the object was refused: the record's buffers are the received ones
+            try:
+                receipt.segment = writing.result()
+            except OSError as exc:
+                log.error("receipt log: cannot append (%s): %s is synced where it is filed", exc, sop_uid)
+
     @contextmanager
-    def _receipt(self, key: int, parts: tuple[bytes, memoryview], calling: str, transfer_syntax: str,
-                 sop_class: str, sop_uid: str) -> Iterator[_Receipt]:
-        """The object's record in the receipt log (:meth:`_Receipt.append`); on the way out the log is told what
-        was filed for it (:meth:`ReceiptLog.filed`)."""
-        receipt = _Receipt(self.receipts, key, parts, calling, transfer_syntax, sop_class, sop_uid)
+    def _receipt(self, key: int) -> Iterator[_Receipt]:
+        """One object's receipt (:meth:`_receive_logged`); on the way out the log is told what was filed for it
+        (:meth:`ReceiptLog.filed`)."""
+        receipt = _Receipt(key)
         try:
             yield receipt
         finally:
@@ -808,34 +815,13 @@ class StorageSCP:
             )
 
 
+@dataclass
 class _Receipt:
-    """One object's record in the receipt log (none without a log), and the spool file filed for it."""
+    """One object's record in the receipt log (of association ``key``), and the spool file filed for it."""
 
-    def __init__(self, log_: ReceiptLog | None, key: int, parts: tuple[bytes, memoryview], calling: str,
-                 transfer_syntax: str, sop_class: str, sop_uid: str) -> None:
-        self._log, self._key, self._parts = log_, key, parts
-        self._calling, self._transfer_syntax, self._sop_uid = calling, transfer_syntax, sop_uid
-        self._sop_class = sop_class
-        self.segment: Segment | None = None  #: the segment holding the record, once it is durable there
-        self.path: Path | None = None
-        self._record: list[bytes | memoryview] | None = None
-
-    def prepare(self) -> None:
-        """Make the record (:meth:`ReceiptLog.record`), before :meth:`append`."""
-        assert self._log is not None
-        self._record = self._log.record(self._parts, calling_ae=self._calling, transfer_syntax=self._transfer_syntax,
-                                        sop_class_uid=self._sop_class, sop_instance_uid=self._sop_uid)
-
-    def append(self) -> None:
-        """Append the record (durable on return). A failed append is logged, and the object is then made durable
-        where it is filed."""
-        assert self._log is not None and self._record is not None
-        try:
-            self.segment = self._log.append(self._key, self._record)
-        except OSError as exc:
-            log.error("receipt log: cannot append (%s): %s is synced where it is filed", exc, self._sop_uid)
-        finally:
-            self._record = None  # its views of the received buffer
+    key: int
+    segment: Segment | None = None  #: the segment holding the record, once it is durable there
+    path: Path | None = None
 
 
 def _failure(status: int, comment: str) -> Dataset:
