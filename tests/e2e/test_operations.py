@@ -110,9 +110,10 @@ def test_health_metrics_dashboard_and_its_actions(tmp_path: Path, orthanc, model
         undelivered = by_rule[("t1-archive", "failed")]
         assert "gap between slice" in failed.reason
         assert undelivered.reason == "delivery failed after the last try"
-        # the failed job's "not processed" page goes to the PACS too: wait until nothing is left to send
-        node.wait_for(lambda j: not [i for i in j.outbox() if i.state == "pending"], what="the outbox settled",
-                      timeout=60)
+        # the failed job's "not processed" page goes to the PACS too. The job is marked failed before the page
+        # is written and queued: wait for the page's outbox item, then until nothing is left to send
+        node.wait_for(lambda j: j.outbox(failed.id) and not [i for i in j.outbox() if i.state == "pending"],
+                      what="the failed job's page queued and the outbox settled", timeout=60)
         journal = node.journal()
         outbox = {j.id: journal.outbox(j.id) for j in (processed, undelivered)}
         to_pacs = [i for i in journal.outbox() if i.destination == "pacs" and i.state == "sent"]
