@@ -79,11 +79,17 @@ def require_tools() -> None:
         pytest.skip(reason)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
+def free_port(*, besides: Iterable[int] = ()) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, other than those in ``besides`` (the kernel may hand
+    out a port again as soon as its probe socket is closed: a node's DICOM and HTTP ports drawn one after the
+    other were once the same)."""
+    taken = set(besides)
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((LOCALHOST, 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            return port
 
 
 def _as_paths(files_or_dir: Path | str | Iterable[Path | str]) -> list[Path]:

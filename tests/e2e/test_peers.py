@@ -254,3 +254,25 @@ def test_storescu_sends_jpeg2000_and_jpeg_lossless_as_they_are(orthanc: Orthanc)
             ds = pydicom.dcmread(io.BytesIO(orthanc.instance_file(instance["ID"])), stop_before_pixels=True)
             syntaxes.add(ds.file_meta.TransferSyntaxUID)
     assert syntaxes == {JPEG2000Lossless, JPEGLosslessSV1}
+
+
+def test_free_port_draws_again_when_the_kernel_hands_out_a_port_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node's HTTP port is drawn after its DICOM port; the kernel may give the same one twice."""
+    handed_out = iter([5104, 5104, 5105])
+
+    class Probe:
+        def __enter__(self) -> Probe:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def bind(self, address: tuple[str, int]) -> None:
+            pass
+
+        def getsockname(self) -> tuple[str, int]:
+            return "127.0.0.1", next(handed_out)
+
+    monkeypatch.setattr(socket, "socket", lambda *args: Probe())
+    assert free_port() == 5104
+    assert free_port(besides=(5104,)) == 5105
