@@ -4,7 +4,9 @@ several nodes in one process do not clash).
 Counted as they happen: C-STORE outcomes (:meth:`NodeMetrics.store_status`, called by the SCP with the status it
 answered) and the duration of each step of a job that wrote its outputs (:meth:`NodeMetrics.observe_job`).
 Read from the journal at scrape time (:class:`JournalCollector`): series and jobs by state, the outbox by
-destination and state, the age of each destination's oldest pending item, free disk space and the health checks.
+destination and state, the age of each destination's oldest pending item, free disk space and the health checks;
+from the receipt log (:class:`ReceiptCollector`): its segments by state, the segment files waiting in its directory,
+settles that failed and objects that replays filed again.
 Labels carry no patient data: states, step names, destination names, DICOM status meanings.
 
 A worker process (``serve --role worker``) exports :class:`WorkerMetrics` on a port of its own (``[executor]
@@ -19,12 +21,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .health import Health, disk_free_bytes
 from .journal import FollowUpState, JobState, Journal, OutboxState, SeriesState
 from .lock import processes
+from .receipts import LogStatus
 
 #: Content-Type of the exposition format written by :func:`prometheus_client.generate_latest`.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -126,11 +129,44 @@ def _by_state(name: str, documentation: str, states: type[SeriesState] | type[Jo
     return family
 
 
+class ReceiptCollector(Collector):
+    """The receipt log's state each time ``/metrics`` is read: ``receipts()`` gives its status and how many objects
+    replays filed again."""
+
+    def __init__(self, receipts: Callable[[], tuple[LogStatus, int]]) -> None:
+        self.receipts = receipts
+
+    def collect(self) -> Iterator[Metric]:
+        status, replayed = self.receipts()
+        segments = GaugeMetricFamily("dicom_node_receipt_segments", "This process's receipt log segments by state "
+                                     "(failing: its last settle failed; the sweep tries again).", labels=["state"])
+        for state, n in (("open", status.open), ("settling", status.settling), ("failing", len(status.failing))):
+            segments.add_metric([state], n)
+        yield segments
+        files = GaugeMetricFamily("dicom_node_receipt_segment_files", "Segment files in the receipt log's directory "
+                                  "(every process's, and those a stopped process left).")
+        files.add_metric([], status.files)
+        yield files
+        age = GaugeMetricFamily("dicom_node_receipt_oldest_segment_age_seconds", "Time since the oldest segment "
+                                "file was last written (0: none).")
+        age.add_metric([], status.oldest_file_age_s)
+        yield age
+        failures = CounterMetricFamily("dicom_node_receipt_settle_failures", "Settles of a segment that failed "
+                                       "(retried by the sweep).")
+        failures.add_metric([], status.settle_failures)
+        yield failures
+        again = CounterMetricFamily("dicom_node_receipt_objects_replayed", "Acknowledged objects filed again from "
+                                    "the receipt log (their journal row or spool file was lost).")
+        again.add_metric([], replayed)
+        yield again
+
+
 class NodeMetrics:
     """One node's metrics and the registry ``/metrics`` exports."""
 
     def __init__(self, journal: Journal, data_dir: Path, destinations: Callable[[], Sequence[str]],
-                 health: Callable[[], Health] | None = None) -> None:
+                 health: Callable[[], Health] | None = None,
+                 receipts: Callable[[], tuple[LogStatus, int]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.received = Counter("dicom_node_instances_received", "C-STOREs answered with Success or a Warning "
                                 "(re-sends of a stored object included).", registry=self.registry)
@@ -142,6 +178,8 @@ class NodeMetrics:
                                       "that wrote their outputs (total: the whole core of the job).",
                                       labelnames=["step"], buckets=STEP_BUCKETS, registry=self.registry)
         self.registry.register(JournalCollector(journal, data_dir, destinations, health))
+        if receipts is not None:
+            self.registry.register(ReceiptCollector(receipts))
 
     def store_status(self, status: int) -> None:
         """Count one C-STORE by the status it was answered with."""

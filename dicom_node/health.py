@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .disk import free_bytes as disk_free_bytes  # one reader of free space for /health, /metrics and the guard
+from .receipts import LogStatus
 
 #: The checks whose failure a restart may cure (a stuck scheduler, a listener that died, a journal that no longer
 #: answers): the systemd watchdog is fed only while they pass. A disk below its watermark is not one of them: the
@@ -89,3 +90,19 @@ def check_dispatcher(*, scheduler_running: bool, last_scan_started: float | None
     if age > window:
         return Check(False, f"the outbox was last scanned {age:.0f} s ago (every {interval_s:g} s expected)")
     return Check(True, f"outbox scanned {age:.1f} s ago")
+
+
+def check_receipts(status: LogStatus, replay_error: str = "") -> Check:
+    """The receipt log settles: no segment's settle (its spool files and journal rows made durable) failed without
+    a retry that succeeded since, and the last replay of leftover segments did not fail. While it fails, acknowledged
+    objects are durable only in the log (a start replays them), and its segments pile up."""
+    problems = []
+    if status.failing:
+        problems.append(f"settling {', '.join(status.failing)} failed ({status.last_error}); the sweep tries again")
+    if replay_error:
+        problems.append(replay_error)
+    if problems:
+        return Check(False, "; ".join(problems))
+    files = f"{status.files} segment file(s)" + (
+        f", the oldest last written {status.oldest_file_age_s:.0f} s ago" if status.files else "")
+    return Check(True, f"{status.open} segment(s) open, {status.settling} settling; {files}")

@@ -89,6 +89,19 @@ class Segment:
     closed: bool = False  #: its descriptor closed (settled)
 
 
+@dataclass(frozen=True)
+class LogStatus:
+    """What ``/health`` and ``/metrics`` tell of a receipt log (:meth:`ReceiptLog.status`)."""
+
+    open: int  #: segments associations append to
+    settling: int  #: segments being settled now
+    failing: tuple[str, ...]  #: segments whose last settle failed, waiting for the sweep's retry (names)
+    last_error: str  #: why the last failed settle failed ("" when none has)
+    settle_failures: int  #: settles that failed since the start (each retry that fails counts)
+    files: int  #: segment files in the directory, this process's and any other's (orphans included)
+    oldest_file_age_s: float  #: age of the oldest of them by its last write (0 when there is none)
+
+
 class ReceiptLog:
     """The segments of one process under ``directory``; ``settle`` makes a segment's spool files and journal rows
     durable (fsync of the files and their directories, one durable journal commit) before it is deleted."""
@@ -102,6 +115,8 @@ class ReceiptLog:
         self._open: dict[int, Segment] = {}  # association key -> its segment
         self._settling: dict[Future[None], Segment] = {}
         self._failed: list[Segment] = []  # settles that failed, tried again by the next settle_idle
+        self._failing: dict[Path, str] = {}  # segments whose last settle failed -> why (until one succeeds)
+        self._settle_failures = 0
         self._mine: set[Path] = set()  # segments this log created (never replayed by it, whatever the locks say)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipts-settle")
 
@@ -248,6 +263,10 @@ class ReceiptLog:
             if failed:
                 assert segment is not None
                 self._failed.append(segment)
+                self._failing[segment.path] = f"{type(future.exception()).__name__}: {future.exception()}"
+                self._settle_failures += 1
+            elif segment is not None:
+                self._failing.pop(segment.path, None)
         if failed:
             log.error("receipt log: settling %s failed (%s); the next sweep tries again (and a start replays it)",
                       segment.path.name if segment else "?", future.exception())
@@ -299,6 +318,21 @@ class ReceiptLog:
     def open_segments(self) -> int:
         with self._lock:
             return len(self._open)
+
+    def status(self) -> LogStatus:
+        """This log's segments (open, settling, failing) and the segment files in its directory."""
+        with self._lock:
+            failing = tuple(sorted(path.name for path in self._failing))
+            last_error = next(reversed(self._failing.values()), "") if self._failing else ""
+            counts = (len(self._open), len(self._settling), self._settle_failures)
+        now, ages = time.time(), []
+        for path in self.directory.glob("*" + _SUFFIX):
+            try:
+                ages.append(max(now - path.stat().st_mtime, 0.0))
+            except FileNotFoundError:  # settled meanwhile
+                continue
+        return LogStatus(open=counts[0], settling=counts[1], failing=failing, last_error=last_error,
+                         settle_failures=counts[2], files=len(ages), oldest_file_age_s=max(ages, default=0.0))
 
     # -- replay ----------------------------------------------------------------------------
 

@@ -350,6 +350,9 @@ class StorageSCP:
         self.receipts = receipts if spool.fsync else None
         #: write receipts while the received objects are parsed (one at a time per association)
         self._writers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="scp-receipt")
+        #: why the last replay of leftover segments failed ("" when it did not), and objects replays filed again
+        self.replay_error = ""
+        self.replayed_objects = 0
         self.audit = audit or AuditTrail(None, config.node.ae_title)
         self.ledger = AssociationLedger()
         self.spool = spool
@@ -706,6 +709,7 @@ class StorageSCP:
             return 0
         orphans = list(self.receipts.orphans())
         if not orphans:
+            self.replay_error = ""  # (another receiver of the data directory may have replayed them)
             return 0
         try:
             refs = [ref for path, _fd in orphans for ref in index_records(path)]
@@ -720,13 +724,15 @@ class StorageSCP:
             self.journal.sync()
             for path, _fd in orphans:
                 path.unlink()
-        except Exception:  # noqa: BLE001 - kept for the next start or sweep
-            log.exception("receipt log: replaying %s failed; kept and tried again",
-                          ", ".join(path.name for path, _fd in orphans))
+        except Exception as exc:  # noqa: BLE001 - kept for the next start or sweep
+            names = ", ".join(path.name for path, _fd in orphans)
+            log.exception("receipt log: replaying %s failed; kept and tried again", names)
+            self.replay_error = f"replaying {names} failed: {type(exc).__name__}: {exc}"
             return 0
         finally:
             for _path, fd in orphans:
                 os.close(fd)
+        self.replay_error, self.replayed_objects = "", self.replayed_objects + redone
         log.log(logging.WARNING if redone else logging.INFO,
                 "receipt log: %d segment(s) left by a stopped process replayed: %d object(s), %d filed again from "
                 "the receipt log", len(orphans), len(refs), redone)

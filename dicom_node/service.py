@@ -32,14 +32,14 @@ from .config import NodeConfig
 from .disk import DiskState
 from .dispatch import Dispatcher
 from .exporter import NodeMetrics
-from .health import Check, Health, check_disk, check_dispatcher, check_journal
+from .health import Check, Health, check_disk, check_dispatcher, check_journal, check_receipts
 from .httpd import ActionError, NodeHTTPServer
 from .jobs import JobRunner, JournalQueue, Task, ThreadExecutor
 from .journal import NODE_WORKER, OutboxState, SeriesState, open_journal
 from .lock import processes
 from .notify import Notifier, install, notify
 from .rebuild import unknown_files
-from .receipts import ReceiptLog
+from .receipts import LogStatus, ReceiptLog
 from .retention import Retention
 from .routing import route
 from .scp import StorageSCP
@@ -111,15 +111,15 @@ class Node:
         )
         self.installed_models: set[str] = set()
         self.audit = AuditTrail(config.audit_path(), config.node.ae_title)
+        #: received objects are durable here before Success, each with one sync (``[node] fsync``, ``receipt_log``)
+        logged = config.node.fsync and config.node.receipt_log
         self.metrics = NodeMetrics(self.journal, data_dir, lambda: [d.name for d in config.destinations],
-                                   health=self.health)
+                                   health=self.health, receipts=self._receipt_report if logged else None)
         self.dispatcher = Dispatcher(config, self.journal, self.audit, worker=self.claim_id)
         self.runner = JobRunner(config, self.journal, self.registry, on_written=self.kick_dispatch,
                                 on_timings=self.metrics.observe_job, worker=self.claim_id)
         self.executor: ThreadExecutor[Task] | JournalQueue | CeleryExecutor | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
-        #: received objects are durable here before Success, each with one sync (``[node] fsync``, ``receipt_log``)
-        logged = config.node.fsync and config.node.receipt_log
         self.receipts = ReceiptLog(data_dir / "receipts", self.journal.sync) if logged else None
         self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit,
                               on_store_status=self.metrics.store_status, receipts=self.receipts)
@@ -268,7 +268,14 @@ class Node:
                 scheduler_running=self.scheduler.running, last_scan_started=self._outbox_scan_started,
                 scanning=self._outbox_scans > 0, interval_s=self.config.dispatch.scan_interval_s),
         }
+        if self.receipts is not None:
+            checks["receipt_log"] = check_receipts(self.receipts.status(), self.scp.replay_error)
         return Health(checks, time.time())
+
+    def _receipt_report(self) -> tuple[LogStatus, int]:
+        """The receipt log's status and the objects replays filed again (``/metrics``)."""
+        assert self.receipts is not None
+        return self.receipts.status(), self.scp.replayed_objects
 
     def feed_watchdog(self) -> None:
         """``WATCHDOG=1`` to systemd while the checks a restart could cure pass; otherwise nothing (systemd

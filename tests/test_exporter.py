@@ -16,6 +16,7 @@ from pynetdicom import AE
 from dicom_node.exporter import NodeMetrics, refusal_reason
 from dicom_node.health import Check, Health
 from dicom_node.journal import Journal
+from dicom_node.receipts import LogStatus
 from tests.dicom_factory import make_mr_series
 from tests.test_journal import GIVE_UP, add, job_with_outbox
 from tests.test_scp import NODE_AE
@@ -95,6 +96,28 @@ def test_journal_states_outbox_and_disk_at_scrape_time(journal: Journal, tmp_pat
     assert values[("dicom_node_disk_free_bytes", ())] > 0
     assert values[("dicom_node_health_check", (("check", "scp_listening"),))] == 1
     assert values[("dicom_node_health_check", (("check", "disk_space"),))] == 0
+
+
+def test_the_receipt_log_is_read_at_scrape_time(journal: Journal, tmp_path: Path) -> None:
+    status = [LogStatus(open=2, settling=1, failing=(), last_error="", settle_failures=0, files=3,
+                        oldest_file_age_s=4.5), 0]
+    metrics = NodeMetrics(journal, tmp_path, list, receipts=lambda: (status[0], status[1]))
+    values = samples(metrics)
+    assert values[("dicom_node_receipt_segments", (("state", "open"),))] == 2
+    assert values[("dicom_node_receipt_segments", (("state", "settling"),))] == 1
+    assert values[("dicom_node_receipt_segments", (("state", "failing"),))] == 0
+    assert values[("dicom_node_receipt_segment_files", ())] == 3
+    assert values[("dicom_node_receipt_oldest_segment_age_seconds", ())] == 4.5
+    assert values[("dicom_node_receipt_settle_failures_total", ())] == 0
+    assert values[("dicom_node_receipt_objects_replayed_total", ())] == 0
+    status[:] = [LogStatus(open=0, settling=0, failing=("a.log", "b.log"), last_error="OSError: gone",
+                           settle_failures=5, files=2, oldest_file_age_s=90.0), 7]
+    values = samples(metrics)
+    assert values[("dicom_node_receipt_segments", (("state", "failing"),))] == 2
+    assert values[("dicom_node_receipt_settle_failures_total", ())] == 5
+    assert values[("dicom_node_receipt_objects_replayed_total", ())] == 7
+    # a node without a receipt log (fsync or receipt_log off) exports none of them
+    assert not [k for k in samples(NodeMetrics(journal, tmp_path, list)) if k[0].startswith("dicom_node_receipt")]
 
 
 def test_two_nodes_in_one_process_keep_their_own_metrics(journal: Journal, tmp_path: Path) -> None:

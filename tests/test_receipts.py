@@ -22,6 +22,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node import receipts as receipts_module
 from dicom_node.config import LimitSettings, NodeConfig, NodeSettings
 from dicom_node.headers import describe
+from dicom_node.health import check_receipts
 from dicom_node.journal import Journal
 from dicom_node.receipts import ReceiptLog, read_records
 from dicom_node.scp import StorageSCP, content_digest, file_meta, stored_digest
@@ -410,3 +411,52 @@ def test_replay_refuses_a_deflate_bomb_as_the_c_store_did(
     os.close(segment.fd)
     assert node.scp.replay_receipts() == 0
     assert node.journal.instance(uid) is None and not segment.path.exists()
+
+
+# -- what /health and /metrics tell -----------------------------------------------------------------------
+
+def test_a_failed_settle_is_reported_until_a_retry_succeeds(tmp_path: Path, series: list[Path]) -> None:
+    reachable = [False]
+
+    def settle_rows() -> None:
+        if not reachable[0]:
+            raise OSError("the journal cannot be reached")
+
+    log = ReceiptLog(tmp_path / "receipts", settle_rows)
+    meta, dataset, uid, ts = _part10(series[0])
+    segment = log.append(7, _record(log, meta, dataset, uid, ts))
+    log.filed(7, segment, None)
+    status = log.status()
+    assert (status.open, status.settling, status.failing, status.files) == (1, 0, (), 1)
+    assert check_receipts(status).ok
+    log.close(7)
+    status = _wait_for(lambda: (s := log.status()).failing and s)
+    assert status.failing == (segment.path.name,) and status.settle_failures == 1
+    assert "the journal cannot be reached" in status.last_error and status.files == 1
+    check = check_receipts(status)
+    assert not check.ok and segment.path.name in check.detail and "the journal cannot be reached" in check.detail
+    log.settle_idle()  # retried: fails again, still reported
+    assert _wait_for(lambda: log.status().settle_failures == 2)
+    assert not check_receipts(log.status()).ok
+    reachable[0] = True
+    log.settle_idle()
+    status = _wait_for(lambda: (s := log.status()).files == 0 and not s.failing and s)
+    assert status.settle_failures == 2 and check_receipts(status).ok
+    log.shutdown()
+
+
+def test_a_failed_replay_is_reported_until_one_succeeds(make_node: Callable[..., LoggedNode], series: list[Path],
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "crashed"
+    node = make_node(data_dir)
+    _leave_segment(data_dir / "receipts", series[:2])
+    real_write = node.spool.write
+    monkeypatch.setattr(node.spool, "write", lambda *a, **k: (_ for _ in ()).throw(OSError("disk gone")))
+    assert node.scp.replay_receipts() == 0
+    assert "disk gone" in node.scp.replay_error
+    check = check_receipts(node.log.status(), node.scp.replay_error)
+    assert not check.ok and "disk gone" in check.detail
+    monkeypatch.setattr(node.spool, "write", real_write)
+    assert node.scp.replay_receipts() == 2
+    assert node.scp.replay_error == "" and node.scp.replayed_objects == 2
+    assert check_receipts(node.log.status(), node.scp.replay_error).ok

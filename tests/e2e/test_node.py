@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -427,8 +428,17 @@ def test_acknowledged_instances_survive_losing_their_unsynced_rows_and_files(tmp
             records = {uid: journal.instance(uid) for uid in sent}
         finally:
             journal.close()
+        # what IT sees: the objects filed again are counted, and the log settles
+        local = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with local.open(restarted.http_url + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        with local.open(restarted.http_url + "/health", timeout=10) as response:
+            health = json.loads(response.read())
     finally:
         restarted.stop()
+    assert f"dicom_node_receipt_objects_replayed_total {float(len(src))}" in metrics.splitlines()
+    assert "dicom_node_receipt_segment_files 0.0" in metrics.splitlines()
+    assert health["checks"]["receipt_log"]["ok"], health
     assert all(records.values()), records
     for uid, ds in sent.items():
         record = records[uid]
