@@ -1,0 +1,56 @@
+"""Tests for dicom_node.reactor: pynetdicom's reactors waiting for work instead of polling for it."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node.reactor import WakingDUL, waking_dul
+from tests.e2e.peers import free_port
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    ae = AE(ae_title="ECHO_SCP")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0x0000)])
+    yield port
+    server.shutdown()
+
+
+def _pending_wakes(dul: WakingDUL) -> int:
+    try:
+        return len(dul._wake_r.recv(1 << 20, socket.MSG_PEEK))
+    except BlockingIOError:
+        return 0
+
+
+def test_a_running_requestors_reactor_drains_its_wake_ups_and_keeps_serving(echo_port: int) -> None:
+    """The dispatcher makes a requestor's DUL (its thread already running) wait on a wake-up socket. Every
+    primitive it is handed writes a byte there; the reactor empties it when it wakes, or it would be woken at once
+    on every turn (a busy loop) and, once the buffer is full, the wake-ups would be lost."""
+    ae = AE(ae_title="NODE")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", echo_port, ae_title="ECHO_SCP")
+    assert assoc.is_established
+    try:
+        dul = waking_dul(assoc.dul)
+        assert isinstance(dul, WakingDUL)
+        for _ in range(5000):  # far more than a reactor turn takes: most are written while it sleeps
+            dul._wake()
+        deadline = time.monotonic() + 5
+        while _pending_wakes(dul) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _pending_wakes(dul) == 0
+        for _ in range(3):  # the reactor still sends what it is handed, and hands back the answers
+            assert assoc.send_c_echo().Status == 0x0000
+        assert _pending_wakes(dul) == 0
+    finally:
+        assoc.release()
+    assert assoc.is_released
