@@ -6,6 +6,7 @@ subprocess and reads its peak RSS (VmHWM) while a Deflate bomb and an oversized 
 
 from __future__ import annotations
 
+import copy
 import socket
 import struct
 import threading
@@ -25,7 +26,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import LimitSettings, NodeConfig, NodeSettings
-from dicom_node.guard import MiB, ReceiveBudget, inflated_size_exceeds
+from dicom_node.guard import CopiedContexts, MiB, ReceiveBudget, inflated_size_exceeds
 from dicom_node.journal import Journal
 from dicom_node.scp import STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, StorageSCP
 from dicom_node.spool import Spool
@@ -416,3 +417,32 @@ def test_admission_counts_associations_only(nodes: list[LimitedNode], tmp_path: 
     again = node.associate()
     assert again.is_established
     again.release()
+
+
+def test_each_association_gets_its_own_copy_of_the_supported_contexts(nodes: list[LimitedNode],
+                                                                      tmp_path: Path) -> None:
+    """The copy each accepted association gets (``CopiedContexts``, for pynetdicom's slow ``deepcopy``) equals
+    ``deepcopy``'s and shares nothing mutable with the server's contexts or another association's."""
+    node = LimitedNode(tmp_path)
+    nodes.append(node)
+    server = node.scp._server
+    reference = copy.deepcopy(list(server.contexts))
+    assocs = [node.associate() for _ in range(2)]
+    try:
+        assert all(a.is_established for a in assocs)
+        assert type(server.contexts) is CopiedContexts
+        accepted = [a.acceptor.get_contexts("supported") for a in node.scp.ae.active_associations if a.is_acceptor]
+        assert len(accepted) == 2
+        for contexts in [*accepted, copy.deepcopy(server.contexts)]:
+            assert [vars(c) for c in contexts] == [vars(c) for c in reference]
+            for mine, theirs in zip(contexts, server.contexts, strict=True):
+                assert mine is not theirs
+                for name, value in vars(mine).items():
+                    if isinstance(value, list):
+                        assert value is not vars(theirs)[name], name
+                    else:  # a mutable attribute a later pynetdicom adds must be copied too
+                        assert value is None or isinstance(value, str | int), (name, value)
+        assert not {id(c) for c in accepted[0]} & {id(c) for c in accepted[1]}
+    finally:
+        for assoc in assocs:
+            assoc.release()
