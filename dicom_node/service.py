@@ -369,21 +369,49 @@ class Node:
     # -- series completion -----------------------------------------------------------------
 
     def on_released(self, series_uids: Iterable[str]) -> None:
-        """An association was released: close each of its series that is whole now."""
+        """An association was released: each of its series still receiving is looked at ``[node]
+        release_grace_s`` later (:meth:`_close_if_whole`), and closed then if it is whole and received nothing
+        meanwhile. One look per series however many associations end within the grace: a sender that opens an
+        association per image would otherwise have its whole series checked again at every release (the n-th
+        release reading n headers)."""
         for uid in series_uids:
             try:
                 series = self.journal.series(uid)
                 if series is None or series.state != SeriesState.RECEIVING:
                     continue
-                verdict = completeness(self.journal.instances(uid))
-                if verdict.whole:
-                    log.info("series %r (%s) is whole: %s", series.description, uid, verdict.reason)
-                    self._close_after_grace(uid, series.last_received)
-                else:
-                    log.info("series %r (%s) not whole yet (%s): waiting up to %.0f s",
-                             series.description, uid, verdict.reason, self.config.node.idle_timeout_s)
+                self._after_grace(uid, series.last_received)
             except Exception:  # noqa: BLE001 - one series must not keep the others open; it closes when idle
                 log.exception("series %s: cannot tell whether it is whole; it closes on its idle timeout", uid)
+
+    def _after_grace(self, series_uid: str, last_received: float) -> None:
+        """:meth:`_close_if_whole` ``[node] release_grace_s`` from now (at once with no grace); a later release of
+        the same series puts it off again."""
+        grace = self.config.node.release_grace_s
+        if grace <= 0 or not self.scheduler.running:
+            self._close_if_whole(series_uid, last_received)
+            return
+        self.scheduler.add_job(self._close_if_whole, "date", run_date=datetime.now() + timedelta(seconds=grace),
+                               args=[series_uid, last_received], id=f"close-{series_uid}", replace_existing=True,
+                               misfire_grace_time=None)  # however late the scheduler gets to it
+
+    def _close_if_whole(self, series_uid: str, last_received: float) -> None:
+        """Close a series released with its last instance received at ``last_received`` if nothing came since
+        (the next part of a series split over associations) and it is whole; otherwise it waits for its next
+        release or its idle timeout."""
+        try:
+            series = self.journal.series(series_uid)
+            if series is None or series.state != SeriesState.RECEIVING or series.last_received != last_received:
+                return  # closed meanwhile, or more came (its association's release looks again)
+            verdict = completeness(self.journal.instances(series_uid))
+            if not verdict.whole:
+                log.info("series %r (%s) not whole yet (%s): waiting up to %.0f s", series.description,
+                         series_uid, verdict.reason, self.config.node.idle_timeout_s)
+                return
+            log.info("series %r (%s) is whole: %s", series.description, series_uid, verdict.reason)
+            self._close(series_uid, last_received)
+        except Exception:  # noqa: BLE001 - it closes on its idle timeout instead
+            log.exception("series %s: cannot tell whether it is whole, or closing it failed; it closes on its idle "
+                          "timeout", series_uid)
 
     def sweep(self) -> None:
         """Close series that received nothing for ``idle_timeout_s``, whole or not; route ``complete`` ones (a
@@ -408,24 +436,6 @@ class Node:
                 self._close(series.series_uid, series.last_received)
             except Exception:  # noqa: BLE001 - one series must not stop the sweep of the others
                 log.exception("series %s: closing it failed; the next sweep tries again", series.series_uid)
-
-    def _close_after_grace(self, series_uid: str, last_received: float) -> None:
-        """Close a series found whole at an association's release, ``[node] release_grace_s`` later: an instance
-        received meanwhile (the next part of a series split over associations) makes the close a no-op, and the
-        series closes when its last part's association ends, or on its idle timeout."""
-        grace = self.config.node.release_grace_s
-        if grace <= 0 or not self.scheduler.running:
-            self._close(series_uid, last_received)
-            return
-        self.scheduler.add_job(self._close_quietly, "date", run_date=datetime.now() + timedelta(seconds=grace),
-                               args=[series_uid, last_received], id=f"close-{series_uid}", replace_existing=True,
-                               misfire_grace_time=None)  # however late the scheduler gets to it
-
-    def _close_quietly(self, series_uid: str, last_received: float) -> None:
-        try:
-            self._close(series_uid, last_received)
-        except Exception:  # noqa: BLE001 - it closes on its idle timeout instead
-            log.exception("series %s: closing it failed; it closes on its idle timeout", series_uid)
 
     def _close(self, series_uid: str, last_received: float) -> None:
         with self._close_lock:

@@ -194,7 +194,7 @@ output_name = "rT1"
 GOOD_GEOMETRY = {"ipp": [0.0, 0.0, 0.0], "iop": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "ps": [1.0, 1.0], "rows": 8, "cols": 8}
 
 
-def _ruleless_node(tmp_path: Path) -> Node:
+def _ruleless_node(tmp_path: Path, **node: float) -> Node:
     """A node (not started) with no rules and no models, its journal in ``tmp_path``."""
     from dicom_node.config import load_config
     from dicom_node.service import Node
@@ -203,21 +203,49 @@ def _ruleless_node(tmp_path: Path) -> Node:
     (tmp_path / "models").mkdir()
     config = tmp_path / "node.toml"
     config.write_text(config_toml({
-        "node": {"ae_title": "NODE", "port": free_port(), "data_dir": str(tmp_path / "data"), "fsync": False},
+        "node": {"ae_title": "NODE", "port": free_port(), "data_dir": str(tmp_path / "data"), "fsync": False,
+                 **node},
         "inference": {"models_dir": str(tmp_path / "models")},
         "rules": [],
     }))
     return Node(load_config(config))
 
 
-def _idle_series(journal: Journal, series_uid: str, geometry: dict) -> None:
+def _idle_series(journal: Journal, series_uid: str, geometry: dict, *, n: int = 1, now: float = 100.0) -> None:
+    """Instance ``n`` of a series, received at ``now`` (by default long ago: idle)."""
     from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 
-    received = ReceivedInstance(series_uid + ".1", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", series_uid, "P",
+    received = ReceivedInstance(series_uid + f".{n}", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", series_uid, "P",
                                 InstanceHeader.from_json(geometry),
                                 SeriesAttributes(series_description="t1", modality="MR"))
     journal.add_instance(received, transfer_syntax="1.2.840.10008.1.2.1", path="/nonexistent.dcm",
-                         calling_ae="MR1", now=100.0)  # long idle
+                         calling_ae="MR1", now=now)
+
+
+def test_a_series_sent_one_association_per_image_is_looked_at_once(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image in an association of its own: the series is looked at ``release_grace_s`` after the last
+    release, once (looking at every release read 1 + 2 + ... + n headers), and closed then."""
+    import dicom_node.service as service
+
+    node = _ruleless_node(tmp_path, release_grace_s=1.0)
+    looks: list[int] = []
+    real = service.completeness
+    monkeypatch.setattr(service, "completeness", lambda instances: (looks.append(len(instances)), real(instances))[1])
+    node.scheduler.start()
+    try:
+        for n in range(1, 9):
+            _idle_series(node.journal, "1.2.7", {**GOOD_GEOMETRY, "ipp": [0.0, 0.0, float(n)]}, n=n, now=time.time())
+            node.on_released({"1.2.7"})
+        assert node.journal.series("1.2.7").state == "receiving" and looks == []
+        deadline = time.monotonic() + 10
+        while node.journal.series("1.2.7").state == "receiving" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert node.journal.series("1.2.7").state == "ignored"  # closed; no rule wants it
+        assert looks == [8]
+    finally:
+        node.scheduler.shutdown()
+        node.journal.close()
 
 
 @pytest.mark.parametrize("poison", ["geometry", "any error"])
