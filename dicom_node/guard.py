@@ -17,7 +17,6 @@ accepted socket (:class:`GuardedSocket`) so that, before pynetdicom sees a PDU:
 
 from __future__ import annotations
 
-import copy
 import logging
 import socket
 import struct
@@ -315,13 +314,15 @@ class CopiedContexts(list):  # type: ignore[type-arg]
 
     pynetdicom gives every accepted association ``deepcopy(server.contexts)``: with the node's 171 contexts (every
     storage SOP class, 13 transfer syntaxes each) that took 21 ms of CPU, with the interpreter lock held, per
-    association (a sender that opens one association per image pays it per image). The copy is the same: a
-    context's attributes are a list of transfer syntaxes (copied) and immutable values (UIDs, ints, bools)."""
+    association (a sender that opens one association per image pays it per image); this copy takes 0.05 ms. It
+    is the same: a context's attributes are a list of transfer syntaxes (copied) and immutable values (UIDs,
+    ints, bools; ``tests/test_limits.py`` checks that no other kind appears)."""
 
     def __deepcopy__(self, memo: dict[int, object]) -> list[PresentationContext]:
         copies = []
         for context in self:
-            twin = copy.copy(context)
+            twin = object.__new__(type(context))  # (copy.copy takes five times as long: __reduce_ex__)
+            twin.__dict__.update(context.__dict__)
             twin._transfer_syntax = list(context._transfer_syntax)
             copies.append(twin)
         return copies
