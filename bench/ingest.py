@@ -1,4 +1,5 @@
-"""P1 ingest (node vs dcmtk storescp vs Orthanc, one sender and 4 at once) and P4 concurrency (8 senders)."""
+"""P1 ingest (node vs dcmtk storescp vs Orthanc: one sender, 4 at once, and one association per image) and P4
+concurrency (8 senders)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 from tests.e2e.peers import Orthanc, StoreSCP, echoscu, free_port
 
 from .node import REPO, BenchNode
-from .send import Send, send, send_parallel, write_profile
+from .send import Send, send, send_parallel, send_per_image, write_profile
 
 TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-no-fsync", "node-synced-in-place", "pynetdicom-bare",
            "node-2-receivers")
@@ -28,13 +29,21 @@ TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-no-fsync", "node
 #: what more receiving processes give.
 #: Senders at once in the concurrent part of P1.
 SENDERS = 4
+#: Receivers of the part of P1 where each image comes in an association of its own (what an association costs).
+PER_IMAGE_TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-synced-in-place", "pynetdicom-bare")
 
 
 @dataclass
 class IngestResult:
     images: int  # per run, all senders together
     senders: int = 1
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {t: [] for t in TARGETS})
+    per_image: bool = False  # each image in an association of its own (one sender)
+    targets: tuple[str, ...] = TARGETS
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for target in self.targets:
+            self.seconds.setdefault(target, [])
 
     def rates(self, target: str) -> list[float]:
         return [self.images / s for s in self.seconds[target]]
@@ -70,6 +79,17 @@ def _sender(folders: list[Path], profile: Path) -> Sender:
         seconds, results = send_parallel(folders, profile, port, called_ae=ae_title)
         _sent(results, ae_title)
         return seconds
+    return run
+
+
+def _sender_per_image(folder: Path) -> Sender:
+    """One pynetdicom SCU, one association per file."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+
+    def run(port: int, ae_title: str) -> float:
+        result = send_per_image(files, port, called_ae=ae_title)
+        _check(result.ok, f"{ae_title}: per-image sends failed: {result.failures[:3]}")
+        return result.seconds
     return run
 
 
@@ -149,21 +169,30 @@ def _run(target: str, sender: Sender, work: Path, empty_models: Path, images: in
     return _orthanc_run(sender, work, images, sync=target == "orthanc-sync")
 
 
-def ingest(folders: list[Path], images_each: int, runs: int, log=print) -> IngestResult:  # noqa: ANN001
+def ingest(folders: list[Path], images_each: int, runs: int, log=print,  # noqa: ANN001
+           per_image: bool = False) -> IngestResult:
     """``runs`` interleaved rounds over ``TARGETS``, each receiver fresh and empty every run; one storescu per
-    folder, all at once."""
-    out = IngestResult(images_each * len(folders), len(folders))
+    folder, all at once. ``per_image``: the first folder's files, each in an association of its own (a pynetdicom
+    SCU), to ``PER_IMAGE_TARGETS``."""
+    if per_image:
+        out = IngestResult(images_each, 1, per_image=True, targets=PER_IMAGE_TARGETS)
+    else:
+        out = IngestResult(images_each * len(folders), len(folders))
+    what = "one association per image" if per_image else f"{len(folders)} sender(s)"
     with tempfile.TemporaryDirectory(prefix="bench-p1-") as tmp:
         tmp_path = Path(tmp)
-        sender = _sender(folders, write_profile(folders[0], tmp_path / "storescu.cfg"))
+        if per_image:
+            sender = _sender_per_image(folders[0])
+        else:
+            sender = _sender(folders, write_profile(folders[0], tmp_path / "storescu.cfg"))
         empty_models = tmp_path / "no-models"
         empty_models.mkdir()
         for r in range(runs):
-            for target in TARGETS:
+            for target in out.targets:
                 work = tmp_path / f"run-{r}-{target}"
                 seconds = _run(target, sender, work, empty_models, out.images)
                 out.seconds[target].append(seconds)
-                log(f"P1 ({len(folders)} sender(s)) run {r + 1}/{runs} {target}: {seconds:.2f} s, "
+                log(f"P1 ({what}) run {r + 1}/{runs} {target}: {seconds:.2f} s, "
                     f"{out.images / seconds:.0f} images/s")
                 shutil.rmtree(work, ignore_errors=True)
     return out

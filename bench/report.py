@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from .ingest import TARGETS, ConcurrencyResult, IngestResult
+from .ingest import ConcurrencyResult, IngestResult
 from .memory import Memory
 from .throughput import Throughput
 from .turnaround import AFTER_JOB, Turnaround
@@ -39,7 +39,8 @@ def _verdict(met: bool, detail: str) -> str:
 def render(*, machine: dict[str, str], load: list[str], command: str, quick: bool, inputs: dict[str, str],
            model: str, ingest: IngestResult | None, turnaround: list[Turnaround] | None,
            memory: Memory | None, concurrency: ConcurrencyResult | None, notes: Sequence[str] = (),
-           ingest_concurrent: IngestResult | None = None, throughput: list[Throughput] | None = None) -> str:
+           ingest_concurrent: IngestResult | None = None, throughput: list[Throughput] | None = None,
+           ingest_per_image: IngestResult | None = None) -> str:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = ["# Benchmarks", "",
            f"Measured {now} with `{command}`{' (quick mode: fewer runs, smaller inputs)' if quick else ''}. "
@@ -54,7 +55,7 @@ def render(*, machine: dict[str, str], load: list[str], command: str, quick: boo
     out += ["Inputs:", ""] + [f"- {k}: {v}" for k, v in inputs.items()] + [f"- model for P2/P3: {model}", ""]
 
     if ingest is not None:
-        out += _ingest_section(ingest, ingest_concurrent)
+        out += _ingest_section(ingest, ingest_concurrent, ingest_per_image)
 
     if turnaround:
         totals = [t.seconds for t in turnaround]
@@ -122,14 +123,17 @@ def render(*, machine: dict[str, str], load: list[str], command: str, quick: boo
 
 
 def _ingest_table(result: IngestResult) -> list[str]:
-    rates = {t: result.rates(t) for t in TARGETS}
+    rates = {t: result.rates(t) for t in result.targets}
     out = ["| receiver | seconds | images/s |", "|---|---|---|"]
-    out += [f"| {t} | {spread(result.seconds[t], '{:.2f}')} | {spread(rates[t], '{:.0f}')} |" for t in TARGETS]
+    out += [f"| {t} | {spread(result.seconds[t], '{:.2f}')} | {spread(rates[t], '{:.0f}')} |"
+            for t in result.targets]
     node = rates["node"]
     lines = []
     for other, what in (("orthanc", "Orthanc"), ("orthanc-sync", "Orthanc with SyncStorageArea"),
                         ("storescp", "storescp"), ("pynetdicom-bare", "pynetdicom storing nothing"),
                         ("node-synced-in-place", "node synced in place")):
+        if other not in rates:
+            continue
         per_run = [n / o for n, o in zip(node, rates[other], strict=True)]
         lines.append(f"node / {what}: {statistics.median(node) / statistics.median(rates[other]):.2f} "
                      f"(per run {spread(per_run, '{:.2f}')})")
@@ -139,7 +143,8 @@ def _ingest_table(result: IngestResult) -> list[str]:
     return out + [""] + [f"- {line}" for line in lines] + [""]
 
 
-def _ingest_section(single: IngestResult, concurrent: IngestResult | None) -> list[str]:
+def _ingest_section(single: IngestResult, concurrent: IngestResult | None,
+                    per_image: IngestResult | None = None) -> list[str]:
     runs = len(single.seconds["node"])
     out = ["## P1 ingest", "",
            "Single-frame MR images (256 × 256, 16 bit, Explicit VR LE) sent by `/usr/bin/storescu` (TCP_NODELAY=1), "
@@ -159,6 +164,12 @@ def _ingest_section(single: IngestResult, concurrent: IngestResult | None) -> li
         out += [f"### {concurrent.senders} senders at once, {concurrent.images // concurrent.senders} images each",
                 ""] + _ingest_table(concurrent)
         goal_rates.append((f"{concurrent.senders} senders", concurrent))
+    if per_image is not None:
+        out += [f"### One association per image, {per_image.images} images", "",
+                "The same images from one sender that opens an association for each (a pynetdicom SCU with "
+                "TCP_NODELAY, as the node's dispatcher runs it: storescu has no such mode), as some modalities "
+                "and forwarders do: what an association costs each receiver.", ""] + _ingest_table(per_image)
+        goal_rates.append(("one association per image", per_image))
     for label, result in goal_rates:
         ratio = statistics.median(result.rates("node")) / statistics.median(result.rates("orthanc"))
         synced = statistics.median(result.rates("node")) / statistics.median(result.rates("orthanc-sync"))

@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             results["ingest"] = ingest(folders[:1], p1_images, runs, log=_log)
             _log(f"P1 ingest, {SENDERS} senders at once: {runs} interleaved runs")
             results["ingest_concurrent"] = ingest(folders[:SENDERS], p1_images, runs, log=_log)
+            _log(f"P1 ingest, one association per image: {runs} interleaved runs")
+            results["ingest_per_image"] = ingest(folders[:1], p1_images, runs, log=_log, per_image=True)
         if "P2" in parts:
             scout, what = data.scout_series(tmp_path / "scout")
             inputs["P2"] = what
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         command="python -m bench.run " + shlex.join(argv if argv is not None else sys.argv[1:]),
         quick=args.quick, inputs=inputs, model=model,
         ingest=results.get("ingest"), ingest_concurrent=results.get("ingest_concurrent"),  # type: ignore[arg-type]
+        ingest_per_image=results.get("ingest_per_image"),  # type: ignore[arg-type]
         turnaround=results.get("turnaround"), throughput=results.get("throughput"),  # type: ignore[arg-type]
         memory=results.get("memory"), concurrency=results.get("concurrency"),  # type: ignore[arg-type]
         notes=args.note,
