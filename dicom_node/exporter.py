@@ -137,7 +137,10 @@ class ReceiptCollector(Collector):
         self.receipts = receipts
 
     def collect(self) -> Iterator[Metric]:
-        status, replayed = self.receipts()
+        try:
+            status, replayed = self.receipts()
+        except OSError:  # its directory cannot be read: the receipt_log health check says why
+            return
         segments = GaugeMetricFamily("dicom_node_receipt_segments", "This process's receipt log segments by state "
                                      "(failing: its last settle failed; the sweep tries again).", labels=["state"])
         for state, n in (("open", status.open), ("settling", status.settling), ("failing", len(status.failing))):

@@ -95,7 +95,8 @@ class LogStatus:
 
     open: int  #: segments associations append to
     settling: int  #: segments being settled now
-    failing: tuple[str, ...]  #: segments whose last settle failed, waiting for the sweep's retry (names)
+    failing: tuple[str, ...]  #: segments whose last settle failed, until a retry succeeds (one being retried is
+                              #: counted in ``settling`` too)
     last_error: str  #: why the last failed settle failed ("" when none has)
     settle_failures: int  #: settles that failed since the start (each retry that fails counts)
     files: int  #: segment files in the directory, this process's and any other's (orphans included)
@@ -117,6 +118,8 @@ class ReceiptLog:
         self._failed: list[Segment] = []  # settles that failed, tried again by the next settle_idle
         self._failing: dict[Path, str] = {}  # segments whose last settle failed -> why (until one succeeds)
         self._settle_failures = 0
+        #: leftover segments the last :meth:`orphans` pass could not open or lock (name -> why)
+        self.unreplayable: dict[str, str] = {}
         self._mine: set[Path] = set()  # segments this log created (never replayed by it, whatever the locks say)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipts-settle")
 
@@ -263,6 +266,7 @@ class ReceiptLog:
             if failed:
                 assert segment is not None
                 self._failed.append(segment)
+                self._failing.pop(segment.path, None)  # re-inserted last: the latest failure is the last entry
                 self._failing[segment.path] = f"{type(future.exception()).__name__}: {future.exception()}"
                 self._settle_failures += 1
             elif segment is not None:
@@ -340,7 +344,9 @@ class ReceiptLog:
         """Segments whose writer has gone (``(path, fd)``, the fd holding the segment's lock; the caller closes
         it), oldest first. A segment another live process writes is skipped (it holds the lock), and so is one
         this log created. A segment left under its temporary name (its writer stopped before it was renamed, so
-        before anything was appended) is deleted. A segment that cannot be opened or locked is logged and skipped."""
+        before anything was appended) is deleted. A segment that cannot be opened or locked is logged and skipped,
+        and kept in :attr:`unreplayable` (name → why) until the next pass."""
+        self.unreplayable = {}
         for tmp in self.directory.glob(".*.tmp"):
             fd = self._lock_orphan(tmp)
             if fd is not None:
@@ -358,9 +364,9 @@ class ReceiptLog:
                 continue
             yield path, fd
 
-    @staticmethod
-    def _lock_orphan(path: Path) -> int | None:
-        """``path`` opened and locked (its writer has gone), or None (it is gone, or a live writer holds it)."""
+    def _lock_orphan(self, path: Path) -> int | None:
+        """``path`` opened and locked (its writer has gone), or None (it is gone, or a live writer holds it, or it
+        cannot be opened or locked: then in :attr:`unreplayable`)."""
         try:
             # read-write: on NFS the Linux client maps flock onto POSIX locks, and an exclusive one needs it
             fd = os.open(path, os.O_RDWR)
@@ -368,6 +374,7 @@ class ReceiptLog:
             return None
         except OSError as exc:
             log.error("receipt log %s: cannot open it to replay it (%s)", path, exc)
+            self.unreplayable[path.name] = f"cannot open it: {exc.strerror or exc}"
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -377,6 +384,7 @@ class ReceiptLog:
         except OSError as exc:
             os.close(fd)
             log.error("receipt log %s: cannot lock it to replay it (%s)", path, exc)
+            self.unreplayable[path.name] = f"cannot lock it: {exc.strerror or exc}"
             return None
         return fd
 

@@ -708,8 +708,9 @@ class StorageSCP:
         if self.receipts is None:
             return 0
         orphans = list(self.receipts.orphans())
+        skipped = "; ".join(f"{name}: {why}" for name, why in self.receipts.unreplayable.items())
+        self.replay_error = f"leftover segments not replayed: {skipped}" if skipped else ""
         if not orphans:
-            self.replay_error = ""  # (another receiver of the data directory may have replayed them)
             return 0
         try:
             refs = [ref for path, _fd in orphans for ref in index_records(path)]
@@ -727,12 +728,13 @@ class StorageSCP:
         except Exception as exc:  # noqa: BLE001 - kept for the next start or sweep
             names = ", ".join(path.name for path, _fd in orphans)
             log.exception("receipt log: replaying %s failed; kept and tried again", names)
-            self.replay_error = f"replaying {names} failed: {type(exc).__name__}: {exc}"
+            self.replay_error = "; ".join(filter(None, (f"replaying {names} failed: {type(exc).__name__}: {exc}",
+                                                         self.replay_error)))
             return 0
         finally:
             for _path, fd in orphans:
                 os.close(fd)
-        self.replay_error, self.replayed_objects = "", self.replayed_objects + redone
+        self.replayed_objects += redone
         log.log(logging.WARNING if redone else logging.INFO,
                 "receipt log: %d segment(s) left by a stopped process replayed: %d object(s), %d filed again from "
                 "the receipt log", len(orphans), len(refs), redone)

@@ -269,8 +269,16 @@ class Node:
                 scanning=self._outbox_scans > 0, interval_s=self.config.dispatch.scan_interval_s),
         }
         if self.receipts is not None:
-            checks["receipt_log"] = check_receipts(self.receipts.status(), self.scp.replay_error)
+            checks["receipt_log"] = self._receipt_check()
         return Health(checks, time.time())
+
+    def _receipt_check(self) -> Check:
+        assert self.receipts is not None
+        try:
+            status = self.receipts.status()
+        except OSError as exc:  # its directory cannot be read: a failed check, not a failed /health
+            return Check(False, f"cannot read the receipt log's directory: {exc.strerror or exc}")
+        return check_receipts(status, self.scp.replay_error)
 
     def _receipt_report(self) -> tuple[LogStatus, int]:
         """The receipt log's status and the objects replays filed again (``/metrics``)."""
@@ -381,7 +389,8 @@ class Node:
                     continue
                 self._after_grace(uid, series.last_received)
             except Exception:  # noqa: BLE001 - one series must not keep the others open; it closes when idle
-                log.exception("series %s: cannot tell whether it is whole; it closes on its idle timeout", uid)
+                log.exception("series %s: cannot schedule the look at it after its release; it closes on its idle "
+                              "timeout", uid)
 
     def _after_grace(self, series_uid: str, last_received: float) -> None:
         """:meth:`_close_if_whole` ``[node] release_grace_s`` from now (at once with no grace); a later release of
@@ -392,7 +401,10 @@ class Node:
             return
         self.scheduler.add_job(self._close_if_whole, "date", run_date=datetime.now() + timedelta(seconds=grace),
                                args=[series_uid, last_received], id=f"close-{series_uid}", replace_existing=True,
-                               misfire_grace_time=None)  # however late the scheduler gets to it
+                               misfire_grace_time=None,  # however late the scheduler gets to it
+                               # a look still running when the next is due must not make the scheduler skip that
+                               # one (harmless: each is a no-op once anything came after its release)
+                               max_instances=4)
 
     def _close_if_whole(self, series_uid: str, last_received: float) -> None:
         """Close a series released with its last instance received at ``last_received`` if nothing came since

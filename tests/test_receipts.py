@@ -460,3 +460,25 @@ def test_a_failed_replay_is_reported_until_one_succeeds(make_node: Callable[...,
     assert node.scp.replay_receipts() == 2
     assert node.scp.replay_error == "" and node.scp.replayed_objects == 2
     assert check_receipts(node.log.status(), node.scp.replay_error).ok
+
+
+def test_a_leftover_segment_that_cannot_be_opened_fails_the_check(make_node: Callable[..., LoggedNode],
+                                                                  series: list[Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "crashed"
+    node = make_node(data_dir)
+    segment = _leave_segment(data_dir / "receipts", series[:1])
+    real_open = receipts_module.os.open
+
+    def no_access(path: Any, flags: int, *args: Any) -> int:
+        if Path(path) == segment:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(receipts_module.os, "open", no_access)
+    assert node.scp.replay_receipts() == 0
+    check = check_receipts(node.log.status(), node.scp.replay_error)
+    assert not check.ok and segment.name in check.detail and "Permission denied" in check.detail
+    monkeypatch.setattr(receipts_module.os, "open", real_open)
+    assert node.scp.replay_receipts() == 1
+    assert check_receipts(node.log.status(), node.scp.replay_error).ok

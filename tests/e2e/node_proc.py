@@ -100,7 +100,7 @@ class NodeProcess:
         self.probe_ae = str(peers[0]["ae_title"]) if peers else "E2E_PROBE"
         self.data_dir = Path(data_dir) if data_dir is not None else self.workdir / "data"
         # the HTTP server on a free port of its own (never the default 8080 another node may hold)
-        self.http_port = int((http or {}).get("port", 0)) or free_port(besides=(self.port,))
+        self.http_port = int(http["port"]) if http and "port" in http else free_port(besides=(self.port,))
         self.env = dict(env or {})
         sections: dict[str, Any] = {
             "node": {
