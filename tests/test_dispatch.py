@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ class DestinationSCP:
         self.received_syntaxes: list[str] = []
         self.calling: list[str] = []
         self.implementations: list[tuple[str, str]] = []
-        self.open = self.peak = self.requested = self.taken = 0
+        self.open = self.peak = self.requested = 0
         self._lock = threading.Lock()
         ae = AE(ae_title=ae_title)
         ae.require_called_aet = True
@@ -81,16 +82,7 @@ class DestinationSCP:
         with self._lock:
             self.open -= 1
 
-    #: abort every association that sends a C-STORE once this many objects were received (None: never)
-    abort_after: int | None = None
-
     def _store(self, event: evt.Event) -> int:
-        with self._lock:
-            abort = self.abort_after is not None and self.taken >= self.abort_after
-            self.taken += not abort
-        if abort:
-            event.assoc.abort()
-            return 0xA700
         time.sleep(self.delay_s)
         self.calling.append(event.assoc.requestor.ae_title)
         if self.status == 0x0000:
@@ -322,6 +314,7 @@ def test_sop_class_the_destination_does_not_accept(tmp_path: Path, journal: Jour
 KILLED_CHILD = r"""
 import os, sys
 from pathlib import Path
+from typing import Any
 
 from pynetdicom.association import Association
 
@@ -618,25 +611,37 @@ def test_the_dispatcher_role_delivers_the_outbox_under_its_own_id(tmp_path: Path
 
 @pytest.mark.parametrize("cap", [1, 2])
 def test_items_left_when_every_association_is_lost_fail_a_try_and_go_later(tmp_path: Path, journal: Journal,
+                                                                           pacs: DestinationSCP,
+                                                                           monkeypatch: pytest.MonkeyPatch,
                                                                            cap: int) -> None:
-    """The PACS aborts every association once it has two objects: what no association could send (those taken
-    and those never taken) fails a try, and goes at the next attempt."""
+    """Every association is lost once two objects went: the object each was sending fails a try, and so do those
+    no association took (``_fail_left``); all go at the next attempt."""
     many = make_mr_series(tmp_path / "many", shape=(6, 8, 8), spacing=(1.0, 1.0, 2.0))
-    server = DestinationSCP(ae_title="FLAKY")
-    server.abort_after = 2
-    try:
-        config = make_config(tmp_path, [dest_for(server, name="FLAKY", max_associations=cap)], max_tries=3)
-        job = queue_job(journal, many, ["FLAKY"])
-        assert Dispatcher(config, journal).send_due() == 2
-        items = journal.outbox(job)
-        assert sorted(i.state for i in items) == ["pending"] * 4 + ["sent"] * 2
-        left = [i for i in items if i.state == "pending"]
-        assert all(i.tries == 1 and i.last_error for i in left), [(i.tries, i.last_error) for i in left]
-        assert any(i.last_error == "association lost" for i in left)  # at least one was never taken
-        server.abort_after = None
-        time.sleep(max(0.0, max(i.next_attempt_at for i in left) - time.time() + 0.05))
-        assert Dispatcher(config, journal).send_due() == 4
-        assert {i.state for i in journal.outbox(job)} == {"sent"}
-        assert len(server.received) == 6
-    finally:
-        server.stop()
+    before = len(pacs.received)
+    sent: list[int] = []
+    lock = threading.Lock()
+    real_store_one = Dispatcher._store_one
+
+    def store_or_lose(self: Dispatcher, name: str, assoc: Any, *args: Any) -> str | None:
+        with lock:
+            lose = len(sent) >= 2
+            sent.append(0) if not lose else None
+        if lose:
+            assoc.abort()  # the connection drops while this object goes
+            return "connection dropped"
+        return real_store_one(self, name, assoc, *args)
+
+    monkeypatch.setattr(Dispatcher, "_store_one", store_or_lose)
+    config = make_config(tmp_path, [dest_for(pacs, max_associations=cap)], max_tries=3)
+    job = queue_job(journal, many, ["PACS"])
+    assert Dispatcher(config, journal).send_due() == 2
+    items = journal.outbox(job)
+    left = [i for i in items if i.state == "pending"]
+    assert len(left) == 4 and all(i.tries == 1 for i in left), [(i.state, i.tries) for i in items]
+    errors = sorted(i.last_error for i in left)
+    assert errors == ["association lost"] * (4 - cap) + ["connection dropped"] * cap, errors
+    monkeypatch.setattr(Dispatcher, "_store_one", real_store_one)
+    time.sleep(max(0.0, max(i.next_attempt_at for i in left) - time.time() + 0.05))
+    assert Dispatcher(config, journal).send_due() == 4
+    assert {i.state for i in journal.outbox(job)} == {"sent"}
+    assert len(pacs.received) - before == 6
