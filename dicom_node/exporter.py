@@ -146,22 +146,18 @@ class ReceiptCollector(Collector):
         for state, n in (("open", status.open), ("settling", status.settling), ("failing", len(status.failing))):
             segments.add_metric([state], n)
         yield segments
-        files = GaugeMetricFamily("dicom_node_receipt_segment_files", "Segment files in the receipt log's directory "
-                                  "(every process's, and those a stopped process left).")
-        files.add_metric([], status.files)
-        yield files
-        age = GaugeMetricFamily("dicom_node_receipt_oldest_segment_age_seconds", "Time since the oldest segment "
-                                "file was last written (0: none).")
-        age.add_metric([], status.oldest_file_age_s)
-        yield age
-        failures = CounterMetricFamily("dicom_node_receipt_settle_failures", "Settles of a segment that failed "
-                                       "(retried by the sweep).")
-        failures.add_metric([], status.settle_failures)
-        yield failures
-        again = CounterMetricFamily("dicom_node_receipt_objects_replayed", "Acknowledged objects filed again from "
-                                    "the receipt log (their journal row or spool file was lost).")
-        again.add_metric([], replayed)
-        yield again
+        for family, name, documentation, value in (
+                (GaugeMetricFamily, "dicom_node_receipt_segment_files", "Segment files in the receipt log's "
+                 "directory (every process's, and those a stopped process left).", status.files),
+                (GaugeMetricFamily, "dicom_node_receipt_oldest_segment_age_seconds", "Time since the oldest "
+                 "segment file was last written (0: none).", status.oldest_file_age_s),
+                (CounterMetricFamily, "dicom_node_receipt_settle_failures", "Settles of a segment that failed "
+                 "(retried by the sweep).", status.settle_failures),
+                (CounterMetricFamily, "dicom_node_receipt_objects_replayed", "Acknowledged objects filed again "
+                 "from the receipt log (their journal row or spool file was lost).", replayed)):
+            metric = family(name, documentation)
+            metric.add_metric([], value)
+            yield metric
 
 
 class NodeMetrics:
