@@ -194,7 +194,7 @@ output_name = "rT1"
 GOOD_GEOMETRY = {"ipp": [0.0, 0.0, 0.0], "iop": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "ps": [1.0, 1.0], "rows": 8, "cols": 8}
 
 
-def _ruleless_node(tmp_path: Path, **node: float) -> Node:
+def _ruleless_node(tmp_path: Path, **node: float | bool) -> Node:
     """A node (not started) with no rules and no models, its journal in ``tmp_path``."""
     from dicom_node.config import load_config
     from dicom_node.service import Node
@@ -321,3 +321,25 @@ def test_reprocess_routes_stored_series_again_as_a_new_version(tmp_path: Path) -
         assert node.reprocess(series_uid="1.2.826.0.1.3680043.10.999.7") == []  # an output: never
     finally:
         node.stop()
+
+
+def test_an_unreadable_receipt_log_fails_its_check_and_the_rest_still_answers(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    node = _ruleless_node(tmp_path, fsync=True)  # the receipt log as shipped
+    try:
+        assert node.receipts is not None
+        health = node.health()
+        assert health.checks["receipt_log"].ok, health.checks["receipt_log"]
+        assert b"dicom_node_receipt_segments" in node.metrics_exposition()
+
+        def unreadable() -> None:
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(node.receipts, "status", unreadable)
+        check = node.health().checks["receipt_log"]
+        assert not check.ok and "Permission denied" in check.detail
+        text = node.metrics_exposition()
+        assert b"dicom_node_receipt_segments" not in text and b"dicom_node_series" in text
+    finally:
+        node.receipts.shutdown()
+        node.journal.close()
