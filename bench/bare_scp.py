@@ -12,11 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from dicom_node.scp import set_nodelay
-
-
-def _on_open(event: evt.Event) -> None:
-    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
+from dicom_node.scp import nodelay_on_open
 
 
 def _on_store(event: evt.Event) -> int:
@@ -32,7 +28,7 @@ def main(argv: list[str]) -> int:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.start_server(("127.0.0.1", port), block=True,
-                    evt_handlers=[(evt.EVT_CONN_OPEN, _on_open), (evt.EVT_C_STORE, _on_store)])
+                    evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_on_open), (evt.EVT_C_STORE, _on_store)])
     return 0
 
 

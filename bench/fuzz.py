@@ -43,7 +43,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.journal import Journal
 from dicom_node.lock import LOCK_NAME
-from dicom_node.scp import TRANSFER_SYNTAXES, content_digest, set_nodelay, stored_digest
+from dicom_node.scp import TRANSFER_SYNTAXES, content_digest, nodelay_on_open, stored_digest
 from tests.e2e.node_proc import REPO, NodeProcess
 
 from . import mutate
@@ -194,10 +194,6 @@ class Report:
 
 # -- the sender ---------------------------------------------------------------------------------------
 
-def _nodelay(event: evt.Event) -> None:
-    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
-
-
 class Sender:
     """A pynetdicom SCU proposing every (SOP class, transfer syntax) pair the fuzzer may send, one
     presentation context each (a context settles on one transfer syntax)."""
@@ -220,7 +216,7 @@ class Sender:
             return self._assoc
         for attempt in range(5):
             assoc = self.ae.associate("127.0.0.1", self.port, ae_title=self.called_ae,
-                                      evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+                                      evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_on_open)])
             if assoc.is_established:
                 self._assoc = assoc
                 return assoc

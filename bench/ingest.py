@@ -37,7 +37,6 @@ PER_IMAGE_TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-synced
 class IngestResult:
     images: int  # per run, all senders together
     senders: int = 1
-    per_image: bool = False  # each image in an association of its own (one sender)
     targets: tuple[str, ...] = TARGETS
     seconds: dict[str, list[float]] = field(default_factory=dict)
 
@@ -175,7 +174,7 @@ def ingest(folders: list[Path], images_each: int, runs: int, log=print,  # noqa:
     folder, all at once. ``per_image``: the first folder's files, each in an association of its own (a pynetdicom
     SCU), to ``PER_IMAGE_TARGETS``."""
     if per_image:
-        out = IngestResult(images_each, 1, per_image=True, targets=PER_IMAGE_TARGETS)
+        out = IngestResult(images_each, 1, targets=PER_IMAGE_TARGETS)
     else:
         out = IngestResult(images_each * len(folders), len(folders))
     what = "one association per image" if per_image else f"{len(folders)} sender(s)"

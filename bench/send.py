@@ -12,7 +12,7 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 
 from dicom_node.reactor import waking_dul
-from dicom_node.scp import set_nodelay
+from dicom_node.scp import nodelay_on_open
 from tests.e2e.peers import (
     DCMTK_ENV,
     LOCALHOST,
@@ -74,10 +74,6 @@ def send_parallel(folders: list[Path], profile: Path, port: int, *, called_ae: s
     return time.perf_counter() - start, results
 
 
-def _nodelay(event: evt.Event) -> None:
-    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
-
-
 def send_per_image(files: list[Path], port: int, *, called_ae: str, calling_ae: str = "BENCH") -> Send:
     """Send each file in an association of its own, one after the other (pynetdicom, TCP_NODELAY, its reactor
     waiting for work instead of polling, as the node's dispatcher runs it); wall time of all of them."""
@@ -89,7 +85,7 @@ def send_per_image(files: list[Path], port: int, *, called_ae: str, calling_ae: 
     failures: list[str] = []
     start = time.perf_counter()
     for path in files:
-        assoc = ae.associate(LOCALHOST, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
+        assoc = ae.associate(LOCALHOST, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_on_open)])
         if not assoc.is_established:
             failures.append(f"{path.name}: association not established")
             continue

@@ -35,7 +35,7 @@ from .config import Destination, DispatchSettings, NodeConfig, TLSSettings
 from .journal import ClaimLost, Journal, OutboxClaim, OutboxItem
 from .notify import notify
 from .reactor import waking_dul
-from .scp import set_implementation, set_nodelay
+from .scp import nodelay_on_open, set_implementation
 from .tls import connect_failure, tls_args
 
 log = logging.getLogger(__name__)
@@ -192,10 +192,6 @@ class RetryPolicy:
         return now + min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(tries - 1, 64))
 
 
-def _nodelay_handler(event: evt.Event) -> None:
-    set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
-
-
 def _make_ae(config: NodeConfig, dest: Destination) -> AE:
     ae = AE(ae_title=dest.calling_ae_title or config.node.ae_title)
     set_implementation(ae)
@@ -216,7 +212,7 @@ def _associate(ae: AE, dest: Destination, tls: TLSSettings) -> tuple[Association
 
     def on_open(event: evt.Event) -> None:
         connected.set()
-        _nodelay_handler(event)
+        nodelay_on_open(event)
 
     try:
         args = tls_args(dest, tls)

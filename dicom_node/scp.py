@@ -141,7 +141,9 @@ def set_implementation(ae: AE) -> None:
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
 
 
-def _on_conn_open(event: evt.Event) -> None:
+def nodelay_on_open(event: evt.Event) -> None:
+    """``EVT_CONN_OPEN`` handler: :func:`set_nodelay` on the association's socket (the SCP's, the dispatcher's
+    and the benchmarks' SCUs)."""
     set_nodelay(event.assoc.dul.socket.socket if event.assoc.dul.socket else None)
 
 
@@ -403,7 +405,7 @@ class StorageSCP:
     def start(self) -> None:
         node = self.config.node
         handlers = [
-            (evt.EVT_CONN_OPEN, _on_conn_open),
+            (evt.EVT_CONN_OPEN, nodelay_on_open),
             (evt.EVT_REQUESTED, self._handle_requested),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
