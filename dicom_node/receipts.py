@@ -19,7 +19,10 @@ while writing it, before any answer) ends its segment's replay.
 
 Each live segment is locked (``flock``) by the process writing it, so that a process replays only segments
 whose writer has gone. Segments are created under a temporary name, locked, then renamed, so that no one sees
-a segment unlocked while it is being created.
+a segment unlocked while it is being created. Creating one costs a directory sync, so once objects arrive the log
+keeps one *spare* segment ready, made in the background: the next association appends to it at once (a sender
+that opens an association per object would otherwise wait for that sync every time). A spare holds nothing: it
+is not counted in :meth:`ReceiptLog.status`, a clean stop deletes it, and one left by a crash replays as empty.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class LogStatus:
                               #: counted in ``settling`` too)
     last_error: str  #: why the last failed settle failed ("" when none has)
     settle_failures: int  #: settles that failed since the start (each retry that fails counts)
-    files: int  #: segment files in the directory, this process's and any other's (orphans included)
+    files: int  #: segment files in the directory, this process's and any other's (orphans included; not its spare)
     oldest_file_age_s: float  #: age of the oldest of them by its last write (0 when there is none)
 
 
@@ -121,6 +124,8 @@ class ReceiptLog:
         #: leftover segments the last :meth:`orphans` pass could not open or lock (name -> why)
         self.unreplayable: dict[str, str] = {}
         self._mine: set[Path] = set()  # segments this log created (never replayed by it, whatever the locks say)
+        self._spare: Segment | None = None  # made ahead, taken by the next association (:meth:`_create`)
+        self._spare_coming = False  # one is being made
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipts-settle")
 
     # -- appending -------------------------------------------------------------------------
@@ -209,6 +214,45 @@ class ReceiptLog:
         return new
 
     def _create(self) -> Segment:
+        """A segment for an association: the spare if one is ready, else a new one; a spare is made for the next."""
+        with self._lock:
+            segment, self._spare = self._spare, None
+            make_spare, self._spare_coming = not self._spare_coming, True
+        if make_spare:
+            try:
+                self._pool.submit(self._make_spare)
+            except RuntimeError:  # shut down
+                with self._lock:
+                    self._spare_coming = False
+        return segment if segment is not None else self._new_segment()
+
+    def _make_spare(self) -> None:
+        try:
+            spare: Segment | None = self._new_segment()
+        except OSError as exc:  # the next association creates its own (and its append reports the error)
+            log.warning("receipt log: cannot make a spare segment: %s", exc)
+            spare = None
+        with self._lock:
+            self._spare_coming = False
+            if self._spare is None:
+                self._spare, spare = spare, None
+        if spare is not None:  # (never: one is made at a time, and only when none is ready)
+            self._discard(spare)
+
+    def _discard(self, segment: Segment) -> None:
+        """Delete an unused (spare) segment."""
+        segment.path.unlink(missing_ok=True)
+        segment.closed = True
+        os.close(segment.fd)
+        self.forget(segment.path)
+
+    @property
+    def spare(self) -> Path | None:
+        """The spare segment's path (None when none is ready)."""
+        with self._lock:
+            return self._spare.path if self._spare is not None else None
+
+    def _new_segment(self) -> Segment:
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         tmp = self.directory / f".{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_DSYNC, 0o600)
@@ -316,7 +360,11 @@ class ReceiptLog:
                 future.result()
             except Exception:  # noqa: BLE001 - logged by _settled; the segment is replayed at the next start
                 pass
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True)  # a spare being made is ready (or failed) after this
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            self._discard(spare)
 
     @property
     def open_segments(self) -> int:
@@ -329,8 +377,11 @@ class ReceiptLog:
             failing = tuple(sorted(path.name for path in self._failing))
             last_error = next(reversed(self._failing.values()), "") if self._failing else ""
             counts = (len(self._open), len(self._settling), self._settle_failures)
+            spare = self._spare.path if self._spare is not None else None
         now, ages = time.time(), []
         for path in self.directory.glob("*" + _SUFFIX):
+            if path == spare:  # empty, and not yet any association's
+                continue
             try:
                 ages.append(max(now - path.stat().st_mtime, 0.0))
             except FileNotFoundError:  # settled meanwhile

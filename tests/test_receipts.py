@@ -63,7 +63,8 @@ class LoggedNode:
         return ae.associate("127.0.0.1", self.scp.port, ae_title=NODE_AE)
 
     def segments(self) -> list[Path]:
-        return sorted(self.log.directory.glob("*.log"))
+        """The log's segments, not counting its spare (empty, made ahead for the next association)."""
+        return sorted(path for path in self.log.directory.glob("*.log") if path != self.log.spare)
 
     def stop(self) -> None:
         self.scp.stop()
@@ -133,6 +134,10 @@ def _leave_segment(directory: Path, files: list[Path], *, torn: bytes = b"") -> 
         meta, dataset, uid, ts = _part10(path)
         segment = log.append(1, _record(log, meta, dataset, uid, ts))
     assert segment is not None
+    assert _wait_for(lambda: log.spare is not None)
+    spare, log._spare = log._spare, None
+    assert spare is not None
+    log._discard(spare)  # (a spare left by a crash is tested on its own)
     if torn:
         os.write(segment.fd, torn)
     os.close(segment.fd)  # the process died: its flock is released, nothing was settled
@@ -216,6 +221,52 @@ def test_a_full_or_idle_segment_is_settled_and_the_association_goes_on_in_a_new_
     log.shutdown()
 
 
+def test_a_spare_segment_is_made_ahead_and_taken_by_the_next_association(tmp_path: Path,
+                                                                         series: list[Path]) -> None:
+    log = ReceiptLog(tmp_path / "receipts", lambda: None)
+    assert log.spare is None  # none before anything arrives
+    meta, dataset, uid, ts = _part10(series[0])
+    first = log.append(1, _record(log, meta, dataset, uid, ts))
+    assert _wait_for(lambda: log.spare is not None)
+    spare = log.spare
+    assert spare is not None and spare != first.path and spare.exists() and spare.stat().st_size == 0
+    assert log.status().files == 1  # the spare holds nothing and is not counted
+    meta, dataset, uid, ts = _part10(series[1])
+    second = log.append(2, _record(log, meta, dataset, uid, ts))
+    assert second.path == spare  # taken at once, and the next one is being made
+    assert len(list(read_records(spare))) == 1
+    assert _wait_for(lambda: log.spare not in (None, spare))
+    other = ReceiptLog(tmp_path / "receipts", lambda: None)
+    try:
+        assert list(other.orphans()) == []  # the spare is locked by its writer like any live segment
+    finally:
+        other.shutdown()
+    kept = log.spare
+    log.filed(1, first, None)
+    log.filed(2, second, None)
+    log.close(1)
+    log.close(2)
+    log.shutdown()
+    assert kept is not None and not kept.exists()
+    assert list(log.directory.iterdir()) == []  # a clean stop leaves nothing, the spare included
+
+
+def test_a_spare_left_by_a_crash_replays_as_empty(make_node: Callable[..., LoggedNode], series: list[Path],
+                                                  tmp_path: Path) -> None:
+    data_dir = tmp_path / "crashed"
+    (data_dir / "receipts").mkdir(parents=True)
+    crashed = ReceiptLog(data_dir / "receipts", lambda: None)
+    meta, dataset, uid, ts = _part10(series[0])
+    crashed.append(1, _record(crashed, meta, dataset, uid, ts))
+    assert _wait_for(lambda: crashed.spare is not None)
+    left = crashed.spare
+    for fd in (s.fd for s in [*crashed._open.values(), crashed._spare] if s is not None):
+        os.close(fd)  # the process is gone: its locks with it
+    node = make_node(data_dir)
+    assert node.scp.replay_receipts() == 1 and node.scp.replay_error == ""
+    assert left is not None and not left.exists() and not list((data_dir / "receipts").glob("*.log"))
+
+
 # -- the SCP through the log ----------------------------------------------------------------------------
 
 def test_a_store_is_durable_in_the_log_and_settled_when_the_association_ends(
@@ -245,6 +296,7 @@ def test_a_store_is_durable_in_the_log_and_settled_when_the_association_ends(
         assert len(list(read_records(node.segments()[0]))) == series.index(path) + 1
     assert spool_writes == [False] * len(series) and rows == [False] * len(series)
     assert node.syncs == 0
+    assert _wait_for(lambda: node.log.spare is not None)  # made ahead (a directory sync of its own)
     fsynced.clear()
     assoc.release()
     assert _wait_for(lambda: not node.segments() and node.syncs == 1)
