@@ -706,7 +706,8 @@ class StorageSCP:
         power loss before they settled); returns how many objects were filed again. The records of all such
         segments are replayed in the order they were received (so that, of two objects sent under one UID, the
         one acknowledged first is the one kept), then the files found in place are synced, and the segments are
-        deleted. Segments that cannot be replayed now stay for the next try."""
+        deleted. Segments that cannot be replayed now stay for the next try (what a failed try filed again before
+        it failed is counted by it)."""
         if self.receipts is None:
             return 0
         orphans = list(self.receipts.orphans())
@@ -714,10 +715,11 @@ class StorageSCP:
         self.replay_error = f"leftover segments not replayed: {skipped}" if skipped else ""
         if not orphans:
             return 0
+        redone = 0
         try:
             refs = [ref for path, _fd in orphans for ref in index_records(path)]
             refs.sort(key=lambda ref: (ref.received_at, str(ref.segment), ref.offset))
-            redone, in_place = 0, []
+            in_place = []
             for ref in refs:
                 filed_again, found = self._replay(load_record(ref))
                 redone += filed_again
@@ -732,7 +734,9 @@ class StorageSCP:
             log.exception("receipt log: replaying %s failed; kept and tried again", names)
             self.replay_error = "; ".join(filter(None, (f"replaying {names} failed: {type(exc).__name__}: {exc}",
                                                          self.replay_error)))
-            return 0
+            # what was filed again before the failure is counted now: the next try finds it in place
+            self.replayed_objects += redone
+            return redone
         finally:
             for _path, fd in orphans:
                 os.close(fd)

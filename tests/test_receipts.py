@@ -514,6 +514,22 @@ def test_a_failed_replay_is_reported_until_one_succeeds(make_node: Callable[...,
     assert check_receipts(node.log.status(), node.scp.replay_error).ok
 
 
+def test_objects_filed_again_by_a_replay_that_then_failed_are_counted(make_node: Callable[..., LoggedNode],
+                                                                     series: list[Path], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir = tmp_path / "crashed"
+    node = make_node(data_dir)
+    _leave_segment(data_dir / "receipts", series[:2])  # neither was filed: both are filed again
+    real_sync = node.journal.sync
+    monkeypatch.setattr(node.journal, "sync", lambda: (_ for _ in ()).throw(OSError("journal gone")))
+    assert node.scp.replay_receipts() == 2  # filed, then the final sync failed: the segment stays
+    assert "journal gone" in node.scp.replay_error and node.scp.replayed_objects == 2
+    monkeypatch.setattr(node.journal, "sync", real_sync)
+    assert node.scp.replay_receipts() == 0  # found in place this time
+    assert node.scp.replay_error == "" and node.scp.replayed_objects == 2
+    assert not node.segments()
+
+
 def test_a_leftover_segment_that_cannot_be_opened_fails_the_check(make_node: Callable[..., LoggedNode],
                                                                   series: list[Path], tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
