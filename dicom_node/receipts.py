@@ -51,6 +51,8 @@ SEGMENT_RECORDS = 2000
 SEGMENT_BYTES = 512 * 2**20
 #: a segment no object was appended to for this long is settled by the next sweep (an association kept open)
 SETTLE_IDLE_S = 5.0
+#: after a spare segment could not be made, none is tried for this long (associations create their own)
+SPARE_RETRY_S = 60.0
 
 _MAGIC = b"DNR1"
 #: magic, CRC-32 of what follows the header, length of the JSON description, length of the object's bytes
@@ -126,6 +128,7 @@ class ReceiptLog:
         self._mine: set[Path] = set()  # segments this log created (never replayed by it, whatever the locks say)
         self._spare: Segment | None = None  # made ahead, taken by the next association (:meth:`_create`)
         self._spare_coming = False  # one is being made
+        self._spare_failed = -SPARE_RETRY_S  # when making one last failed (monotonic)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipts-settle")
 
     # -- appending -------------------------------------------------------------------------
@@ -217,7 +220,8 @@ class ReceiptLog:
         """A segment for an association: the spare if one is ready, else a new one; a spare is made for the next."""
         with self._lock:
             segment, self._spare = self._spare, None
-            make_spare, self._spare_coming = not self._spare_coming, True
+            make_spare = not self._spare_coming and time.monotonic() - self._spare_failed >= SPARE_RETRY_S
+            self._spare_coming = self._spare_coming or make_spare
         if make_spare:
             try:
                 self._pool.submit(self._make_spare)
@@ -230,10 +234,13 @@ class ReceiptLog:
         try:
             spare: Segment | None = self._new_segment()
         except OSError as exc:  # the next association creates its own (and its append reports the error)
-            log.warning("receipt log: cannot make a spare segment: %s", exc)
+            log.warning("receipt log: cannot make a spare segment (not tried again for %.0f s): %s",
+                        SPARE_RETRY_S, exc)
             spare = None
         with self._lock:
             self._spare_coming = False
+            if spare is None:
+                self._spare_failed = time.monotonic()
             if self._spare is None:
                 self._spare, spare = spare, None
         if spare is not None:  # (never: one is made at a time, and only when none is ready)

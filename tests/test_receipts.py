@@ -251,6 +251,37 @@ def test_a_spare_segment_is_made_ahead_and_taken_by_the_next_association(tmp_pat
     assert list(log.directory.iterdir()) == []  # a clean stop leaves nothing, the spare included
 
 
+def test_a_spare_that_cannot_be_made_is_not_tried_again_at_once(tmp_path: Path, series: list[Path],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    log = ReceiptLog(tmp_path / "receipts", lambda: None)
+    made: list[str] = []
+    real_new = log._new_segment
+
+    def failing_spare() -> Any:
+        background = threading.current_thread().name.startswith("receipts-settle")
+        made.append("spare" if background else "own")
+        if background:
+            raise OSError(28, "No space left on device")
+        return real_new()
+
+    monkeypatch.setattr(log, "_new_segment", failing_spare)
+    for key, path in enumerate(series[:3]):
+        meta, dataset, uid, ts = _part10(path)
+        segment = log.append(key, _record(log, meta, dataset, uid, ts))
+        assert _wait_for(lambda: not log._spare_coming)
+        log.filed(key, segment, None)
+        log.close(key)
+    # each association made its own segment; the spare was tried once, not again at each association
+    assert log.spare is None and sorted(made) == ["own", "own", "own", "spare"]
+    monkeypatch.setattr(receipts_module, "SPARE_RETRY_S", 0.0)
+    monkeypatch.setattr(log, "_new_segment", real_new)
+    meta, dataset, uid, ts = _part10(series[3])
+    segment = log.append(9, _record(log, meta, dataset, uid, ts))
+    assert _wait_for(lambda: log.spare is not None)  # tried again once the pause is over
+    log.filed(9, segment, None)
+    log.shutdown()
+
+
 def test_a_spare_left_by_a_crash_replays_as_empty(make_node: Callable[..., LoggedNode], series: list[Path],
                                                   tmp_path: Path) -> None:
     data_dir = tmp_path / "crashed"
