@@ -237,21 +237,11 @@ class ReceiptLog:
             log.warning("receipt log: cannot make a spare segment (not tried again for %.0f s): %s",
                         SPARE_RETRY_S, exc)
             spare = None
-        with self._lock:
+        with self._lock:  # one is made at a time, and only while none is ready
             self._spare_coming = False
+            self._spare = spare
             if spare is None:
                 self._spare_failed = time.monotonic()
-            if self._spare is None:
-                self._spare, spare = spare, None
-        if spare is not None:  # (never: one is made at a time, and only when none is ready)
-            self._discard(spare)
-
-    def _discard(self, segment: Segment) -> None:
-        """Delete an unused (spare) segment."""
-        segment.path.unlink(missing_ok=True)
-        segment.closed = True
-        os.close(segment.fd)
-        self.forget(segment.path)
 
     @property
     def spare(self) -> Path | None:
@@ -331,6 +321,10 @@ class ReceiptLog:
         sweep's :meth:`settle_idle`) or the next start's replay."""
         self.sync_files(segment.files)
         self._settle_rows()  # one durable commit: every journal row committed before it is durable too
+        self._delete(segment)
+
+    def _delete(self, segment: Segment) -> None:
+        """Delete a settled (or unused spare) segment and close it."""
         segment.path.unlink(missing_ok=True)  # (missing: a retry after a failure past this point)
         if not segment.closed:
             segment.closed = True
@@ -371,7 +365,7 @@ class ReceiptLog:
         with self._lock:
             spare, self._spare = self._spare, None
         if spare is not None:
-            self._discard(spare)
+            self._delete(spare)
 
     @property
     def open_segments(self) -> int:

@@ -137,7 +137,7 @@ def _leave_segment(directory: Path, files: list[Path], *, torn: bytes = b"") -> 
     assert _wait_for(lambda: log.spare is not None)
     spare, log._spare = log._spare, None
     assert spare is not None
-    log._discard(spare)  # (a spare left by a crash is tested on its own)
+    log._delete(spare)  # (a spare left by a crash is tested on its own)
     if torn:
         os.write(segment.fd, torn)
     os.close(segment.fd)  # the process died: its flock is released, nothing was settled
