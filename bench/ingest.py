@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,12 @@ TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-no-fsync", "node
 #: what more receiving processes give.
 #: Senders at once in the concurrent part of P1.
 SENDERS = 4
+#: References of the concurrent part only: a receiving process per sender, each on a port of its own, sender i
+#: sending to process i, the even spread no shared listener gives (``SO_REUSEPORT`` hashes connections; a pool of
+#: processes behind one acceptor could at best match it). "node-process-each": ``serve --role receiver`` processes
+#: of one data directory, fsync on, as "node-2-receivers"; "pynetdicom-bare-process-each": as many
+#: "pynetdicom-bare" SCPs. What a multi-process layout could reach, and the library's own ceiling in it.
+SPREAD_TARGETS = ("node-process-each", "pynetdicom-bare-process-each")
 #: Receivers of the part of P1 where each image comes in an association of its own (what an association costs).
 PER_IMAGE_TARGETS = ("node", "storescp", "orthanc", "orthanc-sync", "node-synced-in-place", "pynetdicom-bare")
 
@@ -65,13 +71,15 @@ def _sent(results: list[Send], what: str) -> None:
         _check(result.ok, f"{what}: storescu failed: {result.failures or result.output[-2000:]}")
 
 
-Sender = Callable[[int, str], float]  # (port, called AE title) -> seconds; raises when a send failed
+#: (port, or a port per sender; called AE title) -> seconds; raises when a send failed
+Sender = Callable[[int | Sequence[int], str], float]
 
 
 def _sender(folders: list[Path], profile: Path) -> Sender:
     """One storescu for one folder, or one per folder at once (wall time until the last ends)."""
-    def run(port: int, ae_title: str) -> float:
+    def run(port: int | Sequence[int], ae_title: str) -> float:
         if len(folders) == 1:
+            assert isinstance(port, int)
             result = send(folders[0], profile, port, called_ae=ae_title)
             _sent([result], ae_title)
             return result.seconds
@@ -85,7 +93,8 @@ def _sender_per_image(folder: Path) -> Sender:
     """One pynetdicom SCU, one association per file."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
 
-    def run(port: int, ae_title: str) -> float:
+    def run(port: int | Sequence[int], ae_title: str) -> float:
+        assert isinstance(port, int)
         result = send_per_image(files, port, called_ae=ae_title)
         _check(result.ok, f"{ae_title}: per-image sends failed: {result.failures[:3]}")
         return result.seconds
@@ -105,14 +114,17 @@ def _node_run(sender: Sender, work: Path, empty_models: Path, images: int, *, fs
     return seconds
 
 
-def _receivers_run(sender: Sender, work: Path, empty_models: Path, images: int, n: int = 2) -> float:
-    port, data_dir = free_port(), work / "data"
-    nodes = [BenchNode(work / f"receiver-{i}", models_dir=empty_models, role="receiver", port=port,
-                       data_dir=data_dir, node={"reuse_port": True}) for i in range(n)]
+def _receivers_run(sender: Sender, work: Path, empty_models: Path, images: int, n: int = 2, *,
+                   port_each: bool = False) -> float:
+    """``n`` receiver processes of one data directory: sharing one port, or (``port_each``) each on its own, the
+    i-th sender sending to the i-th."""
+    ports = [free_port() for _ in range(n)] if port_each else [free_port()] * n
+    nodes = [BenchNode(work / f"receiver-{i}", models_dir=empty_models, role="receiver", port=ports[i],
+                       data_dir=work / "data", node={"reuse_port": not port_each}) for i in range(n)]
     try:
         for node in nodes:
             node.start()
-        seconds = sender(port, nodes[0].ae_title)
+        seconds = sender(ports if port_each else ports[0], nodes[0].ae_title)
         journal = nodes[0].journal()
         try:
             stored = journal.counts()["instances"]["total"]
@@ -132,19 +144,23 @@ def _storescp_run(sender: Sender, work: Path, images: int) -> float:
     return seconds
 
 
-def _bare_run(sender: Sender) -> float:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "bench.bare_scp", str(port), "BARE_SCP"], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _bare_run(sender: Sender, n: int = 1) -> float:
+    """One bare pynetdicom SCP; or ``n``, each on its own port, the i-th sender sending to the i-th."""
+    ports = [free_port() for _ in range(n)]
+    processes = [subprocess.Popen([sys.executable, "-m", "bench.bare_scp", str(port), "BARE_SCP"], cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in ports]
     try:
         deadline = time.monotonic() + 30
-        while echoscu(port, called_ae="BARE_SCP", timeout=5).returncode != 0:
-            _check(process.poll() is None and time.monotonic() < deadline, "bare pynetdicom SCP did not start")
-            time.sleep(0.1)
-        return sender(port, "BARE_SCP")
+        for port, process in zip(ports, processes, strict=True):
+            while echoscu(port, called_ae="BARE_SCP", timeout=5).returncode != 0:
+                _check(process.poll() is None and time.monotonic() < deadline, "bare pynetdicom SCP did not start")
+                time.sleep(0.1)
+        return sender(ports[0] if n == 1 else ports, "BARE_SCP")
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=10)
 
 
 def _orthanc_run(sender: Sender, work: Path, images: int, *, sync: bool) -> float:
@@ -155,14 +171,18 @@ def _orthanc_run(sender: Sender, work: Path, images: int, *, sync: bool) -> floa
     return seconds
 
 
-def _run(target: str, sender: Sender, work: Path, empty_models: Path, images: int) -> float:
+def _run(target: str, sender: Sender, work: Path, empty_models: Path, images: int, senders: int = 1) -> float:
     if target in ("node", "node-no-fsync", "node-synced-in-place"):
         return _node_run(sender, work, empty_models, images, fsync=target != "node-no-fsync",
                          receipt_log=target != "node-synced-in-place")
     if target == "node-2-receivers":
         return _receivers_run(sender, work, empty_models, images)
+    if target == "node-process-each":
+        return _receivers_run(sender, work, empty_models, images, senders, port_each=True)
     if target == "pynetdicom-bare":
         return _bare_run(sender)
+    if target == "pynetdicom-bare-process-each":
+        return _bare_run(sender, senders)
     if target == "storescp":
         return _storescp_run(sender, work, images)
     return _orthanc_run(sender, work, images, sync=target == "orthanc-sync")
@@ -176,7 +196,8 @@ def ingest(folders: list[Path], images_each: int, runs: int, log=print,  # noqa:
     if per_image:
         out = IngestResult(images_each, 1, targets=PER_IMAGE_TARGETS)
     else:
-        out = IngestResult(images_each * len(folders), len(folders))
+        out = IngestResult(images_each * len(folders), len(folders),
+                           targets=TARGETS + SPREAD_TARGETS if len(folders) > 1 else TARGETS)
     what = "one association per image" if per_image else f"{len(folders)} sender(s)"
     with tempfile.TemporaryDirectory(prefix="bench-p1-") as tmp:
         tmp_path = Path(tmp)
@@ -189,7 +210,7 @@ def ingest(folders: list[Path], images_each: int, runs: int, log=print,  # noqa:
         for r in range(runs):
             for target in out.targets:
                 work = tmp_path / f"run-{r}-{target}"
-                seconds = _run(target, sender, work, empty_models, out.images)
+                seconds = _run(target, sender, work, empty_models, out.images, out.senders)
                 out.seconds[target].append(seconds)
                 log(f"P1 ({what}) run {r + 1}/{runs} {target}: {seconds:.2f} s, "
                     f"{out.images / seconds:.0f} images/s")

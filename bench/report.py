@@ -137,9 +137,13 @@ def _ingest_table(result: IngestResult) -> list[str]:
         per_run = [n / o for n, o in zip(node, rates[other], strict=True)]
         lines.append(f"node / {what}: {statistics.median(node) / statistics.median(rates[other]):.2f} "
                      f"(per run {spread(per_run, '{:.2f}')})")
-    bare = statistics.median(rates["pynetdicom-bare"])
-    lines.append(f"pynetdicom storing nothing / Orthanc: {bare / statistics.median(rates['orthanc']):.2f}, "
-                 f"/ Orthanc with SyncStorageArea: {bare / statistics.median(rates['orthanc-sync']):.2f}")
+    for target, what in (("pynetdicom-bare", "pynetdicom storing nothing"),
+                         ("node-process-each", "node, a receiver process per sender"),
+                         ("pynetdicom-bare-process-each", "pynetdicom storing nothing, a process per sender")):
+        if target in rates:
+            rate = statistics.median(rates[target])
+            lines.append(f"{what} / Orthanc: {rate / statistics.median(rates['orthanc']):.2f}, "
+                         f"/ Orthanc with SyncStorageArea: {rate / statistics.median(rates['orthanc-sync']):.2f}")
     return out + [""] + [f"- {line}" for line in lines] + [""]
 
 
@@ -162,6 +166,12 @@ def _ingest_section(single: IngestResult, concurrent: IngestResult | None,
     goal_rates = [("one sender", single)]
     if concurrent is not None:
         out += [f"### {concurrent.senders} senders at once, {concurrent.images // concurrent.senders} images each",
+                "",
+                "Two more references here: `node-process-each` is a `serve --role receiver` process per sender, "
+                "each on a port of its own (one data directory, fsync on), sender i sending to process i: the even "
+                "spread that no shared listener gives (`node-2-receivers` shares one port with `SO_REUSEPORT`, "
+                "which spreads connections by a hash), so the best any layout of receiver processes could do; "
+                "`pynetdicom-bare-process-each` is as many bare pynetdicom SCPs spread the same way.",
                 ""] + _ingest_table(concurrent)
         goal_rates.append((f"{concurrent.senders} senders", concurrent))
     if per_image is not None:

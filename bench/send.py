@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,13 +58,17 @@ def send(folder: Path, profile: Path, port: int, *, called_ae: str, calling_ae: 
     return Send(seconds, result.returncode, failed_stores(result), result.stdout + result.stderr)
 
 
-def send_parallel(folders: list[Path], profile: Path, port: int, *, called_ae: str,
+def send_parallel(folders: list[Path], profile: Path, port: int | Sequence[int], *, called_ae: str,
                   timeout: float = 600) -> tuple[float, list[Send]]:
-    """One storescu per folder, all started at once; (wall time until the last ends, each result)."""
+    """One storescu per folder, all started at once, to ``port`` (or the i-th folder to the i-th of a port per
+    folder); (wall time until the last ends, each result)."""
+    ports = [port] * len(folders) if isinstance(port, int) else list(port)
+    if len(ports) != len(folders):
+        raise ValueError(f"{len(ports)} ports for {len(folders)} senders")
     start = time.perf_counter()
     procs = []
-    for i, folder in enumerate(folders):
-        args = _args(folder, profile, port, called_ae, f"BENCH{i}")
+    for i, (folder, to) in enumerate(zip(folders, ports, strict=True)):
+        args = _args(folder, profile, to, called_ae, f"BENCH{i}")
         procs.append((subprocess.Popen(args, env=DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True), time.perf_counter()))
     results = []
