@@ -46,7 +46,14 @@ from inference.models import LoadedModel, ModelManifest, ModelRegistry
 from inference.pipeline import run_model
 from inference.segmentation import segment
 from inference.volume import FrameGeometry, LoadedSeries, load_series
-from inference.volumetry import Norm, Volumetry, compute_volumetry, expected_structures, with_qc_flag
+from inference.volumetry import (
+    QC_FAILED_SUFFIX,
+    Norm,
+    Volumetry,
+    compute_volumetry,
+    expected_structures,
+    with_qc_flag,
+)
 
 from .config import NodeConfig, Rule
 from .journal import Claim, FollowUpState, JobRecord, JobState, Journal, OutputFile, SeriesRecord
@@ -112,6 +119,16 @@ DESCRIPTION_SUFFIXES = {"sT1": "", "SEG": " SEG", "SR": " volumes", "SUMMARY": "
                         "NOT_PROCESSED": " NOT PROCESSED"}
 
 
+AGREEMENT_SUFFIX = " vs rT1 agreement"
+#: SeriesDescription is LO: 64 characters at most.
+DESCRIPTION_MAX = 64
+
+
+def _fitted(name: str, tail: str) -> str:
+    """``name`` shortened so that ``tail`` still fits after it in a SeriesDescription."""
+    return name[:DESCRIPTION_MAX - len(tail)]
+
+
 @dataclass(frozen=True)
 class SeriesNaming:
     """How a job names and numbers the series it writes: the one owner of SeriesDescription (with its QC flag)
@@ -123,15 +140,17 @@ class SeriesNaming:
 
     def description(self, kind: str = "sT1", volumetry: Volumetry | None = None) -> str:
         """The SeriesDescription of the ``kind`` output: ``sT1AAH SEG v2``; flagged `` QC FAILED`` when it shows
-        a ``volumetry`` whose quality control failed (SEG, SR and summary alike)."""
-        text = f"{self.output_name}{DESCRIPTION_SUFFIXES[kind]}"
-        text = text if self.version <= 1 else f"{text} v{self.version}"
+        a ``volumetry`` whose quality control failed (SEG, SR and summary alike). A long output name is shortened
+        so that what follows it (the kind, the version, the flag) fits the 64 characters of LO."""
+        tail = DESCRIPTION_SUFFIXES[kind] + ("" if self.version <= 1 else f" v{self.version}")
+        flagged = volumetry is not None and not volumetry.qc_passed
+        text = _fitted(self.output_name, tail + (QC_FAILED_SUFFIX if flagged else "")) + tail
         return text if volumetry is None else with_qc_flag(text, volumetry)
 
     @staticmethod
     def agreement_description(synthetic_output_name: str) -> str:
         """The agreement SR's: named after the synthetic T1 it compares with the real one."""
-        return f"{synthetic_output_name} vs rT1 agreement"
+        return _fitted(synthetic_output_name, AGREEMENT_SUFFIX) + AGREEMENT_SUFFIX
 
     def number(self, kind: str) -> int:
         return output_series_number(self.source_number, kind, self.version)

@@ -8,7 +8,7 @@ pixel decoding is pydicom's (with the pylibjpeg plugins for compressed transfer 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 __all__ = [
     "FrameGeometry",
@@ -319,17 +320,24 @@ def series_geometry(headers: Sequence[Dataset]) -> SliceGeometry:
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 
 
-def without_pixels(ds: Dataset) -> Dataset:
-    """``ds`` without its pixel data: a shallow copy sharing the other elements (and the file meta, if any).
+def shallow_copy(ds: Dataset, *, drop: Iterable[BaseTag] = ()) -> Dataset:
+    """A new data set sharing the elements of ``ds`` but those tagged ``drop`` (and its file meta, if any):
+    elements set or replaced in it leave ``ds`` as it is.
 
     The elements are taken as they are, not converted: a raw (still encoded) element stays raw, so a
     Source Image Sequence of hundreds of items, say, is not parsed just to be copied.
     """
+    dropped = set(drop)
     # built from the elements' dict as pydicom's reader does (its item assignment converts private elements)
-    header = Dataset({element.tag: element for element in ds.elements() if element.tag not in PIXEL_TAGS})
+    copy = Dataset({element.tag: element for element in ds.elements() if element.tag not in dropped})
     if hasattr(ds, "file_meta"):
-        header.file_meta = ds.file_meta
-    return header
+        copy.file_meta = ds.file_meta
+    return copy
+
+
+def without_pixels(ds: Dataset) -> Dataset:
+    """``ds`` without its pixel data: a :func:`shallow_copy` sharing the other elements."""
+    return shallow_copy(ds, drop=PIXEL_TAGS)
 
 
 def _header(ds: Dataset) -> Dataset:

@@ -14,6 +14,7 @@ import dicom_node
 from dicom_node.writers.derived_mr import Derivation, write_derived_mr
 from tests.conftest import SHARED_DATA, requires_shared_data
 from tests.dicom_factory import brightest_point, make_mr_series, make_study, oblique_iop
+from tests.volumetry_factory import dciodvfy_errors
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
 PREFIX = "1.2.826.0.1.3680043.10.999."
@@ -360,6 +361,33 @@ def test_values_the_vr_forbids_are_refused(source: dict, tmp_path: Path) -> None
     with pytest.raises(ValueError, match="StudyID"):
         write_small(source, tmp_path / "b", sources=bad)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_optional_values_the_vr_forbids_are_left_out_with_a_warning(source: dict, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Vendor and RIS sloppiness in a descriptive attribute (a lowercase CS, an unpadded age) costs that attribute,
+    not the series; the identity attributes are copied as they are."""
+    sloppy = [pydicom.dcmread(p, stop_before_pixels=True) for p in source["paths"]]
+    for ds in sloppy:
+        ds.BodyPartExamined, ds.PatientAge, ds.StudyDescription = "Brain", "45Y", "MRI Brain"
+    with caplog.at_level("WARNING", logger="dicom_node.writers.derived_mr"):
+        paths = write_small(source, tmp_path / "out", sources=sloppy)
+    ds = pydicom.dcmread(paths[0])
+    assert "BodyPartExamined" not in ds and "PatientAge" not in ds and ds.StudyDescription == "MRI Brain"
+    assert ds.PatientID == sloppy[0].PatientID
+    assert "BodyPartExamined 'Brain'" in caplog.text and "PatientAge '45Y'" in caplog.text
+    assert dciodvfy_errors(paths[0]) == []
+
+
+@pytest.mark.parametrize(("given", "written"), [("m", "M"), (" F", "F"), ("O", "O"), ("U", ""), ("unknown", "")])
+def test_patient_sex_is_one_dicom_allows_or_empty(source: dict, tmp_path: Path, given: str, written: str) -> None:
+    """PatientSex is M, F or O (PS3.3 C.7.1.1): a RIS's "U" is written empty (unknown), so that the SEG and SR
+    built on the sT1 are valid too."""
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in source["paths"]]
+    for ds in headers:
+        ds.PatientSex = given
+    (path, *_) = write_small(source, tmp_path / "out", sources=headers)
+    assert pydicom.dcmread(path).PatientSex == written
 
 
 def test_sources_from_two_studies_are_refused(source: dict, tmp_path: Path) -> None:

@@ -17,7 +17,13 @@ from dicom_node.config import Destination, InferenceSettings, NodeConfig, NodeSe
 from dicom_node.headers import describe
 from dicom_node.jobs import JobRunner, Task, ThreadExecutor
 from dicom_node.journal import Journal
-from dicom_node.steps import SERIES_NUMBER_OFFSETS, SeriesNaming, output_description, output_series_number
+from dicom_node.steps import (
+    DESCRIPTION_SUFFIXES,
+    SERIES_NUMBER_OFFSETS,
+    SeriesNaming,
+    output_description,
+    output_series_number,
+)
 from inference.models import ModelRegistry
 from tests.dicom_factory import make_mr_series, make_study
 from tests.onnx_fixtures import make_synthesis_model
@@ -308,6 +314,15 @@ def test_series_naming_flags_a_failed_quality_control_for_every_kind_that_shows_
         assert naming.description(kind, failed) == text + " QC FAILED"
         assert naming.description(kind, passed) == naming.description(kind) == text
     assert naming.description("sT1") == "sT1AAH v2" and naming.description("NOT_PROCESSED") == "sT1AAH NOT PROCESSED v2"
+    # the longest output name the config allows (48) still leaves the kind, the version and the flag in 64 (LO)
+    long = SeriesNaming("N" * 48, 12, 7)
+    for kind in DESCRIPTION_SUFFIXES:
+        for volumetry in (None, failed, passed):
+            text = long.description(kind, volumetry)
+            assert len(text) <= 64 and text.endswith(f"{DESCRIPTION_SUFFIXES[kind]} v12"
+                                                     + (" QC FAILED" if volumetry is failed else "")), text
+    assert SeriesNaming.agreement_description("N" * 48).endswith("N vs rT1 agreement")
+    assert len(SeriesNaming.agreement_description("N" * 48)) == 64
 
 
 def test_a_normative_table_in_the_config_gives_z_scores(tmp_path: Path, models_dir: Path,

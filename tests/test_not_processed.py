@@ -13,7 +13,7 @@ from dicom_node.headers import SeriesAttributes
 from dicom_node.routing import loop_guard
 from dicom_node.writers.not_processed import NOT_PROCESSED_SIZE, write_not_processed
 from tests.dicom_factory import make_mr_series, make_study
-from tests.volumetry_factory import UID_PREFIX, dciodvfy_errors
+from tests.volumetry_factory import EXPORT_LACKS, UID_PREFIX, as_exported, dciodvfy_errors
 
 REASON = "inconsistent geometry: gap between slice 3 and 4 (8 mm, expected 4 mm)"
 
@@ -76,3 +76,17 @@ def test_a_long_reason_is_cut(tmp_path: Path, written: dict) -> None:
     assert len(ds.ImageComments) < 700 and ds.ImageComments.endswith("...")
     assert "ReferencedImageSequence" not in ds
     assert dciodvfy_errors(out.path) == []
+
+
+def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: Path, written: dict) -> None:
+    """The page must reach the reader whatever the source's identity attributes: none of EXPORT_LACKS, and a
+    RIS's PatientSex "U"."""
+    (source,) = as_exported(written["sources"][:1])
+    out = write_not_processed(REASON, source=source, source_instances=[(str(source.SOPClassUID),
+                                                                        str(source.SOPInstanceUID))],
+                              out_path=tmp_path / "not_processed.dcm", series_number=750,
+                              series_description="sT12DT1 NOT PROCESSED", uid_prefix=UID_PREFIX,
+                              what="sT12DT1 (synthetic T1 by model m)", job_id=13)
+    assert dciodvfy_errors(out.path) == []
+    ds = pydicom.dcmread(out.path)
+    assert all(ds[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))

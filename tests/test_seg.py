@@ -14,7 +14,16 @@ from dicom_node.writers.seg import GridMismatchError, segment_codes, write_seg
 from inference.labels import STRUCTURES, laterality_code
 from inference.volume import load_series
 from tests.conftest import SHARED_DATA, requires_shared_data
-from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, T1Series, dciodvfy_errors, make_t1_series
+from tests.volumetry_factory import (
+    EXPORT_LACKS,
+    MODEL_ID,
+    MODEL_VERSION,
+    UID_PREFIX,
+    T1Series,
+    as_exported,
+    dciodvfy_errors,
+    make_t1_series,
+)
 
 ENHANCED_MR = SHARED_DATA / "dicom" / "phantom_siemens_xa30_enhanced_mr" / "00005_anat_T1w_acq_tfl"
 
@@ -252,3 +261,15 @@ def test_multiframe_check_per_sop_class_answers_as_highdicom() -> None:
         ds = pydicom.Dataset()
         ds.SOPClassUID = sop_class
         assert seg_module._is_multiframe_image(ds) == is_multiframe_image(ds)
+
+
+def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: Path, written: dict) -> None:
+    """A real T1 from a research export (no AccessionNumber, StudyID, ...) and a RIS's PatientSex "U": the SEG is
+    written, valid, with those attributes empty; the sources are left as they were."""
+    sources = as_exported(written["series"].t1_headers)
+    path = _write(written["series"], tmp_path / "seg.dcm", sources=sources)
+    assert dciodvfy_errors(path) == []
+    seg = pydicom.dcmread(path)
+    assert all(seg[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
+    assert seg.PatientID == sources[0].PatientID and seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert all("StudyID" not in ds and ds.PatientSex == "U" for ds in sources)

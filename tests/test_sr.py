@@ -25,7 +25,15 @@ from dicom_node.writers.sr import (
 )
 from inference.labels import STRUCTURES
 from inference.volumetry import QC_FAILED_SUFFIX, Norm, QCLimits, compute_volumetry, with_qc_flag
-from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, dciodvfy_errors, make_t1_series
+from tests.volumetry_factory import (
+    EXPORT_LACKS,
+    MODEL_ID,
+    MODEL_VERSION,
+    UID_PREFIX,
+    as_exported,
+    dciodvfy_errors,
+    make_t1_series,
+)
 
 
 def _same(concept, code) -> bool:
@@ -217,3 +225,16 @@ def test_seg_of_other_labels_is_refused(tmp_path: Path, build: dict) -> None:
                  series_description="x", uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID,
                  algorithm_version=MODEL_VERSION)
     assert not (tmp_path / "sr.dcm").exists()
+
+
+def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: Path, build: dict) -> None:
+    """The volumes of a real T1 from a research export (no AccessionNumber, StudyID, ...; PatientSex "U")."""
+    sources = as_exported(build["series"].t1_headers)
+    path = write_sr(build["volumetry"], seg=build["seg_written"], source_images=sources,
+                    input_series_datasets=as_exported(build["series"].input_headers), out_path=tmp_path / "sr.dcm",
+                    series_number=1003, series_description="rT1 volumes", uid_prefix=UID_PREFIX,
+                    algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION).path
+    assert dciodvfy_errors(path) == []
+    sr = pydicom.dcmread(path)
+    assert all(sr[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
+    assert sr.PatientID == sources[0].PatientID

@@ -10,7 +10,15 @@ import SimpleITK as sitk
 import dicom_node
 from dicom_node.writers.summary import PAGE_SIZE, write_summary
 from inference.volumetry import QC_FAILED_SUFFIX, QCLimits, compute_volumetry, with_qc_flag
-from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, dciodvfy_errors, make_t1_series
+from tests.volumetry_factory import (
+    EXPORT_LACKS,
+    MODEL_ID,
+    MODEL_VERSION,
+    UID_PREFIX,
+    as_exported,
+    dciodvfy_errors,
+    make_t1_series,
+)
 
 BANNER_ROWS = slice(0, 50)
 
@@ -124,3 +132,14 @@ def test_lip_view_is_dicomorient_without_a_copy(direction: tuple[int, ...]) -> N
     assert view[1] == pytest.approx(reoriented.GetSpacing())
     hippocampi = np.argwhere(np.isin(expected, (17, 53)))
     assert _centre_k(view[0]) == pytest.approx(hippocampi.mean(axis=0)[0])
+
+
+def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: Path, build: dict) -> None:
+    series = build["series"]
+    path = write_summary(build["volumetry"], t1=series.t1, labels=series.labels,
+                         source_images=as_exported(series.t1_headers), out_path=tmp_path / "summary.dcm",
+                         series_number=1004, series_description="rT1 summary", uid_prefix=UID_PREFIX,
+                         algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION, synthetic=False).path
+    assert dciodvfy_errors(path) == []
+    ds = pydicom.dcmread(path)
+    assert all(ds[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))

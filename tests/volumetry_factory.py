@@ -9,6 +9,7 @@ white matter brighter than grey matter brighter than CSF.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,6 +147,24 @@ def make_t1_series(out_dir: Path, *, swap_contrast: bool = False, patient_age: s
                                 derivation=Derivation(MODEL_ID, MODEL_VERSION, "Synthetic T1 (test phantom)")).paths
     t1_headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in t1_paths]
     return T1Series(labels, t1, t1_paths, t1_headers, input_headers)
+
+
+#: Type 2 identity attributes an anonymised or research export often lacks (highdicom reads them with no fallback).
+EXPORT_LACKS = ("AccessionNumber", "StudyID", "ReferringPhysicianName", "PatientBirthDate")
+
+
+def as_exported(headers: Sequence[Dataset], *, sex: str = "U") -> list[Dataset]:
+    """Copies of ``headers`` as a research export or a RIS may give them: without :data:`EXPORT_LACKS`, and with a
+    PatientSex DICOM does not allow (``U``)."""
+    out = []
+    for ds in headers:
+        ds = copy.deepcopy(ds)
+        for keyword in EXPORT_LACKS:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.PatientSex = sex
+        out.append(ds)
+    return out
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -17,9 +17,10 @@ from typing import Any, NamedTuple
 
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 import dicom_node
-from inference.volume import without_pixels
+from inference.volume import shallow_copy, without_pixels
 
 _gc_lock = threading.Lock()
 _gc_pausers = 0
@@ -91,6 +92,39 @@ class WrittenFile(NamedTuple):
     path: Path
     sop_class_uid: str
     sop_instance_uid: str
+
+
+#: Type 2 patient and study attributes that highdicom copies from the source of every SEG, SR and Secondary
+#: Capture it builds, and reads with no fallback: a source without one (an anonymised or research export has no
+#: AccessionNumber or StudyID) would fail the object.
+IDENTITY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                  "ReferringPhysicianName", "StudyID", "AccessionNumber")
+#: PatientSex's enumerated values (PS3.3 C.7.1.1); anything else (a RIS's "U", "unknown") is not one of them.
+PATIENT_SEX_VALUES = ("M", "F", "O")
+
+
+def patient_sex(value: object) -> str | None:
+    """A PatientSex value as DICOM allows it: ``M``, ``F`` or ``O`` (case and padding aside), else None (written
+    empty: unknown, which is what an empty Type 2 value says)."""
+    text = str(value or "").strip().upper()
+    return text if text in PATIENT_SEX_VALUES else None
+
+
+def identity_ready(ds: Dataset) -> Dataset:
+    """``ds`` as a source highdicom can build an object from: with every :data:`IDENTITY_TYPE2` attribute (empty
+    where ``ds`` has none) and a PatientSex it accepts (:func:`patient_sex`); ``ds`` itself when it has them, else
+    a shallow copy (``ds`` is left as it is)."""
+    missing = [keyword for keyword in IDENTITY_TYPE2 if keyword not in ds]
+    sex = ds.get("PatientSex")
+    sex_fixed = patient_sex(sex) if sex else sex
+    if not missing and sex_fixed == sex:
+        return ds
+    # a new dataset sharing the other elements (setting an element both held would change the caller's too)
+    ready = shallow_copy(ds, drop=[Tag("PatientSex")])
+    for keyword in missing:
+        setattr(ready, keyword, None)
+    ready.PatientSex = sex_fixed
+    return ready
 
 
 def header_of(ds: Dataset) -> Dataset:

@@ -7,6 +7,7 @@ and DerivationDescription that it was computed, not acquired.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -27,9 +29,19 @@ from pydicom.valuerep import DSfloat, PersonName, validate_value
 
 import dicom_node
 from dicom_node.uids import new_uid
-from dicom_node.writers import WrittenSeries, gc_paused, header_of, series_of, software_versions, write_file
+from dicom_node.writers import (
+    WrittenSeries,
+    gc_paused,
+    header_of,
+    patient_sex,
+    series_of,
+    software_versions,
+    write_file,
+)
 
 __all__ = ["Derivation", "write_derived_mr"]
+
+log = logging.getLogger(__name__)
 
 #: Window from these percentiles of the non-zero voxels.
 WINDOW_PERCENTILES = (1.0, 99.0)
@@ -141,9 +153,18 @@ def _window(stored: np.ndarray) -> tuple[float, float, str]:
 
 
 def _copy(target: Dataset, source: Dataset, keywords: Sequence[str], *, type2: bool) -> None:
+    """Copy ``keywords`` from ``source``. Type 2 ones (``type2``) are written empty when ``source`` lacks them, and
+    are copied as they are (a value their VR forbids then refuses the whole series: identity is not altered).
+    Optional ones whose value their VR forbids (a lowercase BodyPartExamined, a PatientAge "45Y") are left out,
+    with a warning: they describe, and the series is worth more than they are."""
     for keyword in keywords:
         if keyword in source:
-            value = source[keyword].value
+            element = source[keyword]
+            if not type2 and (problem := _forbidden(element)) is not None:
+                log.warning("%s %r of the source is not a valid %s (%s): left out of the synthetic series",
+                            keyword, element.value, element.VR, problem)
+                continue
+            value = element.value
             if isinstance(value, PersonName):
                 value = str(value)
             elif isinstance(value, (list, tuple)) and any(isinstance(v, PersonName) for v in value):
@@ -162,19 +183,30 @@ def _has_non_ascii(ds: Dataset) -> bool:
     return False
 
 
+def _forbidden(element: DataElement) -> str | None:
+    """Why ``element`` holds a value its VR does not allow (too long, bad characters), nested ones too; None if
+    it holds none."""
+    if element.VR == "SQ":
+        return next((why for item in element.value for nested in item.iterall()
+                     if nested.VR != "SQ" and (why := _forbidden(nested)) is not None), None)
+    if element.value is None:
+        return None
+    values = element.value if isinstance(element.value, (MultiValue, list, tuple)) else [element.value]
+    for value in values:
+        if element.VR in ("DS", "IS", "PN"):
+            value = str(value)  # the validators check the string form
+        try:
+            validate_value(element.VR, value, config.RAISE)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
 def _check_values(ds: Dataset) -> None:
     """Raise ValueError for any value its VR does not allow (too long, bad characters), nested ones too."""
     for element in ds.iterall():
-        if element.VR == "SQ" or element.value is None:
-            continue
-        values = element.value if isinstance(element.value, (MultiValue, list, tuple)) else [element.value]
-        for value in values:
-            if element.VR in ("DS", "IS", "PN"):
-                value = str(value)  # the validators check the string form
-            try:
-                validate_value(element.VR, value, config.RAISE)
-            except ValueError as exc:
-                raise ValueError(f"{element.keyword or element.tag}: {exc}") from None
+        if element.VR != "SQ" and (problem := _forbidden(element)) is not None:
+            raise ValueError(f"{element.keyword or element.tag}: {problem}")
 
 
 def _preencoded(template: Dataset) -> Dataset:
@@ -201,6 +233,7 @@ def _source_series(sources: Sequence[Dataset]) -> dict[str, list[Dataset]]:
 def _patient_and_study(ds: Dataset, first: Dataset) -> None:
     """Patient, Clinical Trial Subject, General Study, Patient Study, Clinical Trial Study: the source's."""
     _copy(ds, first, _PATIENT_TYPE2, type2=True)
+    ds.PatientSex = patient_sex(ds.PatientSex)  # "U", "m": what DICOM allows (M, F, O) or empty, as the SEG needs
     _copy(ds, first, _PATIENT_OPTIONAL, type2=False)
     ds.StudyInstanceUID = first.StudyInstanceUID
     _copy(ds, first, _STUDY_TYPE2, type2=True)

@@ -25,12 +25,13 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr, correct_ambiguous_vr_element, write_data_element
 from pydicom.sr.codedict import codes
+from pydicom.tag import Tag
 from pydicom.valuerep import AMBIGUOUS_VR
 
 from dicom_node.uids import new_uid
-from dicom_node.writers import WrittenSeries, equipment, gc_paused, write_single
+from dicom_node.writers import WrittenSeries, equipment, gc_paused, identity_ready, write_single
 from inference.labels import STRUCTURES, Structure, by_code, code_counts, label_codes, laterality_code
-from inference.volume import FrameGeometry, frame_geometries
+from inference.volume import FrameGeometry, frame_geometries, shallow_copy
 
 __all__ = ["GridMismatchError", "segment_codes", "write_seg"]
 
@@ -131,13 +132,8 @@ def _with_shared_geometry(ds: Dataset) -> Dataset:
     new_shared = copy.deepcopy(shared)
     for keyword in missing:
         setattr(new_shared, keyword, copy.deepcopy(first[keyword].value))
-    # a new dataset sharing the other elements; the caller's dataset is left as it is
-    patched = Dataset()
-    for element in ds:
-        if element.keyword != "SharedFunctionalGroupsSequence":
-            patched.add(element)
-    if hasattr(ds, "file_meta"):
-        patched.file_meta = ds.file_meta
+    # a new dataset sharing the other elements (setting an element both held would change the caller's too)
+    patched = shallow_copy(ds, drop=[Tag("SharedFunctionalGroupsSequence")])
     patched.SharedFunctionalGroupsSequence = [new_shared]
     return patched
 
@@ -210,7 +206,7 @@ def write_seg(labels: sitk.Image, source_images: Sequence[Dataset], *, out_path:
     descriptions = [_description(number, by_code(code), algorithm, uid_prefix)
                     for number, code in enumerate(present, start=1)]
     seg = _WrittenSegmentation(
-        source_images=[_with_shared_geometry(ds) for ds in source_images],
+        source_images=[identity_ready(_with_shared_geometry(ds)) for ds in source_images],
         pixel_array=segments,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 
 import dicom_node
 from dicom_node.uids import new_uid
-from dicom_node.writers import WrittenSeries, equipment, write_single
+from dicom_node.writers import WrittenSeries, equipment, identity_ready, write_single
 from inference.labels import HIPPOCAMPUS, LOBES, STRUCTURES
 from inference.volumetry import Volumetry
 
@@ -302,7 +302,7 @@ def secondary_capture(first: Dataset, pixels: np.ndarray, *, series_number: int,
     """A rendered RGB page (``pixels``: uint8 rows x columns x 3) as a Secondary Capture of a new series in the
     study of ``first`` (its patient and study attributes), with patient identification burnt in."""
     image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=first,
+        ref_dataset=identity_ready(first),
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,

@@ -17,7 +17,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 import dicom_node
 from dicom_node.uids import new_uid
-from dicom_node.writers import equipment
+from dicom_node.writers import equipment, identity_ready
 from inference.labels import by_code, laterality_code
 
 #: Concepts DICOM does not define are coded in this local scheme.
@@ -66,9 +66,10 @@ def measurement_report_sr(groups: Sequence[hd.sr.Template], *, evidence_images: 
         procedure_reported=procedure,
         imaging_measurements=list(groups),
     )
-    first = evidence_images[0]
+    sources = [identity_ready(ds) for ds in evidence_images]  # the patient and study come from the first
+    first = sources[0]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=list(evidence_images),
+        evidence=sources,
         content=report,
         series_instance_uid=new_uid(uid_prefix),
         series_number=int(series_number),
