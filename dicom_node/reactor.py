@@ -58,10 +58,13 @@ class WakingDUL(DULServiceProvider):
     _poller: Any = None  # select.poll of the connection and the wake-up socket
     _polled: Any = None  # the connection it polls
 
-    def run_reactor(self) -> None:
+    def run(self) -> None:
+        # run, not run_reactor: pynetdicom made the thread's target of its own run_reactor before the class became
+        # this one. The wake-up pair goes with the thread, not at garbage collection (which writers pause, while
+        # associations come and go: descriptors would add up).
         try:
-            super().run_reactor()
-        finally:  # the wake-up pair goes with the thread, not at garbage collection (descriptors add up)
+            super().run()
+        finally:
             _close_all(self._wake_r, self._wake_w)
 
     def send_pdu(self, primitive: Any) -> None:

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from dicom_node.reactor import WakingDUL, waking_dul
+from dicom_node.reactor import WakingDUL, waking, waking_dul
 from tests.e2e.peers import free_port
 
 
@@ -54,3 +55,15 @@ def test_a_running_requestors_reactor_drains_its_wake_ups_and_keeps_serving(echo
     finally:
         assoc.release()
     assert assoc.is_released
+
+
+def test_an_acceptors_wake_up_pair_is_closed_when_its_reactor_ends() -> None:
+    """Not left to the garbage collector: the writers pause it while associations come and go."""
+    assoc = waking(Association(AE(ae_title="NODE"), "acceptor"))
+    dul = assoc.dul
+    assert isinstance(dul, WakingDUL)
+    dul.start()
+    dul.kill_dul()
+    dul.join(timeout=5)
+    assert not dul.is_alive()
+    assert dul._wake_r.fileno() == -1 and dul._wake_w.fileno() == -1
