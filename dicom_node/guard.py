@@ -101,7 +101,7 @@ class GuardedSocket(AssociationSocket):
     _message_id: int | None
     _current: Receipt | None
     _receipts: dict[int | None, Receipt]
-    _receipts_lock: threading.Lock
+    _receipts_lock: threading.RLock
 
     @classmethod
     def attach(cls, sock: AssociationSocket, limits: Limits, budget: ReceiveBudget) -> GuardedSocket:
@@ -117,7 +117,7 @@ class GuardedSocket(AssociationSocket):
         guarded._message_id = None
         guarded._current = None
         guarded._receipts = {}
-        guarded._receipts_lock = threading.Lock()
+        guarded._receipts_lock = threading.RLock()  # release() inside _on_data's hold
         return guarded
 
     # -- what the C-STORE handler asks ----------------------------------------------------------
@@ -128,9 +128,11 @@ class GuardedSocket(AssociationSocket):
             return self._receipts.pop(message_id, None)
 
     def release(self, receipt: Receipt) -> None:
-        """The message was answered: its data set no longer counts against the budget."""
-        self.guard_budget.release(receipt.reserved)
-        receipt.reserved = 0
+        """The message was answered (or its connection ended): its data set no longer counts against the budget.
+        Once: the handler answering it and the connection's end may both release it."""
+        with self._receipts_lock:
+            reserved, receipt.reserved = receipt.reserved, 0
+        self.guard_budget.release(reserved)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -297,15 +299,26 @@ class GuardedSocket(AssociationSocket):
             self._current = None
         return kept
 
-    def close(self) -> None:
+    def _release_all(self) -> None:
+        """Give back what the data sets not yet taken by a handler reserved (one cut off mid-way included)."""
         with self._receipts_lock:
             receipts = list(self._receipts.values())
             self._receipts.clear()
-        if self._current is not None:
-            receipts.append(self._current)
-            self._current = None
-        for receipt in receipts:
-            self.release(receipt)
+            if self._current is not None:
+                receipts.append(self._current)
+                self._current = None
+            for receipt in receipts:
+                self.release(receipt)
+
+    def _shutdown_socket(self) -> None:
+        # pynetdicom ends a connection the peer closed or reset, or that the guard cut (AA-4, AA-5), here and not
+        # in close(): without this, what a data set cut off mid-way reserved would never come back, and enough of
+        # them would refuse every object until a restart
+        self._release_all()
+        super()._shutdown_socket()
+
+    def close(self) -> None:
+        self._release_all()
         super().close()
 
 

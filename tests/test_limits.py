@@ -402,6 +402,31 @@ def test_slow_pdu_after_association_is_aborted(nodes: list[LimitedNode], tmp_pat
         assert closed and time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("ending", ["closed", "reset"])
+def test_a_connection_lost_mid_object_gives_its_receive_memory_back(nodes: list[LimitedNode], tmp_path: Path,
+                                                                    ending: str) -> None:
+    """A sender that closes or resets its connection while a data set arrives, without an A-ABORT (a modality
+    cancelled, the network dropped): what that data set reserved is given back, or enough of them would leave
+    every later object refused (0xA700) until a restart."""
+    node = LimitedNode(tmp_path)
+    nodes.append(node)
+    n = 500_000
+    with _associated_socket(node) as sock:
+        item = struct.pack(">LBB", n + 2, 1, 0x00) + b"\0" * n  # a data set fragment, not its last
+        sock.sendall(struct.pack(">BBL", 0x04, 0, len(item)) + item)
+        assert _waited(lambda: node.scp.budget.used == n)  # reserved while it arrives
+        if ending == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    assert _waited(lambda: node.scp.budget.used == 0), node.scp.budget.used
+
+
+def _waited(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(condition())
+
+
 def test_admission_counts_associations_only(nodes: list[LimitedNode], tmp_path: Path) -> None:
     node = LimitedNode(tmp_path, node={"max_associations": 2}, max_connections=8)
     nodes.append(node)
