@@ -176,9 +176,10 @@ def parse_dataset(fp: BinaryIO, transfer_syntax: UID) -> Dataset:
         ds = read_dataset(fp, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
         _check_elements(ds)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, NotImplementedError,
-            struct.error, zlib.error, BytesLengthException) as exc:
+            struct.error, zlib.error, BytesLengthException, RecursionError) as exc:
         # struct.error: an element header cut inside its length field; zlib.error: a Deflate data set whose
-        # stream is broken; BytesLengthException: a binary VR (FL, FD, US...) on a value of another length
+        # stream is broken; BytesLengthException: a binary VR (FL, FD, US...) on a value of another length;
+        # RecursionError: sequences nested thousands deep (50 kB do it)
         raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"cannot parse the dataset: {exc}") from None
     for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = _str(ds.get(keyword))
@@ -234,7 +235,7 @@ def _check_pixel_data(ds: Dataset, ts: UID) -> None:
         spp = int(ds.get("SamplesPerPixel", 1))
         frames_value = ds.get("NumberOfFrames")
         frames = 1 if frames_value in (None, "") else int(frames_value)
-    except (AttributeError, TypeError, ValueError) as exc:
+    except (AttributeError, TypeError, ValueError, OverflowError, BytesLengthException) as exc:  # a 3-byte US Rows
         raise BadInstance(STATUS_DATASET_MISMATCH, f"image pixel module incomplete: {exc}") from None
     for name, number in (("Rows", rows), ("Columns", cols), ("SamplesPerPixel", spp), ("NumberOfFrames", frames)):
         if number < 1:
@@ -757,6 +758,12 @@ class StorageSCP:
                                   record.sop_class_uid)
         except BadInstance as exc:  # refused when it came (the log holds objects before they are checked)
             log.debug("receipt log: %s was refused when received (%s): not filed", sop_uid, exc)
+            return False, None
+        except MemoryError:
+            raise  # this machine, not the object: the segment is kept and replayed again
+        except Exception as exc:  # noqa: BLE001 - the C-STORE answered this with a failure (0xC000) too
+            log.warning("receipt log: %s cannot be read (%s: %s): it was refused when received; not filed",
+                        sop_uid, type(exc).__name__, exc)
             return False, None
         digest = content_digest(record.dataset)
         with self._claim(sop_uid):

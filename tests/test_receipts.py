@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
@@ -494,6 +495,38 @@ def test_replay_refuses_a_deflate_bomb_as_the_c_store_did(
     os.close(segment.fd)
     assert node.scp.replay_receipts() == 0
     assert node.journal.instance(uid) is None and not segment.path.exists()
+
+
+@pytest.mark.parametrize("bad", ["nested", "short-rows"])
+def test_an_object_the_checks_choke_on_does_not_stop_the_replay_of_the_others(
+        make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path, bad: str) -> None:
+    """Found in review: sequences nested 3,000 deep (RecursionError) or a 3-byte US Rows (BytesLengthException)
+    got past the checks' BadInstance; the C-STORE answered them with a failure, but their record in a segment left
+    by a crash failed every replay, and kept the acknowledged objects after it from being filed again."""
+    data_dir = tmp_path / "crashed"
+    node = make_node(data_dir)
+    meta, dataset, uid, ts = _part10(series[0])
+    if bad == "nested":
+        depth = 3000
+        choking = ((b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff" + b"\xfe\xff\x00\xe0\xff\xff\xff\xff") * depth
+                   + (b"\xfe\xff\x0d\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00") * depth)
+    else:
+        ds = dcmread(series[0])
+        del ds.file_meta
+        ds[0x00280010] = DataElement(0x00280010, "OB", b"\x01\x02\x03\x00")  # written as 4 bytes of OB,
+        encoded = DicomBytesIO()
+        encoded.is_little_endian, encoded.is_implicit_VR = True, False
+        write_dataset(encoded, ds)
+        choking = encoded.getvalue().replace(b"\x28\x00\x10\x00OB\x00\x00\x04\x00\x00\x00\x01\x02\x03\x00",
+                                             b"\x28\x00\x10\x00US\x03\x00\x01\x02\x03")  # read as a 3-byte US
+    log = ReceiptLog(data_dir / "receipts", lambda: None)
+    log.append(1, _record(log, meta, choking, uid, ts))
+    good_meta, good, good_uid, good_ts = _part10(series[1])
+    segment = log.append(1, _record(log, good_meta, good, good_uid, good_ts))
+    os.close(segment.fd)
+    assert node.scp.replay_receipts() == 1
+    assert node.journal.instance(uid) is None and node.journal.instance(good_uid) is not None
+    assert not segment.path.exists() and node.scp.replay_error == ""
 
 
 # -- what /health and /metrics tell -----------------------------------------------------------------------
