@@ -74,6 +74,7 @@ from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBud
 from .headers import ReceivedInstance, SeriesAttributes, describe
 from .headers import text as _str
 from .journal import InstanceRecord, Journal
+from .journal_sql import connection_errors
 from .receipts import Receipt, ReceiptLog, Segment, index_records, load_record
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
@@ -331,7 +332,7 @@ class Admission:
 def _resolve(host: str) -> set[str]:
     try:
         return {info[4][0] for info in socket.getaddrinfo(host, None)} | {host}
-    except OSError:
+    except (OSError, UnicodeError):  # UnicodeError: a name the IDNA codec refuses ("pacs..lan")
         return {host}
 
 
@@ -379,6 +380,9 @@ class StorageSCP:
         self.limits = Limits(max_pdu=max_pdu, max_object=self.max_object, acse_timeout_s=limits.acse_timeout_s,
                              pdu_timeout_s=limits.pdu_timeout_s)
         self.budget = ReceiveBudget(int(limits.receive_memory_mb * MiB))
+        #: what the journal raises when it cannot record an object now: answered 0xA700 (out of resources, try
+        #: again later), not 0xC000, which most senders take as final
+        self._journal_errors = connection_errors()
         #: the disk watermark on ``[node] data_dir`` (its ``state()`` is what /health reads)
         self.disk = DiskGuard(config.node.data_dir, min_free_mb=limits.min_free_mb,
                               resume_free_mb=limits.resume_free_mb)
@@ -471,9 +475,13 @@ class StorageSCP:
         assoc = event.assoc
         calling = assoc.requestor.primitive.calling_ae_title.strip()
         address = assoc.requestor.address
-        ok, why = self.admission.allows(calling, address)
-        if ok:
-            ok, why = self._tls_allows(calling, assoc.dul.socket.socket if assoc.dul.socket else None)
+        try:
+            ok, why = self.admission.allows(calling, address)
+            if ok:
+                ok, why = self._tls_allows(calling, assoc.dul.socket.socket if assoc.dul.socket else None)
+        except Exception as exc:  # noqa: BLE001 - closed, not open: pynetdicom would log it and accept the association
+            log.exception("association from %s@%s: the admission check failed", calling, address)
+            ok, why = False, f"the admission check failed: {type(exc).__name__}: {exc}"
         if not ok:
             log.warning("association from %s@%s rejected: %s", calling, address, why)
             self.audit.record("association-rejected", calling_ae=calling, host=address, reason=why)
@@ -580,6 +588,10 @@ class StorageSCP:
         except OSError as exc:
             log.error("C-STORE of %s from %s failed, cannot store: %s", sop_uid, calling, exc)
             return _failure(STATUS_OUT_OF_RESOURCES, f"cannot store: {exc.strerror or exc}")
+        except self._journal_errors as exc:  # locked past its busy timeout, the server gone: the sender tries again
+            log.error("C-STORE of %s from %s failed, the journal cannot record it: %s: %s", sop_uid, calling,
+                      type(exc).__name__, exc)
+            return _failure(STATUS_OUT_OF_RESOURCES, f"cannot store: the journal is unavailable ({exc})")
         except Exception as exc:  # noqa: BLE001 - answer the peer, never crash the association
             log.exception("C-STORE of %s from %s failed unexpectedly", sop_uid, calling)
             return _failure(STATUS_CANNOT_UNDERSTAND, f"unexpected error: {exc}")

@@ -261,8 +261,11 @@ def test_journal_failure_is_not_acknowledged(node: Node, series: list[Path], mon
     assoc = node.associate()
     status = assoc.send_c_store(dcmread(series[0]))
     assoc.release()
-    assert status.Status == STATUS_CANNOT_UNDERSTAND
-    assert any("failed unexpectedly" in r.getMessage() for r in caplog.records)
+    # out of resources, not "cannot understand": most senders take 0xC000 as final, and try 0xA700 again later
+    assert status.Status == STATUS_OUT_OF_RESOURCES
+    assert "journal is unavailable" in str(status.ErrorComment)
+    assert any("the journal cannot record it: OperationalError: disk I/O error" in r.getMessage()
+               for r in caplog.records)
 
 
 # -- admission ---------------------------------------------------------------------------------
@@ -288,6 +291,23 @@ def test_known_ae_from_the_wrong_host_is_rejected(node_factory: NodeFactory,
     anywhere = node.associate(calling="ANYWHERE")  # no host: any host
     assert anywhere.is_established
     anywhere.release()
+
+
+def test_a_peer_host_that_cannot_be_resolved_admits_no_one_under_its_ae_title(
+        node_factory: NodeFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: a typo in a peer's host ("pacs..lan") made the look-up raise UnicodeError, which pynetdicom
+    swallowed in the handler and then accepted the association: that AE title from any host."""
+    node = node_factory([Peer(ae_title="SCANNER", host="pacs..lan")])
+    caplog.set_level(logging.WARNING, logger="dicom_node.scp")
+    assoc = node.associate(calling="SCANNER")
+    assert assoc.is_rejected and not assoc.is_established
+
+
+def test_an_admission_check_that_fails_rejects(node_factory: NodeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = node_factory([Peer(ae_title="SCANNER")])
+    monkeypatch.setattr(node.scp.admission, "allows", lambda *a: 1 / 0)
+    assoc = node.associate(calling="SCANNER")
+    assert assoc.is_rejected and not assoc.is_established
 
 
 def test_peer_host_name_is_resolved(node_factory: NodeFactory) -> None:
