@@ -3,9 +3,10 @@
 :func:`store` POSTs stored objects, unchanged, as one ``multipart/related; type="application/dicom"`` request
 to ``{url}/studies`` with dicomweb-client, and reads the Store Instances Response (PS3.18 10.5.3): an object
 listed in its Referenced SOP Sequence was stored; one in its Failed SOP Sequence was not, with its Failure
-Reason. A response with no body (some servers answer 200 without one) means all were stored; an HTTP
-error that carries no Store Instances Response, or no connection, means none was. The node's outbox does the retrying:
-dicomweb-client's own retries are off.
+Reason. A 2xx answer with no body at all (some servers answer 200 without one) means all were stored; any other
+2xx body that is not a Store Instances Response (an auth gateway's HTML login page, a JSON list from the QIDO-RS
+endpoint a redirect turned the POST into), an HTTP error that carries no Store Instances Response, or no
+connection, means none was. The node's outbox does the retrying: dicomweb-client's own retries are off.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 from dicomweb_client import DICOMwebClient
@@ -29,6 +31,12 @@ _REASONS = {
     0xC000: "cannot understand", 0xC122: "referenced transfer syntax not supported",
     0xB000: "coercion of data elements", 0xB006: "elements discarded", 0xB007: "data set does not match SOP class",
 }
+#: The media types a Store Instances Response comes in (PS3.18 10.5.3), JSON and XML.
+_JSON = ("application/dicom+json", "application/json")
+_XML = ("application/dicom+xml", "application/xml")
+#: What dicomweb-client raises reading a 2xx body that is not what its Content-Type says (a JSON list, no
+#: Content-Type, broken JSON or XML; requests' JSONDecodeError is a ValueError, XML's ParseError a SyntaxError).
+_UNREADABLE = (ValueError, KeyError, AttributeError, TypeError, SyntaxError)
 
 
 @dataclass
@@ -54,11 +62,30 @@ def _session(dest: Destination, tls: TLSSettings) -> requests.Session:
     return session
 
 
-def client(dest: Destination, tls: TLSSettings, timeout_s: float) -> DICOMwebClient:
+class StowClient:
+    """A dicomweb-client for one destination, and the HTTP answer to its last request (kept by a response hook).
+
+    dicomweb-client reads a 2xx answer whose body it does not know as an empty Dataset, the same as no body at
+    all; whether anything was stored is therefore judged from the answer itself (:func:`_settle`)."""
+
+    def __init__(self, web: DICOMwebClient) -> None:
+        self.web = web
+        self.answer: requests.Response | None = None
+
+    def keep(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+        """requests' response hook: called for each response, a redirect's last one included."""
+        self.answer = response
+        return response
+
+
+def client(dest: Destination, tls: TLSSettings, timeout_s: float) -> StowClient:
     """A dicomweb-client for ``dest`` (its TLS, authentication and timeout), without retries of its own."""
-    web = DICOMwebClient(str(dest.url), session=_session(dest, tls), timeout=timeout_s)
+    session = _session(dest, tls)
+    web = DICOMwebClient(str(dest.url), session=session, timeout=timeout_s)
     web.set_http_retry_params(retry=False)
-    return web
+    stow = StowClient(web)
+    session.hooks["response"].append(stow.keep)
+    return stow
 
 
 def _reason(item: Dataset) -> str:
@@ -68,11 +95,13 @@ def _reason(item: Dataset) -> str:
     return f"FailureReason 0x{int(code):04X} ({_REASONS.get(int(code), 'unknown reason')})"
 
 
-def read_response(response: Dataset, sent: list[str]) -> StowResult:
-    """The outcome per object of a Store Instances Response to a request that carried ``sent``."""
+def read_response(response: Dataset | None, sent: list[str]) -> StowResult:
+    """The outcome per object of a Store Instances Response to a request that carried ``sent``; None: a success
+    without a body, all stored. An object the response does not list was not stored (an empty data set lists none:
+    it is what dicomweb-client makes of a body it cannot read)."""
     result = StowResult()
-    if "ReferencedSOPSequence" not in response and "FailedSOPSequence" not in response:
-        result.stored = set(sent)  # a success without a body
+    if response is None:
+        result.stored = set(sent)
         return result
     for item in response.get("ReferencedSOPSequence", []):
         result.stored.add(str(item.ReferencedSOPInstanceUID))
@@ -84,45 +113,95 @@ def read_response(response: Dataset, sent: list[str]) -> StowResult:
     return result
 
 
+def _media_type(answer: requests.Response) -> str:
+    return answer.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+
+def _json_dataset(answer: requests.Response) -> Dataset | None:
+    """The data set of a DICOM JSON body; None when the body is not one (not JSON, or not a JSON object)."""
+    try:
+        body = answer.json()
+        return Dataset.from_json(body) if isinstance(body, dict) else None
+    except _UNREADABLE:
+        return None
+
+
 def _error_response(exc: requests.HTTPError) -> Dataset | None:
     """The Store Instances Response an HTTP error carries (409 Conflict, 400), when it carries one."""
     response = exc.response
-    if response is None or not response.content:
+    if response is None or not response.content or _media_type(response) not in _JSON:
         return None
-    if response.headers.get("Content-Type", "").split(";")[0] not in ("application/dicom+json", "application/json"):
-        return None
-    try:
-        return Dataset.from_json(response.json())
-    except ValueError:
-        return None
+    return _json_dataset(response)
 
 
-def store(web: DICOMwebClient, datasets: list[Dataset]) -> StowResult:
+def _not_stored(answer: requests.Response) -> str | None:
+    """Why a 2xx answer says nothing was stored, or None when it may be a Store Instances Response (or none)."""
+    method = answer.request.method if answer.request is not None else "POST"
+    if method != "POST":  # a 301/302 makes requests repeat the POST as a GET: its answer is no store's
+        return (f"the POST was redirected to {answer.url} and answered as a {method} (HTTP {answer.status_code}): "
+                "not a Store Instances Response")
+    if answer.content and _media_type(answer) not in _JSON + _XML:
+        return (f"HTTP {answer.status_code} with Content-Type {answer.headers.get('Content-Type') or '(none)'}: "
+                "not a Store Instances Response")
+    return None
+
+
+def _settle(answer: requests.Response | None, read: Dataset | None, sent: list[str]) -> StowResult:
+    """The outcome of a 2xx answer (``read``: what dicomweb-client made of its body, None if it could not): all
+    stored when it has no body at all; per object when its body is a Store Instances Response; else none stored,
+    with the reason (the outbox tries them again)."""
+    if answer is None:  # (the hook keeps every answer; without one nothing can be told)
+        return StowResult(error="no HTTP answer to judge: nothing taken as stored")
+    problem = _not_stored(answer)
+    if problem is not None:
+        return StowResult(error=problem)
+    if not answer.content:
+        return read_response(None, sent)
+    # JSON read here, not by dicomweb-client, which knows only the bare media type (not "; charset=utf-8")
+    response = _json_dataset(answer) if _media_type(answer) in _JSON else read
+    if response is None:
+        return StowResult(error=f"HTTP {answer.status_code}: unreadable Store Instances Response "
+                                f"({answer.headers.get('Content-Type')})")
+    return read_response(response, sent)
+
+
+def _refused(exc: requests.HTTPError, sent: list[str]) -> StowResult:
+    """The outcome of an HTTP error: per object when it carries a Store Instances Response, else none stored."""
+    status = exc.response.status_code if exc.response is not None else "?"
+    body = _error_response(exc)
+    if body is not None and "FailedSOPSequence" in body:
+        result = read_response(body, sent)
+        for uid in sent:
+            if uid in result.stored:
+                continue
+            result.failed.setdefault(uid, f"HTTP {status}")
+        return result
+    return StowResult(error=f"HTTP {status} {exc.response.reason if exc.response is not None else ''}".strip())
+
+
+def store(stow: StowClient, datasets: list[Dataset]) -> StowResult:
     """POST ``datasets`` (as read from their files, transfer syntax kept) in one STOW-RS request."""
     sent = [str(ds.SOPInstanceUID) for ds in datasets]
+    stow.answer = None  # this request's answer only
+    read: Dataset | None = None
     try:
-        response = web.store_instances(datasets)
+        read = stow.web.store_instances(datasets)
     except requests.HTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "?"
-        body = _error_response(exc)
-        if body is not None and "FailedSOPSequence" in body:
-            result = read_response(body, sent)
-            for uid in sent:
-                if uid in result.stored:
-                    continue
-                result.failed.setdefault(uid, f"HTTP {status}")
-            return result
-        return StowResult(error=f"HTTP {status} {exc.response.reason if exc.response is not None else ''}".strip())
+        return _refused(exc, sent)
+    except requests.JSONDecodeError:
+        pass  # dicomweb-client read as JSON a body that is not: judged from the answer below
     except requests.RequestException as exc:
         return StowResult(error=f"no connection: {type(exc).__name__}")
-    return read_response(response, sent)
+    except _UNREADABLE:  # dicomweb-client could not read a 2xx body (a JSON list, no Content-Type): judged below
+        if stow.answer is None or not stow.answer.ok:
+            raise  # not the reading of an answer: an unexpected fault, the dispatcher's to report
+    return _settle(stow.answer, read, sent)
 
 
 def echo(dest: Destination, tls: TLSSettings, timeout_s: float) -> tuple[bool, str]:
     """Ask the DICOMweb service for one study (QIDO-RS): proves the URL, TLS and authentication; (ok, message)."""
     try:
-        web = client(dest, tls, timeout_s)
-        web.search_for_studies(limit=1)
+        client(dest, tls, timeout_s).web.search_for_studies(limit=1)
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         return False, f"STOW-RS {dest.url}: HTTP {status} on a QIDO-RS search"

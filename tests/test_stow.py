@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,7 +40,9 @@ def test_response_read_per_object() -> None:
     assert result.stored == {"1.1"}
     assert result.failed == {"1.2": "FailureReason 0xA700 (out of resources)",
                              "1.3": "not listed in the STOW-RS response"}
-    assert read_response(Dataset(), ["1.1", "1.2"]).stored == {"1.1", "1.2"}  # 200 without a body
+    assert read_response(None, ["1.1", "1.2"]).stored == {"1.1", "1.2"}  # 200 without a body
+    # what dicomweb-client makes of a body it cannot read lists no object: none stored
+    assert read_response(Dataset(), ["1.1"]).failed == {"1.1": "not listed in the STOW-RS response"}
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -57,21 +60,33 @@ def test_destination_fields_by_protocol(fields: str, message: str) -> None:
 
 
 class _Server:
-    """A loopback HTTP server answering every STOW-RS POST with a fixed status and JSON body."""
+    """A loopback HTTP server answering every STOW-RS POST with a fixed status and body (JSON, or bytes as they are,
+    with ``content_type``; None: no Content-Type), or with ``redirect``: a 302 to a page answering 200 with that
+    body (an auth gateway's login page)."""
 
-    def __init__(self, status: int, body: dict | None) -> None:
+    def __init__(self, status: int, body: dict | list | bytes | None, *,
+                 content_type: str | None = "application/dicom+json", redirect: str | None = None) -> None:
         server = self
         self.requests: list[tuple[str, str, int]] = []
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 length = int(self.headers.get("Content-Length", 0))
                 self.rfile.read(length)
                 server.requests.append((self.path, self.headers.get("Content-Type", ""), length))
-                payload = json.dumps(body).encode() if body is not None else b""
+                if redirect is not None:
+                    self.send_response(302)
+                    self.send_header("Location", redirect)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.do_GET()
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 self.send_response(status)
-                if body is not None:
-                    self.send_header("Content-Type", "application/dicom+json")
+                if payload and content_type is not None:
+                    self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
@@ -139,3 +154,35 @@ def test_an_http_error_without_a_response_keeps_everything(tmp_path: Path,
     finally:
         server.stop()
     assert {(i.state, i.last_error) for i in journal.outbox()} == {("pending", "HTTP 503 Service Unavailable")}
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    ({"status": 200, "body": b"<html>Sign in</html>", "content_type": "text/html"},
+     "HTTP 200 with Content-Type text/html: not a Store Instances Response"),
+    ({"status": 200, "body": b"<html>Sign in</html>", "content_type": "text/html", "redirect": "/login"},
+     "and answered as a GET (HTTP 200): not a Store Instances Response"),
+    ({"status": 200, "body": [], "content_type": "application/dicom+json"},
+     "HTTP 200: unreadable Store Instances Response (application/dicom+json)"),
+    ({"status": 200, "body": b"{}", "content_type": None},
+     "HTTP 200 with Content-Type (none): not a Store Instances Response"),
+    ({"status": 200, "body": {}, "content_type": "application/dicom+json; charset=utf-8"},
+     "not listed in the STOW-RS response"),
+], ids=["login page", "redirected to a login page", "a JSON list", "no Content-Type", "no object listed"])
+def test_a_2xx_that_is_no_store_response_stores_nothing(tmp_path: Path, outbox: tuple[Journal, list[Path]],
+                                                        answer: dict, reason: str) -> None:
+    """A 2xx whose body is not a Store Instances Response (an auth gateway's login page, directly or after a
+    redirect that made requests repeat the POST as a GET) was read by dicomweb-client as an empty data set and
+    taken for "stored without a body": every object was marked sent, and retention later deleted the outputs.
+    Only a 2xx without a body, or a Store Instances Response, stores anything; anything else is a failed try
+    with the reason (retried with backoff)."""
+    journal, _ = outbox
+    server = _Server(answer.pop("status"), answer.pop("body"), **answer)
+    try:
+        assert _dispatch(tmp_path, journal, server.url) == 0
+    finally:
+        server.stop()
+    assert server.requests and all(path == "/dicom-web/studies" for path, _, _ in server.requests)
+    items = journal.outbox()
+    assert {(i.state, i.tries) for i in items} == {("pending", 1)}
+    assert all(reason in i.last_error for i in items), {i.last_error for i in items}
+    assert all(i.next_attempt_at > time.time() for i in items)  # backoff, not due again at once
