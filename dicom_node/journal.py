@@ -644,6 +644,12 @@ class Journal:
         self._stamp("health_probe")
         return time.perf_counter() - t0
 
+    def connection_epoch(self) -> int:
+        """A number that changes whenever the journal connects to its database again (PostgreSQL, after the
+        server restarted or the network dropped; the embedded journal never does): what was committed without
+        waiting for the disk before it may be lost (:class:`dicom_node.receipts.ReceiptLog`)."""
+        return int(getattr(self._db, "epoch", 0))
+
     def sync(self) -> None:
         """One durable commit (``meta.synced``): every transaction committed before it, durable or not, is on disk
         when it returns (SQLite's WAL and PostgreSQL's WAL are written in commit order)."""

@@ -183,6 +183,8 @@ class PostgresConnection:
         self.target, self.read_only, self.fsync = target, read_only, fsync
         self.where = self.describe(target)
         self._closed = False
+        #: how many times it connected again (:meth:`_live`)
+        self.epoch = 0
         self.db = self._connect()
 
     @staticmethod
@@ -205,6 +207,7 @@ class PostgresConnection:
         call that found it broken failed, the next one works again."""
         if (self.db.broken or self.db.closed) and not self._closed:
             self.db = self._connect()
+            self.epoch += 1
         return self.db
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:

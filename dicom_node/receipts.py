@@ -92,6 +92,7 @@ class Segment:
     pending: int = 0  #: objects being appended, or appended and not yet filed (:meth:`ReceiptLog.filed`)
     detached: bool = False  #: no longer any association's: settled once ``pending`` is 0
     closed: bool = False  #: its descriptor closed (settled)
+    epoch: int = 0  #: the journal connection's when an association took it (:class:`ReceiptLog` ``epoch``)
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,17 @@ class ReceiptLog:
     """The segments of one process under ``directory``; ``settle`` makes a segment's spool files and journal rows
     durable (fsync of the files and their directories, one durable journal commit) before it is deleted."""
 
-    def __init__(self, directory: Path, settle_rows: Callable[[], object]) -> None:
+    def __init__(self, directory: Path, settle_rows: Callable[[], object],
+                 epoch: Callable[[], int] = lambda: 0) -> None:
+        """``settle_rows``: one durable journal commit. ``epoch``: a number the journal changes whenever it
+        connects again (:meth:`dicom_node.journal.Journal.connection_epoch`): the rows committed without waiting
+        for the disk before a PostgreSQL server restarted may be gone, and a durable commit on the new connection
+        does not bring them back, so a segment that saw the epoch change is replayed instead of deleted."""
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         private_dir(self.directory)
         self._settle_rows = settle_rows
+        self._epoch = epoch
         self._lock = threading.Lock()
         self._open: dict[int, Segment] = {}  # association key -> its segment
         self._settling: dict[Future[None], Segment] = {}
@@ -206,6 +213,7 @@ class ReceiptLog:
                 segment.pending += 1
                 return segment
         new = self._create()
+        new.epoch = self._epoch()  # before any row filed from it is committed
         with self._lock:
             new.pending += 1
             old = self._open.get(key)
@@ -321,7 +329,20 @@ class ReceiptLog:
         sweep's :meth:`settle_idle`) or the next start's replay."""
         self.sync_files(segment.files)
         self._settle_rows()  # one durable commit: every journal row committed before it is durable too
+        if self._epoch() != segment.epoch:
+            self._leave_to_replay(segment)
+            return
         self._delete(segment)
+
+    def _leave_to_replay(self, segment: Segment) -> None:
+        """The journal connected again since ``segment`` began: rows filed from it may have been lost with the
+        server. Its lock is let go, so the next replay (the node's sweep) files again what is missing."""
+        log.warning("receipt log: the journal connected again while %s was in use; it is replayed (what the "
+                    "journal lost is filed again) instead of deleted", segment.path.name)
+        if not segment.closed:
+            segment.closed = True
+            os.close(segment.fd)
+        self.forget(segment.path)
 
     def _delete(self, segment: Segment) -> None:
         """Delete a settled (or unused spare) segment and close it."""

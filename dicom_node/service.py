@@ -120,7 +120,8 @@ class Node:
                                 on_timings=self.metrics.observe_job, worker=self.claim_id)
         self.executor: ThreadExecutor[Task] | JournalQueue | CeleryExecutor | None = None
         self.scheduler = BackgroundScheduler(daemon=True)
-        self.receipts = ReceiptLog(data_dir / "receipts", self.journal.sync) if logged else None
+        self.receipts = (ReceiptLog(data_dir / "receipts", self.journal.sync, epoch=self.journal.connection_epoch)
+                         if logged else None)
         self.scp = StorageSCP(config, self.spool, self.journal, on_released=self.on_released, audit=self.audit,
                               on_store_status=self.metrics.store_status, receipts=self.receipts)
         self.http = NodeHTTPServer(config.http, self) if config.http.port else None

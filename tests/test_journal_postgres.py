@@ -368,3 +368,15 @@ def test_a_node_on_a_shared_journal_claims_under_its_own_id(tmp_path: Path, post
         assert not sqlite.shared_journal and sqlite.claim_id == NODE_WORKER == sqlite.runner.worker
     finally:
         sqlite.journal.close()
+
+
+def test_connecting_again_changes_the_connection_epoch(journals: Callable[[], Journal]) -> None:
+    """The receipt log replays a segment whose rows may have gone with a restarted server (tests/test_receipts.py):
+    it learns of it from this number."""
+    journal = journals()
+    assert journal.connection_epoch() == 0
+    journal.sync()
+    assert journal.connection_epoch() == 0
+    journal._db.db.close()  # type: ignore[attr-defined]  # as a server restart or a dropped network leaves it
+    journal.sync()  # connected again
+    assert journal.connection_epoch() == 1

@@ -531,6 +531,34 @@ def test_an_object_the_checks_choke_on_does_not_stop_the_replay_of_the_others(
 
 # -- what /health and /metrics tell -----------------------------------------------------------------------
 
+def test_a_segment_whose_journal_connected_again_is_replayed_not_deleted(
+        make_node: Callable[..., LoggedNode], tmp_path: Path, series: list[Path]) -> None:
+    """Found in review: on PostgreSQL the rows are committed without waiting for the disk, and a durable commit
+    made after the server restarted (on a new connection) does not bring back what the restart lost: the segment
+    that may hold those objects is left to the replay, which files them again."""
+    data_dir = tmp_path / "pg"
+    node = make_node(data_dir)
+    epoch = [0]
+    log = ReceiptLog(data_dir / "receipts", node.journal.sync, epoch=lambda: epoch[0])
+    for key, path in enumerate(series[:2]):
+        meta, dataset, uid, ts = _part10(path)
+        segment = log.append(key, _record(log, meta, dataset, uid, ts))
+        if key == 0:
+            log.filed(key, segment, _file_directly(node, path, durable=False))
+            log.close(key)
+            assert _wait_for(lambda: not segment.path.exists())  # settled and deleted, as usual
+        else:  # its row was committed, then lost with the server that restarted; the journal connected again
+            epoch[0] += 1
+            log.filed(key, segment, None)
+            log.close(key)
+    _wait_for(lambda: log.status().settling == 0 and log.status().open == 0)
+    left = [path for path, fd in log.orphans() if not os.close(fd)]
+    assert left == [segment.path]
+    assert node.scp.replay_receipts() == 1  # (the node's sweep does it)
+    assert node.journal.instance(uid) is not None and not segment.path.exists()
+    log.shutdown()
+
+
 def test_a_failed_settle_is_reported_until_a_retry_succeeds(tmp_path: Path, series: list[Path]) -> None:
     reachable = [False]
 
