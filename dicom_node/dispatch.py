@@ -280,6 +280,9 @@ class Dispatcher:
         self._gone: list[OutboxItem] = []  # failed for good in this round, reported at its end
         self._gone_lock = threading.Lock()
         self._claim: OutboxClaim | None = None  # the claim being sent (one at a time: ``_lock``)
+        #: the claim's items given an outcome so far: id → sent (True) or failed a try (False)
+        self._settled: dict[int, bool] = {}
+        self._settled_lock = threading.Lock()  # (a destination's associations settle items in threads of their own)
         self._spare_refused: dict[str, float] = {}  # destination -> when it last refused a further association
 
     def send_due(self) -> int:
@@ -315,7 +318,7 @@ class Dispatcher:
 
     def _send_claimed(self, claim: OutboxClaim) -> int:
         """Send one claim's items while a timer renews its lease; what it still holds at the end is released."""
-        self._claim = claim
+        self._claim, self._settled = claim, {}
         stop = threading.Event()
         renewer = threading.Thread(target=self._renew, args=(claim, stop), name="outbox-lease", daemon=True)
         renewer.start()
@@ -325,6 +328,9 @@ class Dispatcher:
             log.warning("outbox: the claim on %d item(s) for %s was taken over by another dispatcher (lease "
                         "expired); they are left to it", len(claim.items), claim.destination)
             return 0
+        except Exception as exc:  # noqa: BLE001 - one destination's fault must not stop the others' delivery
+            self._fail_unexpected(claim, exc)
+            return sum(self._settled.values())
         finally:
             stop.set()
             renewer.join()
@@ -333,6 +339,28 @@ class Dispatcher:
                 self.journal.release_outbox(claim)
             except Exception:  # noqa: BLE001 - the lease expires by itself
                 log.exception("outbox: releasing a claim failed; its items wait for the lease to expire")
+
+    def _fail_unexpected(self, claim: OutboxClaim, exc: Exception) -> None:
+        """An exception nobody expected while sending ``claim`` (a library raising on a destination's odd answer):
+        its items without an outcome yet fail a try with it as the reason. Released unsettled they would be due at
+        once, and, the oldest due, claimed again at every scan: retried without end and no other destination
+        served; failed, they wait their backoff like any failed try and the next claim serves another destination."""
+        left = [i for i in claim.items if i.id not in self._settled]
+        log.error("outbox: sending to %s failed unexpectedly; %d item(s) will be retried", claim.destination,
+                  len(left), exc_info=exc)
+        try:
+            self._fail(left, f"unexpected error: {type(exc).__name__}: {exc}")
+        except ClaimLost as lost:
+            log.warning("outbox: the failed try of %d item(s) for %s is not recorded: %s", len(left),
+                        claim.destination, lost)
+
+    def _settle(self, ids: Iterable[int], sent: bool) -> None:
+        with self._settled_lock:
+            self._settled.update(dict.fromkeys(ids, sent))
+
+    def _mark_sent(self, ids: list[int], *, durable: bool = True) -> None:
+        self.journal.mark_sent(ids, durable=durable, claim=self._claim)
+        self._settle(ids, True)
 
     def _renew(self, claim: OutboxClaim, stop: threading.Event) -> None:
         interval = self.config.dispatch.lease_s / 3
@@ -346,6 +374,7 @@ class Dispatcher:
     def _fail(self, items: list[OutboxItem], error: str) -> None:
         gone = self.journal.mark_failed_try([i.id for i in items], error, next_attempt=self.policy.next_attempt,
                                             claim=self._claim)
+        self._settle((i.id for i in items), False)
         if gone:
             with self._gone_lock:
                 self._gone.extend(gone)
@@ -475,7 +504,7 @@ class Dispatcher:
                 self._fail(remaining, result.error)
                 break
             stored = [i.id for i in batch if i.sop_instance_uid in result.stored]
-            self.journal.mark_sent(stored, claim=self._claim)
+            self._mark_sent(stored)
             sent += len(stored)
             for item in batch:
                 reason = result.failed.get(item.sop_instance_uid)
@@ -596,7 +625,7 @@ class Dispatcher:
             if error is None:
                 # recorded now, in its own small transaction: a crash of the node later in this association
                 # (even SIGKILL) must not make it send this object again (not fsync'd: see Journal.mark_sent)
-                self.journal.mark_sent([item.id], durable=False, claim=self._claim)
+                self._mark_sent([item.id], durable=False)
                 sent.append(item.id)
             else:
                 last_error = error

@@ -186,3 +186,46 @@ def test_a_2xx_that_is_no_store_response_stores_nothing(tmp_path: Path, outbox: 
     assert {(i.state, i.tries) for i in items} == {("pending", 1)}
     assert all(reason in i.last_error for i in items), {i.last_error for i in items}
     assert all(i.next_attempt_at > time.time() for i in items)  # backoff, not due again at once
+
+
+def test_an_unexpected_error_fails_a_try_and_the_other_destinations_are_served(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sending to a destination raised what nobody expected (dicomweb-client's AttributeError on a JSON list, its
+    KeyError on a 200 without Content-Type): no try was counted, the items were released due at once, and, the
+    oldest due, claimed again at every scan, so the other destinations were never served (or the scan ended with
+    the exception). Now the items fail a try with the exception as the reason, and the next claim serves B."""
+    import dicom_node.stow as stow
+
+    journal = Journal(tmp_path / "journal.sqlite3", fsync=False)
+    received = ReceivedInstance("1.9.1", "1.2.840.10008.5.1.4.1.1.4", "1.7", "1.7.1", "PAT", InstanceHeader(),
+                                SeriesAttributes(series_description="t1", modality="MR"))
+    journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
+    job = journal.add_job(series_uid="1.7.1", version=1, rule="r", action="synthesize", model="m")
+    files = make_mr_series(tmp_path / "out", shape=(2, 8, 8))
+    uids = [str(dcmread(f).SOPInstanceUID) for f in files]
+    journal.record_outputs(job, [("1.8", "sT1")], [(dest, str(f), "1.2.840.10008.5.1.4.1.1.4", uid)
+                                                   for dest in ("A", "B") for f, uid in zip(files, uids, strict=True)])
+    broken, good = _Server(200, None), _Server(200, None)  # A: the library raises on its answer; B: stores all
+    real = stow.store
+
+    def store(client: stow.StowClient, datasets: list[Dataset]) -> stow.StowResult:
+        if client.web.base_url == broken.url:
+            raise AttributeError("'list' object has no attribute 'get'")
+        return real(client, datasets)
+
+    monkeypatch.setattr(stow, "store", store)
+    config = NodeConfig(node=NodeSettings(data_dir=tmp_path, fsync=False),
+                        destinations=[Destination(name="A", protocol="stow-rs", url=broken.url),
+                                      Destination(name="B", protocol="stow-rs", url=good.url)])
+    dispatcher = Dispatcher(config, journal)
+    try:
+        sent = dispatcher.send_due() + dispatcher.send_due()
+    finally:
+        broken.stop()
+        good.stop()
+    items = journal.outbox()
+    journal.close()
+    assert sent == 2 and len(good.requests) == 1
+    assert {(i.destination, i.state, i.tries) for i in items} == {("A", "pending", 1), ("B", "sent", 0)}
+    assert {i.last_error for i in items if i.destination == "A"} == {
+        "unexpected error: AttributeError: 'list' object has no attribute 'get'"}
