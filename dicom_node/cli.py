@@ -620,7 +620,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
           + ("" if args.dry_run else f", {result.files} file(s) and folder(s), {result.bytes_freed / 1e6:.1f} MB")
           + f"; policy: {settings.delivered_days:g} day(s) after delivery, {settings.not_processed_days:g} day(s)"
           " when not processed")
-    return 1 if result.refused else 0
+    if result.undeleted:
+        print(f"{len(result.undeleted)} file(s) or folder(s) could not be deleted (see the log); they stay recorded "
+              "and are tried again at the next sweep")
+    return 1 if result.refused or result.undeleted else 0
 
 
 def cmd_reprocess(args: argparse.Namespace) -> int:

@@ -1517,7 +1517,7 @@ class Journal:
                            " ORDER BY recorded_at, path LIMIT ?", (limit,))
         return [PurgeFile(r["path"], r["kind"], r["series_uid"], r["sop_instance_uid"]) for r in rows]
 
-    def finish_purge(self, files: Sequence[PurgeFile], remove: Callable[[PurgeFile], None]) -> list[PurgeFile]:
+    def finish_purge(self, files: Sequence[PurgeFile], remove: Callable[[PurgeFile], bool]) -> list[PurgeFile]:
         """Delete ``files`` (``remove`` each) and their ``purge_files`` rows; returns the files kept because an
         instance row points at them again (the same SOP Instance UID was received again after its series was
         purged: the file at that path is the new copy).
@@ -1529,10 +1529,10 @@ class Journal:
         row): that C-STORE commits its row either before (the file is kept) or after (the SCP finds its file
         gone and writes it again before it answers, see ``StorageSCP._file``). Crash-safe: a row is forgotten
         only after its file is gone; if ``remove`` raises, nothing of the batch is forgotten and the next sweep
-        removes what is left (``remove`` must accept a missing file)."""
-        for f in files:
-            if f.kind != "instance":
-                remove(f)
+        removes what is left (``remove`` must accept a missing file). ``remove`` returns False for a file it could
+        not delete (a permission, a busy NFS file): its row stays, its ``recorded_at`` moved to now, so that
+        :meth:`pending_purges` gives it after the others and it never holds up the queue."""
+        undeleted = {f.path for f in files if f.kind != "instance" and not remove(f)}
         kept: list[PurgeFile] = []
         locked: set[str] = set()
         with self._tx() as db:
@@ -1545,9 +1545,12 @@ class Journal:
                             "SELECT 1 FROM instances WHERE sop_instance_uid=? AND path=?",
                             (f.sop_instance_uid, f.path)).fetchone():
                         kept.append(f)
-                    else:
-                        remove(f)
-            db.executemany("DELETE FROM purge_files WHERE path=?", [(f.path,) for f in files])
+                    elif not remove(f):
+                        undeleted.add(f.path)
+            db.executemany("DELETE FROM purge_files WHERE path=?", [(f.path,) for f in files
+                                                                       if f.path not in undeleted])
+            db.executemany("UPDATE purge_files SET recorded_at=? WHERE path=?",
+                           [(time.time(), path) for path in sorted(undeleted)])
         return kept
 
     def outbox_summary(self) -> list[dict[str, Any]]:

@@ -20,7 +20,8 @@ transaction (a big folder never holds up C-STORE acknowledgements or lease renew
 all its records in one transaction. A record goes only once its file is gone: a crash after (1), or during (2),
 leaves the files not yet deleted recorded in ``purge_files``, and the next sweep, and the next start of the node
 (:meth:`Retention.finish_pending`), deletes them (deleting a file already gone is no error). A crash during (1)
-changes nothing.
+changes nothing. A file that cannot be deleted (another owner's, a busy NFS file) is logged and stays recorded,
+moved behind the others, so it is tried again at the next sweep and never holds up the other purges.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class SweepResult:
     bytes_freed: int = 0
     kept: int = 0               # instance files kept: received again after the purge was decided
     refused: list[str] = field(default_factory=list)  # recorded paths outside the data directory (not deleted)
+    undeleted: list[str] = field(default_factory=list)  # could not be deleted now: still recorded, tried again later
 
 
 class Retention:
@@ -120,13 +122,16 @@ class Retention:
         if result.series:
             log.info("retention sweep: %d series, %d instance(s), outputs of %d job(s) deleted, %.1f MB freed",
                      len(result.series), result.instances, result.jobs, result.bytes_freed / 1e6)
+        if result.undeleted:
+            log.error("retention sweep: %d file(s) or folder(s) could not be deleted (e.g. %s); they stay recorded "
+                      "and are tried again at the next sweep", len(result.undeleted), result.undeleted[0])
         return result
 
     def finish_pending(self, result: SweepResult | None = None) -> SweepResult:
         """Delete every file a sweep recorded for deletion and has not deleted yet (at start-up: what a
         crash interrupted)."""
         result = SweepResult() if result is None else result
-        seen: set[str] = set()
+        seen: set[str] = set(result.undeleted)  # (tried once per sweep: it failed already)
         while True:
             batch = [f for f in self.journal.pending_purges(BATCH) if f.path not in seen]
             if not batch:
@@ -139,20 +144,28 @@ class Retention:
                 log.info("retention: %s kept: received again since its series was purged", f.path)
             self._remove_empty(folders)
 
-    def _delete(self, f: PurgeFile, result: SweepResult, folders: set[Path]) -> None:
-        """Delete one recorded file or folder, if it lies inside the data directory."""
+    def _delete(self, f: PurgeFile, result: SweepResult, folders: set[Path]) -> bool:
+        """Delete one recorded file or folder, if it lies inside the data directory; False when it could not be
+        deleted now (its record stays, and it is tried again after the others)."""
         path = Path(f.path)
         if not self._inside(path):
             log.error("retention: %s is recorded for deletion but lies outside the data directory %s: not deleted",
                       path, self.data_dir)
             result.refused.append(f.path)
-            return
-        freed = remove(path)
+            return True
+        try:
+            freed = remove(path)
+        except OSError as exc:  # a permission, NFS's EBUSY or ENOTEMPTY: one such file must not stop every purge
+            log.error("retention: cannot delete %s: %s; it stays recorded and is tried again at the next sweep",
+                      path, exc.strerror or exc)
+            result.undeleted.append(f.path)
+            return False
         if freed is not None:
             result.bytes_freed += freed
             result.files += 1
         if f.kind == "instance":
             folders.add(path.parent)
+        return True
 
     def _inside(self, path: Path) -> bool:
         try:

@@ -533,10 +533,42 @@ def test_a_folder_that_cannot_be_deleted_stays_recorded(site: Site, monkeypatch:
         return real_remove(path)
 
     monkeypatch.setattr(retention, "remove", refuse_folders)
-    with pytest.raises(PermissionError):
-        site.retention.sweep(now=later(31))
-    assert folder.is_dir() and str(folder) in {f.path for f in site.journal.pending_purges()}
-    assert all(on_disk(files))  # the batch stopped before its instance files: all of it is still recorded
+    result = site.retention.sweep(now=later(31))
+    assert result.undeleted == [str(folder)]
+    assert folder.is_dir() and {f.path for f in site.journal.pending_purges()} == {str(folder)}
+    assert not any(on_disk(files))  # the rest of the batch went on
     monkeypatch.setattr(retention, "remove", real_remove)
     site.retention.finish_pending()
-    assert not folder.exists() and not any(on_disk(files)) and site.journal.pending_purges() == []
+    assert not folder.exists() and site.journal.pending_purges() == []
+
+
+def test_a_file_that_cannot_be_deleted_does_not_stop_later_purges(site: Site, monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A PermissionError (or NFS's EBUSY) deleting one file came out of finish_purge, and every sweep began with the
+    same oldest batch of purge_files: no later series was ever purged and the disk filled. Now the file is logged,
+    stays recorded behind the others, and is tried again at each sweep; the other purges go on."""
+    first, first_files = site.receive()
+    job, _ = site.process(first)
+    site.deliver(job)
+    stuck = first_files[0]
+    real_remove = retention.remove
+
+    def refuse_one(path: Path) -> int | None:
+        if path == stuck:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_remove(path)
+
+    monkeypatch.setattr(retention, "remove", refuse_one)
+    with caplog.at_level("ERROR", logger="dicom_node.retention"):
+        assert [c.series_uid for c in site.retention.sweep(now=later(31)).series] == [first]
+    assert f"cannot delete {stuck}: Permission denied" in caplog.text
+    second, second_files = site.receive()
+    site.ignore(second)
+    result = site.retention.sweep(now=later(31))
+    assert [c.series_uid for c in result.series] == [second] and not any(on_disk(second_files))
+    assert result.undeleted == [str(stuck)]  # tried again once in this sweep, still refused
+    assert on_disk(first_files) == [True] + [False] * (len(first_files) - 1)
+    assert [f.path for f in site.journal.pending_purges()] == [str(stuck)]
+    monkeypatch.setattr(retention, "remove", real_remove)  # the permission is fixed: the next sweep deletes it
+    assert not site.retention.sweep(now=later(31)).undeleted
+    assert not stuck.exists() and site.journal.pending_purges() == []
