@@ -20,6 +20,7 @@ import queue
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -400,6 +401,9 @@ class ThreadExecutor(Generic[T]):
     def __init__(self, run: Callable[[T], object], workers: int = 1) -> None:
         self._run = run
         self._queue: queue.Queue[T | None] = queue.Queue()
+        #: the tasks submitted and not yet ended (waiting or running), with how many times each
+        self._held: Counter[T] = Counter()
+        self._held_lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads = [
             threading.Thread(target=self._loop, name=f"job-worker-{i}", daemon=True) for i in range(workers)
@@ -408,7 +412,14 @@ class ThreadExecutor(Generic[T]):
             thread.start()
 
     def submit(self, task: T) -> None:
+        with self._held_lock:
+            self._held[task] += 1
         self._queue.put(task)
+
+    def holds(self, task: T) -> bool:
+        """Whether ``task`` waits in the queue or runs now."""
+        with self._held_lock:
+            return self._held[task] > 0
 
     def _loop(self) -> None:
         while True:
@@ -419,8 +430,14 @@ class ThreadExecutor(Generic[T]):
                 self._run(task)
             except BaseException:  # noqa: BLE001 - keep the worker alive, whatever the job raised
                 # (JobRunner.run records the failure; this is the last line of defence, and the
-                # only way out of this loop is shutdown's None)
+                # only way out of this loop is shutdown's None; a task still queued in the journal is
+                # handed again by the node's sweep: resubmit_dropped)
                 log.exception("%s crashed its worker", task if isinstance(task, Task) else f"job {task}")
+            finally:
+                with self._held_lock:
+                    self._held[task] -= 1
+                    if self._held[task] <= 0:
+                        del self._held[task]
 
     def shutdown(self, timeout_s: float = 30.0) -> bool:
         """Start nothing more; wait up to ``timeout_s`` in all for the tasks running now. True when every thread
@@ -432,6 +449,23 @@ class ThreadExecutor(Generic[T]):
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)
+
+
+def resubmit_dropped(journal: Journal, executor: ThreadExecutor[Task], queued_before: float) -> list[Task]:
+    """Hand ``executor`` again the journal's queued jobs and follow-ups, queued since before ``queued_before``, that
+    none of its threads holds: a thread took the task off the queue and lost it to an error outside the run's
+    recorded failures (a transient journal error reading or claiming it, or after its job's outputs were recorded,
+    before the follow-ups were submitted). Only the start-up recovery and an expired claim would queue it again,
+    and ``request_reprocess`` skips a series with a queued job: without this it stays queued for good. The journal
+    is the queue, as for worker processes (``Journal.next_queued``); a task handed twice runs once (its claim).
+    Returns the tasks handed again."""
+    dropped = [task for kind, task_id in journal.queued_before(queued_before)
+               if not executor.holds(task := Task("job" if kind == "job" else "follow_up", task_id))]
+    for task in dropped:
+        log.warning("%s is queued in the journal but no worker thread holds it (lost to an error): submitted again",
+                    task)
+        executor.submit(task)
+    return dropped
 
 
 class JournalQueue:

@@ -1070,6 +1070,16 @@ class Journal:
                 return kind, int(rows[0]["id"])
         return None
 
+    def queued_before(self, before: float) -> list[tuple[str, int]]:
+        """Every queued follow-up, then every queued job, oldest first, not changed since ``before``: what an
+        in-process executor should hold (:func:`dicom_node.jobs.resubmit_dropped`); as (kind, id)."""
+        queued: list[tuple[str, int]] = []
+        for kind, table in (("follow_up", "follow_ups"), ("job", "jobs")):
+            rows = self._query(f"SELECT id FROM {table} WHERE state='queued' AND updated_at < ? ORDER BY id",
+                               (before,))
+            queued += [(kind, int(r["id"])) for r in rows]
+        return queued
+
     def fail_job(self, job_id: int, reason: str, claim: Claim | None = None) -> None:
         """A run of a job failed: ``failed`` with its reason (fenced by ``claim``: :class:`ClaimLost`)."""
         with self._tx() as db:

@@ -34,7 +34,7 @@ from .dispatch import Dispatcher
 from .exporter import NodeMetrics
 from .health import Check, Health, check_disk, check_dispatcher, check_journal, check_receipts
 from .httpd import ActionError, NodeHTTPServer
-from .jobs import JobRunner, JournalQueue, Task, ThreadExecutor
+from .jobs import JobRunner, JournalQueue, Task, ThreadExecutor, resubmit_dropped
 from .journal import NODE_WORKER, OutboxState, SeriesState, open_journal
 from .lock import processes
 from .notify import Notifier, install, notify
@@ -428,12 +428,15 @@ class Node:
 
     def sweep(self) -> None:
         """Close series that received nothing for ``idle_timeout_s``, whole or not; route ``complete`` ones (a
-        reprocess request); queue again the runs whose claim expired (a worker process died)."""
+        reprocess request); queue again the runs whose claim expired (a worker process died), and hand the in-process
+        executor again the queued tasks it lost (``jobs.resubmit_dropped``)."""
         if self.receipts is not None:
             self.receipts.settle_idle()  # an association kept open: what it sent is settled all the same
             self.scp.replay_receipts()  # segments of a receiver that died beside this one (shared data_dir)
         if self.journal.expired_claims():
             self._recover(own=None, starting=False)
+        if isinstance(self.executor, ThreadExecutor):  # (worker processes poll the journal themselves)
+            resubmit_dropped(self.journal, self.executor, time.time() - self.config.node.sweep_interval_s)
         self.route_complete()
         cutoff = time.time() - self.config.node.idle_timeout_s
         for series in self.journal.series_in_state(SeriesState.RECEIVING, idle_before=cutoff):

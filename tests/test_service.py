@@ -343,3 +343,53 @@ def test_an_unreadable_receipt_log_fails_its_check_and_the_rest_still_answers(tm
     finally:
         node.receipts.shutdown()
         node.journal.close()
+
+
+def test_a_task_lost_to_a_journal_error_is_handed_again_by_the_sweep(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process executor took a job off its queue, then a transient journal error (SQLite busy for longer than
+    its timeout, a PostgreSQL reconnect) hit its claim: "crashed its worker", and the job stayed queued for good
+    (only a start-up or an expired claim queued it again). The sweep hands the executor again what the journal has
+    queued and no worker thread holds, so the job runs (its rule is gone here: it fails at once, with that reason)."""
+    import sqlite3
+    import threading
+
+    from dicom_node.jobs import Task, ThreadExecutor
+
+    node = _ruleless_node(tmp_path, sweep_interval_s=0.2)
+    runs: list[str] = []
+    ended = threading.Semaphore(0)
+
+    def perform(task: Task) -> object:
+        try:
+            runs.append(node.runner.perform(task))
+        finally:
+            ended.release()  # (also when it raised: "crashed its worker")
+        return runs[-1]
+
+    executor = ThreadExecutor(perform)
+    node.executor, node.runner.submit = executor, executor.submit
+    _idle_series(node.journal, "1.2.9", GOOD_GEOMETRY, now=time.time())  # still receiving: the sweep leaves it
+    job = node.journal.add_job(series_uid="1.2.9", version=1, rule="gone", action="synthesize", model="m")
+    real_claim, busy = node.journal.claim, [1]
+
+    def claim(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if busy and busy.pop():
+            raise sqlite3.OperationalError("database is locked")
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(node.journal, "claim", claim)
+    try:
+        executor.submit(Task("job", job))
+        assert ended.acquire(timeout=10) and runs == []  # it raised: lost to the journal error
+        assert node.journal.job(job).state == "queued"
+        time.sleep(0.3)  # queued for longer than a sweep interval
+        node.sweep()
+        node.sweep()  # (held by the executor or done: not handed a second time)
+        assert ended.acquire(timeout=10) and runs == ["failed"]
+        assert not ended.acquire(timeout=0.3)
+        record = node.journal.job(job)
+    finally:
+        executor.shutdown()
+        node.journal.close()
+    assert (record.state, record.attempts, record.reason) == ("failed", 1, "rule 'gone' is no longer configured")
