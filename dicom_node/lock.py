@@ -19,7 +19,11 @@ import json
 import os
 import re
 import socket
+import threading
 import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +32,8 @@ LOCK_NAME = "node.lock"
 #: Attempts (and the pause between them) to take a lock another process may only be probing for an instant.
 _TRIES, _RETRY_S = 5, 0.05
 PROCESSES_DIR = "processes"
+#: Folder of the instance locks (:class:`InstanceLocks`) in the data directory, and how many there are.
+INSTANCE_LOCKS_DIR, INSTANCE_LOCK_STRIPES = "locks", 256
 
 
 class NodeRunning(RuntimeError):
@@ -155,3 +161,46 @@ def processes(data_dir: Path) -> list[dict[str, Any]]:
     folder = data_dir / PROCESSES_DIR
     found = [d for d in (_held(p) for p in sorted(folder.glob("*.lock"))) if d is not None] if folder.is_dir() else []
     return sorted(found, key=lambda d: float(d.get("started") or 0))
+
+
+class InstanceLocks:
+    """Locks on SOP Instance UIDs that hold across the processes filing into one data directory (receivers sharing
+    it), so that two of them cannot both file one UID as new: each would find no row, write the same spool path
+    and answer Success, the file then holding one object and the row the other's digest. One ``flock`` file per
+    stripe of UIDs (``data_dir/locks/uid-XX.lock``), opened once per process. ``flock`` is held by an open file,
+    not a thread, so a thread lock per stripe keeps the threads of one process from sharing a held stripe (the
+    first to release it would release it for both)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.directory = data_dir / INSTANCE_LOCKS_DIR
+        self._stripes: dict[int, tuple[threading.Lock, int]] = {}
+        self._lock = threading.Lock()
+
+    def _stripe(self, sop_uid: str) -> tuple[threading.Lock, int]:
+        stripe = zlib.crc32(sop_uid.encode()) % INSTANCE_LOCK_STRIPES
+        with self._lock:
+            held = self._stripes.get(stripe)
+            if held is None:
+                self.directory.mkdir(mode=0o700, exist_ok=True)
+                fd = os.open(self.directory / f"uid-{stripe:02x}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                held = self._stripes[stripe] = (threading.Lock(), fd)
+            return held
+
+    @contextmanager
+    def held(self, sop_uid: str) -> Iterator[None]:
+        """While inside, no other thread or process of this data directory is inside for ``sop_uid``'s stripe."""
+        lock, fd = self._stripe(sop_uid)
+        with lock:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Close the lock files opened so far (a later :meth:`held` opens its stripe again)."""
+        with self._lock:
+            stripes, self._stripes = self._stripes, {}
+        for lock, fd in stripes.values():
+            with lock:  # not under a holder
+                os.close(fd)

@@ -75,6 +75,7 @@ from .headers import ReceivedInstance, SeriesAttributes, describe
 from .headers import text as _str
 from .journal import InstanceRecord, Journal
 from .journal_sql import connection_errors
+from .lock import InstanceLocks
 from .receipts import Receipt, ReceiptLog, Segment, index_records, load_record
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
@@ -371,6 +372,7 @@ class StorageSCP:
         #: the series attributes of the latest series filed, read from their first instance (headers.describe)
         self._series_read: OrderedDict[str, SeriesAttributes] = OrderedDict()
         self._claims = threading.Condition()
+        self._instance_locks = InstanceLocks(config.node.data_dir)
         self._server: Any = None
         self._tls_server: Any = None
         limits = config.limits
@@ -468,6 +470,7 @@ class StorageSCP:
             if server is not None:
                 server.shutdown()
         self._server = self._tls_server = None
+        self._instance_locks.close()
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -533,13 +536,15 @@ class StorageSCP:
 
     @contextmanager
     def _claim(self, sop_uid: str) -> Iterator[None]:
-        """One association at a time files a given SOP Instance UID (look-up, write, journal)."""
+        """One association at a time files a given SOP Instance UID (look-up, write, journal), of this process and
+        of any other filing into the data directory (:class:`dicom_node.lock.InstanceLocks`)."""
         with self._claims:
             while sop_uid in self._claimed:
                 self._claims.wait()
             self._claimed.add(sop_uid)
         try:
-            yield
+            with self._instance_locks.held(sop_uid):
+                yield
         finally:
             with self._claims:
                 self._claimed.discard(sop_uid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,58 @@ def test_a_lock_probed_for_an_instant_is_still_taken(tmp_path: Path) -> None:
     lock.acquire(shared=True)  # refused at the first try, taken at a later one
     lock.release()
     probe_file.close()
+
+
+def _stripe_mates() -> tuple[str, str]:
+    """Two UIDs of one stripe."""
+    import zlib
+
+    from dicom_node.lock import INSTANCE_LOCK_STRIPES
+
+    seen: dict[int, str] = {}
+    for n in range(10_000):
+        uid = f"1.2.826.0.1.{n}"
+        stripe = zlib.crc32(uid.encode()) % INSTANCE_LOCK_STRIPES
+        if stripe in seen:
+            return seen[stripe], uid
+        seen[stripe] = uid
+    raise AssertionError("no two UIDs share a stripe")
+
+
+def test_instance_locks_hold_across_processes_and_threads(tmp_path: Path) -> None:
+    """Two InstanceLocks of one data directory stand for two processes (flock holds between open files, in one
+    process too). A thread of one process must not slip into a stripe another of its threads holds (flock would
+    let it, and the first to leave would release it for both, letting the other process in meanwhile)."""
+    import threading
+
+    from dicom_node.lock import InstanceLocks
+
+    one, other = InstanceLocks(tmp_path), InstanceLocks(tmp_path)
+    first, mate = _stripe_mates()
+    events: list[str] = []
+    inside = threading.Event()
+
+    def hold(locks: InstanceLocks, uid: str, name: str, seconds: float) -> None:
+        with locks.held(uid):
+            events.append(f"{name} in")
+            inside.set()
+            time.sleep(seconds)
+            events.append(f"{name} out")
+
+    a = threading.Thread(target=hold, args=(one, first, "a", 0.3))
+    a.start()
+    assert inside.wait(5)
+    b = threading.Thread(target=hold, args=(one, mate, "b", 0.3))  # this process, same stripe, another UID
+    b.start()
+    time.sleep(0.1)
+    hold(other, mate, "c", 0)  # the other process: only once neither a nor b is inside
+    a.join()
+    b.join()
+    # one inside at a time (b and c may come in either order once a is out)
+    assert len(events) == 6 and events[:2] == ["a in", "a out"], events
+    assert all(events[i + 1] == events[i].replace(" in", " out") for i in (0, 2, 4)), events
+    one.close()
+    other.close()
+    with one.held(first):  # opened again after a close
+        pass
+    one.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,10 +25,12 @@ from dicom_node.scp import (
     STATUS_CANNOT_UNDERSTAND,
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
     Admission,
     BadInstance,
     StorageSCP,
     parse_instance,
+    stored_digest,
 )
 from dicom_node.spool import Spool
 from tests.dicom_factory import make_mr_series
@@ -171,6 +174,43 @@ def test_duplicate_instance_is_idempotent(node: Node, series: list[Path],
     assert results == [True] and len(writes) == 1
     assert len(node.journal.instances(str(source.SeriesInstanceUID))) == 1
     assert node.journal.counts()["instances"] == {"total": 1}
+
+
+def test_two_receivers_of_one_data_directory_file_a_uid_once(tmp_path: Path, series: list[Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: receivers sharing a data directory each found no row for a UID sent to both at once with
+    other content, both wrote its spool path and both answered Success (the file one object, the row the other's
+    digest). The UID's lock holds across them: the second finds the first's row and refuses a conflict."""
+    first, second = Node(tmp_path / "shared", []), Node(tmp_path / "shared", [])
+    try:
+        lookup = first.journal.instance
+
+        def slow(uid: str) -> Any:  # the first's look-up, then a pause before it files
+            found = lookup(uid)
+            time.sleep(0.5)
+            return found
+
+        monkeypatch.setattr(first.journal, "instance", slow)
+        one, other = dcmread(series[0]), dcmread(series[0])
+        other.PixelData = b"\x07" * len(other.PixelData)  # the same UID, other content
+        statuses: dict[str, int] = {}
+
+        def send(node: Node, ds: Any, key: str) -> None:
+            assoc = node.associate()
+            statuses[key] = int(assoc.send_c_store(ds).Status)
+            assoc.release()
+
+        sending = threading.Thread(target=send, args=(first, one, "first"))
+        sending.start()
+        time.sleep(0.2)  # the first is inside its pause
+        send(second, other, "second")
+        sending.join()
+        assert statuses == {"first": STATUS_SUCCESS, "second": STATUS_CANNOT_UNDERSTAND}
+        row = second.journal.instance(str(one.SOPInstanceUID))
+        assert row is not None and stored_digest(Path(row.path)) == row.sha256
+    finally:
+        first.stop()
+        second.stop()
 
 
 def test_aborted_association_does_not_trigger_assembly(node: Node, series: list[Path]) -> None:
