@@ -546,7 +546,7 @@ def test_a_segment_whose_journal_connected_again_is_replayed_not_deleted(
         if key == 0:
             log.filed(key, segment, _file_directly(node, path, durable=False))
             log.close(key)
-            assert _wait_for(lambda: not segment.path.exists())  # settled and deleted, as usual
+            assert _wait_for(lambda path=segment.path: not path.exists())  # settled and deleted, as usual
         else:  # its row was committed, then lost with the server that restarted; the journal connected again
             epoch[0] += 1
             log.filed(key, segment, None)
