@@ -55,6 +55,7 @@ from inference.volumetry import (
     with_qc_flag,
 )
 
+from .assembly import missing_images
 from .config import NodeConfig, Rule
 from .journal import Claim, FollowUpState, JobRecord, JobState, Journal, OutputFile, SeriesRecord
 from .writers import WrittenSeries
@@ -268,8 +269,13 @@ def model_session(registry: ModelRegistry, model_id: str | None) -> LoadedModel:
 
 def load_step(journal: Journal, series: SeriesRecord) -> LoadedSeries:
     """The series' spooled instances as one volume in patient geometry, with their headers; :class:`JobFailed`
-    for a stack of fewer than :data:`MIN_SLICES` slices (a localizer, a single slice: not a volume)."""
-    loaded = load_series([Path(i.path) for i in journal.instances(series.series_uid)])
+    for a stack of fewer than :data:`MIN_SLICES` slices (a localizer, a single slice: not a volume), and for a
+    series its scanner says has more images than arrived (closed on the idle timeout: the rest never came)."""
+    instances = journal.instances(series.series_uid)
+    missing = missing_images(instances)
+    if missing is not None:
+        raise JobFailed(f"not processed: incomplete series, {missing}; the rest never arrived")
+    loaded = load_series([Path(i.path) for i in instances])
     n_slices = loaded.image.GetSize()[2]
     if n_slices < MIN_SLICES:
         raise JobFailed(f"not processed: too few slices ({n_slices}; a volume needs at least {MIN_SLICES})")

@@ -230,6 +230,20 @@ def test_too_few_slices_fail_with_reason_and_a_notice(setup: Setup, tmp_path: Pa
         "NOT PROCESSED: too few slices (2; a volume needs at least 3)")
 
 
+def test_a_series_missing_images_its_scanner_announced_fails_with_reason(setup: Setup, tmp_path: Path) -> None:
+    """Found in review: an association aborted after 6 of 8 slices (ImagesInAcquisition 8) closed on the idle
+    timeout, and the contiguous part was processed as if it were the whole head."""
+    paths = make_mr_series(tmp_path / "in", shape=(8, 24, 24), spacing=SPACING, omit_slices=[6, 7],
+                           header={"ImagesInAcquisition": 8})
+    job_id = setup.job_for(paths)
+    setup.runner.run(job_id)
+    job = setup.journal.job(job_id)
+    assert (job.state, job.reason) == (
+        "failed", "not processed: incomplete series, 6 of 8 images (ImagesInAcquisition); the rest never arrived")
+    assert not setup.journal.output_files(job_id, "sT1")
+    (notice,) = setup.journal.output_files(job_id, "NOT_PROCESSED")
+
+
 def test_missing_model_fails_with_reason(setup: Setup, tmp_path: Path) -> None:
     paths = make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING, series_description="t2_tse_tra")
     job_id = setup.job_for(paths, "absent")
