@@ -123,6 +123,23 @@ _KEYWORDS = {
 }
 
 
+def _slice_thickness(ds: Dataset) -> float | None:
+    """SliceThickness: at the top level, or (Enhanced MR, where it is only in the functional groups) in the
+    shared Pixel Measures, else in the first frame's."""
+    found = _floats(ds.get("SliceThickness"))
+    if found:
+        return found[0]
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            measures = ds[groups][0].PixelMeasuresSequence[0]
+        except (KeyError, IndexError, AttributeError, TypeError):
+            continue
+        found = _floats(measures.get("SliceThickness"))
+        if found:
+            return found[0]
+    return None
+
+
 @dataclass(frozen=True)
 class SeriesAttributes:
     """What routing matches on, from the series' first instance (each field holds the DICOM keyword's value),
@@ -152,7 +169,7 @@ class SeriesAttributes:
             series_description=text(ds.get("SeriesDescription")), modality=text(ds.get("Modality")),
             image_type=tuple(str(v).strip().upper() for v in _as_list(ds.get("ImageType"))),
             mr_acquisition_type=text(ds.get("MRAcquisitionType")),
-            slice_thickness=(_floats(ds.get("SliceThickness")) or (None,))[0],
+            slice_thickness=_slice_thickness(ds),
             manufacturer=text(ds.get("Manufacturer")), manufacturer_model_name=text(ds.get("ManufacturerModelName")),
             software_versions=text(ds.get("SoftwareVersions")), protocol_name=text(ds.get("ProtocolName")),
             series_number=_int(ds.get("SeriesNumber")), sop_class_uid=text(ds.get("SOPClassUID")),

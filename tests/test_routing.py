@@ -176,6 +176,29 @@ def test_enhanced_mr_is_routed() -> None:
     assert decision.rule.name == "coronal-t2"
 
 
+def test_an_enhanced_mr_real_t1_reaches_its_rule() -> None:
+    """Found in review: Enhanced MR keeps SliceThickness in its functional groups only; read at the top level, the
+    real 3D T1 rule (thickness at most 1.5 mm) never matched a Siemens XA real T1: stored, never measured."""
+    from pydicom.dataset import Dataset
+
+    def enhanced(where: str) -> Dataset:
+        ds = Dataset()
+        ds.SeriesDescription, ds.Modality, ds.SOPClassUID = "anat_T1w_acq_tfl", "MR", ENHANCED_MR
+        ds.ImageType, ds.MRAcquisitionType = ["ORIGINAL", "PRIMARY", "M", "NONE"], "3D"
+        measures = Dataset()
+        measures.PixelMeasuresSequence = [Dataset()]
+        measures.PixelMeasuresSequence[0].SliceThickness = 1.0
+        measures.PixelMeasuresSequence[0].PixelSpacing = [1.0, 1.0]
+        setattr(ds, where, [measures])
+        return ds
+
+    for where in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        series = SeriesAttributes.from_dataset(enhanced(where))
+        assert series.slice_thickness == 1.0
+        rule = decide(series).rule
+        assert rule is not None and rule.name == "real-3d-t1"
+
+
 def test_missing_model_is_not_installed() -> None:
     decision = decide(attrs("t1_fl2d_sag"), installed_models=set())
     assert not decision.processed
