@@ -7,6 +7,7 @@ returns a validated :class:`NodeConfig`; ``ConfigError`` carries messages that n
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -203,11 +204,20 @@ class HTTPSettings(_Strict):
 
     @model_validator(mode="after")
     def _loopback_or_password(self) -> HTTPSettings:
-        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        loopback = self.host == "localhost" or is_loopback_address(self.host)
         if self.port and self.dashboard and not loopback and self.admin_password_file is None:
             raise ValueError(f"host {self.host!r} is not a loopback address: the dashboard shows patient data, so "
                              "set admin_password_file (or dashboard = false)")
         return self
+
+
+def is_loopback_address(name: str) -> bool:
+    """``name`` is a loopback IP address (127.0.0.0/8, ::1), written as one: not a host name that merely begins
+    with ``127.`` (``127.0.0.1.nip.io`` resolves anywhere)."""
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class Peer(_Strict):

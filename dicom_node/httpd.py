@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from .config import HTTPSettings, NodeConfig
+from .config import HTTPSettings, NodeConfig, is_loopback_address
 from .dashboard import PageContext, render, render_message
 from .exporter import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .health import Health
@@ -192,7 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
         name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
         settings = self.node_server.settings
         allowed = {"localhost", "::1", settings.host.lower(), *(h.lower() for h in settings.allowed_hosts)}
-        return name in allowed or name.startswith("127.")
+        return name in allowed or is_loopback_address(name)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         url = urlsplit(self.path)

@@ -270,8 +270,11 @@ def test_a_foreign_host_name_is_refused(make_node: Callable[..., Node]) -> None:
     node = make_node(password=False)
     assert request(node, "/", headers={"Host": "evil.example:8080"})[0] == 421
     assert request(node, "/actions/retry", data={"job_id": "1"}, headers={"Host": "evil.example"})[0] == 421
-    for host in ("localhost:8080", f"127.0.0.1:{node.http.port}", "[::1]:8080"):
+    for host in ("localhost:8080", f"127.0.0.1:{node.http.port}", "[::1]:8080", "127.0.0.5"):
         assert request(node, "/health", headers={"Host": host})[0] in (200, 503), host
+    # a name that only begins like a loopback address resolves wherever its owner wants (found in review)
+    for host in ("127.0.0.1.nip.io", "127.attacker.example:8080"):
+        assert request(node, "/", headers={"Host": host})[0] == 421, host
     status, _, body = request(node, "/actions/retry", data={"job_id": "1"}, headers={"Content-Length": "x"})
     assert status == 400 and "Content-Length" in body
 
