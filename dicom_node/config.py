@@ -270,10 +270,19 @@ class Destination(_Strict):
     #: STOW-RS: objects per request.
     stow_batch: int = Field(default=50, ge=1, le=1000)
 
-    @field_validator("ae_title")
+    @field_validator("ae_title", "calling_ae_title")
     @classmethod
     def _ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae(value)
+
+    @field_validator("url")
+    @classmethod
+    def _no_password_in_url(cls, value: str | None) -> str | None:
+        # it would be printed by `config check`, logged with every retry and written to the audit trail
+        if value is not None and "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("a url must not hold a user or password: use username and password_file, or "
+                             "token_file")
+        return value
 
     @model_validator(mode="after")
     def _protocol_fields(self) -> Destination:

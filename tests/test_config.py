@@ -229,6 +229,20 @@ def test_bad_peer_ae_names_its_index() -> None:
     assert "peers[1].ae_title" in message
 
 
+def test_a_destinations_calling_ae_title_is_checked() -> None:
+    """Found in review: a 17-character calling AE title passed `config check`, then every delivery raised."""
+    message = _error('[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 104\n'
+                     'calling_ae_title = "' + "X" * 17 + '"')
+    assert "destinations[0].calling_ae_title" in message and "AE title" in message
+
+
+def test_a_stow_url_holding_a_password_is_refused() -> None:
+    """It would be printed by config check, logged at each retry and written to the audit trail."""
+    message = _error('[[destinations]]\nname = "vna"\nprotocol = "stow-rs"\nurl = "https://me:secret@vna/dicomweb"')
+    assert "destinations[0].url" in message and "password_file" in message
+    assert "secret" not in message
+
+
 def test_error_message_names_file_field_and_count() -> None:
     message = _error('[node]\nport = 70000\nlog_level = "LOUD"')
     assert message.startswith("node.toml: invalid configuration (2 problem(s))")
