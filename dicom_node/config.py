@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -496,6 +497,15 @@ class Notification(_Strict):
     timeout_s: float = Field(default=5.0, gt=0, le=60)
     #: POSTs tried in all before the event is dropped (with one log line); waits 1, 2, 4 ... s between.
     tries: int = Field(default=3, ge=1, le=10)
+
+    @field_validator("url")
+    @classmethod
+    def _port(cls, value: str) -> str:
+        try:
+            urlsplit(value).port  # noqa: B018 - raises for a port out of range or not a number
+        except ValueError:
+            raise ValueError("the url's port is not a number from 0 to 65535") from None
+        return value
 
 
 class RetentionSettings(_Strict):

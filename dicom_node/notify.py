@@ -36,7 +36,11 @@ MAX_QUEUED = 1000
 def _where(url: str) -> str:
     """The host of a webhook URL, for the log (the path and query may hold a token)."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or '?'}{f':{parts.port}' if parts.port else ''}"
+    try:
+        port = parts.port
+    except ValueError:  # out of range: said as it is written, for the log line of the failure it causes
+        port = parts.netloc.rsplit(":", 1)[-1]
+    return f"{parts.scheme}://{parts.hostname or '?'}{f':{port}' if port else ''}"
 
 
 class Notifier:

@@ -145,3 +145,23 @@ def test_config_accepts_only_http_urls_and_known_events() -> None:
         parse_config('[[notifications]]\nurl = "file:///etc/passwd"\n')
     with pytest.raises(ConfigError, match="events"):
         parse_config('[[notifications]]\nurl = "http://h/x"\nevents = ["job_done"]\n')
+
+
+def test_a_webhook_url_with_an_impossible_port_is_refused_and_cannot_stop_the_others(hook: Hook) -> None:
+    """Found in review: `http://h:99999/x` passed the config, and reading its port for the log line raised inside
+    the thread's own error handler: the thread died, and every later event to every webhook was lost."""
+    with pytest.raises(ConfigError, match="port"):
+        parse_config('[[notifications]]\nurl = "http://hooks.example.org:99999/x"\n')
+    bad = Notification.model_construct(url="http://127.0.0.1:99999/x", events=["job_failed"], headers={},
+                                       timeout_s=1.0, tries=1)
+    notifier = _notifier(bad, Notification(url=hook.url))
+    try:
+        notifier.notify("job_failed", {"job": 1})
+        notifier.notify("job_failed", {"job": 2})
+        assert [b["job"] for b in hook.wait(2)] == [1, 2]
+        deadline = time.monotonic() + 5
+        while notifier.failed < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert notifier.failed == 2 and notifier._thread is not None and notifier._thread.is_alive()
+    finally:
+        notifier.stop()
