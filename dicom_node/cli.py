@@ -527,9 +527,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=str))
     else:
         _print_status(report)
-    if report["journal"] is not None and report["problems"]:
-        return STATUS_FAILURES
-    return 0 if report["node"]["running"] else STATUS_NOT_RUNNING
+    if not report["node"]["running"]:
+        return STATUS_NOT_RUNNING  # first: a node that is down must not read as "some failures" to monitoring
+    return STATUS_FAILURES if report["journal"] is not None and report["problems"] else 0
 
 
 # -- journal rebuild -------------------------------------------------------------------------

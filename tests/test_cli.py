@@ -227,7 +227,7 @@ def _journal_with_work(data_dir: Path) -> None:
 def test_status_prints_counts(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, models_dir)
     _journal_with_work(tmp_path / "data")
-    assert main(["status", "--config", str(config)]) == 1  # a job and a delivery failed
+    assert main(["status", "--config", str(config)]) == 3  # not running comes first; the failures are printed
     out = capsys.readouterr().out
     assert "node: NOT RUNNING" in out
     assert "NEEDS ATTENTION: 1 job(s) failed in the last 24 h; 1 delivery item(s) failed for good" in out
@@ -293,7 +293,7 @@ def test_reprocess_marks_stored_series_and_says_what(tmp_path: Path, models_dir:
     journal._query("INSERT INTO follow_ups(job_id, step, state, reason, created_at, updated_at)"  # an optional step
                    " VALUES (1, 'agreement', 'failed', 'RuntimeError: boom', 0, 0) RETURNING id")  # that failed
     journal.close()
-    assert main(["status", "--config", str(config)]) == 1  # the job failed
+    assert main(["status", "--config", str(config)]) == 3  # not running (comes before the failed job)
     assert "(optional step failed: agreement: RuntimeError: boom)" in capsys.readouterr().out
     assert main(["reprocess", "--config", str(config), "--patient", "P"]) == 0
     out = capsys.readouterr().out
@@ -417,9 +417,17 @@ def test_status_tells_running_from_not_running_and_exits_accordingly(
 
 def test_status_json_lists_failures_within_the_window(tmp_path: Path, models_dir: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    config = str(write_config(tmp_path, models_dir))
+    config = str(write_config(tmp_path, models_dir, "\n[http]\nport = 0\n"))  # the lock alone tells it runs
     _journal_with_work(tmp_path / "data")
-    assert main(["status", "--config", config, "--json"]) == 1
+    # not running comes first, failures or not (found in review: monitoring read a stopped node as "failures")
+    assert main(["status", "--config", config, "--json"]) == 3
+    capsys.readouterr()
+    lock = NodeLock(tmp_path / "data")
+    lock.acquire(ports={"dicom": 11112, "tls": None})
+    try:
+        assert main(["status", "--config", config, "--json"]) == 1
+    finally:
+        lock.release()
     report = json.loads(capsys.readouterr().out)
     failed, = report["failures"]["jobs"]
     assert failed["rule"] == "t1-2d" and failed["reason"] == "delivery failed after the last try"
@@ -616,7 +624,7 @@ def test_status_reads_the_journal_without_changing_it(tmp_path: Path, models_dir
         return [hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.exists()]
 
     before = digest()
-    assert main(["status", "--config", config, "--json"]) == 1
+    assert main(["status", "--config", config, "--json"]) == 3  # not running
     assert json.loads(capsys.readouterr().out)["counts"]["instances"] == {"total": 3}
     assert digest() == before
     db = sqlite3.connect(tmp_path / "data" / "journal.sqlite3")
