@@ -360,10 +360,10 @@ def cmd_route(args: argparse.Namespace) -> int:
         try:
             ds = dcmread(path, stop_before_pixels=True)
             uid = str(ds.SeriesInstanceUID)
-        except (InvalidDicomError, AttributeError, OSError, ValueError):
+            received = describe(ds)  # a header value it cannot read (InstanceNumber "1e999"): skipped
+        except (InvalidDicomError, AttributeError, OSError, ValueError, TypeError, OverflowError):
             skipped += 1
             continue
-        received = describe(ds)
         attrs_of.setdefault(uid, received.series)
         series[uid].append(InstanceRecord(received.sop_instance_uid, uid, received.sop_class_uid, "", str(path),
                                           received.header))
@@ -586,6 +586,11 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     config = _config(args)
     journal = _journal(config)
+    if args.dest is not None and all(d.name != args.dest for d in config.destinations):
+        journal.close()
+        names = ", ".join(d.name for d in config.destinations) or "none configured"
+        print(f"no destination named {args.dest!r} ([[destinations]]: {names})", file=sys.stderr)
+        return 1
     n = journal.retry_failed(args.dest)
     journal.close()
     _audit(config, "retry", destination=args.dest, items=n)

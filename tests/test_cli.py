@@ -180,6 +180,21 @@ def test_route_dry_run(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureF
     assert "(1 non-DICOM file(s) skipped)" in out
 
 
+def test_route_dry_run_skips_a_file_whose_header_it_cannot_read(tmp_path: Path, models_dir: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in review: one file with InstanceNumber "1e999" (which the SCP refuses) ended the whole dry run."""
+    folder = tmp_path / "dicom"
+    paths = make_mr_series(folder, shape=(4, 16, 16), spacing=(1.0, 1.0, 4.0))
+    bad = dcmread(paths[0])
+    bad.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.777"
+    bad.save_as(folder / "bad.dcm")
+    (folder / "bad.dcm").write_bytes((folder / "bad.dcm").read_bytes().replace(
+        b"\x20\x00\x13\x00IS\x02\x001 ", b"\x20\x00\x13\x00IS\x06\x001e999 "))  # as a sender may encode it
+    assert main(["route", "--config", str(write_config(tmp_path, models_dir)), "--dry-run", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "(4 instances," in out and "(1 non-DICOM file(s) skipped)" in out
+
+
 def test_route_dry_run_explains_a_missing_model_and_a_gap(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "dicom"
@@ -276,13 +291,20 @@ def test_retry_requeues_failed_deliveries(tmp_path: Path, models_dir: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, models_dir)
     _journal_with_work(tmp_path / "data")
-    assert main(["retry", "--config", str(config), "ARCHIVE"]) == 0
-    assert capsys.readouterr().out.startswith("0 delivery item(s) queued again")
     assert main(["retry", "--config", str(config)]) == 0
     assert capsys.readouterr().out.startswith("1 delivery item(s) queued again")
     journal = Journal(tmp_path / "data" / "journal.sqlite3")
     assert journal.counts()["outbox"] == {"sent": 1, "pending": 1}
     journal.close()
+
+
+def test_retry_of_a_destination_that_is_not_configured_is_an_error(tmp_path: Path, models_dir: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in review: `retry TYPO` said "0 queued" and exited 0."""
+    config = write_config(tmp_path, models_dir)
+    _journal_with_work(tmp_path / "data")
+    assert main(["retry", "--config", str(config), "PACSS"]) == 1
+    assert "no destination named 'PACSS'" in capsys.readouterr().err
 
 
 def test_reprocess_marks_stored_series_and_says_what(tmp_path: Path, models_dir: Path,
