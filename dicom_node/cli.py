@@ -543,11 +543,21 @@ def cmd_journal_rebuild(args: argparse.Namespace) -> int:
     if not spool.is_dir():
         print(f"no spool at {spool}: nothing to rebuild from", file=sys.stderr)
         return 1
-    journal = open_journal(config)
+    lock = NodeLock(config.node.data_dir)
+    try:  # held as a serving node holds it: none starts meanwhile, and none may be running
+        lock.acquire(command="journal rebuild")
+    except NodeRunning as exc:
+        print(f"{exc}: stop it first (beside a running node, a rebuild would mark the series still arriving as "
+              "ignored)", file=sys.stderr)
+        return 1
     try:
-        result = rebuild(journal, spool, reprocess=args.reprocess)
+        journal = open_journal(config)
+        try:
+            result = rebuild(journal, spool, reprocess=args.reprocess)
+        finally:
+            journal.close()
     finally:
-        journal.close()
+        lock.release()
     what = ("left to close and be processed at the next start" if args.reprocess
             else "marked ignored (not processed again)")
     print(f"journal rebuilt from {spool}: {result.added} instance(s) in {len(result.series)} series added, {what}")

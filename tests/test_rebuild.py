@@ -82,6 +82,26 @@ def test_rebuild_restores_every_series_and_instance(tmp_path: Path, reprocess: b
     assert main(["journal", "rebuild", "--config", str(config)]) == 0
 
 
+def test_rebuild_is_refused_while_a_node_serves_the_data_directory(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in review: beside a running node, a rebuild marked the series still arriving as ignored."""
+    from dicom_node.lock import NodeLock
+
+    data = tmp_path / "data"
+    spool = Spool(data / "spool", fsync=False)
+    spool.write("1.2.3", "1.2.3.4", "1.2.3.4.5", b"not read")
+    config = tmp_path / "node.toml"
+    config.write_text(config_toml({"node": {"data_dir": str(data), "fsync": False}}))
+    serving = NodeLock(data)
+    serving.acquire(ports={"dicom": 11112, "tls": None})
+    try:
+        assert main(["journal", "rebuild", "--config", str(config)]) == 1
+        assert "stop it first" in capsys.readouterr().err
+    finally:
+        serving.release()
+    assert not (data / "journal.sqlite3").exists()  # not even opened
+
+
 def test_start_warns_about_spool_files_the_journal_does_not_know(tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     from dicom_node.config import NodeConfig, NodeSettings
