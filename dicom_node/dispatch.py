@@ -284,6 +284,8 @@ class Dispatcher:
         self._settled: dict[int, bool] = {}
         self._settled_lock = threading.Lock()  # (a destination's associations settle items in threads of their own)
         self._spare_refused: dict[str, float] = {}  # destination -> when it last refused a further association
+        #: destinations that could not be associated with in this round (send_due) -> why
+        self._unreached: dict[str, str] = {}
 
     def send_due(self) -> int:
         """Claim the due items, one destination's batch at a time, and send them; returns how many were
@@ -293,6 +295,7 @@ class Dispatcher:
         try:
             sent, seen = 0, set()
             settings = self.config.dispatch
+            self._unreached = {}
             while (claim := self.journal.claim_outbox(self.worker, settings.lease_s,
                                                       limit=settings.claim_batch)) is not None:
                 ids = {i.id for i in claim.items}
@@ -300,6 +303,9 @@ class Dispatcher:
                     self.journal.release_outbox(claim)
                     break
                 seen |= ids
+                if claim.destination in self._unreached:
+                    self._fail_unreached(claim, self._unreached[claim.destination])
+                    continue
                 sent += self._send_claimed(claim)
             return sent
         finally:
@@ -339,6 +345,19 @@ class Dispatcher:
                 self.journal.release_outbox(claim)
             except Exception:  # noqa: BLE001 - the lease expires by itself
                 log.exception("outbox: releasing a claim failed; its items wait for the lease to expire")
+
+    def _fail_unreached(self, claim: OutboxClaim, why: str) -> None:
+        """The items of a destination that could not be associated with earlier in this round fail a try with that
+        reason, without another attempt now: with a backlog of many claims, each would wait its own connection
+        timeout, and every other destination behind them (the oldest due items are claimed first)."""
+        self._claim, self._settled = claim, {}
+        try:
+            self._fail(claim.items, why)
+        except ClaimLost:
+            pass  # taken over meanwhile: the other dispatcher tries them
+        finally:
+            self._claim = None
+            self.journal.release_outbox(claim)
 
     def _fail_unexpected(self, claim: OutboxClaim, exc: Exception) -> None:
         """An exception nobody expected while sending ``claim`` (a library raising on a destination's odd answer):
@@ -585,6 +604,7 @@ class Dispatcher:
             if spare:  # (the first association had the same TLS set-up, and got through): _open_spare reports it
                 raise
             log.error("outbox: %s: %s; %d item(s) will be retried", name, exc, len(items))
+            self._unreached[name] = str(exc)
             self._fail(items, str(exc))
             self._audit(dest, items, 0, str(exc))
             return None
@@ -598,6 +618,7 @@ class Dispatcher:
             why = _why_not(assoc, connected)
             log.warning("outbox: %s (%s@%s:%d): %s; %d item(s) will be retried",
                         name, dest.ae_title, dest.host, dest.port, why, len(items))
+            self._unreached[name] = why
             self._fail(items, why)
             self._audit(dest, items, 0, why)
             return None

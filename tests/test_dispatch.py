@@ -160,6 +160,31 @@ def test_delivered_items_are_marked_sent(tmp_path: Path, journal: Journal, files
     assert dispatcher.send_due() == 0  # nothing due any more
 
 
+def test_an_unreachable_destination_is_tried_once_a_round_and_holds_no_other_up(
+        tmp_path: Path, journal: Journal, files: list[Path], pacs: DestinationSCP,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: the oldest due items are claimed first, so a destination that is down with a backlog of
+    many claims cost a connection timeout per claim, every round, before any other destination was served."""
+    import dicom_node.dispatch as dispatch
+
+    attempts: list[str] = []
+    real = dispatch._associate
+
+    def counting(ae: Any, dest: Destination, tls: Any) -> Any:
+        attempts.append(dest.name)
+        return real(ae, dest, tls)
+
+    monkeypatch.setattr(dispatch, "_associate", counting)
+    config = make_config(tmp_path, [closed_destination(), dest_for(pacs)], claim_batch=1)
+    down_job = queue_job(journal, files, ["DOWN"])  # 3 items, one claim each; the oldest
+    pacs_job = queue_job(journal, files[:1], ["PACS"])
+    assert Dispatcher(config, journal).send_due() == 1
+    assert attempts.count("DOWN") == 1 and attempts.count("PACS") == 1
+    assert [(i.state, i.tries, i.last_error) for i in journal.outbox(down_job)] == [
+        ("pending", 1, "connection failed")] * 3
+    assert {i.state for i in journal.outbox(pacs_job)} == {"sent"}
+
+
 def test_destination_down_backs_off_then_fails(tmp_path: Path, journal: Journal, files: list[Path]) -> None:
     down = closed_destination()
     config = make_config(tmp_path, [down])
