@@ -190,7 +190,7 @@ class JobRunner:
             return "skipped"
         self.stages[job_id] = ("starting", time.time())
         try:
-            run = _Run(self._context(job, series), {}, time.perf_counter(), claim)
+            run = _Run(self._context(job, series, claim.attempt), {}, time.perf_counter(), claim)
             self._core(run)
             follow_ups = self._record(run)
         except KeyboardInterrupt:
@@ -283,11 +283,16 @@ class JobRunner:
         log.info("job %d (%s) written in %.1f s: %s", run.ctx.job_id, run.ctx.rule.name, run.timings["total"],
                  ", ".join(f"{k} {v:.2f}s" for k, v in run.timings.items() if k != "total"))
 
-    def _context(self, job: JobRecord, series: SeriesRecord) -> JobContext:
+    def _context(self, job: JobRecord, series: SeriesRecord, attempt: int) -> JobContext:
         rule = self._rule(job.rule)
         out_dir = self.outputs_dir / f"job-{job.id:06d}"
-        if out_dir.exists():  # a run interrupted by a crash: start it over with new UIDs
+        if out_dir.exists() and attempt > 1:  # a run interrupted by a crash: start it over with new UIDs
             shutil.rmtree(out_dir)
+        elif out_dir.exists():  # a job of an earlier journal (rebuilt, or a new one): its outputs are kept aside
+            aside = out_dir.with_name(f"{out_dir.name}.earlier-{time.strftime('%Y%m%dT%H%M%S')}")
+            log.warning("job %d: %s holds the outputs of an earlier journal's job %d; moved to %s (not deleted: "
+                        "they may not have been delivered)", job.id, out_dir, job.id, aside.name)
+            out_dir.rename(aside)
         out_dir.mkdir(parents=True)
         naming = SeriesNaming(rule.output_name, job.version, series.attributes.series_number)
         return JobContext(job.id, rule, series, naming, out_dir, self.config.node.uid_root)

@@ -230,6 +230,20 @@ def test_too_few_slices_fail_with_reason_and_a_notice(setup: Setup, tmp_path: Pa
         "NOT PROCESSED: too few slices (2; a volume needs at least 3)")
 
 
+def test_a_job_folder_left_by_an_earlier_journal_is_kept_aside(setup: Setup, tmp_path: Path) -> None:
+    """Found in review: after `journal rebuild` (or a new journal on the same data directory) job ids start at 1
+    again, and the first run of job 1 deleted the earlier job 1's outputs, delivered or not."""
+    earlier = setup.runner.outputs_dir / "job-000001"
+    earlier.mkdir(parents=True)
+    (earlier / "sr.dcm").write_bytes(b"an earlier journal's output")
+    job_id = setup.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+    assert job_id == 1
+    setup.runner.run(job_id)
+    assert setup.journal.job(job_id).state == "written"
+    (aside,) = setup.runner.outputs_dir.glob("job-000001.earlier-*")
+    assert (aside / "sr.dcm").read_bytes() == b"an earlier journal's output"
+
+
 def test_a_series_missing_images_its_scanner_announced_fails_with_reason(setup: Setup, tmp_path: Path) -> None:
     """Found in review: an association aborted after 6 of 8 slices (ImagesInAcquisition 8) closed on the idle
     timeout, and the contiguous part was processed as if it were the whole head."""
