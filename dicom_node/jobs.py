@@ -126,6 +126,8 @@ class JobRunner:
         #: the jobs running now: job id → (the step it runs, since when); for the dashboard
         self.stages: dict[int, tuple[str, float]] = {}
         self.outputs_dir = config.node.data_dir / "outputs"
+        #: runs a job that was interrupted before alone (:class:`RunIsolation`)
+        self.isolation = RunIsolation()
         table = config.volumetry.normative_table
         self.norms = load_norms(table) if table is not None else ()
         self.follow_ups: dict[str, FollowUp] = {f.name: f for f in FOLLOW_UPS}
@@ -191,7 +193,8 @@ class JobRunner:
         self.stages[job_id] = ("starting", time.time())
         try:
             run = _Run(self._context(job, series, claim.attempt), {}, time.perf_counter(), claim)
-            self._core(run)
+            with self.isolation.of(claim.attempt):
+                self._core(run)
             follow_ups = self._record(run)
         except KeyboardInterrupt:
             # only the main thread gets these (a debugging session): the job stays 'running', so
@@ -398,6 +401,42 @@ class JobRunner:
 
 
 T = TypeVar("T")
+
+
+class RunIsolation:
+    """Jobs run side by side (``[inference] workers``), but one that was interrupted before (its claim's attempt
+    above 1) runs alone: the crash of the whole process that interrupted it may have been its own doing (a poison
+    job), and each crash costs an attempt to every job running at the time. Alone, a poison job that crashes the
+    process again costs no innocent job beside it an attempt, so none is quarantined with it. A job waiting to
+    run alone goes before those that would start after it (it is not starved)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._side_by_side = 0  # jobs running with others
+        self._alone = False  # a job runs alone
+        self._waiting_alone = 0
+
+    @contextmanager
+    def of(self, attempt: int) -> Iterator[None]:
+        """Inside: the run of a job at its ``attempt``-th claim."""
+        with self._changed:
+            if attempt > 1:
+                self._waiting_alone += 1
+                self._changed.wait_for(lambda: not self._alone and not self._side_by_side)
+                self._waiting_alone -= 1
+                self._alone = True
+            else:
+                self._changed.wait_for(lambda: not self._alone and not self._waiting_alone)
+                self._side_by_side += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                if attempt > 1:
+                    self._alone = False
+                else:
+                    self._side_by_side -= 1
+                self._changed.notify_all()
 
 
 class ThreadExecutor(Generic[T]):

@@ -694,6 +694,19 @@ def test_keyboard_interrupt_leaves_the_job_running_for_recovery(
     with pytest.raises(KeyboardInterrupt):
         setup.runner.run(job_id)
     assert (setup.journal.job(job_id).state, setup.journal.job(job_id).attempts) == ("running", 1)
+    # the next start queues it again, and its second run is alone (RunIsolation)
+    monkeypatch.undo()
+    setup.runner.recover(own=setup.runner.worker)
+    attempts: list[int] = []
+    real_of = setup.runner.isolation.of
+
+    def recording(attempt: int) -> Any:
+        attempts.append(attempt)
+        return real_of(attempt)
+
+    monkeypatch.setattr(setup.runner.isolation, "of", recording)
+    assert setup.runner.run(job_id) == "done"
+    assert attempts == [2]
 
 
 def test_thread_executor_survives_base_exceptions() -> None:
@@ -802,3 +815,40 @@ def test_thread_executor_shutdown_says_whether_a_task_still_runs() -> None:
     release.set()
     idle: ThreadExecutor[int] = ThreadExecutor(lambda _task: None, workers=2)
     assert idle.shutdown(timeout_s=5) is True
+
+
+def test_a_job_interrupted_before_runs_alone() -> None:
+    """Found in review: with `[inference] workers` 2, a poison job that crashed the process took the job running
+    beside it down at every restart, both lost an attempt each time, and both were quarantined. A job at its
+    second claim or later now runs alone; one waiting to is not overtaken by jobs arriving after it."""
+    import threading
+    import time
+
+    from dicom_node.jobs import RunIsolation
+
+    isolation, events, lock = RunIsolation(), [], threading.Lock()
+
+    def run(name: str, attempt: int, hold_s: float, inside: threading.Event | None = None) -> None:
+        with isolation.of(attempt):
+            with lock:
+                events.append(f"{name}+")
+            if inside is not None:
+                inside.set()
+            time.sleep(hold_s)
+            with lock:
+                events.append(f"{name}-")
+
+    a_inside = threading.Event()
+    threads = [threading.Thread(target=run, args=("a", 1, 0.3, a_inside))]
+    threads[0].start()
+    assert a_inside.wait(5)
+    for name, attempt, hold_s in (("b", 1, 0.3), ("poison", 2, 0.2), ("c", 1, 0.0)):
+        threads.append(threading.Thread(target=run, args=(name, attempt, hold_s)))
+        threads[-1].start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(5)
+    assert events.index("b+") < events.index("a-")  # first claims run side by side
+    alone = events.index("poison+")
+    assert events[alone + 1] == "poison-" and alone > max(events.index("a-"), events.index("b-"))
+    assert events.index("c+") > events.index("poison-")  # arrived after it: waited
