@@ -54,10 +54,35 @@ SETTLE_IDLE_S = 5.0
 #: after a spare segment could not be made, none is tried for this long (associations create their own)
 SPARE_RETRY_S = 60.0
 
+#: A segment whose spool files failed to sync: the replay writes every object of it again (:class:`SyncFailed`).
+REWRITE_SUFFIX = ".rewrite.log"
+
 _MAGIC = b"DNR1"
 #: magic, CRC-32 of what follows the header, length of the JSON description, length of the object's bytes
 _HEADER = struct.Struct("<4sIIQ")
 _SUFFIX = ".log"
+
+
+class SyncFailed(OSError):
+    """An ``fsync`` of a spool file (or its directory) failed. Linux reports a failed write-back once: a second
+    ``fsync`` of the same file may succeed while its pages, marked clean, never reached the disk. So what was
+    filed from the segment is not synced again but written again from the segment's records (:func:`needs_rewrite`):
+    new files, synced before they replace the old ones."""
+
+
+def needs_rewrite(segment_path: Path) -> bool:
+    """The segment was left for the replay to write every object of it again (:class:`SyncFailed`)."""
+    return segment_path.name.endswith(REWRITE_SUFFIX)
+
+
+def mark_for_rewrite(segment_path: Path) -> Path:
+    """Rename a segment so that its replay writes every object of it again; its new path."""
+    if needs_rewrite(segment_path):
+        return segment_path
+    target = segment_path.with_name(segment_path.name[:-len(_SUFFIX)] + REWRITE_SUFFIX)
+    os.rename(segment_path, target)
+    fsync_dir(segment_path.parent)
+    return target
 
 
 @dataclass(frozen=True)
@@ -326,8 +351,13 @@ class ReceiptLog:
 
     def settle(self, segment: Segment) -> None:
         """Make what was filed from ``segment`` durable, then delete it. A failure leaves it for a retry (the
-        sweep's :meth:`settle_idle`) or the next start's replay."""
-        self.sync_files(segment.files)
+        sweep's :meth:`settle_idle`) or the next start's replay; a failed sync of its files, for a replay that
+        writes them again (:class:`SyncFailed`)."""
+        try:
+            self.sync_files(segment.files)
+        except SyncFailed as exc:
+            self._leave_to_rewrite(segment, exc)
+            return
         self._settle_rows()  # one durable commit: every journal row committed before it is durable too
         if self._epoch() != segment.epoch:
             self._leave_to_replay(segment)
@@ -343,6 +373,24 @@ class ReceiptLog:
             segment.closed = True
             os.close(segment.fd)
         self.forget(segment.path)
+
+    def _leave_to_rewrite(self, segment: Segment, failure: SyncFailed) -> None:
+        """Its files may not be on disk whatever a second ``fsync`` says: the segment is renamed for a replay that
+        writes them again (the node's next sweep), and let go."""
+        with self._lock:
+            self._settle_failures += 1
+        log.error("receipt log: %s; what was filed from %s is written again from it by the next replay",
+                  failure, segment.path.name)
+        try:
+            renamed = mark_for_rewrite(segment.path)
+        except OSError as exc:  # replayed as it is (files checked, not rewritten); the next start tries again
+            log.error("receipt log: cannot mark %s for rewriting: %s", segment.path.name, exc)
+            renamed = segment.path
+        if not segment.closed:
+            segment.closed = True
+            os.close(segment.fd)
+        self.forget(segment.path)
+        self.forget(renamed)
 
     def _delete(self, segment: Segment) -> None:
         """Delete a settled (or unused spare) segment and close it."""
@@ -363,11 +411,16 @@ class ReceiptLog:
                 continue
             try:
                 os.fsync(fd)
+            except OSError as exc:
+                raise SyncFailed(exc.errno, f"fsync of {path} failed: {exc.strerror or exc}") from exc
             finally:
                 os.close(fd)
             directories[path.parent] = None
         for directory in directories:
-            fsync_dir(directory)
+            try:
+                fsync_dir(directory)
+            except OSError as exc:
+                raise SyncFailed(exc.errno, f"fsync of {directory} failed: {exc.strerror or exc}") from exc
 
     def shutdown(self) -> None:
         """Settle every open segment and wait for all settles (a clean stop leaves no segment behind)."""

@@ -76,7 +76,16 @@ from .headers import text as _str
 from .journal import InstanceRecord, Journal
 from .journal_sql import connection_errors
 from .lock import InstanceLocks
-from .receipts import Receipt, ReceiptLog, Segment, index_records, load_record
+from .receipts import (
+    Receipt,
+    ReceiptLog,
+    Segment,
+    SyncFailed,
+    index_records,
+    load_record,
+    mark_for_rewrite,
+    needs_rewrite,
+)
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
 from .tls import NodeAssociationServer, SharedPortAssociationServer, common_name, describe_connection, server_context
@@ -739,7 +748,7 @@ class StorageSCP:
             refs.sort(key=lambda ref: (ref.received_at, str(ref.segment), ref.offset))
             in_place = []
             for ref in refs:
-                filed_again, found = self._replay(load_record(ref))
+                filed_again, found = self._replay(load_record(ref), rewrite=needs_rewrite(ref.segment))
                 redone += filed_again
                 if found is not None:
                     in_place.append(found)
@@ -748,6 +757,9 @@ class StorageSCP:
             for path, _fd in orphans:
                 path.unlink()
         except Exception as exc:  # noqa: BLE001 - kept for the next start or sweep
+            if isinstance(exc, SyncFailed):  # a second fsync may lie: the next try writes the files again
+                for path, _fd in orphans:
+                    _try_mark_for_rewrite(path)
             names = ", ".join(path.name for path, _fd in orphans)
             log.exception("receipt log: replaying %s failed; kept and tried again", names)
             self.replay_error = "; ".join(filter(None, (f"replaying {names} failed: {type(exc).__name__}: {exc}",
@@ -764,10 +776,11 @@ class StorageSCP:
                 "the receipt log", len(orphans), len(refs), redone)
         return redone
 
-    def _replay(self, record: Receipt) -> tuple[bool, Path | None]:
+    def _replay(self, record: Receipt, *, rewrite: bool = False) -> tuple[bool, Path | None]:
         """File ``record`` again if its journal row or spool file is missing (or the file is not what was
         received): (True, None). (False, the spool file) when it is in place; (False, None) when it was refused,
-        or another object is kept under its UID."""
+        or another object is kept under its UID. ``rewrite``: a file in place is written again all the same (its
+        sync failed: what it reads back may never have reached the disk)."""
         sop_uid = record.sop_instance_uid
         try:
             self._check_inflated(record.dataset, UID(record.transfer_syntax))
@@ -795,10 +808,11 @@ class StorageSCP:
             expected = known.sha256 or on_disk
             if expected is not None and expected != digest:
                 return False, None  # another object was kept under this UID (a conflicting re-send)
-            if on_disk == digest:
+            if on_disk == digest and not rewrite:
                 return False, Path(known.path)
             self.spool.write(received.study_uid, received.series_uid, sop_uid, record.data)
-            log.info("receipt log: %s written again to %s (the file was lost or cut short)", sop_uid, known.path)
+            log.info("receipt log: %s written again to %s (%s)", sop_uid, known.path,
+                     "its sync had failed" if on_disk == digest else "the file was lost or cut short")
             return True, None
 
     @staticmethod
@@ -860,6 +874,13 @@ class _Receipt:
     key: int
     segment: Segment | None = None  #: the segment holding the record, once it is durable there
     path: Path | None = None
+
+
+def _try_mark_for_rewrite(segment_path: Path) -> None:
+    try:
+        mark_for_rewrite(segment_path)
+    except OSError as exc:
+        log.error("receipt log: cannot mark %s for rewriting: %s", segment_path.name, exc)
 
 
 def _failure(status: int, comment: str) -> Dataset:

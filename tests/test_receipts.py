@@ -559,6 +559,45 @@ def test_a_segment_whose_journal_connected_again_is_replayed_not_deleted(
     log.shutdown()
 
 
+def test_a_failed_sync_of_a_spool_file_is_not_trusted_again_the_replay_writes_it_again(
+        make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: Linux reports a failed write-back to one fsync only; the settle's retry opened the file
+    again, its fsync succeeded, and the segment was deleted though the file's pages may never have reached the
+    disk. Now the segment is left for a replay that writes its objects again (new files, synced)."""
+    node = make_node(tmp_path / "eio").start()
+    real_fsync = os.fsync
+    failed: list[str] = []
+
+    def eio_once_for_spool_files(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if "/spool/" in target and target.endswith(".dcm") and not failed:
+            failed.append(target)
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(receipts_module.os, "fsync", eio_once_for_spool_files)
+    assoc = node.associate()
+    assert [assoc.send_c_store(dcmread(p)).Status for p in series[:2]] == [0, 0]
+    assoc.release()
+    marked = _wait_for(lambda: sorted(node.log.directory.glob("*" + receipts_module.REWRITE_SUFFIX)))
+    assert len(marked) == 1 and failed
+    assert _wait_for(lambda: node.log.status().settling == 0)  # renamed, then let go: now the replay's
+    writes: list[bool] = []
+    real_write = node.spool.write
+
+    def recording(*args: Any, **kwargs: Any) -> Path:
+        writes.append(kwargs.get("durable", True))
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(node.spool, "write", recording)
+    assert node.scp.replay_receipts() == 2  # both written again, durably, though they read back as received
+    assert writes == [True, True] and not marked[0].exists()
+    for path in series[:2]:
+        record = node.journal.instance(str(dcmread(path).SOPInstanceUID))
+        assert record is not None and stored_digest(Path(record.path)) == record.sha256
+
+
 def test_a_failed_settle_is_reported_until_a_retry_succeeds(tmp_path: Path, series: list[Path]) -> None:
     reachable = [False]
 
