@@ -103,17 +103,24 @@ class _Server:
         self.httpd.server_close()
 
 
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[tuple[Journal, list[Path]]]:
+def _queued(tmp_path: Path, destinations: tuple[str, ...], slices: int) -> tuple[Journal, list[Path]]:
+    """A journal holding one job whose ``slices`` output files are queued for each of ``destinations``."""
     journal = Journal(tmp_path / "journal.sqlite3", fsync=False)
     received = ReceivedInstance("1.9.1", "1.2.840.10008.5.1.4.1.1.4", "1.7", "1.7.1", "PAT", InstanceHeader(),
                                 SeriesAttributes(series_description="t1", modality="MR"))
     journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
     job = journal.add_job(series_uid="1.7.1", version=1, rule="r", action="synthesize", model="m")
-    files = make_mr_series(tmp_path / "out", shape=(3, 8, 8))
+    files = make_mr_series(tmp_path / "out", shape=(slices, 8, 8))
     uids = [str(dcmread(f).SOPInstanceUID) for f in files]
-    journal.record_outputs(job, [("1.8", "sT1")], [("VNA", str(f), "1.2.840.10008.5.1.4.1.1.4", uid)
+    journal.record_outputs(job, [("1.8", "sT1")], [(dest, str(f), "1.2.840.10008.5.1.4.1.1.4", uid)
+                                                   for dest in destinations
                                                    for f, uid in zip(files, uids, strict=True)])
+    return journal, files
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[tuple[Journal, list[Path]]]:
+    journal, files = _queued(tmp_path, ("VNA",), 3)
     yield journal, files
     journal.close()
 
@@ -196,15 +203,7 @@ def test_an_unexpected_error_fails_a_try_and_the_other_destinations_are_served(
     the exception). Now the items fail a try with the exception as the reason, and the next claim serves B."""
     import dicom_node.stow as stow
 
-    journal = Journal(tmp_path / "journal.sqlite3", fsync=False)
-    received = ReceivedInstance("1.9.1", "1.2.840.10008.5.1.4.1.1.4", "1.7", "1.7.1", "PAT", InstanceHeader(),
-                                SeriesAttributes(series_description="t1", modality="MR"))
-    journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
-    job = journal.add_job(series_uid="1.7.1", version=1, rule="r", action="synthesize", model="m")
-    files = make_mr_series(tmp_path / "out", shape=(2, 8, 8))
-    uids = [str(dcmread(f).SOPInstanceUID) for f in files]
-    journal.record_outputs(job, [("1.8", "sT1")], [(dest, str(f), "1.2.840.10008.5.1.4.1.1.4", uid)
-                                                   for dest in ("A", "B") for f, uid in zip(files, uids, strict=True)])
+    journal, _files = _queued(tmp_path, ("A", "B"), 2)
     broken, good = _Server(200, None), _Server(200, None)  # A: the library raises on its answer; B: stores all
     real = stow.store
 
