@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import requests
 from dicomweb_client import DICOMwebClient
@@ -136,6 +137,8 @@ def _error_response(exc: requests.HTTPError) -> Dataset | None:
 
 def _not_stored(answer: requests.Response) -> str | None:
     """Why a 2xx answer says nothing was stored, or None when it may be a Store Instances Response (or none)."""
+    if not 200 <= answer.status_code < 300:  # a 3xx that was not followed (no Location), say
+        return f"HTTP {answer.status_code}: not a success"
     method = answer.request.method if answer.request is not None else "POST"
     if method != "POST":  # a 301/302 makes requests repeat the POST as a GET: its answer is no store's
         return (f"the POST was redirected to {answer.url} and answered as a {method} (HTTP {answer.status_code}): "
@@ -146,10 +149,20 @@ def _not_stored(answer: requests.Response) -> str | None:
     return None
 
 
-def _settle(answer: requests.Response | None, read: Dataset | None, sent: list[str]) -> StowResult:
-    """The outcome of a 2xx answer (``read``: what dicomweb-client made of its body, None if it could not): all
-    stored when it has no body at all; per object when its body is a Store Instances Response; else none stored,
-    with the reason (the outbox tries them again)."""
+def _xml_dataset(answer: requests.Response) -> Dataset | None:
+    """The data set of a DICOM XML (Native DICOM Model) body; None when the body is not one."""
+    from dicomweb_client.web import _load_xml_dataset  # the library's own reader of that model
+
+    try:
+        return _load_xml_dataset(ElementTree.fromstring(answer.content))
+    except _UNREADABLE:
+        return None
+
+
+def _settle(answer: requests.Response | None, sent: list[str]) -> StowResult:
+    """The outcome of a 2xx answer, judged from the answer itself (dicomweb-client reads a body it does not know as
+    an empty data set): all stored when it has no body at all; per object when its body is a Store Instances
+    Response; else none stored, with the reason (the outbox tries them again)."""
     if answer is None:  # (the hook keeps every answer; without one nothing can be told)
         return StowResult(error="no HTTP answer to judge: nothing taken as stored")
     problem = _not_stored(answer)
@@ -157,8 +170,8 @@ def _settle(answer: requests.Response | None, read: Dataset | None, sent: list[s
         return StowResult(error=problem)
     if not answer.content:
         return read_response(None, sent)
-    # JSON read here, not by dicomweb-client, which knows only the bare media type (not "; charset=utf-8")
-    response = _json_dataset(answer) if _media_type(answer) in _JSON else read
+    # read here, not by dicomweb-client, which knows only the bare media types (not "; charset=utf-8")
+    response = _json_dataset(answer) if _media_type(answer) in _JSON else _xml_dataset(answer)
     if response is None:
         return StowResult(error=f"HTTP {answer.status_code}: unreadable Store Instances Response "
                                 f"({answer.headers.get('Content-Type')})")
@@ -183,9 +196,8 @@ def store(stow: StowClient, datasets: list[Dataset]) -> StowResult:
     """POST ``datasets`` (as read from their files, transfer syntax kept) in one STOW-RS request."""
     sent = [str(ds.SOPInstanceUID) for ds in datasets]
     stow.answer = None  # this request's answer only
-    read: Dataset | None = None
     try:
-        read = stow.web.store_instances(datasets)
+        stow.web.store_instances(datasets)  # what it makes of the answer is not used: _settle reads the answer
     except requests.HTTPError as exc:
         return _refused(exc, sent)
     except requests.JSONDecodeError:
@@ -195,7 +207,7 @@ def store(stow: StowClient, datasets: list[Dataset]) -> StowResult:
     except _UNREADABLE:  # dicomweb-client could not read a 2xx body (a JSON list, no Content-Type): judged below
         if stow.answer is None or not stow.answer.ok:
             raise  # not the reading of an answer: an unexpected fault, the dispatcher's to report
-    return _settle(stow.answer, read, sent)
+    return _settle(stow.answer, sent)
 
 
 def echo(dest: Destination, tls: TLSSettings, timeout_s: float) -> tuple[bool, str]:

@@ -195,6 +195,27 @@ def test_a_2xx_that_is_no_store_response_stores_nothing(tmp_path: Path, outbox: 
     assert all(i.next_attempt_at > time.time() for i in items)  # backoff, not due again at once
 
 
+def test_an_xml_store_response_with_a_charset_is_read(tmp_path: Path, outbox: tuple[Journal, list[Path]]) -> None:
+    """Found in review: dicomweb-client knows only the bare XML media type; with "; charset=utf-8" it made an empty
+    data set of the answer, so objects the PACS had stored were taken as not stored and sent again and again."""
+    journal, files = outbox
+    items = "".join(
+        f'<Item number="{n}"><DicomAttribute tag="00081150" vr="UI" keyword="ReferencedSOPClassUID">'
+        f'<Value number="1">1.2.840.10008.5.1.4.1.1.4</Value></DicomAttribute>'
+        f'<DicomAttribute tag="00081155" vr="UI" keyword="ReferencedSOPInstanceUID">'
+        f'<Value number="1">{dcmread(f).SOPInstanceUID}</Value></DicomAttribute></Item>'
+        for n, f in enumerate(files, start=1))
+    body = ('<?xml version="1.0" encoding="UTF-8"?><NativeDicomModel>'
+            f'<DicomAttribute tag="00081199" vr="SQ" keyword="ReferencedSOPSequence">{items}</DicomAttribute>'
+            '</NativeDicomModel>').encode()
+    server = _Server(200, body, content_type="application/dicom+xml; charset=utf-8")
+    try:
+        assert _dispatch(tmp_path, journal, server.url) == len(files)
+    finally:
+        server.stop()
+    assert {i.state for i in journal.outbox()} == {"sent"}
+
+
 def test_an_unexpected_error_fails_a_try_and_the_other_destinations_are_served(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sending to a destination raised what nobody expected (dicomweb-client's AttributeError on a JSON list, its
