@@ -26,6 +26,7 @@ import argparse
 import datetime
 import os
 import random
+import re
 import shlex
 import sys
 import tempfile
@@ -42,7 +43,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from dicom_node.journal import Journal
-from dicom_node.lock import LOCK_NAME
+from dicom_node.lock import INSTANCE_LOCKS_DIR, LOCK_NAME
 from dicom_node.scp import TRANSFER_SYNTAXES, content_digest, nodelay_on_open, stored_digest
 from tests.e2e.node_proc import REPO, NodeProcess
 
@@ -301,8 +302,8 @@ def _files(root: Path, skip: Iterable[Path]) -> set[Path]:
 
 
 def _data_dir_problems(data_dir: Path) -> list[str]:
-    """Anything in the data directory but the journal, the node's lock and audit trail, spool/<study>/<series>/<sop>.dcm
-    and outputs/."""
+    """Anything in the data directory but the journal, the node's lock and audit trail,
+    spool/<study>/<series>/<sop>.dcm, the instance locks and outputs/."""
     problems = []
     for path in _files(data_dir, []):
         relative = path.relative_to(data_dir.resolve())
@@ -311,6 +312,9 @@ def _data_dir_problems(data_dir: Path) -> list[str]:
             continue
         if top == "spool" and len(relative.parts) == 4 and relative.suffix in (".dcm", ".tmp"):
             continue
+        if top == INSTANCE_LOCKS_DIR and len(relative.parts) == 2 and re.fullmatch(r"uid-[0-9a-f]{2}\.lock",
+                                                                                  relative.name):
+            continue  # the per-UID lock files (dicom_node.lock.InstanceLocks), named by a hash, not by the sender
         problems.append(f"unexpected file in the data directory: {relative}")
     return problems
 
