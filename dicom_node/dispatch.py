@@ -618,7 +618,8 @@ class Dispatcher:
             why = _why_not(assoc, connected)
             log.warning("outbox: %s (%s@%s:%d): %s; %d item(s) will be retried",
                         name, dest.ae_title, dest.host, dest.port, why, len(items))
-            self._unreached[name] = why
+            if not connected or assoc.is_rejected:  # the destination, not these items' contexts (an abort)
+                self._unreached[name] = why
             self._fail(items, why)
             self._audit(dest, items, 0, why)
             return None

@@ -185,6 +185,36 @@ def test_an_unreachable_destination_is_tried_once_a_round_and_holds_no_other_up(
     assert {i.state for i in journal.outbox(pacs_job)} == {"sent"}
 
 
+def test_a_destination_that_refuses_one_claims_contexts_is_still_tried_for_the_next(
+        tmp_path: Path, journal: Journal, files: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An association aborted because the destination accepts none of a claim's presentation contexts (a PACS that
+    takes MR but not SEG) says nothing of the next claim's: only a failed connection or a rejection marks the
+    destination as unreached for the round."""
+    import dicom_node.dispatch as dispatch
+
+    server = DestinationSCP()
+    attempts: list[int] = []
+    real = dispatch._associate
+
+    def counting(ae: Any, dest: Destination, tls: Any) -> Any:
+        attempts.append(len(attempts))
+        assoc, connected = real(ae, dest, tls)
+        if len(attempts) == 1:  # the first claim's association: as if no context had been accepted
+            assoc.release()
+            assoc.is_established, assoc.is_aborted = False, True
+        return assoc, connected
+
+    monkeypatch.setattr(dispatch, "_associate", counting)
+    try:
+        config = make_config(tmp_path, [dest_for(server)], claim_batch=1)
+        job = queue_job(journal, files[:2], ["PACS"])
+        assert Dispatcher(config, journal).send_due() == 1
+    finally:
+        server.stop()
+    assert len(attempts) == 2
+    assert sorted(i.state for i in journal.outbox(job)) == ["pending", "sent"]
+
+
 def test_destination_down_backs_off_then_fails(tmp_path: Path, journal: Journal, files: list[Path]) -> None:
     down = closed_destination()
     config = make_config(tmp_path, [down])
