@@ -244,6 +244,18 @@ def _without_password(dsn: str) -> str:
     return re.sub(r"(?i)^(postgres(?:ql)?://[^:/@]*:)[^@]*@", r"\1***@", dsn)
 
 
+def unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The database errors that say the journal cannot be used now (locked past its busy timeout, a disk I/O
+    error, the server gone, the connection closed), as opposed to a fault of what was being written."""
+    errors: tuple[type[BaseException], ...] = (sqlite3.OperationalError, sqlite3.InterfaceError,
+                                               sqlite3.ProgrammingError)  # (closed: "Cannot operate on a closed")
+    try:
+        import psycopg
+    except ImportError:
+        return errors
+    return (*errors, psycopg.OperationalError, psycopg.InterfaceError)
+
+
 def connection_errors() -> tuple[type[BaseException], ...]:
     """The database errors of both backends (psycopg's when it is installed)."""
     try:

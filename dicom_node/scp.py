@@ -74,7 +74,7 @@ from .guard import GuardedRequestHandler, GuardedSocket, Limits, MiB, ReceiveBud
 from .headers import ReceivedInstance, SeriesAttributes, describe
 from .headers import text as _str
 from .journal import InstanceRecord, Journal
-from .journal_sql import connection_errors
+from .journal_sql import unavailable_errors
 from .lock import InstanceLocks
 from .receipts import (
     Receipt,
@@ -393,7 +393,7 @@ class StorageSCP:
         self.budget = ReceiveBudget(int(limits.receive_memory_mb * MiB))
         #: what the journal raises when it cannot record an object now: answered 0xA700 (out of resources, try
         #: again later), not 0xC000, which most senders take as final
-        self._journal_errors = connection_errors()
+        self._journal_errors = unavailable_errors()
         #: the disk watermark on ``[node] data_dir`` (its ``state()`` is what /health reads)
         self.disk = DiskGuard(config.node.data_dir, min_free_mb=limits.min_free_mb,
                               resume_free_mb=limits.resume_free_mb)
@@ -665,6 +665,9 @@ class StorageSCP:
         transfer_syntax = str(event.context.transfer_syntax)
         # the file is the file meta (as pynetdicom's Event.encoded_dataset makes it) and the data set as received
         sop_class = _str(event.request.AffectedSOPClassUID)
+        for name, uid in (("AffectedSOPInstanceUID", sop_uid), ("AffectedSOPClassUID", sop_class)):
+            if not is_valid_uid(uid):  # (the file meta would hold it, and its lock file is named by it)
+                raise BadInstance(STATUS_DATASET_MISMATCH, f"{name} {uid[:20]!r} is not a valid UID")
         parts = (file_meta(sop_class, sop_uid, transfer_syntax), view)
         with self._receipt(id(event.assoc)) as receipt:
             received, digest = self._receive_logged(event, view, parts, calling, sop_class, sop_uid, receipt)

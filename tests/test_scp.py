@@ -308,6 +308,20 @@ def test_journal_failure_is_not_acknowledged(node: Node, series: list[Path], mon
                for r in caplog.records)
 
 
+def test_a_journal_error_of_the_object_itself_is_not_out_of_resources(node: Node, series: list[Path],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the journal being unavailable is worth a retry (0xA700); an error about what was written (here an
+    integrity error) would come back at every re-send, and some senders hold their whole queue on a retry."""
+    def broken(*args: object, **kwargs: object) -> bool:
+        raise sqlite3.IntegrityError("NOT NULL constraint failed")
+
+    monkeypatch.setattr(node.journal, "add_instance", broken)
+    assoc = node.associate()
+    status = assoc.send_c_store(dcmread(series[0]))
+    assoc.release()
+    assert status.Status == STATUS_CANNOT_UNDERSTAND
+
+
 # -- admission ---------------------------------------------------------------------------------
 
 def test_unknown_calling_ae_is_rejected(node_factory: NodeFactory, caplog: pytest.LogCaptureFixture) -> None:

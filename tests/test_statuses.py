@@ -124,6 +124,10 @@ CASES: dict[str, tuple[Callable[[Dataset], None], Callable[[bytes], bytes] | Non
     "text-element-with-a-binary-vr": (lambda ds: None, _text_as_doubles, STATUS_CANNOT_UNDERSTAND, "cannot parse"),
     "invalid-frame-of-reference-uid": (lambda ds: setattr(ds, "FrameOfReferenceUID", "1.2.abc"), None,
                                        STATUS_DATASET_MISMATCH, "FrameOfReferenceUID"),
+    # found by the fuzzer: a request UID with a non-ASCII character was answered 0xC000 "unexpected error"
+    # (the file meta the node puts before the data set is ASCII)
+    "non-ascii-sop-instance-uid": (lambda ds: setattr(ds, "SOPInstanceUID", "é1.2"), None,
+                                   STATUS_DATASET_MISMATCH, "AffectedSOPInstanceUID"),
 }
 
 
