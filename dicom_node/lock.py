@@ -176,8 +176,7 @@ class InstanceLocks:
         self._stripes: dict[int, tuple[threading.Lock, int]] = {}
         self._lock = threading.Lock()
 
-    def _stripe(self, sop_uid: str) -> tuple[threading.Lock, int]:
-        stripe = zlib.crc32(sop_uid.encode()) % INSTANCE_LOCK_STRIPES
+    def _stripe(self, stripe: int) -> tuple[threading.Lock, int]:
         with self._lock:
             held = self._stripes.get(stripe)
             if held is None:
@@ -186,21 +185,32 @@ class InstanceLocks:
                 held = self._stripes[stripe] = (threading.Lock(), fd)
             return held
 
+    def _current(self, stripe: int, held: tuple[threading.Lock, int]) -> bool:
+        with self._lock:
+            return self._stripes.get(stripe) is held
+
     @contextmanager
     def held(self, sop_uid: str) -> Iterator[None]:
         """While inside, no other thread or process of this data directory is inside for ``sop_uid``'s stripe."""
-        lock, fd = self._stripe(sop_uid)
-        with lock:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        stripe = zlib.crc32(sop_uid.encode()) % INSTANCE_LOCK_STRIPES
+        while True:
+            held = self._stripe(stripe)
+            lock, fd = held
+            with lock:
+                if not self._current(stripe, held):  # closed while this thread waited: its descriptor is gone
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                return
 
     def close(self) -> None:
-        """Close the lock files opened so far (a later :meth:`held` opens its stripe again)."""
+        """Close the lock files opened so far, each once no thread holds it (a later :meth:`held` opens its stripe
+        again: an object still arriving on an association open at the stop)."""
         with self._lock:
             stripes, self._stripes = self._stripes, {}
         for lock, fd in stripes.values():
-            with lock:  # not under a holder
+            with lock:  # a thread that took it before the close and waits for it finds it no longer current
                 os.close(fd)

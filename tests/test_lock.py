@@ -155,3 +155,24 @@ def test_instance_locks_hold_across_processes_and_threads(tmp_path: Path) -> Non
     with one.held(first):  # opened again after a close
         pass
     one.close()
+
+
+def test_an_instance_lock_closed_while_a_thread_waits_for_it_is_opened_again(tmp_path: Path) -> None:
+    """Found in review: a C-STORE still arriving at the stop took a stripe's descriptor just before close() shut it,
+    then flocked the closed (or by then reused) descriptor."""
+    import zlib
+
+    from dicom_node.lock import INSTANCE_LOCK_STRIPES, InstanceLocks
+
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    locks = InstanceLocks(tmp_path)
+    stripe = zlib.crc32(uid.encode()) % INSTANCE_LOCK_STRIPES
+    stale = locks._stripe(stripe)  # taken by a thread ...
+    locks.close()  # ... just before the stop closed it
+    handed = iter([stale])
+    real = locks._stripe
+    locks._stripe = lambda s: next(handed, None) or real(s)  # type: ignore[method-assign]
+    with locks.held(uid):
+        assert locks._stripes[stripe] is not stale
+        os.fstat(locks._stripes[stripe][1])  # a live descriptor
+    locks.close()
