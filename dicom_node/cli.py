@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from . import __version__
 from .audit import AuditTrail
@@ -361,7 +361,8 @@ def cmd_route(args: argparse.Namespace) -> int:
             ds = dcmread(path, stop_before_pixels=True)
             uid = str(ds.SeriesInstanceUID)
             received = describe(ds)  # a header value it cannot read (InstanceNumber "1e999"): skipped
-        except (InvalidDicomError, AttributeError, OSError, ValueError, TypeError, OverflowError):
+        except (InvalidDicomError, AttributeError, OSError, ValueError, TypeError, OverflowError, RecursionError,
+                BytesLengthException):
             skipped += 1
             continue
         attrs_of.setdefault(uid, received.series)
