@@ -515,6 +515,8 @@ class Dispatcher:
             if not batch:
                 continue
             result = stow.store(web, datasets)
+            if not result.connected:
+                self._unreached[dest.name] = result.error or "no connection"
             if result.error is not None:
                 last_error = result.error
                 remaining = batch + items[start + dest.stow_batch:]

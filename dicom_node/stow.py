@@ -48,6 +48,9 @@ class StowResult:
     failed: dict[str, str] = field(default_factory=dict)
     #: The request as a whole failed (no connection, an HTTP error without a response body): none stored.
     error: str | None = None
+    #: False when no connection could be made (the destination, not the objects: the dispatcher does not try it
+    #: again in the same round)
+    connected: bool = True
 
 
 def _session(dest: Destination, tls: TLSSettings) -> requests.Session:
@@ -203,7 +206,7 @@ def store(stow: StowClient, datasets: list[Dataset]) -> StowResult:
     except requests.JSONDecodeError:
         pass  # dicomweb-client read as JSON a body that is not: judged from the answer below
     except requests.RequestException as exc:
-        return StowResult(error=f"no connection: {type(exc).__name__}")
+        return StowResult(error=f"no connection: {type(exc).__name__}", connected=False)
     except _UNREADABLE:  # dicomweb-client could not read a 2xx body (a JSON list, no Content-Type): judged below
         if stow.answer is None or not stow.answer.ok:
             raise  # not the reading of an answer: an unexpected fault, the dispatcher's to report

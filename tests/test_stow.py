@@ -15,7 +15,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.config import ConfigError, Destination, NodeConfig, NodeSettings, parse_config
+from dicom_node.config import ConfigError, Destination, DispatchSettings, NodeConfig, NodeSettings, parse_config
 from dicom_node.dispatch import Dispatcher
 from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 from dicom_node.journal import Journal
@@ -193,6 +193,34 @@ def test_a_2xx_that_is_no_store_response_stores_nothing(tmp_path: Path, outbox: 
     assert {(i.state, i.tries) for i in items} == {("pending", 1)}
     assert all(reason in i.last_error for i in items), {i.last_error for i in items}
     assert all(i.next_attempt_at > time.time() for i in items)  # backoff, not due again at once
+
+
+def test_a_dicomweb_destination_that_cannot_be_reached_is_tried_once_a_round(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for a DIMSE destination: with a backlog of claims, each would wait its own connection timeout."""
+    import dicom_node.stow as stow
+    from tests.e2e.peers import free_port
+
+    journal, _files = _queued(tmp_path, ("VNA",), 3)
+    requests_made: list[int] = []
+    real = stow.store
+
+    def counting(client: stow.StowClient, datasets: list[Dataset]) -> stow.StowResult:
+        requests_made.append(len(datasets))
+        return real(client, datasets)
+
+    monkeypatch.setattr(stow, "store", counting)
+    config = NodeConfig(node=NodeSettings(data_dir=tmp_path, fsync=False),
+                        destinations=[Destination(name="VNA", protocol="stow-rs",
+                                                  url=f"http://127.0.0.1:{free_port()}/dicom-web")],
+                        dispatch=DispatchSettings(claim_batch=1))
+    try:
+        assert Dispatcher(config, journal).send_due() == 0
+        items = journal.outbox()
+    finally:
+        journal.close()
+    assert requests_made == [1]
+    assert {(i.state, i.tries, i.last_error) for i in items} == {("pending", 1, "no connection: ConnectionError")}
 
 
 def test_an_xml_store_response_with_a_charset_is_read(tmp_path: Path, outbox: tuple[Journal, list[Path]]) -> None:
