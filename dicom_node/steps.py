@@ -52,6 +52,7 @@ from inference.volumetry import (
     Volumetry,
     compute_volumetry,
     expected_structures,
+    parse_age,
     with_qc_flag,
 )
 
@@ -255,6 +256,18 @@ def age_from_dates(ds: Dataset) -> float | None:
     return (seen - born).days / 365.25 if seen >= born else None
 
 
+def subject_age(ds: Dataset) -> float | None:
+    """The subject's age in years for the volumetry (its ICV range and normative band): PatientAge when it reads as
+    a DICOM age string ('053Y', '006M'), else from PatientBirthDate and the study date (:func:`age_from_dates`).
+    "000Y", which some scanners and anonymisers write for an unknown age, counts as unknown, as does a PatientAge
+    that does not parse ('45', '3 years'): judging an adult as a newborn fails every ICV check."""
+    given = str(ds.get("PatientAge") or "").strip().upper()
+    age = parse_age(given) if given else None
+    if age is not None and not (age == 0 and given.endswith("Y")):
+        return age
+    return age_from_dates(ds)
+
+
 def model_session(registry: ModelRegistry, model_id: str | None) -> LoadedModel:
     """The warm session of a model, or :class:`JobFailed` saying why there is none."""
     if not model_id:
@@ -328,7 +341,7 @@ def measure_step(ctx: JobContext, config: NodeConfig, registry: ModelRegistry, l
     assert manifest.output.segmentation is not None
     t0 = time.perf_counter()
     first = loaded.datasets[0]
-    volumetry = compute_volumetry(labels, images.t1, age=first.get("PatientAge") or age_from_dates(first),
+    volumetry = compute_volumetry(labels, images.t1, age=subject_age(first),
                                   sex=first.get("PatientSex"),
                                   expected_codes=expected_structures(manifest.output.segmentation.labels),
                                   icv_ml=icv_ml, outside_ml=outside_ml, norms=norms)

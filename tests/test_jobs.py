@@ -366,13 +366,20 @@ def test_a_normative_table_in_the_config_gives_z_scores(tmp_path: Path, models_d
     s.config = s.config.model_copy(update={"volumetry": VolumetrySettings(normative_table=table)})
     s.runner = JobRunner(s.config, s.journal, registry, on_written=s._on_written)
     try:
+        # an unknown age as some scanners write it ("000Y"): the age comes from the dates (subject_age), 50 years
         job_id = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING,
-                                          header={"PatientAge": "050Y"}))
+                                          header={"PatientAge": "000Y", "PatientBirthDate": "19750101",
+                                                  "StudyDate": "20250101"}))
         s.runner.run(job_id)
         assert s.journal.job(job_id).state == "written", s.journal.job(job_id).reason
         (sr,) = s.journal.output_files(job_id, "SR")
         data = Path(sr.path).read_bytes()
         assert b"121416" in data and b"121415" in data  # Z-score, percentile ranking (DCM)
+        ages = [float(content.MeasuredValueSequence[0].NumericValue)
+                for element in dcmread(sr.path).iterall() if element.keyword == "ContentSequence"
+                for content in element.value
+                if "ConceptNameCodeSequence" in content and content.ConceptNameCodeSequence[0].CodeValue == "121033"]
+        assert ages and ages[0] == pytest.approx(50.0, abs=0.01)
     finally:
         s.journal.close()
 
@@ -803,6 +810,21 @@ def test_age_from_birth_and_study_dates() -> None:
     assert _age_from_dates(ds) is None
     ds.PatientBirthDate = "20250101"  # born after the scan: no age
     assert _age_from_dates(ds) is None
+
+
+@pytest.mark.parametrize(("age", "expected"), [
+    ("053Y", 53.0), ("006M", 0.5), ("000Y", 43.5), ("45", 43.5), ("3 years", 43.5), ("", 43.5), ("000Y ", 43.5),
+])
+def test_the_subject_age_falls_back_to_the_dates_when_patient_age_says_nothing(age: str, expected: float) -> None:
+    """Found in review: "000Y" (an unknown age, as some scanners and anonymisers write it) judged an adult as a
+    newborn (ICV range 250-750 ml: QC FAILED for everyone), and a PatientAge that does not parse hid valid dates."""
+    from pydicom.dataset import Dataset
+
+    from dicom_node.steps import subject_age
+
+    ds = Dataset()
+    ds.PatientAge, ds.PatientBirthDate, ds.StudyDate = age, "19800615", "20231215"
+    assert subject_age(ds) == pytest.approx(expected, abs=0.01)
 
 
 def test_thread_executor_shutdown_says_whether_a_task_still_runs() -> None:
