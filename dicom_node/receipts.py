@@ -85,6 +85,16 @@ def mark_for_rewrite(segment_path: Path) -> Path:
     return target
 
 
+def try_mark_for_rewrite(segment_path: Path) -> Path:
+    """:func:`mark_for_rewrite`, or (logged) the path as it was when it cannot be renamed: it is then replayed as it
+    is, its files checked rather than written again."""
+    try:
+        return mark_for_rewrite(segment_path)
+    except OSError as exc:
+        log.error("receipt log: cannot mark %s for rewriting: %s", segment_path.name, exc)
+        return segment_path
+
+
 @dataclass(frozen=True)
 class Receipt:
     """One received object as the log holds it: its Part 10 bytes as filed, and what the SCP knew of it."""
@@ -381,11 +391,7 @@ class ReceiptLog:
             self._settle_failures += 1
         log.error("receipt log: %s; what was filed from %s is written again from it by the next replay",
                   failure, segment.path.name)
-        try:
-            renamed = mark_for_rewrite(segment.path)
-        except OSError as exc:  # replayed as it is (files checked, not rewritten); the next start tries again
-            log.error("receipt log: cannot mark %s for rewriting: %s", segment.path.name, exc)
-            renamed = segment.path
+        renamed = try_mark_for_rewrite(segment.path)
         if not segment.closed:
             segment.closed = True
             os.close(segment.fd)

@@ -83,8 +83,8 @@ from .receipts import (
     SyncFailed,
     index_records,
     load_record,
-    mark_for_rewrite,
     needs_rewrite,
+    try_mark_for_rewrite,
 )
 from .routing import ROUTABLE_SOP_CLASSES
 from .spool import Spool
@@ -762,7 +762,7 @@ class StorageSCP:
         except Exception as exc:  # noqa: BLE001 - kept for the next start or sweep
             if isinstance(exc, SyncFailed):  # a second fsync may lie: the next try writes the files again
                 for path, _fd in orphans:
-                    _try_mark_for_rewrite(path)
+                    try_mark_for_rewrite(path)
             names = ", ".join(path.name for path, _fd in orphans)
             log.exception("receipt log: replaying %s failed; kept and tried again", names)
             self.replay_error = "; ".join(filter(None, (f"replaying {names} failed: {type(exc).__name__}: {exc}",
@@ -877,13 +877,6 @@ class _Receipt:
     key: int
     segment: Segment | None = None  #: the segment holding the record, once it is durable there
     path: Path | None = None
-
-
-def _try_mark_for_rewrite(segment_path: Path) -> None:
-    try:
-        mark_for_rewrite(segment_path)
-    except OSError as exc:
-        log.error("receipt log: cannot mark %s for rewriting: %s", segment_path.name, exc)
 
 
 def _failure(status: int, comment: str) -> Dataset:
