@@ -3,6 +3,7 @@ concurrency (8 senders)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -45,13 +46,56 @@ class IngestResult:
     senders: int = 1
     targets: tuple[str, ...] = TARGETS
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    #: CPU seconds (user and system, every thread) the receiving processes used while the senders ran, per run
+    cpu: dict[str, list[float]] = field(default_factory=dict)
+    #: CPU seconds the whole machine was busy meanwhile (senders, receivers and the kernel's own threads), per run
+    machine: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for target in self.targets:
             self.seconds.setdefault(target, [])
+            self.cpu.setdefault(target, [])
+            self.machine.setdefault(target, [])
 
     def rates(self, target: str) -> list[float]:
         return [self.images / s for s in self.seconds[target]]
+
+    def cpu_ms(self, target: str) -> list[float]:
+        """Receiving processes' CPU milliseconds per image, per run."""
+        return [1000 * c / self.images for c in self.cpu[target]]
+
+    def machine_ms(self, target: str) -> list[float]:
+        """The machine's busy CPU milliseconds per image, per run."""
+        return [1000 * c / self.images for c in self.machine[target]]
+
+
+@dataclass(frozen=True)
+class Measured:
+    seconds: float  # wall time of the senders
+    cpu: float  # CPU seconds of the receiving processes meanwhile
+    machine: float  # busy CPU seconds of the whole machine meanwhile
+
+
+def process_cpu(pids: Sequence[int]) -> float:
+    """CPU seconds (user and system, all threads) the processes ``pids`` have used so far (Linux /proc)."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> float:
+    """CPU seconds all CPUs of the machine have been busy (neither idle nor waiting for I/O) since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured(sender: Sender, port: int | Sequence[int], ae_title: str, pids: Sequence[int]) -> Measured:
+    """Send, and what it cost the receiving processes ``pids`` and the machine."""
+    cpu, machine = process_cpu(pids), machine_cpu()
+    seconds = sender(port, ae_title)
+    return Measured(seconds, process_cpu(pids) - cpu, machine_cpu() - machine)
 
 
 class SyncOrthanc(Orthanc):
@@ -102,20 +146,20 @@ def _sender_per_image(folder: Path) -> Sender:
 
 
 def _node_run(sender: Sender, work: Path, empty_models: Path, images: int, *, fsync: bool = True,
-              receipt_log: bool = True) -> float:
+              receipt_log: bool = True) -> Measured:
     with BenchNode(work / "node", models_dir=empty_models, node={"fsync": fsync, "receipt_log": receipt_log}) as node:
-        seconds = sender(node.port, node.ae_title)
+        measured = _measured(sender, node.port, node.ae_title, [node.pid])
         journal = node.journal()
         try:
             n = journal.counts()["instances"]["total"]
         finally:
             journal.close()
         _check(n == images, f"node journal holds {n} instances, {images} were sent")
-    return seconds
+    return measured
 
 
 def _receivers_run(sender: Sender, work: Path, empty_models: Path, images: int, n: int = 2, *,
-                   port_each: bool = False) -> float:
+                   port_each: bool = False) -> Measured:
     """``n`` receiver processes of one data directory: sharing one port, or (``port_each``) each on its own, the
     i-th sender sending to the i-th."""
     ports = [free_port() for _ in range(n)] if port_each else [free_port()] * n
@@ -124,7 +168,7 @@ def _receivers_run(sender: Sender, work: Path, empty_models: Path, images: int, 
     try:
         for node in nodes:
             node.start()
-        seconds = sender(ports if port_each else ports[0], nodes[0].ae_title)
+        measured = _measured(sender, ports if port_each else ports[0], nodes[0].ae_title, [n.pid for n in nodes])
         journal = nodes[0].journal()
         try:
             stored = journal.counts()["instances"]["total"]
@@ -134,17 +178,17 @@ def _receivers_run(sender: Sender, work: Path, empty_models: Path, images: int, 
     finally:
         for node in nodes:
             node.stop()
-    return seconds
+    return measured
 
 
-def _storescp_run(sender: Sender, work: Path, images: int) -> float:
+def _storescp_run(sender: Sender, work: Path, images: int) -> Measured:
     with StoreSCP(work / "storescp") as scp:
-        seconds = sender(scp.port, scp.aet)
+        measured = _measured(sender, scp.port, scp.aet, [scp.pid])
         _check(len(scp.wait_for_files(images, timeout=30)) == images, "storescp file count")
-    return seconds
+    return measured
 
 
-def _bare_run(sender: Sender, n: int = 1) -> float:
+def _bare_run(sender: Sender, n: int = 1) -> Measured:
     """One bare pynetdicom SCP; or ``n``, each on its own port, the i-th sender sending to the i-th."""
     ports = [free_port() for _ in range(n)]
     processes = [subprocess.Popen([sys.executable, "-m", "bench.bare_scp", str(port), "BARE_SCP"], cwd=REPO,
@@ -155,7 +199,7 @@ def _bare_run(sender: Sender, n: int = 1) -> float:
             while echoscu(port, called_ae="BARE_SCP", timeout=5).returncode != 0:
                 _check(process.poll() is None and time.monotonic() < deadline, "bare pynetdicom SCP did not start")
                 time.sleep(0.1)
-        return sender(ports[0] if n == 1 else ports, "BARE_SCP")
+        return _measured(sender, ports[0] if n == 1 else ports, "BARE_SCP", [p.pid for p in processes])
     finally:
         for process in processes:
             process.terminate()
@@ -163,18 +207,18 @@ def _bare_run(sender: Sender, n: int = 1) -> float:
             process.wait(timeout=10)
 
 
-def _orthanc_run(sender: Sender, work: Path, images: int, *, sync: bool) -> float:
+def _orthanc_run(sender: Sender, work: Path, images: int, *, sync: bool) -> Measured:
     with (SyncOrthanc if sync else Orthanc)(workdir=work / "orthanc") as orthanc:
-        seconds = sender(orthanc.dicom_port, orthanc.aet)
+        measured = _measured(sender, orthanc.dicom_port, orthanc.aet, [orthanc.pid])
         # its statistics may lag its last Success by a moment (a run of 800 once read 799): asked again for 10 s
         deadline = time.monotonic() + 10
         while (n := int(orthanc.get("/statistics")["CountInstances"])) != images and time.monotonic() < deadline:
             time.sleep(0.2)
         _check(n == images, f"Orthanc holds {n} instances, {images} were sent")
-    return seconds
+    return measured
 
 
-def _run(target: str, sender: Sender, work: Path, empty_models: Path, images: int, senders: int = 1) -> float:
+def _run(target: str, sender: Sender, work: Path, empty_models: Path, images: int, senders: int = 1) -> Measured:
     if target in ("node", "node-no-fsync", "node-synced-in-place"):
         return _node_run(sender, work, empty_models, images, fsync=target != "node-no-fsync",
                          receipt_log=target != "node-synced-in-place")
@@ -213,10 +257,13 @@ def ingest(folders: list[Path], images_each: int, runs: int, log=print,  # noqa:
         for r in range(runs):
             for target in out.targets:
                 work = tmp_path / f"run-{r}-{target}"
-                seconds = _run(target, sender, work, empty_models, out.images, out.senders)
-                out.seconds[target].append(seconds)
-                log(f"P1 ({what}) run {r + 1}/{runs} {target}: {seconds:.2f} s, "
-                    f"{out.images / seconds:.0f} images/s")
+                measured = _run(target, sender, work, empty_models, out.images, out.senders)
+                out.seconds[target].append(measured.seconds)
+                out.cpu[target].append(measured.cpu)
+                out.machine[target].append(measured.machine)
+                log(f"P1 ({what}) run {r + 1}/{runs} {target}: {measured.seconds:.2f} s, "
+                    f"{out.images / measured.seconds:.0f} images/s, CPU ms/image: receiver "
+                    f"{1000 * measured.cpu / out.images:.2f}, machine {1000 * measured.machine / out.images:.2f}")
                 shutil.rmtree(work, ignore_errors=True)
     return out
 

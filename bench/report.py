@@ -124,8 +124,9 @@ def render(*, machine: dict[str, str], load: list[str], command: str, quick: boo
 
 def _ingest_table(result: IngestResult) -> list[str]:
     rates = {t: result.rates(t) for t in result.targets}
-    out = ["| receiver | seconds | images/s |", "|---|---|---|"]
-    out += [f"| {t} | {spread(result.seconds[t], '{:.2f}')} | {spread(rates[t], '{:.0f}')} |"
+    out = ["| receiver | seconds | images/s | receiver CPU ms/image | machine CPU ms/image |", "|---|---|---|---|---|"]
+    out += [f"| {t} | {spread(result.seconds[t], '{:.2f}')} | {spread(rates[t], '{:.0f}')} | "
+            f"{spread(result.cpu_ms(t), '{:.2f}')} | {spread(result.machine_ms(t), '{:.2f}')} |"
             for t in result.targets]
     node = rates["node"]
     lines = []
@@ -144,6 +145,10 @@ def _ingest_table(result: IngestResult) -> list[str]:
             rate = statistics.median(rates[target])
             lines.append(f"{what} / Orthanc: {rate / statistics.median(rates['orthanc']):.2f}, "
                          f"/ Orthanc with SyncStorageArea: {rate / statistics.median(rates['orthanc-sync']):.2f}")
+    cpu = {t: statistics.median(result.cpu_ms(t)) for t in result.targets}
+    lines.append("receiver CPU per image: node / Orthanc as it ships "
+                 f"{cpu['node'] / cpu['orthanc-sync']:.2f}, pynetdicom storing nothing / Orthanc as it ships "
+                 f"{cpu['pynetdicom-bare'] / cpu['orthanc-sync']:.2f}")
     return out + [""] + [f"- {line}" for line in lines] + [""]
 
 
@@ -161,7 +166,11 @@ def _ingest_section(single: IngestResult, concurrent: IngestResult | None,
            "(`fsync = false`, not for production) separates the cost of durability, `node-synced-in-place` "
            "(`receipt_log = false`) syncs the spool file, its directory and the journal row one after the other "
            "before each response, and `pynetdicom-bare` (bench/bare_scp.py: a stock pynetdicom 3 SCP that answers "
-           "Success and keeps nothing) is the ceiling of the DICOM library the node is built on.", ""]
+           "Success and keeps nothing) is the ceiling of the DICOM library the node is built on. CPU per image: "
+           "`receiver` is the user and system CPU of the receiving processes (every thread) while the senders "
+           "ran, `machine` every CPU of the machine busy meanwhile (senders, receivers and the kernel's own "
+           "threads, such as the file system journal's that complete an fsync). With more senders than cores "
+           "the CPU is what bounds images/s.", ""]
     out += [f"### One sender, {single.images} images", ""] + _ingest_table(single)
     goal_rates = [("one sender", single)]
     if concurrent is not None:

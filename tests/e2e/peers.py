@@ -368,6 +368,11 @@ class Orthanc:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
+
     def __enter__(self) -> Orthanc:
         return self.start()
 
@@ -552,6 +557,11 @@ class StoreSCP:
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
 
     def __enter__(self) -> StoreSCP:
         return self.start()
