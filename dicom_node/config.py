@@ -52,7 +52,9 @@ class NodeSettings(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=1, le=65535)
     data_dir: Path = Path("/var/lib/dicom-node")
-    #: Root for every UID the node creates (end it with a digit; a '.' is added). None: pydicom's root.
+    #: Root for every UID the node creates (end it with a digit; a '.' is added). None: pydicom's root. An arc
+    #: of the organisation's root kept for this node alone: every series under it is taken for the node's own
+    #: output and never processed (the loop guard), so a root other systems also use would hide their series.
     uid_root: str | None = None
     #: Refuse associations whose called AE title is not ``ae_title``.
     require_called_ae: bool = True
@@ -101,6 +103,10 @@ class NodeSettings(_Strict):
         root = value.rstrip(".")
         if not re.fullmatch(r"[12](\.(0|[1-9][0-9]*))+", root) or len(root) > 40:
             raise ValueError(f"{value!r} is not a valid UID root (dotted digits, at most 40 characters)")
+        if root.count(".") < 3:  # "2.25" (every UUID-derived UID), "1.2.840" (every ANSI member's)
+            raise ValueError(f"{value!r} is too short a UID root: the node takes every series under it for its own "
+                             "output and never processes it; use an arc of your organisation's root kept for this "
+                             "node alone (at least 4 components)")
         return root + "."
 
 
@@ -348,12 +354,21 @@ class Rule(_Strict):
     mr_acquisition_type: Literal["2D", "3D"] | None = None
     slice_thickness_min: float | None = None
     slice_thickness_max: float | None = None
+    #: Case-insensitive regular expression that must not be found in SeriesDescription (kinds and copies the
+    #: rule's model is not for: a scanner's unfiltered "_ND" copy, STIR among coronal T2s).
+    series_description_excludes: str | None = None
+    #: Case-insensitive regular expressions searched in BodyPartExamined, ProtocolName and StudyDescription
+    #: (an absent attribute is the empty string: ``^$|head`` also takes a series that does not say).
+    body_part_examined: str | None = None
+    protocol_name: str | None = None
+    study_description: str | None = None
     #: Case-insensitive regular expression searched in Manufacturer.
     manufacturer: str | None = None
     #: Calling AE titles this rule applies to (empty: any).
     calling_ae: list[str] = Field(default_factory=list)
 
-    @field_validator("series_description", "manufacturer")
+    @field_validator("series_description", "series_description_excludes", "body_part_examined", "protocol_name",
+                     "study_description", "manufacturer")
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
         if value is not None:
@@ -363,12 +378,20 @@ class Rule(_Strict):
                 raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
         return value
 
+    @field_validator("calling_ae")
+    @classmethod
+    def _calling_ae(cls, values: list[str]) -> list[str]:
+        return [_check_ae(value) for value in values]  # compared with the stripped calling AE title
+
     @model_validator(mode="after")
     def _consistent(self) -> Rule:
         if self.action == "volumetry" and not self.volumetry:
             raise ValueError("a rule with action 'volumetry' needs volumetry = true (it produces nothing else)")
         if self.action == "synthesize" and not self.model:
             raise ValueError("a rule with action 'synthesize' needs a model")
+        if any(value.strip().upper() == "DERIVED" for value in self.image_type):
+            raise ValueError("image_type DERIVED never matches: derived series (reformats, maps, the node's own "
+                             "outputs) are not processed whatever the rules say")
         if (
             self.slice_thickness_min is not None
             and self.slice_thickness_max is not None
@@ -578,8 +601,14 @@ class DispatchSettings(_Strict):
     claim_batch: int = Field(default=1000, ge=1)
 
 
-#: FLAIR, but not GE's "T1 FLAIR" (a T1-weighted 2D sequence).
-FLAIR_DESCRIPTION = r"^(?!.*t1).*flair"
+#: FLAIR (Siemens: "dark-fluid", "da-fl"), but not GE's "T1 FLAIR" (a T1-weighted 2D sequence).
+FLAIR_DESCRIPTION = r"^(?!.*t1).*(flair|dark[-_ ]?fluid|da[-_]fl)"
+#: BodyPartExamined of a head, in the terms scanners write (DICOM's HEAD and BRAIN, some sites' own words), or
+#: none at all (many scanners leave it empty): the default rules leave a spine, a knee or a prostate alone.
+HEAD_BODY_PARTS = r"^$|head|brain|skull|neuro|cran|cereb|kopf|sch(a|ae|\u00e4)del|t(e|\u00ea)te|cerveau|cabeza"
+#: What no default rule takes: a scanner's second, unfiltered copy of a series (Siemens appends "_ND" to the
+#: description of the copy it stores without distortion correction beside the corrected one).
+UNFILTERED_COPY = r"_nd$"
 
 
 #: the model for every input kind; the default rules use it where no per-kind model fits (docs/training.md)
@@ -595,22 +624,29 @@ def default_rules() -> list[Rule]:
     model on its kind); 3D FLAIR goes to the general model. The real 3D T1 is measured by the segmenter
     (the general model only when ``[inference] segmenter`` is empty).
     """
+    head = {"body_part_examined": HEAD_BODY_PARTS, "image_type": ["ORIGINAL"]}
     return [
         Rule(name="aahead-scout", series_description=r"^aa_?head_?scout", model="synth-t1-aahead-scout",
-             output_name="sT1AAH", mr_acquisition_type="3D", image_type=["ORIGINAL"]),
+             output_name="sT1AAH", mr_acquisition_type="3D", series_description_excludes=UNFILTERED_COPY, **head),
         Rule(name="flair-3d", series_description=FLAIR_DESCRIPTION, output_name="sT13DFLAIR",
              model=GENERAL_MODEL,  # the FLAIR model learnt 2D slices of 3-7 mm, not 1 mm 3D
-             mr_acquisition_type="3D", image_type=["ORIGINAL"]),
+             mr_acquisition_type="3D", series_description_excludes=UNFILTERED_COPY, **head),
         Rule(name="flair-2d", series_description=FLAIR_DESCRIPTION, model="synth-t1-flair", output_name="sT12DFLAIR",
-             mr_acquisition_type="2D", image_type=["ORIGINAL"]),
+             mr_acquisition_type="2D", series_description_excludes=UNFILTERED_COPY, **head),
+        # a 2D turbo spin echo T2; not STIR (tirm, stir), T2* (fl2d, hemo, swi, "*") or a 3D slab (ciss, space)
         Rule(name="coronal-t2", series_description=r"(t2.*(cor|kor))|((cor|kor).*t2)", model="synth-t1-cor-t2",
-             output_name="sT1CorT2", image_type=["ORIGINAL"]),
+             output_name="sT1CorT2", mr_acquisition_type="2D",
+             series_description_excludes=UNFILTERED_COPY + r"|tirm|stir|fl2d|hemo|swi|\*|ciss|spc|space|cube",
+             **head),
+        # MP2RAGE: its inversion images (INV1, INV2) are not T1-weighted images; its UNI image is DERIVED
         Rule(name="real-3d-t1", action="volumetry", output_name="rT1",
-             series_description=r"mprage|mp-rage|mp2rage|t1.*(3d|tfl|spgr|bravo|vibe)|(3d|tfl|spgr|bravo).*t1",
+             series_description=r"mprage|mp-rage|mp2rage|bravo|fspgr|t1.*(3d|tfl|spgr|vibe)|(3d|tfl|spgr).*t1",
+             series_description_excludes=UNFILTERED_COPY + r"|inv[12]",
              model=GENERAL_MODEL,  # measures the real T1 only when [inference] segmenter is empty
-             mr_acquisition_type="3D", image_type=["ORIGINAL"], slice_thickness_max=1.5),
+             mr_acquisition_type="3D", slice_thickness_max=1.5, **head),
         Rule(name="t1-2d", series_description=r"t1", model="synth-t1-t1-2d", output_name="sT12DT1",
-             mr_acquisition_type="2D", image_type=["ORIGINAL"], slice_thickness_min=2.0, slice_thickness_max=8.0),
+             mr_acquisition_type="2D", slice_thickness_min=2.0, slice_thickness_max=8.0,
+             series_description_excludes=UNFILTERED_COPY, **head),
     ]
 
 

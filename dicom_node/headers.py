@@ -120,6 +120,7 @@ _KEYWORDS = {
     "software_versions": "SoftwareVersions", "protocol_name": "ProtocolName", "series_number": "SeriesNumber",
     "sop_class_uid": "SOPClassUID", "patient_position": "PatientPosition", "sop_instance_uid": "SOPInstanceUID",
     "accession_number": "AccessionNumber", "study_date": "StudyDate", "study_description": "StudyDescription",
+    "body_part_examined": "BodyPartExamined",
 }
 
 
@@ -162,6 +163,7 @@ class SeriesAttributes:
     accession_number: str = ""
     study_date: str = ""                                        # DA, YYYYMMDD as received
     study_description: str = ""
+    body_part_examined: str = ""                                # '' also in series journaled before it was kept
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> SeriesAttributes:
@@ -176,6 +178,7 @@ class SeriesAttributes:
             patient_position=text(ds.get("PatientPosition")), sop_instance_uid=text(ds.get("SOPInstanceUID")),
             accession_number=text(ds.get("AccessionNumber")), study_date=text(ds.get("StudyDate")),
             study_description=text(ds.get("StudyDescription")),
+            body_part_examined=text(ds.get("BodyPartExamined")),
         )
 
     def to_json(self) -> dict[str, Any]:

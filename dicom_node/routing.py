@@ -55,6 +55,14 @@ def _match_rule(rule: Rule, attrs: SeriesAttributes, calling_ae: str) -> str | N
     description = attrs.series_description
     if not re.search(rule.series_description, description, flags=re.IGNORECASE):
         return f"SeriesDescription {description!r} does not match /{rule.series_description}/i"
+    excludes = rule.series_description_excludes
+    if excludes and re.search(excludes, description, flags=re.IGNORECASE):
+        return f"SeriesDescription {description!r} matches the excluded /{excludes}/i"
+    for pattern, keyword, value in ((rule.body_part_examined, "BodyPartExamined", attrs.body_part_examined),
+                                    (rule.protocol_name, "ProtocolName", attrs.protocol_name),
+                                    (rule.study_description, "StudyDescription", attrs.study_description)):
+        if pattern is not None and not re.search(pattern, value, flags=re.IGNORECASE):
+            return f"{keyword} {value!r} does not match /{pattern}/i"
     modality = attrs.modality
     if rule.modality and modality.upper() != rule.modality.upper():
         return f"Modality {modality!r} is not {rule.modality!r}"

@@ -209,7 +209,14 @@ backoff_initial_s = 1.5
 
 
 def test_uid_root_gets_a_trailing_dot() -> None:
-    assert parse_config('[node]\nuid_root = "1.2.3"').node.uid_root == "1.2.3."
+    assert parse_config('[node]\nuid_root = "1.2.3.4"').node.uid_root == "1.2.3.4."
+
+
+@pytest.mark.parametrize("root", ["2.25", "1.2.840", "1.2.3"])
+def test_a_uid_root_others_share_is_refused(root: str) -> None:
+    # every series under it would be taken for the node's own output (2.25: every UUID-derived UID)
+    message = _error(f'[node]\nuid_root = "{root}"')
+    assert "node.uid_root" in message and "too short a UID root" in message
 
 
 @pytest.mark.parametrize("root", ["1.2.abc", "3.1.2", "1.02.3", "1." + "2" * 40, ""])
@@ -326,3 +333,18 @@ def test_config_is_frozen() -> None:
     config = NodeConfig()
     with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.node.port = 1  # type: ignore[misc]
+
+
+def test_a_rule_on_derived_images_is_refused() -> None:
+    # the loop guard drops every DERIVED series before the rules: such a rule would never match
+    with pytest.raises(ConfigError, match="image_type DERIVED never matches"):
+        parse_config('[[rules]]\nname = "x"\nseries_description = "t1"\nmodel = "m"\noutput_name = "X"\n'
+                     'image_type = ["derived"]')
+
+
+def test_a_rules_calling_ae_titles_are_checked_and_stripped() -> None:
+    rule = 'name = "x"\nseries_description = "t1"\nmodel = "m"\noutput_name = "X"\n'
+    config = parse_config(f'[[rules]]\n{rule}calling_ae = [" MR1 "]')
+    assert config.rules[0].calling_ae == ["MR1"]  # compared with the stripped calling AE title
+    with pytest.raises(ConfigError, match="AE title"):
+        parse_config(f'[[rules]]\n{rule}calling_ae = ["{"X" * 17}"]')

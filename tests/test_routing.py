@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydicom import Dataset
 
 from dicom_node import MANUFACTURER, MODEL_NAME
 from dicom_node.config import NodeConfig, Rule, default_rules, parse_config
@@ -64,6 +65,17 @@ def decide(a: SeriesAttributes, config: NodeConfig | None = None, **kwargs: Any)
         (attrs("t2_spc_da-fl_sag_p2_iso FLAIR", MRAcquisitionType="3D", SliceThickness=1.0), "flair-3d", "sT13DFLAIR"),
         # GE's "T1 FLAIR" is a T1-weighted 2D sequence, not a FLAIR
         (attrs("Ax T1 FLAIR", SliceThickness=5.0), "t1-2d", "sT12DT1"),
+        # Siemens names its FLAIRs "dark-fluid" (2D TIRM) and "da-fl" (3D SPACE), without "flair"
+        (attrs("t2_tirm_tra_dark-fluid", SliceThickness=5.0), "flair-2d", "sT12DFLAIR"),
+        (attrs("t2_tirm_cor_dark-fluid", SliceThickness=4.0), "flair-2d", "sT12DFLAIR"),
+        (attrs("t2_spc_da-fl_sag_p2_iso", MRAcquisitionType="3D", SliceThickness=1.0), "flair-3d", "sT13DFLAIR"),
+        # GE's 3D T1s need not say "T1"
+        (attrs("Sag FSPGR BRAVO", MRAcquisitionType="3D", SliceThickness=1.0), "real-3d-t1", "rT1"),
+        (attrs("AX 3D BRAVO", MRAcquisitionType="3D", SliceThickness=1.2), "real-3d-t1", "rT1"),
+        # a head, however the scanner says so (or does not)
+        (attrs("t1_fl2d_sag", BodyPartExamined="HEAD"), "t1-2d", "sT12DT1"),
+        (attrs("t1_fl2d_sag", BodyPartExamined="Schädel"), "t1-2d", "sT12DT1"),
+        (attrs("t1_fl2d_sag", BodyPartExamined=""), "t1-2d", "sT12DT1"),
     ],
 )
 def test_default_rules(a: dict[str, Any], rule: str, output: str) -> None:
@@ -87,6 +99,36 @@ def test_thick_3d_t1_is_not_real_3d() -> None:
     assert not decision.processed
     assert "rule 'real-3d-t1': no (SliceThickness 3.0 > 1.5)" in decision.trace
     assert "rule 't1-2d': no (MRAcquisitionType '3D' is not '2D')" in decision.trace
+
+
+@pytest.mark.parametrize(
+    ("a", "why"),
+    [
+        # other body parts: the brain models and the volumetry are for heads
+        (attrs("t1_tse_sag_320", BodyPartExamined="LSPINE"), "BodyPartExamined 'LSPINE' does not match"),
+        (attrs("t2_tse_cor", SliceThickness=3.0, BodyPartExamined="PROSTATE"),
+         "BodyPartExamined 'PROSTATE' does not match"),
+        (attrs("t1_fl3d_tra_dynaVIEWS", MRAcquisitionType="3D", SliceThickness=1.0, BodyPartExamined="BREAST"),
+         "BodyPartExamined 'BREAST' does not match"),
+        # an MP2RAGE's inversion images are not T1-weighted images
+        (attrs("t1_mp2rage_sag_p3_iso_INV1", MRAcquisitionType="3D", SliceThickness=1.0,
+               ImageType=["ORIGINAL", "PRIMARY", "M", "ND"]), "matches the excluded"),
+        (attrs("t1_mp2rage_sag_p3_iso_INV2", MRAcquisitionType="3D", SliceThickness=1.0,
+               ImageType=["ORIGINAL", "PRIMARY", "M", "ND"]), "matches the excluded"),
+        # the scanner's unfiltered copy beside the distortion-corrected series
+        (attrs("t2_tse_cor_ND", SliceThickness=3.0, ImageType=["ORIGINAL", "PRIMARY", "M", "ND", "NORM"]),
+         "matches the excluded"),
+        (attrs("t1_mprage_sag_p2_iso_ND", MRAcquisitionType="3D", SliceThickness=1.0), "matches the excluded"),
+        # coronal T2s the coronal-T2 model was not made for: STIR, T2*, a 3D slab
+        (attrs("t2_tirm_cor", SliceThickness=4.0), "matches the excluded"),
+        (attrs("t2_fl2d_cor_hemo", SliceThickness=4.0), "matches the excluded"),
+        (attrs("t2_spc_cor_p2_iso", MRAcquisitionType="3D", SliceThickness=1.0), "matches the excluded"),
+    ],
+)
+def test_default_rules_leave_alone(a: SeriesAttributes, why: str) -> None:
+    decision = decide(a)
+    assert not decision.processed, decision.reason
+    assert any(why in line for line in decision.trace), decision.trace
 
 
 def test_2d_scout_is_not_the_3d_scout_rule() -> None:
@@ -242,6 +284,32 @@ def test_calling_ae_matcher() -> None:
     assert decide(attrs("t1"), config, calling_ae="MR1").processed
     decision = decide(attrs("t1"), config, calling_ae="MR2")
     assert decision.trace == ["rule 'custom': no (calling AE 'MR2' not in ['MR1'])"]
+
+
+def test_description_excludes_and_other_tag_matchers() -> None:
+    config = _config(series_description_excludes="_nd$", body_part_examined="^$|head",
+                     protocol_name="^t1", study_description="brain|head")
+    ok = {"ProtocolName": "t1_fl2d_sag", "StudyDescription": "MRT Head"}
+    assert decide(attrs("t1", **ok), config).processed
+    assert decide(attrs("t1", BodyPartExamined="HEAD", **ok), config).processed
+    assert decide(attrs("t1_ND", **ok), config).trace == [
+        "rule 'custom': no (SeriesDescription 't1_ND' matches the excluded /_nd$/i)"]
+    assert decide(attrs("t1", BodyPartExamined="KNEE", **ok), config).trace == [
+        "rule 'custom': no (BodyPartExamined 'KNEE' does not match /^$|head/i)"]
+    assert "ProtocolName 'localizer' does not match" in decide(
+        attrs("t1", **{**ok, "ProtocolName": "localizer"}), config).trace[0]
+    assert "StudyDescription 'MRT Knie' does not match" in decide(
+        attrs("t1", **{**ok, "StudyDescription": "MRT Knie"}), config).trace[0]
+
+
+def test_body_part_is_read_from_the_header_and_kept_in_the_journal() -> None:
+    ds = Dataset()
+    ds.BodyPartExamined = "LSPINE"
+    attributes = SeriesAttributes.from_dataset(ds)
+    assert attributes.body_part_examined == "LSPINE"
+    assert SeriesAttributes.from_json(attributes.to_json()).body_part_examined == "LSPINE"
+    # a series journaled before the attribute was kept: no body part, as a scanner that leaves it empty
+    assert SeriesAttributes.from_json({"SeriesDescription": "t1"}).body_part_examined == ""
 
 
 def test_image_type_matchers_are_case_insensitive() -> None:
