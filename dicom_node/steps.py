@@ -51,8 +51,8 @@ from inference.volumetry import (
     Norm,
     Volumetry,
     compute_volumetry,
-    expected_structures,
     parse_age,
+    required_structures,
     with_qc_flag,
 )
 
@@ -343,7 +343,7 @@ def measure_step(ctx: JobContext, config: NodeConfig, registry: ModelRegistry, l
     first = loaded.datasets[0]
     volumetry = compute_volumetry(labels, images.t1, age=subject_age(first),
                                   sex=first.get("PatientSex"),
-                                  expected_codes=expected_structures(manifest.output.segmentation.labels),
+                                  expected_codes=required_structures(manifest.output.segmentation),
                                   icv_ml=icv_ml, outside_ml=outside_ml, norms=norms)
     timings["volumetry"] = time.perf_counter() - t0
     if not volumetry.qc_passed:

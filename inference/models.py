@@ -122,6 +122,9 @@ class SegmentationOutputSpec(_Strict):
     # evaluation (inference.training.evaluate_real_t1, docs/real-t1-evaluation.json) shows that they agree better
     # with the segmenter on the real T1 than the segmenter on the sT1 does (tests/test_shipped_models.py holds it)
     measures_synthetic: bool = False
+    # classes of ``labels`` the model was measured never to produce (held-out Dice 0 on every map and input kind,
+    # metrics.json; tests/test_shipped_models.py holds it): quality control does not require them
+    unlabelled: list[int] = Field(default_factory=list)
 
     @field_validator("labels")
     @classmethod
@@ -131,6 +134,18 @@ class SegmentationOutputSpec(_Strict):
         if len(set(value)) != len(value):
             raise ValueError(f"label codes must be unique, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _unlabelled_are_labels(self) -> SegmentationOutputSpec:
+        stray = sorted(set(self.unlabelled) - set(self.labels))
+        if stray:
+            raise ValueError(f"unlabelled codes {stray} are not among the labels")
+        return self
+
+    @property
+    def produced_labels(self) -> list[int]:
+        """The label codes the model produces (``labels`` but ``unlabelled``)."""
+        return [code for code in self.labels if code not in self.unlabelled]
 
 
 class OutputSpec(_Strict):

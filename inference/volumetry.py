@@ -23,10 +23,13 @@ import math
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    from inference.models import SegmentationOutputSpec
 
 from inference.labels import CORTEX, LR_SWAP, STRUCTURES, Structure, by_code, code_counts, label_codes, region_codes
 
@@ -42,6 +45,7 @@ __all__ = [
     "OUTSIDE_BRAIN_MAX_ML",
     "QCLimits",
     "expected_structures",
+    "required_structures",
     "icv_limits",
     "QC_FAILED_SUFFIX",
     "StructureVolume",
@@ -103,6 +107,12 @@ def expected_structures(segmenter_codes: Collection[int]) -> set[int]:
     structure it can label, except those a healthy head may lack (OPTIONAL_STRUCTURES)."""
     return ({int(c) for c in region_codes(np.asarray(list(segmenter_codes))).tolist()} & set(STRUCTURES)) \
         - OPTIONAL_STRUCTURES
+
+
+def required_structures(segmentation: SegmentationOutputSpec) -> set[int]:
+    """:func:`expected_structures` of a model's segmentation output: of the classes it produces, not those its
+    manifest says it was measured never to label (``unlabelled``)."""
+    return expected_structures(segmentation.produced_labels)
 
 
 def icv_limits(age_years: float | None) -> QCLimits:

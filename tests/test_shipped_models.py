@@ -205,3 +205,40 @@ def test_own_labels_measure_an_sT1_only_where_the_real_t1_evaluation_says_so() -
         for key, entry in rows.items():
             own, segmented = entry[f"{model_id} (own head)"]["dice_mean"], entry[model_id]["dice_mean"]
             assert own > segmented, f"{model_id}, {key}: own head {own:.3f} <= segmenter on the sT1 {segmented:.3f}"
+
+
+@pytest.mark.parametrize("model_id", SYNTHESIS)
+def test_unlabelled_classes_are_the_ones_never_produced(model_id: str) -> None:
+    """A class QC excuses (``unlabelled``) is one the model was measured never to produce (Dice 0 on every held-out
+    map and input kind), and every such class is excused: QC required the accumbens, which no shipped synthesis
+    model labels, and so failed every sT1 measured by its model's own labels."""
+    seg = load_manifest(MODELS_DIR / model_id / MANIFEST_FILE).output.segmentation
+    assert seg is not None
+    best: dict[int, float] = {}
+    for kinds in _metrics(model_id)["results"]["held_out"].values():
+        for result in kinds.values():
+            for code, dice in result["dice"].items():
+                best[int(code)] = max(best.get(int(code), 0.0), dice or 0.0)
+    never = sorted(code for code, dice in best.items() if dice == 0.0)
+    assert sorted(seg.unlabelled) == never
+
+
+def test_an_sT1_measured_by_its_own_labels_has_every_structure_qc_requires(registry: ModelRegistry) -> None:
+    """The real 4 mm 2D T1 (HFS) through the 2D T1 model, measured by its own labels as the node measures it
+    (``measures_synthetic``): QC's structures_present passes."""
+    from inference.volume import load_series
+    from inference.volumetry import compute_volumetry, required_structures
+    from tests.conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "dicom" / "human_siemens_prisma_t1_2d_4mm" / "HFS" / "00003_t1_fl2d_sag"
+    if not folder.is_dir():
+        pytest.skip(f"real 2D T1 not found at {folder} (../shared/data)")
+    model = registry.session("synth-t1-t1-2d")
+    seg = model.manifest.output.segmentation
+    assert seg is not None and seg.measures_synthetic
+    result = run_model(model, load_series(sorted(p for p in folder.iterdir() if p.is_file())).image)
+    assert result.labels is not None and result.t1 is not None
+    volumetry = compute_volumetry(result.labels, result.t1, age=None, sex=None,
+                                  expected_codes=required_structures(seg))
+    present = next(check for check in volumetry.qc if check.name == "structures_present")
+    assert present.passed, present.reason

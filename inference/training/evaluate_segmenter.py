@@ -40,7 +40,7 @@ from inference.training.export import dump_toml
 from inference.training.generator import SEG_LABELS, label_map_paths, load_label_map, load_priors, target_t1
 from inference.training.train import DEFAULT_SHARED_DATA
 from inference.volume import load_series, mirror_left_right
-from inference.volumetry import compute_volumetry, expected_structures
+from inference.volumetry import compute_volumetry, required_structures
 
 MPRAGE_DIR = ("dicom", "human_siemens_skyra_mprage")
 
@@ -106,7 +106,7 @@ def evaluate_mprage(model: LoadedModel, shared_data: Path) -> dict[str, Any]:
     assert model.manifest.output.segmentation is not None
     volumetry = compute_volumetry(result.labels, series.image, age=first.get("PatientAge"),
                                   sex=first.get("PatientSex"), icv_ml=result.icv_ml, outside_ml=result.outside_ml,
-                                  expected_codes=expected_structures(model.manifest.output.segmentation.labels))
+                                  expected_codes=required_structures(model.manifest.output.segmentation))
     mirror = mirror_differences(model, series.image)
     volumes = {str(c): v.volume_ml for c, v in volumetry.structures.items()}
     volumes.update({"3": volumetry.cortex_ml["L"], "42": volumetry.cortex_ml["R"]})  # the whole cortex: its lobes
