@@ -545,13 +545,17 @@ def agreement_step(ctx: FollowUpContext, journal: Journal, config: NodeConfig,
     if later is not None:
         return f"compared with job {other.job.id} by that job's follow-up ({later})"
     real, synthetic = (other, mine) if job.action == "synthesize" else (mine, other)
+    manifest = model_session(registry, synthetic.job.model).manifest
+    seg_spec = manifest.output.segmentation
+    # the sT1 measured by its model's own labels (synthesize_step): what that model never labels is left out
+    own = seg_spec is not None and (seg_spec.measures_synthetic or not config.inference.segmenter)
     agreement = compare(*(sitk.ReadImage(str(p)) for p in (real.t1_volume, real.label_volume,
-                                                           synthetic.t1_volume, synthetic.label_volume)))
+                                                           synthetic.t1_volume, synthetic.label_volume)),
+                        synthetic_unlabelled=seg_spec.unlabelled if own and seg_spec is not None else ())
     output_name = synthetic_output_name(config, synthetic.job)
     log.info("job %d: agreement of %s with the real T1: PSNR %.1f dB, SSIM %.3f, mean Dice %.3f, "
              "mean ASPC %.1f %%", job.id, output_name, agreement.psnr, agreement.ssim,
              agreement.mean_dice, agreement.mean_aspc)
-    manifest = model_session(registry, synthetic.job.model).manifest
     written = write_agreement_sr(
         agreement, real_t1_images=[dcmread(p, stop_before_pixels=True) for p in real.t1_images],
         synthetic_t1_images=[dcmread(p, stop_before_pixels=True) for p in synthetic.t1_images],

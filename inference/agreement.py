@@ -20,7 +20,11 @@ Method (the metrics of the AutoAlign-localizer evaluation):
   real image within the mask);
 * per measured structure (``inference.labels.STRUCTURES``, present in either label map): Dice of the real
   labels against the resampled synthetic labels, and ASPC of the volumes, each volume measured on its own
-  native grid (as the volumetry reports them).
+  native grid (as the volumetry reports them). Both maps are first put in one label set: when one holds the
+  cortex by lobe and the corpus callosum (the segmenter's) and the other the whole cortex of each side (a
+  synthesis model's own labels), both are compared as whole cortex, without the callosum
+  (``inference.labels.aseg_view``); structures the caller says the synthetic labels never hold (a model's
+  ``unlabelled`` classes) are left out.
 
 The transform maps points of the real T1 onto the synthetic T1 (LPS, mm): x' = R (x - c) + c + t, with
 R = Rz Rx Ry (ITK's Euler3D order; ``rotation_deg`` = the angles about x, y, z) and ``translation_mm`` = t.
@@ -29,12 +33,13 @@ R = Rz Rx Ry (ITK's Euler3D order; ``rotation_deg`` = the angles about x, y, z) 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
 
-from inference.labels import STRUCTURES
+from inference.labels import CORTEX, STRUCTURES, aseg_view
 from inference.metrics import aspc, dice, psnr, ssim, volumes_ml
 from inference.volume import resample_isotropic
 from inference.volumetry import ICV_CODE_LIMIT
@@ -232,14 +237,39 @@ def _check_inputs(real_t1: sitk.Image, real_labels: sitk.Image, synth_t1: sitk.I
             raise ValueError(f"the {name} labels are not on the {name} T1's grid")
 
 
-def _structure_agreement(real_labels: sitk.Image, labels_on_real: sitk.Image,
-                         synth_labels: sitk.Image) -> dict[int, StructureAgreement]:
-    """Dice (on the real grid, after registration) and volume ASPC of every structure either side has."""
+def _by_lobe(labels: sitk.Image) -> bool:
+    """Whether a label map holds the cortex by lobe (or the corpus callosum): a segmenter's label set."""
+    lobes = [code for _aseg, *by_lobe in CORTEX.values() for code in by_lobe] + [192]
+    return bool(np.isin(sitk.GetArrayViewFromImage(labels), lobes).any())
+
+
+def _whole_cortex(labels: sitk.Image) -> sitk.Image:
+    """``labels`` in the whole-cortex label set (:func:`inference.labels.aseg_view`), on the same grid."""
+    out = sitk.GetImageFromArray(aseg_view(sitk.GetArrayViewFromImage(labels)).astype(np.uint16))
+    out.CopyInformation(labels)
+    return out
+
+
+def common_label_set(real_labels: sitk.Image, synth_labels: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """The two label maps in one label set: as they are when both hold the cortex the same way, else both as
+    whole cortex without the corpus callosum (a lobe would otherwise be compared with nothing: Dice 0, and
+    the mean Dice and ASPC of the agreement skewed)."""
+    if _by_lobe(real_labels) == _by_lobe(synth_labels):
+        return real_labels, synth_labels
+    return _whole_cortex(real_labels), _whole_cortex(synth_labels)
+
+
+def _structure_agreement(real_labels: sitk.Image, labels_on_real: sitk.Image, synth_labels: sitk.Image,
+                         ignore: Collection[int] = ()) -> dict[int, StructureAgreement]:
+    """Dice (on the real grid, after registration) and volume ASPC of every structure either side has (but
+    those in ``ignore``)."""
     real_codes = sitk.GetArrayViewFromImage(real_labels)
     synth_codes = sitk.GetArrayViewFromImage(labels_on_real)
     real_ml, synth_ml = volumes_ml(real_labels), volumes_ml(synth_labels)
     structures = {}
     for code in STRUCTURES:
+        if code in ignore:
+            continue
         a, b = real_ml.get(code, 0.0), synth_ml.get(code, 0.0)
         if a == 0.0 and b == 0.0:
             continue
@@ -250,16 +280,18 @@ def _structure_agreement(real_labels: sitk.Image, labels_on_real: sitk.Image,
 
 
 def compare(real_t1: sitk.Image, real_labels: sitk.Image, synth_t1: sitk.Image,
-            synth_labels: sitk.Image) -> Agreement:
+            synth_labels: sitk.Image, *, synthetic_unlabelled: Collection[int] = ()) -> Agreement:
     """Register the synthetic T1 to the real T1 and measure their agreement (see the module docstring).
 
     ``real_labels`` must be on the real T1's grid and ``synth_labels`` on the synthetic T1's (FreeSurfer
-    codes). ValueError for non-3D inputs, label maps off their image's grid or an empty real brain mask.
+    codes). ``synthetic_unlabelled``: structures the synthetic labels never hold (left out of the per-structure
+    agreement). ValueError for non-3D inputs, label maps off their image's grid or an empty real brain mask.
     """
     _check_inputs(real_t1, real_labels, synth_t1, synth_labels)
     brain = _brain_mask(real_labels)
     if not sitk.GetArrayViewFromImage(brain).any():
         raise ValueError("the real labels hold no brain (no code in 1..99)")
+    real_labels, synth_labels = common_label_set(real_labels, synth_labels)  # (the mask keeps the callosum)
 
     registration = register_rigid(real_t1, synth_t1, brain)
     transform = registration.transform
@@ -280,7 +312,7 @@ def compare(real_t1: sitk.Image, real_labels: sitk.Image, synth_t1: sitk.Image,
     synth = _normalised(sitk.GetArrayViewFromImage(synth_on_real)[box].astype(np.float64), covered[box],
                         "synthetic T1")
 
-    structures = _structure_agreement(real_labels, labels_on_real, synth_labels)
+    structures = _structure_agreement(real_labels, labels_on_real, synth_labels, synthetic_unlabelled)
     return Agreement(
         translation_mm=registration.translation_mm, rotation_deg=registration.rotation_deg,
         center_mm=registration.center_mm, psnr=psnr(real, synth, covered[box]),

@@ -30,6 +30,7 @@ __all__ = [
     "ASEG_LEFT",
     "ASEG_RIGHT",
     "CORTEX",
+    "aseg_view",
     "HIPPOCAMPUS",
     "LOBES",
     "BODY_SUBSTANCE",
@@ -149,6 +150,16 @@ CORTEX: dict[str, tuple[int, ...]] = {
     side: (aseg, *(_LOBE_BASE[side] + offset for offset, _, _ in LOBES.values()))
     for side, aseg in (("L", 3), ("R", 42))
 }
+
+
+def aseg_view(codes: np.ndarray) -> np.ndarray:
+    """Measured codes as a whole-cortex (aseg) label set: each side's lobes to its cortex (3, 42), the corpus
+    callosum (192) to 0 (left out: an aseg set holds it in the white matter)."""
+    out = np.asarray(codes).astype(np.int64)
+    for aseg, *lobes in CORTEX.values():
+        out[np.isin(out, lobes)] = aseg
+    out[out == 192] = 0
+    return out
 
 
 def region_codes(codes_in: np.ndarray) -> np.ndarray:

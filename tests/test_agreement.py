@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from inference.agreement import Agreement, compare
-from inference.labels import STRUCTURES
+from inference.labels import CORTEX, STRUCTURES, aseg_view
 from tests.volumetry_factory import make_phantom
 
 # Not cubic, so that the head outline constrains every rotation; 3 mm voxels keep the test fast.
@@ -136,3 +136,26 @@ def test_rejects_labels_off_grid_and_empty_brain(phantom) -> None:
     empty.CopyInformation(labels)
     with pytest.raises(ValueError, match="no brain"):
         compare(t1, empty, t1, labels)
+
+
+def test_a_segmenter_label_set_against_a_synthesis_models_own(phantom) -> None:
+    """The real T1 measured by the segmenter (cortex by lobe, corpus callosum), the sT1 by its synthesis model's own
+    labels (whole cortex 3/42, the callosum in the white matter, no accumbens): the same head must agree
+    perfectly where both can label, not score each lobe, the callosum and the whole cortex Dice 0."""
+    labels, t1 = phantom
+    real = sitk.GetArrayFromImage(labels)
+    assert (real == 192).any() and (real == 26).any() and np.isin(real, [1201, 2201]).any()
+    own = aseg_view(real)
+    own[own == 0] = np.where(real[own == 0] == 192, 2, 0)  # the callosum in the white matter (left or not: 2)
+    own[np.isin(own, [26, 58])] = 0  # never labelled by the model
+    synthetic = sitk.GetImageFromArray(own.astype(np.uint16))
+    synthetic.CopyInformation(labels)
+
+    result = compare(t1, labels, t1, synthetic, synthetic_unlabelled=[26, 58])
+    assert 3 in result.dice and 42 in result.dice and result.dice[3] == 1.0 and result.dice[42] == 1.0
+    lobes = [code for _aseg, *by_lobe in CORTEX.values() for code in by_lobe]
+    assert not set(result.dice) & {*lobes, 192, 26, 58}
+    assert all(value == 1.0 for code, value in result.dice.items() if code not in (2, 41)), result.dice
+    assert result.mean_dice > 0.99
+    # as before: the same label set on both sides is compared as it is
+    assert set(compare(t1, labels, t1, labels).dice) == set(STRUCTURES)

@@ -39,11 +39,11 @@ import torch
 
 from dicom_node.config import DEFAULT_SEGMENTER, GENERAL_MODEL, default_rules
 from inference import metrics
+from inference.labels import aseg_view
 from inference.models import LoadedModel, ModelRegistry
 from inference.pipeline import run_model
 from inference.segmentation import segment
 from inference.training.evaluate import HIPPOCAMPUS, SUMMARY_STRUCTURES, _num
-from inference.training.evaluate_segmenter import aseg_view
 from inference.training.export import REPO_ROOT
 from inference.training.generator import (
     INPUT_KINDS,

@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from inference.labels import CORTEX, LR_SWAP, STRUCTURES, by_code
+from inference.labels import LR_SWAP, STRUCTURES, aseg_view, by_code
 from inference.models import LoadedModel, ModelRegistry
 from inference.segmentation import segment
 from inference.training.evaluate import (
@@ -43,15 +43,6 @@ from inference.volume import load_series, mirror_left_right
 from inference.volumetry import compute_volumetry, required_structures
 
 MPRAGE_DIR = ("dicom", "human_siemens_skyra_mprage")
-
-
-def aseg_view(codes: np.ndarray) -> np.ndarray:
-    """Segmenter codes as SynthSeg's aseg codes: lobes to cortex 3/42; the corpus callosum to 0 (ignored)."""
-    out = codes.astype(np.int64).copy()
-    for side, aseg in (("L", 3), ("R", 42)):
-        out[np.isin(out, CORTEX[side])] = aseg
-    out[out == 192] = 0
-    return out
 
 
 def mirror_differences(model: LoadedModel, image: sitk.Image) -> dict[str, float]:
