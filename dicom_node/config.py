@@ -409,8 +409,9 @@ class InferenceSettings(_Strict):
     """``[inference]``: where models live and how onnxruntime runs them."""
 
     models_dir: Path = BUNDLED_MODELS_DIR
-    #: The segmentation model that measures every real 3D T1 and every synthetic sT1 (one segmenter for
-    #: both, so that their volumes compare). Empty: each rule's model segments with its own output.
+    #: The segmentation model that measures every real 3D T1, and the synthetic sT1 of a model whose manifest
+    #: does not set ``measures_synthetic`` (every bundled synthesis model sets it: its own labels measure its
+    #: sT1). Empty: each rule's model segments with its own output.
     segmenter: str | None = DEFAULT_SEGMENTER
     #: Synthesize each sT1 also from the input mirrored left-right and average the two (the mirrored one
     #: mirrored back), so that a mirrored head gives the mirrored sT1: no side bias from the synthesis
