@@ -17,11 +17,15 @@ for tool in "${PEERS[@]}"; do
 done
 pip_missing=0
 "$PYTHON" -m pip --version >/dev/null 2>&1 || pip_missing=1
+# tests/test_packaging.py makes virtual environments with pip (Debian: python3-venv provides ensurepip)
+venv_missing=0
+"$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1 || venv_missing=1
 
-if (( ${#missing[@]} > 0 || pip_missing )); then
+if (( ${#missing[@]} > 0 || pip_missing || venv_missing )); then
     packages=(dcmtk orthanc orthanc-dicomweb dicom3tools openssl chromium postgresql redis-server)
     (( pip_missing )) && packages+=(python3-pip)
-    echo "installing ${packages[*]} (missing: ${missing[*]:-} $( (( pip_missing )) && echo "pip" ))"
+    (( venv_missing )) && packages+=(python3-venv)
+    echo "installing ${packages[*]} (missing: ${missing[*]:-} $( (( pip_missing )) && echo "pip" ) $( (( venv_missing )) && echo "venv" ))"
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
 else

@@ -100,7 +100,10 @@ class Worker:
     def start(self) -> None:
         install(self.notifier.start())
         self.models = prepare_models(self.config, self.registry, warm=True)
-        self.device = detect_device(self.config.inference.providers, onnx_providers())
+        # what the warm sessions run on (onnxruntime-gpu offers CUDA on a host without a usable GPU, and its
+        # sessions then run on the CPU); what onnxruntime offers when no model is loaded
+        self.device = detect_device(self.config.inference.providers,
+                                    self.registry.providers_in_use() or onnx_providers())
         self.metrics.describe(self.device, sorted(self.models))
         if self.metrics_port:
             self._start_metrics()

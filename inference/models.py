@@ -295,6 +295,11 @@ class ModelRegistry:
             self._sessions[model_id] = loaded
             return loaded
 
+    def providers_in_use(self) -> set[str]:
+        """The execution providers the sessions loaded so far run on (their first choice, as onnxruntime made them)."""
+        with self._lock:
+            return {loaded.provider for loaded in self._sessions.values()}
+
     def warm_up(self, model_ids: Iterable[str] | None = None) -> list[str]:
         """Create the sessions now (all available models by default); returns the ids loaded."""
         ids = list(model_ids) if model_ids is not None else list(self.available())
@@ -336,6 +341,11 @@ class ModelRegistry:
                                  f"graph output has {channels} channels")
         provider = session.get_providers()[0]
         if provider != requested[0]:
+            # onnxruntime-gpu offers CUDA whether or not this host has a GPU (and its libraries), and falls back
+            # to the CPU when the session is made: "cuda" means a GPU or nothing, "auto" takes what it gets
+            if self.providers == "cuda":
+                raise ModelError(f"model {manifest.id}: providers='cuda' but the session runs on {provider} (no "
+                                 "usable GPU, or CUDA/cuDNN libraries missing)")
             log.warning("model %s: requested %s, session runs on %s", manifest.id, requested[0], provider)
         log.info("model %s %s loaded from %s on %s", manifest.id, manifest.version, path, provider)
         return LoadedModel(manifest=manifest, session=session, path=path, provider=provider,

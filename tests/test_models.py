@@ -104,6 +104,20 @@ def test_providers() -> None:
             ModelRegistry(Path("."), providers="cuda").execution_providers()
 
 
+def test_cuda_means_a_gpu_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    """onnxruntime-gpu offers CUDA on a host without a GPU and makes a CPU session: ``providers = "cuda"`` must not
+    start on the CPU (nor a worker advertise itself to the GPU queue), ``auto`` takes the CPU with a warning."""
+    make_synthesis_model(tmp_path)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ModelError, match="providers='cuda' but the session runs on CPUExecutionProvider"):
+        ModelRegistry(tmp_path, providers="cuda").session("test-synth")
+    with caplog.at_level(logging.WARNING, logger="inference.models"):
+        loaded = ModelRegistry(tmp_path, providers="auto").session("test-synth")
+    assert loaded.provider == "CPUExecutionProvider"
+    assert "requested CUDAExecutionProvider, session runs on CPUExecutionProvider" in caplog.text
+
+
 def test_warm_up_loads_all(tmp_path: Path) -> None:
     make_synthesis_model(tmp_path, model_id="a")
     make_synthesis_model(tmp_path, model_id="b", task="segmentation")

@@ -120,3 +120,19 @@ def test_a_worker_says_ready_feeds_the_watchdog_while_healthy_and_says_stopping(
         while (message := sock.recv(4096)) != b"STOPPING=1":
             messages.append(message)
         assert messages.count(b"WATCHDOG=1") <= 1  # one in flight as the journal closed, then none
+
+
+def test_a_worker_advertises_the_device_its_models_run_on(config: NodeConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu offers CUDA on a host without a usable GPU, and its sessions run on the CPU: the worker must
+    not take jobs from the GPU queue (it would run them on the CPU)."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    worker = Worker(config)
+    worker.start()
+    try:
+        assert worker.registry.providers_in_use() == {"CPUExecutionProvider"}
+        assert worker.device == "cpu"
+    finally:
+        assert worker.stop()
