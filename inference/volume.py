@@ -231,6 +231,11 @@ def _missing_problems(frames: Sequence[FrameGeometry]) -> list[str]:
         if wrong:
             problems.append(f"{name} is not {size} finite numbers in {len(wrong)} of {len(frames)} frames "
                             f"(first: frame {wrong[0]})")
+    if not problems:
+        wrong = [k + 1 for k, f in enumerate(frames) if min(f.pixel_spacing) <= 0]
+        if wrong:
+            problems.append(f"PixelSpacing is not positive in {len(wrong)} of {len(frames)} frames "
+                            f"(first: frame {wrong[0]}: {list(frames[wrong[0] - 1].pixel_spacing)})")
     return problems
 
 
@@ -264,12 +269,21 @@ def _stack_spacing(distances: np.ndarray, positions: np.ndarray, in_plane_axes: 
     distinct_steps = steps[steps >= POSITION_TOLERANCE_MM]
     spacing = float(np.median(distinct_steps)) if distinct_steps.size else 1.0
     tolerance = max(POSITION_TOLERANCE_MM, SPACING_TOLERANCE_FRACTION * spacing)
-    irregular = [k for k in range(len(steps)) if k not in set(duplicates) and abs(steps[k] - spacing) > tolerance]
+    skip = set(duplicates.tolist())
+    irregular = [k for k in range(len(steps)) if k not in skip and abs(steps[k] - spacing) > tolerance]
     for k in irregular[:5]:
         kind = "gap" if steps[k] > spacing else "uneven spacing"
         problems.append(f"{kind} between slice {k + 1} and {k + 2} ({steps[k]:.3g} mm, expected {spacing:.3g} mm)")
     if len(irregular) > 5:
         problems.append(f"{len(irregular)} irregular slice steps in total")
+    if not skip and not irregular:
+        # each step within the tolerance, and yet the steps may add up: the volume puts slice k at
+        # first + k * spacing (a stack of 5.0 mm steps, then 5.4 mm ones, put its last slice 3 mm off)
+        drift = distances - (distances[0] + spacing * np.arange(len(distances)))
+        worst = int(np.argmax(np.abs(drift)))
+        if abs(drift[worst]) > tolerance:
+            problems.append(f"slice positions drift from an even spacing of {spacing:.3g} mm: slice {worst + 1} "
+                            f"is {drift[worst]:+.3g} mm off (the spacing changes within the stack)")
     shift = float(np.abs((positions - positions[0]) @ in_plane_axes).max())
     if shift > max(POSITION_TOLERANCE_MM, 0.1 * min(pixel_spacing)):
         problems.append(f"slices are not stacked along the slice normal (in-plane shift up to {shift:.3g} mm)")

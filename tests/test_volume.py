@@ -160,6 +160,30 @@ def test_inconsistent_series_raise(tmp_path: Path, kwargs: dict[str, int], messa
         load_series(paths)
 
 
+def test_a_spacing_that_changes_within_the_stack_is_a_problem(tmp_path: Path) -> None:
+    """Every step within 10 % of the median, but the steps add up: 6 steps of 3.0 mm then 5 of 3.25 mm would put the
+    last slice 1.25 mm from where it was acquired (two slice groups with different distance factors)."""
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in write_series(tmp_path)]
+    ranked = sorted(headers, key=lambda ds: float(np.array(ds.ImagePositionPatient, float) @ NORMAL))
+    for k, ds in enumerate(ranked):
+        offset = 0.25 * max(0, k - 6)
+        ds.ImagePositionPatient = [float(v) for v in np.array(ds.ImagePositionPatient, float) + offset * NORMAL]
+    problems = series_geometry(headers).problems
+    assert len(problems) == 1 and "drift from an even spacing of 3 mm: slice 12 is" in problems[0], problems
+    # the same stack evenly spaced is whole
+    assert series_geometry([pydicom.dcmread(p, stop_before_pixels=True) for p in write_series(tmp_path / "even")]
+                           ).problems == []
+
+
+@pytest.mark.parametrize("spacing", [[0.0, 0.0], [-0.9, -0.9], [0.9, 0.0]])
+def test_a_pixel_spacing_that_is_not_positive_is_a_problem(tmp_path: Path, spacing: list[float]) -> None:
+    paths = write_series(tmp_path)
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+    headers[3].PixelSpacing = spacing
+    problems = series_geometry(headers).problems
+    assert problems and problems[0].startswith("PixelSpacing is not positive in 1 of 12 frames (first: frame")
+
+
 def test_in_plane_shift_and_bare_multiframe_are_problems(tmp_path: Path) -> None:
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in write_series(tmp_path)]
     shifted = headers[4]
