@@ -606,6 +606,9 @@ class StorageSCP:
             log.error("C-STORE of %s from %s failed, the journal cannot record it: %s: %s", sop_uid, calling,
                       type(exc).__name__, exc)
             return _failure(STATUS_OUT_OF_RESOURCES, f"cannot store: the journal is unavailable ({exc})")
+        except MemoryError:  # this machine, not the object: the sender tries again (0xC000 is final for most)
+            log.error("C-STORE of %s from %s failed: out of memory", sop_uid, calling)
+            return _failure(STATUS_OUT_OF_RESOURCES, "cannot store: out of memory")
         except Exception as exc:  # noqa: BLE001 - answer the peer, never crash the association
             log.exception("C-STORE of %s from %s failed unexpectedly", sop_uid, calling)
             return _failure(STATUS_CANNOT_UNDERSTAND, f"unexpected error: {exc}")

@@ -308,6 +308,23 @@ def test_journal_failure_is_not_acknowledged(node: Node, series: list[Path], mon
                for r in caplog.records)
 
 
+def test_out_of_memory_is_out_of_resources(node: Node, series: list[Path], monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The machine, not the object: the sender is told to try again (0xA700), not that the object cannot be
+    understood (0xC000, final for most senders); nothing is kept."""
+    def exhausted(*args: object, **kwargs: object) -> bool:
+        raise MemoryError
+
+    monkeypatch.setattr(node.journal, "add_instance", exhausted)
+    caplog.set_level(logging.ERROR, logger="dicom_node.scp")
+    assoc = node.associate()
+    status = assoc.send_c_store(dcmread(series[0]))
+    assoc.release()
+    assert status.Status == STATUS_OUT_OF_RESOURCES
+    assert str(status.ErrorComment) == "cannot store: out of memory"
+    assert any("failed: out of memory" in r.getMessage() for r in caplog.records)
+
+
 def test_a_journal_error_of_the_object_itself_is_not_out_of_resources(node: Node, series: list[Path],
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Only the journal being unavailable is worth a retry (0xA700); an error about what was written (here an
