@@ -14,8 +14,10 @@ gives a structure a z-score and percentile from the first matching row (``infere
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
+from inference.labels import STRUCTURES
 from inference.volumetry import Norm
 
 COLUMNS = ("code", "age_min", "age_max", "sex", "mean_ml", "sd_ml")
@@ -38,8 +40,12 @@ def _row(path: Path, line: int, row: dict[str, str]) -> Norm:
             raise ValueError(f"sex {sex!r} is not M, F, O or empty")
         norm = Norm(code=int(row["code"]), age_min=float(row["age_min"]), age_max=float(row["age_max"]),
                     sex=sex, mean_ml=float(row["mean_ml"]), sd_ml=float(row["sd_ml"]))  # type: ignore[arg-type]
-        if norm.sd_ml <= 0 or norm.age_min >= norm.age_max:
-            raise ValueError("sd_ml must be above 0 and age_min below age_max")
+        if not all(math.isfinite(v) for v in (norm.mean_ml, norm.sd_ml, norm.age_min)) or math.isnan(norm.age_max):
+            raise ValueError("mean_ml, sd_ml and age_min must be numbers (not nan or inf), age_max not nan")
+        if norm.sd_ml <= 0 or norm.mean_ml <= 0 or norm.age_min >= norm.age_max:
+            raise ValueError("mean_ml and sd_ml must be above 0 and age_min below age_max")
+        if norm.code not in STRUCTURES:  # its row would never be used
+            raise ValueError(f"code {norm.code} is not a structure the node measures (inference.labels.STRUCTURES)")
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path} line {line}: {exc}") from None
     return norm

@@ -143,6 +143,19 @@ def test_normative_table_is_read_at_load(tmp_path: Path) -> None:
     assert "cannot read normative table" in _error(f'[volumetry]\nnormative_table = "{tmp_path / "none.csv"}"\n')
 
 
+@pytest.mark.parametrize(("row", "why"), [
+    ("17,50,60,F,3.7,nan", "not nan or inf"),        # a NaN z-score in every SR
+    ("17,50,60,F,inf,0.4", "not nan or inf"),
+    ("17,50,60,F,-3.7,0.4", "must be above 0"),
+    ("9999,50,60,F,3.7,0.4", "code 9999 is not a structure the node measures"),  # a row never used
+])
+def test_a_normative_row_that_cannot_score_is_refused(tmp_path: Path, row: str, why: str) -> None:
+    table = tmp_path / "norms.csv"
+    table.write_text(f"code,age_min,age_max,sex,mean_ml,sd_ml\n17,50,60,F,3.7,0.4\n{row}\n")
+    message = _error(f'[volumetry]\nnormative_table = "{table}"\n')
+    assert "line 3" in message and why in message
+
+
 def test_valid_file_with_every_section(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text(
