@@ -347,8 +347,10 @@ def cmd_route(args: argparse.Namespace) -> int:
     from .headers import SeriesAttributes, describe
     from .journal import InstanceRecord
     from .routing import route
+    from .service import prepare_models
 
-    installed = set(ModelRegistry(config.inference.models_dir).available())
+    # the models as the node takes them (a segmenter that is not a segmentation model disables volumetry)
+    installed = prepare_models(config, ModelRegistry(config.inference.models_dir), warm=False)
     root = Path(args.dicom_dir)
     if not root.is_dir():
         print(f"{root}: not a directory", file=sys.stderr)
@@ -588,7 +590,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
             names = ", ".join(d.name for d in config.destinations) or "none configured"
             print(f"unknown destination {args.dest!r} (known: {names}; or give AE@host:port or a DICOMweb URL)",
                   file=sys.stderr)
-            return 2
+            return 1  # an error (as `retry NAME`); 2 is an invalid configuration
     ok, message = echo(config, dest)
     print(message)
     return 0 if ok else 1
@@ -723,9 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
     group("config", "configuration commands")(
         "check", cmd_config_check, "validate a configuration file and show what it means",
         "Validate the configuration and print what it means; exit 1 when a rule's model is "
-        "missing or there is no destination (unless --allow-missing), 2 when it is invalid.",
+        "missing, there is no destination or the TLS certificate cannot be loaded (unless --allow-missing), "
+        "2 when it is invalid.",
     ).add_argument("--allow-missing", action="store_true",
-                   help="exit 0 even when a rule's model is not installed or no destination is configured")
+                   help="exit 0 even when a rule's model is not installed, no destination is configured or the "
+                        "TLS certificate cannot be loaded")
     _add_file_tools(add)
     _add_operations(add)
     rebuild = group("journal", "journal commands (stop the node first)")

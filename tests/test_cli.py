@@ -207,6 +207,18 @@ def test_route_dry_run_explains_a_missing_model_and_a_gap(tmp_path: Path,
     assert "  → not processed: model 'synth-t1-t1-2d' not installed (rule 't1-2d')" in out
 
 
+def test_route_dry_run_takes_the_models_as_the_node_does(tmp_path: Path, models_dir: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A segmenter that is a synthesis model disables volumetry in the node (service.prepare_models): the dry run
+    must not say MATCH for what the node would not process."""
+    folder = tmp_path / "dicom"
+    make_mr_series(folder, shape=(4, 16, 16), spacing=(1.0, 1.0, 4.0))
+    config = write_config(tmp_path, models_dir, extra='segmenter = "synth-t1-t1-2d"\n')
+    assert main(["route", "--config", str(config), "--dry-run", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "  → not processed: model 'synth-t1-t1-2d' not installed (rule 't1-2d')" in out
+
+
 def test_route_needs_dry_run_and_a_folder(tmp_path: Path, models_dir: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     config = str(write_config(tmp_path, models_dir))
@@ -345,7 +357,7 @@ def verification_scp() -> Iterator[int]:
 
 
 def test_echo_unknown_destination(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["echo", "--config", str(write_config(tmp_path, models_dir)), "ARCHIVE"]) == 2
+    assert main(["echo", "--config", str(write_config(tmp_path, models_dir)), "ARCHIVE"]) == 1  # 2: invalid config
     err = capsys.readouterr().err
     assert "unknown destination 'ARCHIVE' (known: PACS; or give AE@host:port or a DICOMweb URL)" in err
 
