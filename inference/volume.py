@@ -373,22 +373,24 @@ def load_series(paths: Sequence[Path]) -> LoadedSeries:
     geometry = series_geometry(datasets)
     if geometry.problems:
         raise GeometryError("; ".join(geometry.problems))
+    _check_one_acquisition(datasets)
 
     frame_counts = [int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets]
     for ds in datasets:
         if int(ds.get("SamplesPerPixel", 1)) != 1:
             raise GeometryError(f"SamplesPerPixel {ds.SamplesPerPixel} not supported (grayscale only)")
     volume = np.empty((len(geometry.frames), geometry.rows, geometry.columns), dtype=np.float32)
-    decoded: dict[int, np.ndarray] = {}
+    by_file: dict[int, list[tuple[int, FrameGeometry]]] = {}
     for k, frame in enumerate(geometry.frames):
-        pixels = decoded.get(frame.dataset_index)
-        if pixels is None:
-            pixels = datasets[frame.dataset_index].pixel_array
-            if frame_counts[frame.dataset_index] == 1:
-                pixels = pixels[np.newaxis]
-            decoded = {frame.dataset_index: pixels}  # keep one decoded file at a time
-        plane = pixels[frame.frame_index].astype(np.float32)
-        volume[k] = plane * np.float32(frame.rescale_slope) + np.float32(frame.rescale_intercept)
+        by_file.setdefault(frame.dataset_index, []).append((k, frame))
+    for index, frames in by_file.items():  # each file decoded once (multi-frame files may interleave in space)
+        pixels = datasets[index].pixel_array
+        if frame_counts[index] == 1:
+            pixels = pixels[np.newaxis]
+        for k, frame in frames:
+            plane = pixels[frame.frame_index].astype(np.float32)
+            volume[k] = plane * np.float32(frame.rescale_slope) + np.float32(frame.rescale_intercept)
+        del pixels  # one decoded file at a time
 
     image = sitk.GetImageFromArray(volume, isVector=False)
     image.SetOrigin(tuple(float(v) for v in geometry.positions[0]))
@@ -399,6 +401,21 @@ def load_series(paths: Sequence[Path]) -> LoadedSeries:
     headers = [_header(datasets[i]) for i in file_order]
     refs = [(str(h.SOPClassUID), str(h.SOPInstanceUID)) for h in headers]
     return LoadedSeries(image=image, datasets=headers, source_refs=refs, geometry=geometry)
+
+
+#: What every image of one series shares: a series mixing them (a SeriesInstanceUID reused by a faulty anonymiser or
+#: tool) would make one volume of two patients or two scans, labelled as the first image's.
+ONE_ACQUISITION = ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID")
+
+
+def _check_one_acquisition(datasets: Sequence[Dataset]) -> None:
+    """GeometryError when the images of a series name more than one patient, study or frame of reference."""
+    for keyword in ONE_ACQUISITION:
+        values = {str(ds.get(keyword, "") or "").strip() for ds in datasets}
+        if len(values) > 1:
+            shown = ", ".join(repr(v) for v in sorted(values)[:3])
+            raise GeometryError(f"the series mixes {len(values)} different {keyword} ({shown}): one volume "
+                                "cannot be made of two patients, studies or scans")
 
 
 def isotropic_grid(image: sitk.Image, spacing_mm: float = 1.0) -> sitk.Image:

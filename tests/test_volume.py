@@ -184,6 +184,50 @@ def test_a_pixel_spacing_that_is_not_positive_is_a_problem(tmp_path: Path, spaci
     assert problems and problems[0].startswith("PixelSpacing is not positive in 1 of 12 frames (first: frame")
 
 
+@pytest.mark.parametrize("keyword", ["FrameOfReferenceUID", "PatientID", "StudyInstanceUID"])
+def test_a_series_of_two_patients_or_scans_is_refused(tmp_path: Path, keyword: str) -> None:
+    """A SeriesInstanceUID reused (a faulty anonymiser or tool): stacks that happen to fit together would make one
+    volume of two patients or scans, labelled as the first image's patient."""
+    paths = write_series(tmp_path)
+    for path in paths[::2]:
+        ds = pydicom.dcmread(path)
+        setattr(ds, keyword, "1.2.826.0.1.3680043.8.498.4242" if keyword.endswith("UID") else "OTHER-PATIENT")
+        ds.save_as(path)
+    with pytest.raises(GeometryError, match=f"the series mixes 2 different {keyword}"):
+        load_series(paths)
+
+
+@requires_shared_data
+def test_interleaved_multiframe_files_are_each_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real Enhanced MR file split into two, odd and even frames (their slices interleave in space): the same
+    volume, and each file decoded once (it was decoded again at every switch between the files: 96 times)."""
+    source = next((ENHANCED / "00005_anat_T1w_acq_tfl").glob("*.dcm"))
+    whole = load_series([source])
+    ds = pydicom.dcmread(source)
+    frames = ds.pixel_array
+    parts = []
+    for part in (0, 1):
+        piece = pydicom.dcmread(source)
+        piece.PerFrameFunctionalGroupsSequence = ds.PerFrameFunctionalGroupsSequence[part::2]
+        piece.NumberOfFrames = len(piece.PerFrameFunctionalGroupsSequence)
+        piece.PixelData = np.ascontiguousarray(frames[part::2]).tobytes()
+        piece.SOPInstanceUID = piece.file_meta.MediaStorageSOPInstanceUID = f"{ds.SOPInstanceUID}.{part + 1}"
+        parts.append(tmp_path / f"part{part}.dcm")
+        piece.save_as(parts[-1])
+    decoded: list[str] = []
+    original = pydicom.Dataset.pixel_array
+
+    def counting(self: pydicom.Dataset) -> np.ndarray:
+        decoded.append(str(self.SOPInstanceUID))
+        return original.fget(self)
+
+    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(counting))
+    split = load_series(parts)
+    assert sorted(decoded) == sorted(f"{ds.SOPInstanceUID}.{part + 1}" for part in (0, 1))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(split.image), sitk.GetArrayViewFromImage(whole.image))
+    _assert_same_geometry(split.image, whole.image)
+
+
 def test_in_plane_shift_and_bare_multiframe_are_problems(tmp_path: Path) -> None:
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in write_series(tmp_path)]
     shifted = headers[4]
