@@ -64,10 +64,16 @@ class InstanceHeader:
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceHeader:
+        frames = _int(ds.get("NumberOfFrames"), 1)
+        # an Enhanced MR image of one frame holds its plane only in the functional groups
+        in_groups = frames <= 1 and "ImagePositionPatient" not in ds
         return cls(
-            image_position=_floats(ds.get("ImagePositionPatient")),
-            image_orientation=_floats(ds.get("ImageOrientationPatient")),
-            pixel_spacing=_floats(ds.get("PixelSpacing")),
+            image_position=_floats(ds.get("ImagePositionPatient"))
+            or (_group_value(ds, "PlanePositionSequence", "ImagePositionPatient") if in_groups else None),
+            image_orientation=_floats(ds.get("ImageOrientationPatient"))
+            or (_group_value(ds, "PlaneOrientationSequence", "ImageOrientationPatient") if in_groups else None),
+            pixel_spacing=_floats(ds.get("PixelSpacing"))
+            or (_group_value(ds, "PixelMeasuresSequence", "PixelSpacing") if in_groups else None),
             rows=_int(ds.get("Rows")),
             columns=_int(ds.get("Columns")),
             number_of_frames=_int(ds.get("NumberOfFrames"), 1),
@@ -124,21 +130,24 @@ _KEYWORDS = {
 }
 
 
+def _group_value(ds: Dataset, sequence: str, keyword: str) -> tuple[float, ...] | None:
+    """``keyword`` of the functional group ``sequence`` (Enhanced MR): the shared one, else the first frame's."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        try:
+            item = ds[groups][0][sequence][0]
+        except (KeyError, IndexError, AttributeError, TypeError):
+            continue
+        found = _floats(item.get(keyword))
+        if found:
+            return found
+    return None
+
+
 def _slice_thickness(ds: Dataset) -> float | None:
     """SliceThickness: at the top level, or (Enhanced MR, where it is only in the functional groups) in the
     shared Pixel Measures, else in the first frame's."""
-    found = _floats(ds.get("SliceThickness"))
-    if found:
-        return found[0]
-    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        try:
-            measures = ds[groups][0].PixelMeasuresSequence[0]
-        except (KeyError, IndexError, AttributeError, TypeError):
-            continue
-        found = _floats(measures.get("SliceThickness"))
-        if found:
-            return found[0]
-    return None
+    found = _floats(ds.get("SliceThickness")) or _group_value(ds, "PixelMeasuresSequence", "SliceThickness")
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)

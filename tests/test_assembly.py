@@ -52,6 +52,42 @@ def test_whole_oblique_series_in_shuffled_order(tmp_path: Path) -> None:
     assert verdict.whole, verdict.reason
 
 
+def test_enhanced_mr_images_of_one_frame_each_are_whole(tmp_path: Path) -> None:
+    """Enhanced MR stored one frame per instance holds each plane only in its functional groups: it was "an instance
+    has no ImagePositionPatient" for ever (the series waited for its idle timeout, gaps went unchecked)."""
+    from pydicom import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    def enhanced(path: Path) -> Dataset:
+        ds = dcmread(path, stop_before_pixels=True)
+        plane, orientation, measures = Dataset(), Dataset(), Dataset()
+        plane.ImagePositionPatient = ds.ImagePositionPatient
+        orientation.ImageOrientationPatient = ds.ImageOrientationPatient
+        measures.PixelSpacing, measures.SliceThickness = ds.PixelSpacing, ds.SliceThickness
+        frame = Dataset()
+        frame.PlanePositionSequence = DicomSequence([plane])
+        shared = Dataset()
+        shared.PlaneOrientationSequence = DicomSequence([orientation])
+        shared.PixelMeasuresSequence = DicomSequence([measures])
+        for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"):
+            delattr(ds, keyword)
+        ds.NumberOfFrames = 1
+        ds.PerFrameFunctionalGroupsSequence = DicomSequence([frame])
+        ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+        return ds
+
+    def as_records(paths: Sequence[Path]) -> list[InstanceRecord]:
+        return [InstanceRecord(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPClassUID), "", "",
+                               describe(ds).header) for ds in map(enhanced, paths)]
+
+    paths = make_mr_series(tmp_path / "whole", shape=SHAPE, spacing=(1.0, 1.0, 4.0))
+    verdict = completeness(as_records(paths))
+    assert verdict.whole and verdict.reason == "8 slices, evenly spaced, no gap"
+    gap = make_mr_series(tmp_path / "gap", shape=SHAPE, spacing=(1.0, 1.0, 4.0), omit_slices=[4])
+    verdict = completeness(as_records(gap))
+    assert not verdict.whole and "gap" in verdict.reason
+
+
 def test_gap_in_the_middle(tmp_path: Path) -> None:
     verdict = completeness(records(make_mr_series(tmp_path, shape=SHAPE, spacing=(1.0, 1.0, 4.0), omit_slices=[4])))
     assert not verdict.whole
