@@ -548,7 +548,7 @@ def test_a_failing_optional_step_costs_only_its_own_output(tmp_path: Path, model
     s = Setup(tmp_path, models_dir, registry, AGREEMENT_RULES, destinations=("PACS",))
     seen: dict[str, Any] = {}
 
-    def failing_compare(*args: Any) -> Any:
+    def failing_compare(*args: Any, **kwargs: Any) -> Any:
         job = s.journal.job(synth_job)
         seen.update(state=job.state, queued={i.path for i in s.journal.outbox(synth_job)})
         raise error
@@ -626,7 +626,7 @@ def test_follow_ups_are_tasks_of_their_own_and_resume_after_a_crash(tmp_path: Pa
                                                      f"({synth_check.id})")
         real_compare = steps.compare
 
-        def dying(*args: Any) -> Any:
+        def dying(*args: Any, **kwargs: Any) -> Any:
             raise KeyboardInterrupt  # the node dies here
 
         monkeypatch.setattr(steps, "compare", dying)

@@ -42,7 +42,7 @@ def load_series(paths):
         os._exit(3)
     return real_load(paths)
 
-def compare(*args):
+def compare(*args, **kwargs):
     os._exit(3)
 
 jobs.load_series = load_series

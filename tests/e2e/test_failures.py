@@ -119,7 +119,7 @@ def test_an_agreement_failure_still_delivers_the_core_outputs(tmp_path: Path, st
     delivered to dcmtk's storescp all the same, and the failure is reported on its own (``optional_failed``)."""
     import dicom_node.steps as steps
 
-    def failing_compare(*args: Any) -> Any:
+    def failing_compare(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("registration diverged")
 
     monkeypatch.setattr(steps, "compare", failing_compare)
