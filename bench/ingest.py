@@ -4,6 +4,7 @@ concurrency (8 senders)."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -86,16 +87,42 @@ def process_cpu(pids: Sequence[int]) -> float:
 
 
 def machine_cpu() -> float:
-    """CPU seconds all CPUs of the machine have been busy (neither idle nor waiting for I/O) since boot."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds this machine's CPUs have worked since boot: user, nice, system, irq and softirq (not idle or
+    waiting for I/O, and not steal: the hypervisor running other guests; guest time is already in user)."""
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in
+                                                         Path("/proc/stat").read_text().split(None, 8)[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-def _measured(sender: Sender, port: int | Sequence[int], ae_title: str, pids: Sequence[int]) -> Measured:
-    """Send, and what it cost the receiving processes ``pids`` and the machine."""
+#: How long the CPU reading waits for a receiver to finish what it does after the last response
+SETTLE_WAIT_S = 10.0
+
+
+def _measured(sender: Sender, port: int | Sequence[int], ae_title: str, pids: Sequence[int],
+              settled: Callable[[], bool] | None = None) -> Measured:
+    """Send, and what it cost the receiving processes ``pids`` and the machine: the seconds until the senders
+    ended; the CPU also of what a receiver does after its last response (``settled``: it is done, e.g. the node's
+    receipt segments synced and deleted), waited for up to SETTLE_WAIT_S."""
     cpu, machine = process_cpu(pids), machine_cpu()
     seconds = sender(port, ae_title)
+    deadline = time.monotonic() + SETTLE_WAIT_S
+    while settled is not None and not settled() and time.monotonic() < deadline:
+        time.sleep(0.02)
     return Measured(seconds, process_cpu(pids) - cpu, machine_cpu() - machine)
+
+
+def receipts_settled(data_dir: Path) -> Callable[[], bool]:
+    """Whether the node has settled what it received: no receipt segment holding a record (the spare one is
+    empty), so every spool file and journal row is synced."""
+    def settled() -> bool:
+        for segment in (data_dir / "receipts").glob("*.log"):
+            try:
+                if segment.stat().st_size:
+                    return False
+            except FileNotFoundError:
+                continue
+        return True
+    return settled
 
 
 class SyncOrthanc(Orthanc):
@@ -148,7 +175,7 @@ def _sender_per_image(folder: Path) -> Sender:
 def _node_run(sender: Sender, work: Path, empty_models: Path, images: int, *, fsync: bool = True,
               receipt_log: bool = True) -> Measured:
     with BenchNode(work / "node", models_dir=empty_models, node={"fsync": fsync, "receipt_log": receipt_log}) as node:
-        measured = _measured(sender, node.port, node.ae_title, [node.pid])
+        measured = _measured(sender, node.port, node.ae_title, [node.pid], receipts_settled(node.data_dir))
         journal = node.journal()
         try:
             n = journal.counts()["instances"]["total"]
@@ -168,7 +195,8 @@ def _receivers_run(sender: Sender, work: Path, empty_models: Path, images: int, 
     try:
         for node in nodes:
             node.start()
-        measured = _measured(sender, ports if port_each else ports[0], nodes[0].ae_title, [n.pid for n in nodes])
+        measured = _measured(sender, ports if port_each else ports[0], nodes[0].ae_title, [n.pid for n in nodes],
+                             receipts_settled(work / "data"))
         journal = nodes[0].journal()
         try:
             stored = journal.counts()["instances"]["total"]
@@ -255,7 +283,9 @@ def ingest(folders: list[Path], images_each: int, runs: int, log=print,  # noqa:
         empty_models = tmp_path / "no-models"
         empty_models.mkdir()
         for r in range(runs):
-            for target in out.targets:
+            order = list(out.targets)
+            random.Random(r).shuffle(order)  # no receiver always after the same one (its unsynced writes)
+            for target in order:
                 work = tmp_path / f"run-{r}-{target}"
                 measured = _run(target, sender, work, empty_models, out.images, out.senders)
                 out.seconds[target].append(measured.seconds)

@@ -165,11 +165,14 @@ def _ingest_section(single: IngestResult, concurrent: IngestResult | None,
            "without it (as the end-to-end tests run it); storescp does not fsync. References: `node-no-fsync` "
            "(`fsync = false`, not for production) separates the cost of durability, `node-synced-in-place` "
            "(`receipt_log = false`) syncs the spool file, its directory and the journal row one after the other "
-           "before each response, and `pynetdicom-bare` (bench/bare_scp.py: a stock pynetdicom 3 SCP that answers "
-           "Success and keeps nothing) is the ceiling of the DICOM library the node is built on. CPU per image: "
-           "`receiver` is the user and system CPU of the receiving processes (every thread) while the senders "
-           "ran, `machine` every CPU of the machine busy meanwhile (senders, receivers and the kernel's own "
-           "threads, such as the file system journal's that complete an fsync). With more senders than cores "
+           "before each response, and `pynetdicom-bare` (bench/bare_scp.py: a pynetdicom 3 SCP that answers "
+           "Success and keeps nothing, its associations run as the node runs them: the reactor waits for work "
+           "instead of polling) is the ceiling of the DICOM library the node is built on. Target order is "
+           "shuffled in each run. CPU per image: `receiver` is the user and system CPU of the receiving "
+           "processes (every thread) while the senders ran and, for the node, until it had settled what it "
+           "received (spool files and journal synced, receipt segments deleted), `machine` the CPU time of the "
+           "whole machine meanwhile (user, system and interrupts, not steal: senders, receivers and the kernel's "
+           "own threads, such as the file system journal's that complete an fsync). With more senders than cores "
            "the CPU is what bounds images/s.", ""]
     out += [f"### One sender, {single.images} images", ""] + _ingest_table(single)
     goal_rates = [("one sender", single)]
@@ -190,15 +193,27 @@ def _ingest_section(single: IngestResult, concurrent: IngestResult | None,
                 "and forwarders do: what an association costs each receiver.", ""] + _ingest_table(per_image)
         goal_rates.append(("one association per image", per_image))
     for label, result in goal_rates:
-        ratio = statistics.median(result.rates("node")) / statistics.median(result.rates("orthanc"))
-        synced = statistics.median(result.rates("node")) / statistics.median(result.rates("orthanc-sync"))
-        scp = statistics.median(result.rates("node")) / statistics.median(result.rates("storescp"))
+        synced, ratio, scp = (_goal(result, other, goal) for other, goal in
+                              (("orthanc-sync", INGEST_GOAL), ("orthanc", INGEST_GOAL), ("storescp", INGEST_MOONSHOT)))
         out.append(f"Goal node / Orthanc ≥ {INGEST_GOAL} ({label}), both durable (Orthanc as it ships, "
-                   f"SyncStorageArea): {_verdict(synced >= INGEST_GOAL, f'{synced:.2f}×')}; against Orthanc not "
-                   f"syncing its files: {_verdict(ratio >= INGEST_GOAL, f'{ratio:.2f}×')}; moonshot ≥ "
-                   f"{INGEST_MOONSHOT} × storescp: {_verdict(scp >= INGEST_MOONSHOT, f'{scp:.2f}×')}.")
+                   f"SyncStorageArea): {synced}; against Orthanc not syncing its files: {ratio}; moonshot ≥ "
+                   f"{INGEST_MOONSHOT} × storescp: {scp}.")
         out.append("")
+    out.append("A goal reads met only when both the ratio of the medians and the median of the per-run ratios "
+               "reach it, and \"within noise\" when the per-run ratios fall on both sides of it.")
+    out.append("")
     return out
+
+
+def _goal(result: IngestResult, other: str, goal: float) -> str:
+    """The verdict of node / ``other`` ≥ ``goal``: the ratio of the medians, and the per-run ratios' median and
+    range (runs minutes apart on a shared VM differ by 20-40 %)."""
+    node, theirs = result.rates("node"), result.rates(other)
+    ratio = statistics.median(node) / statistics.median(theirs)
+    per_run = [n / o for n, o in zip(node, theirs, strict=True)]
+    met = ratio >= goal and statistics.median(per_run) >= goal
+    noisy = " within noise," if min(per_run) < goal <= max(per_run) else ""
+    return _verdict(met, f"{ratio:.2f}×;{noisy} per run {spread(per_run, '{:.2f}')}")
 
 
 def _throughput_section(results: list[Throughput]) -> list[str]:
