@@ -13,7 +13,14 @@ from dicom_node.headers import SeriesAttributes
 from dicom_node.routing import loop_guard
 from dicom_node.writers.not_processed import NOT_PROCESSED_SIZE, write_not_processed
 from tests.dicom_factory import make_mr_series, make_study
-from tests.volumetry_factory import EXPORT_LACKS, UID_PREFIX, as_exported, dciodvfy_errors
+from tests.volumetry_factory import (
+    EXPORT_LACKS,
+    JAPANESE_NAME,
+    UID_PREFIX,
+    as_exported,
+    as_japanese,
+    dciodvfy_errors,
+)
 
 REASON = "inconsistent geometry: gap between slice 3 and 4 (8 mm, expected 4 mm)"
 
@@ -90,3 +97,16 @@ def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: P
     assert dciodvfy_errors(out.path) == []
     ds = pydicom.dcmread(out.path)
     assert all(ds[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
+
+
+def test_a_japanese_source(tmp_path: Path, written: dict) -> None:
+    """SpecificCharacterSet \\ISO 2022 IR 87 (highdicom refuses it as it is): the page still reaches the reader."""
+    (source,) = as_japanese(written["sources"][:1])
+    out = write_not_processed(REASON, source=source, source_instances=[(str(source.SOPClassUID),
+                                                                        str(source.SOPInstanceUID))],
+                              out_path=tmp_path / "not_processed.dcm", series_number=750,
+                              series_description="sT12DT1 NOT PROCESSED", uid_prefix=UID_PREFIX,
+                              what="sT12DT1 (synthetic T1 by model m)", job_id=13)
+    assert dciodvfy_errors(out.path) == []
+    ds = pydicom.dcmread(out.path)
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == JAPANESE_NAME

@@ -16,11 +16,13 @@ from inference.volume import load_series
 from tests.conftest import SHARED_DATA, requires_shared_data
 from tests.volumetry_factory import (
     EXPORT_LACKS,
+    JAPANESE_NAME,
     MODEL_ID,
     MODEL_VERSION,
     UID_PREFIX,
     T1Series,
     as_exported,
+    as_japanese,
     dciodvfy_errors,
     make_t1_series,
 )
@@ -273,3 +275,14 @@ def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: P
     assert all(seg[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
     assert seg.PatientID == sources[0].PatientID and seg.StudyInstanceUID == sources[0].StudyInstanceUID
     assert all("StudyID" not in ds and ds.PatientSex == "U" for ds in sources)
+
+
+def test_a_japanese_source(tmp_path: Path, written: dict) -> None:
+    """SpecificCharacterSet \\ISO 2022 IR 87 (the first value empty, as Japanese equipment writes it): highdicom
+    refuses it, and the SEG failed; the name goes out in UTF-8, the sources keep their own encoding."""
+    sources = as_japanese(written["series"].t1_headers)
+    path = _write(written["series"], tmp_path / "seg.dcm", sources=sources)
+    assert dciodvfy_errors(path) == []
+    seg = pydicom.dcmread(path)
+    assert seg.SpecificCharacterSet == "ISO_IR 192" and str(seg.PatientName) == JAPANESE_NAME
+    assert all(list(ds.SpecificCharacterSet) == ["", "ISO 2022 IR 87"] for ds in sources)

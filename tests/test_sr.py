@@ -27,10 +27,12 @@ from inference.labels import STRUCTURES
 from inference.volumetry import QC_FAILED_SUFFIX, Norm, QCLimits, compute_volumetry, with_qc_flag
 from tests.volumetry_factory import (
     EXPORT_LACKS,
+    JAPANESE_NAME,
     MODEL_ID,
     MODEL_VERSION,
     UID_PREFIX,
     as_exported,
+    as_japanese,
     dciodvfy_errors,
     make_t1_series,
 )
@@ -238,3 +240,14 @@ def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: P
     sr = pydicom.dcmread(path)
     assert all(sr[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
     assert sr.PatientID == sources[0].PatientID
+
+
+def test_a_japanese_source(tmp_path: Path, build: dict) -> None:
+    """SpecificCharacterSet \\ISO 2022 IR 87 (highdicom refuses it as it is): the SR goes out, its name in UTF-8."""
+    path = write_sr(build["volumetry"], seg=build["seg_written"], source_images=as_japanese(build["series"].t1_headers),
+                    input_series_datasets=as_japanese(build["series"].input_headers), out_path=tmp_path / "sr.dcm",
+                    series_number=1003, series_description="rT1 volumes", uid_prefix=UID_PREFIX,
+                    algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION).path
+    assert dciodvfy_errors(path) == []
+    sr = pydicom.dcmread(path)
+    assert sr.SpecificCharacterSet == "ISO_IR 192" and str(sr.PatientName) == JAPANESE_NAME

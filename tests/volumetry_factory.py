@@ -175,3 +175,27 @@ def dciodvfy_errors(path: Path) -> list[str]:
                             timeout=60, check=False)
     return [line.strip() for line in (result.stderr + result.stdout).splitlines()
             if line.strip().startswith("Error")]
+
+
+#: PS3.5 H.3.1: a Japanese name in ISO 2022 (alphabetic, ideographic and phonetic groups)
+JAPANESE_NAME = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+JAPANESE_CHARSET = ["", "ISO 2022 IR 87"]
+
+
+def as_japanese(headers: Sequence[Dataset]) -> list[Dataset]:
+    """Copies of ``headers`` as Japanese equipment sends them: SpecificCharacterSet ``\\ISO 2022 IR 87`` (the
+    first value empty, as DICOM allows) and a name encoded in it, read back from the bytes (raw, as received)."""
+    import io
+
+    from pydicom import dcmread
+
+    out = []
+    for ds in headers:
+        ds = copy.deepcopy(ds)
+        ds.SpecificCharacterSet = JAPANESE_CHARSET
+        ds.PatientName = JAPANESE_NAME
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=False, implicit_vr=False, little_endian=True)
+        buffer.seek(0)
+        out.append(dcmread(buffer, force=True))
+    return out

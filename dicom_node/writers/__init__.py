@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from highdicom import SpecificCharacterSetValues
 from pydicom import dcmwrite
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 import dicom_node
@@ -110,17 +113,58 @@ def patient_sex(value: object) -> str | None:
     return text if text in PATIENT_SEX_VALUES else None
 
 
+#: VRs of text that SpecificCharacterSet applies to (PS3.5 6.1.2.3)
+_TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+UTF8 = "ISO_IR 192"
+
+
+def charset_ready(ds: Dataset) -> bool:
+    """Whether highdicom takes ``ds``'s SpecificCharacterSet as it is: none, or one value it knows without code
+    extensions. Japanese and Korean equipment write several (``\\ISO 2022 IR 87``, the first empty as DICOM
+    allows), which highdicom refuses."""
+    value = ds.get("SpecificCharacterSet")
+    if not value:
+        return True
+    values = [value] if isinstance(value, str) else list(value)
+    if len(values) != 1 or str(values[0]).startswith("ISO 2022"):
+        return False
+    try:
+        SpecificCharacterSetValues(str(values[0]))
+    except ValueError:
+        return False
+    return True
+
+
+def _in_utf8(ds: Dataset, ready: Dataset) -> None:
+    """Every top-level text element of ``ds``, decoded with its own character set, put in ``ready`` as text to
+    be written in UTF-8 (``ready``'s SpecificCharacterSet becomes ISO_IR 192)."""
+    for element in ds.elements():
+        if str(element.VR) not in _TEXT_VRS:
+            continue
+        value = ds[element.tag].value  # converted with ds's character set
+        if isinstance(value, bytes):
+            continue  # not text after all (an unknown VR read as bytes): left out of the conversion
+        text: Any = value if value is None or isinstance(value, str) else \
+            [str(v) for v in value] if isinstance(value, MultiValue) else str(value)  # (a PersonName)
+        ready[element.tag] = DataElement(element.tag, element.VR, text)  # a new element: ds keeps its own
+    ready.SpecificCharacterSet = UTF8  # (not in ready: identity_ready leaves it out of the copy)
+
+
 def identity_ready(ds: Dataset) -> Dataset:
     """``ds`` as a source highdicom can build an object from: with every :data:`IDENTITY_TYPE2` attribute (empty
-    where ``ds`` has none) and a PatientSex it accepts (:func:`patient_sex`); ``ds`` itself when it has them, else
-    a shallow copy (``ds`` is left as it is)."""
+    where ``ds`` has none), a PatientSex it accepts (:func:`patient_sex`) and a character set it accepts (else its
+    text in UTF-8: :func:`charset_ready`); ``ds`` itself when it has them, else a shallow copy (``ds`` is left as
+    it is)."""
     missing = [keyword for keyword in IDENTITY_TYPE2 if keyword not in ds]
     sex = ds.get("PatientSex")
     sex_fixed = patient_sex(sex) if sex else sex
-    if not missing and sex_fixed == sex:
+    charset = charset_ready(ds)
+    if not missing and sex_fixed == sex and charset:
         return ds
     # a new dataset sharing the other elements (setting an element both held would change the caller's too)
-    ready = shallow_copy(ds, drop=[Tag("PatientSex")])
+    ready = shallow_copy(ds, drop=[Tag("PatientSex")] + ([] if charset else [Tag("SpecificCharacterSet")]))
+    if not charset:
+        _in_utf8(ds, ready)
     for keyword in missing:
         setattr(ready, keyword, None)
     ready.PatientSex = sex_fixed
