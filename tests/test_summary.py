@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,12 @@ from dicom_node.writers.summary import PAGE_SIZE, write_summary
 from inference.volumetry import QC_FAILED_SUFFIX, QCLimits, compute_volumetry, with_qc_flag
 from tests.volumetry_factory import (
     EXPORT_LACKS,
+    JAPANESE_NAME,
     MODEL_ID,
     MODEL_VERSION,
     UID_PREFIX,
     as_exported,
+    as_japanese,
     dciodvfy_errors,
     make_t1_series,
 )
@@ -143,3 +146,59 @@ def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: P
     assert dciodvfy_errors(path) == []
     ds = pydicom.dcmread(path)
     assert all(ds[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
+
+
+def test_a_japanese_source(tmp_path: Path, build: dict) -> None:
+    """SpecificCharacterSet \\ISO 2022 IR 87 (highdicom refuses it as it is): the page goes out, its name in UTF-8."""
+    series = build["series"]
+    path = write_summary(build["volumetry"], t1=series.t1, labels=series.labels,
+                         source_images=as_japanese(series.t1_headers), out_path=tmp_path / "summary.dcm",
+                         series_number=1004, series_description="rT1 summary", uid_prefix=UID_PREFIX,
+                         algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION, synthetic=False).path
+    assert dciodvfy_errors(path) == []
+    ds = pydicom.dcmread(path)
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == JAPANESE_NAME
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_two_names_differing_in_an_accent_do_not_look_the_same(wide: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's built-in font draws every letter outside basic Latin as the same box: "Müller" and "Möller" gave
+    the same pixels, so the burned-in identity could not tell the two patients apart."""
+    from dicom_node.writers import summary
+    from dicom_node.writers.not_processed import render_not_processed
+
+    if wide and summary._wide_font() is None:
+        pytest.skip("no wide font (fonts-dejavu-core) on this machine")
+    if not wide:
+        monkeypatch.setattr(summary, "WIDE_FONTS", ())
+    pages = [render_not_processed("x", header_lines=[name], footer_lines=[]) for name in ("Müller", "Möller")]
+    assert not np.array_equal(*pages)
+
+
+def test_text_the_font_lacks_is_spelt_in_basic_latin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicom_node.writers import summary
+
+    monkeypatch.setattr(summary, "WIDE_FONTS", ())
+    assert summary.drawable("Müller^Jürgen, Straße, Ødegård, Иванов") == "Muller^Jurgen, Strasse, Odegard, ??????"
+
+
+def test_a_name_is_shown_by_its_alphabetic_group_without_carets() -> None:
+    from dicom_node.writers.summary import display_name
+
+    assert display_name(JAPANESE_NAME) == "Yamada, Tarou"
+    assert display_name("Müller^Hans^Peter^Dr.") == "Müller, Hans Peter Dr."
+    assert display_name("ANONYMOUS") == "ANONYMOUS" and display_name(None) == ""
+
+
+def test_a_body_part_the_vr_forbids_is_not_copied(tmp_path: Path, build: dict) -> None:
+    """A source BodyPartExamined "Kopf" (lowercase, not a Code String) made the page invalid (dciodvfy errors)."""
+    series = build["series"]
+    sources = [copy.deepcopy(ds) for ds in series.t1_headers]
+    for ds in sources:
+        ds.BodyPartExamined = "Kopf"
+    path = write_summary(build["volumetry"], t1=series.t1, labels=series.labels, source_images=sources,
+                         out_path=tmp_path / "summary.dcm", series_number=1004, series_description="rT1 summary",
+                         uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
+                         synthetic=False).path
+    assert dciodvfy_errors(path) == []
+    assert pydicom.dcmread(path).BodyPartExamined == "BRAIN"

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 import dicom_node
 from dicom_node.writers import WrittenSeries, equipment, write_single
-from dicom_node.writers.summary import font, secondary_capture, wrap_text
+from dicom_node.writers.summary import display_name, drawable, font, secondary_capture, wrap_text
 
 __all__ = ["NOT_PROCESSED_SIZE", "render_not_processed", "write_not_processed"]
 
@@ -42,17 +42,17 @@ def render_not_processed(reason: str, *, header_lines: Sequence[str], footer_lin
     draw.text((width // 2, 40), BANNER, font=banner, fill=(255, 255, 255), anchor="mm")
     y = 100
     for line in header_lines:
-        draw.text((24, y), line, font=normal, fill=_FG)
+        draw.text((24, y), drawable(line), font=normal, fill=_FG)
         y += 28
     y += 14
     draw.text((24, y), "Reason:", font=big, fill=(255, 90, 90))
     y += 38
     for line in wrap_text(reason, 72, max_lines=8):
-        draw.text((44, y), line, font=big, fill=_FG)
+        draw.text((44, y), drawable(line), font=big, fill=_FG)
         y += 32
     y = max(y + 16, height - 24 * len(footer_lines) - 16)
     for line in footer_lines:
-        draw.text((24, y), line, font=small, fill=_DIM)
+        draw.text((24, y), drawable(line), font=small, fill=_DIM)
         y += 24
     return np.asarray(page, dtype=np.uint8).copy()
 
@@ -79,8 +79,8 @@ def write_not_processed(reason: str, *, source: Dataset, source_instances: Seque
     if len(reason) > MAX_REASON_CHARS:
         reason = reason[:MAX_REASON_CHARS - 3] + "..."
     header = [
-        f"{source.get('PatientName', '')}   ID {source.get('PatientID', '')}   study {source.get('StudyDate', '')}"
-        f"   accession {source.get('AccessionNumber', '') or '-'}",
+        f"{display_name(source.get('PatientName'))}   ID {source.get('PatientID', '')}   "
+        f"study {source.get('StudyDate', '')}   accession {source.get('AccessionNumber', '') or '-'}",
         f"Series: {source.get('SeriesDescription', '')} (series {source.get('SeriesNumber', '')}, "
         f"{len(source_instances)} image(s))",
         f"No result will follow for it: {what}",

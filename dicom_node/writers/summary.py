@@ -10,6 +10,7 @@ Text is drawn with Pillow's built-in font; the page carries patient identificati
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,12 +53,61 @@ _TABLE = (
 )
 
 
+def _valid_cs(value: str) -> bool:
+    """A Code String value DICOM allows: 1-16 of A-Z, 0-9, space and underscore."""
+    return 0 < len(value) <= 16 and all(c.isascii() and (c.isupper() or c.isdigit() or c in " _") for c in value)
+
+
+#: A font with Latin, Greek and Cyrillic letters (Debian's fonts-dejavu-core), used when the machine has it: Pillow's
+#: built-in font draws every letter outside basic Latin as the same box ("Müller" and "Möller" alike)
+WIDE_FONTS = (Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),)
+#: letters NFKD does not decompose, spelt in basic Latin for a font without them
+_FOLDED = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE", "đ": "d",
+                         "Đ": "D", "ł": "l", "Ł": "L", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D", "ı": "i"})
+
+
+def _wide_font() -> Path | None:
+    return next((path for path in WIDE_FONTS if path.is_file()), None)
+
+
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    """Pillow's built-in font at ``size`` pixels (no font file needed at run time)."""
+    """A font at ``size`` pixels: the first of WIDE_FONTS the machine has, else Pillow's built-in one."""
+    wide = _wide_font()
     try:
+        if wide is not None:
+            return ImageFont.truetype(str(wide), size=size)
         return ImageFont.load_default(size=size)
     except (TypeError, ValueError, ImportError, OSError):  # Pillow without FreeType: the fixed bitmap font
         return ImageFont.load_default()
+
+
+def drawable(text: str) -> str:
+    """``text`` as the page's font can draw it: letters it lacks spelt in basic Latin where they can be ("Müller"
+    → "Muller", "Straße" → "Strasse"), "?" where they cannot (CJK, and without a wide font anything else), so that
+    two different names never look the same box for box."""
+    wide = _wide_font() is not None
+    out = []
+    for char in text:
+        if char.isascii() or (wide and not _cjk(char)):
+            out.append(char)
+            continue
+        folded = "".join(c for c in unicodedata.normalize("NFKD", char.translate(_FOLDED))
+                         if not unicodedata.combining(c))
+        out.append(folded if folded.isascii() and folded else "?")
+    return "".join(out)
+
+
+def _cjk(char: str) -> bool:
+    return "\u2e80" <= char <= "\u9fff" or "\uac00" <= char <= "\ud7af" or "\uf900" <= char <= "\ufaff"
+
+
+def display_name(value: object) -> str:
+    """A PersonName for the page: its alphabetic group (Japanese and Korean names carry one; the ideographic and
+    phonetic ones follow "="), "Family, Given Middle" rather than DICOM's carets."""
+    alphabetic = str(value or "").split("=", 1)[0]
+    family, _, rest = alphabetic.partition("^")
+    given = " ".join(part for part in rest.split("^") if part)
+    return f"{family}, {given}" if family and given else (family or given)
 
 
 def _window_range(t1: np.ndarray, mask: np.ndarray) -> tuple[np.floating | float, np.floating | float]:
@@ -204,7 +254,7 @@ def render_page(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, hea
               anchor="mm")
     y = 62
     for line in header_lines:
-        draw.text((16, y), line, font=normal, fill=_FG)
+        draw.text((16, y), drawable(line), font=normal, fill=_FG)
         y += 22
 
     y += 8
@@ -283,8 +333,8 @@ def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, s
     first = source_images[0]
     age = f"{volumetry.age_years:.0f} y" if volumetry.age_years is not None else "?"
     header = [
-        f"{first.get('PatientName', '')}   ID {first.get('PatientID', '')}   age {age}   sex {volumetry.sex or '?'}"
-        f"   study {first.get('StudyDate', '')}",
+        f"{display_name(first.get('PatientName'))}   ID {first.get('PatientID', '')}   age {age}   "
+        f"sex {volumetry.sex or '?'}   study {first.get('StudyDate', '')}",
         f"T1: {first.get('SeriesDescription', '')} (series {first.get('SeriesNumber', '')})   "
         f"model {algorithm_name} {algorithm_version}   dicom-node {dicom_node.__version__}",
     ]
@@ -318,5 +368,7 @@ def secondary_capture(first: Dataset, pixels: np.ndarray, *, series_number: int,
     )
     image.ConversionType = "WSD"  # rendered by a workstation, not digitized
     image.BurnedInAnnotation = "YES"
-    image.BodyPartExamined = str(first.get("BodyPartExamined") or "BRAIN")  # unpaired: no Laterality needed
+    # unpaired: no Laterality needed; a source value CS forbids ("Kopf", "brain") would make the page invalid
+    body_part = str(first.get("BodyPartExamined") or "").strip()
+    image.BodyPartExamined = body_part if _valid_cs(body_part) else "BRAIN"
     return image
