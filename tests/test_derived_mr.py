@@ -440,3 +440,19 @@ def test_write_derived_mr_says_what_it_wrote(tmp_path: Path) -> None:
         assert (file.sop_class_uid, file.sop_instance_uid) == (stored.SOPClassUID, stored.SOPInstanceUID)
         assert header.SOPInstanceUID == stored.SOPInstanceUID and "PixelData" not in header
         assert stored.SeriesInstanceUID == result.series_instance_uid
+
+
+def test_a_lossy_source_makes_a_lossy_series(source: dict, tmp_path: Path) -> None:
+    """Once lossy, always lossy (PS3.3 C.7.6.1.1.5): the sT1 of a JPEG-lossy source said "00", and viewers dropped
+    their LOSSY flag."""
+    lossy = [pydicom.dcmread(p, stop_before_pixels=True) for p in source["paths"]]
+    for ds in lossy:
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionRatio = [12.5]
+        ds.LossyImageCompressionMethod = ["ISO_10918_1"]
+    paths = write_small(source, tmp_path / "lossy", sources=lossy)
+    ds = pydicom.dcmread(paths[0])
+    assert ds.LossyImageCompression == "01"
+    assert float(ds.LossyImageCompressionRatio) == 12.5 and ds.LossyImageCompressionMethod == "ISO_10918_1"
+    assert dciodvfy_errors(paths[0]) == []
+    assert pydicom.dcmread(write_small(source, tmp_path / "lossless")[0]).LossyImageCompression == "00"

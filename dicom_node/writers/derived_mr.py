@@ -291,7 +291,11 @@ def _derivation(ds: Dataset, sources: Sequence[Dataset], *, derivation: Derivati
     ds.DerivationCodeSequence = [_code_item(codes.DCM.SpatialResampling)]
     ds.SourceImageSequence = _references(sources, _code_item(codes.DCM.SourceImageForImageProcessingOperation))
     ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
+    # once lossy, always lossy (PS3.3 C.7.6.1.1.5): a source that was lossy compressed makes the sT1 lossy too
+    lossy = next((src for src in sources if str(src.get("LossyImageCompression") or "").strip() == "01"), None)
+    ds.LossyImageCompression = "00" if lossy is None else "01"
+    if lossy is not None:
+        _copy(ds, lossy, ("LossyImageCompressionRatio", "LossyImageCompressionMethod"), type2=False)
     # Common Instance Reference (required when instances of this study are referenced)
     referenced_series = []
     for uid, members in _source_series(sources).items():
