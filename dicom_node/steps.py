@@ -75,6 +75,8 @@ SERIES_NUMBER_OFFSETS = {"sT1": 0, "SEG": 10, "SR": 20, "SUMMARY": 30, "AGREEMEN
 IS_MAX = 2**31 - 1
 #: Source SeriesNumbers are taken modulo this (so ``source × 100 + 59`` stays below :data:`LATER_VERSIONS_BASE`).
 SOURCE_NUMBERS = 10_000_000
+#: What a source without a SeriesNumber counts as: its outputs come last, far from a scanner's own numbers
+UNNUMBERED_SOURCE = SOURCE_NUMBERS - 1
 #: Versions 10 and later are numbered in a band of their own, above every number of a first nine versions:
 #: ``LATER_VERSIONS_BASE + ((source × kinds + kind) × LATER_VERSIONS_SPAN) + version``, each source (modulo
 #: :data:`LATER_SOURCES`) with its own block of versions 10 .. LATER_VERSIONS_SPAN - 1 per kind.
@@ -103,7 +105,8 @@ def output_series_number(source_number: int, kind: str, version: int) -> int:
     Versions 10 and later (999 per kind; then they wrap) take numbers above 10⁹, grouped by source and kind
     (:data:`LATER_VERSIONS_BASE`): every number of a first nine versions of any source below
     :data:`SOURCE_NUMBERS` stays below that band."""
-    source = max(source_number, 0) % SOURCE_NUMBERS
+    # a source without a SeriesNumber (0) would give 1, 11, 21...: the numbers of a scanner's first series
+    source = source_number % SOURCE_NUMBERS if source_number > 0 else UNNUMBERED_SOURCE
     if version < 10:
         return source * 100 + SERIES_NUMBER_OFFSETS[kind] + max(version, 0)
     block = (source % LATER_SOURCES) * len(SERIES_NUMBER_OFFSETS) + list(SERIES_NUMBER_OFFSETS).index(kind)

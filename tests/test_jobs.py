@@ -459,7 +459,9 @@ def test_output_naming() -> None:
     assert output_series_number(1001, "sT1", 1) == 100101
     assert output_series_number(5, "SEG", 2) == 512
     assert output_series_number(5, "SR", 9) == 529
-    assert output_series_number(-1, "SUMMARY", 1) == 31
+    # no SeriesNumber (0, or a negative one): not 1, 11, 21, ... (a scanner's first series), but after all others
+    assert output_series_number(-1, "SUMMARY", 1) == output_series_number(0, "SUMMARY", 1) == 999_999_931
+    assert output_series_number(0, "sT1", 1) == 999_999_901
     r = rule()
     assert output_description(r, 1) == "sT12DT1" and output_description(r, 3) == "sT12DT1 v3"
 
