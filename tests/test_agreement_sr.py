@@ -30,6 +30,7 @@ from dicom_node.writers.agreement_sr import (
 from dicom_node.writers.derived_mr import Derivation, write_derived_mr
 from dicom_node.writers.seg import write_seg
 from dicom_node.writers.sr import LOCAL_SCHEME, device_uid
+from dicom_node.writers.tid1500 import LOBE_CORTEX_CODES, finding_type
 from inference.agreement import compare
 from inference.labels import by_code
 from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, dciodvfy_errors, make_t1_series
@@ -171,8 +172,13 @@ def test_structures_round_trip(build: dict) -> None:
     for code, entry in agreement.structures.items():
         structure = by_code(code)
         group = by_identifier[structure.freesurfer_name]
-        assert _same(group.finding_type, structure.concept)
-        assert _same(group.finding_sites[0].value, structure.concept)
+        assert _same(group.finding_type, finding_type(code))
+        site = group.finding_sites[0]
+        if code in LOBE_CORTEX_CODES:  # the cortex of a lobe: cerebral cortex, the lobe its topographical modifier
+            assert _same(site.value, codes.SCT.CerebralCortex) and _same(site.topographical_modifier,
+                                                                        structure.concept)
+        else:
+            assert _same(site.value, structure.concept)
         assert _value(group, DICE) == pytest.approx(entry.dice)
         assert _value(group, ASPC) == pytest.approx(entry.aspc)
 

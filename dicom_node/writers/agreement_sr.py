@@ -28,7 +28,14 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node.writers import WrittenSeries, gc_paused, write_single
-from dicom_node.writers.tid1500 import LOCAL_SCHEME, evidence, finding_site, measurement_report_sr, tracking
+from dicom_node.writers.tid1500 import (
+    LOCAL_SCHEME,
+    evidence,
+    finding_site,
+    finding_type,
+    measurement_report_sr,
+    tracking,
+)
 from inference.agreement import Agreement
 from inference.labels import by_code
 
@@ -127,7 +134,7 @@ def _structure_groups(agreement: Agreement, algorithm: hd.sr.AlgorithmIdentifica
         structure = by_code(code)
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(structure.freesurfer_name, uid_prefix),
-            finding_type=structure.concept, finding_category=structure.category, finding_sites=[finding_site(code)],
+            finding_type=finding_type(code), finding_category=structure.category, finding_sites=[finding_site(code)],
             algorithm_id=algorithm,
             measurements=[
                 hd.sr.Measurement(name=DICE, value=entry.dice, unit=UNIT_NONE, algorithm_id=algorithm),

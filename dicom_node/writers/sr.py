@@ -27,7 +27,15 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node.writers import WrittenSeries, gc_paused, write_single
-from dicom_node.writers.tid1500 import LOCAL_SCHEME, device_uid, evidence, finding_site, measurement_report_sr, tracking
+from dicom_node.writers.tid1500 import (
+    LOCAL_SCHEME,
+    device_uid,
+    evidence,
+    finding_site,
+    finding_type,
+    measurement_report_sr,
+    tracking,
+)
 from inference.labels import HIPPOCAMPUS, LEFT, RIGHT, by_code
 from inference.volumetry import Volumetry
 
@@ -106,7 +114,7 @@ def _structure_groups(volumetry: Volumetry, seg: WrittenSeries, source_series_ui
                 sop_class_uid=seg_file.sop_class_uid, sop_instance_uid=seg_file.sop_instance_uid,
                 segment_number=numbers[code],
                 source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid)),
-            finding_type=structure.concept,
+            finding_type=finding_type(code),
             finding_category=structure.category,
             finding_sites=[finding_site(code)],
             algorithm_id=algorithm,

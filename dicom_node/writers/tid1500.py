@@ -18,7 +18,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 import dicom_node
 from dicom_node.uids import new_uid
 from dicom_node.writers import equipment, identity_ready
-from inference.labels import by_code, laterality_code
+from inference.labels import CORTEX, by_code, laterality_code
 
 #: Concepts DICOM does not define are coded in this local scheme.
 LOCAL_SCHEME = "99DICOMNODE"
@@ -29,9 +29,23 @@ def tracking(identifier: str, uid_prefix: str | None) -> hd.sr.TrackingIdentifie
     return hd.sr.TrackingIdentifier(uid=new_uid(uid_prefix), identifier=identifier)
 
 
+#: the project's codes of the cortex of one lobe (1201-1206 left, 2201-2206 right)
+LOBE_CORTEX_CODES = frozenset(code for _aseg, *lobes in CORTEX.values() for code in lobes)
+
+
+def finding_type(code: int) -> Code:
+    """What was measured for a structure code: its concept, and for the cortex of a lobe the cerebral cortex (the
+    lobe's own concept would say the whole lobe, white matter included: a third of its volume read as atrophy)."""
+    return codes.SCT.CerebralCortex if code in LOBE_CORTEX_CODES else by_code(code).concept
+
+
 def finding_site(code: int) -> hd.sr.FindingSite:
-    """The finding site (with laterality) of a FreeSurfer structure code."""
+    """The finding site (with laterality) of a FreeSurfer structure code; for the cortex of a lobe, the cerebral
+    cortex with the lobe as its topographical modifier."""
     structure = by_code(code)
+    if code in LOBE_CORTEX_CODES:
+        return hd.sr.FindingSite(anatomic_location=codes.SCT.CerebralCortex, laterality=laterality_code(structure),
+                                 topographical_modifier=structure.concept)
     return hd.sr.FindingSite(anatomic_location=structure.concept, laterality=laterality_code(structure))
 
 
