@@ -85,28 +85,25 @@ def test_a_long_reason_is_cut(tmp_path: Path, written: dict) -> None:
     assert dciodvfy_errors(out.path) == []
 
 
-def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: Path, written: dict) -> None:
-    """The page must reach the reader whatever the source's identity attributes: none of EXPORT_LACKS, and a
-    RIS's PatientSex "U"."""
-    (source,) = as_exported(written["sources"][:1])
+def _page_of(source: pydicom.Dataset, tmp_path: Path) -> pydicom.Dataset:
+    """The page written for ``source`` (checked valid by dciodvfy), read back."""
     out = write_not_processed(REASON, source=source, source_instances=[(str(source.SOPClassUID),
                                                                         str(source.SOPInstanceUID))],
                               out_path=tmp_path / "not_processed.dcm", series_number=750,
                               series_description="sT12DT1 NOT PROCESSED", uid_prefix=UID_PREFIX,
                               what="sT12DT1 (synthetic T1 by model m)", job_id=13)
     assert dciodvfy_errors(out.path) == []
-    ds = pydicom.dcmread(out.path)
+    return pydicom.dcmread(out.path)
+
+
+def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: Path, written: dict) -> None:
+    """The page must reach the reader whatever the source's identity attributes: none of EXPORT_LACKS, and a
+    RIS's PatientSex "U"."""
+    ds = _page_of(as_exported(written["sources"][:1])[0], tmp_path)
     assert all(ds[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
 
 
 def test_a_japanese_source(tmp_path: Path, written: dict) -> None:
     """SpecificCharacterSet \\ISO 2022 IR 87 (highdicom refuses it as it is): the page still reaches the reader."""
-    (source,) = as_japanese(written["sources"][:1])
-    out = write_not_processed(REASON, source=source, source_instances=[(str(source.SOPClassUID),
-                                                                        str(source.SOPInstanceUID))],
-                              out_path=tmp_path / "not_processed.dcm", series_number=750,
-                              series_description="sT12DT1 NOT PROCESSED", uid_prefix=UID_PREFIX,
-                              what="sT12DT1 (synthetic T1 by model m)", job_id=13)
-    assert dciodvfy_errors(out.path) == []
-    ds = pydicom.dcmread(out.path)
+    ds = _page_of(as_japanese(written["sources"][:1])[0], tmp_path)
     assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == JAPANESE_NAME

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
@@ -240,6 +240,14 @@ def test_truncated_file_gets_a_failure_status(node: Node, series: list[Path], tm
     assert not any(node.spool.root.rglob("*.dcm"))
 
 
+def _store_first(node: Node, series: list[Path]) -> Dataset:
+    """The status of the series' first object sent to the node in an association of its own."""
+    assoc = node.associate()
+    status = assoc.send_c_store(dcmread(series[0]))
+    assoc.release()
+    return status
+
+
 def test_spool_failure_is_out_of_resources(node: Node, series: list[Path], monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
     def full(*args: object, **kwargs: object) -> Path:
@@ -247,9 +255,7 @@ def test_spool_failure_is_out_of_resources(node: Node, series: list[Path], monke
 
     monkeypatch.setattr(node.spool, "write", full)
     caplog.set_level(logging.ERROR, logger="dicom_node.scp")
-    assoc = node.associate()
-    status = assoc.send_c_store(dcmread(series[0]))
-    assoc.release()
+    status = _store_first(node, series)
     assert status.Status == STATUS_OUT_OF_RESOURCES
     assert "No space left" in status.ErrorComment
     assert node.journal.counts()["instances"] == {"total": 0}
@@ -298,9 +304,7 @@ def test_journal_failure_is_not_acknowledged(node: Node, series: list[Path], mon
 
     monkeypatch.setattr(node.journal, "add_instance", broken)
     caplog.set_level(logging.ERROR, logger="dicom_node.scp")
-    assoc = node.associate()
-    status = assoc.send_c_store(dcmread(series[0]))
-    assoc.release()
+    status = _store_first(node, series)
     # out of resources, not "cannot understand": most senders take 0xC000 as final, and try 0xA700 again later
     assert status.Status == STATUS_OUT_OF_RESOURCES
     assert "journal is unavailable" in str(status.ErrorComment)
@@ -317,9 +321,7 @@ def test_out_of_memory_is_out_of_resources(node: Node, series: list[Path], monke
 
     monkeypatch.setattr(node.journal, "add_instance", exhausted)
     caplog.set_level(logging.ERROR, logger="dicom_node.scp")
-    assoc = node.associate()
-    status = assoc.send_c_store(dcmread(series[0]))
-    assoc.release()
+    status = _store_first(node, series)
     assert status.Status == STATUS_OUT_OF_RESOURCES
     assert str(status.ErrorComment) == "cannot store: out of memory"
     assert any("failed: out of memory" in r.getMessage() for r in caplog.records)

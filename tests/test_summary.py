@@ -137,26 +137,25 @@ def test_lip_view_is_dicomorient_without_a_copy(direction: tuple[int, ...]) -> N
     assert _centre_k(view[0]) == pytest.approx(hippocampi.mean(axis=0)[0])
 
 
-def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: Path, build: dict) -> None:
+def _page_of(build: dict, sources: list[pydicom.Dataset], tmp_path: Path) -> pydicom.Dataset:
+    """The summary page of the build's real T1 written from ``sources`` (checked valid by dciodvfy), read back."""
     series = build["series"]
-    path = write_summary(build["volumetry"], t1=series.t1, labels=series.labels,
-                         source_images=as_exported(series.t1_headers), out_path=tmp_path / "summary.dcm",
-                         series_number=1004, series_description="rT1 summary", uid_prefix=UID_PREFIX,
-                         algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION, synthetic=False).path
+    path = write_summary(build["volumetry"], t1=series.t1, labels=series.labels, source_images=sources,
+                         out_path=tmp_path / "summary.dcm", series_number=1004, series_description="rT1 summary",
+                         uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
+                         synthetic=False).path
     assert dciodvfy_errors(path) == []
-    ds = pydicom.dcmread(path)
+    return pydicom.dcmread(path)
+
+
+def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: Path, build: dict) -> None:
+    ds = _page_of(build, as_exported(build["series"].t1_headers), tmp_path)
     assert all(ds[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
 
 
 def test_a_japanese_source(tmp_path: Path, build: dict) -> None:
     """SpecificCharacterSet \\ISO 2022 IR 87 (highdicom refuses it as it is): the page goes out, its name in UTF-8."""
-    series = build["series"]
-    path = write_summary(build["volumetry"], t1=series.t1, labels=series.labels,
-                         source_images=as_japanese(series.t1_headers), out_path=tmp_path / "summary.dcm",
-                         series_number=1004, series_description="rT1 summary", uid_prefix=UID_PREFIX,
-                         algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION, synthetic=False).path
-    assert dciodvfy_errors(path) == []
-    ds = pydicom.dcmread(path)
+    ds = _page_of(build, as_japanese(build["series"].t1_headers), tmp_path)
     assert ds.SpecificCharacterSet == "ISO_IR 192" and str(ds.PatientName) == JAPANESE_NAME
 
 
@@ -192,13 +191,7 @@ def test_a_name_is_shown_by_its_alphabetic_group_without_carets() -> None:
 
 def test_a_body_part_the_vr_forbids_is_not_copied(tmp_path: Path, build: dict) -> None:
     """A source BodyPartExamined "Kopf" (lowercase, not a Code String) made the page invalid (dciodvfy errors)."""
-    series = build["series"]
-    sources = [copy.deepcopy(ds) for ds in series.t1_headers]
+    sources = [copy.deepcopy(ds) for ds in build["series"].t1_headers]
     for ds in sources:
         ds.BodyPartExamined = "Kopf"
-    path = write_summary(build["volumetry"], t1=series.t1, labels=series.labels, source_images=sources,
-                         out_path=tmp_path / "summary.dcm", series_number=1004, series_description="rT1 summary",
-                         uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION,
-                         synthetic=False).path
-    assert dciodvfy_errors(path) == []
-    assert pydicom.dcmread(path).BodyPartExamined == "BRAIN"
+    assert _page_of(build, sources, tmp_path).BodyPartExamined == "BRAIN"
