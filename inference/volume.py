@@ -276,10 +276,14 @@ def _stack_spacing(distances: np.ndarray, positions: np.ndarray, in_plane_axes: 
         problems.append(f"{kind} between slice {k + 1} and {k + 2} ({steps[k]:.3g} mm, expected {spacing:.3g} mm)")
     if len(irregular) > 5:
         problems.append(f"{len(irregular)} irregular slice steps in total")
-    if not skip and not irregular:
-        # each step within the tolerance, and yet the steps may add up: the volume puts slice k at
-        # first + k * spacing (a stack of 5.0 mm steps, then 5.4 mm ones, put its last slice 3 mm off)
-        drift = distances - (distances[0] + spacing * np.arange(len(distances)))
+    if not skip and not irregular and len(distances) > 2:
+        # the volume puts slice k at first + k * spacing: the spacing that fits every position best (least
+        # squares through the first), not the median step, which positions written with few decimals bias
+        # enough to add up to a millimetre over 250 slices. Each step within the tolerance, the steps may still
+        # add up: a stack of 5.0 mm steps, then 5.4 mm ones, would put its last slice 3 mm off.
+        k = np.arange(len(distances), dtype=float)
+        spacing = float((k @ (distances - distances[0])) / (k @ k))
+        drift = distances - (distances[0] + spacing * k)
         worst = int(np.argmax(np.abs(drift)))
         if abs(drift[worst]) > tolerance:
             problems.append(f"slice positions drift from an even spacing of {spacing:.3g} mm: slice {worst + 1} "
