@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import gc
+import io
 import threading
 
+import pydicom
+import pytest
 from highdicom import _standard_utils
 
-from dicom_node.writers import gc_paused, warm_up
+from dicom_node.writers import gc_paused, identity_ready, warm_up
+from tests.volumetry_factory import JAPANESE_NAME, JAPANESE_PROCEDURE, JAPANESE_STUDY, as_japanese
 
 
 def test_gc_paused_while_any_writer_is_inside_and_restored_after() -> None:
@@ -60,3 +64,32 @@ def test_warm_up_loads_highdicoms_tables() -> None:
         loader.cache_clear()
     warm_up()
     assert all(loader.cache_info().currsize == 1 for loader in loaders)
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_identity_ready_writes_a_japanese_source_in_utf8(implicit_vr: bool) -> None:
+    """``\\ISO 2022 IR 87`` (highdicom refuses it): every text element, nested ones too, decoded with the source's
+    character set and kept as text for UTF-8. Implicit VR (the common sender default) left its elements without a
+    VR, so none was converted and the ISO 2022 bytes went out labelled UTF-8."""
+    (source,) = as_japanese([_header()], implicit_vr=implicit_vr)
+    ready = identity_ready(source)
+    assert ready.SpecificCharacterSet == "ISO_IR 192"
+    assert str(ready.PatientName) == JAPANESE_NAME and ready.StudyDescription == JAPANESE_STUDY
+    assert ready.ProcedureCodeSequence[0].CodeMeaning == JAPANESE_PROCEDURE
+    buffer = io.BytesIO()
+    ready.save_as(buffer, enforce_file_format=False, implicit_vr=False, little_endian=True)
+    again = pydicom.dcmread(io.BytesIO(buffer.getvalue()), force=True)
+    assert str(again.PatientName) == JAPANESE_NAME and again.ProcedureCodeSequence[0].CodeMeaning == JAPANESE_PROCEDURE
+    # the source keeps its own encoding
+    assert list(source.SpecificCharacterSet) == ["", "ISO 2022 IR 87"]
+    assert str(source.PatientName) == JAPANESE_NAME
+
+
+def _header() -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.1"
+    ds.PatientID, ds.PatientSex = "P1", "F"
+    for keyword in ("PatientBirthDate", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                    "AccessionNumber"):
+        setattr(ds, keyword, None)
+    return ds

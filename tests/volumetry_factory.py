@@ -20,6 +20,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.writers.derived_mr import Derivation, write_derived_mr
 from inference.labels import CORTEX, LOBES, LR_SWAP, STRUCTURES
@@ -180,11 +181,15 @@ def dciodvfy_errors(path: Path) -> list[str]:
 #: PS3.5 H.3.1: a Japanese name in ISO 2022 (alphabetic, ideographic and phonetic groups)
 JAPANESE_NAME = "Yamada^Tarou=山田^太郎=やまだ^たろう"
 JAPANESE_CHARSET = ["", "ISO 2022 IR 87"]
+#: a study description and a nested code meaning in the same encoding
+JAPANESE_STUDY = "頭部ＭＲＩ"
+JAPANESE_PROCEDURE = "頭部"
 
 
-def as_japanese(headers: Sequence[Dataset]) -> list[Dataset]:
+def as_japanese(headers: Sequence[Dataset], *, implicit_vr: bool = True) -> list[Dataset]:
     """Copies of ``headers`` as Japanese equipment sends them: SpecificCharacterSet ``\\ISO 2022 IR 87`` (the
-    first value empty, as DICOM allows) and a name encoded in it, read back from the bytes (raw, as received)."""
+    first value empty, as DICOM allows), the name, the study description and a procedure code's meaning encoded in
+    it, read back from the bytes (raw, as received; Implicit VR by default, the common sender default)."""
     import io
 
     from pydicom import dcmread
@@ -194,8 +199,14 @@ def as_japanese(headers: Sequence[Dataset]) -> list[Dataset]:
         ds = copy.deepcopy(ds)
         ds.SpecificCharacterSet = JAPANESE_CHARSET
         ds.PatientName = JAPANESE_NAME
+        ds.StudyDescription = JAPANESE_STUDY
+        code = Dataset()
+        code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "X1", "99LOCAL", JAPANESE_PROCEDURE
+        ds.ProcedureCodeSequence = [code]
+        if "TransferSyntaxUID" in getattr(ds, "file_meta", {}):
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit_vr else ExplicitVRLittleEndian
         buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=False, implicit_vr=False, little_endian=True)
+        ds.save_as(buffer, enforce_file_format=False, implicit_vr=implicit_vr, little_endian=True)
         buffer.seek(0)
         out.append(dcmread(buffer, force=True))
     return out

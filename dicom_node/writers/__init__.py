@@ -20,6 +20,7 @@ from pydicom import dcmwrite
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 
 import dicom_node
@@ -116,6 +117,7 @@ def patient_sex(value: object) -> str | None:
 #: VRs of text that SpecificCharacterSet applies to (PS3.5 6.1.2.3)
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
 UTF8 = "ISO_IR 192"
+_CHARSET = Tag("SpecificCharacterSet")
 
 
 def charset_ready(ds: Dataset) -> bool:
@@ -136,18 +138,26 @@ def charset_ready(ds: Dataset) -> bool:
 
 
 def _in_utf8(ds: Dataset, ready: Dataset) -> None:
-    """Every top-level text element of ``ds``, decoded with its own character set, put in ``ready`` as text to
-    be written in UTF-8 (``ready``'s SpecificCharacterSet becomes ISO_IR 192)."""
-    for element in ds.elements():
-        if str(element.VR) not in _TEXT_VRS:
+    """Every text element of ``ds``, nested ones too, decoded with ``ds``'s own character set and put in ``ready``
+    (a shallow copy of ``ds``) as new elements of text, to be written in UTF-8; sequences holding text get new
+    items (``ds``'s are left as they are). The caller sets ``ready``'s SpecificCharacterSet."""
+    for element in ds:  # converted: the VR from the dictionary (Implicit VR), text decoded with ds's character set
+        if element.tag == _CHARSET:
             continue
-        value = ds[element.tag].value  # converted with ds's character set
-        if isinstance(value, bytes):
-            continue  # not text after all (an unknown VR read as bytes): left out of the conversion
+        if element.VR == "SQ" and element.value is not None:
+            items = []
+            for item in element.value:
+                copy = shallow_copy(item, drop=[_CHARSET])
+                _in_utf8(item, copy)
+                items.append(copy)
+            ready[element.tag] = DataElement(element.tag, "SQ", DicomSequence(items))
+            continue
+        value = element.value
+        if str(element.VR) not in _TEXT_VRS or isinstance(value, bytes):
+            continue  # not text (or a text VR holding bytes it could not decode: left as it is)
         text: Any = value if value is None or isinstance(value, str) else \
             [str(v) for v in value] if isinstance(value, MultiValue) else str(value)  # (a PersonName)
         ready[element.tag] = DataElement(element.tag, element.VR, text)  # a new element: ds keeps its own
-    ready.SpecificCharacterSet = UTF8  # (not in ready: identity_ready leaves it out of the copy)
 
 
 def identity_ready(ds: Dataset) -> Dataset:
@@ -165,6 +175,7 @@ def identity_ready(ds: Dataset) -> Dataset:
     ready = shallow_copy(ds, drop=[Tag("PatientSex")] + ([] if charset else [Tag("SpecificCharacterSet")]))
     if not charset:
         _in_utf8(ds, ready)
+        ready.SpecificCharacterSet = UTF8  # (left out of the copy: setting it would change ds's)
     for keyword in missing:
         setattr(ready, keyword, None)
     ready.PatientSex = sex_fixed
