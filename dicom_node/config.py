@@ -635,8 +635,9 @@ def default_rules() -> list[Rule]:
         Rule(name="flair-2d", series_description=FLAIR_DESCRIPTION, model="synth-t1-flair", output_name="sT12DFLAIR",
              mr_acquisition_type="2D", series_description_excludes=UNFILTERED_COPY, **head),
         # a 2D turbo spin echo T2; not STIR (tirm, stir), T2* (fl2d, hemo, swi, "*") or a 3D slab (ciss, space)
+        # (no MRAcquisitionType matcher: it is Type 2, and older or anonymised headers leave it empty)
         Rule(name="coronal-t2", series_description=r"(t2.*(cor|kor))|((cor|kor).*t2)", model="synth-t1-cor-t2",
-             output_name="sT1CorT2", mr_acquisition_type="2D",
+             output_name="sT1CorT2",
              series_description_excludes=UNFILTERED_COPY + r"|tirm|stir|fl2d|hemo|swi|\*|ciss|spc|space|cube",
              **head),
         # MP2RAGE: its inversion images (INV1, INV2) are not T1-weighted images; its UNI image is DERIVED

@@ -59,6 +59,8 @@ def decide(a: SeriesAttributes, config: NodeConfig | None = None, **kwargs: Any)
         (attrs("t1_fl2d_sag", SliceThickness=4.0), "t1-2d", "sT12DT1"),
         (attrs("t1_se_tra", SliceThickness=5.0), "t1-2d", "sT12DT1"),
         (attrs("t2_tse_cor", SliceThickness=3.0), "coronal-t2", "sT1CorT2"),
+        # MRAcquisitionType is Type 2: older or anonymised headers leave it empty
+        (attrs("t2_tse_cor", SliceThickness=3.0, MRAcquisitionType=""), "coronal-t2", "sT1CorT2"),
         (attrs("T2 KOR 3mm"), "coronal-t2", "sT1CorT2"),
         (attrs("cor_t2_blade"), "coronal-t2", "sT1CorT2"),
         (attrs("t2_tirm_tra_dark-fluid FLAIR", SliceThickness=5.0), "flair-2d", "sT12DFLAIR"),
