@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
 from pydicom.tag import BaseTag
 
 __all__ = [
@@ -387,14 +388,14 @@ def load_series(paths: Sequence[Path]) -> LoadedSeries:
     by_file: dict[int, list[tuple[int, FrameGeometry]]] = {}
     for k, frame in enumerate(geometry.frames):
         by_file.setdefault(frame.dataset_index, []).append((k, frame))
-    for index, frames in by_file.items():  # each file decoded once (multi-frame files may interleave in space)
-        pixels = datasets[index].pixel_array
+    for index, frames in by_file.items():  # file by file (multi-frame files may interleave in space)
+        pixels = pixel_array(datasets[index])  # not kept on the data set (Dataset.pixel_array keeps it)
         if frame_counts[index] == 1:
             pixels = pixels[np.newaxis]
         for k, frame in frames:
             plane = pixels[frame.frame_index].astype(np.float32)
             volume[k] = plane * np.float32(frame.rescale_slope) + np.float32(frame.rescale_intercept)
-        del pixels  # one decoded file at a time
+        del pixels  # one decoded file in memory at a time
 
     image = sitk.GetImageFromArray(volume, isVector=False)
     image.SetOrigin(tuple(float(v) for v in geometry.positions[0]))

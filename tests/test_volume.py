@@ -201,7 +201,8 @@ def test_a_series_of_two_patients_or_scans_is_refused(tmp_path: Path, keyword: s
 @requires_shared_data
 def test_interleaved_multiframe_files_are_each_decoded_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real Enhanced MR file split into two, odd and even frames (their slices interleave in space): the same
-    volume, and each file decoded once (it was decoded again at every switch between the files: 96 times)."""
+    volume, each file decoded once, and no decoded copy left on the data sets (Dataset.pixel_array keeps one: a
+    3,000-image series held every decoded image beside the volume until the load returned)."""
     source = next((ENHANCED / "00005_anat_T1w_acq_tfl").glob("*.dcm"))
     whole = load_series([source])
     ds = pydicom.dcmread(source)
@@ -215,16 +216,19 @@ def test_interleaved_multiframe_files_are_each_decoded_once(tmp_path: Path, monk
         piece.SOPInstanceUID = piece.file_meta.MediaStorageSOPInstanceUID = f"{ds.SOPInstanceUID}.{part + 1}"
         parts.append(tmp_path / f"part{part}.dcm")
         piece.save_as(parts[-1])
+    from inference import volume
+
     decoded: list[str] = []
-    original = pydicom.Dataset.pixel_array
+    decode = volume.pixel_array
 
-    def counting(self: pydicom.Dataset) -> np.ndarray:
-        decoded.append(str(self.SOPInstanceUID))
-        return original.fget(self)
+    def counting(source: pydicom.Dataset) -> np.ndarray:
+        decoded.append(str(source.SOPInstanceUID))
+        return decode(source)
 
-    monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(counting))
+    monkeypatch.setattr(volume, "pixel_array", counting)
     split = load_series(parts)
     assert sorted(decoded) == sorted(f"{ds.SOPInstanceUID}.{part + 1}" for part in (0, 1))
+    assert all(getattr(ds, "_pixel_array", None) is None for ds in split.datasets)  # nothing decoded kept
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(split.image), sitk.GetArrayViewFromImage(whole.image))
     _assert_same_geometry(split.image, whole.image)
 
