@@ -195,3 +195,24 @@ def test_a_body_part_the_vr_forbids_is_not_copied(tmp_path: Path, build: dict) -
     for ds in sources:
         ds.BodyPartExamined = "Kopf"
     assert _page_of(build, sources, tmp_path).BodyPartExamined == "BRAIN"
+
+
+def test_reasons_are_wrapped_to_the_width_they_are_drawn_in() -> None:
+    """Wrapped by characters only, a reason of digits and capitals ran past the page's edge in the wider font."""
+    from dicom_node.writers.summary import drawable, font, wrap_text
+
+    big, width = font(26), 1024 - 44 - 24
+    reason = " ".join(["1.2.826.0.1.3680043.8.498.12345", "WWWWWWWW", "MMMMMMM", "0123456789"] * 6)
+    lines = wrap_text(reason, 72, max_lines=20, fit=(big, width))
+    assert len(lines) > 2 and all(big.getlength(drawable(line)) <= width for line in lines)
+    assert " ".join(lines) == reason
+
+
+def test_letters_beyond_the_wide_fonts_blocks_are_not_drawn_as_boxes() -> None:
+    from dicom_node.writers import summary
+
+    if summary._wide_font() is None:
+        pytest.skip("no wide font (fonts-dejavu-core) on this machine")
+    # PS3.5's example puts the phonetic group in half-width katakana, which DejaVu Sans lacks
+    assert summary.drawable("Ödön Иванов ﾔﾏﾀﾞ 山田") == "Ödön Иванов ???? ??"
+    assert summary.display_name("=山田^太郎=やまだ^たろう") == "山田, 太郎"  # no alphabetic group: the next one

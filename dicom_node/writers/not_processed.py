@@ -47,7 +47,7 @@ def render_not_processed(reason: str, *, header_lines: Sequence[str], footer_lin
     y += 14
     draw.text((24, y), "Reason:", font=big, fill=(255, 90, 90))
     y += 38
-    for line in wrap_text(reason, 72, max_lines=8):
+    for line in wrap_text(reason, 72, max_lines=8, fit=(big, width - 44 - 24)):
         draw.text((44, y), drawable(line), font=big, fill=_FG)
         y += 32
     y = max(y + 16, height - 24 * len(footer_lines) - 16)

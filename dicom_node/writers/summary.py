@@ -4,7 +4,8 @@ The page holds a banner (synthetic input: "SYNTHETIC - not for diagnosis of lesi
 lines, a table of key volumes (ICV, hippocampus, HOC, ventricles, amygdala, cortex, white matter; with
 normative z-scores when present), the quality-control outcome, and three coronal slices through the
 hippocampi with the labels in FreeSurfer colours (radiological convention: patient right on the left).
-Text is drawn with Pillow's built-in font; the page carries patient identification (BurnedInAnnotation YES).
+Text is drawn in DejaVu Sans where the machine has it (fonts-dejavu-core), else Pillow's built-in font
+(:func:`font`, :func:`drawable`); the page carries patient identification (BurnedInAnnotation YES).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def _valid_cs(value: str) -> bool:
 #: A font with Latin, Greek and Cyrillic letters (Debian's fonts-dejavu-core), used when the machine has it: Pillow's
 #: built-in font draws every letter outside basic Latin as the same box ("Müller" and "Möller" alike)
 WIDE_FONTS = (Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),)
+#: the last code point of the blocks it draws (Latin, IPA, Greek, Cyrillic); beyond (Japanese half-width kana, CJK,
+#: Thai...) it draws boxes, so those letters are treated as for a font without them
+WIDE_FONT_LAST = "\u052f"
 #: letters NFKD does not decompose, spelt in basic Latin for a font without them
 _FOLDED = str.maketrans({"ß": "ss", "æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "œ": "oe", "Œ": "OE", "đ": "d",
                          "Đ": "D", "ł": "l", "Ł": "L", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D", "ı": "i"})
@@ -83,12 +87,12 @@ def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def drawable(text: str) -> str:
     """``text`` as the page's font can draw it: letters it lacks spelt in basic Latin where they can be ("Müller"
-    → "Muller", "Straße" → "Strasse"), "?" where they cannot (CJK, and without a wide font anything else), so that
-    two different names never look the same box for box."""
+    → "Muller", "Straße" → "Strasse"), "?" where they cannot (CJK; without a wide font also Greek and Cyrillic),
+    so that two different names never look the same box for box."""
     wide = _wide_font() is not None
     out = []
     for char in text:
-        if char.isascii() or (wide and not _cjk(char)):
+        if char.isascii() or (wide and char <= WIDE_FONT_LAST):
             out.append(char)
             continue
         folded = "".join(c for c in unicodedata.normalize("NFKD", char.translate(_FOLDED))
@@ -97,14 +101,11 @@ def drawable(text: str) -> str:
     return "".join(out)
 
 
-def _cjk(char: str) -> bool:
-    return "\u2e80" <= char <= "\u9fff" or "\uac00" <= char <= "\ud7af" or "\uf900" <= char <= "\ufaff"
-
-
 def display_name(value: object) -> str:
     """A PersonName for the page: its alphabetic group (Japanese and Korean names carry one; the ideographic and
     phonetic ones follow "="), "Family, Given Middle" rather than DICOM's carets."""
-    alphabetic = str(value or "").split("=", 1)[0]
+    groups = str(value or "").split("=")
+    alphabetic = next((group for group in groups if group.strip("^ ")), "")  # the first group holding a name
     family, _, rest = alphabetic.partition("^")
     given = " ".join(part for part in rest.split("^") if part)
     return f"{family}, {given}" if family and given else (family or given)
@@ -298,18 +299,23 @@ def _draw_qc(draw: ImageDraw.ImageDraw, volumetry: Volumetry, qc_x: int, qc_y: i
         colour = {True: _FG, False: (255, 90, 90), None: _DIM}[check.passed]
         draw.text((qc_x, qc_y), f"{mark:<5}{check.name}", font=small, fill=colour)
         qc_y += 18
-        for chunk in wrap_text(check.reason, 44):
-            draw.text((qc_x + 12, qc_y), chunk, font=small, fill=_DIM)
+        for chunk in wrap_text(check.reason, 44, fit=(small, width - 16 - qc_x - 12)):
+            draw.text((qc_x + 12, qc_y), drawable(chunk), font=small, fill=_DIM)
             qc_y += 17
         qc_y += 4
     return qc_y
 
 
-def wrap_text(text: str, width: int, max_lines: int = 4) -> list[str]:
-    """``text`` in lines of at most ``width`` characters (a longer word stays whole), the first ``max_lines``."""
+def wrap_text(text: str, width: int, max_lines: int = 4, *,
+              fit: tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, float] | None = None) -> list[str]:
+    """``text`` in lines of at most ``width`` characters (a longer word stays whole), the first ``max_lines``;
+    with ``fit`` (a font and a width in pixels) also no wider than that as drawn."""
+    def too_long(candidate: str) -> bool:
+        return len(candidate) > width or (fit is not None and fit[0].getlength(drawable(candidate)) > fit[1])
+
     words, lines, line = text.split(), [], ""
     for word in words:
-        if line and len(line) + 1 + len(word) > width:
+        if line and too_long(f"{line} {word}"):
             lines.append(line)
             line = word
         else:
