@@ -22,8 +22,8 @@ Method (the metrics of the AutoAlign-localizer evaluation):
   labels against the resampled synthetic labels, and ASPC of the volumes, each volume measured on its own
   native grid (as the volumetry reports them). Both maps are first put in one label set: when one holds the
   cortex by lobe and the corpus callosum (the segmenter's) and the other the whole cortex of each side (a
-  synthesis model's own labels), both are compared as whole cortex, without the callosum
-  (``inference.labels.aseg_view``); structures the caller says the synthetic labels never hold (a model's
+  synthesis model's own labels), both are compared as whole cortex, the callosum in the white matter of its nearer
+  side (``inference.labels.aseg_view``); structures the caller says the synthetic labels never hold (a model's
   ``unlabelled`` classes) are left out.
 
 The transform maps points of the real T1 onto the synthetic T1 (LPS, mm): x' = R (x - c) + c + t, with
@@ -244,16 +244,26 @@ def _by_lobe(labels: sitk.Image) -> bool:
 
 
 def _whole_cortex(labels: sitk.Image) -> sitk.Image:
-    """``labels`` in the whole-cortex label set (:func:`inference.labels.aseg_view`), on the same grid."""
-    out = sitk.GetImageFromArray(aseg_view(sitk.GetArrayViewFromImage(labels)).astype(np.uint16))
-    out.CopyInformation(labels)
-    return out
+    """``labels`` in the whole-cortex label set (:func:`inference.labels.aseg_view`), on the same grid, the corpus
+    callosum given to the white matter of the nearer side (the side of the plane halfway between the two white
+    matters' centroids), as a whole-cortex label set holds it."""
+    codes = sitk.GetArrayViewFromImage(labels)
+    out = aseg_view(codes)
+    callosum = np.argwhere(codes == 192)
+    left, right = np.argwhere(codes == 2), np.argwhere(codes == 41)
+    if len(callosum) and len(left) and len(right):
+        to_left = (np.linalg.norm(callosum - left.mean(axis=0), axis=1)
+                   <= np.linalg.norm(callosum - right.mean(axis=0), axis=1))
+        out[tuple(callosum.T)] = np.where(to_left, 2, 41)
+    image = sitk.GetImageFromArray(out.astype(np.uint16))
+    image.CopyInformation(labels)
+    return image
 
 
 def common_label_set(real_labels: sitk.Image, synth_labels: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
     """The two label maps in one label set: as they are when both hold the cortex the same way, else both as
-    whole cortex without the corpus callosum (a lobe would otherwise be compared with nothing: Dice 0, and
-    the mean Dice and ASPC of the agreement skewed)."""
+    whole cortex with the corpus callosum in the white matter (a lobe would otherwise be compared with nothing:
+    Dice 0, and the mean Dice and ASPC of the agreement skewed)."""
     if _by_lobe(real_labels) == _by_lobe(synth_labels):
         return real_labels, synth_labels
     return _whole_cortex(real_labels), _whole_cortex(synth_labels)
