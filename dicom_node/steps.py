@@ -298,6 +298,15 @@ def load_step(journal: Journal, series: SeriesRecord) -> LoadedSeries:
     return loaded
 
 
+def own_labels_measure(config: NodeConfig, manifest: ModelManifest, action: str) -> bool:
+    """Whether a model's own segmentation output measures the T1 of a rule with ``action``: without a segmenter,
+    or for an sT1 when its manifest says its labels measure it better (``measures_synthetic``, measured on real
+    T1s)."""
+    seg_spec = manifest.output.segmentation
+    return not config.inference.segmenter or (action == "synthesize" and seg_spec is not None
+                                              and seg_spec.measures_synthetic)
+
+
 def synthesize_step(config: NodeConfig, registry: ModelRegistry, rule: Rule, loaded: LoadedSeries,
                     timings: dict[str, float]) -> Images:
     """The T1 to measure: the synthetic sT1 of a synthesis rule, or the real T1 itself. Labels come with it
@@ -310,9 +319,7 @@ def synthesize_step(config: NodeConfig, registry: ModelRegistry, rule: Rule, loa
     mirror = config.inference.mirror_average and rule.action == "synthesize" and bool(segmenter)
     result = run_model(model, loaded.image, mirror_average=mirror)
     timings.update({f"model.{k}": v for k, v in result.timings.items()})
-    seg_spec = model.manifest.output.segmentation
-    own_for_synthetic = rule.action == "synthesize" and seg_spec is not None and seg_spec.measures_synthetic
-    own = model.manifest if not segmenter or own_for_synthetic else None
+    own = model.manifest if own_labels_measure(config, model.manifest, rule.action) else None
     if rule.action == "synthesize":
         if result.t1 is None:
             raise JobFailed(f"model {rule.model!r} produced no image")
@@ -550,8 +557,8 @@ def agreement_step(ctx: FollowUpContext, journal: Journal, config: NodeConfig,
     real, synthetic = (other, mine) if job.action == "synthesize" else (mine, other)
     manifest = model_session(registry, synthetic.job.model).manifest
     seg_spec = manifest.output.segmentation
-    # the sT1 measured by its model's own labels (synthesize_step): what that model never labels is left out
-    own = seg_spec is not None and (seg_spec.measures_synthetic or not config.inference.segmenter)
+    # the sT1 measured by its model's own labels: what that model never labels is left out
+    own = seg_spec is not None and own_labels_measure(config, manifest, "synthesize")
     agreement = compare(*(sitk.ReadImage(str(p)) for p in (real.t1_volume, real.label_volume,
                                                            synthetic.t1_volume, synthetic.label_volume)),
                         synthetic_unlabelled=seg_spec.unlabelled if own and seg_spec is not None else ())

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from inference.labels import CORTEX, STRUCTURES, aseg_view
+from inference.labels import LOBE_CORTEX_CODES, STRUCTURES, aseg_view
 from inference.metrics import aspc, dice, psnr, ssim, volumes_ml
 from inference.volume import resample_isotropic
 from inference.volumetry import ICV_CODE_LIMIT
@@ -239,8 +239,7 @@ def _check_inputs(real_t1: sitk.Image, real_labels: sitk.Image, synth_t1: sitk.I
 
 def _by_lobe(labels: sitk.Image) -> bool:
     """Whether a label map holds the cortex by lobe (or the corpus callosum): a segmenter's label set."""
-    lobes = [code for _aseg, *by_lobe in CORTEX.values() for code in by_lobe] + [192]
-    return bool(np.isin(sitk.GetArrayViewFromImage(labels), lobes).any())
+    return bool(np.isin(sitk.GetArrayViewFromImage(labels), [*LOBE_CORTEX_CODES, 192]).any())
 
 
 def _whole_cortex(labels: sitk.Image) -> sitk.Image:

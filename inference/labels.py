@@ -31,6 +31,7 @@ __all__ = [
     "ASEG_RIGHT",
     "CORTEX",
     "aseg_view",
+    "LOBE_CORTEX_CODES",
     "HIPPOCAMPUS",
     "LOBES",
     "BODY_SUBSTANCE",
@@ -150,6 +151,10 @@ CORTEX: dict[str, tuple[int, ...]] = {
     side: (aseg, *(_LOBE_BASE[side] + offset for offset, _, _ in LOBES.values()))
     for side, aseg in (("L", 3), ("R", 42))
 }
+
+
+#: the project's codes of the cortex of one lobe (1201-1206 left, 2201-2206 right)
+LOBE_CORTEX_CODES = frozenset(code for _aseg, *lobes in CORTEX.values() for code in lobes)
 
 
 def aseg_view(codes: np.ndarray) -> np.ndarray:

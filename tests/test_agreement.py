@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from inference.agreement import Agreement, compare
-from inference.labels import CORTEX, STRUCTURES, aseg_view
+from inference.labels import LOBE_CORTEX_CODES, STRUCTURES, aseg_view
 from tests.volumetry_factory import make_phantom
 
 # Not cubic, so that the head outline constrains every rotation; 3 mm voxels keep the test fast.
@@ -158,8 +158,7 @@ def test_a_segmenter_label_set_against_a_synthesis_models_own(phantom) -> None:
 
     result = compare(t1, labels, t1, synthetic, synthetic_unlabelled=[26, 58])
     assert 3 in result.dice and 42 in result.dice and result.dice[3] == 1.0 and result.dice[42] == 1.0
-    lobes = [code for _aseg, *by_lobe in CORTEX.values() for code in by_lobe]
-    assert not set(result.dice) & {*lobes, 192, 26, 58}
+    assert not set(result.dice) & {*LOBE_CORTEX_CODES, 192, 26, 58}
     assert all(value == 1.0 for value in result.dice.values()), result.dice  # the white matter too
     assert result.mean_dice > 0.99
     # as before: the same label set on both sides is compared as it is

@@ -30,9 +30,9 @@ from dicom_node.writers.agreement_sr import (
 from dicom_node.writers.derived_mr import Derivation, write_derived_mr
 from dicom_node.writers.seg import write_seg
 from dicom_node.writers.sr import LOCAL_SCHEME, device_uid
-from dicom_node.writers.tid1500 import LOBE_CORTEX_CODES, finding_type
+from dicom_node.writers.tid1500 import finding_type
 from inference.agreement import compare
-from inference.labels import by_code
+from inference.labels import LOBE_CORTEX_CODES, by_code
 from tests.volumetry_factory import MODEL_ID, MODEL_VERSION, UID_PREFIX, dciodvfy_errors, make_t1_series
 
 

@@ -23,7 +23,7 @@ from dicom_node.writers.sr import (
     device_uid,
     write_sr,
 )
-from inference.labels import STRUCTURES, by_code
+from inference.labels import LOBE_CORTEX_CODES, STRUCTURES, by_code
 from inference.volumetry import QC_FAILED_SUFFIX, Norm, QCLimits, compute_volumetry, with_qc_flag
 from tests.volumetry_factory import (
     EXPORT_LACKS,
@@ -256,8 +256,6 @@ def test_a_japanese_source(tmp_path: Path, build: dict) -> None:
 def test_the_cortex_of_a_lobe_is_coded_as_cortex_not_as_the_lobe(build: dict) -> None:
     """"Frontal lobe, Left: 41 ml" reads as severe atrophy (a lobe, white matter included, is far larger): the
     group of a lobe's cortex says cerebral cortex, with the lobe as the finding site's topographical modifier."""
-    from dicom_node.writers.tid1500 import LOBE_CORTEX_CODES
-
     groups = {g.tracking_identifier: g for g in build["sr"].content.get_volumetric_roi_measurement_groups()}
     lobes = [code for code in LOBE_CORTEX_CODES if by_code(code).freesurfer_name in groups]
     assert len(lobes) == 12

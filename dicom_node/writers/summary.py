@@ -19,7 +19,9 @@ import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
+from pydicom import config
 from pydicom.dataset import Dataset
+from pydicom.valuerep import validate_value
 
 import dicom_node
 from dicom_node.uids import new_uid
@@ -55,8 +57,12 @@ _TABLE = (
 
 
 def _valid_cs(value: str) -> bool:
-    """A Code String value DICOM allows: 1-16 of A-Z, 0-9, space and underscore."""
-    return 0 < len(value) <= 16 and all(c.isascii() and (c.isupper() or c.isdigit() or c in " _") for c in value)
+    """A non-empty Code String value DICOM allows (pydicom's VR validation)."""
+    try:
+        validate_value("CS", value, config.RAISE)
+    except ValueError:
+        return False
+    return bool(value)
 
 
 #: A font with Latin, Greek and Cyrillic letters (Debian's fonts-dejavu-core), used when the machine has it: Pillow's

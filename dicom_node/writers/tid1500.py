@@ -18,7 +18,7 @@ from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 import dicom_node
 from dicom_node.uids import new_uid
 from dicom_node.writers import equipment, identity_ready
-from inference.labels import CORTEX, by_code, laterality_code
+from inference.labels import LOBE_CORTEX_CODES, by_code, laterality_code
 
 #: Concepts DICOM does not define are coded in this local scheme.
 LOCAL_SCHEME = "99DICOMNODE"
@@ -27,10 +27,6 @@ LOCAL_SCHEME = "99DICOMNODE"
 def tracking(identifier: str, uid_prefix: str | None) -> hd.sr.TrackingIdentifier:
     """A tracking identifier with a new UID."""
     return hd.sr.TrackingIdentifier(uid=new_uid(uid_prefix), identifier=identifier)
-
-
-#: the project's codes of the cortex of one lobe (1201-1206 left, 2201-2206 right)
-LOBE_CORTEX_CODES = frozenset(code for _aseg, *lobes in CORTEX.values() for code in lobes)
 
 
 def finding_type(code: int) -> Code:
