@@ -170,6 +170,7 @@ class ReceiptLog:
         self._mine: set[Path] = set()  # segments this log created (never replayed by it, whatever the locks say)
         self._spare: Segment | None = None  # made ahead, taken by the next association (:meth:`_create`)
         self._spare_coming = False  # one is being made
+        self._spare_named: Path | None = None  # the spare being made, once it has its segment name
         self._spare_failed = -SPARE_RETRY_S  # when making one last failed (monotonic)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receipts-settle")
 
@@ -275,13 +276,13 @@ class ReceiptLog:
 
     def _make_spare(self) -> None:
         try:
-            spare: Segment | None = self._new_segment()
+            spare: Segment | None = self._new_segment(spare=True)
         except OSError as exc:  # the next association creates its own (and its append reports the error)
             log.warning("receipt log: cannot make a spare segment (not tried again for %.0f s): %s",
                         SPARE_RETRY_S, exc)
             spare = None
         with self._lock:  # one is made at a time, and only while none is ready
-            self._spare_coming = False
+            self._spare_coming, self._spare_named = False, None
             self._spare = spare
             if spare is None:
                 self._spare_failed = time.monotonic()
@@ -292,7 +293,13 @@ class ReceiptLog:
         with self._lock:
             return self._spare.path if self._spare is not None else None
 
-    def _new_segment(self) -> Segment:
+    @property
+    def spares(self) -> frozenset[Path]:
+        """The spare's path and that of one being made, once named: segment files that hold nothing."""
+        with self._lock:
+            return frozenset(p for p in (self._spare.path if self._spare else None, self._spare_named) if p)
+
+    def _new_segment(self, *, spare: bool = False) -> Segment:
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         tmp = self.directory / f".{name}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_DSYNC, 0o600)
@@ -301,6 +308,8 @@ class ReceiptLog:
             final = self.directory / f"{name}{_SUFFIX}"
             with self._lock:
                 self._mine.add(final)
+                if spare:  # not counted by :meth:`status` from the moment it has its name
+                    self._spare_named = final
             os.rename(tmp, final)
             fsync_dir(self.directory)  # the segment's name is durable before anything is acknowledged from it
         except BaseException:
@@ -458,10 +467,11 @@ class ReceiptLog:
             failing = tuple(sorted(path.name for path in self._failing))
             last_error = next(reversed(self._failing.values()), "") if self._failing else ""
             counts = (len(self._open), len(self._settling), self._settle_failures)
-            spare = self._spare.path if self._spare is not None else None
+        paths = list(self.directory.glob("*" + _SUFFIX))
+        spares = self.spares  # read after the listing: a spare named before it is one of these
         now, ages = time.time(), []
-        for path in self.directory.glob("*" + _SUFFIX):
-            if path == spare:  # empty, and not yet any association's
+        for path in paths:
+            if path in spares:  # empty, and not yet any association's (ready, or being made)
                 continue
             try:
                 ages.append(max(now - path.stat().st_mtime, 0.0))
