@@ -3,7 +3,8 @@
 Decided from the headers filed in the journal (never from pixels): a multi-frame instance is whole
 by itself; single-frame slices are whole when their positions are evenly spaced along one
 orientation with no gap and, where the scanner says how many images the acquisition has
-(ImagesInAcquisition), all of them are there. A series that never becomes whole closes on the
+(ImagesInAcquisition, or GE's and Philips' private slice counts where it is absent:
+:data:`dicom_node.headers.VENDOR_SLICE_COUNTS`), all of them are there. A series that never becomes whole closes on the
 node's idle timeout and is then processed, or failed with the geometry problem as the reason; one that the
 scanner says has more images than arrived (:func:`missing_images`) is failed with that as the reason, not
 processed as if the part were the whole.
@@ -55,4 +56,7 @@ def missing_images(instances: Sequence[InstanceRecord]) -> str | None:
     expected = max((i.header.images_in_acquisition for i in instances), default=0)
     if expected and len(instances) < expected:
         return f"{len(instances)} of {expected} images (ImagesInAcquisition)"
+    slices = max((i.header.vendor_slices for i in instances), default=0)
+    if slices and len(instances) < slices:
+        return f"{len(instances)} of {slices} slices (the vendor's private slice count)"
     return None

@@ -61,6 +61,9 @@ class InstanceHeader:
     instance_number: int = 0
     images_in_acquisition: int = 0                       # ImagesInAcquisition (0: not said)
     slice_thickness: tuple[float, ...] | None = None     # SliceThickness
+    #: the acquisition's slice count as the vendor writes it in a private element when ImagesInAcquisition is
+    #: absent (:data:`VENDOR_SLICE_COUNTS`; 0: not said)
+    vendor_slices: int = 0
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceHeader:
@@ -80,6 +83,7 @@ class InstanceHeader:
             instance_number=_int(ds.get("InstanceNumber")),
             images_in_acquisition=_int(ds.get("ImagesInAcquisition")),
             slice_thickness=_floats(ds.get("SliceThickness")),
+            vendor_slices=0 if "ImagesInAcquisition" in ds else vendor_slice_count(ds),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -89,7 +93,8 @@ class InstanceHeader:
         return {"ipp": listed(self.image_position), "iop": listed(self.image_orientation),
                 "ps": listed(self.pixel_spacing), "rows": self.rows, "cols": self.columns,
                 "frames": self.number_of_frames, "instance": self.instance_number,
-                "images_in_acquisition": self.images_in_acquisition, "thickness": listed(self.slice_thickness)}
+                "images_in_acquisition": self.images_in_acquisition, "thickness": listed(self.slice_thickness),
+                "vendor_slices": self.vendor_slices}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> InstanceHeader:
@@ -98,7 +103,7 @@ class InstanceHeader:
             pixel_spacing=_floats_of(data, "ps"), rows=_int(data.get("rows")), columns=_int(data.get("cols")),
             number_of_frames=_int(data.get("frames"), 1), instance_number=_int(data.get("instance")),
             images_in_acquisition=_int(data.get("images_in_acquisition")),
-            slice_thickness=_floats_of(data, "thickness"),
+            slice_thickness=_floats_of(data, "thickness"), vendor_slices=_int(data.get("vendor_slices")),
         )
 
     def as_dataset(self) -> Dataset:
@@ -116,6 +121,33 @@ class InstanceHeader:
         ds.Columns = self.columns
         ds.InstanceNumber = self.instance_number
         return ds
+
+
+#: Private elements in which a vendor that leaves ImagesInAcquisition out says how many slice locations the
+#: acquisition has: (Manufacturer's first word, group, private creator, element offset, its name). A single-frame
+#: series with fewer images than that is a part (multi-echo and multi-phase series have more).
+VENDOR_SLICE_COUNTS = (
+    ("GE", 0x0021, "GEMS_RELA_01", 0x4F, "GE Locations in acquisition (0021,xx4F)"),
+    ("PHILIPS", 0x2001, "Philips Imaging DD 001", 0x18, "Philips Number of Slices MR (2001,xx18)"),
+)
+
+
+def vendor_slice_count(ds: Dataset) -> int:
+    """The slice count of :data:`VENDOR_SLICE_COUNTS` for ``ds``'s manufacturer (0: none, or not readable: it only
+    ever holds a series back, so an unreadable one is ignored rather than refused)."""
+    manufacturer = text(ds.get("Manufacturer")).upper()
+    for word, group, creator, offset, _ in VENDOR_SLICE_COUNTS:
+        if not manufacturer.startswith(word):  # ("GE MEDICAL SYSTEMS", "GE HealthCare", "Philips Healthcare")
+            continue
+        try:
+            value = ds.get_private_item(group, offset, creator).value
+            if isinstance(value, bytes):  # not converted (an unknown VR, e.g. UN): the dictionary's VR
+                value = int.from_bytes(value, "little", signed=True) if len(value) in (2, 4) else 0
+            count = int(value)
+        except (KeyError, TypeError, ValueError, OverflowError):
+            return 0
+        return count if 0 < count < 100_000 else 0
+    return 0
 
 
 #: SeriesAttributes field -> the DICOM keyword it holds (and its key in the journal's ``series.attrs``).

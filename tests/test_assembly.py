@@ -162,3 +162,50 @@ def test_mixed_matrix_size() -> None:
 @pytest.mark.parametrize("n", [1, 2])
 def test_short_stacks_are_whole(n: int) -> None:
     assert completeness([rec(k) for k in range(n)]).whole
+
+
+def _with_vendor_count(paths: Sequence[Path], manufacturer: str, group: int, creator: str, offset: int, vr: str,
+                       count: int) -> list[Path]:
+    """The files of ``paths`` as a vendor writes them: no ImagesInAcquisition, the slice count in its private
+    element (``vr`` "UN": as a sender that does not know the element forwards it)."""
+    for path in paths:
+        ds = dcmread(path)
+        ds.Manufacturer = manufacturer
+        del ds.ImagesInAcquisition
+        block = ds.private_block(group, creator, create=True)
+        value = count.to_bytes(2 if vr == "SS" else 4, "little", signed=True) if vr == "UN" else count
+        block.add_new(offset, vr, value)
+        ds.save_as(path)
+    return list(paths)
+
+
+@pytest.mark.parametrize("manufacturer, group, creator, offset, vr", [
+    ("GE MEDICAL SYSTEMS", 0x0021, "GEMS_RELA_01", 0x4F, "SS"),
+    ("Philips Healthcare", 0x2001, "Philips Imaging DD 001", 0x18, "SL"),
+    ("Philips Medical Systems", 0x2001, "Philips Imaging DD 001", 0x18, "UN"),
+])
+def test_missing_last_slices_found_by_the_vendors_slice_count(tmp_path: Path, manufacturer: str, group: int,
+                                                                creator: str, offset: int, vr: str) -> None:
+    """GE and Philips leave ImagesInAcquisition out: a contiguous first part of a series sent over two associations
+    looked whole and was processed as the whole head when the release grace passed between the parts."""
+    paths = _with_vendor_count(make_mr_series(tmp_path, shape=SHAPE, spacing=(1.0, 1.0, 4.0), omit_slices=[6, 7],
+                                              header={"ImagesInAcquisition": 8}),
+                               manufacturer, group, creator, offset, vr, 8)
+    rows = records(paths)
+    assert rows[0].header.images_in_acquisition == 0 and rows[0].header.vendor_slices == 8
+    verdict = completeness(rows)
+    assert not verdict.whole and verdict.reason == "6 of 8 slices (the vendor's private slice count)"
+    again = [InstanceRecord(r.sop_instance_uid, r.series_uid, r.sop_class_uid, r.transfer_syntax, r.path,
+                            InstanceHeader.from_json(r.header.to_json())) for r in rows]
+    assert completeness(again).reason == verdict.reason  # as filed in the journal and read back
+
+
+def test_a_vendor_slice_count_counts_only_for_its_vendor_and_when_all_are_there(tmp_path: Path) -> None:
+    whole = _with_vendor_count(make_mr_series(tmp_path / "ge", shape=SHAPE, spacing=(1.0, 1.0, 4.0),
+                                              header={"ImagesInAcquisition": 8}),
+                               "GE MEDICAL SYSTEMS", 0x0021, "GEMS_RELA_01", 0x4F, "SS", 8)
+    assert completeness(records(whole)).whole
+    other = _with_vendor_count(make_mr_series(tmp_path / "other", shape=SHAPE, spacing=(1.0, 1.0, 4.0),
+                                              omit_slices=[6, 7], header={"ImagesInAcquisition": 8}),
+                               "SIEMENS", 0x0021, "GEMS_RELA_01", 0x4F, "SS", 8)
+    assert records(other)[0].header.vendor_slices == 0 and completeness(records(other)).whole
