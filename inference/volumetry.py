@@ -71,7 +71,8 @@ Sex = Literal["M", "F", "O"]
 #: Structures that may be empty in a healthy head: the inferior horn of the lateral ventricle (collapsed in the
 #: young) and the CSF label (aparc+aseg's small, variable extra-ventricular CSF).
 OPTIONAL_STRUCTURES = frozenset({5, 44, 24})
-#: QC fails when a paired structure of at least ASYMMETRY_MIN_ML a side differs between sides by more than this
+#: QC fails when a paired structure of at least ASYMMETRY_MIN_ML on its larger side differs between sides by more
+#: than this
 #: (healthy adults: hippocampus, thalamus, caudate, putamen and lobes within about 10 %; FreeSurfer's test-retest
 #: asymmetry is below 5 %). Smaller structures are too noisy to judge.
 ASYMMETRY_BOUND_PERCENT = 30.0
@@ -254,7 +255,9 @@ def _same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
 
 def _norm_score(code: int, volume_ml: float, age: float | None, sex: str | None,
                 norms: Sequence[Norm]) -> NormScore | None:
-    for norm in norms:
+    """The score against the most specific matching row: one for the patient's sex before one for either sex,
+    then the narrower age band (whatever the table's order)."""
+    for norm in sorted(norms, key=lambda n: (n.sex is None, n.age_max - n.age_min)):
         if norm.matches(code, age, sex) and norm.sd_ml > 0:
             z = (volume_ml - norm.mean_ml) / norm.sd_ml
             percentile = 50.0 * (1.0 + math.erf(z / math.sqrt(2.0)))
@@ -278,9 +281,11 @@ def _check_outside(outside_ml: float | None) -> QCCheck:
 
 
 def _check_asymmetry(pairs: Sequence[Asymmetry]) -> QCCheck:
-    judged = [p for p in pairs if min(p.left_ml, p.right_ml) >= ASYMMETRY_MIN_ML]
+    # the larger side decides whether a pair is big enough to judge: a side that collapsed (the segmenter missed
+    # most of it) is the worst asymmetry, not one too small to judge
+    judged = [p for p in pairs if max(p.left_ml, p.right_ml) >= ASYMMETRY_MIN_ML]
     if not judged:
-        return QCCheck("asymmetry", None, f"not evaluated: no pair of {ASYMMETRY_MIN_ML:g} ml or more a side")
+        return QCCheck("asymmetry", None, f"not evaluated: no pair of {ASYMMETRY_MIN_ML:g} ml or more on a side")
     worst = max(judged, key=lambda p: abs(p.index_percent))
     beyond = [p for p in judged if abs(p.index_percent) > ASYMMETRY_BOUND_PERCENT]
     if beyond:

@@ -166,3 +166,34 @@ def test_qc_flag_on_series_description() -> None:
 def test_rejects_non_integer_labels() -> None:
     with pytest.raises(ValueError, match="integer"):
         compute_volumetry(_image(make_label_array().astype(np.float32)), None, age=None, sex=None)
+
+
+def test_a_collapsed_side_fails_the_asymmetry_check() -> None:
+    """Only pairs with both sides of 1 ml or more were judged: a hippocampus the segmenter mostly missed (0.5 ml
+    against 4 ml, index -156 %) passed QC. The larger side decides; two small sides are still not judged."""
+    array = np.zeros((40, 40, 40), np.int16)
+    array[:10, :20, :20] = 17   # left hippocampus, 4 ml
+    array[20:25, :10, :10] = 53  # right, 0.5 ml
+    array[30:35, :5, :5] = 13   # left pallidum 0.125 ml
+    array[30:35, 10:15, :5] = 52  # right pallidum 0.125 ml
+    result = compute_volumetry(_image(array, spacing=(1.0, 1.0, 1.0)), None, age=60, sex="F")
+    check = _qc(result, "asymmetry")
+    assert check.passed is False and "hippocampus" in check.reason and "pallidum" not in check.reason
+    array[:10, :20, :20][array[:10, :20, :20] == 17] = 0
+    array[:5, :10, :10] = 17  # 0.5 ml: both sides small
+    assert _qc(compute_volumetry(_image(array, spacing=(1.0, 1.0, 1.0)), None, age=60, sex="F"),
+               "asymmetry").passed is None
+
+
+def test_the_most_specific_norm_row_scores_whatever_the_tables_order() -> None:
+    """A row for either sex listed before the patient's sex's row (or a wide band before a narrow one) took the
+    score."""
+    labels, _ = make_phantom()
+    volume = compute_volumetry(labels, None, age=70, sex="F").structures[17].volume_ml
+    rows = [Norm(17, 0, 120, None, volume, 1.0), Norm(17, 60, 80, "F", volume - 2.0, 1.0),
+            Norm(17, 65, 75, "F", volume - 1.0, 1.0), Norm(17, 60, 80, "M", volume + 5.0, 1.0)]
+    for order in (rows, rows[::-1]):
+        score = compute_volumetry(labels, None, age=70, sex="F", norms=order).structures[17].norm_score
+        assert score is not None and score.norm == rows[2] and score.z == pytest.approx(1.0)
+    score = compute_volumetry(labels, None, age=70, sex="O", norms=rows).structures[17].norm_score
+    assert score is not None and score.norm == rows[0]
