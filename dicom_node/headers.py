@@ -9,11 +9,14 @@ the journal has always used, so older journals read the same) and read back type
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException
+
+T = TypeVar("T")
 
 
 def text(value: object) -> str:
@@ -182,6 +185,18 @@ def _slice_thickness(ds: Dataset) -> float | None:
     return found[0] if found else None
 
 
+def _tolerant(read: Callable[[Dataset], T], ds: Dataset) -> T | None:
+    """``read(ds)``, None when the value cannot be read. Series attributes are read from the first instance of a
+    series the SCP sees and kept for the next (:class:`SeriesAttributes`): an unreadable one refused only the
+    instances that happened to be first, so the replay of a receipt log (which starts without them) refused, and
+    lost, instances the C-STORE had answered with Success. An unreadable SeriesNumber or SliceThickness reads as
+    absent instead, for every instance alike."""
+    try:
+        return read(ds)
+    except (TypeError, ValueError, OverflowError, BytesLengthException):
+        return None
+
+
 @dataclass(frozen=True)
 class SeriesAttributes:
     """What routing matches on, from the series' first instance (each field holds the DICOM keyword's value),
@@ -212,10 +227,11 @@ class SeriesAttributes:
             series_description=text(ds.get("SeriesDescription")), modality=text(ds.get("Modality")),
             image_type=tuple(str(v).strip().upper() for v in _as_list(ds.get("ImageType"))),
             mr_acquisition_type=text(ds.get("MRAcquisitionType")),
-            slice_thickness=_slice_thickness(ds),
+            slice_thickness=_tolerant(_slice_thickness, ds),
             manufacturer=text(ds.get("Manufacturer")), manufacturer_model_name=text(ds.get("ManufacturerModelName")),
             software_versions=text(ds.get("SoftwareVersions")), protocol_name=text(ds.get("ProtocolName")),
-            series_number=_int(ds.get("SeriesNumber")), sop_class_uid=text(ds.get("SOPClassUID")),
+            series_number=_tolerant(lambda d: _int(d.get("SeriesNumber")), ds) or 0,
+            sop_class_uid=text(ds.get("SOPClassUID")),
             patient_position=text(ds.get("PatientPosition")), sop_instance_uid=text(ds.get("SOPInstanceUID")),
             accession_number=text(ds.get("AccessionNumber")), study_date=text(ds.get("StudyDate")),
             study_description=text(ds.get("StudyDescription")),

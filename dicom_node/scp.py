@@ -793,7 +793,7 @@ class StorageSCP:
             received = self._read(io.BytesIO(record.dataset), UID(record.transfer_syntax), sop_uid,
                                   record.sop_class_uid)
         except BadInstance as exc:  # refused when it came (the log holds objects before they are checked)
-            log.debug("receipt log: %s was refused when received (%s): not filed", sop_uid, exc)
+            log.warning("receipt log: %s was refused when received (%s): not filed", sop_uid, exc)
             return False, None
         except MemoryError:
             raise  # this machine, not the object: the segment is kept and replayed again

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import config as pydicom_config
 from pydicom import dcmread
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, Association
 from pynetdicom.sop_class import Verification
@@ -713,3 +715,41 @@ def test_a_leftover_segment_that_cannot_be_opened_fails_the_check(make_node: Cal
     monkeypatch.setattr(receipts_module.os, "open", real_open)
     assert node.scp.replay_receipts() == 1
     assert check_receipts(node.log.status(), node.scp.replay_error).ok
+
+
+def test_an_object_acknowledged_thanks_to_remembered_series_attributes_is_replayed(
+        make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path) -> None:
+    """The SCP reads series attributes from a series' first instance and keeps them for the next: a later instance
+    with an unreadable SeriesNumber was answered Success, and the replay (which starts without them) refused it and
+    deleted the segment: an acknowledged object lost after a power loss. Both now read it as absent."""
+    copies = []
+    for k, path in enumerate(series[:2]):
+        ds = dcmread(path)
+        if k == 1:
+            ds[0x00200011] = RawDataElement(Tag(0x00200011), "IS", 4, b"abc ", 0, False, True)  # type: ignore
+        copies.append(tmp_path / f"{k}.dcm")
+        old = pydicom_config.settings.writing_validation_mode
+        pydicom_config.settings.writing_validation_mode = pydicom_config.IGNORE
+        try:
+            ds.save_as(copies[-1])
+        finally:
+            pydicom_config.settings.writing_validation_mode = old
+    node = make_node().start()
+    assoc = node.associate()
+    try:
+        assert [assoc.send_c_store(dcmread(p)).Status for p in copies] == [0, 0]
+    finally:
+        assoc.release()
+    crashed = make_node(tmp_path / "crashed")
+    _leave_segment(tmp_path / "crashed" / "receipts", copies)
+    assert crashed.scp.replay_receipts() == 2
+    assert crashed.journal.counts()["instances"]["total"] == 2 and not crashed.segments()
+    assert crashed.scp.replay_receipts() == 0
+    # and the same object first of its series is accepted alike (its SeriesNumber read as absent)
+    fresh = make_node().start()
+    assoc = fresh.associate()
+    try:
+        assert assoc.send_c_store(dcmread(copies[1])).Status == 0
+    finally:
+        assoc.release()
+    assert fresh.journal.series(str(dcmread(copies[1]).SeriesInstanceUID)).attributes.series_number == 0
