@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
 from inference.models import ModelRegistry
@@ -46,6 +47,7 @@ from .journal import (
 )
 from .leases import LeaseKeeper
 from .notify import notify
+from .spool import sync_tree
 from .steps import (
     FOLLOW_UPS,
     FollowUp,
@@ -266,15 +268,23 @@ class JobRunner:
         output = not_processed_step(self.journal, job, series, rule, reason, out_dir, self.config.node.uid_root)
         if output is None:
             return
+        self._make_durable(out_dir)
         self.journal.record_notice(job.id, [(output.written.series_instance_uid, output.kind)],
                                    outbox_items([output], destinations), files=output.files())
         log.info("job %d: a %r page with the reason is queued for %s", job.id,
                  output.written.dataset.SeriesDescription, ", ".join(destinations))
         self.on_written()
 
+    def _make_durable(self, out_dir: Path) -> None:
+        """The files written under ``out_dir`` and their folders on disk (with ``[node] fsync``) before the journal
+        records them: its outbox rows must never name files a power loss emptied."""
+        if self.config.node.fsync:
+            sync_tree(out_dir, up_to=self.outputs_dir.parent)
+
     def _record(self, run: _Run) -> list[int]:
         """Record and queue the core outputs and the follow-ups they want; returns the follow-ups' ids."""
         self._stage(run.ctx, "record")
+        self._make_durable(run.ctx.out_dir)
         return record_and_queue(self.journal, run.ctx, run.outputs, run.kept, self._destinations(run.ctx.rule),
                                 list(self.follow_ups.values()), claim=run.claim)
 
@@ -390,6 +400,7 @@ class JobRunner:
             log.info("job %d: follow-up %s: %s", record.job_id, record.step, output)
             return
         destinations = self.journal.destinations_of(record.job_id)
+        self._make_durable(ctx.out_dir)
         self.journal.finish_follow_up(record.id, [(output.written.series_instance_uid, output.kind)],
                                       outbox_items([output], destinations), files=output.files(), seconds=seconds,
                                       claim=claim)

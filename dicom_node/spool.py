@@ -122,6 +122,28 @@ def private_dir(directory: Path) -> bool:
     return False
 
 
+def sync_tree(root: Path, *, up_to: Path) -> None:
+    """fsync every file and folder under ``root`` (deepest folders first), then ``root``'s folders up to ``up_to``
+    (one of its ancestors): what a job wrote is on disk before the journal records it as written."""
+    folders: list[Path] = []
+    for folder, _subfolders, names in os.walk(root):
+        for name in names:
+            fd = os.open(Path(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        folders.append(Path(folder))
+    for folder in reversed(folders):
+        fsync_dir(folder)
+    if up_to not in root.parents:
+        raise ValueError(f"{up_to} does not hold {root}")
+    for folder in root.parents:
+        fsync_dir(folder)
+        if folder == up_to:
+            break
+
+
 def fsync_dir(directory: Path) -> None:
     """fsync a directory: its entries (new, renamed, removed files) are durable when it returns."""
     fd = os.open(directory, os.O_RDONLY)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,9 @@ def registry(models_dir: Path) -> ModelRegistry:
 
 
 def make_config(data_dir: Path, models_dir: Path, rules: list[Rule],
-                destinations: Sequence[str] = ("PACS", "ARCHIVE")) -> NodeConfig:
+                destinations: Sequence[str] = ("PACS", "ARCHIVE"), *, fsync: bool = False) -> NodeConfig:
     return NodeConfig(
-        node=NodeSettings(data_dir=data_dir, uid_root=UID_ROOT, fsync=False),
+        node=NodeSettings(data_dir=data_dir, uid_root=UID_ROOT, fsync=fsync),
         destinations=[Destination(name=n, ae_title=n, host="127.0.0.1", port=104 + k)
                       for k, n in enumerate(destinations)],
         rules=rules,
@@ -77,8 +77,8 @@ def record_series(journal: Journal, paths: Sequence[Path]) -> str:
 
 class Setup:
     def __init__(self, tmp_path: Path, models_dir: Path, registry: ModelRegistry, rules: list[Rule],
-                 destinations: Sequence[str] = ("PACS", "ARCHIVE")) -> None:
-        self.config = make_config(tmp_path / "data", models_dir, rules, destinations)
+                 destinations: Sequence[str] = ("PACS", "ARCHIVE"), *, fsync: bool = False) -> None:
+        self.config = make_config(tmp_path / "data", models_dir, rules, destinations, fsync=fsync)
         self.journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
         self.written = 0
         self.runner = JobRunner(self.config, self.journal, registry, on_written=self._on_written)
@@ -876,3 +876,40 @@ def test_a_job_interrupted_before_runs_alone() -> None:
     alone = events.index("poison+")
     assert events[alone + 1] == "poison-" and alone > max(events.index("a-"), events.index("b-"))
     assert events.index("c+") > events.index("poison-")  # arrived after it: waited
+
+
+def test_outputs_are_on_disk_before_the_journal_records_them(tmp_path: Path, models_dir: Path,
+                                                             registry: ModelRegistry,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outputs (sT1, notice) were written without fsync and then recorded, durably, as written with their outbox
+    rows: after a power loss the rows named empty files, and the job ended undeliverable."""
+    import os
+
+    synced: set[str] = set()
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def recorded(real: Callable[..., Any]) -> Callable[..., Any]:
+        def check(job_id: int, produced: Any, items: Sequence[tuple[str, str, str, str]], **kwargs: Any) -> Any:
+            for path in {p for _, p, _, _ in items}:
+                folders = [str(f) for f in Path(path).parents if f.is_relative_to(s.config.node.data_dir)]
+                assert path in synced and all(f in synced for f in folders), path
+            return real(job_id, produced, items, **kwargs)
+        return check
+
+    monkeypatch.setattr(os, "fsync", spy)
+    s = Setup(tmp_path, models_dir, registry, [rule()], fsync=True)
+    try:
+        monkeypatch.setattr(s.journal, "record_outputs", recorded(s.journal.record_outputs))
+        monkeypatch.setattr(s.journal, "record_notice", recorded(s.journal.record_notice))
+        written = s.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+        s.runner.run(written)
+        assert s.journal.job(written).state == "written" and s.journal.outbox(written)
+        failed = s.job_for(make_mr_series(tmp_path / "gap", shape=SHAPE, spacing=SPACING, omit_slices=[3]))
+        s.runner.run(failed)
+        assert s.journal.job(failed).state == "failed" and s.journal.outbox(failed)
+    finally:
+        s.journal.close()
