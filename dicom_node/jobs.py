@@ -15,6 +15,7 @@ two methods (``submit``, ``shutdown``): :class:`JournalQueue` (worker processes 
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import shutil
@@ -45,6 +46,7 @@ from .journal import (
     OutputFile,
     SeriesRecord,
 )
+from .journal_sql import unavailable_errors
 from .leases import LeaseKeeper
 from .notify import notify
 from .spool import sync_tree
@@ -87,7 +89,7 @@ class Task:
 #: How one run of a task ended, for the worker's metrics: ``done`` (its outputs recorded, or a follow-up's note),
 #: ``failed`` (its failure recorded), ``lost`` (its claim was taken over: nothing recorded by this run),
 #: ``skipped`` (not queued, or claimed by another worker: not run here).
-Outcome = Literal["done", "failed", "lost", "skipped"]
+Outcome = Literal["done", "failed", "lost", "skipped", "requeued"]
 
 
 @contextmanager
@@ -205,9 +207,15 @@ class JobRunner:
             raise
         except BaseException as exc:  # noqa: BLE001 - a job failure must never stop the worker
             self.stages.pop(job_id, None)
-            return self._fail(job, series, exc, claim)
+            failed = self._fail(job, series, exc, claim)
+        else:
+            failed = None
         finally:
             self.leases.release("job", job_id)
+        if failed is not None:
+            if failed == "requeued":
+                self.submit(Task("job", job_id))
+            return failed
         self._finish(run)
         self.stages.pop(job_id, None)
         self.on_written()
@@ -225,6 +233,8 @@ class JobRunner:
         if isinstance(exc, ClaimLost):
             log.warning("job %d (%s): %s", job.id, job.rule, exc)
             return "lost"
+        if transient(exc) and claim.attempt < self.config.jobs.max_attempts:
+            return self._requeue(job, exc, claim)
         if isinstance(exc, JobFailed | GeometryError):
             reason = str(exc) if isinstance(exc, JobFailed) else f"inconsistent geometry: {exc}"
             log.error("job %d (%s, series %r) failed: %s", job.id, job.rule, series.description, reason)
@@ -240,6 +250,24 @@ class JobRunner:
             return "lost"
         self.report_failure(job, series, reason)
         return "failed"
+
+    def _requeue(self, job: JobRecord, exc: BaseException, claim: Claim) -> Outcome:
+        """A run failed for a reason outside the job (:func:`transient`): queued again, its run counted, rather
+        than failed for good with a "not processed" page for a result it would have given."""
+        reason = (f"run {claim.attempt} of at most {self.config.jobs.max_attempts} failed for a reason outside the "
+                  f"job ({type(exc).__name__}: {exc}): queued again")
+        try:
+            self.journal.requeue_job(job.id, reason, claim)
+        except ClaimLost as lost:
+            log.warning("job %d (%s): %s", job.id, job.rule, lost)
+            return "lost"
+        except Exception as again:  # noqa: BLE001 - its lease expires and the sweep queues it again, counted
+            log.error("job %d (%s): run %d failed (%s: %s) and it cannot be queued again now (%s: %s): it is when "
+                      "its lease expires", job.id, job.rule, claim.attempt, type(exc).__name__, exc,
+                      type(again).__name__, again)
+            return "lost"
+        log.warning("job %d (%s): %s", job.id, job.rule, reason)
+        return "requeued"
 
     def report_failure(self, job: JobRecord, series: SeriesRecord, reason: str) -> None:
         """Tell the webhooks and the reader (a "not processed" page in the study) that a job failed; also for a
@@ -504,6 +532,15 @@ class ThreadExecutor(Generic[T]):
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a run failed for a reason outside its job, that may be gone at its next run: the journal could not
+    be used (locked past its busy timeout, its server gone), memory or disk space ran out. Such a run is queued
+    again (``[jobs] max_attempts``) rather than failed for good."""
+    if isinstance(exc, (MemoryError, *unavailable_errors())):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def resubmit_dropped(journal: Journal, executor: ThreadExecutor[Task], queued_before: float) -> list[Task]:

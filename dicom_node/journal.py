@@ -1080,6 +1080,14 @@ class Journal:
             queued += [(kind, int(r["id"])) for r in rows]
         return queued
 
+    def requeue_job(self, job_id: int, reason: str, claim: Claim) -> None:
+        """A run of a job failed for a reason outside the job: ``queued`` again with ``reason`` (its run stays
+        counted in ``attempts``; fenced by ``claim``: :class:`ClaimLost`)."""
+        with self._tx() as db:
+            self._fence(db, "jobs", job_id, claim)
+            db.execute("UPDATE jobs SET state='queued', reason=?, updated_at=? WHERE id=?",
+                       (reason, time.time(), job_id))
+
     def fail_job(self, job_id: int, reason: str, claim: Claim | None = None) -> None:
         """A run of a job failed: ``failed`` with its reason (fenced by ``claim``: :class:`ClaimLost`)."""
         with self._tx() as db:

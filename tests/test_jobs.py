@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -913,3 +914,41 @@ def test_outputs_are_on_disk_before_the_journal_records_them(tmp_path: Path, mod
         assert s.journal.job(failed).state == "failed" and s.journal.outbox(failed)
     finally:
         s.journal.close()
+
+
+@pytest.mark.parametrize("error", [sqlite3.OperationalError("database is locked"), MemoryError(),
+                                   OSError(28, "No space left on device")])
+def test_a_run_failed_for_a_reason_outside_the_job_is_run_again(setup: Setup, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 error: BaseException) -> None:
+    """A journal locked past its busy timeout (or memory, or disk space, run out) once failed the job for good and
+    put a "not processed" page in the study for a result the next run gives."""
+    real = setup.journal.record_outputs
+    calls = []
+
+    def once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(setup.journal, "record_outputs", once)
+    job_id = setup.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+    assert setup.runner.run(job_id) == "requeued"  # (the next run, handed to submit, ran it: written)
+    job = setup.journal.job(job_id)
+    assert (job.state, job.attempts, len(calls)) == ("written", 2, 2), job.reason
+    assert {f.kind for f in setup.journal.output_files(job_id)} == {"sT1"}  # no "not processed" page
+
+
+def test_a_run_failing_for_a_reason_outside_the_job_every_time_fails_after_its_attempts(
+        setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(setup.journal, "record_outputs", locked)
+    job_id = setup.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+    setup.runner.run(job_id)
+    job = setup.journal.job(job_id)
+    assert (job.state, job.attempts) == ("failed", setup.config.jobs.max_attempts)
+    assert job.reason == "OperationalError: database is locked"
+    assert {f.kind for f in setup.journal.output_files(job_id)} == {"NOT_PROCESSED"}
