@@ -181,9 +181,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except HTTPListenError:  # [http] port taken meanwhile, password file unusable: its own one line
             node.stop()
             raise
-        except OSError as exc:  # a port taken between the preflight and the bind
+        except OSError as exc:  # a port taken between the preflight and the bind, a file the node cannot read
             node.stop()
-            raise CommandError(f"cannot start: {exc.strerror or exc}") from None
+            raise CommandError(f"cannot start: {exc}") from None
         ports = {"dicom": node.scp.port, "tls": node.scp.tls_port}
         lock.update(started=time.time(), role=role, ports=ports)
         process_lock.update(started=time.time(), role=role, ports=ports)
@@ -396,6 +396,7 @@ def _ts(value: float | None) -> str:
 #: the node not running (as ``systemctl status`` and monitoring plugins read 3).
 STATUS_FAILURES = 1
 STATUS_NOT_RUNNING = 3
+STATUS_UNKNOWN = 4  #: status could not be read (the data directory is not readable by the user who asked)
 
 
 def _job_json(j: JobRecord, follow_ups: Sequence[FollowUpRecord] = ()) -> dict[str, Any]:
@@ -525,7 +526,11 @@ def _print_status(report: dict[str, Any]) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     config = _config(args)
-    report = status_report(config, args.limit, args.since)
+    try:
+        report = status_report(config, args.limit, args.since)
+    except PermissionError as exc:  # not "running, with failures" (1) to a monitoring check run as another user
+        print(f"dicom-node: status unknown: {exc} (run it as the node's user)", file=sys.stderr)
+        return STATUS_UNKNOWN
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -719,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "retention, jobs left queued (or, with [executor] kind = \"celery\", published) for "
                             "workers (several receivers may share a data_dir); worker: claims and runs the queued "
                             "jobs of the same data_dir (any number); dispatcher: delivers the outbox (any number)")
-    serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+    serve.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
                        help="a worker's own /metrics on this port (overrides [executor] worker_metrics_port; "
                             "0: none)")
     group("config", "configuration commands")(
@@ -760,7 +765,8 @@ def _add_operations(add: _AddCommand) -> None:
     p = add("status", cmd_status, "whether the node runs; series, jobs and the outbox per destination",
             f"Whether the node runs, what it received, its jobs and deliveries. Exit code 0: running and "
             f"nothing failed; {STATUS_FAILURES}: jobs failed in the last --since hours or deliveries failed for "
-            f"good; {STATUS_NOT_RUNNING}: the node is not running.")
+            f"good; {STATUS_NOT_RUNNING}: the node is not running; {STATUS_UNKNOWN}: unknown (the data directory "
+            f"cannot be read by this user).")
     p.add_argument("--limit", type=int, default=20, help="recent series and jobs to list (default 20)")
     p.add_argument("--since", type=float, default=24.0, metavar="HOURS",
                    help="failed jobs younger than this count as failures (default 24)")
@@ -783,6 +789,17 @@ def _add_operations(add: _AddCommand) -> None:
             "Run a retention sweep now ([retention]): delete the received instances and outputs of series no "
             "longer needed. Safe while the node runs; the journal keeps what was received and sent.")
     p.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+
+
+def _port(text: str) -> int:
+    """A TCP port number (1-65535) from the command line."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {port}")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -789,4 +789,6 @@ def load_config(path: Path | None) -> NodeConfig:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: not UTF-8 text (byte {exc.start})") from None
     return parse_config(text, str(path))

@@ -706,3 +706,33 @@ def test_a_worker_whose_metrics_port_is_taken_is_one_line(tmp_path: Path, models
     assert result.returncode == 1
     assert _one_line(result.stderr) == (f"dicom-node: the worker's metrics port {port} on 127.0.0.1 cannot be used: "
                                         "Address already in use (another program listens there?)")
+
+
+def test_status_that_cannot_be_read_is_unknown_not_failures(tmp_path: Path, models_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Run by a user who cannot read the data directory, status exited 1, the code for "running, with failures"."""
+    import dicom_node.cli as cli
+
+    def denied(*args: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "data" / "node.lock"))
+
+    monkeypatch.setattr(cli, "status_report", denied)
+    assert main(["status", "--config", str(write_config(tmp_path, models_dir))]) == 4
+    err = capsys.readouterr().err
+    assert "status unknown" in err and "node.lock" in err
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "node.toml"
+    path.write_bytes(b'[node]\nae_title = "N\xe9UD"\n')
+    assert main(["config", "check", "--config", str(path)]) == 2
+    assert f"{path}: cannot read configuration: not UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "http"])
+def test_a_metrics_port_out_of_range_is_refused_by_the_parser(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--metrics-port", port])
+    assert exit_.value.code == 2 and "not a port number" in capsys.readouterr().err

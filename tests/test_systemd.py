@@ -114,3 +114,20 @@ def test_no_watchdog_ping_while_a_check_fails(tmp_path: Path, notify_socket: tup
         assert "not feeding the systemd watchdog: scp_listening: not listening on" in caplog.text
     finally:
         node.stop()
+
+
+def test_the_unit_gives_up_on_a_node_that_cannot_start(tmp_path: Path) -> None:
+    """Restart=on-failure with RestartSec=5 never trips systemd's default start limit (5 in 10 s): a node whose
+    configuration is invalid was restarted for ever. The unit stops on the exit code an invalid configuration
+    gives, and after 5 failed starts in 5 minutes."""
+    import configparser
+
+    from dicom_node.cli import main
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(Path(__file__).parents[1] / "deploy" / "dicom-node.service")
+    bad = tmp_path / "node.toml"
+    bad.write_text("[node]\nport = -1\n")
+    assert unit["Service"]["RestartPreventExitStatus"] == str(main(["config", "check", "--config", str(bad)])) == "2"
+    assert int(unit["Unit"]["StartLimitBurst"]) * int(unit["Service"]["RestartSec"]) < int(
+        unit["Unit"]["StartLimitIntervalSec"])
