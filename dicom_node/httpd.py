@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -51,6 +52,12 @@ _SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+
+
+class _IPv6Server(ThreadingHTTPServer):
+    """[http] host an IPv6 address ("::1", "::"): http.server listens on IPv4 only."""
+
+    address_family = socket.AF_INET6
 
 
 class HTTPListenError(OSError):
@@ -112,7 +119,8 @@ class NodeHTTPServer:
     def start(self) -> None:
         handler = type("Handler", (_Handler,), {"node_server": self})
         try:
-            server = ThreadingHTTPServer((self.settings.host, self.settings.port), handler)
+            server_class = _IPv6Server if ":" in self.settings.host else ThreadingHTTPServer
+            server = server_class((self.settings.host, self.settings.port), handler)
         except OSError as exc:
             raise HTTPListenError(f"cannot listen for HTTP on {self.settings.host}:{self.settings.port} ([http] "
                                   f"host and port): {exc.strerror or exc}") from None
@@ -196,7 +204,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         url = urlsplit(self.path)
-        if not self._host_allowed():
+        # /health and /metrics hold no patient data: a monitor or load balancer reaches them by any name
+        if url.path not in ("/health", "/metrics") and not self._host_allowed():
             self._message(HTTPStatus.MISDIRECTED_REQUEST, "Refused", "Unknown Host ([http] allowed_hosts).")
             return
         try:

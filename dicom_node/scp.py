@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import logging
 import os
 import socket
@@ -331,12 +332,23 @@ class Admission:
         if not self.peers:
             return True, "no [[peers]] configured: any calling AE is accepted"
         hosts_for_ae = [host for ae, host in self.peers if ae == calling_ae]
+        address = _unmapped(address)
         if not hosts_for_ae:
             return False, f"calling AE title {calling_ae!r} is not a configured peer"
         for host in hosts_for_ae:
             if host is None or address in _resolve(host):
                 return True, "known peer"
         return False, f"calling AE title {calling_ae!r} is a peer, but not from host {address}"
+
+
+def _unmapped(address: str) -> str:
+    """An IPv4 peer as a dual-stack listener ([node] host "::") sees it, ``::ffff:10.1.2.3``, as ``10.1.2.3``
+    (the form a peer's ``host`` names it by)."""
+    try:
+        mapped = ipaddress.IPv6Address(address).ipv4_mapped
+    except ValueError:
+        return address
+    return str(mapped) if mapped is not None else address
 
 
 def _resolve(host: str) -> set[str]:

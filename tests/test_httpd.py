@@ -275,6 +275,10 @@ def test_a_foreign_host_name_is_refused(make_node: Callable[..., Node]) -> None:
     # a name that only begins like a loopback address resolves wherever its owner wants (found in review)
     for host in ("127.0.0.1.nip.io", "127.attacker.example:8080"):
         assert request(node, "/", headers={"Host": host})[0] == 421, host
+    # /health and /metrics hold no patient data: a monitor asking by the node's public name or address was
+    # answered 421 and saw the node as down
+    for path in ("/health", "/metrics"):
+        assert request(node, path, headers={"Host": "dicomnode.hospital.lan:8080"})[0] in (200, 503), path
     status, _, body = request(node, "/actions/retry", data={"job_id": "1"}, headers={"Content-Length": "x"})
     assert status == 400 and "Content-Length" in body
 
@@ -300,3 +304,20 @@ def test_serve_with_an_unusable_password_file_exits_1(tmp_path: Path) -> None:
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert "password" in result.stderr.strip().splitlines()[-1]
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_an_ipv6_host_is_served(make_node: Callable[..., Node]) -> None:
+    """[http] host "::1" passed config check, then serve failed: http.server listens on IPv4 only."""
+    node = make_node(password=False, host="::1")
+    with urllib.request.urlopen(f"http://[::1]:{node.http.port}/health", timeout=10) as response:
+        assert response.status == 200 and "checks" in json.loads(response.read())

@@ -437,6 +437,9 @@ def test_admission_rules() -> None:
     assert admission.allows("PACS", "192.168.1.1")[0]
     assert not admission.allows("MR1", "10.0.0.8")[0]
     assert not admission.allows("mr1", "127.0.0.1")[0]  # AE titles are case-sensitive
+    # a dual-stack listener ([node] host "::") sees an IPv4 peer as ::ffff:a.b.c.d: it was refused
+    assert admission.allows("MR1", "::ffff:10.0.0.9") == (True, "known peer")
+    assert not admission.allows("MR1", "::ffff:10.0.0.8")[0]
 
 
 # -- parsing -----------------------------------------------------------------------------------
