@@ -313,6 +313,11 @@ class Destination(_Strict):
             raise ValueError("username and password_file go together")
         if self.username is not None and self.token_file is not None:
             raise ValueError("give either username and password_file or token_file")
+        host = urlsplit(self.url).hostname or ""
+        if ((self.username is not None or self.token_file is not None) and self.url.lower().startswith("http://")
+                and not (host == "localhost" or is_loopback_address(host))):
+            raise ValueError("a password or token would cross the network in clear text: use an https url (plain "
+                             "http with credentials only to this machine, e.g. a local proxy)")
         return self
 
     @property

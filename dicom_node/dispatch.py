@@ -497,7 +497,7 @@ class Dispatcher:
         try:
             web = stow.client(dest, self.config.tls, self.config.dispatch.timeout_s)
         except (OSError, UnicodeDecodeError) as exc:  # a password or token file that cannot be read
-            error = f"cannot set up STOW-RS: {getattr(exc, 'strerror', None) or exc}"
+            error = f"cannot set up STOW-RS: {exc}"  # (an OSError's text names its file)
             log.error("outbox: %s: %s; %d item(s) will be retried", dest.name, error, len(items))
             self._fail(items, error)
             self._audit(dest, items, 0, error)

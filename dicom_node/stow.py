@@ -195,6 +195,13 @@ def _refused(exc: requests.HTTPError, sent: list[str]) -> StowResult:
     return StowResult(error=f"HTTP {status} {exc.response.reason if exc.response is not None else ''}".strip())
 
 
+def connection_reason(exc: BaseException, limit: int = 300) -> str:
+    """Why a request found no service, in words an engineer can act on (the TLS verification failure, the name
+    that does not resolve, the refused port), cut to ``limit`` characters."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def store(stow: StowClient, datasets: list[Dataset]) -> StowResult:
     """POST ``datasets`` (as read from their files, transfer syntax kept) in one STOW-RS request."""
     sent = [str(ds.SOPInstanceUID) for ds in datasets]
@@ -206,7 +213,7 @@ def store(stow: StowClient, datasets: list[Dataset]) -> StowResult:
     except requests.JSONDecodeError:
         pass  # dicomweb-client read as JSON a body that is not: judged from the answer below
     except requests.RequestException as exc:
-        return StowResult(error=f"no connection: {type(exc).__name__}", connected=False)
+        return StowResult(error=f"no connection: {connection_reason(exc)}", connected=False)
     except _UNREADABLE:  # dicomweb-client could not read a 2xx body (a JSON list, no Content-Type): judged below
         if stow.answer is None or not stow.answer.ok:
             raise  # not the reading of an answer: an unexpected fault, the dispatcher's to report
@@ -220,6 +227,8 @@ def echo(dest: Destination, tls: TLSSettings, timeout_s: float) -> tuple[bool, s
     except requests.HTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         return False, f"STOW-RS {dest.url}: HTTP {status} on a QIDO-RS search"
-    except (requests.RequestException, OSError) as exc:
-        return False, f"STOW-RS {dest.url}: no connection ({type(exc).__name__})"
+    except requests.RequestException as exc:
+        return False, f"STOW-RS {dest.url}: no connection ({connection_reason(exc)})"
+    except (OSError, UnicodeDecodeError) as exc:  # a password or token file that cannot be read
+        return False, f"STOW-RS {dest.url}: cannot set up: {exc}"
     return True, f"STOW-RS {dest.url}: the DICOMweb service answers"
