@@ -54,6 +54,7 @@ from inference.volumetry import (
     parse_age,
     required_structures,
     with_qc_flag,
+    without_codes,
 )
 
 from .assembly import missing_images
@@ -351,10 +352,13 @@ def measure_step(ctx: JobContext, config: NodeConfig, registry: ModelRegistry, l
     assert manifest.output.segmentation is not None
     t0 = time.perf_counter()
     first = loaded.datasets[0]
+    icv_only = manifest.output.segmentation.icv_only
     volumetry = compute_volumetry(labels, images.t1, age=subject_age(first),
                                   sex=first.get("PatientSex"),
                                   expected_codes=required_structures(manifest.output.segmentation),
-                                  icv_ml=icv_ml, outside_ml=outside_ml, norms=norms)
+                                  icv_ml=icv_ml, outside_ml=outside_ml, norms=norms, icv_only=icv_only)
+    if icv_only:  # nor in the SEG, nor in the labels kept for the agreement: only in the ICV
+        labels = without_codes(labels, icv_only)
     timings["volumetry"] = time.perf_counter() - t0
     if not volumetry.qc_passed:
         failed = "; ".join(c.reason for c in volumetry.qc if c.passed is False)

@@ -125,6 +125,10 @@ class SegmentationOutputSpec(_Strict):
     # classes of ``labels`` the model was measured never to produce (held-out Dice 0 on every map and input kind,
     # metrics.json; tests/test_shipped_models.py holds it): quality control does not require them
     unlabelled: list[int] = Field(default_factory=list)
+    # classes of ``labels`` counted in the intracranial volume but not reported as structures: SynthSeg's 24 is all
+    # the CSF around the brain (hundreds of ml), the segmenter's (aparc+aseg) 24 a small extra-ventricular label
+    # (about 1 ml); both under one concept, an sT1's "CSF" and its real T1's differed several hundred-fold
+    icv_only: list[int] = Field(default_factory=list)
 
     @field_validator("labels")
     @classmethod
@@ -137,9 +141,10 @@ class SegmentationOutputSpec(_Strict):
 
     @model_validator(mode="after")
     def _unlabelled_are_labels(self) -> SegmentationOutputSpec:
-        stray = sorted(set(self.unlabelled) - set(self.labels))
-        if stray:
-            raise ValueError(f"unlabelled codes {stray} are not among the labels")
+        for name, codes in (("unlabelled", self.unlabelled), ("icv_only", self.icv_only)):
+            stray = sorted(set(codes) - set(self.labels))
+            if stray:
+                raise ValueError(f"{name} codes {stray} are not among the labels")
         return self
 
     @property

@@ -53,6 +53,7 @@ __all__ = [
     "compute_volumetry",
     "parse_age",
     "with_qc_flag",
+    "without_codes",
 ]
 
 #: Codes below this (and above 0) are intracranial (FreeSurfer aseg range), and so is every measured structure.
@@ -232,6 +233,15 @@ def _parse_sex(value: str | None) -> Sex | None:
     return text if text in ("M", "F", "O") else None  # type: ignore[return-value]
 
 
+def without_codes(labels: sitk.Image, codes: Collection[int]) -> sitk.Image:
+    """``labels`` with ``codes`` made background (same grid and pixel type)."""
+    array = sitk.GetArrayFromImage(labels)
+    array[np.isin(array, list(codes))] = 0
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(labels)
+    return image
+
+
 def with_qc_flag(series_description: str, volumetry: Volumetry, *, max_length: int = 64) -> str:
     """``series_description`` with ' QC FAILED' appended when QC failed (shortened to fit ``max_length``).
 
@@ -327,7 +337,7 @@ def _t1_on_labels_grid(t1: sitk.Image, labels: sitk.Image) -> np.ndarray:
 def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | float | None, sex: str | None,
                       norms: Sequence[Norm] = (), limits: QCLimits | None = None,
                       expected_codes: Collection[int] | None = None, icv_ml: float | None = None,
-                      outside_ml: float | None = None) -> Volumetry:
+                      outside_ml: float | None = None, icv_only: Collection[int] = ()) -> Volumetry:
     """Volumes of every measured structure (``inference.labels.STRUCTURES``) present in ``labels``, ICV,
     asymmetry indices, HOC, normative scores (when ``norms`` has a matching row) and quality control.
 
@@ -336,7 +346,8 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
     family, cortex by lobe or whole, without OPTIONAL_STRUCTURES).
     ``age``: years or DICOM AS; ``sex``: PatientSex ('M', 'F', 'O'). ``limits``: default by age (:func:`icv_limits`).
     ``icv_ml``: the segmenter's intracranial volume (default: from the aseg codes); ``outside_ml``: labelled
-    volume the segmenter found apart from the brain (enables the brain-mask check).
+    volume the segmenter found apart from the brain (enables the brain-mask check). ``icv_only``: codes counted in
+    the ICV but not reported as structures (a model's ``icv_only``).
     """
     array = label_codes(labels)
     voxel_mm3 = _voxel_volume_mm3(labels)
@@ -349,7 +360,8 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
         icv_voxels = int(round(icv_ml * 1000.0 / voxel_mm3))
         icv_source = "intracranial mask"
     age_years, sex_value = parse_age(age), _parse_sex(sex)
-    structures = _structure_volumes(counts, voxel_mm3, icv_ml, age_years, sex_value, norms)
+    reported = {code: n for code, n in counts.items() if code not in icv_only}
+    structures = _structure_volumes(reported, voxel_mm3, icv_ml, age_years, sex_value, norms)
     asymmetry = _asymmetry(structures)
     checks = [_check_icv(icv_ml, limits or icv_limits(age_years)), _check_present(counts, _expected(counts,
               expected_codes)), _check_outside(outside_ml), _check_asymmetry(asymmetry)]

@@ -242,3 +242,11 @@ def test_an_sT1_measured_by_its_own_labels_has_every_structure_qc_requires(regis
                                   expected_codes=required_structures(seg))
     present = next(check for check in volumetry.qc if check.name == "structures_present")
     assert present.passed, present.reason
+    # SynthSeg's 24 (all the CSF around the brain) is counted in the ICV, never reported as the segmenter's small
+    # "CSF" structure: hundreds of ml under the same concept as the real T1's one
+    assert seg.icv_only == [24]
+    assert 24 in {int(c) for c in np.unique(sitk.GetArrayViewFromImage(result.labels))}
+    measured = compute_volumetry(result.labels, result.t1, age=None, sex=None,
+                                 expected_codes=required_structures(seg), icv_only=seg.icv_only)
+    assert 24 in volumetry.structures and volumetry.structures[24].volume_ml > 50
+    assert 24 not in measured.structures and measured.icv_ml == pytest.approx(volumetry.icv_ml)
