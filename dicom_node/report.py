@@ -33,6 +33,7 @@ from dicom_node.writers.sr import (
     QC_OVERALL,
 )
 from inference.labels import STRUCTURES
+from inference.volumetry import format_age
 
 __all__ = ["ReportError", "format_report"]
 
@@ -197,7 +198,7 @@ def format_report(path: Path) -> str:
     lines = [
         f"{sr.get('SeriesDescription', '')}  (series {sr.get('SeriesNumber', '')}, {sr.SOPInstanceUID})",
         f"Patient {sr.get('PatientName', '')}  ID {sr.get('PatientID', '')}  "
-        f"age {_number(out.age, '.0f') or '?'} y  sex {out.sex or '?'}  study date {sr.get('StudyDate', '')}",
+        f"age {format_age(out.age)}  sex {out.sex or '?'}  study date {sr.get('StudyDate', '')}",
         f"Quality control: {out.qc_overall or '?'}",
         f"Intracranial volume: {_number(out.icv_ml, '.1f')} ml",
         "",

@@ -52,6 +52,7 @@ __all__ = [
     "Volumetry",
     "compute_volumetry",
     "parse_age",
+    "format_age",
     "with_qc_flag",
     "without_codes",
 ]
@@ -231,6 +232,17 @@ def parse_age(value: str | float | int | None) -> float | None:
 def _parse_sex(value: str | None) -> Sex | None:
     text = (value or "").strip().upper()
     return text if text in ("M", "F", "O") else None  # type: ignore[return-value]
+
+
+def format_age(years: float | None) -> str:
+    """An age as a reader expects it: whole years from 2 years on ("53 y"), months below ("6 mo", "< 1 mo"); "?"
+    when unknown. Completed units, as ages are counted (not rounded: 0.5 years read "0 y", 11 months "1 y")."""
+    if years is None or not math.isfinite(years):
+        return "?"
+    if years >= 2.0:
+        return f"{math.floor(years)} y"
+    months = math.floor(years * 12.0 + 1e-9)
+    return f"{months} mo" if months >= 1 else "< 1 mo"
 
 
 def without_codes(labels: sitk.Image, codes: Collection[int]) -> sitk.Image:

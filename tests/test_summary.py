@@ -20,6 +20,7 @@ from tests.volumetry_factory import (
     as_exported,
     as_japanese,
     dciodvfy_errors,
+    make_phantom,
     make_t1_series,
 )
 
@@ -216,3 +217,20 @@ def test_letters_beyond_the_wide_fonts_blocks_are_not_drawn_as_boxes() -> None:
     # PS3.5's example puts the phonetic group in half-width katakana, which DejaVu Sans lacks
     assert summary.drawable("Ödön Иванов ﾔﾏﾀﾞ 山田") == "Ödön Иванов ???? ??"
     assert summary.display_name("=山田^太郎=やまだ^たろう") == "山田, 太郎"  # no alphabetic group: the next one
+
+
+def test_labels_of_the_whole_cortex_show_no_lobe_rows() -> None:
+    """Every sT1 measured by its model's own labels (whole cortex) showed six lobe rows reading "absent", as if the
+    lobes had failed; labels by lobe keep them."""
+    from dicom_node.writers.summary import _table_rows
+    from inference.labels import aseg_view
+
+    labels, t1 = make_phantom()
+    whole = sitk.GetImageFromArray(aseg_view(sitk.GetArrayFromImage(labels)).astype(np.uint16))
+    whole.CopyInformation(labels)
+    rows = _table_rows(compute_volumetry(whole, t1, age=None, sex=None))
+    names, cells = [row[0] for row, _ in rows], [cell for row, _ in rows for cell in row]
+    assert "Cerebral cortex" in names and not any(n.endswith(" cortex") and n.startswith("  ") for n in names)
+    assert "absent" not in cells
+    by_lobe = [row[0] for row, _ in _table_rows(compute_volumetry(labels, t1, age=None, sex=None))]
+    assert "  frontal cortex" in by_lobe and "  insula cortex" in by_lobe

@@ -197,3 +197,12 @@ def test_the_most_specific_norm_row_scores_whatever_the_tables_order() -> None:
         assert score is not None and score.norm == rows[2] and score.z == pytest.approx(1.0)
     score = compute_volumetry(labels, None, age=70, sex="O", norms=rows).structures[17].norm_score
     assert score is not None and score.norm == rows[0]
+
+
+@pytest.mark.parametrize("years, text", [(None, "?"), (53.0, "53 y"), (53.9, "53 y"), (2.0, "2 y"), (1.99, "23 mo"),
+                                          (0.5, "6 mo"), (11 / 12, "11 mo"), (0.02, "< 1 mo")])
+def test_ages_read_in_completed_years_or_months(years: float | None, text: str) -> None:
+    """The page and the text report rounded to whole years: 6 months read "age 0 y", 11 months "1 y"."""
+    from inference.volumetry import format_age
+
+    assert format_age(years) == text

@@ -26,8 +26,8 @@ from pydicom.valuerep import validate_value
 import dicom_node
 from dicom_node.uids import new_uid
 from dicom_node.writers import WrittenSeries, equipment, identity_ready, write_single
-from inference.labels import HIPPOCAMPUS, LOBES, STRUCTURES
-from inference.volumetry import Volumetry
+from inference.labels import HIPPOCAMPUS, LOBE_CORTEX_CODES, LOBES, STRUCTURES
+from inference.volumetry import Volumetry, format_age
 
 __all__ = ["PAGE_SIZE", "font", "render_page", "secondary_capture", "wrap_text", "write_summary"]
 
@@ -225,7 +225,10 @@ def _table_rows(volumetry: Volumetry) -> list[tuple[tuple[str, ...], tuple[int, 
     cortex = volumetry.cortex_ml
     if 3 not in volumetry.structures and cortex.get("L", 0) > 0 and cortex.get("R", 0) > 0:  # the sum of the lobes
         asymmetry[3] = 200.0 * (cortex["L"] - cortex["R"]) / (cortex["L"] + cortex["R"])
+    by_lobe = any(code in volumetry.structures for code in LOBE_CORTEX_CODES)
     for name, left, right in _TABLE:
+        if left in LOBE_CORTEX_CODES and not by_lobe:  # labels of the whole cortex: no lobe is measured
+            continue
         cells = []
         for code, side in ((left, "L"), (right, "R")):
             entry = volumetry.structures.get(code) if code is not None else None
@@ -343,7 +346,7 @@ def write_summary(volumetry: Volumetry, *, t1: sitk.Image, labels: sitk.Image, s
     if not source_images:
         raise ValueError("no source images")
     first = source_images[0]
-    age = f"{volumetry.age_years:.0f} y" if volumetry.age_years is not None else "?"
+    age = format_age(volumetry.age_years)
     header = [
         f"{display_name(first.get('PatientName'))}   ID {first.get('PatientID', '')}   age {age}   "
         f"sex {volumetry.sex or '?'}   study {first.get('StudyDate', '')}",
