@@ -27,6 +27,7 @@ from dicom_node.writers.agreement_sr import (
 from dicom_node.writers.sr import (
     ASYMMETRY_INDEX,
     FRACTION_OF_ICV,
+    GROUP_CORTEX,
     GROUP_QC,
     HIPPOCAMPAL_OCCUPANCY,
     QC_CHECK_CODES,
@@ -61,6 +62,7 @@ class _Report:
     icv_ml: float | None = None
     asymmetry: dict[str, float] = field(default_factory=dict)     # structure concept value -> AI %
     hoc: dict[str, float] = field(default_factory=dict)           # 'L'/'R' -> ratio
+    cortex_ml: dict[str, float] = field(default_factory=dict)     # 'L'/'R' -> the whole cortex (lobes summed)
     age: float | None = None
     sex: str | None = None
     qc_overall: str | None = None
@@ -70,6 +72,13 @@ class _Report:
 def _same(concept: object, code: object) -> bool:
     return (getattr(concept, "value", None) == getattr(code, "value", None)
             and getattr(concept, "scheme_designator", None) == getattr(code, "scheme_designator", None))
+
+
+def _site_key(site: object) -> str:
+    """A finding site as the table keys it: its concept, and its topographical modifier (a lobe of the cortex)."""
+    modifier = getattr(site, "topographical_modifier", None)
+    value = getattr(getattr(site, "value", None), "value", "")
+    return f"{value}/{modifier.value}" if modifier is not None else value
 
 
 def _side(site: object) -> str:
@@ -86,7 +95,9 @@ def _row(group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations) -> _Ro
     else:
         side = _side(group.finding_sites[0]) if group.finding_sites else ""
         name = f"{side} {finding.meaning if finding else identifier}".strip()
-    row = _Row(name=name, concept=finding.value if finding else "")
+    # keyed by its finding site (a lobe's cortex: cerebral cortex with the lobe as modifier; its finding type is
+    # cerebral cortex for every lobe), as its asymmetry is
+    row = _Row(name=name, concept=_site_key(group.finding_sites[0]) if group.finding_sites else "")
     for measurement in group.get_measurements():
         if _same(measurement.name, codes.SCT.Volume):
             row.volume_ml = float(measurement.value)
@@ -107,7 +118,9 @@ def _read_groups(report: hd.sr.MeasurementReport, out: _Report) -> None:
                     site.value, codes.SCT.IntracranialStructure):
                 out.icv_ml = float(measurement.value)
             elif _same(measurement.name, ASYMMETRY_INDEX) and site is not None:
-                out.asymmetry[site.value.value] = float(measurement.value)
+                out.asymmetry[_site_key(site)] = float(measurement.value)
+            elif group.tracking_identifier == GROUP_CORTEX and _same(measurement.name, codes.SCT.Volume):
+                out.cortex_ml[_side(site)] = float(measurement.value)
             elif _same(measurement.name, HIPPOCAMPAL_OCCUPANCY) and site is not None:
                 out.hoc[_side(site)] = float(measurement.value)
             elif _same(measurement.name, codes.DCM.SubjectAge):
@@ -216,6 +229,9 @@ def format_report(path: Path) -> str:
         if with_norms:
             line += f"{_number(row.z, '+.2f'):>7}{_number(row.percentile, '.0f'):>6}"
         lines.append(line)
+    if out.cortex_ml and not any(row.concept == codes.SCT.CerebralCortex.value for row in out.rows):
+        lines += ["", "Cerebral cortex (its lobes summed): " + "  ".join(
+            f"{side} {out.cortex_ml[side]:.2f} ml" for side in ("L", "R") if side in out.cortex_ml)]
     if out.hoc or any("hippocampus" in row.name.lower() for row in out.rows):
         lines += ["", "Hippocampal occupancy: " + "  ".join(
             f"{side} {out.hoc[side]:.3f}" if side in out.hoc else f"{side} n/a" for side in ("L", "R"))]

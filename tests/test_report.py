@@ -118,3 +118,32 @@ def test_undefined_hoc_and_asymmetry_read_n_a(tmp_path: Path, build: dict) -> No
     text = format_report(path)
     assert _row(text, "Left hippocampus")[-1] == "n/a"
     assert "Hippocampal occupancy: L " in text and text.rstrip().count("R n/a") >= 1
+
+
+def test_each_lobe_shows_its_own_asymmetry_and_the_cortex_its_sum(build: dict) -> None:
+    """Every lobe row showed "n/a" (its asymmetry was keyed by the finding type, cerebral cortex for every lobe), or
+    the whole cortex's asymmetry where labels held 3/42 too; the SR coded a lobe's asymmetry site as the whole lobe.
+    The lobes-summed cortex of each side (an SR group of its own) was never printed."""
+    from dicom_node.writers.tid1500 import asymmetry_site
+    from inference.labels import LOBE_CORTEX_CODES, by_code
+
+    array = sitk.GetArrayFromImage(build["labels"])
+    frontal = np.argwhere(array == 1201)
+    array[tuple(frontal[: len(frontal) // 2].T)] = 2  # half the left frontal cortex: its own asymmetry only
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(build["labels"])
+    volumetry = compute_volumetry(labels, build["series"].t1, age="053Y", sex="F")
+    text = _report(build, volumetry, "lobes.dcm")
+    lobes = [p for p in volumetry.asymmetry if p.left_code in LOBE_CORTEX_CODES]
+    assert len(lobes) == 6 and len({round(p.index_percent, 1) for p in lobes}) > 1
+    for pair in lobes:
+        cells = _row(text, by_code(pair.left_code).display_name)
+        assert float(cells[2]) == pytest.approx(pair.index_percent, abs=0.05), by_code(pair.left_code).display_name
+        site = asymmetry_site(pair.left_code)
+        assert site.value.value == "40146001" and site.topographical_modifier is not None and site.laterality is None
+    without_whole = sitk.GetImageFromArray(np.where(np.isin(array, [3, 42]), 0, array).astype(array.dtype))
+    without_whole.CopyInformation(labels)
+    summed = compute_volumetry(without_whole, build["series"].t1, age="053Y", sex="F")
+    text = _report(build, summed, "lobes-summed.dcm")
+    assert (f"Cerebral cortex (its lobes summed): L {summed.cortex_ml['L']:.2f} ml  R {summed.cortex_ml['R']:.2f} ml"
+            in text)

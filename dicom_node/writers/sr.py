@@ -29,6 +29,7 @@ from pydicom.sr.coding import Code
 from dicom_node.writers import WrittenSeries, gc_paused, write_single
 from dicom_node.writers.tid1500 import (
     LOCAL_SCHEME,
+    asymmetry_site,
     device_uid,
     evidence,
     finding_site,
@@ -36,7 +37,7 @@ from dicom_node.writers.tid1500 import (
     measurement_report_sr,
     tracking,
 )
-from inference.labels import HIPPOCAMPUS, LEFT, RIGHT, by_code
+from inference.labels import HIPPOCAMPUS, LEFT, RIGHT
 from inference.volumetry import Volumetry
 
 __all__ = [
@@ -149,7 +150,7 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
             algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(
                 name=ASYMMETRY_INDEX, value=pair.index_percent, unit=UNIT_PERCENT,
-                finding_sites=[hd.sr.FindingSite(by_code(pair.left_code).concept)])
+                finding_sites=[asymmetry_site(pair.left_code)])
                 for pair in volumetry.asymmetry],
         ))
     if volumetry.hoc:

@@ -45,6 +45,14 @@ def finding_site(code: int) -> hd.sr.FindingSite:
     return hd.sr.FindingSite(anatomic_location=structure.concept, laterality=laterality_code(structure))
 
 
+def asymmetry_site(code: int) -> hd.sr.FindingSite:
+    """The finding site of the asymmetry index of the pair of ``code`` (either side): the structure without
+    laterality; for the cortex of a lobe, the cerebral cortex with the lobe as its topographical modifier, as the
+    volumes of its sides are coded (:func:`finding_site`)."""
+    site = finding_site(code)
+    return hd.sr.FindingSite(anatomic_location=site.value, topographical_modifier=site.topographical_modifier)
+
+
 def evidence(*groups: Sequence[Dataset]) -> list[Dataset]:
     """Every data set of ``groups`` once (by SOP Instance UID), in order."""
     seen, out = set(), []
