@@ -132,6 +132,8 @@ def test_volumes_equal_seg_voxel_counts(build: dict) -> None:
         assert reference[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
         segment = seg.SegmentSequence[segment_number - 1]
         assert segment.TrackingID == group.tracking_identifier  # the group measures the segment it references
+        # and tracks it under the same UID (each writer drew its own: no viewer could link them)
+        assert segment.TrackingUID == group.tracking_uid
         volume = [m for m in group.get_measurements() if _same(m.name, codes.SCT.Volume)]
         assert len(volume) == 1 and volume[0].unit.value == "ml"
         assert float(volume[0].value) == pytest.approx(seg_volumes[segment_number], rel=1e-9)

@@ -92,6 +92,9 @@ def _structure_groups(volumetry: Volumetry, seg: WrittenSeries, source_series_ui
                       ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
     numbers = seg.segment_numbers
     (seg_file,) = seg.files
+    # a structure's measurements carry its segment's TrackingUID: one finding, one UID, in the SEG and the SR
+    segment_uids = {int(item.SegmentNumber): str(item.TrackingUID)
+                    for item in seg.dataset.get("SegmentSequence", []) if item.get("TrackingUID")}
     missing = [code for code in volumetry.structures if code not in numbers]
     if missing:
         raise ValueError(f"the SEG has no segment for structures {missing}: not the SEG of this volumetry")
@@ -110,7 +113,7 @@ def _structure_groups(volumetry: Volumetry, seg: WrittenSeries, source_series_ui
                                   unit=UNIT_PERCENT),
             ]
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=tracking(structure.freesurfer_name, uid_prefix),
+            tracking_identifier=tracking(structure.freesurfer_name, uid_prefix, segment_uids.get(numbers[code])),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=seg_file.sop_class_uid, sop_instance_uid=seg_file.sop_instance_uid,
                 segment_number=numbers[code],

@@ -24,9 +24,9 @@ from inference.labels import LOBE_CORTEX_CODES, by_code, laterality_code
 LOCAL_SCHEME = "99DICOMNODE"
 
 
-def tracking(identifier: str, uid_prefix: str | None) -> hd.sr.TrackingIdentifier:
-    """A tracking identifier with a new UID."""
-    return hd.sr.TrackingIdentifier(uid=new_uid(uid_prefix), identifier=identifier)
+def tracking(identifier: str, uid_prefix: str | None, uid: str | None = None) -> hd.sr.TrackingIdentifier:
+    """A tracking identifier with ``uid`` (a SEG segment's TrackingUID), else a new UID."""
+    return hd.sr.TrackingIdentifier(uid=uid or new_uid(uid_prefix), identifier=identifier)
 
 
 def finding_type(code: int) -> Code:
