@@ -41,6 +41,7 @@ __all__ = [
     "QCCheck",
     "ASYMMETRY_BOUND_PERCENT",
     "ASYMMETRY_MIN_ML",
+    "FOV_EDGE_MAX_CM2",
     "OPTIONAL_STRUCTURES",
     "OUTSIDE_BRAIN_MAX_ML",
     "QCLimits",
@@ -79,6 +80,12 @@ OPTIONAL_STRUCTURES = frozenset({5, 44, 24})
 #: asymmetry is below 5 %). Smaller structures are too noisy to judge.
 ASYMMETRY_BOUND_PERCENT = 30.0
 ASYMMETRY_MIN_ML = 1.0
+#: QC fails when the brain labels on one face of the image (its outermost layer of voxels) cover more than this
+#: area: the brain reaches the edge of the field of view, and part of it may lie outside (a 2D slab that does not
+#: cover the head, a FOV that cuts the vertex or the frontal pole). The brainstem (it runs on into the cord) and the
+#: CSF label are not counted. Measured on the shared real heads: 0-0.1 cm² where the head is covered (3D MPRAGE,
+#: 2D T1 HFS), 80-108 cm² where the 2D T1's sagittal slab cuts a hemisphere (HFDL).
+FOV_EDGE_MAX_CM2 = 20.0
 #: QC fails when more labelled volume than this lay apart from the brain (removed by the segmenter)
 OUTSIDE_BRAIN_MAX_ML = 10.0
 
@@ -317,6 +324,33 @@ def _check_asymmetry(pairs: Sequence[Asymmetry]) -> QCCheck:
                                       f"(largest {worst.name} {worst.index_percent:+.1f} %)")
 
 
+_FACE_NAMES = (("right", "left"), ("anterior", "posterior"), ("inferior", "superior"))  # -/+ along L, P, S
+
+
+def _check_field_of_view(labels: sitk.Image, array: np.ndarray) -> QCCheck:
+    """The brain labels on each face of the image: more than :data:`FOV_EDGE_MAX_CM2` on one is a brain cut by the
+    field of view (volumes short, and their fraction of the ICV wrong)."""
+    brain = np.isin(array, [code for code in STRUCTURES if code not in (16, 24)])
+    spacing = labels.GetSpacing()
+    direction = np.array(labels.GetDirection()).reshape(3, 3)
+    worst, where = 0.0, ""
+    for axis in range(3):  # numpy axis: image index axis 2 - axis
+        index_axis = 2 - axis
+        face_mm2 = float(np.prod([spacing[i] for i in range(3) if i != index_axis]))
+        column = direction[:, index_axis]
+        patient_axis = int(np.argmax(np.abs(column)))
+        for end, sign in ((0, -1.0), (-1, 1.0)):
+            area = float(np.take(brain, end, axis=axis).sum()) * face_mm2 / 100.0
+            if area > worst:
+                worst = area
+                where = _FACE_NAMES[patient_axis][int(sign * column[patient_axis] > 0)]
+    if worst > FOV_EDGE_MAX_CM2:
+        return QCCheck("field_of_view", False, f"the brain reaches the {where} edge of the image ({worst:.0f} cm2 of "
+                                               "brain labels there): part of it may lie outside the field of view")
+    return QCCheck("field_of_view", True, f"the brain within the image (at most {worst:.1f} cm2 of brain labels on "
+                                          f"an edge; limit {FOV_EDGE_MAX_CM2:.0f})")
+
+
 def _check_present(counts: dict[int, int], expected: Collection[int]) -> QCCheck:
     missing = [by_code(c).display_name for c in sorted(expected) if counts.get(c, 0) == 0]
     if missing:
@@ -376,7 +410,8 @@ def compute_volumetry(labels: sitk.Image, t1: sitk.Image | None, *, age: str | f
     structures = _structure_volumes(reported, voxel_mm3, icv_ml, age_years, sex_value, norms)
     asymmetry = _asymmetry(structures)
     checks = [_check_icv(icv_ml, limits or icv_limits(age_years)), _check_present(counts, _expected(counts,
-              expected_codes)), _check_outside(outside_ml), _check_asymmetry(asymmetry)]
+              expected_codes)), _check_outside(outside_ml), _check_asymmetry(asymmetry),
+              _check_field_of_view(labels, np.asarray(array))]
     if t1 is None:
         checks.append(QCCheck("intensity_ordering", None, "not evaluated: no T1 image"))
     else:

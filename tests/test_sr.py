@@ -197,7 +197,7 @@ def test_qc_passed_is_recorded(build: dict) -> None:
     assert overall == "Succeeded"
     assert {name: outcome for name, (outcome, _) in checks.items()} == {
         "icv_range": "Succeeded", "structures_present": "Succeeded", "intensity_ordering": "Succeeded",
-        "asymmetry": "Succeeded", "brain_mask": "Not Attempted"}
+        "asymmetry": "Succeeded", "brain_mask": "Not Attempted", "field_of_view": "Succeeded"}
     assert "within" in checks["icv_range"][1]
 
 

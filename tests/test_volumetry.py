@@ -206,3 +206,44 @@ def test_ages_read_in_completed_years_or_months(years: float | None, text: str) 
     from inference.volumetry import format_age
 
     assert format_age(years) == text
+
+
+@pytest.mark.parametrize("map_number", [1, 7, 13])
+def test_a_brain_cut_by_the_field_of_view_fails_qc_and_names_the_edge(map_number: int) -> None:
+    """Nothing checked that the image covered the brain: a head cut 30 % short (ICV 16-35 % low) passed QC. Real
+    anatomy (SynthSeg label maps, oriented as they are stored), cut at the back and at the top."""
+    from tests.conftest import SYNTHSEG
+
+    path = SYNTHSEG / "training_label_maps" / f"training_seg_{map_number:02d}.nii.gz"
+    if not path.is_file():
+        pytest.skip(f"SynthSeg label maps not found at {path.parent} (../shared/data)")
+    image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkUInt16)
+    assert _qc(compute_volumetry(image, None, age=None, sex=None), "field_of_view").passed is True
+    array = sitk.GetArrayFromImage(image)
+    # numpy axis 0: index axis 2, towards anterior (direction (0, -1, 0)); axis 1: index axis 1, towards inferior
+    for axis, edge in ((0, "posterior"), (1, "superior")):
+        extent = np.nonzero(np.isin(array, list(STRUCTURES)).any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        keep = [slice(None)] * 3
+        keep[axis] = slice(int(extent.min() + 0.3 * (extent.max() - extent.min())), None)
+        cut = sitk.GetImageFromArray(array[tuple(keep)])
+        cut.SetSpacing(image.GetSpacing())
+        cut.SetDirection(image.GetDirection())
+        check = _qc(compute_volumetry(cut, None, age=None, sex=None), "field_of_view")
+        assert check.passed is False and f"the {edge} edge" in check.reason, check.reason
+
+
+def test_the_phantom_within_its_image_passes_and_cut_at_any_face_fails() -> None:
+    labels, _ = make_phantom()
+    assert _qc(compute_volumetry(labels, None, age=None, sex=None), "field_of_view").passed is True
+    array = sitk.GetArrayFromImage(labels)
+    occupied = [np.nonzero(array.any(axis=tuple(a for a in range(3) if a != axis)))[0] for axis in range(3)]
+    # identity direction: numpy axes 0, 1, 2 run towards superior, posterior, left
+    for axis, (low, high) in enumerate((("inferior", "superior"), ("anterior", "posterior"), ("right", "left"))):
+        middle = (occupied[axis].min() + occupied[axis].max()) // 2
+        for keep, edge in ((slice(middle, None), low), (slice(None, middle), high)):
+            window = [slice(None)] * 3
+            window[axis] = keep
+            cut = sitk.GetImageFromArray(array[tuple(window)])
+            cut.SetSpacing(labels.GetSpacing())
+            check = _qc(compute_volumetry(cut, None, age=None, sex=None), "field_of_view")
+            assert check.passed is False and f"the {edge} edge" in check.reason, (axis, check.reason)

@@ -67,6 +67,7 @@ QC_CHECK_CODES = {
     "intensity_ordering": Code("QC-T1", LOCAL_SCHEME, "T1 intensity ordering"),
     "brain_mask": Code("QC-MASK", LOCAL_SCHEME, "Labels within the brain mask"),
     "asymmetry": Code("QC-AI", LOCAL_SCHEME, "Left-right asymmetry within bounds"),
+    "field_of_view": Code("QC-FOV", LOCAL_SCHEME, "Brain within the field of view"),
 }
 QC_OUTCOME = {True: codes.DCM.Succeeded, False: codes.DCM.Failed, None: codes.DCM.NotAttempted}
 SEX_CODES = {"M": codes.DCM.Male, "F": codes.DCM.Female, "O": codes.DCM.Other}
