@@ -57,11 +57,15 @@ SPARE_TIMEOUT_S = 5.0
 class _Work:
     """One destination's batch, taken item by item by the associations sending it."""
 
-    def __init__(self, items: Iterable[OutboxItem]) -> None:
+    def __init__(self, items: Iterable[OutboxItem], stopping: threading.Event | None = None) -> None:
         self._items = deque(items)
         self._lock = threading.Lock()
+        self._stopping = stopping
 
     def take(self) -> OutboxItem | None:
+        """The next item; None when none is left, or the dispatcher is stopping (the rest is released)."""
+        if self._stopping is not None and self._stopping.is_set():
+            return None
         with self._lock:
             return self._items.popleft() if self._items else None
 
@@ -277,6 +281,8 @@ class Dispatcher:
         #: the id this dispatcher's outbox claims are made under (unique among live processes)
         self.worker = worker or dispatcher_id()
         self._lock = threading.Lock()
+        #: set by :meth:`stop`: no further claim, and no further item of a claim being sent (they are released)
+        self.stopping = threading.Event()
         self._gone: list[OutboxItem] = []  # failed for good in this round, reported at its end
         self._gone_lock = threading.Lock()
         self._claim: OutboxClaim | None = None  # the claim being sent (one at a time: ``_lock``)
@@ -296,8 +302,8 @@ class Dispatcher:
             sent, seen = 0, set()
             settings = self.config.dispatch
             self._unreached = {}
-            while (claim := self.journal.claim_outbox(self.worker, settings.lease_s,
-                                                      limit=settings.claim_batch)) is not None:
+            while not self.stopping.is_set() and (claim := self.journal.claim_outbox(
+                    self.worker, settings.lease_s, limit=settings.claim_batch)) is not None:
                 ids = {i.id for i in claim.items}
                 if ids <= seen:  # tried in this round already (e.g. due again at once): the next scan
                     self.journal.release_outbox(claim)
@@ -313,6 +319,11 @@ class Dispatcher:
                 self._report_given_up()
             finally:
                 self._lock.release()
+
+    def stop(self) -> None:
+        """Finish the objects being sent and send no more: a stop must not wait for a whole backlog (a slow PACS
+        with hundreds queued kept the node from stopping for minutes, past systemd's TimeoutStopSec)."""
+        self.stopping.set()
 
     def take_back(self) -> int:
         """Release the claims an earlier life of this dispatcher held (its id is the SQLite node's ``NODE_WORKER``,
@@ -464,7 +475,7 @@ class Dispatcher:
         taking the items one by one from a shared queue: the first sends at once while the others are opened, so
         a further one that is refused, or slow to come (a PACS serving one association at a time), costs nothing
         but itself. The number acknowledged."""
-        work = _Work(items)
+        work = _Work(items, self.stopping)
         wanted = min(self._associations_for(name, dest), len(items))
         if wanted == 1:
             sent_alone = self._send_share(name, dest, first, work, metas)
@@ -504,6 +515,8 @@ class Dispatcher:
             return 0
         sent, last_error = 0, None
         for start in range(0, len(items), dest.stow_batch):
+            if self.stopping.is_set():  # the rest is released with the claim, for the next start
+                break
             batch, datasets = [], []
             for item in items[start:start + dest.stow_batch]:
                 try:
@@ -554,9 +567,12 @@ class Dispatcher:
         return self._send_share(name, dest, assoc, work, metas)
 
     def _fail_left(self, name: str, work: _Work) -> None:
-        """Items no association took (every one was lost): failed a try."""
+        """Items no association took (every one was lost): failed a try; left for the next start when the
+        dispatcher is stopping (released with the claim, no try counted)."""
         left = work.rest()
-        if left:
+        if left and self.stopping.is_set():
+            log.info("outbox: stopping: %d item(s) for %s left for the next start", len(left), name)
+        elif left:
             log.warning("outbox: %s: association lost; %d item(s) will be retried", name, len(left))
             self._fail(left, "association lost")
 

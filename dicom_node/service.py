@@ -193,6 +193,7 @@ class Node:
     def stop(self) -> None:
         systemd.notify("STOPPING=1")
         self.scp.stop()
+        self.dispatcher.stop()  # the objects under way are finished; the rest waits for the next start
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.receipts is not None:  # after the sweeps, which settle and replay too
