@@ -451,6 +451,12 @@ def status_report(config: NodeConfig, limit: int, since_h: float) -> dict[str, A
         problems.append(f"the node runs but {url} does not answer")
     if failed_jobs:
         problems.append(f"{len(failed_jobs)} job(s) failed in the last {since_h:g} h")
+    now = time.time()
+    for row in report["outbox"]:
+        since = row.get("failing_since")
+        if row["state"] == OutboxState.PENDING and since and now - since >= config.dispatch.alert_after_s:
+            problems.append(f"deliveries to {row['destination']} failing for {(now - since) / 60:.0f} min "
+                            f"({row['n']} item(s) waiting; last error: {row['last_error'] or '?'})")
     if report["failures"]["deliveries_failed"]:
         problems.append(f"{report['failures']['deliveries_failed']} delivery item(s) failed for good "
                         "(`dicom-node retry` queues them again)")

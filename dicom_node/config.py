@@ -605,6 +605,9 @@ class DispatchSettings(_Strict):
     lease_s: float = Field(default=120.0, ge=10.0)
     #: Items of one destination claimed (and sent over one association per ``max_associations``) at a time.
     claim_batch: int = Field(default=1000, ge=1)
+    #: ``dicom-node status`` needs attention (exit 1) when a destination's pending items have been failing their
+    #: tries for this long (a PACS down): the items are retried for ``retry_for_s``, but someone should know now.
+    alert_after_s: float = Field(default=900.0, gt=0)
 
 
 #: FLAIR (Siemens: "dark-fluid", "da-fl"), but not GE's "T1 FLAIR" (a T1-weighted 2D sequence).

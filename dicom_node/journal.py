@@ -1574,7 +1574,8 @@ class Journal:
     def outbox_summary(self) -> list[dict[str, Any]]:
         rows = self._query(
             "SELECT destination, state, COUNT(*) AS n, MAX(tries) AS max_tries, MAX(last_error) AS last_error,"
-            " MIN(next_attempt_at) AS next_at, MIN(queued_at) AS oldest_queued_at"
+            " MIN(next_attempt_at) AS next_at, MIN(queued_at) AS oldest_queued_at,"
+            " MIN(CASE WHEN first_failed_at > 0 THEN first_failed_at END) AS failing_since"
             " FROM outbox GROUP BY destination, state ORDER BY destination, state"
         )
         return [dict(r) for r in rows]

@@ -736,3 +736,29 @@ def test_a_metrics_port_out_of_range_is_refused_by_the_parser(port: str, capsys:
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["serve", "--metrics-port", port])
     assert exit_.value.code == 2 and "not a port number" in capsys.readouterr().err
+
+
+def test_status_needs_attention_once_a_destination_has_failed_for_alert_after_s(
+        tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A PACS down kept status at exit 0 (and the dashboard "ok") for retry_for_s, a day: nothing alerted until
+    the results were given up."""
+    config = write_config(tmp_path, models_dir, extra="[dispatch]\nalert_after_s = 60\n")
+    journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
+    received = ReceivedInstance("1.9.1", "1.2.840.10008.5.1.4.1.1.4", "1", "1.1", "P", InstanceHeader(),
+                                SeriesAttributes(series_description="t1", modality="MR"))
+    journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
+    journal.close_series("1.1")
+    job = journal.add_job(series_uid="1.1", version=1, rule="t1-2d", action="synthesize", model="synth-t1")
+    journal.record_outputs(job, [("1.7", "sT1")], [("PACS", "/o/1.dcm", "1.2", "1.7.1")])
+    ids = [i.id for i in journal.outbox(job)]
+    policy = RetryPolicy(retry_for_s=86400, backoff_initial_s=10, backoff_max_s=10)
+    journal.mark_failed_try(ids, "association rejected", next_attempt=policy.next_attempt)
+    assert main(["status", "--config", str(config), "--json"]) == 3  # (not running)
+    assert not [p for p in json.loads(capsys.readouterr().out)["problems"] if "failing for" in p]  # just now
+    with journal._tx() as db:
+        db.execute("UPDATE outbox SET first_failed_at = first_failed_at - 120")
+    journal.close()
+    main(["status", "--config", str(config), "--json"])
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert any(p.startswith("deliveries to PACS failing for 2 min (1 item(s) waiting; last error: association "
+                            "rejected)") for p in problems), problems
