@@ -71,8 +71,30 @@ def _config(args: argparse.Namespace) -> NodeConfig:
     return load_config(config_path(args.config))
 
 
+def _as_data_owner(config: NodeConfig) -> None:
+    """A command that writes the data directory, run by root on a directory another user owns (the node's service
+    user), is refused: a journal, its WAL or a lock file it created would belong to root, and the node could not
+    open them at its next start."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return
+    try:
+        owner = config.node.data_dir.stat().st_uid
+    except OSError:
+        return
+    if owner != 0:
+        try:
+            import pwd
+            name = pwd.getpwuid(owner).pw_name
+        except (ImportError, KeyError):
+            name = str(owner)
+        raise CommandError(f"{config.node.data_dir} belongs to user {name}: run this command as that user "
+                           f"(sudo -u {name} dicom-node ...); files root creates there would keep the node from "
+                           "starting")
+
+
 def _journal(config: NodeConfig) -> Journal:
     """The node's journal, for a command that changes it (:class:`CommandError` when the node never ran here)."""
+    _as_data_owner(config)
     if not journal_exists(config):
         raise CommandError(f"no journal at {journal_location(config)}: the node has not run with this data_dir yet")
     return open_journal(config)
@@ -557,6 +579,7 @@ def cmd_journal_rebuild(args: argparse.Namespace) -> int:
     if not spool.is_dir():
         print(f"no spool at {spool}: nothing to rebuild from", file=sys.stderr)
         return 1
+    _as_data_owner(config)
     lock = NodeLock(config.node.data_dir)
     try:  # held as a serving node holds it: none starts meanwhile, and none may be running
         lock.acquire(command="journal rebuild")

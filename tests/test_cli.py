@@ -762,3 +762,23 @@ def test_status_needs_attention_once_a_destination_has_failed_for_alert_after_s(
     problems = json.loads(capsys.readouterr().out)["problems"]
     assert any(p.startswith("deliveries to PACS failing for 2 min (1 item(s) waiting; last error: association "
                             "rejected)") for p in problems), problems
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root (to chown a directory)")
+def test_root_is_told_to_run_maintenance_as_the_data_directorys_owner(tmp_path: Path, models_dir: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`journal rebuild` run as root created journal.sqlite3 owned by root (0600): the node, running as its service
+    user, then could not start."""
+    config = write_config(tmp_path, models_dir)
+    _journal_with_work(tmp_path / "data")
+    (tmp_path / "data" / "spool").mkdir()
+    before = sorted(p.name for p in (tmp_path / "data").iterdir())
+    os.chown(tmp_path / "data", 65534, 65534)
+    try:
+        for command in (["journal", "rebuild"], ["retry"]):
+            assert main([*command, "--config", str(config)]) == 1, command
+            err = capsys.readouterr().err
+            assert "run this command as that user" in err and "sudo -u" in err, err
+        assert sorted(p.name for p in (tmp_path / "data").iterdir()) == before  # nothing created as root
+    finally:
+        os.chown(tmp_path / "data", 0, 0)
