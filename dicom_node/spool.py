@@ -15,10 +15,14 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 from .uids import is_valid_uid
+
+#: Series folders a spool remembers as made and checked (older ones are checked again when next written to)
+KNOWN_DIRS_KEPT = 4096
 
 
 def path_component(uid: str) -> str:
@@ -44,7 +48,9 @@ class Spool:
         private_dir(self.root)
         self._resolved_root = self.root.resolve()
         self.fsync = fsync
-        self._known_dirs: set[Path] = set()
+        #: series folders made and checked, the most recent :data:`KNOWN_DIRS_KEPT` (a node runs for years: one
+        #: entry per series ever received would only grow)
+        self._known_dirs: OrderedDict[Path, None] = OrderedDict()
         self._lock = threading.Lock()
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
@@ -66,7 +72,9 @@ class Spool:
                 # make the new directory entries themselves durable
                 for d in (directory.parent, directory.parent.parent):
                     fsync_dir(d)
-            self._known_dirs.add(directory)
+            self._known_dirs[directory] = None
+            while len(self._known_dirs) > KNOWN_DIRS_KEPT:
+                self._known_dirs.popitem(last=False)
 
     def _final_path(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         """:meth:`path_for`, resolving (checking) each directory once, not each file: the file's own name is a
@@ -90,7 +98,7 @@ class Spool:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except FileNotFoundError:  # its (empty) directory was removed by a retention sweep: make it again
             with self._lock:
-                self._known_dirs.discard(final.parent)
+                self._known_dirs.pop(final.parent, None)
             self._ensure_dir(final.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

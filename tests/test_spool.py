@@ -142,3 +142,12 @@ def test_concurrent_writers_to_one_series(tmp_path: Path) -> None:
     assert errors == []
     files = list((tmp_path / "1" / "2").iterdir())
     assert len(files) == 80 and all(f.suffix == ".dcm" for f in files)
+
+
+def test_the_folders_a_spool_remembers_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One entry per series ever received, for the life of the process: a node running for years only grew."""
+    monkeypatch.setattr(spool_module, "KNOWN_DIRS_KEPT", 3)
+    spool = Spool(tmp_path / "spool", fsync=False)
+    paths = [spool.write("1.2", f"1.3.{k}", "1.4", b"x") for k in range(5)]
+    assert len(spool._known_dirs) == 3
+    assert spool.write("1.2", "1.3.0", "1.5", b"y").parent == paths[0].parent  # forgotten: checked and made again
