@@ -474,6 +474,10 @@ class JobSettings(_Strict):
     lease_s: float = Field(default=60.0, ge=1.0)
     #: How often a worker process (``serve --role worker``) looks in the journal for queued work when idle.
     poll_interval_s: float = Field(default=1.0, gt=0)
+    #: A run that stays this long in one stage (loading, a model, writing...) is hung (native code that never
+    #: returns): the process's health fails (liveness), systemd's watchdog restarts it, and the run is
+    #: interrupted, counted against ``max_attempts``; its lease alone would be renewed for ever.
+    max_stage_s: float = Field(default=3600.0, gt=0)
 
 
 class ExecutorSettings(_Strict):

@@ -18,7 +18,7 @@ from .receipts import LogStatus
 #: The checks whose failure a restart may cure (a stuck scheduler, a listener that died, a journal that no longer
 #: answers): the systemd watchdog is fed only while they pass. A disk below its watermark is not one of them: the
 #: node refuses new data itself until space is freed, and restarting it would not free any.
-LIVENESS = ("scp_listening", "journal_writable", "dispatcher_alive")
+LIVENESS = ("scp_listening", "journal_writable", "dispatcher_alive", "runs_progressing")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,20 @@ def check_dispatcher(*, scheduler_running: bool, last_scan_started: float | None
     if age > window:
         return Check(False, f"the outbox was last scanned {age:.0f} s ago (every {interval_s:g} s expected)")
     return Check(True, f"outbox scanned {age:.1f} s ago")
+
+
+def check_runs(stages: Mapping[int, tuple[str, float]], max_stage_s: float, now: float | None = None) -> Check:
+    """No run of this process has stayed longer than ``max_stage_s`` in one stage (``JobRunner.stages``: job id ->
+    (stage, since when)): one that did is hung, and only a restart frees its thread (the run is then interrupted
+    and counted against ``[jobs] max_attempts``)."""
+    now = time.time() if now is None else now
+    hung = sorted((now - since, job_id, stage) for job_id, (stage, since) in dict(stages).items()
+                  if now - since > max_stage_s)
+    if hung:
+        seconds, job_id, stage = hung[-1]
+        return Check(False, f"job {job_id} has been in its {stage!r} stage for {seconds:.0f} s (more than [jobs] "
+                            f"max_stage_s {max_stage_s:g}): hung; a restart runs it again, counted")
+    return Check(True, f"{len(stages)} run(s) in progress, none hung")
 
 
 def check_receipts(status: LogStatus, replay_error: str = "") -> Check:

@@ -32,7 +32,7 @@ from .config import NodeConfig
 from .disk import DiskState
 from .dispatch import Dispatcher
 from .exporter import NodeMetrics
-from .health import Check, Health, check_disk, check_dispatcher, check_journal, check_receipts
+from .health import Check, Health, check_disk, check_dispatcher, check_journal, check_receipts, check_runs
 from .httpd import ActionError, NodeHTTPServer
 from .jobs import JobRunner, JournalQueue, Task, ThreadExecutor, resubmit_dropped
 from .journal import NODE_WORKER, OutboxState, SeriesState, open_journal
@@ -272,6 +272,7 @@ class Node:
         }
         if self.receipts is not None:
             checks["receipt_log"] = self._receipt_check()
+        checks["runs_progressing"] = check_runs(self.runner.stages, self.config.jobs.max_stage_s)
         return Health(checks, time.time())
 
     def _receipt_check(self) -> Check:

@@ -39,7 +39,7 @@ from . import systemd
 from .celery_routing import Capabilities, Device, detect_device, model_sets, worker_queues
 from .config import NodeConfig
 from .exporter import WorkerMetrics
-from .health import Check, Health, check_journal
+from .health import Check, Health, check_journal, check_runs
 from .jobs import JobRunner, Task
 from .journal import open_journal
 from .notify import Notifier, install
@@ -250,6 +250,7 @@ class Worker:
         checks = {"journal_writable": check_journal(self.journal.probe_write),
                   "workers_alive": Check(threads == len(self._threads),
                                          f"{threads} of {len(self._threads)} poll thread(s) running")}
+        checks["runs_progressing"] = check_runs(self.runner.stages, self.config.jobs.max_stage_s)
         if self.consumer is not None:
             checks["celery_worker_alive"] = Check(self.consumer.alive(), "consuming" if self.consumer.alive()
                                                   else "stopped: queued work runs by the journal poll only")

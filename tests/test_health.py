@@ -93,7 +93,8 @@ def _wait_healthy(node: Node) -> Health:
 def test_a_running_node_is_healthy_until_its_listener_stops(node: Node) -> None:
     health = _wait_healthy(node)
     assert health.ok, health.failed()
-    assert set(health.checks) == {"scp_listening", "journal_writable", "disk_space", "dispatcher_alive"}
+    assert set(health.checks) == {"scp_listening", "journal_writable", "disk_space", "dispatcher_alive",
+                                  "runs_progressing"}
     assert f"127.0.0.1:{node.scp.port}" in health.checks["scp_listening"].detail
     node.scp.stop()
     health = node.health()
@@ -142,3 +143,20 @@ def test_a_stopped_scheduler_is_a_dead_dispatcher(node: Node) -> None:
     node.scheduler.shutdown(wait=True)
     check = node.health().checks["dispatcher_alive"]
     assert check == Check(False, "the scheduler is not running")
+
+
+def test_a_run_hung_in_one_stage_fails_liveness(node: Node) -> None:
+    """A run stuck in native code kept its claim for ever (its lease renewed on a timer) and, with one worker
+    thread, stopped all processing while the watchdog was still fed."""
+    import time
+
+    assert _wait_healthy(node).ok
+    node.runner.stages[7] = ("model", time.time() - node.config.jobs.max_stage_s - 5)
+    try:
+        health = node.health()
+        assert not health.ok and not health.live  # the watchdog is no longer fed: systemd restarts the node
+        assert "job 7 has been in its 'model' stage" in health.checks["runs_progressing"].detail
+        node.runner.stages[7] = ("model", time.time())  # a long run that progresses is not hung
+        assert node.health().checks["runs_progressing"].ok
+    finally:
+        node.runner.stages.pop(7, None)
