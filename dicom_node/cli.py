@@ -336,24 +336,77 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def readiness_problems(config: NodeConfig, disabled_rules: int) -> list[str]:
-    """What would make a valid configuration useless in service: rules without their models, nowhere to send
-    the results, TLS files that cannot be loaded."""
+    """What would make a valid configuration useless in service, or keep the node from starting: rules without
+    their models, nowhere to send the results, TLS files that cannot be loaded or a certificate past its date,
+    secret files that cannot be read, an audit file that cannot be written, CUDA asked for and absent."""
     problems = []
     if disabled_rules:
         problems.append(f"{disabled_rules} rule(s) disabled: model not installed in {config.inference.models_dir}")
     if not config.destinations:
         problems.append("no [[destinations]]: results would only be kept on disk")
-    if config.tls.port is not None:
-        from .tls import server_context
+    problems += _tls_problems(config)
+    for dest in config.destinations:
+        if dest.tls and dest.tls_ca_file is not None and not Path(dest.tls_ca_file).is_file():
+            problems.append(f"destination {dest.name}: tls_ca_file {dest.tls_ca_file} not found")
+        for name in ("password_file", "token_file"):
+            secret = getattr(dest, name)
+            if secret is not None and not _readable(Path(secret)):
+                problems.append(f"destination {dest.name}: {name} {secret} cannot be read: every delivery would fail")
+    if config.http.port and config.http.dashboard and config.http.admin_password_file is not None:
+        from .httpd import HTTPListenError, load_password
 
+        try:
+            load_password(config.http.admin_password_file)
+        except HTTPListenError as exc:
+            problems.append(f"{exc}: the node would not start")
+    audit = config.audit_path()
+    if audit is not None and not _writable_file(audit):
+        problems.append(f"[audit] path {audit} cannot be written: the node would not start")
+    if config.inference.providers == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            problems.append("[inference] providers = \"cuda\", but this onnxruntime has no CUDA provider "
+                            "(install onnxruntime-gpu, or use \"auto\")")
+    return problems
+
+
+def _tls_problems(config: NodeConfig) -> list[str]:
+    from .tls import certificate_not_after, server_context
+
+    problems = []
+    if config.tls.port is not None:
         try:
             server_context(config.tls)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             problems.append(f"[tls] certificate or key cannot be loaded: {exc}")
-    for dest in config.destinations:
-        if dest.tls and dest.tls_ca_file is not None and not Path(dest.tls_ca_file).is_file():
-            problems.append(f"destination {dest.name}: tls_ca_file {dest.tls_ca_file} not found")
+    if config.tls.cert_file is not None:
+        not_after = certificate_not_after(Path(config.tls.cert_file))
+        if not_after is not None and not_after <= time.time():
+            problems.append(f"[tls] certificate {config.tls.cert_file} expired on "
+                            f"{time.strftime('%Y-%m-%d', time.gmtime(not_after))}: peers will refuse it")
+        elif not_after is not None and not_after - time.time() < CERT_WARN_DAYS * 86400:
+            print(f"warning: [tls] certificate {config.tls.cert_file} expires on "
+                  f"{time.strftime('%Y-%m-%d', time.gmtime(not_after))}", file=sys.stderr)
     return problems
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with path.open("rb"):
+            return True
+    except OSError:
+        return False
+
+
+def _writable_file(path: Path) -> bool:
+    """Whether ``path`` can be appended to, or created (its nearest existing folder writable)."""
+    if path.exists():
+        return os.access(path, os.W_OK)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
 
 
 # -- route --dry-run -------------------------------------------------------------------------
@@ -418,6 +471,8 @@ def _ts(value: float | None) -> str:
 #: the node not running (as ``systemctl status`` and monitoring plugins read 3).
 STATUS_FAILURES = 1
 STATUS_NOT_RUNNING = 3
+#: `config check` warns when the TLS certificate expires within this many days
+CERT_WARN_DAYS = 30
 STATUS_UNKNOWN = 4  #: status could not be read (the data directory is not readable by the user who asked)
 
 

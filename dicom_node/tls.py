@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from pathlib import Path
 from typing import Any
 
 from pynetdicom.transport import ThreadedAssociationServer
@@ -21,6 +22,18 @@ from .config import Destination, TLSSettings
 log = logging.getLogger(__name__)
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def certificate_not_after(path: Path) -> float | None:
+    """When the (first) certificate in the PEM file ``path`` expires (seconds since the epoch); None when it cannot
+    be read here (not PEM, or this Python lacks the decoder)."""
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)  # CPython's own X.509 reader
+    if decode is None:
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(decode(str(path))["notAfter"]))
+    except (ssl.SSLError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def server_context(settings: TLSSettings) -> ssl.SSLContext:

@@ -782,3 +782,42 @@ def test_root_is_told_to_run_maintenance_as_the_data_directorys_owner(tmp_path: 
         assert sorted(p.name for p in (tmp_path / "data").iterdir()) == before  # nothing created as root
     finally:
         os.chown(tmp_path / "data", 0, 0)
+
+
+def test_config_check_finds_what_would_keep_serve_from_starting(tmp_path: Path, models_dir: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """config check passed (exit 0), then serve failed: a dashboard password file that cannot be read, an audit
+    path that cannot be created, a STOW-RS password file that cannot be read (every delivery failed)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    extra = (f'[http]\nport = {free_port()}\nadmin_password_file = "{tmp_path / "absent"}"\n'
+             f'[audit]\npath = "{blocker / "audit.jsonl"}"\n'
+             f'[[destinations]]\nname = "VNA"\nprotocol = "stow-rs"\nurl = "https://vna.lan/dicom-web"\n'
+             f'username = "node"\npassword_file = "{tmp_path / "vna.password"}"\n')
+    assert main(["config", "check", "--config", str(write_config(tmp_path, models_dir, extra))]) == 1
+    err = capsys.readouterr().err
+    assert f"[http] admin_password_file {tmp_path / 'absent'} cannot be read" in err
+    assert f"[audit] path {blocker / 'audit.jsonl'} cannot be written" in err
+    assert f"destination VNA: password_file {tmp_path / 'vna.password'} cannot be read" in err
+
+
+def test_config_check_refuses_an_expired_certificate_and_warns_before(tmp_path: Path, models_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """An expired TLS certificate was accepted without a word (peers refuse it)."""
+    import time as time_module
+
+    from dicom_node import cli
+    from tests.tls_certs import OPENSSL, make_pki
+
+    if OPENSSL is None:
+        pytest.skip("openssl not installed")
+    pki = make_pki(tmp_path / "pki")  # valid for 2 days
+    config = write_config(tmp_path, models_dir, f'\n[tls]\nport = {free_port()}\ncert_file = "{pki.server.cert}"\n'
+                                                f'key_file = "{pki.server.key}"\n')
+    now = time_module.time()
+    assert main(["config", "check", "--config", str(config)]) == 0
+    assert "expires on" in capsys.readouterr().err  # within 30 days: a warning, not a refusal
+    monkeypatch.setattr(cli.time, "time", lambda: now + 10 * 86400)
+    assert main(["config", "check", "--config", str(config)]) == 1
+    assert f"[tls] certificate {pki.server.cert} expired on" in capsys.readouterr().err
