@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -775,6 +775,8 @@ def parse_config(text: str, source: str = "<config>") -> NodeConfig:
         raise ConfigError(_format_errors(source, exc)) from None
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
 #: Where the node looks for its configuration when no ``--config`` is given and ``DICOM_NODE_CONFIG`` is unset.
 DEFAULT_CONFIG_PATH = Path("/etc/dicom-node/node.toml")
 #: Environment variable naming the configuration file (a ``--config`` option wins over it).
@@ -803,4 +805,25 @@ def load_config(path: Path | None) -> NodeConfig:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read configuration: not UTF-8 text (byte {exc.start})") from None
-    return parse_config(text, str(path))
+    return anchored(parse_config(text, str(path)), Path(path).resolve().parent)
+
+
+def anchored(model: _M, base: Path) -> _M:
+    """``model`` with its relative paths taken from ``base`` (the configuration file's folder), not from the folder
+    a command happens to run in: `config check` run in /etc/dicom-node and the unit (run in /) read the same files.
+    ``[audit] path`` stays relative: it is under ``[node] data_dir``."""
+    updates: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute() and not (isinstance(model, AuditSettings)
+                                                                      and name == "path"):
+            updates[name] = base / value
+        elif isinstance(value, BaseModel):
+            inner = anchored(value, base)
+            if inner is not value:
+                updates[name] = inner
+        elif isinstance(value, list) and any(isinstance(item, BaseModel) for item in value):
+            items = [anchored(item, base) if isinstance(item, BaseModel) else item for item in value]
+            if any(a is not b for a, b in zip(items, value, strict=True)):
+                updates[name] = items
+    return model.model_copy(update=updates) if updates else model

@@ -361,3 +361,25 @@ def test_a_rules_calling_ae_titles_are_checked_and_stripped() -> None:
     assert config.rules[0].calling_ae == ["MR1"]  # compared with the stripped calling AE title
     with pytest.raises(ConfigError, match="AE title"):
         parse_config(f'[[rules]]\n{rule}calling_ae = ["{"X" * 17}"]')
+
+
+def test_relative_paths_are_taken_from_the_configuration_files_folder(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative paths were taken from the folder a command ran in: `config check` in /etc/dicom-node passed, the
+    unit (run in /) read other files. [audit] path stays under data_dir."""
+    from dicom_node.config import load_config
+
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    path = folder / "node.toml"
+    path.write_text('[node]\ndata_dir = "data"\n[tls]\ncert_file = "tls/node.pem"\nkey_file = "tls/node.key"\n'
+                    '[audit]\npath = "audit.jsonl"\n[[destinations]]\nname = "VNA"\nprotocol = "stow-rs"\n'
+                    'url = "https://vna.lan/dicom-web"\ntoken_file = "vna.token"\n'
+                    '[inference]\nmodels_dir = "/opt/models"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_config(Path("etc/node.toml"))
+    assert config.node.data_dir == folder / "data"
+    assert (config.tls.cert_file, config.tls.key_file) == (folder / "tls/node.pem", folder / "tls/node.key")
+    assert config.destinations[0].token_file == folder / "vna.token"
+    assert config.inference.models_dir == Path("/opt/models")  # absolute: as written
+    assert config.audit_path() == folder / "data" / "audit.jsonl"
