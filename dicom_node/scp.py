@@ -852,12 +852,15 @@ class StorageSCP:
         with self._lock:
             return self._touched.pop(id(event.assoc), set())
 
-    def _audit_association(self, event: evt.Event, outcome: str) -> None:
+    def _audit_association(self, event: evt.Event, outcome: str) -> dict[str, Any]:
+        """Record the association's end in the audit trail; returns what it stored and refused."""
         assoc = event.assoc
         sock = assoc.dul.socket.socket if assoc.dul.socket else None
+        received = self.ledger.close(id(assoc))
         self.audit.record("association", outcome=outcome, calling_ae=assoc.requestor.ae_title.strip(),
                           called_ae=assoc.acceptor.ae_title.strip(), host=assoc.requestor.address,
-                          tls=describe_connection(sock), **self.ledger.close(id(assoc)))
+                          tls=describe_connection(sock), **received)
+        return received
 
     def _end_receipts(self, event: evt.Event) -> None:
         if self.receipts is not None:
@@ -865,12 +868,14 @@ class StorageSCP:
 
     def _handle_released(self, event: evt.Event) -> None:
         self._end_receipts(event)
-        self._audit_association(event, "released")
+        received = self._audit_association(event, "released")
         touched = self._take_touched(event)
         if touched:
-            log.info(
-                "association from %s released: %d series received", event.assoc.requestor.ae_title, len(touched)
-            )
+            # (no patient data: the counts only; the audit trail has the rest)
+            log.info("association from %s (%s) released: %d series received, %d instance(s) stored, %d refused",
+                     event.assoc.requestor.ae_title, event.assoc.requestor.address, len(touched),
+                     sum(s["instances"] for s in received.get("stored", ())),
+                     sum(received.get("refused", {}).values()))
             self.on_released(touched)
 
     def _handle_aborted(self, event: evt.Event) -> None:

@@ -136,14 +136,23 @@ def test_store_is_in_spool_and_journal_before_the_response(node: Node, series: l
     assert _wait_for(lambda: node.released == [{str(source.SeriesInstanceUID)}])
 
 
-def test_whole_series_then_released(node: Node, series: list[Path]) -> None:
+def test_whole_series_then_released(node: Node, series: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node.scp")
     assoc = node.associate()
     statuses = [assoc.send_c_store(dcmread(p)).Status for p in series]
+    bad = dcmread(series[0])
+    bad.SOPInstanceUID = "1.2.3.999"
+    del bad.SeriesInstanceUID
+    statuses.append(assoc.send_c_store(bad).Status)
     assoc.release()
-    assert statuses == [0, 0, 0]
+    assert statuses[:3] == [0, 0, 0] and statuses[3] != 0
     uid = str(dcmread(series[0], stop_before_pixels=True).SeriesInstanceUID)
     assert node.journal.series(uid).n_instances == 3
     assert _wait_for(lambda: node.released == [{uid}])
+    # the one line IT reads for an association: who, from where, what was stored and refused (no patient data)
+    assert _wait_for(lambda: any(
+        r.getMessage() == "association from SCANNER (127.0.0.1) released: 1 series received, 3 instance(s) stored, "
+                          "1 refused" for r in caplog.records)), [r.getMessage() for r in caplog.records]
 
 
 def test_duplicate_instance_is_idempotent(node: Node, series: list[Path],
