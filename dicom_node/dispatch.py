@@ -205,8 +205,9 @@ def _make_ae(config: NodeConfig, dest: Destination) -> AE:
     return ae
 
 
-class TLSSetupError(RuntimeError):
-    """The SSL context towards a destination cannot be made (its CA file, the node's certificate)."""
+class AssociationSetupError(RuntimeError):
+    """An association cannot even be requested: the destination's host name does not resolve, or the SSL context
+    towards it cannot be made (its CA file, the node's certificate)."""
 
 
 def _associate(ae: AE, dest: Destination, tls: TLSSettings) -> tuple[Association, bool | str]:
@@ -221,9 +222,12 @@ def _associate(ae: AE, dest: Destination, tls: TLSSettings) -> tuple[Association
     try:
         args = tls_args(dest, tls)
     except (OSError, ValueError) as exc:  # a CA file or the node's certificate cannot be loaded
-        raise TLSSetupError(f"TLS set-up failed: {exc}") from None
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, on_open)],
-                         tls_args=args)
+        raise AssociationSetupError(f"TLS set-up failed: {exc}") from None
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, on_open)], tls_args=args)
+    except socket.gaierror as exc:  # the name does not resolve: not an unexpected error (with its traceback)
+        raise AssociationSetupError(f"host {dest.host!r} cannot be resolved: {exc.strerror or exc}") from None
     if connected.is_set():
         return assoc, True
     return assoc, connect_failure(args[0]) if args else False
@@ -237,7 +241,7 @@ def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
     ae.add_requested_context(Verification)
     try:
         assoc, connected = _associate(ae, dest, config.tls)
-    except TLSSetupError as exc:
+    except AssociationSetupError as exc:
         return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({exc})"
     if not assoc.is_established:
         return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({_why_not(assoc, connected)})"
@@ -618,8 +622,8 @@ class Dispatcher:
             ae.add_requested_context(sop_class, syntaxes)
         try:
             assoc, connected = _associate(ae, dest, self.config.tls)
-        except TLSSetupError as exc:
-            if spare:  # (the first association had the same TLS set-up, and got through): _open_spare reports it
+        except AssociationSetupError as exc:
+            if spare:  # (the first association had the same set-up, and got through): _open_spare reports it
                 raise
             log.error("outbox: %s: %s; %d item(s) will be retried", name, exc, len(items))
             self._unreached[name] = str(exc)

@@ -727,3 +727,19 @@ def test_a_stop_finishes_the_objects_under_way_and_leaves_the_rest(tmp_path: Pat
         assert Dispatcher(config, journal).send_due() == len(items) - len(sent)  # the next start sends them
     finally:
         server.stop()
+
+
+def test_a_destination_whose_name_does_not_resolve_fails_a_try_with_that_reason(tmp_path: Path, journal: Journal,
+                                                                                 files: list[Path]) -> None:
+    """An unresolvable host name was an "unexpected error" with a traceback in the log, and `echo` printed
+    "failed: gaierror"."""
+    from dicom_node.dispatch import echo
+
+    dest = Destination(name="TYPO", ae_title="PACS", host="pacs.invalid", port=104)
+    config = make_config(tmp_path, [dest])
+    job = queue_job(journal, files, ["TYPO"])
+    assert Dispatcher(config, journal).send_due() == 0
+    errors = {i.last_error for i in journal.outbox(job)}
+    assert len(errors) == 1 and errors.pop().startswith("host 'pacs.invalid' cannot be resolved"), errors
+    ok, message = echo(config, dest)
+    assert not ok and "host 'pacs.invalid' cannot be resolved" in message
