@@ -154,9 +154,11 @@ class SeriesNaming:
         return text if volumetry is None else with_qc_flag(text, volumetry)
 
     @staticmethod
-    def agreement_description(synthetic_output_name: str) -> str:
-        """The agreement SR's: named after the synthetic T1 it compares with the real one."""
-        return _fitted(synthetic_output_name, AGREEMENT_SUFFIX) + AGREEMENT_SUFFIX
+    def agreement_description(synthetic_output_name: str, qc_failed: bool = False) -> str:
+        """The agreement SR's: named after the synthetic T1 it compares with the real one; flagged `` QC FAILED``
+        when the volumetry of either side failed its quality control (its labels are compared)."""
+        tail = AGREEMENT_SUFFIX + (QC_FAILED_SUFFIX if qc_failed else "")
+        return _fitted(synthetic_output_name, tail) + tail
 
     def number(self, kind: str) -> int:
         return output_series_number(self.source_number, kind, self.version)
@@ -570,14 +572,17 @@ def agreement_step(ctx: FollowUpContext, journal: Journal, config: NodeConfig,
     log.info("job %d: agreement of %s with the real T1: PSNR %.1f dB, SSIM %.3f, mean Dice %.3f, "
              "mean ASPC %.1f %%", job.id, output_name, agreement.psnr, agreement.ssim,
              agreement.mean_dice, agreement.mean_aspc)
+    segs = [dcmread(p, stop_before_pixels=True) for p in (real.seg, synthetic.seg)]
+    # a SEG is flagged when its volumetry failed QC (SeriesNaming.description): the labels compared are its
+    qc_failed = any(str(ds.get("SeriesDescription", "")).endswith(QC_FAILED_SUFFIX) for ds in segs)
     written = write_agreement_sr(
         agreement, real_t1_images=[dcmread(p, stop_before_pixels=True) for p in real.t1_images],
         synthetic_t1_images=[dcmread(p, stop_before_pixels=True) for p in synthetic.t1_images],
-        real_seg=dcmread(real.seg, stop_before_pixels=True),
-        synthetic_seg=dcmread(synthetic.seg, stop_before_pixels=True),
+        real_seg=segs[0], synthetic_seg=segs[1],
         out_path=ctx.out_dir / "agreement.dcm", uid_prefix=ctx.uid_prefix,
         series_number=ctx.naming.number("AGREEMENT"),
-        series_description=SeriesNaming.agreement_description(output_name), **Algorithm.of(manifest).as_kwargs(),
+        series_description=SeriesNaming.agreement_description(output_name, qc_failed),
+        **Algorithm.of(manifest).as_kwargs(),
     )
     return Output("AGREEMENT", written)
 

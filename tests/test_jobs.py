@@ -352,6 +352,9 @@ def test_series_naming_flags_a_failed_quality_control_for_every_kind_that_shows_
                                                      + (" QC FAILED" if volumetry is failed else "")), text
     assert SeriesNaming.agreement_description("N" * 48).endswith("N vs rT1 agreement")
     assert len(SeriesNaming.agreement_description("N" * 48)) == 64
+    assert SeriesNaming.agreement_description("N" * 48, qc_failed=True).endswith("N vs rT1 agreement QC FAILED")
+    assert len(SeriesNaming.agreement_description("N" * 48, qc_failed=True)) == 64
+    assert SeriesNaming.agreement_description("sT1AAH", qc_failed=True) == "sT1AAH vs rT1 agreement QC FAILED"
 
 
 def test_a_normative_table_in_the_config_gives_z_scores(tmp_path: Path, models_dir: Path,
@@ -531,7 +534,12 @@ def test_real_and_synthetic_t1_in_one_study_give_an_agreement_sr(tmp_path: Path,
         assert "AGREEMENT" in _kinds(s.journal, synth_job)
         path = next(i.path for i in s.journal.outbox(synth_job) if i.path.endswith("agreement.dcm"))
         sr = hd.sr.srread(path)
-        assert sr.SeriesDescription == "sT12DT1 vs rT1 agreement"
+        # the fixture's phantom heads fail volumetry QC (their ICV): the labels compared are flagged, so is the
+        # agreement (it read as sound before)
+        segs = [dcmread(next(i.path for i in s.journal.outbox(j) if i.path.endswith("seg.dcm")),
+                        stop_before_pixels=True) for j in (real_job, synth_job)]
+        assert all(str(ds.SeriesDescription).endswith(" QC FAILED") for ds in segs)
+        assert sr.SeriesDescription == "sT12DT1 vs rT1 agreement QC FAILED"
         assert sr.StudyInstanceUID == study_uid
         assert int(sr.SeriesNumber) == output_series_number(4, "AGREEMENT", 1)
         assert job.timings["agreement"] > 0
