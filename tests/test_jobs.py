@@ -603,7 +603,7 @@ def test_a_counterpart_whose_rule_is_gone_is_still_compared(tmp_path: Path, mode
         assert set(_kinds(s.journal, real_job)) == {"SEG", "SR", "SUMMARY", "AGREEMENT"}
         (agreement,) = s.journal.output_files(real_job, "AGREEMENT")
         sr = dcmread(agreement.path, stop_before_pixels=True)
-        assert sr.SeriesDescription == "sT12DT1 vs rT1 agreement"
+        assert sr.SeriesDescription == "sT12DT1 vs rT1 agreement QC FAILED"  # (the fixture's phantoms fail QC)
         assert int(sr.SeriesNumber) == output_series_number(3, "AGREEMENT", 1)
         assert {i.sop_instance_uid for i in s.journal.outbox(real_job)} >= {agreement.sop_instance_uid}
     finally:

@@ -11,7 +11,7 @@ from pydicom.sr.codedict import codes
 
 import dicom_node
 from dicom_node.writers.seg import GridMismatchError, segment_codes, write_seg
-from inference.labels import STRUCTURES, laterality_code
+from inference.labels import LOBE_CORTEX_CODES, STRUCTURES, laterality_code
 from inference.volume import load_series
 from tests.conftest import SHARED_DATA, requires_shared_data
 from tests.volumetry_factory import (
@@ -77,8 +77,16 @@ def test_one_segment_per_structure_with_codes_colour_and_algorithm(written: dict
         assert item.SegmentLabel == structure.display_name
         assert item.SegmentAlgorithmType == "AUTOMATIC"
         prop = item.SegmentedPropertyTypeCodeSequence[0]
-        assert (prop.CodeValue, prop.CodingSchemeDesignator) == (structure.concept.value,
-                                                                 structure.concept.scheme_designator)
+        if code in LOBE_CORTEX_CODES:  # cerebral cortex in its lobe, as the SR codes it (typed as the lobe before:
+            # a viewer showed a lobe's cortex as the whole lobe)
+            assert (prop.CodeValue, prop.CodingSchemeDesignator) == ("40146001", "SCT")
+            (region,) = item.AnatomicRegionSequence
+            assert (region.CodeValue, region.CodingSchemeDesignator) == (structure.concept.value,
+                                                                         structure.concept.scheme_designator)
+        else:
+            assert (prop.CodeValue, prop.CodingSchemeDesignator) == (structure.concept.value,
+                                                                     structure.concept.scheme_designator)
+            assert "AnatomicRegionSequence" not in item
         category = item.SegmentedPropertyCategoryCodeSequence[0]
         assert category.CodeValue == structure.category.value
         side = laterality_code(structure)

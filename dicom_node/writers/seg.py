@@ -30,7 +30,15 @@ from pydicom.valuerep import AMBIGUOUS_VR
 
 from dicom_node.uids import new_uid
 from dicom_node.writers import WrittenSeries, equipment, gc_paused, identity_ready, write_single
-from inference.labels import STRUCTURES, Structure, by_code, code_counts, label_codes, laterality_code
+from inference.labels import (
+    LOBE_CORTEX_CODES,
+    STRUCTURES,
+    Structure,
+    by_code,
+    code_counts,
+    label_codes,
+    laterality_code,
+)
 from inference.volume import FrameGeometry, frame_geometries, shallow_copy
 
 __all__ = ["GridMismatchError", "segment_codes", "write_seg"]
@@ -140,11 +148,15 @@ def _with_shared_geometry(ds: Dataset) -> Dataset:
 
 def _description(number: int, structure: Structure, algorithm: hd.AlgorithmIdentificationSequence,
                  uid_prefix: str | None) -> hd.seg.SegmentDescription:
+    lobe = structure.code in LOBE_CORTEX_CODES
     description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=structure.display_name,
         segmented_property_category=structure.category,
-        segmented_property_type=structure.concept,
+        # a lobe's cortex is cerebral cortex in that lobe (as the SR codes it): typed as the lobe, a viewer showed
+        # it as the whole lobe, white matter included (88 ml of "Frontal lobe" reads as severe atrophy)
+        segmented_property_type=codes.SCT.CerebralCortex if lobe else structure.concept,
+        anatomic_regions=[structure.concept] if lobe else None,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         tracking_uid=new_uid(uid_prefix),
