@@ -711,3 +711,22 @@ def test_a_refused_instance_lends_its_series_attributes_to_no_one(node: Node, se
     assert [str(ds.SeriesDescription) for ds in series_reads] == ["t1_fl2d_sag", "refused", "kept"]
     record = node.journal.series(new_series)
     assert record.description == "kept" and record.attributes.sop_instance_uid == str(kept.SOPInstanceUID)
+
+
+def test_a_resend_restores_the_lost_file_of_a_row_without_a_digest(node: Node, series: list[Path]) -> None:
+    """A row from before digests were kept, its file gone: every re-send was refused 0xC000 "the stored object is
+    kept" although nothing was; it is written in its place."""
+    source = dcmread(series[1])
+    assoc = node.associate()
+    try:
+        assert assoc.send_c_store(source).Status == 0
+        uid = str(source.SOPInstanceUID)
+        known = node.journal.instance(uid)
+        assert known is not None
+        with node.journal._tx() as db:
+            db.execute("UPDATE instances SET sha256='' WHERE sop_instance_uid=?", (uid,))
+        Path(known.path).unlink()
+        assert assoc.send_c_store(source).Status == 0
+    finally:
+        assoc.release()
+    assert Path(known.path).is_file() and dcmread(known.path).SOPInstanceUID == uid
