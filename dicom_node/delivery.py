@@ -64,6 +64,7 @@ class DeliveryProcess:
 
     def stop(self) -> None:
         systemd.notify("STOPPING=1")
+        self.dispatcher.stop()  # the objects under way are finished; the rest waits for the next start
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)  # a scan under way finishes (its claim is released at its end)
         self.journal.close()

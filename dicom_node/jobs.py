@@ -195,6 +195,7 @@ class JobRunner:
         if claim is None:
             return "skipped"
         self.stages[job_id] = ("starting", time.time())
+        failed: Outcome | None = None
         try:
             run = _Run(self._context(job, series, claim.attempt), {}, time.perf_counter(), claim)
             with self.isolation.of(claim.attempt):
@@ -206,18 +207,18 @@ class JobRunner:
             log.warning("job %d (%s) interrupted during run %d", job_id, job.rule, claim.attempt)
             raise
         except BaseException as exc:  # noqa: BLE001 - a job failure must never stop the worker
-            self.stages.pop(job_id, None)
             failed = self._fail(job, series, exc, claim)
-        else:
-            failed = None
-        finally:
-            self.leases.release("job", job_id)
+        finally:  # (a stage left behind would read as a hung run: runs_progressing)
+            self.stages.pop(job_id, None)
+            self.leases.release("job", job_id, claim)
         if failed is not None:
             if failed == "requeued":
                 self.submit(Task("job", job_id))
             return failed
-        self._finish(run)
-        self.stages.pop(job_id, None)
+        try:
+            self._finish(run)
+        except Exception:  # noqa: BLE001 - the timings are for the dashboard; the job is recorded
+            log.exception("job %d: its timings could not be recorded", job_id)
         self.on_written()
         for follow_up_id in follow_ups:
             self.submit(Task("follow_up", follow_up_id))
@@ -398,7 +399,7 @@ class JobRunner:
                 log.exception("follow-up %d: its failure could not be recorded", follow_up_id)
             return "failed"
         finally:
-            self.leases.release("follow_up", follow_up_id)
+            self.leases.release("follow_up", follow_up_id, claim)
         return "done"
 
     def _follow_up_context(self, record: FollowUpRecord) -> tuple[FollowUp, FollowUpContext]:

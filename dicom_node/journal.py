@@ -1061,13 +1061,17 @@ class Journal:
                                 " SELECT 1 FROM follow_ups WHERE state='running' AND lease_until < ? LIMIT 1",
                                 (now, now)))
 
-    def next_queued(self) -> tuple[str, int] | None:
+    def next_queued(self, accept: Callable[[str, int], bool] | None = None, limit: int = 100,
+                    ) -> tuple[str, int] | None:
         """The work a worker should claim next: the oldest queued follow-up (short, and its job's delivery waits
-        for it), else the oldest queued job; as (kind, id)."""
+        for it), else the oldest queued job; as (kind, id). ``accept``: the worker can run it (of the oldest
+        ``limit`` of each kind; a worker without a job's models leaves it to one that has them)."""
         for kind, table in (("follow_up", "follow_ups"), ("job", "jobs")):
-            rows = self._query(f"SELECT id FROM {table} WHERE state='queued' ORDER BY id LIMIT 1")
-            if rows:
-                return kind, int(rows[0]["id"])
+            rows = self._query(f"SELECT id FROM {table} WHERE state='queued' ORDER BY id LIMIT ?",
+                               (1 if accept is None else limit,))
+            for row in rows:
+                if accept is None or accept(kind, int(row["id"])):
+                    return kind, int(row["id"])
         return None
 
     def queued_before(self, before: float) -> list[tuple[str, int]]:

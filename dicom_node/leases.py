@@ -34,9 +34,12 @@ class LeaseKeeper:
                 self._thread = threading.Thread(target=self._loop, name="lease-keeper", daemon=True)
                 self._thread.start()
 
-    def release(self, kind: str, task_id: int) -> None:
+    def release(self, kind: str, task_id: int, claim: Claim | None = None) -> None:
+        """Stop renewing the claim on a task; with ``claim``, only that one: a run of this process whose claim was
+        taken over by a later run of the same process must not end that run's renewals."""
         with self._lock:
-            self._held.pop((kind, task_id), None)
+            if claim is None or self._held.get((kind, task_id)) == claim:
+                self._held.pop((kind, task_id), None)
 
     def renew_all(self) -> None:
         """Extend every held claim's lease; a claim no longer held (taken over) is logged and forgotten."""
@@ -51,7 +54,7 @@ class LeaseKeeper:
             if not kept:
                 log.warning("%s %d: run %d's claim was taken over by another worker (its lease expired): this "
                             "run's result will not be recorded", kind.replace("_", "-"), task_id, claim.attempt)
-                self.release(kind, task_id)
+                self.release(kind, task_id, claim)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.lease_s / 3):

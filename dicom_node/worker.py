@@ -206,7 +206,7 @@ class Worker:
         try:
             if self._stop.is_set():
                 return True
-            queued = self.journal.next_queued()
+            queued = self.journal.next_queued(self._can_run)
             if queued is None:
                 return False
             task = Task("job" if queued[0] == "job" else "follow_up", queued[1])
@@ -216,6 +216,15 @@ class Worker:
             return True
         finally:
             self._slots.release()
+
+    def _can_run(self, kind: str, task_id: int) -> bool:
+        """Whether this worker has the models a queued job needs (a worker of a Celery deployment may hold only
+        some of them: claimed here, the job failed for good as "model not installed", a "not processed" page
+        sent, while a worker with the model was busy); a job whose rule is gone is taken (it fails with that)."""
+        if kind != "job":
+            return True
+        rule = next((r for r in self.config.rules if r.name == self.journal.job(task_id).rule), None)
+        return rule is None or set(self.config.models_for(rule)) <= self.models
 
     def _overdue(self, task: Task) -> bool:
         """Whether a task has waited in the queue a whole poll interval (its message lost, or never sent)."""

@@ -662,6 +662,8 @@ def test_the_dispatcher_role_delivers_the_outbox_under_its_own_id(tmp_path: Path
         assert process.journal.job(job).state == "sent"
     finally:
         process.stop()
+    # its stop ends the delivery under way too (it waited for the whole backlog: review finding)
+    assert process.dispatcher.stopping.is_set()
 
 
 @pytest.mark.parametrize("cap", [1, 2])

@@ -102,7 +102,7 @@ def test_health_and_metrics(make_node: Callable[..., Node], monkeypatch: pytest.
     assert status == 200 and headers["Content-Type"] == "application/json"
     answer = json.loads(body)
     assert answer["status"] == "ok" and set(answer["checks"]) == {"scp_listening", "journal_writable", "disk_space",
-                                                                  "dispatcher_alive"}
+                                                                  "dispatcher_alive", "runs_progressing"}
     status, headers, body = request(node, "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     names = {family.name for family in text_string_to_metric_families(body)}

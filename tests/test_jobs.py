@@ -960,3 +960,16 @@ def test_a_run_failing_for_a_reason_outside_the_job_every_time_fails_after_its_a
     assert (job.state, job.attempts) == ("failed", setup.config.jobs.max_attempts)
     assert job.reason == "OperationalError: database is locked"
     assert {f.kind for f in setup.journal.output_files(job_id)} == {"NOT_PROCESSED"}
+
+
+def test_a_run_whose_timings_cannot_be_written_ends_done_and_leaves_no_stage(setup: Setup, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job recorded, a journal error writing its timings (for the dashboard) escaped the run and left its stage
+    behind: an hour later runs_progressing read a hung run and the watchdog restarted the process."""
+    def busy(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(setup.journal, "set_job_timings", busy)
+    job_id = setup.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
+    assert setup.runner.run(job_id) == "done"
+    assert setup.journal.job(job_id).state == "written" and setup.runner.stages == {}

@@ -136,3 +136,26 @@ def test_a_worker_advertises_the_device_its_models_run_on(config: NodeConfig, mo
         assert worker.device == "cpu"
     finally:
         assert worker.stop()
+
+
+def test_a_worker_leaves_a_job_whose_models_it_lacks_to_one_that_has_them(config: NodeConfig, journal: Journal,
+                                                                          tmp_path: Path) -> None:
+    """The journal poll claimed the oldest queued job whatever its models: a worker without them (a Celery
+    deployment's CPU worker, the job waiting for the GPU one) failed it for good as "model not installed" and sent
+    a "not processed" page. It takes the next job it can run instead."""
+    gpu_rule = rule(name="gpu-only", series_description="flair", model="held-by-the-gpu-worker", output_name="x")
+    config = config.model_copy(update={"rules": [*config.rules, gpu_rule]})
+    uid = record_series(journal, make_mr_series(tmp_path / "flair", shape=SHAPE, spacing=SPACING))
+    version = journal.close_series(uid)
+    assert version is not None
+    elsewhere = journal.add_job(series_uid=uid, version=version, rule="gpu-only", action="synthesize",
+                                model="held-by-the-gpu-worker")
+    mine = queue_job(journal, tmp_path)
+    worker = Worker(config)
+    worker.start()
+    try:
+        _wait(lambda: journal.job(mine).state == "written", "its own job written")
+        time.sleep(0.5)  # polls meanwhile
+        assert journal.job(elsewhere).state == "queued" and journal.job(elsewhere).attempts == 0
+    finally:
+        assert worker.stop()
