@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,24 @@ requires_shared_data = pytest.mark.skipif(
 )
 
 SYNTHSEG = SHARED_DATA / "labels" / "synthseg"
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A command run in a test (``dicom_node.cli.main``) sets up the root logger with a handler on the test's
+    captured stderr, closed when the test ends: a later test's background threads (pynetdicom's) then logged to a
+    closed stream ("Logging error" in the CI log). The root logger's handlers and level are put back after each
+    test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
