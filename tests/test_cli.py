@@ -267,15 +267,20 @@ def test_status_prints_counts(tmp_path: Path, models_dir: Path, capsys: pytest.C
     assert "PACS: 1 sent" in out
 
 
-def test_status_shows_each_job_s_follow_ups(tmp_path: Path, models_dir: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    config = write_config(tmp_path, models_dir)
-    journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
+def _journal_with_a_job(data_dir: Path) -> tuple[Journal, int]:
+    """A journal with one closed series of one instance and a queued synthesis job of it: (journal, job id)."""
+    journal = Journal(data_dir / "journal.sqlite3", fsync=False)
     received = ReceivedInstance("1.9.1", "1.2.840.10008.5.1.4.1.1.4", "1", "1.1", "P", InstanceHeader(),
                                 SeriesAttributes(series_description="t1", modality="MR"))
     journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
     journal.close_series("1.1")
-    job = journal.add_job(series_uid="1.1", version=1, rule="t1-2d", action="synthesize", model="synth-t1")
+    return journal, journal.add_job(series_uid="1.1", version=1, rule="t1-2d", action="synthesize", model="synth-t1")
+
+
+def test_status_shows_each_job_s_follow_ups(tmp_path: Path, models_dir: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, models_dir)
+    journal, job = _journal_with_a_job(tmp_path / "data")
     journal.record_outputs(job, [("1.7", "sT1")], [], follow_ups=["agreement", "other"])
     first, second = journal.follow_ups(job)
     journal.claim("follow_up", first.id, "worker@test:1", 60)
@@ -743,12 +748,7 @@ def test_status_needs_attention_once_a_destination_has_failed_for_alert_after_s(
     """A PACS down kept status at exit 0 (and the dashboard "ok") for retry_for_s, a day: nothing alerted until
     the results were given up."""
     config = write_config(tmp_path, models_dir, extra="[dispatch]\nalert_after_s = 60\n")
-    journal = Journal(tmp_path / "data" / "journal.sqlite3", fsync=False)
-    received = ReceivedInstance("1.9.1", "1.2.840.10008.5.1.4.1.1.4", "1", "1.1", "P", InstanceHeader(),
-                                SeriesAttributes(series_description="t1", modality="MR"))
-    journal.add_instance(received, transfer_syntax="", path="/x", calling_ae="MR1")
-    journal.close_series("1.1")
-    job = journal.add_job(series_uid="1.1", version=1, rule="t1-2d", action="synthesize", model="synth-t1")
+    journal, job = _journal_with_a_job(tmp_path / "data")
     journal.record_outputs(job, [("1.7", "sT1")], [("PACS", "/o/1.dcm", "1.2", "1.7.1")])
     ids = [i.id for i in journal.outbox(job)]
     policy = RetryPolicy(retry_for_s=86400, backoff_initial_s=10, backoff_max_s=10)
