@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 def bundled_models_dir() -> Path:
@@ -445,9 +453,13 @@ class VolumetrySettings(_Strict):
 
     @field_validator("normative_table")
     @classmethod
-    def _readable_table(cls, value: Path | None) -> Path | None:
+    def _readable_table(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is not None:
             from inference.norms import load_norms
+
+            base = (info.context or {}).get("base")
+            if base is not None and not value.is_absolute():  # (as :func:`anchored` takes every relative path)
+                value = Path(base) / value
 
             try:
                 load_norms(value)
@@ -764,13 +776,15 @@ def _format_errors(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(text: str, source: str = "<config>") -> NodeConfig:
+def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> NodeConfig:
+    """Validate ``text``; ``base``: the folder relative paths are taken from (the file's; :func:`anchored`)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     try:
-        return NodeConfig.model_validate(data)
+        config = NodeConfig.model_validate(data, context={"base": base})
+        return config if base is None else anchored(config, base)
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc)) from None
 
@@ -805,7 +819,8 @@ def load_config(path: Path | None) -> NodeConfig:
         raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read configuration: not UTF-8 text (byte {exc.start})") from None
-    return anchored(parse_config(text, str(path)), Path(path).resolve().parent)
+    # the folder the file is named in (not a symlink's target: a ConfigMap's files are links into a hidden folder)
+    return parse_config(text, str(path), Path(path).absolute().parent)
 
 
 def anchored(model: _M, base: Path) -> _M:

@@ -372,12 +372,18 @@ def test_relative_paths_are_taken_from_the_configuration_files_folder(tmp_path: 
     folder = tmp_path / "etc"
     folder.mkdir()
     path = folder / "node.toml"
-    path.write_text('[node]\ndata_dir = "data"\n[tls]\ncert_file = "tls/node.pem"\nkey_file = "tls/node.key"\n'
-                    '[audit]\npath = "audit.jsonl"\n[[destinations]]\nname = "VNA"\nprotocol = "stow-rs"\n'
-                    'url = "https://vna.lan/dicom-web"\ntoken_file = "vna.token"\n'
-                    '[inference]\nmodels_dir = "/opt/models"\n')
+    (folder / "norms.csv").write_text("code,age_min,age_max,sex,mean_ml,sd_ml\n17,60,80,F,3.5,0.4\n")
+    text = ('[node]\ndata_dir = "data"\n[tls]\ncert_file = "tls/node.pem"\nkey_file = "tls/node.key"\n'
+            '[audit]\npath = "audit.jsonl"\n[[destinations]]\nname = "VNA"\nprotocol = "stow-rs"\n'
+            'url = "https://vna.lan/dicom-web"\ntoken_file = "vna.token"\n'
+            '[inference]\nmodels_dir = "/opt/models"\n[volumetry]\nnormative_table = "norms.csv"\n')
+    # named through a link into a hidden folder, as a ConfigMap mounts it: the folder it is named in counts
+    (folder / "..data").mkdir()
+    (folder / "..data" / "node.toml").write_text(text)
+    path.symlink_to(folder / "..data" / "node.toml")
     monkeypatch.chdir(tmp_path)
     config = load_config(Path("etc/node.toml"))
+    assert config.volumetry.normative_table == folder / "norms.csv"  # (read while validating: anchored first)
     assert config.node.data_dir == folder / "data"
     assert (config.tls.cert_file, config.tls.key_file) == (folder / "tls/node.pem", folder / "tls/node.key")
     assert config.destinations[0].token_file == folder / "vna.token"
