@@ -876,13 +876,13 @@ def _add_operations(add: _AddCommand) -> None:
 
 
 def _port(text: str) -> int:
-    """A TCP port number (1-65535) from the command line."""
+    """A TCP port number (0-65535; 0: none) from the command line."""
     try:
         port = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port number (1-65535): {port}")
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (0-65535): {port}")
     return port
 
 

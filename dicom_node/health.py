@@ -98,7 +98,7 @@ def check_runs(stages: Mapping[int, tuple[str, float]], max_stage_s: float, now:
     and counted against ``[jobs] max_attempts``)."""
     now = time.time() if now is None else now
     hung = sorted((now - since, job_id, stage) for job_id, (stage, since) in dict(stages).items()
-                  if now - since > max_stage_s)
+                  if now - since > max_stage_s and stage != "waiting")  # (waiting for its turn: jobs.WAITING)
     if hung:
         seconds, job_id, stage = hung[-1]
         return Check(False, f"job {job_id} has been in its {stage!r} stage for {seconds:.0f} s (more than [jobs] "

@@ -90,6 +90,8 @@ class Task:
 #: ``failed`` (its failure recorded), ``lost`` (its claim was taken over: nothing recorded by this run),
 #: ``skipped`` (not queued, or claimed by another worker: not run here).
 Outcome = Literal["done", "failed", "lost", "skipped", "requeued"]
+#: The stage of a run not started yet (waiting for its turn: :class:`RunIsolation`); never a hung run.
+WAITING = "waiting"
 
 
 @contextmanager
@@ -194,7 +196,7 @@ class JobRunner:
         claim = self._claim(Task("job", job_id))
         if claim is None:
             return "skipped"
-        self.stages[job_id] = ("starting", time.time())
+        self.stages[job_id] = (WAITING, time.time())  # for the run isolation of a later attempt, maybe long
         failed: Outcome | None = None
         try:
             run = _Run(self._context(job, series, claim.attempt), {}, time.perf_counter(), claim)

@@ -842,9 +842,9 @@ class StorageSCP:
             log.info("C-STORE of %s from %s: already stored with the same content (idempotent)",
                      known.sop_instance_uid, calling)
             return
-        if stored is None and not Path(known.path).exists():
-            # a row from before digests were kept, its file gone: nothing is kept to conflict with (the caller
-            # writes this one in its place)
+        if stored is None and series_uid == known.series_uid and not Path(known.path).exists():
+            # a row from before digests were kept, its file gone: nothing is kept to conflict with; of the same
+            # series, the caller writes this one at the row's path (another series would be filed elsewhere)
             return
         where = "" if series_uid == known.series_uid else f" in series {known.series_uid} (now sent in {series_uid})"
         why = "cannot read the stored copy to compare" if stored is None else "content differs"

@@ -736,11 +736,12 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path,
     assert f"{path}: cannot read configuration: not UTF-8" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("port", ["70000", "0", "http"])
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
 def test_a_metrics_port_out_of_range_is_refused_by_the_parser(port: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["serve", "--metrics-port", port])
     assert exit_.value.code == 2 and "not a port number" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--metrics-port", "0"]).metrics_port == 0  # "0: none", as its help
 
 
 def test_status_needs_attention_once_a_destination_has_failed_for_alert_after_s(

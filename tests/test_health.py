@@ -158,5 +158,8 @@ def test_a_run_hung_in_one_stage_fails_liveness(node: Node) -> None:
         assert "job 7 has been in its 'model' stage" in health.checks["runs_progressing"].detail
         node.runner.stages[7] = ("model", time.time())  # a long run that progresses is not hung
         assert node.health().checks["runs_progressing"].ok
+        # nor one waiting for its turn (a later attempt runs alone: RunIsolation), however long
+        node.runner.stages[7] = ("waiting", time.time() - node.config.jobs.max_stage_s - 5)
+        assert node.health().checks["runs_progressing"].ok
     finally:
         node.runner.stages.pop(7, None)

@@ -726,7 +726,12 @@ def test_a_resend_restores_the_lost_file_of_a_row_without_a_digest(node: Node, s
         with node.journal._tx() as db:
             db.execute("UPDATE instances SET sha256='' WHERE sop_instance_uid=?", (uid,))
         Path(known.path).unlink()
+        elsewhere = dcmread(series[1])
+        elsewhere.SeriesInstanceUID = "1.2.826.0.1.3680043.10.999.77"
+        assert assoc.send_c_store(elsewhere).Status != 0  # another series: not filed under another path
+        assert not Path(known.path).exists()
         assert assoc.send_c_store(source).Status == 0
     finally:
         assoc.release()
     assert Path(known.path).is_file() and dcmread(known.path).SOPInstanceUID == uid
+    assert node.journal.instance(uid).series_uid == str(source.SeriesInstanceUID)
