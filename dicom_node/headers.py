@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException
+from pydicom.tag import Tag
 
 T = TypeVar("T")
 
@@ -143,7 +144,13 @@ def vendor_slice_count(ds: Dataset) -> int:
         if not manufacturer.startswith(word):  # ("GE MEDICAL SYSTEMS", "GE HealthCare", "Philips Healthcare")
             continue
         try:
-            value = ds.get_private_item(group, offset, creator).value
+            # the creator's usual slot first, by its tag: finding a private block in general sorts the data set's
+            # tags, which costs as much as the rest of the header on every C-STORE of such a series
+            slot = ds.get(Tag(group, 0x0010))
+            if slot is not None and text(slot.value) == creator:
+                value = ds[Tag(group, 0x1000 + offset)].value
+            else:
+                value = ds.get_private_item(group, offset, creator).value
             if isinstance(value, bytes):  # not converted (an unknown VR, e.g. UN): the dictionary's VR
                 value = int.from_bytes(value, "little", signed=True) if len(value) in (2, 4) else 0
             count = int(value)

@@ -118,8 +118,8 @@ def test_no_watchdog_ping_while_a_check_fails(tmp_path: Path, notify_socket: tup
 
 def test_the_unit_gives_up_on_a_node_that_cannot_start(tmp_path: Path) -> None:
     """Restart=on-failure with RestartSec=5 never trips systemd's default start limit (5 in 10 s): a node whose
-    configuration is invalid was restarted for ever. The unit stops on the exit code an invalid configuration
-    gives, and after 5 failed starts in 5 minutes."""
+    configuration is invalid was restarted for ever. The unit gives up after 5 failed starts in 5 minutes (the
+    ExecStartPre check included), and serve's exit code for an invalid configuration is not restarted."""
     import configparser
 
     from dicom_node.cli import main
