@@ -19,6 +19,7 @@ import errno
 import logging
 import queue
 import shutil
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -92,6 +93,8 @@ class Task:
 Outcome = Literal["done", "failed", "lost", "skipped", "requeued"]
 #: The stage of a run not started yet (waiting for its turn: :class:`RunIsolation`); never a hung run.
 WAITING = "waiting"
+#: Seconds a run that failed for a reason outside its job waits, times its attempt, before it is queued again.
+TRANSIENT_RETRY_S = 10.0
 
 
 @contextmanager
@@ -134,6 +137,8 @@ class JobRunner:
         self.outputs_dir = config.node.data_dir / "outputs"
         #: runs a job that was interrupted before alone (:class:`RunIsolation`)
         self.isolation = RunIsolation()
+        #: set when the process stops: a run waiting to be queued again (:meth:`_requeue`) waits no longer
+        self.retry_wait = threading.Event()
         table = config.volumetry.normative_table
         self.norms = load_norms(table) if table is not None else ()
         self.follow_ups: dict[str, FollowUp] = {f.name: f for f in FOLLOW_UPS}
@@ -259,6 +264,9 @@ class JobRunner:
         than failed for good with a "not processed" page for a result it would have given."""
         reason = (f"run {claim.attempt} of at most {self.config.jobs.max_attempts} failed for a reason outside the "
                   f"job ({type(exc).__name__}: {exc}): queued again")
+        # not at once: the condition (a locked journal, a full disk, memory) is given time to pass, in this thread
+        # (it would fail the next run too); a stop ends the wait
+        self.retry_wait.wait(min(TRANSIENT_RETRY_S * claim.attempt, 60.0))
         try:
             self.journal.requeue_job(job.id, reason, claim)
         except ClaimLost as lost:
@@ -540,10 +548,14 @@ class ThreadExecutor(Generic[T]):
 def transient(exc: BaseException) -> bool:
     """Whether a run failed for a reason outside its job, that may be gone at its next run: the journal could not
     be used (locked past its busy timeout, its server gone), memory or disk space ran out. Such a run is queued
-    again (``[jobs] max_attempts``) rather than failed for good."""
-    if isinstance(exc, (MemoryError, *unavailable_errors())):
+    again (``[jobs] max_attempts``) rather than failed for good. (Not a ProgrammingError: a fault of the code.)"""
+    unavailable = tuple(e for e in unavailable_errors() if not issubclass(e, sqlite3.ProgrammingError))
+    if isinstance(exc, (MemoryError, *unavailable)):
         return True
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    # SimpleITK's writers raise RuntimeError with the system's message
+    return isinstance(exc, RuntimeError) and "No space left on device" in str(exc)
 
 
 def resubmit_dropped(journal: Journal, executor: ThreadExecutor[Task], queued_before: float) -> list[Task]:

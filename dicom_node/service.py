@@ -198,6 +198,7 @@ class Node:
             self.scheduler.shutdown(wait=True)
         if self.receipts is not None:  # after the sweeps, which settle and replay too
             self.receipts.shutdown()
+        self.runner.retry_wait.set()  # a run waiting to be queued again stops waiting
         clean = self.executor.shutdown() if self.executor is not None else True
         self.runner.leases.stop()
         if self.http is not None:

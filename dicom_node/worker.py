@@ -286,6 +286,7 @@ class Worker:
         systemd.notify("STOPPING=1")
         self._stop.set()
         self._wake.set()
+        self.runner.retry_wait.set()  # a run waiting to be queued again stops waiting
         deadline = time.monotonic() + timeout_s
         self._withdraw()
         stopped = self.consumer.stop(timeout_s) if self.consumer is not None else True

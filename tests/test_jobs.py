@@ -925,12 +925,16 @@ def test_outputs_are_on_disk_before_the_journal_records_them(tmp_path: Path, mod
 
 
 @pytest.mark.parametrize("error", [sqlite3.OperationalError("database is locked"), MemoryError(),
-                                   OSError(28, "No space left on device")])
+                                   OSError(28, "No space left on device"),
+                                   RuntimeError("ITK ERROR: ... No space left on device")])
 def test_a_run_failed_for_a_reason_outside_the_job_is_run_again(setup: Setup, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  error: BaseException) -> None:
     """A journal locked past its busy timeout (or memory, or disk space, run out) once failed the job for good and
-    put a "not processed" page in the study for a result the next run gives."""
+    put a "not processed" page in the study for a result the next run gives. It waits before it is queued again
+    (the condition would fail the next run too), 10 s times its attempt."""
+    waits: list[float | None] = []
+    monkeypatch.setattr(setup.runner.retry_wait, "wait", lambda timeout=None: waits.append(timeout))
     real = setup.journal.record_outputs
     calls = []
 
@@ -945,6 +949,7 @@ def test_a_run_failed_for_a_reason_outside_the_job_is_run_again(setup: Setup, tm
     assert setup.runner.run(job_id) == "requeued"  # (the next run, handed to submit, ran it: written)
     job = setup.journal.job(job_id)
     assert (job.state, job.attempts, len(calls)) == ("written", 2, 2), job.reason
+    assert waits == [10.0]
     assert {f.kind for f in setup.journal.output_files(job_id)} == {"sT1"}  # no "not processed" page
 
 
@@ -953,12 +958,15 @@ def test_a_run_failing_for_a_reason_outside_the_job_every_time_fails_after_its_a
     def locked(*args: Any, **kwargs: Any) -> Any:
         raise sqlite3.OperationalError("database is locked")
 
+    waits: list[float | None] = []
+    monkeypatch.setattr(setup.runner.retry_wait, "wait", lambda timeout=None: waits.append(timeout))
     monkeypatch.setattr(setup.journal, "record_outputs", locked)
     job_id = setup.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
     setup.runner.run(job_id)
     job = setup.journal.job(job_id)
     assert (job.state, job.attempts) == ("failed", setup.config.jobs.max_attempts)
     assert job.reason == "OperationalError: database is locked"
+    assert waits == [10.0, 20.0]  # before the 2nd and the 3rd run
     assert {f.kind for f in setup.journal.output_files(job_id)} == {"NOT_PROCESSED"}
 
 
@@ -973,3 +981,12 @@ def test_a_run_whose_timings_cannot_be_written_ends_done_and_leaves_no_stage(set
     job_id = setup.job_for(make_mr_series(tmp_path / "in", shape=SHAPE, spacing=SPACING))
     assert setup.runner.run(job_id) == "done"
     assert setup.journal.job(job_id).state == "written" and setup.runner.stages == {}
+
+
+def test_only_conditions_outside_the_job_are_transient() -> None:
+    from dicom_node.jobs import transient
+
+    assert transient(sqlite3.OperationalError("database is locked")) and transient(MemoryError())
+    assert transient(OSError(28, "No space left on device"))
+    assert not transient(sqlite3.ProgrammingError("Incorrect number of bindings"))  # a fault of the code
+    assert not transient(OSError(2, "No such file or directory")) and not transient(RuntimeError("diverged"))
