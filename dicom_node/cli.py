@@ -366,8 +366,9 @@ def readiness_problems(config: NodeConfig, disabled_rules: int) -> list[str]:
         import onnxruntime
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            problems.append("[inference] providers = \"cuda\", but this onnxruntime has no CUDA provider "
-                            "(install onnxruntime-gpu, or use \"auto\")")
+            # a warning: a receiver or dispatcher of a shared configuration loads no model here
+            print("warning: [inference] providers = \"cuda\", but this onnxruntime has no CUDA provider: a node or "
+                  "worker here would not start (install onnxruntime-gpu, or use \"auto\")", file=sys.stderr)
     return problems
 
 
@@ -401,12 +402,15 @@ def _readable(path: Path) -> bool:
 
 def _writable_file(path: Path) -> bool:
     """Whether ``path`` can be appended to, or created (its nearest existing folder writable)."""
-    if path.exists():
-        return os.access(path, os.W_OK)
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+    try:
+        if path.exists():
+            return os.access(path, os.W_OK)
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+    except OSError:  # a folder this user may not look into (the node's 0700 data_dir): the node's user can
+        return True
 
 
 # -- route --dry-run -------------------------------------------------------------------------

@@ -311,8 +311,10 @@ def _check_outside(outside_ml: float | None) -> QCCheck:
 
 def _check_asymmetry(pairs: Sequence[Asymmetry]) -> QCCheck:
     # the larger side decides whether a pair is big enough to judge: a side that collapsed (the segmenter missed
-    # most of it) is the worst asymmetry, not one too small to judge
-    judged = [p for p in pairs if max(p.left_ml, p.right_ml) >= ASYMMETRY_MIN_ML]
+    # most of it) is the worst asymmetry, not one too small to judge. Not for the structures that may be empty in
+    # a healthy head (the inferior horn grows unevenly with atrophy): both sides must have the minimum there.
+    judged = [p for p in pairs if (min(p.left_ml, p.right_ml) if p.left_code in OPTIONAL_STRUCTURES
+                                   else max(p.left_ml, p.right_ml)) >= ASYMMETRY_MIN_ML]
     if not judged:
         return QCCheck("asymmetry", None, f"not evaluated: no pair of {ASYMMETRY_MIN_ML:g} ml or more on a side")
     worst = max(judged, key=lambda p: abs(p.index_percent))

@@ -181,6 +181,8 @@ def test_a_collapsed_side_fails_the_asymmetry_check() -> None:
     assert check.passed is False and "hippocampus" in check.reason and "pallidum" not in check.reason
     array[:10, :20, :20][array[:10, :20, :20] == 17] = 0
     array[:5, :10, :10] = 17  # 0.5 ml: both sides small
+    array[10:15, 25:40, 25:40] = 5  # inferior horns 1.1 ml and 0.5 ml: optional (uneven with atrophy), not judged
+    array[15:20, 30:40, 30:40] = 44
     assert _qc(compute_volumetry(_image(array, spacing=(1.0, 1.0, 1.0)), None, age=60, sex="F"),
                "asymmetry").passed is None
 
