@@ -224,7 +224,8 @@ class WorkerMetrics:
                                       labelnames=["step"], buckets=STEP_BUCKETS, registry=self.registry)
         self.tasks = Counter("dicom_node_worker_tasks", "Tasks this worker took, by kind (job, follow_up) and how "
                              "they ended: done, failed, lost (its claim taken over), skipped (claimed elsewhere or "
-                             "no longer queued).", labelnames=["kind", "outcome"], registry=self.registry)
+                             "no longer queued), requeued (failed for a reason outside the job: run again).",
+                             labelnames=["kind", "outcome"], registry=self.registry)
         for kind in ("job", "follow_up"):
             for outcome in ("done", "failed"):
                 self.tasks.labels(kind=kind, outcome=outcome)  # exported as 0 before the first
