@@ -149,5 +149,6 @@ def test_the_folders_a_spool_remembers_are_bounded(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(spool_module, "KNOWN_DIRS_KEPT", 3)
     spool = Spool(tmp_path / "spool", fsync=False)
     paths = [spool.write("1.2", f"1.3.{k}", "1.4", b"x") for k in range(5)]
-    assert len(spool._known_dirs) == 3
+    assert list(spool._known_dirs) == [p.parent for p in paths[2:]]  # the most recent, in order
     assert spool.write("1.2", "1.3.0", "1.5", b"y").parent == paths[0].parent  # forgotten: checked and made again
+    assert list(spool._known_dirs) == [paths[3].parent, paths[4].parent, paths[0].parent]
