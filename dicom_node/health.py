@@ -92,13 +92,17 @@ def check_dispatcher(*, scheduler_running: bool, last_scan_started: float | None
     return Check(True, f"outbox scanned {age:.1f} s ago")
 
 
+#: The stage of a run not started yet (waiting for its turn: ``jobs.RunIsolation``); never a hung run.
+WAITING = "waiting"
+
+
 def check_runs(stages: Mapping[int, tuple[str, float]], max_stage_s: float, now: float | None = None) -> Check:
     """No run of this process has stayed longer than ``max_stage_s`` in one stage (``JobRunner.stages``: job id ->
     (stage, since when)): one that did is hung, and only a restart frees its thread (the run is then interrupted
     and counted against ``[jobs] max_attempts``)."""
     now = time.time() if now is None else now
     hung = sorted((now - since, job_id, stage) for job_id, (stage, since) in dict(stages).items()
-                  if now - since > max_stage_s and stage != "waiting")  # (waiting for its turn: jobs.WAITING)
+                  if now - since > max_stage_s and stage != WAITING)
     if hung:
         seconds, job_id, stage = hung[-1]
         return Check(False, f"job {job_id} has been in its {stage!r} stage for {seconds:.0f} s (more than [jobs] "

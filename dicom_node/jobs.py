@@ -35,6 +35,7 @@ from inference.norms import load_norms
 from inference.volume import GeometryError
 
 from .config import NodeConfig, Rule
+from .health import WAITING
 from .journal import (
     NODE_WORKER,
     Claim,
@@ -91,8 +92,6 @@ class Task:
 #: ``failed`` (its failure recorded), ``lost`` (its claim was taken over: nothing recorded by this run),
 #: ``skipped`` (not queued, or claimed by another worker: not run here).
 Outcome = Literal["done", "failed", "lost", "skipped", "requeued"]
-#: The stage of a run not started yet (waiting for its turn: :class:`RunIsolation`); never a hung run.
-WAITING = "waiting"
 #: Seconds a run that failed for a reason outside its job waits, times its attempt, before it is queued again.
 TRANSIENT_RETRY_S = 10.0
 
