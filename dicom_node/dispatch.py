@@ -34,7 +34,7 @@ from .audit import AuditTrail
 from .config import Destination, DispatchSettings, NodeConfig, TLSSettings
 from .journal import ClaimLost, Journal, OutboxClaim, OutboxItem
 from .notify import notify
-from .reactor import waking_dul
+from .reactor import one_reader, waking_dul
 from .scp import nodelay_on_open, set_implementation
 from .tls import connect_failure, tls_args
 
@@ -228,6 +228,8 @@ def _associate(ae: AE, dest: Destination, tls: TLSSettings) -> tuple[Association
                              evt_handlers=[(evt.EVT_CONN_OPEN, on_open)], tls_args=args)
     except socket.gaierror as exc:  # the name does not resolve: not an unexpected error (with its traceback)
         raise AssociationSetupError(f"host {dest.host!r} cannot be resolved: {exc.strerror or exc}") from None
+    if assoc.is_established:
+        one_reader(assoc)  # (pynetdicom#875: its reactor could take a response its sender waits for)
     if connected.is_set():
         return assoc, True
     return assoc, connect_failure(args[0]) if args else False

@@ -209,3 +209,57 @@ def waking(assoc: Association) -> Association:
     assoc.dimse.msg_queue = SignallingQueue(work)
     dul.to_user_queue = SignallingQueue(work)
     return assoc
+
+
+
+class OneReaderAssociation(Association):
+    """A requestor association whose reactor never takes a message while a request of its own waits for its
+    response (:func:`one_reader`)."""
+
+    _turn: threading.Lock
+
+    @property  # type: ignore[override]
+    def _is_paused(self) -> bool:
+        """Whether the reactor is out of the way of a sender that cleared the checkpoint: pynetdicom's senders clear
+        it, then wait for this. Once the checkpoint is clear and the reactor is not inside its look at the queue, it
+        takes nothing more until the checkpoint is set again (:func:`one_reader`)."""
+        if self._reactor_checkpoint.is_set():
+            return bool(self.__dict__.get("_paused_flag", False))
+        with self._turn:
+            return True
+
+    @_is_paused.setter
+    def _is_paused(self, value: bool) -> None:  # pynetdicom's reactor loop and __init__ set it
+        self.__dict__["_paused_flag"] = value
+
+
+def one_reader(assoc: Association) -> Association:
+    """Close pynetdicom's race between a requestor's reactor and its senders (pynetdicom#875, the node's deliveries).
+
+    pynetdicom's reactor passes its checkpoint, then takes a message off the DIMSE queue; a sender clears the
+    checkpoint, waits until the reactor counts as paused, sends its request and waits on the same queue for the
+    response. A reactor thread that passed the checkpoint just before it was cleared and ran again just as the
+    response arrived took it ("Received unexpected C-STORE service message"), and the sender waited the whole DIMSE
+    timeout for a response already received: the object failed its try. Here the reactor takes a message only while
+    the checkpoint is set, checked in the same turn (a lock) as the take, and a sender counts it as paused only
+    outside that turn. Also for an association whose reactor runs already (``AE.associate`` started it): its loop
+    looks up the queue's method and the pause flag on every turn."""
+    turn = threading.Lock()
+    checkpoint = assoc._reactor_checkpoint
+    take = assoc.dimse.get_msg
+
+    def get_msg(block: bool = False) -> tuple[int | None, Any]:
+        if block:  # a sender waiting for its response (pynetdicom's send_* methods)
+            return take(block=True)
+        with turn:  # the reactor's look
+            if not checkpoint.is_set():
+                return None, None
+            return take(block=False)
+
+    paused = assoc._is_paused
+    assoc._turn = turn  # type: ignore[attr-defined]
+    assoc.__class__ = OneReaderAssociation
+    assoc.__dict__.pop("_is_paused", None)
+    assoc.__dict__["_paused_flag"] = paused
+    assoc.dimse.get_msg = get_msg  # type: ignore[method-assign]
+    return assoc

@@ -339,6 +339,32 @@ def test_unconfigured_destination_and_missing_file(tmp_path: Path, journal: Jour
     assert missing.tries == 1 and missing.last_error.startswith("cannot read file")
 
 
+def test_deliveries_go_over_associations_whose_reactor_leaves_responses_to_their_senders(
+        tmp_path: Path, journal: Journal, files: list[Path], pacs: DestinationSCP,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen in the end-to-end tests: pynetdicom's requestor reactor took a C-STORE response its sender waited for,
+    and the object failed its try after the 30 s DIMSE timeout (pynetdicom#875; tests/test_reactor.py shows the race
+    and its fix). Every association the dispatcher and ``echo`` make is one whose reactor cannot."""
+    import dicom_node.dispatch as dispatch
+    from dicom_node.reactor import OneReaderAssociation
+
+    kinds: list[type] = []
+    real = dispatch._associate
+
+    def recording(ae: Any, dest: Destination, tls: Any) -> Any:
+        assoc, connected = real(ae, dest, tls)
+        kinds.append(type(assoc))
+        return assoc, connected
+
+    monkeypatch.setattr(dispatch, "_associate", recording)
+    config = make_config(tmp_path, [dest_for(pacs)])
+    job = queue_job(journal, files[:2], ["PACS"])
+    assert Dispatcher(config, journal).send_due() == 2
+    assert {i.state for i in journal.outbox(job)} == {"sent"}
+    assert echo(config, dest_for(pacs))[0]
+    assert kinds and all(kind is OneReaderAssociation for kind in kinds)
+
+
 def test_echo(pacs: DestinationSCP, tmp_path: Path) -> None:
     config = make_config(tmp_path, [dest_for(pacs)])
     ok, message = echo(config, dest_for(pacs))

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from dicom_node.reactor import WakingDUL, waking, waking_dul
+from dicom_node.reactor import WakingDUL, one_reader, waking, waking_dul
 from tests.e2e.peers import free_port
 
 
@@ -67,3 +69,42 @@ def test_an_acceptors_wake_up_pair_is_closed_when_its_reactor_ends() -> None:
     dul.join(timeout=5)
     assert not dul.is_alive()
     assert dul._wake_r.fileno() == -1 and dul._wake_w.fileno() == -1
+
+
+class _LateCheckpoint(threading.Event):
+    """A reactor's checkpoint that, once passed, holds its thread until a message is queued: the reactor thread
+    descheduled between passing its checkpoint and taking a message off the DIMSE queue, and run again just as a
+    response arrives (what the interpreter's thread switches do at random under load)."""
+
+    def __init__(self, queue: Any) -> None:
+        super().__init__()
+        self.queue = queue
+
+    def wait(self, timeout: float | None = None) -> bool:
+        passed = super().wait(timeout)
+        deadline = time.monotonic() + 0.5
+        while passed and self.queue.empty() and time.monotonic() < deadline:
+            pass  # (no sleep: the thread keeps running, as one that got its turn)
+        return passed
+
+
+def test_a_requestors_reactor_never_takes_the_response_its_sender_waits_for(echo_port: int) -> None:
+    """pynetdicom's requestor reactor passes its checkpoint, then takes a message off the queue. A request sent in
+    between (the checkpoint cleared, the reactor counted as paused) had its response taken by the reactor ("Received
+    unexpected C-ECHO service message") and the sender waited the whole DIMSE timeout for it (pynetdicom#875; seen
+    in the node's deliveries: 30 s). :func:`one_reader` lets only the waiting sender take a response."""
+    ae = AE(ae_title="NODE")
+    ae.add_requested_context(Verification)
+    ae.dimse_timeout = 2
+    assoc = ae.associate("127.0.0.1", echo_port, ae_title="ECHO_SCP")
+    assert assoc.is_established
+    try:
+        checkpoint = _LateCheckpoint(assoc.dimse.msg_queue)
+        checkpoint.set()
+        assoc._reactor_checkpoint = checkpoint
+        waking_dul(assoc.dul)
+        one_reader(assoc)
+        statuses = [assoc.send_c_echo().get("Status") for _ in range(6)]
+    finally:
+        assoc.release()
+    assert statuses == [0x0000] * 6
