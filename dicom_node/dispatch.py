@@ -520,8 +520,10 @@ class Dispatcher:
             self._audit(dest, items, 0, error)
             return 0
         sent, last_error = 0, None
+        tried = items  # (what the audit event counts: not what a stop leaves for the next start)
         for start in range(0, len(items), dest.stow_batch):
             if self.stopping.is_set():  # the rest is released with the claim, for the next start
+                tried = items[:start]
                 break
             batch, datasets = [], []
             for item in items[start:start + dest.stow_batch]:
@@ -554,7 +556,8 @@ class Dispatcher:
                     self._fail([item], reason)
         if sent:
             log.info("outbox: %d object(s) delivered to %s by STOW-RS", sent, dest.name)
-        self._audit(dest, items, sent, last_error)
+        if tried or last_error:
+            self._audit(dest, tried, sent, last_error)
         return sent
 
     def _send_spare(self, name: str, dest: Destination, work: _Work, items: list[OutboxItem],

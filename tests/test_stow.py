@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -19,6 +20,7 @@ from dicom_node.config import ConfigError, Destination, DispatchSettings, NodeCo
 from dicom_node.dispatch import Dispatcher
 from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 from dicom_node.journal import Journal
+from dicom_node import stow
 from dicom_node.stow import echo, read_response
 from tests.dicom_factory import make_mr_series
 
@@ -294,3 +296,35 @@ def test_credentials_to_this_machine_over_http_are_accepted_and_echo_names_an_un
                           f'password_file = "{missing}"\n')
     ok, message = echo(config.destinations[0], config.tls, 5.0)
     assert not ok and "cannot set up" in message and str(missing) in message, message
+
+
+def test_objects_left_untried_at_a_stop_are_not_counted_as_failed_in_the_audit(tmp_path: Path) -> None:
+    """Found in review: a dispatcher stopping between two STOW-RS requests leaves the rest of its claim for the next
+    start (no try counted), yet the delivery audit event counted them as failed."""
+    from dicom_node.audit import AuditTrail
+
+    journal, files = _queued(tmp_path, ("VNA",), 3)
+    uids = [str(dcmread(f).SOPInstanceUID) for f in files]
+    response = Dataset()
+    response.ReferencedSOPSequence = [_item(uid) for uid in uids]
+    server = _Server(200, response.to_json_dict())
+    config = NodeConfig(node=NodeSettings(data_dir=tmp_path, fsync=False),
+                        destinations=[Destination(name="VNA", protocol="stow-rs", url=server.url, stow_batch=2)])
+    audit = tmp_path / "audit.jsonl"
+    dispatcher = Dispatcher(config, journal, AuditTrail(audit, "NODE"))
+    real_store = stow.store
+
+    def store_then_stop(*args: Any, **kwargs: Any) -> Any:
+        dispatcher.stopping.set()  # the stop comes while the first request is under way
+        return real_store(*args, **kwargs)
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(stow, "store", store_then_stop)
+            assert dispatcher.send_due() == 2
+    finally:
+        server.stop()
+        journal.close()
+    assert len(server.requests) == 1
+    deliveries = [e for e in map(json.loads, audit.read_text().splitlines()) if e["event"] == "delivery"]
+    assert [(e["sent"], e["failed"]) for e in deliveries] == [(2, 0)]
