@@ -664,7 +664,8 @@ def cmd_journal_rebuild(args: argparse.Namespace) -> int:
 
 # -- echo ------------------------------------------------------------------------------------
 
-_ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d+)$")
+#: AE@host:port, an IPv6 address in brackets (AE@[::1]:104)
+_ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?:\[(?P<host6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$")
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -675,7 +676,8 @@ def cmd_echo(args: argparse.Namespace) -> int:
     if args.dest.startswith(("http://", "https://")):
         dest = Destination(name="adhoc", protocol="stow-rs", url=args.dest)
     elif match:
-        dest = Destination(name="adhoc", ae_title=match["ae"], host=match["host"], port=int(match["port"]))
+        dest = Destination(name="adhoc", ae_title=match["ae"], host=match["host6"] or match["host"],
+                           port=int(match["port"]))
     else:
         try:
             dest = config.destination(args.dest)

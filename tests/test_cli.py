@@ -378,6 +378,30 @@ def test_echo_configured_and_adhoc(tmp_path: Path, models_dir: Path, verificatio
     assert "connection failed" in capsys.readouterr().out
 
 
+def test_echo_adhoc_over_ipv6(tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in review: ``AE@[::1]:port`` was refused as an unknown destination (the host part stopped at the first
+    colon); an IPv6 address is given in brackets, as in a URL."""
+    if not socket.has_ipv6:
+        pytest.skip("this Python has no IPv6")
+    probe = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        probe.bind(("::1", 0))
+        port = probe.getsockname()[1]
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback on this machine: {exc}")
+    finally:
+        probe.close()
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("::1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0x0000)])
+    try:
+        config = str(write_config(tmp_path, models_dir))
+        assert main(["echo", "--config", config, f"PACS@[::1]:{port}"]) == 0
+        assert f"C-ECHO PACS@::1:{port}: success" in capsys.readouterr().out
+    finally:
+        server.shutdown()
+
+
 # -- an unusable journal -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
