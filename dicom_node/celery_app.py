@@ -29,6 +29,7 @@ from .celery_routing import Capabilities, Needs, queue_for
 from .config import ExecutorSettings, NodeConfig
 from .jobs import Task
 from .journal import Journal
+from .steps import follow_up_models
 
 if TYPE_CHECKING:
     import redis
@@ -142,16 +143,14 @@ class Announcements:
 
 
 def task_needs(config: NodeConfig, journal: Journal, task: Task) -> Needs:
-    """What ``task`` needs of a worker: a job, its rule's models (a network: inference); a follow-up, its job's
-    model (named by the follow-up's output) and no network."""
+    """What ``task`` needs of a worker: a job, its rule's models (a network: inference); a follow-up, the models
+    whose manifests it reads (:func:`dicom_node.steps.follow_up_models`) and no network."""
     if task.kind == "job":
         job = journal.job(task.id)
         rule = next((r for r in config.rules if r.name == job.rule), None)
         models = config.models_for(rule) if rule is not None else [m for m in [job.model] if m]
         return Needs(frozenset(models), inference=bool(models))
-    follow_up = journal.follow_up(task.id)
-    model = journal.job(follow_up.job_id).model
-    return Needs(frozenset([model] if model else []), inference=False)
+    return Needs(follow_up_models(journal, journal.follow_up(task.id)), inference=False)
 
 
 class CeleryExecutor:

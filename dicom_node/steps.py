@@ -59,7 +59,7 @@ from inference.volumetry import (
 
 from .assembly import missing_images
 from .config import NodeConfig, Rule
-from .journal import Claim, FollowUpState, JobRecord, JobState, Journal, OutputFile, SeriesRecord
+from .journal import Claim, FollowUpRecord, FollowUpState, JobRecord, JobState, Journal, OutputFile, SeriesRecord
 from .writers import WrittenSeries
 from .writers.agreement_sr import write_agreement_sr
 from .writers.derived_mr import Derivation, write_derived_mr
@@ -481,11 +481,13 @@ FollowUpStep = Callable[[FollowUpContext, Journal, NodeConfig, ModelRegistry], "
 @dataclass(frozen=True)
 class FollowUp:
     """An optional step run on its own after a job recorded its core outputs: queued when ``wanted`` by the files
-    the job recorded, its failure costs only its own output."""
+    the job recorded, its failure costs only its own output; ``models``: the models (ids) whose manifests a run for
+    a job needs, from the journal (a worker without one leaves it to a worker that has it)."""
 
     name: str
     wanted: Callable[[Sequence[OutputFile]], bool]
     step: FollowUpStep
+    models: Callable[[Journal, JobRecord], frozenset[str]]
 
 
 # -- follow-up: agreement of an sT1 with the real T1 of the same study -------------------------
@@ -548,6 +550,24 @@ def later_check(journal: Journal, ctx: FollowUpContext, other: JobRecord) -> int
     return theirs[0] if theirs else None
 
 
+def agreement_models(journal: Journal, job: JobRecord) -> frozenset[str]:
+    """The model whose manifest an agreement check of ``job`` reads: the synthesis model of the sT1 compared (this
+    job's, or the study's sT1 a real T1 is compared with; none while there is nothing to compare)."""
+    synthetic: JobRecord | None = job
+    if job.action != "synthesize":
+        series = journal.series(job.series_uid)
+        other = None if series is None else counterpart_side(journal, job, series.study_uid)
+        synthetic = None if other is None else other.job
+    return frozenset([synthetic.model]) if synthetic is not None and synthetic.model else frozenset()
+
+
+def follow_up_models(journal: Journal, record: FollowUpRecord) -> frozenset[str]:
+    """The models a queued follow-up needs of the worker that runs it (none for a step no longer known: it fails
+    with that wherever it runs)."""
+    follow_up = next((f for f in FOLLOW_UPS if f.name == record.step), None)
+    return frozenset() if follow_up is None else follow_up.models(journal, journal.job(record.job_id))
+
+
 def agreement_step(ctx: FollowUpContext, journal: Journal, config: NodeConfig,
                    registry: ModelRegistry) -> Output | str:
     """When the study also holds the other side, compare the two T1s and write an agreement SR; otherwise why
@@ -588,7 +608,7 @@ def agreement_step(ctx: FollowUpContext, journal: Journal, config: NodeConfig,
 
 
 #: The follow-ups, in the order they are queued.
-FOLLOW_UPS = (FollowUp("agreement", keeps_volumes, agreement_step),)
+FOLLOW_UPS = (FollowUp("agreement", keeps_volumes, agreement_step, agreement_models),)
 
 
 # -- when a job fails: the "not processed" notice ----------------------------------------------

@@ -44,6 +44,7 @@ from .jobs import JobRunner, Task
 from .journal import open_journal
 from .notify import Notifier, install
 from .service import prepare_models
+from .steps import follow_up_models
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +222,8 @@ class Worker:
         """Whether this worker has the models a queued job needs (a worker of a Celery deployment may hold only
         some of them: claimed here, the job failed for good as "model not installed", a "not processed" page
         sent, while a worker with the model was busy); a job whose rule is gone is taken (it fails with that)."""
-        if kind != "job":
-            return True
+        if kind != "job":  # a follow-up: the manifest of the model whose sT1 it compares
+            return follow_up_models(self.journal, self.journal.follow_up(task_id)) <= self.models
         rule = next((r for r in self.config.rules if r.name == self.journal.job(task_id).rule), None)
         return rule is None or set(self.config.models_for(rule)) <= self.models
 

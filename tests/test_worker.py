@@ -14,9 +14,12 @@ from typing import Any
 import pytest
 
 from dicom_node.config import JobSettings, NodeConfig
-from dicom_node.journal import Journal
+from dicom_node.celery_app import Needs, task_needs
+from dicom_node.jobs import Task
+from dicom_node.journal import Journal, OutputFile
+from dicom_node.steps import LABEL_VOLUME, T1_VOLUME, follow_up_models
 from dicom_node.worker import Worker
-from tests.dicom_factory import make_mr_series
+from tests.dicom_factory import make_mr_series, make_study
 from tests.redis_server import free_port
 from tests.test_jobs import MODEL, SHAPE, SPACING, make_config, record_series, rule
 
@@ -120,6 +123,45 @@ def test_a_worker_says_ready_feeds_the_watchdog_while_healthy_and_says_stopping(
         while (message := sock.recv(4096)) != b"STOPPING=1":
             messages.append(message)
         assert messages.count(b"WATCHDOG=1") <= 1  # one in flight as the journal closed, then none
+
+
+def _written_job(journal: Journal, tmp_path: Path, name: str, study: Any, action: str, model: str,
+                 follow_ups: tuple[str, ...] = ()) -> int:
+    """A job of a new series of ``study`` that recorded what an agreement check needs (volumes kept, a SEG)."""
+    uid = record_series(journal, make_mr_series(tmp_path / name, shape=SHAPE, spacing=SPACING, study=study))
+    version = journal.close_series(uid)
+    assert version is not None
+    job = journal.add_job(series_uid=uid, version=version, rule=name, action=action, model=model)
+    files = [OutputFile(kind, str(tmp_path / f"{name}-{kind}")) for kind in (T1_VOLUME, LABEL_VOLUME, "SEG")]
+    journal.record_outputs(job, [], [], files=files, follow_ups=follow_ups)
+    return job
+
+
+def test_a_worker_leaves_an_agreement_check_whose_model_it_lacks_to_one_that_has_it(
+        config: NodeConfig, journal: Journal, tmp_path: Path) -> None:
+    """Found in review: a worker's poll took any queued follow-up. The agreement check of a real T1 reads the
+    manifest of the model that made the study's sT1: a worker without that model (a Celery deployment's segmenter
+    worker) failed it ("model not installed"). It leaves it to a worker that has the model, and Celery routes it
+    there (the follow-up's needs were its own job's model: the segmenter)."""
+    study = make_study()
+    _written_job(journal, tmp_path, "synthetic", study, "synthesize", "held-by-the-gpu-worker")
+    real = _written_job(journal, tmp_path, "real", study, "volumetry", MODEL, follow_ups=("agreement",))
+    (check,) = journal.follow_ups(real)
+    assert follow_up_models(journal, check) == {"held-by-the-gpu-worker"}
+    assert task_needs(config, journal, Task("follow_up", check.id)) == Needs(frozenset({"held-by-the-gpu-worker"}),
+                                                                             inference=False)
+    worker = Worker(config)
+    try:
+        worker.models = {MODEL}
+        assert not worker._can_run("follow_up", check.id)
+        assert journal.next_queued(worker._can_run) is None
+        worker.models = {MODEL, "held-by-the-gpu-worker"}
+        assert worker._can_run("follow_up", check.id)
+    finally:
+        worker.journal.close()
+    alone = _written_job(journal, tmp_path, "alone", make_study(), "volumetry", MODEL, follow_ups=("agreement",))
+    (nothing_to_compare,) = journal.follow_ups(alone)
+    assert follow_up_models(journal, nothing_to_compare) == frozenset()
 
 
 def test_a_worker_advertises_the_device_its_models_run_on(config: NodeConfig, monkeypatch: pytest.MonkeyPatch) -> None:
