@@ -8,7 +8,8 @@ A worker declares what it can run: its **device** (``cuda`` when onnxruntime off
 * ``<prefix>.any``: every worker (where a task goes when no live worker announced a queue that fits it);
 * ``<prefix>.<device>``: tasks that need no model;
 * ``<prefix>.<device>.<m1>+<m2>``: one queue per set of models a task of the configured rules can need (a job:
-  ``NodeConfig.models_for(rule)``; a follow-up: the model whose sT1 it compares, ``steps.follow_up_models``) that the worker holds whole, models sorted.
+  ``NodeConfig.models_for(rule)``; a follow-up: the model whose sT1 it compares, ``steps.follow_up_models``) that
+  the worker holds whole, models sorted.
 
 Workers announce their device, models and queues in Redis (:mod:`dicom_node.celery_app`); the receiver routes
 each task with :func:`queue_for` over the live announcements: a task that runs a network (a job with models) goes

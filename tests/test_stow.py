@@ -16,11 +16,11 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node import stow
 from dicom_node.config import ConfigError, Destination, DispatchSettings, NodeConfig, NodeSettings, parse_config
 from dicom_node.dispatch import Dispatcher
 from dicom_node.headers import InstanceHeader, ReceivedInstance, SeriesAttributes
 from dicom_node.journal import Journal
-from dicom_node import stow
 from dicom_node.stow import echo, read_response
 from tests.dicom_factory import make_mr_series
 

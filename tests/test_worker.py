@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from dicom_node.config import JobSettings, NodeConfig
 from dicom_node.celery_app import Needs, task_needs
+from dicom_node.config import JobSettings, NodeConfig
 from dicom_node.jobs import Task
 from dicom_node.journal import Journal, OutputFile
 from dicom_node.steps import LABEL_VOLUME, T1_VOLUME, follow_up_models
