@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import json
 import logging
 import os
@@ -326,6 +327,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"rule {rule.name}: /{rule.series_description}/i → {rule.action} {rule.model or ''}"
               f" as {rule.output_name}, to {dests} [{state}]")
     print("configuration is valid" + (f"; {disabled} rule(s) disabled" if disabled else ""))
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     problems = readiness_problems(config, disabled)
     if problems and not args.allow_missing:
         print("NOT READY: " + "; ".join(problems) + " (--allow-missing accepts this)", file=sys.stderr)
@@ -370,6 +373,44 @@ def readiness_problems(config: NodeConfig, disabled_rules: int) -> list[str]:
             print("warning: [inference] providers = \"cuda\", but this onnxruntime has no CUDA provider: a node or "
                   "worker here would not start (install onnxruntime-gpu, or use \"auto\")", file=sys.stderr)
     return problems
+
+
+def config_warnings(config: NodeConfig) -> list[str]:
+    """What works but should be looked at: secret files other users can read (a PACS password, a token, the TLS key,
+    the dashboard's password: 600 and owned by the node's user is the norm; a Kubernetes secret is mounted 644 unless
+    told), and peers whose host does not resolve (nobody is admitted under that AE title)."""
+    warnings = []
+    secrets = [("[tls] key_file", config.tls.key_file), ("[http] admin_password_file", config.http.admin_password_file)]
+    for dest in config.destinations:
+        secrets += [(f"destination {dest.name}: {name}", getattr(dest, name))
+                    for name in ("password_file", "token_file")]
+    for what, path in secrets:
+        if path is None:
+            continue
+        try:
+            mode = Path(path).stat().st_mode
+        except OSError:  # missing or unreadable: readiness_problems says so
+            continue
+        if mode & 0o044:
+            warnings.append(f"{what} {path} is readable by other users (mode {mode & 0o777:03o}): chmod 600")
+    for peer in config.peers:
+        if peer.host and not _resolves(peer.host):
+            warnings.append(f"peer {peer.ae_title}: host {peer.host!r} does not resolve: no association under that "
+                            "AE title is admitted")
+    return warnings
+
+
+def _resolves(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except (OSError, UnicodeError):  # UnicodeError: a name the IDNA codec refuses ("pacs..lan")
+        return False
 
 
 def _tls_problems(config: NodeConfig) -> list[str]:

@@ -115,6 +115,40 @@ def test_config_check_loads_the_tls_certificate(tmp_path: Path, models_dir: Path
     assert "[tls] certificate or key cannot be loaded" in capsys.readouterr().err
 
 
+def test_config_check_warns_of_secrets_others_can_read_and_peers_that_do_not_resolve(
+        tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found in review: a PACS password file left 644, or a peer's host mistyped (no association under that AE title
+    is ever admitted, which shows only in the log when a modality tries), passed the check silently. Warnings: the
+    node works, and a Kubernetes secret is mounted 644 unless told otherwise."""
+    secret = tmp_path / "vna.password"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    secret.chmod(0o644)
+    config = write_config(tmp_path, models_dir, f"""
+[[destinations]]
+name = "VNA"
+protocol = "stow-rs"
+url = "http://127.0.0.1:8042/dicom-web"
+username = "node"
+password_file = "{secret}"
+
+[[peers]]
+ae_title = "CT1"
+host = "no-such-host.invalid"
+
+[[peers]]
+ae_title = "CT2"
+host = "127.0.0.1"
+""")
+    assert main(["config", "check", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: destination VNA: password_file {secret} is readable by other users (mode 644): chmod 600" in err
+    assert "warning: peer CT1: host 'no-such-host.invalid' does not resolve" in err
+    assert "CT2" not in err
+    secret.chmod(0o600)
+    assert main(["config", "check", "--config", str(config)]) == 0
+    assert "password_file" not in capsys.readouterr().err
+
+
 def test_config_check_example_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "check", "--config", str(REPO / "deploy" / "node.example.toml")]) == 0
     assert "configuration is valid" in capsys.readouterr().out
