@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the test suite needs on Debian 12 (run as root): the end-to-end peers
 # (dcmtk, Orthanc with its DICOMweb plugin, dicom3tools; openssl makes the TLS tests' certificates; chromium shows
-# the dashboard headless; PostgreSQL and Redis for the scale-out tests: shared journal and Celery broker) and the project with its test extra.
+# the dashboard headless; PostgreSQL and Redis for the scale-out tests: shared journal and Celery broker; logrotate
+# checks deploy/dicom-node.logrotate) and the project with its test extra.
 # Safe to run again.
 set -euo pipefail
 
@@ -9,7 +10,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 PEERS=(/usr/bin/storescu /usr/bin/echoscu /usr/bin/storescp /usr/sbin/Orthanc /usr/bin/dciodvfy /usr/bin/openssl
        /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/chromium /usr/lib/postgresql/15/bin/postgres
-       /usr/bin/redis-server)
+       /usr/bin/redis-server /usr/sbin/logrotate)
 
 missing=()
 for tool in "${PEERS[@]}"; do
@@ -22,7 +23,7 @@ venv_missing=0
 "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1 || venv_missing=1
 
 if (( ${#missing[@]} > 0 || pip_missing || venv_missing )); then
-    packages=(dcmtk orthanc orthanc-dicomweb dicom3tools openssl chromium postgresql redis-server)
+    packages=(dcmtk orthanc orthanc-dicomweb dicom3tools openssl chromium postgresql redis-server logrotate)
     (( pip_missing )) && packages+=(python3-pip)
     (( venv_missing )) && packages+=(python3-venv)
     echo "installing ${packages[*]} (missing: ${missing[*]:-} $( (( pip_missing )) && echo "pip" ) $( (( venv_missing )) && echo "venv" ))"

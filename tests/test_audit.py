@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import grp
 import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
@@ -45,6 +52,37 @@ def test_trail_writes_json_lines_and_follows_logrotate(tmp_path: Path) -> None:
     assert first["event"] == "operator" and first["by"] == "alice" and first["items"] == 2
     assert first["node"] == "NODE" and first["time"].endswith("+00:00")
     assert second["by"] == "bob"
+
+
+def test_the_shipped_logrotate_file_rotates_the_trail_without_losing_a_line(tmp_path: Path) -> None:
+    """deploy/dicom-node.logrotate, run by logrotate itself (its path and owner made this test's): the lines written
+    before are in the rotated file, those after in a new file readable by its owner only (the trail holds patient
+    IDs), and the node needs no signal."""
+    logrotate = shutil.which("logrotate") or "/usr/sbin/logrotate"
+    if not Path(logrotate).exists():
+        pytest.skip("logrotate is not installed (.ci/install-test-deps.sh installs it)")
+    shipped = (Path(__file__).resolve().parents[1] / "deploy" / "dicom-node.logrotate").read_text(encoding="utf-8")
+    assert "/var/lib/dicom-node/audit.jsonl {" in shipped and "create 0600 dicom-node dicom-node" in shipped
+    path = tmp_path / "data" / "audit.jsonl"
+    user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    conf = tmp_path / "dicom-node.logrotate"
+    conf.write_text(shipped.replace("/var/lib/dicom-node/audit.jsonl", str(path))
+                    .replace("create 0600 dicom-node dicom-node", f"create 0600 {user} {group}"), encoding="utf-8")
+    conf.chmod(0o644)
+    trail = AuditTrail(path, "NODE")
+    try:
+        trail.record("operator", action="retry", by="alice", items=1)
+        done = subprocess.run([logrotate, "--force", "--state", str(tmp_path / "state"), str(conf)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        rotated = path.with_name("audit.jsonl.1")
+        assert [e["by"] for e in _events(rotated)] == ["alice"]
+        assert path.exists() and path.stat().st_size == 0 and stat.S_IMODE(path.stat().st_mode) == 0o600
+        trail.record("operator", action="retry", by="bob", items=0)
+    finally:
+        trail.close()
+    assert [e["by"] for e in _events(path)] == ["bob"]
+    assert [e["by"] for e in _events(rotated)] == ["alice"]
 
 
 def test_disabled_trail_writes_nothing(tmp_path: Path) -> None:
