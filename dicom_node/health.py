@@ -96,18 +96,23 @@ def check_dispatcher(*, scheduler_running: bool, last_scan_started: float | None
 WAITING = "waiting"
 
 
-def check_runs(stages: Mapping[int, tuple[str, float]], max_stage_s: float, now: float | None = None) -> Check:
+def check_runs(stages: Mapping[int, tuple[str, float]], max_stage_s: float, now: float | None = None,
+               follow_ups: Mapping[int, tuple[str, float]] | None = None) -> Check:
     """No run of this process has stayed longer than ``max_stage_s`` in one stage (``JobRunner.stages``: job id ->
-    (stage, since when)): one that did is hung, and only a restart frees its thread (the run is then interrupted
-    and counted against ``[jobs] max_attempts``)."""
+    (stage, since when); ``JobRunner.follow_up_stages``: follow-up id -> (its step, since when)): one that did is
+    hung, and only a restart frees its thread (the run is then interrupted and counted against ``[jobs]
+    max_attempts``)."""
     now = time.time() if now is None else now
-    hung = sorted((now - since, job_id, stage) for job_id, (stage, since) in dict(stages).items()
-                  if now - since > max_stage_s and stage != WAITING)
+    hung = sorted((now - since, f"job {job_id} has been in its {stage!r} stage")
+                  for job_id, (stage, since) in dict(stages).items() if now - since > max_stage_s and stage != WAITING)
+    hung += sorted((now - since, f"follow-up {follow_up_id} ({step}) has been running")
+                   for follow_up_id, (step, since) in dict(follow_ups or {}).items() if now - since > max_stage_s)
     if hung:
-        seconds, job_id, stage = hung[-1]
-        return Check(False, f"job {job_id} has been in its {stage!r} stage for {seconds:.0f} s (more than [jobs] "
-                            f"max_stage_s {max_stage_s:g}): hung; a restart runs it again, counted")
-    return Check(True, f"{len(stages)} run(s) in progress, none hung")
+        seconds, what = max(hung)
+        return Check(False, f"{what} for {seconds:.0f} s (more than [jobs] max_stage_s {max_stage_s:g}): hung; a "
+                            "restart runs it again, counted")
+    running = len(stages) + len(follow_ups or {})
+    return Check(True, f"{running} run(s) in progress, none hung")
 
 
 def check_receipts(status: LogStatus, replay_error: str = "") -> Check:

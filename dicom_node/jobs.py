@@ -133,6 +133,8 @@ class JobRunner:
         self.on_timings = on_timings
         #: the jobs running now: job id → (the step it runs, since when); for the dashboard
         self.stages: dict[int, tuple[str, float]] = {}
+        #: the follow-ups running now: follow-up id → (its step, since when); watched like the jobs' stages
+        self.follow_up_stages: dict[int, tuple[str, float]] = {}
         self.outputs_dir = config.node.data_dir / "outputs"
         #: runs a job that was interrupted before alone (:class:`RunIsolation`)
         self.isolation = RunIsolation()
@@ -390,6 +392,7 @@ class JobRunner:
         if claim is None:
             return "skipped"
         t0 = time.perf_counter()
+        self.follow_up_stages[follow_up_id] = (record.step, time.time())
         try:
             follow_up, ctx = self._follow_up_context(record)
             output = follow_up.step(ctx, self.journal, self.config, self.registry)
@@ -408,6 +411,7 @@ class JobRunner:
                 log.exception("follow-up %d: its failure could not be recorded", follow_up_id)
             return "failed"
         finally:
+            self.follow_up_stages.pop(follow_up_id, None)
             self.leases.release("follow_up", follow_up_id, claim)
         return "done"
 

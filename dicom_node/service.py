@@ -273,7 +273,8 @@ class Node:
         }
         if self.receipts is not None:
             checks["receipt_log"] = self._receipt_check()
-        checks["runs_progressing"] = check_runs(self.runner.stages, self.config.jobs.max_stage_s)
+        checks["runs_progressing"] = check_runs(self.runner.stages, self.config.jobs.max_stage_s,
+                                                follow_ups=self.runner.follow_up_stages)
         return Health(checks, time.time())
 
     def _receipt_check(self) -> Check:

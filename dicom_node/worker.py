@@ -260,7 +260,8 @@ class Worker:
         checks = {"journal_writable": check_journal(self.journal.probe_write),
                   "workers_alive": Check(threads == len(self._threads),
                                          f"{threads} of {len(self._threads)} poll thread(s) running")}
-        checks["runs_progressing"] = check_runs(self.runner.stages, self.config.jobs.max_stage_s)
+        checks["runs_progressing"] = check_runs(self.runner.stages, self.config.jobs.max_stage_s,
+                                                follow_ups=self.runner.follow_up_stages)
         if self.consumer is not None:
             checks["celery_worker_alive"] = Check(self.consumer.alive(), "consuming" if self.consumer.alive()
                                                   else "stopped: queued work runs by the journal poll only")

@@ -161,5 +161,12 @@ def test_a_run_hung_in_one_stage_fails_liveness(node: Node) -> None:
         # nor one waiting for its turn (a later attempt runs alone: RunIsolation), however long
         node.runner.stages[7] = ("waiting", time.time() - node.config.jobs.max_stage_s - 5)
         assert node.health().checks["runs_progressing"].ok
+        # a follow-up (the agreement check's registration) holds a worker thread the same way (found in review:
+        # follow-ups were not watched)
+        node.runner.follow_up_stages[7] = ("agreement", time.time() - node.config.jobs.max_stage_s - 5)
+        health = node.health()
+        assert not health.ok and not health.live
+        assert "follow-up 7 (agreement) has been running for" in health.checks["runs_progressing"].detail
     finally:
         node.runner.stages.pop(7, None)
+        node.runner.follow_up_stages.pop(7, None)

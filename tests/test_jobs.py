@@ -636,14 +636,18 @@ def test_follow_ups_are_tasks_of_their_own_and_resume_after_a_crash(tmp_path: Pa
         assert (done.state, done.reason) == ("done", f"compared with job {synth_job} by that job's follow-up "
                                                      f"({synth_check.id})")
         real_compare = steps.compare
+        watched: list[dict[int, tuple[str, float]]] = []
 
         def dying(*args: Any, **kwargs: Any) -> Any:
+            watched.append(dict(s.runner.follow_up_stages))  # what runs_progressing sees meanwhile
             raise KeyboardInterrupt  # the node dies here
 
         monkeypatch.setattr(steps, "compare", dying)
         with pytest.raises(KeyboardInterrupt):
             s.runner.perform(tasks[1])
         assert s.journal.follow_up(synth_check.id).state == "running"
+        assert [{k: step for k, (step, _) in w.items()} for w in watched] == [{synth_check.id: "agreement"}]
+        assert s.runner.follow_up_stages == {}
         monkeypatch.setattr(steps, "compare", real_compare)
         resumed, quarantined = s.journal.recover_follow_ups(max_attempts=3)  # the next start
         assert [f.id for f in resumed] == [synth_check.id] and quarantined == []
