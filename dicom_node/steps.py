@@ -552,13 +552,13 @@ def later_check(journal: Journal, ctx: FollowUpContext, other: JobRecord) -> int
 
 def agreement_models(journal: Journal, job: JobRecord) -> frozenset[str]:
     """The model whose manifest an agreement check of ``job`` reads: the synthesis model of the sT1 compared (this
-    job's, or the study's sT1 a real T1 is compared with; none while there is nothing to compare)."""
-    synthetic: JobRecord | None = job
-    if job.action != "synthesize":
-        series = journal.series(job.series_uid)
-        other = None if series is None else counterpart_side(journal, job, series.study_uid)
-        synthetic = None if other is None else other.job
-    return frozenset([synthetic.model]) if synthetic is not None and synthetic.model else frozenset()
+    job's, or the study's sT1 a real T1 is compared with); none while the study holds nothing to compare with."""
+    series = journal.series(job.series_uid)
+    other = None if series is None else counterpart_side(journal, job, series.study_uid)
+    if other is None:
+        return frozenset()
+    synthetic = job if job.action == "synthesize" else other.job
+    return frozenset([synthetic.model]) if synthetic.model else frozenset()
 
 
 def follow_up_models(journal: Journal, record: FollowUpRecord) -> frozenset[str]:

@@ -219,13 +219,20 @@ class Worker:
             self._slots.release()
 
     def _can_run(self, kind: str, task_id: int) -> bool:
-        """Whether this worker has the models a queued job needs (a worker of a Celery deployment may hold only
-        some of them: claimed here, the job failed for good as "model not installed", a "not processed" page
-        sent, while a worker with the model was busy); a job whose rule is gone is taken (it fails with that)."""
+        """Whether this worker has the models a queued job or follow-up needs (a worker of a Celery deployment may
+        hold only some of them: claimed here, the job failed for good as "model not installed", a "not processed"
+        page sent, while a worker with the model was busy); a job whose rule is gone, or a follow-up whose model no
+        rule names, is taken (it fails with that)."""
         if kind != "job":  # a follow-up: the manifest of the model whose sT1 it compares
-            return follow_up_models(self.journal, self.journal.follow_up(task_id)) <= self.models
+            needed = follow_up_models(self.journal, self.journal.follow_up(task_id))
+            # taken also when no rule names the model any more (replaced since): it fails with that reason, not
+            # queued for ever
+            return needed <= self.models or not needed <= self._configured_models()
         rule = next((r for r in self.config.rules if r.name == self.journal.job(task_id).rule), None)
         return rule is None or set(self.config.models_for(rule)) <= self.models
+
+    def _configured_models(self) -> set[str]:
+        return {model for rule in self.config.rules for model in self.config.models_for(rule)}
 
     def _overdue(self, task: Task) -> bool:
         """Whether a task has waited in the queue a whole poll interval (its message lost, or never sent)."""

@@ -143,6 +143,8 @@ def test_a_worker_leaves_an_agreement_check_whose_model_it_lacks_to_one_that_has
     manifest of the model that made the study's sT1: a worker without that model (a Celery deployment's segmenter
     worker) failed it ("model not installed"). It leaves it to a worker that has the model, and Celery routes it
     there (the follow-up's needs were its own job's model: the segmenter)."""
+    gpu_rule = rule(name="gpu-only", series_description="flair", model="held-by-the-gpu-worker", output_name="x")
+    config = config.model_copy(update={"rules": [*config.rules, gpu_rule]})
     study = make_study()
     _written_job(journal, tmp_path, "synthetic", study, "synthesize", "held-by-the-gpu-worker")
     real = _written_job(journal, tmp_path, "real", study, "volumetry", MODEL, follow_ups=("agreement",))
@@ -162,6 +164,27 @@ def test_a_worker_leaves_an_agreement_check_whose_model_it_lacks_to_one_that_has
     alone = _written_job(journal, tmp_path, "alone", make_study(), "volumetry", MODEL, follow_ups=("agreement",))
     (nothing_to_compare,) = journal.follow_ups(alone)
     assert follow_up_models(journal, nothing_to_compare) == frozenset()
+    lone_synthetic = _written_job(journal, tmp_path, "lone-sT1", make_study(), "synthesize", "held-by-the-gpu-worker",
+                                  follow_ups=("agreement",))
+    (no_real_t1_yet,) = journal.follow_ups(lone_synthetic)
+    assert follow_up_models(journal, no_real_t1_yet) == frozenset()  # it only notes that there is nothing to compare
+
+
+def test_an_agreement_check_whose_model_no_rule_names_is_taken_not_left_queued(
+        config: NodeConfig, journal: Journal, tmp_path: Path) -> None:
+    """Found in review: the sT1 of an old study was made by a model replaced since (removed from the rules and the
+    models folder); a real T1 of that study arriving now queued a check that needs the old model. No worker has it,
+    so none took it: it stayed queued for ever, unexplained. Taken, it fails with "model not installed"."""
+    study = make_study()
+    _written_job(journal, tmp_path, "synthetic", study, "synthesize", "synth-t1-replaced-since")
+    real = _written_job(journal, tmp_path, "real", study, "volumetry", MODEL, follow_ups=("agreement",))
+    (check,) = journal.follow_ups(real)
+    worker = Worker(config)
+    try:
+        worker.models = {MODEL}
+        assert worker._can_run("follow_up", check.id)
+    finally:
+        worker.journal.close()
 
 
 def test_a_worker_advertises_the_device_its_models_run_on(config: NodeConfig, monkeypatch: pytest.MonkeyPatch) -> None:
