@@ -333,7 +333,8 @@ class Destination(_Strict):
         """Where the destination is, as people write it: ``AE@host:port`` or the STOW-RS URL."""
         if self.protocol == "stow-rs":
             return str(self.url)
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in (self.host or "") else self.host  # an IPv6 address, as in a URL
+        return f"{self.ae_title}@{host}:{self.port}"
 
 
 class Rule(_Strict):

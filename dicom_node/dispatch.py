@@ -244,14 +244,14 @@ def echo(config: NodeConfig, dest: Destination) -> tuple[bool, str]:
     try:
         assoc, connected = _associate(ae, dest, config.tls)
     except AssociationSetupError as exc:
-        return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({exc})"
+        return False, f"no association with {dest.address} ({exc})"
     if not assoc.is_established:
-        return False, f"no association with {dest.ae_title}@{dest.host}:{dest.port} ({_why_not(assoc, connected)})"
+        return False, f"no association with {dest.address} ({_why_not(assoc, connected)})"
     status = assoc.send_c_echo()
     assoc.release()
     if status and status.Status == 0x0000:
-        return True, f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}: success"
-    return False, f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}: status {getattr(status, 'Status', 'none')}"
+        return True, f"C-ECHO {dest.address}: success"
+    return False, f"C-ECHO {dest.address}: status {getattr(status, 'Status', 'none')}"
 
 
 def _why_not(assoc: Association, connected: bool | str) -> str:
@@ -637,14 +637,13 @@ class Dispatcher:
             return None
         if not assoc.is_established and spare:
             self._spare_refused[name] = time.monotonic()
-            log.info("outbox: %s (%s@%s:%d) refused a further association (%s): sending over fewer; "
+            log.info("outbox: %s (%s) refused a further association (%s): sending over fewer; "
                      "none tried again for %.0f s ([[destinations]] max_associations = 1 stops trying)",
-                     name, dest.ae_title, dest.host, dest.port, _why_not(assoc, connected), SPARE_RETRY_S)
+                     name, dest.address, _why_not(assoc, connected), SPARE_RETRY_S)
             return None
         if not assoc.is_established:
             why = _why_not(assoc, connected)
-            log.warning("outbox: %s (%s@%s:%d): %s; %d item(s) will be retried",
-                        name, dest.ae_title, dest.host, dest.port, why, len(items))
+            log.warning("outbox: %s (%s): %s; %d item(s) will be retried", name, dest.address, why, len(items))
             if not connected or assoc.is_rejected:  # the destination, not these items' contexts (an abort)
                 self._unreached[name] = why
             self._fail(items, why)
