@@ -376,11 +376,14 @@ def readiness_problems(config: NodeConfig, disabled_rules: int) -> list[str]:
 
 
 def config_warnings(config: NodeConfig) -> list[str]:
-    """What works but should be looked at: secret files other users can read (a PACS password, a token, the TLS key,
-    the dashboard's password: 600 and owned by the node's user is the norm; a Kubernetes secret is mounted 644 unless
-    told), and peers whose host does not resolve (nobody is admitted under that AE title)."""
+    """What works but should be looked at: secret files every user of the machine can read (a PACS or journal
+    password, a token, the TLS key, the dashboard's password: 0600 for the node's user, or 0640 with its group, is the
+    norm; a Kubernetes secret is mounted 644 unless told), and peers whose host does not resolve (nobody is admitted
+    under that AE title)."""
     warnings = []
-    secrets = [("[tls] key_file", config.tls.key_file), ("[http] admin_password_file", config.http.admin_password_file)]
+    secrets = [("[tls] key_file", config.tls.key_file), ("[http] admin_password_file", config.http.admin_password_file),
+               ("[journal] password_file", config.journal.password_file),
+               ("[executor] broker_password_file", config.executor.broker_password_file)]
     for dest in config.destinations:
         secrets += [(f"destination {dest.name}: {name}", getattr(dest, name))
                     for name in ("password_file", "token_file")]
@@ -391,21 +394,51 @@ def config_warnings(config: NodeConfig) -> list[str]:
             mode = Path(path).stat().st_mode
         except OSError:  # missing or unreadable: readiness_problems says so
             continue
-        if mode & 0o044:
-            warnings.append(f"{what} {path} is readable by other users (mode {mode & 0o777:03o}): chmod 600")
+        if mode & 0o004:
+            warnings.append(f"{what} {path} is readable by every user (mode {mode & 0o777:03o}): chmod o-r (0600 "
+                            "for the node's user, or 0640 with its group)")
+    hosts = sorted({peer.host for peer in config.peers if peer.host})
+    unresolved, unchecked = _unresolved(hosts)
     for peer in config.peers:
-        if peer.host and not _resolves(peer.host):
+        if peer.host in unresolved:
             warnings.append(f"peer {peer.ae_title}: host {peer.host!r} does not resolve: no association under that "
                             "AE title is admitted")
+    if unchecked:
+        warnings.append(f"peer host(s) {', '.join(unchecked)} not checked: the name service did not answer within "
+                        f"{RESOLVE_WAIT_S:g} s")
     return warnings
 
 
+#: How long ``config check`` waits for the name service to resolve every peer's host (it runs before each start)
+RESOLVE_WAIT_S = 5.0
+
+
+def _unresolved(hosts: Sequence[str]) -> tuple[set[str], list[str]]:
+    """(the hosts that do not resolve, those not answered within RESOLVE_WAIT_S), looked up at once: a slow name
+    service costs a start at most RESOLVE_WAIT_S, not a timeout per peer."""
+    names = []
+    for host in hosts:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            names.append(host)
+    answers: dict[str, bool] = {}
+
+    def look_up(host: str) -> None:
+        answers[host] = _resolves(host)
+
+    # daemon threads: a lookup the name service never answers does not hold the command at its exit
+    threads = [threading.Thread(target=look_up, args=(host,), name="resolve", daemon=True) for host in names]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + RESOLVE_WAIT_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    answered = dict(answers)
+    return {h for h, ok in answered.items() if not ok}, [h for h in names if h not in answered]
+
+
 def _resolves(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
     try:
         socket.getaddrinfo(host, None)
         return True
