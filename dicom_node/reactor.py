@@ -243,7 +243,9 @@ def one_reader(assoc: Association) -> Association:
     timeout for a response already received: the object failed its try. Here the reactor takes a message only while
     the checkpoint is set, checked in the same turn (a lock) as the take, and a sender counts it as paused only
     outside that turn. Also for an association whose reactor runs already (``AE.associate`` started it): its loop
-    looks up the queue's method and the pause flag on every turn."""
+    looks up the queue's method and the pause flag on every turn. "Paused" thus means "not taking a message", not
+    "parked at the checkpoint": a sender may overlap the rest of the reactor's turn (its release and abort checks),
+    which the node's requestor associations (C-STORE and C-ECHO only, no requests served) do not mind."""
     turn = threading.Lock()
     checkpoint = assoc._reactor_checkpoint
     take = assoc.dimse.get_msg
