@@ -74,6 +74,9 @@ class InstanceHeader:
         frames = _int(ds.get("NumberOfFrames"), 1)
         # an Enhanced MR image of one frame holds its plane only in the functional groups
         in_groups = frames <= 1 and "ImagePositionPatient" not in ds
+        # an optional count ("176\\176", "abc") reads as not said: it refused the image, and the series then failed
+        # as incomplete
+        said = _tolerant(lambda d: _int(d.get("ImagesInAcquisition")), ds) or 0
         return cls(
             image_position=_floats(ds.get("ImagePositionPatient"))
             or (_group_value(ds, "PlanePositionSequence", "ImagePositionPatient") if in_groups else None),
@@ -85,9 +88,9 @@ class InstanceHeader:
             columns=_int(ds.get("Columns")),
             number_of_frames=_int(ds.get("NumberOfFrames"), 1),
             instance_number=_int(ds.get("InstanceNumber")),
-            images_in_acquisition=_int(ds.get("ImagesInAcquisition")),
+            images_in_acquisition=said,
             slice_thickness=_floats(ds.get("SliceThickness")),
-            vendor_slices=0 if "ImagesInAcquisition" in ds else vendor_slice_count(ds),
+            vendor_slices=0 if said else vendor_slice_count(ds),
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
 from dicom_node.assembly import completeness
 from dicom_node.headers import InstanceHeader, describe
@@ -198,6 +200,18 @@ def test_missing_last_slices_found_by_the_vendors_slice_count(tmp_path: Path, ma
     again = [InstanceRecord(r.sop_instance_uid, r.series_uid, r.sop_class_uid, r.transfer_syntax, r.path,
                             InstanceHeader.from_json(r.header.to_json())) for r in rows]
     assert completeness(again).reason == verdict.reason  # as filed in the journal and read back
+
+
+@pytest.mark.parametrize("value", ["176\\176", "abc"])
+def test_an_unreadable_images_in_acquisition_reads_as_not_said(tmp_path: Path, value: str) -> None:
+    """Found in review: ImagesInAcquisition, an optional count, with two values or none readable refused the image
+    (0xC000 "cannot read the header"), and its series then failed as incomplete. It reads as not said."""
+    (path,) = make_mr_series(tmp_path, shape=(1, 8, 8))
+    ds = dcmread(path)
+    raw = value.encode().ljust(len(value) + len(value) % 2)
+    ds[0x00201002] = RawDataElement(Tag(0x00201002), "IS", len(raw), raw, 0, False, True)  # as received: unread
+    header = InstanceHeader.from_dataset(ds)
+    assert header.images_in_acquisition == 0 and header.vendor_slices == 0
 
 
 def test_a_vendor_slice_count_counts_only_for_its_vendor_and_when_all_are_there(tmp_path: Path) -> None:
