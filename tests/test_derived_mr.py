@@ -456,3 +456,19 @@ def test_a_lossy_source_makes_a_lossy_series(source: dict, tmp_path: Path) -> No
     assert float(ds.LossyImageCompressionRatio) == 12.5 and ds.LossyImageCompressionMethod == "ISO_10918_1"
     assert dciodvfy_errors(paths[0]) == []
     assert pydicom.dcmread(write_small(source, tmp_path / "lossless")[0]).LossyImageCompression == "00"
+
+
+def test_a_source_received_in_a_lossy_transfer_syntax_makes_a_lossy_series(source: dict, tmp_path: Path) -> None:
+    """Found in review: a JPEG Baseline source that does not say LossyImageCompression itself (many do not) made an
+    sT1 that said "00": the transfer syntax it was received in says it."""
+    lossy = [pydicom.dcmread(p, stop_before_pixels=True) for p in source["paths"]]
+    for ds in lossy:
+        ds.pop("LossyImageCompression", None)
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.50"  # JPEG Baseline
+    paths = write_small(source, tmp_path / "lossy", sources=lossy)
+    ds = pydicom.dcmread(paths[0])
+    assert ds.LossyImageCompression == "01" and ds.LossyImageCompressionMethod == "ISO_10918_1"
+    assert dciodvfy_errors(paths[0]) == []
+    for ds in lossy:  # JPEG 2000 may be lossless: the data set decides
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.91"
+    assert pydicom.dcmread(write_small(source, tmp_path / "j2k", sources=lossy)[0]).LossyImageCompression == "00"

@@ -291,11 +291,15 @@ def _derivation(ds: Dataset, sources: Sequence[Dataset], *, derivation: Derivati
     ds.DerivationCodeSequence = [_code_item(codes.DCM.SpatialResampling)]
     ds.SourceImageSequence = _references(sources, _code_item(codes.DCM.SourceImageForImageProcessingOperation))
     ds.BurnedInAnnotation = "NO"
-    # once lossy, always lossy (PS3.3 C.7.6.1.1.5): a source that was lossy compressed makes the sT1 lossy too
+    # once lossy, always lossy (PS3.3 C.7.6.1.1.5): a source that was lossy compressed makes the sT1 lossy too,
+    # also one received in a lossy transfer syntax that does not say so itself
     lossy = next((src for src in sources if str(src.get("LossyImageCompression") or "").strip() == "01"), None)
-    ds.LossyImageCompression = "00" if lossy is None else "01"
+    received_lossy = next((src for src in sources if _lossy_syntax(src) is not None), None)
+    ds.LossyImageCompression = "00" if lossy is None and received_lossy is None else "01"
     if lossy is not None:
         _copy(ds, lossy, ("LossyImageCompressionRatio", "LossyImageCompressionMethod"), type2=False)
+    elif received_lossy is not None:
+        ds.LossyImageCompressionMethod = _lossy_syntax(received_lossy)
     # Common Instance Reference (required when instances of this study are referenced)
     referenced_series = []
     for uid, members in _source_series(sources).items():
@@ -304,6 +308,23 @@ def _derivation(ds: Dataset, sources: Sequence[Dataset], *, derivation: Derivati
         series_item.ReferencedInstanceSequence = _references(members)
         referenced_series.append(series_item)
     ds.ReferencedSeriesSequence = referenced_series
+
+
+#: Transfer syntaxes that are lossy whatever the data set says, and the LossyImageCompressionMethod of each
+#: (PS3.3 C.7.6.1.1.5.1): JPEG Baseline and Extended, and the video syntaxes (MPEG-2, MPEG-4, HEVC). Those that may be
+#: lossless (JPEG-LS near-lossless, JPEG 2000, HTJ2K) leave it to the data set's LossyImageCompression.
+LOSSY_SYNTAXES = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1", "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    **{f"1.2.840.10008.1.2.4.{n}": "ISO_13818_2" for n in (100, 101)},
+    **{f"1.2.840.10008.1.2.4.{n}": "ISO_14496_10" for n in (102, 103, 104, 105, 106)},
+    **{f"1.2.840.10008.1.2.4.{n}": "ISO_23008_2" for n in (107, 108)},
+}
+
+
+def _lossy_syntax(ds: Dataset) -> str | None:
+    """The LossyImageCompressionMethod of the lossy transfer syntax ``ds`` was received in, or None."""
+    meta = getattr(ds, "file_meta", None)
+    return LOSSY_SYNTAXES.get(str(meta.get("TransferSyntaxUID", ""))) if meta is not None else None
 
 
 def _pixel_and_mr(ds: Dataset) -> None:
