@@ -25,6 +25,7 @@ from tests.volumetry_factory import (
     as_japanese,
     dciodvfy_errors,
     make_t1_series,
+    with_invalid_identity,
 )
 
 ENHANCED_MR = SHARED_DATA / "dicom" / "phantom_siemens_xa30_enhanced_mr" / "00005_anat_T1w_acq_tfl"
@@ -283,6 +284,18 @@ def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: P
     assert all(seg[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
     assert seg.PatientID == sources[0].PatientID and seg.StudyInstanceUID == sources[0].StudyInstanceUID
     assert all("StudyID" not in ds and ds.PatientSex == "U" for ds in sources)
+
+
+def test_patient_values_their_vr_does_not_allow_are_left_out(tmp_path: Path, written: dict) -> None:
+    """Found in review: a source's PatientAge "45Y" went into the SEG as it was (dciodvfy: value invalid for AS), so
+    a strict PACS refused the SEG while it took the sT1 (whose writer leaves such values out)."""
+    sources = with_invalid_identity(written["series"].t1_headers)
+    path = _write(written["series"], tmp_path / "seg.dcm", sources=sources)
+    assert dciodvfy_errors(path) == []
+    seg = pydicom.dcmread(path)
+    assert "PatientAge" not in seg and "PatientWeight" not in seg
+    assert seg.PatientID == sources[0].PatientID
+    assert sources[0]["PatientAge"].value == "45Y"  # the sources as they were
 
 
 def test_a_japanese_source(tmp_path: Path, written: dict) -> None:

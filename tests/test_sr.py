@@ -35,6 +35,7 @@ from tests.volumetry_factory import (
     as_japanese,
     dciodvfy_errors,
     make_t1_series,
+    with_invalid_identity,
 )
 
 
@@ -242,6 +243,18 @@ def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: P
     sr = pydicom.dcmread(path)
     assert all(sr[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
     assert sr.PatientID == sources[0].PatientID
+
+
+def test_patient_values_their_vr_does_not_allow_are_left_out(tmp_path: Path, build: dict) -> None:
+    """Found in review: a source's PatientAge "45Y" went into the SR as it was (dciodvfy: value invalid for AS)."""
+    path = write_sr(build["volumetry"], seg=build["seg_written"],
+                    source_images=with_invalid_identity(build["series"].t1_headers),
+                    input_series_datasets=with_invalid_identity(build["series"].input_headers),
+                    out_path=tmp_path / "sr.dcm", series_number=1003, series_description="rT1 volumes",
+                    uid_prefix=UID_PREFIX, algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION).path
+    assert dciodvfy_errors(path) == []
+    sr = pydicom.dcmread(path)
+    assert "PatientAge" not in sr and "PatientWeight" not in sr
 
 
 def test_a_japanese_source(tmp_path: Path, build: dict) -> None:

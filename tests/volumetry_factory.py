@@ -168,6 +168,21 @@ def as_exported(headers: Sequence[Dataset], *, sex: str = "U") -> list[Dataset]:
     return out
 
 
+def with_invalid_identity(headers: Sequence[Dataset]) -> list[Dataset]:
+    """Copies of ``headers`` whose patient study values their VRs do not allow, as some RIS and scanners send them
+    (read raw, as received): PatientAge "45Y" (AS is nnnD/W/M/Y), PatientWeight "70kg" (DS)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    out = []
+    for ds in headers:
+        ds = copy.deepcopy(ds)
+        for tag, vr, raw in ((0x00101010, "AS", b"45Y "), (0x00101030, "DS", b"70kg")):
+            ds[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)
+        out.append(ds)
+    return out
+
+
 def dciodvfy_errors(path: Path) -> list[str]:
     """The 'Error' lines dciodvfy prints for one file (skips the test when dciodvfy is not installed)."""
     if not DCIODVFY.exists():

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from highdicom import SpecificCharacterSetValues
-from pydicom import dcmwrite
+from pydicom import config, dcmwrite
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
+from pydicom.valuerep import validate_value
 
 import dicom_node
 from inference.volume import shallow_copy, without_pixels
@@ -160,19 +161,50 @@ def _in_utf8(ds: Dataset, ready: Dataset) -> None:
         ready[element.tag] = DataElement(element.tag, element.VR, text)  # a new element: ds keeps its own
 
 
+def value_problem(element: DataElement) -> str | None:
+    """Why ``element`` holds a value its VR does not allow (too long, bad characters), nested ones too; None if
+    it holds none."""
+    if element.VR == "SQ":
+        return next((why for item in element.value for nested in item.iterall()
+                     if nested.VR != "SQ" and (why := value_problem(nested)) is not None), None)
+    if element.value is None:
+        return None
+    values = element.value if isinstance(element.value, (MultiValue, list, tuple)) else [element.value]
+    for value in values:
+        if element.VR in ("DS", "IS", "PN"):
+            value = str(value)  # the validators check the string form
+        try:
+            validate_value(element.VR, value, config.RAISE)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+#: Patient and study attributes highdicom copies from a source into a SEG, an SR or a page (besides
+#: :data:`IDENTITY_TYPE2`): one whose value its VR does not allow (a RIS's PatientAge "45Y") made the object invalid,
+#: and a strict PACS refuses it while it takes the sT1 (whose writer leaves such values out). Left out here too.
+IDENTITY_CHECKED = ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "StudyTime", "ReferringPhysicianName",
+                    "StudyID", "AccessionNumber", "PatientAge", "PatientSize", "PatientWeight", "PatientBirthTime",
+                    "IssuerOfPatientID", "StudyDescription", "EthnicGroup", "PatientComments",
+                    "AdditionalPatientHistory", "Occupation", "OtherPatientNames", "InstitutionName")
+
+
 def identity_ready(ds: Dataset) -> Dataset:
     """``ds`` as a source highdicom can build an object from: with every :data:`IDENTITY_TYPE2` attribute (empty
-    where ``ds`` has none), a PatientSex it accepts (:func:`patient_sex`) and a character set it accepts (else its
+    where ``ds`` has none or one its VR does not allow), none of :data:`IDENTITY_CHECKED` with such a value, a
+    PatientSex it accepts (:func:`patient_sex`) and a character set it accepts (else its
     text in UTF-8: :func:`charset_ready`); ``ds`` itself when it has them, else a shallow copy (``ds`` is left as
     it is)."""
-    missing = [keyword for keyword in IDENTITY_TYPE2 if keyword not in ds]
+    invalid = [keyword for keyword in IDENTITY_CHECKED if keyword in ds and value_problem(ds[keyword]) is not None]
+    missing = [keyword for keyword in IDENTITY_TYPE2 if keyword not in ds or keyword in invalid]
     sex = ds.get("PatientSex")
     sex_fixed = patient_sex(sex) if sex else sex
     charset = charset_ready(ds)
-    if not missing and sex_fixed == sex and charset:
+    if not missing and not invalid and sex_fixed == sex and charset:
         return ds
     # a new dataset sharing the other elements (setting an element both held would change the caller's too)
-    ready = shallow_copy(ds, drop=[Tag("PatientSex")] + ([] if charset else [Tag("SpecificCharacterSet")]))
+    ready = shallow_copy(ds, drop=[Tag("PatientSex"), *(Tag(keyword) for keyword in invalid)]
+                         + ([] if charset else [Tag("SpecificCharacterSet")]))
     if not charset:
         _in_utf8(ds, ready)
         ready.SpecificCharacterSet = UTF8  # (left out of the copy: setting it would change ds's)

@@ -16,16 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom import config
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
-from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
-from pydicom.valuerep import DSfloat, PersonName, validate_value
+from pydicom.valuerep import DSfloat, PersonName
 
 import dicom_node
 from dicom_node.uids import new_uid
@@ -36,6 +33,7 @@ from dicom_node.writers import (
     patient_sex,
     series_of,
     software_versions,
+    value_problem,
     write_file,
 )
 
@@ -160,7 +158,7 @@ def _copy(target: Dataset, source: Dataset, keywords: Sequence[str], *, type2: b
     for keyword in keywords:
         if keyword in source:
             element = source[keyword]
-            if not type2 and (problem := _forbidden(element)) is not None:
+            if not type2 and (problem := value_problem(element)) is not None:
                 log.warning("%s %r of the source is not a valid %s (%s): left out of the synthetic series",
                             keyword, element.value, element.VR, problem)
                 continue
@@ -183,29 +181,10 @@ def _has_non_ascii(ds: Dataset) -> bool:
     return False
 
 
-def _forbidden(element: DataElement) -> str | None:
-    """Why ``element`` holds a value its VR does not allow (too long, bad characters), nested ones too; None if
-    it holds none."""
-    if element.VR == "SQ":
-        return next((why for item in element.value for nested in item.iterall()
-                     if nested.VR != "SQ" and (why := _forbidden(nested)) is not None), None)
-    if element.value is None:
-        return None
-    values = element.value if isinstance(element.value, (MultiValue, list, tuple)) else [element.value]
-    for value in values:
-        if element.VR in ("DS", "IS", "PN"):
-            value = str(value)  # the validators check the string form
-        try:
-            validate_value(element.VR, value, config.RAISE)
-        except ValueError as exc:
-            return str(exc)
-    return None
-
-
 def _check_values(ds: Dataset) -> None:
     """Raise ValueError for any value its VR does not allow (too long, bad characters), nested ones too."""
     for element in ds.iterall():
-        if element.VR != "SQ" and (problem := _forbidden(element)) is not None:
+        if element.VR != "SQ" and (problem := value_problem(element)) is not None:
             raise ValueError(f"{element.keyword or element.tag}: {problem}")
 
 
