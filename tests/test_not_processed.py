@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,26 @@ def test_a_long_reason_is_cut(tmp_path: Path, written: dict) -> None:
     assert len(ds.ImageComments) < 700 and ds.ImageComments.endswith("...")
     assert "ReferencedImageSequence" not in ds
     assert dciodvfy_errors(out.path) == []
+
+
+@pytest.mark.parametrize("charset", [None, "ISO_IR 100"])
+def test_a_reason_the_sources_character_set_cannot_hold(tmp_path: Path, written: dict, charset: str | None) -> None:
+    """Found in review: a reason with "ä" on a source without SpecificCharacterSet was written as a Latin-1 byte the
+    default repertoire does not have (dciodvfy: character invalid), and "≥" on a Latin-1 source as "?". The page
+    goes out in UTF-8 then, its patient's name as the source spelt it."""
+    source = copy.deepcopy(written["sources"][0])
+    source.PatientName = "Muller^Jorg" if charset is None else "Müller^Jörg"
+    if charset is None:
+        source.pop("SpecificCharacterSet", None)
+    else:
+        source.SpecificCharacterSet = charset
+    reason = "Schädel: 8 mm ≥ 4 mm slices → refused"
+    out = write_not_processed(reason, source=source, source_instances=[], out_path=tmp_path / "n.dcm",
+                              series_number=1, series_description="rT1 NOT PROCESSED", uid_prefix=None, what="rT1")
+    assert dciodvfy_errors(out.path) == []
+    ds = pydicom.dcmread(out.path)
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and ds.ImageComments == f"NOT PROCESSED: {reason}"
+    assert str(ds.PatientName) == str(source.PatientName)
 
 
 def _page_of(source: pydicom.Dataset, tmp_path: Path) -> pydicom.Dataset:

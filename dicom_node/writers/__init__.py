@@ -161,6 +161,19 @@ def _in_utf8(ds: Dataset, ready: Dataset) -> None:
         ready[element.tag] = DataElement(element.tag, element.VR, text)  # a new element: ds keeps its own
 
 
+def in_utf8(ds: Dataset) -> Dataset:
+    """``ds`` with its text in UTF-8 (SpecificCharacterSet ISO_IR 192): a shallow copy, ``ds`` left as it is; ``ds``
+    itself when it is UTF-8 already. For a text the node adds that the source's character set cannot hold (a
+    failure reason with "≥" on a Latin-1 source, "ä" on one without a character set)."""
+    charset = ds.get("SpecificCharacterSet")
+    if charset and (charset if isinstance(charset, str) else "\\".join(charset)) == UTF8:
+        return ds
+    ready = shallow_copy(ds, drop=[_CHARSET])
+    _in_utf8(ds, ready)
+    ready.SpecificCharacterSet = UTF8
+    return ready
+
+
 def value_problem(element: DataElement) -> str | None:
     """Why ``element`` holds a value its VR does not allow (too long, bad characters), nested ones too; None if
     it holds none."""

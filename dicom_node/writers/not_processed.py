@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from pydicom.dataset import Dataset
 
 import dicom_node
-from dicom_node.writers import WrittenSeries, equipment, write_single
+from dicom_node.writers import WrittenSeries, equipment, in_utf8, write_single
 from dicom_node.writers.summary import display_name, drawable, font, secondary_capture, wrap_text
 
 __all__ = ["NOT_PROCESSED_SIZE", "render_not_processed", "write_not_processed"]
@@ -95,6 +95,8 @@ def write_not_processed(reason: str, *, source: Dataset, source_instances: Seque
     image = secondary_capture(source, pixels, series_number=series_number, series_description=series_description,
                               uid_prefix=uid_prefix, **equipment())
     image.ImageComments = f"NOT PROCESSED: {reason}"[:10240]
+    if not reason.isascii():  # what the source's character set may not hold ("≥", or "ä" without one)
+        image = in_utf8(image)
     if source_instances:
         image.ReferencedImageSequence = _references(source_instances)
     return write_single(image, out_path)
