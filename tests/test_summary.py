@@ -22,6 +22,7 @@ from tests.volumetry_factory import (
     dciodvfy_errors,
     make_phantom,
     make_t1_series,
+    with_invalid_identity,
 )
 
 BANNER_ROWS = slice(0, 50)
@@ -152,6 +153,21 @@ def _page_of(build: dict, sources: list[pydicom.Dataset], tmp_path: Path) -> pyd
 def test_a_source_without_type2_identity_or_with_a_sex_dicom_forbids(tmp_path: Path, build: dict) -> None:
     ds = _page_of(build, as_exported(build["series"].t1_headers), tmp_path)
     assert all(ds[keyword].value in ("", None) for keyword in (*EXPORT_LACKS, "PatientSex"))
+
+
+def test_the_page_carries_the_sources_issuer_of_patient_id_and_study_description(tmp_path: Path,
+                                                                                  build: dict) -> None:
+    """Found in review: the page (a Secondary Capture) carried only the identity highdicom copies: a PACS matching
+    patients on ID and issuer held it apart from the study, and study browsers showed no description. Values their
+    VR forbids stay out (the page must stay valid)."""
+    sources = with_invalid_identity(build["series"].t1_headers)
+    for ds in sources:
+        ds.IssuerOfPatientID = "HOSP_A"
+        ds.StudyDescription = "MRT Schädel"
+        ds.SpecificCharacterSet = "ISO_IR 100"
+    page = _page_of(build, sources, tmp_path)
+    assert page.IssuerOfPatientID == "HOSP_A" and page.StudyDescription == "MRT Schädel"
+    assert "PatientAge" not in page and "PatientWeight" not in page
 
 
 def test_a_japanese_source(tmp_path: Path, build: dict) -> None:

@@ -64,6 +64,16 @@ _STUDY_OPTIONAL = (
     # Clinical Trial Study module
     "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
 )
+#: The optional patient and study attributes a new object of the study carries from its source (the PACS files it by
+#: patient ID and issuer; study browsers show the description)
+IDENTITY_OPTIONAL = _PATIENT_OPTIONAL + _STUDY_OPTIONAL
+
+
+def copy_identity_optional(target: Dataset, source: Dataset) -> None:
+    """Copy :data:`IDENTITY_OPTIONAL` from ``source``, leaving out values their VR forbids (with a warning)."""
+    _copy(target, source, IDENTITY_OPTIONAL, type2=False)
+
+
 _SCANNER = ("Manufacturer", "InstitutionName", "InstitutionAddress", "StationName", "InstitutionalDepartmentName",
             "ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions")
 

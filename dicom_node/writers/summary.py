@@ -26,6 +26,7 @@ from pydicom.valuerep import validate_value
 import dicom_node
 from dicom_node.uids import new_uid
 from dicom_node.writers import WrittenSeries, equipment, identity_ready, write_single
+from dicom_node.writers.derived_mr import copy_identity_optional
 from inference.labels import HIPPOCAMPUS, LOBE_CORTEX_CODES, LOBES, STRUCTURES
 from inference.volumetry import Volumetry, format_age
 
@@ -366,8 +367,9 @@ def secondary_capture(first: Dataset, pixels: np.ndarray, *, series_number: int,
                       uid_prefix: str | None, **equipment_kwargs: object) -> hd.sc.SCImage:
     """A rendered RGB page (``pixels``: uint8 rows x columns x 3) as a Secondary Capture of a new series in the
     study of ``first`` (its patient and study attributes), with patient identification burnt in."""
+    ref = identity_ready(first)
     image = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=identity_ready(first),
+        ref_dataset=ref,
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -381,6 +383,9 @@ def secondary_capture(first: Dataset, pixels: np.ndarray, *, series_number: int,
         series_description=series_description,
         **equipment_kwargs,
     )
+    # highdicom copies the required identity only: the issuer of the patient ID (a PACS matching on ID and issuer
+    # held the page apart), the study description and the rest are the source's too
+    copy_identity_optional(image, ref)
     image.ConversionType = "WSD"  # rendered by a workstation, not digitized
     image.BurnedInAnnotation = "YES"
     # unpaired: no Laterality needed; a source value CS forbids ("Kopf", "brain") would make the page invalid
