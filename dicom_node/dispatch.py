@@ -525,14 +525,7 @@ class Dispatcher:
             if self.stopping.is_set():  # the rest is released with the claim, for the next start
                 tried = items[:start]
                 break
-            batch, datasets = [], []
-            for item in items[start:start + dest.stow_batch]:
-                try:
-                    datasets.append(dcmread(item.path))
-                    batch.append(item)
-                except (OSError, ValueError, InvalidDicomError) as exc:
-                    log.error("outbox: cannot read %s: %s", item.path, exc)
-                    self._fail([item], f"cannot read file: {exc}")
+            batch, datasets = self._read_all(items[start:start + dest.stow_batch])
             if not batch:
                 continue
             result = stow.store(web, datasets)
@@ -559,6 +552,18 @@ class Dispatcher:
         if tried or last_error:
             self._audit(dest, tried, sent, last_error)
         return sent
+
+    def _read_all(self, items: list[OutboxItem]) -> tuple[list[OutboxItem], list[Dataset]]:
+        """The items whose files can be read, and their data sets; the others fail a try."""
+        batch, datasets = [], []
+        for item in items:
+            try:
+                datasets.append(dcmread(item.path))
+                batch.append(item)
+            except (OSError, ValueError, InvalidDicomError) as exc:
+                log.error("outbox: cannot read %s: %s", item.path, exc)
+                self._fail([item], f"cannot read file: {exc}")
+        return batch, datasets
 
     def _send_spare(self, name: str, dest: Destination, work: _Work, items: list[OutboxItem],
                     metas: dict[int, Dataset]) -> int:
