@@ -691,7 +691,7 @@ class StorageSCP:
             with self._claim(sop_uid):
                 known = self.journal.instance(sop_uid)
                 if known is not None:
-                    self._check_resend(known, digest, series_uid, calling)
+                    self._check_resend(known, digest, series_uid, calling, received, transfer_syntax)
                     if not self.journal.confirm_instance(sop_uid):
                         known = None  # a retention sweep purged it since the look-up: stored as new
                     elif not Path(known.path).exists():  # same content, so the same UIDs and path
@@ -834,13 +834,22 @@ class StorageSCP:
             return True, None
 
     @staticmethod
-    def _check_resend(known: InstanceRecord, digest: str, series_uid: str, calling: str) -> None:
-        """A SOP Instance UID already filed: same content is fine (nothing is written again), other
-        content raises :class:`DuplicateConflict` (the stored object stays as it is)."""
+    def _check_resend(known: InstanceRecord, digest: str, series_uid: str, calling: str,
+                      received: ReceivedInstance, transfer_syntax: str) -> None:
+        """A SOP Instance UID already filed: same content is fine (nothing is written again), and so is the same image
+        in another transfer syntax (a PACS forwarding what it stored compressed, or in Implicit VR: the bytes differ,
+        the series, instance number and geometry do not); other content raises :class:`DuplicateConflict` (the
+        stored object stays as it is)."""
         stored = known.sha256 or stored_digest(Path(known.path))
         if stored == digest:
             log.info("C-STORE of %s from %s: already stored with the same content (idempotent)",
                      known.sop_instance_uid, calling)
+            return
+        if (known.transfer_syntax and transfer_syntax != known.transfer_syntax and series_uid == known.series_uid
+                and received.header == known.header):
+            log.info("C-STORE of %s from %s: already stored, received now in another transfer syntax (%s; stored "
+                     "as %s) with the same series, instance number and geometry: the stored copy is kept",
+                     known.sop_instance_uid, calling, transfer_syntax, known.transfer_syntax)
             return
         if stored is None and series_uid == known.series_uid and not Path(known.path).exists():
             # a row from before digests were kept, its file gone: nothing is kept to conflict with; of the same

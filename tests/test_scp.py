@@ -13,7 +13,12 @@ from typing import Any
 
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+)
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
@@ -711,6 +716,39 @@ def test_a_refused_instance_lends_its_series_attributes_to_no_one(node: Node, se
     assert [str(ds.SeriesDescription) for ds in series_reads] == ["t1_fl2d_sag", "refused", "kept"]
     record = node.journal.series(new_series)
     assert record.description == "kept" and record.attributes.sop_instance_uid == str(kept.SOPInstanceUID)
+
+
+def test_the_same_image_resent_in_another_transfer_syntax_is_idempotent(node: Node, series: list[Path],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: the duplicate check compares the bytes as received, so a PACS forwarding an image it had
+    stored in another encoding (Implicit VR, Deflate, compressed) got 0xC000 "other content" for every instance of a
+    study the node already held. The same series, instance number and geometry in another transfer syntax is the
+    same image: Success, the stored copy kept. Other content in another syntax is still refused."""
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        ae.add_requested_context(MRImageStorage, syntax)  # a context each: each object goes in its own
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    source = dcmread(series[0])
+    assert assoc.send_c_store(source).Status == 0x0000
+    (stored,) = node.journal.instances(str(source.SeriesInstanceUID))
+    original = Path(stored.path).read_bytes()
+    caplog.set_level(logging.INFO, logger="dicom_node.scp")
+    def encoded_as(syntax: str) -> Dataset:
+        ds = Dataset(dcmread(series[0]))  # a new data set: encoded as the context says, not as it was read
+        ds.file_meta = dcmread(series[0]).file_meta
+        ds.file_meta.TransferSyntaxUID = syntax
+        return ds
+
+    for syntax in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        assert assoc.send_c_store(encoded_as(syntax)).Status == 0x0000, syntax
+    assert any("received now in another transfer syntax" in r.getMessage() for r in caplog.records)
+    moved = encoded_as(ImplicitVRLittleEndian)
+    moved.ImagePositionPatient = [float(v) + 5.0 for v in moved.ImagePositionPatient]
+    assert assoc.send_c_store(moved).Status == STATUS_CANNOT_UNDERSTAND  # another image under the same UID
+    assoc.release()
+    assert Path(stored.path).read_bytes() == original
 
 
 def test_a_resend_restores_the_lost_file_of_a_row_without_a_digest(node: Node, series: list[Path]) -> None:
