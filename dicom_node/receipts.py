@@ -14,7 +14,9 @@ the spool files filed from it and their directories are fsync'd, then one durabl
 row before it durable, and the segment is deleted. After a crash or power loss, start-up (and, for a receiver
 that died beside others sharing the data directory, the next sweep) files again what the segments left
 behind hold (:meth:`ReceiptLog.orphans`, :func:`index_records`): an object whose journal row or spool file was
-lost is filed again from its bytes, with the same checks as a C-STORE. A record cut short (the node stopped
+lost is filed again from its bytes, with the same checks as a C-STORE; an object refused after its record was
+written (a conflicting re-send, a spool file that could not be written) has a refusal record after it, written
+before the failure is answered, and is left out (:func:`live_records`). A record cut short (the node stopped
 while writing it, before any answer) ends its segment's replay.
 
 Each live segment is locked (``flock``) by the process writing it, so that a process replays only segments
@@ -178,16 +180,28 @@ class ReceiptLog:
 
     @staticmethod
     def record(parts: Sequence[bytes | memoryview], *, calling_ae: str, transfer_syntax: str, sop_class_uid: str,
-               sop_instance_uid: str) -> list[bytes | memoryview]:
+               sop_instance_uid: str, received_at: float | None = None) -> list[bytes | memoryview]:
         """One object's record (``parts``: file meta, then the data set): header, description, then ``parts``."""
-        description = json.dumps({"ae": calling_ae, "t": time.time(), "ts": transfer_syntax, "class": sop_class_uid,
+        t = time.time() if received_at is None else received_at
+        description = json.dumps({"ae": calling_ae, "t": t, "ts": transfer_syntax, "class": sop_class_uid,
                                   "sop": sop_instance_uid, "meta": len(parts[0])}).encode()
-        crc = zlib.crc32(description)
-        length = 0
-        for part in parts:
-            crc = zlib.crc32(part, crc)
-            length += len(part)
-        return [_HEADER.pack(_MAGIC, crc, len(description), length), description, *parts]
+        return _framed(description, parts)
+
+    @staticmethod
+    def refusal(sop_instance_uid: str, received_at: float) -> list[bytes | memoryview]:
+        """The record saying that the object recorded as ``sop_instance_uid`` at ``received_at`` was refused (its
+        C-STORE answered with a failure after its record was durable): a replay files it not (:func:`live_records`).
+        Without it, an object refused as a conflicting re-send was filed by the replay, and the object acknowledged
+        under its UID refused as the conflict."""
+        return _framed(json.dumps({"refused": True, "t": received_at, "sop": sop_instance_uid}).encode(), ())
+
+    def append_refusal(self, segment: Segment, sop_instance_uid: str, received_at: float) -> None:
+        """Append :meth:`refusal` to ``segment``, durably (raises the ``OSError`` of the write). The object's record
+        is in ``segment`` and not yet :meth:`filed`: the segment stays open meanwhile."""
+        record = self.refusal(sop_instance_uid, received_at)
+        _write_all(segment.fd, record)
+        with self._lock:
+            segment.size += sum(len(part) for part in record)
 
     def append(self, key: int, record: list[bytes | memoryview]) -> Segment:
         """Append ``record`` (:meth:`record`) to association ``key``'s segment and return the segment once it is
@@ -570,6 +584,25 @@ def index_records(path: Path) -> list[RecordRef]:
             offset = end
             f.seek(offset)
     return refs
+
+
+def live_records(refs: Sequence[RecordRef]) -> list[RecordRef]:
+    """``refs`` without the objects refused when they came (:meth:`ReceiptLog.refusal`) and without the refusal
+    records themselves."""
+    refused = {(ref.segment, ref.description.get("sop"), ref.description.get("t")) for ref in refs
+               if ref.description.get("refused")}
+    return [ref for ref in refs if not ref.description.get("refused")
+            and (ref.segment, ref.description.get("sop"), ref.description.get("t")) not in refused]
+
+
+def _framed(description: bytes, parts: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """A record: header (magic, CRC-32 of what follows, lengths), description, then ``parts``."""
+    crc = zlib.crc32(description)
+    length = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+        length += len(part)
+    return [_HEADER.pack(_MAGIC, crc, len(description), length), description, *parts]
 
 
 def _crc_matches(f: BinaryIO, length: int, crc: int) -> bool:

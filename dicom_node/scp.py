@@ -26,6 +26,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import weakref
 import zlib
 from collections import OrderedDict
@@ -83,6 +84,7 @@ from .receipts import (
     Segment,
     SyncFailed,
     index_records,
+    live_records,
     load_record,
     needs_rewrite,
     try_mark_for_rewrite,
@@ -721,8 +723,10 @@ class StorageSCP:
         # The record is written (one O_DSYNC writev) by a helper thread while this one parses: the sync costs no
         # time of its own unless it outlasts the parse. The record is made here first, so that the helper needs the
         # interpreter lock only for a moment before its system call (it gets it when the digest releases it).
+        receipt.sop_uid, receipt.received_at = sop_uid, time.time()
         record = self.receipts.record(parts, calling_ae=calling, transfer_syntax=str(event.context.transfer_syntax),
-                                      sop_class_uid=sop_class, sop_instance_uid=sop_uid)
+                                      sop_class_uid=sop_class, sop_instance_uid=sop_uid,
+                                      received_at=receipt.received_at)
         writing = self._writers.submit(self.receipts.append, receipt.key, record)
         try:
             return self._receive(event, view, sop_uid)
@@ -739,20 +743,33 @@ class StorageSCP:
         receipt = _Receipt(key)
         try:
             yield receipt
+        except Exception:  # answered with a failure: its record must not be filed by a replay
+            self._note_refusal(receipt)
+            raise
         finally:
             if receipt.segment is not None:
                 assert self.receipts is not None
                 self.receipts.filed(key, receipt.segment, receipt.path)
+
+    def _note_refusal(self, receipt: _Receipt) -> None:
+        """Append the refusal of an object whose record is durable in the log, before its failure is answered."""
+        if receipt.segment is None or self.receipts is None:
+            return
+        try:
+            self.receipts.append_refusal(receipt.segment, receipt.sop_uid, receipt.received_at)
+        except OSError as exc:
+            log.error("receipt log: cannot note that %s was refused (%s): a replay after a crash would file it",
+                      receipt.sop_uid, exc)
 
     # -- replay of the receipt log ----------------------------------------------------------
 
     def replay_receipts(self) -> int:
         """File again what segments left by a stopped process hold and the journal or spool lost (a crash or
         power loss before they settled); returns how many objects were filed again. The records of all such
-        segments are replayed in the order they were received (so that, of two objects sent under one UID, the
-        one acknowledged first is the one kept), then the files found in place are synced, and the segments are
-        deleted. Segments that cannot be replayed now stay for the next try (what a failed try filed again before
-        it failed is counted by it)."""
+        segments are replayed in the order they were received, but for those refused when they came (a
+        conflicting re-send: so that the object acknowledged under a UID is the one kept); then the files found in
+        place are synced, and the segments are deleted. Segments that cannot be replayed now stay for the next try
+        (what a failed try filed again before it failed is counted by it)."""
         if self.receipts is None:
             return 0
         orphans = list(self.receipts.orphans())
@@ -762,7 +779,7 @@ class StorageSCP:
             return 0
         redone = 0
         try:
-            refs = [ref for path, _fd in orphans for ref in index_records(path)]
+            refs = live_records([ref for path, _fd in orphans for ref in index_records(path)])
             refs.sort(key=lambda ref: (ref.received_at, str(ref.segment), ref.offset))
             in_place = []
             for ref in refs:
@@ -910,6 +927,8 @@ class _Receipt:
     key: int
     segment: Segment | None = None  #: the segment holding the record, once it is durable there
     path: Path | None = None
+    sop_uid: str = ""
+    received_at: float = 0.0  #: the record's time (what its refusal names it by)
 
 
 def _failure(status: int, comment: str) -> Dataset:

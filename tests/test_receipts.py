@@ -27,7 +27,7 @@ from dicom_node.config import LimitSettings, NodeConfig, NodeSettings
 from dicom_node.headers import describe
 from dicom_node.health import check_receipts
 from dicom_node.journal import Journal
-from dicom_node.receipts import ReceiptLog, read_records
+from dicom_node.receipts import ReceiptLog, index_records, live_records, read_records
 from dicom_node.scp import StorageSCP, content_digest, file_meta, stored_digest
 from dicom_node.spool import Spool
 from tests.dicom_factory import make_mr_series
@@ -508,6 +508,50 @@ def test_replay_keeps_the_object_acknowledged_first_whatever_the_segment_names(
     record = node.journal.instance(uid)
     assert record is not None and record.sha256 == content_digest(dataset) == stored_digest(Path(record.path))
     assert not acknowledged.exists()
+
+
+def test_replay_keeps_the_acknowledged_object_when_the_refused_one_was_received_first(
+        make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path) -> None:
+    """Found in review: two associations sent one UID with different content; the one received first was parsed
+    slower, so the other was filed and acknowledged and the first refused as the conflict. The replay (in the order
+    received) filed the refused one and refused the acknowledged one: an acknowledged object lost. A refusal is
+    noted in the log before it is answered, and the replay leaves the refused object out."""
+    data_dir = tmp_path / "slow-first"
+    node = make_node(data_dir)
+    meta, dataset, uid, ts = _part10(series[0])
+    other = dataset[:-2] + bytes([(dataset[-2] + 1) % 256, dataset[-1]])  # another pixel value: still valid
+    refused_log = ReceiptLog(data_dir / "receipts", lambda: None)
+    received_first = time.time()
+    refused = refused_log.append(1, refused_log.record((meta, other), calling_ae="A", transfer_syntax=ts,
+                                                       sop_class_uid=MRImageStorage, sop_instance_uid=uid,
+                                                       received_at=received_first))
+    refused_log.append_refusal(refused, uid, received_first)
+    os.close(refused.fd)
+    time.sleep(0.01)
+    acknowledged = _leave_segment(data_dir / "receipts", series[:1])  # received later, filed first
+    assert node.scp.replay_receipts() == 1
+    record = node.journal.instance(uid)
+    assert record is not None and record.sha256 == content_digest(dataset) == stored_digest(Path(record.path))
+    assert not acknowledged.exists() and not refused.path.exists()
+
+
+def test_a_refused_object_is_noted_in_the_log_before_its_failure_is_answered(
+        make_node: Callable[..., LoggedNode], series: list[Path]) -> None:
+    """The live half of the test above: a conflicting re-send is refused, and its segment holds the refusal of its
+    record (what the replay leaves out) by the time the failure is answered."""
+    node = make_node().start()
+    assoc = node.associate()
+    assert assoc.send_c_store(dcmread(series[0])).Status == 0x0000
+    changed = dcmread(series[0])
+    changed.PatientName = "Other^Patient"
+    assert assoc.send_c_store(changed).Status == 0xC000
+    (segment,) = node.segments()
+    refs = index_records(segment)
+    assert [bool(ref.description.get("refused")) for ref in refs] == [False, False, True]
+    assert refs[2].description["t"] == refs[1].description["t"]
+    assert refs[2].description["sop"] == str(changed.SOPInstanceUID)
+    assert live_records(refs) == refs[:1]
+    assoc.release()
 
 
 def test_replay_refuses_a_deflate_bomb_as_the_c_store_did(
