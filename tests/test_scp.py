@@ -458,6 +458,36 @@ def test_admission_rules() -> None:
 
 # -- parsing -----------------------------------------------------------------------------------
 
+def _with_private_items(data: bytes, items: int) -> bytes:
+    """A Part 10 file's bytes (Explicit VR Little Endian) with a private sequence of ``items`` empty items (undefined
+    lengths) put just before its PixelData."""
+    import struct
+
+    at = data.rindex(b"\xe0\x7f\x10\x00")  # (7FE0,0010): the last element
+    creator = b"\xdf\x7f\x10\x00" + b"LO" + struct.pack("<H", 4) + b"TEST"
+    sequence = (b"\xdf\x7f\x00\x10" + b"SQ\x00\x00" + b"\xff\xff\xff\xff"
+                + (b"\xfe\xff\x00\xe0" + b"\xff\xff\xff\xff" + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00") * items
+                + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+    return data[:at] + creator + sequence + data[at:]
+
+
+def test_a_data_set_of_very_many_sequence_items_is_refused_before_it_is_parsed(series: list[Path]) -> None:
+    """Found in review: pydicom builds an object per sequence item as it parses, so a private sequence of 16 MB of
+    empty items took 644 MB of memory: one object within the size limit could have the node killed for memory (and
+    its receipt record again at every start). Counted first; refused past MAX_ITEMS; a normal number parses."""
+    import resource
+
+    from dicom_node.scp import MAX_ITEMS
+
+    data = series[0].read_bytes()
+    assert parse_instance(_with_private_items(data, 1000)).get((0x7FDF, 0x1000)) is not None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(BadInstance, match=f"more than {MAX_ITEMS} sequence items") as caught:
+        parse_instance(_with_private_items(data, MAX_ITEMS + 1))
+    assert caught.value.status == STATUS_CANNOT_UNDERSTAND
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: nothing was parsed
+
+
 def test_parse_instance_checks_structure(series: list[Path]) -> None:
     data = series[0].read_bytes()
     ds = parse_instance(data)
