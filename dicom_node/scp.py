@@ -224,11 +224,13 @@ def parse_dataset(fp: BinaryIO, transfer_syntax: UID) -> Dataset:
 def _check_items(fp: BinaryIO, little_endian: bool) -> None:
     """Refuse a data set holding more than :data:`MAX_ITEMS` sequence items before it is parsed (the Item tag's
     bytes counted from ``fp``'s position, when ``fp`` is in memory; pixel values that happen to spell it only add to
-    the count)."""
+    the count). An object too small to hold that many is not scanned (a 256 x 256 image costs nothing)."""
     getbuffer = getattr(fp, "getbuffer", None)
     if getbuffer is None:
         return
     with getbuffer() as view:
+        if len(view) - fp.tell() <= 8 * MAX_ITEMS:  # (an item takes 8 bytes at least: most objects need no scan)
+            return
         for n, _ in enumerate(_ITEM_TAGS[little_endian].finditer(view, fp.tell()), 1):
             if n > MAX_ITEMS:
                 raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"more than {MAX_ITEMS} sequence items: refused (the "
