@@ -257,6 +257,28 @@ def test_patient_values_their_vr_does_not_allow_are_left_out(tmp_path: Path, bui
     assert "PatientAge" not in sr and "PatientWeight" not in sr
 
 
+def test_a_cortex_without_lobes_is_reported_once(tmp_path: Path, build: dict) -> None:
+    """Found in review: with labels of the whole cortex only (aseg 3/42, what the shipped synthesis model's own
+    labels have), the SR held the left cortex twice: its structure group and a "Cerebral cortex" group of the lobes
+    summed (no lobes: the same volume), two tracking UIDs for one number. The summed group is for lobes."""
+    array = sitk.GetArrayFromImage(build["series"].labels)
+    for side, whole in (("L", 3), ("R", 42)):
+        lobes = range(1201, 1207) if side == "L" else range(2201, 2207)
+        array[np.isin(array, list(lobes))] = whole
+    labels = sitk.GetImageFromArray(array)
+    labels.CopyInformation(build["series"].labels)
+    volumetry = compute_volumetry(labels, build["series"].t1, age="053Y", sex="F")
+    path = write_sr(volumetry, seg=build["seg_written"], source_images=build["series"].t1_headers,
+                    input_series_datasets=build["series"].input_headers, out_path=tmp_path / "sr.dcm",
+                    series_number=1003, series_description="rT1 volumes", uid_prefix=UID_PREFIX,
+                    algorithm_name=MODEL_ID, algorithm_version=MODEL_VERSION).path
+    report = hd.sr.srread(path).content
+    assert "Cerebral cortex" not in _image_groups(report)
+    structures = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
+    left = structures[by_code(3).freesurfer_name].get_measurements()
+    assert float(left[0].value) == pytest.approx(volumetry.structures[3].volume_ml)
+
+
 def test_a_japanese_source(tmp_path: Path, build: dict) -> None:
     """SpecificCharacterSet \\ISO 2022 IR 87 (highdicom refuses it as it is): the SR goes out, its name in UTF-8."""
     path = write_sr(build["volumetry"], seg=build["seg_written"], source_images=as_japanese(build["series"].t1_headers),

@@ -37,7 +37,7 @@ from dicom_node.writers.tid1500 import (
     measurement_report_sr,
     tracking,
 )
-from inference.labels import HIPPOCAMPUS, LEFT, RIGHT
+from inference.labels import CORTEX, HIPPOCAMPUS, LEFT, RIGHT
 from inference.volumetry import Volumetry
 
 __all__ = [
@@ -138,7 +138,12 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
             name=codes.SCT.Volume, value=volumetry.icv_ml, unit=UNIT_ML,
             finding_sites=[hd.sr.FindingSite(codes.SCT.IntracranialStructure)])],
     )]
-    if any(v > 0 for v in volumetry.cortex_ml.values()):  # the whole cortex of a side: its lobes (SEG segments) summed
+    # the whole cortex of a side measured by lobe (SEG segments): its lobes summed (with what the labels left as
+    # cortex of no lobe, aseg 3/42). Without lobes (a synthesis model's own labels) 3/42 is the whole cortex and a
+    # structure group already: a second group said the same volume under another name
+    summed = {side: value for side, value in sorted(volumetry.cortex_ml.items())
+              if value > 0 and any(code in volumetry.structures for code in CORTEX[side][1:])}
+    if summed:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(GROUP_CORTEX, uid_prefix),
             algorithm_id=algorithm,
@@ -146,7 +151,7 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
                 name=codes.SCT.Volume, value=value, unit=UNIT_ML,
                 finding_sites=[hd.sr.FindingSite(codes.SCT.CerebralCortex,
                                                  laterality=LEFT if side == "L" else RIGHT)])
-                for side, value in sorted(volumetry.cortex_ml.items()) if value > 0],
+                for side, value in summed.items()],
         ))
     if volumetry.asymmetry:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
