@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import TextIO
@@ -20,6 +21,23 @@ from .logsafe import install as install_redaction
 LIBRARY_LOGGERS = ("pynetdicom", "apscheduler", "highdicom", "PIL", "onnxruntime", "urllib3")
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+#: Control characters in a text line's message (a tab stays): escaped, so that a value quoted from a received header
+#: (a SOP Instance UID "1.2\n2026-01-01 ERROR ...") cannot start a forged line of its own
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, one line per record's message: its control characters escaped (``\\n``, ``\\x1b``); a
+    traceback follows on lines of its own, as usual."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,7 +60,7 @@ def setup_logging(level: str, fmt: str = "text", library_level: str = "WARNING",
                   stream: TextIO | None = None) -> None:
     """Configure the root logger once for a command (replacing handlers an earlier call installed)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -41,6 +41,25 @@ def test_json_lines_with_the_traceback() -> None:
     assert second["level"] == "ERROR" and "ValueError: bad geometry" in second["exc"]
 
 
+def test_a_value_from_a_received_header_cannot_forge_a_text_line() -> None:
+    """Found in review: a C-STORE whose SOP Instance UID held a newline wrote a line of the sender's choosing into the
+    node's text log ("2026-01-01 ERROR ..."). A text line's message has its control characters escaped; a traceback
+    still follows on lines of its own."""
+    stream = io.StringIO()
+    setup_logging("INFO", "text", stream=stream)
+    log = logging.getLogger("dicom_node.scp")
+    log.error("C-STORE of %s from %s refused", "1.2\n2026-01-01 00:00:00,000 ERROR   dicom_node.jobs: forged\x1b[2J",
+              "MR1")
+    try:
+        raise ValueError("bad")
+    except ValueError:
+        log.exception("job %d failed", 8)
+    lines = stream.getvalue().splitlines()
+    assert "C-STORE of 1.2\\n2026-01-01 00:00:00,000 ERROR   dicom_node.jobs: forged\\x1b[2J from MR1 refused" in lines[0]
+    assert lines[1].endswith("dicom_node.scp: job 8 failed") and lines[2] == "Traceback (most recent call last):"
+    assert lines[-1] == "ValueError: bad"
+
+
 def test_library_info_is_quiet_by_default_and_can_be_shown() -> None:
     stream = io.StringIO()
     setup_logging("INFO", "text", stream=stream)
