@@ -214,7 +214,7 @@ class HTTPSettings(_Strict):
     dashboard_studies: int = Field(default=50, ge=1, le=1000)
     #: Host names the dashboard answers besides ``host`` and the loopback names (the ``Host`` header of each
     #: request must be one of them, so that a web page cannot read the dashboard by DNS rebinding): e.g. the
-    #: public name of a reverse proxy in front.
+    #: public name of a reverse proxy in front. Needs ``admin_password_file`` (the proxy brings the network in).
     allowed_hosts: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -223,6 +223,10 @@ class HTTPSettings(_Strict):
         if self.port and self.dashboard and not loopback and self.admin_password_file is None:
             raise ValueError(f"host {self.host!r} is not a loopback address: the dashboard shows patient data, so "
                              "set admin_password_file (or dashboard = false)")
+        if self.port and self.dashboard and self.allowed_hosts and self.admin_password_file is None:
+            # a reverse proxy in front brings the whole network to the loopback address
+            raise ValueError("allowed_hosts lets the dashboard be reached by other names (a reverse proxy in front): "
+                             "it shows patient data, so set admin_password_file (or dashboard = false)")
         return self
 
 

@@ -204,6 +204,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         url = urlsplit(self.path)
+        if "Content-Length" in self.headers or "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # a body is not read here: nothing of it is taken for a next request
         # /health and /metrics hold no patient data: a monitor or load balancer reaches them by any name
         if url.path not in ("/health", "/metrics") and not self._host_allowed():
             self._message(HTTPStatus.MISDIRECTED_REQUEST, "Refused", "Unknown Host ([http] allowed_hosts).")
@@ -244,14 +246,15 @@ class _Handler(BaseHTTPRequestHandler):
         server = self.node_server
         action = {"/actions/retry": "retry", "/actions/reprocess": "reprocess"}.get(url.path)
         if not self._host_allowed():
+            self.close_connection = True  # its body is not read: nothing of it is taken for a next request
             self._message(HTTPStatus.MISDIRECTED_REQUEST, "Refused", "Unknown Host ([http] allowed_hosts).")
             return
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True
-            self._message(HTTPStatus.BAD_REQUEST, "Refused", "Content-Length is not a number.")
+        declared = (self.headers.get("Content-Length") or "0").strip()
+        if "Transfer-Encoding" in self.headers or not (declared.isascii() and declared.isdigit()):
+            self.close_connection = True  # (a chunked or negative body would be read as the next request)
+            self._message(HTTPStatus.BAD_REQUEST, "Refused", "A body needs a Content-Length of digits, not chunks.")
             return
+        length = int(declared)
         if length > MAX_BODY:
             self.close_connection = True
             self._message(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "Refused", "The request is too large.")

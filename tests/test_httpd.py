@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import time
 import urllib.error
@@ -281,6 +282,51 @@ def test_a_foreign_host_name_is_refused(make_node: Callable[..., Node]) -> None:
         assert request(node, path, headers={"Host": "dicomnode.hospital.lan:8080"})[0] in (200, 503), path
     status, _, body = request(node, "/actions/retry", data={"job_id": "1"}, headers={"Content-Length": "x"})
     assert status == 400 and "Content-Length" in body
+
+
+def _raw_exchange(node: Node, request_bytes: bytes) -> list[str]:
+    """The status lines the server answers ``request_bytes`` with on one connection, read until it closes it (or
+    for 2 s)."""
+    with socket.create_connection(("127.0.0.1", node.http.port), timeout=2) as conn:
+        conn.sendall(request_bytes)
+        received = b""
+        try:
+            while chunk := conn.recv(65536):
+                received += chunk
+        except TimeoutError:  # the connection kept open: what it answered by then
+            pass
+    return re.findall(r"HTTP/1\.[01] \d{3} [^\r]*", received.decode("latin-1"))  # (a body ends without a newline)
+
+
+def test_a_body_the_server_does_not_read_is_never_taken_for_a_next_request(make_node: Callable[..., Node]) -> None:
+    """Found in review: a POST refused for its Host (its body not read), a GET with a body, a negative or chunked
+    Content-Length left the body on the connection, and the server answered it as the next request (421, then 404):
+    behind a proxy that reuses connections, one client's answer could go to another. Such a connection is closed."""
+    node = make_node(password=False)
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    cases = {
+        "host refused": b"POST /actions/retry HTTP/1.1\r\nHost: evil.example\r\nContent-Length: %d\r\n\r\n"
+                        % len(smuggled) + smuggled,
+        "GET with a body": b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+                           % len(smuggled) + smuggled,
+        "negative length": b"POST /actions/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n"
+                           + smuggled,
+        "chunked": b"POST /actions/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + smuggled,
+    }
+    for what, raw in cases.items():
+        statuses = _raw_exchange(node, raw)
+        assert len(statuses) == 1 and " 404 " not in statuses[0], (what, statuses)
+
+
+def test_a_dashboard_behind_a_reverse_proxy_needs_a_password() -> None:
+    """Found in review: the documented set-up (a TLS proxy in front of 127.0.0.1, its name in allowed_hosts) passed
+    without a password, so the whole network behind the proxy read patient IDs without logging in."""
+    from dicom_node.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="allowed_hosts lets the dashboard be reached by other names"):
+        parse_config('[http]\nallowed_hosts = ["dashboard.hospital.example"]\n')
+    parse_config('[http]\nallowed_hosts = ["dashboard.hospital.example"]\ndashboard = false\n')
 
 
 def test_serve_with_an_unusable_password_file_exits_1(tmp_path: Path) -> None:
