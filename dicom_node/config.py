@@ -557,6 +557,17 @@ class Notification(_Strict):
             raise ValueError("the url's port is not a number from 0 to 65535") from None
         return value
 
+    @model_validator(mode="after")
+    def _no_secret_in_clear(self) -> Notification:
+        host = urlsplit(self.url).hostname or ""
+        secret = any(name.lower() in ("authorization", "proxy-authorization", "cookie") or "token" in name.lower()
+                     or "key" in name.lower() for name in self.headers)
+        if secret and self.url.lower().startswith("http://") and not (host == "localhost"
+                                                                       or is_loopback_address(host)):
+            raise ValueError("a header holding a secret would cross the network in clear text: use an https url "
+                             "(plain http with such headers only to this machine)")
+        return self
+
 
 class RetentionSettings(_Strict):
     """``[retention]``: when the node deletes what it received and produced (``dicom_node.retention``).

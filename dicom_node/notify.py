@@ -116,7 +116,7 @@ class Notifier:
         for attempt in range(1, hook.tries + 1):
             request = urllib.request.Request(hook.url, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=hook.timeout_s) as response:  # noqa: S310 - http(s) only
+                with _OPENER.open(request, timeout=hook.timeout_s) as response:
                     response.read(65536)
                 self.posted += 1
                 return
@@ -132,6 +132,17 @@ class Notifier:
         event = json.loads(body).get("event", "?")
         log.warning("notifications: %s to %s not posted after %d tr%s: %s", event, _where(hook.url), hook.tries,
                     "y" if hook.tries == 1 else "ies", error)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A webhook's redirect is not followed (urllib would send its Authorization header, and the event, wherever
+    the answer points): it fails the try as its 3xx."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 _current: Notifier | None = None

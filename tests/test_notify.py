@@ -147,6 +147,46 @@ def test_config_accepts_only_http_urls_and_known_events() -> None:
         parse_config('[[notifications]]\nurl = "file:///etc/passwd"\n')
     with pytest.raises(ConfigError, match="events"):
         parse_config('[[notifications]]\nurl = "http://h/x"\nevents = ["job_done"]\n')
+    # a secret in a header, over plain http to another machine (found in review): refused, as for STOW-RS
+    with pytest.raises(ConfigError, match="clear text"):
+        parse_config('[[notifications]]\nurl = "http://chat.example.org/x"\nheaders = {Authorization = "Bearer s"}\n')
+    parse_config('[[notifications]]\nurl = "http://127.0.0.1:9/x"\nheaders = {Authorization = "Bearer s"}\n')
+    parse_config('[[notifications]]\nurl = "http://chat.example.org/x"\nheaders = {"X-Team" = "radiology"}\n')
+
+
+def test_a_webhooks_redirect_is_not_followed(caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: a webhook answering 302 to another host had urllib send the event there, with the hook's
+    Authorization header. A redirect fails the try instead."""
+    elsewhere = Hook()
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(302)
+            self.send_header("Location", elsewhere.url)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    notifier = _notifier(Notification(url=f"http://127.0.0.1:{server.server_address[1]}/hook", tries=1,
+                                      headers={"Authorization": "Bearer SECRET"}))
+    try:
+        caplog.set_level(logging.WARNING, logger="dicom_node.notify")
+        notifier.notify("job_failed", {"job": 7})
+        deadline = time.monotonic() + 10
+        while notifier.failed == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        notifier.stop()
+        server.shutdown()
+        server.server_close()
+        elsewhere.close()
+    assert notifier.failed == 1 and elsewhere.received == []
+    assert any("HTTP 302" in r.getMessage() for r in caplog.records)
 
 
 def test_a_webhook_url_with_an_impossible_port_is_refused_and_cannot_stop_the_others(hook: Hook) -> None:
