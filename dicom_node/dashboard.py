@@ -116,7 +116,8 @@ def render(journal: Journal, page: PageContext, now: float | None = None) -> str
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        '<meta http-equiv="refresh" content="30">',
+        # a search's page is not refreshed: its URL holds the patient ID, which a proxy in front logs each time
+        "" if page.search else '<meta http-equiv="refresh" content="30">',
         "<title>dicom-node</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<h1>dicom-node</h1>",

@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -54,7 +55,41 @@ _SECURITY_HEADERS = {
 }
 
 
-class _IPv6Server(ThreadingHTTPServer):
+#: Connections served at once; one more is closed at once (a thread each: clients that send a byte now and then
+#: could hold any number of threads)
+MAX_CONNECTIONS = 64
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """http.server's threading server, serving at most :data:`MAX_CONNECTIONS` connections at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._refused_logged = 0.0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            if time.monotonic() - self._refused_logged > 60:
+                self._refused_logged = time.monotonic()
+                log.warning("HTTP: %d connections open: a connection from %s (and others for a minute) closed at "
+                            "once", MAX_CONNECTIONS, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread for it
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _IPv6Server(_BoundedServer):
     """[http] host an IPv6 address ("::1", "::"): http.server listens on IPv4 only."""
 
     address_family = socket.AF_INET6
@@ -111,6 +146,8 @@ class NodeHTTPServer:
         self.csrf_token = hmac.new(self._secret, b"dicom-node dashboard actions", hashlib.sha256).hexdigest()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._failed: dict[str, tuple[int, float]] = {}  # address -> (wrong credentials not yet logged, since)
+        self._failed_lock = threading.Lock()
 
     @property
     def actions_enabled(self) -> bool:
@@ -119,7 +156,7 @@ class NodeHTTPServer:
     def start(self) -> None:
         handler = type("Handler", (_Handler,), {"node_server": self})
         try:
-            server_class = _IPv6Server if ":" in self.settings.host else ThreadingHTTPServer
+            server_class = _IPv6Server if ":" in self.settings.host else _BoundedServer
             server = server_class((self.settings.host, self.settings.port), handler)
         except OSError as exc:
             raise HTTPListenError(f"cannot listen for HTTP on {self.settings.host}:{self.settings.port} ([http] "
@@ -142,6 +179,21 @@ class NodeHTTPServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def failed_login(self, address: str) -> None:
+        """Log wrong dashboard credentials: one line per address and minute, with how many more came meanwhile (a
+        guessing run shows without flooding the log)."""
+        now = time.monotonic()
+        with self._failed_lock:
+            unlogged, since = self._failed.get(address, (0, float("-inf")))
+            if now - since < 60:
+                self._failed[address] = (unlogged + 1, since)
+                return
+            if len(self._failed) > 1024:  # (many addresses: forget the old counts)
+                self._failed.clear()
+            self._failed[address] = (0, now)
+        log.warning("dashboard: wrong user or password from %s%s", address,
+                    f" ({unlogged} more since the last such line)" if unlogged else "")
 
     def authorized(self, header: str | None) -> bool:
         """HTTP Basic credentials match ``admin_user`` and the password (compared in constant time)."""
@@ -231,6 +283,8 @@ class _Handler(BaseHTTPRequestHandler):
         server = self.node_server
         authenticated = server.authorized(self.headers.get("Authorization"))
         if server.password is not None and not authenticated:
+            if self.headers.get("Authorization"):  # (a browser's first request has none: not a failed login)
+                server.failed_login(self.client_address[0])
             self._unauthorized()
             return
         search = (parse_qs(query).get("q") or [""])[0][:64]

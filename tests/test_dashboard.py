@@ -147,6 +147,9 @@ def test_search_and_empty_page(journal: Journal) -> None:
     page = render(journal, PageContext(search="acc-a"))
     assert 'data-study="1.1"' in page and 'data-study="2.1"' not in page
     assert 'value="acc-a"' in page
+    # found in review: the page refreshed itself every 30 s, its URL (?q=, a patient ID) logged each time by a
+    # proxy in front; a search's page is not refreshed
+    assert 'http-equiv="refresh"' not in page and 'http-equiv="refresh"' in render(journal, PageContext())
     none = render(journal, PageContext(search='"><b>'))
     assert 'id="no-studies"' in none and 'value="&quot;&gt;&lt;b&gt;"' in none
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import re
 import socket
 import time
@@ -123,8 +125,11 @@ def test_the_dashboard_asks_for_the_password(make_node: Callable[..., Node]) -> 
     status, headers, body = request(node, "/")
     assert status == 401 and headers["WWW-Authenticate"].startswith('Basic realm="dicom-node"')
     assert "PAT-1" not in body
-    assert request(node, "/", auth=f"admin:{PASSWORD}x")[0] == 401
-    assert request(node, "/", auth=f"root:{PASSWORD}")[0] == 401
+    with _captured("dicom_node.httpd") as records:
+        assert request(node, "/", auth=f"admin:{PASSWORD}x")[0] == 401
+        assert request(node, "/", auth=f"root:{PASSWORD}")[0] == 401
+    # wrong credentials are logged (found in review: a guessing run left no trace), once a minute per address
+    assert [r.getMessage() for r in records] == ["dashboard: wrong user or password from 127.0.0.1"]
     status, headers, body = request(node, "/?q=pat-1", auth=f"admin:{PASSWORD}")
     assert status == 200 and "PAT-1" in body and 'action="/actions/reprocess"' in body
     assert "script-src" not in headers["Content-Security-Policy"] and "default-src 'none'" in \
@@ -132,6 +137,49 @@ def test_the_dashboard_asks_for_the_password(make_node: Callable[..., Node]) -> 
     assert headers["Cache-Control"] == "no-store" and headers["X-Frame-Options"] == "DENY"
     # health and metrics hold no patient data: no password
     assert request(node, "/health")[0] in (200, 503) and request(node, "/metrics")[0] == 200
+
+
+@contextlib.contextmanager
+def _captured(name: str) -> Iterator[list[logging.LogRecord]]:
+    """The WARNING records of logger ``name`` while the block runs."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_connections_beyond_the_cap_are_closed_at_once(make_node: Callable[..., Node],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a thread per connection and no cap, so clients sending a byte now and then held any number
+    of threads. Past MAX_CONNECTIONS a connection is closed at once; the others are still served."""
+    import dicom_node.httpd as httpd
+
+    monkeypatch.setattr(httpd, "MAX_CONNECTIONS", 3)
+    node = make_node(password=False)
+    slow = [socket.create_connection(("127.0.0.1", node.http.port), timeout=5) for _ in range(3)]
+    try:
+        for conn in slow:
+            conn.sendall(b"GET /health HTTP/1.1\r\n")  # half a request: each holds a thread
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", node.http.port), timeout=5) as extra:
+            extra.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert extra.recv(100) == b""  # closed without an answer
+    finally:
+        for conn in slow:
+            conn.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the slots come back as their connections end
+        try:
+            if request(node, "/health")[0] in (200, 503):
+                break
+        except OSError:
+            time.sleep(0.1)
+    assert request(node, "/health")[0] in (200, 503)
 
 
 def test_actions_need_the_password_and_the_pages_token(make_node: Callable[..., Node]) -> None:
