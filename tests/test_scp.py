@@ -458,6 +458,25 @@ def test_admission_rules() -> None:
 
 # -- parsing -----------------------------------------------------------------------------------
 
+def test_native_pixel_bytes_labelled_compressed_are_refused(node: Node, series: list[Path]) -> None:
+    """Found in review: PixelData of defined length (native bytes) sent under JPEG Lossless was acknowledged, and
+    its job failed only when it decoded them. Encapsulated pixel data is items of undefined length (PS3.5 A.4)."""
+    from pydicom.uid import JPEGLosslessSV1
+
+    ae = AE(ae_title="SCANNER")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(MRImageStorage, JPEGLosslessSV1)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    ds = dcmread(series[0])
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1  # the native bytes as they are, labelled JPEG Lossless
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == STATUS_CANNOT_UNDERSTAND
+    assert "not encapsulated" in status.ErrorComment
+    assert node.journal.instance(str(ds.SOPInstanceUID)) is None
+
+
 def _with_private_items(data: bytes, items: int) -> bytes:
     """A Part 10 file's bytes (Explicit VR Little Endian) with a private sequence of ``items`` empty items (undefined
     lengths) put just before its PixelData."""
