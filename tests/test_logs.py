@@ -55,7 +55,8 @@ def test_a_value_from_a_received_header_cannot_forge_a_text_line() -> None:
     except ValueError:
         log.exception("job %d failed", 8)
     lines = stream.getvalue().splitlines()
-    assert "C-STORE of 1.2\\n2026-01-01 00:00:00,000 ERROR   dicom_node.jobs: forged\\x1b[2J from MR1 refused" in lines[0]
+    escaped = "1.2\\n2026-01-01 00:00:00,000 ERROR   dicom_node.jobs: forged\\x1b[2J"
+    assert f"C-STORE of {escaped} from MR1 refused" in lines[0]
     assert lines[1].endswith("dicom_node.scp: job 8 failed") and lines[2] == "Traceback (most recent call last):"
     assert lines[-1] == "ValueError: bad"
 
