@@ -324,7 +324,10 @@ class _Handler(BaseHTTPRequestHandler):
                           "Set [http] admin_password_file to turn the retry and reprocess actions on.")
             return
         if not server.authorized(self.headers.get("Authorization")):
-            log.warning("dashboard: %s from %s refused: no valid credentials", action, who)
+            if self.headers.get("Authorization"):
+                server.failed_login(who)  # (one line per address and minute, as for the page)
+            else:
+                log.warning("dashboard: %s from %s refused: no credentials", action, who)
             self._unauthorized()
             return
         origin = self.headers.get("Origin")

@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import Any, TextIO
 
 from .logsafe import install as install_redaction
 
@@ -30,7 +30,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 class TextFormatter(logging.Formatter):
     """:data:`TEXT_FORMAT`, one line per record's message: its control characters escaped (``\\n``, ``\\x1b``); a
-    traceback follows on lines of its own, as usual."""
+    traceback or stack follows on lines of its own, each indented, so that none (an exception's message may quote a
+    received value too) can pass for a record."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
@@ -38,6 +39,16 @@ class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         record.message = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
 
 
 class JsonFormatter(logging.Formatter):

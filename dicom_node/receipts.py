@@ -199,7 +199,12 @@ class ReceiptLog:
         """Append :meth:`refusal` to ``segment``, durably (raises the ``OSError`` of the write). The object's record
         is in ``segment`` and not yet :meth:`filed`: the segment stays open meanwhile."""
         record = self.refusal(sop_instance_uid, received_at)
-        _write_all(segment.fd, record)
+        try:
+            _write_all(segment.fd, record)
+        except OSError:
+            with self._lock:
+                segment.broken = True  # (a torn record would end its replay: nothing more is appended after it)
+            raise
         with self._lock:
             segment.size += sum(len(part) for part in record)
 
@@ -628,8 +633,8 @@ def load_record(ref: RecordRef) -> Receipt:
 
 
 def read_records(path: Path) -> Iterator[Receipt]:
-    """The whole records of a segment, in order (:func:`index_records`)."""
-    for ref in index_records(path):
+    """The whole records of a segment, in order (:func:`index_records`), but for refused objects."""
+    for ref in live_records(index_records(path)):
         yield load_record(ref)
 
 

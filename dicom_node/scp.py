@@ -284,7 +284,8 @@ def _check_pixel_data(ds: Dataset, ts: UID) -> None:
     if ts.is_encapsulated:
         # PS3.5 A.4: undefined length, items (the Basic Offset Table first, then the fragments). Native pixel bytes
         # labelled compressed were acknowledged and failed only when a job decoded them (found in review)
-        if not undefined_length or bytes(value[:4]) != b"\xfe\xff\x00\xe0":
+        if (not undefined_length or not isinstance(value, (bytes, bytearray, memoryview))
+                or bytes(value[:4]) != b"\xfe\xff\x00\xe0"):
             raise BadInstance(STATUS_CANNOT_UNDERSTAND, f"PixelData is not encapsulated (items of undefined length) as "
                                                         f"the transfer syntax {ts.name or ts} needs")
         return
@@ -721,7 +722,9 @@ class StorageSCP:
             with self._claim(sop_uid):
                 known = self.journal.instance(sop_uid)
                 if known is not None:
-                    self._check_resend(known, digest, series_uid, calling, received, transfer_syntax)
+                    stored_series = self.journal.series(known.series_uid)
+                    self._check_resend(known, digest, series_uid, calling, received, transfer_syntax,
+                                       stored_series.patient_id if stored_series is not None else None)
                     if not self.journal.confirm_instance(sop_uid):
                         known = None  # a retention sweep purged it since the look-up: stored as new
                     elif not Path(known.path).exists():  # same content, so the same UIDs and path
@@ -880,10 +883,11 @@ class StorageSCP:
 
     @staticmethod
     def _check_resend(known: InstanceRecord, digest: str, series_uid: str, calling: str,
-                      received: ReceivedInstance, transfer_syntax: str) -> None:
+                      received: ReceivedInstance, transfer_syntax: str, known_patient: str | None) -> None:
         """A SOP Instance UID already filed: same content is fine (nothing is written again), and so is the same image
         in another transfer syntax (a PACS forwarding what it stored compressed, or in Implicit VR: the bytes differ,
-        the series, instance number and geometry do not); other content raises :class:`DuplicateConflict` (the
+        the SOP class, patient ID (``known_patient``: its series'), series, instance number and geometry do not, and
+        the stored copy is there); other content raises :class:`DuplicateConflict` (the
         stored object stays as it is)."""
         stored = known.sha256 or stored_digest(Path(known.path))
         if stored == digest:
@@ -891,7 +895,8 @@ class StorageSCP:
                      known.sop_instance_uid, calling)
             return
         if (known.transfer_syntax and transfer_syntax != known.transfer_syntax and series_uid == known.series_uid
-                and received.header == known.header):
+                and received.sop_class_uid == known.sop_class_uid and received.header == known.header
+                and received.patient_id == known_patient and Path(known.path).exists()):
             log.info("C-STORE of %s from %s: already stored, received now in another transfer syntax (%s; stored "
                      "as %s) with the same series, instance number and geometry: the stored copy is kept",
                      known.sop_instance_uid, calling, transfer_syntax, known.transfer_syntax)

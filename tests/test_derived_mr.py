@@ -375,7 +375,10 @@ def test_optional_values_the_vr_forbids_are_left_out_with_a_warning(source: dict
     ds = pydicom.dcmread(paths[0])
     assert "BodyPartExamined" not in ds and "PatientAge" not in ds and ds.StudyDescription == "MRI Brain"
     assert ds.PatientID == sloppy[0].PatientID
-    assert "BodyPartExamined 'Brain'" in caplog.text and "PatientAge '45Y'" in caplog.text
+    assert "BodyPartExamined of the source is not a valid CS" in caplog.text
+    assert "PatientAge of the source is not a valid AS" in caplog.text
+    own = [r.getMessage() for r in caplog.records if r.name == "dicom_node.writers.derived_mr"]
+    assert not any("45Y" in m for m in own)  # the node's own lines quote no patient value
     assert dciodvfy_errors(paths[0]) == []
 
 

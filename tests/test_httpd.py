@@ -413,5 +413,6 @@ def _ipv6_loopback() -> bool:
 def test_an_ipv6_host_is_served(make_node: Callable[..., Node]) -> None:
     """[http] host "::1" passed config check, then serve failed: http.server listens on IPv4 only."""
     node = make_node(password=False, host="::1")
+    _healthy(node)  # (503 while the node starts: seen under load)
     with urllib.request.urlopen(f"http://[::1]:{node.http.port}/health", timeout=10) as response:
         assert response.status == 200 and "checks" in json.loads(response.read())

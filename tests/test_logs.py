@@ -57,8 +57,15 @@ def test_a_value_from_a_received_header_cannot_forge_a_text_line() -> None:
     lines = stream.getvalue().splitlines()
     escaped = "1.2\\n2026-01-01 00:00:00,000 ERROR   dicom_node.jobs: forged\\x1b[2J"
     assert f"C-STORE of {escaped} from MR1 refused" in lines[0]
-    assert lines[1].endswith("dicom_node.scp: job 8 failed") and lines[2] == "Traceback (most recent call last):"
-    assert lines[-1] == "ValueError: bad"
+    assert lines[1].endswith("dicom_node.scp: job 8 failed") and lines[2] == "  Traceback (most recent call last):"
+    assert lines[-1] == "  ValueError: bad" and all(line.startswith("  ") for line in lines[2:])
+    stream.truncate(0)
+    stream.seek(0)
+    try:  # an exception's message quoting a received value: indented with the rest of its traceback
+        raise ValueError("SOPInstanceUID 1.2\n2026-01-01 00:00:00,000 ERROR   dicom_node.jobs: forged")
+    except ValueError:
+        log.exception("C-STORE failed unexpectedly")
+    assert all(line.startswith("  ") for line in stream.getvalue().splitlines()[1:])
 
 
 def test_library_info_is_quiet_by_default_and_can_be_shown() -> None:

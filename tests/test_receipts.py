@@ -554,6 +554,31 @@ def test_a_refused_object_is_noted_in_the_log_before_its_failure_is_answered(
     assoc.release()
 
 
+def test_a_refusal_that_cannot_be_written_ends_its_segment(tmp_path: Path, series: list[Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a refusal record torn by a failed write (disk full: when refusals happen) stayed at the end
+    of the segment, the association's next objects were appended after it, and a replay stops at a torn record:
+    acknowledged objects after it would not be filed again. The segment is ended: the next object begins another."""
+    import dicom_node.receipts as receipts
+
+    log = ReceiptLog(tmp_path / "receipts", lambda: None)
+    meta, dataset, uid, ts = _part10(series[0])
+    segment = log.append(1, _record(log, meta, dataset, uid, ts))
+
+    def full(fd: int, parts: list[Any]) -> None:
+        os.write(fd, bytes(parts[0])[:5])  # torn
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(receipts, "_write_all", full)
+    with pytest.raises(OSError):
+        log.append_refusal(segment, uid, 1.0)
+    monkeypatch.undo()
+    assert segment.broken
+    log.filed(1, segment, None)
+    assert log.append(1, _record(log, meta, dataset, uid, ts)) is not segment
+    log.shutdown()
+
+
 def test_replay_refuses_a_deflate_bomb_as_the_c_store_did(
         make_node: Callable[..., LoggedNode], series: list[Path], tmp_path: Path) -> None:
     data_dir = tmp_path / "bomb"

@@ -477,6 +477,22 @@ def test_native_pixel_bytes_labelled_compressed_are_refused(node: Node, series: 
     assert node.journal.instance(str(ds.SOPInstanceUID)) is None
 
 
+def test_pixel_data_read_as_a_sequence_is_refused_not_an_unexpected_error() -> None:
+    """Found in review: PixelData with the explicit VR SQ under a compressed transfer syntax reached the new check as
+    a Sequence, and the check's bytes() raised TypeError: 0xC000 as "unexpected error", with a traceback."""
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import JPEGLosslessSV1
+
+    from dicom_node.scp import _check_pixel_data
+
+    ds = Dataset()
+    ds.Rows, ds.Columns, ds.BitsAllocated = 8, 8, 16
+    ds.add_new(0x7FE00010, "SQ", DicomSequence([Dataset()]))
+    ds[0x7FE00010].is_undefined_length = True
+    with pytest.raises(BadInstance, match="not encapsulated"):
+        _check_pixel_data(ds, JPEGLosslessSV1)
+
+
 def _with_private_items(data: bytes, items: int) -> bytes:
     """A Part 10 file's bytes (Explicit VR Little Endian) with a private sequence of ``items`` empty items (undefined
     lengths) put just before its PixelData."""
@@ -796,6 +812,9 @@ def test_the_same_image_resent_in_another_transfer_syntax_is_idempotent(node: No
     moved = encoded_as(ImplicitVRLittleEndian)
     moved.ImagePositionPatient = [float(v) + 5.0 for v in moved.ImagePositionPatient]
     assert assoc.send_c_store(moved).Status == STATUS_CANNOT_UNDERSTAND  # another image under the same UID
+    merged = encoded_as(ImplicitVRLittleEndian)  # a patient merge or identity correction: not the same object
+    merged.PatientID = "MERGED-1"
+    assert assoc.send_c_store(merged).Status == STATUS_CANNOT_UNDERSTAND
     assoc.release()
     assert Path(stored.path).read_bytes() == original
 

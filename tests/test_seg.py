@@ -296,6 +296,11 @@ def test_patient_values_their_vr_does_not_allow_are_left_out(tmp_path: Path, wri
     assert "PatientAge" not in seg and "PatientWeight" not in seg
     assert seg.PatientID == sources[0].PatientID
     assert sources[0]["PatientAge"].value == "45Y"  # the sources as they were
+    # the identity is never altered (found in review): an accession number longer than SH allows is copied as it is
+    for ds in sources:
+        ds.AccessionNumber = "A" * 18
+    seg = pydicom.dcmread(_write(written["series"], tmp_path / "seg2.dcm", sources=sources))
+    assert seg.AccessionNumber == "A" * 18
 
 
 def test_a_japanese_source(tmp_path: Path, written: dict) -> None:

@@ -193,23 +193,23 @@ def value_problem(element: DataElement) -> str | None:
     return None
 
 
-#: Patient and study attributes highdicom copies from a source into a SEG, an SR or a page (besides
-#: :data:`IDENTITY_TYPE2`): one whose value its VR does not allow (a RIS's PatientAge "45Y") made the object invalid,
-#: and a strict PACS refuses it while it takes the sT1 (whose writer leaves such values out). Left out here too.
-IDENTITY_CHECKED = ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "StudyTime", "ReferringPhysicianName",
-                    "StudyID", "AccessionNumber", "PatientAge", "PatientSize", "PatientWeight", "PatientBirthTime",
-                    "IssuerOfPatientID", "StudyDescription", "EthnicGroup", "PatientComments",
-                    "AdditionalPatientHistory", "Occupation", "OtherPatientNames", "InstitutionName")
+#: Optional patient and study attributes highdicom copies from a source into a SEG, an SR or a page: one whose value
+#: its VR does not allow (a RIS's PatientAge "45Y") made the object invalid, and a strict PACS refused it while it
+#: took the sT1 (whose writer leaves such optional values out). Left out here too. The identity itself
+#: (:data:`IDENTITY_TYPE2`: patient ID and name, accession number...) is never altered: copied as it is.
+IDENTITY_CHECKED = ("PatientAge", "PatientSize", "PatientWeight", "PatientBirthTime", "IssuerOfPatientID",
+                    "StudyDescription", "EthnicGroup", "PatientComments", "AdditionalPatientHistory", "Occupation",
+                    "OtherPatientNames", "InstitutionName")
 
 
 def identity_ready(ds: Dataset) -> Dataset:
     """``ds`` as a source highdicom can build an object from: with every :data:`IDENTITY_TYPE2` attribute (empty
-    where ``ds`` has none or one its VR does not allow), none of :data:`IDENTITY_CHECKED` with such a value, a
-    PatientSex it accepts (:func:`patient_sex`) and a character set it accepts (else its
+    where ``ds`` has none), none of :data:`IDENTITY_CHECKED` with a value its VR does not allow, a PatientSex it
+    accepts (:func:`patient_sex`) and a character set it accepts (else its
     text in UTF-8: :func:`charset_ready`); ``ds`` itself when it has them, else a shallow copy (``ds`` is left as
     it is)."""
     invalid = [keyword for keyword in IDENTITY_CHECKED if keyword in ds and value_problem(ds[keyword]) is not None]
-    missing = [keyword for keyword in IDENTITY_TYPE2 if keyword not in ds or keyword in invalid]
+    missing = [keyword for keyword in IDENTITY_TYPE2 if keyword not in ds]
     sex = ds.get("PatientSex")
     sex_fixed = patient_sex(sex) if sex else sex
     charset = charset_ready(ds)

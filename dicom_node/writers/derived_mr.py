@@ -168,9 +168,9 @@ def _copy(target: Dataset, source: Dataset, keywords: Sequence[str], *, type2: b
     for keyword in keywords:
         if keyword in source:
             element = source[keyword]
-            if not type2 and (problem := value_problem(element)) is not None:
-                log.warning("%s %r of the source is not a valid %s (%s): left out of the synthetic series",
-                            keyword, element.value, element.VR, problem)
+            if not type2 and value_problem(element) is not None:
+                # (its value is not logged: patient data)
+                log.warning("%s of the source is not a valid %s: left out of the object written", keyword, element.VR)
                 continue
             value = element.value
             if isinstance(value, PersonName):
@@ -300,10 +300,14 @@ def _derivation(ds: Dataset, sources: Sequence[Dataset], *, derivation: Derivati
 
 
 #: Transfer syntaxes that are lossy whatever the data set says, and the LossyImageCompressionMethod of each
-#: (PS3.3 C.7.6.1.1.5.1): JPEG Baseline and Extended, and the video syntaxes (MPEG-2, MPEG-4, HEVC). Those that may be
+#: (PS3.3 C.7.6.1.1.5.1): JPEG Baseline and Extended (and the retired lossy processes), JPEG XL recompression of a
+#: JPEG, and the video syntaxes (MPEG-2, MPEG-4, HEVC). Those that may be
 #: lossless (JPEG-LS near-lossless, JPEG 2000, HTJ2K) leave it to the data set's LossyImageCompression.
 LOSSY_SYNTAXES = {
     "1.2.840.10008.1.2.4.50": "ISO_10918_1", "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    # the retired lossy JPEG processes (extended, spectral selection, progressive, hierarchical)
+    **{f"1.2.840.10008.1.2.4.{n}": "ISO_10918_1" for n in (*range(52, 57), *range(58, 65))},
+    "1.2.840.10008.1.2.4.111": "ISO_18181_1",  # JPEG XL recompression of a JPEG
     **{f"1.2.840.10008.1.2.4.{n}": "ISO_13818_2" for n in (100, 101)},
     **{f"1.2.840.10008.1.2.4.{n}": "ISO_14496_10" for n in (102, 103, 104, 105, 106)},
     **{f"1.2.840.10008.1.2.4.{n}": "ISO_23008_2" for n in (107, 108)},
