@@ -137,7 +137,7 @@ def test_volumes_equal_seg_voxel_counts(build: dict) -> None:
         assert segment.TrackingUID == group.tracking_uid
         volume = [m for m in group.get_measurements() if _same(m.name, codes.SCT.Volume)]
         assert len(volume) == 1 and volume[0].unit.value == "ml"
-        assert float(volume[0].value) == pytest.approx(seg_volumes[segment_number], rel=1e-9)
+        assert float(volume[0].value) == float(f"{seg_volumes[segment_number]:.7g}")  # (written to 7 digits)
         fraction = [m for m in group.get_measurements() if _same(m.name, FRACTION_OF_ICV)][0]
         assert float(fraction.value) == pytest.approx(100 * seg_volumes[segment_number] / volumetry.icv_ml)
         assert fraction.unit.value == "%"
@@ -255,6 +255,18 @@ def test_patient_values_their_vr_does_not_allow_are_left_out(tmp_path: Path, bui
     assert dciodvfy_errors(path) == []
     sr = pydicom.dcmread(path)
     assert "PatientAge" not in sr and "PatientWeight" not in sr
+
+
+def test_numbers_are_written_as_a_reader_should_see_them(build: dict) -> None:
+    """Found in review: the SR held values such as "231.829587000000" ml and a z-score "0.50000000000000" (stored
+    0.4999999999999999), which PACS viewers show as they are. Seven significant digits (a 1 mm voxel is 0.001 ml)."""
+    values = [str(item.MeasuredValueSequence[0].NumericValue) for item in pydicom.dcmread(build["path"]).iterall()
+              if item.keyword == "ContentSequence" for item in item.value if "MeasuredValueSequence" in item]
+    assert values and all(len(v.lstrip("-").replace(".", "").lstrip("0")) <= 7 for v in values), values
+    z = [float(item.MeasuredValueSequence[0].NumericValue) for item in pydicom.dcmread(build["path"]).iterall()
+         if item.keyword == "ContentSequence" for item in item.value
+         if "MeasuredValueSequence" in item and item.ConceptNameCodeSequence[0].CodeValue == "121416"]
+    assert z == [pytest.approx(build["volumetry"].structures[17].norm_score.z, abs=1e-6)]
 
 
 def test_a_cortex_without_lobes_is_reported_once(tmp_path: Path, build: dict) -> None:

@@ -33,6 +33,7 @@ from dicom_node.writers.tid1500 import (
     evidence,
     finding_site,
     finding_type,
+    measurement,
     measurement_report_sr,
     tracking,
 )
@@ -85,18 +86,18 @@ def _check_psnr(value: float) -> None:
 def _image_group(agreement: Agreement, algorithm: hd.sr.AlgorithmIdentification, uid_prefix: str | None,
                  ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     _check_psnr(agreement.psnr)
-    measurements = [hd.sr.Measurement(name=PSNR, value=agreement.psnr, unit=UNIT_DB, algorithm_id=algorithm)
+    measurements = [measurement(name=PSNR, value=agreement.psnr, unit=UNIT_DB, algorithm_id=algorithm)
                     ] if math.isfinite(agreement.psnr) else []
     measurements += [
-        hd.sr.Measurement(name=SSIM, value=agreement.ssim, unit=UNIT_NONE, algorithm_id=algorithm),
-        hd.sr.Measurement(name=BRAIN_COVERAGE, value=100.0 * agreement.coverage, unit=UNIT_PERCENT,
+        measurement(name=SSIM, value=agreement.ssim, unit=UNIT_NONE, algorithm_id=algorithm),
+        measurement(name=BRAIN_COVERAGE, value=100.0 * agreement.coverage, unit=UNIT_PERCENT,
                           algorithm_id=algorithm),
     ]
     if agreement.structures:
         measurements += [
-            hd.sr.Measurement(name=DICE, value=agreement.mean_dice, unit=UNIT_NONE, derivation=codes.SCT.Mean,
+            measurement(name=DICE, value=agreement.mean_dice, unit=UNIT_NONE, derivation=codes.SCT.Mean,
                               algorithm_id=algorithm),
-            hd.sr.Measurement(name=ASPC, value=agreement.mean_aspc, unit=UNIT_PERCENT, derivation=codes.SCT.Mean,
+            measurement(name=ASPC, value=agreement.mean_aspc, unit=UNIT_PERCENT, derivation=codes.SCT.Mean,
                               algorithm_id=algorithm),
         ]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -110,9 +111,9 @@ def _image_group(agreement: Agreement, algorithm: hd.sr.AlgorithmIdentification,
 
 def _registration_group(agreement: Agreement, algorithm: hd.sr.AlgorithmIdentification, uid_prefix: str | None,
                         ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    measurements = [hd.sr.Measurement(name=name, value=float(value), unit=UNIT_MM, algorithm_id=algorithm)
+    measurements = [measurement(name=name, value=float(value), unit=UNIT_MM, algorithm_id=algorithm)
                     for name, value in zip(TRANSLATION, agreement.translation_mm, strict=True)]
-    measurements += [hd.sr.Measurement(name=name, value=float(value), unit=UNIT_DEGREE, algorithm_id=algorithm)
+    measurements += [measurement(name=name, value=float(value), unit=UNIT_DEGREE, algorithm_id=algorithm)
                      for name, value in zip(ROTATION, agreement.rotation_deg, strict=True)]
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking(GROUP_REGISTRATION, uid_prefix), algorithm_id=algorithm,
@@ -137,8 +138,8 @@ def _structure_groups(agreement: Agreement, algorithm: hd.sr.AlgorithmIdentifica
             finding_type=finding_type(code), finding_category=structure.category, finding_sites=[finding_site(code)],
             algorithm_id=algorithm,
             measurements=[
-                hd.sr.Measurement(name=DICE, value=entry.dice, unit=UNIT_NONE, algorithm_id=algorithm),
-                hd.sr.Measurement(name=ASPC, value=entry.aspc, unit=UNIT_PERCENT, algorithm_id=algorithm),
+                measurement(name=DICE, value=entry.dice, unit=UNIT_NONE, algorithm_id=algorithm),
+                measurement(name=ASPC, value=entry.aspc, unit=UNIT_PERCENT, algorithm_id=algorithm),
             ]))
     return groups
 

@@ -34,6 +34,7 @@ from dicom_node.writers.tid1500 import (
     evidence,
     finding_site,
     finding_type,
+    measurement,
     measurement_report_sr,
     tracking,
 )
@@ -103,14 +104,14 @@ def _structure_groups(volumetry: Volumetry, seg: WrittenSeries, source_series_ui
     for code, entry in volumetry.structures.items():
         structure = entry.structure
         measurements = [
-            hd.sr.Measurement(name=codes.SCT.Volume, value=entry.volume_ml, unit=UNIT_ML, algorithm_id=algorithm)]
+            measurement(name=codes.SCT.Volume, value=entry.volume_ml, unit=UNIT_ML, algorithm_id=algorithm)]
         if math.isfinite(entry.icv_percent):  # no fraction of a zero ICV
-            measurements.append(hd.sr.Measurement(name=FRACTION_OF_ICV, value=entry.icv_percent, unit=UNIT_PERCENT,
+            measurements.append(measurement(name=FRACTION_OF_ICV, value=entry.icv_percent, unit=UNIT_PERCENT,
                                                   algorithm_id=algorithm))
         if entry.norm_score is not None:
             measurements += [
-                hd.sr.Measurement(name=codes.DCM.ZScoreOfMeasurement, value=entry.norm_score.z, unit=UNIT_NONE),
-                hd.sr.Measurement(name=codes.DCM.PercentileRankingOfMeasurement, value=entry.norm_score.percentile,
+                measurement(name=codes.DCM.ZScoreOfMeasurement, value=entry.norm_score.z, unit=UNIT_NONE),
+                measurement(name=codes.DCM.PercentileRankingOfMeasurement, value=entry.norm_score.percentile,
                                   unit=UNIT_PERCENT),
             ]
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -134,7 +135,7 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
         tracking_identifier=tracking(GROUP_ICV, uid_prefix),
         finding_type=codes.SCT.IntracranialStructure,
         algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(
+        measurements=[measurement(
             name=codes.SCT.Volume, value=volumetry.icv_ml, unit=UNIT_ML,
             finding_sites=[hd.sr.FindingSite(codes.SCT.IntracranialStructure)])],
     )]
@@ -147,7 +148,7 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(GROUP_CORTEX, uid_prefix),
             algorithm_id=algorithm,
-            measurements=[hd.sr.Measurement(
+            measurements=[measurement(
                 name=codes.SCT.Volume, value=value, unit=UNIT_ML,
                 finding_sites=[hd.sr.FindingSite(codes.SCT.CerebralCortex,
                                                  laterality=LEFT if side == "L" else RIGHT)])
@@ -157,7 +158,7 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(GROUP_ASYMMETRY, uid_prefix),
             algorithm_id=algorithm,
-            measurements=[hd.sr.Measurement(
+            measurements=[measurement(
                 name=ASYMMETRY_INDEX, value=pair.index_percent, unit=UNIT_PERCENT,
                 finding_sites=[asymmetry_site(pair.left_code)])
                 for pair in volumetry.asymmetry],
@@ -166,7 +167,7 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking(GROUP_HOC, uid_prefix),
             algorithm_id=algorithm,
-            measurements=[hd.sr.Measurement(
+            measurements=[measurement(
                 name=HIPPOCAMPAL_OCCUPANCY, value=value, unit=UNIT_RATIO,
                 finding_sites=[finding_site(HIPPOCAMPUS[side])])
                 for side, value in sorted(volumetry.hoc.items())],
@@ -175,7 +176,7 @@ def _index_groups(volumetry: Volumetry, algorithm: hd.sr.AlgorithmIdentification
 
 
 def _subject_group(volumetry: Volumetry, uid_prefix: str | None) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
-    measurements = ([hd.sr.Measurement(name=codes.DCM.SubjectAge, value=volumetry.age_years, unit=UNIT_YEAR)]
+    measurements = ([measurement(name=codes.DCM.SubjectAge, value=volumetry.age_years, unit=UNIT_YEAR)]
                     if volumetry.age_years is not None else [])
     evaluations = ([hd.sr.QualitativeEvaluation(codes.DCM.SubjectSex, SEX_CODES[volumetry.sex])]
                    if volumetry.sex in SEX_CODES else [])

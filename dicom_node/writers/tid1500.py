@@ -8,6 +8,7 @@ source. The content groups are each report's own.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -22,6 +23,13 @@ from inference.labels import LOBE_CORTEX_CODES, by_code, laterality_code
 
 #: Concepts DICOM does not define are coded in this local scheme.
 LOCAL_SCHEME = "99DICOMNODE"
+
+
+def measurement(*, value: float, **kwargs: Any) -> hd.sr.Measurement:
+    """``hd.sr.Measurement`` with ``value`` to 7 significant digits: its DS string as a PACS shows it ("231.8296" ml,
+    not "231.829587000000"; a z-score of "0.5", not "0.50000000000000" for 0.4999999999999999): a 1 mm voxel is
+    0.001 ml, and nothing measured here is known to more than 7 digits."""
+    return hd.sr.Measurement(value=float(f"{value:.7g}"), **kwargs)
 
 
 def tracking(identifier: str, uid_prefix: str | None, uid: str | None = None) -> hd.sr.TrackingIdentifier:
